@@ -1,0 +1,171 @@
+"""Train msfp's shipped default model: a small DDPM (diffusers UNet2DModel) on Fashion-MNIST padded to 32x32.
+
+Reproduce the shipped weights with:
+
+    python scripts/train_default_model.py --out src/msfp/assets/fashion_ddpm
+
+Uses a CUDA GPU when present, otherwise the CPU. Seeded and resumable: a checkpoint is written atomically every
+``--ckpt-every`` steps to ``--work-dir`` and picked up automatically on the next start (``--no-resume`` to start over).
+The output is a diffusers ``DDPMPipeline.save_pretrained`` directory holding the EMA weights, plus ``train_log.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+from diffusers.training_utils import EMAModel
+from tqdm import tqdm
+
+from msfp.data import load_fashion_mnist, to_model_range
+
+UNET_CONFIG = dict(
+    sample_size=32,
+    in_channels=1,
+    out_channels=1,
+    block_out_channels=(32, 64, 128),
+    layers_per_block=2,
+    down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
+    up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+    attention_head_dim=32,
+    norm_num_groups=16,
+    act_fn="silu",
+)
+SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
+                        prediction_type="epsilon", clip_sample=True)
+
+
+def atomic_torch_save(obj, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def lr_at(step: int, args) -> float:
+    if step < args.warmup:
+        return args.lr * (step + 1) / args.warmup
+    progress = min(1.0, (step - args.warmup) / max(1, args.steps - args.warmup))
+    return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default=None, help="directory with the Fashion-MNIST IDX files (default: Debian's)")
+    p.add_argument("--out", default="src/msfp/assets/fashion_ddpm", help="output pipeline directory")
+    p.add_argument("--work-dir", default="runs/train_default_model", help="checkpoints and logs")
+    p.add_argument("--steps", type=int, default=4000)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--ema-decay", type=float, default=0.999)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ckpt-every", type=int, default=200)
+    p.add_argument("--max-minutes", type=float, default=None, help="stop (and export) after this wall time")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
+    p.add_argument("--no-resume", action="store_true")
+    args = p.parse_args(argv)
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    images, _ = load_fashion_mnist("train", args.data)
+    data = to_model_range(images).to(device)
+
+    unet = UNet2DModel(**UNET_CONFIG).to(device)
+    scheduler = DDPMScheduler(**SCHEDULER_CONFIG)
+    alphas_cumprod = scheduler.alphas_cumprod.to(device)
+    ema = EMAModel(unet.parameters(), decay=args.ema_decay, use_ema_warmup=True, power=2 / 3)
+    opt = torch.optim.AdamW(unet.parameters(), lr=args.lr, weight_decay=0.0)
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+
+    work = Path(args.work_dir)
+    ckpt_path = work / "checkpoint.pt"
+    step, elapsed, losses = 0, 0.0, []
+    if ckpt_path.exists() and not args.no_resume:
+        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+        unet.load_state_dict(ckpt["unet"])
+        opt.load_state_dict(ckpt["opt"])
+        ema.load_state_dict(ckpt["ema"])
+        gen.set_state(ckpt["gen"].to(gen.get_state().device) if device.type == "cpu" else ckpt["gen"])
+        step, elapsed, losses = ckpt["step"], ckpt["elapsed"], ckpt["losses"]
+        print(f"resumed from {ckpt_path} at step {step}", file=sys.stderr)
+
+    def save_checkpoint():
+        atomic_torch_save(dict(unet=unet.state_dict(), opt=opt.state_dict(), ema=ema.state_dict(),
+                               gen=gen.get_state(), step=step, elapsed=elapsed, losses=losses), ckpt_path)
+
+    n = len(data)
+    start = time.time() - elapsed
+    bar = tqdm(total=args.steps, initial=step, desc="train", dynamic_ncols=True)
+    unet.train()
+    while step < args.steps:
+        if args.max_minutes is not None and time.time() - start > 60 * args.max_minutes:
+            print(f"time budget of {args.max_minutes} min reached at step {step}", file=sys.stderr)
+            break
+        idx = torch.randint(0, n, (args.batch,), generator=gen, device=device)
+        x0 = data[idx]
+        flip = torch.rand(args.batch, generator=gen, device=device) < 0.5
+        x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (args.batch,), generator=gen, device=device)
+        noise = torch.randn(x0.shape, generator=gen, device=device)
+        a = alphas_cumprod[t].view(-1, 1, 1, 1)
+        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        loss = torch.nn.functional.mse_loss(unet(xt, t).sample, noise)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, args)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        ema.step(unet.parameters())
+        step += 1
+        losses.append(loss.item())
+        elapsed = time.time() - start
+        bar.update(1)
+        bar.set_postfix(loss=f"{sum(losses[-100:]) / len(losses[-100:]):.4f}")
+        if step % args.ckpt_every == 0:
+            save_checkpoint()
+    bar.close()
+    save_checkpoint()
+
+    ema.copy_to(unet.parameters())
+    unet.eval()
+    out = Path(args.out)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent if out.parent.exists() else None, prefix=out.name + ".tmp"))
+    DDPMPipeline(unet=unet.cpu(), scheduler=scheduler).save_pretrained(tmp)
+    log = dict(
+        steps=step, batch=args.batch, lr=args.lr, ema_decay=args.ema_decay, seed=args.seed,
+        wall_time_s=round(elapsed, 1), final_loss_last100=sum(losses[-100:]) / max(1, len(losses[-100:])),
+        parameters=sum(p.numel() for p in unet.parameters()),
+        machine=dict(device=str(device), cpu=platform.processor() or platform.machine(),
+                     gpu=torch.cuda.get_device_name() if device.type == "cuda" else None,
+                     threads=torch.get_num_threads()),
+        versions=dict(torch=torch.__version__, python=platform.python_version()),
+        command="python " + " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]),
+    )
+    (tmp / "train_log.json").write_text(json.dumps(log, indent=2) + "\n")
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    print(json.dumps(log, indent=2))
+
+
+if __name__ == "__main__":
+    main()
