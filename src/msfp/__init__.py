@@ -1,3 +1,6 @@
 """msfp: 4-bit floating-point quantization of diffusion models."""
 
 __version__ = "0.1.0"
+
+from msfp.formats import Format, fake_quant, get_format  # noqa: E402
+from msfp.quantizers import ActivationQuantizer, WeightQuantizer, search_quant_params  # noqa: E402

@@ -1,0 +1,196 @@
+"""Low-bit number formats and exact fake quantization.
+
+Names
+    ``fpN_eXmY``   signed floating point: 1 sign bit + X exponent bits + Y mantissa bits (N = 1 + X + Y ≤ 8)
+    ``ufpN_eXmY``  unsigned floating point: X exponent bits + Y mantissa bits, no sign bit (N = X + Y ≤ 8)
+    ``intN``       signed symmetric integers ``-(2^(N-1) - 1) … 2^(N-1) - 1`` (the most negative code is unused)
+    ``uintN``      unsigned integers ``0 … 2^N - 1``, used with a zero point
+
+Conventions (all formats)
+    * Every code is finite: there are no inf/NaN codes, the top exponent holds ordinary values.
+    * Exponent bias ``b = 2^(X-1) - 1``. A code with exponent field ``p`` and mantissa field ``d`` is worth
+      ``2^(p-b) * (1 + d/2^Y)`` when ``p > 0`` and ``2^(1-b) * (d/2^Y)`` when ``p = 0`` (subnormals, zero).
+      So ``fp4_e2m1`` is exactly ``{0, ±0.5, ±1, ±1.5, ±2, ±3, ±4, ±6}`` (the OCP MX/NVFP4 E2M1 grid), and
+      ``ufp4_e2m2`` is ``{0, 0.25, …, 0.75, 1, 1.25, …, 6, 7}``.
+    * Signed formats have one zero (no -0 code in the value set); unsigned formats are ≥ 0.
+    * ``fp8_e4m3`` differs from ``torch.float8_e4m3fn``: the latter reserves ``S.1111.111`` for NaN, so its largest
+      value is 448; ours keeps that code as the finite value 480. Every other value is shared.
+    * Formats with a single exponent bit (``e1mY``) are uniform grids, like integers with a step of 2/2^Y.
+
+Fake quantization
+    signed:   ``x̂ = s · R(clip(x / s, -max, max))``
+    unsigned: ``x̂ = z + s · R(clip((x - z) / s, 0, max))``
+    ``R`` rounds to the nearest representable value, ties to the even code (for FP grids the code with an even
+    mantissa; for integers the even integer). ``±inf`` saturates to ``±max·s``; NaN propagates unchanged so that it
+    is never hidden. Gradients: straight-through for ``x`` inside the clipping range (zero outside), LSQ-style for
+    ``s`` (``R(v) - v`` inside, the clip bound outside) and ``z`` (0 inside, 1 outside).
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from dataclasses import dataclass
+
+import torch
+
+_FP_NAME = re.compile(r"^(u?)fp(\d+)_e(\d+)m(\d+)$")
+_INT_NAME = re.compile(r"^(u?)int(\d+)$")
+VALID_PATTERNS = "fpN_eXmY (N = 1+X+Y), ufpN_eXmY (N = X+Y), intN, uintN, with N ≤ 8 and X ≥ 1"
+MAX_BITS = 8
+
+
+@dataclass(frozen=True)
+class Format:
+    """A low-bit number format; build it with :func:`get_format`."""
+
+    name: str
+    kind: str  # "fp" or "int"
+    bits: int
+    signed: bool
+    ebits: int  # 0 for integer formats
+    mbits: int  # magnitude bits for integer formats
+
+    @property
+    def bias(self) -> int:
+        return 2 ** (self.ebits - 1) - 1 if self.kind == "fp" else 0
+
+    @property
+    def min_exponent(self) -> int:
+        """Exponent of the smallest normal binade (also the subnormals' exponent)."""
+        return 1 - self.bias
+
+    @property
+    def max_value(self) -> float:
+        if self.kind == "int":
+            return float(2**self.mbits - 1)
+        return 2.0 ** (2**self.ebits - 1 - self.bias) * (2 - 2.0**-self.mbits)
+
+    @property
+    def needs_zero_point(self) -> bool:
+        return not self.signed
+
+    @property
+    def num_values(self) -> int:
+        return 2**self.bits - 1 if self.signed else 2**self.bits
+
+    def values(self) -> torch.Tensor:
+        """Every representable value at unit scale, sorted, as float32 (zero once)."""
+        return _values(self).clone()
+
+    def __str__(self) -> str:
+        return self.name
+
+
+@functools.lru_cache(maxsize=None)
+def _values(fmt: Format) -> torch.Tensor:
+    if fmt.kind == "int":
+        mags = torch.arange(2**fmt.mbits, dtype=torch.float64)
+    else:
+        p = torch.arange(2**fmt.ebits, dtype=torch.float64)[:, None]
+        d = torch.arange(2**fmt.mbits, dtype=torch.float64)[None, :]
+        frac = d / 2**fmt.mbits
+        mags = torch.where(p > 0, 2.0 ** (p - fmt.bias) * (1 + frac), 2.0 ** (1 - fmt.bias) * frac).flatten()
+    if fmt.signed:
+        mags = torch.cat([-mags[1:], mags])
+    return torch.sort(mags).values.to(torch.float32)
+
+
+@functools.lru_cache(maxsize=None)
+def _parse(name: str) -> Format:
+    key = name.strip().lower()
+    if m := _FP_NAME.match(key):
+        unsigned, n, e, mb = m.group(1) == "u", *map(int, m.groups()[1:])
+        if n != e + mb + (0 if unsigned else 1):
+            sign = "" if unsigned else "1 sign + "
+            raise ValueError(f"format {name!r}: {n} bits ≠ {sign}{e} exponent + {mb} mantissa bits")
+        if e < 1:
+            raise ValueError(f"format {name!r} has no exponent bits; use {'uint' if unsigned else 'int'}{n} instead")
+        kind, ebits, mbits = "fp", e, mb
+    elif m := _INT_NAME.match(key):
+        unsigned, n = m.group(1) == "u", int(m.group(2))
+        if n < (1 if unsigned else 2):
+            raise ValueError(f"format {name!r} needs at least {1 if unsigned else 2} bits")
+        kind, ebits, mbits = "int", 0, n if unsigned else n - 1
+    else:
+        raise ValueError(f"unknown format {name!r}; valid patterns: {VALID_PATTERNS}")
+    if n > MAX_BITS:
+        raise ValueError(f"format {name!r} has {n} bits; at most {MAX_BITS} are supported")
+    fmt = Format(name=key, kind=kind, bits=n, signed=not unsigned, ebits=ebits, mbits=mbits)
+    if fmt.max_value > torch.finfo(torch.float32).max:
+        raise ValueError(f"format {name!r} reaches {fmt.max_value:.3g}, beyond the float32 range it is computed in")
+    return fmt
+
+
+def get_format(name: str | Format) -> Format:
+    """Parse a format name (``"fp4_e2m1"``, ``"ufp4_e2m2"``, ``"int4"``…) into a :class:`Format`."""
+    if isinstance(name, Format):
+        return name
+    if not isinstance(name, str):
+        raise TypeError(f"format must be a name or a Format, got {type(name).__name__}")
+    return _parse(name)
+
+
+def round_to_grid(v: torch.Tensor, fmt: Format) -> torch.Tensor:
+    """``R``: nearest value of ``fmt`` at unit scale, ties to even code. ``v`` must already be clipped to the range."""
+    if fmt.kind == "int":
+        return torch.round(v)  # torch.round is round-half-to-even
+    # The step inside v's binade is 2^(exponent - mbits); below the smallest normal binade the subnormal step applies.
+    # frexp and ldexp are exact, so |v| / step is exact and torch.round breaks ties towards an even mantissa code.
+    _, exponent = torch.frexp(v)
+    binade = torch.clamp_min(exponent - 1, fmt.min_exponent)
+    shift = binade - fmt.mbits
+    scaled = torch.ldexp(v, -shift)
+    rounded = torch.round(scaled)
+    if fmt.mbits == 0:
+        # Without mantissa bits the code's last bit is the exponent field's: a tie between 2^k and 2^(k+1) (scaled
+        # ±1.5) goes to the even exponent field, which is the lower value when the current one is even.
+        keep_lower = (scaled.abs() == 1.5) & ((binade + fmt.bias) % 2 == 0)
+        rounded = torch.where(keep_lower, torch.trunc(scaled), rounded)
+    return torch.ldexp(rounded, shift)
+
+
+def _fake_quant(x, fmt: Format, scale, zero_point=None):
+    """Unvalidated fake quantization (the hot path of the quantized layers)."""
+    lo = -fmt.max_value if fmt.signed else 0.0
+    shifted = x - zero_point if zero_point is not None else x
+    v = torch.clamp(shifted / scale, lo, fmt.max_value)
+    # Forward: the exact grid value; backward: identity on v (straight-through), which through the clamp and the
+    # division yields the LSQ gradients for scale and zero point.
+    q = round_to_grid(v.detach(), fmt) + (v - v.detach())
+    out = q * scale
+    return out + zero_point if zero_point is not None else out
+
+
+def fake_quant(x: torch.Tensor, fmt: str | Format, scale, zero_point=None) -> torch.Tensor:
+    """Quantize ``x`` to ``fmt`` with ``scale`` (and ``zero_point`` for unsigned formats) and dequantize it.
+
+    ``scale`` and ``zero_point`` broadcast against ``x`` (per tensor, per channel, per timestep…) but may not enlarge
+    it. Half-precision inputs are computed in float32 and returned in their own dtype.
+    """
+    fmt = get_format(fmt)
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise TypeError(f"fake_quant expects a floating-point tensor, got {getattr(x, 'dtype', type(x).__name__)}")
+    scale = torch.as_tensor(scale, dtype=torch.float32, device=x.device) if not torch.is_tensor(scale) else scale
+    if not scale.is_floating_point():
+        scale = scale.float()
+    if torch.isnan(scale).any() or (scale <= 0).any():
+        raise ValueError(f"scale must be positive and not NaN; got min {scale.detach().min().item()!r}")
+    if fmt.needs_zero_point:
+        if zero_point is None:
+            raise ValueError(f"unsigned format {fmt.name} needs a zero_point")
+        zero_point = torch.as_tensor(zero_point, dtype=scale.dtype, device=x.device)
+        if not torch.isfinite(zero_point).all():
+            raise ValueError("zero_point must be finite")
+    elif zero_point is not None:
+        raise ValueError(f"signed format {fmt.name} is symmetric and takes no zero_point")
+    shapes = [scale.shape] + ([zero_point.shape] if zero_point is not None else [])
+    try:
+        broadcast = torch.broadcast_shapes(x.shape, *shapes)
+    except RuntimeError as e:
+        raise ValueError(f"scale/zero_point shapes {[tuple(s) for s in shapes]} do not broadcast to x {tuple(x.shape)}") from e
+    if broadcast != x.shape:
+        raise ValueError(f"scale/zero_point shapes {[tuple(s) for s in shapes]} would enlarge x {tuple(x.shape)}")
+    compute = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    out = _fake_quant(x.to(compute), fmt, scale.to(compute), None if zero_point is None else zero_point.to(compute))
+    return out.to(x.dtype)

@@ -1,0 +1,225 @@
+"""Quantizer modules and the MSE search that initialises them.
+
+A quantizer holds a :class:`~msfp.formats.Format`, a learnable scale and (for unsigned formats) a learnable zero
+point. :func:`search_quant_params` picks, among candidate formats, the format, clipping value and zero point that
+minimise the quantization MSE, vectorised over channels and over the candidate grid.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from msfp.formats import Format, _fake_quant, get_format
+
+# A scale this small maps every finite input of a zero-range channel to exactly its zero point, without NaN.
+MIN_SCALE = 1e-12
+# Candidate levels evaluated at once during the search (bounds its memory).
+_SEARCH_CHUNK = 1 << 25
+
+
+@dataclass
+class SearchResult:
+    """The winning format and its parameters; ``mse_by_format`` holds every candidate's best MSE."""
+
+    fmt: Format
+    scale: torch.Tensor
+    zero_point: torch.Tensor | None
+    mse: float
+    mse_by_format: dict[str, float] = field(default_factory=dict)
+
+
+def _clip_ratios(num: int) -> torch.Tensor:
+    return torch.linspace(1.0 / num, 1.0, num)
+
+
+def _candidate_params(rows: torch.Tensor, fmt: Format, num_clip: int, num_zero: int):
+    """Scales and zero points to try, each (C, M): clipping ratios (× zero-point fractions for unsigned formats)."""
+    ratios = _clip_ratios(num_clip).to(rows)
+    if fmt.signed:
+        absmax = rows.abs().amax(dim=1, keepdim=True)
+        scale = absmax * ratios / fmt.max_value
+        return scale.clamp_min(MIN_SCALE), None
+    lo, hi = rows.amin(dim=1, keepdim=True), rows.amax(dim=1, keepdim=True)
+    # Zero points on a grid from 0 to the minimum (SPEC: z ∈ [min(x), 0] for one-sided data), upper clip below max.
+    zero = (lo * torch.linspace(0.0, 1.0, num_zero).to(rows))[:, :, None]  # (C, Z, 1)
+    span = (hi[:, :, None] - zero).clamp_min(0)  # (C, Z, 1)
+    scale = (span * ratios / fmt.max_value).clamp_min(MIN_SCALE)  # (C, Z, R)
+    zero = zero.expand_as(scale)
+    return scale.flatten(1), zero.flatten(1)
+
+
+@torch.no_grad()
+def _sorted_prefix_sums(rows: torch.Tensor):
+    """Rows sorted in float64 with prefix sums of x and x² (a leading 0 column), shared by every candidate format."""
+    rows64 = rows.double().sort(dim=1).values
+    pad = rows64.new_zeros(rows64.shape[0], 1)
+    return rows64, torch.cat([pad, rows64.cumsum(1)], dim=1), torch.cat([pad, rows64.pow(2).cumsum(1)], dim=1)
+
+
+@torch.no_grad()
+def _best_per_row(sums, fmt: Format, scale: torch.Tensor, zero: torch.Tensor | None):
+    """For every row (channel), the candidate column with the lowest MSE: (mse, scale, zero) each of shape (C,).
+
+    Exact without fake-quantizing every candidate: with the row sorted, the elements that round to level ``v_k`` form
+    a contiguous run between the midpoints of neighbouring levels (clipped elements join the end levels), so the
+    squared error of the run is ``S2 - 2 v_k S1 + n v_k^2`` from prefix sums. Elements exactly on a midpoint have the
+    same error on either side, so ties do not change the MSE.
+    """
+    rows64, s1, s2 = sums
+    num_rows, k = rows64.shape
+    grid = fmt.values().to(rows64)
+    chunk = max(1, _SEARCH_CHUNK // (8 * num_rows * len(grid)))
+    errors = []
+    for start in range(0, scale.shape[1], chunk):
+        s = scale[:, start:start + chunk, None].double()
+        levels = s * grid if zero is None else zero[:, start:start + chunk, None].double() + s * grid  # (C, m, L)
+        mids = (levels[..., 1:] + levels[..., :-1]) / 2
+        idx = torch.searchsorted(rows64, mids.flatten(1)).view(mids.shape)
+        bounds = torch.cat([idx.new_zeros(idx.shape[:-1] + (1,)), idx, idx.new_full(idx.shape[:-1] + (1,), k)], -1)
+        lo, hi = bounds[..., :-1].flatten(1), bounds[..., 1:].flatten(1)
+        run = lambda c: (c.gather(1, hi) - c.gather(1, lo)).view(levels.shape)  # noqa: E731
+        n = (hi - lo).view(levels.shape).double()
+        errors.append((run(s2) - 2 * levels * run(s1) + n * levels.pow(2)).sum(-1).clamp_min(0) / k)
+    err = torch.cat(errors, dim=1).float()
+    best = err.argmin(dim=1, keepdim=True)
+    pick = lambda t: None if t is None else t.gather(1, best).squeeze(1)  # noqa: E731
+    return pick(err), pick(scale), pick(zero)
+
+
+def search_quant_params(
+    x: torch.Tensor,
+    candidates,
+    channel_axis: int | None = None,
+    num_clip: int = 40,
+    num_zero: int = 16,
+    max_samples: int = 1 << 15,
+    seed: int = 0,
+) -> SearchResult:
+    """Choose format, clipping and zero point that minimise the quantization MSE of ``x``.
+
+    ``channel_axis=None`` searches one per-tensor scale (on at most ``max_samples`` randomly drawn elements);
+    otherwise one scale per slice along ``channel_axis`` (all elements; formats are chosen for the whole tensor by
+    the mean of the per-channel MSEs). Unsigned candidates also search a zero point in ``[min(x), 0]``.
+    """
+    candidates = [get_format(c) for c in ([candidates] if isinstance(candidates, (str, Format)) else candidates)]
+    if not candidates:
+        raise ValueError("search_quant_params needs at least one candidate format")
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise TypeError(f"search_quant_params expects a floating-point tensor, got {getattr(x, 'dtype', type(x))}")
+    if x.numel() == 0:
+        raise ValueError("search_quant_params got an empty tensor (no calibration data)")
+    x = x.detach().float()
+    if not torch.isfinite(x).all():
+        raise ValueError(f"search_quant_params got {int((~torch.isfinite(x)).sum())} non-finite values (NaN/inf)")
+    if channel_axis is None:
+        rows = x.reshape(1, -1)
+        if rows.shape[1] > max_samples:
+            gen = torch.Generator().manual_seed(seed)
+            rows = rows[:, torch.randperm(rows.shape[1], generator=gen)[:max_samples].to(x.device)]
+    else:
+        rows = x.movedim(channel_axis, 0).reshape(x.shape[channel_axis], -1)
+
+    sums = _sorted_prefix_sums(rows)
+    best: SearchResult | None = None
+    mse_by_format = {}
+    for fmt in candidates:
+        scale, zero = _candidate_params(rows, fmt, num_clip, num_zero)
+        err, s, z = _best_per_row(sums, fmt, scale, zero)
+        mse = err.mean().item()
+        mse_by_format[fmt.name] = mse
+        if best is None or mse < best.mse:
+            squeeze = (lambda t: t.reshape(())) if channel_axis is None else (lambda t: t)  # noqa: E731
+            best = SearchResult(fmt, squeeze(s), None if z is None else squeeze(z), mse)
+    best.mse_by_format = mse_by_format
+    return best
+
+
+class _Quantizer(nn.Module):
+    """Shared state: the format (kept in ``extra_state`` so that ``load_state_dict`` restores it), scale, zero point."""
+
+    def __init__(self, fmt, size: int):
+        super().__init__()
+        self.fmt = get_format(fmt)
+        self.scale = nn.Parameter(torch.ones(size))
+        self.zero_point = nn.Parameter(torch.zeros(size))
+        self.enabled = True
+
+    def get_extra_state(self):
+        return {"fmt": self.fmt.name, "enabled": self.enabled}
+
+    def set_extra_state(self, state):
+        self.fmt = get_format(state["fmt"])
+        self.enabled = bool(state["enabled"])
+
+    def _apply_params(self, x, scale, zero):
+        return _fake_quant(x, self.fmt, scale.clamp_min(MIN_SCALE), zero if self.fmt.needs_zero_point else None)
+
+    @torch.no_grad()
+    def _store(self, result: SearchResult, index=slice(None)):
+        self.fmt = result.fmt
+        self.scale[index] = result.scale.to(self.scale)
+        self.zero_point[index] = 0.0 if result.zero_point is None else result.zero_point.to(self.zero_point)
+
+    def extra_repr(self) -> str:
+        return f"fmt={self.fmt.name}, size={self.scale.numel()}, enabled={self.enabled}"
+
+
+class WeightQuantizer(_Quantizer):
+    """Per-output-channel fake quantization of a weight tensor (channel axis 0)."""
+
+    def __init__(self, fmt, out_channels: int):
+        super().__init__(fmt, out_channels)
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return w
+        if w.shape[0] != self.scale.numel():
+            raise ValueError(f"weight has {w.shape[0]} output channels, quantizer was built for {self.scale.numel()}")
+        view = (-1,) + (1,) * (w.dim() - 1)
+        return self._apply_params(w, self.scale.view(view), self.zero_point.view(view))
+
+    def initialize(self, w: torch.Tensor, candidates=None, **search_kwargs) -> SearchResult:
+        result = search_quant_params(w, candidates or [self.fmt], channel_axis=0, **search_kwargs)
+        self._store(result)
+        return result
+
+
+class ActivationQuantizer(_Quantizer):
+    """Per-tensor fake quantization of activations, optionally with one scale/zero point per group (e.g. timestep).
+
+    ``forward(x, group)`` takes ``group=None`` (group 0) or a LongTensor of per-sample group indices, shape (B,),
+    matching ``x.shape[0]``; the format is shared by all groups.
+    """
+
+    def __init__(self, fmt, num_groups: int = 1):
+        super().__init__(fmt, num_groups)
+
+    @property
+    def num_groups(self) -> int:
+        return self.scale.numel()
+
+    def forward(self, x: torch.Tensor, group: torch.Tensor | None = None) -> torch.Tensor:
+        if not self.enabled:
+            return x
+        if group is None:
+            return self._apply_params(x, self.scale[0], self.zero_point[0])
+        if group.dim() != 1 or group.shape[0] != x.shape[0]:
+            raise ValueError(f"group indices of shape {tuple(group.shape)} do not match a batch of {x.shape[0]}")
+        view = (-1,) + (1,) * (x.dim() - 1)
+        return self._apply_params(x, self.scale[group].view(view), self.zero_point[group].view(view))
+
+    def initialize(self, x: torch.Tensor, candidates=None, group: int | None = None, **search_kwargs) -> SearchResult:
+        """Search on a sample ``x``. ``group=None`` chooses the format and sets every group; an integer ``group``
+        keeps the current format and sets that group's scale and zero point only."""
+        if group is None:
+            result = search_quant_params(x, candidates or [self.fmt], **search_kwargs)
+            self._store(result)
+        else:
+            if not 0 <= group < self.num_groups:
+                raise ValueError(f"group {group} out of range for {self.num_groups} groups")
+            result = search_quant_params(x, [self.fmt], **search_kwargs)
+            self._store(result, group)
+        return result

@@ -1,0 +1,146 @@
+import pytest
+import torch
+
+from msfp.formats import fake_quant, get_format
+from msfp.quantizers import (
+    ActivationQuantizer,
+    WeightQuantizer,
+    _candidate_params,
+    search_quant_params,
+)
+
+SIGNED_4BIT = ["fp4_e1m2", "fp4_e2m1", "fp4_e3m0"]
+UNSIGNED_4BIT = ["ufp4_e1m3", "ufp4_e2m2", "ufp4_e3m1", "ufp4_e4m0"]
+
+
+def exhaustive(rows, candidates, num_clip, num_zero):
+    """Fake-quantize with every candidate of the search grid and keep the best: the slow reference."""
+    best = {}
+    for name in candidates:
+        fmt = get_format(name)
+        scale, zero = _candidate_params(rows, fmt, num_clip, num_zero)
+        for j in range(scale.shape[1]):
+            z = None if zero is None else zero[:, j:j + 1]
+            err = (fake_quant(rows, fmt, scale[:, j:j + 1], z) - rows).pow(2).mean(1)
+            for c in range(rows.shape[0]):
+                if c not in best or err[c] < best[c][0]:
+                    best[c] = (err[c].item(), name, scale[c, j].item(), None if z is None else z[c, 0].item())
+    return best
+
+
+@pytest.mark.parametrize("candidates", [SIGNED_4BIT, UNSIGNED_4BIT, ["int4"], ["uint4"], ["fp6_e3m2"]])
+def test_search_matches_exhaustive_per_tensor(candidates):
+    torch.manual_seed(0)
+    x = torch.cat([torch.nn.functional.silu(torch.randn(300) * 2), torch.randn(20) * 4])
+    result = search_quant_params(x, candidates, num_clip=12, num_zero=5)
+    ref = exhaustive(x.view(1, -1), candidates, 12, 5)[0]
+    assert result.mse == pytest.approx(ref[0], rel=1e-4, abs=1e-9)
+    assert result.fmt.name == ref[1]
+    assert result.scale.item() == pytest.approx(ref[2], rel=1e-6)
+    # The reported MSE is what fake_quant with the returned parameters actually gives.
+    achieved = (fake_quant(x, result.fmt, result.scale, result.zero_point) - x).pow(2).mean().item()
+    assert achieved == pytest.approx(result.mse, rel=1e-4, abs=1e-9)
+
+
+def test_search_matches_exhaustive_per_channel():
+    torch.manual_seed(1)
+    w = torch.randn(6, 3, 3, 3) * torch.tensor([0.01, 0.1, 1.0, 3.0, 0.5, 0.2]).view(6, 1, 1, 1)
+    result = search_quant_params(w, SIGNED_4BIT, channel_axis=0, num_clip=10)
+    best_total = None
+    for name in SIGNED_4BIT:
+        per_channel = exhaustive(w.reshape(6, -1), [name], 10, 1)
+        total = sum(v[0] for v in per_channel.values()) / 6
+        if best_total is None or total < best_total[0]:
+            best_total = (total, name, torch.tensor([per_channel[c][2] for c in range(6)]))
+    assert result.fmt.name == best_total[1]
+    assert result.mse == pytest.approx(best_total[0], rel=1e-4)
+    assert torch.allclose(result.scale, best_total[2])
+    assert result.scale.shape == (6,) and result.zero_point is None
+
+
+def test_search_picks_unsigned_for_silu_and_signed_for_symmetric():
+    torch.manual_seed(0)
+    post_silu = torch.nn.functional.silu(torch.randn(20000) * 3)
+    assert not search_quant_params(post_silu, SIGNED_4BIT + UNSIGNED_4BIT).fmt.signed
+    symmetric = torch.randn(20000)
+    assert search_quant_params(symmetric, SIGNED_4BIT).fmt.signed
+
+
+def test_zero_range_channels_and_constants_do_not_produce_nan():
+    w = torch.randn(4, 8)
+    w[1] = 0.0
+    w[2] = 3.0
+    result = search_quant_params(w, SIGNED_4BIT + ["int4"], channel_axis=0)
+    assert torch.isfinite(result.scale).all() and (result.scale > 0).all()
+    q = fake_quant(w, result.fmt, result.scale[:, None])
+    assert torch.equal(q[1], w[1]) and torch.allclose(q[2], w[2])
+    const = torch.full((100,), 2.5)
+    for name in UNSIGNED_4BIT + ["uint4"]:
+        r = search_quant_params(const, [name])
+        assert torch.isfinite(r.scale) and r.mse == pytest.approx(0.0, abs=1e-12)
+        assert torch.allclose(fake_quant(const, r.fmt, r.scale, r.zero_point), const)
+
+
+def test_search_bad_inputs():
+    with pytest.raises(ValueError, match="empty"):
+        search_quant_params(torch.empty(0), SIGNED_4BIT)
+    with pytest.raises(ValueError, match="non-finite"):
+        search_quant_params(torch.tensor([1.0, float("nan")]), SIGNED_4BIT)
+    with pytest.raises(ValueError, match="at least one candidate"):
+        search_quant_params(torch.randn(10), [])
+    with pytest.raises(TypeError, match="floating-point"):
+        search_quant_params(torch.arange(10), SIGNED_4BIT)
+
+
+def test_search_is_bounded_and_deterministic():
+    x = torch.randn(200000)
+    a = search_quant_params(x, UNSIGNED_4BIT, max_samples=4096, seed=3)
+    b = search_quant_params(x, UNSIGNED_4BIT, max_samples=4096, seed=3)
+    assert a.fmt == b.fmt and torch.equal(a.scale, b.scale) and torch.equal(a.zero_point, b.zero_point)
+
+
+def test_weight_quantizer_initialize_and_forward():
+    torch.manual_seed(0)
+    w = torch.randn(8, 4, 3, 3)
+    wq = WeightQuantizer("fp4_e2m1", 8)
+    result = wq.initialize(w, SIGNED_4BIT)
+    assert wq.fmt == result.fmt
+    expected = fake_quant(w, result.fmt, result.scale.view(8, 1, 1, 1))
+    assert torch.equal(wq(w), expected)
+    assert ((wq(w) - w).pow(2).mean().item()) == pytest.approx(result.mse, rel=1e-4)
+    wq.enabled = False
+    assert wq(w) is w
+    with pytest.raises(ValueError, match="output channels"):
+        WeightQuantizer("fp4_e2m1", 3)(w)
+
+
+def test_quantizer_state_dict_restores_format():
+    aq = ActivationQuantizer("fp4_e2m1", num_groups=2)
+    aq.initialize(torch.nn.functional.silu(torch.randn(5000) * 2), SIGNED_4BIT + UNSIGNED_4BIT)
+    restored = ActivationQuantizer("int4", num_groups=2)
+    restored.load_state_dict(aq.state_dict())
+    assert restored.fmt == aq.fmt and not restored.fmt.signed
+    x = torch.randn(3, 7)
+    assert torch.equal(restored(x), aq(x))
+
+
+def test_activation_groups_and_gradients():
+    torch.manual_seed(0)
+    aq = ActivationQuantizer("ufp4_e2m2", num_groups=3)
+    early, late = torch.randn(4000) * 4, torch.randn(4000) * 0.1
+    aq.initialize(torch.cat([early, late]))
+    aq.initialize(early, group=0)
+    aq.initialize(late, group=2)
+    assert aq.scale[0] > 10 * aq.scale[2]
+    x = torch.randn(3, 5, requires_grad=True)
+    groups = torch.tensor([0, 2, 1])
+    out = aq(x, groups)
+    for i, g in enumerate(groups.tolist()):
+        assert torch.equal(out[i], fake_quant(x[i].detach(), aq.fmt, aq.scale[g].detach(), aq.zero_point[g].detach()))
+    out.sum().backward()
+    assert aq.scale.grad is not None and aq.scale.grad.abs().sum() > 0
+    assert aq.zero_point.grad is not None and x.grad is not None
+    with pytest.raises(ValueError, match="do not match a batch"):
+        aq(x, torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="out of range"):
+        aq.initialize(early, group=3)
