@@ -1,0 +1,95 @@
+"""Distribution metrics computed on features/logits of any network: Fréchet distance, KID, classifier score.
+
+The formulas are the standard ones (FID: Heusel et al. 2017; KID: Bińkowski et al. 2018; IS: Salimans et al. 2016)
+and work for Inception-v3 features as well as for msfp's offline feature network (:mod:`msfp.feature_net`).
+Inputs may be numpy arrays or torch tensors; computation is in float64.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+from scipy import linalg, special
+
+
+def _as_f64(x) -> np.ndarray:
+    if hasattr(x, "detach"):
+        x = x.detach().cpu().numpy()
+    return np.asarray(x, dtype=np.float64)
+
+
+def feature_stats(features):
+    """``(mu, sigma)``: mean (D,) and unbiased covariance (D, D) of features (N, D)."""
+    f = _as_f64(features)
+    if f.ndim != 2 or len(f) < 2:
+        raise ValueError(f"features must have shape (N, D) with N >= 2, got {f.shape}")
+    return f.mean(axis=0), np.cov(f, rowvar=False)
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
+    """Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2):
+    ``||mu1 - mu2||² + tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^½)``."""
+    mu1, mu2 = np.atleast_1d(_as_f64(mu1)), np.atleast_1d(_as_f64(mu2))
+    sigma1, sigma2 = np.atleast_2d(_as_f64(sigma1)), np.atleast_2d(_as_f64(sigma2))
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
+        raise ValueError(f"shape mismatch: mu {mu1.shape} vs {mu2.shape}, sigma {sigma1.shape} vs {sigma2.shape}")
+    diff = mu1 - mu2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", linalg.LinAlgWarning)
+        try:
+            covmean = linalg.sqrtm(sigma1 @ sigma2)
+        except linalg.LinAlgWarning:  # singular product
+            covmean = np.full_like(sigma1, np.nan)
+    if not np.isfinite(covmean).all():
+        # Singular product (e.g. dead ReLU units): regularise both covariances, as in the reference FID code.
+        offset = np.eye(len(sigma1)) * eps
+        covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
+    if np.iscomplexobj(covmean):
+        # sqrtm of a PSD product returns tiny imaginary parts from round-off; anything large means bad input.
+        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+            raise ValueError(f"covariance square root has a large imaginary part ({np.abs(covmean.imag).max():.3g})")
+        covmean = covmean.real
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+
+
+def kid(feats1, feats2, subsets: int = 100, subset_size: int = 1000, seed: int = 0):
+    """Kernel Inception distance: unbiased MMD² with the kernel ``(x·y / D + 1)³``, averaged over random subsets.
+
+    Returns ``(mean, std)`` over the ``subsets`` draws; ``subset_size`` is capped at the smaller set's size.
+    """
+    f1, f2 = _as_f64(feats1), _as_f64(feats2)
+    if f1.ndim != 2 or f2.ndim != 2 or f1.shape[1] != f2.shape[1]:
+        raise ValueError(f"features must have shapes (N1, D) and (N2, D), got {f1.shape} and {f2.shape}")
+    m = min(subset_size, len(f1), len(f2))
+    if m < 2:
+        raise ValueError(f"KID needs at least 2 samples per set, got {len(f1)} and {len(f2)}")
+    d = f1.shape[1]
+    rng = np.random.default_rng(seed)
+    mmds = np.empty(subsets)
+    for i in range(subsets):
+        x = f1[rng.choice(len(f1), m, replace=False)]
+        y = f2[rng.choice(len(f2), m, replace=False)]
+        kxx, kyy, kxy = ((a @ b.T / d + 1) ** 3 for a, b in ((x, x), (y, y), (x, y)))
+        # Unbiased: drop the diagonal of the within-set kernels.
+        mmds[i] = ((kxx.sum() - np.trace(kxx)) + (kyy.sum() - np.trace(kyy))) / (m * (m - 1)) - 2 * kxy.mean()
+    return float(mmds.mean()), float(mmds.std())
+
+
+def classifier_score(logits, splits: int = 10):
+    """Inception-score analogue ``exp(E_x KL(p(y|x) || p(y)))`` from classifier logits (N, C).
+
+    Computed on ``splits`` equal chunks (p(y) per chunk, as in the reference IS code); returns ``(mean, std)``.
+    Ranges from 1 (every prediction identical) to C (confident, class-balanced predictions).
+    """
+    z = _as_f64(logits)
+    if z.ndim != 2 or len(z) < splits:
+        raise ValueError(f"logits must have shape (N, C) with N >= splits={splits}, got {z.shape}")
+    log_p = z - z.max(axis=1, keepdims=True)
+    log_p -= np.log(np.exp(log_p).sum(axis=1, keepdims=True))
+    scores = []
+    for p in np.array_split(np.exp(log_p), splits):
+        # rel_entr is 0 where p == 0, so one-hot predictions (-inf logits) are fine.
+        kl = special.rel_entr(p, p.mean(axis=0)).sum(axis=1)
+        scores.append(np.exp(kl.mean()))
+    return float(np.mean(scores)), float(np.std(scores))

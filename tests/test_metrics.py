@@ -1,0 +1,96 @@
+import numpy as np
+import pytest
+import torch
+
+from msfp.metrics import classifier_score, feature_stats, frechet_distance, kid
+
+
+def test_feature_stats_matches_numpy():
+    f = np.random.default_rng(0).normal(size=(500, 4))
+    mu, sigma = feature_stats(torch.from_numpy(f).float())
+    np.testing.assert_allclose(mu, f.mean(0), atol=1e-6)
+    np.testing.assert_allclose(sigma, np.cov(f, rowvar=False), atol=1e-6)
+    with pytest.raises(ValueError, match=r"shape \(N, D\)"):
+        feature_stats(np.zeros(5))
+
+
+def test_fd_of_a_set_with_itself_is_zero():
+    f = np.random.default_rng(1).normal(size=(2000, 16))
+    mu, sigma = feature_stats(f)
+    assert abs(frechet_distance(mu, sigma, mu, sigma)) < 1e-6
+
+
+def test_fd_diagonal_gaussians_closed_form():
+    rng = np.random.default_rng(2)
+    mu1, mu2 = rng.normal(size=8), rng.normal(size=8)
+    s1, s2 = rng.uniform(0.1, 3, size=8), rng.uniform(0.1, 3, size=8)
+    expected = ((mu1 - mu2) ** 2).sum() + (s1 + s2 - 2 * np.sqrt(s1 * s2)).sum()
+    assert frechet_distance(mu1, np.diag(s1), mu2, np.diag(s2)) == pytest.approx(expected, rel=1e-9)
+
+
+def test_fd_general_gaussians_against_symmetric_formula():
+    # tr((S1 S2)^½) = tr((S1^½ S2 S1^½)^½): an independent route through symmetric square roots.
+    rng = np.random.default_rng(3)
+    a, b = rng.normal(size=(6, 6)), rng.normal(size=(6, 6))
+    s1, s2 = a @ a.T + 0.1 * np.eye(6), b @ b.T + 0.1 * np.eye(6)
+    w, v = np.linalg.eigh(s1)
+    r1 = v @ np.diag(np.sqrt(w)) @ v.T
+    inner = np.linalg.eigvalsh(r1 @ s2 @ r1)
+    expected = np.trace(s1) + np.trace(s2) - 2 * np.sqrt(inner).sum()
+    assert frechet_distance(np.zeros(6), s1, np.zeros(6), s2) == pytest.approx(expected, rel=1e-8)
+
+
+def test_fd_singular_covariances_are_finite():
+    # Dead ReLU units: all-zero feature columns make both covariances singular.
+    rng = np.random.default_rng(4)
+    f1, f2 = rng.normal(size=(300, 10)), rng.normal(size=(300, 10)) + 0.5
+    f1[:, :3] = 0
+    f2[:, :3] = 0
+    fd = frechet_distance(*feature_stats(f1), *feature_stats(f2))
+    assert np.isfinite(fd) and fd == pytest.approx(7 * 0.25, abs=0.5)
+
+
+def test_fd_shape_mismatch():
+    with pytest.raises(ValueError, match="shape mismatch"):
+        frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
+
+
+def test_kid_identical_near_zero_shifted_positive():
+    rng = np.random.default_rng(5)
+    f = rng.normal(size=(1000, 32))
+    same, _ = kid(f, f.copy(), subsets=10, subset_size=200)
+    other = rng.normal(size=(1000, 32))
+    iid, _ = kid(f, other, subsets=10, subset_size=200)
+    shifted, _ = kid(f, other + 1.0, subsets=10, subset_size=200)
+    assert abs(same) < 0.05 and abs(iid) < 0.05
+    assert shifted > 1.0
+    assert kid(f, other + 1.0, subsets=10, subset_size=200, seed=0) == kid(f, other + 1.0, subsets=10,
+                                                                          subset_size=200, seed=0)
+
+
+def test_kid_unbiased_mmd_matches_direct_formula():
+    rng = np.random.default_rng(6)
+    x, y = rng.normal(size=(20, 3)), rng.normal(size=(20, 3)) + 0.3
+
+    def k(a, b):
+        return (a @ b / 3 + 1) ** 3
+
+    m = 20
+    expected = (sum(k(x[i], x[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+                + sum(k(y[i], y[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+                - 2 * sum(k(x[i], y[j]) for i in range(m) for j in range(m)) / m**2)
+    mean, std = kid(x, y, subsets=3, subset_size=20)  # subset = whole set, so every draw is the same
+    assert mean == pytest.approx(expected, rel=1e-10) and std == pytest.approx(0, abs=1e-10)
+
+
+def test_classifier_score_uniform_and_one_hot():
+    n, c = 1000, 10
+    assert classifier_score(np.zeros((n, c)))[0] == pytest.approx(1.0)
+    one_hot = np.full((n, c), -np.inf)
+    one_hot[np.arange(n), np.arange(n) % c] = 0.0
+    mean, std = classifier_score(one_hot, splits=10)
+    assert mean == pytest.approx(c) and std == pytest.approx(0, abs=1e-9)
+    # Confident but always the same class: no diversity, score 1.
+    assert classifier_score(torch.tensor([[50.0] + [0.0] * (c - 1)] * n))[0] == pytest.approx(1.0, abs=1e-6)
+    with pytest.raises(ValueError, match="splits"):
+        classifier_score(np.zeros((5, c)), splits=10)
