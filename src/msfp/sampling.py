@@ -1,0 +1,106 @@
+"""Batch-size-invariant sampling with any diffusers scheduler, and a PNG grid writer.
+
+Every sample ``i`` owns a generator seeded with ``seed + i`` (NVlabs EDM style): its initial noise and the noise of
+stochastic steps come from that generator only, so image ``i`` is the same whatever ``batch_size`` is. The scheduler
+is copied per batch, so no state leaks between batches or calls. ``callback`` is called after every denoiser call
+(k-diffusion style) with ``i`` (step index), ``t`` (timesteps, shape (B,)), ``x`` (the denoiser's input), ``eps``
+(its output) and ``start`` (index of the batch's first sample): calibration and evaluation hook in there.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+
+def _sample_shape(model, sample_shape):
+    if sample_shape is not None:
+        return tuple(sample_shape)
+    config = getattr(model, "config", None)
+    if config is None or "sample_size" not in config or "in_channels" not in config:
+        raise ValueError("pass sample_shape=(C, H, W): the model has no diffusers config with sample_size/in_channels")
+    size = config["sample_size"]
+    return (config["in_channels"], *((size, size) if isinstance(size, int) else size))
+
+
+@torch.no_grad()
+def sample(model, scheduler, num_samples: int, num_inference_steps: int = 100, seed: int = 0, batch_size: int = 64,
+           eta: float = 0.0, class_labels=None, callback=None, disable: bool = False, device=None,
+           sample_shape=None) -> torch.Tensor:
+    """Draw ``num_samples`` images; returns float32 (N, C, H, W) on the CPU, in the model's data range.
+
+    ``model(x, t, **cond)`` may return a diffusers output (``.sample``) or a tensor; ``cond`` holds ``class_labels``
+    (one label per sample) when given. ``eta`` is passed to schedulers whose ``step`` accepts it (DDIM).
+    ``sample_shape`` (C, H, W) is read from the model's config unless given.
+    """
+    params = next(iter(model.parameters()), None) if isinstance(model, torch.nn.Module) else None
+    device = torch.device(device) if device is not None else (params.device if params is not None else "cpu")
+    dtype = params.dtype if params is not None else torch.float32
+    shape = _sample_shape(model, sample_shape)
+    step_kwargs = {}
+    if "eta" in inspect.signature(scheduler.step).parameters:
+        step_kwargs["eta"] = eta
+    elif eta != 0.0:
+        raise ValueError(f"{type(scheduler).__name__}.step takes no eta; use eta=0.0 with this scheduler")
+    if class_labels is not None:
+        class_labels = torch.as_tensor(class_labels).long()
+        if class_labels.shape != (num_samples,):
+            raise ValueError(f"class_labels must have shape ({num_samples},), got {tuple(class_labels.shape)}")
+
+    out = []
+    bar = tqdm(total=math.ceil(num_samples / batch_size) * num_inference_steps, desc="sample", disable=disable)
+    for start in range(0, num_samples, batch_size):
+        stop = min(start + batch_size, num_samples)
+        # Per-sample CPU generators: identical noise on every device and for every batch split.
+        gens = [torch.Generator().manual_seed(seed + i) for i in range(start, stop)]
+        sched = type(scheduler).from_config(scheduler.config)
+        sched.set_timesteps(num_inference_steps, device=device)
+        x = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device) * sched.init_noise_sigma
+        cond = {} if class_labels is None else {"class_labels": class_labels[start:stop].to(device)}
+        for i, t in enumerate(sched.timesteps):
+            x_in = sched.scale_model_input(x, t)
+            t_batch = t.to(device).expand(stop - start)
+            eps = model(x_in.to(dtype), t_batch, **cond)
+            eps = (eps.sample if hasattr(eps, "sample") else eps).float()
+            if eps.shape[1] == 2 * shape[0]:  # learned-variance models (DiT) also output the variance: drop it
+                eps = eps[:, : shape[0]]
+            if callback is not None:
+                callback(dict(i=i, t=t_batch, x=x_in, eps=eps, start=start))
+            x = sched.step(eps, t, x, generator=gens, **step_kwargs).prev_sample
+            bar.update(1)
+        out.append(x.float().cpu())
+    bar.close()
+    return torch.cat(out)
+
+
+def save_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int = 8, padding: int = 2) -> None:
+    """Write images (N, C, H, W) in [-1, 1] (C = 1 or 3) as a PNG grid of ``nrow`` columns, atomically."""
+    if images.ndim != 4 or images.shape[1] not in (1, 3):
+        raise ValueError(f"images must have shape (N, 1 or 3, H, W), got {tuple(images.shape)}")
+    n, c, h, w = images.shape
+    rows = math.ceil(n / nrow)
+    pixels = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
+    grid = np.zeros((rows * (h + padding) + padding, nrow * (w + padding) + padding, c), dtype=np.uint8)
+    for k in range(n):
+        r, col = divmod(k, nrow)
+        y, x = padding + r * (h + padding), padding + col * (w + padding)
+        grid[y: y + h, x: x + w] = pixels[k].transpose(1, 2, 0)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    os.close(fd)
+    try:
+        Image.fromarray(grid[..., 0] if c == 1 else grid).save(tmp, format="PNG")
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,82 @@
+import pytest
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler, EulerAncestralDiscreteScheduler, UNet2DModel
+from PIL import Image
+
+from msfp.sampling import sample, save_grid
+
+
+@pytest.fixture(scope="module")
+def tiny_unet():
+    torch.manual_seed(0)
+    return UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                       norm_num_groups=4).eval()
+
+
+@pytest.mark.parametrize("scheduler, eta", [(DDIMScheduler(), 0.0), (DDIMScheduler(), 1.0),
+                                            (EulerAncestralDiscreteScheduler(), 0.0)])
+def test_batch_size_invariance(tiny_unet, scheduler, eta):
+    a = sample(tiny_unet, scheduler, 5, num_inference_steps=4, seed=3, batch_size=5, eta=eta, disable=True)
+    b = sample(tiny_unet, scheduler, 5, num_inference_steps=4, seed=3, batch_size=2, eta=eta, disable=True)
+    assert a.shape == (5, 1, 8, 8) and a.dtype == torch.float32 and torch.isfinite(a).all()
+    # Batched convolutions round differently with the batch size (Euler's sigma_max ~157 amplifies it): 1e-4.
+    torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    # Sample i depends on seed + i only: seed 4 starts where seed 3 left off by one.
+    c = sample(tiny_unet, scheduler, 4, num_inference_steps=4, seed=4, batch_size=3, eta=eta, disable=True)
+    torch.testing.assert_close(a[1:], c, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(a[0], a[1])
+
+
+def test_stochastic_steps_use_the_generators(tiny_unet):
+    s = DDPMScheduler()
+    a = sample(tiny_unet, s, 3, num_inference_steps=5, seed=0, disable=True)
+    b = sample(tiny_unet, s, 3, num_inference_steps=5, seed=0, batch_size=1, disable=True)
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    ddim = sample(tiny_unet, DDIMScheduler(), 3, num_inference_steps=5, seed=0, eta=1.0, disable=True)
+    det = sample(tiny_unet, DDIMScheduler(), 3, num_inference_steps=5, seed=0, eta=0.0, disable=True)
+    assert not torch.allclose(ddim, det)
+
+
+def test_callback_and_scheduler_state_do_not_leak(tiny_unet):
+    scheduler = DDIMScheduler()
+    seen = []
+    sample(tiny_unet, scheduler, 3, num_inference_steps=2, batch_size=2, disable=True, callback=seen.append)
+    assert [(d["i"], d["start"], d["x"].shape[0]) for d in seen] == [(0, 0, 2), (1, 0, 2), (0, 2, 1), (1, 2, 1)]
+    assert seen[0]["t"].shape == (2,) and seen[0]["eps"].shape == (2, 1, 8, 8)
+    assert seen[0]["t"][0] > seen[1]["t"][0]
+    assert scheduler.num_inference_steps is None  # the caller's scheduler was copied, never set
+
+
+def test_plain_module_with_conditioning_and_learned_variance():
+    calls = []
+
+    def model(x, t, class_labels):
+        calls.append(class_labels.tolist())
+        return torch.cat([0.1 * x, torch.ones_like(x)], dim=1)  # eps and a (discarded) variance channel
+
+    net = torch.nn.Module()
+    net.forward = model
+    out = sample(net, DDIMScheduler(), 3, num_inference_steps=2, batch_size=2, class_labels=[7, 8, 9],
+                 sample_shape=(2, 4, 4), disable=True)
+    assert out.shape == (3, 2, 4, 4)
+    assert calls == [[7, 8], [7, 8], [9], [9]]
+    with pytest.raises(ValueError, match="sample_shape"):
+        sample(net, DDIMScheduler(), 1, disable=True)
+    with pytest.raises(ValueError, match=r"class_labels must have shape \(3,\)"):
+        sample(net, DDIMScheduler(), 3, class_labels=[1], sample_shape=(2, 4, 4), disable=True)
+    with pytest.raises(ValueError, match="takes no eta"):
+        sample(net, EulerAncestralDiscreteScheduler(), 1, eta=0.5, sample_shape=(2, 4, 4), disable=True)
+
+
+def test_save_grid(tmp_path):
+    images = torch.linspace(-1, 1, 5 * 8 * 8).reshape(5, 1, 8, 8)
+    path = tmp_path / "sub" / "grid.png"
+    save_grid(images, path, nrow=3, padding=2)
+    img = Image.open(path)
+    assert img.mode == "L" and img.size == (3 * 10 + 2, 2 * 10 + 2)
+    assert list(tmp_path.joinpath("sub").iterdir()) == [path]  # no temp file left behind
+    save_grid(torch.zeros(2, 3, 4, 4), tmp_path / "rgb.png", nrow=2)
+    assert Image.open(tmp_path / "rgb.png").mode == "RGB"
+    with pytest.raises(ValueError, match="shape"):
+        save_grid(torch.zeros(2, 2, 4, 4), tmp_path / "bad.png")
