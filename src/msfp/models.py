@@ -1,0 +1,113 @@
+"""Load the diffusion model that msfp quantizes: ``load_model(spec) -> (denoiser, scheduler)``.
+
+``spec`` is one of
+
+- ``"default"``: msfp's shipped DDPM trained on Fashion-MNIST (32x32, 1 channel, range [-1, 1]); works offline.
+- a local ``save_pretrained`` directory: a pipeline (``model_index.json`` + ``unet/`` or ``transformer/`` +
+  ``scheduler/``) or a bare model directory (``config.json``, optionally a ``scheduler_config.json`` next to it).
+- a Hugging Face Hub id ``"org/name"`` (needs network; only the denoiser and scheduler files are downloaded).
+
+The scheduler is always a :class:`~diffusers.DDIMScheduler` built from the saved scheduler config: DDIM is msfp's
+default sampler everywhere (calibration, fine-tuning, evaluation). Pass another scheduler class to
+:func:`msfp.sampling.sample` via ``OtherScheduler.from_config(scheduler.config)`` if you need one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import warnings
+from pathlib import Path
+
+import diffusers
+from diffusers import DDIMScheduler, ModelMixin
+
+DEFAULT_MODEL_DIR = Path(__file__).parent / "assets" / "fashion_ddpm"
+DENOISER_COMPONENTS = ("unet", "transformer")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_HUB_PATTERNS = ["model_index.json", "config.json", "scheduler_config.json", "diffusion_pytorch_model*",
+                 *(f"{c}/*" for c in (*DENOISER_COMPONENTS, "scheduler"))]
+
+
+def _model_class(name: str, where: Path) -> type[ModelMixin]:
+    cls = getattr(diffusers, str(name), None)
+    if not (isinstance(cls, type) and issubclass(cls, ModelMixin)):
+        raise ValueError(f"{where}: unknown model class {name!r}; expected a diffusers model class such as "
+                         "'UNet2DModel' or 'DiTTransformer2DModel'")
+    return cls
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: cannot read JSON config ({e})") from e
+
+
+def _ddim(config_dir: Path, config_name: str) -> DDIMScheduler:
+    return DDIMScheduler.from_config(_read_json(config_dir / config_name))
+
+
+def _load_pipeline_dir(path: Path):
+    index = _read_json(path / "model_index.json")
+    component = next((c for c in DENOISER_COMPONENTS if c in index), None)
+    if component is None:
+        raise ValueError(f"{path / 'model_index.json'} names no denoiser; expected one of {DENOISER_COMPONENTS}")
+    library, class_name = index[component]
+    if library != "diffusers":
+        raise ValueError(f"{path}: {component} comes from library {library!r}; only 'diffusers' models are supported")
+    if not (path / component / "config.json").is_file():
+        raise FileNotFoundError(f"{path}: pipeline lists {component!r} but {path / component / 'config.json'} is missing")
+    if not (path / "scheduler" / "scheduler_config.json").is_file():
+        raise FileNotFoundError(f"{path}: pipeline has no scheduler/scheduler_config.json")
+    denoiser = _model_class(class_name, path / component).from_pretrained(path, subfolder=component)
+    return denoiser, _ddim(path / "scheduler", "scheduler_config.json")
+
+
+def _load_model_dir(path: Path):
+    config = _read_json(path / "config.json")
+    denoiser = _model_class(config.get("_class_name"), path / "config.json").from_pretrained(path)
+    if (path / "scheduler_config.json").is_file():
+        return denoiser, _ddim(path, "scheduler_config.json")
+    warnings.warn(f"{path} has no scheduler_config.json; using DDIMScheduler() defaults (1000 linear-beta steps)")
+    return denoiser, DDIMScheduler()
+
+
+def _load_dir(path: Path):
+    if (path / "model_index.json").is_file():
+        model, scheduler = _load_pipeline_dir(path)
+    elif (path / "config.json").is_file():
+        model, scheduler = _load_model_dir(path)
+    else:
+        raise FileNotFoundError(f"{path} is neither a diffusers pipeline directory (model_index.json) nor a model "
+                                "directory (config.json)")
+    return model.eval(), scheduler
+
+
+def _download(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=_HUB_PATTERNS))
+    except Exception as e:  # offline, unknown repo, gated, ...: all surface as one actionable error
+        raise OSError(f"could not download model {repo_id!r} from the Hugging Face Hub ({type(e).__name__}: {e}). "
+                      "Offline, use spec 'default' or a local save_pretrained directory.") from e
+
+
+def load_model(spec: str | os.PathLike = "default"):
+    """Return ``(denoiser, scheduler)``: a diffusers model in eval mode and a :class:`~diffusers.DDIMScheduler`."""
+    if str(spec) == "default":
+        if not DEFAULT_MODEL_DIR.is_dir():
+            raise FileNotFoundError(f"the default model is missing from {DEFAULT_MODEL_DIR}; reinstall msfp or "
+                                    "run scripts/train_default_model.py")
+        return _load_dir(DEFAULT_MODEL_DIR)
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return _load_dir(path)
+    if path.exists():
+        raise ValueError(f"model spec {str(spec)!r} is a file; expected a save_pretrained directory")
+    if isinstance(spec, str) and _HUB_ID.match(spec):
+        return _load_dir(_download(spec))
+    raise FileNotFoundError(f"model spec {str(spec)!r}: no such directory, and not a Hub id of the form 'org/name'; "
+                            "use 'default', a local save_pretrained directory or a Hub id")

@@ -1,0 +1,97 @@
+import json
+
+import huggingface_hub
+import pytest
+import torch
+from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, UNet2DModel
+
+from msfp.models import DEFAULT_MODEL_DIR, load_model
+from msfp.sampling import sample
+
+needs_default = pytest.mark.skipif(not DEFAULT_MODEL_DIR.is_dir(),
+                                   reason=f"default model not trained yet ({DEFAULT_MODEL_DIR} missing)")
+
+
+def tiny_unet():
+    torch.manual_seed(0)
+    return UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                       norm_num_groups=4)
+
+
+def same_weights(a, b):
+    return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+@needs_default
+def test_default_model_loads_offline_and_samples():
+    model, scheduler = load_model("default")
+    assert isinstance(model, UNet2DModel) and not model.training
+    assert isinstance(scheduler, DDIMScheduler)
+    assert (model.config.sample_size, model.config.in_channels) == (32, 1)
+    assert scheduler.config.num_train_timesteps == 1000 and scheduler.config.prediction_type == "epsilon"
+    images = sample(model, scheduler, 2, num_inference_steps=2, disable=True)
+    assert images.shape == (2, 1, 32, 32) and torch.isfinite(images).all()
+    assert images.abs().max() <= 1.0 + 1e-5  # clip_sample: the last DDIM step returns the clipped x0 prediction
+
+
+def test_pipeline_dir(tmp_path):
+    unet = tiny_unet()
+    DDPMPipeline(unet=unet, scheduler=DDPMScheduler(beta_end=0.03)).save_pretrained(tmp_path)
+    model, scheduler = load_model(tmp_path)
+    assert same_weights(model, unet) and not model.training
+    assert isinstance(scheduler, DDIMScheduler) and scheduler.config.beta_end == 0.03
+    model2, _ = load_model(str(tmp_path))
+    assert same_weights(model2, unet)
+
+
+def test_bare_model_dir(tmp_path):
+    unet = tiny_unet()
+    unet.save_pretrained(tmp_path)
+    with pytest.warns(UserWarning, match="no scheduler_config.json"):
+        model, scheduler = load_model(tmp_path)
+    assert same_weights(model, unet) and isinstance(scheduler, DDIMScheduler)
+    DDPMScheduler(num_train_timesteps=50).save_pretrained(tmp_path)
+    _, scheduler = load_model(tmp_path)
+    assert isinstance(scheduler, DDIMScheduler) and scheduler.config.num_train_timesteps == 50
+
+
+def test_bad_specs(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no/such/dir/here.*no such directory"):
+        load_model("no/such/dir/here")
+    with pytest.raises(FileNotFoundError, match=f"{tmp_path}.*neither a diffusers pipeline.*nor a model"):
+        load_model(tmp_path)
+    (tmp_path / "weights.bin").write_bytes(b"")
+    with pytest.raises(ValueError, match="weights.bin.*is a file"):
+        load_model(tmp_path / "weights.bin")
+    (tmp_path / "config.json").write_text(json.dumps({"_class_name": "NoSuchModel"}))
+    with pytest.raises(ValueError, match="config.json: unknown model class 'NoSuchModel'"):
+        load_model(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"_class_name": "DDPMScheduler"}))  # a class, not a model
+    with pytest.raises(ValueError, match="unknown model class 'DDPMScheduler'"):
+        load_model(tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="cannot read JSON config"):
+        load_model(tmp_path)
+
+
+def test_bad_pipeline_dirs(tmp_path):
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "DDPMPipeline",
+                                                           "vae": ["diffusers", "AutoencoderKL"]}))
+    with pytest.raises(ValueError, match="names no denoiser"):
+        load_model(tmp_path)
+    (tmp_path / "model_index.json").write_text(json.dumps({"unet": ["diffusers", "UNet2DModel"],
+                                                           "scheduler": ["diffusers", "DDPMScheduler"]}))
+    with pytest.raises(FileNotFoundError, match=r"unet/config.json is missing"):
+        load_model(tmp_path)
+    tiny_unet().save_pretrained(tmp_path / "unet")
+    with pytest.raises(FileNotFoundError, match="no scheduler/scheduler_config.json"):
+        load_model(tmp_path)
+
+
+def test_hub_id_offline_gives_clear_error(monkeypatch, tmp_path):
+    # Force offline mode so the test never touches the network, whatever the machine.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(OSError, match="could not download model 'msfp-test/no-such-model'.*'default' or a local"):
+        load_model("msfp-test/no-such-model")
