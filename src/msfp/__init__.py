@@ -4,3 +4,4 @@ __version__ = "0.1.0"
 
 from msfp.formats import Format, fake_quant, get_format  # noqa: E402
 from msfp.quantizers import ActivationQuantizer, WeightQuantizer, search_quant_params  # noqa: E402
+from msfp.models import load_model  # noqa: E402
