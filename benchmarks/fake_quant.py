@@ -1,0 +1,101 @@
+"""Throughput of fake_quant relative to a plain tensor copy, eager and compiled, on CPU and (if present) GPU.
+
+    python benchmarks/fake_quant.py [--out results.json] [--repeats 20]
+
+Prints one JSON document: per device, tensor and path, the median time, GB/s (bytes read + written) and the ratio to
+a copy of the same tensor (1.0 = as fast as a copy; the SPEC goal on GPU is ≤ 2 for the compiled path).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+
+import torch
+
+from msfp.formats import fake_quant
+from msfp.kernels import compiled_fake_quant
+
+CASES = {
+    # A UNet activation (batch 16, 320 channels at 32x32) with one per-tensor unsigned scale and zero point.
+    "activation_16x320x32x32_ufp4_e2m2": dict(shape=(16, 320, 32, 32), fmt="ufp4_e2m2", per_channel=False),
+    # A 1280x1280 3x3 conv weight with per-output-channel signed scales.
+    "weight_1280x1280x3x3_fp4_e2m1": dict(shape=(1280, 1280, 3, 3), fmt="fp4_e2m1", per_channel=True),
+}
+
+
+def timed(fn, device, repeats):
+    fn()  # warm-up (and compilation)
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def bench_device(device, repeats, compile_too):
+    results = {}
+    for name, case in CASES.items():
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        x = torch.randn(case["shape"], generator=gen).to(device)
+        if case["per_channel"]:
+            scale = (x.abs().amax(dim=(1, 2, 3), keepdim=True) / 6).contiguous()
+            zp = None
+        else:
+            scale = torch.tensor(0.05, device=device)
+            zp = torch.tensor(-0.2, device=device)
+        paths = {"copy": lambda: x.clone(), "eager": lambda: fake_quant(x, case["fmt"], scale, zp)}
+        if compile_too:
+            paths["compiled"] = lambda: compiled_fake_quant(x, case["fmt"], scale, zp)
+        bytes_moved = 2 * x.numel() * x.element_size()
+        row = {}
+        for path, fn in paths.items():
+            t0 = time.perf_counter()
+            seconds = timed(fn, device, repeats)
+            row[path] = dict(median_ms=round(1e3 * seconds, 3), gb_per_s=round(bytes_moved / seconds / 1e9, 2),
+                             first_call_s=round(time.perf_counter() - t0 - seconds * repeats, 2))
+        for path in row:
+            row[path]["x_copy_time"] = round(row[path]["median_ms"] / row["copy"]["median_ms"], 2)
+        if compile_too:
+            row["compiled_equals_eager"] = bool(torch.equal(paths["compiled"](), paths["eager"]()))
+        results[name] = row
+    return results
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=None, help="also write the JSON here")
+    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile path")
+    args = p.parse_args()
+    report = dict(
+        command="python benchmarks/fake_quant.py " + " ".join(
+            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v not in (None, False)),
+        machine=dict(cpu=platform.processor() or platform.machine(), cpu_count=os.cpu_count(),
+                     torch_threads=torch.get_num_threads(),
+                     gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else None),
+        versions=dict(torch=torch.__version__, python=platform.python_version()),
+        results={"cpu": bench_device(torch.device("cpu"), args.repeats, not args.no_compile)},
+    )
+    if torch.cuda.is_available():
+        report["results"]["cuda"] = bench_device(torch.device("cuda"), args.repeats, not args.no_compile)
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.out:
+        tmp = args.out + ".tmp"
+        with open(tmp, "w") as f:
+            f.write(text + "\n")
+        os.replace(tmp, args.out)
+
+
+if __name__ == "__main__":
+    main()
