@@ -1,0 +1,87 @@
+"""Denoising-factor loss alignment (DFA, SPEC §2.4).
+
+At each sampling step the sampler uses the model output with a coefficient, the *denoising factor* γ_t; an error ε̂−ε
+in the noise prediction moves ``x_{t-1}`` by γ_t·(ε̂−ε). DFA weights the distillation loss of timestep t by |γ_t|
+or γ_t², normalised to mean 1 over the sampling trajectory, so the loss counts errors the way sampling feels them.
+
+For DDIM the factor has a closed form; for any other diffusers scheduler it is read off ``scheduler.step``
+numerically (the update is affine in the model output, so a central difference in float64 is exact up to rounding).
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+
+import torch
+from diffusers import DDIMScheduler
+
+WEIGHTINGS = ("abs", "square", "none")
+
+
+def _alpha_prev(scheduler, prev_t: int) -> torch.Tensor:
+    if prev_t >= 0:
+        return scheduler.alphas_cumprod[prev_t].double()
+    return torch.as_tensor(scheduler.final_alpha_cumprod, dtype=torch.float64)
+
+
+def ddim_denoising_factors(scheduler, num_inference_steps: int, eta: float = 0.0):
+    """Closed-form γ_t of a ``DDIMScheduler`` along its ``num_inference_steps`` trajectory: (timesteps, gammas)."""
+    sched = copy.deepcopy(scheduler)
+    sched.set_timesteps(num_inference_steps)
+    step = sched.config.num_train_timesteps // sched.num_inference_steps
+    gammas = []
+    for t in sched.timesteps.tolist():
+        a_t = sched.alphas_cumprod[t].double()
+        a_prev = _alpha_prev(sched, t - step)
+        sigma = eta * ((1 - a_prev) / (1 - a_t)).sqrt() * (1 - a_t / a_prev).sqrt()
+        gammas.append((1 - a_prev - sigma**2).sqrt() - (a_prev * (1 - a_t) / a_t).sqrt())
+    return sched.timesteps.clone(), torch.stack(gammas)
+
+
+def numeric_denoising_factors(scheduler, num_inference_steps: int, eta: float = 0.0, delta: float = 1e-3):
+    """γ_t of any diffusers scheduler: d prev_sample / d model_output at each step of its trajectory.
+
+    Multistep schedulers keep earlier outputs as state, so the trajectory is walked in order and every probe runs on a
+    copy of the scheduler's state at that step.
+    """
+    sched = copy.deepcopy(scheduler)
+    sched.set_timesteps(num_inference_steps)
+    x = torch.zeros(1, 1, 1, 1, dtype=torch.float64)
+    zero = torch.zeros_like(x)
+    kwargs = {"eta": eta} if "eta" in inspect.signature(sched.step).parameters else {}
+    gammas = []
+    for t in sched.timesteps:
+        outs = []
+        for eps in (zero - delta, zero + delta):
+            probe = copy.deepcopy(sched)
+            gen = torch.Generator().manual_seed(0)  # same noise for both probes of a stochastic sampler
+            outs.append(probe.step(eps, t, x, generator=gen, **kwargs).prev_sample.double())
+        gammas.append(((outs[1] - outs[0]) / (2 * delta)).reshape(()))
+        sched.step(zero, t, x, generator=torch.Generator().manual_seed(0), **kwargs)
+    return sched.timesteps.clone(), torch.stack(gammas)
+
+
+def denoising_factors(scheduler, num_inference_steps: int, eta: float = 0.0):
+    """(timesteps, γ_t) for the scheduler's sampling trajectory: closed form for DDIM, numeric otherwise."""
+    if type(scheduler) is DDIMScheduler and scheduler.config.prediction_type == "epsilon":
+        return ddim_denoising_factors(scheduler, num_inference_steps, eta)
+    return numeric_denoising_factors(scheduler, num_inference_steps, eta)
+
+
+def dfa_weights(gammas: torch.Tensor, weighting: str = "abs") -> torch.Tensor:
+    """Loss weights from denoising factors: |γ| or γ², normalised to mean 1 (``"none"``: all ones)."""
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"unknown DFA weighting {weighting!r}; expected one of {WEIGHTINGS}")
+    if weighting == "none":
+        return torch.ones_like(gammas, dtype=torch.float32)
+    w = gammas.abs() if weighting == "abs" else gammas.pow(2)
+    if not torch.isfinite(w).all() or w.sum() <= 0:
+        raise ValueError(f"denoising factors must be finite and not all zero, got {gammas.tolist()}")
+    return (w / w.mean()).float()
+
+
+def weighted_mse(student: torch.Tensor, teacher: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over samples of ``weights[i] · mean((student_i − teacher_i)²)``; plain MSE when ``weights`` is None."""
+    per_sample = (student - teacher).pow(2).flatten(1).mean(1)
+    return per_sample.mean() if weights is None else (weights.to(per_sample) * per_sample).mean()

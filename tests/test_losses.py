@@ -1,0 +1,79 @@
+import pytest
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
+
+from msfp.losses import (
+    ddim_denoising_factors,
+    denoising_factors,
+    dfa_weights,
+    numeric_denoising_factors,
+    weighted_mse,
+)
+
+
+def ddim(**kw):
+    return DDIMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear", **kw)
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.5])
+def test_ddim_closed_form_matches_spec_formula(eta):
+    sched = ddim()
+    timesteps, gammas = ddim_denoising_factors(sched, 10, eta)
+    ac = sched.alphas_cumprod.double()
+    for t, g in zip(timesteps.tolist(), gammas):
+        a_t, a_prev = ac[t], (ac[t - 100] if t >= 100 else torch.tensor(1.0, dtype=torch.float64))
+        sigma2 = eta**2 * (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
+        expected = (1 - a_prev - sigma2).sqrt() - (a_prev * (1 - a_t) / a_t).sqrt()
+        assert g.item() == pytest.approx(expected.item(), rel=1e-12)
+    assert (gammas < 0).all()
+
+
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+@pytest.mark.parametrize("clip_sample", [False, True])
+def test_numeric_agrees_with_closed_form_for_ddim(eta, clip_sample):
+    sched = ddim(clip_sample=clip_sample)
+    t1, closed = ddim_denoising_factors(sched, 25, eta)
+    t2, numeric = numeric_denoising_factors(sched, 25, eta)
+    assert torch.equal(t1, t2)
+    assert torch.allclose(numeric, closed, rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("cls", [DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler])
+def test_numeric_factors_for_other_schedulers(cls):
+    sched = cls(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear")
+    timesteps, gammas = denoising_factors(sched, 20)
+    assert len(timesteps) == len(gammas) == 20
+    assert torch.isfinite(gammas).all() and (gammas.abs() > 0).any()
+
+
+def test_ddpm_numeric_matches_its_own_formula():
+    sched = DDPMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
+                          clip_sample=False)
+    timesteps, gammas = numeric_denoising_factors(sched, 1000)
+    ac = sched.alphas_cumprod.double()
+    # Posterior mean: coefficient of eps is -beta_t / (sqrt(alpha_t) sqrt(1 - abar_t)).
+    for t in (999, 500, 10):
+        i = timesteps.tolist().index(t)
+        alpha = ac[t] / (ac[t - 1] if t > 0 else 1.0)
+        expected = -(1 - alpha) / (alpha.sqrt() * (1 - ac[t]).sqrt())
+        assert gammas[i].item() == pytest.approx(expected.item(), rel=1e-3)  # the scheduler forms 1 - alpha_t in float32
+
+
+def test_dfa_weights_normalised():
+    gammas = torch.tensor([-0.5, -1.0, -2.0, -0.5], dtype=torch.float64)
+    w_abs = dfa_weights(gammas, "abs")
+    w_sq = dfa_weights(gammas, "square")
+    assert w_abs.mean().item() == pytest.approx(1.0) and w_sq.mean().item() == pytest.approx(1.0)
+    assert w_abs.tolist() == pytest.approx([0.5, 1.0, 2.0, 0.5])
+    assert w_sq.tolist() == pytest.approx([0.25 / 1.375, 1 / 1.375, 4 / 1.375, 0.25 / 1.375])
+    assert torch.equal(dfa_weights(gammas, "none"), torch.ones(4))
+    with pytest.raises(ValueError, match="unknown DFA weighting"):
+        dfa_weights(gammas, "log")
+    with pytest.raises(ValueError, match="finite"):
+        dfa_weights(torch.tensor([float("nan"), 1.0]))
+
+
+def test_weighted_mse():
+    s, t = torch.zeros(2, 3), torch.tensor([[1.0, 1.0, 1.0], [2.0, 2.0, 2.0]])
+    assert weighted_mse(s, t).item() == pytest.approx(2.5)
+    assert weighted_mse(s, t, torch.tensor([2.0, 0.0])).item() == pytest.approx(1.0)
