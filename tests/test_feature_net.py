@@ -1,0 +1,55 @@
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from msfp.data import to_model_range
+from msfp.feature_net import FEATURE_NET_DIR, FeatureNet, compute_features, load_feature_net, load_reference_stats
+
+DATA = Path(__file__).parent / "data" / "fashion_mnist_test256.npz"
+needs_assets = pytest.mark.skipif(not (FEATURE_NET_DIR / "model.safetensors").is_file(),
+                                  reason=f"feature network not trained yet ({FEATURE_NET_DIR} missing)")
+
+
+def test_architecture_shapes():
+    net = FeatureNet(feature_dim=16).eval()
+    x = torch.zeros(3, 1, 32, 32)
+    assert net.features(x).shape == (3, 16) and net.logits(x).shape == (3, 10)
+    x = torch.randn(7, 1, 32, 32)
+    feats, logits = compute_features(net, x, batch_size=3)
+    assert feats.shape == (7, 16) and logits.shape == (7, 10)
+    torch.testing.assert_close(feats, net.features(x), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits, net.logits(x), atol=1e-5, rtol=1e-5)
+
+
+@needs_assets
+def test_shipped_feature_net_classifies_test_images():
+    net = load_feature_net()
+    assert not net.training
+    data = np.load(DATA)
+    x = to_model_range(torch.from_numpy(data["images"]))
+    feats, logits = compute_features(net, x)
+    acc = (logits.argmax(1) == torch.from_numpy(data["labels"]).long()).float().mean().item()
+    assert acc >= 0.85, acc
+    assert feats.shape == (256, net.config["feature_dim"]) and (feats < 0).any()  # pre-ReLU features
+    torch.testing.assert_close(net.logits(x[:8]), logits[:8], atol=1e-5, rtol=1e-5)
+
+
+@needs_assets
+def test_shipped_reference_stats():
+    net = load_feature_net()
+    d = net.config["feature_dim"]
+    for split in ("test", "train"):
+        mu, sigma = load_reference_stats(split)
+        assert mu.shape == (d,) and sigma.shape == (d, d) and mu.dtype == np.float64
+        np.testing.assert_allclose(sigma, sigma.T)
+    with pytest.raises(ValueError, match="no reference statistics for split 'val'.*'test', 'train'"):
+        load_reference_stats("val")
+
+
+def test_missing_files_give_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match=f"{tmp_path}/config.json not found"):
+        load_feature_net(tmp_path)
+    with pytest.raises(FileNotFoundError, match="reference_stats.safetensors not found"):
+        load_reference_stats(path=tmp_path)
