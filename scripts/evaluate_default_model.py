@@ -1,0 +1,123 @@
+"""Measure the quality of msfp's default model (or any 1-channel 32x32 Fashion-MNIST model) in the feature space of
+the shipped feature network: Fréchet distance (FD) and KID against the Fashion-MNIST test split, the classifier score
+(Inception-score analogue), and the same numbers for N real training images (the floor a perfect generator reaches
+with the same N). Also writes a PNG grid of the first samples.
+
+    python scripts/evaluate_default_model.py --num-samples 1000 --steps 100 --out docs/default_model_eval.json
+
+FD is biased upward for small N (the covariance estimate is noisy): compare only numbers with the same N, and compare
+a model's FD with the real-data floor at that N.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from msfp.data import CLASS_NAMES, load_fashion_mnist, to_model_range
+from msfp.feature_net import compute_features, load_feature_net, load_reference_stats
+from msfp.metrics import classifier_score, feature_stats, frechet_distance, kid
+from msfp.models import load_model
+from msfp.sampling import sample, save_grid
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def quality(feats, logits, ref_stats, ref_feats, args) -> dict:
+    fd = frechet_distance(*feature_stats(feats), *ref_stats)
+    kid_mean, kid_std = kid(feats, ref_feats, subsets=args.kid_subsets, subset_size=args.kid_subset_size,
+                            seed=args.seed)
+    cs_mean, cs_std = classifier_score(logits, splits=args.splits)
+    counts = torch.bincount(logits.argmax(1), minlength=len(CLASS_NAMES)).tolist()
+    return dict(fd=fd, kid=kid_mean, kid_std=kid_std, classifier_score=cs_mean, classifier_score_std=cs_std,
+                predicted_classes=dict(zip(CLASS_NAMES, counts)))
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="default", help="msfp.load_model spec")
+    p.add_argument("--num-samples", type=int, default=1000)
+    p.add_argument("--steps", type=int, default=100, help="DDIM steps")
+    p.add_argument("--eta", type=float, default=0.0)
+    p.add_argument("--batch", type=int, default=250)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--kid-subsets", type=int, default=100)
+    p.add_argument("--kid-subset-size", type=int, default=1000)
+    p.add_argument("--splits", type=int, default=10, help="classifier-score splits")
+    p.add_argument("--data", default=None, help="directory with the Fashion-MNIST IDX files (default: Debian's)")
+    p.add_argument("--out", default="runs/evaluate_default_model.json")
+    p.add_argument("--grid", default="runs/evaluate_default_model.png", help="PNG grid of the first samples")
+    p.add_argument("--grid-count", type=int, default=64)
+    p.add_argument("--grid-steps", type=int, default=None, help="sample the grid separately with this many steps")
+    p.add_argument("--threads", type=int, default=None)
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    model, scheduler = load_model(args.model)
+    net = load_feature_net()
+    ref_stats = load_reference_stats("test")
+    test_u8, _ = load_fashion_mnist("test", args.data)
+    ref_feats, _ = compute_features(net, to_model_range(test_u8))  # KID needs features, not just moments
+
+    start = time.time()
+    images = sample(model, scheduler, args.num_samples, num_inference_steps=args.steps, seed=args.seed,
+                    batch_size=args.batch, eta=args.eta)
+    sample_time = time.time() - start
+    grid_steps = args.grid_steps or args.steps
+    grid = images[: args.grid_count] if grid_steps == args.steps else sample(
+        model, scheduler, args.grid_count, num_inference_steps=grid_steps, seed=args.seed, batch_size=args.batch,
+        eta=args.eta)
+    save_grid(grid, args.grid, nrow=8)
+    # Real images are 8-bit, so quantise the samples the same way (as FID pipelines do by writing PNGs).
+    images = ((images.clamp(-1, 1) + 1) * 127.5).round() / 127.5 - 1
+    feats, logits = compute_features(net, images)
+
+    train_u8, _ = load_fashion_mnist("train", args.data)
+    idx = torch.randperm(len(train_u8), generator=torch.Generator().manual_seed(args.seed))[: args.num_samples]
+    real_feats, real_logits = compute_features(net, to_model_range(train_u8[idx]))
+
+    result = dict(
+        model=args.model, num_samples=args.num_samples, sampler=type(scheduler).__name__, steps=args.steps,
+        eta=args.eta, seed=args.seed, grid=dict(path=args.grid, count=args.grid_count, steps=grid_steps),
+        reference="Fashion-MNIST test split (10,000 images)",
+        samples=quality(feats, logits, ref_stats, ref_feats, args),
+        real_train_floor=quality(real_feats, real_logits, ref_stats, ref_feats, args),
+        sample_time_s=round(sample_time, 1), sample_time_per_step_and_image_ms=round(
+            1000 * sample_time / (args.steps * args.num_samples), 2), total_time_s=round(time.time() - start, 1),
+        machine=dict(cpu=cpu_name(), cores=os.cpu_count(), threads=torch.get_num_threads()),
+        versions=dict(torch=torch.__version__, python=platform.python_version()),
+        command="python " + " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]),
+    )
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=out.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(result, indent=2) + "\n")
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
