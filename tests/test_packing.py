@@ -1,0 +1,71 @@
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from msfp.formats import fake_quant, get_format
+from msfp.packing import decode, decode_table, pack, quantize_to_codes, unpack, values_to_codes
+
+FORMATS = ["fp4_e2m1", "fp4_e3m0", "ufp4_e2m2", "ufp4_e4m0", "fp6_e3m2", "fp8_e4m3", "int4", "uint4", "int8"]
+
+
+@pytest.mark.parametrize("name", FORMATS)
+def test_every_value_round_trips_through_its_code(name):
+    fmt = get_format(name)
+    values = fmt.values()
+    codes = values_to_codes(values, fmt)
+    assert len(torch.unique(codes)) == len(values)
+    assert torch.equal(decode(codes, fmt), values)
+    assert len(decode_table(fmt)) == 2**fmt.bits
+
+
+def test_fp_codes_are_the_bit_fields():
+    # E2M1: 1.5 = exponent field 1, mantissa 1 → 0b0011; -6 = sign, exponent 3, mantissa 1 → 0b1111.
+    codes = values_to_codes(torch.tensor([0.0, 0.5, 1.5, 6.0, -6.0, -0.5]), "fp4_e2m1").tolist()
+    assert codes == [0b0000, 0b0001, 0b0011, 0b0111, 0b1111, 0b1001]
+    assert decode(torch.tensor([0b1000]), "fp4_e2m1").item() == 0.0  # negative zero code
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    name=st.sampled_from(FORMATS),
+    x=arrays(np.float32, st.integers(1, 50), elements=st.floats(-1e4, 1e4, width=32)),
+    scale=st.floats(2.0**-10, 2.0**10, width=32),
+    zero_point=st.floats(-8, 8, width=32),
+)
+def test_codes_reproduce_fake_quant_exactly(name, x, scale, zero_point):
+    fmt = get_format(name)
+    x = torch.from_numpy(x)
+    s = torch.tensor(scale)
+    z = torch.tensor(zero_point) if fmt.needs_zero_point else None
+    codes = quantize_to_codes(x, fmt, s, z)
+    restored = decode(codes, fmt) * s
+    if z is not None:
+        restored = restored + z
+    assert torch.equal(restored, fake_quant(x, fmt, s, z))
+
+
+@settings(max_examples=100, deadline=None)
+@given(bits=st.integers(1, 8), data=st.data())
+def test_pack_unpack_round_trip(bits, data):
+    codes = torch.tensor(data.draw(st.lists(st.integers(0, 2**bits - 1), max_size=99)), dtype=torch.uint8)
+    packed = pack(codes, bits)
+    assert packed.numel() == (len(codes) * bits + 7) // 8
+    assert torch.equal(unpack(packed, bits, len(codes)), codes)
+
+
+def test_four_bit_codes_pair_up_in_bytes():
+    assert pack(torch.tensor([0x1, 0xF, 0x3], dtype=torch.uint8), 4).tolist() == [0xF1, 0x03]
+
+
+def test_packing_errors():
+    with pytest.raises(ValueError, match="does not fit in 4 bits"):
+        pack(torch.tensor([16], dtype=torch.uint8), 4)
+    with pytest.raises(ValueError, match="need 2 bytes, got 1"):
+        unpack(torch.zeros(1, dtype=torch.uint8), 4, 3)
+    with pytest.raises(ValueError, match="not representable"):
+        values_to_codes(torch.tensor([0.7]), "fp4_e2m1")
+    with pytest.raises(ValueError, match="NaN"):
+        quantize_to_codes(torch.tensor([float("nan")]), "fp4_e2m1", 1.0)
