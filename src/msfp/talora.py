@@ -1,0 +1,101 @@
+"""Timestep-aware LoRA (TALoRA, SPEC §2.3): several LoRAs per layer and one shared timestep router.
+
+Denoising changes character over the trajectory (layout first, details last), so one low-rank correction fits the
+quantized model poorly everywhere. Each quantized layer keeps K LoRA pairs; a router shared by the whole model maps
+the timestep (sinusoidal embedding → MLP → K logits) to a hard one-hot choice, with a straight-through estimator so
+the router still learns. The chosen pair is merged *before* weight quantization, ``Q_w(W + B_k A_k)``, so the
+fine-tuned model stays a pure low-bit model.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from diffusers.models.embeddings import get_timestep_embedding
+from torch import nn
+
+
+class TimestepRouter(nn.Module):
+    """Timestep → one of ``num_loras`` LoRAs, per sample.
+
+    ``forward(t)`` returns a (B, K) one-hot matrix whose gradient is the softmax's (straight-through), so a loss on
+    the routed output trains the MLP. Call :meth:`init_contiguous` to start from K contiguous timestep intervals.
+    """
+
+    def __init__(self, num_loras: int = 4, num_train_timesteps: int = 1000, embed_dim: int = 64,
+                 hidden_dim: int = 128):
+        super().__init__()
+        if num_loras < 1:
+            raise ValueError(f"num_loras must be ≥ 1, got {num_loras}")
+        self.num_loras = num_loras
+        self.num_train_timesteps = num_train_timesteps
+        self.embed_dim = embed_dim
+        self.mlp = nn.Sequential(nn.Linear(embed_dim, hidden_dim), nn.SiLU(), nn.Linear(hidden_dim, num_loras))
+
+    def logits(self, t: torch.Tensor) -> torch.Tensor:
+        t = torch.as_tensor(t, device=self.mlp[0].weight.device).reshape(-1)
+        emb = get_timestep_embedding(t.float(), self.embed_dim, flip_sin_to_cos=True, downscale_freq_shift=0)
+        return self.mlp(emb.to(self.mlp[0].weight.dtype))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        soft = self.logits(t).softmax(dim=-1)
+        hard = nn.functional.one_hot(soft.argmax(dim=-1), self.num_loras).to(soft)
+        return hard + soft - soft.detach()
+
+    @torch.no_grad()
+    def assignment(self, t: torch.Tensor) -> torch.Tensor:
+        """The LoRA index each timestep is routed to (LongTensor, no gradient)."""
+        return self.logits(t).argmax(dim=-1)
+
+    def interval_labels(self, t: torch.Tensor) -> torch.Tensor:
+        """LoRA k owns the k-th of K equal contiguous slices of ``[0, num_train_timesteps)``."""
+        return (t.long() * self.num_loras // self.num_train_timesteps).clamp(max=self.num_loras - 1)
+
+    def init_contiguous(self, steps: int = 400, lr: float = 1e-2, seed: int = 0) -> float:
+        """Fit the MLP to the contiguous-interval split (deterministic for a seed); returns the fraction of
+        timesteps routed as intended (1.0 expected)."""
+        gen = torch.Generator().manual_seed(seed)
+        for layer in self.mlp:
+            if isinstance(layer, nn.Linear):
+                bound = 1 / math.sqrt(layer.in_features)
+                with torch.no_grad():
+                    layer.weight.copy_(torch.rand(layer.weight.shape, generator=gen) * 2 * bound - bound)
+                    layer.bias.copy_(torch.rand(layer.bias.shape, generator=gen) * 2 * bound - bound)
+        t = torch.arange(self.num_train_timesteps, device=self.mlp[0].weight.device)
+        labels = self.interval_labels(t)
+        opt = torch.optim.Adam(self.mlp.parameters(), lr=lr)
+        for _ in range(steps):
+            loss = nn.functional.cross_entropy(self.logits(t), labels)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        return (self.assignment(t) == labels).float().mean().item()
+
+
+class LoRABank(nn.Module):
+    """K low-rank updates ``B_k A_k`` for one weight of shape (out, in, *kernel).
+
+    ``A`` starts Kaiming-uniform and ``B`` at zero, so every update is exactly zero before fine-tuning and the
+    quantized model is unchanged by adding the bank.
+    """
+
+    def __init__(self, weight_shape: torch.Size | tuple, num_loras: int = 4, rank: int = 8, seed: int | None = None):
+        super().__init__()
+        self.weight_shape = tuple(weight_shape)
+        out_features, fan_in = self.weight_shape[0], math.prod(self.weight_shape[1:])
+        if rank < 1 or rank > min(out_features, fan_in):
+            raise ValueError(f"LoRA rank {rank} must be in [1, {min(out_features, fan_in)}] for a weight "
+                             f"of shape {self.weight_shape}")
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        bound = 1 / math.sqrt(fan_in)  # kaiming_uniform_(a=sqrt(5)), as nn.Linear and peft initialise A
+        self.A = nn.Parameter((torch.rand(num_loras, rank, fan_in, generator=gen) * 2 - 1) * bound)
+        self.B = nn.Parameter(torch.zeros(num_loras, out_features, rank))
+
+    @property
+    def num_loras(self) -> int:
+        return self.A.shape[0]
+
+    def delta(self, k: int) -> torch.Tensor:
+        """``B_k A_k`` reshaped like the weight."""
+        return (self.B[k] @ self.A[k]).view(self.weight_shape)
