@@ -93,3 +93,37 @@ def classifier_score(logits, splits: int = 10):
         kl = special.rel_entr(p, p.mean(axis=0)).sum(axis=1)
         scores.append(np.exp(kl.mean()))
     return float(np.mean(scores)), float(np.std(scores))
+
+
+def _kth_nn_radii(f, k: int, chunk: int):
+    """Distance from each row of ``f`` to its k-th nearest other row."""
+    return np.concatenate([np.sort(_cdist(f[i: i + chunk], f), axis=1)[:, k] for i in range(0, len(f), chunk)])
+
+
+def _cdist(a, b):
+    d2 = (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2 * a @ b.T
+    return np.sqrt(np.maximum(d2, 0))
+
+
+def _coverage(radii, centres, queries, chunk: int) -> float:
+    """Fraction of ``queries`` inside at least one ball ``(centres[j], radii[j])``."""
+    inside = [(_cdist(queries[i: i + chunk], centres) <= radii[None, :]).any(axis=1)
+              for i in range(0, len(queries), chunk)]
+    return float(np.concatenate(inside).mean())
+
+
+def precision_recall(real_features, fake_features, k: int = 3, chunk: int = 1000):
+    """Improved precision and recall (Kynkäänniemi et al. 2019): ``(precision, recall)`` in [0, 1].
+
+    Each set's manifold is the union of balls around its points reaching their k-th nearest neighbour; precision is
+    the fraction of fake points inside the real manifold, recall the fraction of real points inside the fake one.
+    """
+    real, fake = _as_f64(real_features), _as_f64(fake_features)
+    if real.ndim != 2 or fake.ndim != 2 or real.shape[1] != fake.shape[1]:
+        raise ValueError(f"features must have shapes (N1, D) and (N2, D), got {real.shape} and {fake.shape}")
+    if min(len(real), len(fake)) <= k:
+        raise ValueError(f"precision/recall with k={k} needs more than {k} samples per set, got {len(real)} and "
+                         f"{len(fake)}")
+    # Column 0 of the sorted distances is the point itself, so column k is its k-th nearest other point.
+    real_radii, fake_radii = _kth_nn_radii(real, k, chunk), _kth_nn_radii(fake, k, chunk)
+    return _coverage(real_radii, real, fake, chunk), _coverage(fake_radii, fake, real, chunk)
