@@ -66,11 +66,13 @@ def main(argv=None) -> None:
     p.add_argument("--grid-count", type=int, default=64)
     p.add_argument("--grid-steps", type=int, default=None, help="sample the grid separately with this many steps")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where to sample")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
 
     model, scheduler = load_model(args.model)
+    model.to(args.device)
     net = load_feature_net()
     ref_stats = load_reference_stats("test")
     test_u8, _ = load_fashion_mnist("test", args.data)
@@ -101,7 +103,8 @@ def main(argv=None) -> None:
         real_train_floor=quality(real_feats, real_logits, ref_stats, ref_feats, args),
         sample_time_s=round(sample_time, 1), sample_time_per_step_and_image_ms=round(
             1000 * sample_time / (args.steps * args.num_samples), 2), total_time_s=round(time.time() - start, 1),
-        machine=dict(cpu=cpu_name(), cores=os.cpu_count(), threads=torch.get_num_threads()),
+        machine=dict(cpu=cpu_name(), cores=os.cpu_count(), threads=torch.get_num_threads(), device=args.device,
+                     gpu=torch.cuda.get_device_name() if args.device.startswith("cuda") else None),
         versions=dict(torch=torch.__version__, python=platform.python_version()),
         command="python " + " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]),
     )

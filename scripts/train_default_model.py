@@ -82,6 +82,7 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -91,7 +92,7 @@ def main(argv=None) -> None:
     unet = UNet2DModel(**UNET_CONFIG).to(device)
     scheduler = DDPMScheduler(**SCHEDULER_CONFIG)
     alphas_cumprod = scheduler.alphas_cumprod.to(device)
-    ema = EMAModel(unet.parameters(), decay=args.ema_decay, use_ema_warmup=True, power=2 / 3)
+    ema = EMAModel(unet.parameters(), decay=args.ema_decay, use_ema_warmup=True, power=2 / 3, foreach=True)
     opt = torch.optim.AdamW(unet.parameters(), lr=args.lr, weight_decay=0.0)
     gen = torch.Generator(device=device).manual_seed(args.seed)
 
@@ -107,7 +108,15 @@ def main(argv=None) -> None:
         step, elapsed, losses = ckpt["step"], ckpt["elapsed"], ckpt["losses"]
         print(f"resumed from {ckpt_path} at step {step}", file=sys.stderr)
 
+    pending = []  # losses still on the device: reading each one would sync the GPU every step
+
+    def flush_losses():
+        if pending:
+            losses.extend(torch.stack(pending).tolist())
+            pending.clear()
+
     def save_checkpoint():
+        flush_losses()
         atomic_torch_save(dict(unet=unet.state_dict(), opt=opt.state_dict(), ema=ema.state_dict(),
                                gen=gen.get_state(), step=step, elapsed=elapsed, losses=losses), ckpt_path)
 
@@ -136,10 +145,12 @@ def main(argv=None) -> None:
         opt.step()
         ema.step(unet.parameters())
         step += 1
-        losses.append(loss.item())
+        pending.append(loss.detach())
         elapsed = time.time() - start
         bar.update(1)
-        bar.set_postfix(loss=f"{sum(losses[-100:]) / len(losses[-100:]):.4f}")
+        if step % 50 == 0:
+            flush_losses()
+            bar.set_postfix(loss=f"{sum(losses[-100:]) / len(losses[-100:]):.4f}")
         if step % args.ckpt_every == 0:
             save_checkpoint()
     bar.close()

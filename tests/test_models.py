@@ -5,12 +5,8 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, UNet2DModel
 
-from msfp.models import DEFAULT_MODEL_DIR, load_model
+from msfp.models import load_model
 from msfp.sampling import sample
-
-needs_default = pytest.mark.skipif(not DEFAULT_MODEL_DIR.is_dir(),
-                                   reason=f"default model not trained yet ({DEFAULT_MODEL_DIR} missing)")
-
 
 def tiny_unet():
     torch.manual_seed(0)
@@ -23,7 +19,6 @@ def same_weights(a, b):
     return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
 
 
-@needs_default
 def test_default_model_loads_offline_and_samples():
     model, scheduler = load_model("default")
     assert isinstance(model, UNet2DModel) and not model.training
