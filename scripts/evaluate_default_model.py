@@ -23,20 +23,11 @@ from pathlib import Path
 import torch
 
 from msfp.data import CLASS_NAMES, load_fashion_mnist, to_model_range
+from msfp.environment import cpu_name
 from msfp.feature_net import compute_features, load_feature_net, load_reference_stats
 from msfp.metrics import classifier_score, feature_stats, frechet_distance, kid
 from msfp.models import load_model
 from msfp.sampling import sample, save_grid
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def quality(feats, logits, ref_stats, ref_feats, args) -> dict:

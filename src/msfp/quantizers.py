@@ -186,6 +186,12 @@ class WeightQuantizer(_Quantizer):
         self._store(result)
         return result
 
+    def initialize_per_tensor(self, w: torch.Tensor, candidates=None, **search_kwargs) -> SearchResult:
+        """One scale for the whole tensor (stored in every channel's slot), searched on all its elements."""
+        result = search_quant_params(w, candidates or [self.fmt], max_samples=w.numel(), **search_kwargs)
+        self._store(result)
+        return result
+
 
 class ActivationQuantizer(_Quantizer):
     """Per-tensor fake quantization of activations, optionally with one scale/zero point per group (e.g. timestep).

@@ -34,12 +34,13 @@ def _sample_shape(model, sample_shape):
 @torch.no_grad()
 def sample(model, scheduler, num_samples: int, num_inference_steps: int = 100, seed: int = 0, batch_size: int = 64,
            eta: float = 0.0, class_labels=None, callback=None, disable: bool = False, device=None,
-           sample_shape=None) -> torch.Tensor:
+           sample_shape=None, cond: dict | None = None) -> torch.Tensor:
     """Draw ``num_samples`` images; returns float32 (N, C, H, W) on the CPU, in the model's data range.
 
-    ``model(x, t, **cond)`` may return a diffusers output (``.sample``) or a tensor; ``cond`` holds ``class_labels``
-    (one label per sample) when given. ``eta`` is passed to schedulers whose ``step`` accepts it (DDIM).
-    ``sample_shape`` (C, H, W) is read from the model's config unless given.
+    ``model(x, t, **kwargs)`` may return a diffusers output (``.sample``) or a tensor; ``kwargs`` holds
+    ``class_labels`` (one label per sample) when given and the entries of ``cond`` (per-sample tensors with first
+    dimension ``num_samples``, e.g. ``encoder_hidden_states``), sliced per batch. ``eta`` is passed to schedulers
+    whose ``step`` accepts it (DDIM). ``sample_shape`` (C, H, W) is read from the model's config unless given.
     """
     params = next(iter(model.parameters()), None) if isinstance(model, torch.nn.Module) else None
     device = torch.device(device) if device is not None else (params.device if params is not None else "cpu")
@@ -54,6 +55,12 @@ def sample(model, scheduler, num_samples: int, num_inference_steps: int = 100, s
         class_labels = torch.as_tensor(class_labels).long()
         if class_labels.shape != (num_samples,):
             raise ValueError(f"class_labels must have shape ({num_samples},), got {tuple(class_labels.shape)}")
+    cond = dict(cond or {})
+    for key, value in cond.items():
+        if not isinstance(value, torch.Tensor) or value.shape[:1] != (num_samples,):
+            raise ValueError(f"cond[{key!r}] must be a tensor with first dimension {num_samples} (one per sample)")
+    if class_labels is not None:
+        cond["class_labels"] = class_labels
 
     out = []
     bar = tqdm(total=math.ceil(num_samples / batch_size) * num_inference_steps, desc="sample", disable=disable)
@@ -64,16 +71,16 @@ def sample(model, scheduler, num_samples: int, num_inference_steps: int = 100, s
         sched = type(scheduler).from_config(scheduler.config)
         sched.set_timesteps(num_inference_steps, device=device)
         x = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device) * sched.init_noise_sigma
-        cond = {} if class_labels is None else {"class_labels": class_labels[start:stop].to(device)}
+        batch_cond = {k: v[start:stop].to(device) for k, v in cond.items()}
         for i, t in enumerate(sched.timesteps):
             x_in = sched.scale_model_input(x, t)
             t_batch = t.to(device).expand(stop - start)
-            eps = model(x_in.to(dtype), t_batch, **cond)
+            eps = model(x_in.to(dtype), t_batch, **batch_cond)
             eps = (eps.sample if hasattr(eps, "sample") else eps).float()
             if eps.shape[1] == 2 * shape[0]:  # learned-variance models (DiT) also output the variance: drop it
                 eps = eps[:, : shape[0]]
             if callback is not None:
-                callback(dict(i=i, t=t_batch, x=x_in, eps=eps, start=start))
+                callback(dict(i=i, t=t_batch, x=x_in, eps=eps, start=start, cond=batch_cond))
             x = sched.step(eps, t, x, generator=gens, **step_kwargs).prev_sample
             bar.update(1)
         out.append(x.float().cpu())

@@ -1,0 +1,346 @@
+"""``msfp.calibrate``: initialise every quantizer of a quantized model from the full-precision model's trajectories.
+
+1. **Trajectories.** The full-precision model samples ``num_samples`` images with ``num_steps`` DDIM steps (or the
+   given scheduler); every denoiser call's ``(x_t, t, cond)`` and output ``eps`` is a calibration point.
+2. **Layer inputs.** The quantized model, quantizers off (so it equals the full-precision model), runs over all
+   points; each layer keeps a bounded, uniform random sample of its input elements across all timesteps
+   (``QuantConfig.act_samples_per_layer``), its range, and whether its input tensor *is* the output of a
+   SiLU/GELU/Mish/ReLU module (traced AAL detection that works on unknown graphs).
+3. **Search.** Weights: format among the weight candidates and per-channel clipping by MSE. Activations: format
+   among the signed candidates for normal layers, and signed plus unsigned-with-zero-point candidates for AALs,
+   clipping and zero point by MSE. AALs are found structurally (known diffusers blocks; traced), or statistically
+   (``min >= -aal_threshold * max|x|``); the reason is recorded in ``layer.info``.
+
+With ``cache_dir``, steps 1 and 2 are stored as safetensors keyed by the model's weights and the settings, so
+calibrating the same model with another preset skips them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+from tqdm.auto import tqdm
+
+from msfp.fileio import atomic_path
+from msfp.sampling import sample
+from msfp.surgery import quant_layers, set_quantizers_enabled
+
+# Activation modules whose outputs are one-sided: a layer reading one directly is an AAL.
+_ONE_SIDED_ACTIVATIONS = ("SiLU", "GELU", "ApproximateGELU", "Mish", "ReLU", "ReLU6", "Softplus")
+
+
+@dataclass
+class Trajectories:
+    """Calibration points: denoiser inputs ``x`` (P, ...), integer timesteps ``t`` (P,), per-point conditioning and
+    the full-precision output ``eps``."""
+
+    x: torch.Tensor
+    t: torch.Tensor
+    eps: torch.Tensor
+    cond: dict
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+    def batches(self, batch_size: int):
+        for start in range(0, len(self), batch_size):
+            sl = slice(start, start + batch_size)
+            yield self.x[sl], self.t[sl], {k: v[sl] for k, v in self.cond.items()}
+
+    def to_tensors(self) -> dict:
+        return {"x": self.x, "t": self.t, "eps": self.eps, **{f"cond.{k}": v for k, v in self.cond.items()}}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict) -> Trajectories:
+        cond = {k[5:]: v for k, v in tensors.items() if k.startswith("cond.")}
+        return cls(tensors["x"], tensors["t"], tensors["eps"], cond)
+
+
+def _num_classes(model) -> int | None:
+    config = getattr(model, "config", None) or {}
+    for key in ("num_class_embeds", "num_embeds_ada_norm"):
+        if config.get(key) and (key != "num_embeds_ada_norm" or config.get("norm_type") == "ada_norm_zero"):
+            return int(config[key])
+    return None
+
+
+def _check_conditioning(model, cond: dict) -> None:
+    params = inspect.signature(model.forward).parameters
+    required = [n for n, p in list(params.items())[2:]
+                if p.default is inspect.Parameter.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    missing = [n for n in required if n not in cond]
+    if missing:
+        raise ValueError(f"{type(model).__name__} needs conditioning {missing}: pass cond={{name: tensor with one "
+                         "row per calibration sample}}")
+
+
+@torch.no_grad()
+def collect_trajectories(fp_model: nn.Module, scheduler, num_samples: int = 64, num_steps: int = 25, seed: int = 0,
+                         batch_size: int = 64, cond: dict | None = None, class_labels=None, eta: float = 0.0,
+                         sample_shape=None, disable: bool = False) -> Trajectories:
+    """Run the full-precision model along its own sampling trajectories and keep every denoiser call."""
+    if num_samples < 1 or num_steps < 1:
+        raise ValueError(f"calibration needs at least one sample and one step, got num_samples={num_samples}, "
+                         f"num_steps={num_steps} (empty calibration set)")
+    cond = dict(cond or {})
+    if class_labels is None and "class_labels" not in cond and _num_classes(fp_model):
+        gen = torch.Generator().manual_seed(seed)
+        class_labels = torch.randint(0, _num_classes(fp_model), (num_samples,), generator=gen)
+    if class_labels is not None:
+        cond["class_labels"] = torch.as_tensor(class_labels).long()
+    _check_conditioning(fp_model, cond)
+    xs, ts, epss, conds = [], [], [], []
+
+    def keep(step):
+        xs.append(step["x"].float().cpu())
+        ts.append(step["t"].cpu())
+        epss.append(step["eps"].float().cpu())
+        conds.append({k: v.cpu() for k, v in step["cond"].items()})
+
+    sample(fp_model, scheduler, num_samples, num_inference_steps=num_steps, seed=seed, batch_size=batch_size,
+           eta=eta, cond=cond, callback=keep, disable=disable, sample_shape=sample_shape)
+    return Trajectories(torch.cat(xs), torch.cat(ts).long(), torch.cat(epss),
+                        {k: torch.cat([c[k] for c in conds]) for k in conds[0]})
+
+
+class _LayerRecorder:
+    """Bounded sample of one layer's input elements across all calibration points, plus range and tracing."""
+
+    def __init__(self, per_point: int, seed: int, context, activation_outputs: dict):
+        self.per_point = per_point
+        self.gen = torch.Generator().manual_seed(seed)
+        self.context = context
+        self.activation_outputs = activation_outputs
+        self.values, self.timesteps = [], []
+        self.min, self.max = math.inf, -math.inf
+        self.traced_from = None
+        self.macs = None
+
+    def __call__(self, layer, x):
+        flat = x.detach().float().flatten(1)
+        finite = torch.isfinite(flat).all(1)
+        if not finite.all():
+            t = self.context.timesteps
+            where = "" if t is None else f" at timestep(s) {sorted(set(t[~finite].tolist()))}"
+            raise FloatingPointError(f"calibration: layer {layer.name!r} received NaN/inf inputs{where}")
+        if self.macs is None:
+            self.macs = layer.macs_per_sample(x.shape)
+        self.min = min(self.min, flat.min().item())
+        self.max = max(self.max, flat.max().item())
+        idx = torch.randint(0, flat.shape[1], (flat.shape[0], self.per_point), generator=self.gen)
+        self.values.append(flat.cpu().gather(1, idx).flatten())
+        t = self.context.timesteps
+        self.timesteps.append((t.cpu() if t is not None else torch.zeros(flat.shape[0], dtype=torch.long))
+                              .repeat_interleave(self.per_point))
+        for name, outputs in self.activation_outputs.items():
+            if self.traced_from is None and any(x is out for out in outputs):
+                self.traced_from = name
+
+    def result(self) -> dict:
+        return dict(values=torch.cat(self.values), timesteps=torch.cat(self.timesteps), min=self.min, max=self.max,
+                    traced_from=self.traced_from, macs=self.macs)
+
+
+@torch.no_grad()
+def record_layer_inputs(qmodel: nn.Module, points: Trajectories, samples_per_layer: int, batch_size: int = 64,
+                        seed: int = 0, disable: bool = False) -> dict[str, dict]:
+    """Run the quantized model with quantizers off over ``points``; per layer, a bounded sample of its inputs."""
+    if len(points) == 0:
+        raise ValueError("empty calibration set: no trajectory points to record")
+    layers = quant_layers(qmodel)
+    per_point = max(1, math.ceil(samples_per_layer / len(points)))
+    activation_outputs: dict[str, list] = {}
+    hooks = []
+    for name, module in qmodel.named_modules():
+        if type(module).__name__ in _ONE_SIDED_ACTIVATIONS:
+            activation_outputs[name] = []
+            hooks.append(module.register_forward_hook(
+                lambda m, a, out, name=name: activation_outputs[name].append(out)))
+    recorders = {}
+    for i, (name, layer) in enumerate(layers.items()):
+        recorders[name] = layer.observer = _LayerRecorder(per_point, seed + i, qmodel.msfp_context,
+                                                           activation_outputs)
+    device = next(qmodel.parameters()).device
+    set_quantizers_enabled(qmodel, False)
+    try:
+        for x, t, cond in tqdm(points.batches(batch_size), total=math.ceil(len(points) / batch_size),
+                               desc="calibrate: layer inputs", disable=disable):
+            for outputs in activation_outputs.values():
+                outputs.clear()  # keep outputs alive for one call only: identity tests stay valid and memory bounded
+            qmodel(x.to(device), t.to(device), **{k: v.to(device) for k, v in cond.items()})
+    finally:
+        set_quantizers_enabled(qmodel, True)
+        for layer in layers.values():
+            layer.observer = None
+        for h in hooks:
+            h.remove()
+    return {name: rec.result() for name, rec in recorders.items()}
+
+
+def _is_aal(layer, rec: dict, config) -> tuple[bool, str]:
+    if config.aal_structural and layer.info.get("aal_reason", "").startswith("structural"):
+        return True, layer.info["aal_reason"]
+    if config.aal_structural and rec["traced_from"]:
+        return True, f"traced: input is the output of activation module {rec['traced_from']!r}"
+    absmax = max(abs(rec["min"]), abs(rec["max"]))
+    if config.aal_statistical and absmax > 0 and rec["min"] >= -config.aal_threshold * absmax:
+        return True, f"statistical: min {rec['min']:.4g} >= -{config.aal_threshold} * max|x| ({absmax:.4g})"
+    return False, ""
+
+
+def _search_layer(layer, rec: dict, config) -> None:
+    eight = layer.precision == "8bit"
+    aal, reason = _is_aal(layer, rec, config)
+    act_candidates = list(config.eight_bit_act_formats if eight else config.act_formats)
+    if aal and not eight:
+        act_candidates += config.aal_act_formats
+    weight_candidates = config.eight_bit_weight_formats if eight else config.weight_formats
+    search = dict(num_clip=config.search_clip_points)
+    w = layer.effective_weight().detach()
+    if config.weight_granularity == "channel":
+        wres = layer.weight_quantizer.initialize(w, weight_candidates, **search)
+    else:
+        wres = layer.weight_quantizer.initialize_per_tensor(w, weight_candidates, **search)
+    values = rec["values"]
+    ares = layer.act_quantizer.initialize(values, act_candidates, num_zero=config.search_zero_points,
+                                          max_samples=values.numel(), **search)
+    groups = layer.act_quantizer.num_groups
+    if groups > 1:
+        group_of = layer.context.groups_of(rec["timesteps"], groups)
+        for g in range(groups):
+            if (group_of == g).any():
+                layer.act_quantizer.initialize(values[group_of == g], group=g, num_zero=config.search_zero_points,
+                                               max_samples=values.numel(), **search)
+    layer.info.update(
+        name=layer.name, kind=layer.kind, precision=layer.precision, aal=aal, aal_reason=reason,
+        weight_format=wres.fmt.name, act_format=ares.fmt.name, weight_mse=wres.mse, act_mse=ares.mse,
+        act_mse_by_format=ares.mse_by_format, act_min=rec["min"], act_max=rec["max"], macs=rec["macs"],
+        weights=layer.weight.numel())
+
+
+def _model_key(model: nn.Module, settings: dict) -> str:
+    h = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
+    for name, tensor in model.state_dict().items():
+        if isinstance(tensor, torch.Tensor):
+            h.update(name.encode())
+            h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _cached(path: Path | None, compute, to_tensors, from_tensors):
+    if path is not None and path.is_file():
+        try:
+            return from_tensors(load_file(path))
+        except Exception as e:  # a corrupt cache is recomputed, never trusted
+            print(f"msfp: ignoring unreadable calibration cache {path} ({type(e).__name__}: {e})")
+    value = compute()
+    if path is not None:
+        with atomic_path(path) as tmp:
+            save_file({k: v.contiguous() for k, v in to_tensors(value).items()}, tmp)
+    return value
+
+
+def _records_to_tensors(records: dict) -> dict:
+    out = {}
+    for name, r in records.items():
+        out[f"{name}/values"] = r["values"]
+        out[f"{name}/timesteps"] = r["timesteps"]
+        out[f"{name}/stats"] = torch.tensor([r["min"], r["max"], float(r["macs"])], dtype=torch.float64)
+        traced = (r["traced_from"] or "").encode()
+        out[f"{name}/traced_from"] = torch.tensor(list(traced), dtype=torch.uint8)
+    return out
+
+
+def _records_from_tensors(tensors: dict) -> dict:
+    names = {k.rsplit("/", 1)[0] for k in tensors}
+    records = {}
+    for name in names:
+        lo, hi, macs = tensors[f"{name}/stats"].tolist()
+        traced = bytes(tensors[f"{name}/traced_from"].tolist()).decode() or None
+        records[name] = dict(values=tensors[f"{name}/values"], timesteps=tensors[f"{name}/timesteps"], min=lo,
+                             max=hi, macs=int(macs), traced_from=traced)
+    return records
+
+
+@dataclass
+class CalibrationReport:
+    num_points: int
+    trajectory_seconds: float
+    record_seconds: float
+    search_seconds: float
+    cached: bool
+
+
+def calibrate(qmodel: nn.Module, fp_model: nn.Module, scheduler, num_samples: int = 64, num_steps: int = 25,
+              seed: int = 0, batch_size: int = 64, cond: dict | None = None, class_labels=None,
+              cache_dir: str | os.PathLike | None = None, sample_shape=None,
+              disable: bool = False) -> CalibrationReport:
+    """Initialise all quantizers of ``qmodel`` (from :func:`msfp.quantize`) by the MSFP search; see the module doc.
+
+    ``cond`` holds per-sample conditioning tensors (one row per calibration sample, e.g. ``encoder_hidden_states``);
+    class-conditional models without ``class_labels`` get labels drawn uniformly with ``seed``. ``sample_shape``
+    (C, H, W) is needed for models without a diffusers config.
+    """
+    config = getattr(qmodel, "msfp_config", None)
+    if config is None:
+        raise ValueError("calibrate() needs a model returned by msfp.quantize(model, config)")
+    layers = quant_layers(qmodel)
+    qmodel.msfp_context.num_train_timesteps = scheduler.config.num_train_timesteps
+    settings = dict(num_samples=num_samples, num_steps=num_steps, seed=seed, scheduler=type(scheduler).__name__,
+                    sample_shape=sample_shape,
+                    scheduler_config=dict(scheduler.config), cond={k: _tensor_digest(v) for k, v in (cond or {}).items()},
+                    class_labels=None if class_labels is None else _tensor_digest(torch.as_tensor(class_labels)))
+    cache = Path(cache_dir) if cache_dir is not None else None
+    key = _model_key(fp_model, settings) if cache is not None else None
+    traj_path = cache / f"trajectories-{key}.safetensors" if cache else None
+    rec_path = cache / f"layer-inputs-{key}-{config.act_samples_per_layer}.safetensors" if cache else None
+    cached = bool(cache and traj_path.is_file() and rec_path.is_file())
+
+    start = time.time()
+    points = _cached(traj_path, lambda: collect_trajectories(fp_model, scheduler, num_samples, num_steps, seed,
+                                                             batch_size, cond, class_labels,
+                                                             sample_shape=sample_shape, disable=disable),
+                     Trajectories.to_tensors, Trajectories.from_tensors)
+    traj_time = time.time() - start
+    start = time.time()
+    records = _cached(rec_path, lambda: record_layer_inputs(qmodel, points, config.act_samples_per_layer,
+                                                            batch_size, seed, disable), _records_to_tensors,
+                      _records_from_tensors)
+    missing = sorted(set(layers) - set(records))
+    if missing:  # a cache written for another layer set: record afresh
+        records = record_layer_inputs(qmodel, points, config.act_samples_per_layer, batch_size, seed, disable)
+    record_time = time.time() - start
+    start = time.time()
+    for name, layer in tqdm(layers.items(), desc="calibrate: search", disable=disable):
+        _search_layer(layer, records[name], config)
+    qmodel.msfp_flops = _model_flops(qmodel, points)
+    return CalibrationReport(len(points), traj_time, record_time, time.time() - start, cached)
+
+
+def _tensor_digest(t: torch.Tensor) -> str:
+    return hashlib.sha256(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()[:16]
+
+
+@torch.no_grad()
+def _model_flops(qmodel: nn.Module, points: Trajectories) -> dict:
+    """FLOPs of one sample's forward: every op FlopCounterMode counts (convs, matmuls, attention)."""
+    device = next(qmodel.parameters()).device
+    x, t, cond = next(points.batches(1))
+    set_quantizers_enabled(qmodel, False)
+    try:
+        with FlopCounterMode(display=False) as counter:
+            qmodel(x.to(device), t.to(device), **{k: v.to(device) for k, v in cond.items()})
+    finally:
+        set_quantizers_enabled(qmodel, True)
+    return dict(total=int(counter.get_total_flops()))

@@ -1,0 +1,140 @@
+"""``QuantConfig``: what :func:`msfp.quantize` does to a model, as a JSON-serialisable dataclass with named presets.
+
+Layer selectors (``eight_bit_layers``, ``full_precision_layers``) are regular expressions matched with
+``re.fullmatch`` against module names (``down_blocks.0.resnets.1.conv1``), or one of the roles
+
+- ``@first``: the first ``Conv2d``/``Linear`` registered in the model (diffusers: ``conv_in`` / ``pos_embed.proj``),
+- ``@last``: the last one registered (``conv_out`` / ``proj_out_2``),
+- ``@time_embedding``: layers of the timestep/class embedding MLPs (not the per-block ``time_emb_proj``).
+
+A selector that matches no layer of the model is an error, so a typo never silently quantizes a layer to 4 bits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+
+from msfp.formats import get_format
+
+ROLES = ("@first", "@last", "@time_embedding")
+
+SIGNED_FP4 = ["fp4_e2m1", "fp4_e1m2", "fp4_e3m0"]
+UNSIGNED_FP4 = ["ufp4_e1m3", "ufp4_e2m2", "ufp4_e3m1", "ufp4_e4m0"]
+SIGNED_FP6 = ["fp6_e2m3", "fp6_e3m2"]
+UNSIGNED_FP6 = ["ufp6_e2m4", "ufp6_e3m3", "ufp6_e4m2"]
+SIGNED_FP8 = ["fp8_e4m3", "fp8_e5m2"]
+UNSIGNED_FP8 = ["ufp8_e4m4", "ufp8_e5m3"]
+# The 8-bit edge layers (first conv, last conv, timestep MLP) search FP8 *and* INT8: the first conv's input x_t needs
+# a fine uniform grid at small t (its noise is ~0.05), where E4M3's 1/8 relative step is too coarse. Every 4-bit
+# preset uses the same edge candidates, so presets differ only in their 4-bit layers.
+EIGHT_BIT_WEIGHTS = ["fp8_e4m3", "int8"]
+EIGHT_BIT_ACTS = ["fp8_e4m3", "uint8"]
+
+
+@dataclass
+class QuantConfig:
+    """Formats and policy of a quantized model. Every format field lists *candidates*: the calibration search
+    (:func:`msfp.calibrate`) keeps the one with the lowest quantization MSE per layer."""
+
+    weight_formats: list[str] = field(default_factory=lambda: list(SIGNED_FP4))
+    #: candidates for every layer's input activations
+    act_formats: list[str] = field(default_factory=lambda: list(SIGNED_FP4))
+    #: extra candidates searched only for AALs (layers with one-sided, post-SiLU/GELU inputs): mixup-sign FP
+    aal_act_formats: list[str] = field(default_factory=lambda: list(UNSIGNED_FP4))
+    #: "channel" (one scale per output channel) or "tensor"
+    weight_granularity: str = "channel"
+    #: activation scales per layer; > 1 gives each of this many equal timestep intervals its own scale/zero point
+    act_timestep_groups: int = 1
+    #: layers kept at 8 bits with the formats below (regexes or roles, see the module docstring)
+    eight_bit_layers: list[str] = field(default_factory=lambda: ["@first", "@last", "@time_embedding"])
+    eight_bit_weight_formats: list[str] = field(default_factory=lambda: list(EIGHT_BIT_WEIGHTS))
+    eight_bit_act_formats: list[str] = field(default_factory=lambda: list(EIGHT_BIT_ACTS))
+    #: layers left in full precision (not replaced)
+    full_precision_layers: list[str] = field(default_factory=list)
+    #: also fake-quantize the attention matmuls' inputs (Q, K, softmax probabilities, V) with the activation formats
+    quantize_attention: bool = False
+    #: structural AAL detection (known diffusers blocks, and inputs traced to SiLU/GELU modules during calibration)
+    aal_structural: bool = True
+    #: statistical AAL detection: a layer whose calibration inputs satisfy min >= -threshold * max|x| is an AAL
+    aal_statistical: bool = True
+    aal_threshold: float = 0.3
+    #: MSE search grid: clipping ratios, zero points, and the per-layer activation sample size
+    search_clip_points: int = 40
+    search_zero_points: int = 16
+    act_samples_per_layer: int = 1 << 16
+    name: str = "custom"
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        for f in ("weight_formats", "act_formats", "eight_bit_weight_formats", "eight_bit_act_formats"):
+            if not getattr(self, f):
+                raise ValueError(f"QuantConfig.{f} must list at least one format")
+        for f in ("weight_formats", "act_formats", "aal_act_formats", "eight_bit_weight_formats",
+                  "eight_bit_act_formats"):
+            for name in getattr(self, f):
+                try:
+                    get_format(name)
+                except ValueError as e:
+                    raise ValueError(f"QuantConfig.{f}: {e}") from None
+        if self.weight_granularity not in ("channel", "tensor"):
+            raise ValueError(f"QuantConfig.weight_granularity must be 'channel' or 'tensor', "
+                             f"got {self.weight_granularity!r}")
+        if self.act_timestep_groups < 1:
+            raise ValueError(f"QuantConfig.act_timestep_groups must be >= 1, got {self.act_timestep_groups}")
+        if not 0 <= self.aal_threshold < 1:
+            raise ValueError(f"QuantConfig.aal_threshold must be in [0, 1), got {self.aal_threshold}")
+        for f in ("search_clip_points", "search_zero_points", "act_samples_per_layer"):
+            if getattr(self, f) < 1:
+                raise ValueError(f"QuantConfig.{f} must be >= 1")
+
+    @property
+    def weight_bits(self) -> int:
+        return max(get_format(f).bits for f in self.weight_formats)
+
+    @property
+    def act_bits(self) -> int:
+        return max(get_format(f).bits for f in self.act_formats + self.aal_act_formats)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> QuantConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown QuantConfig field(s) {unknown}; known fields: {sorted(known)}")
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, text: str) -> QuantConfig:
+        return cls.from_dict(json.loads(text))
+
+    @classmethod
+    def preset(cls, name: str) -> QuantConfig:
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
+        return cls(name=name, **PRESETS[name])
+
+
+PRESETS: dict[str, dict] = {
+    # MSFP: signed FP4 weights; activations signed FP4, and AALs may pick unsigned FP4 with a zero point.
+    "w4a4-msfp": dict(),
+    # Signed FP4 everywhere: the no-mixup-sign baseline.
+    "w4a4-fp": dict(aal_act_formats=[]),
+    # INT4 baseline: symmetric per-channel weights, asymmetric per-tensor activations (zero point).
+    "w4a4-int": dict(weight_formats=["int4"], act_formats=["uint4"], aal_act_formats=[]),
+    "w4a8-msfp": dict(act_formats=list(SIGNED_FP8), aal_act_formats=list(UNSIGNED_FP8)),
+    "w6a6-msfp": dict(weight_formats=list(SIGNED_FP6), act_formats=list(SIGNED_FP6),
+                      aal_act_formats=list(UNSIGNED_FP6)),
+    # FP8 everywhere, edges included.
+    "w8a8-fp": dict(weight_formats=list(SIGNED_FP8), act_formats=list(SIGNED_FP8), aal_act_formats=[],
+                    eight_bit_weight_formats=list(SIGNED_FP8), eight_bit_act_formats=list(SIGNED_FP8)),
+}

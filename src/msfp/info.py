@@ -1,0 +1,51 @@
+"""What a quantized model is made of: the per-layer table and the fractions of weights and FLOPs at 4 bits."""
+
+from __future__ import annotations
+
+
+def _aal_cell(info: dict) -> str:
+    return f"yes ({info['aal_reason'].split(':', 1)[0]})" if info.get("aal") else "no"
+
+
+def layer_rows(meta: dict) -> list[dict]:
+    """One row per quantized layer (``msfp_quant.json`` content as written by :func:`msfp.save_quantized`)."""
+    return [dict(name=name, kind=i["kind"], bits=i["precision"], weight=i["weight_format"], act=i["act_format"],
+                 aal=_aal_cell(i), weight_mse=i["weight_mse"], act_mse=i["act_mse"])
+            for name, i in meta["layers"].items()]
+
+
+def low_bit_fractions(meta: dict) -> dict:
+    """Fractions of all weights and of one forward's FLOPs (convs, matmuls, attention) in 4-bit layers."""
+    layers = meta["layers"].values()
+    four = [i for i in layers if i["precision"] == "4bit"]
+    out = dict(layers=len(meta["layers"]), layers_4bit=len(four),
+               weights_4bit=sum(i["weights"] for i in four) / meta["base_parameters"])
+    total = (meta.get("flops") or {}).get("total")
+    out["flops_4bit"] = 2 * sum(i["macs"] for i in four) / total if total else None
+    return out
+
+
+def format_table(rows: list[dict], columns: list[str]) -> str:
+    def cell(v):
+        return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+    cells = [[cell(r[c]) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[k]) for row in cells)) for k, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths)), "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
+    return "\n".join(lines)
+
+
+def describe(meta: dict) -> str:
+    rows = layer_rows(meta)
+    frac = low_bit_fractions(meta)
+    config = meta["quant_config"]
+    flops = "unknown (not calibrated)" if frac["flops_4bit"] is None else f"{100 * frac['flops_4bit']:.1f} %"
+    aals = sum(r["aal"] != "no" for r in rows)
+    text = [format_table(rows, ["name", "kind", "bits", "weight", "act", "aal", "weight_mse", "act_mse"]), "",
+            f"preset {config['name']}: {frac['layers']} quantized layers, {frac['layers_4bit']} at 4 bits, "
+            f"{aals} AALs; full precision: {', '.join(meta['full_precision_layers']) or 'none'}; attention matmuls: "
+            f"{'quantized' if config['quantize_attention'] else 'full precision'}",
+            f"weights at 4 bits: {100 * frac['weights_4bit']:.1f} % of {meta['base_parameters']:,} parameters; "
+            f"FLOPs at 4 bits: {flops} of one forward"]
+    return "\n".join(text)

@@ -1,0 +1,124 @@
+"""Quantized ``Conv2d``/``Linear`` layers (fake quantization) and the per-model context they share.
+
+A :class:`QuantLayer` computes ``op(Q_a(x), Q_w(W_eff), b)`` where ``Q_a`` is a per-tensor activation quantizer
+(optionally one scale/zero point per timestep group) and ``Q_w`` a per-output-channel weight quantizer.
+``W_eff`` is the full-precision weight plus any registered weight delta (TALoRA merges its LoRA there, before
+quantization, so the result stays a pure low-bit layer). Zero padding of convolutions pads the *quantized* input
+with exact zeros, as a real low-bit kernel does.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from msfp.quantizers import ActivationQuantizer, WeightQuantizer
+
+
+class QuantContext:
+    """State shared by the quantized layers of one model: the timesteps of the current call, one per sample.
+
+    :func:`msfp.quantize` installs a forward pre-hook on the model that fills it, so the timestep reaches every layer
+    however the denoiser is called (directly or from inside a diffusers pipeline).
+    """
+
+    def __init__(self, num_train_timesteps: int = 1000):
+        self.num_train_timesteps = num_train_timesteps
+        self.timesteps: torch.Tensor | None = None
+
+    def set_timesteps(self, timestep, batch_size: int, device) -> None:
+        if timestep is None:
+            self.timesteps = None
+            return
+        t = torch.as_tensor(timestep, device=device).reshape(-1)
+        if t.numel() == 1:
+            t = t.expand(batch_size)
+        elif t.numel() != batch_size:
+            raise ValueError(f"got {t.numel()} timesteps for a batch of {batch_size}")
+        self.timesteps = t
+
+    def groups(self, num_groups: int) -> torch.Tensor | None:
+        """Group index of each sample of the current call (None with a single group)."""
+        if num_groups == 1:
+            return None
+        if self.timesteps is None:
+            raise RuntimeError("per-timestep activation scales need the timestep: call the model as model(x, t, ...)")
+        return self.groups_of(self.timesteps, num_groups)
+
+    def groups_of(self, timesteps: torch.Tensor, num_groups: int) -> torch.Tensor:
+        """Index of each timestep among ``num_groups`` equal intervals of the training range."""
+        t = timesteps.float().clamp(0, self.num_train_timesteps - 1)
+        return (t * num_groups / self.num_train_timesteps).long().clamp(0, num_groups - 1)
+
+
+class QuantLayer(nn.Module):
+    """Fake-quantized replacement of an ``nn.Conv2d`` or ``nn.Linear`` (shares its weight and bias parameters).
+
+    ``info`` holds what calibration found (formats, AAL flag and reason, quantization MSEs, FLOPs); ``observer``,
+    when set, is called as ``observer(layer, x)`` with every input (calibration hooks in there).
+    """
+
+    def __init__(self, module: nn.Module, name: str, weight_format: str, act_format: str, context: QuantContext,
+                 act_groups: int = 1, precision: str = "4bit"):
+        super().__init__()
+        if isinstance(module, nn.Conv2d):
+            self.kind = "conv2d"
+            self.conv_args = dict(stride=module.stride, padding=module.padding, dilation=module.dilation,
+                                  groups=module.groups)
+            self.padding_mode = module.padding_mode
+            self._reversed_padding = module._reversed_padding_repeated_twice
+        elif isinstance(module, nn.Linear):
+            self.kind = "linear"
+        else:
+            raise TypeError(f"{name}: cannot quantize {type(module).__name__}; expected nn.Conv2d or nn.Linear")
+        self.name = name
+        self.precision = precision
+        self.weight = module.weight
+        self.bias = module.bias
+        device = module.weight.device
+        self.weight_quantizer = WeightQuantizer(weight_format, module.weight.shape[0]).to(device)
+        self.act_quantizer = ActivationQuantizer(act_format, act_groups).to(device)
+        self.context = context
+        self.info: dict = {}
+        self.observer = None
+        self.weight_delta = None  # callable(layer) -> tensor added to the weight before quantization (TALoRA)
+
+    def effective_weight(self) -> torch.Tensor:
+        return self.weight if self.weight_delta is None else self.weight + self.weight_delta(self)
+
+    def quantized_weight(self) -> torch.Tensor:
+        return self.weight_quantizer(self.effective_weight())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.observer is not None:
+            self.observer(self, x)
+        x = self.act_quantizer(x, self.context.groups(self.act_quantizer.num_groups))
+        w = self.quantized_weight()
+        if self.kind == "linear":
+            return F.linear(x, w, self.bias)
+        if self.padding_mode != "zeros":
+            x = F.pad(x, self._reversed_padding, mode=self.padding_mode)
+            return F.conv2d(x, w, self.bias, **{**self.conv_args, "padding": 0})
+        return F.conv2d(x, w, self.bias, **self.conv_args)
+
+    def macs_per_sample(self, input_shape) -> int:
+        """Multiply-accumulates of one sample's forward, from the shape of an input batch."""
+        cout, cin_per_group = self.weight.shape[:2]
+        if self.kind == "linear":
+            return int(torch.Size(input_shape[1:-1]).numel()) * cout * cin_per_group
+        h, w = input_shape[-2:]
+        kh, kw = self.weight.shape[-2:]
+        (sh, sw), (dh, dw) = self.conv_args["stride"], self.conv_args["dilation"]
+        pad = self.conv_args["padding"]
+        ph, pw = (0, 0) if isinstance(pad, str) else pad
+        if pad == "same":
+            oh, ow = h, w
+        else:
+            oh = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+            ow = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+        return oh * ow * cout * cin_per_group * kh * kw
+
+    def extra_repr(self) -> str:
+        aal = ", AAL" if self.info.get("aal") else ""
+        return f"{self.name}: {self.kind}, {self.precision}{aal}"

@@ -1,0 +1,139 @@
+"""``msfp.quantize(model, config)``: replace a denoiser's ``Conv2d``/``Linear`` layers by quantized layers, in place.
+
+Works on any ``nn.Module`` called as ``model(x, t, **cond)`` (diffusers ``UNet2DModel``, ``UNet2DConditionModel``,
+``DiTTransformer2DModel``, ``Transformer2DModel`` or a plain PyTorch denoiser). The quantizers start with
+placeholder scales: run :func:`msfp.calibrate` before using the model.
+"""
+
+from __future__ import annotations
+
+import re
+
+from torch import nn
+
+from msfp.config import ROLES, QuantConfig
+from msfp.layers import QuantContext, QuantLayer
+
+# Known diffusers blocks whose child layers read the output of a SiLU/GELU (structural AAL detection).
+_AAL_CHILDREN = {
+    "ResnetBlock2D": ("conv1", "conv2", "time_emb_proj"),
+    "ResnetBlockCondNorm2D": ("conv1", "conv2"),
+    "TimestepEmbedding": ("linear_2",),
+    "AdaLayerNormZero": ("linear",),
+    "AdaLayerNormSingle": ("linear",),
+    "AdaLayerNorm": ("linear",),
+    "AdaGroupNorm": ("linear",),
+    "DiTTransformer2DModel": ("proj_out_1",),
+}
+_TIME_EMBEDDING = re.compile(r"(^|.*\.)(time_embedding|class_embedding|add_embedding|timestep_embedder|"
+                             r"time_embed|label_emb|emb\.class_embedder)(\..*|$)")
+
+
+def quantizable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(name, module)`` of every ``Conv2d``/``Linear`` in registration order, quantized layers included."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear, QuantLayer))]
+
+
+def structural_aals(model: nn.Module) -> dict[str, str]:
+    """Layers whose input is the output of a SiLU/GELU in known diffusers blocks: ``{name: reason}``."""
+    found = {}
+    for parent_name, parent in model.named_modules():
+        prefix = f"{parent_name}." if parent_name else ""
+        cls = type(parent).__name__
+        for child in _AAL_CHILDREN.get(cls, ()):
+            if isinstance(getattr(parent, child, None), (nn.Conv2d, nn.Linear, QuantLayer)):
+                if cls == "ResnetBlock2D" and child == "time_emb_proj" and getattr(parent, "skip_time_act", False):
+                    continue
+                found[prefix + child] = f"input is SiLU output ({cls}.{child})"
+        if cls == "TimestepEmbedding" and getattr(parent, "act", None) is None:
+            found.pop(prefix + "linear_2", None)
+        # UNet2DModel / UNet2DConditionModel: conv_out reads conv_act(conv_norm_out(x)).
+        if getattr(parent, "conv_act", None) is not None and hasattr(parent, "conv_out"):
+            found[prefix + "conv_out"] = f"input is {type(parent.conv_act).__name__} output ({cls}.conv_out)"
+        # FeedForward with a GELU activation: net = [GELU(proj), Dropout, Linear, ...].
+        if cls == "FeedForward":
+            net = getattr(parent, "net", [])
+            if len(net) > 2 and type(net[0]).__name__ in ("GELU", "ApproximateGELU"):
+                found[f"{prefix}net.2"] = f"input is {type(net[0]).__name__} output (FeedForward)"
+    return found
+
+
+def _select(selectors, names, roles, field) -> set[str]:
+    chosen = set()
+    for sel in selectors:
+        if sel in ROLES:
+            matched = roles[sel]
+        elif sel.startswith("@"):
+            raise ValueError(f"QuantConfig.{field}: unknown role {sel!r}; roles are {list(ROLES)}")
+        else:
+            try:
+                pattern = re.compile(sel)
+            except re.error as e:
+                raise ValueError(f"QuantConfig.{field}: invalid regex {sel!r} ({e})") from None
+            matched = [n for n in names if pattern.fullmatch(n)]
+        if not matched and not sel.startswith("@"):
+            examples = ", ".join(names[:4])
+            raise ValueError(f"QuantConfig.{field}: {sel!r} matches no Conv2d/Linear layer of the model "
+                             f"(layer names look like: {examples}, ...)")
+        chosen.update(matched)
+    return chosen
+
+
+def _timestep_hook(context: QuantContext):
+    def hook(module, args, kwargs):
+        x = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
+        t = args[1] if len(args) > 1 else kwargs.get("timestep", kwargs.get("t"))
+        if x is not None:
+            context.set_timesteps(t, x.shape[0], x.device)
+    return hook
+
+
+def quantize(model: nn.Module, config: QuantConfig | str) -> nn.Module:
+    """Replace the model's ``Conv2d``/``Linear`` layers by :class:`~msfp.layers.QuantLayer` in place; return it."""
+    config = QuantConfig.preset(config) if isinstance(config, str) else config
+    config.validate()
+    if getattr(model, "msfp_config", None) is not None:
+        raise ValueError(f"{type(model).__name__} is already quantized (preset {model.msfp_config.name!r})")
+    if config.quantize_attention:
+        raise NotImplementedError("quantize_attention=True is not implemented yet: attention matmuls stay in full "
+                                  "precision (SPEC default)")
+    layers = quantizable_layers(model)
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has nothing to quantize: it contains no nn.Conv2d or nn.Linear")
+    names = [n for n, _ in layers]
+    roles = {"@first": names[:1], "@last": names[-1:],
+             "@time_embedding": [n for n in names if _TIME_EMBEDDING.fullmatch(n)]}
+    full = _select(config.full_precision_layers, names, roles, "full_precision_layers")
+    eight = _select(config.eight_bit_layers, names, roles, "eight_bit_layers") - full
+    aals = structural_aals(model) if config.aal_structural else {}
+
+    context = QuantContext()  # calibrate() sets the scheduler's num_train_timesteps
+    for name, module in layers:
+        if name in full:
+            continue
+        precision = "8bit" if name in eight else "4bit"
+        wfmt = (config.eight_bit_weight_formats if name in eight else config.weight_formats)[0]
+        afmt = (config.eight_bit_act_formats if name in eight else config.act_formats)[0]
+        layer = QuantLayer(module, name, wfmt, afmt, context, config.act_timestep_groups, precision)
+        if name in aals:
+            layer.info.update(aal=True, aal_reason="structural: " + aals[name])
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
+    model.msfp_config = config
+    model.msfp_context = context
+    model.msfp_full_precision_layers = sorted(full)
+    model.register_forward_pre_hook(_timestep_hook(context), with_kwargs=True)
+    return model
+
+
+def quant_layers(model: nn.Module) -> dict[str, QuantLayer]:
+    """The model's quantized layers by name; an error for a model that :func:`quantize` did not process."""
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantLayer)}
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no quantized layers; run msfp.quantize(model, config) first")
+    return layers
+
+
+def set_quantizers_enabled(model: nn.Module, enabled: bool) -> None:
+    for layer in quant_layers(model).values():
+        layer.weight_quantizer.enabled = layer.act_quantizer.enabled = enabled

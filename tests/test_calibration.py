@@ -1,0 +1,130 @@
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import msfp
+from msfp import QuantConfig
+from msfp.calibration import collect_trajectories
+from msfp.surgery import quant_layers
+from tiny_models import scheduler, tiny_class_unet, tiny_cond_unet, tiny_dit, tiny_plain, tiny_unet
+
+FAMILIES = {
+    "unet": (tiny_unet, {}),
+    "class-unet": (tiny_class_unet, {}),
+    "cond-unet": (tiny_cond_unet, {"cond": {"encoder_hidden_states": torch.randn(4, 3, 8)}}),
+    "dit": (tiny_dit, {}),
+    "plain": (tiny_plain, {"sample_shape": (1, 8, 8)}),
+}
+
+
+def calibrated(build, preset="w4a4-msfp", **kwargs):
+    fp = build()
+    q = msfp.quantize(copy.deepcopy(fp), preset)
+    report = msfp.calibrate(q, fp, scheduler(), num_samples=4, num_steps=3, disable=True, **kwargs)
+    return fp, q, report
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_quantizes_calibrates_and_runs(family):
+    build, kwargs = FAMILIES[family]
+    fp, q, report = calibrated(build, **kwargs)
+    assert report.num_points == 4 * 3
+    for name, layer in quant_layers(q).items():
+        assert layer.info["weight_format"] and torch.isfinite(layer.act_quantizer.scale).all(), name
+        assert (layer.act_quantizer.scale > 0).all() and (layer.weight_quantizer.scale > 0).all(), name
+    shape = kwargs.get("sample_shape") or (fp.config.in_channels, fp.config.sample_size, fp.config.sample_size)
+    x, t = torch.randn(2, *shape), torch.tensor([10, 900])
+    cond = {k: v[:2] for k, v in kwargs.get("cond", {}).items()}
+    if family in ("class-unet", "dit"):
+        cond["class_labels"] = torch.tensor([0, 2])
+    with torch.no_grad():
+        out_q, out_fp = q(x, t, **cond), fp(x, t, **cond)
+    out_q, out_fp = (getattr(o, "sample", o) for o in (out_q, out_fp))
+    assert torch.isfinite(out_q).all() and not torch.equal(out_q, out_fp)
+    # Quantization noise, not a broken model: the error is a fraction of the output's size.
+    assert (out_q - out_fp).pow(2).mean() < out_fp.pow(2).mean()
+
+
+def test_search_picks_unsigned_on_silu_data_and_signed_on_symmetric_data():
+    _, q, _ = calibrated(tiny_plain, QuantConfig(eight_bit_layers=[]), sample_shape=(1, 8, 8))
+    layers = quant_layers(q)
+    assert layers["mid"].info["aal"] and layers["mid"].info["aal_reason"].startswith("traced")
+    assert layers["mid"].info["act_format"].startswith("ufp4")  # reads nn.SiLU output
+    assert layers["out"].info["aal"] and layers["out"].info["aal_reason"].startswith("statistical")  # F.silu
+    assert layers["out"].info["act_format"].startswith("ufp4")
+    assert not layers["inp"].info["aal"] and layers["inp"].info["act_format"].startswith("fp4")  # Gaussian x_t
+
+
+def test_without_mixup_sign_every_format_is_signed():
+    _, q, _ = calibrated(tiny_unet, "w4a4-fp")
+    assert all(layer.info["act_format"].startswith("fp") for layer in quant_layers(q).values()
+               if layer.precision == "4bit")
+    _, q, _ = calibrated(tiny_unet, "w4a4-int")
+    formats = {layer.precision: set() for layer in quant_layers(q).values()}
+    for layer in quant_layers(q).values():
+        formats[layer.precision].add(layer.info["act_format"])
+    assert formats["4bit"] == {"uint4"} and formats["8bit"] <= {"fp8_e4m3", "uint8"}
+
+
+def test_nan_activations_name_layer_and_timestep():
+    fp = tiny_plain()
+    q = msfp.quantize(copy.deepcopy(fp), "w4a4-msfp")
+    with torch.no_grad():
+        q.mid.weight[0, 0, 0, 0] = float("nan")  # the quantized copy breaks after calibration trajectories
+    with pytest.raises(FloatingPointError, match=r"layer 'out' received NaN/inf inputs at timestep\(s\) \[\d+"):
+        msfp.calibrate(q, fp, scheduler(), num_samples=2, num_steps=2, disable=True, sample_shape=(1, 8, 8))
+
+
+def test_empty_calibration_set_and_missing_conditioning():
+    fp = tiny_unet()
+    q = msfp.quantize(copy.deepcopy(fp), "w4a4-msfp")
+    with pytest.raises(ValueError, match="empty calibration set"):
+        msfp.calibrate(q, fp, scheduler(), num_samples=0, disable=True)
+    cond_fp = tiny_cond_unet()
+    with pytest.raises(ValueError, match=r"needs conditioning \['encoder_hidden_states'\]"):
+        collect_trajectories(cond_fp, scheduler(), num_samples=2, num_steps=2, disable=True)
+    with pytest.raises(ValueError, match="needs a model returned by msfp.quantize"):
+        msfp.calibrate(fp, fp, scheduler())
+
+
+def test_zero_range_channels_and_constant_activations_give_finite_scales():
+    class Constant(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 3)
+            self.head = nn.Linear(3, 4)
+            with torch.no_grad():
+                self.lin.weight[1] = 0.0  # a zero-range output channel
+
+        def forward(self, x, t):
+            return self.head(self.lin(torch.ones_like(x)))  # constant activations
+
+    fp = Constant().eval()
+    q = msfp.quantize(copy.deepcopy(fp), QuantConfig(eight_bit_layers=[]))
+    msfp.calibrate(q, fp, scheduler(), num_samples=2, num_steps=2, disable=True, sample_shape=(4,))
+    for layer in quant_layers(q).values():
+        for p in (layer.weight_quantizer.scale, layer.act_quantizer.scale, layer.act_quantizer.zero_point):
+            assert torch.isfinite(p).all()
+    with torch.no_grad():
+        assert torch.isfinite(q(torch.randn(2, 4), torch.tensor([1, 2]))).all()
+
+
+def test_cache_reuses_trajectories_and_layer_inputs(tmp_path):
+    fp = tiny_unet()
+    q1 = msfp.quantize(copy.deepcopy(fp), "w4a4-msfp")
+    r1 = msfp.calibrate(q1, fp, scheduler(), num_samples=4, num_steps=3, disable=True, cache_dir=tmp_path)
+    q2 = msfp.quantize(copy.deepcopy(fp), "w4a4-msfp")
+    r2 = msfp.calibrate(q2, fp, scheduler(), num_samples=4, num_steps=3, disable=True, cache_dir=tmp_path)
+    assert not r1.cached and r2.cached and len(list(tmp_path.glob("*.safetensors"))) == 2
+    assert all(torch.equal(a, b) for a, b in zip(q1.state_dict().values(), q2.state_dict().values())
+               if isinstance(a, torch.Tensor))
+
+
+def test_per_timestep_activation_groups():
+    fp = tiny_unet()
+    q = msfp.quantize(copy.deepcopy(fp), QuantConfig(act_timestep_groups=3))
+    msfp.calibrate(q, fp, scheduler(), num_samples=4, num_steps=3, disable=True)
+    scales = quant_layers(q)["down_blocks.0.resnets.0.conv1"].act_quantizer.scale
+    assert scales.shape == (3,) and len(set(scales.tolist())) == 3  # one trajectory step per group

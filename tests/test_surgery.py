@@ -1,0 +1,77 @@
+import copy
+
+import pytest
+import torch
+from diffusers import DDIMPipeline
+from torch import nn
+
+import msfp
+from msfp import QuantConfig
+from msfp.layers import QuantLayer
+from msfp.surgery import quant_layers, structural_aals
+from tiny_models import scheduler, tiny_cond_unet, tiny_dit, tiny_plain, tiny_unet
+
+
+@pytest.mark.parametrize("build", [tiny_unet, tiny_cond_unet, tiny_dit, tiny_plain])
+def test_every_conv_and_linear_is_replaced(build):
+    fp = build()
+    expected = [n for n, m in fp.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    q = msfp.quantize(copy.deepcopy(fp), "w4a4-msfp")
+    assert list(quant_layers(q)) == expected
+    assert not any(isinstance(m, (nn.Conv2d, nn.Linear)) for m in q.modules())
+
+
+def test_quantizers_off_equals_full_precision():
+    fp = tiny_unet()
+    q = msfp.quantize(copy.deepcopy(fp), "w4a4-msfp")
+    msfp.surgery.set_quantizers_enabled(q, False)
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([3, 700])
+    with torch.no_grad():
+        assert torch.equal(q(x, t).sample, fp(x, t).sample)
+
+
+def test_roles_keep_edges_at_8_bits_and_policy_regexes():
+    q = msfp.quantize(tiny_unet(), "w4a4-msfp")
+    bits = {n: layer.precision for n, layer in quant_layers(q).items()}
+    assert bits["conv_in"] == bits["conv_out"] == "8bit"
+    assert bits["time_embedding.linear_1"] == bits["time_embedding.linear_2"] == "8bit"
+    assert bits["down_blocks.0.resnets.0.time_emb_proj"] == "4bit"
+    config = QuantConfig(eight_bit_layers=["@first"], full_precision_layers=[r"up_blocks\.0\.attentions\..*"])
+    q = msfp.quantize(tiny_unet(), config)
+    assert q.up_blocks[0].attentions[0].to_q.__class__ is nn.Linear
+    assert q.msfp_full_precision_layers and all(n.startswith("up_blocks.0.attentions") for n in
+                                                  q.msfp_full_precision_layers)
+
+
+def test_structural_aals_mark_post_silu_layers_of_resnet_blocks():
+    aals = structural_aals(tiny_unet())
+    for name in ("conv1", "conv2", "time_emb_proj"):
+        assert f"down_blocks.0.resnets.0.{name}" in aals
+    assert "up_blocks.1.resnets.0.conv_shortcut" not in aals  # reads the raw skip concatenation
+    assert "conv_out" in aals and "time_embedding.linear_2" in aals and "conv_in" not in aals
+    assert "transformer_blocks.0.norm1.linear" in structural_aals(tiny_dit())
+
+
+def test_clear_errors():
+    with pytest.raises(ValueError, match="nothing to quantize: it contains no nn.Conv2d or nn.Linear"):
+        msfp.quantize(nn.Sequential(nn.SiLU()), "w4a4-msfp")
+    with pytest.raises(ValueError, match="unknown preset"):
+        msfp.quantize(tiny_unet(), "w4a4-nope")
+    with pytest.raises(ValueError, match=r"eight_bit_layers: 'conv_inn' matches no Conv2d/Linear layer.*conv_in"):
+        msfp.quantize(tiny_unet(), QuantConfig(eight_bit_layers=["conv_inn"]))
+    with pytest.raises(ValueError, match="unknown role '@middle'"):
+        msfp.quantize(tiny_unet(), QuantConfig(full_precision_layers=["@middle"]))
+    q = msfp.quantize(tiny_unet(), "w4a4-msfp")
+    with pytest.raises(ValueError, match="already quantized"):
+        msfp.quantize(q, "w4a4-msfp")
+
+
+def test_timestep_reaches_layers_from_inside_a_pipeline():
+    q = msfp.quantize(tiny_unet(), "w4a4-msfp")
+    seen = []
+    layer = quant_layers(q)["down_blocks.0.resnets.0.conv1"]
+    layer.observer = lambda lyr, x: seen.append(lyr.context.timesteps.clone())
+    pipe = DDIMPipeline(unet=q, scheduler=scheduler())
+    pipe(batch_size=2, num_inference_steps=3, output_type="np")
+    assert [s.tolist() for s in seen] == [[t, t] for t in pipe.scheduler.timesteps.tolist()] and len(seen) == 3
+    assert isinstance(layer, QuantLayer)
