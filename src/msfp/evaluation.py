@@ -1,0 +1,211 @@
+"""Evaluate a sample file: distribution metrics against a reference, and paired fidelity against other samples.
+
+- Offline, in the shipped feature network's space (:mod:`msfp.feature_net`; 1x32x32 Fashion-MNIST-style images):
+  FD, KID, classifier score, precision/recall.
+- Inception-v3 (:mod:`msfp.inception`, only with a local weights file): FID, sFID, IS, precision/recall.
+- Paired (samples drawn from the same seeds, e.g. by the full-precision model): PSNR and MSE.
+
+Metrics that cannot be computed are listed with the reason in ``result["skipped"]``, never silently left out.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from msfp.data import load_fashion_mnist, to_model_range
+from msfp.feature_net import compute_features, load_feature_net, load_reference_stats
+from msfp.metrics import classifier_score, feature_stats, frechet_distance, kid, precision_recall
+from msfp.samples import from_uint8, load_samples, to_uint8
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+SPLITS = 10  # classifier score / IS splits, as in the reference IS code
+# (key, label) in table order; keys are those of result["metrics"].
+METRICS = (
+    ("fd", "FD (feature net)"), ("kid", "KID (feature net)"), ("classifier_score", "classifier score"),
+    ("precision", "precision (feature net)"), ("recall", "recall (feature net)"),
+    ("fid", "FID (Inception-v3)"), ("sfid", "sFID (Inception-v3)"), ("inception_score", "Inception score"),
+    ("inception_precision", "precision (Inception-v3)"), ("inception_recall", "recall (Inception-v3)"),
+    ("psnr", "PSNR vs paired samples (dB)"), ("paired_mse", "MSE vs paired samples (0-255)"),
+)
+
+
+@dataclass
+class Reference:
+    """What the samples are compared with: images (uint8 (N, H, W, C)) and/or feature-net ``(mu, sigma)``."""
+
+    name: str
+    images: np.ndarray | None = None
+    stats: tuple | None = None
+    # Why there are no images (so KID, precision/recall and Inception FID cannot be computed).
+    no_images_reason: str | None = None
+
+
+def load_image_dir(path: str | os.PathLike) -> np.ndarray:
+    """All images of a directory (sorted by name), as uint8 (N, H, W, C); grayscale files give C = 1."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"reference image directory {path} not found")
+    files = sorted(f for f in path.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise ValueError(f"{path} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    images = []
+    for f in files:
+        with Image.open(f) as im:
+            a = np.asarray(im.convert("L" if im.mode in ("1", "L", "I", "I;16") else "RGB"))
+        a = a[..., None] if a.ndim == 2 else a
+        if images and a.shape != images[0].shape:
+            raise ValueError(f"{f}: shape {a.shape} differs from {files[0].name}'s {images[0].shape}; all reference "
+                             "images must have the same size and channel count")
+        images.append(a)
+    return np.stack(images)
+
+
+def load_reference(ref: str | os.PathLike | None = None, ref_images: str | os.PathLike | None = None,
+                   data_dir: str | os.PathLike | None = None) -> Reference:
+    """``ref``: an ``.npz`` with images (``arr_0``, e.g. a sample file) or feature-net statistics (``mu``, ``sigma``);
+    ``ref_images``: a directory of images; neither: the Fashion-MNIST test split (shipped statistics for FD, the
+    images from ``data_dir`` or Debian's package for the rest)."""
+    if ref is not None and ref_images is not None:
+        raise ValueError("give --ref or --ref-images, not both")
+    if ref_images is not None:
+        return Reference(name=str(ref_images), images=load_image_dir(ref_images))
+    if ref is not None:
+        path = Path(ref)
+        if not path.is_file():
+            raise FileNotFoundError(f"reference file {path} not found")
+        with np.load(path, allow_pickle=False) as f:
+            keys = set(f.files)
+            if "arr_0" in keys:
+                return Reference(name=str(path), images=load_samples(path)["images"])
+            if not {"mu", "sigma"} <= keys:
+                raise ValueError(f"{path}: expected reference images (arr_0) or feature-net statistics (mu, sigma); "
+                                 f"got keys {sorted(keys)}")
+            return Reference(name=str(path), stats=(f["mu"], f["sigma"]),
+                             no_images_reason=f"the reference {path.name} holds statistics only, no images")
+    name = "Fashion-MNIST test split (10,000 images)"
+    stats = load_reference_stats("test")
+    try:
+        test, _ = load_fashion_mnist("test", data_dir)
+    except FileNotFoundError as e:
+        return Reference(name=name, stats=stats, no_images_reason=f"the Fashion-MNIST test images are not available "
+                                                                  f"({e})")
+    return Reference(name=name, images=to_uint8(to_model_range(test)), stats=stats)
+
+
+def _check_pairs(samples: dict, paired: dict, samples_path, paired_path) -> None:
+    """Paired metrics only mean something for images drawn from the same seeds (and labels)."""
+    a, b = samples["images"], paired["images"]
+    if a.shape != b.shape:
+        raise ValueError(f"{samples_path} has images {a.shape} but {paired_path} has {b.shape}; paired metrics need "
+                         "the same number and size of images")
+    for key in ("seeds", "labels"):
+        x, y = samples[key], paired[key]
+        if key == "seeds" and (x is None or y is None):
+            missing = samples_path if x is None else paired_path
+            raise ValueError(f"{missing} has no seeds, so it cannot be paired: sample both files with `msfp sample`")
+        if (x is None) != (y is None) or (x is not None and not np.array_equal(x, y)):
+            i = 0 if x is None or y is None else int(np.flatnonzero(x != y)[0])
+            show = lambda v: "none" if v is None else v[i]  # noqa: E731
+            raise ValueError(f"{samples_path} and {paired_path} were not drawn with the same {key}: image {i} has "
+                             f"{key[:-1]} {show(x)} vs {show(y)}; sample both with the same --seed and --num")
+
+
+def psnr(images, others) -> tuple[float, float]:
+    """``(psnr_db, mse)`` of two uint8 image sets over all pixels, on the 0-255 scale (PSNR inf when identical)."""
+    mse = float(np.mean((np.asarray(images, np.float64) - np.asarray(others, np.float64)) ** 2))
+    return (10 * math.log10(255.0 ** 2 / mse) if mse > 0 else math.inf), mse
+
+
+def _feature_net_metrics(images, reference: Reference, metrics: dict, skipped: dict, device) -> None:
+    if images.shape[1:] != (32, 32, 1):
+        skipped["fd, kid, classifier_score, precision, recall"] = (
+            f"the shipped feature network takes 32x32x1 Fashion-MNIST images; the samples are "
+            f"{'x'.join(map(str, images.shape[1:]))}")
+        return
+    net = load_feature_net(device=device)
+    feats, logits = compute_features(net, from_uint8(images))
+    metrics["classifier_score"], metrics["classifier_score_std"] = classifier_score(logits, min(SPLITS, len(logits)))
+    ref_feats = None
+    if reference.images is None:
+        skipped["kid, precision, recall"] = f"they need reference images: {reference.no_images_reason}"
+    elif reference.images.shape[1:] != images.shape[1:]:
+        raise ValueError(f"reference images are {reference.images.shape[1:]} but samples are {images.shape[1:]}")
+    else:
+        ref_feats, _ = compute_features(net, from_uint8(reference.images))
+        metrics["kid"], metrics["kid_std"] = kid(feats, ref_feats)
+        metrics["precision"], metrics["recall"] = precision_recall(ref_feats, feats)
+    metrics["fd"] = frechet_distance(*feature_stats(feats), *(reference.stats or feature_stats(ref_feats)))
+
+
+def _inception_metrics(images, reference: Reference, net, metrics: dict, skipped: dict) -> None:
+    from msfp.inception import inception_features
+
+    feats = inception_features(net, images)
+    metrics["inception_score"], metrics["inception_score_std"] = classifier_score(
+        feats["logits"], min(SPLITS, len(images)))
+    if reference.images is None:
+        skipped["fid, sfid, inception_precision, inception_recall"] = (
+            f"they need reference images: {reference.no_images_reason}")
+        return
+    ref = inception_features(net, reference.images)
+    metrics["fid"] = frechet_distance(*feature_stats(feats["pool"]), *feature_stats(ref["pool"]))
+    metrics["sfid"] = frechet_distance(*feature_stats(feats["spatial"]), *feature_stats(ref["spatial"]))
+    metrics["inception_precision"], metrics["inception_recall"] = precision_recall(ref["pool"], feats["pool"])
+
+
+def evaluate(samples_path, reference: Reference | None = None, inception_weights=None, paired_path=None,
+             device=None) -> dict:
+    """All metrics of the sample file ``samples_path``; see the module docstring. ``reference`` defaults to
+    :func:`load_reference`'s default. Returns ``dict(samples, num_samples, reference, metrics, skipped)``."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    samples = load_samples(samples_path)
+    paired = load_samples(paired_path) if paired_path is not None else None
+    # Check the inputs before the slow metrics: fail fast.
+    if paired is not None:
+        _check_pairs(samples, paired, samples_path, paired_path)
+    if inception_weights is not None:
+        from msfp.inception import InceptionFeatures
+
+        inception = InceptionFeatures(inception_weights).to(device)
+    reference = reference if reference is not None else load_reference()
+    images = samples["images"]
+    metrics, skipped = {}, {}
+    _feature_net_metrics(images, reference, metrics, skipped, device)
+    if inception_weights is None:
+        skipped["fid, sfid, inception_score, inception_precision, inception_recall"] = "no --inception-weights given"
+    else:
+        _inception_metrics(images, reference, inception, metrics, skipped)
+    if paired is None:
+        skipped["psnr, paired_mse"] = "no --paired samples given"
+    else:
+        metrics["psnr"], metrics["paired_mse"] = psnr(images, paired["images"])
+    return dict(samples=str(samples_path), num_samples=len(images), image_shape=list(images.shape[1:]),
+                reference=reference.name, paired=None if paired_path is None else str(paired_path),
+                metrics=metrics, skipped=skipped)
+
+
+def format_table(result: dict) -> str:
+    """The metrics as an aligned text table, then the skipped ones with their reasons."""
+    m = result["metrics"]
+    lines = [f"samples:   {result['samples']} ({result['num_samples']} images, "
+             f"{'x'.join(map(str, result['image_shape']))})", f"reference: {result['reference']}"]
+    if result.get("paired"):
+        lines.append(f"paired:    {result['paired']}")
+    rows = []
+    for key, label in METRICS:
+        if key in m:
+            std = m.get(f"{key}_std")
+            rows.append((label, f"{m[key]:.4g}" + ("" if std is None else f" ± {std:.2g}")))
+    width = max((len(label) for label, _ in rows), default=0)
+    lines += ["", f"{'metric':<{width}}  value", f"{'-' * width}  -----"]
+    lines += [f"{label:<{width}}  {value}" for label, value in rows]
+    if result["skipped"]:
+        lines += ["", "skipped:"] + [f"  {keys}: {why}" for keys, why in result["skipped"].items()]
+    return "\n".join(lines)

@@ -1,0 +1,209 @@
+"""Sample files: seeded generation, optionally sharded across processes, stored as ``.npz``.
+
+A sample file holds ``arr_0``: uint8 images (N, H, W, C) — the layout of the guided-diffusion evaluator's batches, so
+its tools read our files and ours read theirs —, ``seeds`` int64 (N,): image ``i`` was drawn by a generator seeded with
+``seeds[i]``, ``labels`` int64 (N,) for class-conditional models, and ``meta``: a JSON string with the settings.
+
+Sharding: under ``torchrun``/``accelerate launch`` (``WORLD_SIZE`` > 1) rank ``r`` draws a contiguous slice of the
+indices and writes it beside the output; rank 0 merges the slices (so the output folder must be shared by the ranks,
+as it is on one machine). Every image has its own generator, so the merged file equals a single-process run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import diffusers
+import numpy as np
+import torch
+from torch import nn
+
+from msfp.fileio import atomic_path
+from msfp.sampling import sample, save_grid
+
+# Schedulers whose ``step`` takes the per-sample generators that make sampling batch-size invariant.
+SCHEDULERS = {
+    "ddim": "DDIMScheduler",
+    "ddpm": "DDPMScheduler",
+    "dpm": "DPMSolverMultistepScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "euler-a": "EulerAncestralDiscreteScheduler",
+}
+GRID_COUNT = 64
+
+
+def get_scheduler(name: str, base):
+    """The scheduler ``name`` (a key of :data:`SCHEDULERS`) built from ``base``'s config (the model's training betas)."""
+    if name not in SCHEDULERS:
+        raise ValueError(f"unknown scheduler {name!r}; choose from {', '.join(SCHEDULERS)}")
+    return getattr(diffusers, SCHEDULERS[name]).from_config(base.config)
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """float (N, C, H, W) in [-1, 1] → uint8 (N, H, W, C), rounded as :func:`msfp.sampling.save_grid` does."""
+    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def from_uint8(images) -> torch.Tensor:
+    """uint8 (N, H, W, C) → float (N, C, H, W) in [-1, 1]."""
+    return torch.as_tensor(np.asarray(images)).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+def class_info(model) -> tuple[int | None, int | None]:
+    """``(num_classes, null_label)`` of a class-conditional diffusers model, ``(None, None)`` if unconditional.
+
+    DiT-style models reserve label ``num_classes`` for "no class" (classifier-free guidance); UNet2DModel has none.
+    """
+    config = getattr(model, "config", None) or {}
+    if config.get("norm_type") == "ada_norm_zero" and config.get("num_embeds_ada_norm"):
+        return config["num_embeds_ada_norm"], config["num_embeds_ada_norm"]
+    return config.get("num_class_embeds"), None
+
+
+def sample_labels(num_classes: int, seed: int, indices) -> torch.Tensor:
+    """One label per image index, each from a generator of its own: independent of batching and sharding."""
+    return torch.tensor([int(np.random.default_rng([seed, i]).integers(num_classes)) for i in indices])
+
+
+class Guided(nn.Module):
+    """Classifier-free guidance: ``ε_u + w·(ε_c − ε_u)``, with ``ε_u`` the prediction for ``null_label``."""
+
+    def __init__(self, model: nn.Module, scale: float, null_label: int):
+        super().__init__()
+        self.model, self.scale, self.null_label = model, scale, null_label
+
+    @property
+    def config(self):  # the sample shape and class count are the wrapped model's
+        return self.model.config
+
+    def forward(self, x, t, class_labels):
+        out = self.model(torch.cat([x, x]), torch.cat([t, t]),
+                         class_labels=torch.cat([class_labels, torch.full_like(class_labels, self.null_label)]))
+        cond, uncond = (out.sample if hasattr(out, "sample") else out).chunk(2)
+        return uncond + self.scale * (cond - uncond)
+
+
+def save_samples(path, images: np.ndarray, seeds, labels=None, meta: dict | None = None) -> None:
+    """Write a sample file atomically; ``images`` uint8 (N, H, W, C)."""
+    arrays = dict(arr_0=np.asarray(images, dtype=np.uint8), seeds=np.asarray(seeds, dtype=np.int64),
+                  meta=np.array(json.dumps(meta or {})))
+    if labels is not None:
+        arrays["labels"] = np.asarray(labels, dtype=np.int64)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a name
+        np.savez(f, **arrays)
+
+
+def load_samples(path) -> dict:
+    """``dict(images=uint8 (N, H, W, C), seeds=(N,) or None, labels=(N,) or None, meta=dict)``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"sample file {path} not found")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            data = {k: f[k] for k in f.files}
+    except Exception as e:  # zip, pickle and format errors all mean "not a sample file"
+        raise ValueError(f"{path}: not a readable .npz sample file ({type(e).__name__}: {e})") from e
+    images = data.get("arr_0")
+    if images is None or images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
+        got = f"keys {sorted(data)}" if images is None else f"arr_0 {images.dtype} {images.shape}"
+        raise ValueError(f"{path}: expected arr_0 = uint8 images (N, H, W, 1 or 3) as written by `msfp sample`; "
+                         f"got {got}")
+    for key in ("seeds", "labels"):
+        if key in data and data[key].shape != (len(images),):
+            raise ValueError(f"{path}: {key} has shape {data[key].shape}, expected ({len(images)},)")
+    try:
+        meta = json.loads(str(data["meta"])) if "meta" in data else {}
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: meta is not JSON ({e})") from e
+    return dict(images=images, seeds=data.get("seeds"), labels=data.get("labels"), meta=meta)
+
+
+def grid_path(path) -> Path:
+    """Where the PNG grid of a sample file goes: beside it, same name, ``.png``."""
+    return Path(path).with_suffix(".png")
+
+
+def _dist():
+    """``(rank, world_size, created_group)``; joins the process group started by torchrun/accelerate."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, False
+    import torch.distributed as dist
+
+    created = not dist.is_initialized()
+    if created:
+        # gloo only synchronises (shards travel through files), so it serves CPU and GPU runs alike.
+        dist.init_process_group("gloo")
+    return dist.get_rank(), dist.get_world_size(), created
+
+
+def _shard_path(out: Path, rank: int, world: int) -> Path:
+    return out.with_name(f"{out.name}.shard{rank}-of-{world}.npz")
+
+
+def generate(model, scheduler, out, num_samples: int, num_inference_steps: int, seed: int = 0, batch_size: int = 64,
+             eta: float = 0.0, guidance: float = 1.0, meta: dict | None = None, disable: bool = False,
+             device=None) -> dict | None:
+    """Sample ``num_samples`` images into the sample file ``out`` and a PNG grid of the first 64 beside it.
+
+    Under torchrun with ``WORLD_SIZE`` > 1 each rank draws its slice and rank 0 merges; returns the
+    :func:`load_samples` dict of the merged file on rank 0, ``None`` on other ranks.
+    """
+    out = Path(out)
+    rank, world, created = _dist()
+    try:
+        if num_samples < world:
+            raise ValueError(f"--num {num_samples} is smaller than the number of processes ({world})")
+        if device is None and world > 1 and torch.cuda.is_available():
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
+        if device is not None:
+            model = model.to(device)
+        channels = (getattr(model, "config", None) or {}).get("in_channels")
+        if channels not in (None, 1, 3):
+            raise ValueError(f"{type(model).__name__} makes {channels}-channel outputs (latents?); sample files hold "
+                             "images with 1 or 3 channels, and decoding latents is not supported")
+        num_classes, null_label = class_info(model)
+        if guidance != 1.0:
+            if null_label is None:
+                raise ValueError(f"guidance {guidance} needs a class-conditional model with a null class (DiT); "
+                                 f"{type(model).__name__} has none")
+            model = Guided(model, guidance, null_label)
+        start, stop = rank * num_samples // world, (rank + 1) * num_samples // world
+        labels = sample_labels(num_classes, seed, range(start, stop)) if num_classes else None
+        began = time.time()
+        # Image i uses the generator seeded with seed + i, on whichever rank draws it.
+        images = to_uint8(sample(model, scheduler, stop - start, num_inference_steps, seed=seed + start,
+                                 batch_size=batch_size, eta=eta, class_labels=labels, disable=disable or rank != 0,
+                                 device=device))
+        seeds = np.arange(seed + start, seed + stop)
+        meta = dict(meta or {}, num_samples=num_samples, steps=num_inference_steps, seed=seed, eta=eta,
+                    guidance=guidance, scheduler=type(scheduler).__name__, world_size=world,
+                    sample_time_s=round(time.time() - began, 2))
+        if world > 1:
+            import torch.distributed as dist
+
+            save_samples(_shard_path(out, rank, world), images, seeds, labels, meta)
+            dist.barrier()
+            if rank != 0:
+                dist.barrier()  # wait for rank 0 to merge, so that no rank exits while the others still work
+                return None
+            shards = [_shard_path(out, r, world) for r in range(world)]
+            parts = [load_samples(s) for s in shards]
+            images, seeds = (np.concatenate([p[k] for p in parts]) for k in ("images", "seeds"))
+            labels = None if labels is None else np.concatenate([p["labels"] for p in parts])
+            meta["sample_time_s"] = max(p["meta"]["sample_time_s"] for p in parts)
+        save_samples(out, images, seeds, labels, meta)
+        save_grid(from_uint8(images[:GRID_COUNT]), grid_path(out))
+        if world > 1:
+            for s in shards:
+                s.unlink()
+            dist.barrier()
+        return load_samples(out)
+    finally:
+        if created:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
