@@ -11,6 +11,7 @@ import click
 import torch
 
 from msfp import __version__
+from msfp.samples import SCHEDULERS
 
 
 @click.group(context_settings=dict(help_option_names=["-h", "--help"], show_default=True))
@@ -81,6 +82,70 @@ def info(directory, as_json):
     with _user_errors():
         meta = read_quant_meta(directory)
     click.echo(json.dumps(meta, indent=2) if as_json else describe(meta))
+
+
+def _load_any_model(spec: str):
+    """``(denoiser, scheduler)`` for a ``--model`` spec: 'default', a save_pretrained directory or a Hub id."""
+    from msfp.models import load_model
+
+    return load_model(spec)
+
+
+@main.command()
+@click.option("--model", "model_spec", default="default", help="'default', a save_pretrained directory or a Hub id")
+@click.option("--num", "-n", "num_samples", default=64,
+              help="number of images (under torchrun write -n: torchrun reads --num as its own --numa-binding)")
+@click.option("--steps", default=50, help="sampling steps")
+@click.option("--scheduler", "scheduler_name", type=click.Choice(list(SCHEDULERS)), default="ddim")
+@click.option("--eta", default=0.0, help="DDIM eta (0: deterministic)")
+@click.option("--guidance", default=1.0, help="classifier-free guidance scale for class-conditional DiTs (1: off)")
+@click.option("--seed", default=0, help="image i is drawn with a generator seeded with seed + i")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="sample file (.npz); a PNG grid of the "
+              "first 64 images goes beside it")
+@click.option("--batch", default=64, help="images per denoiser call (does not change the images)")
+@click.option("--device", default=None, help="default: cuda if available (one GPU per rank under torchrun), else cpu")
+def sample(model_spec, num_samples, steps, scheduler_name, eta, guidance, seed, out, batch, device):
+    """Draw seeded samples into an .npz file; run under torchrun to shard them across processes:
+
+    torchrun --nproc_per_node 4 -m msfp.cli sample -n 50000 --out samples.npz
+    """
+    from msfp.samples import generate, get_scheduler, grid_path
+
+    with _user_errors():
+        model, base = _load_any_model(model_spec)
+        result = generate(model, get_scheduler(scheduler_name, base), out, num_samples, steps, seed=seed,
+                          batch_size=batch, eta=eta, guidance=guidance, meta=dict(model=model_spec), device=device)
+    if result is not None:  # rank 0
+        click.echo(f"wrote {out} ({num_samples} images, seeds {seed}..{seed + num_samples - 1}) and {grid_path(out)}")
+
+
+@main.command("eval")
+@click.argument("samples_path", metavar="SAMPLES", type=click.Path(dir_okay=False))
+@click.option("--ref", type=click.Path(dir_okay=False), default=None,
+              help=".npz with reference images (arr_0) or feature-net statistics (mu, sigma); default: the "
+              "Fashion-MNIST test split")
+@click.option("--ref-images", type=click.Path(file_okay=False), default=None, help="directory of reference images")
+@click.option("--data-dir", type=click.Path(file_okay=False), default=None,
+              help="Fashion-MNIST IDX files for the default reference (default: Debian's dataset-fashion-mnist)")
+@click.option("--inception-weights", type=click.Path(dir_okay=False), default=None,
+              help="torch-fidelity's weights-inception-2015-12-05-6726825d.pth: adds FID, sFID, IS, precision/recall")
+@click.option("--paired", "paired_path", type=click.Path(dir_okay=False), default=None,
+              help="samples from the same seeds (e.g. the full-precision model's): adds PSNR")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="also write the results here")
+@click.option("--device", default=None, help="default: cuda if available, else cpu")
+def eval_(samples_path, ref, ref_images, data_dir, inception_weights, paired_path, json_path, device):
+    """Quality metrics of a sample file (FD, KID, classifier score, precision/recall; FID/sFID/IS; PSNR)."""
+    from msfp.evaluation import evaluate, format_table, load_reference
+    from msfp.fileio import write_json
+
+    with _user_errors():
+        reference = load_reference(ref, ref_images, data_dir)
+        result = evaluate(samples_path, reference, inception_weights, paired_path, device)
+        if json_path is not None:
+            write_json(json_path, result)
+    click.echo(format_table(result))
+    if json_path is not None:
+        click.echo(f"wrote {json_path}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,134 @@
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from msfp.cli import main
+from msfp.samples import load_samples, save_samples
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def fashion_like(n, seed=0):
+    """n uint8 (32, 32, 1) images: padded Fashion-MNIST test images, shifted so that sets differ."""
+    with np.load(Path(__file__).parent / "data" / "fashion_mnist_test256.npz") as f:
+        images = f["images"][seed: seed + n]
+    return np.pad(images, ((0, 0), (2, 2), (2, 2)))[..., None]
+
+
+def test_sample_writes_npz_and_grid(tmp_path, tiny_model_dir):
+    r = run("sample", "--model", tiny_model_dir, "--num", 3, "--steps", 2, "--seed", 5, "--scheduler", "dpm",
+            "--out", tmp_path / "s.npz")
+    assert r.exit_code == 0, r.output
+    assert f"wrote {tmp_path / 's.npz'} (3 images, seeds 5..7) and {tmp_path / 's.png'}" in r.output
+    s = load_samples(tmp_path / "s.npz")
+    assert s["images"].shape == (3, 8, 8, 1) and s["seeds"].tolist() == [5, 6, 7]
+    assert s["meta"]["model"] == str(tiny_model_dir) and s["meta"]["scheduler"] == "DPMSolverMultistepScheduler"
+    assert (tmp_path / "s.png").is_file()
+
+
+def test_sample_bad_input(tmp_path):
+    r = run("sample", "--model", tmp_path / "nope", "--out", tmp_path / "s.npz")
+    assert r.exit_code == 1 and "Error: model spec" in r.output and "no such directory" in r.output
+    r = run("sample", "--scheduler", "heun", "--out", tmp_path / "s.npz")
+    assert r.exit_code == 2 and "'heun' is not one of" in r.output
+
+
+def test_eval_against_reference_images(tmp_path):
+    save_samples(tmp_path / "s.npz", fashion_like(40), np.arange(40))
+    save_samples(tmp_path / "ref.npz", fashion_like(60, seed=100), np.arange(60))
+    r = run("eval", tmp_path / "s.npz", "--ref", tmp_path / "ref.npz", "--json", tmp_path / "out" / "r.json")
+    assert r.exit_code == 0, r.output
+    for label in ("FD (feature net)", "KID (feature net)", "classifier score", "precision (feature net)",
+                  "recall (feature net)"):
+        assert label in r.output
+    assert "no --inception-weights given" in r.output and "no --paired samples given" in r.output
+    result = json.loads((tmp_path / "out" / "r.json").read_text())
+    m = result["metrics"]
+    assert result["num_samples"] == 40 and result["reference"] == str(tmp_path / "ref.npz")
+    # Real images: classifier score well above 1 (at most 4 with 10 splits of 4), most inside the reference manifold.
+    assert m["classifier_score"] > 2 and m["precision"] > 0.5 and 0 < m["recall"] <= 1
+    assert set(result["skipped"]) == {"fid, sfid, inception_score, inception_precision, inception_recall",
+                                      "psnr, paired_mse"}
+    noise = np.random.default_rng(0).integers(0, 256, (40, 32, 32, 1), dtype=np.uint8)
+    save_samples(tmp_path / "noise.npz", noise, np.arange(40))
+    r = run("eval", tmp_path / "noise.npz", "--ref", tmp_path / "ref.npz", "--json", tmp_path / "noise.json")
+    noise_m = json.loads((tmp_path / "noise.json").read_text())["metrics"]
+    assert noise_m["fd"] > 2 * m["fd"] > 0 and noise_m["kid"] > m["kid"] and noise_m["precision"] < m["precision"]
+
+
+def test_eval_default_reference_without_the_dataset(tmp_path):
+    save_samples(tmp_path / "s.npz", fashion_like(20), np.arange(20))
+    r = run("eval", tmp_path / "s.npz", "--data-dir", tmp_path / "no_data", "--json", tmp_path / "r.json")
+    assert r.exit_code == 0, r.output
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["reference"] == "Fashion-MNIST test split (10,000 images)"
+    assert {"fd", "classifier_score"} <= set(result["metrics"]) and "kid" not in result["metrics"]
+    assert "the Fashion-MNIST test images are not available" in result["skipped"]["kid, precision, recall"]
+
+
+def test_eval_paired(tmp_path):
+    images = fashion_like(10)
+    save_samples(tmp_path / "q.npz", images, np.arange(10))
+    noisy = images.copy()
+    noisy[0, 0, 0, 0] += 10  # one pixel off by 10: MSE = 100 / (10·32·32)
+    save_samples(tmp_path / "fp.npz", noisy, np.arange(10))
+    r = run("eval", tmp_path / "q.npz", "--ref", tmp_path / "fp.npz", "--paired", tmp_path / "fp.npz",
+            "--json", tmp_path / "r.json")
+    assert r.exit_code == 0, r.output
+    m = json.loads((tmp_path / "r.json").read_text())["metrics"]
+    mse = 100 / (10 * 32 * 32)
+    assert m["paired_mse"] == pytest.approx(mse) and m["psnr"] == pytest.approx(10 * np.log10(255 ** 2 / mse))
+    r = run("eval", tmp_path / "q.npz", "--ref", tmp_path / "fp.npz", "--paired", tmp_path / "q.npz",
+            "--json", tmp_path / "r.json")
+    assert re.search(r"PSNR vs paired samples \(dB\) +inf\n", r.output)
+    assert json.loads((tmp_path / "r.json").read_text())["metrics"]["psnr"] is None  # strict JSON has no inf
+
+
+def test_eval_bad_input(tmp_path):
+    images = fashion_like(10)
+    save_samples(tmp_path / "s.npz", images, np.arange(10))
+    save_samples(tmp_path / "seeds.npz", images, np.arange(1, 11))
+    save_samples(tmp_path / "few.npz", images[:5], np.arange(5))
+    np.savez(tmp_path / "noseeds.npz", arr_0=images)
+    np.savez(tmp_path / "junk.npz", x=np.zeros(3))
+
+    def error(*args):
+        r = run("eval", *args)
+        assert r.exit_code != 0
+        return r.output
+
+    assert "sample file" in error(tmp_path / "missing.npz") and "not found" in error(tmp_path / "missing.npz")
+    assert "expected arr_0 = uint8 images" in error(tmp_path / "junk.npz")
+    assert "reference images (arr_0) or feature-net statistics (mu, sigma)" in error(
+        tmp_path / "s.npz", "--ref", tmp_path / "junk.npz")
+    assert "give --ref or --ref-images, not both" in error(tmp_path / "s.npz", "--ref", tmp_path / "s.npz",
+                                                          "--ref-images", tmp_path)
+    assert "holds no images" in error(tmp_path / "s.npz", "--ref-images", tmp_path)
+    out = error(tmp_path / "s.npz", "--paired", tmp_path / "seeds.npz")
+    assert "not drawn with the same seeds: image 0 has seed 0 vs 1" in out
+    assert "(10, 32, 32, 1) but" in error(tmp_path / "s.npz", "--paired", tmp_path / "few.npz")
+    assert "noseeds.npz has no seeds" in error(tmp_path / "s.npz", "--paired", tmp_path / "noseeds.npz")
+    assert "Inception weights" in error(tmp_path / "s.npz", "--ref", tmp_path / "s.npz", "--inception-weights",
+                                        tmp_path / "none.pth")
+
+
+def test_eval_reference_image_dir_and_other_image_sizes(tmp_path):
+    from PIL import Image
+
+    for i, im in enumerate(fashion_like(12, seed=50)):
+        Image.fromarray(im[..., 0]).save(tmp_path / f"{i:02d}.png")
+    save_samples(tmp_path / "s.npz", fashion_like(12), np.arange(12))
+    r = run("eval", tmp_path / "s.npz", "--ref-images", tmp_path, "--json", tmp_path / "r.json")
+    assert r.exit_code == 0, r.output
+    assert "kid" in json.loads((tmp_path / "r.json").read_text())["metrics"]
+
+    save_samples(tmp_path / "rgb.npz", np.zeros((4, 16, 16, 3), np.uint8), np.arange(4))
+    r = run("eval", tmp_path / "rgb.npz", "--ref-images", tmp_path)
+    assert r.exit_code == 0, r.output
+    assert "the shipped feature network takes 32x32x1 Fashion-MNIST images; the samples are 16x16x3" in r.output

@@ -1,0 +1,104 @@
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DiTTransformer2DModel
+
+from msfp.samples import (SCHEDULERS, Guided, from_uint8, generate, get_scheduler, grid_path, load_samples,
+                          sample_labels, save_samples, to_uint8)
+from tiny_models import scheduler, tiny_class_unet, tiny_dit, tiny_unet
+
+
+def test_uint8_round_trip():
+    u8 = np.arange(256, dtype=np.uint8).reshape(1, 16, 16, 1)
+    x = from_uint8(u8)
+    assert x.shape == (1, 1, 16, 16) and x.min() == -1 and x.max() == 1
+    np.testing.assert_array_equal(to_uint8(x), u8)
+    np.testing.assert_array_equal(to_uint8(torch.tensor([-3.0, -1.0, 0.0, 1.0, 5.0]).view(1, 1, 1, 5)).ravel(),
+                                  [0, 0, 128, 255, 255])  # clamped, and 127.5 rounds half to even
+
+
+def test_save_load_and_bad_files(tmp_path):
+    images = np.random.default_rng(0).integers(0, 256, (4, 8, 8, 3), dtype=np.uint8)
+    save_samples(tmp_path / "s.npz", images, [5, 6, 7, 8], labels=[0, 1, 2, 0], meta=dict(model="x"))
+    s = load_samples(tmp_path / "s.npz")
+    np.testing.assert_array_equal(s["images"], images)
+    assert s["seeds"].tolist() == [5, 6, 7, 8] and s["labels"].tolist() == [0, 1, 2, 0] and s["meta"] == {"model": "x"}
+    assert [p.name for p in tmp_path.iterdir()] == ["s.npz"]  # no temporary file left behind
+
+    with pytest.raises(FileNotFoundError, match="missing.npz not found"):
+        load_samples(tmp_path / "missing.npz")
+    (tmp_path / "text.npz").write_text("hello")
+    with pytest.raises(ValueError, match="text.npz: not a readable .npz"):
+        load_samples(tmp_path / "text.npz")
+    np.savez(tmp_path / "float.npz", arr_0=images.astype(np.float32))
+    with pytest.raises(ValueError, match=r"expected arr_0 = uint8 images.*float32 \(4, 8, 8, 3\)"):
+        load_samples(tmp_path / "float.npz")
+    np.savez(tmp_path / "other.npz", x=images)
+    with pytest.raises(ValueError, match=r"got keys \['x'\]"):
+        load_samples(tmp_path / "other.npz")
+    np.savez(tmp_path / "seeds.npz", arr_0=images, seeds=np.arange(3))
+    with pytest.raises(ValueError, match=r"seeds has shape \(3,\), expected \(4,\)"):
+        load_samples(tmp_path / "seeds.npz")
+
+
+@pytest.mark.parametrize("name", list(SCHEDULERS))
+def test_every_scheduler_is_batch_size_invariant(tmp_path, name):
+    model, sched = tiny_unet(), get_scheduler(name, scheduler())
+    a = generate(model, sched, tmp_path / "a.npz", 3, 2, seed=4, batch_size=3, disable=True)
+    b = generate(model, sched, tmp_path / "b.npz", 3, 2, seed=4, batch_size=2, disable=True)
+    # uint8 rounding absorbs the float noise of different batch sizes (sampling.py tests the floats).
+    assert np.abs(a["images"].astype(int) - b["images"]).max() <= 1
+    assert a["seeds"].tolist() == [4, 5, 6] and a["labels"] is None
+    assert a["meta"]["scheduler"] == type(sched).__name__ and a["meta"]["steps"] == 2
+    assert grid_path(tmp_path / "a.npz").is_file()
+
+
+def test_unknown_scheduler():
+    with pytest.raises(ValueError, match="unknown scheduler 'heun'; choose from ddim, ddpm"):
+        get_scheduler("heun", scheduler())
+
+
+def test_class_labels_do_not_depend_on_the_split(tmp_path):
+    assert sample_labels(3, 7, range(2, 5)).tolist() == sample_labels(3, 7, range(6))[2:5].tolist()
+    s = generate(tiny_class_unet(), scheduler(), tmp_path / "c.npz", 6, 2, seed=7, disable=True)
+    assert s["labels"].tolist() == sample_labels(3, 7, range(6)).tolist()
+    assert set(s["labels"].tolist()) <= {0, 1, 2}
+
+
+def test_guidance(tmp_path):
+    class Echo(torch.nn.Module):  # "prediction" = class label, so guidance is plain arithmetic
+        def forward(self, x, t, class_labels):
+            return class_labels.float().view(-1, 1, 1, 1).expand_as(x)
+
+    out = Guided(Echo(), 3.0, null_label=10)(torch.zeros(2, 1, 2, 2), torch.zeros(2), torch.tensor([4, 6]))
+    torch.testing.assert_close(out[:, 0, 0, 0], torch.tensor([10 + 3.0 * (4 - 10), 10 + 3.0 * (6 - 10)]))
+
+    torch.manual_seed(0)
+    dit = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=4, in_channels=1, out_channels=2,
+                                num_layers=1, sample_size=8, patch_size=2, num_embeds_ada_norm=5).eval()
+    s = generate(dit, scheduler(), tmp_path / "dit.npz", 2, 2, guidance=4.0, disable=True)
+    assert s["images"].shape == (2, 8, 8, 1) and s["meta"]["guidance"] == 4.0 and s["labels"].max() < 5
+    with pytest.raises(ValueError, match="4-channel outputs.*1 or 3"):
+        generate(tiny_dit(), scheduler(), tmp_path / "latent.npz", 2, 2, disable=True)
+    with pytest.raises(ValueError, match="guidance 2.0 needs a class-conditional model with a null class"):
+        generate(tiny_unet(), scheduler(), tmp_path / "u.npz", 2, 2, guidance=2.0, disable=True)
+
+
+def test_torchrun_shards_equal_a_single_process(tmp_path, tiny_model_dir):
+    single = generate(tiny_unet(), scheduler(), tmp_path / "single.npz", 5, 2, seed=3, batch_size=2, disable=True)
+    out = tmp_path / "sharded.npz"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "msfp.cli",
+           "sample", "--model", str(tiny_model_dir), "-n", "5", "--steps", "2", "--seed", "3", "--batch", "2",
+           "--device", "cpu", "--out", str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sharded = load_samples(out)
+    np.testing.assert_array_equal(sharded["images"], single["images"])
+    assert sharded["seeds"].tolist() == [3, 4, 5, 6, 7] and sharded["meta"]["world_size"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sharded.npz", "sharded.png", "single.npz", "single.png"]
+    assert sharded["meta"]["model"] == str(tiny_model_dir)
