@@ -75,3 +75,10 @@ def test_timestep_reaches_layers_from_inside_a_pipeline():
     pipe(batch_size=2, num_inference_steps=3, output_type="np")
     assert [s.tolist() for s in seen] == [[t, t] for t in pipe.scheduler.timesteps.tolist()] and len(seen) == 3
     assert isinstance(layer, QuantLayer)
+
+
+def test_deep_copies_of_a_quantized_model_are_independent():
+    q = msfp.quantize(tiny_unet(), "w4a4-msfp")
+    twin = copy.deepcopy(q)
+    twin(torch.randn(3, 1, 8, 8), torch.tensor([1, 2, 3]))
+    assert twin.msfp_context.timesteps.tolist() == [1, 2, 3] and q.msfp_context.timesteps is None

@@ -26,6 +26,8 @@ class QuantContext:
     def __init__(self, num_train_timesteps: int = 1000):
         self.num_train_timesteps = num_train_timesteps
         self.timesteps: torch.Tensor | None = None
+        #: (B, K) hard one-hot LoRA choice of the current call with straight-through gradients (TALoRA), or None
+        self.route: torch.Tensor | None = None
 
     def set_timesteps(self, timestep, batch_size: int, device) -> None:
         if timestep is None:
@@ -82,25 +84,41 @@ class QuantLayer(nn.Module):
         self.context = context
         self.info: dict = {}
         self.observer = None
-        self.weight_delta = None  # callable(layer) -> tensor added to the weight before quantization (TALoRA)
+        self.lora = None  # a msfp.talora.LoRABank once TALoRA is added: W_k = W + B_k A_k, merged before Q_w
 
-    def effective_weight(self) -> torch.Tensor:
-        return self.weight if self.weight_delta is None else self.weight + self.weight_delta(self)
+    def effective_weight(self, k: int = 0) -> torch.Tensor:
+        return self.weight if self.lora is None else self.weight + self.lora.delta(k)
 
-    def quantized_weight(self) -> torch.Tensor:
-        return self.weight_quantizer(self.effective_weight())
+    def quantized_weight(self, k: int = 0) -> torch.Tensor:
+        return self.weight_quantizer(self.effective_weight(k))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.observer is not None:
-            self.observer(self, x)
-        x = self.act_quantizer(x, self.context.groups(self.act_quantizer.num_groups))
-        w = self.quantized_weight()
+    def _op(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         if self.kind == "linear":
             return F.linear(x, w, self.bias)
         if self.padding_mode != "zeros":
             x = F.pad(x, self._reversed_padding, mode=self.padding_mode)
             return F.conv2d(x, w, self.bias, **{**self.conv_args, "padding": 0})
         return F.conv2d(x, w, self.bias, **self.conv_args)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.observer is not None:
+            self.observer(self, x)
+        x = self.act_quantizer(x, self.context.groups(self.act_quantizer.num_groups))
+        route = self.context.route
+        if self.lora is None or self.lora.num_loras == 1 or route is None:
+            return self._op(x, self.quantized_weight())
+        # Per-sample LoRA choice: run each chosen weight on its samples only. The output is scaled by the chosen
+        # entry of the straight-through one-hot (1 in value), so the router gets the gradient <dL/dy, y> of the
+        # LoRA it picked without computing all K outputs.
+        choice = route.detach().argmax(1)
+        gate = route.gather(1, choice[:, None]).view(-1, *([1] * (x.dim() - 1)))
+        out = None
+        for k in choice.unique().tolist():
+            mask = choice == k
+            y = self._op(x[mask], self.quantized_weight(k))
+            out = y.new_zeros((x.shape[0], *y.shape[1:])) if out is None else out
+            out = out.index_put((mask,), y)
+        return out * gate.to(out)
 
     def macs_per_sample(self, input_shape) -> int:
         """Multiply-accumulates of one sample's forward, from the shape of an input batch."""

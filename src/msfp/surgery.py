@@ -79,13 +79,12 @@ def _select(selectors, names, roles, field) -> set[str]:
     return chosen
 
 
-def _timestep_hook(context: QuantContext):
-    def hook(module, args, kwargs):
-        x = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
-        t = args[1] if len(args) > 1 else kwargs.get("timestep", kwargs.get("t"))
-        if x is not None:
-            context.set_timesteps(t, x.shape[0], x.device)
-    return hook
+def _timestep_hook(module, args, kwargs):
+    # Looks the context up on the module at call time, so a deep copy of the model uses its own context.
+    x = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
+    t = args[1] if len(args) > 1 else kwargs.get("timestep", kwargs.get("t"))
+    if x is not None:
+        module.msfp_context.set_timesteps(t, x.shape[0], x.device)
 
 
 def quantize(model: nn.Module, config: QuantConfig | str) -> nn.Module:
@@ -122,7 +121,7 @@ def quantize(model: nn.Module, config: QuantConfig | str) -> nn.Module:
     model.msfp_config = config
     model.msfp_context = context
     model.msfp_full_precision_layers = sorted(full)
-    model.register_forward_pre_hook(_timestep_hook(context), with_kwargs=True)
+    model.register_forward_pre_hook(_timestep_hook, with_kwargs=True)
     return model
 
 

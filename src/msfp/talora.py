@@ -99,3 +99,40 @@ class LoRABank(nn.Module):
     def delta(self, k: int) -> torch.Tensor:
         """``B_k A_k`` reshaped like the weight."""
         return (self.B[k] @ self.A[k]).view(self.weight_shape)
+
+
+def _route_hook(module, args, kwargs):
+    # Runs after msfp.quantize's timestep hook; looks everything up on the module so deep copies stay independent.
+    context, router = module.msfp_context, module.msfp_router
+    t = context.timesteps
+    context.route = None if t is None or router.num_loras == 1 else router(t)
+
+
+def add_talora(qmodel: nn.Module, num_loras: int = 4, rank: int = 4, seed: int = 0) -> TimestepRouter:
+    """Give every quantized layer of ``qmodel`` a bank of ``num_loras`` LoRAs (rank capped by the layer's shape) and
+    the model one shared router, initialised to K contiguous timestep intervals. ``num_loras=1`` is plain
+    (single-LoRA, QALoRA-style) fine-tuning. Returns the router (also ``qmodel.msfp_router``)."""
+    from msfp.surgery import quant_layers
+
+    if getattr(qmodel, "msfp_router", None) is not None:
+        raise ValueError("the model already has TALoRA LoRAs")
+    layers = quant_layers(qmodel)
+    context = qmodel.msfp_context
+    device = next(iter(layers.values())).weight.device
+    router = TimestepRouter(num_loras, context.num_train_timesteps).to(device)
+    if num_loras > 1:
+        router.init_contiguous(seed=seed)
+    for i, layer in enumerate(layers.values()):
+        shape = layer.weight.shape
+        layer_rank = min(rank, shape[0], math.prod(shape[1:]))
+        layer.lora = LoRABank(shape, num_loras, layer_rank, seed=seed + i).to(device, layer.weight.dtype)
+    qmodel.msfp_router = router
+    qmodel.msfp_talora = dict(num_loras=num_loras, rank=rank)
+    qmodel.register_forward_pre_hook(_route_hook, with_kwargs=True)
+    return router
+
+
+def lora_assignment(qmodel: nn.Module, timesteps) -> list[int]:
+    """Which LoRA the router picks for each timestep (all 0 for single-LoRA models)."""
+    router = qmodel.msfp_router
+    return router.assignment(torch.as_tensor(timesteps)).tolist() if router.num_loras > 1 else [0] * len(timesteps)

@@ -1,0 +1,224 @@
+"""``msfp.finetune``: data-free distillation of a calibrated quantized model with TALoRA and the DFA loss.
+
+The full-precision teacher samples its own DDIM trajectories once (cached in ``work_dir``); every visited
+``(x_t, t, cond, ε_teacher)`` is a training point, and mixed-timestep batches of them train the student's LoRAs
+(merged before weight quantization), the shared timestep router and the activation quantizers' scales and zero
+points (weight scales optionally). The loss is the MSE between student and teacher noise predictions, weighted per
+timestep by the sampler's denoising factor (DFA) or not (plain MSE).
+
+Runs are deterministic for a seed, write an atomic checkpoint every ``checkpoint_every`` iterations, and
+``resume=True`` continues bit-exactly where the last checkpoint stopped. A non-finite loss stops the run with a clear
+error and leaves the last good checkpoint in place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from msfp.calibration import Trajectories, collect_trajectories
+from msfp.fileio import atomic_path
+from msfp.losses import WEIGHTINGS, denoising_factors, dfa_weights, weighted_mse
+from msfp.surgery import quant_layers
+from msfp.talora import add_talora
+
+STATE_NAME = "finetune_state.pt"
+TEACHER_NAME = "teacher_trajectories.safetensors"
+
+
+@dataclass
+class FinetuneConfig:
+    iters: int = 400
+    batch_size: int = 16
+    #: "talora" (num_loras LoRAs + router), "single" (one LoRA) or "none" (quantizer parameters only)
+    lora: str = "talora"
+    num_loras: int = 4
+    rank: int = 4
+    #: "dfa" (loss weighted by the denoising factor) or "mse"
+    loss: str = "dfa"
+    #: DFA weight: "abs" (|γ_t|) or "square" (γ_t²), normalised to mean 1 over the trajectory
+    dfa_weighting: str = "abs"
+    #: LoRA learning rate of a layer whose weight step size is the median; scaled by each layer's step size
+    lora_lr: float = 1e-3
+    act_lr: float = 1e-4
+    router_lr: float = 1e-3
+    train_weight_scales: bool = False
+    grad_clip: float = 1.0
+    traj_samples: int = 64
+    traj_steps: int = 25
+    seed: int = 0
+    checkpoint_every: int = 100
+
+    def __post_init__(self):
+        if self.lora not in ("talora", "single", "none"):
+            raise ValueError(f"FinetuneConfig.lora must be 'talora', 'single' or 'none', got {self.lora!r}")
+        if self.loss not in ("dfa", "mse"):
+            raise ValueError(f"FinetuneConfig.loss must be 'dfa' or 'mse', got {self.loss!r}")
+        if self.dfa_weighting not in WEIGHTINGS or self.dfa_weighting == "none":
+            raise ValueError(f"FinetuneConfig.dfa_weighting must be 'abs' or 'square', got {self.dfa_weighting!r}")
+        for name in ("iters", "batch_size", "num_loras", "rank", "traj_samples", "traj_steps", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"FinetuneConfig.{name} must be >= 1, got {getattr(self, name)}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class FinetuneResult:
+    iters_done: int
+    losses: list[float]
+    seconds: float
+    stopped_early: bool
+
+
+def _trainable_groups(qmodel, config: FinetuneConfig) -> list[dict]:
+    layers = quant_layers(qmodel)
+    for p in qmodel.parameters():
+        p.requires_grad_(False)
+    groups = []
+    act = [p for layer in layers.values() for p in (layer.act_quantizer.scale, layer.act_quantizer.zero_point)]
+    groups.append(dict(params=act, lr=config.act_lr, name="act_quantizers"))
+    if config.train_weight_scales:
+        groups.append(dict(params=[layer.weight_quantizer.scale for layer in layers.values()], lr=config.act_lr,
+                           name="weight_scales"))
+    if config.lora != "none":
+        # Scale-aware LoRA steps (EfficientDM): a layer with a finer weight grid takes proportionally smaller steps.
+        steps = {n: layer.weight_quantizer.scale.detach().abs().mean().item() for n, layer in layers.items()}
+        median = sorted(steps.values())[len(steps) // 2] or 1.0
+        for name, layer in layers.items():
+            groups.append(dict(params=list(layer.lora.parameters()), lr=config.lora_lr * steps[name] / median,
+                               name=f"lora:{name}"))
+        if qmodel.msfp_router.num_loras > 1:
+            groups.append(dict(params=list(qmodel.msfp_router.parameters()), lr=config.router_lr, name="router"))
+    for g in groups:
+        for p in g["params"]:
+            p.requires_grad_(True)
+    return groups
+
+
+def _trainable_state(qmodel) -> dict:
+    names = {id(p) for p in qmodel.parameters() if p.requires_grad}
+    return {n: p.detach().clone() for n, p in qmodel.named_parameters() if id(p) in names}
+
+
+def _teacher(fp_model, scheduler, config, work_dir, cond, class_labels, sample_shape, disable) -> Trajectories:
+    path = Path(work_dir) / TEACHER_NAME if work_dir is not None else None
+    if path is not None and path.is_file():
+        return Trajectories.from_tensors(load_file(path))
+    points = collect_trajectories(fp_model, scheduler, config.traj_samples, config.traj_steps, seed=config.seed,
+                                  cond=cond, class_labels=class_labels, sample_shape=sample_shape, disable=disable)
+    if path is not None:
+        with atomic_path(path) as tmp:
+            save_file({k: v.contiguous() for k, v in points.to_tensors().items()}, tmp)
+    return points
+
+
+def _point_weights(points: Trajectories, scheduler, config: FinetuneConfig) -> torch.Tensor:
+    if config.loss == "mse":
+        return torch.ones(len(points))
+    timesteps, gammas = denoising_factors(scheduler, config.traj_steps)
+    weights = dfa_weights(gammas, config.dfa_weighting)
+    by_t = dict(zip(timesteps.tolist(), weights.tolist()))
+    missing = sorted(set(points.t.tolist()) - set(by_t))
+    if missing:
+        raise ValueError(f"teacher trajectories visit timesteps {missing[:5]} that a {config.traj_steps}-step "
+                         f"{type(scheduler).__name__} trajectory does not; delete {TEACHER_NAME} from the work dir")
+    return torch.tensor([by_t[t] for t in points.t.tolist()])
+
+
+def finetune(qmodel: nn.Module, fp_model: nn.Module, scheduler, config: FinetuneConfig | None = None,
+             work_dir: str | os.PathLike | None = None, resume: bool = False, max_minutes: float | None = None,
+             cond: dict | None = None, class_labels=None, sample_shape=None, disable: bool = False) -> FinetuneResult:
+    """Fine-tune a calibrated quantized model in place (see the module docstring); returns losses and timing."""
+    config = config or FinetuneConfig()
+    if getattr(qmodel, "msfp_config", None) is None:
+        raise ValueError("finetune() needs a model returned by msfp.quantize and msfp.calibrate")
+    if any("weight_format" not in layer.info for layer in quant_layers(qmodel).values()):
+        raise ValueError("finetune() needs a calibrated model: run msfp.calibrate first")
+    state_path = Path(work_dir) / STATE_NAME if work_dir is not None else None
+    if resume and (state_path is None or not state_path.is_file()):
+        raise FileNotFoundError(f"nothing to resume: {state_path or 'no work_dir given'} does not exist")
+    if config.lora != "none" and getattr(qmodel, "msfp_router", None) is None:
+        add_talora(qmodel, config.num_loras if config.lora == "talora" else 1, config.rank, config.seed)
+    qmodel.msfp_context.num_train_timesteps = scheduler.config.num_train_timesteps
+
+    points = _teacher(fp_model, scheduler, config, work_dir, cond, class_labels, sample_shape, disable)
+    weights = _point_weights(points, scheduler, config)
+    groups = _trainable_groups(qmodel, config)
+    params = [p for g in groups for p in g["params"]]
+    optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
+    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: max(0.0, 1 - i / config.iters))
+    gen = torch.Generator().manual_seed(config.seed)
+    it, losses = 0, []
+    if resume:
+        state = torch.load(state_path, weights_only=False)
+        if state["config"] != config.to_dict():
+            raise ValueError(f"{state_path} was written with another FinetuneConfig; resume with the same settings "
+                             f"(saved: {state['config']})")
+        missing = set(_trainable_state(qmodel)) ^ set(state["trainable"])
+        if missing:
+            raise ValueError(f"{state_path} does not match this model's trainable parameters: {sorted(missing)[:3]}")
+        with torch.no_grad():
+            for name, p in qmodel.named_parameters():
+                if name in state["trainable"]:
+                    p.copy_(state["trainable"][name])
+        optimizer.load_state_dict(state["optimizer"])
+        lr_schedule.load_state_dict(state["lr_schedule"])
+        gen.set_state(state["generator"])
+        it, losses = state["iter"], state["losses"]
+
+    def save_state():
+        if state_path is None:
+            return
+        with atomic_path(state_path) as tmp:
+            torch.save(dict(config=config.to_dict(), trainable=_trainable_state(qmodel), iter=it, losses=losses,
+                            optimizer=optimizer.state_dict(), lr_schedule=lr_schedule.state_dict(),
+                            generator=gen.get_state()), tmp)
+
+    device = next(qmodel.parameters()).device
+    channels = points.eps.shape[1]
+    start, stopped_early = time.time(), False
+    bar = tqdm(total=config.iters, initial=it, desc="finetune", disable=disable)
+    qmodel.eval()  # no dropout; the quantized model has no batch statistics to update
+    while it < config.iters:
+        if max_minutes is not None and time.time() - start > 60 * max_minutes:
+            stopped_early = True
+            break
+        idx = torch.randint(0, len(points), (config.batch_size,), generator=gen)
+        x, t, eps = points.x[idx].to(device), points.t[idx].to(device), points.eps[idx].to(device)
+        batch_cond = {k: v[idx].to(device) for k, v in points.cond.items()}
+        out = qmodel(x, t, **batch_cond)
+        out = getattr(out, "sample", out)[:, :channels]
+        loss = weighted_mse(out.float(), eps, weights[idx])
+        if not torch.isfinite(loss):
+            bar.close()
+            kept = f"the last good checkpoint {state_path} is kept" if state_path else "no checkpoint was written"
+            raise FloatingPointError(f"fine-tuning loss became {loss.item()} at iteration {it} (timesteps "
+                                     f"{sorted(set(t.tolist()))}); {kept}; lower the learning rates")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+        optimizer.step()
+        lr_schedule.step()
+        it += 1
+        losses.append(loss.item())
+        bar.update(1)
+        bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.4g}")
+        if it % config.checkpoint_every == 0:
+            save_state()
+    bar.close()
+    save_state()
+    for p in qmodel.parameters():
+        p.requires_grad_(False)
+    qmodel.msfp_finetune = dict(config.to_dict(), iters_done=it)
+    return FinetuneResult(it, losses, time.time() - start, stopped_early)

@@ -1,0 +1,136 @@
+import copy
+
+import pytest
+import torch
+
+import msfp
+from msfp import finetune as ft
+from msfp.finetune import FinetuneConfig, finetune
+from msfp.losses import ddim_denoising_factors, dfa_weights
+from msfp.surgery import quant_layers
+from msfp.talora import add_talora, lora_assignment
+from tiny_models import scheduler, tiny_unet
+
+CONFIG = dict(iters=24, batch_size=4, traj_samples=4, traj_steps=4, checkpoint_every=8, rank=2)
+
+
+@pytest.fixture(scope="module")
+def calibrated():
+    fp = tiny_unet()
+    q = msfp.quantize(copy.deepcopy(fp), "w4a4-msfp")
+    msfp.calibrate(q, fp, scheduler(), num_samples=4, num_steps=4, disable=True)
+    return fp, q
+
+
+def same_state(a, b):
+    return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values())
+               if isinstance(x, torch.Tensor))
+
+
+def test_talora_starts_as_the_ptq_model_and_routes_per_sample(calibrated):
+    _, q = calibrated
+    q = copy.deepcopy(q)
+    x, t = torch.randn(4, 1, 8, 8), torch.tensor([10, 300, 600, 900])
+    with torch.no_grad():
+        before = q(x, t).sample
+    router = add_talora(q, num_loras=4, rank=2)
+    assert lora_assignment(q, [10, 300, 600, 900]) == [0, 1, 2, 3]  # contiguous-interval initialisation
+    with torch.no_grad():
+        # B = 0: identical weights; only the per-LoRA batch split changes float summation order.
+        assert torch.allclose(q(x, t).sample, before, atol=1e-5)
+        for layer in quant_layers(q).values():
+            torch.nn.init.normal_(layer.lora.B, std=0.02)
+        batched = q(x, t).sample
+        one_by_one = torch.cat([q(x[i:i + 1], t[i:i + 1]).sample for i in range(4)])
+    assert torch.allclose(batched, one_by_one, atol=1e-5) and not torch.allclose(batched, before, atol=1e-3)
+    q(x, t).sample.pow(2).mean().backward()  # straight-through: the hard choice still trains router and LoRAs
+    assert router.mlp[0].weight.grad.abs().sum() > 0
+    assert quant_layers(q)["down_blocks.0.resnets.0.conv1"].lora.B.grad.abs().sum() > 0
+
+
+def test_finetune_lowers_the_distillation_loss(calibrated, tmp_path):
+    fp, q = calibrated
+    result = finetune(copy.deepcopy(q), fp, scheduler(), FinetuneConfig(**{**CONFIG, "iters": 40}),
+                      work_dir=tmp_path, disable=True)
+    assert result.iters_done == 40 and all(map(torch.isfinite, torch.tensor(result.losses)))
+    assert sum(result.losses[-8:]) < sum(result.losses[:8])
+
+
+def test_interrupted_run_resumes_bit_exactly(calibrated, tmp_path, monkeypatch):
+    fp, q = calibrated
+    config = FinetuneConfig(**CONFIG)
+    reference = copy.deepcopy(q)
+    full = finetune(reference, fp, scheduler(), config, work_dir=tmp_path / "a", disable=True)
+
+    calls = {"n": 0}
+    real_mse = ft.weighted_mse
+
+    def crash_at_iteration_13(*args):
+        calls["n"] += 1
+        if calls["n"] == 13:
+            raise KeyboardInterrupt
+        return real_mse(*args)
+
+    monkeypatch.setattr(ft, "weighted_mse", crash_at_iteration_13)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(copy.deepcopy(q), fp, scheduler(), config, work_dir=tmp_path / "b", disable=True)
+    monkeypatch.setattr(ft, "weighted_mse", real_mse)
+    assert torch.load(tmp_path / "b" / ft.STATE_NAME, weights_only=False)["iter"] == 8
+    resumed = copy.deepcopy(q)
+    result = finetune(resumed, fp, scheduler(), config, work_dir=tmp_path / "b", resume=True, disable=True)
+    assert result.losses == full.losses and same_state(resumed, reference)
+    with pytest.raises(ValueError, match="written with another FinetuneConfig"):
+        finetune(copy.deepcopy(q), fp, scheduler(), FinetuneConfig(**{**CONFIG, "rank": 1}),
+                 work_dir=tmp_path / "b", resume=True, disable=True)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(calibrated, tmp_path, monkeypatch):
+    fp, q = calibrated
+    calls = {"n": 0}
+    real_mse = ft.weighted_mse
+
+    def nan_after_10(*args):
+        calls["n"] += 1
+        loss = real_mse(*args)
+        return loss * float("nan") if calls["n"] > 10 else loss
+
+    monkeypatch.setattr(ft, "weighted_mse", nan_after_10)
+    with pytest.raises(FloatingPointError, match=r"loss became nan at iteration 10 .*last good checkpoint"):
+        finetune(copy.deepcopy(q), fp, scheduler(), FinetuneConfig(**CONFIG), work_dir=tmp_path, disable=True)
+    state = torch.load(tmp_path / ft.STATE_NAME, weights_only=False)
+    assert state["iter"] == 8 and all(torch.isfinite(v).all() for v in state["trainable"].values())
+
+
+def test_dfa_weights_follow_the_ddim_denoising_factor(calibrated):
+    _, q = calibrated
+    sched = scheduler()
+    points = ft._teacher(tiny_unet(), sched, FinetuneConfig(**CONFIG), None, None, None, None, True)
+    timesteps, gammas = ddim_denoising_factors(sched, CONFIG["traj_steps"])
+    expected = dict(zip(timesteps.tolist(), dfa_weights(gammas, "abs").tolist()))
+    weights = ft._point_weights(points, sched, FinetuneConfig(**CONFIG))
+    assert weights.tolist() == [expected[t] for t in points.t.tolist()]
+    assert ft._point_weights(points, sched, FinetuneConfig(**{**CONFIG, "loss": "mse"})).eq(1).all()
+
+
+def test_efficientdm_style_baseline_runs():
+    fp = tiny_unet()
+    config = msfp.QuantConfig.preset("w4a4-int")
+    config.act_timestep_groups = 4  # one activation scale per sampling step of a 4-step trajectory
+    q = msfp.quantize(copy.deepcopy(fp), config)
+    msfp.calibrate(q, fp, scheduler(), num_samples=4, num_steps=4, disable=True)
+    result = finetune(q, fp, scheduler(), FinetuneConfig(**{**CONFIG, "lora": "single", "loss": "mse", "iters": 4}),
+                      disable=True)
+    assert result.iters_done == 4 and q.msfp_router.num_loras == 1
+    assert quant_layers(q)["conv_in"].act_quantizer.scale.shape == (4,)
+
+
+def test_bad_settings_fail_clearly(calibrated):
+    fp, q = calibrated
+    with pytest.raises(ValueError, match="lora must be 'talora', 'single' or 'none'"):
+        FinetuneConfig(lora="many")
+    with pytest.raises(ValueError, match="dfa_weighting must be 'abs' or 'square'"):
+        FinetuneConfig(dfa_weighting="cube")
+    with pytest.raises(ValueError, match="needs a calibrated model"):
+        finetune(msfp.quantize(tiny_unet(), "w4a4-msfp"), fp, scheduler(), FinetuneConfig(**CONFIG), disable=True)
+    with pytest.raises(FileNotFoundError, match="nothing to resume"):
+        finetune(copy.deepcopy(q), fp, scheduler(), FinetuneConfig(**CONFIG), resume=True, disable=True)
