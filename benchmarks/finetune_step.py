@@ -1,0 +1,95 @@
+"""Fine-tuning step throughput and peak memory: the TALoRA step with quantizers on vs the same step with them off.
+
+    python benchmarks/finetune_step.py [--model default --batch 16 --iters 10 --device cpu|cuda --threads N]
+
+Each variant runs in its own process (so CPU peak RSS is its own) on the same calibrated W4A4-MSFP model with
+TALoRA (K=4): ``quantized`` fake-quantizes weights (after merging the LoRA) and activations; ``quantizers_off``
+does the identical step, LoRA merge included, without rounding. Prints JSON with steps/s, the ratio
+(SPEC goal ≥ 0.6 on GPU), peak memory (CUDA max allocated, or process max RSS on CPU), machine and command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import multiprocessing as mp
+import resource
+import sys
+import time
+
+import torch
+
+import msfp
+from msfp.environment import machine_info
+from msfp.finetune import FinetuneConfig, _trainable_groups
+from msfp.surgery import set_quantizers_enabled
+from msfp.talora import add_talora
+
+
+def run_variant(args, quantized: bool, queue) -> None:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    fp, scheduler = msfp.load_model(args.model)
+    fp.to(device)
+    q = msfp.quantize(copy.deepcopy(fp), "w4a4-msfp")
+    msfp.calibrate(q, fp, scheduler, num_samples=8, num_steps=5, disable=True)
+    add_talora(q, 4, 4)
+    for layer in msfp.surgery.quant_layers(q).values():
+        torch.nn.init.normal_(layer.lora.B, std=1e-3)  # non-zero LoRAs, as during training
+    set_quantizers_enabled(q, quantized)
+    optimizer = torch.optim.AdamW(_trainable_groups(q, FinetuneConfig()))
+    gen = torch.Generator().manual_seed(0)
+    shape = (args.batch, fp.config.in_channels, fp.config.sample_size, fp.config.sample_size)
+    x = torch.randn(shape, generator=gen).to(device)
+    t = torch.randint(0, 1000, (args.batch,), generator=gen).to(device)
+    target = torch.randn(shape, generator=gen).to(device)
+
+    def step():
+        loss = (q(x, t).sample - target).pow(2).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    step()  # warm-up
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    for _ in range(args.iters):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = (time.perf_counter() - start) / args.iters
+    peak = (torch.cuda.max_memory_allocated() if device.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    queue.put(dict(step_seconds=seconds, steps_per_second=1 / seconds, peak_memory_bytes=peak,
+                   peak_memory_kind="cuda_max_allocated" if device.type == "cuda" else "process_max_rss"))
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="default")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, default=None)
+    args = p.parse_args(argv)
+    ctx = mp.get_context("spawn")
+    results = {}
+    for name, quantized in (("quantized", True), ("quantizers_off", False)):
+        queue = ctx.Queue()
+        proc = ctx.Process(target=run_variant, args=(args, quantized, queue))
+        proc.start()
+        results[name] = queue.get()
+        proc.join()
+    results["throughput_ratio"] = results["quantized"]["steps_per_second"] / results["quantizers_off"]["steps_per_second"]
+    print(json.dumps(dict(benchmark="finetune_step", settings=vars(args), machine=machine_info(args.device),
+                          command="python " + " ".join(["benchmarks/finetune_step.py",
+                                                        *(argv if argv is not None else sys.argv[1:])]),
+                          results=results), indent=2))
+
+
+if __name__ == "__main__":
+    main()
