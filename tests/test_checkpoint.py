@@ -4,12 +4,17 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
-from diffusers import DDPMPipeline
+from diffusers import AutoencoderKL, DDIMPipeline, DDPMPipeline, DiTPipeline
+from safetensors.torch import load_file, save_file
 
 import msfp
 from msfp import checkpoint
 from msfp.cli import main
-from tiny_models import scheduler, tiny_dit, tiny_plain, tiny_unet
+from msfp.formats import fake_quant
+from msfp.packing import decode, pack, quantize_to_codes, unpack
+from msfp.quantizers import MIN_SCALE, WeightQuantizer
+from msfp.surgery import quant_layers
+from tiny_models import PlainDenoiser, scheduler, tiny_dit, tiny_plain, tiny_unet
 
 
 def calibrated(build=tiny_unet, preset="w4a4-msfp", **kwargs):
@@ -26,6 +31,17 @@ def outputs(model, shape, **cond):
     return getattr(out, "sample", out)
 
 
+def unet_outputs(model):
+    return outputs(model, (1, 8, 8))
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A calibrated tiny UNet and its packed checkpoint directory."""
+    q = calibrated()
+    return q, msfp.save_quantized(q, tmp_path_factory.mktemp("ckpt") / "q")
+
+
 @pytest.mark.parametrize("build", [tiny_unet, tiny_dit])
 def test_round_trip_is_exact_without_full_precision_weights(tmp_path, build):
     q = calibrated(build)
@@ -34,8 +50,96 @@ def test_round_trip_is_exact_without_full_precision_weights(tmp_path, build):
     shape = (q.config.in_channels, q.config.sample_size, q.config.sample_size)
     cond = {"class_labels": torch.tensor([0, 1, 2])} if build is tiny_dit else {}
     assert torch.equal(outputs(loaded, shape, **cond), outputs(q, shape, **cond))
-    assert {n: layer.info for n, layer in msfp.surgery.quant_layers(loaded).items()} == \
-        json.loads(json.dumps({n: layer.info for n, layer in msfp.surgery.quant_layers(q).items()}))
+    msfp.checkpoint.unfreeze_weights(loaded)  # the re-quantizing path gives the same outputs
+    assert torch.equal(outputs(loaded, shape, **cond), outputs(q, shape, **cond))
+    assert {n: layer.info for n, layer in quant_layers(loaded).items()} == \
+        json.loads(json.dumps({n: layer.info for n, layer in quant_layers(q).items()}))
+    for name, layer in quant_layers(loaded).items():
+        assert torch.equal(layer.weight, quant_layers(q)[name].quantized_weight())
+
+
+def test_file_holds_packed_codes_not_weights(saved):
+    q, out = saved
+    state = load_file(out / "model.safetensors")
+    for name, layer in quant_layers(q).items():
+        assert f"{name}.weight" not in state
+        codes = state[f"{name}.weight_codes"]
+        bits = 8 if layer.precision == "8bit" else 4
+        assert codes.dtype == torch.uint8 and codes.shape == (1, (layer.weight.numel() * bits + 7) // 8)
+        assert f"{name}.weight_quantizer.scale" in state and f"{name}.bias" in state
+        assert f"{name}.weight_quantizer.zero_point" not in state  # signed weight formats have none
+        assert (f"{name}.act_quantizer.zero_point" in state) == layer.act_quantizer.fmt.needs_zero_point
+    meta = json.loads((out / "msfp_quant.json").read_text())
+    qc = meta["quantization_config"]
+    assert qc["quant_method"] == "msfp" and qc["format_version"] == checkpoint.FORMAT_VERSION
+    assert qc["weight_storage"]["weight_sets"] == 1 and qc["modules_to_not_convert"] == []
+    assert set(qc["versions"]) == {"msfp", "torch", "diffusers"}
+
+
+@pytest.mark.parametrize("preset", ["w4a4-int", "w6a6-msfp", "w8a8-fp"])
+def test_other_bit_widths_and_zero_points_round_trip(tmp_path, preset):
+    q = calibrated(preset=preset)
+    out = msfp.save_quantized(q, tmp_path / "q")
+    loaded = msfp.load_quantized(out)
+    assert torch.equal(unet_outputs(loaded), unet_outputs(q))
+    bits = {"w4a4-int": 4, "w6a6-msfp": 6, "w8a8-fp": 8}[preset]
+    state = load_file(out / "model.safetensors")
+    conv = quant_layers(q)["down_blocks.0.resnets.0.conv1"]
+    assert state["down_blocks.0.resnets.0.conv1.weight_codes"].numel() == conv.weight.numel() * bits // 8
+
+
+def test_unsigned_weight_formats_store_zero_points(tmp_path):
+    fp = tiny_unet()
+    config = msfp.QuantConfig(weight_formats=["ufp4_e2m2", "uint4"])
+    q = msfp.quantize(copy.deepcopy(fp), config)
+    msfp.calibrate(q, fp, scheduler(), num_samples=4, num_steps=2, disable=True)
+    out = msfp.save_quantized(q, tmp_path / "q")
+    assert "down_blocks.0.resnets.0.conv1.weight_quantizer.zero_point" in load_file(out / "model.safetensors")
+    assert torch.equal(unet_outputs(msfp.load_quantized(out)), unet_outputs(q))
+
+
+@pytest.mark.parametrize("fmt", ["fp4_e2m1", "fp4_e1m2", "fp4_e3m0", "fp6_e3m2", "fp8_e4m3", "int8", "int4",
+                                 "ufp4_e2m2", "ufp4_e4m0", "uint4"])
+def test_dequantized_weights_are_fixed_points_of_the_quantizer(fmt):
+    """The loaded layer's weight is decode(codes)·s (+ z); re-quantizing it with the same scales must give it back
+    bit for bit, including zero-range channels and channels whose scale is clamped to MIN_SCALE."""
+    torch.manual_seed(0)
+    w = torch.randn(64, 48) * torch.exp(torch.randn(64, 1) * 4)
+    w[0] = 0.0  # zero range
+    w[1] = 3.0  # constant channel
+    w[2] = torch.randn(48) * 1e-20  # scale below MIN_SCALE
+    w[3] = w[3] - 1e4  # far from zero (large zero point for unsigned formats)
+    w[4, :3] = torch.tensor([-2.5e-45, 1e-38, 0.0])  # subnormal float32 inputs
+    quantizer = WeightQuantizer(fmt, 64)
+    quantizer.initialize(w, num_clip=9)
+    with torch.no_grad():
+        quantizer.scale[5] = 1e-30  # e.g. driven below MIN_SCALE by fine-tuning
+        expected = quantizer(w)
+    assert quantizer.scale[2].item() == pytest.approx(MIN_SCALE) and quantizer.scale[5].item() < MIN_SCALE
+    scale = quantizer.scale.detach().clamp_min(MIN_SCALE)[:, None]
+    zero = quantizer.zero_point.detach()[:, None] if quantizer.fmt.needs_zero_point else None
+    codes = quantize_to_codes(w, fmt, scale, zero)
+    codes = unpack(pack(codes, quantizer.fmt.bits), quantizer.fmt.bits, codes.numel()).view(w.shape)
+    dequantized = decode(codes, fmt) * scale + (0 if zero is None else zero)
+    assert torch.equal(dequantized, expected)
+    with torch.no_grad():
+        assert torch.equal(quantizer(dequantized), dequantized)
+        assert torch.equal(fake_quant(dequantized, fmt, scale, zero), dequantized)
+
+
+def test_degenerate_channels_survive_a_round_trip(tmp_path):
+    fp = tiny_unet()
+    with torch.no_grad():
+        conv = fp.down_blocks[0].resnets[0].conv1
+        conv.weight[0] = 0.0
+        conv.weight[1] = 1e-20
+    q = msfp.quantize(copy.deepcopy(fp), "w4a4-msfp")
+    msfp.calibrate(q, fp, scheduler(), num_samples=4, num_steps=2, disable=True)
+    layer = quant_layers(q)["down_blocks.0.resnets.0.conv1"]
+    assert layer.weight_quantizer.scale[:2].tolist() == pytest.approx([MIN_SCALE, MIN_SCALE])
+    loaded = msfp.load_quantized(msfp.save_quantized(q, tmp_path / "q"))
+    assert torch.equal(quant_layers(loaded)["down_blocks.0.resnets.0.conv1"].weight, layer.quantized_weight())
+    assert torch.equal(unet_outputs(loaded), unet_outputs(q))
 
 
 def test_plain_module_needs_an_instance(tmp_path):
@@ -45,10 +149,19 @@ def test_plain_module_needs_an_instance(tmp_path):
         msfp.load_quantized(tmp_path / "q")
     loaded = msfp.load_quantized(tmp_path / "q", model=tiny_plain())
     assert torch.equal(outputs(loaded, (1, 8, 8)), outputs(q, (1, 8, 8)))
+    wrong_size = "does not match .*PlainDenoiser: inp.bias: shape \\(8,\\), model expects \\(16,\\)"
+    with pytest.raises(ValueError, match=wrong_size):
+        msfp.load_quantized(tmp_path / "q", model=PlainDenoiser(hidden=16))
 
 
-def test_bad_directories_fail_clearly(tmp_path):
-    q = calibrated()
+def _edit_meta(out, edit):
+    meta = json.loads((out / "msfp_quant.json").read_text())
+    edit(meta)
+    (out / "msfp_quant.json").write_text(json.dumps(meta))
+
+
+def test_bad_directories_fail_clearly(tmp_path, saved):
+    q, _ = saved
     with pytest.raises(ValueError, match="is not a msfp output directory: msfp_quant.json is missing"):
         msfp.load_quantized(tmp_path)
     with pytest.raises(ValueError, match="never calibrated"):
@@ -58,39 +171,176 @@ def test_bad_directories_fail_clearly(tmp_path):
         msfp.save_quantized(q, tmp_path / "pipe")
 
     out = msfp.save_quantized(q, tmp_path / "q")
-    data = (out / "model.safetensors").read_bytes()
-    (out / "model.safetensors").write_bytes(data[: len(data) // 2])
-    with pytest.raises(ValueError, match="model.safetensors: cannot read the weights.*truncated"):
+    (out / "msfp_quant.json").write_text('{"format_version": 2, ')
+    with pytest.raises(ValueError, match="msfp_quant.json: unreadable"):
         msfp.load_quantized(out)
 
-    out = msfp.save_quantized(q, tmp_path / "q")
-    meta = json.loads((out / "msfp_quant.json").read_text())
-    meta["format_version"] = 99
-    (out / "msfp_quant.json").write_text(json.dumps(meta))
-    with pytest.raises(ValueError, match="format version 99"):
-        msfp.load_quantized(out)
+    for version, message in [(99, "format version 99; this msfp .* reads version 2"),
+                             (1, "format version 1 \\(unpacked float32 weights.*re-run msfp quantize\\)")]:
+        out = msfp.save_quantized(q, tmp_path / "q")
+        _edit_meta(out, lambda meta: meta.update(format_version=version))
+        with pytest.raises(ValueError, match=message):
+            msfp.load_quantized(out)
 
     out = msfp.save_quantized(q, tmp_path / "q")
-    meta = json.loads((out / "msfp_quant.json").read_text())
-    meta["base_model"]["config"]["block_out_channels"] = [8, 32]
-    (out / "msfp_quant.json").write_text(json.dumps(meta))
+    _edit_meta(out, lambda meta: meta["base_model"]["config"].update(block_out_channels=[8, 32]))
     with pytest.raises(ValueError, match="does not match UNet2DModel: .*shape"):
         msfp.load_quantized(out)
 
+    out = msfp.save_quantized(q, tmp_path / "q")
+    _edit_meta(out, lambda meta: meta["base_model"].update(class_name="UNet3DModelThatDoesNotExist"))
+    with pytest.raises(ValueError, match="unknown diffusers model class 'UNet3DModelThatDoesNotExist'"):
+        msfp.load_quantized(out)
 
-def test_failed_save_leaves_the_earlier_result_intact(tmp_path, monkeypatch):
-    q = calibrated()
+
+def test_truncated_corrupted_or_tampered_weights_fail_clearly(tmp_path, saved):
+    q, _ = saved
+    out = msfp.save_quantized(q, tmp_path / "q")
+    data = (out / "model.safetensors").read_bytes()
+    (out / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="model.safetensors: checksum mismatch .*truncated, corrupted"):
+        msfp.load_quantized(out)
+
+    flipped = bytearray(data)
+    flipped[len(data) - 100] ^= 0x10  # one bit of one packed code
+    (out / "model.safetensors").write_bytes(bytes(flipped))
+    with pytest.raises(ValueError, match="checksum mismatch"):
+        msfp.load_quantized(out)
+
+    (out / "model.safetensors").unlink()
+    with pytest.raises(ValueError, match="model.safetensors is missing"):
+        msfp.load_quantized(out)
+
+    # Consistent checksums but wrong content: unreadable bytes, and a file lacking a layer's codes.
+    out = msfp.save_quantized(q, tmp_path / "q")
+    (out / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00not json")
+    _edit_meta(out, lambda meta: meta.update(weights_sha256=checkpoint._sha256(out / "model.safetensors")))
+    with pytest.raises(ValueError, match="model.safetensors: cannot read the weights"):
+        msfp.load_quantized(out)
+    out = msfp.save_quantized(q, tmp_path / "q")
+    state = load_file(out / "model.safetensors")
+    del state["conv_in.weight_codes"]
+    state["mid_block.resnets.0.conv1.weight_codes"] = state["mid_block.resnets.0.conv1.weight_codes"][:, :-1]
+    save_file(state, out / "model.safetensors")
+    _edit_meta(out, lambda meta: meta.update(weights_sha256=checkpoint._sha256(out / "model.safetensors")))
+    with pytest.raises(ValueError, match="does not match UNet2DModel: missing conv_in.weight_codes; "
+                                         "mid_block.resnets.0.conv1.weight_codes: shape"):
+        msfp.load_quantized(out)
+
+
+def test_failed_save_leaves_the_earlier_result_intact(tmp_path, saved):
+    q, _ = saved
     out = msfp.save_quantized(q, tmp_path / "q")
     before = {p.name: p.read_bytes() for p in out.iterdir()}
 
     def broken(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(checkpoint, "save_file", broken)
-    with pytest.raises(OSError, match="disk full"):
-        msfp.save_quantized(q, out)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(checkpoint, "save_file", broken)
+        with pytest.raises(OSError, match="disk full"):
+            msfp.save_quantized(q, out)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert [p.name for p in tmp_path.iterdir()] == ["q"]  # no temporary directory left behind
+
+
+def test_saving_needs_enabled_quantizers(tmp_path, saved):
+    q = copy.deepcopy(saved[0])
+    quant_layers(q)["conv_in"].act_quantizer.enabled = False
+    with pytest.raises(ValueError, match="quantizer disabled \\(e.g. 'conv_in'\\)"):
+        msfp.save_quantized(q, tmp_path / "q")
+
+
+def test_frozen_weights_are_exact_and_never_stale(saved):
+    q = copy.deepcopy(saved[0])
+    reference = unet_outputs(q)
+    msfp.checkpoint.freeze_weights(q)
+    layer = quant_layers(q)["down_blocks.0.resnets.0.conv1"]
+    assert layer.weights_frozen and torch.equal(unet_outputs(q), reference)
+
+    def expected():
+        msfp.checkpoint.unfreeze_weights(q)
+        out = unet_outputs(q)
+        msfp.checkpoint.freeze_weights(q)
+        return out
+
+    with torch.no_grad():
+        layer.weight.mul_(1.5)  # an optimizer step
+    assert torch.equal(unet_outputs(q), expected()) and not torch.equal(unet_outputs(q), reference)
+    with torch.no_grad():
+        layer.weight_quantizer.scale.mul_(0.5)
+    assert torch.equal(unet_outputs(q), expected())
+    layer.weight.data = layer.weight.data * 0.25  # new storage, same parameter
+    assert torch.equal(unet_outputs(q), expected())
+    layer.weight_quantizer.fmt = msfp.get_format("fp4_e3m0")
+    assert torch.equal(unet_outputs(q), expected())
+    layer.weight_quantizer.enabled = False
+    assert torch.equal(unet_outputs(q), expected())
+
+
+def test_frozen_weights_let_gradients_through(saved):
+    q = copy.deepcopy(saved[0]).train()
+    layer = quant_layers(q)["down_blocks.0.resnets.0.conv1"]
+
+    def grads():
+        q.zero_grad()
+        torch.manual_seed(1)
+        q(torch.randn(2, 1, 8, 8), torch.tensor([3, 700])).sample.square().mean().backward()
+        return layer.weight.grad.clone(), layer.weight_quantizer.scale.grad.clone()
+
+    plain = grads()
+    msfp.checkpoint.freeze_weights(q)
+    frozen = grads()
+    assert plain[0].abs().sum() > 0 and all(torch.equal(a, b) for a, b in zip(plain, frozen))
+
+
+def test_loaded_cache_is_the_weight_itself(saved):
+    loaded = msfp.load_quantized(saved[1])
+    with torch.no_grad():
+        unet_outputs(loaded)
+        for layer in quant_layers(loaded).values():
+            assert layer.quantized_weight().data_ptr() == layer.weight.data_ptr()
+
+
+def test_quantized_unet_drops_into_ddim_pipeline(saved):
+    q, out = saved
+    loaded = msfp.load_quantized(out)
+    seen = []
+    quant_layers(loaded)["mid_block.resnets.0.conv1"].observer = lambda layer, x: seen.append(
+        layer.context.timesteps.tolist())
+
+    def run(model):
+        pipe = DDIMPipeline(unet=model, scheduler=scheduler())
+        pipe.set_progress_bar_config(disable=True)
+        return pipe(batch_size=2, generator=torch.Generator().manual_seed(0), num_inference_steps=3,
+                    output_type="np").images
+
+    images = run(loaded)
+    assert images.shape == (2, 8, 8, 1) and (images == run(q)).all()
+    sched = scheduler()
+    sched.set_timesteps(3)
+    assert seen == [[t, t] for t in sched.timesteps.tolist()]  # the timestep reached the layers, every step
+
+
+def test_quantized_dit_drops_into_dit_pipeline(tmp_path):
+    q = calibrated(tiny_dit)
+    loaded = msfp.load_quantized(msfp.save_quantized(q, tmp_path / "q"))
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8,),
+                        norm_num_groups=4, sample_size=8).eval()
+    seen = []
+    quant_layers(loaded)["transformer_blocks.0.ff.net.2"].observer = lambda layer, x: seen.append(
+        layer.context.timesteps.tolist())
+
+    def run(model):
+        pipe = DiTPipeline(transformer=model, vae=vae, scheduler=scheduler())
+        pipe.set_progress_bar_config(disable=True)
+        return pipe(class_labels=[0, 3], guidance_scale=1.0, generator=torch.Generator().manual_seed(0),
+                    num_inference_steps=2, output_type="np").images
+
+    images = run(loaded)
+    assert images.shape == (2, 8, 8, 3) and (images == run(q)).all()
+    assert len(seen) == 2 and all(len(set(t)) == 1 and len(t) == 2 for t in seen) and seen[0] != seen[1]
 
 
 def test_cli_quantize_and_info(tmp_path):

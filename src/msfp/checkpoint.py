@@ -1,12 +1,32 @@
-"""Save and reload quantized models: ``msfp.save_quantized(model, dir)`` / ``msfp.load_quantized(dir)``.
+"""Packed low-bit checkpoints: ``msfp.save_quantized(model, dir)`` / ``msfp.load_quantized(dir)``.
 
 A directory holds
 
-- ``msfp_quant.json``: format version, msfp version, the :class:`~msfp.config.QuantConfig`, the base model's class
-  and diffusers config, every quantized layer's ``info`` (formats, AAL flag and reason, MSEs, FLOPs) and the model's
-  FLOPs; written last, so a directory without it is not a finished msfp output;
-- ``model.safetensors``: the model's state (weights, quantizer scales and zero points) in float32, so the reloaded
-  model computes exactly what the saved one did.
+- ``model.safetensors``: for every quantized layer ``<layer>``
+
+  - ``<layer>.weight_codes``: uint8, shape ``(K, nbytes)``: the codes of the quantized weight (the format's own bit
+    fields, :mod:`msfp.packing`) of the output-channel-major flattened weight, packed densely (4-bit codes two per
+    byte, 6- and 8-bit codes back to back). Row ``k`` is weight set ``k``: TALoRA merges LoRA ``k`` before
+    quantization, ``Q_w(W + B_k A_k)``, so a model with K LoRAs is stored as K pre-merged packed weight sets that
+    share the layer's scales (no LoRA factors, no full-precision base weight). Plain and single-LoRA models have
+    ``K = 1``;
+  - ``<layer>.weight_quantizer.scale`` (float32, per output channel) and ``<layer>.weight_quantizer.zero_point`` only
+    where the weight format is unsigned; ``<layer>.act_quantizer.scale`` / ``.zero_point`` likewise (one per timestep
+    group). Zero points of signed formats are never used, so they are not stored;
+  - ``<layer>.bias`` as it is;
+
+  and every other tensor of the model (norms, embeddings, full-precision layers) as it is, in its own dtype.
+  Nothing is rounded beyond what the quantizers do: biases and scales stay float32 because float16 would change the
+  outputs.
+- ``msfp_quant.json``: ``format_version``, ``quantization_config`` shaped like diffusers' (``quant_method: "msfp"``,
+  the :class:`~msfp.config.QuantConfig` fields, ``modules_to_not_convert``, versions, weight storage), the base
+  model's class and config, every quantized layer's ``info`` (formats, AAL flag and reason, MSEs, FLOPs) and the
+  SHA-256 of ``model.safetensors``; written last, so a directory without it is not a finished msfp output.
+
+Loading rebuilds the architecture from its config and gives every quantized layer the dequantized weight
+``decode(codes) · s (+ z)``, which is exactly the weight the saved model computed with. Those values lie on the
+quantization grid, so the layer's weight quantizer maps them to themselves bit for bit (checked for every layer when
+saving), and the reloaded model's outputs equal the saved model's.
 
 Writes go to a temporary sibling directory that replaces ``dir`` only when complete: a crash never leaves a
 half-written directory that looks valid, and an earlier result at ``dir`` survives a failed save.
@@ -14,6 +34,7 @@ half-written directory that looks valid, and an earlier result at ``dir`` surviv
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -30,11 +51,14 @@ from torch import nn
 from msfp import __version__
 from msfp.config import QuantConfig
 from msfp.formats import get_format
+from msfp.packing import decode, pack, quantize_to_codes, unpack
+from msfp.quantizers import MIN_SCALE
 from msfp.surgery import quant_layers, quantize
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 CONFIG_NAME = "msfp_quant.json"
 WEIGHTS_NAME = "model.safetensors"
+CODES_SUFFIX = ".weight_codes"
 
 
 def _base_info(model: nn.Module) -> dict:
@@ -52,20 +76,110 @@ def _json_default(obj):
     return str(obj)
 
 
-def save_quantized(model: nn.Module, directory: str | os.PathLike) -> Path:
-    """Write the calibrated (or fine-tuned) quantized model to ``directory``; returns its path."""
-    layers = quant_layers(model)
+def _num_weight_sets(layer) -> int:
+    lora = getattr(layer, "lora", None)
+    return 1 if lora is None else lora.num_loras
+
+
+def _weight_params(layer):
+    """Scale (clamped as the quantizer uses it) and zero point (None for signed formats), shaped to broadcast."""
+    q = layer.weight_quantizer
+    view = (-1,) + (1,) * (layer.weight.dim() - 1)
+    zero = q.zero_point.detach().view(view) if q.fmt.needs_zero_point else None
+    return q.scale.detach().clamp_min(MIN_SCALE).view(view), zero
+
+
+def _dequantize(codes: torch.Tensor, layer) -> torch.Tensor:
+    """The weight a quantizer with this layer's format and scales produces from ``codes`` (same operations as
+    :func:`msfp.formats.fake_quant`, so the same float32 results)."""
+    scale, zero = _weight_params(layer)
+    w = decode(codes, layer.weight_quantizer.fmt).view(layer.weight.shape).to(scale.dtype) * scale
+    return w if zero is None else w + zero
+
+
+@torch.no_grad()
+def _packed_weights(layer) -> torch.Tensor:
+    """(K, nbytes) packed codes of the layer's K quantized weight sets, checked to reproduce them exactly."""
+    fmt = layer.weight_quantizer.fmt
+    scale, zero = _weight_params(layer)
+    rows = []
+    for k in range(_num_weight_sets(layer)):
+        codes = quantize_to_codes(layer.effective_weight(k).detach(), fmt, scale, zero)
+        expected = layer.quantized_weight(k).detach()
+        dequantized = _dequantize(codes, layer)
+        if not torch.equal(dequantized, expected):
+            raise RuntimeError(f"{layer.name}: packed codes do not reproduce the quantized weight set {k} exactly "
+                               "(a bug in msfp; please report it)")
+        if not torch.equal(layer.weight_quantizer(dequantized), dequantized):
+            raise ValueError(f"{layer.name}: the dequantized weights are not fixed points of the {fmt.name} weight "
+                             "quantizer (a zero point too large for float32 to resolve the scale); the reloaded "
+                             "model would differ, so it cannot be saved as a packed checkpoint")
+        rows.append(pack(codes, fmt.bits))
+    return torch.stack(rows)
+
+
+def _unused_keys(layers: dict) -> set[str]:
+    """State-dict keys a packed checkpoint does not store: weights (stored as codes), zero points of signed formats,
+    and the LoRA factors already merged into the packed weight sets."""
+    keys = set()
+    for name, layer in layers.items():
+        keys.add(f"{name}.weight")
+        for q in ("weight_quantizer", "act_quantizer"):
+            if not getattr(layer, q).fmt.needs_zero_point:
+                keys.add(f"{name}.{q}.zero_point")
+    return keys
+
+
+def _is_lora_key(key: str) -> bool:
+    return ".lora." in key or key.startswith("msfp_router.")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def quantization_config(model: nn.Module) -> dict:
+    """The ``quantization_config`` block of ``msfp_quant.json`` (the keys diffusers uses, plus msfp's own)."""
+    return dict(quant_method="msfp", format_version=FORMAT_VERSION, **model.msfp_config.to_dict(),
+                modules_to_not_convert=list(model.msfp_full_precision_layers),
+                weight_storage=dict(codes="sign-magnitude format bit fields, dense LSB-first bit packing",
+                                    weight_sets=max(_num_weight_sets(layer) for layer in quant_layers(model).values())),
+                versions=dict(msfp=__version__, torch=torch.__version__, diffusers=diffusers.__version__))
+
+
+def _check_savable(layers: dict) -> None:
     uncalibrated = [n for n, layer in layers.items() if "weight_format" not in layer.info]
     if uncalibrated:
         raise ValueError(f"{len(uncalibrated)} layer(s) were never calibrated (e.g. {uncalibrated[0]!r}); run "
                          "msfp.calibrate before saving")
-    state = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()
-             if isinstance(v, torch.Tensor)}
+    disabled = [n for n, layer in layers.items() if not (layer.weight_quantizer.enabled and layer.act_quantizer.enabled)]
+    if disabled:
+        raise ValueError(f"{len(disabled)} layer(s) have a quantizer disabled (e.g. {disabled[0]!r}); a packed "
+                         "checkpoint stores quantized layers only: enable the quantizers before saving")
+    multi = [n for n, layer in layers.items() if _num_weight_sets(layer) > 1]
+    if multi:
+        raise NotImplementedError(f"{len(multi)} layer(s) have several TALoRA LoRAs (e.g. {multi[0]!r}); packed "
+                                  "checkpoints of routed models are not implemented yet (single-LoRA models are)")
+
+
+def save_quantized(model: nn.Module, directory: str | os.PathLike) -> Path:
+    """Write the calibrated (or fine-tuned) quantized model to ``directory`` as a packed checkpoint; returns its path."""
+    layers = quant_layers(model)
+    _check_savable(layers)
+    unused = _unused_keys(layers)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()
+             if isinstance(v, torch.Tensor) and k not in unused and not _is_lora_key(k)}
+    for name, layer in layers.items():
+        state[name + CODES_SUFFIX] = _packed_weights(layer)
+    fp_state = {k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
     meta = dict(
-        format_version=FORMAT_VERSION, msfp_version=__version__, quant_config=model.msfp_config.to_dict(),
-        base_model=_base_info(model), full_precision_layers=model.msfp_full_precision_layers,
-        flops=getattr(model, "msfp_flops", None),
-        base_parameters=sum(v.numel() for k, v in state.items() if "_quantizer." not in k),
+        format_version=FORMAT_VERSION, msfp_version=__version__, quantization_config=quantization_config(model),
+        base_model=_base_info(model), flops=getattr(model, "msfp_flops", None),
+        base_parameters=sum(v.numel() for k, v in fp_state.items() if "_quantizer." not in k and not _is_lora_key(k)),
         num_train_timesteps=model.msfp_context.num_train_timesteps,
         layers={n: layer.info for n, layer in layers.items()},
     )
@@ -76,7 +190,8 @@ def save_quantized(model: nn.Module, directory: str | os.PathLike) -> Path:
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp"))
     try:
         save_file(state, tmp / WEIGHTS_NAME, metadata={"format": "pt", "msfp_format_version": str(FORMAT_VERSION)})
-        (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2, default=_json_default) + "\n")
+        meta["weights_sha256"] = _sha256(tmp / WEIGHTS_NAME)
+        (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=1, default=_json_default) + "\n")
         for f in (tmp / WEIGHTS_NAME, tmp / CONFIG_NAME):
             os.chmod(f, 0o644)
         os.chmod(tmp, 0o755)  # mkdtemp creates 0700
@@ -107,9 +222,11 @@ def read_quant_meta(directory: str | os.PathLike) -> dict:
         meta = json.loads(meta_path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise ValueError(f"{meta_path}: unreadable ({e})") from e
-    version = meta.get("format_version")
+    version = meta.get("format_version") if isinstance(meta, dict) else None
     if version != FORMAT_VERSION:
-        raise ValueError(f"{meta_path}: checkpoint format version {version!r}, this msfp ({__version__}) reads "
+        hint = " (unpacked float32 weights, written by msfp before packed checkpoints; re-run msfp quantize)" \
+            if version == 1 else ""
+        raise ValueError(f"{meta_path}: checkpoint format version {version!r}{hint}; this msfp ({__version__}) reads "
                          f"version {FORMAT_VERSION}")
     return meta
 
@@ -127,19 +244,62 @@ def _build_base(meta: dict, model: nn.Module | None, where: Path) -> nn.Module:
     return cls.from_config(base["config"])
 
 
-def load_quantized(directory: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
+def _read_weights(path: Path, meta: dict) -> dict[str, torch.Tensor]:
+    file = path / WEIGHTS_NAME
+    if not file.is_file():
+        raise ValueError(f"{file} is missing")
+    if _sha256(file) != meta.get("weights_sha256"):
+        raise ValueError(f"{file}: checksum mismatch with {CONFIG_NAME}; the file is truncated, corrupted or from "
+                         "another save")
+    try:
+        return load_file(file)
+    except (OSError, SafetensorError) as e:
+        raise ValueError(f"{file}: cannot read the weights ({e}); the file is truncated or corrupted") from e
+
+
+def _expected_entries(qmodel: nn.Module, layers: dict) -> dict[str, tuple[tuple, torch.dtype]]:
+    """Shape and dtype of every tensor a packed checkpoint of ``qmodel`` holds."""
+    unused = _unused_keys(layers)
+    expected = {k: (tuple(v.shape), None) for k, v in qmodel.state_dict().items()
+                if isinstance(v, torch.Tensor) and k not in unused}
+    for name, layer in layers.items():
+        nbytes = (layer.weight.numel() * layer.weight_quantizer.fmt.bits + 7) // 8
+        expected[name + CODES_SUFFIX] = ((1, nbytes), torch.uint8)
+    return expected
+
+
+def freeze_weights(model: nn.Module) -> nn.Module:
+    """Quantize every layer's weights once and reuse them (see :meth:`~msfp.layers.QuantLayer.freeze_weights`):
+    inference runs at close to full-precision speed. Safe during fine-tuning: the cache is bypassed whenever a
+    gradient is needed and refreshed whenever a parameter changes. Returns ``model``."""
+    for layer in quant_layers(model).values():
+        layer.freeze_weights()
+    return model
+
+
+def unfreeze_weights(model: nn.Module) -> nn.Module:
+    """Drop the weight caches of :func:`freeze_weights`: every call re-runs the weight quantizers."""
+    for layer in quant_layers(model).values():
+        layer.unfreeze_weights()
+    return model
+
+
+def load_quantized(directory: str | os.PathLike, model: nn.Module | None = None, freeze: bool = True) -> nn.Module:
     """Rebuild a quantized model saved by :func:`save_quantized`, in eval mode.
 
     Diffusers models are rebuilt from their saved config (no full-precision weights needed); for a plain PyTorch
-    denoiser pass ``model``, an instance of the same architecture (its weights are replaced).
+    denoiser pass ``model``, an instance of the same architecture (its weights are replaced). With ``freeze`` the
+    layers reuse their dequantized weights instead of re-quantizing them every call (:func:`freeze_weights`; it
+    costs no memory here, the dequantized weights are the layers' weights).
     """
     path = Path(directory)
     meta = read_quant_meta(path)
+    qc = meta["quantization_config"]
     base = _build_base(meta, model, path)
-    config = QuantConfig.from_dict(meta["quant_config"])
+    config = QuantConfig.from_dict({k: v for k, v in qc.items() if k in QuantConfig.__dataclass_fields__})
     # The saved layer names, not the original selectors: the same layers whatever the roles resolve to.
     config.eight_bit_layers = [re.escape(n) for n, i in meta["layers"].items() if i["precision"] == "8bit"]
-    config.full_precision_layers = [re.escape(n) for n in meta["full_precision_layers"]]
+    config.full_precision_layers = [re.escape(n) for n in qc["modules_to_not_convert"]]
     try:
         qmodel = quantize(base, config)
     except ValueError as e:
@@ -154,20 +314,30 @@ def load_quantized(directory: str | os.PathLike, model: nn.Module | None = None)
         layer.info = dict(info)
         layer.weight_quantizer.fmt = get_format(info["weight_format"])
         layer.act_quantizer.fmt = get_format(info["act_format"])
-    try:
-        state = load_file(path / WEIGHTS_NAME)
-    except (OSError, SafetensorError) as e:
-        raise ValueError(f"{path / WEIGHTS_NAME}: cannot read the weights ({e}); the file is missing, truncated or "
-                         "corrupted") from e
-    expected = {k: v for k, v in qmodel.state_dict().items() if isinstance(v, torch.Tensor)}
+
+    state = _read_weights(path, meta)
+    expected = _expected_entries(qmodel, layers)
     problems = [f"missing {k}" for k in expected if k not in state]
     problems += [f"unexpected {k}" for k in state if k not in expected]
-    problems += [f"{k}: shape {tuple(state[k].shape)}, model expects {tuple(v.shape)}"
-                 for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    problems += [f"{k}: shape {tuple(state[k].shape)}, model expects {shape}"
+                 for k, (shape, _) in expected.items() if k in state and tuple(state[k].shape) != shape]
+    problems += [f"{k}: dtype {state[k].dtype}, expected {dtype}"
+                 for k, (_, dtype) in expected.items() if dtype is not None and k in state and state[k].dtype != dtype]
     if problems:
         raise ValueError(f"{path / WEIGHTS_NAME} does not match {meta['base_model']['class_name']}: "
                          + "; ".join(problems[:5]) + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""))
+    codes = {k[: -len(CODES_SUFFIX)]: state.pop(k) for k in list(state) if k.endswith(CODES_SUFFIX)}
     qmodel.load_state_dict(state, strict=False)
+    with torch.no_grad():
+        for name, layer in layers.items():
+            for q in (layer.weight_quantizer, layer.act_quantizer):
+                if not q.fmt.needs_zero_point:
+                    q.zero_point.zero_()
+            count = layer.weight.numel()
+            weight = _dequantize(unpack(codes[name][0], layer.weight_quantizer.fmt.bits, count), layer)
+            layer.weight.copy_(weight)
     qmodel.msfp_flops = meta.get("flops")
     qmodel.msfp_context.num_train_timesteps = meta["num_train_timesteps"]
+    if freeze:
+        freeze_weights(qmodel)
     return qmodel.eval()

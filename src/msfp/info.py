@@ -39,12 +39,12 @@ def format_table(rows: list[dict], columns: list[str]) -> str:
 def describe(meta: dict) -> str:
     rows = layer_rows(meta)
     frac = low_bit_fractions(meta)
-    config = meta["quant_config"]
+    config = meta["quantization_config"]
     flops = "unknown (not calibrated)" if frac["flops_4bit"] is None else f"{100 * frac['flops_4bit']:.1f} %"
     aals = sum(r["aal"] != "no" for r in rows)
     text = [format_table(rows, ["name", "kind", "bits", "weight", "act", "aal", "weight_mse", "act_mse"]), "",
             f"preset {config['name']}: {frac['layers']} quantized layers, {frac['layers_4bit']} at 4 bits, "
-            f"{aals} AALs; full precision: {', '.join(meta['full_precision_layers']) or 'none'}; attention matmuls: "
+            f"{aals} AALs; full precision: {', '.join(config['modules_to_not_convert']) or 'none'}; attention matmuls: "
             f"{'quantized' if config['quantize_attention'] else 'full precision'}",
             f"weights at 4 bits: {100 * frac['weights_4bit']:.1f} % of {meta['base_parameters']:,} parameters; "
             f"FLOPs at 4 bits: {flops} of one forward"]

@@ -85,12 +85,59 @@ class QuantLayer(nn.Module):
         self.info: dict = {}
         self.observer = None
         self.lora = None  # a msfp.talora.LoRABank once TALoRA is added: W_k = W + B_k A_k, merged before Q_w
+        self._weight_cache: dict[int, tuple] | None = None  # k -> (params, key, Q_w(W_k)) once frozen
 
     def effective_weight(self, k: int = 0) -> torch.Tensor:
         return self.weight if self.lora is None else self.weight + self.lora.delta(k)
 
     def quantized_weight(self, k: int = 0) -> torch.Tensor:
+        if self._weight_cache is not None:
+            cached = self._cached_weight(k)
+            if cached is not None:
+                return cached
         return self.weight_quantizer(self.effective_weight(k))
+
+    def freeze_weights(self) -> None:
+        """Inference: quantize the weights once and reuse them on later calls instead of re-running ``Q_w``.
+
+        The cache can never go stale: it is keyed on the weight's, the quantizer's and the LoRAs' parameters (identity,
+        in-place version, storage) and the format, and recomputed when any changed; it is bypassed whenever autograd
+        would need the weight's gradient (fine-tuning). Where ``Q_w(W)`` is ``W`` itself (a loaded packed checkpoint)
+        the cache is the weight tensor, so it costs no memory.
+        """
+        self._weight_cache = {}
+        with torch.no_grad():
+            for k in range(1 if self.lora is None else self.lora.num_loras):
+                self._cached_weight(k)
+
+    def unfreeze_weights(self) -> None:
+        self._weight_cache = None
+
+    @property
+    def weights_frozen(self) -> bool:
+        return self._weight_cache is not None
+
+    def _cache_params(self) -> tuple:
+        lora = tuple(self.lora.parameters()) if self.lora is not None else ()
+        return (self.weight, *self.weight_quantizer.parameters(), *lora)
+
+    def _cached_weight(self, k: int) -> torch.Tensor | None:
+        params = self._cache_params()
+        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+            return None
+        q = self.weight_quantizer
+        key = (q.fmt, q.enabled, tuple((p._version, p.data_ptr(), p.dtype, p.device) for p in params))
+        entry = self._weight_cache.get(k)
+        # Holding the parameters in the entry keeps their ids from being reused, so `is` identifies them.
+        if (entry is not None and entry[1] == key and len(entry[0]) == len(params)
+                and all(a is b for a, b in zip(entry[0], params))):
+            return entry[2]
+        with torch.no_grad(), torch.inference_mode(False):  # a normal tensor, usable outside inference mode too
+            w = q(self.effective_weight(k)).detach()
+            if torch.equal(w, self.weight):
+                w = self.weight.detach()
+        self._weight_cache[k] = (params, key, w)
+        return w
 
     def _op(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         if self.kind == "linear":
