@@ -17,33 +17,17 @@ import copy
 import json
 import sys
 import time
-from collections import defaultdict
 
 import torch
 
 import msfp
 from msfp.calibration import collect_trajectories
 from msfp.environment import machine_info
+from msfp.evaluation import per_timestep_eps_mse
 from msfp.feature_net import compute_features, load_feature_net, load_reference_stats
 from msfp.fileio import write_json
 from msfp.metrics import classifier_score, feature_stats, frechet_distance
 from msfp.sampling import sample
-
-
-@torch.no_grad()
-def per_timestep_mse(model, points, device, batch_size=256) -> dict[int, float]:
-    sums, counts = defaultdict(float), defaultdict(int)
-    for start in range(0, len(points), batch_size):
-        sl = slice(start, start + batch_size)
-        x, t, eps = points.x[sl].to(device), points.t[sl].to(device), points.eps[sl]
-        cond = {k: v[sl].to(device) for k, v in points.cond.items()}
-        out = model(x, t, **cond)
-        out = getattr(out, "sample", out).float().cpu()[:, : eps.shape[1]]
-        err = (out - eps).pow(2).flatten(1).mean(1)
-        for ti, e in zip(t.tolist(), err.tolist()):
-            sums[ti] += e
-            counts[ti] += 1
-    return {ti: sums[ti] / counts[ti] for ti in sorted(sums, reverse=True)}
 
 
 def sample_quality(images, reference, net) -> dict:
@@ -91,7 +75,7 @@ def main(argv=None) -> None:
         report = msfp.calibrate(qmodel, fp, scheduler, num_samples=args.calib_samples, num_steps=args.calib_steps,
                                 seed=args.seed, batch_size=args.batch)
         calib_seconds = time.time() - start
-        mse = per_timestep_mse(qmodel, heldout, device, args.batch)
+        mse = per_timestep_eps_mse(qmodel, heldout, device, args.batch)
         start = time.time()
         images = draw(qmodel)
         layers = msfp.surgery.quant_layers(qmodel).values()

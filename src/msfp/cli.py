@@ -148,5 +148,48 @@ def eval_(samples_path, ref, ref_images, data_dir, inception_weights, paired_pat
         click.echo(f"wrote {json_path}")
 
 
+@main.command()
+@click.option("--model", "model_spec", default="default", help="'default', a save_pretrained directory or a Hub id")
+@click.option("--methods", default=None, help="comma-separated method names (fp is always run: it is the "
+              "reference); default: fp,w4a4-int,w4a4-fp,w4a4-msfp,w6a6-msfp,torchao-mxfp4,torchao-nvfp4")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="report directory: index.html, results.json, samples/, cache/")
+@click.option("--num", "-n", "num_samples", default=128, help="images per method")
+@click.option("--steps", default=20, help="DDIM sampling steps")
+@click.option("--calib-samples", default=64, help="calibration trajectories (images)")
+@click.option("--calib-steps", default=25, help="DDIM steps per calibration (and held-out) trajectory")
+@click.option("--heldout-samples", default=16, help="held-out trajectories for the per-timestep noise MSE")
+@click.option("--seed", default=0, help="image i of every method is drawn with seed + i")
+@click.option("--batch", default=128, help="images per denoiser call")
+@click.option("--ref", type=click.Path(dir_okay=False), default=None,
+              help="reference .npz (images or feature-net statistics), as for msfp eval; default: Fashion-MNIST test")
+@click.option("--ref-images", type=click.Path(file_okay=False), default=None, help="directory of reference images")
+@click.option("--data-dir", type=click.Path(file_okay=False), default=None,
+              help="Fashion-MNIST IDX files for the default reference (default: Debian's dataset-fashion-mnist)")
+@click.option("--device", default=None, help="default: cuda if available, else cpu")
+def compare(model_spec, methods, out, num_samples, steps, calib_samples, calib_steps, heldout_samples, seed, batch,
+            ref, ref_images, data_dir, device):
+    """Run several methods on one model with the same seeds; write OUT/index.html and OUT/results.json."""
+    import shlex
+    import sys
+
+    from msfp.compare import CompareSettings, metrics_table, parse_methods, run_compare
+    from msfp.evaluation import load_reference
+
+    with _user_errors():
+        names = parse_methods(methods)
+        reference = load_reference(ref, ref_images, data_dir)
+        settings = CompareSettings(model=model_spec, num_samples=num_samples, steps=steps, calib_samples=calib_samples,
+                                   calib_steps=calib_steps, heldout_samples=heldout_samples, seed=seed,
+                                   batch_size=batch, device=device)
+        command = shlex.join(["msfp", *sys.argv[1:]])
+        result = run_compare(settings, names, out, command=command, reference=reference)
+    click.echo(metrics_table(result))
+    for name, why in result["skipped_methods"].items():
+        click.echo(f"skipped {name}: {why}")
+    click.echo(f"report: {Path(out) / 'index.html'} (open it in a browser); results: {Path(out) / 'results.json'}; "
+               f"wall time {result['wall_seconds']:.0f} s")
+
+
 if __name__ == "__main__":
     main()

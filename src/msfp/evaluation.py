@@ -4,6 +4,8 @@
   FD, KID, classifier score, precision/recall.
 - Inception-v3 (:mod:`msfp.inception`, only with a local weights file): FID, sFID, IS, precision/recall.
 - Paired (samples drawn from the same seeds, e.g. by the full-precision model): PSNR and MSE.
+- Per-timestep noise-prediction MSE of a model against the full-precision outputs stored with trajectory points
+  (:func:`per_timestep_eps_mse`).
 
 Metrics that cannot be computed are listed with the reason in ``result["skipped"]``, never silently left out.
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,6 +48,9 @@ class Reference:
     stats: tuple | None = None
     # Why there are no images (so KID, precision/recall and Inception FID cannot be computed).
     no_images_reason: str | None = None
+    # Feature-net features of ``images``, computed on first use: evaluating several sample files against one
+    # reference (msfp compare) computes them once.
+    features: torch.Tensor | None = None
 
 
 def load_image_dir(path: str | os.PathLike) -> np.ndarray:
@@ -123,6 +129,26 @@ def psnr(images, others) -> tuple[float, float]:
     return (10 * math.log10(255.0 ** 2 / mse) if mse > 0 else math.inf), mse
 
 
+@torch.no_grad()
+def per_timestep_eps_mse(model, points, device=None, batch_size: int = 256) -> dict[int, float]:
+    """Mean squared error between ``model``'s noise predictions and the full-precision ones (``points.eps``, from
+    :func:`msfp.calibration.collect_trajectories`), per timestep, in sampling order (largest timestep first)."""
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    sums, counts = defaultdict(float), defaultdict(int)
+    for start in range(0, len(points), batch_size):
+        sl = slice(start, start + batch_size)
+        x, t, eps = points.x[sl].to(device), points.t[sl].to(device), points.eps[sl]
+        cond = {k: v[sl].to(device) for k, v in points.cond.items()}
+        out = model(x, t, **cond)
+        # Learned-variance models (DiT) also output the variance: compare the noise channels only.
+        out = getattr(out, "sample", out).float().cpu()[:, : eps.shape[1]]
+        err = (out - eps).pow(2).flatten(1).mean(1)
+        for ti, e in zip(t.tolist(), err.tolist()):
+            sums[ti] += e
+            counts[ti] += 1
+    return {ti: sums[ti] / counts[ti] for ti in sorted(sums, reverse=True)}
+
+
 def _feature_net_metrics(images, reference: Reference, metrics: dict, skipped: dict, device) -> None:
     if images.shape[1:] != (32, 32, 1):
         skipped["fd, kid, classifier_score, precision, recall"] = (
@@ -138,7 +164,9 @@ def _feature_net_metrics(images, reference: Reference, metrics: dict, skipped: d
     elif reference.images.shape[1:] != images.shape[1:]:
         raise ValueError(f"reference images are {reference.images.shape[1:]} but samples are {images.shape[1:]}")
     else:
-        ref_feats, _ = compute_features(net, from_uint8(reference.images))
+        if reference.features is None:
+            reference.features, _ = compute_features(net, from_uint8(reference.images))
+        ref_feats = reference.features
         metrics["kid"], metrics["kid_std"] = kid(feats, ref_feats)
         metrics["precision"], metrics["recall"] = precision_recall(ref_feats, feats)
     metrics["fd"] = frechet_distance(*feature_stats(feats), *(reference.stats or feature_stats(ref_feats)))

@@ -1,0 +1,284 @@
+"""``msfp compare``: every method on one model, the same seeds, one report (``results.json`` and ``index.html``).
+
+A *method* is a name in :data:`METHODS` mapping to a function that builds the model to evaluate from the
+full-precision one (:func:`register_method` adds more, e.g. fine-tuned variants). For each method the run
+
+1. builds the model (PTQ presets: :func:`msfp.quantize` + :func:`msfp.calibrate`; the calibration trajectories and
+   layer inputs are cached in ``OUT/cache`` and shared by all presets);
+2. measures the noise-prediction MSE against the full-precision model on held-out trajectory points, per timestep;
+3. samples ``num_samples`` images (image ``i`` from seed ``seed + i``, identical for every method) into
+   ``OUT/samples/NAME.npz`` and a PNG grid, and evaluates them as ``msfp eval`` does, paired with the
+   full-precision samples.
+
+Seeds: samples ``seed + i``; calibration trajectories ``seed + 10000 + i``; held-out points ``seed + 20000 + i``, so
+no method is evaluated on the trajectories it was calibrated on.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from msfp.calibration import Trajectories, calibrate, collect_trajectories
+from msfp.checkpoint import read_quant_meta, save_quantized
+from msfp.config import PRESETS
+from msfp.environment import machine_info
+from msfp.evaluation import evaluate, load_reference, per_timestep_eps_mse
+from msfp.fileio import write_json
+from msfp.info import format_table, layer_rows, low_bit_fractions
+from msfp.models import load_model
+from msfp.samples import generate, grid_path
+from msfp.surgery import quant_layers, quantize
+from msfp.torchao_baselines import RECIPES, quantize_torchao, unavailable_reason
+
+CALIB_SEED_OFFSET = 10_000
+HELDOUT_SEED_OFFSET = 20_000
+REFERENCE_METHOD = "fp"
+DEFAULT_METHODS = ("fp", "w4a4-int", "w4a4-fp", "w4a4-msfp", "w6a6-msfp", "torchao-mxfp4", "torchao-nvfp4")
+
+
+@dataclass
+class CompareSettings:
+    model: str = "default"
+    num_samples: int = 128
+    steps: int = 20
+    calib_samples: int = 64
+    calib_steps: int = 25
+    heldout_samples: int = 16
+    seed: int = 0
+    batch_size: int = 128
+    device: str | None = None
+
+
+@dataclass
+class Context:
+    """What a method's build function gets: the full-precision model and scheduler, the settings, the shared
+    calibration cache, the held-out trajectory points (for evaluation only: never train or calibrate on them) and
+    whether to show progress bars."""
+
+    fp_model: nn.Module
+    scheduler: object
+    settings: CompareSettings
+    cache_dir: Path
+    heldout: Trajectories
+    disable: bool = False
+
+
+@dataclass
+class Built:
+    """A method's model and what is known about it: calibration time and breakdown, the per-layer table
+    (:func:`msfp.info.layer_rows` rows), the AALs (name and reason), the fractions of weights and FLOPs at 4 bits
+    (:func:`msfp.info.low_bit_fractions`) and free-form notes."""
+
+    model: nn.Module
+    calibration: dict | None = None
+    layers: list[dict] | None = None
+    aals: list[dict] | None = None
+    low_bit: dict | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Method:
+    name: str
+    description: str
+    build: Callable[[Context], Built]
+    #: returns why the method cannot run here (the report lists it as skipped), or None
+    unavailable: Callable[[], str | None] = lambda: None
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register_method(name: str, build: Callable[[Context], Built], description: str,
+                    unavailable: Callable[[], str | None] | None = None) -> Method:
+    """Make ``name`` usable in ``msfp compare --methods``; ``build(context) -> Built``."""
+    if name in METHODS:
+        raise ValueError(f"method {name!r} is already registered")
+    if "," in name or not name.strip():
+        raise ValueError(f"method names must be non-empty and contain no comma, got {name!r}")
+    METHODS[name] = Method(name, description, build, unavailable or (lambda: None))
+    return METHODS[name]
+
+
+def summarize_quantized(qmodel: nn.Module) -> dict:
+    """``layers``, ``aals`` and ``low_bit`` of a calibrated msfp model, from the metadata :func:`msfp.save_quantized`
+    writes (so the report shows exactly what ``msfp info`` would)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        meta = read_quant_meta(save_quantized(qmodel, Path(tmp) / "model"))
+    aals = [dict(name=name, reason=info["aal_reason"]) for name, info in meta["layers"].items() if info.get("aal")]
+    return dict(layers=layer_rows(meta), aals=aals, low_bit=low_bit_fractions(meta))
+
+
+def build_ptq(ctx: Context, preset: str) -> Built:
+    """Quantize a copy of the full-precision model with ``preset`` and calibrate it (shared cache)."""
+    s = ctx.settings
+    qmodel = quantize(copy.deepcopy(ctx.fp_model), preset)
+    start = time.time()
+    report = calibrate(qmodel, ctx.fp_model, ctx.scheduler, num_samples=s.calib_samples, num_steps=s.calib_steps,
+                       seed=s.seed + CALIB_SEED_OFFSET, batch_size=s.batch_size, cache_dir=ctx.cache_dir,
+                       disable=ctx.disable)
+    calibration = dict(seconds=time.time() - start, points=report.num_points,
+                       trajectory_seconds=report.trajectory_seconds, record_seconds=report.record_seconds,
+                       search_seconds=report.search_seconds, cached=report.cached)
+    return Built(qmodel, calibration=calibration, **summarize_quantized(qmodel))
+
+
+def four_bit_layers(fp_model: nn.Module) -> list[str]:
+    """The layers msfp's default policy puts at 4 bits (all but the first/last conv and the timestep MLP)."""
+    return [name for name, layer in quant_layers(quantize(copy.deepcopy(fp_model), "w4a4-msfp")).items()
+            if layer.precision == "4bit"]
+
+
+@torch.no_grad()
+def _flops_by_layer(model: nn.Module, ctx: Context) -> tuple[dict[str, int], int]:
+    """FLOPs of one sample's forward per module name, and in total (convs, matmuls, attention)."""
+    x, t, cond = next(ctx.heldout.batches(1))
+    device = next(model.parameters()).device
+    with FlopCounterMode(display=False) as counter:
+        model(x.to(device), t.to(device), **{k: v.to(device) for k, v in cond.items()})
+    prefix = type(model).__name__ + "."
+    per = {k[len(prefix):]: sum(v.values()) for k, v in counter.get_flop_counts().items() if k.startswith(prefix)}
+    return per, int(counter.get_total_flops())
+
+
+def build_torchao(ctx: Context, recipe: str) -> Built:
+    """torchao's emulated W4A4 ``recipe`` on the layers msfp puts at 4 bits; the other layers stay full precision."""
+    names = four_bit_layers(ctx.fp_model)
+    model, skipped = quantize_torchao(copy.deepcopy(ctx.fp_model), recipe, names)
+    done = [n for n in names if n not in skipped]
+    flops, total = _flops_by_layer(model, ctx)
+    modules = dict(model.named_modules())
+    layers = [dict(name=n, kind=type(modules[n].module).__name__.lower(), bits="4bit", weight=recipe, act=recipe,
+                   aal="n/a") for n in done]
+    low_bit = dict(layers=len(names), layers_4bit=len(done),
+                   weights_4bit=sum(modules[n].module.weight.numel() for n in done)
+                   / sum(p.numel() for p in ctx.fp_model.parameters()),
+                   flops_4bit=sum(flops.get(n, 0) for n in done) / total)
+    notes = [f"{RECIPES[recipe]}, torchao's emulated path (dequantize, then a full-precision conv/matmul); dynamic "
+             "activation scales, no calibration. First/last conv and timestep MLP stay full precision (msfp keeps "
+             "them at 8 bits)."]
+    notes += [f"{n} stays full precision: {why}" for n, why in skipped.items()]
+    return Built(model, layers=layers, aals=[], low_bit=low_bit, notes=notes)
+
+
+register_method(REFERENCE_METHOD, lambda ctx: Built(ctx.fp_model), "full precision (the reference)")
+for _preset in PRESETS:
+    register_method(_preset, lambda ctx, p=_preset: build_ptq(ctx, p), f"msfp PTQ, preset {_preset}")
+for _recipe in RECIPES:
+    register_method(f"torchao-{_recipe}", lambda ctx, r=_recipe: build_torchao(ctx, r),
+                    f"torchao {RECIPES[_recipe]} W4A4, emulated", unavailable_reason)
+
+
+def parse_methods(text: str | None) -> list[str]:
+    """Method names from ``"a,b,c"`` (None: :data:`DEFAULT_METHODS`), the reference ``fp`` first; clear errors."""
+    names = list(DEFAULT_METHODS) if text is None else [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown method(s) {', '.join(map(repr, unknown))}; valid methods: {', '.join(METHODS)}")
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ValueError(f"method(s) listed twice: {', '.join(duplicates)}")
+    # Paired metrics compare every method with the full-precision samples, so those are always drawn.
+    return [REFERENCE_METHOD] + [n for n in names if n != REFERENCE_METHOD]
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def run_compare(settings: CompareSettings, methods: list[str], out, command: str | None = None, reference=None,
+                disable: bool = False) -> dict:
+    """Run ``methods`` (see :func:`parse_methods`) and write ``out/results.json`` and ``out/index.html``; returns
+    the results. ``reference`` is a :class:`msfp.evaluation.Reference` (default: Fashion-MNIST test split)."""
+    from msfp.report import write_report
+
+    began = time.time()
+    out = Path(out)
+    s = settings
+    device = torch.device(s.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    fp_model, scheduler = load_model(s.model)
+    fp_model.to(device)
+    reference = reference if reference is not None else load_reference()
+    _log(f"held-out points: {s.heldout_samples} full-precision trajectories x {s.calib_steps} steps")
+    heldout = collect_trajectories(fp_model, scheduler, s.heldout_samples, s.calib_steps,
+                                   seed=s.seed + HELDOUT_SEED_OFFSET, batch_size=s.batch_size, disable=disable)
+    ctx = Context(fp_model, scheduler, s, out / "cache", heldout, disable)
+    results, skipped = {}, {}
+    fp_samples = out / "samples" / f"{REFERENCE_METHOD}.npz"
+    for k, name in enumerate(methods, 1):
+        method = METHODS[name]
+        reason = method.unavailable()
+        if reason is not None:
+            _log(f"[{k}/{len(methods)}] {name}: skipped ({reason})")
+            skipped[name] = reason
+            continue
+        _log(f"[{k}/{len(methods)}] {name}: {method.description}")
+        built = method.build(ctx)
+        eps = None if name == REFERENCE_METHOD else per_timestep_eps_mse(built.model, heldout, device, s.batch_size)
+        path = out / "samples" / f"{name}.npz"
+        samples = generate(built.model, scheduler, path, s.num_samples, s.steps, seed=s.seed,
+                           batch_size=s.batch_size, meta=dict(model=s.model, method=name), disable=disable,
+                           device=device)
+        evaluation = evaluate(path, reference, paired_path=None if name == REFERENCE_METHOD else fp_samples,
+                              device=device)
+        results[name] = dict(
+            description=method.description, metrics=evaluation["metrics"], skipped_metrics=evaluation["skipped"],
+            eps_mse_mean=None if eps is None else sum(eps.values()) / len(eps), eps_mse_per_timestep=eps,
+            calibration=built.calibration, sample_seconds=samples["meta"]["sample_time_s"], low_bit=built.low_bit,
+            layers=built.layers, aals=built.aals, notes=built.notes,
+            samples=str(path.relative_to(out)), grid=str(grid_path(path).relative_to(out)))
+    result = dict(
+        command=command, settings=dataclasses.asdict(s), device=str(device),
+        seeds=dict(samples=f"{s.seed}..{s.seed + s.num_samples - 1}",
+                   calibration=f"{s.seed + CALIB_SEED_OFFSET}..{s.seed + CALIB_SEED_OFFSET + s.calib_samples - 1}",
+                   heldout=f"{s.seed + HELDOUT_SEED_OFFSET}..{s.seed + HELDOUT_SEED_OFFSET + s.heldout_samples - 1}"),
+        reference=reference.name, machine=machine_info(device), methods=results, skipped_methods=skipped,
+        wall_seconds=None)
+    result["wall_seconds"] = round(time.time() - began, 1)
+    write_json(out / "results.json", result)
+    write_report(result, out)
+    return result
+
+
+# (key, header, format) of the metrics table, in column order.
+TABLE_COLUMNS = (
+    ("fd", "FD↓", "{:.1f}"), ("kid", "KID↓", "{:.0f}"), ("classifier_score", "cls score↑", "{:.2f}"),
+    ("precision", "prec.↑", "{:.2f}"), ("recall", "recall↑", "{:.2f}"), ("psnr", "PSNR vs fp↑", "{:.1f}"),
+    ("eps_mse_mean", "eps MSE vs fp↓", "{:.2e}"), ("calibration_seconds", "calib. s", "{:.1f}"),
+    ("sample_seconds", "sample s", "{:.1f}"), ("weights_4bit", "W 4-bit %", "{:.1%}"),
+    ("flops_4bit", "FLOPs 4-bit %", "{:.1%}"),
+)
+
+
+def table_rows(result: dict) -> list[dict]:
+    """One dict per method: the values of :data:`TABLE_COLUMNS` (None where not applicable)."""
+    rows = []
+    for name, r in result["methods"].items():
+        values = dict(r["metrics"], eps_mse_mean=r["eps_mse_mean"], sample_seconds=r["sample_seconds"],
+                      calibration_seconds=(r["calibration"] or {}).get("seconds"), **(r["low_bit"] or {}))
+        rows.append(dict(method=name, **{key: values.get(key) for key, _, _ in TABLE_COLUMNS}))
+    return rows
+
+
+def format_cell(key: str, value) -> str:
+    fmt = {k: f for k, _, f in TABLE_COLUMNS}[key]
+    return "—" if value is None else fmt.format(value).replace("%", "")
+
+
+def metrics_table(result: dict) -> str:
+    """The metrics table as aligned text (what ``msfp compare`` prints)."""
+    headers = ["method"] + [h for _, h, _ in TABLE_COLUMNS]
+    rows = [{"method": r["method"], **{h: format_cell(k, r[k]) for k, h, _ in TABLE_COLUMNS}}
+            for r in table_rows(result)]
+    return format_table(rows, headers)

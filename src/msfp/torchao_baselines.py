@@ -1,0 +1,106 @@
+"""torchao's MXFP4 and NVFP4 W4A4 recipes, emulated on any denoiser: the "what a user would pick instead" rows.
+
+torchao's inference configs (``MXDynamicActivationMXWeightConfig``, ``NVFP4DynamicActivationNVFP4WeightConfig``)
+handle ``nn.Linear`` only and their real kernels need Blackwell GPUs, while diffusion UNets are mostly
+convolutions. torchao's *emulated* GEMM dequantizes both operands and multiplies in high precision, so this module
+does the same for every selected ``Conv2d``/``Linear``: weights and inputs go through torchao's own quantizers
+(``MXTensor.to_mx`` / ``NVFP4Tensor.to_nvfp4``) and back, with the recipe's block size and scale rule, blocks running
+along the input channels (the reduction dimension, as in an NHWC implicit GEMM). Activation scales are dynamic (per
+call), as in torchao's recipes, so there is no calibration.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+RECIPES = {
+    "mxfp4": "MXFP4 (E2M1 values, one E8M0 scale per 32 input channels)",
+    "nvfp4": "NVFP4 (E2M1 values, one E4M3 scale per 16 input channels and one FP32 scale per tensor)",
+}
+
+
+def unavailable_reason() -> str | None:
+    """Why the torchao rows cannot run here, or None when they can."""
+    if importlib.util.find_spec("torchao") is None:
+        return "torchao is not installed (pip install torchao)"
+    try:
+        from torchao.prototype.mx_formats.mx_tensor import MXTensor  # noqa: F401
+        from torchao.prototype.mx_formats.nvfp4_tensor import NVFP4Tensor  # noqa: F401
+    except Exception as e:  # a torchao built for another torch fails in many ways; all mean "cannot run"
+        return f"torchao is installed but its MX/NVFP4 formats do not import ({type(e).__name__}: {e})"
+    if not hasattr(torch, "float4_e2m1fn_x2"):
+        return f"torch {torch.__version__} has no float4_e2m1fn_x2 dtype, which torchao's FP4 formats need"
+    return None
+
+
+def _fake_quantizer(recipe: str):
+    """``fq(x)``: x quantized and dequantized by torchao along its last dimension; and the block size."""
+    if recipe == "mxfp4":
+        from torchao.prototype.mx_formats.inference_workflow import MXDynamicActivationMXWeightConfig
+        from torchao.prototype.mx_formats.mx_tensor import MXTensor
+
+        config = MXDynamicActivationMXWeightConfig(activation_dtype=torch.float4_e2m1fn_x2,
+                                                   weight_dtype=torch.float4_e2m1fn_x2)
+        return (lambda x: MXTensor.to_mx(x, config.weight_dtype, block_size=config.block_size,
+                                         scaling_mode=config.scaling_mode).dequantize(x.dtype)), config.block_size
+    if recipe == "nvfp4":
+        from torchao.prototype.mx_formats.nvfp4_tensor import NVFP4Tensor, per_tensor_amax_to_scale
+
+        # The recipe's default: per-tensor scale from the tensor's own amax (use_dynamic_per_tensor_scale=True).
+        return (lambda x: NVFP4Tensor.to_nvfp4(x, per_tensor_scale=per_tensor_amax_to_scale(x.abs().max()))
+                .dequantize(x.dtype)), 16
+    raise ValueError(f"unknown torchao recipe {recipe!r}; choose from {', '.join(RECIPES)}")
+
+
+def _along_channels(fq, x: torch.Tensor, channel_dim: int) -> torch.Tensor:
+    """``fq`` with blocks along ``channel_dim``; torchao's quantizers take 2-D (rows, blocked dim) tensors."""
+    moved = x.movedim(channel_dim, -1)
+    return fq(moved.reshape(-1, moved.shape[-1]).contiguous()).view(moved.shape).movedim(-1, channel_dim)
+
+
+class TorchaoFakeQuant(nn.Module):
+    """A ``Conv2d``/``Linear`` whose weight (once) and input (every call) pass through a torchao W4A4 recipe."""
+
+    def __init__(self, module: nn.Module, recipe: str):
+        super().__init__()
+        fq, block = _fake_quantizer(recipe)
+        in_channels = module.weight.shape[1]
+        if in_channels % block:
+            raise ValueError(f"{recipe} needs input channels divisible by {block}, got {in_channels}")
+        if isinstance(module, nn.Conv2d) and (module.groups != 1 or module.padding_mode != "zeros"):
+            raise ValueError("only ungrouped, zero-padded convolutions are supported")
+        self.module, self.fq = module, fq
+        with torch.no_grad():
+            weight = _along_channels(fq, module.weight.detach().float(), 1).to(module.weight.dtype)
+        self.register_buffer("qweight", weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.module
+        if isinstance(m, nn.Linear):
+            return F.linear(_along_channels(self.fq, x, -1), self.qweight, m.bias)
+        return F.conv2d(_along_channels(self.fq, x, 1), self.qweight, m.bias, m.stride, m.padding, m.dilation)
+
+
+def quantize_torchao(model: nn.Module, recipe: str, layer_names) -> tuple[nn.Module, dict[str, str]]:
+    """Replace the named ``Conv2d``/``Linear`` layers by :class:`TorchaoFakeQuant` in place.
+
+    Returns the model and ``{name: reason}`` for the named layers the recipe cannot take (they stay full precision).
+    """
+    reason = unavailable_reason()
+    if reason is not None:
+        raise ImportError(reason)
+    skipped = {}
+    for name in layer_names:
+        module = model.get_submodule(name)
+        try:
+            wrapped = TorchaoFakeQuant(module, recipe)
+        except ValueError as e:
+            skipped[name] = str(e)
+            continue
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, wrapped)
+    return model, skipped

@@ -1,0 +1,135 @@
+import json
+import re
+
+import pytest
+from click.testing import CliRunner
+
+from msfp.cli import main
+from msfp.compare import METHODS, CompareSettings, parse_methods, register_method, run_compare
+from msfp.report import error_plot_svg
+
+TINY = ["--num", 10, "--steps", 2, "--calib-samples", 3, "--calib-steps", 2, "--heldout-samples", 2, "--batch", 8]
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def compare(tmp_path, name, model_dir, methods="fp,w4a4-int,w4a4-msfp"):
+    r = run("compare", "--model", model_dir, "--methods", methods, "--out", tmp_path / name, *TINY)
+    assert r.exit_code == 0, r.output
+    return r, json.loads((tmp_path / name / "results.json").read_text())
+
+
+def without_timings(result):
+    out = {}
+    for name, r in result["methods"].items():
+        calibration = {k: v for k, v in (r["calibration"] or {}).items() if not k.endswith("seconds") and k != "cached"}
+        out[name] = dict(r, sample_seconds=None, calibration=calibration)
+    return out
+
+
+def test_compare_writes_results_and_self_contained_report(tmp_path, tiny_model_dir):
+    r, result = compare(tmp_path, "a", tiny_model_dir)
+    assert f"report: {tmp_path / 'a' / 'index.html'}" in r.output
+    assert re.search(r"^w4a4-msfp\s", r.output, re.M) and "PSNR vs fp" in r.output
+    assert list(result["methods"]) == ["fp", "w4a4-int", "w4a4-msfp"]
+    assert result["settings"]["num_samples"] == 10 and result["seeds"]["samples"] == "0..9"
+    assert result["machine"]["versions"]["msfp"] and result["wall_seconds"] > 0
+    fp, msfp = result["methods"]["fp"], result["methods"]["w4a4-msfp"]
+    assert fp["eps_mse_per_timestep"] is None and fp["calibration"] is None and fp["layers"] is None
+    # The tiny model's 8x8 images do not fit the feature net: those metrics are skipped with a reason, not faked.
+    assert "feature network takes 32x32x1" in " ".join(msfp["skipped_metrics"].values())
+    assert msfp["metrics"]["psnr"] > 0 and msfp["eps_mse_mean"] > 0
+    assert len(msfp["eps_mse_per_timestep"]) == 2 and msfp["calibration"]["points"] == 6
+    assert 0 < msfp["low_bit"]["weights_4bit"] <= 1 and msfp["layers"][0].keys() >= {"name", "weight", "act", "aal"}
+    assert msfp["aals"] and all(a["reason"] for a in msfp["aals"])
+    assert any(row["act"].startswith("u") for row in msfp["layers"])  # mixup-sign picked unsigned somewhere
+    assert (tmp_path / "a" / msfp["grid"]).is_file() and (tmp_path / "a" / msfp["samples"]).is_file()
+
+    html = (tmp_path / "a" / "index.html").read_text()
+    # Self-contained: nothing is loaded from elsewhere (images are data: URIs, the plot is inline SVG).
+    assert not re.search(r"""(src|href)\s*=\s*["'](?!data:)""", html), "external resource in the report"
+    assert "<link" not in html and "<script" not in html and "@import" not in html and "url(" not in html
+    assert html.count('src="data:image/png;base64,') == 3 and "<svg" in html and "<polyline" in html
+    for text in ("w4a4-msfp", "Per-layer formats", "AALs", result["machine"]["cpu"]):
+        assert text in html
+
+
+def test_same_seed_same_numbers(tmp_path, tiny_model_dir):
+    _, a = compare(tmp_path, "a", tiny_model_dir, "fp,w4a4-fp")
+    _, b = compare(tmp_path, "b", tiny_model_dir, "fp,w4a4-fp")
+    assert without_timings(a) == without_timings(b)
+
+
+def test_bad_method_lists_valid_ones(tmp_path):
+    r = run("compare", "--methods", "fp,w4a4-msfq", "--out", tmp_path / "x")
+    assert r.exit_code == 1
+    assert "unknown method(s) 'w4a4-msfq'; valid methods: fp, w4a4-msfp" in r.output
+    assert not (tmp_path / "x").exists()
+    with pytest.raises(ValueError, match="listed twice: w4a4-fp"):
+        parse_methods("w4a4-fp,w4a4-fp")
+    assert parse_methods("w4a4-int") == ["fp", "w4a4-int"]  # the reference is always drawn
+
+
+def test_registered_method_and_unavailable_method(tmp_path, tiny_model_dir):
+    from msfp.compare import build_ptq
+
+    def finetuned(ctx):
+        built = build_ptq(ctx, "w4a4-msfp")
+        built.notes.append("fine-tuned for 0 steps")
+        return built
+
+    register_method("test-ft", finetuned, "a registered variant")
+    register_method("test-missing", finetuned, "never runs", unavailable=lambda: "needs a library that is absent")
+    try:
+        with pytest.raises(ValueError, match="already registered"):
+            register_method("test-ft", finetuned, "twice")
+        settings = CompareSettings(model=str(tiny_model_dir), num_samples=4, steps=2, calib_samples=2, calib_steps=2,
+                                   heldout_samples=1, batch_size=4)
+        result = run_compare(settings, parse_methods("test-ft,test-missing"), tmp_path / "r", disable=True)
+    finally:
+        METHODS.pop("test-ft")
+        METHODS.pop("test-missing")
+    assert list(result["methods"]) == ["fp", "test-ft"]
+    assert result["methods"]["test-ft"]["notes"] == ["fine-tuned for 0 steps"]
+    assert result["skipped_methods"] == {"test-missing": "needs a library that is absent"}
+    assert "needs a library that is absent" in (tmp_path / "r" / "index.html").read_text()
+
+
+def test_torchao_rows_are_skipped_with_a_reason_when_it_cannot_run(tmp_path, tiny_model_dir, monkeypatch):
+    monkeypatch.setattr("msfp.torchao_baselines.importlib.util.find_spec", lambda name: None)
+    r = run("compare", "--model", tiny_model_dir, "--methods", "torchao-mxfp4", "--out", tmp_path / "t", *TINY)
+    assert r.exit_code == 0, r.output
+    assert "skipped torchao-mxfp4: torchao is not installed" in r.output
+    result = json.loads((tmp_path / "t" / "results.json").read_text())
+    assert list(result["methods"]) == ["fp"] and "torchao-mxfp4" in result["skipped_methods"]
+
+
+def test_error_plot_is_log_scaled_and_handles_no_data():
+    svg = error_plot_svg({"a": {900: 1e-3, 0: 1e-1}, "b": {900: 2e-3, 0: 0.5}})
+    assert svg.startswith("<svg") and svg.count("<polyline") == 2 and ">1e-3<" in svg and ">1e0<" in svg
+    assert "No quantized method" in error_plot_svg({"fp": None})
+
+
+def test_torchao_mxfp4_conv_uses_mx_blocks_along_input_channels():
+    pytest.importorskip("torchao")
+    import torch
+
+    from msfp.torchao_baselines import TorchaoFakeQuant, unavailable_reason
+
+    if unavailable_reason():
+        pytest.skip(unavailable_reason())
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(64, 8, 3, padding=1)
+    layer = TorchaoFakeQuant(conv, "mxfp4")
+    # Every block of 32 input channels (per output channel and kernel position) is E2M1 values times a power of 2.
+    blocks = layer.qweight.permute(0, 2, 3, 1).reshape(-1, 32)
+    grid = torch.tensor([0, 0.5, 1, 1.5, 2, 3, 4, 6])
+    scale = 2.0 ** torch.floor(torch.log2(blocks.abs().amax(1, keepdim=True) / 4))  # values up to 6 = 1.5 * 4
+    assert torch.isin(blocks.abs() / scale, grid).all()
+    x = torch.randn(2, 64, 5, 5)
+    y, ref = layer(x), conv(x)
+    assert y.shape == ref.shape and 0 < (y - ref).pow(2).mean() < 0.05 * ref.pow(2).mean()
+    with pytest.raises(ValueError, match="divisible by 32"):
+        TorchaoFakeQuant(torch.nn.Conv2d(8, 8, 3), "mxfp4")
