@@ -76,6 +76,13 @@ def test_file_holds_packed_codes_not_weights(saved):
     assert set(qc["versions"]) == {"msfp", "torch", "diffusers"}
 
 
+def test_quant_meta_is_the_saved_metadata_without_writing(saved):
+    q, out = saved
+    meta = checkpoint.read_quant_meta(out)
+    assert meta.pop("weights_sha256") == checkpoint._sha256(out / "model.safetensors")
+    assert checkpoint.quant_meta(q) == meta
+
+
 @pytest.mark.parametrize("preset", ["w4a4-int", "w6a6-msfp", "w8a8-fp"])
 def test_other_bit_widths_and_zero_points_round_trip(tmp_path, preset):
     q = calibrated(preset=preset)

@@ -152,11 +152,14 @@ def quantization_config(model: nn.Module) -> dict:
                 versions=dict(msfp=__version__, torch=torch.__version__, diffusers=diffusers.__version__))
 
 
-def _check_savable(layers: dict) -> None:
+def _check_calibrated(layers: dict) -> None:
     uncalibrated = [n for n, layer in layers.items() if "weight_format" not in layer.info]
     if uncalibrated:
         raise ValueError(f"{len(uncalibrated)} layer(s) were never calibrated (e.g. {uncalibrated[0]!r}); run "
                          "msfp.calibrate before saving")
+
+
+def _check_savable(layers: dict) -> None:
     disabled = [n for n, layer in layers.items()
                 if not (layer.weight_quantizer.enabled and layer.act_quantizer.enabled)]
     if disabled:
@@ -168,16 +171,12 @@ def _check_savable(layers: dict) -> None:
                                   "checkpoints of routed models are not implemented yet (single-LoRA models are)")
 
 
-def save_quantized(model: nn.Module, directory: str | os.PathLike) -> Path:
-    """Write the calibrated (or fine-tuned) quantized model to ``directory`` as a packed checkpoint; returns the
-    directory's path."""
+def quant_meta(model: nn.Module) -> dict:
+    """What ``msfp_quant.json`` holds for a calibrated model (less the weights' checksum), without writing anything:
+    formats, layer policy, per-layer calibration report, FLOPs. Works for models a packed checkpoint cannot hold yet
+    (quantizers switched off, several TALoRA LoRAs)."""
     layers = quant_layers(model)
-    _check_savable(layers)
-    unused = _unused_keys(layers)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()
-             if isinstance(v, torch.Tensor) and k not in unused and not _is_lora_key(k)}
-    for name, layer in layers.items():
-        state[name + CODES_SUFFIX] = _packed_weights(layer)
+    _check_calibrated(layers)
     fp_state = {k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
     meta = dict(
         format_version=FORMAT_VERSION, msfp_version=__version__, quantization_config=quantization_config(model),
@@ -186,6 +185,20 @@ def save_quantized(model: nn.Module, directory: str | os.PathLike) -> Path:
         num_train_timesteps=model.msfp_context.num_train_timesteps,
         layers={n: layer.info for n, layer in layers.items()},
     )
+    return json.loads(json.dumps(meta, default=_json_default))  # plain JSON values, as read_quant_meta returns
+
+
+def save_quantized(model: nn.Module, directory: str | os.PathLike) -> Path:
+    """Write the calibrated (or fine-tuned) quantized model to ``directory`` as a packed checkpoint; returns the
+    directory's path."""
+    meta = quant_meta(model)
+    layers = quant_layers(model)
+    _check_savable(layers)
+    unused = _unused_keys(layers)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()
+             if isinstance(v, torch.Tensor) and k not in unused and not _is_lora_key(k)}
+    for name, layer in layers.items():
+        state[name + CODES_SUFFIX] = _packed_weights(layer)
     out = Path(directory)
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.exists() and not (out / CONFIG_NAME).is_file():
@@ -194,7 +207,7 @@ def save_quantized(model: nn.Module, directory: str | os.PathLike) -> Path:
     try:
         save_file(state, tmp / WEIGHTS_NAME, metadata={"format": "pt", "msfp_format_version": str(FORMAT_VERSION)})
         meta["weights_sha256"] = _sha256(tmp / WEIGHTS_NAME)
-        (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=1, default=_json_default) + "\n")
+        (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=1) + "\n")
         for f in (tmp / WEIGHTS_NAME, tmp / CONFIG_NAME):
             os.chmod(f, 0o644)
         os.chmod(tmp, 0o755)  # mkdtemp creates 0700
