@@ -8,6 +8,7 @@ from diffusers import AutoencoderKL, DDIMPipeline, DDPMPipeline, DiTPipeline
 from safetensors.torch import load_file, save_file
 
 import msfp
+import msfp.talora
 from msfp import checkpoint
 from msfp.cli import main
 from msfp.formats import fake_quant
@@ -365,3 +366,19 @@ def test_cli_quantize_and_info(tmp_path):
     assert bad.exit_code == 1 and "Error: " in bad.output and "not a msfp output directory" in bad.output
     bad = runner.invoke(main, ["quantize", "--preset", "w2a2", "--out", str(tmp_path / "z")])
     assert bad.exit_code == 1 and "unknown preset 'w2a2'" in bad.output
+
+
+def test_single_lora_model_is_saved_with_its_lora_merged(tmp_path, saved):
+    q = copy.deepcopy(saved[0])
+    msfp.talora.add_talora(q, num_loras=1, rank=2)
+    with torch.no_grad():
+        for layer in quant_layers(q).values():
+            layer.lora.B.normal_(std=0.05)  # as if fine-tuned: the LoRA changes the quantized weights
+    assert not torch.equal(unet_outputs(q), unet_outputs(saved[0]))
+    out = msfp.save_quantized(q, tmp_path / "q")
+    assert not any(".lora." in k or k.startswith("msfp_router.") for k in load_file(out / "model.safetensors"))
+    assert torch.equal(unet_outputs(msfp.load_quantized(out)), unet_outputs(q))
+    routed = copy.deepcopy(saved[0])
+    msfp.talora.add_talora(routed, num_loras=2, rank=2)
+    with pytest.raises(NotImplementedError, match="several TALoRA LoRAs"):
+        msfp.save_quantized(routed, tmp_path / "routed")
