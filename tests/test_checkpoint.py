@@ -376,9 +376,29 @@ def test_single_lora_model_is_saved_with_its_lora_merged(tmp_path, saved):
             layer.lora.B.normal_(std=0.05)  # as if fine-tuned: the LoRA changes the quantized weights
     assert not torch.equal(unet_outputs(q), unet_outputs(saved[0]))
     out = msfp.save_quantized(q, tmp_path / "q")
-    assert not any(".lora." in k or k.startswith("msfp_router.") for k in load_file(out / "model.safetensors"))
+    assert not any(".lora." in k for k in load_file(out / "model.safetensors"))  # merged, never stored
     assert torch.equal(unet_outputs(msfp.load_quantized(out)), unet_outputs(q))
-    routed = copy.deepcopy(saved[0])
-    msfp.talora.add_talora(routed, num_loras=2, rank=2)
-    with pytest.raises(NotImplementedError, match="several TALoRA LoRAs"):
-        msfp.save_quantized(routed, tmp_path / "routed")
+
+
+@pytest.mark.parametrize("lora", ["talora", "single"])
+def test_finetuned_talora_round_trip_is_exact(tmp_path, lora):
+    from msfp.finetune import FinetuneConfig, finetune
+
+    fp = tiny_unet()
+    q = msfp.quantize(copy.deepcopy(fp), "w4a4-msfp")
+    msfp.calibrate(q, fp, scheduler(), num_samples=4, num_steps=4, disable=True)
+    finetune(q, fp, scheduler(), FinetuneConfig(iters=6, batch_size=4, traj_samples=4, traj_steps=4, rank=2,
+                                                lora=lora, lora_lr=1e-2), disable=True)
+    out = msfp.save_quantized(q, tmp_path / "q")
+    loaded = msfp.load_quantized(out)
+    assert torch.equal(outputs(loaded, (1, 8, 8)), outputs(q, (1, 8, 8)))  # timesteps 5, 400, 999: mixed routing
+    meta = checkpoint.read_quant_meta(out)
+    k = 4 if lora == "talora" else 1
+    assert meta["talora"]["num_loras"] == k and meta["finetune"]["iters_done"] == 6
+    assert meta["talora"]["assignment"][0][:2] == [0, meta["talora"]["assignment"][0][1]]
+    if lora == "talora":
+        assert {run[2] for run in meta["talora"]["assignment"]} == {0, 1, 2, 3}
+        layer = msfp.surgery.quant_layers(loaded)["down_blocks.0.resnets.0.conv1"]
+        assert layer.weight_sets.shape[0] == 4 and not hasattr(layer.lora, "A")
+    info = CliRunner().invoke(main, ["info", str(out)])
+    assert info.exit_code == 0 and "LoRA" in info.output, info.output

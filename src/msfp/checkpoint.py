@@ -55,6 +55,7 @@ from msfp.formats import get_format
 from msfp.packing import decode, pack, quantize_to_codes, unpack
 from msfp.quantizers import MIN_SCALE
 from msfp.surgery import quant_layers, quantize
+from msfp.talora import assignment_runs, attach_router
 
 FORMAT_VERSION = 2
 CONFIG_NAME = "msfp_quant.json"
@@ -132,7 +133,12 @@ def _unused_keys(layers: dict) -> set[str]:
 
 
 def _is_lora_key(key: str) -> bool:
-    return ".lora." in key or key.startswith("msfp_router.")
+    """LoRA factors: merged into the packed weight sets, never stored."""
+    return ".lora." in key
+
+
+def _is_router_key(key: str) -> bool:
+    return key.startswith("msfp_router.")
 
 
 def _sha256(path: Path) -> str:
@@ -165,10 +171,13 @@ def _check_savable(layers: dict) -> None:
     if disabled:
         raise ValueError(f"{len(disabled)} layer(s) have a quantizer disabled (e.g. {disabled[0]!r}); a packed "
                          "checkpoint stores quantized layers only: enable the quantizers before saving")
-    multi = [n for n, layer in layers.items() if _num_weight_sets(layer) > 1]
-    if multi:
-        raise NotImplementedError(f"{len(multi)} layer(s) have several TALoRA LoRAs (e.g. {multi[0]!r}); packed "
-                                  "checkpoints of routed models are not implemented yet (single-LoRA models are)")
+
+
+def _talora_meta(model: nn.Module) -> dict | None:
+    """LoRA count, rank and the router's timestep → weight-set assignment (``msfp info`` prints it)."""
+    if getattr(model, "msfp_router", None) is None:
+        return None
+    return dict(model.msfp_talora, assignment=assignment_runs(model))
 
 
 def quant_meta(model: nn.Module) -> dict:
@@ -181,7 +190,9 @@ def quant_meta(model: nn.Module) -> dict:
     meta = dict(
         format_version=FORMAT_VERSION, msfp_version=__version__, quantization_config=quantization_config(model),
         base_model=_base_info(model), flops=getattr(model, "msfp_flops", None),
-        base_parameters=sum(v.numel() for k, v in fp_state.items() if "_quantizer." not in k and not _is_lora_key(k)),
+        base_parameters=sum(v.numel() for k, v in fp_state.items()
+                            if "_quantizer." not in k and not _is_lora_key(k) and not _is_router_key(k)),
+        talora=_talora_meta(model), finetune=getattr(model, "msfp_finetune", None),
         num_train_timesteps=model.msfp_context.num_train_timesteps,
         layers={n: layer.info for n, layer in layers.items()},
     )
@@ -276,14 +287,14 @@ def _read_weights(path: Path, meta: dict) -> dict[str, torch.Tensor]:
         raise ValueError(f"{file}: cannot read the weights ({e}); the file is truncated or corrupted") from e
 
 
-def _expected_entries(qmodel: nn.Module, layers: dict) -> dict[str, tuple[tuple, torch.dtype]]:
+def _expected_entries(qmodel: nn.Module, layers: dict, weight_sets: int) -> dict[str, tuple[tuple, torch.dtype]]:
     """Shape and dtype of every tensor a packed checkpoint of ``qmodel`` holds."""
     unused = _unused_keys(layers)
     expected = {k: (tuple(v.shape), None) for k, v in qmodel.state_dict().items()
                 if isinstance(v, torch.Tensor) and k not in unused}
     for name, layer in layers.items():
         nbytes = (layer.weight.numel() * layer.weight_quantizer.fmt.bits + 7) // 8
-        expected[name + CODES_SUFFIX] = ((1, nbytes), torch.uint8)
+        expected[name + CODES_SUFFIX] = ((weight_sets, nbytes), torch.uint8)
     return expected
 
 
@@ -334,8 +345,11 @@ def load_quantized(directory: str | os.PathLike, model: nn.Module | None = None,
         layer.weight_quantizer.fmt = get_format(info["weight_format"])
         layer.act_quantizer.fmt = get_format(info["act_format"])
 
+    talora = meta.get("talora")
+    if talora:
+        attach_router(qmodel, talora["num_loras"], talora["rank"])  # its weights come with the state below
     state = _read_weights(path, meta)
-    expected = _expected_entries(qmodel, layers)
+    expected = _expected_entries(qmodel, layers, talora["num_loras"] if talora else 1)
     problems = [f"missing {k}" for k in expected if k not in state]
     problems += [f"unexpected {k}" for k in state if k not in expected]
     problems += [f"{k}: shape {tuple(state[k].shape)}, model expects {shape}"
@@ -353,8 +367,10 @@ def load_quantized(directory: str | os.PathLike, model: nn.Module | None = None,
                 if not q.fmt.needs_zero_point:
                     q.zero_point.zero_()
             count = layer.weight.numel()
-            weight = _dequantize(unpack(codes[name][0], layer.weight_quantizer.fmt.bits, count), layer)
-            layer.weight.copy_(weight)
+            sets = [_dequantize(unpack(row, layer.weight_quantizer.fmt.bits, count), layer) for row in codes[name]]
+            layer.weight.copy_(sets[0])
+            if len(sets) > 1:  # routed TALoRA: the router picks one of the K pre-merged sets per sample
+                layer.weight_sets = torch.stack(sets)
     qmodel.msfp_flops = meta.get("flops")
     qmodel.msfp_context.num_train_timesteps = meta["num_train_timesteps"]
     if freeze:

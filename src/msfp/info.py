@@ -48,4 +48,13 @@ def describe(meta: dict) -> str:
             f"{'quantized' if config['quantize_attention'] else 'full precision'}",
             f"weights at 4 bits: {100 * frac['weights_4bit']:.1f} % of {meta['base_parameters']:,} parameters; "
             f"FLOPs at 4 bits: {flops} of one forward"]
+    talora = meta.get("talora")
+    if talora:
+        runs = ", ".join(f"t {a}–{b} → LoRA {k}" for a, b, k in talora["assignment"])
+        text.append(f"TALoRA: {talora['num_loras']} LoRA(s) of rank ≤ {talora['rank']} per layer, merged before "
+                    f"weight quantization; router: {runs}")
+    finetune = meta.get("finetune")
+    if finetune:
+        text.append(f"fine-tuned: {finetune['iters_done']} iterations, lora={finetune['lora']}, "
+                    f"loss={finetune['loss']}" + (f" ({finetune['dfa_weighting']})" if finetune["loss"] == "dfa" else ""))
     return "\n".join(text)

@@ -85,12 +85,22 @@ class QuantLayer(nn.Module):
         self.info: dict = {}
         self.observer = None
         self.lora = None  # a msfp.talora.LoRABank once TALoRA is added: W_k = W + B_k A_k, merged before Q_w
+        # (K, *weight.shape) quantized weight sets of a loaded routed TALoRA checkpoint (no LoRA factors there)
+        self.register_buffer("weight_sets", None, persistent=False)
         self._weight_cache: dict[int, tuple] | None = None  # k -> (params, key, Q_w(W_k)) once frozen
 
     def effective_weight(self, k: int = 0) -> torch.Tensor:
         return self.weight if self.lora is None else self.weight + self.lora.delta(k)
 
+    @property
+    def num_weight_sets(self) -> int:
+        if self.weight_sets is not None:
+            return self.weight_sets.shape[0]
+        return 1 if self.lora is None else self.lora.num_loras
+
     def quantized_weight(self, k: int = 0) -> torch.Tensor:
+        if self.weight_sets is not None:
+            return self.weight_sets[k]
         if self._weight_cache is not None:
             cached = self._cached_weight(k)
             if cached is not None:
@@ -108,7 +118,8 @@ class QuantLayer(nn.Module):
         self._weight_cache = {}
         with torch.no_grad():
             for k in range(1 if self.lora is None else self.lora.num_loras):
-                self._cached_weight(k)
+                if self.weight_sets is None:
+                    self._cached_weight(k)
 
     def unfreeze_weights(self) -> None:
         self._weight_cache = None
@@ -152,7 +163,7 @@ class QuantLayer(nn.Module):
             self.observer(self, x)
         x = self.act_quantizer(x, self.context.groups(self.act_quantizer.num_groups))
         route = self.context.route
-        if self.lora is None or self.lora.num_loras == 1 or route is None:
+        if self.num_weight_sets == 1 or route is None:
             return self._op(x, self.quantized_weight())
         # Per-sample LoRA choice: run each chosen weight on its samples only. The output is scaled by the chosen
         # entry of the straight-through one-hot (1 in value), so the router gets the gradient <dL/dy, y> of the

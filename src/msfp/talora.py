@@ -117,19 +117,38 @@ def add_talora(qmodel: nn.Module, num_loras: int = 4, rank: int = 4, seed: int =
     if getattr(qmodel, "msfp_router", None) is not None:
         raise ValueError("the model already has TALoRA LoRAs")
     layers = quant_layers(qmodel)
-    context = qmodel.msfp_context
     device = next(iter(layers.values())).weight.device
-    router = TimestepRouter(num_loras, context.num_train_timesteps).to(device)
+    router = attach_router(qmodel, num_loras, rank)
     if num_loras > 1:
         router.init_contiguous(seed=seed)
     for i, layer in enumerate(layers.values()):
         shape = layer.weight.shape
         layer_rank = min(rank, shape[0], math.prod(shape[1:]))
         layer.lora = LoRABank(shape, num_loras, layer_rank, seed=seed + i).to(device, layer.weight.dtype)
+    return router
+
+
+def attach_router(qmodel: nn.Module, num_loras: int, rank: int) -> TimestepRouter:
+    """Give ``qmodel`` a (fresh) shared router and the hook that routes every call; ``rank`` is recorded only."""
+    device = next(qmodel.parameters()).device
+    router = TimestepRouter(num_loras, qmodel.msfp_context.num_train_timesteps).to(device)
     qmodel.msfp_router = router
     qmodel.msfp_talora = dict(num_loras=num_loras, rank=rank)
     qmodel.register_forward_pre_hook(_route_hook, with_kwargs=True)
     return router
+
+
+def assignment_runs(qmodel: nn.Module) -> list[list[int]]:
+    """The router's choice over every training timestep as runs ``[first_t, last_t, k]`` (for ``msfp info``)."""
+    t = torch.arange(qmodel.msfp_context.num_train_timesteps)
+    choice = lora_assignment(qmodel, t)
+    runs = []
+    for ti, k in zip(t.tolist(), choice):
+        if runs and runs[-1][2] == k:
+            runs[-1][1] = ti
+        else:
+            runs.append([ti, ti, k])
+    return runs
 
 
 def lora_assignment(qmodel: nn.Module, timesteps) -> list[int]:
