@@ -159,6 +159,11 @@ def eval_(samples_path, ref, ref_images, data_dir, inception_weights, paired_pat
 @click.option("--calib-samples", default=64, help="calibration trajectories (images)")
 @click.option("--calib-steps", default=25, help="DDIM steps per calibration (and held-out) trajectory")
 @click.option("--heldout-samples", default=16, help="held-out trajectories for the per-timestep noise MSE")
+@click.option("--finetune-iters", default=160, help="fine-tuned methods (…+lora…, …+talora…, int4-efficientdm): "
+              "iterations")
+@click.option("--finetune-batch", default=8, help="fine-tuned methods: batch size")
+@click.option("--num-loras", default=4, help="TALoRA: LoRAs per layer")
+@click.option("--rank", default=4, help="LoRA rank")
 @click.option("--seed", default=0, help="image i of every method is drawn with seed + i")
 @click.option("--batch", default=128, help="images per denoiser call")
 @click.option("--ref", type=click.Path(dir_okay=False), default=None,
@@ -167,8 +172,8 @@ def eval_(samples_path, ref, ref_images, data_dir, inception_weights, paired_pat
 @click.option("--data-dir", type=click.Path(file_okay=False), default=None,
               help="Fashion-MNIST IDX files for the default reference (default: Debian's dataset-fashion-mnist)")
 @click.option("--device", default=None, help="default: cuda if available, else cpu")
-def compare(model_spec, methods, out, num_samples, steps, calib_samples, calib_steps, heldout_samples, seed, batch,
-            ref, ref_images, data_dir, device):
+def compare(model_spec, methods, out, num_samples, steps, calib_samples, calib_steps, heldout_samples, finetune_iters,
+            finetune_batch, num_loras, rank, seed, batch, ref, ref_images, data_dir, device):
     """Run several methods on one model with the same seeds; write OUT/index.html and OUT/results.json."""
     import shlex
     import sys
@@ -180,8 +185,9 @@ def compare(model_spec, methods, out, num_samples, steps, calib_samples, calib_s
         names = parse_methods(methods)
         reference = load_reference(ref, ref_images, data_dir)
         settings = CompareSettings(model=model_spec, num_samples=num_samples, steps=steps, calib_samples=calib_samples,
-                                   calib_steps=calib_steps, heldout_samples=heldout_samples, seed=seed,
-                                   batch_size=batch, device=device)
+                                   calib_steps=calib_steps, heldout_samples=heldout_samples,
+                                   finetune_iters=finetune_iters, finetune_batch=finetune_batch, num_loras=num_loras,
+                                   rank=rank, seed=seed, batch_size=batch, device=device)
         command = shlex.join(["msfp", *sys.argv[1:]])
         result = run_compare(settings, names, out, command=command, reference=reference)
     click.echo(metrics_table(result))

@@ -19,7 +19,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,11 +29,12 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from msfp.calibration import Trajectories, calibrate, collect_trajectories
-from msfp.checkpoint import read_quant_meta, save_quantized
-from msfp.config import PRESETS
+from msfp.checkpoint import quant_meta
+from msfp.config import PRESETS, QuantConfig
 from msfp.environment import machine_info
 from msfp.evaluation import evaluate, load_reference, per_timestep_eps_mse
 from msfp.fileio import write_json
+from msfp.finetune import FinetuneConfig, finetune
 from msfp.info import format_table, layer_rows, low_bit_fractions
 from msfp.models import load_model
 from msfp.samples import generate, grid_path
@@ -55,6 +55,11 @@ class CompareSettings:
     calib_samples: int = 64
     calib_steps: int = 25
     heldout_samples: int = 16
+    #: fine-tuned methods: iterations, batch, LoRAs (TALoRA) and rank; teacher = the calibration trajectories
+    finetune_iters: int = 160
+    finetune_batch: int = 8
+    num_loras: int = 4
+    rank: int = 4
     seed: int = 0
     batch_size: int = 128
     device: str | None = None
@@ -72,6 +77,8 @@ class Context:
     cache_dir: Path
     heldout: Trajectories
     disable: bool = False
+    #: the full-precision trajectories fine-tuned methods distil from (computed by the first of them)
+    teacher: Trajectories | None = None
 
 
 @dataclass
@@ -114,13 +121,12 @@ def register_method(name: str, build: Callable[[Context], Built], description: s
 def summarize_quantized(qmodel: nn.Module) -> dict:
     """``layers``, ``aals`` and ``low_bit`` of a calibrated msfp model, from the metadata :func:`msfp.save_quantized`
     writes (so the report shows exactly what ``msfp info`` would)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        meta = read_quant_meta(save_quantized(qmodel, Path(tmp) / "model"))
+    meta = quant_meta(qmodel)
     aals = [dict(name=name, reason=info["aal_reason"]) for name, info in meta["layers"].items() if info.get("aal")]
     return dict(layers=layer_rows(meta), aals=aals, low_bit=low_bit_fractions(meta))
 
 
-def build_ptq(ctx: Context, preset: str) -> Built:
+def build_ptq(ctx: Context, preset: str | QuantConfig) -> Built:
     """Quantize a copy of the full-precision model with ``preset`` and calibrate it (shared cache)."""
     s = ctx.settings
     qmodel = quantize(copy.deepcopy(ctx.fp_model), preset)
@@ -172,12 +178,51 @@ def build_torchao(ctx: Context, recipe: str) -> Built:
     return Built(model, layers=layers, aals=[], low_bit=low_bit, notes=notes)
 
 
+def build_finetuned(ctx: Context, preset: str, lora: str, loss: str, dfa_weighting: str = "abs",
+                    per_timestep_scales: bool = False) -> Built:
+    """PTQ with ``preset``, then :func:`msfp.finetune` distilling from the calibration trajectories."""
+    s = ctx.settings
+    config = QuantConfig.preset(preset)
+    if per_timestep_scales:
+        config.act_timestep_groups = s.steps  # one activation scale per sampling step (uniform DDIM spacing)
+    built = build_ptq(ctx, config)
+    ft_config = FinetuneConfig(iters=s.finetune_iters, batch_size=s.finetune_batch, lora=lora,
+                               num_loras=s.num_loras, rank=s.rank, loss=loss, dfa_weighting=dfa_weighting,
+                               traj_samples=s.calib_samples, traj_steps=s.calib_steps,
+                               seed=s.seed + CALIB_SEED_OFFSET)
+    if ctx.teacher is None:
+        ctx.teacher = collect_trajectories(ctx.fp_model, ctx.scheduler, s.calib_samples, s.calib_steps,
+                                           seed=ft_config.seed, batch_size=s.batch_size, disable=ctx.disable)
+    result = finetune(built.model, ctx.fp_model, ctx.scheduler, ft_config, teacher=ctx.teacher, disable=ctx.disable)
+    calibration = dict(built.calibration, finetune_seconds=result.seconds,
+                       finetune_final_loss=sum(result.losses[-20:]) / len(result.losses[-20:]))
+    note = (f"fine-tuned {result.iters_done} iterations × batch {s.finetune_batch}: lora={lora}"
+            + (f" (K={s.num_loras})" if lora == "talora" else "") + f", rank {s.rank}, loss={loss}"
+            + (f" ({dfa_weighting})" if loss == "dfa" else "")
+            + (", per-timestep activation scales" if per_timestep_scales else ""))
+    return Built(built.model, calibration=calibration, notes=[note], **summarize_quantized(built.model))
+
+
+# The fine-tuned rows of the paper's ablation (SPEC §3), named after what they add to a PTQ preset.
+FINETUNED = {
+    "int4-efficientdm": (dict(preset="w4a4-int", lora="single", loss="mse", per_timestep_scales=True),
+                         "EfficientDM-style: INT4 + one LoRA + per-timestep activation scales + MSE"),
+    "w4a4-fp+lora-mse": (dict(preset="w4a4-fp", lora="single", loss="mse"), "signed FP4 + one LoRA + MSE"),
+    "w4a4-msfp+lora-mse": (dict(preset="w4a4-msfp", lora="single", loss="mse"), "MSFP + one LoRA + MSE"),
+    "w4a4-msfp+talora-mse": (dict(preset="w4a4-msfp", lora="talora", loss="mse"), "MSFP + TALoRA + MSE"),
+    "w4a4-msfp+talora": (dict(preset="w4a4-msfp", lora="talora", loss="dfa"), "MSFP + TALoRA + DFA |γ| (the method)"),
+    "w4a4-msfp+talora-dfa2": (dict(preset="w4a4-msfp", lora="talora", loss="dfa", dfa_weighting="square"),
+                              "MSFP + TALoRA + DFA γ²"),
+}
+
 register_method(REFERENCE_METHOD, lambda ctx: Built(ctx.fp_model), "full precision (the reference)")
 for _preset in PRESETS:
     register_method(_preset, lambda ctx, p=_preset: build_ptq(ctx, p), f"msfp PTQ, preset {_preset}")
 for _recipe in RECIPES:
     register_method(f"torchao-{_recipe}", lambda ctx, r=_recipe: build_torchao(ctx, r),
                     f"torchao {RECIPES[_recipe]} W4A4, emulated", unavailable_reason)
+for _name, (_kwargs, _description) in FINETUNED.items():
+    register_method(_name, lambda ctx, kw=_kwargs: build_finetuned(ctx, **kw), _description)
 
 
 def parse_methods(text: str | None) -> list[str]:
@@ -256,6 +301,7 @@ TABLE_COLUMNS = (
     ("fd", "FD↓", "{:.1f}"), ("kid", "KID↓", "{:.0f}"), ("classifier_score", "cls score↑", "{:.2f}"),
     ("precision", "prec.↑", "{:.2f}"), ("recall", "recall↑", "{:.2f}"), ("psnr", "PSNR vs fp↑", "{:.1f}"),
     ("eps_mse_mean", "eps MSE vs fp↓", "{:.2e}"), ("calibration_seconds", "calib. s", "{:.1f}"),
+    ("finetune_seconds", "finetune s", "{:.0f}"),
     ("sample_seconds", "sample s", "{:.1f}"), ("weights_4bit", "W 4-bit %", "{:.1%}"),
     ("flops_4bit", "FLOPs 4-bit %", "{:.1%}"),
 )
@@ -266,7 +312,8 @@ def table_rows(result: dict) -> list[dict]:
     rows = []
     for name, r in result["methods"].items():
         values = dict(r["metrics"], eps_mse_mean=r["eps_mse_mean"], sample_seconds=r["sample_seconds"],
-                      calibration_seconds=(r["calibration"] or {}).get("seconds"), **(r["low_bit"] or {}))
+                      calibration_seconds=(r["calibration"] or {}).get("seconds"),
+                      finetune_seconds=(r["calibration"] or {}).get("finetune_seconds"), **(r["low_bit"] or {}))
         rows.append(dict(method=name, **{key: values.get(key) for key, _, _ in TABLE_COLUMNS}))
     return rows
 

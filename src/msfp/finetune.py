@@ -138,8 +138,13 @@ def _point_weights(points: Trajectories, scheduler, config: FinetuneConfig) -> t
 
 def finetune(qmodel: nn.Module, fp_model: nn.Module, scheduler, config: FinetuneConfig | None = None,
              work_dir: str | os.PathLike | None = None, resume: bool = False, max_minutes: float | None = None,
-             cond: dict | None = None, class_labels=None, sample_shape=None, disable: bool = False) -> FinetuneResult:
-    """Fine-tune a calibrated quantized model in place (see the module docstring); returns losses and timing."""
+             cond: dict | None = None, class_labels=None, sample_shape=None, teacher: Trajectories | None = None,
+             disable: bool = False) -> FinetuneResult:
+    """Fine-tune a calibrated quantized model in place (see the module docstring); returns losses and timing.
+
+    ``teacher`` passes precomputed teacher trajectories (``traj_steps``-step trajectories of ``fp_model`` with this
+    scheduler, e.g. shared by several runs); by default they are sampled here (and cached in ``work_dir``).
+    """
     config = config or FinetuneConfig()
     if getattr(qmodel, "msfp_config", None) is None:
         raise ValueError("finetune() needs a model returned by msfp.quantize and msfp.calibrate")
@@ -152,7 +157,8 @@ def finetune(qmodel: nn.Module, fp_model: nn.Module, scheduler, config: Finetune
         add_talora(qmodel, config.num_loras if config.lora == "talora" else 1, config.rank, config.seed)
     qmodel.msfp_context.num_train_timesteps = scheduler.config.num_train_timesteps
 
-    points = _teacher(fp_model, scheduler, config, work_dir, cond, class_labels, sample_shape, disable)
+    points = teacher if teacher is not None else _teacher(fp_model, scheduler, config, work_dir, cond, class_labels,
+                                                          sample_shape, disable)
     weights = _point_weights(points, scheduler, config)
     groups = _trainable_groups(qmodel, config)
     params = [p for g in groups for p in g["params"]]

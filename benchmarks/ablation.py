@@ -1,0 +1,70 @@
+"""The MSFP ablation (SPEC §3, the paper's ablation table) on one model: same seeds and fine-tuning budget per row.
+
+    python benchmarks/ablation.py --out runs/ablation [--num 256 --steps 20 --finetune-iters 160 --finetune-batch 8]
+
+Runs ``msfp compare`` with the rows full precision; INT4 EfficientDM-style (INT4 + one LoRA + per-timestep activation
+scales + MSE); signed FP4 + one LoRA + MSE; MSFP PTQ; MSFP + one LoRA + MSE; MSFP + TALoRA + MSE; MSFP + TALoRA + DFA
+with |γ| and with γ². Writes the compare report (``index.html``, ``results.json``) and ``results.md`` (the markdown
+table) to --out; prints the JSON results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+
+from msfp.compare import (TABLE_COLUMNS, CompareSettings, format_cell, metrics_table, parse_methods,
+                          run_compare, table_rows)
+from msfp.fileio import atomic_path
+
+ROWS = ("fp", "int4-efficientdm", "w4a4-fp+lora-mse", "w4a4-msfp", "w4a4-msfp+lora-mse", "w4a4-msfp+talora-mse",
+        "w4a4-msfp+talora", "w4a4-msfp+talora-dfa2")
+
+
+def markdown(result: dict) -> str:
+    headers = ["method"] + [h for _, h, _ in TABLE_COLUMNS]
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    for row in table_rows(result):
+        cells = [row["method"]] + [format_cell(k, row[k]) for k, _, _ in TABLE_COLUMNS]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    defaults = CompareSettings()
+    p.add_argument("--model", default="default")
+    p.add_argument("--rows", default=",".join(ROWS))
+    p.add_argument("--num", type=int, default=256, help="samples per row")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--calib-samples", type=int, default=32, help="calibration = teacher trajectories")
+    p.add_argument("--calib-steps", type=int, default=20)
+    p.add_argument("--heldout-samples", type=int, default=defaults.heldout_samples)
+    p.add_argument("--finetune-iters", type=int, default=defaults.finetune_iters)
+    p.add_argument("--finetune-batch", type=int, default=defaults.finetune_batch)
+    p.add_argument("--num-loras", type=int, default=defaults.num_loras)
+    p.add_argument("--rank", type=int, default=defaults.rank)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None)
+    p.add_argument("--out", default="runs/ablation")
+    args = p.parse_args(argv)
+    settings = CompareSettings(model=args.model, num_samples=args.num, steps=args.steps,
+                               calib_samples=args.calib_samples, calib_steps=args.calib_steps,
+                               heldout_samples=args.heldout_samples, finetune_iters=args.finetune_iters,
+                               finetune_batch=args.finetune_batch, num_loras=args.num_loras, rank=args.rank,
+                               seed=args.seed, batch_size=64, device=args.device)
+    command = shlex.join(["python", "benchmarks/ablation.py", *(argv if argv is not None else sys.argv[1:])])
+    result = run_compare(settings, parse_methods(args.rows), args.out, command=command)
+    with atomic_path(Path(args.out) / "results.md") as tmp:
+        tmp.write_text(markdown(result))
+    print(metrics_table(result), file=sys.stderr)
+    print(json.dumps({k: v for k, v in result.items() if k != "methods"} | {"methods": {
+        n: {k: v for k, v in r.items() if k not in ("layers", "aals")} for n, r in result["methods"].items()}},
+        indent=2))
+
+
+if __name__ == "__main__":
+    main()
