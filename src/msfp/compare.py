@@ -29,7 +29,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from msfp.calibration import Trajectories, calibrate, collect_trajectories
-from msfp.checkpoint import quant_meta
+from msfp.checkpoint import freeze_weights, quant_meta
 from msfp.config import PRESETS, QuantConfig
 from msfp.environment import machine_info
 from msfp.evaluation import evaluate, load_reference, per_timestep_eps_mse
@@ -270,6 +270,9 @@ def run_compare(settings: CompareSettings, methods: list[str], out, command: str
             continue
         _log(f"[{k}/{len(methods)}] {name}: {method.description}")
         built = method.build(ctx)
+        if getattr(built.model, "msfp_config", None) is not None:
+            # Evaluation only runs the model: quantize its weights once instead of on every call (same outputs).
+            freeze_weights(built.model)
         eps = None if name == REFERENCE_METHOD else per_timestep_eps_mse(built.model, heldout, device, s.batch_size)
         path = out / "samples" / f"{name}.npz"
         samples = generate(built.model, scheduler, path, s.num_samples, s.steps, seed=s.seed,
