@@ -134,3 +134,30 @@ def test_bad_settings_fail_clearly(calibrated):
         finetune(msfp.quantize(tiny_unet(), "w4a4-msfp"), fp, scheduler(), FinetuneConfig(**CONFIG), disable=True)
     with pytest.raises(FileNotFoundError, match="nothing to resume"):
         finetune(copy.deepcopy(q), fp, scheduler(), FinetuneConfig(**CONFIG), resume=True, disable=True)
+
+
+def test_cli_quantize_then_finetune_with_time_budget_and_resume(tmp_path):
+    from click.testing import CliRunner
+    from diffusers import DDPMPipeline
+
+    from msfp.cli import main
+
+    DDPMPipeline(unet=tiny_unet(), scheduler=scheduler()).save_pretrained(tmp_path / "model")
+    run = lambda *a: CliRunner().invoke(main, [str(x) for x in a])  # noqa: E731
+    q = tmp_path / "q"
+    r = run("quantize", "--model", tmp_path / "model", "--out", q, "--calib-samples", 4, "--calib-steps", 4)
+    assert r.exit_code == 0, r.output
+    args = ["finetune", q, "--model", tmp_path / "model", "--iters", 4, "--batch", 4, "--traj-samples", 4,
+            "--traj-steps", 4, "--rank", 2]
+    before = (q / "model.safetensors").read_bytes()
+    r = run(*args, "--max-minutes", 0)
+    assert r.exit_code == 0 and "stopped at iteration 0/4" in r.output, r.output
+    assert (q / "model.safetensors").read_bytes() == before  # unchanged until the run completes
+    r = run(*args, "--resume")
+    assert r.exit_code == 0 and "fine-tuned 4 iterations" in r.output and "router: t 0–" in r.output, r.output
+    r = run(*args)
+    assert r.exit_code == 1 and "already fine-tuned" in r.output
+    r = run("finetune", tmp_path / "model", "--model", tmp_path / "model")
+    assert r.exit_code == 1 and "not a msfp output directory" in r.output
+    r = run("finetune", q, "--model", "default")
+    assert r.exit_code == 1 and "already fine-tuned" in r.output

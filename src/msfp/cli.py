@@ -197,5 +197,77 @@ def compare(model_spec, methods, out, num_samples, steps, calib_samples, calib_s
                f"wall time {result['wall_seconds']:.0f} s")
 
 
+def _architecture(config) -> dict:
+    """A diffusers config as plain JSON values, without bookkeeping keys (``_name_or_path``, versions, ...)."""
+    plain = json.loads(json.dumps(dict(config), default=str))
+    return {k: v for k, v in plain.items() if not k.startswith("_")}
+
+
+@main.command("finetune")
+@click.argument("directory", type=click.Path(exists=True, file_okay=False))
+@click.option("--model", "model_spec", default="default", help="the full-precision teacher: the model DIRECTORY was "
+              "quantized from")
+@click.option("--iters", default=400, help="optimizer steps")
+@click.option("--batch", default=16, help="trajectory points per step (mixed timesteps)")
+@click.option("--lora", type=click.Choice(["talora", "single", "none"]), default="talora")
+@click.option("--num-loras", default=4, help="TALoRA: LoRAs per layer")
+@click.option("--rank", default=4, help="LoRA rank (capped by each layer's shape)")
+@click.option("--loss", type=click.Choice(["dfa", "mse"]), default="dfa")
+@click.option("--dfa-weighting", type=click.Choice(["abs", "square"]), default="abs", help="|γ_t| or γ_t²")
+@click.option("--lr", "lora_lr", default=1e-3, help="LoRA learning rate (scaled per layer by its weight step size)")
+@click.option("--act-lr", default=1e-4, help="activation scales and zero points")
+@click.option("--router-lr", default=1e-3)
+@click.option("--train-weight-scales", is_flag=True, help="also train the per-channel weight scales")
+@click.option("--traj-samples", default=64, help="teacher trajectories (images)")
+@click.option("--traj-steps", default=25, help="DDIM steps per teacher trajectory (the sampler DFA aligns to)")
+@click.option("--seed", default=0)
+@click.option("--resume", is_flag=True, help="continue an interrupted run from its last checkpoint")
+@click.option("--max-minutes", type=float, default=None, help="stop after this long; continue later with --resume")
+@click.option("--device", default=_default_device())
+def finetune_cmd(directory, model_spec, iters, batch, lora, num_loras, rank, loss, dfa_weighting, lora_lr, act_lr,
+                 router_lr, train_weight_scales, traj_samples, traj_steps, seed, resume, max_minutes, device):
+    """Fine-tune a quantized model directory (TALoRA + DFA) and write it back to DIRECTORY.
+
+    Progress is checkpointed beside it (.DIRECTORY.finetune/); DIRECTORY is replaced only when the run completes.
+    """
+    from msfp.checkpoint import load_quantized, read_quant_meta, save_quantized
+    from msfp.finetune import FinetuneConfig, finetune
+    from msfp.info import describe
+    from msfp.models import load_model
+    from msfp.surgery import quant_layers
+
+    path = Path(directory)
+    with _user_errors():
+        config = FinetuneConfig(iters=iters, batch_size=batch, lora=lora, num_loras=num_loras, rank=rank, loss=loss,
+                                dfa_weighting=dfa_weighting, lora_lr=lora_lr, act_lr=act_lr, router_lr=router_lr,
+                                train_weight_scales=train_weight_scales, traj_samples=traj_samples,
+                                traj_steps=traj_steps, seed=seed)
+        meta = read_quant_meta(path)
+        if meta.get("talora"):
+            raise ValueError(f"{path} is already fine-tuned (its LoRAs are merged into packed weights); fine-tune "
+                             "the output of msfp quantize instead")
+        fp_model, scheduler = load_model(model_spec)
+        saved = meta["base_model"]["config"]
+        if saved is not None and _architecture(fp_model.config) != _architecture(saved):
+            raise ValueError(f"{path} was quantized from another model than --model {model_spec!r} (configs differ)")
+        fp_model.to(device)
+        qmodel = load_quantized(path, freeze=False).to(device)
+        fp_modules = dict(fp_model.named_modules())
+        with torch.no_grad():  # LoRAs merge into the full-precision weights, not into the packed ones (SPEC §2.3)
+            for name, layer in quant_layers(qmodel).items():
+                layer.weight.copy_(fp_modules[name].weight)
+        result = finetune(qmodel, fp_model, scheduler, config, work_dir=path.parent / f".{path.name}.finetune",
+                          resume=resume, max_minutes=max_minutes)
+        if result.stopped_early:
+            click.echo(f"stopped at iteration {result.iters_done}/{iters} (time budget); {path} is unchanged; "
+                       "run the same command with --resume to continue")
+            return
+        save_quantized(qmodel, path)
+    click.echo(describe(read_quant_meta(path)))
+    tail = result.losses[-20:]
+    click.echo(f"fine-tuned {result.iters_done} iterations in {result.seconds:.0f} s, final loss "
+               f"{sum(tail) / len(tail):.4g}; wrote {path}")
+
+
 if __name__ == "__main__":
     main()
