@@ -27,6 +27,7 @@ from msfp.checkpoint import CODES_SUFFIX, CONFIG_NAME, WEIGHTS_NAME
 from msfp.environment import machine_info
 from msfp.fileio import write_json
 from msfp.surgery import quant_layers
+from msfp.talora import add_talora
 
 
 def breakdown(file: Path, qmodel) -> dict:
@@ -59,6 +60,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--preset", default="w4a4-msfp")
     parser.add_argument("--calib-samples", type=int, default=4)
     parser.add_argument("--calib-steps", type=int, default=2)
+    parser.add_argument("--num-loras", type=int, default=4, help="TALoRA variant: LoRAs per layer")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
 
@@ -80,6 +82,17 @@ def main(argv=None) -> dict:
                      packed_json=(packed_dir / CONFIG_NAME).stat().st_size)
         parts = breakdown(packed_dir / WEIGHTS_NAME, qmodel)
         loaded = msfp.load_quantized(packed_dir)
+        # TALoRA's extra bytes: K pre-merged weight sets per layer and the router (LoRAs as if fine-tuned).
+        routed = copy.deepcopy(qmodel)
+        add_talora(routed, num_loras=args.num_loras, rank=4)
+        with torch.no_grad():
+            for layer in quant_layers(routed).values():
+                layer.lora.B.normal_(std=1e-3, generator=torch.Generator().manual_seed(0))
+        talora_dir = msfp.save_quantized(routed, tmp / "talora")
+        talora = dict(num_loras=args.num_loras, packed_safetensors=(talora_dir / WEIGHTS_NAME).stat().st_size,
+                      packed_json=(talora_dir / CONFIG_NAME).stat().st_size)
+        talora["extra_bytes_vs_plain"] = talora["packed_safetensors"] - sizes["packed_safetensors"]
+        talora["ratio_to_fp16"] = talora["packed_safetensors"] / sizes["fp16_safetensors"]
 
     c, s = fp_model.config.in_channels, fp_model.config.sample_size
     gen = torch.Generator().manual_seed(0)
@@ -92,7 +105,7 @@ def main(argv=None) -> dict:
         ratio_packed_to_fp16=sizes["packed_safetensors"] / sizes["fp16_safetensors"],
         ratio_packed_with_json_to_fp16=(sizes["packed_safetensors"] + sizes["packed_json"]) / sizes["fp16_safetensors"],
         ratio_packed_to_fp32=sizes["packed_safetensors"] / sizes["fp32_safetensors"],
-        target_ratio_to_fp16=0.27, loaded_outputs_bit_identical=exact,
+        target_ratio_to_fp16=0.27, loaded_outputs_bit_identical=exact, talora=talora,
         machine=machine_info(), command=" ".join(["python", *sys.argv]),
     )
     print(json.dumps(result, indent=2))
