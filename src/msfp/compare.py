@@ -50,7 +50,7 @@ DEFAULT_METHODS = ("fp", "w4a4-int", "w4a4-fp", "w4a4-msfp", "w6a6-msfp", "torch
 @dataclass
 class CompareSettings:
     model: str = "default"
-    num_samples: int = 128
+    num_samples: int = 256
     steps: int = 20
     calib_samples: int = 64
     calib_steps: int = 25
