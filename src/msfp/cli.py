@@ -151,7 +151,8 @@ def eval_(samples_path, ref, ref_images, data_dir, inception_weights, paired_pat
 @main.command()
 @click.option("--model", "model_spec", default="default", help="'default', a save_pretrained directory or a Hub id")
 @click.option("--methods", default=None, help="comma-separated method names (fp is always run: it is the "
-              "reference); default: fp,w4a4-int,w4a4-fp,w4a4-msfp,w6a6-msfp,torchao-mxfp4,torchao-nvfp4")
+              "reference); default: fp,w4a4-int,w4a4-fp,w4a4-msfp,w4a4-msfp+talora,w6a6-msfp,torchao-mxfp4,"
+              "torchao-nvfp4")
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="report directory: index.html, results.json, samples/, cache/")
 @click.option("--num", "-n", "num_samples", default=256, help="images per method")

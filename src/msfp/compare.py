@@ -44,7 +44,8 @@ from msfp.torchao_baselines import RECIPES, quantize_torchao, unavailable_reason
 CALIB_SEED_OFFSET = 10_000
 HELDOUT_SEED_OFFSET = 20_000
 REFERENCE_METHOD = "fp"
-DEFAULT_METHODS = ("fp", "w4a4-int", "w4a4-fp", "w4a4-msfp", "w6a6-msfp", "torchao-mxfp4", "torchao-nvfp4")
+DEFAULT_METHODS = ("fp", "w4a4-int", "w4a4-fp", "w4a4-msfp", "w4a4-msfp+talora", "w6a6-msfp", "torchao-mxfp4",
+                   "torchao-nvfp4")
 
 
 @dataclass
