@@ -51,7 +51,7 @@ DEFAULT_METHODS = ("fp", "w4a4-int", "w4a4-fp", "w4a4-msfp", "w4a4-msfp+talora",
 @dataclass
 class CompareSettings:
     model: str = "default"
-    num_samples: int = 256
+    num_samples: int = 160
     steps: int = 20
     calib_samples: int = 64
     calib_steps: int = 25
