@@ -155,7 +155,8 @@ def eval_(samples_path, ref, ref_images, data_dir, inception_weights, paired_pat
               "torchao-nvfp4")
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="report directory: index.html, results.json, samples/, cache/")
-@click.option("--num", "-n", "num_samples", default=160, help="images per method (FD at this N is biased: compare rows with the fp row)")
+@click.option("--num", "-n", "num_samples", default=160,
+              help="images per method (FD at this N is biased: compare rows with the fp row)")
 @click.option("--steps", default=20, help="DDIM sampling steps")
 @click.option("--calib-samples", default=64, help="calibration trajectories (images)")
 @click.option("--calib-steps", default=25, help="DDIM steps per calibration (and held-out) trajectory")
