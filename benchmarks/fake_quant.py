@@ -11,12 +11,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import time
 
 import torch
 
+from msfp.environment import machine_info
 from msfp.formats import fake_quant
 from msfp.kernels import compiled_fake_quant
 
@@ -80,10 +80,7 @@ def main():
     report = dict(
         command="python benchmarks/fake_quant.py " + " ".join(
             f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v not in (None, False)),
-        machine=dict(cpu=platform.processor() or platform.machine(), cpu_count=os.cpu_count(),
-                     torch_threads=torch.get_num_threads(),
-                     gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else None),
-        versions=dict(torch=torch.__version__, python=platform.python_version()),
+        machine=machine_info("cuda" if torch.cuda.is_available() else None),
         results={"cpu": bench_device(torch.device("cpu"), args.repeats, not args.no_compile)},
     )
     if torch.cuda.is_available():
