@@ -1,6 +1,7 @@
 import copy
 import json
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -402,3 +403,17 @@ def test_finetuned_talora_round_trip_is_exact(tmp_path, lora):
         assert layer.weight_sets.shape[0] == 4 and not hasattr(layer.lora, "A")
     info = CliRunner().invoke(main, ["info", str(out)])
     assert info.exit_code == 0 and "LoRA" in info.output, info.output
+
+
+def test_cli_samples_from_a_quantized_directory(tmp_path):
+    DDPMPipeline(unet=tiny_unet(), scheduler=scheduler()).save_pretrained(tmp_path / "model")
+    runner = CliRunner()
+    r = runner.invoke(main, ["quantize", "--model", str(tmp_path / "model"), "--out", str(tmp_path / "q"),
+                             "--calib-samples", "4", "--calib-steps", "2"])
+    assert r.exit_code == 0, r.output
+    assert checkpoint.read_quant_meta(tmp_path / "q")["scheduler_config"]["num_train_timesteps"] == 1000
+    r = runner.invoke(main, ["sample", "--model", str(tmp_path / "q"), "-n", "3", "--steps", "2",
+                             "--out", str(tmp_path / "s.npz")])
+    assert r.exit_code == 0, r.output
+    images = np.load(tmp_path / "s.npz")["arr_0"]
+    assert images.shape == (3, 8, 8, 1) and images.dtype == np.uint8

@@ -297,6 +297,7 @@ def calibrate(qmodel: nn.Module, fp_model: nn.Module, scheduler, num_samples: in
         raise ValueError("calibrate() needs a model returned by msfp.quantize(model, config)")
     layers = quant_layers(qmodel)
     qmodel.msfp_context.num_train_timesteps = scheduler.config.num_train_timesteps
+    qmodel.msfp_scheduler_config = dict(scheduler.config)  # saved with the model: `--model DIR` samples with it
     settings = dict(num_samples=num_samples, num_steps=num_steps, seed=seed, scheduler=type(scheduler).__name__,
                     sample_shape=sample_shape,
                     scheduler_config=dict(scheduler.config), cond={k: _tensor_digest(v) for k, v in (cond or {}).items()},

@@ -193,6 +193,7 @@ def quant_meta(model: nn.Module) -> dict:
         base_parameters=sum(v.numel() for k, v in fp_state.items()
                             if "_quantizer." not in k and not _is_lora_key(k) and not _is_router_key(k)),
         talora=_talora_meta(model), finetune=getattr(model, "msfp_finetune", None),
+        scheduler_config=getattr(model, "msfp_scheduler_config", None),
         num_train_timesteps=model.msfp_context.num_train_timesteps,
         layers={n: layer.info for n, layer in layers.items()},
     )
@@ -372,6 +373,7 @@ def load_quantized(directory: str | os.PathLike, model: nn.Module | None = None,
             if len(sets) > 1:  # routed TALoRA: the router picks one of the K pre-merged sets per sample
                 layer.weight_sets = torch.stack(sets)
     qmodel.msfp_flops = meta.get("flops")
+    qmodel.msfp_scheduler_config = meta.get("scheduler_config")
     qmodel.msfp_context.num_train_timesteps = meta["num_train_timesteps"]
     if freeze:
         freeze_weights(qmodel)

@@ -85,14 +85,24 @@ def info(directory, as_json):
 
 
 def _load_any_model(spec: str):
-    """``(denoiser, scheduler)`` for a ``--model`` spec: 'default', a save_pretrained directory or a Hub id."""
+    """``(denoiser, scheduler)`` for a ``--model`` spec: 'default', a save_pretrained directory, a Hub id, or a
+    quantized directory written by msfp (sampled with the scheduler it was calibrated with)."""
+    from diffusers import DDIMScheduler
+
+    from msfp.checkpoint import CONFIG_NAME, load_quantized, read_quant_meta
     from msfp.models import load_model
 
+    if (Path(spec) / CONFIG_NAME).is_file():
+        scheduler_config = read_quant_meta(spec).get("scheduler_config")
+        if scheduler_config is None:
+            raise ValueError(f"{spec} records no scheduler (saved by an older msfp); re-run msfp quantize")
+        return load_quantized(spec), DDIMScheduler.from_config(scheduler_config)
     return load_model(spec)
 
 
 @main.command()
-@click.option("--model", "model_spec", default="default", help="'default', a save_pretrained directory or a Hub id")
+@click.option("--model", "model_spec", default="default",
+              help="'default', a save_pretrained directory, a Hub id or a quantized directory (msfp quantize)")
 @click.option("--num", "-n", "num_samples", default=64,
               help="number of images (under torchrun write -n: torchrun reads --num as its own --numa-binding)")
 @click.option("--steps", default=50, help="sampling steps")
