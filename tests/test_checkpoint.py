@@ -417,3 +417,23 @@ def test_cli_samples_from_a_quantized_directory(tmp_path):
     assert r.exit_code == 0, r.output
     images = np.load(tmp_path / "s.npz")["arr_0"]
     assert images.shape == (3, 8, 8, 1) and images.dtype == np.uint8
+
+
+def test_cli_eval_reports_the_noise_prediction_error_of_a_quantized_model(tmp_path):
+    DDPMPipeline(unet=tiny_unet(), scheduler=scheduler()).save_pretrained(tmp_path / "model")
+    runner = CliRunner()
+    for spec, out in ((tmp_path / "model", "fp.npz"), (tmp_path / "q", "q.npz")):
+        if spec == tmp_path / "q":
+            r = runner.invoke(main, ["quantize", "--model", str(tmp_path / "model"), "--out", str(spec),
+                                     "--calib-samples", "4", "--calib-steps", "2"])
+            assert r.exit_code == 0, r.output
+        r = runner.invoke(main, ["sample", "--model", str(spec), "-n", "3", "--steps", "2",
+                                 "--out", str(tmp_path / out)])
+        assert r.exit_code == 0, r.output
+    r = runner.invoke(main, ["eval", str(tmp_path / "q.npz"), "--paired", str(tmp_path / "fp.npz"), "--model",
+                             str(tmp_path / "q"), "--fp-model", str(tmp_path / "model"), "--heldout-samples", "2",
+                             "--heldout-steps", "3", "--json", str(tmp_path / "e.json")])
+    assert r.exit_code == 0, r.output
+    result = json.loads((tmp_path / "e.json").read_text())
+    assert result["metrics"]["eps_mse"] > 0 and len(result["eps_mse_per_timestep"]) == 3
+    assert "noise-prediction MSE" in r.output

@@ -141,16 +141,36 @@ def sample(model_spec, num_samples, steps, scheduler_name, eta, guidance, seed, 
               help="torch-fidelity's weights-inception-2015-12-05-6726825d.pth: adds FID, sFID, IS, precision/recall")
 @click.option("--paired", "paired_path", type=click.Path(dir_okay=False), default=None,
               help="samples from the same seeds (e.g. the full-precision model's): adds PSNR")
+@click.option("--model", "model_spec", default=None,
+              help="the model that drew SAMPLES (e.g. a quantized directory): adds its per-timestep noise-prediction "
+              "MSE against --fp-model on held-out trajectories")
+@click.option("--fp-model", default="default", help="the full-precision model --model is compared with")
+@click.option("--heldout-samples", default=16, help="held-out trajectories (DDIM, --heldout-steps steps)")
+@click.option("--heldout-steps", default=25)
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="also write the results here")
 @click.option("--device", default=None, help="default: cuda if available, else cpu")
-def eval_(samples_path, ref, ref_images, data_dir, inception_weights, paired_path, json_path, device):
-    """Quality metrics of a sample file (FD, KID, classifier score, precision/recall; FID/sFID/IS; PSNR)."""
-    from msfp.evaluation import evaluate, format_table, load_reference
+def eval_(samples_path, ref, ref_images, data_dir, inception_weights, paired_path, model_spec, fp_model,
+          heldout_samples, heldout_steps, json_path, device):
+    """Quality metrics of a sample file (FD, KID, classifier score, precision/recall; FID/sFID/IS; PSNR; ε MSE)."""
+    from msfp.calibration import collect_trajectories
+    from msfp.compare import HELDOUT_SEED_OFFSET
+    from msfp.evaluation import evaluate, format_table, load_reference, per_timestep_eps_mse
     from msfp.fileio import write_json
+    from msfp.models import load_model
 
     with _user_errors():
         reference = load_reference(ref, ref_images, data_dir)
         result = evaluate(samples_path, reference, inception_weights, paired_path, device)
+        if model_spec is not None:
+            model, scheduler = _load_any_model(model_spec)
+            teacher, _ = load_model(fp_model)
+            # Held-out seeds as in msfp compare: never the calibration or fine-tuning trajectories.
+            teacher.to(next(model.parameters()).device)
+            points = collect_trajectories(teacher, scheduler, heldout_samples, heldout_steps, seed=HELDOUT_SEED_OFFSET,
+                                          disable=True)
+            eps = per_timestep_eps_mse(model, points)
+            result["metrics"]["eps_mse"] = sum(eps.values()) / len(eps)
+            result["eps_mse_per_timestep"] = eps
         if json_path is not None:
             write_json(json_path, result)
     click.echo(format_table(result))

@@ -36,6 +36,7 @@ METRICS = (
     ("fid", "FID (Inception-v3)"), ("sfid", "sFID (Inception-v3)"), ("inception_score", "Inception score"),
     ("inception_precision", "precision (Inception-v3)"), ("inception_recall", "recall (Inception-v3)"),
     ("psnr", "PSNR vs paired samples (dB)"), ("paired_mse", "MSE vs paired samples (0-255)"),
+    ("eps_mse", "noise-prediction MSE vs --fp-model (mean over t)"),
 )
 
 
