@@ -33,6 +33,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
 
 from msfp.fileio import atomic_path
+from msfp.samples import class_info
 from msfp.sampling import sample
 from msfp.surgery import quant_layers, set_quantizers_enabled
 
@@ -67,14 +68,6 @@ class Trajectories:
         return cls(tensors["x"], tensors["t"], tensors["eps"], cond)
 
 
-def _num_classes(model) -> int | None:
-    config = getattr(model, "config", None) or {}
-    for key in ("num_class_embeds", "num_embeds_ada_norm"):
-        if config.get(key) and (key != "num_embeds_ada_norm" or config.get("norm_type") == "ada_norm_zero"):
-            return int(config[key])
-    return None
-
-
 def _check_conditioning(model, cond: dict) -> None:
     params = inspect.signature(model.forward).parameters
     required = [n for n, p in list(params.items())[2:]
@@ -94,9 +87,10 @@ def collect_trajectories(fp_model: nn.Module, scheduler, num_samples: int = 64, 
         raise ValueError(f"calibration needs at least one sample and one step, got num_samples={num_samples}, "
                          f"num_steps={num_steps} (empty calibration set)")
     cond = dict(cond or {})
-    if class_labels is None and "class_labels" not in cond and _num_classes(fp_model):
+    num_classes, _ = class_info(fp_model)
+    if class_labels is None and "class_labels" not in cond and num_classes:
         gen = torch.Generator().manual_seed(seed)
-        class_labels = torch.randint(0, _num_classes(fp_model), (num_samples,), generator=gen)
+        class_labels = torch.randint(0, num_classes, (num_samples,), generator=gen)
     if class_labels is not None:
         cond["class_labels"] = torch.as_tensor(class_labels).long()
     _check_conditioning(fp_model, cond)
@@ -234,7 +228,7 @@ def _model_key(model: nn.Module, settings: dict) -> str:
     for name, tensor in model.state_dict().items():
         if isinstance(tensor, torch.Tensor):
             h.update(name.encode())
-            h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+            h.update(_tensor_bytes(tensor))
     return h.hexdigest()[:16]
 
 
@@ -329,8 +323,12 @@ def calibrate(qmodel: nn.Module, fp_model: nn.Module, scheduler, num_samples: in
     return CalibrationReport(len(points), traj_time, record_time, time.time() - start, cached)
 
 
+def _tensor_bytes(t: torch.Tensor) -> bytes:
+    return t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
+
+
 def _tensor_digest(t: torch.Tensor) -> str:
-    return hashlib.sha256(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()[:16]
+    return hashlib.sha256(_tensor_bytes(t)).hexdigest()[:16]
 
 
 @torch.no_grad()
