@@ -3,9 +3,11 @@
     python benchmarks/finetune_step.py [--model default --batch 16 --iters 10 --device cpu|cuda --threads N]
 
 Each variant runs in its own process (so CPU peak RSS is its own) on the same calibrated W4A4-MSFP model with
-TALoRA (K=4): ``quantized`` fake-quantizes weights (after merging the LoRA) and activations; ``quantizers_off``
-does the identical step, LoRA merge included, without rounding. Prints JSON with steps/s, the ratio
-(SPEC goal ≥ 0.6 on GPU), peak memory (CUDA max allocated, or process max RSS on CPU), machine and command.
+TALoRA (K=4): ``quantized_eager`` fake-quantizes weights (after merging the LoRA) and activations with the eager
+rounding; ``quantized_fused`` does the same through the fused compiled kernels (``--fused``; the default on CUDA);
+``quantizers_off`` does the identical step, LoRA merge included, without rounding. Prints JSON with steps/s, the
+ratios to ``quantizers_off`` (SPEC goal ≥ 0.6 on GPU with the fused path), peak memory (CUDA max allocated, or process
+max RSS on CPU), machine and command.
 """
 
 from __future__ import annotations
@@ -23,11 +25,11 @@ import torch
 import msfp
 from msfp.environment import machine_info
 from msfp.finetune import FinetuneConfig, _trainable_groups
-from msfp.surgery import set_quantizers_enabled
+from msfp.surgery import set_fused_rounding, set_quantizers_enabled
 from msfp.talora import add_talora
 
 
-def run_variant(args, quantized: bool, queue) -> None:
+def run_variant(args, quantized: bool, fused: bool, queue) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -39,6 +41,7 @@ def run_variant(args, quantized: bool, queue) -> None:
     for layer in msfp.surgery.quant_layers(q).values():
         torch.nn.init.normal_(layer.lora.B, std=1e-3)  # non-zero LoRAs, as during training
     set_quantizers_enabled(q, quantized)
+    set_fused_rounding(q, fused)
     optimizer = torch.optim.AdamW(_trainable_groups(q, FinetuneConfig()))
     gen = torch.Generator().manual_seed(0)
     shape = (args.batch, fp.config.in_channels, fp.config.sample_size, fp.config.sample_size)
@@ -52,7 +55,8 @@ def run_variant(args, quantized: bool, queue) -> None:
         loss.backward()
         optimizer.step()
 
-    step()  # warm-up
+    for _ in range(2):  # warm-up (the fused path compiles its graphs here)
+        step()
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -75,16 +79,25 @@ def main(argv=None) -> None:
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--fused", action=argparse.BooleanOptionalAction, default=None,
+                   help="also time the fused compiled rounding (default: on CUDA only)")
     args = p.parse_args(argv)
+    if args.fused is None:
+        args.fused = args.device.startswith("cuda")
     ctx = mp.get_context("spawn")
     results = {}
-    for name, quantized in (("quantized", True), ("quantizers_off", False)):
+    variants = {"quantizers_off": (False, False), "quantized_eager": (True, False)}
+    if args.fused:
+        variants["quantized_fused"] = (True, True)
+    for name, (quantized, fused) in variants.items():
         queue = ctx.Queue()
-        proc = ctx.Process(target=run_variant, args=(args, quantized, queue))
+        proc = ctx.Process(target=run_variant, args=(args, quantized, fused, queue))
         proc.start()
         results[name] = queue.get()
         proc.join()
-    results["throughput_ratio"] = results["quantized"]["steps_per_second"] / results["quantizers_off"]["steps_per_second"]
+    base = results["quantizers_off"]["steps_per_second"]
+    results["throughput_ratio"] = {name: results[name]["steps_per_second"] / base for name in variants
+                                   if name != "quantizers_off"}
     print(json.dumps(dict(benchmark="finetune_step", settings=vars(args), machine=machine_info(args.device),
                           command="python " + " ".join(["benchmarks/finetune_step.py",
                                                         *(argv if argv is not None else sys.argv[1:])]),

@@ -1,7 +1,14 @@
+import copy
+
+import pytest
 import torch
 
-from msfp.formats import fake_quant
+import msfp
+from msfp.formats import fake_quant, get_format
 from msfp.kernels import compiled_fake_quant
+from msfp.quantizers import ActivationQuantizer, WeightQuantizer
+from msfp.surgery import set_fused_rounding
+from tiny_models import scheduler, tiny_plain
 
 
 def test_compiled_fake_quant_equals_eager():
@@ -12,3 +19,44 @@ def test_compiled_fake_quant_equals_eager():
     assert torch.equal(compiled_fake_quant(x, "fp4_e2m1", scale), fake_quant(x, "fp4_e2m1", scale))
     zp = torch.tensor(-0.3)
     assert torch.equal(compiled_fake_quant(x, "ufp4_e3m1", scale, zp), fake_quant(x, "ufp4_e3m1", scale, zp))
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
+def test_fused_rounding_gives_the_eager_model_outputs_and_gradients(device):
+    # The tiny plain denoiser has 4-bit, 8-bit, signed and unsigned (zero-point) quantizers, convs and a linear.
+    fp = tiny_plain().to(device)
+    q = msfp.quantize(copy.deepcopy(fp), "w4a4-msfp")
+    msfp.calibrate(q, fp, scheduler(), num_samples=4, num_steps=3, sample_shape=(1, 8, 8), disable=True)
+    formats = {m.fmt.name for m in q.modules() if isinstance(m, (ActivationQuantizer, WeightQuantizer))}
+    assert any(get_format(f).needs_zero_point for f in formats) and len(formats) >= 3
+    x, t = torch.randn(3, 1, 8, 8, device=device), torch.tensor([10, 500, 990], device=device)
+
+    def run(fused):
+        set_fused_rounding(q, fused)
+        q.zero_grad(set_to_none=True)
+        out = q(x, t)
+        out.square().mean().backward()
+        grads = {n: p.grad.clone() for n, p in q.named_parameters() if p.grad is not None}
+        return out.detach(), grads
+
+    eager_out, eager_grads = run(False)
+    fused_out, fused_grads = run(True)
+    assert torch.equal(fused_out, eager_out)
+    assert eager_grads.keys() == fused_grads.keys() and any("scale" in n for n in eager_grads)
+    for name, g in eager_grads.items():
+        torch.testing.assert_close(fused_grads[name], g, msg=name)
+    with torch.no_grad():  # inference graphs (no autograd) as well
+        assert torch.equal(q(x, t), eager_out)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("fmt", ["fp4_e2m1", "ufp4_e2m2", "ufp4_e1m3", "fp8_e4m3", "int4", "uint8"])
+def test_compiled_fake_quant_equals_eager_on_cuda(fmt):
+    # Millions of values with per-channel scales: approximate division or FMA contraction in the compiled kernel
+    # would flip a few values near rounding boundaries (seen before the exact-numerics options).
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(1280, 1280, 3, 3, device="cuda", generator=gen) * 0.05
+    scale = torch.rand(1280, 1, 1, 1, device="cuda", generator=gen) * 0.02 + 1e-3
+    zp = -torch.rand(1280, 1, 1, 1, device="cuda", generator=gen) * 0.1 if get_format(fmt).needs_zero_point else None
+    assert torch.equal(compiled_fake_quant(x, fmt, scale, zp), fake_quant(x, fmt, scale, zp))

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from msfp.calibration import Trajectories, collect_trajectories
 from msfp.fileio import atomic_path
 from msfp.losses import WEIGHTINGS, denoising_factors, dfa_weights, weighted_mse
-from msfp.surgery import quant_layers
+from msfp.surgery import quant_layers, set_fused_rounding
 from msfp.talora import add_talora
 
 STATE_NAME = "finetune_state.pt"
@@ -139,11 +139,13 @@ def _point_weights(points: Trajectories, scheduler, config: FinetuneConfig) -> t
 def finetune(qmodel: nn.Module, fp_model: nn.Module, scheduler, config: FinetuneConfig | None = None,
              work_dir: str | os.PathLike | None = None, resume: bool = False, max_minutes: float | None = None,
              cond: dict | None = None, class_labels=None, sample_shape=None, teacher: Trajectories | None = None,
-             disable: bool = False) -> FinetuneResult:
+             fused_rounding: bool | None = None, disable: bool = False) -> FinetuneResult:
     """Fine-tune a calibrated quantized model in place (see the module docstring); returns losses and timing.
 
     ``teacher`` passes precomputed teacher trajectories (``traj_steps``-step trajectories of ``fp_model`` with this
     scheduler, e.g. shared by several runs); by default they are sampled here (and cached in ``work_dir``).
+    ``fused_rounding`` runs the quantizers' rounding as fused compiled kernels (same values, see
+    :func:`msfp.surgery.set_fused_rounding`); by default on CUDA only, where it pays for its compilation.
     """
     config = config or FinetuneConfig()
     if getattr(qmodel, "msfp_config", None) is None:
@@ -192,6 +194,7 @@ def finetune(qmodel: nn.Module, fp_model: nn.Module, scheduler, config: Finetune
                             generator=gen.get_state()), tmp)
 
     device = next(qmodel.parameters()).device
+    set_fused_rounding(qmodel, device.type == "cuda" if fused_rounding is None else fused_rounding)
     channels = points.eps.shape[1]
     start, stopped_early = time.time(), False
     bar = tqdm(total=config.iters, initial=it, desc="finetune", disable=disable)
@@ -224,6 +227,7 @@ def finetune(qmodel: nn.Module, fp_model: nn.Module, scheduler, config: Finetune
             save_state()
     bar.close()
     save_state()
+    set_fused_rounding(qmodel, False)
     for p in qmodel.parameters():
         p.requires_grad_(False)
     qmodel.msfp_finetune = dict(config.to_dict(), iters_done=it)

@@ -3,7 +3,8 @@
 Eager ``fake_quant`` runs a chain of ~10 elementwise kernels (frexp, ldexp, round, clamp…), each a full pass over
 memory. ``torch.compile`` fuses the chain into one pass, which is what makes quantization-aware fine-tuning cheap on
 GPUs (SPEC §5: ~15× slower than a copy eager, ~1× compiled). The compiled function computes the same values as
-the eager one; tests check equality.
+the eager one, bit for bit, on CPU and CUDA; tests check equality. :func:`msfp.surgery.set_fused_rounding` switches
+a model's quantizers to this path.
 """
 
 from __future__ import annotations
@@ -14,13 +15,37 @@ import torch
 
 from msfp.formats import Format, _fake_quant, get_format
 
+# Bit-exact with eager on CUDA: Triton's fp32 ``/`` is an approximate division (``div.full``), so a value within an
+# ulp or two of a rounding boundary could land on the other grid point; and mul+add contracted to an FMA would change
+# the last bit of ``q * scale + zero_point``. These options make Inductor emit IEEE division and no FMA contraction.
+# (Older torch releases lack the first option; ``_exact_options`` leaves out what this torch does not know.)
+_EXACT_OPTIONS = {"eager_numerics.division_rounding": True, "emulate_precision_casts": True}
+# Every format and call signature (weights/activations, per-group scales, grad or not, zero point or not) is a graph
+# of the one ``_fake_quant`` code object; dynamo's default of 8 graphs per code object would silently fall back to
+# eager for the rest. Raise it while compiling and fail loudly if even that is exceeded.
+_RECOMPILE_LIMIT = 128
+
+
+def _exact_options() -> dict:
+    from torch._inductor import config
+
+    known = config.get_config_copy()
+    return {k: v for k, v in _EXACT_OPTIONS.items() if k in known}
+
 
 @functools.lru_cache(maxsize=None)
-def _compiled(fmt: Format, dynamic: bool):
-    # One compiled graph per format keeps the format's constants (bias, mantissa bits, bounds) baked in.
-    return torch.compile(functools.partial(_fake_quant, fmt=fmt), dynamic=dynamic, fullgraph=True)
+def _compiled(fmt: Format, dynamic: bool | None):
+    # One compiled function per format keeps the format's constants (bias, mantissa bits, bounds) baked in.
+    return torch.compile(functools.partial(_fake_quant, fmt=fmt), dynamic=dynamic, fullgraph=True,
+                         options=_exact_options())
 
 
-def compiled_fake_quant(x: torch.Tensor, fmt: str | Format, scale: torch.Tensor, zero_point=None, dynamic=False):
-    """Fused ``fake_quant`` without input validation (the caller guarantees positive scales and matching shapes)."""
-    return _compiled(get_format(fmt), dynamic)(x, scale=scale, zero_point=zero_point)
+def compiled_fake_quant(x: torch.Tensor, fmt: str | Format, scale: torch.Tensor, zero_point=None,
+                        dynamic: bool | None = None):
+    """Fused ``fake_quant`` without input validation (the caller guarantees positive scales and matching shapes).
+
+    ``dynamic=None`` lets dynamo generalise to dynamic shapes after the first shape change (one graph serves all the
+    layers of a model); ``False`` specialises on every shape (benchmarks of one shape).
+    """
+    with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT, fail_on_recompile_limit_hit=True):
+        return _compiled(get_format(fmt), dynamic)(x, scale=scale, zero_point=zero_point)

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from msfp.formats import Format, _fake_quant, get_format
+from msfp.kernels import compiled_fake_quant
 
 # A scale this small maps every finite input of a zero-range channel to exactly its zero point, without NaN.
 MIN_SCALE = 1e-12
@@ -146,6 +147,8 @@ class _Quantizer(nn.Module):
         self.scale = nn.Parameter(torch.ones(size))
         self.zero_point = nn.Parameter(torch.zeros(size))
         self.enabled = True
+        #: run the rounding as one fused ``torch.compile`` kernel (same values; see msfp.kernels)
+        self.fused = False
 
     def get_extra_state(self):
         return {"fmt": self.fmt.name, "enabled": self.enabled}
@@ -155,7 +158,10 @@ class _Quantizer(nn.Module):
         self.enabled = bool(state["enabled"])
 
     def _apply_params(self, x, scale, zero):
-        return _fake_quant(x, self.fmt, scale.clamp_min(MIN_SCALE), zero if self.fmt.needs_zero_point else None)
+        scale, zero = scale.clamp_min(MIN_SCALE), zero if self.fmt.needs_zero_point else None
+        if self.fused:
+            return compiled_fake_quant(x, self.fmt, scale, zero)
+        return _fake_quant(x, self.fmt, scale, zero)
 
     @torch.no_grad()
     def _store(self, result: SearchResult, index=slice(None)):
@@ -164,7 +170,8 @@ class _Quantizer(nn.Module):
         self.zero_point[index] = 0.0 if result.zero_point is None else result.zero_point.to(self.zero_point)
 
     def extra_repr(self) -> str:
-        return f"fmt={self.fmt.name}, size={self.scale.numel()}, enabled={self.enabled}"
+        fused = ", fused" if self.fused else ""
+        return f"fmt={self.fmt.name}, size={self.scale.numel()}, enabled={self.enabled}{fused}"
 
 
 class WeightQuantizer(_Quantizer):

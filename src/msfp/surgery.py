@@ -13,6 +13,7 @@ from torch import nn
 
 from msfp.config import ROLES, QuantConfig
 from msfp.layers import QuantContext, QuantLayer
+from msfp.quantizers import ActivationQuantizer, WeightQuantizer
 
 # Known diffusers blocks whose child layers read the output of a SiLU/GELU (structural AAL detection).
 _AAL_CHILDREN = {
@@ -136,3 +137,15 @@ def quant_layers(model: nn.Module) -> dict[str, QuantLayer]:
 def set_quantizers_enabled(model: nn.Module, enabled: bool) -> None:
     for layer in quant_layers(model).values():
         layer.weight_quantizer.enabled = layer.act_quantizer.enabled = enabled
+
+
+def set_fused_rounding(model: nn.Module, fused: bool) -> None:
+    """Run every quantizer's rounding through the fused ``torch.compile`` kernel (:mod:`msfp.kernels`) or eagerly.
+
+    Both compute the same values; fused is much faster on GPUs (one pass over memory instead of ~10) but compiles a
+    graph per format and input rank on first use.
+    """
+    quant_layers(model)  # a clear error for a model that was not quantized
+    for module in model.modules():
+        if isinstance(module, (WeightQuantizer, ActivationQuantizer)):
+            module.fused = fused
