@@ -7,6 +7,8 @@ Layer selectors (``eight_bit_layers``, ``full_precision_layers``) are regular ex
 - ``@last``: the last one registered (``conv_out`` / ``proj_out_2``),
 - ``@time_embedding``: layers of the timestep/class embedding MLPs (not the per-block ``time_emb_proj``).
 
+With ``quantize_attention`` they also match the attention matmul inputs (``mid_block.attentions.0.attn_probs``).
+
 A selector that matches no layer of the model is an error, so a typo never silently quantizes a layer to 4 bits.
 """
 
@@ -53,7 +55,10 @@ class QuantConfig:
     eight_bit_act_formats: list[str] = field(default_factory=lambda: list(EIGHT_BIT_ACTS))
     #: layers left in full precision (not replaced)
     full_precision_layers: list[str] = field(default_factory=list)
-    #: also fake-quantize the attention matmuls' inputs (Q, K, softmax probabilities, V) with the activation formats
+    #: also fake-quantize the inputs of the attention matmuls QKᵀ and P·V of every diffusers ``Attention`` (Q, K, V
+    #: with the activation formats, the softmax probabilities as an AAL: signed plus unsigned candidates). Their
+    #: quantizers are named ``<attention module>.attn_q|attn_k|attn_probs|attn_v`` and the layer selectors below
+    #: match those names too (see :mod:`msfp.attention`). Off in every preset: the SPEC keeps them full precision.
     quantize_attention: bool = False
     #: structural AAL detection (known diffusers blocks, and inputs traced to SiLU/GELU modules during calibration)
     aal_structural: bool = True

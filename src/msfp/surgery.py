@@ -1,5 +1,8 @@
 """``msfp.quantize(model, config)``: replace a denoiser's ``Conv2d``/``Linear`` layers by quantized layers, in place.
 
+With ``QuantConfig.quantize_attention`` the inputs of the attention matmuls get quantizers too (:mod:`msfp.attention`);
+the layer policy's selectors also match their names (``<attention module>.attn_q`` etc.).
+
 Works on any ``nn.Module`` called as ``model(x, t, **cond)`` (diffusers ``UNet2DModel``, ``UNet2DConditionModel``,
 ``DiTTransformer2DModel``, ``Transformer2DModel`` or a plain PyTorch denoiser). The quantizers start with
 placeholder scales: run :func:`msfp.calibrate` before using the model.
@@ -11,6 +14,7 @@ import re
 
 from torch import nn
 
+from msfp.attention import attention_inputs, attention_quantizers, install_attention_quantizers
 from msfp.config import ROLES, QuantConfig
 from msfp.layers import QuantContext, QuantLayer
 from msfp.quantizers import ActivationQuantizer, WeightQuantizer
@@ -74,8 +78,8 @@ def _select(selectors, names, roles, field) -> set[str]:
             matched = [n for n in names if pattern.fullmatch(n)]
         if not matched and not sel.startswith("@"):
             examples = ", ".join(names[:4])
-            raise ValueError(f"QuantConfig.{field}: {sel!r} matches no Conv2d/Linear layer of the model "
-                             f"(layer names look like: {examples}, ...)")
+            raise ValueError(f"QuantConfig.{field}: {sel!r} matches no Conv2d/Linear layer or attention input of the "
+                             f"model (layer names look like: {examples}, ...)")
         chosen.update(matched)
     return chosen
 
@@ -89,22 +93,21 @@ def _timestep_hook(module, args, kwargs):
 
 
 def quantize(model: nn.Module, config: QuantConfig | str) -> nn.Module:
-    """Replace the model's ``Conv2d``/``Linear`` layers by :class:`~msfp.layers.QuantLayer` in place; return it."""
+    """Replace the model's ``Conv2d``/``Linear`` layers by :class:`~msfp.layers.QuantLayer` in place (and, with
+    ``config.quantize_attention``, quantize the attention matmul inputs); return it."""
     config = QuantConfig.preset(config) if isinstance(config, str) else config
     config.validate()
     if getattr(model, "msfp_config", None) is not None:
         raise ValueError(f"{type(model).__name__} is already quantized (preset {model.msfp_config.name!r})")
-    if config.quantize_attention:
-        raise NotImplementedError("quantize_attention=True is not implemented yet: attention matmuls stay in full "
-                                  "precision (SPEC default)")
     layers = quantizable_layers(model)
     if not layers:
         raise ValueError(f"{type(model).__name__} has nothing to quantize: it contains no nn.Conv2d or nn.Linear")
     names = [n for n, _ in layers]
+    attention = attention_inputs(model) if config.quantize_attention else []
     roles = {"@first": names[:1], "@last": names[-1:],
              "@time_embedding": [n for n in names if _TIME_EMBEDDING.fullmatch(n)]}
-    full = _select(config.full_precision_layers, names, roles, "full_precision_layers")
-    eight = _select(config.eight_bit_layers, names, roles, "eight_bit_layers") - full
+    full = _select(config.full_precision_layers, names + attention, roles, "full_precision_layers")
+    eight = _select(config.eight_bit_layers, names + attention, roles, "eight_bit_layers") - full
     aals = structural_aals(model) if config.aal_structural else {}
 
     context = QuantContext()  # calibrate() sets the scheduler's num_train_timesteps
@@ -119,6 +122,10 @@ def quantize(model: nn.Module, config: QuantConfig | str) -> nn.Module:
             layer.info.update(aal=True, aal_reason="structural: " + aals[name])
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
+    if attention:
+        formats = {n: ((config.eight_bit_act_formats if n in eight else config.act_formats)[0],
+                       "8bit" if n in eight else "4bit") for n in attention if n not in full}
+        install_attention_quantizers(model, formats, context, config.act_timestep_groups)
     model.msfp_config = config
     model.msfp_context = context
     model.msfp_full_precision_layers = sorted(full)
@@ -137,6 +144,8 @@ def quant_layers(model: nn.Module) -> dict[str, QuantLayer]:
 def set_quantizers_enabled(model: nn.Module, enabled: bool) -> None:
     for layer in quant_layers(model).values():
         layer.weight_quantizer.enabled = layer.act_quantizer.enabled = enabled
+    for quantizer in attention_quantizers(model).values():
+        quantizer.act_quantizer.enabled = enabled
 
 
 def set_fused_rounding(model: nn.Module, fused: bool) -> None:

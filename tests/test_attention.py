@@ -1,0 +1,94 @@
+import copy
+
+import pytest
+import torch
+from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
+from torch import nn
+
+import msfp
+from msfp import QuantConfig
+from msfp.attention import QuantAttnProcessor, attention_modules, attention_quantizers
+from msfp.surgery import set_quantizers_enabled
+from tiny_models import scheduler, tiny_cond_unet, tiny_dit, tiny_plain, tiny_unet
+
+FAMILIES = {
+    "unet": (tiny_unet, {}),
+    "cond-unet": (tiny_cond_unet, {"encoder_hidden_states": torch.randn(4, 3, 8)}),
+    "dit": (tiny_dit, {"class_labels": torch.tensor([0, 1, 2, 1])}),
+}
+ATTENTION = QuantConfig(quantize_attention=True)
+
+
+def inputs(model, cond):
+    torch.manual_seed(1)
+    c = model.config
+    return torch.randn(4, c.in_channels, c.sample_size, c.sample_size), torch.tensor([3, 250, 700, 999]), cond
+
+
+def run(model, x, t, cond):
+    with torch.no_grad():
+        return model(x, t, **cond).sample
+
+
+def calibrated(build, config=ATTENTION, cond=None):
+    fp = build()
+    q = msfp.quantize(copy.deepcopy(fp), copy.deepcopy(config))
+    msfp.calibrate(q, fp, scheduler(), num_samples=4, num_steps=3, disable=True,
+                   cond={"encoder_hidden_states": cond} if cond is not None else None)
+    return fp, q
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_disabled_quantizers_compute_diffusers_attention(family):
+    build, cond = FAMILIES[family]
+    fp = build()
+    q = msfp.quantize(copy.deepcopy(fp), ATTENTION)
+    assert attention_modules(q) and all(isinstance(a.processor, QuantAttnProcessor)
+                                        for a in attention_modules(q).values())
+    assert len(attention_quantizers(q)) == 4 * len(attention_modules(q))
+    set_quantizers_enabled(q, False)
+    x, t, cond = inputs(fp, cond)
+    torch.testing.assert_close(run(q, x, t, cond), run(fp, x, t, cond), rtol=0, atol=1e-5)  # fp: fused SDPA
+    for attn in attention_modules(fp).values():
+        attn.set_processor(AttnProcessor())
+    assert torch.equal(run(q, x, t, cond), run(fp, x, t, cond))  # the same explicit computation
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(query_dim=8, cross_attention_dim=6, heads=2, dim_head=4, cross_attention_norm="layer_norm",
+         upcast_attention=True, upcast_softmax=True),
+    dict(query_dim=32, heads=2, dim_head=4, norm_num_groups=2, spatial_norm_dim=3, residual_connection=True,
+         rescale_output_factor=2.0),  # SpatialNorm has 32 groups
+])
+def test_processor_matches_attn_processor_on_every_path(kwargs):
+    torch.manual_seed(0)
+    attn = Attention(**kwargs).eval()
+    if "cross_attention_dim" in kwargs:  # cross-attention with norm_cross and a padding mask
+        args = (torch.randn(2, 5, 8),)
+        call = dict(encoder_hidden_states=torch.randn(2, 3, 6), attention_mask=torch.tensor([[[0.0, 0, -1e4]]] * 2))
+    else:  # image tokens (B, C, H, W) with spatial norm, group norm, residual connection and output rescaling
+        args = (torch.randn(2, 32, 4, 4),)
+        call = dict(temb=torch.randn(2, 3, 2, 2))
+    with torch.no_grad():
+        expected = AttnProcessor()(attn, *args, **call)
+        assert torch.equal(QuantAttnProcessor()(attn, *args, **call), expected)
+        attn.set_processor(QuantAttnProcessor())
+        assert torch.equal(attn(*args, **call), expected)
+
+
+def test_policy_selectors_match_attention_inputs():
+    config = QuantConfig(quantize_attention=True, full_precision_layers=[r"mid_block\.attentions\.0\..*"],
+                         eight_bit_layers=["@first", "@last", r".*\.attn_probs"])
+    q = msfp.quantize(tiny_unet(), config)
+    quantizers = attention_quantizers(q)
+    assert not any(n.startswith("mid_block.attentions.0.") for n in quantizers)
+    assert "mid_block.attentions.0.attn_q" in q.msfp_full_precision_layers
+    assert isinstance(q.mid_block.attentions[0].to_q, nn.Linear)  # the block's linears too
+    assert {n for n, quantizer in quantizers.items() if quantizer.precision == "8bit"} == \
+        {n for n in quantizers if n.endswith("attn_probs")}
+    with pytest.raises(ValueError, match="has no diffusers Attention module"):
+        msfp.quantize(tiny_plain(), ATTENTION)
+    unusual = tiny_unet()
+    unusual.mid_block.attentions[0].set_processor(QuantAttnProcessor())
+    with pytest.raises(ValueError, match="'mid_block.attentions.0' uses QuantAttnProcessor, which msfp cannot"):
+        msfp.quantize(unusual, ATTENTION)
