@@ -8,6 +8,8 @@ from torch import nn
 import msfp
 from msfp import QuantConfig
 from msfp.attention import QuantAttnProcessor, attention_modules, attention_quantizers
+from msfp.checkpoint import read_quant_meta
+from msfp.info import describe, low_bit_fractions
 from msfp.surgery import set_quantizers_enabled
 from tiny_models import scheduler, tiny_cond_unet, tiny_dit, tiny_plain, tiny_unet
 
@@ -76,6 +78,46 @@ def test_processor_matches_attn_processor_on_every_path(kwargs):
         assert torch.equal(attn(*args, **call), expected)
 
 
+def test_calibration_picks_unsigned_formats_for_probabilities():
+    fp, q = calibrated(tiny_unet)
+    quantizers = attention_quantizers(q)
+    assert set(quantizers) == {f"{a}.attn_{t}" for a in attention_modules(q) for t in ("q", "k", "probs", "v")}
+    for name, quantizer in quantizers.items():
+        info = quantizer.info
+        assert info["act_format"] == quantizer.act_quantizer.fmt.name and info["act_mse"] >= 0, name
+        assert torch.isfinite(quantizer.act_quantizer.scale).all() and (quantizer.act_quantizer.scale > 0).all()
+        if quantizer.tensor == "probs":  # softmax output, in [0, 1]: mixup-sign searches unsigned candidates
+            assert info["aal"] and 0 <= info["act_min"] and info["act_max"] <= 1, name
+            assert info["act_format"].startswith("ufp4") and set(msfp.QuantConfig().aal_act_formats) < set(
+                info["act_mse_by_format"]), name
+        else:  # Q, K, V of this model are two-sided
+            assert not info["aal"] and info["act_format"].startswith("fp4"), name
+    _, plain = calibrated(tiny_unet, QuantConfig())
+    assert not attention_quantizers(plain)
+    assert all(type(a.processor) is AttnProcessor2_0 for a in attention_modules(plain).values())
+    x, t, cond = inputs(fp, {})
+    assert not torch.equal(run(q, x, t, cond), run(plain, x, t, cond))
+    # Same FLOPs in total (attention matmuls counted either way); QKᵀ and P·V of every attention now at 4 bits.
+    assert q.msfp_flops == plain.msfp_flops
+    meta, plain_meta = msfp.checkpoint.quant_meta(q), msfp.checkpoint.quant_meta(plain)
+    macs = sum(i["macs"] for i in meta["attention"].values() if i["kind"] in ("attn-q", "attn-probs"))  # one per matmul
+    fractions, plain_fractions = low_bit_fractions(meta), low_bit_fractions(plain_meta)
+    assert fractions["attention_matmuls_4bit"] == 2 * len(attention_modules(q))
+    assert fractions["flops_4bit"] == pytest.approx(plain_fractions["flops_4bit"] + 2 * macs / q.msfp_flops["total"])
+
+
+def test_signed_only_preset_keeps_probabilities_signed():
+    _, q = calibrated(tiny_dit, QuantConfig.from_dict({**QuantConfig.preset("w4a4-fp").to_dict(),
+                                                       "quantize_attention": True}))
+    assert {quantizer.info["act_format"][:3] for quantizer in attention_quantizers(q).values()} == {"fp4"}
+
+
+def test_timestep_groups_get_their_own_scales():
+    _, q = calibrated(tiny_unet, QuantConfig(quantize_attention=True, act_timestep_groups=3))
+    scales = attention_quantizers(q)["mid_block.attentions.0.attn_probs"].act_quantizer.scale
+    assert scales.shape == (3,) and len(set(scales.tolist())) == 3  # one trajectory step per group
+
+
 def test_policy_selectors_match_attention_inputs():
     config = QuantConfig(quantize_attention=True, full_precision_layers=[r"mid_block\.attentions\.0\..*"],
                          eight_bit_layers=["@first", "@last", r".*\.attn_probs"])
@@ -92,3 +134,35 @@ def test_policy_selectors_match_attention_inputs():
     unusual.mid_block.attentions[0].set_processor(QuantAttnProcessor())
     with pytest.raises(ValueError, match="'mid_block.attentions.0' uses QuantAttnProcessor, which msfp cannot"):
         msfp.quantize(unusual, ATTENTION)
+
+
+@pytest.mark.parametrize("family", ["unet", "cond-unet"])
+def test_save_load_round_trip_is_exact(tmp_path, family):
+    build, cond = FAMILIES[family]
+    config = QuantConfig(quantize_attention=True, act_timestep_groups=2,
+                         full_precision_layers=[r"mid_block\..*\.attn_v"],
+                         eight_bit_layers=["@first", "@last", r".*\.attn_k"])
+    _, q = calibrated(build, config, cond.get("encoder_hidden_states"))
+    msfp.save_quantized(q, tmp_path / "q")
+    loaded = msfp.load_quantized(tmp_path / "q")
+    x, t, cond = inputs(q, cond)
+    assert torch.equal(run(loaded, x, t, cond), run(q, x, t, cond))
+    saved, reloaded = attention_quantizers(q), attention_quantizers(loaded)
+    assert {quantizer.precision for quantizer in saved.values()} == {"4bit", "8bit"}
+    assert not [n for n in saved if n.startswith("mid_block") and n.endswith("attn_v")]
+    assert set(reloaded) == set(saved) and all(isinstance(a.processor, QuantAttnProcessor)
+                                               for a in attention_modules(loaded).values())
+    for name, quantizer in saved.items():
+        assert reloaded[name].precision == quantizer.precision and reloaded[name].info == quantizer.info
+    text = describe(read_quant_meta(tmp_path / "q"))
+    assert "attn-probs" in text and "ufp4_" in text and "attention matmuls: quantized" in text
+
+
+def test_nan_in_query_names_the_attention_and_timestep():
+    fp = tiny_unet()
+    q = msfp.quantize(copy.deepcopy(fp), ATTENTION)
+    with torch.no_grad():
+        q.mid_block.attentions[0].to_q.bias[0] = float("nan")  # the quantized copy breaks after the trajectories
+    with pytest.raises(FloatingPointError, match=r"attention attn-q input 'mid_block\.attentions\.0\.attn_q' received "
+                                                 r"NaN/inf inputs at timestep\(s\) \[\d+"):
+        msfp.calibrate(q, fp, scheduler(), num_samples=2, num_steps=2, disable=True)

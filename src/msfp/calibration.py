@@ -9,7 +9,9 @@
 3. **Search.** Weights: format among the weight candidates and per-channel clipping by MSE. Activations: format
    among the signed candidates for normal layers, and signed plus unsigned-with-zero-point candidates for AALs,
    clipping and zero point by MSE. AALs are found structurally (known diffusers blocks; traced), or statistically
-   (``min >= -aal_threshold * max|x|``); the reason is recorded in ``layer.info``.
+   (``min >= -aal_threshold * max|x|``); the reason is recorded in ``layer.info``. Attention matmul inputs
+   (``quantize_attention``) are recorded and searched the same way: Q, K and V as activations of a layer, the softmax
+   probabilities (in [0, 1]) always as an AAL.
 
 With ``cache_dir``, steps 1 and 2 are stored as safetensors keyed by the model's weights and the settings, so
 calibrating the same model with another preset skips them.
@@ -32,7 +34,9 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
 
+from msfp.attention import attention_quantizers, explicit_attention
 from msfp.fileio import atomic_path
+from msfp.layers import QuantLayer
 from msfp.samples import class_info
 from msfp.sampling import sample
 from msfp.surgery import quant_layers, set_quantizers_enabled
@@ -109,7 +113,8 @@ def collect_trajectories(fp_model: nn.Module, scheduler, num_samples: int = 64, 
 
 
 class _LayerRecorder:
-    """Bounded sample of one layer's input elements across all calibration points, plus range and tracing."""
+    """Bounded sample of one layer's (or attention matmul input's) elements across all calibration points, plus range
+    and tracing. Attention quantizers pass the MACs of their matmul; layers compute theirs from the input shape."""
 
     def __init__(self, per_point: int, seed: int, context, activation_outputs: dict):
         self.per_point = per_point
@@ -121,15 +126,16 @@ class _LayerRecorder:
         self.traced_from = None
         self.macs = None
 
-    def __call__(self, layer, x):
+    def __call__(self, layer, x, macs=None):
         flat = x.detach().float().flatten(1)
         finite = torch.isfinite(flat).all(1)
         if not finite.all():
             t = self.context.timesteps
             where = "" if t is None else f" at timestep(s) {sorted(set(t[~finite].tolist()))}"
-            raise FloatingPointError(f"calibration: layer {layer.name!r} received NaN/inf inputs{where}")
+            what = "layer" if isinstance(layer, QuantLayer) else f"attention {layer.kind} input"
+            raise FloatingPointError(f"calibration: {what} {layer.name!r} received NaN/inf inputs{where}")
         if self.macs is None:
-            self.macs = layer.macs_per_sample(x.shape)
+            self.macs = layer.macs_per_sample(x.shape) if macs is None else macs
         self.min = min(self.min, flat.min().item())
         self.max = max(self.max, flat.max().item())
         idx = torch.randint(0, flat.shape[1], (flat.shape[0], self.per_point), generator=self.gen)
@@ -149,10 +155,11 @@ class _LayerRecorder:
 @torch.no_grad()
 def record_layer_inputs(qmodel: nn.Module, points: Trajectories, samples_per_layer: int, batch_size: int = 64,
                         seed: int = 0, disable: bool = False) -> dict[str, dict]:
-    """Run the quantized model with quantizers off over ``points``; per layer, a bounded sample of its inputs."""
+    """Run the quantized model with quantizers off over ``points``; per layer (and attention matmul input), a bounded
+    sample of its inputs."""
     if len(points) == 0:
         raise ValueError("empty calibration set: no trajectory points to record")
-    layers = quant_layers(qmodel)
+    layers = {**quant_layers(qmodel), **attention_quantizers(qmodel)}
     per_point = max(1, math.ceil(samples_per_layer / len(points)))
     activation_outputs: dict[str, list] = {}
     hooks = []
@@ -193,34 +200,52 @@ def _is_aal(layer, rec: dict, config) -> tuple[bool, str]:
     return False, ""
 
 
-def _search_layer(layer, rec: dict, config) -> None:
+def _search_activations(layer, rec: dict, config, aal: bool):
+    """Format (signed candidates; plus unsigned ones for an AAL), clipping and zero point of ``layer.act_quantizer``
+    by MSE on the recorded sample; then one scale/zero point per timestep group, if there are several."""
     eight = layer.precision == "8bit"
-    aal, reason = _is_aal(layer, rec, config)
-    act_candidates = list(config.eight_bit_act_formats if eight else config.act_formats)
+    candidates = list(config.eight_bit_act_formats if eight else config.act_formats)
     if aal and not eight:
-        act_candidates += config.aal_act_formats
-    weight_candidates = config.eight_bit_weight_formats if eight else config.weight_formats
-    search = dict(num_clip=config.search_clip_points)
-    w = layer.effective_weight().detach()
-    if config.weight_granularity == "channel":
-        wres = layer.weight_quantizer.initialize(w, weight_candidates, **search)
-    else:
-        wres = layer.weight_quantizer.initialize_per_tensor(w, weight_candidates, **search)
+        candidates += config.aal_act_formats
     values = rec["values"]
-    ares = layer.act_quantizer.initialize(values, act_candidates, num_zero=config.search_zero_points,
-                                          max_samples=values.numel(), **search)
+    search = dict(num_clip=config.search_clip_points, num_zero=config.search_zero_points, max_samples=values.numel())
+    result = layer.act_quantizer.initialize(values, candidates, **search)
     groups = layer.act_quantizer.num_groups
     if groups > 1:
         group_of = layer.context.groups_of(rec["timesteps"], groups)
         for g in range(groups):
             if (group_of == g).any():
-                layer.act_quantizer.initialize(values[group_of == g], group=g, num_zero=config.search_zero_points,
-                                               max_samples=values.numel(), **search)
+                layer.act_quantizer.initialize(values[group_of == g], group=g, **search)
+    return result
+
+
+def _search_layer(layer, rec: dict, config) -> None:
+    eight = layer.precision == "8bit"
+    aal, reason = _is_aal(layer, rec, config)
+    weight_candidates = config.eight_bit_weight_formats if eight else config.weight_formats
+    w = layer.effective_weight().detach()
+    if config.weight_granularity == "channel":
+        wres = layer.weight_quantizer.initialize(w, weight_candidates, num_clip=config.search_clip_points)
+    else:
+        wres = layer.weight_quantizer.initialize_per_tensor(w, weight_candidates, num_clip=config.search_clip_points)
+    ares = _search_activations(layer, rec, config, aal)
     layer.info.update(
         name=layer.name, kind=layer.kind, precision=layer.precision, aal=aal, aal_reason=reason,
         weight_format=wres.fmt.name, act_format=ares.fmt.name, weight_mse=wres.mse, act_mse=ares.mse,
         act_mse_by_format=ares.mse_by_format, act_min=rec["min"], act_max=rec["max"], macs=rec["macs"],
         weights=layer.weight.numel())
+
+
+def _search_attention_input(quantizer, rec: dict, config) -> None:
+    if quantizer.tensor == "probs":
+        aal, reason = True, "structural: softmax probabilities lie in [0, 1]"
+    else:
+        aal, reason = _is_aal(quantizer, rec, config)
+    ares = _search_activations(quantizer, rec, config, aal)
+    quantizer.info.update(
+        name=quantizer.name, kind=quantizer.kind, precision=quantizer.precision, aal=aal, aal_reason=reason,
+        act_format=ares.fmt.name, act_mse=ares.mse, act_mse_by_format=ares.mse_by_format, act_min=rec["min"],
+        act_max=rec["max"], macs=rec["macs"])
 
 
 def _model_key(model: nn.Module, settings: dict) -> str:
@@ -290,6 +315,7 @@ def calibrate(qmodel: nn.Module, fp_model: nn.Module, scheduler, num_samples: in
     if config is None:
         raise ValueError("calibrate() needs a model returned by msfp.quantize(model, config)")
     layers = quant_layers(qmodel)
+    attention = attention_quantizers(qmodel)
     qmodel.msfp_context.num_train_timesteps = scheduler.config.num_train_timesteps
     qmodel.msfp_scheduler_config = dict(scheduler.config)  # saved with the model: `--model DIR` samples with it
     settings = dict(num_samples=num_samples, num_steps=num_steps, seed=seed, scheduler=type(scheduler).__name__,
@@ -312,13 +338,15 @@ def calibrate(qmodel: nn.Module, fp_model: nn.Module, scheduler, num_samples: in
     records = _cached(rec_path, lambda: record_layer_inputs(qmodel, points, config.act_samples_per_layer,
                                                             batch_size, seed, disable), _records_to_tensors,
                       _records_from_tensors)
-    missing = sorted(set(layers) - set(records))
+    missing = sorted((set(layers) | set(attention)) - set(records))
     if missing:  # a cache written for another layer set: record afresh
         records = record_layer_inputs(qmodel, points, config.act_samples_per_layer, batch_size, seed, disable)
     record_time = time.time() - start
     start = time.time()
     for name, layer in tqdm(layers.items(), desc="calibrate: search", disable=disable):
         _search_layer(layer, records[name], config)
+    for name, quantizer in attention.items():
+        _search_attention_input(quantizer, records[name], config)
     qmodel.msfp_flops = _model_flops(qmodel, points)
     return CalibrationReport(len(points), traj_time, record_time, time.time() - start, cached)
 
@@ -333,12 +361,13 @@ def _tensor_digest(t: torch.Tensor) -> str:
 
 @torch.no_grad()
 def _model_flops(qmodel: nn.Module, points: Trajectories) -> dict:
-    """FLOPs of one sample's forward: every op FlopCounterMode counts (convs, matmuls, attention)."""
+    """FLOPs of one sample's forward: every op FlopCounterMode counts (convs, matmuls, attention matmuls: run as
+    explicit ``bmm``, which it counts on every device)."""
     device = next(qmodel.parameters()).device
     x, t, cond = next(points.batches(1))
     set_quantizers_enabled(qmodel, False)
     try:
-        with FlopCounterMode(display=False) as counter:
+        with FlopCounterMode(display=False) as counter, explicit_attention(qmodel):
             qmodel(x.to(device), t.to(device), **{k: v.to(device) for k, v in cond.items()})
     finally:
         set_quantizers_enabled(qmodel, True)

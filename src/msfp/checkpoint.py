@@ -15,15 +15,20 @@ A directory holds
     group). Zero points of signed formats are never used, so they are not stored;
   - ``<layer>.bias`` as it is;
 
+  for every attention matmul input quantizer ``<attention>.attn_q|attn_k|attn_probs|attn_v`` (``quantize_attention``,
+  :mod:`msfp.attention`) its ``.act_quantizer.scale`` (and ``.zero_point`` for unsigned formats);
+
   and every other tensor of the model (norms, embeddings, full-precision layers) as it is, in its own dtype.
   Nothing is rounded beyond what the quantizers do: biases and scales stay float32 because float16 would change the
   outputs.
 - ``msfp_quant.json``: ``format_version``, ``quantization_config`` shaped like diffusers' (``quant_method: "msfp"``,
   the :class:`~msfp.config.QuantConfig` fields, ``modules_to_not_convert``, versions, weight storage), the base
-  model's class and config, every quantized layer's ``info`` (formats, AAL flag and reason, MSEs, FLOPs) and the
-  SHA-256 of ``model.safetensors``; written last, so a directory without it is not a finished msfp output.
+  model's class and config, every quantized layer's ``info`` (formats, AAL flag and reason, MSEs, FLOPs), every
+  attention quantizer's ``info`` under ``attention`` and the SHA-256 of ``model.safetensors``; written last, so a
+  directory without it is not a finished msfp output.
 
-Loading rebuilds the architecture from its config and gives every quantized layer the dequantized weight
+Loading rebuilds the architecture from its config (re-installing the quantized attention processors) and gives
+every quantized layer the dequantized weight
 ``decode(codes) · s (+ z)``, which is exactly the weight the saved model computed with. Those values lie on the
 quantization grid, so the layer's weight quantizer maps them to themselves bit for bit (checked for every layer when
 saving), and the reloaded model's outputs equal the saved model's.
@@ -50,6 +55,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from msfp import __version__
+from msfp.attention import attention_quantizers
 from msfp.config import QuantConfig
 from msfp.formats import get_format
 from msfp.packing import decode, pack, quantize_to_codes, unpack
@@ -120,7 +126,7 @@ def _packed_weights(layer) -> torch.Tensor:
     return torch.stack(rows)
 
 
-def _unused_keys(layers: dict) -> set[str]:
+def _unused_keys(layers: dict, attention: dict) -> set[str]:
     """State-dict keys a packed checkpoint does not store: weights (stored as codes), zero points of signed formats,
     and the LoRA factors already merged into the packed weight sets."""
     keys = set()
@@ -129,6 +135,8 @@ def _unused_keys(layers: dict) -> set[str]:
         for q in ("weight_quantizer", "act_quantizer"):
             if not getattr(layer, q).fmt.needs_zero_point:
                 keys.add(f"{name}.{q}.zero_point")
+    keys.update(f"{name}.act_quantizer.zero_point" for name, q in attention.items()
+                if not q.act_quantizer.fmt.needs_zero_point)
     return keys
 
 
@@ -158,16 +166,18 @@ def quantization_config(model: nn.Module) -> dict:
                 versions=dict(msfp=__version__, torch=torch.__version__, diffusers=diffusers.__version__))
 
 
-def _check_calibrated(layers: dict) -> None:
+def _check_calibrated(layers: dict, attention: dict) -> None:
     uncalibrated = [n for n, layer in layers.items() if "weight_format" not in layer.info]
+    uncalibrated += [n for n, q in attention.items() if "act_format" not in q.info]
     if uncalibrated:
         raise ValueError(f"{len(uncalibrated)} layer(s) were never calibrated (e.g. {uncalibrated[0]!r}); run "
                          "msfp.calibrate before saving")
 
 
-def _check_savable(layers: dict) -> None:
+def _check_savable(layers: dict, attention: dict) -> None:
     disabled = [n for n, layer in layers.items()
                 if not (layer.weight_quantizer.enabled and layer.act_quantizer.enabled)]
+    disabled += [n for n, q in attention.items() if not q.act_quantizer.enabled]
     if disabled:
         raise ValueError(f"{len(disabled)} layer(s) have a quantizer disabled (e.g. {disabled[0]!r}); a packed "
                          "checkpoint stores quantized layers only: enable the quantizers before saving")
@@ -185,7 +195,8 @@ def quant_meta(model: nn.Module) -> dict:
     formats, layer policy, per-layer calibration report, FLOPs. Works for models a packed checkpoint cannot hold yet
     (quantizers switched off, several TALoRA LoRAs)."""
     layers = quant_layers(model)
-    _check_calibrated(layers)
+    attention = attention_quantizers(model)
+    _check_calibrated(layers, attention)
     fp_state = {k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
     meta = dict(
         format_version=FORMAT_VERSION, msfp_version=__version__, quantization_config=quantization_config(model),
@@ -196,6 +207,7 @@ def quant_meta(model: nn.Module) -> dict:
         scheduler_config=getattr(model, "msfp_scheduler_config", None),
         num_train_timesteps=model.msfp_context.num_train_timesteps,
         layers={n: layer.info for n, layer in layers.items()},
+        attention={n: q.info for n, q in attention.items()},
     )
     return json.loads(json.dumps(meta, default=_json_default))  # plain JSON values, as read_quant_meta returns
 
@@ -205,8 +217,9 @@ def save_quantized(model: nn.Module, directory: str | os.PathLike) -> Path:
     directory's path."""
     meta = quant_meta(model)
     layers = quant_layers(model)
-    _check_savable(layers)
-    unused = _unused_keys(layers)
+    attention = attention_quantizers(model)
+    _check_savable(layers, attention)
+    unused = _unused_keys(layers, attention)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()
              if isinstance(v, torch.Tensor) and k not in unused and not _is_lora_key(k)}
     for name, layer in layers.items():
@@ -288,9 +301,10 @@ def _read_weights(path: Path, meta: dict) -> dict[str, torch.Tensor]:
         raise ValueError(f"{file}: cannot read the weights ({e}); the file is truncated or corrupted") from e
 
 
-def _expected_entries(qmodel: nn.Module, layers: dict, weight_sets: int) -> dict[str, tuple[tuple, torch.dtype]]:
+def _expected_entries(qmodel: nn.Module, layers: dict, attention: dict,
+                      weight_sets: int) -> dict[str, tuple[tuple, torch.dtype]]:
     """Shape and dtype of every tensor a packed checkpoint of ``qmodel`` holds."""
-    unused = _unused_keys(layers)
+    unused = _unused_keys(layers, attention)
     expected = {k: (tuple(v.shape), None) for k, v in qmodel.state_dict().items()
                 if isinstance(v, torch.Tensor) and k not in unused}
     for name, layer in layers.items():
@@ -329,15 +343,18 @@ def load_quantized(directory: str | os.PathLike, model: nn.Module | None = None,
     base = _build_base(meta, model, path)
     config = QuantConfig.from_dict({k: v for k, v in qc.items() if k in QuantConfig.__dataclass_fields__})
     # The saved layer names, not the original selectors: the same layers whatever the roles resolve to.
-    config.eight_bit_layers = [re.escape(n) for n, i in meta["layers"].items() if i["precision"] == "8bit"]
+    saved_attention = meta.get("attention", {})  # absent in checkpoints written before quantized attention
+    config.eight_bit_layers = [re.escape(n) for n, i in {**meta["layers"], **saved_attention}.items()
+                               if i["precision"] == "8bit"]
     config.full_precision_layers = [re.escape(n) for n in qc["modules_to_not_convert"]]
     try:
         qmodel = quantize(base, config)
     except ValueError as e:
         raise ValueError(f"{path}: the checkpoint does not fit this architecture ({e})") from e
-    layers = quant_layers(qmodel)
-    if set(layers) != set(meta["layers"]):
-        extra, missing = sorted(set(layers) - set(meta["layers"])), sorted(set(meta["layers"]) - set(layers))
+    layers, attention = quant_layers(qmodel), attention_quantizers(qmodel)
+    built, saved = {*layers, *attention}, {*meta["layers"], *saved_attention}
+    if built != saved:
+        extra, missing = sorted(built - saved), sorted(saved - built)
         raise ValueError(f"{path}: mismatched checkpoint: layers missing from it {extra[:3]}, layers it has that the "
                          f"model lacks {missing[:3]}")
     for name, layer in layers.items():
@@ -345,12 +362,15 @@ def load_quantized(directory: str | os.PathLike, model: nn.Module | None = None,
         layer.info = dict(info)
         layer.weight_quantizer.fmt = get_format(info["weight_format"])
         layer.act_quantizer.fmt = get_format(info["act_format"])
+    for name, quantizer in attention.items():
+        quantizer.info = dict(saved_attention[name])
+        quantizer.act_quantizer.fmt = get_format(quantizer.info["act_format"])
 
     talora = meta.get("talora")
     if talora:
         attach_router(qmodel, talora["num_loras"], talora["rank"])  # its weights come with the state below
     state = _read_weights(path, meta)
-    expected = _expected_entries(qmodel, layers, talora["num_loras"] if talora else 1)
+    expected = _expected_entries(qmodel, layers, attention, talora["num_loras"] if talora else 1)
     problems = [f"missing {k}" for k in expected if k not in state]
     problems += [f"unexpected {k}" for k in state if k not in expected]
     problems += [f"{k}: shape {tuple(state[k].shape)}, model expects {shape}"
@@ -363,10 +383,11 @@ def load_quantized(directory: str | os.PathLike, model: nn.Module | None = None,
     codes = {k[: -len(CODES_SUFFIX)]: state.pop(k) for k in list(state) if k.endswith(CODES_SUFFIX)}
     qmodel.load_state_dict(state, strict=False)
     with torch.no_grad():
+        quantizers = [q for layer in layers.values() for q in (layer.weight_quantizer, layer.act_quantizer)]
+        for q in quantizers + [quantizer.act_quantizer for quantizer in attention.values()]:
+            if not q.fmt.needs_zero_point:  # not stored: unused, zero as in a freshly quantized model
+                q.zero_point.zero_()
         for name, layer in layers.items():
-            for q in (layer.weight_quantizer, layer.act_quantizer):
-                if not q.fmt.needs_zero_point:
-                    q.zero_point.zero_()
             count = layer.weight.numel()
             sets = [_dequantize(unpack(row, layer.weight_quantizer.fmt.bits, count), layer) for row in codes[name]]
             layer.weight.copy_(sets[0])

@@ -1,4 +1,9 @@
-"""What a quantized model is made of: the per-layer table and the fractions of weights and FLOPs at 4 bits."""
+"""What a quantized model is made of: the per-layer table and the fractions of weights and FLOPs at 4 bits.
+
+FLOPs are those of one forward as ``FlopCounterMode`` counts them with attention run as explicit matmuls: convs,
+linears and the attention matmuls ``QKᵀ`` and ``P·V``. An attention matmul counts as 4-bit when both its inputs are
+quantized at 4 bits (``quantize_attention``); otherwise it is in the total only.
+"""
 
 from __future__ import annotations
 
@@ -14,14 +19,31 @@ def layer_rows(meta: dict) -> list[dict]:
             for name, i in meta["layers"].items()]
 
 
+def attention_rows(meta: dict) -> list[dict]:
+    """One row per attention matmul input quantizer (``quantize_attention``)."""
+    return [dict(name=name, kind=i["kind"], bits=i["precision"], act=i["act_format"], aal=_aal_cell(i),
+                 act_mse=i["act_mse"]) for name, i in meta.get("attention", {}).items()]
+
+
+def _attention_macs_4bit(meta: dict) -> tuple[int, int]:
+    """Attention matmuls whose two inputs are both quantized at 4 bits: their count and MACs per sample."""
+    inputs: dict[tuple, list[dict]] = {}
+    for i in meta.get("attention", {}).values():
+        inputs.setdefault((i["module"], i["matmul"]), []).append(i)
+    four = [group[0]["macs"] for group in inputs.values()
+            if len(group) == 2 and all(i["precision"] == "4bit" for i in group)]
+    return len(four), sum(four)
+
+
 def low_bit_fractions(meta: dict) -> dict:
-    """Fractions of all weights and of one forward's FLOPs (convs, matmuls, attention) in 4-bit layers."""
+    """Fractions of all weights and of one forward's FLOPs (convs, linears, attention matmuls) at 4 bits."""
     layers = meta["layers"].values()
     four = [i for i in layers if i["precision"] == "4bit"]
-    out = dict(layers=len(meta["layers"]), layers_4bit=len(four),
+    matmuls_4bit, attention_macs = _attention_macs_4bit(meta)
+    out = dict(layers=len(meta["layers"]), layers_4bit=len(four), attention_matmuls_4bit=matmuls_4bit,
                weights_4bit=sum(i["weights"] for i in four) / meta["base_parameters"])
     total = (meta.get("flops") or {}).get("total")
-    out["flops_4bit"] = 2 * sum(i["macs"] for i in four) / total if total else None
+    out["flops_4bit"] = 2 * (sum(i["macs"] for i in four) + attention_macs) / total if total else None
     return out
 
 
@@ -42,12 +64,17 @@ def describe(meta: dict) -> str:
     config = meta["quantization_config"]
     flops = "unknown (not calibrated)" if frac["flops_4bit"] is None else f"{100 * frac['flops_4bit']:.1f} %"
     aals = sum(r["aal"] != "no" for r in rows)
-    text = [format_table(rows, ["name", "kind", "bits", "weight", "act", "aal", "weight_mse", "act_mse"]), "",
-            f"preset {config['name']}: {frac['layers']} quantized layers, {frac['layers_4bit']} at 4 bits, "
-            f"{aals} AALs; full precision: {', '.join(config['modules_to_not_convert']) or 'none'}; attention matmuls: "
-            f"{'quantized' if config['quantize_attention'] else 'full precision'}",
-            f"weights at 4 bits: {100 * frac['weights_4bit']:.1f} % of {meta['base_parameters']:,} parameters; "
-            f"FLOPs at 4 bits: {flops} of one forward"]
+    text = [format_table(rows, ["name", "kind", "bits", "weight", "act", "aal", "weight_mse", "act_mse"]), ""]
+    attention = attention_rows(meta)
+    if attention:
+        text += [format_table(attention, ["name", "kind", "bits", "act", "aal", "act_mse"]), ""]
+    matmuls = (f"quantized ({len(attention)} matmul inputs, {frac['attention_matmuls_4bit']} matmuls at 4 bits)"
+               if config["quantize_attention"] else "full precision")
+    text += [f"preset {config['name']}: {frac['layers']} quantized layers, {frac['layers_4bit']} at 4 bits, "
+             f"{aals} AALs; full precision: {', '.join(config['modules_to_not_convert']) or 'none'}; attention "
+             f"matmuls: {matmuls}",
+             f"weights at 4 bits: {100 * frac['weights_4bit']:.1f} % of {meta['base_parameters']:,} parameters; "
+             f"FLOPs at 4 bits: {flops} of one forward (attention matmuls QKᵀ and P·V included in the count)"]
     talora = meta.get("talora")
     if talora:
         runs = ", ".join(f"t {a}–{b} → LoRA {k}" for a, b, k in talora["assignment"])
