@@ -1,0 +1,389 @@
+"""Triton kernels for real W4A4 inference on FP8 (E4M3) tensor cores (issue #8, SPEC §5).
+
+Every value of the 4-bit grids used here (signed E2M1, unsigned E2M2/E3M1, INT4…) is exactly representable in
+``torch.float8_e4m3fn`` after a power-of-two shift, so a quantized layer can run as an FP8 GEMM whose products are
+exact and whose only rounding is the fp32 accumulation.
+
+``act_codes``
+    Quantizes activations to FP8 codes in one pass, bit-for-bit equal to the torch reference
+    ``(round_to_grid(clamp((x - z) / s, lo, max), fmt) * 2**shift).to(torch.float8_e4m3fn)``; NCHW input is written
+    NHWC, the layout the convolution reads.
+``conv2d_fp8`` / ``linear_fp8``
+    Implicit-GEMM convolution on FP8 codes (no im2col copy): one K loop walks (kh, kw, channel block), computing the
+    input addresses and zero-padding masks on the fly; per-sample and per-output-channel scales, bias and the
+    zero-point correction are applied in the epilogue. A linear layer is the 1×1 convolution of a 1×1 image.
+
+The module imports without Triton (``HAS_TRITON`` is then False and the launchers raise). Kernels need CUDA tensors
+on a GPU with FP8 support (sm_89+), or CPU tensors under ``TRITON_INTERPRET=1`` (how the tests run without a GPU).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+from msfp.formats import Format, get_format
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+    tl = None
+
+HAS_TRITON = triton is not None
+
+FP8_DTYPE = torch.float8_e4m3fn
+_SCALE_DTYPE = torch.float32
+_ACT_BLOCKS = (64, 64)  # (rows, channels) per program; the kernel is memory-bound, this is a plain 2-D tile
+_OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _require_triton(*tensors: torch.Tensor) -> None:
+    if not HAS_TRITON:
+        raise RuntimeError("msfp.triton_kernels needs the `triton` package, which is not installed")
+    interpreting = os.environ.get("TRITON_INTERPRET") == "1"
+    for t in tensors:
+        if not t.is_cuda and not interpreting:
+            raise RuntimeError(f"Triton kernels need CUDA tensors (got a tensor on {t.device}); "
+                               "CPU tensors only work under TRITON_INTERPRET=1")
+
+
+def _check_vector(t: torch.Tensor | None, name: str, length: int, device, *, dtype=None, optional=False):
+    if t is None:
+        if optional:
+            return
+        raise ValueError(f"{name} is required")
+    if not isinstance(t, torch.Tensor) or t.shape != (length,):
+        raise ValueError(f"{name} must have shape ({length},), got {tuple(getattr(t, 'shape', ()))}")
+    if dtype is not None and t.dtype != dtype:
+        raise ValueError(f"{name} must be {dtype}, got {t.dtype}")
+    if not t.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device}, expected {device}")
+
+
+@functools.lru_cache(maxsize=None)
+def _check_representable(fmt: Format, shift: int) -> None:
+    # Exactness makes the float32 → FP8 conversion independent of its rounding and saturation rules (which differ
+    # between the interpreter, the GPU and torch); a grid that does not fit is a caller error, not silently rounded.
+    values = fmt.values().double() * 2.0**shift
+    if (values.to(FP8_DTYPE).double() != values).any():
+        raise ValueError(f"format {fmt.name} shifted by 2^{shift} is not exactly representable in float8_e4m3fn "
+                         f"(largest value {fmt.max_value * 2.0**shift:g}, FP8 E4M3 range ±448, smallest step 2^-9)")
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _act_codes_kernel(x_ptr, scale_ptr, zp_ptr, out_ptr, rows, C, HW, W,
+                          sxb, sxc, sxh, sxw, s_scale, s_zp,
+                          HAS_ZP: tl.constexpr, IS_INT: tl.constexpr, MBITS: tl.constexpr, MIN_EXP: tl.constexpr,
+                          BIAS: tl.constexpr, LO: tl.constexpr, HI: tl.constexpr, OUT_MUL: tl.constexpr,
+                          BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+        # Row r = (b, h, w) of the NHWC output; column = channel. The input is read through its own strides (NCHW,
+        # channels_last or a 2-D (M, K) matrix with H = W = 1).
+        r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        b = r // HW
+        h = (r % HW) // W
+        w = r % W
+        row_ok = r < rows
+        mask = row_ok[:, None] & (c < C)[None, :]
+        in_off = b.to(tl.int64) * sxb + h * sxh + w * sxw
+        x = tl.load(x_ptr + in_off[:, None] + c[None, :].to(tl.int64) * sxc, mask=mask, other=0.0).to(tl.float32)
+        s = tl.load(scale_ptr + b * s_scale, mask=row_ok, other=1.0)
+        if HAS_ZP:
+            x = x - tl.load(zp_ptr + b * s_zp, mask=row_ok, other=0.0)[:, None]
+        v = tl.math.div_rn(x, s[:, None])  # IEEE division: the default `/` is approximate on GPUs
+        # Clamp with comparisons rather than minimum/maximum so that NaN stays NaN (as torch.clamp does) and -0.0
+        # stays -0.0 (std::max(-0.0, 0.0) in torch's clamp keeps its first operand).
+        v = tl.where(v < LO, LO, v)
+        v = tl.where(v > HI, HI, v)
+        a = tl.abs(v)
+        if IS_INT:
+            scaled = a
+        else:
+            # Binade of |v| from its float32 exponent field (round_to_grid's frexp), clamped to the subnormal binade.
+            # float32 subnormals read as -127 and clamp too: every format's MIN_EXP is above -126.
+            e = ((a.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
+            binade = tl.maximum(e, MIN_EXP)
+            # The grid step 2^(binade - MBITS) and its inverse, built from exponent fields: exact powers of two within
+            # float32's normal range for every format of ≤ 8 bits, so `scaled` and `q` below are exact.
+            step = ((binade - MBITS + 127) << 23).to(tl.float32, bitcast=True)
+            scaled = a * ((MBITS - binade + 127) << 23).to(tl.float32, bitcast=True)
+        # Round half to even. `scaled - floor(scaled)` is exact and every multiply here is exact, so an FMA
+        # contraction cannot change a value; floor(scaled + 0.5) would not do, as scaled + 0.5 can round up.
+        rounded = tl.floor(scaled)
+        frac = scaled - rounded
+        half = rounded * 0.5
+        odd = tl.floor(half) != half
+        rounded = tl.where((frac > 0.5) | ((frac == 0.5) & odd), rounded + 1.0, rounded)
+        if IS_INT:
+            q = rounded * OUT_MUL
+        else:
+            if MBITS == 0:
+                # round_to_grid's rule: a tie between 2^k and 2^(k+1) goes to the even exponent field.
+                rounded = tl.where((scaled == 1.5) & (((binade + BIAS) & 1) == 0), 1.0, rounded)
+            q = rounded * step * OUT_MUL
+        # Put the sign back after rounding |v|: torch.round keeps it, so negatives that round to zero give -0.0.
+        q = tl.where(v.to(tl.int32, bitcast=True) < 0, -q, q)
+        code = q.to(tl.float8e4nv).to(tl.uint8, bitcast=True)
+        # The interpreter's float32 → FP8 conversion has no NaN path; write the canonical NaN code explicitly.
+        code = tl.where(q != q, 0x7F, code)
+        tl.store(out_ptr + r[:, None].to(tl.int64) * C + c[None, :], code, mask=mask)
+
+
+def act_codes(x: torch.Tensor, fmt: str | Format, scale: torch.Tensor, zero_point: torch.Tensor | None,
+              shift: int = 0, out: torch.Tensor | None = None, *, block_r: int | None = None,
+              block_c: int | None = None) -> torch.Tensor:
+    """Quantize activations to FP8 E4M3 codes of ``fmt``'s grid times ``2**shift``.
+
+    ``x``: float32/bfloat16/float16, NCHW ``(B, C, H, W)`` (any strides) or ``(M, K)``. ``scale`` and ``zero_point``:
+    float32 ``(B,)`` / ``(M,)``, one per sample or row (expand a scalar for per-tensor quantization);
+    ``zero_point`` is None for signed formats. Returns (or fills ``out``) contiguous ``(B, H, W, C)`` / ``(M, K)``
+    float8_e4m3fn codes equal bit for bit to
+    ``(round_to_grid(clamp((x.float() - z) / s, lo, max), fmt) * 2**shift).to(torch.float8_e4m3fn)`` including
+    signed zeros; ±inf saturates; NaN gives the NaN code 0x7F (its sign is not kept).
+    """
+    fmt = get_format(fmt)
+    if not isinstance(x, torch.Tensor) or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"x must be a float32/bfloat16/float16 tensor, got {getattr(x, 'dtype', type(x).__name__)}")
+    if x.dim() == 4:
+        B, C, H, W = x.shape
+        sxb, sxc, sxh, sxw = x.stride()
+        out_shape = (B, H, W, C)
+    elif x.dim() == 2:
+        (B, C), H, W = x.shape, 1, 1
+        (sxb, sxc), sxh, sxw = x.stride(), 0, 0
+        out_shape = (B, C)
+    else:
+        raise ValueError(f"x must be 4-D NCHW or 2-D (M, K), got shape {tuple(x.shape)}")
+    if not isinstance(shift, int):
+        raise ValueError(f"shift must be an int (a power-of-two exponent), got {shift!r}")
+    _check_vector(scale, "scale", B, x.device, dtype=_SCALE_DTYPE)
+    if fmt.needs_zero_point:
+        if zero_point is None:
+            raise ValueError(f"unsigned format {fmt.name} needs a zero_point")
+        _check_vector(zero_point, "zero_point", B, x.device, dtype=_SCALE_DTYPE)
+    elif zero_point is not None:
+        raise ValueError(f"signed format {fmt.name} is symmetric and takes no zero_point")
+    _check_representable(fmt, shift)
+    if out is None:
+        out = torch.empty(out_shape, dtype=FP8_DTYPE, device=x.device)
+    elif out.shape != out_shape or out.dtype != FP8_DTYPE or not out.is_contiguous() or out.device != x.device:
+        raise ValueError(f"out must be a contiguous float8_e4m3fn tensor of shape {out_shape} on {x.device}, got "
+                         f"{out.dtype} {tuple(out.shape)} on {out.device} (contiguous: {out.is_contiguous()})")
+    _require_triton(x)
+    if out.numel() == 0:
+        return out
+    block_r, block_c = block_r or _ACT_BLOCKS[0], block_c or _ACT_BLOCKS[1]
+    rows = B * H * W
+    grid = (triton.cdiv(rows, block_r), triton.cdiv(C, block_c))
+    zp = zero_point if zero_point is not None else scale  # unread when HAS_ZP is False
+    _act_codes_kernel[grid](
+        x, scale, zp, out.view(torch.uint8), rows, C, H * W, W, sxb, sxc, sxh, sxw, scale.stride(0), zp.stride(0),
+        HAS_ZP=zero_point is not None, IS_INT=fmt.kind == "int", MBITS=fmt.mbits, MIN_EXP=fmt.min_exponent,
+        BIAS=fmt.bias, LO=-fmt.max_value if fmt.signed else 0.0, HI=fmt.max_value, OUT_MUL=2.0**shift,
+        BLOCK_R=block_r, BLOCK_C=block_c)
+    return out
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _conv_fp8_kernel(x_ptr, w_ptr, y_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, zp_ptr, corr_ptr,
+                         B, H, W, C, O, OH, OW, KH, KW,
+                         stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+                         sxb, sxh, sxw, sxc, swo, swh, sww, swc, s_as, s_ws, s_bias, s_zp, sch, scw, sco,
+                         HAS_BIAS: tl.constexpr, HAS_ZP: tl.constexpr, PRECISE_ACC: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+        # GEMM view: M = B*OH*OW output pixels, N = O output channels, K = KH*KW*C.
+        M = B * OH * OW
+        # Grouped launch order: GROUP_M row blocks share their weight tiles while those are still in L2.
+        pid = tl.program_id(0)
+        # Only builtins inside the kernels (no tl.cdiv/tl.zeros, which are @jit helpers): under the interpreter those
+        # fail when Triton was imported before TRITON_INTERPRET was set, as it is when tests set it themselves.
+        num_m = (M + BLOCK_M - 1) // BLOCK_M
+        num_n = (O + BLOCK_N - 1) // BLOCK_N
+        group = pid // (GROUP_M * num_n)
+        first_m = group * GROUP_M
+        group_size = tl.minimum(num_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % (GROUP_M * num_n)) % group_size
+        pid_n = (pid % (GROUP_M * num_n)) // group_size
+
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_k = tl.arange(0, BLOCK_K)
+        m_ok = offs_m < M
+        n_ok = offs_n < O
+        b = offs_m // (OH * OW)
+        pix = offs_m % (OH * OW)
+        oh = pix // OW
+        ow = pix % OW
+        ih0 = oh * stride_h - pad_h
+        iw0 = ow * stride_w - pad_w
+        x_row = x_ptr + b.to(tl.int64) * sxb
+        w_col = w_ptr + offs_n.to(tl.int64) * swo
+
+        acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
+        # One flat loop over (kh, kw, channel block) rather than three nested ones, so Triton pipelines it.
+        c_blocks = (C + BLOCK_K - 1) // BLOCK_K
+        for it in range(0, KH * KW * c_blocks):
+            tap = it // c_blocks
+            kh = tap // KW
+            kw = tap % KW
+            c = (it % c_blocks) * BLOCK_K + offs_k
+            c_ok = c < C
+            ih = ih0 + kh * dil_h
+            iw = iw0 + kw * dil_w
+            # Positions in the zero padding load 0 and add nothing to the sum.
+            inside = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            a = tl.load(x_row[:, None] + (ih * sxh + iw * sxw)[:, None] + c[None, :] * sxc,
+                        mask=inside[:, None] & c_ok[None, :], other=0.0)
+            wt = tl.load(w_col[None, :] + (kh * swh + kw * sww) + c[:, None] * swc,
+                         mask=c_ok[:, None] & n_ok[None, :], other=0.0)
+            if PRECISE_ACC:
+                # Hopper's FP8 MMA adds into its accumulator with fewer bits than fp32 (Triton's sm_90 default lets
+                # it accumulate the whole K loop there); this makes Triton move the partial sum into a true fp32
+                # accumulator after every BLOCK_K products.
+                acc = tl.dot(a, wt, acc, out_dtype=tl.float32, max_num_imprecise_acc=BLOCK_K)
+            else:
+                acc = tl.dot(a, wt, acc, out_dtype=tl.float32)
+
+        a_s = tl.load(a_scale_ptr + b * s_as, mask=m_ok, other=0.0)
+        w_s = tl.load(w_scale_ptr + offs_n * s_ws, mask=n_ok, other=0.0)
+        y = acc * a_s[:, None] * w_s[None, :]
+        if HAS_BIAS:
+            y += tl.load(bias_ptr + offs_n * s_bias, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        if HAS_ZP:
+            z = tl.load(zp_ptr + b * s_zp, mask=m_ok, other=0.0).to(tl.float32)
+            corr = tl.load(corr_ptr + (oh * sch + ow * scw)[:, None] + offs_n[None, :] * sco,
+                           mask=m_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
+            y += z[:, None] * corr
+        tl.store(y_ptr + offs_m[:, None].to(tl.int64) * O + offs_n[None, :], y,
+                 mask=m_ok[:, None] & n_ok[None, :])
+
+    # A few H100 configurations (FP8 wgmma wants BLOCK_K ≥ 32); keyed on the GEMM shape.
+    _conv_fp8_tuned = triton.autotune(
+        configs=[
+            triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
+            triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8}, num_warps=8, num_stages=3),
+            triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
+            triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
+        ],
+        key=["B", "H", "W", "C", "O", "KH", "KW", "stride_h", "stride_w", "PRECISE_ACC"],
+    )(_conv_fp8_kernel)
+
+
+def _pair(v, name: str) -> tuple[int, int]:
+    pair = (v, v) if isinstance(v, int) else tuple(v)
+    if len(pair) != 2 or not all(isinstance(i, int) for i in pair):
+        raise ValueError(f"{name} must be an int or a pair of ints, got {v!r}")
+    return pair
+
+
+def conv2d_fp8(x_codes: torch.Tensor, w_codes: torch.Tensor, a_scale: torch.Tensor, w_scale: torch.Tensor,
+               bias: torch.Tensor | None = None, zp: torch.Tensor | None = None, zp_corr: torch.Tensor | None = None,
+               stride=1, padding=0, dilation=1, out_dtype: torch.dtype = torch.float32, groups: int = 1, *,
+               precise_acc: bool = True, block_m: int | None = None, block_n: int | None = None,
+               block_k: int | None = None, num_warps: int = 4, num_stages: int = 2) -> torch.Tensor:
+    """Convolution of FP8 codes, NHWC in and out.
+
+    ``x_codes``: ``(B, H, W, C)`` float8_e4m3fn; ``w_codes``: ``(O, KH, KW, C)`` float8_e4m3fn; ``a_scale``/``zp``:
+    ``(B,)``; ``w_scale``/``bias``: ``(O,)``; ``zp_corr``: ``(OH, OW, O)``. Returns ``(B, OH, OW, O)`` in
+    ``out_dtype`` with ``y[b, oh, ow, o] = a_scale[b] * w_scale[o] * Σ_{kh, kw, c} X[b, oh*sh - ph + kh*dh,
+    ow*sw - pw + kw*dw, c] * W[o, kh, kw, c] + bias[o] + zp[b] * zp_corr[oh, ow, o]``, zero-padded, summed in fp32.
+    ``zp`` and ``zp_corr`` go together. ``precise_acc=False`` lets Hopper's FP8 MMA keep the whole sum in its
+    reduced-precision accumulator (faster, less exact; no effect under the interpreter). Block sizes default to an
+    autotuned set; pass all three of ``block_m``, ``block_n``, ``block_k`` to fix them (each ≥ 16 for ``tl.dot``,
+    ``block_k`` ≥ 32 on GPUs, whose FP8 MMA instructions are 32 deep).
+    """
+    if groups != 1:
+        raise ValueError(f"conv2d_fp8 supports groups=1 only, got groups={groups}")
+    for name, t in (("x_codes", x_codes), ("w_codes", w_codes)):
+        if not isinstance(t, torch.Tensor) or t.dtype != FP8_DTYPE or t.dim() != 4:
+            raise ValueError(f"{name} must be a 4-D float8_e4m3fn tensor, got "
+                             f"{getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}")
+    B, H, W, C = x_codes.shape
+    O, KH, KW, Cw = w_codes.shape
+    if Cw != C:
+        raise ValueError(f"w_codes must have shape (O, KH, KW, {C}) to match x_codes (B, H, W, C) = "
+                         f"{tuple(x_codes.shape)}, got {tuple(w_codes.shape)} (grouped convolutions are unsupported)")
+    if w_codes.device != x_codes.device:
+        raise ValueError(f"w_codes is on {w_codes.device}, expected {x_codes.device}")
+    (sh, sw), (ph, pw), (dh, dw) = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
+    if min(sh, sw, dh, dw) < 1 or min(ph, pw) < 0:
+        raise ValueError(f"stride and dilation must be ≥ 1 and padding ≥ 0, got {stride}, {dilation}, {padding}")
+    OH = (H + 2 * ph - dh * (KH - 1) - 1) // sh + 1
+    OW = (W + 2 * pw - dw * (KW - 1) - 1) // sw + 1
+    if OH < 1 or OW < 1:
+        raise ValueError(f"output would be empty: input {H}×{W}, kernel {KH}×{KW}, padding {(ph, pw)}, "
+                         f"dilation {(dh, dw)}, stride {(sh, sw)}")
+    if out_dtype not in _OUT_DTYPES:
+        raise ValueError(f"out_dtype must be one of {_OUT_DTYPES}, got {out_dtype}")
+    dev = x_codes.device
+    _check_vector(a_scale, "a_scale", B, dev)
+    _check_vector(w_scale, "w_scale", O, dev)
+    _check_vector(bias, "bias", O, dev, optional=True)
+    if (zp is None) != (zp_corr is None):
+        raise ValueError("zp and zp_corr must be given together (or both None)")
+    if zp is not None:
+        _check_vector(zp, "zp", B, dev)
+        if not isinstance(zp_corr, torch.Tensor) or zp_corr.shape != (OH, OW, O) or not zp_corr.is_floating_point():
+            raise ValueError(f"zp_corr must be a floating-point tensor of shape {(OH, OW, O)}, got "
+                             f"{getattr(zp_corr, 'dtype', None)} {tuple(getattr(zp_corr, 'shape', ()))}")
+        if zp_corr.device != dev:
+            raise ValueError(f"zp_corr is on {zp_corr.device}, expected {dev}")
+    explicit = (block_m, block_n, block_k)
+    if any(v is not None for v in explicit):
+        if None in explicit or min(explicit) < 16:
+            raise ValueError(f"block_m, block_n, block_k must be given together and each be ≥ 16, got {explicit}")
+        if x_codes.is_cuda and block_k < 32:
+            raise ValueError(f"block_k must be ≥ 32 on GPUs (FP8 MMA depth), got {block_k}")
+    _require_triton(x_codes)
+
+    y = torch.empty((B, OH, OW, O), dtype=out_dtype, device=dev)
+    if y.numel() == 0:
+        return y
+    M = B * OH * OW
+    args = (x_codes, w_codes, y, a_scale, w_scale,
+            bias if bias is not None else a_scale, zp if zp is not None else a_scale,
+            zp_corr if zp_corr is not None else a_scale,  # placeholders are never read
+            B, H, W, C, O, OH, OW, KH, KW, sh, sw, ph, pw, dh, dw,
+            *x_codes.stride(), *w_codes.stride(), a_scale.stride(0), w_scale.stride(0),
+            bias.stride(0) if bias is not None else 0, zp.stride(0) if zp is not None else 0,
+            *(zp_corr.stride() if zp_corr is not None else (0, 0, 0)))
+    flags = {"HAS_BIAS": bias is not None, "HAS_ZP": zp is not None, "PRECISE_ACC": bool(precise_acc)}
+    if block_m is None:
+        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(O, meta["BLOCK_N"]),)  # noqa: E731
+        _conv_fp8_tuned[grid](*args, **flags)
+    else:
+        grid = (triton.cdiv(M, block_m) * triton.cdiv(O, block_n),)
+        _conv_fp8_kernel[grid](*args, **flags, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8,
+                               num_warps=num_warps, num_stages=num_stages)
+    return y
+
+
+def linear_fp8(x_codes: torch.Tensor, w_codes: torch.Tensor, a_scale: torch.Tensor, w_scale: torch.Tensor,
+               bias: torch.Tensor | None = None, zp: torch.Tensor | None = None, zp_corr: torch.Tensor | None = None,
+               out_dtype: torch.dtype = torch.float32, **blocks) -> torch.Tensor:
+    """``y[m, n] = a_scale[m] * w_scale[n] * Σ_k X[m, k] * W[n, k] + bias[n] + zp[m] * zp_corr[n]``.
+
+    ``x_codes``: ``(M, K)``, ``w_codes``: ``(N, K)`` float8_e4m3fn; ``a_scale``/``zp``: ``(M,)``;
+    ``w_scale``/``bias``/``zp_corr``: ``(N,)``. Runs :func:`conv2d_fp8` on a 1×1 image (``blocks`` as there).
+    """
+    for name, t in (("x_codes", x_codes), ("w_codes", w_codes)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 2:
+            raise ValueError(f"{name} must be 2-D, got shape {tuple(getattr(t, 'shape', ()))}")
+    if w_codes.shape[1] != x_codes.shape[1]:
+        raise ValueError(f"w_codes must have shape (N, {x_codes.shape[1]}) to match x_codes (M, K) = "
+                         f"{tuple(x_codes.shape)}, got {tuple(w_codes.shape)}")
+    if zp_corr is not None and (not isinstance(zp_corr, torch.Tensor) or zp_corr.shape != (w_codes.shape[0],)):
+        raise ValueError(f"zp_corr must have shape ({w_codes.shape[0]},), got {tuple(getattr(zp_corr, 'shape', ()))}")
+    y = conv2d_fp8(x_codes[:, None, None, :], w_codes[:, None, None, :], a_scale, w_scale, bias, zp,
+                   None if zp_corr is None else zp_corr[None, None, :], out_dtype=out_dtype, **blocks)
+    return y.view(x_codes.shape[0], w_codes.shape[0])

@@ -1,0 +1,299 @@
+"""Triton FP8 kernels (msfp.triton_kernels) against torch references.
+
+On a CUDA machine the kernels run on the GPU; without one they run on CPU tensors in Triton's interpreter
+(``TRITON_INTERPRET=1``, set below before Triton is imported), so shapes stay tiny. Skipped without Triton.
+"""
+
+import importlib
+import os
+import sys
+import zlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+CUDA = torch.cuda.is_available()
+if not CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+pytest.importorskip("triton")
+if not CUDA and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("no CUDA device and TRITON_INTERPRET is set to something other than 1", allow_module_level=True)
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from msfp.formats import get_format, round_to_grid  # noqa: E402
+
+# Kernels become interpreted or compiled when their module is imported; an import by an earlier test module, before
+# TRITON_INTERPRET was set, would have made GPU kernels. Reloading rebuilds them in place (same module object).
+if not CUDA and "msfp.triton_kernels" in sys.modules:
+    tk = importlib.reload(sys.modules["msfp.triton_kernels"])
+else:
+    tk = importlib.import_module("msfp.triton_kernels")
+
+DEV = "cuda" if CUDA else "cpu"
+FP8 = torch.float8_e4m3fn
+FORMATS = ["fp4_e2m1", "fp4_e1m2", "fp4_e3m0", "ufp4_e1m3", "ufp4_e2m2", "ufp4_e3m1", "ufp4_e4m0", "int4", "uint4"]
+# Small tiles keep the interpreter fast and make the test shapes span several tiles with ragged edges.
+ACT_BLOCKS = {"block_r": 16, "block_c": 16}
+# GPUs need BLOCK_K ≥ 32 for FP8 and BLOCK_M = 64 per warp group for Hopper's wgmma.
+GEMM_BLOCKS = {"block_m": 64, "block_n": 32, "block_k": 32} if CUDA else {"block_m": 16, "block_n": 16, "block_k": 16}
+
+
+def reference_codes(x, fmt, scale, zero_point, shift=0):
+    """The torch definition the kernel must match bit for bit; NCHW input gives NHWC codes."""
+    view = (-1,) + (1,) * (x.dim() - 1)
+    xf = x.float()
+    if zero_point is not None:
+        xf = xf - zero_point.view(view)
+    v = torch.clamp(xf / scale.view(view), -fmt.max_value if fmt.signed else 0.0, fmt.max_value)
+    codes = (round_to_grid(v, fmt) * 2.0**shift).to(FP8)
+    return codes.permute(0, 2, 3, 1).contiguous() if x.dim() == 4 else codes
+
+
+def assert_same_codes(codes, ref):
+    assert codes.dtype == FP8 and codes.shape == ref.shape and codes.is_contiguous()
+    got, want = codes.cpu().view(torch.uint8), ref.cpu().view(torch.uint8)
+    bad = (got != want).nonzero()
+    assert bad.numel() == 0, f"{len(bad)} codes differ, first at {bad[0].tolist()}: {got[tuple(bad[0])]:#04x} " \
+                             f"vs reference {want[tuple(bad[0])]:#04x}"
+
+
+def per_sample_params(fmt, n, gen):
+    scale = (torch.rand(n, generator=gen) * 2 + 0.05).to(DEV)
+    zp = (torch.randn(n, generator=gen) * 2).to(DEV) if fmt.needs_zero_point else None
+    return scale, zp
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "2d"])
+@pytest.mark.parametrize("name", FORMATS)
+def test_act_codes_random_matches_reference(name, layout):
+    fmt = get_format(name)
+    gen = torch.Generator().manual_seed(zlib.crc32(f"{name}/{layout}".encode()))
+    shape = (19, 21) if layout == "2d" else (3, 19, 3, 5)  # channels not a multiple of the 16-wide tile
+    x = torch.randn(shape, generator=gen) * fmt.max_value
+    x.view(-1)[:4] = torch.tensor([float("inf"), -float("inf"), 0.0, -0.0])  # saturation and signed zeros
+    x = x.to(DEV)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    scale, zp = per_sample_params(fmt, shape[0], gen)
+    assert_same_codes(tk.act_codes(x, fmt, scale, zp, **ACT_BLOCKS), reference_codes(x, fmt, scale, zp))
+
+
+def tie_values(fmt):
+    """Unit-scale values on the grid, exactly at every midpoint between neighbours and one float32 ulp either side."""
+    grid = fmt.values()
+    mids = (grid[:-1] + grid[1:]) / 2  # exact in float32: neighbours differ by a small power-of-two multiple
+    beside = torch.cat([torch.nextafter(mids, mids + 1), torch.nextafter(mids, mids - 1)])
+    top = fmt.max_value
+    extra = torch.tensor([0.0, -0.0, top, -top, top * 1.5, -top * 1.5, 1e-30, -1e-30])
+    return torch.cat([grid, mids, beside, extra])
+
+
+@pytest.mark.parametrize("name", FORMATS)
+def test_act_codes_ties_match_reference(name):
+    fmt = get_format(name)
+    u = tie_values(fmt)
+    # Row 0: a power-of-two scale and no offset, so (x - z) / s reproduces every u exactly (ties and their
+    # neighbours); row 1: a power-of-two scale and a zero point on a coarse grid, which reproduces the ties exactly;
+    # row 2: a scale that is not a power of two, which lands next to the ties instead.
+    scale = torch.tensor([0.25, 2.0, 0.3])
+    zp = torch.tensor([0.0, -0.75, 0.1]) if fmt.needs_zero_point else torch.zeros(3)
+    x = u[None, :] * scale[:, None] + zp[:, None]
+    v = (x - zp[:, None]) / scale[:, None]
+    finite, n = u.isfinite(), len(fmt.values())
+    assert torch.equal(v[0, finite], u[finite]) and torch.equal(v[1, n:2 * n - 1], u[n:2 * n - 1]), "ties missed"
+    zp = zp.to(DEV) if fmt.needs_zero_point else None
+    x, scale = x.to(DEV), scale.to(DEV)
+    assert_same_codes(tk.act_codes(x, fmt, scale, zp, **ACT_BLOCKS), reference_codes(x, fmt, scale, zp))
+    # The same values through the NCHW path (channels = the tie values, one pixel).
+    x4 = x[:, :, None, None]
+    assert_same_codes(tk.act_codes(x4, fmt, scale, zp, **ACT_BLOCKS), reference_codes(x4, fmt, scale, zp))
+
+
+@settings(max_examples=100, deadline=None)
+@given(name=st.sampled_from(FORMATS),
+       data=st.lists(st.floats(width=32, allow_nan=False), min_size=1, max_size=40),
+       scale=st.floats(2.0**-10, 2.0**10, width=32), zp=st.floats(-10, 10, width=32))
+def test_act_codes_property(name, data, scale, zp):
+    fmt = get_format(name)
+    x = torch.tensor([data], dtype=torch.float32, device=DEV)
+    s = torch.tensor([scale], device=DEV)
+    z = torch.tensor([zp], device=DEV) if fmt.needs_zero_point else None
+    assert_same_codes(tk.act_codes(x, fmt, s, z, **ACT_BLOCKS), reference_codes(x, fmt, s, z))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", ["fp4_e2m1", "uint4"])
+def test_act_codes_half_inputs_and_per_tensor_scale(name, dtype):
+    fmt = get_format(name)
+    gen = torch.Generator().manual_seed(1)
+    x = (torch.randn(2, 5, 4, 4, generator=gen) * 3).to(dtype).to(DEV)
+    scale = torch.tensor(0.7, device=DEV).expand(2)  # per-tensor: an expanded scalar (stride 0)
+    zp = torch.tensor(-0.4, device=DEV).expand(2) if fmt.needs_zero_point else None
+    assert_same_codes(tk.act_codes(x, fmt, scale, zp, **ACT_BLOCKS), reference_codes(x, fmt, scale, zp))
+
+
+@pytest.mark.parametrize("name,shift", [("fp4_e2m1", -3), ("fp4_e2m1", 6), ("ufp4_e2m2", 2), ("int4", -1)])
+def test_act_codes_shift_and_out(name, shift):
+    fmt = get_format(name)
+    gen = torch.Generator().manual_seed(2)
+    x = (torch.randn(3, 20, generator=gen) * 4).to(DEV)
+    scale, zp = per_sample_params(fmt, 3, gen)
+    out = torch.empty(3, 20, dtype=FP8, device=DEV)
+    assert tk.act_codes(x, fmt, scale, zp, shift, out=out, **ACT_BLOCKS) is out
+    assert_same_codes(out, reference_codes(x, fmt, scale, zp, shift))
+
+
+def test_act_codes_nan_gives_nan_code():
+    x = torch.tensor([[float("nan"), 1.0, -float("nan")]], device=DEV)
+    codes = tk.act_codes(x, "fp4_e2m1", torch.ones(1, device=DEV), None, **ACT_BLOCKS)
+    # The reference gives NaN too (with the input's sign, which GPUs do not keep through arithmetic).
+    assert codes.float().isnan().tolist() == [[True, False, True]]
+
+
+def test_act_codes_rejects_bad_arguments():
+    x = torch.randn(2, 4, device=DEV)
+    one = torch.ones(2, device=DEV)
+    with pytest.raises(ValueError, match=r"scale must have shape \(2,\)"):
+        tk.act_codes(x, "fp4_e2m1", torch.ones(3, device=DEV), None)
+    with pytest.raises(ValueError, match="scale must be torch.float32"):
+        tk.act_codes(x, "fp4_e2m1", one.double(), None)
+    with pytest.raises(ValueError, match="needs a zero_point"):
+        tk.act_codes(x, "uint4", one, None)
+    with pytest.raises(ValueError, match="takes no zero_point"):
+        tk.act_codes(x, "int4", one, one)
+    with pytest.raises(ValueError, match="not exactly representable"):
+        tk.act_codes(x, "fp4_e2m1", one, None, shift=7)  # 6 · 2^7 > 448
+    with pytest.raises(ValueError, match="not exactly representable"):
+        tk.act_codes(x, "ufp4_e4m0", one, one, shift=-4)  # 2^-10 is below FP8's smallest step 2^-9
+    with pytest.raises(ValueError, match=r"out must be a contiguous float8_e4m3fn tensor of shape \(2, 4\)"):
+        tk.act_codes(x, "fp4_e2m1", one, None, out=torch.empty(4, 2, dtype=FP8, device=DEV))
+    with pytest.raises(ValueError, match="4-D NCHW or 2-D"):
+        tk.act_codes(x[0], "fp4_e2m1", one, None)
+
+
+def random_codes(shape, gen, spread=4.0):
+    """Arbitrary finite FP8 values (normal and subnormal): any product of two is exact in float32."""
+    return (torch.randn(shape, generator=gen) * spread).to(FP8)
+
+
+def conv_reference(x, w, a_scale, w_scale, bias, zp, corr, stride, padding, dilation):
+    """float64 result and the sum of the magnitudes of every term that enters it (for the error bound)."""
+    def conv(a, b):
+        nchw = F.conv2d(a.permute(0, 3, 1, 2), b.permute(0, 3, 1, 2), None, stride, padding, dilation)
+        return nchw.permute(0, 2, 3, 1)
+
+    xd, wd = x.cpu().double(), w.cpu().double()
+    sa, sw = a_scale.cpu().double()[:, None, None, None], w_scale.cpu().double()
+    y, mag = sa * sw * conv(xd, wd), sa.abs() * sw.abs() * conv(xd.abs(), wd.abs())
+    if bias is not None:
+        y, mag = y + bias.cpu().double(), mag + bias.cpu().double().abs()
+    if zp is not None:
+        term = zp.cpu().double()[:, None, None, None] * corr.cpu().double()
+        y, mag = y + term, mag + term.abs()
+    return y, mag
+
+
+def assert_within_accumulation_error(y, ref, mag, k, out_dtype=torch.float32):
+    # Every product of two E4M3 values is exact in fp32 (4-bit × 4-bit significands), so the only errors are fp32
+    # roundings: summing k products in any order is off by at most (k - 1)·u·Σ|products| (u = 2^-24), and the
+    # epilogue (two scale multiplies, the bias add, the zero-point multiply and add) adds at most 5 more roundings of
+    # at most Σ|terms|; (k + 8)·u·Σ|terms| bounds it all. Hopper's FP8 MMA adds with fewer bits inside each BLOCK_K
+    # chunk; 2^-10 of Σ|terms| is a guess for the GPU, to be checked there. A half-precision output adds its rounding.
+    tol = (k + 8) * 2.0**-24 * mag
+    if CUDA:
+        tol = torch.maximum(tol, 2.0**-10 * mag)
+    if out_dtype != torch.float32:
+        tol = tol + torch.finfo(out_dtype).eps * ref.abs()
+    err = (y.cpu().double() - ref).abs()
+    worst = (err - tol).argmax()
+    assert (err <= tol).all(), f"error {err.flatten()[worst]:.3g} > bound {tol.flatten()[worst]:.3g}"
+
+
+CONV_CASES = {
+    # B, H, W, C, O, (KH, KW), stride, padding, dilation, bias, zero point
+    "3x3_pad1": (2, 5, 5, 19, 20, (3, 3), 1, 1, 1, True, True),
+    "3x3_stride2_downsample": (2, 6, 6, 16, 8, (3, 3), 2, 1, 1, False, False),
+    "1x1": (3, 4, 3, 40, 24, (1, 1), 1, 0, 1, True, False),
+    "3x3_dilation2": (1, 6, 6, 8, 16, (3, 3), 1, 2, 2, False, True),
+    "3x2_asymmetric": (2, 5, 4, 12, 10, (3, 2), (2, 1), (1, 0), (1, 2), True, True),
+}
+
+
+@pytest.mark.parametrize("case", CONV_CASES)
+def test_conv2d_fp8_matches_float64_conv(case):
+    B, H, W, C, O, (KH, KW), stride, padding, dilation, has_bias, has_zp = CONV_CASES[case]
+    gen = torch.Generator().manual_seed(3)
+    x, w = random_codes((B, H, W, C), gen), random_codes((O, KH, KW, C), gen)
+    a_scale, w_scale = torch.rand(B, generator=gen) + 0.1, torch.rand(O, generator=gen) * 0.1 + 0.01
+    bias = torch.randn(O, generator=gen) if has_bias else None
+    ref_shape = conv_reference(x, w, a_scale, w_scale, None, None, None, stride, padding, dilation)[0].shape
+    zp = torch.randn(B, generator=gen) if has_zp else None
+    corr = torch.randn(ref_shape[1:], generator=gen) * 10 if has_zp else None
+    ref, mag = conv_reference(x, w, a_scale, w_scale, bias, zp, corr, stride, padding, dilation)
+    to_dev = [t.to(DEV) if t is not None else None for t in (x, w, a_scale, w_scale, bias, zp, corr)]
+    y = tk.conv2d_fp8(*to_dev, stride=stride, padding=padding, dilation=dilation, **GEMM_BLOCKS)
+    assert y.shape == ref.shape and y.dtype == torch.float32
+    assert_within_accumulation_error(y, ref, mag, KH * KW * C)
+
+
+def test_conv2d_fp8_strided_input_bf16_output_and_options():
+    gen = torch.Generator().manual_seed(4)
+    # An NHWC view of a contiguous NCHW tensor: the kernel follows strides, nothing is copied.
+    x = random_codes((2, 33, 4, 4), gen).permute(0, 2, 3, 1)
+    w = random_codes((16, 3, 3, 33), gen)
+    a_scale, w_scale, bias = torch.rand(2, generator=gen) + 0.5, torch.rand(16, generator=gen) * 0.1, torch.randn(16)
+    ref, mag = conv_reference(x, w, a_scale, w_scale, bias, None, None, 1, 1, 1)
+    args = [t.to(DEV) for t in (x, w, a_scale, w_scale, bias)]
+    y = tk.conv2d_fp8(*args, padding=1, out_dtype=torch.bfloat16, precise_acc=False,
+                      block_m=32, block_n=16, block_k=32)
+    assert y.dtype == torch.bfloat16
+    assert_within_accumulation_error(y, ref, mag, 9 * 33, torch.bfloat16)
+
+
+@pytest.mark.parametrize("with_terms", [False, True])
+def test_linear_fp8_matches_float64_matmul(with_terms):
+    gen = torch.Generator().manual_seed(5)
+    M, K, N = 5, 40, 24
+    x, w = random_codes((M, K), gen), random_codes((N, K), gen)
+    a_scale, w_scale = torch.rand(M, generator=gen) + 0.1, torch.rand(N, generator=gen) * 0.1
+    bias, zp, corr = (torch.randn(N), torch.randn(M), torch.randn(N)) if with_terms else (None, None, None)
+    ref, mag = conv_reference(x[:, None, None], w[:, None, None], a_scale, w_scale, bias, zp,
+                              None if corr is None else corr[None, None], 1, 0, 1)
+    args = [t.to(DEV) if t is not None else None for t in (x, w, a_scale, w_scale, bias, zp, corr)]
+    y = tk.linear_fp8(*args, **GEMM_BLOCKS)
+    assert y.shape == (M, N)
+    assert_within_accumulation_error(y, ref.view(M, N), mag.view(M, N), K)
+
+
+def test_gemm_launchers_reject_bad_arguments():
+    x, w = torch.zeros(1, 4, 4, 8, dtype=FP8, device=DEV), torch.zeros(6, 3, 3, 8, dtype=FP8, device=DEV)
+    one, six = torch.ones(1, device=DEV), torch.ones(6, device=DEV)
+    with pytest.raises(ValueError, match="groups=1 only"):
+        tk.conv2d_fp8(x, w, one, six, groups=2)
+    with pytest.raises(ValueError, match=r"w_codes must have shape \(O, KH, KW, 8\)"):
+        tk.conv2d_fp8(x, w[..., :4], one, six)
+    with pytest.raises(ValueError, match="x_codes must be a 4-D float8_e4m3fn"):
+        tk.conv2d_fp8(x.float(), w, one, six)
+    with pytest.raises(ValueError, match=r"w_scale must have shape \(6,\)"):
+        tk.conv2d_fp8(x, w, one, one)
+    with pytest.raises(ValueError, match="zp and zp_corr must be given together"):
+        tk.conv2d_fp8(x, w, one, six, zp=one)
+    with pytest.raises(ValueError, match=r"zp_corr must be a floating-point tensor of shape \(2, 2, 6\)"):
+        tk.conv2d_fp8(x, w, one, six, zp=one, zp_corr=torch.zeros(4, 4, 6, device=DEV))
+    with pytest.raises(ValueError, match="must be given together and each be ≥ 16"):
+        tk.conv2d_fp8(x, w, one, six, block_m=16)
+    with pytest.raises(ValueError, match=r"w_codes must have shape \(N, 8\)"):
+        tk.linear_fp8(x[0, 0], w[:, 0, 0, :4], torch.ones(4, device=DEV), six)
+
+
+@pytest.mark.skipif(not CUDA, reason="autotuning times kernels on a GPU")
+def test_conv2d_fp8_autotuned_default_blocks():
+    gen = torch.Generator().manual_seed(6)
+    x, w = random_codes((2, 16, 16, 64), gen), random_codes((128, 3, 3, 64), gen)
+    a_scale, w_scale, bias = torch.rand(2, generator=gen) + 0.5, torch.rand(128, generator=gen) * 0.01, torch.randn(128)
+    ref, mag = conv_reference(x, w, a_scale, w_scale, bias, None, None, 1, 1, 1)
+    y = tk.conv2d_fp8(*[t.to(DEV) for t in (x, w, a_scale, w_scale, bias)], padding=1)
+    assert_within_accumulation_error(y, ref, mag, 9 * 64)
