@@ -29,6 +29,13 @@ class QuantContext:
         #: (B, K) hard one-hot LoRA choice of the current call with straight-through gradients (TALoRA), or None
         self.route: torch.Tensor | None = None
 
+    def __deepcopy__(self, memo):
+        # timesteps/route belong to the call in flight (route may even be a non-leaf tensor of a training step,
+        # which cannot be deep-copied): a copy starts without them.
+        copied = QuantContext(self.num_train_timesteps)
+        memo[id(self)] = copied
+        return copied
+
     def set_timesteps(self, timestep, batch_size: int, device) -> None:
         if timestep is None:
             self.timesteps = None
