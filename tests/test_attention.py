@@ -166,3 +166,14 @@ def test_nan_in_query_names_the_attention_and_timestep():
     with pytest.raises(FloatingPointError, match=r"attention attn-q input 'mid_block\.attentions\.0\.attn_q' received "
                                                  r"NaN/inf inputs at timestep\(s\) \[\d+"):
         msfp.calibrate(q, fp, scheduler(), num_samples=2, num_steps=2, disable=True)
+
+
+def test_finetuning_trains_the_attention_input_scales():
+    from msfp.finetune import FinetuneConfig, finetune
+
+    fp, q = calibrated(tiny_unet)
+    before = {n: m.act_quantizer.scale.detach().clone() for n, m in attention_quantizers(q).items()}
+    finetune(q, fp, scheduler(), FinetuneConfig(iters=4, batch_size=4, traj_samples=4, traj_steps=3, rank=2,
+                                                act_lr=1e-2), disable=True)
+    after = {n: m.act_quantizer.scale.detach() for n, m in attention_quantizers(q).items()}
+    assert before and any(not torch.equal(before[n], after[n]) for n in before)

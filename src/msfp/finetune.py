@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from msfp.attention import attention_quantizers
 from msfp.calibration import Trajectories, collect_trajectories
 from msfp.fileio import atomic_path
 from msfp.losses import WEIGHTINGS, denoising_factors, dfa_weights, weighted_mse
@@ -86,7 +87,9 @@ def _trainable_groups(qmodel, config: FinetuneConfig) -> list[dict]:
     for p in qmodel.parameters():
         p.requires_grad_(False)
     groups = []
-    act = [p for layer in layers.values() for p in (layer.act_quantizer.scale, layer.act_quantizer.zero_point)]
+    quantizers = [layer.act_quantizer for layer in layers.values()]
+    quantizers += [q.act_quantizer for q in attention_quantizers(qmodel).values()]  # quantized attention inputs
+    act = [p for q in quantizers for p in (q.scale, q.zero_point)]
     groups.append(dict(params=act, lr=config.act_lr, name="act_quantizers"))
     if config.train_weight_scales:
         groups.append(dict(params=[layer.weight_quantizer.scale for layer in layers.values()], lr=config.act_lr,
