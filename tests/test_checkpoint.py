@@ -417,6 +417,15 @@ def test_cli_samples_from_a_quantized_directory(tmp_path):
     assert r.exit_code == 0, r.output
     images = np.load(tmp_path / "s.npz")["arr_0"]
     assert images.shape == (3, 8, 8, 1) and images.dtype == np.uint8
+    r = runner.invoke(main, ["sample", "--model", str(tmp_path / "q"), "-n", "3", "--steps", "2", "--backend", "fp8",
+                             "--out", str(tmp_path / "fp8.npz")])
+    assert r.exit_code == 0, r.output
+    # FP8 codes differ from fake-quant only by fp32 summation order: 8-bit images agree to about a level
+    fp8_images = np.load(tmp_path / "fp8.npz")["arr_0"].astype(int)
+    assert np.abs(fp8_images - images).mean() < 1.0
+    r = runner.invoke(main, ["sample", "--model", str(tmp_path / "model"), "-n", "1", "--backend", "fp8",
+                             "--out", str(tmp_path / "x.npz")])
+    assert r.exit_code != 0 and "needs a quantized directory" in r.output
 
 
 def test_cli_eval_reports_the_noise_prediction_error_of_a_quantized_model(tmp_path):

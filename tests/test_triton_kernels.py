@@ -4,6 +4,7 @@ On a CUDA machine the kernels run on the GPU; without one they run on CPU tensor
 (``TRITON_INTERPRET=1``, set below before Triton is imported), so shapes stay tiny. Skipped without Triton.
 """
 
+import functools
 import importlib
 import os
 import sys
@@ -23,7 +24,8 @@ if not CUDA and os.environ.get("TRITON_INTERPRET") != "1":
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from msfp.formats import get_format, round_to_grid  # noqa: E402
+from msfp.formats import get_format  # noqa: E402
+from msfp.fp8 import act_codes  # noqa: E402
 
 # Kernels become interpreted or compiled when their module is imported; an import by an earlier test module, before
 # TRITON_INTERPRET was set, would have made GPU kernels. Reloading rebuilds them in place (same module object).
@@ -42,13 +44,9 @@ GEMM_BLOCKS = {"block_m": 64, "block_n": 32, "block_k": 32} if CUDA else {"block
 
 
 def reference_codes(x, fmt, scale, zero_point, shift=0):
-    """The torch definition the kernel must match bit for bit; NCHW input gives NHWC codes."""
+    """The torch definition the kernel must match bit for bit (msfp.fp8.act_codes); NCHW input gives NHWC codes."""
     view = (-1,) + (1,) * (x.dim() - 1)
-    xf = x.float()
-    if zero_point is not None:
-        xf = xf - zero_point.view(view)
-    v = torch.clamp(xf / scale.view(view), -fmt.max_value if fmt.signed else 0.0, fmt.max_value)
-    codes = (round_to_grid(v, fmt) * 2.0**shift).to(FP8)
+    codes = act_codes(x, fmt, scale.view(view), None if zero_point is None else zero_point.view(view), shift)
     return codes.permute(0, 2, 3, 1).contiguous() if x.dim() == 4 else codes
 
 
@@ -297,3 +295,40 @@ def test_conv2d_fp8_autotuned_default_blocks():
     ref, mag = conv_reference(x, w, a_scale, w_scale, bias, None, None, 1, 1, 1)
     y = tk.conv2d_fp8(*[t.to(DEV) for t in (x, w, a_scale, w_scale, bias)], padding=1)
     assert_within_accumulation_error(y, ref, mag, 9 * 64)
+
+
+@pytest.mark.parametrize("family", ["unet", "dit"])
+def test_fp8_layers_on_the_kernels_equal_the_emulated_path(family, monkeypatch):
+    # Whole calibrated tiny models: every W4A4 layer (zero-point convs with padded borders, stride 2, 1×1 shortcuts,
+    # 3-D linear inputs) through act_codes + conv2d_fp8/linear_fp8 against the same Fp8Layer emulated in torch.
+    import copy
+
+    import msfp
+    from msfp.fp8 import Fp8Layer
+    from msfp.surgery import quant_layers
+    from test_fp8 import layer_inputs
+    from tiny_models import scheduler, tiny_dit, tiny_unet
+
+    monkeypatch.setattr(tk, "conv2d_fp8", functools.partial(tk.conv2d_fp8, **GEMM_BLOCKS))
+    build, shape, cond = {"unet": (tiny_unet, (1, 8, 8), {}),
+                          "dit": (tiny_dit, (4, 8, 8), {"class_labels": torch.tensor([0, 1, 2])})}[family]
+    fp = build().to(DEV)
+    q = msfp.quantize(copy.deepcopy(fp), "w4a4-msfp")
+    msfp.calibrate(q, fp, scheduler(), num_samples=4, num_steps=3, disable=True)
+    torch.manual_seed(0)
+    x, t = torch.randn(3, *shape, device=DEV), torch.tensor([5, 400, 999], device=DEV)
+    inputs = layer_inputs(q, x, t, **{k: v.to(DEV) for k, v in cond.items()})
+    q.msfp_context.set_timesteps(t, 3, x.device)
+    checked = 0
+    for name, layer in quant_layers(q).items():
+        try:
+            emulated, kernels = Fp8Layer(layer, use_kernels=False), Fp8Layer(layer, use_kernels=True)
+        except ValueError:
+            continue
+        with torch.no_grad():
+            want, got = emulated(inputs[name]), kernels(inputs[name])
+        assert got.shape == want.shape and got.dtype == want.dtype
+        # Same codes, same exact products; only fp32 summation order differs (≤ K·2^-24 relative to Σ|terms|).
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item(), msg=name)
+        checked += 1
+    assert checked >= 6

@@ -329,14 +329,25 @@ def unfreeze_weights(model: nn.Module) -> nn.Module:
     return model
 
 
-def load_quantized(directory: str | os.PathLike, model: nn.Module | None = None, freeze: bool = True) -> nn.Module:
+BACKENDS = ("fake", "fp8")
+
+
+def load_quantized(directory: str | os.PathLike, model: nn.Module | None = None, freeze: bool = True,
+                   backend: str = "fake") -> nn.Module:
     """Rebuild a quantized model saved by :func:`save_quantized`, in eval mode.
 
     Diffusers models are rebuilt from their saved config (no full-precision weights needed); for a plain PyTorch
     denoiser pass ``model``, an instance of the same architecture (its weights are replaced). With ``freeze`` the
     layers reuse their dequantized weights instead of re-quantizing them every call (:func:`freeze_weights`; it
     costs no memory here, the dequantized weights are the layers' weights).
+
+    ``backend="fake"`` is the fake-quant reference; ``"fp8"`` runs every W4A4 layer on FP8 E4M3 codes
+    (:func:`msfp.fp8.convert_to_fp8`): Triton FP8 tensor-core kernels once the model is on a GPU that has them,
+    the same arithmetic emulated elsewhere. Its outputs equal the reference up to fp32 summation order; the layers it
+    cannot run exactly stay fake-quant and are listed in ``model.msfp_backend``. An ``"fp8"`` model is for inference.
     """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
     path = Path(directory)
     meta = read_quant_meta(path)
     qc = meta["quantization_config"]
@@ -398,4 +409,8 @@ def load_quantized(directory: str | os.PathLike, model: nn.Module | None = None,
     qmodel.msfp_context.num_train_timesteps = meta["num_train_timesteps"]
     if freeze:
         freeze_weights(qmodel)
+    if backend == "fp8":
+        from msfp.fp8 import convert_to_fp8
+
+        convert_to_fp8(qmodel)
     return qmodel.eval()

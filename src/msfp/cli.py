@@ -11,6 +11,7 @@ import click
 import torch
 
 from msfp import __version__
+from msfp.checkpoint import BACKENDS
 from msfp.samples import SCHEDULERS
 
 
@@ -84,9 +85,9 @@ def info(directory, as_json):
     click.echo(json.dumps(meta, indent=2) if as_json else describe(meta))
 
 
-def _load_any_model(spec: str):
+def _load_any_model(spec: str, backend: str = "fake"):
     """``(denoiser, scheduler)`` for a ``--model`` spec: 'default', a save_pretrained directory, a Hub id, or a
-    quantized directory written by msfp (sampled with the scheduler it was calibrated with)."""
+    quantized directory written by msfp (sampled with the scheduler it was calibrated with, on ``backend``)."""
     from diffusers import DDIMScheduler
 
     from msfp.checkpoint import CONFIG_NAME, load_quantized, read_quant_meta
@@ -96,7 +97,9 @@ def _load_any_model(spec: str):
         scheduler_config = read_quant_meta(spec).get("scheduler_config")
         if scheduler_config is None:
             raise ValueError(f"{spec} records no scheduler (saved by an older msfp); re-run msfp quantize")
-        return load_quantized(spec), DDIMScheduler.from_config(scheduler_config)
+        return load_quantized(spec, backend=backend), DDIMScheduler.from_config(scheduler_config)
+    if backend != "fake":
+        raise ValueError(f"--backend {backend} needs a quantized directory (msfp quantize); {spec} is not one")
     return load_model(spec)
 
 
@@ -114,7 +117,10 @@ def _load_any_model(spec: str):
               "first 64 images goes beside it")
 @click.option("--batch", default=64, help="images per denoiser call (does not change the images)")
 @click.option("--device", default=None, help="default: cuda if available (one GPU per rank under torchrun), else cpu")
-def sample(model_spec, num_samples, steps, scheduler_name, eta, guidance, seed, out, batch, device):
+@click.option("--backend", type=click.Choice(BACKENDS), default="fake", show_default=True,
+              help="quantized models: fake-quant reference, or W4A4 on FP8 codes (Triton kernels on FP8 GPUs, "
+              "emulated elsewhere)")
+def sample(model_spec, num_samples, steps, scheduler_name, eta, guidance, seed, out, batch, device, backend):
     """Draw seeded samples into an .npz file; run under torchrun to shard them across processes:
 
     torchrun --nproc_per_node 4 -m msfp.cli sample -n 50000 --out samples.npz
@@ -122,7 +128,7 @@ def sample(model_spec, num_samples, steps, scheduler_name, eta, guidance, seed, 
     from msfp.samples import generate, get_scheduler, grid_path
 
     with _user_errors():
-        model, base = _load_any_model(model_spec)
+        model, base = _load_any_model(model_spec, backend)
         result = generate(model, get_scheduler(scheduler_name, base), out, num_samples, steps, seed=seed,
                           batch_size=batch, eta=eta, guidance=guidance, meta=dict(model=model_spec), device=device)
     if result is not None:  # rank 0

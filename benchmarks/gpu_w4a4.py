@@ -1,0 +1,209 @@
+"""Real W4A4 on FP8 tensor cores (msfp.fp8 + msfp.triton_kernels) against the same layers and models in BF16.
+
+    python benchmarks/gpu_w4a4.py [--batch 8 --iters 30] [--smoke]
+
+Needs a GPU with FP8 tensor cores (compute capability ≥ 8.9; Hopper for the SPEC targets) and triton; elsewhere it
+prints a JSON document that says why it was skipped. ``--smoke`` instead runs the whole flow with tiny shapes on the
+emulated FP8 path (any device, timings meaningless): a check that the script works, not a measurement.
+
+Reported, per layer shape (SD-1.5-like: 3×3 convolutions at 320–1280 channels, large linears) — the BF16 time
+(cuBLAS/cuDNN, channels_last, ``cudnn.benchmark``), the FP8 GEMM/convolution alone on ready codes, and the whole FP8
+layer (activation-quantize kernel + GEMM, BF16 in and out); TFLOP/s and % of the dense peak of the GPU. Per denoiser
+(the shipped default model and a random-weight UNet2DConditionModel with Stable Diffusion 1.5's shapes): one step's
+time in BF16 and with every 4-bit layer on the FP8 path, the speed-up, the peak memory and the bytes of the weights.
+Both sides run eagerly (no torch.compile, no CUDA graphs). The models' 8-bit edge layers (first/last conv, timestep
+MLP) are kept in BF16 here, so only the W4A4 layers differ.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+
+import torch
+from diffusers import UNet2DConditionModel
+from torch.nn import functional as F
+
+import msfp
+from msfp.environment import machine_info
+from msfp.formats import get_format
+from msfp.fp8 import Fp8Layer, act_codes, convert_to_fp8, e4m3_shift, fp8_kernels_available
+from msfp.surgery import quant_layers
+
+# Dense tensor-core peaks (TFLOP/s) from NVIDIA's datasheets, by a substring of torch.cuda.get_device_name().
+PEAKS = {"H100 PCIe": dict(bf16=756.0, fp8=1513.0), "H100": dict(bf16=989.4, fp8=1978.9),
+         "H200": dict(bf16=989.4, fp8=1978.9)}
+
+CONVS = [  # (batch-independent) C_in, C_out, H=W, stride — SD-1.5 UNet at 512×512 (64×64 latents)
+    (320, 320, 64, 1), (640, 640, 32, 1), (1280, 1280, 16, 1), (1280, 1280, 8, 1), (320, 320, 64, 2),
+]
+LINEARS = [  # tokens per sample, K, N
+    (4096, 320, 320), (1024, 640, 5120), (256, 1280, 1280), (256, 5120, 1280), (64, 1280, 10240),
+]
+ACT_FORMAT, WEIGHT_FORMAT = get_format("ufp4_e2m2"), get_format("fp4_e2m1")
+
+
+def sd15_unet(sample_size: int = 64) -> UNet2DConditionModel:
+    torch.manual_seed(0)
+    return UNet2DConditionModel(sample_size=sample_size, in_channels=4, out_channels=4, layers_per_block=2,
+                                block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768,
+                                attention_head_dim=8).eval()
+
+
+def timed_ms(fn, iters: int, device) -> float:
+    """Median of ``iters`` timed calls (CUDA events on a GPU), after warm-up calls (autotuning happens there)."""
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(iters):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            import time
+
+            t0 = time.perf_counter()
+            fn()
+            times.append(1e3 * (time.perf_counter() - t0))
+    return statistics.median(times)
+
+
+def rates(flops: float, ms: float, peak: float | None) -> dict:
+    tflops = flops / ms / 1e9
+    return dict(ms=ms, tflops=tflops, pct_of_peak=None if peak is None else 100 * tflops / peak)
+
+
+def quantized_layer(module: torch.nn.Module, x: torch.Tensor, use_kernels: bool) -> Fp8Layer:
+    """An :class:`Fp8Layer` of ``module`` with its weight quantizer initialised by the MSE search and its activation
+    scale fitted to ``x`` (values do not change the speed, but the codes should be realistic)."""
+    model = torch.nn.Sequential(module.float())
+    msfp.quantize(model, msfp.QuantConfig(weight_formats=[WEIGHT_FORMAT.name], act_formats=[ACT_FORMAT.name],
+                                          aal_act_formats=[], eight_bit_layers=[]))
+    layer = quant_layers(model)["0"]
+    layer.act_quantizer.fmt = ACT_FORMAT
+    layer.weight_quantizer.initialize(layer.weight.detach())
+    layer.act_quantizer.initialize(x.float().flatten()[: 1 << 16])
+    return Fp8Layer(layer, use_kernels)
+
+
+def layer_rows(args, device, peak) -> list[dict]:
+    use_kernels = not args.smoke
+    rows = []
+    for kind, shapes in (("conv3x3", CONVS), ("linear", LINEARS)):
+        for shape in shapes:
+            if kind == "conv3x3":
+                cin, cout, size, stride = shape
+                size = 8 if args.smoke else size
+                x = torch.randn(args.batch, cin, size, size, device=device)
+                module = torch.nn.Conv2d(cin, cout, 3, stride=stride, padding=1).to(device)
+                out_size = (size + 2 - 3) // stride + 1
+                flops = 2 * args.batch * out_size**2 * cout * cin * 9
+                desc = dict(c_in=cin, c_out=cout, hw=size, stride=stride)
+            else:
+                tokens, k, n = shape
+                tokens = 16 if args.smoke else tokens
+                x = torch.randn(args.batch, tokens, k, device=device)
+                module = torch.nn.Linear(k, n).to(device)
+                flops = 2 * args.batch * tokens * k * n
+                desc = dict(tokens=tokens, k=k, n=n)
+            fp8 = quantized_layer(copy.deepcopy(module), x, use_kernels).to(device)
+            bf16 = module.to(torch.bfloat16)
+            xb = x.to(torch.bfloat16)
+            if kind == "conv3x3":
+                bf16, xb = bf16.to(memory_format=torch.channels_last), xb.contiguous(memory_format=torch.channels_last)
+            with torch.no_grad():
+                scale = fp8.act_scale[torch.zeros(x.shape[0], dtype=torch.long, device=device)]
+                zero = fp8.act_zero_point[torch.zeros(x.shape[0], dtype=torch.long, device=device)]
+                x2 = xb if kind == "conv3x3" else xb.reshape(-1, xb.shape[-1])
+                rep = 1 if kind == "conv3x3" else x.shape[1]
+                s, z = scale.repeat_interleave(rep), zero.repeat_interleave(rep)
+                if use_kernels:
+                    from msfp import triton_kernels
+
+                    codes = triton_kernels.act_codes(x2, ACT_FORMAT, s, z, e4m3_shift(ACT_FORMAT))
+                    codes = codes if kind == "linear" else codes.permute(0, 3, 1, 2)
+                else:
+                    view = (-1, 1, 1, 1) if kind == "conv3x3" else (-1, 1)
+                    codes = act_codes(x2, ACT_FORMAT, s.view(view), z.view(view), e4m3_shift(ACT_FORMAT))
+                spatial = tuple(x.shape[-2:]) if kind == "conv3x3" else ()
+                bf16_ms = timed_ms(lambda: bf16(xb), args.iters, device)
+                gemm_ms = timed_ms(lambda: fp8._gemm(codes, 0, s, z, spatial, torch.bfloat16), args.iters, device)
+                layer_ms = timed_ms(lambda: fp8(xb), args.iters, device)
+            rows.append(dict(kind=kind, batch=args.batch, **desc, flops=flops,
+                             bf16=rates(flops, bf16_ms, peak and peak["bf16"]),
+                             fp8_gemm_only=rates(flops, gemm_ms, peak and peak["fp8"]),
+                             fp8_layer=rates(flops, layer_ms, peak and peak["fp8"]),
+                             speedup_gemm_only=bf16_ms / gemm_ms, speedup_layer=bf16_ms / layer_ms))
+    return rows
+
+
+def tensor_bytes(model: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+
+
+def denoiser_row(name: str, fp: torch.nn.Module, cond: dict, args, device) -> dict:
+    use_kernels = not args.smoke
+    config = msfp.QuantConfig.preset("w4a4-msfp")
+    config.eight_bit_layers, config.full_precision_layers = [], ["@first", "@last", "@time_embedding"]
+    bf16 = copy.deepcopy(fp).to(device, torch.bfloat16).to(memory_format=torch.channels_last)
+    q = msfp.quantize(copy.deepcopy(fp).to(device, torch.bfloat16).to(memory_format=torch.channels_last), config)
+    for layer in quant_layers(q).values():  # realistic weight codes; activation scales stay at their placeholder
+        layer.weight_quantizer.initialize(layer.weight.detach().float(), max_samples=1 << 14)
+    kept = convert_to_fp8(q, use_kernels=use_kernels)
+    shape = (args.batch, fp.config.in_channels, fp.config.sample_size, fp.config.sample_size)
+    x = torch.randn(shape, device=device, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    t = torch.full((args.batch,), 500, device=device)
+    cond = {k: v.to(device, torch.bfloat16 if v.is_floating_point() else v.dtype) for k, v in cond.items()}
+    result = dict(model=name, batch=args.batch, fake_quant_layers=kept,
+                  fp8_layers=sum(isinstance(m, Fp8Layer) for m in q.modules()))
+    for label, model in (("bf16", bf16), ("fp8_w4a4", q)):
+        with torch.no_grad():
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            ms = timed_ms(lambda: model(x, t, **cond), args.iters, device)
+            peak_mem = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
+        result[label] = dict(step_ms=ms, peak_memory_bytes=peak_mem, model_tensor_bytes=tensor_bytes(model))
+    result["speedup"] = result["bf16"]["step_ms"] / result["fp8_w4a4"]["step_ms"]
+    return result
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--iters", type=int, default=30)
+    p.add_argument("--smoke", action="store_true", help="tiny shapes on the emulated path (checks the script only)")
+    args = p.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    command = "python " + " ".join(["benchmarks/gpu_w4a4.py", *(argv if argv is not None else sys.argv[1:])])
+    report = dict(benchmark="gpu_w4a4", settings=vars(args), machine=machine_info(device), command=command)
+    available, why = fp8_kernels_available(device)
+    if not available and not args.smoke:
+        print(json.dumps(dict(report, skipped=f"needs a GPU with FP8 tensor cores and triton: {why}"), indent=2))
+        return
+    if args.smoke:
+        args.batch, args.iters = 1, 1
+        report["note"] = "smoke run on the emulated path: timings are meaningless"
+    torch.backends.cudnn.benchmark = True
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
+    peak = next((v for k, v in PEAKS.items() if k in name), None)
+    report["dense_peak_tflops"] = peak
+    report["layers"] = layer_rows(args, device, peak)
+    default, _ = msfp.load_model("default")
+    report["denoisers"] = [denoiser_row("default", default, {}, args, device)]
+    large = sd15_unet(16 if args.smoke else 64)
+    hidden = torch.randn(args.batch, 77, 768)
+    report["denoisers"].append(denoiser_row("sd15-like UNet2DConditionModel (random weights)", large,
+                                            {"encoder_hidden_states": hidden}, args, device))
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

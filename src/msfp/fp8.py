@@ -1,0 +1,267 @@
+"""Real low-bit execution of W4A4 layers through FP8 E4M3 tensor cores (Hopper), emulated elsewhere.
+
+Every value of a 4-bit grid — signed E2M1/E1M2/E3M0, unsigned E1M3/E2M2/E3M1/E4M0, INT4/UINT4 — times a power of
+two ``2^k`` is exactly an FP8 E4M3 value (:func:`e4m3_shift` finds ``k``). So a fake-quantized layer's operands can
+be held as E4M3 *codes* ``c``::
+
+    Q_a(x) = s_a·2^-k_a · c_a + z_a           (per tensor or per timestep group; z_a = 0 for signed formats)
+    Q_w(W)[o] = s_w[o]·2^-k_w · c_w[o]        (per output channel, signed formats)
+
+and the layer ``y = Q_a(x) ⊛ Q_w(W) + b`` becomes one FP8 GEMM/convolution on the codes with an epilogue::
+
+    y = (s_a 2^-k_a)(s_w[o] 2^-k_w) · (c_a ⊛ c_w) + b[o] + z_a · corr[o, position]
+
+The zero-point term ``corr = 1_valid ⊛ Q_w(W)`` is the weight's sum over the taps that see real input: a constant
+per output channel for linears (folded into the bias) and, for zero-padded convolutions, smaller at the borders
+because the fake-quant layer pads its *quantized* input with exact zeros, not with ``z_a``.
+
+Every product ``c_a·c_w`` is exact in fp32, so the result equals the fake-quant layer up to fp32 accumulation
+order. On a CUDA GPU with FP8 tensor cores (compute capability ≥ 8.9) and Triton, :class:`Fp8Layer` runs the Triton
+kernels of :mod:`msfp.triton_kernels`; elsewhere it computes the same codes and the same epilogue with float32
+convolutions (the emulated path, which tests compare against the fake-quant reference on CPU).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from msfp.formats import Format, round_to_grid
+from msfp.layers import QuantLayer
+from msfp.quantizers import MIN_SCALE
+
+E4M3 = torch.float8_e4m3fn
+
+
+@functools.lru_cache(maxsize=None)
+def e4m3_shift(fmt: Format) -> int | None:
+    """The power-of-two exponent ``k`` (smallest ``|k|``) that makes every value of ``fmt`` times ``2^k`` an exact
+    E4M3 value, or None when there is none (INT8, UINT8 and most 8-bit grids)."""
+    values = fmt.values().double()
+    for k in sorted(range(-12, 13), key=abs):
+        shifted = values * 2.0**k
+        if torch.equal(shifted.float().to(E4M3).double(), shifted):
+            return k
+    return None
+
+
+def act_codes(x: torch.Tensor, fmt: Format, scale: torch.Tensor, zero_point: torch.Tensor | None,
+              shift: int) -> torch.Tensor:
+    """E4M3 codes ``R(clamp((x - z) / s)) · 2^shift`` of ``x`` (the reference that the Triton kernel matches)."""
+    lo = -fmt.max_value if fmt.signed else 0.0
+    shifted = x.float() - zero_point if zero_point is not None else x.float()
+    v = torch.clamp(shifted / scale, lo, fmt.max_value)
+    return torch.ldexp(round_to_grid(v, fmt), torch.tensor(shift, device=x.device)).to(E4M3)
+
+
+@functools.lru_cache(maxsize=None)
+def _kernels_available(device: torch.device) -> tuple[bool, str]:
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    if device.type != "cuda":
+        return False, f"{device.type} device (FP8 tensor cores need a CUDA GPU)"
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) < (8, 9):
+        return False, f"compute capability {major}.{minor} has no FP8 tensor cores (needs ≥ 8.9: Ada, Hopper)"
+    from msfp import triton_kernels
+
+    if not triton_kernels.HAS_TRITON:
+        return False, "triton is not installed"
+    return True, "Triton FP8 kernels"
+
+
+def fp8_kernels_available(device: torch.device | str) -> tuple[bool, str]:
+    """Whether :class:`Fp8Layer` can run the Triton FP8 kernels on ``device``, and why not."""
+    return _kernels_available(torch.device(device))
+
+
+class Fp8Unsupported(ValueError):
+    """A quantized layer that the FP8 path cannot run exactly (it stays on the fake-quant path)."""
+
+
+class Fp8Layer(nn.Module):
+    """A :class:`~msfp.layers.QuantLayer` executed on E4M3 codes (see the module docstring).
+
+    Holds the weight as codes (1 byte per weight, layout ``(K, O, KH, KW, C)`` for ``K`` TALoRA weight sets), the
+    per-channel weight scale, the bias and the activation format, scales and zero points of the source layer.
+    ``use_kernels``: True (Triton kernels), False (emulated) or None (kernels wherever the input's device has them,
+    so a model converted on the CPU and moved to a Hopper GPU runs them there).
+    """
+
+    def __init__(self, layer: QuantLayer, use_kernels: bool | None = None):
+        super().__init__()
+        aq, wq = layer.act_quantizer, layer.weight_quantizer
+        if not wq.enabled or not aq.enabled:
+            raise Fp8Unsupported(f"{layer.name}: quantizers are disabled (a full-precision layer)")
+        if not wq.fmt.signed:
+            raise Fp8Unsupported(f"{layer.name}: weight format {wq.fmt.name} has a zero point; the FP8 path needs a "
+                                 f"signed weight format")
+        self.act_shift, weight_shift = e4m3_shift(aq.fmt), e4m3_shift(wq.fmt)
+        for what, fmt, shift in (("activation", aq.fmt, self.act_shift), ("weight", wq.fmt, weight_shift)):
+            if shift is None:
+                raise Fp8Unsupported(f"{layer.name}: {what} format {fmt.name} is not exactly representable in FP8 "
+                                     f"E4M3 at any power-of-two scale")
+        if layer.kind == "conv2d" and (layer.conv_args["groups"] != 1 or layer.padding_mode != "zeros"
+                                       or isinstance(layer.conv_args["padding"], str)):
+            raise Fp8Unsupported(f"{layer.name}: only groups=1 convolutions with numeric zero padding run in FP8 "
+                                 f"(got groups={layer.conv_args['groups']}, padding={layer.conv_args['padding']!r}, "
+                                 f"padding_mode={layer.padding_mode!r})")
+        self.name, self.kind, self.context = layer.name, layer.kind, layer.context
+        self.conv_args = dict(layer.conv_args) if layer.kind == "conv2d" else {}
+        self.act_fmt, self.use_kernels = aq.fmt, use_kernels
+        with torch.no_grad():
+            w_scale = wq.scale.detach().float().clamp_min(MIN_SCALE)
+            view = (-1,) + (1,) * (layer.weight.dim() - 1)
+            codes, tap_sums = [], []
+            for k in range(layer.num_weight_sets):
+                qw = layer.quantized_weight(k).detach().float()
+                # Q_w(W) is already on the grid: re-quantizing it recovers its grid values exactly.
+                grid = round_to_grid(torch.clamp(qw / w_scale.view(view), -wq.fmt.max_value, wq.fmt.max_value),
+                                     wq.fmt)
+                codes.append(torch.ldexp(grid, torch.tensor(weight_shift)).to(E4M3))
+                tap_sums.append(qw.sum(1))  # (O,) for linears, (O, KH, KW) for convolutions
+            codes = torch.stack(codes)
+            if layer.kind == "conv2d":
+                codes = codes.permute(0, 1, 3, 4, 2)  # (K, O, KH, KW, C): channels innermost, as NHWC inputs
+            self.register_buffer("weight_codes", codes.contiguous())
+            self.register_buffer("weight_scale", w_scale * 2.0**-weight_shift)
+            self.register_buffer("bias", None if layer.bias is None else layer.bias.detach().float().clone())
+            self.register_buffer("act_scale", aq.scale.detach().float().clamp_min(MIN_SCALE).clone())
+            zero = aq.zero_point.detach().float().clone() if aq.fmt.needs_zero_point else None
+            self.register_buffer("act_zero_point", zero)
+            # The zero-point correction needs only the dequantized weight's sums over input channels, per tap.
+            self.register_buffer("weight_tap_sums", torch.stack(tap_sums) if zero is not None else None)
+        self._corr_cache: dict[tuple, torch.Tensor] = {}
+
+    @property
+    def num_weight_sets(self) -> int:
+        return self.weight_codes.shape[0]
+
+    def _kernels_for(self, device: torch.device) -> bool:
+        return fp8_kernels_available(device)[0] if self.use_kernels is None else self.use_kernels
+
+    def _zero_point_correction(self, k: int, spatial: tuple[int, ...], kernels: bool) -> torch.Tensor:
+        """``1_valid ⊛ Q_w(W_k)``: (O,) for linears; for convolutions of an input of size ``spatial`` (O, OH, OW),
+        or (OH, OW, O) for the kernels."""
+        key = (k, spatial, kernels, self.weight_tap_sums.device)
+        if key not in self._corr_cache:
+            sums = self.weight_tap_sums[k]
+            if self.kind == "linear":
+                corr = sums
+            else:
+                ones = sums.new_ones((1, 1, *spatial))
+                corr = F.conv2d(ones, sums[:, None], None, **self.conv_args)[0]
+                if kernels:
+                    corr = corr.permute(1, 2, 0).contiguous()  # (OH, OW, O), the kernel's NHWC epilogue layout
+            self._corr_cache[key] = corr
+        return self._corr_cache[key]
+
+    def _gemm(self, codes: torch.Tensor, k: int, a_scale: torch.Tensor, zero: torch.Tensor | None,
+              spatial: tuple[int, ...], out_dtype: torch.dtype, kernels: bool) -> torch.Tensor:
+        """The layer on activation codes of the samples that use weight set ``k``."""
+        w_codes = self.weight_codes[k]
+        corr = None if zero is None else self._zero_point_correction(k, spatial, kernels)
+        if kernels:
+            from msfp import triton_kernels
+
+            if self.kind == "linear":
+                return triton_kernels.linear_fp8(codes, w_codes, a_scale, self.weight_scale, self.bias, zero, corr,
+                                                 out_dtype=out_dtype)
+            out = triton_kernels.conv2d_fp8(codes.permute(0, 2, 3, 1).contiguous(), w_codes, a_scale,
+                                            self.weight_scale, self.bias, zero, corr, self.conv_args["stride"],
+                                            self.conv_args["padding"], self.conv_args["dilation"],
+                                            out_dtype=out_dtype)
+            return out.permute(0, 3, 1, 2)  # NCHW view of the NHWC result (channels_last memory)
+        # Emulated: the products of two codes are exact in fp32, so only the summation order differs from a kernel.
+        if self.kind == "linear":
+            acc = F.linear(codes.float(), w_codes.float())
+            y = acc * (a_scale[:, None] * self.weight_scale)
+            shape = (-1,)
+        else:
+            acc = F.conv2d(codes.float(), w_codes.permute(0, 3, 1, 2).float(), None, **self.conv_args)
+            y = acc * (a_scale.view(-1, 1, 1, 1) * self.weight_scale.view(1, -1, 1, 1))
+            shape = (-1, 1, 1)
+        if self.bias is not None:
+            y = y + self.bias.view(shape)
+        if zero is not None:
+            y = y + zero.view(-1, *([1] * (y.dim() - 1))) * corr
+        return y
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch = x.shape[0]
+        groups = self.context.groups(self.act_scale.numel())
+        index = torch.zeros(batch, dtype=torch.long, device=x.device) if groups is None else groups
+        a_scale, zero = self.act_scale[index], None if self.act_zero_point is None else self.act_zero_point[index]
+        if self.kind == "linear":  # (B, ..., C): one scale per row of the flattened GEMM
+            rows = x.shape[1:-1].numel()
+            x2 = x.reshape(-1, x.shape[-1])
+            a_scale, zero = (a_scale.repeat_interleave(rows), None if zero is None else zero.repeat_interleave(rows))
+            view = (-1, 1)
+        else:
+            x2, view = x, (-1, 1, 1, 1)
+        kernels = self._kernels_for(x.device)
+        if kernels:
+            from msfp import triton_kernels
+
+            # NHWC codes for convolutions (the kernel's layout); permuted back to a logical NCHW view here.
+            codes = triton_kernels.act_codes(x2, self.act_fmt, a_scale, zero, self.act_shift)
+            codes = codes if self.kind == "linear" else codes.permute(0, 3, 1, 2)
+        else:
+            codes = act_codes(x2, self.act_fmt, a_scale.view(view), None if zero is None else zero.view(view),
+                              self.act_shift)
+        a_eff = a_scale * 2.0**-self.act_shift
+        spatial = tuple(x.shape[-2:]) if self.kind == "conv2d" else ()
+        # The kernels write half-precision models' outputs directly; the emulation computes in fp32.
+        out_dtype = x.dtype if x.dtype in (torch.float32, torch.bfloat16, torch.float16) else torch.float32
+        route = self.context.route
+        if self.num_weight_sets == 1 or route is None:
+            y = self._gemm(codes, 0, a_eff, zero, spatial, out_dtype, kernels)
+        else:
+            rows = 1 if self.kind == "conv2d" else x.shape[1:-1].numel()
+            choice = route.detach().argmax(1).repeat_interleave(rows)
+            y = None
+            for k in choice.unique().tolist():
+                mask = choice == k
+                part = self._gemm(codes[mask], k, a_eff[mask], None if zero is None else zero[mask], spatial,
+                                  out_dtype, kernels)
+                y = part.new_zeros((codes.shape[0], *part.shape[1:])) if y is None else y
+                y = y.index_put((mask,), part)
+        if self.kind == "linear":
+            y = y.reshape(*x.shape[:-1], y.shape[-1])
+        return y.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        path = {True: "triton", False: "emulated", None: "triton where available"}[self.use_kernels]
+        return f"{self.name}: {self.kind}, fp8 {path}, act {self.act_fmt.name}, {self.num_weight_sets} weight set(s)"
+
+
+def convert_to_fp8(model: nn.Module, use_kernels: bool | None = None) -> dict[str, str]:
+    """Replace every quantized layer that the FP8 path runs exactly by an :class:`Fp8Layer`, in place.
+
+    ``use_kernels=None`` runs the Triton kernels wherever the input's device has them and the emulated path
+    elsewhere; True insists on the kernels (an error here if the model's device lacks them), False always emulates.
+    Returns ``{layer name: reason}`` for the layers left on the fake-quant path (8-bit INT layers, layers with
+    disabled quantizers, grouped convolutions…); attention matmuls, when quantized, stay fake-quant too.
+    """
+    from msfp.surgery import quant_layers
+
+    layers = quant_layers(model)
+    device = next(iter(layers.values())).weight.device
+    if use_kernels:
+        available, why = fp8_kernels_available(device)
+        if not available:
+            raise RuntimeError(f"the FP8 kernels cannot run here: {why}")
+    kept = {}
+    for name, layer in layers.items():
+        try:
+            replacement = Fp8Layer(layer, use_kernels).to(device)
+        except Fp8Unsupported as e:
+            kept[name] = str(e).split(": ", 1)[1]
+            continue
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, replacement)
+    model.msfp_backend = dict(kind="fp8", kernels=use_kernels, fake_quant_layers=kept)
+    return kept

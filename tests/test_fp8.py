@@ -1,0 +1,188 @@
+import copy
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.nn import functional as F
+
+import msfp
+from msfp.config import SIGNED_FP4, UNSIGNED_FP4
+from msfp.formats import fake_quant, get_format
+from msfp.fp8 import E4M3, Fp8Layer, act_codes, convert_to_fp8, e4m3_shift, fp8_kernels_available
+from msfp.surgery import quant_layers
+from tiny_models import scheduler, tiny_dit, tiny_plain, tiny_unet
+
+FOUR_BIT = SIGNED_FP4 + UNSIGNED_FP4 + ["int4", "uint4"]
+
+
+@pytest.mark.parametrize("name", FOUR_BIT + ["fp6_e2m3", "fp6_e3m2"])
+def test_every_grid_value_is_an_e4m3_value(name):
+    fmt = get_format(name)
+    shift = e4m3_shift(fmt)
+    assert shift == 0
+    values = fmt.values()
+    assert torch.equal(values.to(E4M3).float(), values)
+
+
+@pytest.mark.parametrize("name", ["int8", "uint8", "fp8_e4m3", "fp8_e5m2"])
+def test_grids_finer_than_e4m3_have_no_shift(name):
+    assert e4m3_shift(get_format(name)) is None
+
+
+@settings(max_examples=60, deadline=None)
+@given(name=st.sampled_from(FOUR_BIT), seed=st.integers(0, 2**16), log_scale=st.floats(-8, 4),
+       zero=st.floats(-2, 2))
+def test_codes_decode_to_the_fake_quant_values(name, seed, log_scale, zero):
+    fmt = get_format(name)
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(64, generator=gen) * 4
+    scale = torch.tensor(2.0**log_scale)
+    zp = torch.tensor(zero) if fmt.needs_zero_point else None
+    codes = act_codes(x, fmt, scale, zp, e4m3_shift(fmt))
+    assert codes.dtype == E4M3
+    decoded = codes.float() * scale + (zp if zp is not None else 0.0)
+    assert torch.equal(decoded, fake_quant(x, fmt, scale, zp))
+
+
+def calibrated(build, config="w4a4-msfp", sample_shape=None):
+    fp = build()
+    q = msfp.quantize(copy.deepcopy(fp), config)
+    msfp.calibrate(q, fp, scheduler(), num_samples=4, num_steps=3, sample_shape=sample_shape, disable=True)
+    return q
+
+
+def layer_inputs(model, x, t, **cond):
+    inputs = {}
+    hooks = [layer.register_forward_pre_hook(lambda m, a: inputs.setdefault(m.name, a[0].detach()))
+             for layer in quant_layers(model).values()]
+    with torch.no_grad():
+        model(x, t, **cond)
+    for h in hooks:
+        h.remove()
+    return inputs
+
+
+MODELS = {
+    "unet": (tiny_unet, {}, (1, 8, 8), None),
+    "unet_timestep_groups": (tiny_unet, dict(act_timestep_groups=4), (1, 8, 8), None),
+    "dit": (tiny_dit, {}, (4, 8, 8), {"class_labels": torch.tensor([0, 1, 2])}),
+    "plain": (tiny_plain, {}, (1, 8, 8), None),
+}
+
+
+@pytest.mark.parametrize("case", MODELS)
+def test_each_fp8_layer_equals_its_fake_quant_layer_up_to_fp32_summation(case):
+    build, overrides, shape, cond = MODELS[case]
+    config = msfp.QuantConfig.preset("w4a4-msfp")
+    for k, v in overrides.items():
+        setattr(config, k, v)
+    q = calibrated(build, config, sample_shape=shape if case == "plain" else None)
+    torch.manual_seed(0)
+    x, t = torch.randn(3, *shape), torch.tensor([5, 400, 999])
+    inputs = layer_inputs(q, x, t, **(cond or {}))
+    q.msfp_context.set_timesteps(t, 3, x.device)
+    converted = 0
+    for name, layer in quant_layers(q).items():
+        try:
+            fp8 = Fp8Layer(layer, use_kernels=False)
+        except ValueError:
+            assert layer.precision == "8bit", name  # only the 8-bit INT/E4M3-480 edge layers may stay fake-quant
+            continue
+        converted += 1
+        x_in = inputs[name]
+        with torch.no_grad():
+            ref, got = layer(x_in), fp8(x_in)
+            # Each product of two codes is exact in fp32; only the order of the fp32 sums differs, so the error is
+            # bounded by (terms summed)·2^-23 times the sum of |terms| (plus the bias and zero-point terms).
+            qa = layer.act_quantizer(x_in, q.msfp_context.groups(layer.act_quantizer.num_groups)).abs()
+            qw = layer.quantized_weight().abs()
+            bound = F.linear(qa, qw) if layer.kind == "linear" else F.conv2d(qa, qw, None, **layer.conv_args)
+            terms = qw[0].numel() + 2
+        assert got.shape == ref.shape and got.dtype == ref.dtype
+        assert ((got - ref).abs() <= terms * 2.0**-23 * (bound + ref.abs()) + 1e-30).all(), name
+    assert converted >= len(quant_layers(q)) - 4
+
+
+def test_convert_keeps_unsupported_layers_and_says_why():
+    q = calibrated(tiny_unet)
+    fake = copy.deepcopy(q)
+    kept = convert_to_fp8(q, use_kernels=False)
+    assert set(kept) == {n for n, layer in quant_layers(fake).items() if e4m3_shift(layer.act_quantizer.fmt) is None
+                         or e4m3_shift(layer.weight_quantizer.fmt) is None}
+    assert kept and all("not exactly representable in FP8 E4M3" in why for why in kept.values())
+    assert q.msfp_backend == dict(kind="fp8", kernels=False, fake_quant_layers=kept)
+    fp8_layers = [m for m in q.modules() if isinstance(m, Fp8Layer)]
+    assert len(fp8_layers) == len(quant_layers(fake)) - len(kept)
+    # zero-padded convolutions with an unsigned (zero-point) format: the border correction is exercised
+    assert any(m.kind == "conv2d" and m.act_zero_point is not None and m.conv_args["padding"] != (0, 0)
+               for m in fp8_layers)
+    torch.manual_seed(0)
+    x, t = torch.randn(3, 1, 8, 8), torch.tensor([5, 400, 999])
+    with torch.no_grad():
+        got, ref = q(x, t).sample, fake(x, t).sample
+    # End to end the next quantizer may round a value that moved by an ulp to the neighbouring grid point, so only
+    # closeness is expected, not the per-layer bound.
+    assert (got - ref).abs().mean() < 1e-3 * ref.abs().mean()
+
+
+def test_routed_talora_model_runs_each_sample_with_its_weight_set():
+    from msfp.finetune import FinetuneConfig, finetune
+
+    fp = tiny_unet()
+    q = msfp.quantize(copy.deepcopy(fp), "w4a4-msfp")
+    msfp.calibrate(q, fp, scheduler(), num_samples=4, num_steps=4, disable=True)
+    finetune(q, fp, scheduler(), FinetuneConfig(iters=6, batch_size=4, traj_samples=4, traj_steps=4, rank=2,
+                                                lora_lr=1e-2), disable=True)
+    fake = copy.deepcopy(q)
+    convert_to_fp8(q, use_kernels=False)
+    assert any(m.num_weight_sets == 4 for m in q.modules() if isinstance(m, Fp8Layer))
+    torch.manual_seed(0)
+    x, t = torch.randn(4, 1, 8, 8), torch.tensor([5, 300, 600, 999])  # four different LoRAs
+    with torch.no_grad():
+        got, ref = q(x, t).sample, fake(x, t).sample
+        single = fake(x[2:3], t[2:3]).sample
+    assert (got - ref).abs().mean() < 1e-3 * ref.abs().mean()
+    assert (got[2:3] - single).abs().mean() < 1e-3 * single.abs().mean()
+
+
+def test_kernels_requested_where_they_cannot_run_fail_clearly():
+    q = calibrated(tiny_unet)
+    available, why = fp8_kernels_available("cpu")
+    assert not available and "CUDA" in why
+    with pytest.raises(RuntimeError, match="cannot run here: cpu device"):
+        convert_to_fp8(q, use_kernels=True)
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and fp8_kernels_available("cuda")[0]),
+                    reason="needs a GPU with FP8 tensor cores and triton")
+def test_triton_path_matches_the_emulated_path_on_gpu():
+    q = calibrated(tiny_unet).cuda()
+    torch.manual_seed(0)
+    x, t = torch.randn(3, 1, 8, 8, device="cuda"), torch.tensor([5, 400, 999], device="cuda")
+    inputs = layer_inputs(q, x, t)
+    q.msfp_context.set_timesteps(t, 3, x.device)
+    for name, layer in quant_layers(q).items():
+        try:
+            emulated, kernel = Fp8Layer(layer, use_kernels=False), Fp8Layer(layer, use_kernels=True)
+        except ValueError:
+            continue
+        with torch.no_grad():
+            ref, got = emulated(inputs[name]), kernel(inputs[name])
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item(), msg=name)
+
+
+def test_loading_with_the_fp8_backend(tmp_path):
+    q = calibrated(tiny_unet)
+    out = msfp.save_quantized(q, tmp_path / "q")
+    fake, fp8 = msfp.load_quantized(out), msfp.load_quantized(out, backend="fp8")
+    assert fp8.msfp_backend["kind"] == "fp8" and fp8.msfp_backend["fake_quant_layers"]
+    layers = [m for m in fp8.modules() if isinstance(m, Fp8Layer)]
+    assert layers and all(m.use_kernels is None and m.weight_codes.dtype == E4M3 for m in layers)
+    torch.manual_seed(0)
+    x, t = torch.randn(3, 1, 8, 8), torch.tensor([5, 400, 999])
+    with torch.no_grad():
+        got, ref = fp8(x, t).sample, fake(x, t).sample
+    assert (got - ref).abs().mean() < 1e-3 * ref.abs().mean()
+    with pytest.raises(ValueError, match="unknown backend 'int4'"):
+        msfp.load_quantized(out, backend="int4")
