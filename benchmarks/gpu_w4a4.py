@@ -22,6 +22,7 @@ import copy
 import json
 import statistics
 import sys
+import time
 
 import torch
 from diffusers import UNet2DConditionModel
@@ -67,8 +68,6 @@ def timed_ms(fn, iters: int, device) -> float:
             torch.cuda.synchronize()
             times.append(start.elapsed_time(end))
         else:
-            import time
-
             t0 = time.perf_counter()
             fn()
             times.append(1e3 * (time.perf_counter() - t0))

@@ -150,11 +150,16 @@ def round_to_grid(v: torch.Tensor, fmt: Format) -> torch.Tensor:
     return torch.ldexp(rounded, shift)
 
 
-def _fake_quant(x, fmt: Format, scale, zero_point=None):
-    """Unvalidated fake quantization (the hot path of the quantized layers)."""
+def _grid_units(x, fmt: Format, scale, zero_point=None):
+    """``clamp((x - z) / s)``: ``x`` in units of the grid, clipped to the format's range (not yet rounded)."""
     lo = -fmt.max_value if fmt.signed else 0.0
     shifted = x - zero_point if zero_point is not None else x
-    v = torch.clamp(shifted / scale, lo, fmt.max_value)
+    return torch.clamp(shifted / scale, lo, fmt.max_value)
+
+
+def _fake_quant(x, fmt: Format, scale, zero_point=None):
+    """Unvalidated fake quantization (the hot path of the quantized layers)."""
+    v = _grid_units(x, fmt, scale, zero_point)
     # Forward: the exact grid value; backward: identity on v (straight-through), which through the clamp and the
     # division yields the LSQ gradients for scale and zero point.
     q = round_to_grid(v.detach(), fmt) + (v - v.detach())

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from msfp.formats import Format, round_to_grid
+from msfp.formats import Format, _grid_units, round_to_grid
 from msfp.layers import QuantLayer
 from msfp.quantizers import MIN_SCALE
 
@@ -51,9 +51,7 @@ def e4m3_shift(fmt: Format) -> int | None:
 def act_codes(x: torch.Tensor, fmt: Format, scale: torch.Tensor, zero_point: torch.Tensor | None,
               shift: int) -> torch.Tensor:
     """E4M3 codes ``R(clamp((x - z) / s)) · 2^shift`` of ``x`` (the reference that the Triton kernel matches)."""
-    lo = -fmt.max_value if fmt.signed else 0.0
-    shifted = x.float() - zero_point if zero_point is not None else x.float()
-    v = torch.clamp(shifted / scale, lo, fmt.max_value)
+    v = _grid_units(x.float(), fmt, scale, zero_point)
     return torch.ldexp(round_to_grid(v, fmt), torch.tensor(shift, device=x.device)).to(E4M3)
 
 
@@ -119,8 +117,7 @@ class Fp8Layer(nn.Module):
             for k in range(layer.num_weight_sets):
                 qw = layer.quantized_weight(k).detach().float()
                 # Q_w(W) is already on the grid: re-quantizing it recovers its grid values exactly.
-                grid = round_to_grid(torch.clamp(qw / w_scale.view(view), -wq.fmt.max_value, wq.fmt.max_value),
-                                     wq.fmt)
+                grid = round_to_grid(_grid_units(qw, wq.fmt, w_scale.view(view)), wq.fmt)
                 codes.append(torch.ldexp(grid, torch.tensor(weight_shift)).to(E4M3))
                 tap_sums.append(qw.sum(1))  # (O,) for linears, (O, KH, KW) for convolutions
             codes = torch.stack(codes)

@@ -14,7 +14,7 @@ import re
 
 from torch import nn
 
-from msfp.attention import attention_inputs, attention_quantizers, install_attention_quantizers
+from msfp.attention import attention_inputs, install_attention_quantizers
 from msfp.config import ROLES, QuantConfig
 from msfp.layers import QuantContext, QuantLayer
 from msfp.quantizers import ActivationQuantizer, WeightQuantizer
@@ -141,11 +141,15 @@ def quant_layers(model: nn.Module) -> dict[str, QuantLayer]:
     return layers
 
 
+def _quantizers(model: nn.Module):
+    """Every weight and activation quantizer of a quantized model (layers and attention matmul inputs)."""
+    quant_layers(model)  # a clear error for a model that was not quantized
+    return [m for m in model.modules() if isinstance(m, (WeightQuantizer, ActivationQuantizer))]
+
+
 def set_quantizers_enabled(model: nn.Module, enabled: bool) -> None:
-    for layer in quant_layers(model).values():
-        layer.weight_quantizer.enabled = layer.act_quantizer.enabled = enabled
-    for quantizer in attention_quantizers(model).values():
-        quantizer.act_quantizer.enabled = enabled
+    for quantizer in _quantizers(model):
+        quantizer.enabled = enabled
 
 
 def set_fused_rounding(model: nn.Module, fused: bool) -> None:
@@ -154,7 +158,5 @@ def set_fused_rounding(model: nn.Module, fused: bool) -> None:
     Both compute the same values; fused is much faster on GPUs (one pass over memory instead of ~10) but compiles a
     graph per format and input rank on first use.
     """
-    quant_layers(model)  # a clear error for a model that was not quantized
-    for module in model.modules():
-        if isinstance(module, (WeightQuantizer, ActivationQuantizer)):
-            module.fused = fused
+    for quantizer in _quantizers(model):
+        quantizer.fused = fused
