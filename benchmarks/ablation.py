@@ -5,7 +5,8 @@
 Runs ``msfp compare`` with the rows full precision; INT4 EfficientDM-style (INT4 + one LoRA + per-timestep activation
 scales + MSE); signed FP4 + one LoRA + MSE; MSFP PTQ; MSFP + one LoRA + MSE; MSFP + TALoRA + MSE; MSFP + TALoRA + DFA
 with |γ| and with γ². Writes the compare report (``index.html``, ``results.json``) and ``results.md`` (the markdown
-table) to --out; prints the JSON results.
+table, then each row's FD difference from the row above with a paired-bootstrap interval) to --out; prints the JSON
+results.
 """
 
 from __future__ import annotations
@@ -16,20 +17,43 @@ import shlex
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from msfp.compare import (TABLE_COLUMNS, CompareSettings, format_cell, metrics_table, parse_methods,
                           run_compare, table_rows)
 from msfp.fileio import atomic_path
+from msfp.metrics import bootstrap_interval
 
 ROWS = ("fp", "int4-efficientdm", "w4a4-fp+lora-mse", "w4a4-msfp", "w4a4-msfp+lora-mse", "w4a4-msfp+talora-mse",
         "w4a4-msfp+talora", "w4a4-msfp+talora-dfa2")
 
 
-def markdown(result: dict) -> str:
+def paired_fd_differences(result: dict, level: float = 0.9) -> list[dict]:
+    """FD of each quantized row minus FD of the row before it, with a paired-bootstrap ``level`` interval: every row
+    draws its samples from the same seeds and is resampled with the same indices, so the difference's interval is
+    much tighter than either FD's own spread."""
+    rows = [(n, r) for n, r in result["methods"].items() if n != "fp" and r.get("fd_bootstrap")]
+    out = []
+    for (prev, a), (name, b) in zip(rows, rows[1:]):
+        diffs = np.asarray(b["fd_bootstrap"]) - np.asarray(a["fd_bootstrap"])
+        lo, hi = bootstrap_interval(diffs, level)
+        out.append(dict(method=name, versus=prev, fd_difference=b["metrics"]["fd"] - a["metrics"]["fd"],
+                        interval=[lo, hi], level=level))
+    return out
+
+
+def markdown(result: dict, differences: list[dict]) -> str:
     headers = ["method"] + [h for _, h, _ in TABLE_COLUMNS]
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     for row in table_rows(result):
         cells = [row["method"]] + [format_cell(k, row[k]) for k, _, _ in TABLE_COLUMNS]
         lines.append("| " + " | ".join(cells) + " |")
+    if differences:
+        lines += ["", f"FD difference from the row above (paired bootstrap over samples, "
+                      f"{differences[0]['level']:.0%} interval):", "", "| method | versus | ΔFD | interval |",
+                  "|---|---|---|---|"]
+        lines += [f"| {d['method']} | {d['versus']} | {d['fd_difference']:+.1f} | "
+                  f"[{d['interval'][0]:+.1f}, {d['interval'][1]:+.1f}] |" for d in differences]
     return "\n".join(lines) + "\n"
 
 
@@ -58,12 +82,13 @@ def main(argv=None) -> None:
                                seed=args.seed, batch_size=64, device=args.device)
     command = shlex.join(["python", "benchmarks/ablation.py", *(argv if argv is not None else sys.argv[1:])])
     result = run_compare(settings, parse_methods(args.rows), args.out, command=command)
+    differences = paired_fd_differences(result)
     with atomic_path(Path(args.out) / "results.md") as tmp:
-        tmp.write_text(markdown(result))
+        tmp.write_text(markdown(result, differences))
     print(metrics_table(result), file=sys.stderr)
     print(json.dumps({k: v for k, v in result.items() if k != "methods"} | {"methods": {
-        n: {k: v for k, v in r.items() if k not in ("layers", "aals")} for n, r in result["methods"].items()}},
-        indent=2))
+        n: {k: v for k, v in r.items() if k not in ("layers", "aals", "fd_bootstrap")}
+        for n, r in result["methods"].items()}, "fd_differences": differences}, indent=2))
 
 
 if __name__ == "__main__":

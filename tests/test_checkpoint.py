@@ -445,4 +445,5 @@ def test_cli_eval_reports_the_noise_prediction_error_of_a_quantized_model(tmp_pa
     assert r.exit_code == 0, r.output
     result = json.loads((tmp_path / "e.json").read_text())
     assert result["metrics"]["eps_mse"] > 0 and len(result["eps_mse_per_timestep"]) == 3
+    assert 0 < result["metrics"]["eps_mse_weighted"]
     assert "noise-prediction MSE" in r.output

@@ -40,7 +40,8 @@ def test_compare_writes_results_and_self_contained_report(tmp_path, tiny_model_d
     assert fp["eps_mse_per_timestep"] is None and fp["calibration"] is None and fp["layers"] is None
     # The tiny model's 8x8 images do not fit the feature net: those metrics are skipped with a reason, not faked.
     assert "feature network takes 32x32x1" in " ".join(msfp["skipped_metrics"].values())
-    assert msfp["metrics"]["psnr"] > 0 and msfp["eps_mse_mean"] > 0
+    assert msfp["metrics"]["psnr"] > 0 and msfp["eps_mse_mean"] > 0 and msfp["eps_mse_weighted"] > 0
+    assert fp["fd_bootstrap"] is None  # no FD on 8x8 images, so nothing to resample
     assert len(msfp["eps_mse_per_timestep"]) == 2 and msfp["calibration"]["points"] == 6
     assert 0 < msfp["low_bit"]["weights_4bit"] <= 1 and msfp["layers"][0].keys() >= {"name", "weight", "act", "aal"}
     assert msfp["aals"] and all(a["reason"] for a in msfp["aals"])

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from msfp.metrics import classifier_score, feature_stats, frechet_distance, kid
+from msfp.metrics import bootstrap_interval, classifier_score, fd_bootstrap, feature_stats, frechet_distance, kid
 
 
 def test_feature_stats_matches_numpy():
@@ -94,3 +94,44 @@ def test_classifier_score_uniform_and_one_hot():
     assert classifier_score(torch.tensor([[50.0] + [0.0] * (c - 1)] * n))[0] == pytest.approx(1.0, abs=1e-6)
     with pytest.raises(ValueError, match="splits"):
         classifier_score(np.zeros((5, c)), splits=10)
+
+
+def test_fd_bootstrap_spread_shrinks_with_more_samples():
+    rng = np.random.default_rng(0)
+    mu, sigma = np.zeros(4), np.eye(4)
+    small = fd_bootstrap(rng.normal(size=(100, 4)), mu, sigma, resamples=100)
+    large = fd_bootstrap(rng.normal(size=(2500, 4)), mu, sigma, resamples=100)
+    assert small.shape == (100,) and np.isfinite(small).all()
+    assert large.std() < small.std() / 3  # ~ 1/sqrt(N) and better
+
+
+def test_fd_bootstrap_resamples_equal_size_sets_identically():
+    # g is f shifted by c: per replicate, the covariance terms cancel and the FD difference is 2c·(m_i - mu) + |c|²
+    # for that replicate's mean m_i. Shared indices make the differences far tighter than the replicates.
+    rng = np.random.default_rng(1)
+    f = rng.normal(size=(300, 3))
+    c = np.array([0.01, 0.0, 0.0])
+    mu, sigma = np.zeros(3), np.eye(3)
+    rf, rg = fd_bootstrap(f, mu, sigma, resamples=100), fd_bootstrap(f + c, mu, sigma, resamples=100)
+    assert (rg - rf).std() < 0.1 * rf.std()
+    assert (rg - rf).mean() == pytest.approx(c @ c + 2 * c @ (f.mean(0) - mu), abs=5e-4)
+    other_seed = fd_bootstrap(f + c, mu, sigma, resamples=100, seed=1)
+    assert (other_seed - rf).std() > 0.5 * rf.std()  # unpaired: no cancellation
+
+
+def test_bootstrap_interval():
+    assert bootstrap_interval(np.arange(101.0), 0.9) == pytest.approx((5.0, 95.0))
+    with pytest.raises(ValueError, match="finite replicates"):
+        bootstrap_interval([1.0, np.nan, 2.0])
+
+
+def test_fd_bootstrap_replicates_are_frechet_distances():
+    rng = np.random.default_rng(2)
+    f = rng.normal(size=(50, 6)) @ rng.normal(size=(6, 6))
+    ref = rng.normal(size=(80, 6)) + 0.3
+    mu_ref, sigma_ref = feature_stats(ref)
+    (replicate,) = fd_bootstrap(f, mu_ref, sigma_ref, resamples=1, seed=3)
+    idx = np.random.default_rng(3).integers(0, 50, 50)
+    assert replicate == pytest.approx(frechet_distance(*feature_stats(f[idx]), mu_ref, sigma_ref), rel=1e-9)
+    with pytest.raises(ValueError, match="D = 6"):
+        fd_bootstrap(f[:, :5], mu_ref, sigma_ref)

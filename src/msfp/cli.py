@@ -160,7 +160,8 @@ def eval_(samples_path, ref, ref_images, data_dir, inception_weights, paired_pat
     """Quality metrics of a sample file (FD, KID, classifier score, precision/recall; FID/sFID/IS; PSNR; ε MSE)."""
     from msfp.calibration import collect_trajectories
     from msfp.compare import HELDOUT_SEED_OFFSET
-    from msfp.evaluation import evaluate, format_table, load_reference, per_timestep_eps_mse
+    from msfp.evaluation import (eps_mse_weighted, evaluate, format_table, load_reference,
+                                 per_timestep_eps_mse)
     from msfp.fileio import write_json
     from msfp.models import load_model
 
@@ -176,6 +177,7 @@ def eval_(samples_path, ref, ref_images, data_dir, inception_weights, paired_pat
                                           disable=True)
             eps = per_timestep_eps_mse(model, points)
             result["metrics"]["eps_mse"] = sum(eps.values()) / len(eps)
+            result["metrics"]["eps_mse_weighted"] = eps_mse_weighted(eps, scheduler)
             result["eps_mse_per_timestep"] = eps
         if json_path is not None:
             write_json(json_path, result)

@@ -32,7 +32,7 @@ from msfp.calibration import Trajectories, calibrate, collect_trajectories
 from msfp.checkpoint import freeze_weights, quant_meta
 from msfp.config import PRESETS, QuantConfig
 from msfp.environment import machine_info
-from msfp.evaluation import evaluate, load_reference, per_timestep_eps_mse
+from msfp.evaluation import eps_mse_weighted, evaluate, load_reference, per_timestep_eps_mse
 from msfp.fileio import write_json
 from msfp.finetune import FinetuneConfig, finetune
 from msfp.info import format_table, layer_rows, low_bit_fractions
@@ -283,7 +283,9 @@ def run_compare(settings: CompareSettings, methods: list[str], out, command: str
                               device=device)
         results[name] = dict(
             description=method.description, metrics=evaluation["metrics"], skipped_metrics=evaluation["skipped"],
-            eps_mse_mean=None if eps is None else sum(eps.values()) / len(eps), eps_mse_per_timestep=eps,
+            eps_mse_mean=None if eps is None else sum(eps.values()) / len(eps),
+            eps_mse_weighted=None if eps is None else eps_mse_weighted(eps, scheduler), eps_mse_per_timestep=eps,
+            fd_bootstrap=evaluation["fd_bootstrap"],
             calibration=built.calibration, sample_seconds=samples["meta"]["sample_time_s"], low_bit=built.low_bit,
             layers=built.layers, aals=built.aals, notes=built.notes,
             samples=str(path.relative_to(out)), grid=str(grid_path(path).relative_to(out)))
@@ -304,7 +306,8 @@ def run_compare(settings: CompareSettings, methods: list[str], out, command: str
 TABLE_COLUMNS = (
     ("fd", "FD↓", "{:.1f}"), ("kid", "KID↓", "{:.0f}"), ("classifier_score", "cls score↑", "{:.2f}"),
     ("precision", "prec.↑", "{:.2f}"), ("recall", "recall↑", "{:.2f}"), ("psnr", "PSNR vs fp↑", "{:.1f}"),
-    ("eps_mse_mean", "eps MSE vs fp↓", "{:.2e}"), ("calibration_seconds", "calib. s", "{:.1f}"),
+    ("eps_mse_mean", "eps MSE vs fp↓", "{:.2e}"), ("eps_mse_weighted", "γ²-wtd eps MSE↓", "{:.2e}"),
+    ("calibration_seconds", "calib. s", "{:.1f}"),
     ("finetune_seconds", "finetune s", "{:.0f}"),
     ("sample_seconds", "sample s", "{:.1f}"), ("weights_4bit", "W 4-bit %", "{:.1%}"),
     ("flops_4bit", "FLOPs 4-bit %", "{:.1%}"),
@@ -315,7 +318,8 @@ def table_rows(result: dict) -> list[dict]:
     """One dict per method: the values of :data:`TABLE_COLUMNS` (None where not applicable)."""
     rows = []
     for name, r in result["methods"].items():
-        values = dict(r["metrics"], eps_mse_mean=r["eps_mse_mean"], sample_seconds=r["sample_seconds"],
+        values = dict(r["metrics"], eps_mse_mean=r["eps_mse_mean"], eps_mse_weighted=r.get("eps_mse_weighted"),
+                      sample_seconds=r["sample_seconds"],
                       calibration_seconds=(r["calibration"] or {}).get("seconds"),
                       finetune_seconds=(r["calibration"] or {}).get("finetune_seconds"), **(r["low_bit"] or {}))
         rows.append(dict(method=name, **{key: values.get(key) for key, _, _ in TABLE_COLUMNS}))

@@ -5,7 +5,7 @@
 - Inception-v3 (:mod:`msfp.inception`, only with a local weights file): FID, sFID, IS, precision/recall.
 - Paired (samples drawn from the same seeds, e.g. by the full-precision model): PSNR and MSE.
 - Per-timestep noise-prediction MSE of a model against the full-precision outputs stored with trajectory points
-  (:func:`per_timestep_eps_mse`).
+  (:func:`per_timestep_eps_mse`), and its γ_t²-weighted mean (:func:`eps_mse_weighted`).
 
 Metrics that cannot be computed are listed with the reason in ``result["skipped"]``, never silently left out.
 """
@@ -24,11 +24,14 @@ from PIL import Image
 
 from msfp.data import load_fashion_mnist, to_model_range
 from msfp.feature_net import compute_features, load_feature_net, load_reference_stats
-from msfp.metrics import classifier_score, feature_stats, frechet_distance, kid, precision_recall
+from msfp.losses import denoising_factors, dfa_weights
+from msfp.metrics import classifier_score, fd_bootstrap, feature_stats, frechet_distance, kid, precision_recall
 from msfp.samples import from_uint8, load_samples, to_uint8
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 SPLITS = 10  # classifier score / IS splits, as in the reference IS code
+# FD's "± std" is the spread over this many bootstrap resamples of the samples (result["fd_bootstrap"] keeps them).
+FD_BOOTSTRAP_RESAMPLES = 200
 # (key, label) in table order; keys are those of result["metrics"].
 METRICS = (
     ("fd", "FD (feature net)"), ("kid", "KID (feature net)"), ("classifier_score", "classifier score"),
@@ -37,6 +40,7 @@ METRICS = (
     ("inception_precision", "precision (Inception-v3)"), ("inception_recall", "recall (Inception-v3)"),
     ("psnr", "PSNR vs paired samples (dB)"), ("paired_mse", "MSE vs paired samples (0-255)"),
     ("eps_mse", "noise-prediction MSE vs --fp-model (mean over t)"),
+    ("eps_mse_weighted", "noise-prediction MSE vs --fp-model (γ²-weighted)"),
 )
 
 
@@ -150,12 +154,27 @@ def per_timestep_eps_mse(model, points, device=None, batch_size: int = 256) -> d
     return {ti: sums[ti] / counts[ti] for ti in sorted(sums, reverse=True)}
 
 
-def _feature_net_metrics(images, reference: Reference, metrics: dict, skipped: dict, device) -> None:
+def eps_mse_weighted(eps_mse: dict[int, float], scheduler) -> float:
+    """Per-timestep ε MSE (:func:`per_timestep_eps_mse` along ``scheduler``'s trajectory of ``len(eps_mse)``
+    steps) weighted by γ_t², normalised to mean 1: the squared error each step passes on to ``x_{t-1}``.
+
+    The plain mean over t is dominated by the last step (t = 0), where the ε error is largest but γ_0 is tiny, so it
+    hardly moves the sample; this weighting counts errors the way sampling feels them (SPEC §2.4)."""
+    timesteps, gammas = denoising_factors(scheduler, len(eps_mse))
+    if sorted(map(int, eps_mse), reverse=True) != timesteps.tolist():
+        raise ValueError(f"ε MSE timesteps {sorted(map(int, eps_mse), reverse=True)} are not the {len(eps_mse)}-step "
+                         f"trajectory of {type(scheduler).__name__} ({timesteps.tolist()})")
+    weights = dfa_weights(gammas, "square")
+    return float(sum(w * eps_mse[t] for w, t in zip(weights.tolist(), timesteps.tolist())) / len(eps_mse))
+
+
+def _feature_net_metrics(images, reference: Reference, metrics: dict, skipped: dict, device):
+    """Fills ``metrics``/``skipped``; returns FD's bootstrap replicates (None when FD cannot be computed)."""
     if images.shape[1:] != (32, 32, 1):
         skipped["fd, kid, classifier_score, precision, recall"] = (
             f"the shipped feature network takes 32x32x1 Fashion-MNIST images; the samples are "
             f"{'x'.join(map(str, images.shape[1:]))}")
-        return
+        return None
     net = load_feature_net(device=device)
     feats, logits = compute_features(net, from_uint8(images))
     metrics["classifier_score"], metrics["classifier_score_std"] = classifier_score(logits, min(SPLITS, len(logits)))
@@ -170,7 +189,11 @@ def _feature_net_metrics(images, reference: Reference, metrics: dict, skipped: d
         ref_feats = reference.features
         metrics["kid"], metrics["kid_std"] = kid(feats, ref_feats)
         metrics["precision"], metrics["recall"] = precision_recall(ref_feats, feats)
-    metrics["fd"] = frechet_distance(*feature_stats(feats), *(reference.stats or feature_stats(ref_feats)))
+    ref_stats = reference.stats or feature_stats(ref_feats)
+    metrics["fd"] = frechet_distance(*feature_stats(feats), *ref_stats)
+    replicates = fd_bootstrap(feats, *ref_stats, resamples=FD_BOOTSTRAP_RESAMPLES)
+    metrics["fd_std"] = float(replicates.std())
+    return replicates
 
 
 def _inception_metrics(images, reference: Reference, net, metrics: dict, skipped: dict) -> None:
@@ -192,7 +215,8 @@ def _inception_metrics(images, reference: Reference, net, metrics: dict, skipped
 def evaluate(samples_path, reference: Reference | None = None, inception_weights=None, paired_path=None,
              device=None) -> dict:
     """All metrics of the sample file ``samples_path``; see the module docstring. ``reference`` defaults to
-    :func:`load_reference`'s default. Returns ``dict(samples, num_samples, reference, metrics, skipped)``."""
+    :func:`load_reference`'s default. Returns ``dict(samples, num_samples, reference, metrics, skipped,
+    fd_bootstrap)`` (FD of each bootstrap resample, same resamples for every file of the same size; None without FD)."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     samples = load_samples(samples_path)
     paired = load_samples(paired_path) if paired_path is not None else None
@@ -206,7 +230,7 @@ def evaluate(samples_path, reference: Reference | None = None, inception_weights
     reference = reference if reference is not None else load_reference()
     images = samples["images"]
     metrics, skipped = {}, {}
-    _feature_net_metrics(images, reference, metrics, skipped, device)
+    fd_replicates = _feature_net_metrics(images, reference, metrics, skipped, device)
     if inception_weights is None:
         skipped["fid, sfid, inception_score, inception_precision, inception_recall"] = "no --inception-weights given"
     else:
@@ -217,7 +241,8 @@ def evaluate(samples_path, reference: Reference | None = None, inception_weights
         metrics["psnr"], metrics["paired_mse"] = psnr(images, paired["images"])
     return dict(samples=str(samples_path), num_samples=len(images), image_shape=list(images.shape[1:]),
                 reference=reference.name, paired=None if paired_path is None else str(paired_path),
-                metrics=metrics, skipped=skipped)
+                metrics=metrics, skipped=skipped,
+                fd_bootstrap=None if fd_replicates is None else [round(float(v), 4) for v in fd_replicates])
 
 
 def format_table(result: dict) -> str:

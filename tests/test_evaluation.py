@@ -1,0 +1,36 @@
+import pytest
+from diffusers import DDIMScheduler, EulerDiscreteScheduler
+
+from msfp.evaluation import eps_mse_weighted
+from msfp.losses import denoising_factors
+
+
+def ddim():
+    return DDIMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear")
+
+
+@pytest.mark.parametrize("scheduler", [ddim(), EulerDiscreteScheduler(num_train_timesteps=1000)])
+def test_eps_mse_weighted_is_the_gamma_squared_weighted_mean(scheduler):
+    timesteps, gammas = denoising_factors(scheduler, 10)
+    timesteps = [int(t) for t in timesteps.tolist()]
+    # A uniform error is unchanged (weights have mean 1).
+    assert eps_mse_weighted({t: 0.25 for t in timesteps}, scheduler) == pytest.approx(0.25)
+    # An error at one step counts with that step's share of sum γ².
+    g2 = [g * g for g in gammas.tolist()]
+    for k in (0, len(timesteps) - 1):
+        one = {t: (1.0 if i == k else 0.0) for i, t in enumerate(timesteps)}
+        assert eps_mse_weighted(one, scheduler) == pytest.approx(g2[k] / sum(g2), rel=1e-6)
+
+
+def test_last_ddim_step_hardly_counts():
+    # The plain mean is dominated by t = 0, where the ε error barely moves the sample (γ_0 is tiny).
+    sched = ddim()
+    timesteps = [int(t) for t in denoising_factors(sched, 20)[0].tolist()]
+    errors = {t: (0.4 if t == 0 else 0.002) for t in timesteps}
+    plain = sum(errors.values()) / len(errors)
+    assert eps_mse_weighted(errors, sched) < 0.2 * plain
+
+
+def test_eps_mse_weighted_rejects_other_timesteps():
+    with pytest.raises(ValueError, match="not the 3-step trajectory of DDIMScheduler"):
+        eps_mse_weighted({999: 0.1, 500: 0.1, 1: 0.1}, ddim())
