@@ -177,3 +177,35 @@ def test_finetuning_trains_the_attention_input_scales():
                                                 act_lr=1e-2), disable=True)
     after = {n: m.act_quantizer.scale.detach() for n, m in attention_quantizers(q).items()}
     assert before and any(not torch.equal(before[n], after[n]) for n in before)
+
+
+def test_replacing_the_processor_of_a_quantized_attention_is_an_error():
+    _, q = calibrated(tiny_unet)
+    x, t, cond = inputs(q, {})
+    expected = run(q, x, t, cond)
+    for attn in attention_modules(q).values():  # what set_attn_processor does: would drop the quantizers silently
+        attn.set_processor(AttnProcessor2_0())
+    with pytest.raises(RuntimeError, match=r"attention '.*attentions\.0' has quantized matmul inputs but runs "
+                                           r"AttnProcessor2_0.*set_attn_processor"):
+        run(q, x, t, cond)
+    for attn in attention_modules(q).values():
+        attn.set_processor(QuantAttnProcessor())
+    assert torch.equal(run(q, x, t, cond), expected)
+
+
+def test_calibration_cache_is_keyed_by_what_is_recorded(tmp_path):
+    # A cache written without attention quantizers must neither be reused for a model with them nor change its result.
+    fp = tiny_unet()
+    plain = msfp.quantize(copy.deepcopy(fp), "w4a4-msfp")
+    msfp.calibrate(plain, fp, scheduler(), num_samples=4, num_steps=3, disable=True, cache_dir=tmp_path)
+    reports, models = [], []
+    for cache_dir in (tmp_path, tmp_path, None):
+        q = msfp.quantize(copy.deepcopy(fp), copy.deepcopy(ATTENTION))
+        reports.append(msfp.calibrate(q, fp, scheduler(), num_samples=4, num_steps=3, disable=True,
+                                      cache_dir=cache_dir))
+        models.append(q)
+    assert [r.cached for r in reports] == [False, True, False]  # recorded once, then reused
+    assert len(list(tmp_path.glob("layer-inputs-*.safetensors"))) == 2
+    for q in models[:2]:
+        assert all(torch.equal(a, b) for a, b in zip(q.state_dict().values(), models[2].state_dict().values())
+                   if isinstance(a, torch.Tensor))

@@ -148,3 +148,21 @@ def test_finetuned_methods_run_and_are_reproducible(tmp_path, tiny_model_dir):
     r = run("compare", "--model", tiny_model_dir, "--methods", methods, "--out", tmp_path / "b", *TINY, *extra)
     again = json.loads((tmp_path / "b" / "results.json").read_text())
     assert without_timings(again) == without_timings(result)
+
+
+def test_flop_count_includes_attention_matmuls():
+    import copy
+    from types import SimpleNamespace
+
+    import msfp
+    from msfp.calibration import collect_trajectories
+    from msfp.compare import _flops_by_layer
+    from tiny_models import scheduler, tiny_unet
+
+    fp = tiny_unet()
+    points = collect_trajectories(fp, scheduler(), num_samples=1, num_steps=1, disable=True)
+    _, total = _flops_by_layer(fp, SimpleNamespace(heldout=points))
+    q = msfp.quantize(copy.deepcopy(fp), "w4a4-msfp")
+    msfp.calibrate(q, fp, scheduler(), num_samples=1, num_steps=1, disable=True)
+    # Calibration counts with explicit attention; the per-layer count of the torchao rows must agree with it.
+    assert total == q.msfp_flops["total"]

@@ -158,6 +158,18 @@ def install_attention_quantizers(model: nn.Module, formats: dict[str, tuple[str,
         attn.set_processor(QuantAttnProcessor())
 
 
+def check_quantized_attention(model: nn.Module, names) -> None:
+    """Raise if an attention module among ``names`` (those given quantizers) no longer runs
+    :class:`QuantAttnProcessor`: another processor would skip its quantizers and silently run full precision."""
+    for name in names:
+        processor = model.get_submodule(name).processor
+        if not isinstance(processor, QuantAttnProcessor):
+            raise RuntimeError(
+                f"attention {name!r} has quantized matmul inputs but runs {type(processor).__name__}, which skips "
+                "them (was set_attn_processor called on the quantized model?); restore it with "
+                f"model.get_submodule({name!r}).set_processor(msfp.attention.QuantAttnProcessor())")
+
+
 def attention_quantizers(model: nn.Module) -> dict[str, AttnInputQuantizer]:
     """The model's attention matmul input quantizers by name (empty without ``quantize_attention``)."""
     return {n: m for n, m in model.named_modules() if isinstance(m, AttnInputQuantizer)}

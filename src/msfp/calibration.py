@@ -281,8 +281,10 @@ def _records_to_tensors(records: dict) -> dict:
     return out
 
 
-def _records_from_tensors(tensors: dict) -> dict:
+def _records_from_tensors(tensors: dict, expected: list[str]) -> dict:
     names = {k.rsplit("/", 1)[0] for k in tensors}
+    if names != set(expected):
+        raise ValueError(f"it records {len(names)} tensors, not the {len(expected)} this model quantizes")
     records = {}
     for name in names:
         lo, hi, macs = tensors[f"{name}/stats"].tolist()
@@ -325,7 +327,12 @@ def calibrate(qmodel: nn.Module, fp_model: nn.Module, scheduler, num_samples: in
     cache = Path(cache_dir) if cache_dir is not None else None
     key = _model_key(fp_model, settings) if cache is not None else None
     traj_path = cache / f"trajectories-{key}.safetensors" if cache else None
-    rec_path = cache / f"layer-inputs-{key}-{config.act_samples_per_layer}.safetensors" if cache else None
+    # Each recorded tensor's random subsample is seeded by its position in this list, so records are only valid for
+    # exactly this list: the cache is keyed by it (a hit then equals recording afresh).
+    recorded = list(layers) + list(attention)
+    recorded_key = hashlib.sha256("\n".join(recorded).encode()).hexdigest()[:12]
+    rec_path = (cache / f"layer-inputs-{key}-{config.act_samples_per_layer}-{recorded_key}.safetensors"
+                if cache else None)
     cached = bool(cache and traj_path.is_file() and rec_path.is_file())
 
     start = time.time()
@@ -337,10 +344,7 @@ def calibrate(qmodel: nn.Module, fp_model: nn.Module, scheduler, num_samples: in
     start = time.time()
     records = _cached(rec_path, lambda: record_layer_inputs(qmodel, points, config.act_samples_per_layer,
                                                             batch_size, seed, disable), _records_to_tensors,
-                      _records_from_tensors)
-    missing = sorted((set(layers) | set(attention)) - set(records))
-    if missing:  # a cache written for another layer set: record afresh
-        records = record_layer_inputs(qmodel, points, config.act_samples_per_layer, batch_size, seed, disable)
+                      lambda tensors: _records_from_tensors(tensors, recorded))
     record_time = time.time() - start
     start = time.time()
     for name, layer in tqdm(layers.items(), desc="calibrate: search", disable=disable):

@@ -165,7 +165,9 @@ feature space of msfp's shipped Fashion-MNIST classifier against {escape(result[
 and not comparable with published numbers. FD at {s['num_samples']} samples is strongly biased upwards: compare each
 row with the <b>fp</b> row (same N, same seeds), not with FD values at other N. PSNR is against the full-precision
 samples from the same seeds; eps MSE is the mean over timesteps of the noise-prediction MSE against the
-full-precision model on {s['heldout_samples']} held-out trajectories.{cache_note} "4-bit %": fraction of all weights
+full-precision model on {s['heldout_samples']} held-out trajectories, dominated by the last step (t = 0), whose
+error hardly moves the sample; the γ²-weighted eps MSE weights each step by its squared denoising factor, i.e. counts
+the error each step passes on to the next sample.{cache_note} "4-bit %": fraction of all weights
 and of one forward's FLOPs in 4-bit layers.</p>
 {_notes(result)}
 <h2>Samples</h2>

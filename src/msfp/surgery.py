@@ -14,7 +14,7 @@ import re
 
 from torch import nn
 
-from msfp.attention import attention_inputs, install_attention_quantizers
+from msfp.attention import attention_inputs, check_quantized_attention, install_attention_quantizers
 from msfp.config import ROLES, QuantConfig
 from msfp.layers import QuantContext, QuantLayer
 from msfp.quantizers import ActivationQuantizer, WeightQuantizer
@@ -90,6 +90,7 @@ def _timestep_hook(module, args, kwargs):
     t = args[1] if len(args) > 1 else kwargs.get("timestep", kwargs.get("t"))
     if x is not None:
         module.msfp_context.set_timesteps(t, x.shape[0], x.device)
+    check_quantized_attention(module, module.msfp_quantized_attention)
 
 
 def quantize(model: nn.Module, config: QuantConfig | str) -> nn.Module:
@@ -126,6 +127,7 @@ def quantize(model: nn.Module, config: QuantConfig | str) -> nn.Module:
         formats = {n: ((config.eight_bit_act_formats if n in eight else config.act_formats)[0],
                        "8bit" if n in eight else "4bit") for n in attention if n not in full}
         install_attention_quantizers(model, formats, context, config.act_timestep_groups)
+    model.msfp_quantized_attention = sorted({name.rpartition(".")[0] for name in formats}) if attention else []
     model.msfp_config = config
     model.msfp_context = context
     model.msfp_full_precision_layers = sorted(full)
