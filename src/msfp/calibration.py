@@ -152,6 +152,12 @@ class _LayerRecorder:
                     traced_from=self.traced_from, macs=self.macs)
 
 
+def recorded_inputs(qmodel: nn.Module) -> dict:
+    """What :func:`record_layer_inputs` records, by name, in order: quantized layers, then attention matmul inputs.
+    Each one's random subsample is seeded by its position here."""
+    return {**quant_layers(qmodel), **attention_quantizers(qmodel)}
+
+
 @torch.no_grad()
 def record_layer_inputs(qmodel: nn.Module, points: Trajectories, samples_per_layer: int, batch_size: int = 64,
                         seed: int = 0, disable: bool = False) -> dict[str, dict]:
@@ -159,7 +165,7 @@ def record_layer_inputs(qmodel: nn.Module, points: Trajectories, samples_per_lay
     sample of its inputs."""
     if len(points) == 0:
         raise ValueError("empty calibration set: no trajectory points to record")
-    layers = {**quant_layers(qmodel), **attention_quantizers(qmodel)}
+    layers = recorded_inputs(qmodel)
     per_point = max(1, math.ceil(samples_per_layer / len(points)))
     activation_outputs: dict[str, list] = {}
     hooks = []
@@ -327,9 +333,9 @@ def calibrate(qmodel: nn.Module, fp_model: nn.Module, scheduler, num_samples: in
     cache = Path(cache_dir) if cache_dir is not None else None
     key = _model_key(fp_model, settings) if cache is not None else None
     traj_path = cache / f"trajectories-{key}.safetensors" if cache else None
-    # Each recorded tensor's random subsample is seeded by its position in this list, so records are only valid for
-    # exactly this list: the cache is keyed by it (a hit then equals recording afresh).
-    recorded = list(layers) + list(attention)
+    # Records are only valid for exactly this ordered list (it seeds each subsample): the cache is keyed by it, so a
+    # hit equals recording afresh.
+    recorded = list(recorded_inputs(qmodel))
     recorded_key = hashlib.sha256("\n".join(recorded).encode()).hexdigest()[:12]
     rec_path = (cache / f"layer-inputs-{key}-{config.act_samples_per_layer}-{recorded_key}.safetensors"
                 if cache else None)
