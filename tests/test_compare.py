@@ -137,14 +137,16 @@ def test_torchao_mxfp4_conv_uses_mx_blocks_along_input_channels():
 
 
 def test_finetuned_methods_run_and_are_reproducible(tmp_path, tiny_model_dir):
-    methods = "fp,w4a4-msfp+talora,int4-efficientdm"
+    methods = "fp,w4a4-msfp+talora,int4-efficientdm,w4a4-msfp+talora-tscales"
     extra = ["--finetune-iters", 3, "--finetune-batch", 4, "--rank", 2]
     r = run("compare", "--model", tiny_model_dir, "--methods", methods, "--out", tmp_path / "a", *TINY, *extra)
     assert r.exit_code == 0, r.output
     result = json.loads((tmp_path / "a" / "results.json").read_text())
     talora = result["methods"]["w4a4-msfp+talora"]
     assert talora["calibration"]["finetune_seconds"] > 0 and "lora=talora (K=4)" in talora["notes"][0]
-    assert "per-timestep activation scales" in result["methods"]["int4-efficientdm"]["notes"][0]
+    for name in ("int4-efficientdm", "w4a4-msfp+talora-tscales"):
+        assert "per-timestep activation scales" in result["methods"][name]["notes"][0]
+    assert "per-timestep" not in talora["notes"][0]
     r = run("compare", "--model", tiny_model_dir, "--methods", methods, "--out", tmp_path / "b", *TINY, *extra)
     again = json.loads((tmp_path / "b" / "results.json").read_text())
     assert without_timings(again) == without_timings(result)

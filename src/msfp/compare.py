@@ -216,6 +216,8 @@ FINETUNED = {
     "w4a4-msfp+talora": (dict(preset="w4a4-msfp", lora="talora", loss="dfa"), "MSFP + TALoRA + DFA |γ| (the method)"),
     "w4a4-msfp+talora-dfa2": (dict(preset="w4a4-msfp", lora="talora", loss="dfa", dfa_weighting="square"),
                               "MSFP + TALoRA + DFA γ²"),
+    "w4a4-msfp+talora-tscales": (dict(preset="w4a4-msfp", lora="talora", loss="dfa", per_timestep_scales=True),
+                                 "MSFP + TALoRA + DFA |γ| + per-timestep activation scales"),
 }
 
 register_method(REFERENCE_METHOD, lambda ctx: Built(ctx.fp_model), "full precision (the reference)")
