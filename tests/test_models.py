@@ -1,4 +1,5 @@
 import json
+import logging
 
 import huggingface_hub
 import pytest
@@ -28,6 +29,22 @@ def test_default_model_loads_offline_and_samples():
     images = sample(model, scheduler, 2, num_inference_steps=2, disable=True)
     assert images.shape == (2, 1, 32, 32) and torch.isfinite(images).all()
     assert images.abs().max() <= 1.0 + 1e-5  # clip_sample: the last DDIM step returns the clipped x0 prediction
+
+
+def test_loading_does_not_warn_about_accelerate(tmp_path):
+    # diffusers' default low_cpu_mem_usage=True logs a warning on every load where accelerate is missing.
+    DDPMPipeline(unet=tiny_unet(), scheduler=DDPMScheduler()).save_pretrained(tmp_path)
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    diffusers_logger = logging.getLogger("diffusers")
+    diffusers_logger.addHandler(handler)
+    try:
+        load_model("default")
+        load_model(tmp_path)
+    finally:
+        diffusers_logger.removeHandler(handler)
+    assert not [r for r in records if "low_cpu_mem_usage" in r.getMessage()]
 
 
 def test_pipeline_dir(tmp_path):

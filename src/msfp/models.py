@@ -22,6 +22,7 @@ from pathlib import Path
 
 import diffusers
 from diffusers import DDIMScheduler, ModelMixin
+from diffusers.utils import is_accelerate_available
 
 DEFAULT_MODEL_DIR = Path(__file__).parent / "assets" / "fashion_ddpm"
 DENOISER_COMPONENTS = ("unet", "transformer")
@@ -36,6 +37,12 @@ def _model_class(name: str, where: Path) -> type[ModelMixin]:
         raise ValueError(f"{where}: unknown model class {name!r}; expected a diffusers model class such as "
                          "'UNet2DModel' or 'DiTTransformer2DModel'")
     return cls
+
+
+def _from_pretrained(cls: type[ModelMixin], path: Path, **kwargs) -> ModelMixin:
+    # diffusers defaults to low_cpu_mem_usage=True and, without accelerate, warns on every load that it falls back;
+    # asking for what is available keeps accelerate's faster loading where it is installed and the output clean.
+    return cls.from_pretrained(path, low_cpu_mem_usage=is_accelerate_available(), **kwargs)
 
 
 def _read_json(path: Path) -> dict:
@@ -61,13 +68,13 @@ def _load_pipeline_dir(path: Path):
         raise FileNotFoundError(f"{path}: pipeline lists {component!r} but {path / component / 'config.json'} is missing")
     if not (path / "scheduler" / "scheduler_config.json").is_file():
         raise FileNotFoundError(f"{path}: pipeline has no scheduler/scheduler_config.json")
-    denoiser = _model_class(class_name, path / component).from_pretrained(path, subfolder=component)
+    denoiser = _from_pretrained(_model_class(class_name, path / component), path, subfolder=component)
     return denoiser, _ddim(path / "scheduler", "scheduler_config.json")
 
 
 def _load_model_dir(path: Path):
     config = _read_json(path / "config.json")
-    denoiser = _model_class(config.get("_class_name"), path / "config.json").from_pretrained(path)
+    denoiser = _from_pretrained(_model_class(config.get("_class_name"), path / "config.json"), path)
     if (path / "scheduler_config.json").is_file():
         return denoiser, _ddim(path, "scheduler_config.json")
     warnings.warn(f"{path} has no scheduler_config.json; using DDIMScheduler() defaults (1000 linear-beta steps)")
