@@ -73,6 +73,18 @@ def test_bad_method_lists_valid_ones(tmp_path):
     assert parse_methods("w4a4-int") == ["fp", "w4a4-int"]  # the reference is always drawn
 
 
+def test_list_methods_prints_the_registry():
+    from msfp.compare import DEFAULT_METHODS
+
+    r = run("compare", "--list-methods")  # --out is not needed: the flag exits first
+    assert r.exit_code == 0, r.output
+    lines = {line.split()[0]: line for line in r.output.splitlines()}
+    assert list(lines) == list(METHODS)
+    for name, method in METHODS.items():
+        assert method.description in lines[name]
+        assert ("[default]" in lines[name]) == (name in DEFAULT_METHODS)
+
+
 def test_registered_method_and_unavailable_method(tmp_path, tiny_model_dir):
     from msfp.compare import build_ptq
 

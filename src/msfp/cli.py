@@ -186,11 +186,25 @@ def eval_(samples_path, ref, ref_images, data_dir, inception_weights, paired_pat
         click.echo(f"wrote {json_path}")
 
 
+def _list_methods(ctx: click.Context, _param, value: bool) -> None:
+    if not value or ctx.resilient_parsing:
+        return
+    from msfp.compare import DEFAULT_METHODS, METHODS
+
+    width = max(map(len, METHODS))
+    for name, method in METHODS.items():
+        why = method.unavailable()
+        marks = (" [default]" if name in DEFAULT_METHODS else "") + (f" [unavailable: {why}]" if why else "")
+        click.echo(f"{name:<{width}}  {method.description}{marks}")
+    ctx.exit()
+
+
 @main.command()
 @click.option("--model", "model_spec", default="default", help="'default', a save_pretrained directory or a Hub id")
 @click.option("--methods", default=None, help="comma-separated method names (fp is always run: it is the "
-              "reference); default: fp,w4a4-int,w4a4-fp,w4a4-msfp,w4a4-msfp+talora,w6a6-msfp,torchao-mxfp4,"
-              "torchao-nvfp4")
+              "reference); default: those marked [default] by --list-methods")
+@click.option("--list-methods", is_flag=True, expose_value=False, is_eager=True, callback=_list_methods,
+              help="print every method name with what it runs, and exit")
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="report directory: index.html, results.json, samples/, cache/")
 @click.option("--num", "-n", "num_samples", default=160,
