@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# The GPU checks and benchmarks of issues #5 and #8 in one command, for a session that has a CUDA GPU for a short while:
+#
+#   bash benchmarks/gpu_suite.sh OUTDIR [STEP ...]      (from the repo root; msfp importable, e.g. pip install -e .)
+#
+# STEPs (default: all, in this order): tests (the CUDA/Triton tests), w4a4 (benchmarks/gpu_w4a4.py), finetune
+# (benchmarks/finetune_step.py at batch 16 and 128), fake_quant (benchmarks/fake_quant.py). Each benchmark's JSON goes
+# to OUTDIR/<step>.json, everything else (machine, versions, pytest output, stderr) to OUTDIR/log: at most six files.
+# A failing step does not stop the others; the exit status is 1 if any failed. PYTHON picks the interpreter.
+set -uo pipefail
+out=${1:?usage: bash benchmarks/gpu_suite.sh OUTDIR [tests|w4a4|finetune|fake_quant ...]}
+shift
+steps=("$@")
+[ ${#steps[@]} -gt 0 ] || steps=(tests w4a4 finetune fake_quant)
+python=${PYTHON:-python3}
+mkdir -p "$out"
+log=$out/log
+export PYTHONUNBUFFERED=1
+
+"$python" - <<'EOF' 2>&1 | tee -a "$log" || exit 2
+import sys, torch
+if not torch.cuda.is_available():
+    sys.exit("gpu_suite.sh needs a CUDA GPU: torch.cuda.is_available() is False")
+import msfp
+try:
+    import triton
+    triton_version = triton.__version__
+except ImportError:
+    triton_version = "not installed"
+print(f"GPU {torch.cuda.get_device_name()} (capability {torch.cuda.get_device_capability()}), torch {torch.__version__},"
+      f" CUDA {torch.version.cuda}, triton {triton_version}, msfp {msfp.__version__}, python {sys.version.split()[0]}")
+EOF
+git rev-parse HEAD >> "$log" 2>&1
+
+failed=()
+run_step() {  # run_step NAME JSON_FILE|- COMMAND...
+    local name=$1 json=$2
+    shift 2
+    echo "== $name: $*" | tee -a "$log"
+    local start=$SECONDS status
+    if [ "$json" = - ]; then
+        "$@" >> "$log" 2>&1
+    else
+        "$@" > "$json" 2>> "$log"
+    fi
+    status=$?
+    echo "== $name: exit $status after $((SECONDS - start)) s" | tee -a "$log"
+    [ $status -eq 0 ] || failed+=("$name")
+}
+
+for step in "${steps[@]}"; do
+    case $step in
+        tests) run_step tests - "$python" -m pytest -rs -p no:cacheprovider tests/test_kernels.py tests/test_triton_kernels.py \
+                   tests/test_fp8.py ;;
+        w4a4) run_step w4a4 "$out/w4a4.json" "$python" benchmarks/gpu_w4a4.py ;;
+        finetune)
+            run_step finetune16 "$out/finetune16.json" "$python" benchmarks/finetune_step.py --device cuda --batch 16
+            run_step finetune128 "$out/finetune128.json" "$python" benchmarks/finetune_step.py --device cuda --batch 128 ;;
+        fake_quant) run_step fake_quant "$out/fake_quant.json" "$python" benchmarks/fake_quant.py ;;
+        *) echo "gpu_suite.sh: unknown step '$step' (tests, w4a4, finetune, fake_quant)" | tee -a "$log"; failed+=("$step") ;;
+    esac
+done
+if [ ${#failed[@]} -gt 0 ]; then
+    echo "failed: ${failed[*]}" | tee -a "$log"
+    exit 1
+fi
