@@ -86,8 +86,9 @@ def main(argv=None) -> None:
     with atomic_path(Path(args.out) / "results.md") as tmp:
         tmp.write_text(markdown(result, differences))
     print(metrics_table(result), file=sys.stderr)
+    # FD's bootstrap replicates stay in: they pair this run's rows with another run's rows of the same seed and N.
     print(json.dumps({k: v for k, v in result.items() if k != "methods"} | {"methods": {
-        n: {k: v for k, v in r.items() if k not in ("layers", "aals", "fd_bootstrap")}
+        n: {k: v for k, v in r.items() if k not in ("layers", "aals")}
         for n, r in result["methods"].items()}, "fd_differences": differences}, indent=2))
 
 
