@@ -5,7 +5,7 @@
 #
 # STEPs (default: all, in this order): tests (the CUDA/Triton tests), w4a4 (benchmarks/gpu_w4a4.py), finetune
 # (benchmarks/finetune_step.py at batch 16 and 128), fake_quant (benchmarks/fake_quant.py). Each benchmark's JSON goes
-# to OUTDIR/<step>.json, everything else (machine, versions, pytest output, stderr) to OUTDIR/log: at most six files.
+# to OUTDIR/<step>.json, everything else (machine, versions, pytest output, stderr) to OUTDIR/log: five files at most.
 # A failing step does not stop the others; the exit status is 1 if any failed. PYTHON picks the interpreter.
 set -uo pipefail
 out=${1:?usage: bash benchmarks/gpu_suite.sh OUTDIR [tests|w4a4|finetune|fake_quant ...]}

@@ -1,4 +1,4 @@
-"""The benchmark scripts that have no GPU requirement, run end to end on the tiny model."""
+"""The benchmark scripts that need no GPU, run end to end on the shipped default model with tiny settings."""
 
 import importlib.util
 import json
