@@ -154,6 +154,24 @@ def test_kernels_requested_where_they_cannot_run_fail_clearly():
         convert_to_fp8(q, use_kernels=True)
 
 
+def test_kernel_launchers_without_triton_say_so(monkeypatch):
+    from msfp import triton_kernels
+
+    # What the module holds when `import triton` failed.
+    monkeypatch.setattr(triton_kernels, "HAS_TRITON", False)
+    monkeypatch.setattr(triton_kernels, "triton", None)
+    for kernel in ("_act_codes_kernel", "_conv_fp8_kernel", "_conv_fp8_tuned"):
+        monkeypatch.delattr(triton_kernels, kernel, raising=False)
+    x, w = torch.zeros(1, 4, 4, 8, dtype=torch.float8_e4m3fn), torch.zeros(6, 3, 3, 8, dtype=torch.float8_e4m3fn)
+    calls = [lambda: triton_kernels.conv2d_fp8(x, w, torch.ones(1), torch.ones(6)),
+             lambda: triton_kernels.linear_fp8(x[0, 0], w[:, 0, 0], torch.ones(4), torch.ones(6)),
+             lambda: triton_kernels.act_codes(torch.zeros(2, 8), "fp4_e2m1", torch.ones(2), None),
+             lambda: triton_kernels.compile_ahead(triton_kernels.conv2d_fp8, x, w, torch.ones(1), torch.ones(6))]
+    for call in calls:
+        with pytest.raises(RuntimeError, match="needs the `triton` package, which is not installed"):
+            call()
+
+
 @pytest.mark.skipif(not (torch.cuda.is_available() and fp8_kernels_available("cuda")[0]),
                     reason="needs a GPU with FP8 tensor cores and triton")
 def test_triton_path_matches_the_emulated_path_on_gpu():

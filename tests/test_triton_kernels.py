@@ -7,6 +7,7 @@ On a CUDA machine the kernels run on the GPU; without one they run on CPU tensor
 import functools
 import importlib
 import os
+import re
 import sys
 import zlib
 
@@ -310,6 +311,7 @@ def test_fp8_layers_on_the_kernels_equal_the_emulated_path(family, monkeypatch):
     from tiny_models import scheduler, tiny_dit, tiny_unet
 
     monkeypatch.setattr(tk, "conv2d_fp8", functools.partial(tk.conv2d_fp8, **GEMM_BLOCKS))
+    monkeypatch.setattr(tk, "linear_fp8", functools.partial(tk.linear_fp8, **GEMM_BLOCKS))
     build, shape, cond = {"unet": (tiny_unet, (1, 8, 8), {}),
                           "dit": (tiny_dit, (4, 8, 8), {"class_labels": torch.tensor([0, 1, 2])})}[family]
     fp = build().to(DEV)
@@ -332,3 +334,87 @@ def test_fp8_layers_on_the_kernels_equal_the_emulated_path(family, monkeypatch):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item(), msg=name)
         checked += 1
     assert checked >= 6
+
+
+# Ahead-of-time compilation for real GPUs (no GPU needed: Triton's compiler and bundled ptxas). Shapes are
+# Stable-Diffusion-1.5-like, since Triton specializes on divisibility; only dtypes, strides and alignment matter.
+H100_MAX_SHARED = 227 * 1024  # opt-in shared memory per block on sm_90
+
+
+def fp8_zeros(*shape):
+    return torch.zeros(shape, dtype=FP8)
+
+
+def sd_conv_args(with_zp=True):
+    B, H, W, C, O = 2, 32, 32, 320, 320
+    zp_args = (torch.zeros(B), torch.zeros(H, W, O)) if with_zp else (None, None)
+    return (fp8_zeros(B, H, W, C), fp8_zeros(O, 3, 3, C), torch.ones(B), torch.ones(O), torch.zeros(O), *zp_args)
+
+
+def test_gemm_kernels_compile_for_hopper_fp8_tensor_cores():
+    # Every autotuning candidate of the convolution, and a linear: FP8 wgmma (not an emulation or FMA fallback),
+    # a pipelined K loop (asynchronous copies), no register spills, shared memory within the H100's limit.
+    compiled = tk.compile_ahead(tk.conv2d_fp8, *sd_conv_args(), padding=1, out_dtype=torch.bfloat16)
+    compiled += tk.compile_ahead(tk.linear_fp8, fp8_zeros(256, 320), fp8_zeros(1280, 320), torch.ones(256),
+                                 torch.ones(1280), torch.zeros(1280), block_m=128, block_n=128, block_k=64,
+                                 num_warps=8, num_stages=3)
+    assert len(compiled) == len(tk._conv_fp8_tuned.configs) + 1
+    for config, kernel in compiled:
+        stats = tk.kernel_stats(kernel)
+        assert stats["arch"] == "sm_90"
+        assert stats["mma_instructions"] and all(i.startswith("wgmma.mma_async") and ".e4m3.e4m3" in i
+                                                 for i in stats["mma_instructions"]), (config, stats)
+        assert stats["async_copies"] > 0, (config, stats)
+        assert stats["spill_store_bytes"] == stats["spill_load_bytes"] == 0, (config, stats)
+        assert 0 < stats["shared_bytes"] <= H100_MAX_SHARED, (config, stats)
+        assert kernel.metadata.enable_fp_fusion is True
+
+
+def test_conv_kernel_compiles_for_ada_fp8_mma():
+    [(_, kernel)] = tk.compile_ahead(tk.conv2d_fp8, *sd_conv_args(with_zp=False), padding=1, arch=89,
+                                     block_m=64, block_n=64, block_k=64)
+    stats = tk.kernel_stats(kernel)
+    assert stats["arch"] == "sm_89"
+    assert stats["mma_instructions"] == ["mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32"]
+    assert stats["spill_store_bytes"] == 0
+
+
+def test_precise_accumulation_adds_partial_sums_in_fp32_on_hopper():
+    # With precise_acc the K loop moves wgmma's reduced-precision partial sums into fp32 registers: one extra fp32
+    # add per accumulator element and iteration (BLOCK_M·BLOCK_N / threads = 64 here).
+    def fp32_adds(precise):
+        [(_, kernel)] = tk.compile_ahead(tk.conv2d_fp8, *sd_conv_args(), padding=1, precise_acc=precise,
+                                         block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3)
+        return len(re.findall(r"\badd\.(?:rn\.)?f32\b", kernel.asm["ptx"]))
+
+    assert fp32_adds(True) - fp32_adds(False) == 128 * 128 // 256
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("name", ["fp4_e2m1", "ufp4_e2m2"])
+def test_act_codes_kernel_compiles_with_ieee_division(name, layout):
+    x = torch.zeros(2, 320, 32, 32, dtype=torch.bfloat16)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    zero = torch.zeros(2) if get_format(name).needs_zero_point else None
+    [(_, kernel)] = tk.compile_ahead(tk.act_codes, x, name, torch.ones(2), zero)
+    ptx = kernel.asm["ptx"]
+    # Bit-exactness with the torch reference needs IEEE division: the approximate one moves values across ties.
+    assert "div.rn.f32" in ptx and "div.approx" not in ptx and "div.full" not in ptx
+    assert kernel.metadata.enable_fp_fusion is False and "fma.rn.f32" not in ptx
+    assert re.search(r"cvt\.rn\.satfinite\.e4m3x2\.f32", ptx)
+    stats = tk.kernel_stats(kernel)
+    assert stats["spill_store_bytes"] == 0 and stats["mma_instructions"] == []
+
+
+def test_compile_ahead_rejects_bad_requests():
+    with pytest.raises(ValueError, match="launcher must be one of"):
+        tk.compile_ahead(torch.matmul, fp8_zeros(4, 4))
+    with pytest.raises(ValueError, match=r"compute capability ≥ 89 .* got arch=80"):
+        tk.compile_ahead(tk.conv2d_fp8, *sd_conv_args(), arch=80)
+    with pytest.raises(ValueError, match="block_k must be ≥ 32 on GPUs"):
+        tk.compile_ahead(tk.conv2d_fp8, *sd_conv_args(), padding=1, block_m=64, block_n=64, block_k=16)
+    with pytest.raises(ValueError, match="nothing to compile"):
+        tk.compile_ahead(tk.linear_fp8, fp8_zeros(0, 32), fp8_zeros(16, 32), torch.ones(0), torch.ones(16))
+    with pytest.raises(TypeError):
+        tk.compile_ahead(tk.linear_fp8, fp8_zeros(4, 32), fp8_zeros(16, 32), torch.ones(4), torch.ones(16), bogus=1)

@@ -12,6 +12,9 @@ exact and whose only rounding is the fp32 accumulation.
     Implicit-GEMM convolution on FP8 codes (no im2col copy): one K loop walks (kh, kw, channel block), computing the
     input addresses and zero-padding masks on the fly; per-sample and per-output-channel scales, bias and the
     zero-point correction are applied in the epilogue. A linear layer is the 1×1 convolution of a 1×1 image.
+``compile_ahead`` / ``kernel_stats``
+    Compile what a launcher would run for a given GPU architecture without that GPU, and report its registers,
+    spills, shared memory and tensor-core instructions (``benchmarks/kernel_compile.py``).
 
 The module imports without Triton (``HAS_TRITON`` is then False and the launchers raise). Kernels need CUDA tensors
 on a GPU with FP8 support (sm_89+), or CPU tensors under ``TRITON_INTERPRET=1`` (how the tests run without a GPU).
@@ -19,8 +22,13 @@ on a GPU with FP8 support (sm_89+), or CPU tensors under ``TRITON_INTERPRET=1`` 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import inspect
 import os
+import re
+import subprocess
+import tempfile
 
 import torch
 
@@ -74,6 +82,30 @@ def _check_representable(fmt: Format, shift: int) -> None:
     if (values.to(FP8_DTYPE).double() != values).any():
         raise ValueError(f"format {fmt.name} shifted by 2^{shift} is not exactly representable in float8_e4m3fn "
                          f"(largest value {fmt.max_value * 2.0**shift:g}, FP8 E4M3 range ±448, smallest step 2^-9)")
+
+
+@dataclasses.dataclass
+class _Launch:
+    """A validated kernel launch: what the launchers run and what :func:`compile_ahead` compiles."""
+
+    kernel: object  # a @triton.jit function or its autotuner; None when the output is empty
+    grid: object
+    args: tuple
+    flags: dict  # compile-time arguments, block sizes and launch options included unless autotuned
+    configs: tuple  # the block configurations the launch may compile: the autotuner's, or ({},)
+    result: torch.Tensor
+
+    def check_gpu_blocks(self) -> None:
+        if self.flags.get("BLOCK_K", 32) < 32:
+            raise ValueError(f"block_k must be ≥ 32 on GPUs (FP8 MMA depth), got {self.flags['BLOCK_K']}")
+
+    def run(self, *tensors: torch.Tensor) -> torch.Tensor:
+        if tensors[0].is_cuda:
+            self.check_gpu_blocks()
+        _require_triton(*tensors)
+        if self.kernel is not None:
+            self.kernel[self.grid](*self.args, **self.flags)
+        return self.result
 
 
 if HAS_TRITON:
@@ -149,6 +181,10 @@ def act_codes(x: torch.Tensor, fmt: str | Format, scale: torch.Tensor, zero_poin
     ``(round_to_grid(clamp((x.float() - z) / s, lo, max), fmt) * 2**shift).to(torch.float8_e4m3fn)`` including
     signed zeros; ±inf saturates; NaN gives the NaN code 0x7F (its sign is not kept).
     """
+    return _prepare_act_codes(x, fmt, scale, zero_point, shift, out, block_r, block_c).run(x)
+
+
+def _prepare_act_codes(x, fmt, scale, zero_point, shift, out, block_r, block_c) -> _Launch:
     fmt = get_format(fmt)
     if not isinstance(x, torch.Tensor) or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"x must be a float32/bfloat16/float16 tensor, got {getattr(x, 'dtype', type(x).__name__)}")
@@ -177,19 +213,20 @@ def act_codes(x: torch.Tensor, fmt: str | Format, scale: torch.Tensor, zero_poin
     elif out.shape != out_shape or out.dtype != FP8_DTYPE or not out.is_contiguous() or out.device != x.device:
         raise ValueError(f"out must be a contiguous float8_e4m3fn tensor of shape {out_shape} on {x.device}, got "
                          f"{out.dtype} {tuple(out.shape)} on {out.device} (contiguous: {out.is_contiguous()})")
-    _require_triton(x)
+    _require_triton()
     if out.numel() == 0:
-        return out
+        return _Launch(None, None, (), {}, ({},), out)
     block_r, block_c = block_r or _ACT_BLOCKS[0], block_c or _ACT_BLOCKS[1]
     rows = B * H * W
     grid = (triton.cdiv(rows, block_r), triton.cdiv(C, block_c))
     zp = zero_point if zero_point is not None else scale  # unread when HAS_ZP is False
-    _act_codes_kernel[grid](
-        x, scale, zp, out.view(torch.uint8), rows, C, H * W, W, sxb, sxc, sxh, sxw, scale.stride(0), zp.stride(0),
-        HAS_ZP=zero_point is not None, IS_INT=fmt.kind == "int", MBITS=fmt.mbits, MIN_EXP=fmt.min_exponent,
-        BIAS=fmt.bias, LO=-fmt.max_value if fmt.signed else 0.0, HI=fmt.max_value, OUT_MUL=2.0**shift,
-        BLOCK_R=block_r, BLOCK_C=block_c)
-    return out
+    args = (x, scale, zp, out.view(torch.uint8), rows, C, H * W, W, sxb, sxc, sxh, sxw, scale.stride(0), zp.stride(0))
+    # No FMA contraction: it could not change a value here (see the kernel), but off, exactness needs no argument.
+    # Set explicitly in both kernels, as Triton's default changes in 3.10.
+    flags = dict(HAS_ZP=zero_point is not None, IS_INT=fmt.kind == "int", MBITS=fmt.mbits, MIN_EXP=fmt.min_exponent,
+                 BIAS=fmt.bias, LO=-fmt.max_value if fmt.signed else 0.0, HI=fmt.max_value, OUT_MUL=2.0**shift,
+                 BLOCK_R=block_r, BLOCK_C=block_c, enable_fp_fusion=False)
+    return _Launch(_act_codes_kernel, grid, args, flags, ({},), out)
 
 
 if HAS_TRITON:
@@ -302,6 +339,13 @@ def conv2d_fp8(x_codes: torch.Tensor, w_codes: torch.Tensor, a_scale: torch.Tens
     autotuned set; pass all three of ``block_m``, ``block_n``, ``block_k`` to fix them (each ≥ 16 for ``tl.dot``,
     ``block_k`` ≥ 32 on GPUs, whose FP8 MMA instructions are 32 deep).
     """
+    return _prepare_conv2d_fp8(x_codes, w_codes, a_scale, w_scale, bias, zp, zp_corr, stride, padding, dilation,
+                               out_dtype, groups, precise_acc, block_m, block_n, block_k, num_warps,
+                               num_stages).run(x_codes)
+
+
+def _prepare_conv2d_fp8(x_codes, w_codes, a_scale, w_scale, bias, zp, zp_corr, stride, padding, dilation, out_dtype,
+                        groups, precise_acc, block_m, block_n, block_k, num_warps, num_stages) -> _Launch:
     if groups != 1:
         raise ValueError(f"conv2d_fp8 supports groups=1 only, got groups={groups}")
     for name, t in (("x_codes", x_codes), ("w_codes", w_codes)):
@@ -342,13 +386,10 @@ def conv2d_fp8(x_codes: torch.Tensor, w_codes: torch.Tensor, a_scale: torch.Tens
     if any(v is not None for v in explicit):
         if None in explicit or min(explicit) < 16:
             raise ValueError(f"block_m, block_n, block_k must be given together and each be ≥ 16, got {explicit}")
-        if x_codes.is_cuda and block_k < 32:
-            raise ValueError(f"block_k must be ≥ 32 on GPUs (FP8 MMA depth), got {block_k}")
-    _require_triton(x_codes)
-
+    _require_triton()
     y = torch.empty((B, OH, OW, O), dtype=out_dtype, device=dev)
     if y.numel() == 0:
-        return y
+        return _Launch(None, None, (), {}, ({},), y)
     M = B * OH * OW
     args = (x_codes, w_codes, y, a_scale, w_scale,
             bias if bias is not None else a_scale, zp if zp is not None else a_scale,
@@ -357,15 +398,18 @@ def conv2d_fp8(x_codes: torch.Tensor, w_codes: torch.Tensor, a_scale: torch.Tens
             *x_codes.stride(), *w_codes.stride(), a_scale.stride(0), w_scale.stride(0),
             bias.stride(0) if bias is not None else 0, zp.stride(0) if zp is not None else 0,
             *(zp_corr.stride() if zp_corr is not None else (0, 0, 0)))
-    flags = {"HAS_BIAS": bias is not None, "HAS_ZP": zp is not None, "PRECISE_ACC": bool(precise_acc)}
+    # FMA contraction only changes the epilogue's rounding (within the fp32 summation bound), so it stays on.
+    flags = {"HAS_BIAS": bias is not None, "HAS_ZP": zp is not None, "PRECISE_ACC": bool(precise_acc),
+             "enable_fp_fusion": True}
     if block_m is None:
         grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(O, meta["BLOCK_N"]),)  # noqa: E731
-        _conv_fp8_tuned[grid](*args, **flags)
-    else:
-        grid = (triton.cdiv(M, block_m) * triton.cdiv(O, block_n),)
-        _conv_fp8_kernel[grid](*args, **flags, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8,
-                               num_warps=num_warps, num_stages=num_stages)
-    return y
+        configs = tuple({**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages}
+                        for c in _conv_fp8_tuned.configs)
+        return _Launch(_conv_fp8_tuned, grid, args, flags, configs, y)
+    grid = (triton.cdiv(M, block_m) * triton.cdiv(O, block_n),)
+    flags.update(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8, num_warps=num_warps,
+                 num_stages=num_stages)
+    return _Launch(_conv_fp8_kernel, grid, args, flags, ({},), y)
 
 
 def linear_fp8(x_codes: torch.Tensor, w_codes: torch.Tensor, a_scale: torch.Tensor, w_scale: torch.Tensor,
@@ -376,6 +420,10 @@ def linear_fp8(x_codes: torch.Tensor, w_codes: torch.Tensor, a_scale: torch.Tens
     ``x_codes``: ``(M, K)``, ``w_codes``: ``(N, K)`` float8_e4m3fn; ``a_scale``/``zp``: ``(M,)``;
     ``w_scale``/``bias``/``zp_corr``: ``(N,)``. Runs :func:`conv2d_fp8` on a 1×1 image (``blocks`` as there).
     """
+    return _prepare_linear_fp8(x_codes, w_codes, a_scale, w_scale, bias, zp, zp_corr, out_dtype, blocks).run(x_codes)
+
+
+def _prepare_linear_fp8(x_codes, w_codes, a_scale, w_scale, bias, zp, zp_corr, out_dtype, blocks) -> _Launch:
     for name, t in (("x_codes", x_codes), ("w_codes", w_codes)):
         if not isinstance(t, torch.Tensor) or t.dim() != 2:
             raise ValueError(f"{name} must be 2-D, got shape {tuple(getattr(t, 'shape', ()))}")
@@ -384,6 +432,94 @@ def linear_fp8(x_codes: torch.Tensor, w_codes: torch.Tensor, a_scale: torch.Tens
                          f"{tuple(x_codes.shape)}, got {tuple(w_codes.shape)}")
     if zp_corr is not None and (not isinstance(zp_corr, torch.Tensor) or zp_corr.shape != (w_codes.shape[0],)):
         raise ValueError(f"zp_corr must have shape ({w_codes.shape[0]},), got {tuple(getattr(zp_corr, 'shape', ()))}")
-    y = conv2d_fp8(x_codes[:, None, None, :], w_codes[:, None, None, :], a_scale, w_scale, bias, zp,
-                   None if zp_corr is None else zp_corr[None, None, :], out_dtype=out_dtype, **blocks)
-    return y.view(x_codes.shape[0], w_codes.shape[0])
+    launch = _prepare("conv2d_fp8", x_codes[:, None, None, :], w_codes[:, None, None, :], a_scale, w_scale, bias, zp,
+                      None if zp_corr is None else zp_corr[None, None, :], out_dtype=out_dtype, **blocks)
+    launch.result = launch.result.view(x_codes.shape[0], w_codes.shape[0])
+    return launch
+
+
+# Each launcher with the function that prepares its launch from the same parameters (the originals: tests may
+# replace the module's launchers with partials).
+_LAUNCHERS = {f.__name__: (f, prepare) for f, prepare in ((act_codes, _prepare_act_codes),
+                                                          (conv2d_fp8, _prepare_conv2d_fp8),
+                                                          (linear_fp8, _prepare_linear_fp8))}
+
+
+def _prepare(name: str, *args, **kwargs) -> _Launch:
+    """The launch that the launcher ``name`` would run for these arguments."""
+    launcher, prepare = _LAUNCHERS[name]
+    bound = inspect.signature(launcher).bind(*args, **kwargs)
+    bound.apply_defaults()
+    return prepare(**bound.arguments)
+
+
+def compile_ahead(launcher, *args, arch: int = 90, **kwargs) -> list[tuple[dict, object]]:
+    """Compile, without running it, the kernel that ``launcher(*args, **kwargs)`` would launch, for an NVIDIA GPU of
+    compute capability ``arch`` (89 Ada, 90 Hopper, 100 Blackwell…): no GPU is needed, as Triton lowers the kernel to
+    PTX and assembles it with the ptxas it bundles. So compile errors, the tensor-core instructions chosen, register
+    spills and shared memory show on any machine (:func:`kernel_stats`).
+
+    ``launcher`` is :func:`act_codes`, :func:`conv2d_fp8` or :func:`linear_fp8`, with its usual arguments; tensors may
+    be on the CPU, since only their dtypes, strides and alignment (on which Triton specializes, as at launch time)
+    matter. Returns ``(config, compiled)`` for each block configuration the launch can use: every autotuning
+    candidate when the blocks are left to the autotuner. Uses Triton internals (written against Triton 3.9).
+    """
+    name = next((name for name, (f, _) in _LAUNCHERS.items() if f is launcher), None)
+    if name is None:
+        raise ValueError(f"launcher must be one of {list(_LAUNCHERS)} from msfp.triton_kernels, got {launcher!r}")
+    if not isinstance(arch, int) or arch < 89:
+        raise ValueError(f"FP8 tensor cores need compute capability ≥ 89 (8.9, Ada), got arch={arch!r}")
+    launch = _prepare(name, *args, **kwargs)
+    launch.check_gpu_blocks()
+    if launch.kernel is None:
+        raise ValueError("nothing to compile: the output is empty")
+    try:
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource, make_backend
+        from triton.runtime.jit import JITFunction, create_function_from_signature
+    except ImportError as e:
+        raise RuntimeError(f"compile_ahead needs Triton's compiler internals (Triton 3.9), missing here: {e}") from e
+    # Unwrap autotuner → JIT (or, under TRITON_INTERPRET=1, interpreted) function → Python function, and compile a
+    # JITFunction of that source whatever mode the module was imported in.
+    fn = launch.kernel
+    while hasattr(fn, "fn"):
+        fn = fn.fn
+    kernel = JITFunction(fn)
+    target = GPUTarget("cuda", arch, 32)
+    backend = make_backend(target)
+    bind = create_function_from_signature(kernel.signature, kernel.params, backend)
+    compiled = []
+    for config in launch.configs:
+        flags = {**launch.flags, **config}
+        bound, specialization, options = bind(*launch.args, **flags)
+        options, signature, constexprs, attrs = kernel._pack_args(backend, flags, bound, specialization, options)
+        source = ASTSource(kernel, signature, constexprs, attrs)
+        compiled.append((config, triton.compile(source, target=target, options=options.__dict__)))
+    return compiled
+
+
+def kernel_stats(compiled) -> dict:
+    """What a kernel from :func:`compile_ahead` will use on the GPU: registers per thread and spilled bytes (from
+    ``ptxas -v``), shared memory, the tensor-core instructions in its PTX and its asynchronous global→shared copies
+    (how Triton pipelines the K loop)."""
+    from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
+
+    ptx = compiled.asm["ptx"]
+    arch = compiled.metadata.target.arch
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.ptx")
+        with open(path, "w") as f:
+            f.write(ptx)
+        log = subprocess.run([get_ptxas(arch).path, "-v", f"--gpu-name={sm_arch_from_capability(arch)}", path,
+                              "-o", os.path.join(tmp, "kernel.cubin")], capture_output=True, text=True)
+    if log.returncode != 0:
+        raise RuntimeError(f"ptxas failed on {compiled.name} for sm_{arch}:\n{log.stderr}")
+    registers = re.search(r"Used (\d+) registers", log.stderr)
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log.stderr)
+    if registers is None or spills is None:
+        raise RuntimeError(f"could not read register use from ptxas -v output:\n{log.stderr}")
+    mma = re.findall(r"\b((?:wgmma\.mma_async|mma\.sync|tcgen05\.mma)\.[\w.]+)", ptx)
+    return {"arch": f"sm_{arch}", "registers": int(registers.group(1)), "spill_store_bytes": int(spills.group(1)),
+            "spill_load_bytes": int(spills.group(2)), "shared_bytes": compiled.metadata.shared,
+            "num_warps": compiled.metadata.num_warps, "mma_instructions": sorted(set(mma)),
+            "async_copies": len(re.findall(r"\bcp\.async\.(?:ca|cg|bulk)", ptx))}

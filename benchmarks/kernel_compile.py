@@ -1,0 +1,99 @@
+"""Compile the FP8 W4A4 Triton kernels for a GPU architecture without that GPU, and report what they will use.
+
+    python benchmarks/kernel_compile.py [--arch 90 89 --batch 8]
+
+Needs triton (its compiler and bundled ptxas; no GPU, no CUDA driver). For each layer shape of
+``benchmarks/gpu_w4a4.py`` (Stable-Diffusion-1.5-like 3×3 convolutions and linears, unsigned activations with zero
+point as in the MSFP W4A4 preset) and each block configuration the launch may use (every autotuning candidate), it
+prints JSON with registers per thread, spilled bytes, shared memory, the tensor-core instructions, the number of
+asynchronous copies (a pipelined K loop) and the compile time (near 0 where Triton's cache already held the same
+specialization), plus the activation-quantize kernel for each input. This is the static half of issue #8's checks:
+it says whether the kernels build for Hopper with FP8 tensor cores, not how fast they run (``gpu_w4a4.py`` on a GPU
+does that).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import torch
+
+from gpu_w4a4 import ACT_FORMAT, CONVS, LINEARS
+from msfp import triton_kernels as tk
+from msfp.environment import machine_info
+from msfp.fp8 import e4m3_shift
+
+FP8 = torch.float8_e4m3fn
+
+
+def compiled_rows(launcher, *args, arch: int, **kwargs) -> list[dict]:
+    t0 = time.perf_counter()
+    compiled = tk.compile_ahead(launcher, *args, arch=arch, **kwargs)
+    seconds = (time.perf_counter() - t0) / len(compiled)
+    return [dict(config=config, compile_s=round(seconds, 2), **tk.kernel_stats(kernel)) for config, kernel in compiled]
+
+
+def layer_rows(arch: int, batch: int) -> list[dict]:
+    shift = e4m3_shift(ACT_FORMAT)
+    scales, zeros = torch.ones(batch), torch.zeros(batch)
+    rows = []
+    for cin, cout, size, stride in CONVS:
+        out_size = (size + 2 - 3) // stride + 1
+        x = torch.zeros(batch, cin, size, size, dtype=torch.bfloat16)
+        args = (torch.zeros(batch, size, size, cin, dtype=FP8), torch.zeros(cout, 3, 3, cin, dtype=FP8), scales,
+                torch.ones(cout), torch.zeros(cout), zeros, torch.zeros(out_size, out_size, cout))
+        layer = dict(kind="conv3x3", c_in=cin, c_out=cout, hw=size, stride=stride, batch=batch)
+        rows += [dict(layer, kernel="act_codes", **r)
+                 for r in compiled_rows(tk.act_codes, x, ACT_FORMAT, scales, zeros, shift, arch=arch)]
+        rows += [dict(layer, kernel="conv2d_fp8", **r)
+                 for r in compiled_rows(tk.conv2d_fp8, *args, stride=stride, padding=1, out_dtype=torch.bfloat16,
+                                        arch=arch)]
+    for tokens, k, n in LINEARS:
+        m = batch * tokens
+        x = torch.zeros(m, k, dtype=torch.bfloat16)
+        layer = dict(kind="linear", m=m, k=k, n=n)
+        rows += [dict(layer, kernel="act_codes", **r)
+                 for r in compiled_rows(tk.act_codes, x, ACT_FORMAT, torch.ones(m), torch.zeros(m), shift, arch=arch)]
+        rows += [dict(layer, kernel="linear_fp8", **r)
+                 for r in compiled_rows(tk.linear_fp8, torch.zeros(m, k, dtype=FP8), torch.zeros(n, k, dtype=FP8),
+                                        torch.ones(m), torch.ones(n), torch.zeros(n), torch.zeros(m), torch.zeros(n),
+                                        out_dtype=torch.bfloat16, arch=arch)]
+    return rows
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--arch", type=int, nargs="+", default=[90],
+                        help="compute capabilities to compile for (89 Ada, 90 Hopper, 100 Blackwell)")
+    parser.add_argument("--batch", type=int, default=8, help="batch size of the layer shapes")
+    args = parser.parse_args(argv)
+    result = dict(benchmark="kernel_compile", command=" ".join(["python", *sys.argv]), machine=machine_info())
+    if not tk.HAS_TRITON:
+        result["skipped"] = "triton is not installed"
+        print(json.dumps(result, indent=1))
+        return
+    import triton
+
+    result["machine"]["versions"]["triton"] = triton.__version__
+    rows = [dict(arch_requested=arch, **row) for arch in args.arch for row in layer_rows(arch, args.batch)]
+    result["kernels"] = rows
+    result["summary"] = {
+        f"sm_{arch}": dict(
+            compiled=sum(r["arch_requested"] == arch for r in rows),
+            with_spills=sum(r["arch_requested"] == arch and r["spill_store_bytes"] > 0 for r in rows),
+            max_registers=max(r["registers"] for r in rows if r["arch_requested"] == arch),
+            max_shared_bytes=max(r["shared_bytes"] for r in rows if r["arch_requested"] == arch),
+            gemm_mma_instructions=sorted({i for r in rows if r["arch_requested"] == arch
+                                          for i in r["mma_instructions"]}),
+            gemms_without_async_copies=sum(r["arch_requested"] == arch and r["kernel"] != "act_codes"
+                                           and r["async_copies"] == 0 for r in rows))
+        for arch in args.arch}
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
