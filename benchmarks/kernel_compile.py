@@ -6,10 +6,10 @@ Needs triton (its compiler and bundled ptxas; no GPU, no CUDA driver). For each 
 ``benchmarks/gpu_w4a4.py`` (Stable-Diffusion-1.5-like 3×3 convolutions and linears, unsigned activations with zero
 point as in the MSFP W4A4 preset) and each block configuration the launch may use (every autotuning candidate), it
 prints JSON with registers per thread, spilled bytes, shared memory, the tensor-core instructions, the number of
-asynchronous copies (a pipelined K loop) and the compile time (near 0 where Triton's cache already held the same
-specialization), plus the activation-quantize kernel for each input. This is the static half of issue #8's checks:
-it says whether the kernels build for Hopper with FP8 tensor cores, not how fast they run (``gpu_w4a4.py`` on a GPU
-does that).
+asynchronous copies (a pipelined K loop) and their vector widths, and the compile time (near 0 where Triton's cache
+already held the same specialization), plus the activation-quantize kernel for each input. This is the static half
+of issue #8's checks: it says whether the kernels build for Hopper with FP8 tensor cores, not how fast they run
+(``gpu_w4a4.py`` on a GPU does that).
 """
 
 from __future__ import annotations
@@ -90,7 +90,8 @@ def main(argv=None) -> None:
             gemm_mma_instructions=sorted({i for r in rows if r["arch_requested"] == arch
                                           for i in r["mma_instructions"]}),
             gemms_without_async_copies=sum(r["arch_requested"] == arch and r["kernel"] != "act_codes"
-                                           and r["async_copies"] == 0 for r in rows))
+                                           and r["async_copies"] == 0 for r in rows),
+            async_copy_bytes=sorted({b for r in rows if r["arch_requested"] == arch for b in r["async_copy_bytes"]}))
         for arch in args.arch}
     print(json.dumps(result, indent=1))
 

@@ -353,7 +353,8 @@ def sd_conv_args(with_zp=True):
 
 def test_gemm_kernels_compile_for_hopper_fp8_tensor_cores():
     # Every autotuning candidate of the convolution, and a linear: FP8 wgmma (not an emulation or FMA fallback),
-    # a pipelined K loop (asynchronous copies), no register spills, shared memory within the H100's limit.
+    # a pipelined K loop (asynchronous copies of full 16-byte vectors), no register spills, shared memory within the
+    # H100's limit.
     compiled = tk.compile_ahead(tk.conv2d_fp8, *sd_conv_args(), padding=1, out_dtype=torch.bfloat16)
     compiled += tk.compile_ahead(tk.linear_fp8, fp8_zeros(256, 320), fp8_zeros(1280, 320), torch.ones(256),
                                  torch.ones(1280), torch.zeros(1280), block_m=128, block_n=128, block_k=64,
@@ -364,7 +365,7 @@ def test_gemm_kernels_compile_for_hopper_fp8_tensor_cores():
         assert stats["arch"] == "sm_90"
         assert stats["mma_instructions"] and all(i.startswith("wgmma.mma_async") and ".e4m3.e4m3" in i
                                                  for i in stats["mma_instructions"]), (config, stats)
-        assert stats["async_copies"] > 0, (config, stats)
+        assert stats["async_copies"] > 0 and stats["async_copy_bytes"] == [16], (config, stats)
         assert stats["spill_store_bytes"] == stats["spill_load_bytes"] == 0, (config, stats)
         assert 0 < stats["shared_bytes"] <= H100_MAX_SHARED, (config, stats)
         assert kernel.metadata.enable_fp_fusion is True

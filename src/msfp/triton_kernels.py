@@ -501,7 +501,7 @@ def compile_ahead(launcher, *args, arch: int = 90, **kwargs) -> list[tuple[dict,
 def kernel_stats(compiled) -> dict:
     """What a kernel from :func:`compile_ahead` will use on the GPU: registers per thread and spilled bytes (from
     ``ptxas -v``), shared memory, the tensor-core instructions in its PTX and its asynchronous global→shared copies
-    (how Triton pipelines the K loop)."""
+    (how Triton pipelines the K loop: their number and vector widths in bytes)."""
     from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
 
     ptx = compiled.asm["ptx"]
@@ -518,8 +518,12 @@ def kernel_stats(compiled) -> dict:
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log.stderr)
     if registers is None or spills is None:
         raise RuntimeError(f"could not read register use from ptxas -v output:\n{log.stderr}")
+    # cp.async.{ca,cg}.shared.global [dst], [src], BYTES(, src-size): 16 bytes is a full vector per thread.
+    copy_widths = re.findall(r"\bcp\.async\.c[ag]\.shared\.global\S*\s*\[[^\]]*\],\s*\[[^\]]*\],"
+                             r"\s*(0x[0-9a-fA-F]+|\d+)", ptx)
     mma = re.findall(r"\b((?:wgmma\.mma_async|mma\.sync|tcgen05\.mma)\.[\w.]+)", ptx)
     return {"arch": f"sm_{arch}", "registers": int(registers.group(1)), "spill_store_bytes": int(spills.group(1)),
             "spill_load_bytes": int(spills.group(2)), "shared_bytes": compiled.metadata.shared,
             "num_warps": compiled.metadata.num_warps, "mma_instructions": sorted(set(mma)),
-            "async_copies": len(re.findall(r"\bcp\.async\.(?:ca|cg|bulk)", ptx))}
+            "async_copies": len(re.findall(r"\bcp\.async\.(?:ca|cg|bulk)", ptx)),
+            "async_copy_bytes": sorted({int(n, 0) for n in copy_widths})}
