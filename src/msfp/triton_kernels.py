@@ -462,7 +462,7 @@ def compile_ahead(launcher, *args, arch: int = 90, **kwargs) -> list[tuple[dict,
     ``launcher`` is :func:`act_codes`, :func:`conv2d_fp8` or :func:`linear_fp8`, with its usual arguments; tensors may
     be on the CPU, since only their dtypes, strides and alignment (on which Triton specializes, as at launch time)
     matter. Returns ``(config, compiled)`` for each block configuration the launch can use: every autotuning
-    candidate when the blocks are left to the autotuner. Uses Triton internals (written against Triton 3.9).
+    candidate when the blocks are left to the autotuner. Uses Triton internals (checked with Triton 3.6 and 3.9).
     """
     name = next((name for name, (f, _) in _LAUNCHERS.items() if f is launcher), None)
     if name is None:
@@ -478,7 +478,8 @@ def compile_ahead(launcher, *args, arch: int = 90, **kwargs) -> list[tuple[dict,
         from triton.compiler import ASTSource, make_backend
         from triton.runtime.jit import JITFunction, create_function_from_signature
     except ImportError as e:
-        raise RuntimeError(f"compile_ahead needs Triton's compiler internals (Triton 3.9), missing here: {e}") from e
+        raise RuntimeError(f"compile_ahead needs Triton's compiler internals (as in Triton 3.6–3.9), missing "
+                           f"here: {e}") from e
     # Unwrap autotuner → JIT (or, under TRITON_INTERPRET=1, interpreted) function → Python function, and compile a
     # JITFunction of that source whatever mode the module was imported in.
     fn = launch.kernel
