@@ -64,6 +64,15 @@ def layer_rows(arch: int, batch: int) -> list[dict]:
     return rows
 
 
+def summary(rows: list[dict]) -> dict:
+    gemms = [r for r in rows if r["kernel"] != "act_codes"]
+    return dict(compiled=len(rows), with_spills=sum(r["spill_store_bytes"] > 0 for r in rows),
+                max_registers=max(r["registers"] for r in rows), max_shared_bytes=max(r["shared_bytes"] for r in rows),
+                gemm_mma_instructions=sorted({i for r in gemms for i in r["mma_instructions"]}),
+                gemms_without_async_copies=sum(r["async_copies"] == 0 for r in gemms),
+                async_copy_bytes=sorted({b for r in rows for b in r["async_copy_bytes"]}))
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -79,20 +88,9 @@ def main(argv=None) -> None:
     import triton
 
     result["machine"]["versions"]["triton"] = triton.__version__
-    rows = [dict(arch_requested=arch, **row) for arch in args.arch for row in layer_rows(arch, args.batch)]
-    result["kernels"] = rows
-    result["summary"] = {
-        f"sm_{arch}": dict(
-            compiled=sum(r["arch_requested"] == arch for r in rows),
-            with_spills=sum(r["arch_requested"] == arch and r["spill_store_bytes"] > 0 for r in rows),
-            max_registers=max(r["registers"] for r in rows if r["arch_requested"] == arch),
-            max_shared_bytes=max(r["shared_bytes"] for r in rows if r["arch_requested"] == arch),
-            gemm_mma_instructions=sorted({i for r in rows if r["arch_requested"] == arch
-                                          for i in r["mma_instructions"]}),
-            gemms_without_async_copies=sum(r["arch_requested"] == arch and r["kernel"] != "act_codes"
-                                           and r["async_copies"] == 0 for r in rows),
-            async_copy_bytes=sorted({b for r in rows if r["arch_requested"] == arch for b in r["async_copy_bytes"]}))
-        for arch in args.arch}
+    by_arch = {f"sm_{arch}": layer_rows(arch, args.batch) for arch in args.arch}
+    result["kernels"] = [row for rows in by_arch.values() for row in rows]
+    result["summary"] = {arch: summary(rows) for arch, rows in by_arch.items()}
     print(json.dumps(result, indent=1))
 
 
