@@ -16,6 +16,7 @@ import argparse
 import copy
 import json
 import multiprocessing as mp
+import queue as queue_errors
 import resource
 import sys
 import time
@@ -72,6 +73,17 @@ def run_variant(args, quantized: bool, fused: bool, queue) -> None:
                    peak_memory_kind="cuda_max_allocated" if device.type == "cuda" else "process_max_rss"))
 
 
+def result_of(proc, queue, name: str) -> dict:
+    """The variant's result, or a clear error as soon as its process dies without one (instead of waiting forever)."""
+    while True:
+        try:
+            return queue.get(timeout=5)
+        except queue_errors.Empty:
+            if not proc.is_alive():
+                raise RuntimeError(f"the {name} variant's process exited with code {proc.exitcode} "
+                                   "before reporting a result (its error is printed above)") from None
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="default")
@@ -93,7 +105,7 @@ def main(argv=None) -> None:
         queue = ctx.Queue()
         proc = ctx.Process(target=run_variant, args=(args, quantized, fused, queue))
         proc.start()
-        results[name] = queue.get()
+        results[name] = result_of(proc, queue, name)
         proc.join()
     base = results["quantizers_off"]["steps_per_second"]
     results["throughput_ratio"] = {name: results[name]["steps_per_second"] / base for name in variants

@@ -4,9 +4,10 @@
 #   bash benchmarks/gpu_suite.sh OUTDIR [STEP ...]      (from the repo root; msfp importable, e.g. pip install -e .)
 #
 # STEPs (default: all, in this order): tests (the CUDA/Triton tests), w4a4 (benchmarks/gpu_w4a4.py), finetune
-# (benchmarks/finetune_step.py at batch 16 and 128), fake_quant (benchmarks/fake_quant.py). Each benchmark's JSON goes
+# (benchmarks/finetune_step.py at batch 16 and 128, 30 timed steps), fake_quant (benchmarks/fake_quant.py). Each benchmark's JSON goes
 # to OUTDIR/<step>.json, everything else (machine, versions, pytest output, stderr) to OUTDIR/log: five files at most.
-# A failing step does not stop the others; the exit status is 1 if any failed. PYTHON picks the interpreter.
+# A failing step does not stop the others; the exit status is 1 if any failed. PYTHON picks the interpreter;
+# STEP_TIMEOUT (seconds, default none) stops a step that runs longer, so one slow step cannot use up a short lease.
 set -uo pipefail
 out=${1:?usage: bash benchmarks/gpu_suite.sh OUTDIR [tests|w4a4|finetune|fake_quant ...]}
 shift
@@ -38,10 +39,11 @@ run_step() {  # run_step NAME JSON_FILE|- COMMAND...
     shift 2
     echo "== $name: $*" | tee -a "$log"
     local start=$SECONDS status
+    local limit=(timeout "${STEP_TIMEOUT:-0}")  # timeout 0 never stops the command
     if [ "$json" = - ]; then
-        "$@" >> "$log" 2>&1
+        "${limit[@]}" "$@" >> "$log" 2>&1
     else
-        "$@" > "$json" 2>> "$log"
+        "${limit[@]}" "$@" > "$json" 2>> "$log"
     fi
     status=$?
     echo "== $name: exit $status after $((SECONDS - start)) s" | tee -a "$log"
@@ -54,8 +56,8 @@ for step in "${steps[@]}"; do
                    tests/test_fp8.py ;;
         w4a4) run_step w4a4 "$out/w4a4.json" "$python" benchmarks/gpu_w4a4.py ;;
         finetune)
-            run_step finetune16 "$out/finetune16.json" "$python" benchmarks/finetune_step.py --device cuda --batch 16
-            run_step finetune128 "$out/finetune128.json" "$python" benchmarks/finetune_step.py --device cuda --batch 128 ;;
+            run_step finetune16 "$out/finetune16.json" "$python" benchmarks/finetune_step.py --device cuda --batch 16 --iters 30
+            run_step finetune128 "$out/finetune128.json" "$python" benchmarks/finetune_step.py --device cuda --batch 128 --iters 30 ;;
         fake_quant) run_step fake_quant "$out/fake_quant.json" "$python" benchmarks/fake_quant.py ;;
         *) echo "gpu_suite.sh: unknown step '$step' (tests, w4a4, finetune, fake_quant)" | tee -a "$log"; failed+=("$step") ;;
     esac

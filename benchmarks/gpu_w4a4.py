@@ -133,7 +133,7 @@ def layer_rows(args, device, peak) -> list[dict]:
                     codes = act_codes(x2, ACT_FORMAT, s.view(view), z.view(view), e4m3_shift(ACT_FORMAT))
                 spatial = tuple(x.shape[-2:]) if kind == "conv3x3" else ()
                 bf16_ms = timed_ms(lambda: bf16(xb), args.iters, device)
-                gemm_ms = timed_ms(lambda: fp8._gemm(codes, 0, s, z, spatial, torch.bfloat16), args.iters, device)
+                gemm_ms = timed_ms(lambda: fp8._gemm(codes, 0, s, z, spatial, torch.bfloat16, use_kernels), args.iters, device)
                 layer_ms = timed_ms(lambda: fp8(xb), args.iters, device)
             rows.append(dict(kind=kind, batch=args.batch, **desc, flops=flops,
                              bf16=rates(flops, bf16_ms, peak and peak["bf16"]),
