@@ -79,6 +79,12 @@ def rates(flops: float, ms: float, peak: float | None) -> dict:
     return dict(ms=ms, tflops=tflops, pct_of_peak=None if peak is None else 100 * tflops / peak)
 
 
+def progress(row: dict) -> dict:
+    """Each row also goes to stderr as soon as it is measured, so a run cut short keeps what it measured."""
+    print(json.dumps(row), file=sys.stderr, flush=True)
+    return row
+
+
 def quantized_layer(module: torch.nn.Module, x: torch.Tensor, use_kernels: bool) -> Fp8Layer:
     """An :class:`Fp8Layer` of ``module`` with its weight quantizer initialised by the MSE search and its activation
     scale fitted to ``x`` (values do not change the speed, but the codes should be realistic)."""
@@ -135,11 +141,11 @@ def layer_rows(args, device, peak) -> list[dict]:
                 bf16_ms = timed_ms(lambda: bf16(xb), args.iters, device)
                 gemm_ms = timed_ms(lambda: fp8._gemm(codes, 0, s, z, spatial, torch.bfloat16, use_kernels), args.iters, device)
                 layer_ms = timed_ms(lambda: fp8(xb), args.iters, device)
-            rows.append(dict(kind=kind, batch=args.batch, **desc, flops=flops,
-                             bf16=rates(flops, bf16_ms, peak and peak["bf16"]),
-                             fp8_gemm_only=rates(flops, gemm_ms, peak and peak["fp8"]),
-                             fp8_layer=rates(flops, layer_ms, peak and peak["fp8"]),
-                             speedup_gemm_only=bf16_ms / gemm_ms, speedup_layer=bf16_ms / layer_ms))
+            rows.append(progress(dict(kind=kind, batch=args.batch, **desc, flops=flops,
+                                      bf16=rates(flops, bf16_ms, peak and peak["bf16"]),
+                                      fp8_gemm_only=rates(flops, gemm_ms, peak and peak["fp8"]),
+                                      fp8_layer=rates(flops, layer_ms, peak and peak["fp8"]),
+                                      speedup_gemm_only=bf16_ms / gemm_ms, speedup_layer=bf16_ms / layer_ms)))
     return rows
 
 
@@ -171,7 +177,7 @@ def denoiser_row(name: str, fp: torch.nn.Module, cond: dict, args, device) -> di
             peak_mem = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
         result[label] = dict(step_ms=ms, peak_memory_bytes=peak_mem, model_tensor_bytes=tensor_bytes(model))
     result["speedup"] = result["bf16"]["step_ms"] / result["fp8_w4a4"]["step_ms"]
-    return result
+    return progress(result)
 
 
 def main(argv=None) -> None:

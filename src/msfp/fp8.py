@@ -118,7 +118,7 @@ class Fp8Layer(nn.Module):
                 qw = layer.quantized_weight(k).detach().float()
                 # Q_w(W) is already on the grid: re-quantizing it recovers its grid values exactly.
                 grid = round_to_grid(_grid_units(qw, wq.fmt, w_scale.view(view)), wq.fmt)
-                codes.append(torch.ldexp(grid, torch.tensor(weight_shift)).to(E4M3))
+                codes.append((grid * 2.0**weight_shift).to(E4M3))  # a power of two: exact; a Python scalar: any device
                 tap_sums.append(qw.sum(1))  # (O,) for linears, (O, KH, KW) for convolutions
             codes = torch.stack(codes)
             if layer.kind == "conv2d":
