@@ -124,11 +124,8 @@ def layer_rows(args, device, peak) -> list[dict]:
             if kind == "conv3x3":
                 bf16, xb = bf16.to(memory_format=torch.channels_last), xb.contiguous(memory_format=torch.channels_last)
             with torch.no_grad():
-                scale = fp8.act_scale[torch.zeros(x.shape[0], dtype=torch.long, device=device)]
-                zero = fp8.act_zero_point[torch.zeros(x.shape[0], dtype=torch.long, device=device)]
                 x2 = xb if kind == "conv3x3" else xb.reshape(-1, xb.shape[-1])
-                rep = 1 if kind == "conv3x3" else x.shape[1]
-                s, z = scale.repeat_interleave(rep), zero.repeat_interleave(rep)
+                s, z = fp8._act_params(x.shape[0], 1 if kind == "conv3x3" else x.shape[1])
                 if use_kernels:
                     from msfp import triton_kernels
 

@@ -84,7 +84,8 @@ class Fp8Layer(nn.Module):
     """A :class:`~msfp.layers.QuantLayer` executed on E4M3 codes (see the module docstring).
 
     Holds the weight as codes (1 byte per weight, layout ``(K, O, KH, KW, C)`` for ``K`` TALoRA weight sets), the
-    per-channel weight scale, the bias and the activation format, scales and zero points of the source layer.
+    per-output-channel code scale (the weight scale with both E4M3 shifts undone), the bias and the activation
+    format, scales and zero points of the source layer.
     ``use_kernels``: True (Triton kernels), False (emulated) or None (kernels wherever the input's device has them,
     so a model converted on the CPU and moved to a Hopper GPU runs them there).
     """
@@ -124,7 +125,9 @@ class Fp8Layer(nn.Module):
             if layer.kind == "conv2d":
                 codes = codes.permute(0, 1, 3, 4, 2)  # (K, O, KH, KW, C): channels innermost, as NHWC inputs
             self.register_buffer("weight_codes", codes.contiguous())
-            self.register_buffer("weight_scale", w_scale * 2.0**-weight_shift)
+            # Both codes are their grid values times 2^shift; undoing both shifts here (exact: powers of two) leaves
+            # the GEMM epilogue one product, activation scale × code_scale, per output.
+            self.register_buffer("code_scale", w_scale * 2.0 ** -(weight_shift + self.act_shift))
             self.register_buffer("bias", None if layer.bias is None else layer.bias.detach().float().clone())
             self.register_buffer("act_scale", aq.scale.detach().float().clamp_min(MIN_SCALE).clone())
             zero = aq.zero_point.detach().float().clone() if aq.fmt.needs_zero_point else None
@@ -165,21 +168,21 @@ class Fp8Layer(nn.Module):
             from msfp import triton_kernels
 
             if self.kind == "linear":
-                return triton_kernels.linear_fp8(codes, w_codes, a_scale, self.weight_scale, self.bias, zero, corr,
+                return triton_kernels.linear_fp8(codes, w_codes, a_scale, self.code_scale, self.bias, zero, corr,
                                                  out_dtype=out_dtype)
             out = triton_kernels.conv2d_fp8(codes.permute(0, 2, 3, 1).contiguous(), w_codes, a_scale,
-                                            self.weight_scale, self.bias, zero, corr, self.conv_args["stride"],
+                                            self.code_scale, self.bias, zero, corr, self.conv_args["stride"],
                                             self.conv_args["padding"], self.conv_args["dilation"],
                                             out_dtype=out_dtype)
             return out.permute(0, 3, 1, 2)  # NCHW view of the NHWC result (channels_last memory)
         # Emulated: the products of two codes are exact in fp32, so only the summation order differs from a kernel.
         if self.kind == "linear":
             acc = F.linear(codes.float(), w_codes.float())
-            y = acc * (a_scale[:, None] * self.weight_scale)
+            y = acc * (a_scale[:, None] * self.code_scale)
             shape = (-1,)
         else:
             acc = F.conv2d(codes.float(), w_codes.permute(0, 3, 1, 2).float(), None, **self.conv_args)
-            y = acc * (a_scale.view(-1, 1, 1, 1) * self.weight_scale.view(1, -1, 1, 1))
+            y = acc * (a_scale.view(-1, 1, 1, 1) * self.code_scale.view(1, -1, 1, 1))
             shape = (-1, 1, 1)
         if self.bias is not None:
             y = y + self.bias.view(shape)
@@ -187,18 +190,24 @@ class Fp8Layer(nn.Module):
             y = y + zero.view(-1, *([1] * (y.dim() - 1))) * corr
         return y
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch = x.shape[0]
+    def _act_params(self, batch: int, rows: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The activation scale and zero point of each of the ``batch * rows`` GEMM rows (``rows`` per sample)."""
+        zero = self.act_zero_point
         groups = self.context.groups(self.act_scale.numel())
-        index = torch.zeros(batch, dtype=torch.long, device=x.device) if groups is None else groups
-        a_scale, zero = self.act_scale[index], None if self.act_zero_point is None else self.act_zero_point[index]
+        if groups is None:  # one scale for all: stride-0 views, no copy and no kernel launch
+            return self.act_scale.expand(batch * rows), None if zero is None else zero.expand(batch * rows)
+        a_scale, zero = self.act_scale[groups], None if zero is None else zero[groups]
+        if rows > 1:
+            a_scale, zero = a_scale.repeat_interleave(rows), None if zero is None else zero.repeat_interleave(rows)
+        return a_scale, zero
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "linear":  # (B, ..., C): one scale per row of the flattened GEMM
             rows = x.shape[1:-1].numel()
-            x2 = x.reshape(-1, x.shape[-1])
-            a_scale, zero = (a_scale.repeat_interleave(rows), None if zero is None else zero.repeat_interleave(rows))
-            view = (-1, 1)
+            x2, view = x.reshape(-1, x.shape[-1]), (-1, 1)
         else:
-            x2, view = x, (-1, 1, 1, 1)
+            rows, x2, view = 1, x, (-1, 1, 1, 1)
+        a_scale, zero = self._act_params(x.shape[0], rows)
         kernels = self._kernels_for(x.device)
         if kernels:
             from msfp import triton_kernels
@@ -209,20 +218,19 @@ class Fp8Layer(nn.Module):
         else:
             codes = act_codes(x2, self.act_fmt, a_scale.view(view), None if zero is None else zero.view(view),
                               self.act_shift)
-        a_eff = a_scale * 2.0**-self.act_shift
         spatial = tuple(x.shape[-2:]) if self.kind == "conv2d" else ()
         # The kernels write half-precision models' outputs directly; the emulation computes in fp32.
         out_dtype = x.dtype if x.dtype in (torch.float32, torch.bfloat16, torch.float16) else torch.float32
         route = self.context.route
         if self.num_weight_sets == 1 or route is None:
-            y = self._gemm(codes, 0, a_eff, zero, spatial, out_dtype, kernels)
+            y = self._gemm(codes, 0, a_scale, zero, spatial, out_dtype, kernels)
         else:
             rows = 1 if self.kind == "conv2d" else x.shape[1:-1].numel()
             choice = route.detach().argmax(1).repeat_interleave(rows)
             y = None
             for k in choice.unique().tolist():
                 mask = choice == k
-                part = self._gemm(codes[mask], k, a_eff[mask], None if zero is None else zero[mask], spatial,
+                part = self._gemm(codes[mask], k, a_scale[mask], None if zero is None else zero[mask], spatial,
                                   out_dtype, kernels)
                 y = part.new_zeros((codes.shape[0], *part.shape[1:])) if y is None else y
                 y = y.index_put((mask,), part)
