@@ -1,0 +1,70 @@
+"""Host (Python) time of one Fp8Layer forward on the Triton path, with the kernel launches themselves left out.
+
+    python benchmarks/fp8_host_overhead.py [--calls 1000 --rounds 7]
+
+A W4A4 layer on the FP8 path launches two kernels (activation codes, GEMM); everything around them (argument checks,
+scale vectors, output allocation) is host work that a GPU waits for unless the step is replayed from a CUDA graph.
+On the first H200 run (benchmarks/results/gpu_w4a4_h200_f1fe63f.json) that host work, not the kernels, set the eager layer
+times. This measures it on any machine: the launches are replaced by no-ops, so no GPU or Triton compile is needed;
+what Triton's own launcher adds on a GPU is not included. Prints JSON with µs per forward for a linear and a 3×3
+convolution layer (sizes do not matter here: nothing is computed), machine and command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import torch
+
+import msfp
+from msfp import triton_kernels
+from msfp.environment import machine_info
+from msfp.fp8 import Fp8Layer
+from msfp.surgery import quant_layers
+
+
+def fp8_layer(module: torch.nn.Module, x: torch.Tensor) -> Fp8Layer:
+    model = torch.nn.Sequential(module)
+    msfp.quantize(model, msfp.QuantConfig(weight_formats=["fp4_e2m1"], act_formats=["ufp4_e2m2"],
+                                          aal_act_formats=[], eight_bit_layers=[]))
+    layer = quant_layers(model)["0"]
+    layer.weight_quantizer.initialize(layer.weight.detach())
+    layer.act_quantizer.initialize(x.flatten())
+    return Fp8Layer(layer, use_kernels=True)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--calls", type=int, default=1000, help="forwards per timed round")
+    p.add_argument("--rounds", type=int, default=7, help="timed rounds (the median is reported)")
+    args = p.parse_args(argv)
+    if not triton_kernels.HAS_TRITON:
+        sys.exit("fp8_host_overhead.py needs the triton package (its launchers are what is timed)")
+    torch.set_num_threads(1)
+    triton_kernels._Launch.run = lambda self, *tensors: self.result  # the launch itself is not host work we own
+    cases = {"linear_64x64_tokens16": (torch.nn.Linear(64, 64), torch.randn(2, 16, 64)),
+             "conv3x3_16x16_8x8": (torch.nn.Conv2d(16, 16, 3, padding=1), torch.randn(2, 16, 8, 8))}
+    results = {}
+    with torch.no_grad():
+        for name, (module, x) in cases.items():
+            layer, xb = fp8_layer(module, x), x.bfloat16()
+            for _ in range(200):
+                layer(xb)
+            rounds = []
+            for _ in range(args.rounds):
+                start = time.perf_counter()
+                for _ in range(args.calls):
+                    layer(xb)
+                rounds.append(1e6 * (time.perf_counter() - start) / args.calls)
+            results[name] = dict(host_us_per_forward=statistics.median(rounds), rounds=rounds)
+    command = "python " + " ".join(["benchmarks/fp8_host_overhead.py", *(argv if argv is not None else sys.argv[1:])])
+    print(json.dumps(dict(benchmark="fp8_host_overhead", settings=vars(args), machine=machine_info("cpu"),
+                          command=command, results=results), indent=2))
+
+
+if __name__ == "__main__":
+    main()
