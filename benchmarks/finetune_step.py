@@ -31,6 +31,12 @@ from msfp.talora import add_talora
 
 
 def run_variant(args, quantized: bool, fused: bool, queue) -> None:
+    began = time.perf_counter()
+
+    def note(what: str) -> None:  # progress on stderr, so a run cut short shows where its time went
+        print(f"finetune_step {'quantized' if quantized else 'quantizers off'}{', fused' if fused else ''}: {what} "
+              f"after {time.perf_counter() - began:.1f} s", file=sys.stderr, flush=True)
+
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -56,8 +62,10 @@ def run_variant(args, quantized: bool, fused: bool, queue) -> None:
         loss.backward()
         optimizer.step()
 
+    note("model calibrated, TALoRA added")
     for _ in range(2):  # warm-up (the fused path compiles its graphs here)
         step()
+    note("warm-up steps done")
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()

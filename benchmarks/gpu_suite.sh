@@ -52,7 +52,7 @@ run_step() {  # run_step NAME JSON_FILE|- COMMAND...
 
 for step in "${steps[@]}"; do
     case $step in
-        tests) run_step tests - "$python" -m pytest -rs -p no:cacheprovider tests/test_kernels.py tests/test_triton_kernels.py \
+        tests) run_step tests - "$python" -m pytest -v -rs --durations=10 -p no:cacheprovider tests/test_kernels.py tests/test_triton_kernels.py \
                    tests/test_fp8.py ;;
         w4a4) run_step w4a4 "$out/w4a4.json" "$python" benchmarks/gpu_w4a4.py ;;
         finetune)

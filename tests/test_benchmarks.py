@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
 def load_script(name):
     spec = importlib.util.spec_from_file_location(f"benchmark_{name}", BENCHMARKS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
@@ -37,3 +39,19 @@ def test_ablation_writes_table_and_paired_differences(tmp_path, capsys):
     table = (out / "results.md").read_text()
     assert "| w4a4-msfp+lora-mse | w4a4-msfp |" in table and f"{difference['fd_difference']:+.1f}" in table
     assert (out / "results.json").is_file() and (out / "index.html").is_file()
+
+
+def test_gpu_w4a4_smoke_runs_every_layer_and_denoiser_on_the_fp8_path(capsys):
+    # The GPU benchmark's whole flow on the emulated path, so a GPU session does not find it broken (timings unused).
+    load_script("gpu_w4a4").main(["--smoke"])
+    report = json.loads(capsys.readouterr().out)
+    layers = report["layers"]
+    assert [row["kind"] for row in layers] == ["conv3x3"] * 5 + ["linear"] * 5
+    for row in layers:
+        for side in ("bf16", "fp8_gemm_only", "fp8_layer"):
+            assert row[side]["ms"] > 0 and row[side]["tflops"] == pytest.approx(row["flops"] / row[side]["ms"] / 1e9)
+        assert row["speedup_layer"]["eager"] == pytest.approx(row["bf16"]["ms"] / row["fp8_layer"]["ms"])
+    for denoiser in report["denoisers"]:
+        # Every 4-bit layer converted; 1 byte per weight code halves the BF16 model's bytes or better.
+        assert denoiser["fake_quant_layers"] == {} and denoiser["fp8_layers"] > 0
+        assert denoiser["fp8_w4a4"]["model_tensor_bytes"] < 0.6 * denoiser["bf16"]["model_tensor_bytes"]
