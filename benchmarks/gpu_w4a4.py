@@ -12,6 +12,8 @@ Reported, per layer shape (SD-1.5-like: 3×3 convolutions at 320–1280 channels
 layer (activation-quantize kernel + GEMM, BF16 in and out); TFLOP/s and % of the dense peak of the GPU. Per denoiser
 (the shipped default model and a random-weight UNet2DConditionModel with Stable Diffusion 1.5's shapes): one step's
 time in BF16 and with every 4-bit layer on the FP8 path, the speed-up, the peak memory and the bytes of the weights.
+Linear layers are timed twice on the FP8 path: with the Triton GEMM and through ``torch._scaled_mm`` (``scaled_mm_*``
+fields; for the denoisers ``fp8_w4a4_scaled_mm``).
 Every time is taken twice on both sides, with the same settings: eagerly (one call per timing, so the host's launch
 work counts) and replayed from a CUDA graph (``--no-cuda-graphs`` skips this), which leaves the GPU's time alone; no
 torch.compile. The models' 8-bit edge layers (first/last conv, timestep MLP) are kept in BF16 here, so only the W4A4
@@ -148,8 +150,8 @@ def progress(row: dict) -> dict:
     return row
 
 
-def quantized_layer(module: torch.nn.Module, x: torch.Tensor, use_kernels: bool) -> Fp8Layer:
-    """An :class:`Fp8Layer` of ``module`` with its weight quantizer initialised by the MSE search and its activation
+def quantized_layer(module: torch.nn.Module, x: torch.Tensor):
+    """A W4A4 QuantLayer of ``module`` with its weight quantizer initialised by the MSE search and its activation
     scale fitted to ``x`` (values do not change the speed, but the codes should be realistic)."""
     model = torch.nn.Sequential(module.float())
     msfp.quantize(model, msfp.QuantConfig(weight_formats=[WEIGHT_FORMAT.name], act_formats=[ACT_FORMAT.name],
@@ -158,7 +160,7 @@ def quantized_layer(module: torch.nn.Module, x: torch.Tensor, use_kernels: bool)
     layer.act_quantizer.fmt = ACT_FORMAT
     layer.weight_quantizer.initialize(layer.weight.detach())
     layer.act_quantizer.initialize(x.float().flatten()[: 1 << 16])
-    return Fp8Layer(layer, use_kernels)
+    return layer
 
 
 def layer_rows(args, timer: Timer, peak) -> list[dict]:
@@ -182,7 +184,10 @@ def layer_rows(args, timer: Timer, peak) -> list[dict]:
                 module = torch.nn.Linear(k, n).to(device)
                 flops = 2 * args.batch * tokens * k * n
                 desc = dict(tokens=tokens, k=k, n=n)
-            fp8 = quantized_layer(copy.deepcopy(module), x, use_kernels).to(device)
+            layer = quantized_layer(copy.deepcopy(module), x)
+            fp8 = Fp8Layer(layer, use_kernels).to(device)
+            # Linears also through torch._scaled_mm (cuBLAS/CUTLASS), the alternative to the Triton GEMM.
+            fp8_scaled_mm = Fp8Layer(layer, use_kernels, "scaled_mm").to(device) if kind == "linear" else None
             bf16 = module.to(torch.bfloat16)
             xb = x.to(torch.bfloat16)
             if kind == "conv3x3":
@@ -202,12 +207,19 @@ def layer_rows(args, timer: Timer, peak) -> list[dict]:
                 bf16_t = timer(lambda: bf16(xb))
                 gemm_t = timer(lambda: fp8._gemm(codes, 0, s, z, spatial, torch.bfloat16, use_kernels))
                 layer_t = timer(lambda: fp8(xb))
-            rows.append(progress(dict(kind=kind, batch=args.batch, **desc, flops=flops,
-                                      bf16=rates(flops, bf16_t, peak and peak["bf16"]),
-                                      fp8_gemm_only=rates(flops, gemm_t, peak and peak["fp8"]),
-                                      fp8_layer=rates(flops, layer_t, peak and peak["fp8"]),
-                                      speedup_gemm_only=speedups(bf16_t, gemm_t),
-                                      speedup_layer=speedups(bf16_t, layer_t))))
+                row = dict(kind=kind, batch=args.batch, **desc, flops=flops,
+                           bf16=rates(flops, bf16_t, peak and peak["bf16"]),
+                           fp8_gemm_only=rates(flops, gemm_t, peak and peak["fp8"]),
+                           fp8_layer=rates(flops, layer_t, peak and peak["fp8"]),
+                           speedup_gemm_only=speedups(bf16_t, gemm_t), speedup_layer=speedups(bf16_t, layer_t))
+                if fp8_scaled_mm is not None:
+                    gemm_t = timer(lambda: fp8_scaled_mm._gemm(codes, 0, s, z, (), torch.bfloat16, use_kernels))
+                    layer_t = timer(lambda: fp8_scaled_mm(xb))
+                    row.update(scaled_mm_gemm_only=rates(flops, gemm_t, peak and peak["fp8"]),
+                               scaled_mm_layer=rates(flops, layer_t, peak and peak["fp8"]),
+                               speedup_scaled_mm_gemm_only=speedups(bf16_t, gemm_t),
+                               speedup_scaled_mm_layer=speedups(bf16_t, layer_t))
+            rows.append(progress(row))
     return rows
 
 
@@ -224,7 +236,9 @@ def denoiser_row(name: str, fp: torch.nn.Module, cond: dict, args, timer: Timer)
     q = msfp.quantize(copy.deepcopy(fp).to(device, torch.bfloat16).to(memory_format=torch.channels_last), config)
     for layer in quant_layers(q).values():  # realistic weight codes; activation scales stay at their placeholder
         layer.weight_quantizer.initialize(layer.weight.detach().float(), max_samples=1 << 14)
+    q_scaled_mm = copy.deepcopy(q)  # the same model with its linears' GEMMs through torch._scaled_mm
     kept = convert_to_fp8(q, use_kernels=use_kernels)
+    convert_to_fp8(q_scaled_mm, use_kernels=use_kernels, linear_gemm="scaled_mm")
     shape = (args.batch, fp.config.in_channels, fp.config.sample_size, fp.config.sample_size)
     x = torch.randn(shape, device=device, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
     t = torch.full((args.batch,), 500, device=device)
@@ -232,7 +246,7 @@ def denoiser_row(name: str, fp: torch.nn.Module, cond: dict, args, timer: Timer)
     result = dict(model=name, batch=args.batch, fake_quant_layers=kept,
                   fp8_layers=sum(isinstance(m, Fp8Layer) for m in q.modules()))
     steps = {}
-    for label, model in (("bf16", bf16), ("fp8_w4a4", q)):
+    for label, model in (("bf16", bf16), ("fp8_w4a4", q), ("fp8_w4a4_scaled_mm", q_scaled_mm)):
         with torch.no_grad():
             steps[label] = timer(lambda: model(x, t, **cond))
         result[label] = dict(step_ms=steps[label]["ms"], peak_memory_bytes=steps[label]["peak_memory_bytes"],
@@ -240,6 +254,7 @@ def denoiser_row(name: str, fp: torch.nn.Module, cond: dict, args, timer: Timer)
         if "graph_ms" in steps[label]:
             result[label]["graph_step_ms"] = steps[label]["graph_ms"]
     result["speedup"] = speedups(steps["bf16"], steps["fp8_w4a4"])
+    result["speedup_scaled_mm"] = speedups(steps["bf16"], steps["fp8_w4a4_scaled_mm"])
     return progress(result)
 
 

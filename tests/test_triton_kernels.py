@@ -336,6 +336,57 @@ def test_fp8_layers_on_the_kernels_equal_the_emulated_path(family, monkeypatch):
     assert checked >= 6
 
 
+def scaled_mm_layer(timestep_groups):
+    import msfp
+    from msfp.surgery import quant_layers
+
+    torch.manual_seed(0)
+    model = msfp.quantize(torch.nn.Sequential(torch.nn.Linear(64, 48)).to(DEV),
+                          msfp.QuantConfig(weight_formats=["fp4_e2m1"], act_formats=["ufp4_e2m2"], aal_act_formats=[],
+                                           eight_bit_layers=[], act_timestep_groups=timestep_groups))
+    layer = quant_layers(model)["0"]
+    x = torch.randn(4, 5, 64, device=DEV) + 0.5
+    layer.weight_quantizer.initialize(layer.weight.detach())
+    layer.act_quantizer.initialize(x.flatten())
+    with torch.no_grad():  # groups with their own scale and zero point, so per-row terms are really per row
+        layer.act_quantizer.scale.mul_(torch.linspace(1, 1.5, timestep_groups, device=DEV))
+        layer.act_quantizer.zero_point.add_(torch.linspace(0, -0.3, timestep_groups, device=DEV))
+    model.msfp_context.set_timesteps(torch.tensor([5, 300, 600, 999], device=DEV), 4, DEV)
+    return layer, x.bfloat16()
+
+
+@pytest.mark.parametrize("timestep_groups", [1, 4])
+def test_linear_gemm_through_scaled_mm_equals_the_emulated_path(timestep_groups, monkeypatch):
+    from msfp.fp8 import Fp8Layer
+
+    layer, x = scaled_mm_layer(timestep_groups)
+    calls = []
+    scaled_mm = torch._scaled_mm
+    monkeypatch.setattr(torch, "_scaled_mm", lambda *a, **k: calls.append(k["scale_a"].shape) or scaled_mm(*a, **k))
+    with torch.no_grad():
+        want = Fp8Layer(layer, use_kernels=False)(x)
+        got = Fp8Layer(layer, use_kernels=True, linear_gemm="scaled_mm")(x)
+    assert calls == [(20, 1)], "the GEMM did not go through torch._scaled_mm with one scale per row"
+    assert got.dtype == want.dtype == torch.bfloat16 and got.shape == want.shape == (4, 5, 48)
+    # Both round the fp32 result to bfloat16 once; _scaled_mm's bfloat16 bias (or per-row zero-point term) adds at
+    # most one more bfloat16 rounding: 2 ulps of bfloat16 (2^-7 relative) of the largest output.
+    torch.testing.assert_close(got.float(), want.float(), rtol=0, atol=2**-7 * want.abs().max().item())
+
+
+def test_scaled_mm_is_only_used_where_it_applies(monkeypatch):
+    from msfp.fp8 import Fp8Layer
+
+    layer, x = scaled_mm_layer(1)
+    monkeypatch.setattr(torch, "_scaled_mm", lambda *a, **k: pytest.fail("float32 inputs must use the Triton GEMM"))
+    monkeypatch.setattr(tk, "linear_fp8", functools.partial(tk.linear_fp8, **GEMM_BLOCKS))
+    with torch.no_grad():
+        fp8 = Fp8Layer(layer, use_kernels=True, linear_gemm="scaled_mm")
+        assert fp8(x.float()).dtype == torch.float32  # bfloat16 output only: the Triton kernel serves float32
+    assert "torch._scaled_mm" in repr(fp8)
+    with pytest.raises(ValueError, match=r"0: unknown linear_gemm 'cublas'"):
+        Fp8Layer(layer, linear_gemm="cublas")
+
+
 # Ahead-of-time compilation for real GPUs (no GPU needed: Triton's compiler and bundled ptxas). Shapes are
 # Stable-Diffusion-1.5-like, since Triton specializes on divisibility; only dtypes, strides and alignment matter.
 H100_MAX_SHARED = 227 * 1024  # opt-in shared memory per block on sm_90

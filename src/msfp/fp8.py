@@ -18,7 +18,9 @@ because the fake-quant layer pads its *quantized* input with exact zeros, not wi
 Every product ``c_a·c_w`` is exact in fp32, so the result equals the fake-quant layer up to fp32 accumulation
 order. On a CUDA GPU with FP8 tensor cores (compute capability ≥ 8.9) and Triton, :class:`Fp8Layer` runs the Triton
 kernels of :mod:`msfp.triton_kernels`; elsewhere it computes the same codes and the same epilogue with float32
-convolutions (the emulated path, which tests compare against the fake-quant reference on CPU).
+convolutions (the emulated path, which tests compare against the fake-quant reference on CPU). Linear layers can
+instead run their GEMM through ``torch._scaled_mm`` (``linear_gemm="scaled_mm"``: cuBLAS/CUTLASS with row-wise
+scales), where the activations are bfloat16 and both GEMM dimensions are multiples of 16.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from msfp.layers import QuantLayer
 from msfp.quantizers import MIN_SCALE
 
 E4M3 = torch.float8_e4m3fn
+LINEAR_GEMMS = ("triton", "scaled_mm")
 
 
 @functools.lru_cache(maxsize=None)
@@ -90,8 +93,10 @@ class Fp8Layer(nn.Module):
     so a model converted on the CPU and moved to a Hopper GPU runs them there).
     """
 
-    def __init__(self, layer: QuantLayer, use_kernels: bool | None = None):
+    def __init__(self, layer: QuantLayer, use_kernels: bool | None = None, linear_gemm: str = "triton"):
         super().__init__()
+        if linear_gemm not in LINEAR_GEMMS:
+            raise ValueError(f"{layer.name}: unknown linear_gemm {linear_gemm!r}; expected one of {LINEAR_GEMMS}")
         aq, wq = layer.act_quantizer, layer.weight_quantizer
         if not wq.enabled or not aq.enabled:
             raise Fp8Unsupported(f"{layer.name}: quantizers are disabled (a full-precision layer)")
@@ -110,7 +115,7 @@ class Fp8Layer(nn.Module):
                                  f"padding_mode={layer.padding_mode!r})")
         self.name, self.kind, self.context = layer.name, layer.kind, layer.context
         self.conv_args = dict(layer.conv_args) if layer.kind == "conv2d" else {}
-        self.act_fmt, self.use_kernels = aq.fmt, use_kernels
+        self.act_fmt, self.use_kernels, self.linear_gemm = aq.fmt, use_kernels, linear_gemm
         with torch.no_grad():
             w_scale = wq.scale.detach().float().clamp_min(MIN_SCALE)
             view = (-1,) + (1,) * (layer.weight.dim() - 1)
@@ -159,6 +164,11 @@ class Fp8Layer(nn.Module):
             self._corr_cache[key] = corr
         return self._corr_cache[key]
 
+    def _scaled_mm_applies(self, w_codes: torch.Tensor, out_dtype: torch.dtype) -> bool:
+        # torch._scaled_mm's row-wise scaling writes bfloat16 only and needs 16-aligned K and N.
+        return (self.linear_gemm == "scaled_mm" and out_dtype == torch.bfloat16
+                and w_codes.shape[0] % 16 == 0 and w_codes.shape[1] % 16 == 0)
+
     def _gemm(self, codes: torch.Tensor, k: int, a_scale: torch.Tensor, zero: torch.Tensor | None,
               spatial: tuple[int, ...], out_dtype: torch.dtype, kernels: bool) -> torch.Tensor:
         """The layer on activation codes of the samples that use weight set ``k``."""
@@ -167,6 +177,8 @@ class Fp8Layer(nn.Module):
         if kernels:
             from msfp import triton_kernels
 
+            if self.kind == "linear" and self._scaled_mm_applies(w_codes, out_dtype):
+                return _scaled_mm_linear(codes, w_codes, a_scale, self.code_scale, self.bias, zero, corr)
             if self.kind == "linear":
                 return triton_kernels.linear_fp8(codes, w_codes, a_scale, self.code_scale, self.bias, zero, corr,
                                                  out_dtype=out_dtype)
@@ -240,14 +252,38 @@ class Fp8Layer(nn.Module):
 
     def extra_repr(self) -> str:
         path = {True: "triton", False: "emulated", None: "triton where available"}[self.use_kernels]
+        if self.kind == "linear" and self.linear_gemm == "scaled_mm" and self.use_kernels is not False:
+            path += " (GEMM: torch._scaled_mm for bfloat16 inputs)"
         return f"{self.name}: {self.kind}, fp8 {path}, act {self.act_fmt.name}, {self.num_weight_sets} weight set(s)"
 
 
-def convert_to_fp8(model: nn.Module, use_kernels: bool | None = None) -> dict[str, str]:
+def _scaled_mm_linear(codes, w_codes, a_scale, code_scale, bias, zero, corr) -> torch.Tensor:
+    """The linear GEMM of :meth:`Fp8Layer._gemm` through ``torch._scaled_mm`` with row-wise scales (bfloat16 out).
+
+    Its bias operand is bfloat16, so ``bias + z_a·corr`` is summed in fp32 and rounded once when the zero point is
+    one for all rows (stride 0, the per-tensor case), and added to the bfloat16 result otherwise: either way within
+    one more bfloat16 rounding of the Triton kernel's fp32 epilogue. Accumulation is fp32 (no fast accumulation).
+    """
+    rows = codes.shape[0]
+    extra, per_row = bias, None
+    if zero is not None:
+        if zero.stride(0) == 0:
+            extra = zero[:1] * corr if bias is None else bias + zero[:1] * corr
+        else:
+            per_row = zero[:, None] * corr[None, :]
+    y = torch._scaled_mm(codes, w_codes.t(), scale_a=a_scale.reshape(rows, 1).contiguous(),
+                         scale_b=code_scale.reshape(1, -1), bias=None if extra is None else extra.to(torch.bfloat16),
+                         out_dtype=torch.bfloat16, use_fast_accum=False)
+    return y if per_row is None else (y.float() + per_row).to(torch.bfloat16)
+
+
+def convert_to_fp8(model: nn.Module, use_kernels: bool | None = None, linear_gemm: str = "triton") -> dict[str, str]:
     """Replace every quantized layer that the FP8 path runs exactly by an :class:`Fp8Layer`, in place.
 
     ``use_kernels=None`` runs the Triton kernels wherever the input's device has them and the emulated path
     elsewhere; True insists on the kernels (an error here if the model's device lacks them), False always emulates.
+    ``linear_gemm="scaled_mm"`` runs linear layers' GEMMs through ``torch._scaled_mm`` where it applies (see
+    :class:`Fp8Layer`), with the kernels.
     Returns ``{layer name: reason}`` for the layers left on the fake-quant path (8-bit INT layers, layers with
     disabled quantizers, grouped convolutions…); attention matmuls, when quantized, stay fake-quant too.
     """
@@ -262,11 +298,11 @@ def convert_to_fp8(model: nn.Module, use_kernels: bool | None = None) -> dict[st
     kept = {}
     for name, layer in layers.items():
         try:
-            replacement = Fp8Layer(layer, use_kernels).to(device)
+            replacement = Fp8Layer(layer, use_kernels, linear_gemm).to(device)
         except Fp8Unsupported as e:
             kept[name] = str(e).split(": ", 1)[1]
             continue
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, replacement)
-    model.msfp_backend = dict(kind="fp8", kernels=use_kernels, fake_quant_layers=kept)
+    model.msfp_backend = dict(kind="fp8", kernels=use_kernels, linear_gemm=linear_gemm, fake_quant_layers=kept)
     return kept
