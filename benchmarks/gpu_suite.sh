@@ -4,8 +4,9 @@
 #   bash benchmarks/gpu_suite.sh OUTDIR [STEP ...]      (from the repo root; msfp importable, e.g. pip install -e .)
 #
 # STEPs (default: all, in this order): tests (the CUDA/Triton tests), w4a4 (benchmarks/gpu_w4a4.py), finetune
-# (benchmarks/finetune_step.py at batch 16 and 128, 30 timed steps), fake_quant (benchmarks/fake_quant.py). Each benchmark's JSON goes
-# to OUTDIR/<step>.json, everything else (machine, versions, pytest output, stderr) to OUTDIR/log: five files at most.
+# (benchmarks/finetune_step.py at batch 16 and 128, 30 timed steps), fake_quant (benchmarks/fake_quant.py). Each
+# benchmark's JSON goes to OUTDIR/<step>.json, everything else (machine, versions, pytest output, stderr) to
+# OUTDIR/log: five files at most.
 # A failing step does not stop the others; the exit status is 1 if any failed. PYTHON picks the interpreter;
 # STEP_TIMEOUT (seconds, default none) stops a step that runs longer, so one slow step cannot use up a short lease.
 set -uo pipefail
@@ -34,6 +35,10 @@ EOF
 git rev-parse HEAD >> "$log" 2>&1
 
 failed=()
+# On a fresh machine the GPU tests spend most of their time compiling kernels (one per format, layout and shape
+# specialization); with pytest-xdist installed, TEST_WORKERS processes (default 8) compile in parallel.
+parallel=()
+"$python" -c "import xdist" 2>/dev/null && parallel=(-n "${TEST_WORKERS:-8}")
 run_step() {  # run_step NAME JSON_FILE|- COMMAND...
     local name=$1 json=$2
     shift 2
@@ -52,8 +57,8 @@ run_step() {  # run_step NAME JSON_FILE|- COMMAND...
 
 for step in "${steps[@]}"; do
     case $step in
-        tests) run_step tests - "$python" -m pytest -v -rs --durations=10 -p no:cacheprovider tests/test_kernels.py tests/test_triton_kernels.py \
-                   tests/test_fp8.py ;;
+        tests) run_step tests - "$python" -m pytest -v -rs --durations=10 -p no:cacheprovider "${parallel[@]}" \
+                   tests/test_kernels.py tests/test_triton_kernels.py tests/test_fp8.py ;;
         w4a4) run_step w4a4 "$out/w4a4.json" "$python" benchmarks/gpu_w4a4.py ;;
         finetune)
             run_step finetune16 "$out/finetune16.json" "$python" benchmarks/finetune_step.py --device cuda --batch 16 --iters 30
