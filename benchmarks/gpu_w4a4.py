@@ -9,7 +9,8 @@ measurement; the test suite runs it.
 
 Reported, per layer shape (SD-1.5-like: 3×3 convolutions at 320–1280 channels, large linears) — the BF16 time
 (cuBLAS/cuDNN, channels_last, ``cudnn.benchmark``), the FP8 GEMM/convolution alone on ready codes, and the whole FP8
-layer (activation-quantize kernel + GEMM, BF16 in and out); TFLOP/s and % of the dense peak of the GPU. Per denoiser
+layer (activation-quantize kernel + GEMM, BF16 in and out), the GEMM alone with fast (reduced-precision) FP8
+accumulation; TFLOP/s and % of the dense peak of the GPU. Per denoiser
 (the shipped default model and a random-weight UNet2DConditionModel with Stable Diffusion 1.5's shapes): one step's
 time in BF16 and with every 4-bit layer on the FP8 path, the speed-up, the peak memory and the bytes of the weights.
 Linear layers are timed twice on the FP8 path: with the Triton GEMM and through ``torch._scaled_mm`` (``scaled_mm_*``
@@ -207,10 +208,14 @@ def layer_rows(args, timer: Timer, peak) -> list[dict]:
                 bf16_t = timer(lambda: bf16(xb))
                 gemm_t = timer(lambda: fp8._gemm(codes, 0, s, z, spatial, torch.bfloat16, use_kernels))
                 layer_t = timer(lambda: fp8(xb))
+                fp8.precise_acc = False  # what fp32 accumulation costs: the same GEMM with Hopper's fast FP8 sums
+                fast_t = timer(lambda: fp8._gemm(codes, 0, s, z, spatial, torch.bfloat16, use_kernels))
+                fp8.precise_acc = True
                 row = dict(kind=kind, batch=args.batch, **desc, flops=flops,
                            bf16=rates(flops, bf16_t, peak and peak["bf16"]),
                            fp8_gemm_only=rates(flops, gemm_t, peak and peak["fp8"]),
                            fp8_layer=rates(flops, layer_t, peak and peak["fp8"]),
+                           fp8_gemm_only_fast_accum=rates(flops, fast_t, peak and peak["fp8"]),
                            speedup_gemm_only=speedups(bf16_t, gemm_t), speedup_layer=speedups(bf16_t, layer_t))
                 if fp8_scaled_mm is not None:
                     gemm_t = timer(lambda: fp8_scaled_mm._gemm(codes, 0, s, z, (), torch.bfloat16, use_kernels))

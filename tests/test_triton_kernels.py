@@ -387,6 +387,23 @@ def test_scaled_mm_is_only_used_where_it_applies(monkeypatch):
         Fp8Layer(layer, linear_gemm="cublas")
 
 
+def test_fast_accumulation_setting_reaches_both_linear_gemms(monkeypatch):
+    from msfp.fp8 import Fp8Layer
+
+    layer, x = scaled_mm_layer(1)
+    seen, scaled_mm, linear_fp8 = [], torch._scaled_mm, tk.linear_fp8
+    monkeypatch.setattr(torch, "_scaled_mm", lambda *a, **k: seen.append(("scaled_mm", k["use_fast_accum"]))
+                        or scaled_mm(*a, **k))
+    monkeypatch.setattr(tk, "linear_fp8", lambda *a, **k: seen.append(("triton", k["precise_acc"]))
+                        or linear_fp8(*a, **k, **GEMM_BLOCKS))
+    with torch.no_grad():
+        for gemm in ("triton", "scaled_mm"):
+            fp8 = Fp8Layer(layer, use_kernels=True, linear_gemm=gemm)
+            fp8.precise_acc = False
+            fp8(x)
+    assert seen == [("triton", False), ("scaled_mm", True)]
+
+
 # Ahead-of-time compilation for real GPUs (no GPU needed: Triton's compiler and bundled ptxas). Shapes are
 # Stable-Diffusion-1.5-like, since Triton specializes on divisibility; only dtypes, strides and alignment matter.
 H100_MAX_SHARED = 227 * 1024  # opt-in shared memory per block on sm_90

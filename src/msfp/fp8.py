@@ -116,6 +116,9 @@ class Fp8Layer(nn.Module):
         self.name, self.kind, self.context = layer.name, layer.kind, layer.context
         self.conv_args = dict(layer.conv_args) if layer.kind == "conv2d" else {}
         self.act_fmt, self.use_kernels, self.linear_gemm = aq.fmt, use_kernels, linear_gemm
+        # False lets Hopper's FP8 MMA keep partial sums in its reduced-precision accumulator (faster, less exact;
+        # the kernels only, like torch._scaled_mm's use_fast_accum).
+        self.precise_acc = True
         with torch.no_grad():
             w_scale = wq.scale.detach().float().clamp_min(MIN_SCALE)
             view = (-1,) + (1,) * (layer.weight.dim() - 1)
@@ -178,14 +181,15 @@ class Fp8Layer(nn.Module):
             from msfp import triton_kernels
 
             if self.kind == "linear" and self._scaled_mm_applies(w_codes, out_dtype):
-                return _scaled_mm_linear(codes, w_codes, a_scale, self.code_scale, self.bias, zero, corr)
+                return _scaled_mm_linear(codes, w_codes, a_scale, self.code_scale, self.bias, zero, corr,
+                                         fast_accum=not self.precise_acc)
             if self.kind == "linear":
                 return triton_kernels.linear_fp8(codes, w_codes, a_scale, self.code_scale, self.bias, zero, corr,
-                                                 out_dtype=out_dtype)
+                                                 out_dtype=out_dtype, precise_acc=self.precise_acc)
             out = triton_kernels.conv2d_fp8(codes.permute(0, 2, 3, 1).contiguous(), w_codes, a_scale,
                                             self.code_scale, self.bias, zero, corr, self.conv_args["stride"],
                                             self.conv_args["padding"], self.conv_args["dilation"],
-                                            out_dtype=out_dtype)
+                                            out_dtype=out_dtype, precise_acc=self.precise_acc)
             return out.permute(0, 3, 1, 2)  # NCHW view of the NHWC result (channels_last memory)
         # Emulated: the products of two codes are exact in fp32, so only the summation order differs from a kernel.
         if self.kind == "linear":
@@ -257,12 +261,12 @@ class Fp8Layer(nn.Module):
         return f"{self.name}: {self.kind}, fp8 {path}, act {self.act_fmt.name}, {self.num_weight_sets} weight set(s)"
 
 
-def _scaled_mm_linear(codes, w_codes, a_scale, code_scale, bias, zero, corr) -> torch.Tensor:
+def _scaled_mm_linear(codes, w_codes, a_scale, code_scale, bias, zero, corr, fast_accum: bool) -> torch.Tensor:
     """The linear GEMM of :meth:`Fp8Layer._gemm` through ``torch._scaled_mm`` with row-wise scales (bfloat16 out).
 
     Its bias operand is bfloat16, so ``bias + z_a·corr`` is summed in fp32 and rounded once when the zero point is
     one for all rows (stride 0, the per-tensor case), and added to the bfloat16 result otherwise: either way within
-    one more bfloat16 rounding of the Triton kernel's fp32 epilogue. Accumulation is fp32 (no fast accumulation).
+    one more bfloat16 rounding of the Triton kernel's fp32 epilogue. Accumulation is fp32 unless ``fast_accum``.
     """
     rows = codes.shape[0]
     extra, per_row = bias, None
@@ -273,7 +277,7 @@ def _scaled_mm_linear(codes, w_codes, a_scale, code_scale, bias, zero, corr) -> 
             per_row = zero[:, None] * corr[None, :]
     y = torch._scaled_mm(codes, w_codes.t(), scale_a=a_scale.reshape(rows, 1).contiguous(),
                          scale_b=code_scale.reshape(1, -1), bias=None if extra is None else extra.to(torch.bfloat16),
-                         out_dtype=torch.bfloat16, use_fast_accum=False)
+                         out_dtype=torch.bfloat16, use_fast_accum=fast_accum)
     return y if per_row is None else (y.float() + per_row).to(torch.bfloat16)
 
 
