@@ -5,8 +5,8 @@
 A W4A4 layer on the FP8 path launches two kernels (activation codes, GEMM); everything around them (argument checks,
 scale vectors, output allocation) is host work that a GPU waits for unless the step is replayed from a CUDA graph.
 On the first H200 run (benchmarks/results/gpu_w4a4_h200_f1fe63f.json) no eager FP8 GEMM took under 0.23 ms whatever
-its size, which points at that host work. This measures it on any machine: the launches are replaced by no-ops, so no GPU or Triton compile is needed;
-what Triton's own launcher adds on a GPU is not included. Prints JSON with µs per forward for a linear and a 3×3
+its size, which points at that host work. This measures it on any machine: the launches are replaced by no-ops, so
+no GPU or Triton compile is needed; what Triton's own launcher adds on a GPU is not included. Prints JSON with µs per forward for a linear and a 3×3
 convolution layer (sizes do not matter here: nothing is computed), machine and command.
 """
 

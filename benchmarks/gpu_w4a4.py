@@ -218,7 +218,7 @@ def layer_rows(args, timer: Timer, peak) -> list[dict]:
                            fp8_gemm_only_fast_accum=rates(flops, fast_t, peak and peak["fp8"]),
                            speedup_gemm_only=speedups(bf16_t, gemm_t), speedup_layer=speedups(bf16_t, layer_t))
                 if fp8_scaled_mm is not None:
-                    gemm_t = timer(lambda: fp8_scaled_mm._gemm(codes, 0, s, z, (), torch.bfloat16, use_kernels))
+                    gemm_t = timer(lambda: fp8_scaled_mm._gemm(codes, 0, s, z, spatial, torch.bfloat16, use_kernels))
                     layer_t = timer(lambda: fp8_scaled_mm(xb))
                     row.update(scaled_mm_gemm_only=rates(flops, gemm_t, peak and peak["fp8"]),
                                scaled_mm_layer=rates(flops, layer_t, peak and peak["fp8"]),
