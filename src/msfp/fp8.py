@@ -32,7 +32,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from msfp.formats import Format, _grid_units, round_to_grid
-from msfp.layers import QuantLayer
+from msfp.layers import QuantLayer, run_route_groups
 from msfp.quantizers import MIN_SCALE
 
 E4M3 = torch.float8_e4m3fn
@@ -237,19 +237,13 @@ class Fp8Layer(nn.Module):
         spatial = tuple(x.shape[-2:]) if self.kind == "conv2d" else ()
         # The kernels write half-precision models' outputs directly; the emulation computes in fp32.
         out_dtype = x.dtype if x.dtype in (torch.float32, torch.bfloat16, torch.float16) else torch.float32
-        route = self.context.route
-        if self.num_weight_sets == 1 or route is None:
+        if self.num_weight_sets == 1 or self.context.route is None:
             y = self._gemm(codes, 0, a_scale, zero, spatial, out_dtype, kernels)
         else:
             rows = 1 if self.kind == "conv2d" else x.shape[1:-1].numel()
-            choice = route.detach().argmax(1).repeat_interleave(rows)
-            y = None
-            for k in choice.unique().tolist():
-                mask = choice == k
-                part = self._gemm(codes[mask], k, a_scale[mask], None if zero is None else zero[mask], spatial,
-                                  out_dtype, kernels)
-                y = part.new_zeros((codes.shape[0], *part.shape[1:])) if y is None else y
-                y = y.index_put((mask,), part)
+            y = run_route_groups(self.context.route_groups(rows),
+                                 lambda k, c, s, z: self._gemm(c, k, s, z, spatial, out_dtype, kernels),
+                                 codes, a_scale, zero)
         if self.kind == "linear":
             y = y.reshape(*x.shape[:-1], y.shape[-1])
         return y.to(x.dtype)

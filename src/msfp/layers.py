@@ -28,6 +28,11 @@ class QuantContext:
         self.timesteps: torch.Tensor | None = None
         #: (B, K) hard one-hot LoRA choice of the current call with straight-through gradients (TALoRA), or None
         self.route: torch.Tensor | None = None
+        #: (B,) the chosen entry of each sample's ``route`` row: 1 in value, the router's gradient path
+        self.route_gate: torch.Tensor | None = None
+        self._route_counts: list[int] = []
+        self._route_order: torch.Tensor | None = None
+        self._route_groups: dict[int, list[tuple[int, torch.Tensor | None]]] = {}
 
     def __deepcopy__(self, memo):
         # timesteps/route belong to the call in flight (route may even be a non-leaf tensor of a training step,
@@ -35,6 +40,36 @@ class QuantContext:
         copied = QuantContext(self.num_train_timesteps)
         memo[id(self)] = copied
         return copied
+
+    def set_route(self, route: torch.Tensor | None) -> None:
+        """Record the call's LoRA choice (TALoRA's router output). The samples are grouped by LoRA here, once per call,
+        with the call's only host synchronisation: per layer, a data-dependent split would stall a GPU ~2 × 90 times
+        per forward and again in backward."""
+        self.route, self._route_groups = route, {}
+        if route is None:
+            self.route_gate = self._route_order = None
+            return
+        choice = route.detach().argmax(1)
+        self.route_gate = route.gather(1, choice[:, None])[:, 0]
+        self._route_counts = torch.bincount(choice, minlength=route.shape[1]).tolist()
+        # Stable: each group keeps its samples in batch order, as running them one LoRA at a time would.
+        self._route_order = None if max(self._route_counts) == len(choice) else torch.argsort(choice, stable=True)
+
+    def route_groups(self, rows: int = 1) -> list[tuple[int, torch.Tensor | None]]:
+        """``(k, index)`` for each LoRA ``k`` the current call uses: the indices of its rows in a batch of ``rows``
+        consecutive rows per sample (linear layers on token sequences), in order; ``index`` is None when every sample
+        uses ``k``."""
+        if rows not in self._route_groups:
+            if self._route_order is None:
+                groups = [(self._route_counts.index(max(self._route_counts)), None)]
+            else:
+                order = self._route_order
+                if rows > 1:
+                    order = (order[:, None] * rows + torch.arange(rows, device=order.device)).reshape(-1)
+                sizes = [n * rows for n in self._route_counts]
+                groups = [(k, index) for k, index in enumerate(order.split(sizes)) if len(index)]
+            self._route_groups[rows] = groups
+        return self._route_groups[rows]
 
     def set_timesteps(self, timestep, batch_size: int, device) -> None:
         if timestep is None:
@@ -59,6 +94,28 @@ class QuantContext:
         """Index of each timestep among ``num_groups`` equal intervals of the training range."""
         t = timesteps.float().clamp(0, self.num_train_timesteps - 1)
         return (t * num_groups / self.num_train_timesteps).long().clamp(0, num_groups - 1)
+
+
+def take_rows(t: torch.Tensor | None, index: torch.Tensor | None) -> torch.Tensor | None:
+    """``t.index_select(0, index)``; a tensor expanded along dim 0 (a per-tensor value) stays an expanded view."""
+    if t is None or index is None:
+        return t
+    if t.stride(0) == 0:
+        return t[:1].expand(len(index), *t.shape[1:])
+    return t.index_select(0, index)
+
+
+def run_route_groups(groups, run, *inputs: torch.Tensor | None) -> torch.Tensor:
+    """``run(k, *rows)`` on the rows of each ``(k, index)`` group of :meth:`QuantContext.route_groups`, put back in
+    batch order. Index tensors, not masks: neither direction of autograd then reads data back to the host."""
+    out = None
+    for k, index in groups:
+        y = run(k, *(take_rows(t, index) for t in inputs))
+        if index is None:
+            return y
+        out = y.new_zeros((inputs[0].shape[0], *y.shape[1:])) if out is None else out
+        out = out.index_copy(0, index, y)
+    return out
 
 
 class QuantLayer(nn.Module):
@@ -169,21 +226,13 @@ class QuantLayer(nn.Module):
         if self.observer is not None:
             self.observer(self, x)
         x = self.act_quantizer(x, self.context.groups(self.act_quantizer.num_groups))
-        route = self.context.route
-        if self.num_weight_sets == 1 or route is None:
+        if self.num_weight_sets == 1 or self.context.route is None:
             return self._op(x, self.quantized_weight())
         # Per-sample LoRA choice: run each chosen weight on its samples only. The output is scaled by the chosen
         # entry of the straight-through one-hot (1 in value), so the router gets the gradient <dL/dy, y> of the
         # LoRA it picked without computing all K outputs.
-        choice = route.detach().argmax(1)
-        gate = route.gather(1, choice[:, None]).view(-1, *([1] * (x.dim() - 1)))
-        out = None
-        for k in choice.unique().tolist():
-            mask = choice == k
-            y = self._op(x[mask], self.quantized_weight(k))
-            out = y.new_zeros((x.shape[0], *y.shape[1:])) if out is None else out
-            out = out.index_put((mask,), y)
-        return out * gate.to(out)
+        out = run_route_groups(self.context.route_groups(), lambda k, xs: self._op(xs, self.quantized_weight(k)), x)
+        return out * self.context.route_gate.view(-1, *([1] * (out.dim() - 1))).to(out)
 
     def macs_per_sample(self, input_shape) -> int:
         """Multiply-accumulates of one sample's forward, from the shape of an input batch."""

@@ -40,7 +40,8 @@ class TimestepRouter(nn.Module):
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         soft = self.logits(t).softmax(dim=-1)
-        hard = nn.functional.one_hot(soft.argmax(dim=-1), self.num_loras).to(soft)
+        # scatter, not F.one_hot, which reads the indices back to the host to check them (a GPU stall per call)
+        hard = torch.zeros_like(soft).scatter_(-1, soft.argmax(dim=-1, keepdim=True), 1.0)
         return hard + soft - soft.detach()
 
     @torch.no_grad()
@@ -105,7 +106,7 @@ def _route_hook(module, args, kwargs):
     # Runs after msfp.quantize's timestep hook; looks everything up on the module so deep copies stay independent.
     context, router = module.msfp_context, module.msfp_router
     t = context.timesteps
-    context.route = None if t is None or router.num_loras == 1 else router(t)
+    context.set_route(None if t is None or router.num_loras == 1 else router(t))
 
 
 def add_talora(qmodel: nn.Module, num_loras: int = 4, rank: int = 4, seed: int = 0) -> TimestepRouter:
