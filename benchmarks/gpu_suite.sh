@@ -8,7 +8,8 @@
 # benchmark's JSON goes to OUTDIR/<step>.json, everything else (machine, versions, pytest output, stderr) to
 # OUTDIR/log: five files at most.
 # A failing step does not stop the others; the exit status is 1 if any failed. PYTHON picks the interpreter;
-# STEP_TIMEOUT (seconds, default none) stops a step that runs longer, so one slow step cannot use up a short lease.
+# STEP_TIMEOUT (seconds, default none) stops a step that runs longer, so one slow step cannot use up a short lease;
+# TEST_TIMEOUT (default 150) stops a single test (with pytest-timeout installed).
 set -uo pipefail
 out=${1:?usage: bash benchmarks/gpu_suite.sh OUTDIR [tests|w4a4|finetune|fake_quant ...]}
 shift
@@ -39,6 +40,8 @@ failed=()
 # specialization); with pytest-xdist installed, TEST_WORKERS processes (default 8) compile in parallel.
 parallel=()
 "$python" -c "import xdist" 2>/dev/null && parallel=(-n "${TEST_WORKERS:-8}")
+per_test_limit=()
+"$python" -c "import pytest_timeout" 2>/dev/null && per_test_limit=(--timeout "${TEST_TIMEOUT:-150}")
 run_step() {  # run_step NAME JSON_FILE|- COMMAND...
     local name=$1 json=$2
     shift 2
@@ -57,7 +60,10 @@ run_step() {  # run_step NAME JSON_FILE|- COMMAND...
 
 for step in "${steps[@]}"; do
     case $step in
-        tests) run_step tests - "$python" -m pytest -v -rs --durations=10 -p no:cacheprovider "${parallel[@]}" \
+        # -o addopts= drops pyproject's -q, so -v names each test as it finishes (under xdist too); tracebacks
+        # are written as failures happen (tests/conftest.py) and pytest-timeout, where installed, stops a hung test.
+        tests) MSFP_TRACEBACKS_AT_ONCE=1 run_step tests - "$python" -m pytest -o addopts= -v -rfEs --tb=short \
+                   --durations=15 -p no:cacheprovider "${parallel[@]}" "${per_test_limit[@]}" \
                    tests/test_kernels.py tests/test_triton_kernels.py tests/test_fp8.py ;;
         w4a4) run_step w4a4 "$out/w4a4.json" "$python" benchmarks/gpu_w4a4.py ;;
         finetune)

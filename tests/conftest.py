@@ -1,3 +1,6 @@
+import os
+import sys
+
 import pytest
 
 from tiny_models import scheduler, tiny_unet
@@ -10,3 +13,10 @@ def tiny_model_dir(tmp_path_factory):
     tiny_unet().save_pretrained(path)
     scheduler().save_pretrained(path)
     return path
+
+
+def pytest_runtest_logreport(report):
+    # benchmarks/gpu_suite.sh sets this: on a short GPU lease a run may be stopped before pytest's summary, so each
+    # failure's traceback is written as soon as it happens.
+    if report.failed and os.environ.get("MSFP_TRACEBACKS_AT_ONCE"):
+        sys.stderr.write(f"\n---- FAILED {report.nodeid} ({report.when})\n{report.longreprtext}\n")
