@@ -20,21 +20,10 @@ import time
 
 import torch
 
-import msfp
+from gpu_w4a4 import quantized_layer  # the script's own directory is on sys.path
 from msfp import triton_kernels
 from msfp.environment import machine_info
 from msfp.fp8 import Fp8Layer
-from msfp.surgery import quant_layers
-
-
-def fp8_layer(module: torch.nn.Module, x: torch.Tensor) -> Fp8Layer:
-    model = torch.nn.Sequential(module)
-    msfp.quantize(model, msfp.QuantConfig(weight_formats=["fp4_e2m1"], act_formats=["ufp4_e2m2"],
-                                          aal_act_formats=[], eight_bit_layers=[]))
-    layer = quant_layers(model)["0"]
-    layer.weight_quantizer.initialize(layer.weight.detach())
-    layer.act_quantizer.initialize(x.flatten())
-    return Fp8Layer(layer, use_kernels=True)
 
 
 def main(argv=None) -> None:
@@ -51,7 +40,7 @@ def main(argv=None) -> None:
     results = {}
     with torch.no_grad():
         for name, (module, x) in cases.items():
-            layer, xb = fp8_layer(module, x), x.bfloat16()
+            layer, xb = Fp8Layer(quantized_layer(module, x), use_kernels=True), x.bfloat16()
             for _ in range(200):
                 layer(xb)
             rounds = []
