@@ -84,6 +84,10 @@ def test_routed_training_step_splits_the_batch_once_per_call(calibrated):
     # by index tensors, with no per-layer unique/nonzero/boolean indexing in either direction.
     assert ops.seen == [], ops.seen
     assert torch.allclose(out, reference, atol=1e-5)
+    # A layer whose input's first dimension is not the batch cannot be routed per sample: say so, and where.
+    layer = quant_layers(q)["down_blocks.0.resnets.0.conv1"]
+    with pytest.raises(ValueError, match=r"down_blocks.0.resnets.0.conv1: .* 5 rows .* batch of 6"):
+        layer(torch.randn(5, layer.weight.shape[1], 8, 8))
 
 
 def test_finetune_lowers_the_distillation_error_on_all_teacher_points(calibrated, tmp_path):

@@ -55,10 +55,15 @@ class QuantContext:
         # Stable: each group keeps its samples in batch order, as running them one LoRA at a time would.
         self._route_order = None if max(self._route_counts) == len(choice) else torch.argsort(choice, stable=True)
 
-    def route_groups(self, rows: int = 1) -> list[tuple[int, torch.Tensor | None]]:
+    def route_groups(self, layer: str, batch: int, rows: int = 1) -> list[tuple[int, torch.Tensor | None]]:
         """``(k, index)`` for each LoRA ``k`` the current call uses: the indices of its rows in a batch of ``rows``
         consecutive rows per sample (linear layers on token sequences), in order; ``index`` is None when every sample
-        uses ``k``."""
+        uses ``k``. ``layer`` and ``batch`` (its input's first dimension) are for the error when that is not the
+        call's batch."""
+        if batch != self.route.shape[0]:
+            raise ValueError(f"{layer}: TALoRA routes each sample to its LoRA, but this layer's input has {batch} "
+                             f"rows in its first dimension where the model was called with a batch of "
+                             f"{self.route.shape[0]}")
         if rows not in self._route_groups:
             if self._route_order is None:
                 groups = [(self._route_counts.index(max(self._route_counts)), None)]
@@ -231,7 +236,8 @@ class QuantLayer(nn.Module):
         # Per-sample LoRA choice: run each chosen weight on its samples only. The output is scaled by the chosen
         # entry of the straight-through one-hot (1 in value), so the router gets the gradient <dL/dy, y> of the
         # LoRA it picked without computing all K outputs.
-        out = run_route_groups(self.context.route_groups(), lambda k, xs: self._op(xs, self.quantized_weight(k)), x)
+        groups = self.context.route_groups(self.name, x.shape[0])
+        out = run_route_groups(groups, lambda k, xs: self._op(xs, self.quantized_weight(k)), x)
         return out * self.context.route_gate.view(-1, *([1] * (out.dim() - 1))).to(out)
 
     def macs_per_sample(self, input_shape) -> int:
