@@ -114,6 +114,26 @@ def test_weight_quantizer_initialize_and_forward():
         WeightQuantizer("fp4_e2m1", 3)(w)
 
 
+@pytest.mark.parametrize("fmt,shape", [("fp4_e2m1", (8, 4, 3, 3)), ("ufp4_e2m2", (8, 5))])
+def test_weight_quantizer_on_stacked_weight_sets_equals_one_call_per_set(fmt, shape):
+    torch.manual_seed(1)
+    wq = WeightQuantizer(fmt, 8)
+    with torch.no_grad():
+        wq.scale.copy_(torch.rand(8) * 0.2 + 0.05)
+        wq.zero_point.copy_(-torch.rand(8) * 0.3)
+    sets = [torch.randn(shape, requires_grad=True) for _ in range(3)]
+    stacked = wq(torch.stack(sets), stacked=True)
+    assert all(torch.equal(stacked[i], wq(w)) for i, w in enumerate(sets))
+    stacked.pow(2).sum().backward()
+    grads = [w.grad.clone() for w in sets]
+    for w in sets:
+        w.grad = None
+        wq(w).pow(2).sum().backward()
+        assert torch.equal(w.grad, grads.pop(0))
+    with pytest.raises(ValueError, match="has 3 output channels, quantizer was built for 8"):
+        wq(torch.randn(8, 3, 5), stacked=True)
+
+
 def test_quantizer_state_dict_restores_format():
     aq = ActivationQuantizer("fp4_e2m1", num_groups=2)
     aq.initialize(torch.nn.functional.silu(torch.randn(5000) * 2), SIGNED_4BIT + UNSIGNED_4BIT)

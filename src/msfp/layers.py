@@ -176,6 +176,15 @@ class QuantLayer(nn.Module):
                 return cached
         return self.weight_quantizer(self.effective_weight(k))
 
+    def quantized_weights(self, ks: list[int]) -> dict[int, torch.Tensor]:
+        """``Q_w(W_k)`` for each ``k`` in ``ks``. While training, one quantizer call on the stacked weight sets: the
+        same values as one call per set, with 1/len(ks) of the kernel launches (a small model's GPU step is bound
+        by those)."""
+        if len(ks) == 1 or self.weight_sets is not None or self._weight_cache is not None:
+            return {k: self.quantized_weight(k) for k in ks}
+        stacked = self.weight_quantizer(torch.stack([self.effective_weight(k) for k in ks]), stacked=True)
+        return dict(zip(ks, stacked.unbind(0)))
+
     def freeze_weights(self) -> None:
         """Inference: quantize the weights once and reuse them on later calls instead of re-running ``Q_w``.
 
@@ -237,7 +246,8 @@ class QuantLayer(nn.Module):
         # entry of the straight-through one-hot (1 in value), so the router gets the gradient <dL/dy, y> of the
         # LoRA it picked without computing all K outputs.
         groups = self.context.route_groups(self.name, x.shape[0])
-        out = run_route_groups(groups, lambda k, xs: self._op(xs, self.quantized_weight(k)), x)
+        weights = self.quantized_weights([k for k, _ in groups])
+        out = run_route_groups(groups, lambda k, xs: self._op(xs, weights[k]), x)
         return out * self.context.route_gate.view(-1, *([1] * (out.dim() - 1))).to(out)
 
     def macs_per_sample(self, input_shape) -> int:

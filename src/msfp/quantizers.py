@@ -180,12 +180,15 @@ class WeightQuantizer(_Quantizer):
     def __init__(self, fmt, out_channels: int):
         super().__init__(fmt, out_channels)
 
-    def forward(self, w: torch.Tensor) -> torch.Tensor:
+    def forward(self, w: torch.Tensor, stacked: bool = False) -> torch.Tensor:
+        """``Q_w(w)``; ``stacked=True`` takes several weights of the layer stacked along a new first dimension
+        (TALoRA's weight sets) and quantizes them all in one call."""
         if not self.enabled:
             return w
-        if w.shape[0] != self.scale.numel():
-            raise ValueError(f"weight has {w.shape[0]} output channels, quantizer was built for {self.scale.numel()}")
-        view = (-1,) + (1,) * (w.dim() - 1)
+        channels = w.shape[1 if stacked else 0]
+        if channels != self.scale.numel():
+            raise ValueError(f"weight has {channels} output channels, quantizer was built for {self.scale.numel()}")
+        view = (1,) * stacked + (-1,) + (1,) * (w.dim() - 1 - stacked)
         return self._apply_params(w, self.scale.view(view), self.zero_point.view(view))
 
     def initialize(self, w: torch.Tensor, candidates=None, **search_kwargs) -> SearchResult:
