@@ -7,7 +7,8 @@ import msfp
 from msfp.formats import fake_quant, get_format
 from msfp.kernels import compiled_fake_quant
 from msfp.quantizers import ActivationQuantizer, WeightQuantizer
-from msfp.surgery import set_fused_rounding
+from msfp.surgery import quant_layers, set_fused_rounding
+from msfp.talora import add_talora
 from tiny_models import scheduler, tiny_plain
 
 
@@ -30,6 +31,9 @@ def test_fused_rounding_gives_the_eager_model_outputs_and_gradients(device):
     msfp.calibrate(q, fp, scheduler(), num_samples=4, num_steps=3, sample_shape=(1, 8, 8), disable=True)
     formats = {m.fmt.name for m in q.modules() if isinstance(m, (ActivationQuantizer, WeightQuantizer))}
     assert any(get_format(f).needs_zero_point for f in formats) and len(formats) >= 3
+    add_talora(q, num_loras=4, rank=2)  # three of its LoRAs below: each layer quantizes a stack of weight sets
+    for layer in quant_layers(q).values():
+        torch.nn.init.normal_(layer.lora.B, std=0.02)
     x, t = torch.randn(3, 1, 8, 8, device=device), torch.tensor([10, 500, 990], device=device)
 
     def run(fused):
@@ -44,6 +48,7 @@ def test_fused_rounding_gives_the_eager_model_outputs_and_gradients(device):
     fused_out, fused_grads = run(True)
     assert torch.equal(fused_out, eager_out)
     assert eager_grads.keys() == fused_grads.keys() and any("scale" in n for n in eager_grads)
+    assert any("lora" in n for n in eager_grads) and any("router" in n for n in eager_grads)
     for name, g in eager_grads.items():
         torch.testing.assert_close(fused_grads[name], g, msg=name)
     with torch.no_grad():  # inference graphs (no autograd) as well
