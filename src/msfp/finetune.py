@@ -197,10 +197,13 @@ def finetune(qmodel: nn.Module, fp_model: nn.Module, scheduler, config: Finetune
                             generator=gen.get_state()), tmp)
 
     device = next(qmodel.parameters()).device
-    set_fused_rounding(qmodel, device.type == "cuda" if fused_rounding is None else fused_rounding)
+    fused = device.type == "cuda" if fused_rounding is None else fused_rounding
+    set_fused_rounding(qmodel, fused)
     channels = points.eps.shape[1]
     start, stopped_early = time.time(), False
     bar = tqdm(total=config.iters, initial=it, desc="finetune", disable=disable)
+    if fused:  # so that a silent first step is not mistaken for a hang (over 90 s on an H200)
+        bar.set_postfix_str("compiling the fused rounding kernels (minutes with a cold Inductor cache)")
     qmodel.eval()  # no dropout; the quantized model has no batch statistics to update
     while it < config.iters:
         if max_minutes is not None and time.time() - start > 60 * max_minutes:
