@@ -43,8 +43,8 @@ class QuantContext:
 
     def set_route(self, route: torch.Tensor | None) -> None:
         """Record the call's LoRA choice (TALoRA's router output). The samples are grouped by LoRA here, once per call,
-        with the call's only host synchronisation: per layer, a data-dependent split would stall a GPU ~2 × 90 times
-        per forward and again in backward."""
+        with the call's only host synchronisation: split in each layer by data (unique, boolean masks), the batch
+        stalled a GPU several times per layer, in forward and again in backward."""
         self.route, self._route_groups = route, {}
         if route is None:
             self.route_gate = self._route_order = None

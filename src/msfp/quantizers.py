@@ -185,10 +185,12 @@ class WeightQuantizer(_Quantizer):
         (TALoRA's weight sets) and quantizes them all in one call."""
         if not self.enabled:
             return w
-        channels = w.shape[1 if stacked else 0]
-        if channels != self.scale.numel():
-            raise ValueError(f"weight has {channels} output channels, quantizer was built for {self.scale.numel()}")
-        view = (1,) * stacked + (-1,) + (1,) * (w.dim() - 1 - stacked)
+        channel_dim = 1 if stacked else 0
+        if w.shape[channel_dim] != self.scale.numel():
+            raise ValueError(f"weight has {w.shape[channel_dim]} output channels, quantizer was built for "
+                             f"{self.scale.numel()}")
+        view = [1] * w.dim()
+        view[channel_dim] = -1
         return self._apply_params(w, self.scale.view(view), self.zero_point.view(view))
 
     def initialize(self, w: torch.Tensor, candidates=None, **search_kwargs) -> SearchResult:
