@@ -3,7 +3,9 @@
     python benchmarks/fake_quant.py [--out results.json] [--repeats 20]
 
 Prints one JSON document: per device, tensor and path, the median time, GB/s (bytes read + written) and the ratio to
-a copy of the same tensor (1.0 = as fast as a copy; the SPEC goal on GPU is ≤ 2 for the compiled path).
+a copy of the same tensor (1.0 = as fast as a copy; the SPEC goal on GPU is ≤ 2 for the compiled path). Under
+``host_us_per_call``: the time of one quantizer-style call (forward and backward) on a tiny tensor, eager and
+compiled, i.e. the host work per call that a small model's training step pays once per quantizer.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import time
 import torch
 
 from msfp.environment import machine_info
-from msfp.formats import fake_quant
+from msfp.formats import _fake_quant, fake_quant, get_format
 from msfp.kernels import compiled_fake_quant
 
 CASES = {
@@ -71,6 +73,32 @@ def bench_device(device, repeats, compile_too):
     return results
 
 
+def host_overhead(device, rounds: int = 7, calls: int = 300) -> dict:
+    """Median µs per forward+backward call on a 72-element tensor: almost no arithmetic, so this is host work (and,
+    on a GPU, launches). The eager path is the quantizers' unvalidated one."""
+    fmt = get_format("ufp4_e2m2")
+    x = torch.randn(2, 4, 3, 3, device=device, requires_grad=True)
+    scale = torch.tensor(0.5, device=device, requires_grad=True)
+    zero = torch.tensor(-0.1, device=device, requires_grad=True)
+    paths = {"eager": lambda: _fake_quant(x, fmt, scale, zero),
+             "compiled": lambda: compiled_fake_quant(x, fmt, scale, zero)}
+    for fn in paths.values():
+        for _ in range(20):  # compilation and warm-up
+            fn().sum().backward()
+    per_round = {name: [] for name in paths}
+    for _ in range(rounds):  # the paths take turns, so a shared machine's drift affects both alike
+        for name, fn in paths.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _ in range(calls):
+                fn().sum().backward()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            per_round[name].append(1e6 * (time.perf_counter() - start) / calls)
+    return {name: round(statistics.median(times), 1) for name, times in per_round.items()}
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=None, help="also write the JSON here")
@@ -82,9 +110,13 @@ def main():
             f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v not in (None, False)),
         machine=machine_info("cuda" if torch.cuda.is_available() else None),
         results={"cpu": bench_device(torch.device("cpu"), args.repeats, not args.no_compile)},
+        host_us_per_call={},
     )
     if torch.cuda.is_available():
         report["results"]["cuda"] = bench_device(torch.device("cuda"), args.repeats, not args.no_compile)
+    if not args.no_compile:
+        for device in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
+            report["host_us_per_call"][device] = host_overhead(torch.device(device))
     text = json.dumps(report, indent=2)
     print(text)
     if args.out:

@@ -22,6 +22,33 @@ def test_compiled_fake_quant_equals_eager():
     assert torch.equal(compiled_fake_quant(x, "ufp4_e3m1", scale, zp), fake_quant(x, "ufp4_e3m1", scale, zp))
 
 
+def test_compiled_fake_quant_raises_the_recompile_limit_only_for_new_inputs(monkeypatch):
+    patches = []
+    config_module = type(torch._dynamo.config)  # its instances refuse unknown attributes; patch the method
+    real_patch = config_module.patch
+
+    def counting_patch(self, *args, **kwargs):
+        if self is torch._dynamo.config:
+            patches.append(kwargs)
+        return real_patch(self, *args, **kwargs)
+
+    monkeypatch.setattr(config_module, "patch", counting_patch)
+    scale = torch.tensor(0.25)
+
+    def call(x):
+        out = compiled_fake_quant(x, "fp4_e1m2", scale)
+        assert torch.equal(out, fake_quant(x, "fp4_e1m2", scale))
+        return len(patches)
+
+    x = torch.randn(3, 7)
+    assert call(x) == 1 and patches[0]["recompile_limit"] > 8 and patches[0]["fail_on_recompile_limit_hit"]
+    assert call(torch.randn(3, 7)) == 1  # same shapes, strides, dtypes, grad mode: nothing new to compile
+    assert call(torch.randn(5, 7)) == 2  # a new shape may compile: under the raised limit again
+    assert call(torch.randn(7, 3).t()) == 3  # new strides
+    x.requires_grad_(True)
+    assert call(x) == 4  # autograd graph
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
 def test_fused_rounding_gives_the_eager_model_outputs_and_gradients(device):
