@@ -49,6 +49,16 @@ def test_compiled_fake_quant_raises_the_recompile_limit_only_for_new_inputs(monk
     assert call(x) == 4  # autograd graph
 
 
+def test_recompile_limit_settings_follow_the_names_torch_knows():
+    from types import SimpleNamespace
+
+    from msfp.kernels import _RECOMPILE_LIMIT, _recompile_limit_settings
+
+    new = SimpleNamespace(recompile_limit=8, fail_on_recompile_limit_hit=False, cache_size_limit=8)
+    assert _recompile_limit_settings(new) == {"recompile_limit": _RECOMPILE_LIMIT, "fail_on_recompile_limit_hit": True}
+    assert _recompile_limit_settings(SimpleNamespace(cache_size_limit=8)) == {"cache_size_limit": _RECOMPILE_LIMIT}
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
 def test_fused_rounding_gives_the_eager_model_outputs_and_gradients(device):

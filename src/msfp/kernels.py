@@ -26,6 +26,14 @@ _EXACT_OPTIONS = {"eager_numerics.division_rounding": True, "emulate_precision_c
 _RECOMPILE_LIMIT = 128
 
 
+def _recompile_limit_settings(config) -> dict:
+    # torch ≤ 2.6 knows only cache_size_limit; later releases call it recompile_limit and keep the old names as
+    # aliases. Releases without either fail_on_… flag cannot fail loudly: past the limit they run eagerly (same values).
+    names = (("recompile_limit", "cache_size_limit"), ("fail_on_recompile_limit_hit", "fail_on_cache_limit_hit"))
+    limit, fail = (next((n for n in pair if hasattr(config, n)), None) for pair in names)
+    return {limit: _RECOMPILE_LIMIT, **({fail: True} if fail else {})}
+
+
 def _exact_options() -> dict:
     from torch._inductor import config
 
@@ -52,7 +60,7 @@ def compiled_fake_quant(x: torch.Tensor, fmt: str | Format, scale: torch.Tensor,
     signature = _signature(fmt, dynamic, x, scale, zero_point)
     if signature in _compiled_signatures:
         return compiled(x, scale=scale, zero_point=zero_point)
-    with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT, fail_on_recompile_limit_hit=True):
+    with torch._dynamo.config.patch(**_recompile_limit_settings(torch._dynamo.config)):
         out = compiled(x, scale=scale, zero_point=zero_point)
     _compiled_signatures.add(signature)
     return out
