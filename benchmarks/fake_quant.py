@@ -73,6 +73,26 @@ def bench_device(device, repeats, compile_too):
     return results
 
 
+def us_per_call(paths: dict, device, rounds: int, calls: int, warmup: int = 20) -> dict[str, list[float]]:
+    """µs per call of each of ``paths`` (name → function), one entry per timed round of ``calls`` calls. The paths
+    take turns round by round, so a shared machine's drift affects them alike."""
+    for fn in paths.values():
+        for _ in range(warmup):  # compilation and warm-up
+            fn()
+    per_round = {name: [] for name in paths}
+    for _ in range(rounds):
+        for name, fn in paths.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            per_round[name].append(1e6 * (time.perf_counter() - start) / calls)
+    return per_round
+
+
 def host_overhead(device, rounds: int = 7, calls: int = 300) -> dict:
     """Median µs per forward+backward call on a 72-element tensor: almost no arithmetic, so this is host work (and,
     on a GPU, launches). The eager path is the quantizers' unvalidated one."""
@@ -80,23 +100,10 @@ def host_overhead(device, rounds: int = 7, calls: int = 300) -> dict:
     x = torch.randn(2, 4, 3, 3, device=device, requires_grad=True)
     scale = torch.tensor(0.5, device=device, requires_grad=True)
     zero = torch.tensor(-0.1, device=device, requires_grad=True)
-    paths = {"eager": lambda: _fake_quant(x, fmt, scale, zero),
-             "compiled": lambda: compiled_fake_quant(x, fmt, scale, zero)}
-    for fn in paths.values():
-        for _ in range(20):  # compilation and warm-up
-            fn().sum().backward()
-    per_round = {name: [] for name in paths}
-    for _ in range(rounds):  # the paths take turns, so a shared machine's drift affects both alike
-        for name, fn in paths.items():
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            for _ in range(calls):
-                fn().sum().backward()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            per_round[name].append(1e6 * (time.perf_counter() - start) / calls)
-    return {name: round(statistics.median(times), 1) for name, times in per_round.items()}
+    paths = {"eager": lambda: _fake_quant(x, fmt, scale, zero).sum().backward(),
+             "compiled": lambda: compiled_fake_quant(x, fmt, scale, zero).sum().backward()}
+    return {name: round(statistics.median(times), 1)
+            for name, times in us_per_call(paths, device, rounds, calls).items()}
 
 
 def main():

@@ -6,8 +6,8 @@ A W4A4 layer on the FP8 path launches two kernels (activation codes, GEMM); ever
 scale vectors, output allocation) is host work that a GPU waits for unless the step is replayed from a CUDA graph.
 On the first H200 run (benchmarks/results/gpu_w4a4_h200_f1fe63f.json) no eager FP8 GEMM took under 0.23 ms whatever
 its size, which points at that host work. This measures it on any machine: the launches are replaced by no-ops, so
-no GPU or Triton compile is needed; what Triton's own launcher adds on a GPU is not included. Prints JSON with µs per forward for a linear and a 3×3
-convolution layer (sizes do not matter here: nothing is computed), machine and command.
+no GPU or Triton compile is needed; what Triton's own launcher adds on a GPU is not included. Prints JSON with µs per
+forward for a linear and a 3×3 convolution layer (sizes do not matter here: nothing is computed), machine and command.
 """
 
 from __future__ import annotations
@@ -16,11 +16,11 @@ import argparse
 import json
 import statistics
 import sys
-import time
 
 import torch
 
-from gpu_w4a4 import quantized_layer  # the script's own directory is on sys.path
+from fake_quant import us_per_call  # the script's own directory is on sys.path
+from gpu_w4a4 import quantized_layer
 from msfp import triton_kernels
 from msfp.environment import machine_info
 from msfp.fp8 import Fp8Layer
@@ -41,14 +41,8 @@ def main(argv=None) -> None:
     with torch.no_grad():
         for name, (module, x) in cases.items():
             layer, xb = Fp8Layer(quantized_layer(module, x), use_kernels=True), x.bfloat16()
-            for _ in range(200):
-                layer(xb)
-            rounds = []
-            for _ in range(args.rounds):
-                start = time.perf_counter()
-                for _ in range(args.calls):
-                    layer(xb)
-                rounds.append(1e6 * (time.perf_counter() - start) / args.calls)
+            rounds = us_per_call({name: lambda: layer(xb)}, torch.device("cpu"), args.rounds, args.calls,
+                                 warmup=200)[name]
             results[name] = dict(host_us_per_forward=statistics.median(rounds), rounds=rounds)
     command = "python " + " ".join(["benchmarks/fp8_host_overhead.py", *(argv if argv is not None else sys.argv[1:])])
     print(json.dumps(dict(benchmark="fp8_host_overhead", settings=vars(args), machine=machine_info("cpu"),
