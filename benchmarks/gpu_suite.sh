@@ -38,8 +38,16 @@ git rev-parse HEAD >> "$log" 2>&1
 failed=()
 # On a fresh machine the GPU tests spend most of their time compiling kernels (one per format, layout and shape
 # specialization); with pytest-xdist installed, TEST_WORKERS processes (default 8) compile in parallel.
-parallel=()
-"$python" -c "import xdist" 2>/dev/null && parallel=(-n "${TEST_WORKERS:-8}")
+# Each worker gets its share of the cores for torch's CPU threads and Inductor's compile workers: by default every
+# process takes them all, and 8 processes of spinning OpenMP threads on 16 cores made CPU-side tests run past their
+# 150 s limit on the H200 machine.
+parallel=() worker_env=()
+if "$python" -c "import xdist" 2>/dev/null; then
+    workers=${TEST_WORKERS:-8}
+    share=$(( $(nproc) / workers > 0 ? $(nproc) / workers : 1 ))
+    parallel=(-n "$workers")
+    worker_env=(OMP_NUM_THREADS=$share TORCHINDUCTOR_COMPILE_THREADS=$share)
+fi
 per_test_limit=()
 "$python" -c "import pytest_timeout" 2>/dev/null && per_test_limit=(--timeout "${TEST_TIMEOUT:-150}")
 run_step() {  # run_step NAME JSON_FILE|- COMMAND...
@@ -62,7 +70,7 @@ for step in "${steps[@]}"; do
     case $step in
         # -o addopts= drops pyproject's -q, so -v names each test as it finishes (under xdist too); tracebacks
         # are written as failures happen (tests/conftest.py) and pytest-timeout, where installed, stops a hung test.
-        tests) MSFP_TRACEBACKS_AT_ONCE=1 run_step tests - "$python" -m pytest -o addopts= -v -rfEs --tb=short \
+        tests) MSFP_TRACEBACKS_AT_ONCE=1 run_step tests - env "${worker_env[@]}" "$python" -m pytest -o addopts= -v -rfEs --tb=short \
                    --durations=15 -p no:cacheprovider "${parallel[@]}" "${per_test_limit[@]}" \
                    tests/test_kernels.py tests/test_triton_kernels.py tests/test_fp8.py ;;
         w4a4) run_step w4a4 "$out/w4a4.json" "$python" benchmarks/gpu_w4a4.py ;;

@@ -162,7 +162,8 @@ if HAS_TRITON:
                 rounded = tl.where((scaled == 1.5) & (((binade + BIAS) & 1) == 0), 1.0, rounded)
             q = rounded * step * OUT_MUL
         # Put the sign back after rounding |v|: torch.round keeps it, so negatives that round to zero give -0.0.
-        q = tl.where(v.to(tl.int32, bitcast=True) < 0, -q, q)
+        # Multiply by -1 rather than negate: Triton's unary minus is 0 - q, which turns -0.0 into +0.0.
+        q = tl.where(v.to(tl.int32, bitcast=True) < 0, q * -1.0, q)
         code = q.to(tl.float8e4nv).to(tl.uint8, bitcast=True)
         # The interpreter's float32 → FP8 conversion has no NaN path; write the canonical NaN code explicitly.
         code = tl.where(q != q, 0x7F, code)
