@@ -33,7 +33,8 @@ except ImportError:
 print(f"GPU {torch.cuda.get_device_name()} (capability {torch.cuda.get_device_capability()}), torch {torch.__version__},"
       f" CUDA {torch.version.cuda}, triton {triton_version}, msfp {msfp.__version__}, python {sys.version.split()[0]}")
 EOF
-git rev-parse HEAD >> "$log" 2>&1
+# The commit, and what differs from it: a copied working tree can carry changes its .git does not know about.
+{ git rev-parse HEAD; git status --short --untracked-files=no; } >> "$log" 2>&1
 
 failed=()
 # On a fresh machine the GPU tests spend most of their time compiling kernels (one per format, layout and shape

@@ -80,6 +80,19 @@ def test_act_codes_random_matches_reference(name, layout):
     assert_same_codes(tk.act_codes(x, fmt, scale, zp, **ACT_BLOCKS), reference_codes(x, fmt, scale, zp))
 
 
+@pytest.mark.parametrize("name", ["fp4_e2m1", "int4", "ufp4_e2m2", "uint4"])
+def test_act_codes_zero_signs(name):
+    """Negatives that round to zero keep their sign on signed grids (Triton's unary minus, 0 - q, once lost it on
+    GPUs); an unsigned grid's zero is +0.0 on every device (torch.clamp's sign of a clamped -0.0 is not)."""
+    fmt = get_format(name)
+    x = torch.tensor([[-0.0, -0.1, 0.0, 0.1]], device=DEV)
+    zero = torch.zeros(1, device=DEV) if fmt.needs_zero_point else None
+    codes = tk.act_codes(x, fmt, torch.ones(1, device=DEV), zero, **ACT_BLOCKS).view(torch.uint8).cpu()
+    expected = [0x80, 0x80, 0x00, 0x00] if fmt.signed else [0x00, 0x00, 0x00, 0x00]
+    assert codes[0].tolist() == expected
+    assert_same_codes(codes.view(FP8), reference_codes(x, fmt, torch.ones(1, device=DEV), zero).cpu())
+
+
 def tie_values(fmt):
     """Unit-scale values on the grid, exactly at every midpoint between neighbours and one float32 ulp either side."""
     grid = fmt.values()

@@ -55,6 +55,10 @@ def act_codes(x: torch.Tensor, fmt: Format, scale: torch.Tensor, zero_point: tor
               shift: int) -> torch.Tensor:
     """E4M3 codes ``R(clamp((x - z) / s)) · 2^shift`` of ``x`` (the reference that the Triton kernel matches)."""
     v = _grid_units(x.float(), fmt, scale, zero_point)
+    if not fmt.signed:
+        # torch.clamp(-0.0, 0.0, …) keeps -0.0 on CPU but gives +0.0 on CUDA; + 0.0 makes an unsigned grid's zero
+        # code +0.0 on every device (and changes no other value).
+        v = v + 0.0
     return torch.ldexp(round_to_grid(v, fmt), torch.tensor(shift, device=x.device)).to(E4M3)
 
 

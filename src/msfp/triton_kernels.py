@@ -131,9 +131,9 @@ if HAS_TRITON:
         if HAS_ZP:
             x = x - tl.load(zp_ptr + b * s_zp, mask=row_ok, other=0.0)[:, None]
         v = tl.math.div_rn(x, s[:, None])  # IEEE division: the default `/` is approximate on GPUs
-        # Clamp with comparisons rather than minimum/maximum so that NaN stays NaN (as torch.clamp does) and -0.0
-        # stays -0.0 (std::max(-0.0, 0.0) in torch's clamp keeps its first operand).
-        v = tl.where(v < LO, LO, v)
+        # Clamp with comparisons rather than minimum/maximum so that NaN stays NaN (as torch.clamp does). `<=` puts
+        # -0.0 on an unsigned grid's +0.0 bound (msfp.fp8.act_codes does the same); a signed grid keeps it.
+        v = tl.where(v <= LO, LO, v)
         v = tl.where(v > HI, HI, v)
         a = tl.abs(v)
         if IS_INT:
@@ -178,9 +178,10 @@ def act_codes(x: torch.Tensor, fmt: str | Format, scale: torch.Tensor, zero_poin
     ``x``: float32/bfloat16/float16, NCHW ``(B, C, H, W)`` (any strides) or ``(M, K)``. ``scale`` and ``zero_point``:
     float32 ``(B,)`` / ``(M,)``, one per sample or row (expand a scalar for per-tensor quantization);
     ``zero_point`` is None for signed formats. Returns (or fills ``out``) contiguous ``(B, H, W, C)`` / ``(M, K)``
-    float8_e4m3fn codes equal bit for bit to
-    ``(round_to_grid(clamp((x.float() - z) / s, lo, max), fmt) * 2**shift).to(torch.float8_e4m3fn)`` including
-    signed zeros; ±inf saturates; NaN gives the NaN code 0x7F (its sign is not kept).
+    float8_e4m3fn codes equal bit for bit to :func:`msfp.fp8.act_codes`,
+    ``(round_to_grid(clamp((x.float() - z) / s, lo, max), fmt) * 2**shift).to(torch.float8_e4m3fn)``, including
+    signed zeros (-0.0 on signed grids, +0.0 only on unsigned ones); ±inf saturates; NaN gives the NaN code 0x7F (its
+    sign is not kept).
     """
     return _prepare_act_codes(x, fmt, scale, zero_point, shift, out, block_r, block_c).run(x)
 
