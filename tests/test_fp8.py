@@ -154,6 +154,15 @@ def test_kernels_requested_where_they_cannot_run_fail_clearly():
         convert_to_fp8(q, use_kernels=True)
 
 
+def test_triton_older_than_the_tested_versions_gets_the_emulated_path():
+    from msfp.fp8 import _triton_too_old
+
+    assert "Triton 3.4.0 is older than 3.6" in _triton_too_old("3.4.0")
+    assert _triton_too_old("2.3.1") is not None
+    for version in ("3.6.0", "3.9.0", "3.10.0+git1a2b3c", "4.0.0"):
+        assert _triton_too_old(version) is None
+
+
 def test_kernel_launchers_without_triton_say_so(monkeypatch):
     from msfp import triton_kernels
 

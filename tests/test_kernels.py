@@ -49,14 +49,22 @@ def test_compiled_fake_quant_raises_the_recompile_limit_only_for_new_inputs(monk
     assert call(x) == 4  # autograd graph
 
 
-def test_recompile_limit_settings_follow_the_names_torch_knows():
-    from types import SimpleNamespace
+def test_fused_rounding_is_the_cuda_default_only_where_it_is_exact(monkeypatch):
+    from msfp import kernels
+    from msfp.finetune import default_fused_rounding
 
-    from msfp.kernels import _RECOMPILE_LIMIT, _recompile_limit_settings
-
-    new = SimpleNamespace(recompile_limit=8, fail_on_recompile_limit_hit=False, cache_size_limit=8)
-    assert _recompile_limit_settings(new) == {"recompile_limit": _RECOMPILE_LIMIT, "fail_on_recompile_limit_hit": True}
-    assert _recompile_limit_settings(SimpleNamespace(cache_size_limit=8)) == {"cache_size_limit": _RECOMPILE_LIMIT}
+    assert kernels.fused_rounding_exact("cpu") == (True, "")
+    assert default_fused_rounding(torch.device("cpu")) is False
+    monkeypatch.setattr(kernels, "_exact_options", lambda: {"eager_numerics.division_rounding": True})
+    assert kernels.fused_rounding_exact("cuda") == (True, "")
+    assert default_fused_rounding(torch.device("cuda")) is True
+    # A torch whose Inductor lacks the IEEE-division option (before 2.11): exact on CPU, not on CUDA.
+    monkeypatch.setattr(kernels, "_exact_options", lambda: {"emulate_precision_casts": True})
+    assert kernels.fused_rounding_exact("cpu") == (True, "")
+    exact, why = kernels.fused_rounding_exact("cuda")
+    assert not exact and "IEEE-division" in why
+    with pytest.warns(UserWarning, match="finetune uses eager rounding: .*IEEE-division"):
+        assert default_fused_rounding(torch.device("cuda")) is False
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(

@@ -17,6 +17,7 @@ import dataclasses
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from tqdm.auto import tqdm
 from msfp.attention import attention_quantizers
 from msfp.calibration import Trajectories, collect_trajectories
 from msfp.fileio import atomic_path
+from msfp.kernels import fused_rounding_exact
 from msfp.losses import WEIGHTINGS, denoising_factors, dfa_weights, weighted_mse
 from msfp.surgery import quant_layers, set_fused_rounding
 from msfp.talora import add_talora
@@ -139,6 +141,17 @@ def _point_weights(points: Trajectories, scheduler, config: FinetuneConfig) -> t
     return torch.tensor([by_t[t] for t in points.t.tolist()])
 
 
+def default_fused_rounding(device: torch.device) -> bool:
+    """Fused rounding on CUDA, where it pays for its compilation, if it is exact there with this torch (a warning
+    says so when it is not)."""
+    if torch.device(device).type != "cuda":
+        return False
+    exact, why = fused_rounding_exact(device)
+    if not exact:
+        warnings.warn(f"finetune uses eager rounding: {why}", stacklevel=3)
+    return exact
+
+
 def finetune(qmodel: nn.Module, fp_model: nn.Module, scheduler, config: FinetuneConfig | None = None,
              work_dir: str | os.PathLike | None = None, resume: bool = False, max_minutes: float | None = None,
              cond: dict | None = None, class_labels=None, sample_shape=None, teacher: Trajectories | None = None,
@@ -148,7 +161,8 @@ def finetune(qmodel: nn.Module, fp_model: nn.Module, scheduler, config: Finetune
     ``teacher`` passes precomputed teacher trajectories (``traj_steps``-step trajectories of ``fp_model`` with this
     scheduler, e.g. shared by several runs); by default they are sampled here (and cached in ``work_dir``).
     ``fused_rounding`` runs the quantizers' rounding as fused compiled kernels (same values, see
-    :func:`msfp.surgery.set_fused_rounding`); by default on CUDA only, where it pays for its compilation.
+    :func:`msfp.surgery.set_fused_rounding`); by default on CUDA only, where it pays for its compilation, and only
+    where it is exact (:func:`default_fused_rounding`).
     """
     config = config or FinetuneConfig()
     if getattr(qmodel, "msfp_config", None) is None:
@@ -197,7 +211,7 @@ def finetune(qmodel: nn.Module, fp_model: nn.Module, scheduler, config: Finetune
                             generator=gen.get_state()), tmp)
 
     device = next(qmodel.parameters()).device
-    fused = device.type == "cuda" if fused_rounding is None else fused_rounding
+    fused = default_fused_rounding(device) if fused_rounding is None else fused_rounding
     set_fused_rounding(qmodel, fused)
     channels = points.eps.shape[1]
     start, stopped_early = time.time(), False

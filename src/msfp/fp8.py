@@ -26,6 +26,7 @@ scales), where the activations are bfloat16 and both GEMM dimensions are multipl
 from __future__ import annotations
 
 import functools
+import re
 
 import torch
 from torch import nn
@@ -37,6 +38,7 @@ from msfp.quantizers import MIN_SCALE
 
 E4M3 = torch.float8_e4m3fn
 LINEAR_GEMMS = ("triton", "scaled_mm")
+MIN_TRITON = (3, 6)
 
 
 @functools.lru_cache(maxsize=None)
@@ -75,7 +77,18 @@ def _kernels_available(device: torch.device) -> tuple[bool, str]:
 
     if not triton_kernels.HAS_TRITON:
         return False, "triton is not installed"
-    return True, "Triton FP8 kernels"
+    too_old = _triton_too_old(triton_kernels.triton.__version__)
+    return (False, too_old) if too_old else (True, "Triton FP8 kernels")
+
+
+def _triton_too_old(version: str) -> str | None:
+    # Triton 3.6 (torch 2.11's) is the oldest release the kernels have run on a GPU with; older ones get the
+    # emulated path rather than compiled code nobody has checked (3.6 itself first gave wrong -0.0 codes there).
+    major_minor = tuple(int(v) for v in re.match(r"(\d+)\.(\d+)", version).groups())
+    if major_minor < MIN_TRITON:
+        oldest = ".".join(map(str, MIN_TRITON))
+        return f"Triton {version} is older than {oldest}, the oldest the FP8 kernels are tested with"
+    return None
 
 
 def fp8_kernels_available(device: torch.device | str) -> tuple[bool, str]:

@@ -26,19 +26,23 @@ _EXACT_OPTIONS = {"eager_numerics.division_rounding": True, "emulate_precision_c
 _RECOMPILE_LIMIT = 128
 
 
-def _recompile_limit_settings(config) -> dict:
-    # torch ≤ 2.6 knows only cache_size_limit; later releases call it recompile_limit and keep the old names as
-    # aliases. Releases without either fail_on_… flag cannot fail loudly: past the limit they run eagerly (same values).
-    names = (("recompile_limit", "cache_size_limit"), ("fail_on_recompile_limit_hit", "fail_on_cache_limit_hit"))
-    limit, fail = (next((n for n in pair if hasattr(config, n)), None) for pair in names)
-    return {limit: _RECOMPILE_LIMIT, **({fail: True} if fail else {})}
-
-
 def _exact_options() -> dict:
     from torch._inductor import config
 
     known = config.get_config_copy()
     return {k: v for k, v in _EXACT_OPTIONS.items() if k in known}
+
+
+def fused_rounding_exact(device: torch.device | str) -> tuple[bool, str]:
+    """Whether the fused rounding equals eager bit for bit on ``device`` with this torch, and why not.
+
+    On CPU Inductor's C++ divides exactly. On CUDA it needs ``eager_numerics.division_rounding`` (torch ≥ 2.11):
+    without it Triton's approximate division can put a value next to a rounding boundary on the other grid point.
+    """
+    if torch.device(device).type != "cuda" or "eager_numerics.division_rounding" in _exact_options():
+        return True, ""
+    return False, (f"torch {torch.__version__}'s Inductor has no IEEE-division option for CUDA (added in torch 2.11), "
+                   f"so fused rounding could differ from eager rounding near rounding boundaries")
 
 
 @functools.lru_cache(maxsize=None)
@@ -60,7 +64,7 @@ def compiled_fake_quant(x: torch.Tensor, fmt: str | Format, scale: torch.Tensor,
     signature = _signature(fmt, dynamic, x, scale, zero_point)
     if signature in _compiled_signatures:
         return compiled(x, scale=scale, zero_point=zero_point)
-    with torch._dynamo.config.patch(**_recompile_limit_settings(torch._dynamo.config)):
+    with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT, fail_on_recompile_limit_hit=True):
         out = compiled(x, scale=scale, zero_point=zero_point)
     _compiled_signatures.add(signature)
     return out

@@ -484,6 +484,9 @@ def compile_ahead(launcher, *args, arch: int = 90, **kwargs) -> list[tuple[dict,
     except ImportError as e:
         raise RuntimeError(f"compile_ahead needs Triton's compiler internals (as in Triton 3.6–3.9), missing "
                            f"here: {e}") from e
+    if not hasattr(JITFunction, "_pack_args"):  # Triton 3.4 and older bind arguments differently
+        raise RuntimeError(f"compile_ahead needs Triton's compiler internals (as in Triton 3.6–3.9); Triton "
+                           f"{triton.__version__} has no JITFunction._pack_args")
     # Unwrap autotuner → JIT (or, under TRITON_INTERPRET=1, interpreted) function → Python function, and compile a
     # JITFunction of that source whatever mode the module was imported in.
     fn = launch.kernel
