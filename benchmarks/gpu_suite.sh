@@ -3,18 +3,19 @@
 #
 #   bash benchmarks/gpu_suite.sh OUTDIR [STEP ...]      (from the repo root; msfp importable, e.g. pip install -e .)
 #
-# STEPs (default: all, in this order): tests (the CUDA/Triton tests), w4a4 (benchmarks/gpu_w4a4.py), finetune
+# STEPs (default: all, in this order): tests (the CUDA/Triton tests), w4a4 (benchmarks/gpu_w4a4.py), tiles
+# (benchmarks/conv_tiles.py, the FP8 convolution's block-size sweep), finetune
 # (benchmarks/finetune_step.py at batch 16 and 128, 30 timed steps), fake_quant (benchmarks/fake_quant.py). Each
 # benchmark's JSON goes to OUTDIR/<step>.json, everything else (machine, versions, pytest output, stderr) to
-# OUTDIR/log: five files at most.
+# OUTDIR/log: six files at most.
 # A failing step does not stop the others; the exit status is 1 if any failed. PYTHON picks the interpreter;
 # STEP_TIMEOUT (seconds, default none) stops a step that runs longer, so one slow step cannot use up a short lease;
 # TEST_TIMEOUT (default 150) stops a single test (with pytest-timeout installed).
 set -uo pipefail
-out=${1:?usage: bash benchmarks/gpu_suite.sh OUTDIR [tests|w4a4|finetune|fake_quant ...]}
+out=${1:?usage: bash benchmarks/gpu_suite.sh OUTDIR [tests|w4a4|tiles|finetune|fake_quant ...]}
 shift
 steps=("$@")
-[ ${#steps[@]} -gt 0 ] || steps=(tests w4a4 finetune fake_quant)
+[ ${#steps[@]} -gt 0 ] || steps=(tests w4a4 tiles finetune fake_quant)
 python=${PYTHON:-python3}
 mkdir -p "$out"
 log=$out/log
@@ -75,11 +76,12 @@ for step in "${steps[@]}"; do
                    --durations=15 -p no:cacheprovider "${parallel[@]}" "${per_test_limit[@]}" \
                    tests/test_kernels.py tests/test_triton_kernels.py tests/test_fp8.py ;;
         w4a4) run_step w4a4 "$out/w4a4.json" "$python" benchmarks/gpu_w4a4.py ;;
+        tiles) run_step tiles "$out/tiles.json" "$python" benchmarks/conv_tiles.py ;;
         finetune)
             run_step finetune16 "$out/finetune16.json" "$python" benchmarks/finetune_step.py --device cuda --batch 16 --iters 30
             run_step finetune128 "$out/finetune128.json" "$python" benchmarks/finetune_step.py --device cuda --batch 128 --iters 30 ;;
         fake_quant) run_step fake_quant "$out/fake_quant.json" "$python" benchmarks/fake_quant.py ;;
-        *) echo "gpu_suite.sh: unknown step '$step' (tests, w4a4, finetune, fake_quant)" | tee -a "$log"; failed+=("$step") ;;
+        *) echo "gpu_suite.sh: unknown step '$step' (tests, w4a4, tiles, finetune, fake_quant)" | tee -a "$log"; failed+=("$step") ;;
     esac
 done
 if [ ${#failed[@]} -gt 0 ]; then

@@ -263,6 +263,22 @@ def denoiser_row(name: str, fp: torch.nn.Module, cond: dict, args, timer: Timer)
     return progress(result)
 
 
+def start_report(script: str, args, argv) -> tuple[dict, torch.device, dict | None] | None:
+    """The JSON report's header (settings, machine, command, the GPU's dense peaks), the device and those peaks; or
+    None, after printing a report that says why, where FP8 kernels cannot run and this is not a ``--smoke`` run."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    command = "python " + " ".join([f"benchmarks/{script}.py", *(argv if argv is not None else sys.argv[1:])])
+    report = dict(benchmark=script, settings=vars(args), machine=machine_info(device), command=command)
+    available, why = fp8_kernels_available(device)
+    if not available and not args.smoke:
+        print(json.dumps(dict(report, skipped=f"needs a GPU with FP8 tensor cores and triton: {why}"), indent=2))
+        return None
+    torch.backends.cudnn.benchmark = True
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
+    report["dense_peak_tflops"] = peak = next((v for k, v in PEAKS.items() if k in name), None)
+    return report, device, peak
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch", type=int, default=8)
@@ -271,20 +287,13 @@ def main(argv=None) -> None:
                    help="also time every call replayed from a CUDA graph, both sides (no host launch work)")
     p.add_argument("--smoke", action="store_true", help="tiny shapes on the emulated path (checks the script only)")
     args = p.parse_args(argv)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    command = "python " + " ".join(["benchmarks/gpu_w4a4.py", *(argv if argv is not None else sys.argv[1:])])
-    report = dict(benchmark="gpu_w4a4", settings=vars(args), machine=machine_info(device), command=command)
-    available, why = fp8_kernels_available(device)
-    if not available and not args.smoke:
-        print(json.dumps(dict(report, skipped=f"needs a GPU with FP8 tensor cores and triton: {why}"), indent=2))
+    started = start_report("gpu_w4a4", args, argv)
+    if started is None:
         return
+    report, device, peak = started
     if args.smoke:
         args.batch, args.iters = 1, 1
         report["note"] = "smoke run on the emulated path: timings are meaningless"
-    torch.backends.cudnn.benchmark = True
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
-    peak = next((v for k, v in PEAKS.items() if k in name), None)
-    report["dense_peak_tflops"] = peak
     timer = Timer(device, args.iters, args.cuda_graphs)
     report["layers"] = layer_rows(args, timer, peak)
     default, _ = msfp.load_model("default")

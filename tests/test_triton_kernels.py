@@ -6,6 +6,7 @@ On a CUDA machine the kernels run on the GPU; without one they run on CPU tensor
 
 import functools
 import importlib
+import json
 import os
 import re
 import sys
@@ -504,3 +505,15 @@ def test_compile_ahead_rejects_bad_requests():
         tk.compile_ahead(tk.linear_fp8, fp8_zeros(0, 32), fp8_zeros(16, 32), torch.ones(0), torch.ones(16))
     with pytest.raises(TypeError):
         tk.compile_ahead(tk.linear_fp8, fp8_zeros(4, 32), fp8_zeros(16, 32), torch.ones(4), torch.ones(16), bogus=1)
+
+
+def test_conv_tiles_benchmark_smoke(capsys, monkeypatch):
+    # The GPU tile sweep's whole flow on tiny shapes (interpreted on CPU), so a GPU session does not find it broken.
+    from test_benchmarks import BENCHMARKS, load_script
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    load_script("conv_tiles").main(["--smoke"])
+    [row] = json.loads(capsys.readouterr().out)["shapes"]
+    assert len(row["configs"]) == 4 and all("error" not in c for c in row["configs"])
+    assert row["configs"][0]["speedup"]["eager"] == pytest.approx(row["bf16"]["ms"] / row["configs"][0]["ms"])
+    assert set(row["best"]) == {"fp32_accumulation", "fast_accumulation"}
