@@ -257,7 +257,7 @@ class Fp8Layer(nn.Module):
         if self.num_weight_sets == 1 or self.context.route is None:
             y = self._gemm(codes, 0, a_scale, zero, spatial, out_dtype, kernels)
         else:
-            y = run_route_groups(self.context.route_groups(self.name, x.shape[0], rows),
+            y = run_route_groups(*self.context.route_groups(self.name, x.shape[0], rows),
                                  lambda k, c, s, z: self._gemm(c, k, s, z, spatial, out_dtype, kernels),
                                  codes, a_scale, zero)
         if self.kind == "linear":

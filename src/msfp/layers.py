@@ -32,7 +32,7 @@ class QuantContext:
         self.route_gate: torch.Tensor | None = None
         self._route_counts: list[int] = []
         self._route_order: torch.Tensor | None = None
-        self._route_groups: dict[int, list[tuple[int, torch.Tensor | None]]] = {}
+        self._route_groups: dict[int, tuple[list[tuple[int, torch.Tensor | None]], torch.Tensor | None]] = {}
 
     def __deepcopy__(self, memo):
         # timesteps/route belong to the call in flight (route may even be a non-leaf tensor of a training step,
@@ -55,25 +55,28 @@ class QuantContext:
         # Stable: each group keeps its samples in batch order, as running them one LoRA at a time would.
         self._route_order = None if max(self._route_counts) == len(choice) else torch.argsort(choice, stable=True)
 
-    def route_groups(self, layer: str, batch: int, rows: int = 1) -> list[tuple[int, torch.Tensor | None]]:
-        """``(k, index)`` for each LoRA ``k`` the current call uses: the indices of its rows in a batch of ``rows``
-        consecutive rows per sample (linear layers on token sequences), in order; ``index`` is None when every sample
-        uses ``k``. ``layer`` and ``batch`` (its input's first dimension) are for the error when that is not the
-        call's batch."""
+    def route_groups(self, layer: str, batch: int, rows: int = 1
+                     ) -> tuple[list[tuple[int, torch.Tensor | None]], torch.Tensor | None]:
+        """``(groups, restore)``: ``(k, index)`` for each LoRA ``k`` the current call uses, the indices of its rows in
+        a batch of ``rows`` consecutive rows per sample (linear layers on token sequences), in order; and the
+        permutation that puts the groups' rows, concatenated, back in batch order. ``index`` and ``restore`` are None
+        when every sample uses one LoRA. ``layer`` and ``batch`` (its input's first dimension) are for the error when
+        that is not the call's batch."""
         if batch != self.route.shape[0]:
             raise ValueError(f"{layer}: TALoRA routes each sample to its LoRA, but this layer's input has {batch} "
                              f"rows in its first dimension where the model was called with a batch of "
                              f"{self.route.shape[0]}")
         if rows not in self._route_groups:
             if self._route_order is None:
-                groups = [(self._route_counts.index(max(self._route_counts)), None)]
+                groups, restore = [(self._route_counts.index(max(self._route_counts)), None)], None
             else:
-                order = self._route_order
+                order, restore = self._route_order, torch.argsort(self._route_order)
                 if rows > 1:
-                    order = (order[:, None] * rows + torch.arange(rows, device=order.device)).reshape(-1)
+                    within = torch.arange(rows, device=order.device)
+                    order, restore = ((o[:, None] * rows + within).reshape(-1) for o in (order, restore))
                 sizes = [n * rows for n in self._route_counts]
                 groups = [(k, index) for k, index in enumerate(order.split(sizes)) if len(index)]
-            self._route_groups[rows] = groups
+            self._route_groups[rows] = groups, restore
         return self._route_groups[rows]
 
     def set_timesteps(self, timestep, batch_size: int, device) -> None:
@@ -110,17 +113,13 @@ def take_rows(t: torch.Tensor | None, index: torch.Tensor | None) -> torch.Tenso
     return t.index_select(0, index)
 
 
-def run_route_groups(groups, run, *inputs: torch.Tensor | None) -> torch.Tensor:
+def run_route_groups(groups, restore, run, *inputs: torch.Tensor | None) -> torch.Tensor:
     """``run(k, *rows)`` on the rows of each ``(k, index)`` group of :meth:`QuantContext.route_groups`, put back in
-    batch order. Index tensors, not masks: neither direction of autograd then reads data back to the host."""
-    out = None
-    for k, index in groups:
-        y = run(k, *(take_rows(t, index) for t in inputs))
-        if index is None:
-            return y
-        out = y.new_zeros((inputs[0].shape[0], *y.shape[1:])) if out is None else out
-        out = out.index_copy(0, index, y)
-    return out
+    batch order by ``restore``. Index tensors, not masks: neither direction of autograd then reads data back to the
+    host. Concatenated and gathered rather than index_copy'd into place, whose backward would keep every group's
+    output alive (a fifth more memory in a TALoRA training step)."""
+    outputs = [run(k, *(take_rows(t, index) for t in inputs)) for k, index in groups]
+    return outputs[0] if restore is None else torch.cat(outputs).index_select(0, restore)
 
 
 class QuantLayer(nn.Module):
@@ -245,9 +244,9 @@ class QuantLayer(nn.Module):
         # Per-sample LoRA choice: run each chosen weight on its samples only. The output is scaled by the chosen
         # entry of the straight-through one-hot (1 in value), so the router gets the gradient <dL/dy, y> of the
         # LoRA it picked without computing all K outputs.
-        groups = self.context.route_groups(self.name, x.shape[0])
+        groups, restore = self.context.route_groups(self.name, x.shape[0])
         weights = self.quantized_weights([k for k, _ in groups])
-        out = run_route_groups(groups, lambda k, xs: self._op(xs, weights[k]), x)
+        out = run_route_groups(groups, restore, lambda k, xs: self._op(xs, weights[k]), x)
         return out * self.context.route_gate.view(-1, *([1] * (out.dim() - 1))).to(out)
 
     def macs_per_sample(self, input_shape) -> int:
