@@ -46,6 +46,17 @@ def test_lora_bank_starts_at_zero_and_reshapes():
     assert torch.linalg.matrix_rank(bank.delta(2).reshape(8, -1)) <= 2
 
 
+@pytest.mark.parametrize("ks", [[0, 1, 2, 3], [1, 2], [0, 2, 3], [3]])
+def test_lora_bank_deltas_stack_the_chosen_updates(ks):
+    bank = LoRABank((8, 4, 3, 3), num_loras=4, rank=2, seed=0)
+    with torch.no_grad():
+        bank.B.normal_()
+    deltas = bank.deltas(ks)
+    assert deltas.shape == (len(ks), 8, 4, 3, 3)
+    for i, k in enumerate(ks):
+        torch.testing.assert_close(deltas[i], bank.delta(k), rtol=1e-6, atol=0)
+
+
 def test_lora_bank_bad_rank():
     with pytest.raises(ValueError, match="rank 5 must be in"):
         LoRABank((4, 3), rank=5)

@@ -181,7 +181,7 @@ class QuantLayer(nn.Module):
         by those)."""
         if len(ks) == 1 or self.weight_sets is not None or self._weight_cache is not None:
             return {k: self.quantized_weight(k) for k in ks}
-        stacked = self.weight_quantizer(torch.stack([self.effective_weight(k) for k in ks]), stacked=True)
+        stacked = self.weight_quantizer(self.weight + self.lora.deltas(ks), stacked=True)
         return dict(zip(ks, stacked.unbind(0)))
 
     def freeze_weights(self) -> None:

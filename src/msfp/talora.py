@@ -101,6 +101,13 @@ class LoRABank(nn.Module):
         """``B_k A_k`` reshaped like the weight."""
         return (self.B[k] @ self.A[k]).view(self.weight_shape)
 
+    def deltas(self, ks: list[int]) -> torch.Tensor:
+        """``B_k A_k`` for each ``k`` of the increasing ``ks``, stacked: one batched product over the range they span,
+        taken by slicing (an index tensor built from ``ks`` would be a host-to-device copy on a GPU)."""
+        lo, hi = ks[0], ks[-1] + 1
+        products = torch.bmm(self.B[lo:hi], self.A[lo:hi]).view(hi - lo, *self.weight_shape)
+        return products if len(ks) == hi - lo else torch.stack([products[k - lo] for k in ks])
+
 
 def _route_hook(module, args, kwargs):
     # Runs after msfp.quantize's timestep hook; looks everything up on the module so deep copies stay independent.
