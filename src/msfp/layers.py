@@ -32,6 +32,7 @@ class QuantContext:
         self.route_gate: torch.Tensor | None = None
         self._route_counts: list[int] = []
         self._route_order: torch.Tensor | None = None
+        self._route_restore: torch.Tensor | None = None
         self._route_groups: dict[int, tuple[list[tuple[int, torch.Tensor | None]], torch.Tensor | None]] = {}
 
     def __deepcopy__(self, memo):
@@ -47,13 +48,14 @@ class QuantContext:
         stalled a GPU several times per layer, in forward and again in backward."""
         self.route, self._route_groups = route, {}
         if route is None:
-            self.route_gate = self._route_order = None
+            self.route_gate = self._route_order = self._route_restore = None
             return
         choice = route.detach().argmax(1)
         self.route_gate = route.gather(1, choice[:, None])[:, 0]
         self._route_counts = torch.bincount(choice, minlength=route.shape[1]).tolist()
         # Stable: each group keeps its samples in batch order, as running them one LoRA at a time would.
         self._route_order = None if max(self._route_counts) == len(choice) else torch.argsort(choice, stable=True)
+        self._route_restore = None if self._route_order is None else torch.argsort(self._route_order)
 
     def route_groups(self, layer: str, batch: int, rows: int = 1
                      ) -> tuple[list[tuple[int, torch.Tensor | None]], torch.Tensor | None]:
@@ -70,7 +72,7 @@ class QuantContext:
             if self._route_order is None:
                 groups, restore = [(self._route_counts.index(max(self._route_counts)), None)], None
             else:
-                order, restore = self._route_order, torch.argsort(self._route_order)
+                order, restore = self._route_order, self._route_restore
                 if rows > 1:
                     within = torch.arange(rows, device=order.device)
                     order, restore = ((o[:, None] * rows + within).reshape(-1) for o in (order, restore))
