@@ -281,6 +281,64 @@ def test_linear_fp8_matches_float64_matmul(with_terms):
     assert_within_accumulation_error(y, ref.view(M, N), mag.view(M, N), K)
 
 
+TMA_CASES = {
+    # B, H, W, C, O, (KH, KW), padding, dilation, bias, zero point; channels multiples of 16 (TMA's 16-byte rule)
+    "3x3_pad1_ragged": (3, 5, 7, 32, 20, (3, 3), 1, 1, True, True),
+    "1x1_flattened": (2, 4, 3, 48, 24, (1, 1), 0, 1, True, True),
+    "3x3_dilation2": (1, 6, 6, 16, 16, (3, 3), 2, 2, False, True),
+    "3x2_asymmetric": (2, 5, 4, 32, 10, (3, 2), (1, 0), (1, 2), True, True),
+    "3x3_on_1x1_image": (2, 1, 1, 32, 16, (3, 3), 1, 1, True, True),  # every tap but the centre is padding
+}
+
+
+@pytest.mark.parametrize("block_m", [16, 64])  # tiles of 1 sample × 2 rows × 8 columns; of several samples
+@pytest.mark.parametrize("case", TMA_CASES)
+def test_conv2d_fp8_tma_matches_float64_conv(case, block_m):
+    B, H, W, C, O, (KH, KW), padding, dilation, has_bias, has_zp = TMA_CASES[case]
+    gen = torch.Generator().manual_seed(7)
+    x, w = random_codes((B, H, W, C), gen), random_codes((O, KH, KW, C), gen)
+    a_scale, w_scale = torch.rand(B, generator=gen) + 0.1, torch.rand(O, generator=gen) * 0.1 + 0.01
+    bias = torch.randn(O, generator=gen) if has_bias else None
+    ref_shape = conv_reference(x, w, a_scale, w_scale, None, None, None, 1, padding, dilation)[0].shape
+    zp = torch.randn(B, generator=gen) if has_zp else None
+    corr = torch.randn(ref_shape[1:], generator=gen) * 10 if has_zp else None
+    ref, mag = conv_reference(x, w, a_scale, w_scale, bias, zp, corr, 1, padding, dilation)
+    to_dev = [t.to(DEV) if t is not None else None for t in (x, w, a_scale, w_scale, bias, zp, corr)]
+    # block_k 32 leaves a ragged last channel block for C = 16 and 48: TMA's out-of-bounds zeros must cover it.
+    y = tk.conv2d_fp8(*to_dev, padding=padding, dilation=dilation, tma=True, block_m=block_m,
+                      block_n=GEMM_BLOCKS["block_n"], block_k=32)
+    assert y.shape == ref.shape and y.dtype == torch.float32 and y.is_contiguous()
+    assert_within_accumulation_error(y, ref, mag, KH * KW * C)
+
+
+def test_linear_fp8_tma_matches_float64_matmul():
+    gen = torch.Generator().manual_seed(8)
+    M, K, N = 37, 48, 24
+    x, w = random_codes((M, K), gen), random_codes((N, K), gen)
+    a_scale, w_scale = torch.rand(M, generator=gen) + 0.1, torch.rand(N, generator=gen) * 0.1
+    bias, zp, corr = torch.randn(N, generator=gen), torch.randn(M, generator=gen), torch.randn(N, generator=gen)
+    ref, mag = conv_reference(x[:, None, None], w[:, None, None], a_scale, w_scale, bias, zp, corr[None, None], 1, 0, 1)
+    y = tk.linear_fp8(*[t.to(DEV) for t in (x, w, a_scale, w_scale, bias, zp, corr)], tma=True, **GEMM_BLOCKS)
+    assert y.shape == (M, N)
+    assert_within_accumulation_error(y, ref.view(M, N), mag.view(M, N), K)
+
+
+def test_tma_rejects_what_it_cannot_load():
+    x, w = torch.zeros(1, 4, 4, 32, dtype=FP8, device=DEV), torch.zeros(16, 3, 3, 32, dtype=FP8, device=DEV)
+    one, sixteen = torch.ones(1, device=DEV), torch.ones(16, device=DEV)
+    assert tk.tma_unsupported(x, w) is None
+    with pytest.raises(ValueError, match=r"tma=True\): stride \(2, 2\): TMA tiles need stride 1"):
+        tk.conv2d_fp8(x, w, one, sixteen, stride=2, tma=True)
+    with pytest.raises(ValueError, match=r"x_codes \(1, 4, 4, 8\) with strides \(128, 32, 8, 1\): TMA needs"):
+        tk.conv2d_fp8(x[..., :8].contiguous(), w[..., :8].contiguous(), one, sixteen, tma=True)
+    with pytest.raises(ValueError, match="x_codes .* channels innermost"):  # an NHWC view of NCHW memory
+        tk.conv2d_fp8(x.permute(0, 3, 1, 2).contiguous().permute(0, 2, 3, 1), w, one, sixteen, tma=True)
+    with pytest.raises(ValueError, match=r"w_codes .* TMA reads it as \(O, KH\*KW, C\)"):
+        tk.conv2d_fp8(x, w.permute(0, 2, 1, 3).contiguous().permute(0, 2, 1, 3), one, sixteen, tma=True)
+    with pytest.raises(ValueError, match=r"with tma, block_m, block_n, block_k must be powers of two, got \(48"):
+        tk.conv2d_fp8(x, w, one, sixteen, tma=True, block_m=48, block_n=16, block_k=32)
+
+
 def test_gemm_launchers_reject_bad_arguments():
     x, w = torch.zeros(1, 4, 4, 8, dtype=FP8, device=DEV), torch.zeros(6, 3, 3, 8, dtype=FP8, device=DEV)
     one, six = torch.ones(1, device=DEV), torch.ones(6, device=DEV)
@@ -312,10 +370,12 @@ def test_conv2d_fp8_autotuned_default_blocks():
     assert_within_accumulation_error(y, ref, mag, 9 * 64)
 
 
+@pytest.mark.parametrize("tma", [False, True])
 @pytest.mark.parametrize("family", ["unet", "dit"])
-def test_fp8_layers_on_the_kernels_equal_the_emulated_path(family, monkeypatch):
+def test_fp8_layers_on_the_kernels_equal_the_emulated_path(family, tma, monkeypatch):
     # Whole calibrated tiny models: every W4A4 layer (zero-point convs with padded borders, stride 2, 1×1 shortcuts,
-    # 3-D linear inputs) through act_codes + conv2d_fp8/linear_fp8 against the same Fp8Layer emulated in torch.
+    # 3-D linear inputs) through act_codes + conv2d_fp8/linear_fp8 against the same Fp8Layer emulated in torch;
+    # with tma, the layers whose shapes allow it load through TMA descriptors, the others as before.
     import copy
 
     import msfp
@@ -324,8 +384,10 @@ def test_fp8_layers_on_the_kernels_equal_the_emulated_path(family, monkeypatch):
     from test_fp8 import layer_inputs
     from tiny_models import scheduler, tiny_dit, tiny_unet
 
-    monkeypatch.setattr(tk, "conv2d_fp8", functools.partial(tk.conv2d_fp8, **GEMM_BLOCKS))
-    monkeypatch.setattr(tk, "linear_fp8", functools.partial(tk.linear_fp8, **GEMM_BLOCKS))
+    tma_calls = []
+    for launcher in ("conv2d_fp8", "linear_fp8"):
+        run = functools.partial(getattr(tk, launcher), **GEMM_BLOCKS)
+        monkeypatch.setattr(tk, launcher, lambda *a, run=run, **k: tma_calls.append(k["tma"]) or run(*a, **k))
     build, shape, cond = {"unet": (tiny_unet, (1, 8, 8), {}),
                           "dit": (tiny_dit, (4, 8, 8), {"class_labels": torch.tensor([0, 1, 2])})}[family]
     fp = build().to(DEV)
@@ -341,6 +403,7 @@ def test_fp8_layers_on_the_kernels_equal_the_emulated_path(family, monkeypatch):
             emulated, kernels = Fp8Layer(layer, use_kernels=False), Fp8Layer(layer, use_kernels=True)
         except ValueError:
             continue
+        kernels.tma = tma
         with torch.no_grad():
             want, got = emulated(inputs[name]), kernels(inputs[name])
         assert got.shape == want.shape and got.dtype == want.dtype
@@ -348,6 +411,8 @@ def test_fp8_layers_on_the_kernels_equal_the_emulated_path(family, monkeypatch):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item(), msg=name)
         checked += 1
     assert checked >= 6
+    # The tiny models' 16-channel layers qualify for TMA; their 8-channel ones do not (16-byte rows).
+    assert any(tma_calls) == tma and (all(tma_calls) is False or not tma)
 
 
 def scaled_mm_layer(timestep_groups):
@@ -455,6 +520,27 @@ def test_gemm_kernels_compile_for_hopper_fp8_tensor_cores():
         assert stats["spill_store_bytes"] == stats["spill_load_bytes"] == 0, (config, stats)
         assert 0 < stats["shared_bytes"] <= H100_MAX_SHARED, (config, stats)
         assert kernel.metadata.enable_fp_fusion is True
+
+
+def test_tma_kernels_compile_for_hopper():
+    # Every TMA autotuning candidate at an SD-1.5 3×3 shape, and a linear: TMA copies (no per-thread loads) into FP8
+    # wgmma, no spills. Tiles spanning several output rows reach wgmma through registers (Triton keeps a reshape of
+    # a multi-row box out of shared-memory descriptors); a linear's tile is one row block and stays in shared memory.
+    compiled = tk.compile_ahead(tk.conv2d_fp8, *sd_conv_args(), padding=1, out_dtype=torch.bfloat16, tma=True)
+    assert len(compiled) == len(tk._conv_fp8_tma_tuned.configs)
+    [linear] = tk.compile_ahead(tk.linear_fp8, fp8_zeros(256, 320), fp8_zeros(1280, 320), torch.ones(256),
+                                torch.ones(1280), torch.zeros(1280), tma=True, block_m=128, block_n=128, block_k=64,
+                                num_warps=8, num_stages=3)
+    for config, kernel in compiled + [linear]:
+        stats = tk.kernel_stats(kernel)
+        assert stats["mma_instructions"] and all(i.startswith("wgmma.mma_async") and ".e4m3.e4m3" in i
+                                                 for i in stats["mma_instructions"]), (config, stats)
+        assert stats["tma_copies"] > 0 and stats["async_copies"] == 0, (config, stats)
+        assert stats["spill_store_bytes"] == stats["spill_load_bytes"] == 0, (config, stats)
+        assert 0 < stats["shared_bytes"] <= H100_MAX_SHARED, (config, stats)
+    assert tk.kernel_stats(linear[1])["mma_operand_a"] == ["shared"]
+    # 32×32 outputs in 128-pixel blocks: 4 rows of 32, through registers.
+    assert tk.kernel_stats(compiled[0][1])["mma_operand_a"] == ["registers"]
 
 
 def test_conv_kernel_compiles_for_ada_fp8_mma():

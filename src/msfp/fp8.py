@@ -136,6 +136,8 @@ class Fp8Layer(nn.Module):
         # False lets Hopper's FP8 MMA keep partial sums in its reduced-precision accumulator (faster, less exact;
         # the kernels only, like torch._scaled_mm's use_fast_accum).
         self.precise_acc = True
+        # True feeds the Triton GEMM its tiles with Hopper's TMA copies where the shapes allow (convert_to_fp8's tma).
+        self.tma = False
         with torch.no_grad():
             w_scale = wq.scale.detach().float().clamp_min(MIN_SCALE)
             view = (-1,) + (1,) * (layer.weight.dim() - 1)
@@ -202,11 +204,13 @@ class Fp8Layer(nn.Module):
                                          fast_accum=not self.precise_acc)
             if self.kind == "linear":
                 return triton_kernels.linear_fp8(codes, w_codes, a_scale, self.code_scale, self.bias, zero, corr,
-                                                 out_dtype=out_dtype, precise_acc=self.precise_acc)
-            out = triton_kernels.conv2d_fp8(codes.permute(0, 2, 3, 1).contiguous(), w_codes, a_scale,
-                                            self.code_scale, self.bias, zero, corr, self.conv_args["stride"],
-                                            self.conv_args["padding"], self.conv_args["dilation"],
-                                            out_dtype=out_dtype, precise_acc=self.precise_acc)
+                                                 out_dtype=out_dtype, precise_acc=self.precise_acc,
+                                                 tma=self._tma_applies(codes, w_codes))
+            codes = codes.permute(0, 2, 3, 1).contiguous()
+            out = triton_kernels.conv2d_fp8(codes, w_codes, a_scale, self.code_scale, self.bias, zero, corr,
+                                            self.conv_args["stride"], self.conv_args["padding"],
+                                            self.conv_args["dilation"], out_dtype=out_dtype,
+                                            precise_acc=self.precise_acc, tma=self._tma_applies(codes, w_codes))
             return out.permute(0, 3, 1, 2)  # NCHW view of the NHWC result (channels_last memory)
         # Emulated: the products of two codes are exact in fp32, so only the summation order differs from a kernel.
         if self.kind == "linear":
@@ -222,6 +226,12 @@ class Fp8Layer(nn.Module):
         if zero is not None:
             y = y + zero.view(-1, *([1] * (y.dim() - 1))) * corr
         return y
+
+    def _tma_applies(self, codes: torch.Tensor, w_codes: torch.Tensor) -> bool:
+        from msfp import triton_kernels
+
+        # Where TMA cannot load the tiles (stride 2, channels not a multiple of 16), the pointer loads serve.
+        return self.tma and triton_kernels.tma_unsupported(codes, w_codes, self.conv_args.get("stride", 1)) is None
 
     def _act_params(self, batch: int, rows: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The activation scale and zero point of each of the ``batch * rows`` GEMM rows (``rows`` per sample)."""
@@ -268,6 +278,8 @@ class Fp8Layer(nn.Module):
         path = {True: "triton", False: "emulated", None: "triton where available"}[self.use_kernels]
         if self.kind == "linear" and self.linear_gemm == "scaled_mm" and self.use_kernels is not False:
             path += " (GEMM: torch._scaled_mm for bfloat16 inputs)"
+        if self.tma and self.use_kernels is not False:
+            path += ", TMA loads where the shapes allow"
         return f"{self.name}: {self.kind}, fp8 {path}, act {self.act_fmt.name}, {self.num_weight_sets} weight set(s)"
 
 
@@ -291,13 +303,16 @@ def _scaled_mm_linear(codes, w_codes, a_scale, code_scale, bias, zero, corr, fas
     return y if per_row is None else (y.float() + per_row).to(torch.bfloat16)
 
 
-def convert_to_fp8(model: nn.Module, use_kernels: bool | None = None, linear_gemm: str = "triton") -> dict[str, str]:
+def convert_to_fp8(model: nn.Module, use_kernels: bool | None = None, linear_gemm: str = "triton",
+                   tma: bool = False) -> dict[str, str]:
     """Replace every quantized layer that the FP8 path runs exactly by an :class:`Fp8Layer`, in place.
 
     ``use_kernels=None`` runs the Triton kernels wherever the input's device has them and the emulated path
     elsewhere; True insists on the kernels (an error here if the model's device lacks them), False always emulates.
     ``linear_gemm="scaled_mm"`` runs linear layers' GEMMs through ``torch._scaled_mm`` where it applies (see
-    :class:`Fp8Layer`), with the kernels.
+    :class:`Fp8Layer`), with the kernels. ``tma=True`` has the Triton GEMMs load their tiles with Hopper's TMA
+    copies wherever a layer's shapes allow (stride 1, channels a multiple of 16; see
+    :func:`msfp.triton_kernels.conv2d_fp8`), with per-thread address arithmetic elsewhere.
     Returns ``{layer name: reason}`` for the layers left on the fake-quant path (8-bit INT layers, layers with
     disabled quantizers, grouped convolutions…); attention matmuls, when quantized, stay fake-quant too.
     """
@@ -316,7 +331,9 @@ def convert_to_fp8(model: nn.Module, use_kernels: bool | None = None, linear_gem
         except Fp8Unsupported as e:
             kept[name] = str(e).split(": ", 1)[1]
             continue
+        replacement.tma = tma
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, replacement)
-    model.msfp_backend = dict(kind="fp8", kernels=use_kernels, linear_gemm=linear_gemm, fake_quant_layers=kept)
+    model.msfp_backend = dict(kind="fp8", kernels=use_kernels, linear_gemm=linear_gemm, tma=tma,
+                              fake_quant_layers=kept)
     return kept

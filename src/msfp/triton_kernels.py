@@ -94,6 +94,8 @@ class _Launch:
     flags: dict  # compile-time arguments, block sizes and launch options included unless autotuned
     configs: tuple  # the block configurations the launch may compile: the autotuner's, or ({},)
     result: torch.Tensor
+    # Called with a configuration's flags before compiling it ahead of time (the autotuner's pre-launch hook)
+    configure: object = None
 
     def check_gpu_blocks(self) -> None:
         if self.flags.get("BLOCK_K", 32) < 32:
@@ -234,19 +236,32 @@ def _prepare_act_codes(x, fmt, scale, zero_point, shift, out, block_r, block_c) 
 if HAS_TRITON:
 
     @triton.jit
-    def _conv_fp8_kernel(x_ptr, w_ptr, y_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, zp_ptr, corr_ptr,
+    def _conv_fp8_kernel(x, w, y_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, zp_ptr, corr_ptr,
                          B, H, W, C, O, OH, OW, KH, KW,
-                         stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-                         sxb, sxh, sxw, sxc, swo, swh, sww, swc, s_as, s_ws, s_bias, s_zp, sch, scw, sco,
-                         HAS_BIAS: tl.constexpr, HAS_ZP: tl.constexpr, PRECISE_ACC: tl.constexpr,
+                         stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, rows_per_scale,
+                         sxb, sxh, sxw, sxc, swo, swh, sww, swc, s_as, s_ws, s_bias, s_zp, scp, sco,
+                         HAS_BIAS: tl.constexpr, HAS_ZP: tl.constexpr, PRECISE_ACC: tl.constexpr, TMA: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-        # GEMM view: M = B*OH*OW output pixels, N = O output channels, K = KH*KW*C.
-        M = B * OH * OW
+        # GEMM view: M = B*OH*OW output pixels, N = O output channels, K = KH*KW*C. `x` and `w` are pointers, or
+        # with TMA tensor descriptors of the (B, H, W, C) input and the (O, KH*KW, C) weights (stride 1 only).
+        # Output row r takes activation scale and zero point r // rows_per_scale (OH*OW: one per sample) and the
+        # zero-point correction of position r % rows_per_scale.
+        if TMA:
+            # A row block is a box of BB samples × BH rows × BW columns of the output (the descriptor's block
+            # shape), so each tap's input tile is one TMA copy; out-of-bounds coordinates (the zero padding and
+            # ragged edges) read zeros.
+            BB: tl.constexpr = x.block_shape[0]
+            BH: tl.constexpr = x.block_shape[1]
+            BW: tl.constexpr = x.block_shape[2]
+            tiles_w = (OW + BW - 1) // BW
+            tiles_h = (OH + BH - 1) // BH
+            num_m = (B + BB - 1) // BB * tiles_h * tiles_w
+        else:
+            num_m = (B * OH * OW + BLOCK_M - 1) // BLOCK_M
         # Grouped launch order: GROUP_M row blocks share their weight tiles while those are still in L2.
         pid = tl.program_id(0)
         # Only builtins inside the kernels (no tl.cdiv/tl.zeros, which are @jit helpers): under the interpreter those
         # fail when Triton was imported before TRITON_INTERPRET was set, as it is when tests set it themselves.
-        num_m = (M + BLOCK_M - 1) // BLOCK_M
         num_n = (O + BLOCK_N - 1) // BLOCK_N
         group = pid // (GROUP_M * num_n)
         first_m = group * GROUP_M
@@ -254,19 +269,29 @@ if HAS_TRITON:
         pid_m = first_m + (pid % (GROUP_M * num_n)) % group_size
         pid_n = (pid % (GROUP_M * num_n)) // group_size
 
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        offs_k = tl.arange(0, BLOCK_K)
-        m_ok = offs_m < M
         n_ok = offs_n < O
-        b = offs_m // (OH * OW)
-        pix = offs_m % (OH * OW)
-        oh = pix // OW
-        ow = pix % OW
-        ih0 = oh * stride_h - pad_h
-        iw0 = ow * stride_w - pad_w
-        x_row = x_ptr + b.to(tl.int64) * sxb
-        w_col = w_ptr + offs_n.to(tl.int64) * swo
+        if TMA:
+            b0 = pid_m // (tiles_h * tiles_w) * BB
+            oh0 = (pid_m // tiles_w) % tiles_h * BH
+            ow0 = pid_m % tiles_w * BW
+            i = tl.arange(0, BLOCK_M)
+            b = b0 + i // (BH * BW)
+            oh = oh0 + (i // BW) % BH
+            ow = ow0 + i % BW
+            m_ok = (b < B) & (oh < OH) & (ow < OW)
+        else:
+            offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+            offs_k = tl.arange(0, BLOCK_K)
+            m_ok = offs_m < B * OH * OW
+            b = offs_m // (OH * OW)
+            pix = offs_m % (OH * OW)
+            oh = pix // OW
+            ow = pix % OW
+            ih0 = oh * stride_h - pad_h
+            iw0 = ow * stride_w - pad_w
+            x_row = x + b.to(tl.int64) * sxb
+            w_col = w + offs_n.to(tl.int64) * swo
 
         acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
         # One flat loop over (kh, kw, channel block) rather than three nested ones, so Triton pipelines it.
@@ -275,16 +300,22 @@ if HAS_TRITON:
             tap = it // c_blocks
             kh = tap // KW
             kw = tap % KW
-            c = (it % c_blocks) * BLOCK_K + offs_k
-            c_ok = c < C
-            ih = ih0 + kh * dil_h
-            iw = iw0 + kw * dil_w
-            # Positions in the zero padding load 0 and add nothing to the sum.
-            inside = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-            a = tl.load(x_row[:, None] + (ih * sxh + iw * sxw)[:, None] + c[None, :] * sxc,
-                        mask=inside[:, None] & c_ok[None, :], other=0.0)
-            wt = tl.load(w_col[None, :] + (kh * swh + kw * sww) + c[:, None] * swc,
-                         mask=c_ok[:, None] & n_ok[None, :], other=0.0)
+            c0 = (it % c_blocks) * BLOCK_K
+            if TMA:
+                # Channels past C read zeros in both tiles, so a ragged last channel block adds nothing.
+                a = x.load([b0, oh0 - pad_h + kh * dil_h, ow0 - pad_w + kw * dil_w, c0]).reshape(BLOCK_M, BLOCK_K)
+                wt = w.load([pid_n * BLOCK_N, tap, c0]).reshape(BLOCK_N, BLOCK_K).T
+            else:
+                c = c0 + offs_k
+                c_ok = c < C
+                ih = ih0 + kh * dil_h
+                iw = iw0 + kw * dil_w
+                # Positions in the zero padding load 0 and add nothing to the sum.
+                inside = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+                a = tl.load(x_row[:, None] + (ih * sxh + iw * sxw)[:, None] + c[None, :] * sxc,
+                            mask=inside[:, None] & c_ok[None, :], other=0.0)
+                wt = tl.load(w_col[None, :] + (kh * swh + kw * sww) + c[:, None] * swc,
+                             mask=c_ok[:, None] & n_ok[None, :], other=0.0)
             if PRECISE_ACC:
                 # Hopper's FP8 MMA adds into its accumulator with fewer bits than fp32 (Triton's sm_90 default lets
                 # it accumulate the whole K loop there); this makes Triton move the partial sum into a true fp32
@@ -293,18 +324,19 @@ if HAS_TRITON:
             else:
                 acc = tl.dot(a, wt, acc, out_dtype=tl.float32)
 
-        a_s = tl.load(a_scale_ptr + b * s_as, mask=m_ok, other=0.0)
+        row = (b * OH + oh) * OW + ow  # int32 like the pointer path's row offsets; widened for the store
+        scale_row = row // rows_per_scale
+        a_s = tl.load(a_scale_ptr + scale_row * s_as, mask=m_ok, other=0.0)
         w_s = tl.load(w_scale_ptr + offs_n * s_ws, mask=n_ok, other=0.0)
         y = acc * a_s[:, None] * w_s[None, :]
         if HAS_BIAS:
             y += tl.load(bias_ptr + offs_n * s_bias, mask=n_ok, other=0.0).to(tl.float32)[None, :]
         if HAS_ZP:
-            z = tl.load(zp_ptr + b * s_zp, mask=m_ok, other=0.0).to(tl.float32)
-            corr = tl.load(corr_ptr + (oh * sch + ow * scw)[:, None] + offs_n[None, :] * sco,
+            z = tl.load(zp_ptr + scale_row * s_zp, mask=m_ok, other=0.0).to(tl.float32)
+            corr = tl.load(corr_ptr + (row % rows_per_scale * scp)[:, None] + offs_n[None, :] * sco,
                            mask=m_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
             y += z[:, None] * corr
-        tl.store(y_ptr + offs_m[:, None].to(tl.int64) * O + offs_n[None, :], y,
-                 mask=m_ok[:, None] & n_ok[None, :])
+        tl.store(y_ptr + row[:, None].to(tl.int64) * O + offs_n[None, :], y, mask=m_ok[:, None] & n_ok[None, :])
 
     # A few H100 configurations (FP8 wgmma wants BLOCK_K ≥ 32); keyed on the GEMM shape.
     _conv_fp8_tuned = triton.autotune(
@@ -317,6 +349,47 @@ if HAS_TRITON:
         key=["B", "H", "W", "C", "O", "KH", "KW", "stride_h", "stride_w", "PRECISE_ACC"],
     )(_conv_fp8_kernel)
 
+    def _set_tma_blocks(nargs: dict) -> None:
+        # The autotuner's pre-launch hook: the descriptors' block shapes follow the configuration being run.
+        _tma_block_shapes(nargs["x"], nargs["w"], nargs["OH"], nargs["OW"], nargs["BLOCK_M"], nargs["BLOCK_N"],
+                          nargs["BLOCK_K"])
+
+    # The same tiles, fed by TMA copies. (128×256 tiles would spill registers here too: 56–464 bytes on sm_90.)
+    _conv_fp8_tma_tuned = triton.autotune(
+        configs=[triton.Config(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages, pre_hook=_set_tma_blocks)
+                 for c in _conv_fp8_tuned.configs],
+        key=["B", "H", "W", "C", "O", "KH", "KW", "PRECISE_ACC"],
+    )(_conv_fp8_kernel)
+
+
+def _tma_tile(OH: int, OW: int, block_m: int) -> tuple[int, int, int]:
+    """A block of ``block_m`` output pixels as samples × rows × columns: as wide as the output (to the next power of
+    two), then as tall, then across samples."""
+    bw = min(triton.next_power_of_2(OW), block_m)
+    bh = min(triton.next_power_of_2(OH), block_m // bw)
+    return block_m // (bw * bh), bh, bw
+
+
+def _tma_block_shapes(x_desc, w_desc, OH: int, OW: int, block_m: int, block_n: int, block_k: int) -> None:
+    x_desc.block_shape = [*_tma_tile(OH, OW, block_m), block_k]
+    w_desc.block_shape = [block_n, 1, block_k]
+
+
+def tma_unsupported(x_codes: torch.Tensor, w_codes: torch.Tensor, stride=1) -> str | None:
+    """Why :func:`conv2d_fp8` cannot load these tensors with TMA (``tma=True``), or None if it can."""
+    if _pair(stride, "stride") != (1, 1):
+        return f"stride {stride}: TMA tiles need stride 1"
+    for name, t in (("x_codes", x_codes), ("w_codes", w_codes)):
+        # TMA's rules: unit stride in the innermost dimension, 16-byte aligned base and outer strides.
+        if t.stride(-1) != 1 or any(st % 16 for st in t.stride()[:-1]) or t.data_ptr() % 16:
+            return (f"{name} {tuple(t.shape)} with strides {t.stride()}: TMA needs channels innermost (stride 1), a "
+                    f"16-byte aligned start and the other strides multiples of 16 bytes (channels a multiple of 16)")
+    if not w_codes.is_contiguous():
+        return f"w_codes {tuple(w_codes.shape)} with strides {w_codes.stride()}: TMA reads it as (O, KH*KW, C)"
+    if x_codes.is_cuda and torch.cuda.get_device_capability(x_codes.device) < (9, 0):
+        return f"{torch.cuda.get_device_name(x_codes.device)} has no TMA (compute capability 9.0+ has)"
+    return None
+
 
 def _pair(v, name: str) -> tuple[int, int]:
     pair = (v, v) if isinstance(v, int) else tuple(v)
@@ -328,7 +401,7 @@ def _pair(v, name: str) -> tuple[int, int]:
 def conv2d_fp8(x_codes: torch.Tensor, w_codes: torch.Tensor, a_scale: torch.Tensor, w_scale: torch.Tensor,
                bias: torch.Tensor | None = None, zp: torch.Tensor | None = None, zp_corr: torch.Tensor | None = None,
                stride=1, padding=0, dilation=1, out_dtype: torch.dtype = torch.float32, groups: int = 1, *,
-               precise_acc: bool = True, block_m: int | None = None, block_n: int | None = None,
+               precise_acc: bool = True, tma: bool = False, block_m: int | None = None, block_n: int | None = None,
                block_k: int | None = None, num_warps: int = 4, num_stages: int = 2) -> torch.Tensor:
     """Convolution of FP8 codes, NHWC in and out.
 
@@ -337,18 +410,21 @@ def conv2d_fp8(x_codes: torch.Tensor, w_codes: torch.Tensor, a_scale: torch.Tens
     ``out_dtype`` with ``y[b, oh, ow, o] = a_scale[b] * w_scale[o] * Σ_{kh, kw, c} X[b, oh*sh - ph + kh*dh,
     ow*sw - pw + kw*dw, c] * W[o, kh, kw, c] + bias[o] + zp[b] * zp_corr[oh, ow, o]``, zero-padded, summed in fp32.
     ``zp`` and ``zp_corr`` go together. ``precise_acc=False`` lets Hopper's FP8 MMA keep the whole sum in its
-    reduced-precision accumulator (faster, less exact; no effect under the interpreter). Block sizes default to an
-    autotuned set; pass all three of ``block_m``, ``block_n``, ``block_k`` to fix them (each ≥ 16 for ``tl.dot``,
-    ``block_k`` ≥ 32 on GPUs, whose FP8 MMA instructions are 32 deep).
+    reduced-precision accumulator (faster, less exact; no effect under the interpreter). ``tma=True`` loads the
+    input and weight tiles with Hopper's tensor memory accelerator instead of per-thread address arithmetic: one
+    copy per tap and channel block, its out-of-bounds zeros serving as the padding; it needs stride 1, channels
+    innermost and multiples of 16 (:func:`tma_unsupported` says why not). Block sizes default to an autotuned set;
+    pass all three of ``block_m``, ``block_n``, ``block_k`` to fix them (each ≥ 16 for ``tl.dot``, powers of two
+    with TMA, ``block_k`` ≥ 32 on GPUs, whose FP8 MMA instructions are 32 deep).
     """
     return _prepare_conv2d_fp8(x_codes, w_codes, a_scale, w_scale, bias, zp, zp_corr, stride, padding, dilation,
-                               out_dtype, groups, precise_acc=precise_acc, block_m=block_m, block_n=block_n,
+                               out_dtype, groups, precise_acc=precise_acc, tma=tma, block_m=block_m, block_n=block_n,
                                block_k=block_k, num_warps=num_warps, num_stages=num_stages).run(x_codes)
 
 
 def _prepare_conv2d_fp8(x_codes, w_codes, a_scale, w_scale, bias=None, zp=None, zp_corr=None, stride=1, padding=0,
-                        dilation=1, out_dtype=torch.float32, groups=1, *, precise_acc=True, block_m=None, block_n=None,
-                        block_k=None, num_warps=4, num_stages=2) -> _Launch:
+                        dilation=1, out_dtype=torch.float32, groups=1, *, precise_acc=True, tma=False, block_m=None,
+                        block_n=None, block_k=None, num_warps=4, num_stages=2) -> _Launch:
     if groups != 1:
         raise ValueError(f"conv2d_fp8 supports groups=1 only, got groups={groups}")
     for name, t in (("x_codes", x_codes), ("w_codes", w_codes)):
@@ -389,30 +465,63 @@ def _prepare_conv2d_fp8(x_codes, w_codes, a_scale, w_scale, bias=None, zp=None, 
     if any(v is not None for v in explicit):
         if None in explicit or min(explicit) < 16:
             raise ValueError(f"block_m, block_n, block_k must be given together and each be ≥ 16, got {explicit}")
+    if tma:
+        if any(v is not None and v & (v - 1) for v in explicit):
+            raise ValueError(f"with tma, block_m, block_n, block_k must be powers of two, got {explicit}")
+        reason = tma_unsupported(x_codes, w_codes, (sh, sw))
+        if reason is not None:
+            raise ValueError(f"conv2d_fp8(tma=True): {reason}")
     _require_triton()
     y = torch.empty((B, OH, OW, O), dtype=out_dtype, device=dev)
     if y.numel() == 0:
         return _Launch(None, None, (), {}, ({},), y)
+    x_arg, w_arg, rows_per_scale, configure = x_codes, w_codes, OH * OW, None
+    corr = None if zp_corr is None else zp_corr.reshape(OH * OW, O)  # a view for the layers' contiguous tensors
+    if tma:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        if KH == KW == 1 and ph == pw == 0 and x_codes.stride(0) == H * x_codes.stride(1) == H * W * x_codes.stride(2):
+            # A 1×1 convolution (a linear layer too) is a plain GEMM: all positions of all samples as one row, so a
+            # tile is one TMA box that wgmma reads from shared memory (Triton feeds a box of several rows to it
+            # through registers).
+            B, H, W, OH, OW = 1, 1, B * H * W, 1, B * OH * OW
+            x_arg = x_codes.view(1, 1, W, C)
+        w_flat = w_codes.view(O, KH * KW, C)
+        # Placeholder block shapes: set per configuration (by the autotuner's hook, or below for fixed blocks).
+        x_arg = TensorDescriptor(x_arg, list(x_arg.shape), list(x_arg.stride()), [1, 1, 1, 16])
+        w_arg = TensorDescriptor(w_flat, list(w_flat.shape), list(w_flat.stride()), [16, 1, 16])
+
+        def configure(flags):
+            _tma_block_shapes(x_arg, w_arg, OH, OW, flags["BLOCK_M"], flags["BLOCK_N"], flags["BLOCK_K"])
     M = B * OH * OW
-    args = (x_codes, w_codes, y, a_scale, w_scale,
+    args = (x_arg, w_arg, y, a_scale, w_scale,
             bias if bias is not None else a_scale, zp if zp is not None else a_scale,
-            zp_corr if zp_corr is not None else a_scale,  # placeholders are never read
-            B, H, W, C, O, OH, OW, KH, KW, sh, sw, ph, pw, dh, dw,
+            corr if corr is not None else a_scale,  # placeholders are never read
+            B, H, W, C, O, OH, OW, KH, KW, sh, sw, ph, pw, dh, dw, rows_per_scale,
             *x_codes.stride(), *w_codes.stride(), a_scale.stride(0), w_scale.stride(0),
             bias.stride(0) if bias is not None else 0, zp.stride(0) if zp is not None else 0,
-            *(zp_corr.stride() if zp_corr is not None else (0, 0, 0)))
+            *(corr.stride() if corr is not None else (0, 0)))
     # FMA contraction only changes the epilogue's rounding (within the fp32 summation bound), so it stays on.
     flags = {"HAS_BIAS": bias is not None, "HAS_ZP": zp is not None, "PRECISE_ACC": bool(precise_acc),
-             "enable_fp_fusion": True}
+             "TMA": bool(tma), "enable_fp_fusion": True}
+
+    def num_m(block_m):
+        if not tma:
+            return triton.cdiv(M, block_m)
+        bb, bh, bw = _tma_tile(OH, OW, block_m)
+        return triton.cdiv(B, bb) * triton.cdiv(OH, bh) * triton.cdiv(OW, bw)
+
     if block_m is None:
-        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(O, meta["BLOCK_N"]),)  # noqa: E731
-        configs = tuple({**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages}
-                        for c in _conv_fp8_tuned.configs)
-        return _Launch(_conv_fp8_tuned, grid, args, flags, configs, y)
-    grid = (triton.cdiv(M, block_m) * triton.cdiv(O, block_n),)
+        tuned = _conv_fp8_tma_tuned if tma else _conv_fp8_tuned
+        grid = lambda meta: (num_m(meta["BLOCK_M"]) * triton.cdiv(O, meta["BLOCK_N"]),)  # noqa: E731
+        configs = tuple({**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages} for c in tuned.configs)
+        return _Launch(tuned, grid, args, flags, configs, y, configure)
+    grid = (num_m(block_m) * triton.cdiv(O, block_n),)
     flags.update(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8, num_warps=num_warps,
                  num_stages=num_stages)
-    return _Launch(_conv_fp8_kernel, grid, args, flags, ({},), y)
+    if configure is not None:
+        configure(flags)
+    return _Launch(_conv_fp8_kernel, grid, args, flags, ({},), y, configure)
 
 
 def linear_fp8(x_codes: torch.Tensor, w_codes: torch.Tensor, a_scale: torch.Tensor, w_scale: torch.Tensor,
@@ -499,6 +608,8 @@ def compile_ahead(launcher, *args, arch: int = 90, **kwargs) -> list[tuple[dict,
     compiled = []
     for config in launch.configs:
         flags = {**launch.flags, **config}
+        if launch.configure is not None:
+            launch.configure(flags)
         bound, specialization, options = bind(*launch.args, **flags)
         options, signature, constexprs, attrs = kernel._pack_args(backend, flags, bound, specialization, options)
         source = ASTSource(kernel, signature, constexprs, attrs)
@@ -508,8 +619,10 @@ def compile_ahead(launcher, *args, arch: int = 90, **kwargs) -> list[tuple[dict,
 
 def kernel_stats(compiled) -> dict:
     """What a kernel from :func:`compile_ahead` will use on the GPU: registers per thread and spilled bytes (from
-    ``ptxas -v``), shared memory, the tensor-core instructions in its PTX and its asynchronous global→shared copies
-    (how Triton pipelines the K loop: their number and vector widths in bytes)."""
+    ``ptxas -v``), shared memory, the tensor-core instructions in its PTX, where Hopper's wgmma reads its first
+    operand from (``"shared"`` memory, or ``"registers"`` after a copy out of shared memory), and its asynchronous
+    global→shared copies (how Triton pipelines the K loop: their number and vector widths in bytes; TMA copies
+    counted apart)."""
     from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
 
     ptx = compiled.asm["ptx"]
@@ -530,8 +643,12 @@ def kernel_stats(compiled) -> dict:
     copy_widths = re.findall(r"\bcp\.async\.c[ag]\.shared\.global\S*\s*\[[^\]]*\],\s*\[[^\]]*\],"
                              r"\s*(0x[0-9a-fA-F]+|\d+)", ptx)
     mma = re.findall(r"\b((?:wgmma\.mma_async|mma\.sync|tcgen05\.mma)\.[\w.]+)", ptx)
+    # wgmma's operands: the accumulator registers {…}, then A as registers {…} or as a shared-memory descriptor.
+    wgmma_a = {"registers" if a == "{" else "shared"
+               for a in re.findall(r"\bwgmma\.mma_async\S*\s*\{[^}]*\}\s*,\s*(\{|%)", ptx)}
     return {"arch": f"sm_{arch}", "registers": int(registers.group(1)), "spill_store_bytes": int(spills.group(1)),
             "spill_load_bytes": int(spills.group(2)), "shared_bytes": compiled.metadata.shared,
             "num_warps": compiled.metadata.num_warps, "mma_instructions": sorted(set(mma)),
-            "async_copies": len(re.findall(r"\bcp\.async\.(?:ca|cg|bulk)", ptx)),
+            "mma_operand_a": sorted(wgmma_a), "tma_copies": len(re.findall(r"\bcp\.async\.bulk\.tensor", ptx)),
+            "async_copies": len(re.findall(r"\bcp\.async\.c[ag]\b", ptx)),
             "async_copy_bytes": sorted({int(n, 0) for n in copy_widths})}
