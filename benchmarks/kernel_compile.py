@@ -5,9 +5,11 @@
 Needs triton (its compiler and bundled ptxas; no GPU, no CUDA driver). For each layer shape of
 ``benchmarks/gpu_w4a4.py`` (Stable-Diffusion-1.5-like 3×3 convolutions and linears, unsigned activations with zero
 point as in the MSFP W4A4 preset) and each block configuration the launch may use (every autotuning candidate), it
-prints JSON with registers per thread, spilled bytes, shared memory, the tensor-core instructions, the number of
-asynchronous copies (a pipelined K loop) and their vector widths, and the compile time (near 0 where Triton's cache
-already held the same specialization), plus the activation-quantize kernel for each input. This is the static half
+prints JSON with registers per thread, spilled bytes, shared memory, the tensor-core instructions (and on Hopper
+where wgmma reads its first operand from), the number of asynchronous copies (a pipelined K loop) and their vector
+widths, and the compile time (near 0 where Triton's cache already held the same specialization), plus the
+activation-quantize kernel for each input. For Hopper and newer, the GEMMs are compiled a second time with TMA loads
+(``tma=True``; kernel names ending in ``_tma``) wherever the shape allows them (stride 1). This is the static half
 of issue #8's checks: it says whether the kernels build for Hopper with FP8 tensor cores, not how fast they run
 (``gpu_w4a4.py`` on a GPU does that).
 """
@@ -41,26 +43,27 @@ def layer_rows(arch: int, batch: int) -> list[dict]:
     scales, zeros = torch.ones(batch), torch.zeros(batch)
     rows = []
     for cin, cout, size, stride in CONVS:
-        out_size = (size + 2 - 3) // stride + 1
         x = torch.zeros(batch, cin, size, size, dtype=torch.bfloat16)
         args = (torch.zeros(batch, size, size, cin, dtype=FP8), torch.zeros(cout, 3, 3, cin, dtype=FP8), scales,
-                torch.ones(cout), torch.zeros(cout), zeros, torch.zeros(out_size, out_size, cout))
+                torch.ones(cout), torch.zeros(cout), zeros, torch.zeros(cout, 3, 3))
         layer = dict(kind="conv3x3", c_in=cin, c_out=cout, hw=size, stride=stride, batch=batch)
         rows += [dict(layer, kernel="act_codes", **r)
                  for r in compiled_rows(tk.act_codes, x, ACT_FORMAT, scales, zeros, shift, arch=arch)]
-        rows += [dict(layer, kernel="conv2d_fp8", **r)
-                 for r in compiled_rows(tk.conv2d_fp8, *args, stride=stride, padding=1, out_dtype=torch.bfloat16,
-                                        arch=arch)]
+        for tma in (False, True) if arch >= 90 and stride == 1 else (False,):
+            rows += [dict(layer, kernel="conv2d_fp8_tma" if tma else "conv2d_fp8", **r)
+                     for r in compiled_rows(tk.conv2d_fp8, *args, stride=stride, padding=1, out_dtype=torch.bfloat16,
+                                            tma=tma, arch=arch)]
     for tokens, k, n in LINEARS:
         m = batch * tokens
         x = torch.zeros(m, k, dtype=torch.bfloat16)
         layer = dict(kind="linear", m=m, k=k, n=n)
         rows += [dict(layer, kernel="act_codes", **r)
                  for r in compiled_rows(tk.act_codes, x, ACT_FORMAT, torch.ones(m), torch.zeros(m), shift, arch=arch)]
-        rows += [dict(layer, kernel="linear_fp8", **r)
-                 for r in compiled_rows(tk.linear_fp8, torch.zeros(m, k, dtype=FP8), torch.zeros(n, k, dtype=FP8),
-                                        torch.ones(m), torch.ones(n), torch.zeros(n), torch.zeros(m), torch.zeros(n),
-                                        out_dtype=torch.bfloat16, arch=arch)]
+        for tma in (False, True) if arch >= 90 else (False,):
+            rows += [dict(layer, kernel="linear_fp8_tma" if tma else "linear_fp8", **r)
+                     for r in compiled_rows(tk.linear_fp8, torch.zeros(m, k, dtype=FP8), torch.zeros(n, k, dtype=FP8),
+                                            torch.ones(m), torch.ones(n), torch.zeros(n), torch.zeros(m),
+                                            torch.zeros(n), out_dtype=torch.bfloat16, tma=tma, arch=arch)]
     return rows
 
 
@@ -69,7 +72,9 @@ def summary(rows: list[dict]) -> dict:
     return dict(compiled=len(rows), with_spills=sum(r["spill_store_bytes"] > 0 for r in rows),
                 max_registers=max(r["registers"] for r in rows), max_shared_bytes=max(r["shared_bytes"] for r in rows),
                 gemm_mma_instructions=sorted({i for r in gemms for i in r["mma_instructions"]}),
-                gemms_without_async_copies=sum(r["async_copies"] == 0 for r in gemms),
+                gemms_without_async_copies=sum(r["async_copies"] == r["tma_copies"] == 0 for r in gemms),
+                wgmma_operand_a={kernel: sorted({a for r in gemms if r["kernel"] == kernel for a in r["mma_operand_a"]})
+                                 for kernel in sorted({r["kernel"] for r in gemms})},
                 async_copy_bytes=sorted({b for r in rows for b in r["async_copy_bytes"]}))
 
 

@@ -52,8 +52,10 @@ def test_gpu_w4a4_smoke_runs_every_layer_and_denoiser_on_the_fp8_path(capsys):
             assert row[side]["ms"] > 0 and row[side]["tflops"] == pytest.approx(row["flops"] / row[side]["ms"] / 1e9)
         assert row["speedup_layer"]["eager"] == pytest.approx(row["bf16"]["ms"] / row["fp8_layer"]["ms"])
         assert ("scaled_mm_layer" in row) == (row["kind"] == "linear")  # linears: also the torch._scaled_mm GEMM
+        assert ("fp8_gemm_only_tma" in row) == (row.get("stride", 1) == 1)  # TMA loads: stride-1 layers only
     for denoiser in report["denoisers"]:
         # Every 4-bit layer converted; 1 byte per weight code halves the BF16 model's bytes or better.
         assert denoiser["fake_quant_layers"] == {} and denoiser["fp8_layers"] > 0
         assert denoiser["fp8_w4a4_scaled_mm"]["model_tensor_bytes"] == denoiser["fp8_w4a4"]["model_tensor_bytes"]
+        assert denoiser["fp8_w4a4_tma"]["model_tensor_bytes"] == denoiser["fp8_w4a4"]["model_tensor_bytes"]
         assert denoiser["fp8_w4a4"]["model_tensor_bytes"] < 0.6 * denoiser["bf16"]["model_tensor_bytes"]

@@ -192,8 +192,10 @@ def random_codes(shape, gen, spread=4.0):
     return (torch.randn(shape, generator=gen) * spread).to(FP8)
 
 
-def conv_reference(x, w, a_scale, w_scale, bias, zp, corr, stride, padding, dilation):
-    """float64 result and the sum of the magnitudes of every term that enters it (for the error bound)."""
+def conv_reference(x, w, a_scale, w_scale, bias, zp, sums, stride, padding, dilation):
+    """float64 result and the sum of the magnitudes of every term that enters it (for the error bound). The zero
+    point's share is ``zp`` times the weight sums ``sums[o, kh, kw]`` of the taps inside the input: a convolution of
+    ones."""
     def conv(a, b):
         nchw = F.conv2d(a.permute(0, 3, 1, 2), b.permute(0, 3, 1, 2), None, stride, padding, dilation)
         return nchw.permute(0, 2, 3, 1)
@@ -204,18 +206,20 @@ def conv_reference(x, w, a_scale, w_scale, bias, zp, corr, stride, padding, dila
     if bias is not None:
         y, mag = y + bias.cpu().double(), mag + bias.cpu().double().abs()
     if zp is not None:
-        term = zp.cpu().double()[:, None, None, None] * corr.cpu().double()
-        y, mag = y + term, mag + term.abs()
+        ones, sums = torch.ones_like(xd[..., :1]), sums.cpu().double()[..., None]
+        z = zp.cpu().double()[:, None, None, None]
+        y, mag = y + z * conv(ones, sums), mag + z.abs() * conv(ones, sums.abs())
     return y, mag
 
 
-def assert_within_accumulation_error(y, ref, mag, k, out_dtype=torch.float32):
+def assert_within_accumulation_error(y, ref, mag, k, out_dtype=torch.float32, taps=1):
     # Every product of two E4M3 values is exact in fp32 (4-bit × 4-bit significands), so the only errors are fp32
     # roundings: summing k products in any order is off by at most (k - 1)·u·Σ|products| (u = 2^-24), and the
-    # epilogue (two scale multiplies, the bias add, the zero-point multiply and add) adds at most 5 more roundings of
-    # at most Σ|terms|; (k + 8)·u·Σ|terms| bounds it all. Hopper's FP8 MMA adds with fewer bits inside each BLOCK_K
-    # chunk; 2^-10 of Σ|terms| is a guess for the GPU, to be checked there. A half-precision output adds its rounding.
-    tol = (k + 8) * 2.0**-24 * mag
+    # epilogue (two scale multiplies, the bias add, two roundings per tap of the zero point's share) adds at most
+    # 3 + 2·taps more roundings of at most Σ|terms|; (k + 8 + 2·taps)·u·Σ|terms| bounds it all. Hopper's FP8 MMA
+    # adds with fewer bits inside each BLOCK_K chunk; 2^-10 of Σ|terms| is a guess for the GPU, to be checked there.
+    # A half-precision output adds its rounding.
+    tol = (k + 8 + 2 * taps) * 2.0**-24 * mag
     if CUDA:
         tol = torch.maximum(tol, 2.0**-10 * mag)
     if out_dtype != torch.float32:
@@ -242,14 +246,13 @@ def test_conv2d_fp8_matches_float64_conv(case):
     x, w = random_codes((B, H, W, C), gen), random_codes((O, KH, KW, C), gen)
     a_scale, w_scale = torch.rand(B, generator=gen) + 0.1, torch.rand(O, generator=gen) * 0.1 + 0.01
     bias = torch.randn(O, generator=gen) if has_bias else None
-    ref_shape = conv_reference(x, w, a_scale, w_scale, None, None, None, stride, padding, dilation)[0].shape
     zp = torch.randn(B, generator=gen) if has_zp else None
-    corr = torch.randn(ref_shape[1:], generator=gen) * 10 if has_zp else None
-    ref, mag = conv_reference(x, w, a_scale, w_scale, bias, zp, corr, stride, padding, dilation)
-    to_dev = [t.to(DEV) if t is not None else None for t in (x, w, a_scale, w_scale, bias, zp, corr)]
+    sums = torch.randn(O, KH, KW, generator=gen) * 10 if has_zp else None
+    ref, mag = conv_reference(x, w, a_scale, w_scale, bias, zp, sums, stride, padding, dilation)
+    to_dev = [t.to(DEV) if t is not None else None for t in (x, w, a_scale, w_scale, bias, zp, sums)]
     y = tk.conv2d_fp8(*to_dev, stride=stride, padding=padding, dilation=dilation, **GEMM_BLOCKS)
     assert y.shape == ref.shape and y.dtype == torch.float32
-    assert_within_accumulation_error(y, ref, mag, KH * KW * C)
+    assert_within_accumulation_error(y, ref, mag, KH * KW * C, taps=KH * KW)
 
 
 def test_conv2d_fp8_strided_input_bf16_output_and_options():
@@ -272,10 +275,10 @@ def test_linear_fp8_matches_float64_matmul(with_terms):
     M, K, N = 5, 40, 24
     x, w = random_codes((M, K), gen), random_codes((N, K), gen)
     a_scale, w_scale = torch.rand(M, generator=gen) + 0.1, torch.rand(N, generator=gen) * 0.1
-    bias, zp, corr = (torch.randn(N), torch.randn(M), torch.randn(N)) if with_terms else (None, None, None)
+    bias, zp, sums = (torch.randn(N), torch.randn(M), torch.randn(N)) if with_terms else (None, None, None)
     ref, mag = conv_reference(x[:, None, None], w[:, None, None], a_scale, w_scale, bias, zp,
-                              None if corr is None else corr[None, None], 1, 0, 1)
-    args = [t.to(DEV) if t is not None else None for t in (x, w, a_scale, w_scale, bias, zp, corr)]
+                              None if sums is None else sums[:, None, None], 1, 0, 1)
+    args = [t.to(DEV) if t is not None else None for t in (x, w, a_scale, w_scale, bias, zp, sums)]
     y = tk.linear_fp8(*args, **GEMM_BLOCKS)
     assert y.shape == (M, N)
     assert_within_accumulation_error(y, ref.view(M, N), mag.view(M, N), K)
@@ -299,16 +302,15 @@ def test_conv2d_fp8_tma_matches_float64_conv(case, block_m):
     x, w = random_codes((B, H, W, C), gen), random_codes((O, KH, KW, C), gen)
     a_scale, w_scale = torch.rand(B, generator=gen) + 0.1, torch.rand(O, generator=gen) * 0.1 + 0.01
     bias = torch.randn(O, generator=gen) if has_bias else None
-    ref_shape = conv_reference(x, w, a_scale, w_scale, None, None, None, 1, padding, dilation)[0].shape
     zp = torch.randn(B, generator=gen) if has_zp else None
-    corr = torch.randn(ref_shape[1:], generator=gen) * 10 if has_zp else None
-    ref, mag = conv_reference(x, w, a_scale, w_scale, bias, zp, corr, 1, padding, dilation)
-    to_dev = [t.to(DEV) if t is not None else None for t in (x, w, a_scale, w_scale, bias, zp, corr)]
+    sums = torch.randn(O, KH, KW, generator=gen) * 10 if has_zp else None
+    ref, mag = conv_reference(x, w, a_scale, w_scale, bias, zp, sums, 1, padding, dilation)
+    to_dev = [t.to(DEV) if t is not None else None for t in (x, w, a_scale, w_scale, bias, zp, sums)]
     # block_k 32 leaves a ragged last channel block for C = 16 and 48: TMA's out-of-bounds zeros must cover it.
     y = tk.conv2d_fp8(*to_dev, padding=padding, dilation=dilation, tma=True, block_m=block_m,
                       block_n=GEMM_BLOCKS["block_n"], block_k=32)
     assert y.shape == ref.shape and y.dtype == torch.float32 and y.is_contiguous()
-    assert_within_accumulation_error(y, ref, mag, KH * KW * C)
+    assert_within_accumulation_error(y, ref, mag, KH * KW * C, taps=KH * KW)
 
 
 def test_linear_fp8_tma_matches_float64_matmul():
@@ -316,9 +318,10 @@ def test_linear_fp8_tma_matches_float64_matmul():
     M, K, N = 37, 48, 24
     x, w = random_codes((M, K), gen), random_codes((N, K), gen)
     a_scale, w_scale = torch.rand(M, generator=gen) + 0.1, torch.rand(N, generator=gen) * 0.1
-    bias, zp, corr = torch.randn(N, generator=gen), torch.randn(M, generator=gen), torch.randn(N, generator=gen)
-    ref, mag = conv_reference(x[:, None, None], w[:, None, None], a_scale, w_scale, bias, zp, corr[None, None], 1, 0, 1)
-    y = tk.linear_fp8(*[t.to(DEV) for t in (x, w, a_scale, w_scale, bias, zp, corr)], tma=True, **GEMM_BLOCKS)
+    bias, zp, sums = torch.randn(N, generator=gen), torch.randn(M, generator=gen), torch.randn(N, generator=gen)
+    ref, mag = conv_reference(x[:, None, None], w[:, None, None], a_scale, w_scale, bias, zp, sums[:, None, None], 1,
+                              0, 1)
+    y = tk.linear_fp8(*[t.to(DEV) for t in (x, w, a_scale, w_scale, bias, zp, sums)], tma=True, **GEMM_BLOCKS)
     assert y.shape == (M, N)
     assert_within_accumulation_error(y, ref.view(M, N), mag.view(M, N), K)
 
@@ -350,10 +353,10 @@ def test_gemm_launchers_reject_bad_arguments():
         tk.conv2d_fp8(x.float(), w, one, six)
     with pytest.raises(ValueError, match=r"w_scale must have shape \(6,\)"):
         tk.conv2d_fp8(x, w, one, one)
-    with pytest.raises(ValueError, match="zp and zp_corr must be given together"):
+    with pytest.raises(ValueError, match="zp and zp_weight_sums must be given together"):
         tk.conv2d_fp8(x, w, one, six, zp=one)
-    with pytest.raises(ValueError, match=r"zp_corr must be a floating-point tensor of shape \(2, 2, 6\)"):
-        tk.conv2d_fp8(x, w, one, six, zp=one, zp_corr=torch.zeros(4, 4, 6, device=DEV))
+    with pytest.raises(ValueError, match=r"zp_weight_sums must be a floating-point tensor of shape \(6, 3, 3\)"):
+        tk.conv2d_fp8(x, w, one, six, zp=one, zp_weight_sums=torch.zeros(2, 2, 6, device=DEV))
     with pytest.raises(ValueError, match="must be given together and each be ≥ 16"):
         tk.conv2d_fp8(x, w, one, six, block_m=16)
     with pytest.raises(ValueError, match=r"w_codes must have shape \(N, 8\)"):
@@ -498,7 +501,7 @@ def fp8_zeros(*shape):
 
 def sd_conv_args(with_zp=True):
     B, H, W, C, O = 2, 32, 32, 320, 320
-    zp_args = (torch.zeros(B), torch.zeros(H, W, O)) if with_zp else (None, None)
+    zp_args = (torch.zeros(B), torch.zeros(O, 3, 3)) if with_zp else (None, None)
     return (fp8_zeros(B, H, W, C), fp8_zeros(O, 3, 3, C), torch.ones(B), torch.ones(O), torch.zeros(O), *zp_args)
 
 
@@ -600,6 +603,8 @@ def test_conv_tiles_benchmark_smoke(capsys, monkeypatch):
     monkeypatch.syspath_prepend(str(BENCHMARKS))
     load_script("conv_tiles").main(["--smoke"])
     [row] = json.loads(capsys.readouterr().out)["shapes"]
-    assert len(row["configs"]) == 4 and all("error" not in c for c in row["configs"])
+    # 2 tile configurations × fp32/fast accumulation × pointer/TMA loads
+    assert len(row["configs"]) == 8 and all("error" not in c for c in row["configs"])
+    assert {c["loads"] for c in row["configs"]} == {"pointers", "tma"}
     assert row["configs"][0]["speedup"]["eager"] == pytest.approx(row["bf16"]["ms"] / row["configs"][0]["ms"])
-    assert set(row["best"]) == {"fp32_accumulation", "fast_accumulation"}
+    assert set(row["best"]) == {f"{m}_{a}_accumulation" for m in ("pointers", "tma") for a in ("fp32", "fast")}

@@ -172,18 +172,13 @@ class Fp8Layer(nn.Module):
 
     def _zero_point_correction(self, k: int, spatial: tuple[int, ...], kernels: bool) -> torch.Tensor:
         """``1_valid ⊛ Q_w(W_k)``: (O,) for linears; for convolutions of an input of size ``spatial`` (O, OH, OW),
-        or (OH, OW, O) for the kernels."""
-        key = (k, spatial, kernels, self.weight_tap_sums.device)
+        or for the kernels, which sum it themselves, the per-tap channel sums it is built from (O, KH, KW)."""
+        sums = self.weight_tap_sums[k]
+        if kernels or self.kind == "linear":
+            return sums
+        key = (k, spatial, sums.device)
         if key not in self._corr_cache:
-            sums = self.weight_tap_sums[k]
-            if self.kind == "linear":
-                corr = sums
-            else:
-                ones = sums.new_ones((1, 1, *spatial))
-                corr = F.conv2d(ones, sums[:, None], None, **self.conv_args)[0]
-                if kernels:
-                    corr = corr.permute(1, 2, 0).contiguous()  # (OH, OW, O), the kernel's NHWC epilogue layout
-            self._corr_cache[key] = corr
+            self._corr_cache[key] = F.conv2d(sums.new_ones((1, 1, *spatial)), sums[:, None], None, **self.conv_args)[0]
         return self._corr_cache[key]
 
     def _scaled_mm_applies(self, w_codes: torch.Tensor, out_dtype: torch.dtype) -> bool:

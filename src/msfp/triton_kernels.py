@@ -10,8 +10,9 @@ exact and whose only rounding is the fp32 accumulation.
     NHWC, the layout the convolution reads.
 ``conv2d_fp8`` / ``linear_fp8``
     Implicit-GEMM convolution on FP8 codes (no im2col copy): one K loop walks (kh, kw, channel block), computing the
-    input addresses and zero-padding masks on the fly; per-sample and per-output-channel scales, bias and the
-    zero-point correction are applied in the epilogue. A linear layer is the 1×1 convolution of a 1×1 image.
+    input addresses and zero-padding masks on the fly (or, with ``tma=True``, loading each tile with one TMA copy);
+    per-sample and per-output-channel scales, bias and the zero-point correction are applied in the epilogue. A
+    linear layer is the 1×1 convolution of a 1×1 image.
 ``compile_ahead`` / ``kernel_stats``
     Compile what a launcher would run for a given GPU architecture without that GPU, and report its registers,
     spills, shared memory and tensor-core instructions (``benchmarks/kernel_compile.py``).
@@ -236,16 +237,15 @@ def _prepare_act_codes(x, fmt, scale, zero_point, shift, out, block_r, block_c) 
 if HAS_TRITON:
 
     @triton.jit
-    def _conv_fp8_kernel(x, w, y_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, zp_ptr, corr_ptr,
+    def _conv_fp8_kernel(x, w, y_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, zp_ptr, wsum_ptr,
                          B, H, W, C, O, OH, OW, KH, KW,
                          stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, rows_per_scale,
-                         sxb, sxh, sxw, sxc, swo, swh, sww, swc, s_as, s_ws, s_bias, s_zp, scp, sco,
+                         sxb, sxh, sxw, sxc, swo, swh, sww, swc, s_as, s_ws, s_bias, s_zp, sso, ssh, ssw,
                          HAS_BIAS: tl.constexpr, HAS_ZP: tl.constexpr, PRECISE_ACC: tl.constexpr, TMA: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
         # GEMM view: M = B*OH*OW output pixels, N = O output channels, K = KH*KW*C. `x` and `w` are pointers, or
         # with TMA tensor descriptors of the (B, H, W, C) input and the (O, KH*KW, C) weights (stride 1 only).
-        # Output row r takes activation scale and zero point r // rows_per_scale (OH*OW: one per sample) and the
-        # zero-point correction of position r % rows_per_scale.
+        # Output row r takes activation scale and zero point r // rows_per_scale (OH*OW: one per sample).
         if TMA:
             # A row block is a box of BB samples × BH rows × BW columns of the output (the descriptor's block
             # shape), so each tap's input tile is one TMA copy; out-of-bounds coordinates (the zero padding and
@@ -332,10 +332,18 @@ if HAS_TRITON:
         if HAS_BIAS:
             y += tl.load(bias_ptr + offs_n * s_bias, mask=n_ok, other=0.0).to(tl.float32)[None, :]
         if HAS_ZP:
+            # The zero point's share z·(1_valid ⊛ Q_w(W)): the weight's per-tap channel sums over the taps that see
+            # real input at each position (all taps, away from padded borders). Built here from KH·KW vectors rather
+            # than loaded as a (BLOCK_M, BLOCK_N) tile: no tile of registers and no tile of memory traffic.
             z = tl.load(zp_ptr + scale_row * s_zp, mask=m_ok, other=0.0).to(tl.float32)
-            corr = tl.load(corr_ptr + (row % rows_per_scale * scp)[:, None] + offs_n[None, :] * sco,
-                           mask=m_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
-            y += z[:, None] * corr
+            for tap in range(0, KH * KW):
+                kh = tap // KW
+                kw = tap % KW
+                ih = oh * stride_h - pad_h + kh * dil_h
+                iw = ow * stride_w - pad_w + kw * dil_w
+                seen = (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+                tap_sum = tl.load(wsum_ptr + offs_n * sso + kh * ssh + kw * ssw, mask=n_ok, other=0.0)
+                y += tl.where(seen, z, 0.0)[:, None] * tap_sum.to(tl.float32)[None, :]
         tl.store(y_ptr + row[:, None].to(tl.int64) * O + offs_n[None, :], y, mask=m_ok[:, None] & n_ok[None, :])
 
     # A few H100 configurations (FP8 wgmma wants BLOCK_K ≥ 32); keyed on the GEMM shape.
@@ -354,10 +362,14 @@ if HAS_TRITON:
         _tma_block_shapes(nargs["x"], nargs["w"], nargs["OH"], nargs["OW"], nargs["BLOCK_M"], nargs["BLOCK_N"],
                           nargs["BLOCK_K"])
 
-    # The same tiles, fed by TMA copies. (128×256 tiles would spill registers here too: 56–464 bytes on sm_90.)
+    # The same tiles fed by TMA copies, and 256×128 tiles, which fit in registers without the pointer loads' address
+    # arithmetic (245–255 per thread with a zero point on sm_90, no spills). 128×256 tiles would spill on 1×1
+    # convolutions and linears (96 bytes).
     _conv_fp8_tma_tuned = triton.autotune(
         configs=[triton.Config(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages, pre_hook=_set_tma_blocks)
-                 for c in _conv_fp8_tuned.configs],
+                 for c in _conv_fp8_tuned.configs]
+        + [triton.Config({"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3,
+                         pre_hook=_set_tma_blocks)],
         key=["B", "H", "W", "C", "O", "KH", "KW", "PRECISE_ACC"],
     )(_conv_fp8_kernel)
 
@@ -399,17 +411,20 @@ def _pair(v, name: str) -> tuple[int, int]:
 
 
 def conv2d_fp8(x_codes: torch.Tensor, w_codes: torch.Tensor, a_scale: torch.Tensor, w_scale: torch.Tensor,
-               bias: torch.Tensor | None = None, zp: torch.Tensor | None = None, zp_corr: torch.Tensor | None = None,
-               stride=1, padding=0, dilation=1, out_dtype: torch.dtype = torch.float32, groups: int = 1, *,
+               bias: torch.Tensor | None = None, zp: torch.Tensor | None = None,
+               zp_weight_sums: torch.Tensor | None = None, stride=1, padding=0, dilation=1,
+               out_dtype: torch.dtype = torch.float32, groups: int = 1, *,
                precise_acc: bool = True, tma: bool = False, block_m: int | None = None, block_n: int | None = None,
                block_k: int | None = None, num_warps: int = 4, num_stages: int = 2) -> torch.Tensor:
     """Convolution of FP8 codes, NHWC in and out.
 
     ``x_codes``: ``(B, H, W, C)`` float8_e4m3fn; ``w_codes``: ``(O, KH, KW, C)`` float8_e4m3fn; ``a_scale``/``zp``:
-    ``(B,)``; ``w_scale``/``bias``: ``(O,)``; ``zp_corr``: ``(OH, OW, O)``. Returns ``(B, OH, OW, O)`` in
+    ``(B,)``; ``w_scale``/``bias``: ``(O,)``; ``zp_weight_sums``: ``(O, KH, KW)``. Returns ``(B, OH, OW, O)`` in
     ``out_dtype`` with ``y[b, oh, ow, o] = a_scale[b] * w_scale[o] * Σ_{kh, kw, c} X[b, oh*sh - ph + kh*dh,
-    ow*sw - pw + kw*dw, c] * W[o, kh, kw, c] + bias[o] + zp[b] * zp_corr[oh, ow, o]``, zero-padded, summed in fp32.
-    ``zp`` and ``zp_corr`` go together. ``precise_acc=False`` lets Hopper's FP8 MMA keep the whole sum in its
+    ow*sw - pw + kw*dw, c] * W[o, kh, kw, c] + bias[o] + zp[b] * Σ_{kh, kw inside} zp_weight_sums[o, kh, kw]``,
+    zero-padded, summed in fp32; the last sum runs over the taps that fall inside the input at (oh, ow) (the
+    dequantized weight's channel sums: the zero point's share of a layer whose padding is exact zeros). ``zp`` and
+    ``zp_weight_sums`` go together. ``precise_acc=False`` lets Hopper's FP8 MMA keep the whole sum in its
     reduced-precision accumulator (faster, less exact; no effect under the interpreter). ``tma=True`` loads the
     input and weight tiles with Hopper's tensor memory accelerator instead of per-thread address arithmetic: one
     copy per tap and channel block, its out-of-bounds zeros serving as the padding; it needs stride 1, channels
@@ -417,14 +432,14 @@ def conv2d_fp8(x_codes: torch.Tensor, w_codes: torch.Tensor, a_scale: torch.Tens
     pass all three of ``block_m``, ``block_n``, ``block_k`` to fix them (each ≥ 16 for ``tl.dot``, powers of two
     with TMA, ``block_k`` ≥ 32 on GPUs, whose FP8 MMA instructions are 32 deep).
     """
-    return _prepare_conv2d_fp8(x_codes, w_codes, a_scale, w_scale, bias, zp, zp_corr, stride, padding, dilation,
+    return _prepare_conv2d_fp8(x_codes, w_codes, a_scale, w_scale, bias, zp, zp_weight_sums, stride, padding, dilation,
                                out_dtype, groups, precise_acc=precise_acc, tma=tma, block_m=block_m, block_n=block_n,
                                block_k=block_k, num_warps=num_warps, num_stages=num_stages).run(x_codes)
 
 
-def _prepare_conv2d_fp8(x_codes, w_codes, a_scale, w_scale, bias=None, zp=None, zp_corr=None, stride=1, padding=0,
-                        dilation=1, out_dtype=torch.float32, groups=1, *, precise_acc=True, tma=False, block_m=None,
-                        block_n=None, block_k=None, num_warps=4, num_stages=2) -> _Launch:
+def _prepare_conv2d_fp8(x_codes, w_codes, a_scale, w_scale, bias=None, zp=None, zp_weight_sums=None, stride=1,
+                        padding=0, dilation=1, out_dtype=torch.float32, groups=1, *, precise_acc=True, tma=False,
+                        block_m=None, block_n=None, block_k=None, num_warps=4, num_stages=2) -> _Launch:
     if groups != 1:
         raise ValueError(f"conv2d_fp8 supports groups=1 only, got groups={groups}")
     for name, t in (("x_codes", x_codes), ("w_codes", w_codes)):
@@ -452,15 +467,16 @@ def _prepare_conv2d_fp8(x_codes, w_codes, a_scale, w_scale, bias=None, zp=None, 
     _check_vector(a_scale, "a_scale", B, dev)
     _check_vector(w_scale, "w_scale", O, dev)
     _check_vector(bias, "bias", O, dev, optional=True)
-    if (zp is None) != (zp_corr is None):
-        raise ValueError("zp and zp_corr must be given together (or both None)")
+    if (zp is None) != (zp_weight_sums is None):
+        raise ValueError("zp and zp_weight_sums must be given together (or both None)")
     if zp is not None:
         _check_vector(zp, "zp", B, dev)
-        if not isinstance(zp_corr, torch.Tensor) or zp_corr.shape != (OH, OW, O) or not zp_corr.is_floating_point():
-            raise ValueError(f"zp_corr must be a floating-point tensor of shape {(OH, OW, O)}, got "
-                             f"{getattr(zp_corr, 'dtype', None)} {tuple(getattr(zp_corr, 'shape', ()))}")
-        if zp_corr.device != dev:
-            raise ValueError(f"zp_corr is on {zp_corr.device}, expected {dev}")
+        sums = zp_weight_sums
+        if not isinstance(sums, torch.Tensor) or sums.shape != (O, KH, KW) or not sums.is_floating_point():
+            raise ValueError(f"zp_weight_sums must be a floating-point tensor of shape {(O, KH, KW)}, got "
+                             f"{getattr(sums, 'dtype', None)} {tuple(getattr(sums, 'shape', ()))}")
+        if sums.device != dev:
+            raise ValueError(f"zp_weight_sums is on {sums.device}, expected {dev}")
     explicit = (block_m, block_n, block_k)
     if any(v is not None for v in explicit):
         if None in explicit or min(explicit) < 16:
@@ -476,7 +492,6 @@ def _prepare_conv2d_fp8(x_codes, w_codes, a_scale, w_scale, bias=None, zp=None, 
     if y.numel() == 0:
         return _Launch(None, None, (), {}, ({},), y)
     x_arg, w_arg, rows_per_scale, configure = x_codes, w_codes, OH * OW, None
-    corr = None if zp_corr is None else zp_corr.reshape(OH * OW, O)  # a view for the layers' contiguous tensors
     if tma:
         from triton.tools.tensor_descriptor import TensorDescriptor
 
@@ -496,11 +511,11 @@ def _prepare_conv2d_fp8(x_codes, w_codes, a_scale, w_scale, bias=None, zp=None, 
     M = B * OH * OW
     args = (x_arg, w_arg, y, a_scale, w_scale,
             bias if bias is not None else a_scale, zp if zp is not None else a_scale,
-            corr if corr is not None else a_scale,  # placeholders are never read
+            zp_weight_sums if zp_weight_sums is not None else a_scale,  # placeholders are never read
             B, H, W, C, O, OH, OW, KH, KW, sh, sw, ph, pw, dh, dw, rows_per_scale,
             *x_codes.stride(), *w_codes.stride(), a_scale.stride(0), w_scale.stride(0),
             bias.stride(0) if bias is not None else 0, zp.stride(0) if zp is not None else 0,
-            *(corr.stride() if corr is not None else (0, 0)))
+            *(zp_weight_sums.stride() if zp_weight_sums is not None else (0, 0, 0)))
     # FMA contraction only changes the epilogue's rounding (within the fp32 summation bound), so it stays on.
     flags = {"HAS_BIAS": bias is not None, "HAS_ZP": zp is not None, "PRECISE_ACC": bool(precise_acc),
              "TMA": bool(tma), "enable_fp_fusion": True}
@@ -525,28 +540,32 @@ def _prepare_conv2d_fp8(x_codes, w_codes, a_scale, w_scale, bias=None, zp=None, 
 
 
 def linear_fp8(x_codes: torch.Tensor, w_codes: torch.Tensor, a_scale: torch.Tensor, w_scale: torch.Tensor,
-               bias: torch.Tensor | None = None, zp: torch.Tensor | None = None, zp_corr: torch.Tensor | None = None,
-               out_dtype: torch.dtype = torch.float32, **blocks) -> torch.Tensor:
-    """``y[m, n] = a_scale[m] * w_scale[n] * Σ_k X[m, k] * W[n, k] + bias[n] + zp[m] * zp_corr[n]``.
+               bias: torch.Tensor | None = None, zp: torch.Tensor | None = None,
+               zp_weight_sums: torch.Tensor | None = None, out_dtype: torch.dtype = torch.float32,
+               **blocks) -> torch.Tensor:
+    """``y[m, n] = a_scale[m] * w_scale[n] * Σ_k X[m, k] * W[n, k] + bias[n] + zp[m] * zp_weight_sums[n]``.
 
     ``x_codes``: ``(M, K)``, ``w_codes``: ``(N, K)`` float8_e4m3fn; ``a_scale``/``zp``: ``(M,)``;
-    ``w_scale``/``bias``/``zp_corr``: ``(N,)``. Runs :func:`conv2d_fp8` on a 1×1 image (``blocks`` as there).
+    ``w_scale``/``bias``/``zp_weight_sums``: ``(N,)``. Runs :func:`conv2d_fp8` on a 1×1 image (``blocks`` as there).
     """
-    return _prepare_linear_fp8(x_codes, w_codes, a_scale, w_scale, bias, zp, zp_corr, out_dtype, blocks).run(x_codes)
+    return _prepare_linear_fp8(x_codes, w_codes, a_scale, w_scale, bias, zp, zp_weight_sums, out_dtype,
+                               blocks).run(x_codes)
 
 
-def _prepare_linear_fp8(x_codes, w_codes, a_scale, w_scale, bias, zp, zp_corr, out_dtype, blocks) -> _Launch:
+def _prepare_linear_fp8(x_codes, w_codes, a_scale, w_scale, bias, zp, zp_weight_sums, out_dtype, blocks) -> _Launch:
     for name, t in (("x_codes", x_codes), ("w_codes", w_codes)):
         if not isinstance(t, torch.Tensor) or t.dim() != 2:
             raise ValueError(f"{name} must be 2-D, got shape {tuple(getattr(t, 'shape', ()))}")
     if w_codes.shape[1] != x_codes.shape[1]:
         raise ValueError(f"w_codes must have shape (N, {x_codes.shape[1]}) to match x_codes (M, K) = "
                          f"{tuple(x_codes.shape)}, got {tuple(w_codes.shape)}")
-    if zp_corr is not None and (not isinstance(zp_corr, torch.Tensor) or zp_corr.shape != (w_codes.shape[0],)):
-        raise ValueError(f"zp_corr must have shape ({w_codes.shape[0]},), got {tuple(getattr(zp_corr, 'shape', ()))}")
+    sums = zp_weight_sums
+    if sums is not None and (not isinstance(sums, torch.Tensor) or sums.shape != (w_codes.shape[0],)):
+        raise ValueError(f"zp_weight_sums must have shape ({w_codes.shape[0]},), got "
+                         f"{tuple(getattr(sums, 'shape', ()))}")
     # A direct call (not _prepare's signature binding): this runs on every linear layer's forward.
     launch = _prepare_conv2d_fp8(x_codes[:, None, None, :], w_codes[:, None, None, :], a_scale, w_scale, bias, zp,
-                                 None if zp_corr is None else zp_corr[None, None, :], out_dtype=out_dtype, **blocks)
+                                 None if sums is None else sums[:, None, None], out_dtype=out_dtype, **blocks)
     launch.result = launch.result.view(x_codes.shape[0], w_codes.shape[0])
     return launch
 
