@@ -326,6 +326,34 @@ def test_linear_fp8_tma_matches_float64_matmul():
     assert_within_accumulation_error(y, ref.view(M, N), mag.view(M, N), K)
 
 
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tma", [False, True])
+def test_split_k_matches_float64_conv(tma, out_dtype):
+    # 9 taps × 1 channel block of 32 = 9 K iterations in 4 shares of 3: the last share is empty and adds nothing.
+    gen = torch.Generator().manual_seed(9)
+    B, H, W, C, O = 3, 5, 7, 32, 20
+    x, w = random_codes((B, H, W, C), gen), random_codes((O, 3, 3, C), gen)
+    a_scale, w_scale = torch.rand(B, generator=gen) + 0.1, torch.rand(O, generator=gen) * 0.1 + 0.01
+    bias, zp, sums = torch.randn(O, generator=gen), torch.randn(B, generator=gen), torch.randn(O, 3, 3, generator=gen)
+    ref, mag = conv_reference(x, w, a_scale, w_scale, bias, zp, sums, 1, 1, 1)
+    args = [t.to(DEV) for t in (x, w, a_scale, w_scale, bias, zp, sums)]
+    y = tk.conv2d_fp8(*args, padding=1, out_dtype=out_dtype, tma=tma, split_k=4, **GEMM_BLOCKS)
+    assert y.shape == ref.shape and y.dtype == out_dtype
+    # Each share's partial sum is rounded once more when the shares are added.
+    assert_within_accumulation_error(y, ref, mag, 9 * C + 4, out_dtype, taps=9)
+    again = tk.conv2d_fp8(*args, padding=1, out_dtype=out_dtype, tma=tma, split_k=4, **GEMM_BLOCKS)
+    assert torch.equal(y, again)  # the shares are added in a fixed order
+    xl, wl = random_codes((5, 64), gen), random_codes((24, 64), gen)
+    refl, magl = conv_reference(xl[:, None, None], wl[:, None, None], a_scale[:1].expand(5), w_scale[:1].expand(24),
+                                None, None, None, 1, 0, 1)
+    yl = tk.linear_fp8(xl.to(DEV), wl.to(DEV), a_scale[:1].expand(5).to(DEV), w_scale[:1].expand(24).to(DEV),
+                       tma=tma, split_k=2, **GEMM_BLOCKS)
+    assert yl.shape == (5, 24)
+    assert_within_accumulation_error(yl, refl.view(5, 24), magl.view(5, 24), 64 + 2)
+    with pytest.raises(ValueError, match="split_k must be a positive int, got 0"):
+        tk.conv2d_fp8(*args, padding=1, split_k=0)
+
+
 def test_tma_rejects_what_it_cannot_load():
     x, w = torch.zeros(1, 4, 4, 32, dtype=FP8, device=DEV), torch.zeros(16, 3, 3, 32, dtype=FP8, device=DEV)
     one, sixteen = torch.ones(1, device=DEV), torch.ones(16, device=DEV)

@@ -97,6 +97,7 @@ class _Launch:
     result: torch.Tensor
     # Called with a configuration's flags before compiling it ahead of time (the autotuner's pre-launch hook)
     configure: object = None
+    finish: object = None  # fills `result` after the kernel ran (split-K: sums the workspace into it)
 
     def check_gpu_blocks(self) -> None:
         if self.flags.get("BLOCK_K", 32) < 32:
@@ -108,6 +109,8 @@ class _Launch:
         _require_triton(*tensors)
         if self.kernel is not None:
             self.kernel[self.grid](*self.args, **self.flags)
+        if self.finish is not None:
+            self.finish()
         return self.result
 
 
@@ -242,10 +245,13 @@ if HAS_TRITON:
                          stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, rows_per_scale,
                          sxb, sxh, sxw, sxc, swo, swh, sww, swc, s_as, s_ws, s_bias, s_zp, sso, ssh, ssw,
                          HAS_BIAS: tl.constexpr, HAS_ZP: tl.constexpr, PRECISE_ACC: tl.constexpr, TMA: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                         SPLIT_K: tl.constexpr = 1):
         # GEMM view: M = B*OH*OW output pixels, N = O output channels, K = KH*KW*C. `x` and `w` are pointers, or
         # with TMA tensor descriptors of the (B, H, W, C) input and the (O, KH*KW, C) weights (stride 1 only).
-        # Output row r takes activation scale and zero point r // rows_per_scale (OH*OW: one per sample).
+        # Output row r takes activation scale and zero point r // rows_per_scale (OH*OW: one per sample). With
+        # SPLIT_K > 1, program (pid, k) sums the k-th share of the K loop and writes its partial result (scaled; bias
+        # and zero point from share 0 only) to slice k of a (SPLIT_K, M, N) float32 workspace.
         if TMA:
             # A row block is a box of BB samples × BH rows × BW columns of the output (the descriptor's block
             # shape), so each tap's input tile is one TMA copy; out-of-bounds coordinates (the zero padding and
@@ -296,7 +302,15 @@ if HAS_TRITON:
         acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
         # One flat loop over (kh, kw, channel block) rather than three nested ones, so Triton pipelines it.
         c_blocks = (C + BLOCK_K - 1) // BLOCK_K
-        for it in range(0, KH * KW * c_blocks):
+        k_iters = KH * KW * c_blocks
+        if SPLIT_K == 1:
+            it_start = 0
+            it_end = k_iters
+        else:
+            share = (k_iters + SPLIT_K - 1) // SPLIT_K
+            it_start = tl.program_id(1) * share
+            it_end = tl.minimum(it_start + share, k_iters)
+        for it in range(it_start, it_end):
             tap = it // c_blocks
             kh = tap // KW
             kw = tap % KW
@@ -329,13 +343,15 @@ if HAS_TRITON:
         a_s = tl.load(a_scale_ptr + scale_row * s_as, mask=m_ok, other=0.0)
         w_s = tl.load(w_scale_ptr + offs_n * s_ws, mask=n_ok, other=0.0)
         y = acc * a_s[:, None] * w_s[None, :]
+        first_share = tl.program_id(1) == 0  # always true without split-K
         if HAS_BIAS:
-            y += tl.load(bias_ptr + offs_n * s_bias, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+            bias = tl.load(bias_ptr + offs_n * s_bias, mask=n_ok, other=0.0).to(tl.float32)
+            y += tl.where(first_share, bias, 0.0)[None, :]
         if HAS_ZP:
             # The zero point's share z·(1_valid ⊛ Q_w(W)): the weight's per-tap channel sums over the taps that see
             # real input at each position (all taps, away from padded borders). Built here from KH·KW vectors rather
             # than loaded as a (BLOCK_M, BLOCK_N) tile: no tile of registers and no tile of memory traffic.
-            z = tl.load(zp_ptr + scale_row * s_zp, mask=m_ok, other=0.0).to(tl.float32)
+            z = tl.where(first_share, tl.load(zp_ptr + scale_row * s_zp, mask=m_ok, other=0.0).to(tl.float32), 0.0)
             for tap in range(0, KH * KW):
                 kh = tap // KW
                 kw = tap % KW
@@ -344,6 +360,8 @@ if HAS_TRITON:
                 seen = (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
                 tap_sum = tl.load(wsum_ptr + offs_n * sso + kh * ssh + kw * ssw, mask=n_ok, other=0.0)
                 y += tl.where(seen, z, 0.0)[:, None] * tap_sum.to(tl.float32)[None, :]
+        if SPLIT_K > 1:
+            y_ptr += tl.program_id(1).to(tl.int64) * B * OH * OW * O
         tl.store(y_ptr + row[:, None].to(tl.int64) * O + offs_n[None, :], y, mask=m_ok[:, None] & n_ok[None, :])
 
     # A few H100 configurations (FP8 wgmma wants BLOCK_K ≥ 32); keyed on the GEMM shape.
@@ -414,8 +432,9 @@ def conv2d_fp8(x_codes: torch.Tensor, w_codes: torch.Tensor, a_scale: torch.Tens
                bias: torch.Tensor | None = None, zp: torch.Tensor | None = None,
                zp_weight_sums: torch.Tensor | None = None, stride=1, padding=0, dilation=1,
                out_dtype: torch.dtype = torch.float32, groups: int = 1, *,
-               precise_acc: bool = True, tma: bool = False, block_m: int | None = None, block_n: int | None = None,
-               block_k: int | None = None, num_warps: int = 4, num_stages: int = 2) -> torch.Tensor:
+               precise_acc: bool = True, tma: bool = False, split_k: int = 1, block_m: int | None = None,
+               block_n: int | None = None, block_k: int | None = None, num_warps: int = 4,
+               num_stages: int = 2) -> torch.Tensor:
     """Convolution of FP8 codes, NHWC in and out.
 
     ``x_codes``: ``(B, H, W, C)`` float8_e4m3fn; ``w_codes``: ``(O, KH, KW, C)`` float8_e4m3fn; ``a_scale``/``zp``:
@@ -430,16 +449,21 @@ def conv2d_fp8(x_codes: torch.Tensor, w_codes: torch.Tensor, a_scale: torch.Tens
     copy per tap and channel block, its out-of-bounds zeros serving as the padding; it needs stride 1, channels
     innermost and multiples of 16 (:func:`tma_unsupported` says why not). Block sizes default to an autotuned set;
     pass all three of ``block_m``, ``block_n``, ``block_k`` to fix them (each ≥ 16 for ``tl.dot``, powers of two
-    with TMA, ``block_k`` ≥ 32 on GPUs, whose FP8 MMA instructions are 32 deep).
+    with TMA, ``block_k`` ≥ 32 on GPUs, whose FP8 MMA instructions are 32 deep). ``split_k > 1`` splits the K loop
+    over that many programs per output tile (more parallel work for layers with few output tiles), each writing a
+    float32 partial result that a torch sum then adds in a fixed order: deterministic, one extra pass over the
+    output per share.
     """
     return _prepare_conv2d_fp8(x_codes, w_codes, a_scale, w_scale, bias, zp, zp_weight_sums, stride, padding, dilation,
-                               out_dtype, groups, precise_acc=precise_acc, tma=tma, block_m=block_m, block_n=block_n,
+                               out_dtype, groups, precise_acc=precise_acc, tma=tma, split_k=split_k,
+                               block_m=block_m, block_n=block_n,
                                block_k=block_k, num_warps=num_warps, num_stages=num_stages).run(x_codes)
 
 
 def _prepare_conv2d_fp8(x_codes, w_codes, a_scale, w_scale, bias=None, zp=None, zp_weight_sums=None, stride=1,
                         padding=0, dilation=1, out_dtype=torch.float32, groups=1, *, precise_acc=True, tma=False,
-                        block_m=None, block_n=None, block_k=None, num_warps=4, num_stages=2) -> _Launch:
+                        split_k=1, block_m=None, block_n=None, block_k=None, num_warps=4,
+                        num_stages=2) -> _Launch:
     if groups != 1:
         raise ValueError(f"conv2d_fp8 supports groups=1 only, got groups={groups}")
     for name, t in (("x_codes", x_codes), ("w_codes", w_codes)):
@@ -463,6 +487,8 @@ def _prepare_conv2d_fp8(x_codes, w_codes, a_scale, w_scale, bias=None, zp=None, 
                          f"dilation {(dh, dw)}, stride {(sh, sw)}")
     if out_dtype not in _OUT_DTYPES:
         raise ValueError(f"out_dtype must be one of {_OUT_DTYPES}, got {out_dtype}")
+    if not isinstance(split_k, int) or split_k < 1:
+        raise ValueError(f"split_k must be a positive int, got {split_k!r}")
     dev = x_codes.device
     _check_vector(a_scale, "a_scale", B, dev)
     _check_vector(w_scale, "w_scale", O, dev)
@@ -491,6 +517,10 @@ def _prepare_conv2d_fp8(x_codes, w_codes, a_scale, w_scale, bias=None, zp=None, 
     y = torch.empty((B, OH, OW, O), dtype=out_dtype, device=dev)
     if y.numel() == 0:
         return _Launch(None, None, (), {}, ({},), y)
+    target, finish = y, None  # what the kernel writes: the output, or with split_k its shares' workspace
+    if split_k > 1:
+        target = torch.empty((split_k, B, OH, OW, O), dtype=torch.float32, device=dev)
+        finish = functools.partial(_sum_shares, target, y)
     x_arg, w_arg, rows_per_scale, configure = x_codes, w_codes, OH * OW, None
     if tma:
         from triton.tools.tensor_descriptor import TensorDescriptor
@@ -509,7 +539,7 @@ def _prepare_conv2d_fp8(x_codes, w_codes, a_scale, w_scale, bias=None, zp=None, 
         def configure(flags):
             _tma_block_shapes(x_arg, w_arg, OH, OW, flags["BLOCK_M"], flags["BLOCK_N"], flags["BLOCK_K"])
     M = B * OH * OW
-    args = (x_arg, w_arg, y, a_scale, w_scale,
+    args = (x_arg, w_arg, target, a_scale, w_scale,
             bias if bias is not None else a_scale, zp if zp is not None else a_scale,
             zp_weight_sums if zp_weight_sums is not None else a_scale,  # placeholders are never read
             B, H, W, C, O, OH, OW, KH, KW, sh, sw, ph, pw, dh, dw, rows_per_scale,
@@ -518,7 +548,7 @@ def _prepare_conv2d_fp8(x_codes, w_codes, a_scale, w_scale, bias=None, zp=None, 
             *(zp_weight_sums.stride() if zp_weight_sums is not None else (0, 0, 0)))
     # FMA contraction only changes the epilogue's rounding (within the fp32 summation bound), so it stays on.
     flags = {"HAS_BIAS": bias is not None, "HAS_ZP": zp is not None, "PRECISE_ACC": bool(precise_acc),
-             "TMA": bool(tma), "enable_fp_fusion": True}
+             "TMA": bool(tma), "SPLIT_K": split_k, "enable_fp_fusion": True}
 
     def num_m(block_m):
         if not tma:
@@ -528,15 +558,22 @@ def _prepare_conv2d_fp8(x_codes, w_codes, a_scale, w_scale, bias=None, zp=None, 
 
     if block_m is None:
         tuned = _conv_fp8_tma_tuned if tma else _conv_fp8_tuned
-        grid = lambda meta: (num_m(meta["BLOCK_M"]) * triton.cdiv(O, meta["BLOCK_N"]),)  # noqa: E731
+        grid = lambda meta: (num_m(meta["BLOCK_M"]) * triton.cdiv(O, meta["BLOCK_N"]), split_k)  # noqa: E731
         configs = tuple({**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages} for c in tuned.configs)
-        return _Launch(tuned, grid, args, flags, configs, y, configure)
-    grid = (num_m(block_m) * triton.cdiv(O, block_n),)
+        return _Launch(tuned, grid, args, flags, configs, y, configure, finish)
+    grid = (num_m(block_m) * triton.cdiv(O, block_n), split_k)
     flags.update(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8, num_warps=num_warps,
                  num_stages=num_stages)
     if configure is not None:
         configure(flags)
-    return _Launch(_conv_fp8_kernel, grid, args, flags, ({},), y, configure)
+    return _Launch(_conv_fp8_kernel, grid, args, flags, ({},), y, configure, finish)
+
+
+def _sum_shares(workspace: torch.Tensor, out: torch.Tensor) -> None:
+    if out.dtype == torch.float32:
+        torch.sum(workspace, 0, out=out)
+    else:
+        out.copy_(workspace.sum(0))
 
 
 def linear_fp8(x_codes: torch.Tensor, w_codes: torch.Tensor, a_scale: torch.Tensor, w_scale: torch.Tensor,
