@@ -1,19 +1,26 @@
 """Block-size sweep of the Triton FP8 implicit-GEMM convolution on a GPU, against cuDNN BF16 (issue #8).
 
-    python benchmarks/conv_tiles.py [--batch 8 --iters 30 --cuda-graphs --loads pointers tma]
+    python benchmarks/conv_tiles.py [--batch 8 --iters 30 --cuda-graphs --loads pointers tma --split-k 2 4]
 
 The autotuner of ``msfp.triton_kernels.conv2d_fp8`` picks among four block configurations, and on the H200 the
 best of them reached 10–24% of the FP8 peak on the Stable-Diffusion-1.5 3×3 convolutions (0.57–0.94× BF16). This
-times every configuration of a wider grid (BLOCK_M × BLOCK_N × BLOCK_K × pipeline stages, with fp32 and with fast
-accumulation) on the same shapes (``gpu_w4a4.CONVS``, random codes, zero point and bias as in a real W4A4 layer),
-so one short GPU run shows whether better tiles reach the targets or the kernel's design must change. Every
-configuration runs with both ways of loading tiles (``--loads``): per-thread pointer arithmetic (``cp.async``) and
-TMA tensor-descriptor copies (``tma=True``; stride-1 shapes only). Each call is
-timed eagerly and replayed from a CUDA graph (the GPU's own time). A configuration that does not compile (too much
-shared memory, say) is recorded with its error. Prints JSON: per shape the BF16 and autotuned times, every
-configuration's time, and the fastest configuration per loading method and accumulation with its speed-up over
-BF16. ``--smoke`` runs two tiny
-configurations on one small shape (under Triton's interpreter on CPU: it checks the script, timings are meaningless).
+times, on the same shapes (``gpu_w4a4.CONVS``, random codes, zero point and bias as in a real W4A4 layer), so that
+one short GPU run shows whether better tiles reach the targets or the kernel's design must change:
+
+1. every configuration of a wider grid (BLOCK_M × BLOCK_N × BLOCK_K × pipeline stages) with each way of loading
+   tiles (``--loads``): per-thread pointer arithmetic (``cp.async``) and TMA tensor-descriptor copies (``tma=True``,
+   stride-1 shapes only), fp32 accumulation;
+2. for the fastest configuration of each loading method: fast accumulation (``precise_acc=False``) and split-K
+   (``--split-k``: the K loop shared by that many programs per output tile).
+
+Each call is timed eagerly and replayed from a CUDA graph (the GPU's own time; configurations are ranked by it). A
+configuration that does not compile (too much shared memory, say) is recorded with its error. Prints JSON: per shape
+the BF16 and autotuned times, every timing, the fastest configuration per loading method and the fastest of all
+with its speed-up over BF16. On a GPU, the kernels of step 1 and the autotuner's are first compiled ahead of time
+in parallel processes (``--compile-workers``; :func:`msfp.triton_kernels.compile_ahead` fills Triton's cache, which
+the launches then read), since compiling them one by one at launch would take most of a short GPU session.
+``--smoke`` runs two tiny configurations on one small shape (under Triton's interpreter on CPU: it checks the
+script, timings are meaningless).
 """
 
 from __future__ import annotations
@@ -21,6 +28,10 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import multiprocessing
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor
 
 import torch
 
@@ -43,6 +54,37 @@ def tile_configs(smoke: bool) -> list[dict]:
             if (bm, bn) != (128, 256)]
     return grid + [dict(block_m=bm, block_n=bn, block_k=64, num_warps=8, num_stages=3)
                    for bm, bn in ((128, 256), (256, 128))]
+
+
+def compile_job(job) -> str | None:
+    """Compile (not run) the convolution kernels one sweep entry will launch: ``job = (shape, batch, arch, options)``;
+    returns the error, if any (the timed run records it again)."""
+    (cin, cout, size, stride), batch, arch, options = job
+    fp8 = torch.float8_e4m3fn
+    try:
+        triton_kernels.compile_ahead(
+            triton_kernels.conv2d_fp8, torch.zeros(batch, size, size, cin, dtype=fp8),
+            torch.zeros(cout, 3, 3, cin, dtype=fp8), torch.ones(batch), torch.ones(cout), torch.zeros(cout),
+            torch.zeros(batch), torch.zeros(cout, 3, 3), stride, 1, out_dtype=torch.bfloat16, arch=arch, **options)
+    except Exception as e:  # noqa: BLE001 — reported, and the launch will say it again
+        return f"{type(e).__name__}: {e}".strip().splitlines()[0]
+    return None
+
+
+def precompile(shapes, args, arch: int) -> dict:
+    jobs = []
+    for shape in shapes:
+        for method in args.loads:
+            if method == "tma" and shape[3] != 1:
+                continue
+            jobs.append((shape, args.batch, arch, dict(tma=method == "tma")))  # the autotuner's candidates
+            jobs += [(shape, args.batch, arch, dict(config, tma=method == "tma", precise_acc=True, split_k=1))
+                     for config in tile_configs(args.smoke)]
+    started = time.perf_counter()
+    with ProcessPoolExecutor(args.compile_workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        errors = [e for e in pool.map(compile_job, jobs) if e is not None]
+    return dict(jobs=len(jobs), workers=args.compile_workers, seconds=round(time.perf_counter() - started, 1),
+                errors=sorted(set(errors)))
 
 
 def random_codes(fmt, shape, device) -> torch.Tensor:
@@ -81,21 +123,31 @@ def shape_row(cin, cout, size, stride, args, timer: Timer, peak) -> dict:
                 tuned_t = timer(lambda: conv(tma=method == "tma"))
                 row["autotuned"][method] = dict(rates(flops, tuned_t, peak and peak["fp8"]),
                                                 speedup=speedups(bf16_t, tuned_t))
-        row["configs"], best = [], {}
-        for config, precise, method in itertools.product(tile_configs(args.smoke), (True, False), loads):
-            entry = dict(config, precise_acc=precise, loads=method)
+
+        def timed(method, config, **options):
+            entry = dict(config, loads=method, **options)
             try:
-                t = timer(lambda: conv(precise_acc=precise, tma=method == "tma", **config))
+                t = timer(lambda: conv(tma=method == "tma", **config, **options))
             except Exception as e:  # e.g. Triton's OutOfResources: record it and keep sweeping
                 entry["error"] = f"{type(e).__name__}: {e}".strip().splitlines()[0]
             else:
                 entry.update(rates(flops, t, peak and peak["fp8"]), speedup=speedups(bf16_t, t))
-                key = t.get("graph_ms", t["ms"])
-                accumulation = "fp32_accumulation" if precise else "fast_accumulation"
-                if (method, accumulation) not in best or key < best[method, accumulation][0]:
-                    best[method, accumulation] = (key, entry)
-            row["configs"].append(entry)
-        row["best"] = {f"{method}_{accumulation}": e for (method, accumulation), (_, e) in best.items()}
+            return entry
+
+        def fastest(entries):  # by the GPU's own time where graphs ran
+            timed_ok = [e for e in entries if "error" not in e]
+            return min(timed_ok, key=lambda e: e.get("graph", e)["ms"]) if timed_ok else None
+
+        row["configs"] = [timed(method, config, precise_acc=True, split_k=1)
+                          for method, config in itertools.product(loads, tile_configs(args.smoke))]
+        row["best"] = {method: fastest([e for e in row["configs"] if e["loads"] == method]) for method in loads}
+        tile_keys = ("block_m", "block_n", "block_k", "num_warps", "num_stages")
+        row["variants"] = [timed(method, {k: best[k] for k in tile_keys}, precise_acc=precise, split_k=split)
+                           for method, best in row["best"].items() if best is not None
+                           for precise, split in [(False, 1)] + [(True, k) for k in args.split_k]]
+        every = row["configs"] + row["variants"]
+        row["fastest"] = fastest(every)
+        row["fastest_fp32_accumulation"] = fastest([e for e in every if e["precise_acc"]])
     return progress(row)
 
 
@@ -107,6 +159,10 @@ def main(argv=None) -> None:
                    help="also time every call replayed from a CUDA graph (no host launch work)")
     p.add_argument("--loads", nargs="+", choices=("pointers", "tma"), default=["pointers", "tma"],
                    help="how the kernel loads its tiles: per-thread pointers (cp.async), TMA descriptors (stride 1)")
+    p.add_argument("--split-k", type=int, nargs="*", default=[2, 4],
+                   help="split-K factors tried on each loading method's fastest tiles")
+    p.add_argument("--compile-workers", type=int, default=min(16, os.cpu_count() or 1),
+                   help="processes compiling the sweep's kernels ahead of time on a GPU machine (0: compile at launch)")
     p.add_argument("--smoke", action="store_true", help="two tiny configurations on one small shape (CPU: the "
                                                         "Triton interpreter; checks the script only)")
     args = p.parse_args(argv)
@@ -118,8 +174,13 @@ def main(argv=None) -> None:
     if args.smoke:
         args.batch, args.iters = 1, 1
         report["note"] = "smoke run: timings are meaningless"
+    if device.type == "cuda" and args.compile_workers > 0:
+        major, minor = torch.cuda.get_device_capability(device)
+        report["precompile"] = precompile(shapes, args, 10 * major + minor)
     timer = Timer(device, args.iters, args.cuda_graphs)
+    started = time.perf_counter()
     report["shapes"] = [shape_row(*shape, args, timer, peak) for shape in shapes]
+    report["sweep_seconds"] = round(time.perf_counter() - started, 1)
     report["cuda_graph_error"] = timer.graph_error
     print(json.dumps(report, indent=2))
 

@@ -13,7 +13,8 @@ and the layer ``y = Q_a(x) ⊛ Q_w(W) + b`` becomes one FP8 GEMM/convolution on 
 
 The zero-point term ``corr = 1_valid ⊛ Q_w(W)`` is the weight's sum over the taps that see real input: a constant
 per output channel for linears (folded into the bias) and, for zero-padded convolutions, smaller at the borders
-because the fake-quant layer pads its *quantized* input with exact zeros, not with ``z_a``.
+because the fake-quant layer pads its *quantized* input with exact zeros, not with ``z_a``. The kernels build it per
+output position from the weight's per-tap channel sums; the emulation convolves those sums with ones.
 
 Every product ``c_a·c_w`` is exact in fp32, so the result equals the fake-quant layer up to fp32 accumulation
 order. On a CUDA GPU with FP8 tensor cores (compute capability ≥ 8.9) and Triton, :class:`Fp8Layer` runs the Triton
