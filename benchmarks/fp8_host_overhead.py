@@ -6,13 +6,16 @@ A W4A4 layer on the FP8 path launches two kernels (activation codes, GEMM); ever
 scale vectors, output allocation) is host work that a GPU waits for unless the step is replayed from a CUDA graph.
 On the first H200 run (benchmarks/results/gpu_w4a4_h200_f1fe63f.json) no eager FP8 GEMM took under 0.23 ms whatever
 its size, which points at that host work. This measures it on any machine: the launches are replaced by no-ops, so
-no GPU or Triton compile is needed; what Triton's own launcher adds on a GPU is not included. Prints JSON with µs per
-forward for a linear and a 3×3 convolution layer (sizes do not matter here: nothing is computed), machine and command.
+no GPU or Triton compile is needed; what Triton's own launcher adds on a GPU is not included (with TMA loads, that
+includes encoding the two tensor maps). Prints JSON with µs per forward for a linear and a 3×3 convolution layer
+(sizes do not matter here: nothing is computed), with pointer loads and with TMA loads (``tma=True``: two tensor
+descriptors built per call), machine and command.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import sys
@@ -39,11 +42,13 @@ def main(argv=None) -> None:
              "conv3x3_16x16_8x8": (torch.nn.Conv2d(16, 16, 3, padding=1), torch.randn(2, 16, 8, 8))}
     results = {}
     with torch.no_grad():
-        for name, (module, x) in cases.items():
+        for (name, (module, x)), tma in itertools.product(cases.items(), (False, True)):
             layer, xb = Fp8Layer(quantized_layer(module, x), use_kernels=True), x.bfloat16()
-            rounds = us_per_call({name: lambda: layer(xb)}, torch.device("cpu"), args.rounds, args.calls,
-                                 warmup=200)[name]
-            results[name] = dict(host_us_per_forward=statistics.median(rounds), rounds=rounds)
+            layer.tma = tma
+            key = f"{name}_tma" if tma else name
+            rounds = us_per_call({key: lambda: layer(xb)}, torch.device("cpu"), args.rounds, args.calls,
+                                 warmup=200)[key]
+            results[key] = dict(host_us_per_forward=statistics.median(rounds), rounds=rounds)
     command = "python " + " ".join(["benchmarks/fp8_host_overhead.py", *(argv if argv is not None else sys.argv[1:])])
     print(json.dumps(dict(benchmark="fp8_host_overhead", settings=vars(args), machine=machine_info("cpu"),
                           command=command, results=results), indent=2))

@@ -59,3 +59,22 @@ def test_gpu_w4a4_smoke_runs_every_layer_and_denoiser_on_the_fp8_path(capsys):
         assert denoiser["fp8_w4a4_scaled_mm"]["model_tensor_bytes"] == denoiser["fp8_w4a4"]["model_tensor_bytes"]
         assert denoiser["fp8_w4a4_tma"]["model_tensor_bytes"] == denoiser["fp8_w4a4"]["model_tensor_bytes"]
         assert denoiser["fp8_w4a4"]["model_tensor_bytes"] < 0.6 * denoiser["bf16"]["model_tensor_bytes"]
+
+
+def test_fp8_host_overhead_times_pointer_and_tma_launch_preparation(capsys, monkeypatch):
+    pytest.importorskip("triton")
+    from msfp import triton_kernels
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    prepared = []
+    prepare = triton_kernels._prepare_conv2d_fp8
+    monkeypatch.setattr(triton_kernels, "_prepare_conv2d_fp8",
+                        lambda *a, **k: prepared.append(k["tma"]) or prepare(*a, **k))
+    # The benchmark replaces _Launch.run; restore it for the tests that follow.
+    monkeypatch.setattr(triton_kernels._Launch, "run", triton_kernels._Launch.run)
+    load_script("fp8_host_overhead").main(["--calls", "3", "--rounds", "1"])
+    results = json.loads(capsys.readouterr().out)["results"]
+    assert set(results) == {"linear_64x64_tokens16", "linear_64x64_tokens16_tma", "conv3x3_16x16_8x8",
+                            "conv3x3_16x16_8x8_tma"}
+    assert all(r["host_us_per_forward"] > 0 for r in results.values())
+    assert True in prepared and False in prepared  # both ways of loading were really prepared
