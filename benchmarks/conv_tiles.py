@@ -1,6 +1,7 @@
 """Block-size sweep of the Triton FP8 implicit-GEMM convolution on a GPU, against cuDNN BF16 (issue #8).
 
-    python benchmarks/conv_tiles.py [--batch 8 --iters 30 --cuda-graphs --loads pointers tma --split-k 2 4]
+    python benchmarks/conv_tiles.py [--batch 8 --iters 30 --cuda-graphs --loads pointers tma_boxes tma_rows
+                                     --split-k 2 4]
 
 The autotuner of ``msfp.triton_kernels.conv2d_fp8`` picks among four block configurations, and on the H200 the
 best of them reached 10–24% of the FP8 peak on the Stable-Diffusion-1.5 3×3 convolutions (0.57–0.94× BF16). This
@@ -8,8 +9,9 @@ times, on the same shapes (``gpu_w4a4.CONVS``, random codes, zero point and bias
 one short GPU run shows whether better tiles reach the targets or the kernel's design must change:
 
 1. every configuration of a wider grid (BLOCK_M × BLOCK_N × BLOCK_K × pipeline stages) with each way of loading
-   tiles (``--loads``): per-thread pointer arithmetic (``cp.async``) and TMA tensor-descriptor copies (``tma=True``,
-   stride-1 shapes only), fp32 accumulation;
+   tiles (``--loads``): per-thread pointer arithmetic (``cp.async``), and TMA tensor-descriptor copies (stride-1
+   shapes only) of the unpadded input in boxes of output rows (``tma_boxes``) or of the input inside a zero border
+   as flat rows (``tma_rows``, ``zero_bordered=True``), fp32 accumulation;
 2. for the fastest configuration of each loading method: fast accumulation (``precise_acc=False``) and split-K
    (``--split-k``: the K loop shared by that many programs per output tile).
 
@@ -40,6 +42,18 @@ from msfp import triton_kernels
 from msfp.fp8 import e4m3_shift
 
 
+# conv2d_fp8's options for each way of loading tiles
+LOADS = {"pointers": {}, "tma_boxes": dict(tma=True), "tma_rows": dict(tma=True, zero_bordered=True)}
+
+
+def zero_bordered(x: torch.Tensor) -> torch.Tensor:
+    """``x`` (B, H, W, C) inside a one-wide zero border, as ``act_codes(…, pad=1)`` writes codes for ``tma_rows``."""
+    B, H, W, C = x.shape
+    buffer = torch.zeros(B, H + 2, W + 2, C, dtype=x.dtype, device=x.device)
+    buffer[:, 1:-1, 1:-1] = x
+    return buffer[:, 1:-1, 1:-1]
+
+
 def tile_configs(smoke: bool) -> list[dict]:
     if smoke:
         # The smallest tiles a GPU takes too (FP8 MMA: BLOCK_K ≥ 32; Hopper: BLOCK_M = 64 per warp group).
@@ -61,9 +75,10 @@ def compile_job(job) -> str | None:
     returns the error, if any (the timed run records it again)."""
     (cin, cout, size, stride), batch, arch, options = job
     fp8 = torch.float8_e4m3fn
+    x = torch.zeros(batch, size, size, cin, dtype=fp8)
     try:
         triton_kernels.compile_ahead(
-            triton_kernels.conv2d_fp8, torch.zeros(batch, size, size, cin, dtype=fp8),
+            triton_kernels.conv2d_fp8, zero_bordered(x) if options.get("zero_bordered") else x,
             torch.zeros(cout, 3, 3, cin, dtype=fp8), torch.ones(batch), torch.ones(cout), torch.zeros(cout),
             torch.zeros(batch), torch.zeros(cout, 3, 3), stride, 1, out_dtype=torch.bfloat16, arch=arch, **options)
     except Exception as e:  # noqa: BLE001 — reported, and the launch will say it again
@@ -75,10 +90,10 @@ def precompile(shapes, args, arch: int) -> dict:
     jobs = []
     for shape in shapes:
         for method in args.loads:
-            if method == "tma" and shape[3] != 1:
+            if method != "pointers" and shape[3] != 1:
                 continue
-            jobs.append((shape, args.batch, arch, dict(tma=method == "tma")))  # the autotuner's candidates
-            jobs += [(shape, args.batch, arch, dict(config, tma=method == "tma", precise_acc=True, split_k=1))
+            jobs.append((shape, args.batch, arch, LOADS[method]))  # the autotuner's candidates
+            jobs += [(shape, args.batch, arch, dict(config, **LOADS[method], precise_acc=True, split_k=1))
                      for config in tile_configs(args.smoke)]
     started = time.perf_counter()
     with ProcessPoolExecutor(args.compile_workers, mp_context=multiprocessing.get_context("spawn")) as pool:
@@ -103,9 +118,12 @@ def shape_row(cin, cout, size, stride, args, timer: Timer, peak) -> dict:
     bias, zp = torch.randn(cout, device=device), torch.randn(args.batch, device=device)
     zp_weight_sums = torch.randn(cout, 3, 3, device=device)
 
-    def conv(**options):
-        return triton_kernels.conv2d_fp8(x_codes, w_codes, a_scale, w_scale, bias, zp, zp_weight_sums, stride, 1,
-                                         out_dtype=torch.bfloat16, **options)
+    x_bordered = zero_bordered(x_codes)
+
+    def conv(method, **options):
+        x = x_bordered if LOADS[method].get("zero_bordered") else x_codes
+        return triton_kernels.conv2d_fp8(x, w_codes, a_scale, w_scale, bias, zp, zp_weight_sums, stride, 1,
+                                         out_dtype=torch.bfloat16, **LOADS[method], **options)
 
     bf16 = torch.nn.Conv2d(cin, cout, 3, stride=stride, padding=1).to(device, torch.bfloat16)
     bf16 = bf16.to(memory_format=torch.channels_last)
@@ -120,14 +138,14 @@ def shape_row(cin, cout, size, stride, args, timer: Timer, peak) -> dict:
         row["autotuned"] = {}
         if device.type == "cuda":  # the autotuner times its candidates on a GPU only
             for method in loads:
-                tuned_t = timer(lambda: conv(tma=method == "tma"))
+                tuned_t = timer(lambda: conv(method))
                 row["autotuned"][method] = dict(rates(flops, tuned_t, peak and peak["fp8"]),
                                                 speedup=speedups(bf16_t, tuned_t))
 
         def timed(method, config, **options):
             entry = dict(config, loads=method, **options)
             try:
-                t = timer(lambda: conv(tma=method == "tma", **config, **options))
+                t = timer(lambda: conv(method, **config, **options))
             except Exception as e:  # e.g. Triton's OutOfResources: record it and keep sweeping
                 entry["error"] = f"{type(e).__name__}: {e}".strip().splitlines()[0]
             else:
@@ -157,8 +175,9 @@ def main(argv=None) -> None:
     p.add_argument("--iters", type=int, default=30)
     p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
                    help="also time every call replayed from a CUDA graph (no host launch work)")
-    p.add_argument("--loads", nargs="+", choices=("pointers", "tma"), default=["pointers", "tma"],
-                   help="how the kernel loads its tiles: per-thread pointers (cp.async), TMA descriptors (stride 1)")
+    p.add_argument("--loads", nargs="+", choices=tuple(LOADS), default=list(LOADS),
+                   help="how the kernel loads its tiles: per-thread pointers (cp.async), TMA copies (stride 1) in "
+                        "boxes of output rows or as flat rows of zero-bordered codes")
     p.add_argument("--split-k", type=int, nargs="*", default=[2, 4],
                    help="split-K factors tried on each loading method's fastest tiles")
     p.add_argument("--compile-workers", type=int, default=min(16, os.cpu_count() or 1),

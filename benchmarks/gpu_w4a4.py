@@ -14,8 +14,9 @@ accumulation; TFLOP/s and % of the dense peak of the GPU. Per denoiser
 (the shipped default model and a random-weight UNet2DConditionModel with Stable Diffusion 1.5's shapes): one step's
 time in BF16 and with every 4-bit layer on the FP8 path, the speed-up, the peak memory and the bytes of the weights.
 Linear layers are timed twice on the FP8 path: with the Triton GEMM and through ``torch._scaled_mm`` (``scaled_mm_*``
-fields; for the denoisers ``fp8_w4a4_scaled_mm``). The Triton GEMM is also timed with TMA loads (``*_tma`` fields,
-stride-1 layers; for the denoisers ``fp8_w4a4_tma``: ``convert_to_fp8(tma=True)``).
+fields; for the denoisers ``fp8_w4a4_scaled_mm``). The Triton GEMM is also timed with TMA loads (stride-1 layers):
+3×3 convolutions with both tilings, ``*_tma_boxes`` and ``*_tma_rows`` (codes inside a zero border), linears as flat
+rows (``*_tma_rows``); for the denoisers ``fp8_w4a4_tma_boxes`` and ``fp8_w4a4_tma_rows`` (``convert_to_fp8(tma=…)``).
 Every time is taken twice on both sides, with the same settings: eagerly (one call per timing, so the host's launch
 work counts) and replayed from a CUDA graph (``--no-cuda-graphs`` skips this), which leaves the GPU's time alone; no
 torch.compile. The models' 8-bit edge layers (first/last conv, timestep MLP) are kept in BF16 here, so only the W4A4
@@ -211,10 +212,6 @@ def layer_rows(args, timer: Timer, peak) -> list[dict]:
                 fp8.precise_acc = False  # what fp32 accumulation costs: the same GEMM with Hopper's fast FP8 sums
                 fast_t = timer(lambda: fp8._gemm(codes, 0, s, z, spatial, torch.bfloat16, use_kernels))
                 fp8.precise_acc = True
-                fp8.tma = True  # where the shape allows it (stride 1); the stride-2 conv keeps the pointer loads
-                tma_gemm_t = timer(lambda: fp8._gemm(codes, 0, s, z, spatial, torch.bfloat16, use_kernels))
-                tma_layer_t = timer(lambda: fp8(xb))
-                fp8.tma = False
                 row = dict(kind=kind, batch=args.batch, **desc, flops=flops,
                            bf16=rates(flops, bf16_t, peak and peak["bf16"]),
                            fp8_gemm_only=rates(flops, gemm_t, peak and peak["fp8"]),
@@ -223,10 +220,21 @@ def layer_rows(args, timer: Timer, peak) -> list[dict]:
                            speedup_gemm_only=speedups(bf16_t, gemm_t), speedup_layer=speedups(bf16_t, layer_t))
                 gemm_codes = codes if kind == "linear" else codes.permute(0, 2, 3, 1).contiguous()  # as _gemm has it
                 if triton_kernels.tma_unsupported(gemm_codes, fp8.weight_codes[0], desc.get("stride", 1)) is None:
-                    row.update(fp8_gemm_only_tma=rates(flops, tma_gemm_t, peak and peak["fp8"]),
-                               fp8_layer_tma=rates(flops, tma_layer_t, peak and peak["fp8"]),
-                               speedup_gemm_only_tma=speedups(bf16_t, tma_gemm_t),
-                               speedup_layer_tma=speedups(bf16_t, tma_layer_t))
+                    # TMA loads; a linear's tiles are flat rows whichever tiling is asked for.
+                    for tiling in ("boxes", "rows") if kind == "conv3x3" else ("rows",):
+                        fp8.tma, bordered = tiling, tiling == "rows" and kind == "conv3x3" and use_kernels
+                        tma_codes = codes
+                        if bordered:  # the rows tiling reads codes written inside a zero border
+                            tma_codes = triton_kernels.act_codes(x2, ACT_FORMAT, s, z, e4m3_shift(ACT_FORMAT),
+                                                                 pad=1).permute(0, 3, 1, 2)
+                        gemm_t = timer(lambda: fp8._gemm(tma_codes, 0, s, z, spatial, torch.bfloat16, use_kernels,
+                                                         bordered=bordered))
+                        layer_t = timer(lambda: fp8(xb))
+                        row.update({f"fp8_gemm_only_tma_{tiling}": rates(flops, gemm_t, peak and peak["fp8"]),
+                                    f"fp8_layer_tma_{tiling}": rates(flops, layer_t, peak and peak["fp8"]),
+                                    f"speedup_gemm_only_tma_{tiling}": speedups(bf16_t, gemm_t),
+                                    f"speedup_layer_tma_{tiling}": speedups(bf16_t, layer_t)})
+                    fp8.tma = None
                 if fp8_scaled_mm is not None:
                     gemm_t = timer(lambda: fp8_scaled_mm._gemm(codes, 0, s, z, spatial, torch.bfloat16, use_kernels))
                     layer_t = timer(lambda: fp8_scaled_mm(xb))
@@ -252,10 +260,11 @@ def denoiser_row(name: str, fp: torch.nn.Module, cond: dict, args, timer: Timer)
     for layer in quant_layers(q).values():  # realistic weight codes; activation scales stay at their placeholder
         layer.weight_quantizer.initialize(layer.weight.detach().float(), max_samples=1 << 14)
     q_scaled_mm = copy.deepcopy(q)  # the same model with its linears' GEMMs through torch._scaled_mm
-    q_tma = copy.deepcopy(q)  # the same model with TMA loads in the Triton GEMMs
+    q_tma = {tiling: copy.deepcopy(q) for tiling in ("boxes", "rows")}  # TMA loads in the Triton GEMMs
     kept = convert_to_fp8(q, use_kernels=use_kernels)
     convert_to_fp8(q_scaled_mm, use_kernels=use_kernels, linear_gemm="scaled_mm")
-    convert_to_fp8(q_tma, use_kernels=use_kernels, tma=True)
+    for tiling, model in q_tma.items():
+        convert_to_fp8(model, use_kernels=use_kernels, tma=tiling)
     shape = (args.batch, fp.config.in_channels, fp.config.sample_size, fp.config.sample_size)
     x = torch.randn(shape, device=device, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
     t = torch.full((args.batch,), 500, device=device)
@@ -263,7 +272,9 @@ def denoiser_row(name: str, fp: torch.nn.Module, cond: dict, args, timer: Timer)
     result = dict(model=name, batch=args.batch, fake_quant_layers=kept,
                   fp8_layers=sum(isinstance(m, Fp8Layer) for m in q.modules()))
     steps = {}
-    for label, model in (("bf16", bf16), ("fp8_w4a4", q), ("fp8_w4a4_scaled_mm", q_scaled_mm), ("fp8_w4a4_tma", q_tma)):
+    variants = {"bf16": bf16, "fp8_w4a4": q, "fp8_w4a4_scaled_mm": q_scaled_mm,
+                **{f"fp8_w4a4_tma_{tiling}": model for tiling, model in q_tma.items()}}
+    for label, model in variants.items():
         with torch.no_grad():
             steps[label] = timer(lambda: model(x, t, **cond))
         result[label] = dict(step_ms=steps[label]["ms"], peak_memory_bytes=steps[label]["peak_memory_bytes"],
@@ -272,7 +283,8 @@ def denoiser_row(name: str, fp: torch.nn.Module, cond: dict, args, timer: Timer)
             result[label]["graph_step_ms"] = steps[label]["graph_ms"]
     result["speedup"] = speedups(steps["bf16"], steps["fp8_w4a4"])
     result["speedup_scaled_mm"] = speedups(steps["bf16"], steps["fp8_w4a4_scaled_mm"])
-    result["speedup_tma"] = speedups(steps["bf16"], steps["fp8_w4a4_tma"])
+    for tiling in q_tma:
+        result[f"speedup_tma_{tiling}"] = speedups(steps["bf16"], steps[f"fp8_w4a4_tma_{tiling}"])
     return progress(result)
 
 

@@ -8,8 +8,9 @@ point as in the MSFP W4A4 preset) and each block configuration the launch may us
 prints JSON with registers per thread, spilled bytes, shared memory, the tensor-core instructions (and on Hopper
 where wgmma reads its first operand from), the number of asynchronous copies (a pipelined K loop) and their vector
 widths, and the compile time (near 0 where Triton's cache already held the same specialization), plus the
-activation-quantize kernel for each input. For Hopper and newer, the GEMMs are compiled a second time with TMA loads
-(``tma=True``; kernel names ending in ``_tma``) wherever the shape allows them (stride 1). This is the static half
+activation-quantize kernel for each input. For Hopper and newer, the GEMMs are compiled again with TMA loads
+wherever the shape allows them (stride 1): ``conv2d_fp8_tma_boxes`` (boxes of output rows of the unpadded input),
+``conv2d_fp8_tma_rows`` (flat rows of zero-bordered codes) and ``linear_fp8_tma``. This is the static half
 of issue #8's checks: it says whether the kernels build for Hopper with FP8 tensor cores, not how fast they run
 (``gpu_w4a4.py`` on a GPU does that).
 """
@@ -23,6 +24,7 @@ import time
 
 import torch
 
+from conv_tiles import zero_bordered
 from gpu_w4a4 import ACT_FORMAT, CONVS, LINEARS
 from msfp import triton_kernels as tk
 from msfp.environment import machine_info
@@ -49,10 +51,14 @@ def layer_rows(arch: int, batch: int) -> list[dict]:
         layer = dict(kind="conv3x3", c_in=cin, c_out=cout, hw=size, stride=stride, batch=batch)
         rows += [dict(layer, kernel="act_codes", **r)
                  for r in compiled_rows(tk.act_codes, x, ACT_FORMAT, scales, zeros, shift, arch=arch)]
-        for tma in (False, True) if arch >= 90 and stride == 1 else (False,):
-            rows += [dict(layer, kernel="conv2d_fp8_tma" if tma else "conv2d_fp8", **r)
-                     for r in compiled_rows(tk.conv2d_fp8, *args, stride=stride, padding=1, out_dtype=torch.bfloat16,
-                                            tma=tma, arch=arch)]
+        loads = {"": {}}
+        if arch >= 90 and stride == 1:
+            loads.update(_tma_boxes=dict(tma=True), _tma_rows=dict(tma=True, zero_bordered=True))
+        for suffix, options in loads.items():
+            x_codes = zero_bordered(args[0]) if options.get("zero_bordered") else args[0]
+            rows += [dict(layer, kernel="conv2d_fp8" + suffix, **r)
+                     for r in compiled_rows(tk.conv2d_fp8, x_codes, *args[1:], stride=stride, padding=1,
+                                            out_dtype=torch.bfloat16, arch=arch, **options)]
     for tokens, k, n in LINEARS:
         m = batch * tokens
         x = torch.zeros(m, k, dtype=torch.bfloat16)

@@ -52,12 +52,16 @@ def test_gpu_w4a4_smoke_runs_every_layer_and_denoiser_on_the_fp8_path(capsys):
             assert row[side]["ms"] > 0 and row[side]["tflops"] == pytest.approx(row["flops"] / row[side]["ms"] / 1e9)
         assert row["speedup_layer"]["eager"] == pytest.approx(row["bf16"]["ms"] / row["fp8_layer"]["ms"])
         assert ("scaled_mm_layer" in row) == (row["kind"] == "linear")  # linears: also the torch._scaled_mm GEMM
-        assert ("fp8_gemm_only_tma" in row) == (row.get("stride", 1) == 1)  # TMA loads: stride-1 layers only
+        # TMA loads: stride-1 layers only; 3×3 convolutions with both tilings, linears as flat rows
+        assert ("fp8_gemm_only_tma_rows" in row) == (row.get("stride", 1) == 1)
+        assert ("fp8_gemm_only_tma_boxes" in row) == (row["kind"] == "conv3x3" and row["stride"] == 1)
     for denoiser in report["denoisers"]:
         # Every 4-bit layer converted; 1 byte per weight code halves the BF16 model's bytes or better.
         assert denoiser["fake_quant_layers"] == {} and denoiser["fp8_layers"] > 0
         assert denoiser["fp8_w4a4_scaled_mm"]["model_tensor_bytes"] == denoiser["fp8_w4a4"]["model_tensor_bytes"]
-        assert denoiser["fp8_w4a4_tma"]["model_tensor_bytes"] == denoiser["fp8_w4a4"]["model_tensor_bytes"]
+        for tiling in ("boxes", "rows"):
+            tma_bytes = denoiser[f"fp8_w4a4_tma_{tiling}"]["model_tensor_bytes"]
+            assert tma_bytes == denoiser["fp8_w4a4"]["model_tensor_bytes"]
         assert denoiser["fp8_w4a4"]["model_tensor_bytes"] < 0.6 * denoiser["bf16"]["model_tensor_bytes"]
 
 
@@ -69,12 +73,13 @@ def test_fp8_host_overhead_times_pointer_and_tma_launch_preparation(capsys, monk
     prepared = []
     prepare = triton_kernels._prepare_conv2d_fp8
     monkeypatch.setattr(triton_kernels, "_prepare_conv2d_fp8",
-                        lambda *a, **k: prepared.append(k["tma"]) or prepare(*a, **k))
+                        lambda *a, **k: prepared.append((k["tma"], k.get("zero_bordered"))) or prepare(*a, **k))
     # The benchmark replaces _Launch.run; restore it for the tests that follow.
     monkeypatch.setattr(triton_kernels._Launch, "run", triton_kernels._Launch.run)
     load_script("fp8_host_overhead").main(["--calls", "3", "--rounds", "1"])
     results = json.loads(capsys.readouterr().out)["results"]
-    assert set(results) == {"linear_64x64_tokens16", "linear_64x64_tokens16_tma", "conv3x3_16x16_8x8",
-                            "conv3x3_16x16_8x8_tma"}
+    assert set(results) == {"linear_64x64_tokens16", "linear_64x64_tokens16_tma_rows", "conv3x3_16x16_8x8",
+                            "conv3x3_16x16_8x8_tma_boxes", "conv3x3_16x16_8x8_tma_rows"}
     assert all(r["host_us_per_forward"] > 0 for r in results.values())
-    assert True in prepared and False in prepared  # both ways of loading were really prepared
+    # pointer loads, TMA boxes, TMA flat rows over zero-bordered codes: all really prepared
+    assert {(False, False), (True, False), (True, True)} <= set(prepared)

@@ -294,9 +294,21 @@ TMA_CASES = {
 }
 
 
+def zero_bordered(x, padding):
+    """``x`` (B, H, W, C) as the interior view of a zero-bordered buffer, as ``act_codes(…, pad=padding)`` gives."""
+    (ph, pw), (B, H, W, C) = ((padding, padding) if isinstance(padding, int) else padding), x.shape
+    buffer = torch.zeros(B, H + 2 * ph, W + 2 * pw, C, dtype=x.dtype, device=x.device)
+    interior = buffer[:, ph:ph + H, pw:pw + W]
+    interior.copy_(x)
+    return interior
+
+
+@pytest.mark.parametrize("tiles", ["boxes", "flat_rows"])
 @pytest.mark.parametrize("block_m", [16, 64])  # tiles of 1 sample × 2 rows × 8 columns; of several samples
 @pytest.mark.parametrize("case", TMA_CASES)
-def test_conv2d_fp8_tma_matches_float64_conv(case, block_m):
+def test_conv2d_fp8_tma_matches_float64_conv(case, block_m, tiles):
+    # Boxes read the unpadded input; flat rows read a zero-bordered copy and compute outputs anchored in the border
+    # too, to be discarded.
     B, H, W, C, O, (KH, KW), padding, dilation, has_bias, has_zp = TMA_CASES[case]
     gen = torch.Generator().manual_seed(7)
     x, w = random_codes((B, H, W, C), gen), random_codes((O, KH, KW, C), gen)
@@ -306,9 +318,11 @@ def test_conv2d_fp8_tma_matches_float64_conv(case, block_m):
     sums = torch.randn(O, KH, KW, generator=gen) * 10 if has_zp else None
     ref, mag = conv_reference(x, w, a_scale, w_scale, bias, zp, sums, 1, padding, dilation)
     to_dev = [t.to(DEV) if t is not None else None for t in (x, w, a_scale, w_scale, bias, zp, sums)]
+    if tiles == "flat_rows":
+        to_dev[0] = zero_bordered(to_dev[0], padding)
     # block_k 32 leaves a ragged last channel block for C = 16 and 48: TMA's out-of-bounds zeros must cover it.
-    y = tk.conv2d_fp8(*to_dev, padding=padding, dilation=dilation, tma=True, block_m=block_m,
-                      block_n=GEMM_BLOCKS["block_n"], block_k=32)
+    y = tk.conv2d_fp8(*to_dev, padding=padding, dilation=dilation, tma=True, zero_bordered=tiles == "flat_rows",
+                      block_m=block_m, block_n=GEMM_BLOCKS["block_n"], block_k=32)
     assert y.shape == ref.shape and y.dtype == torch.float32 and y.is_contiguous()
     assert_within_accumulation_error(y, ref, mag, KH * KW * C, taps=KH * KW)
 
@@ -327,8 +341,8 @@ def test_linear_fp8_tma_matches_float64_matmul():
 
 
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("tma", [False, True])
-def test_split_k_matches_float64_conv(tma, out_dtype):
+@pytest.mark.parametrize("loads", ["pointers", "tma_boxes", "tma_flat_rows"])
+def test_split_k_matches_float64_conv(loads, out_dtype):
     # 9 taps × 1 channel block of 32 = 9 K iterations in 4 shares of 3: the last share is empty and adds nothing.
     gen = torch.Generator().manual_seed(9)
     B, H, W, C, O = 3, 5, 7, 32, 20
@@ -337,11 +351,16 @@ def test_split_k_matches_float64_conv(tma, out_dtype):
     bias, zp, sums = torch.randn(O, generator=gen), torch.randn(B, generator=gen), torch.randn(O, 3, 3, generator=gen)
     ref, mag = conv_reference(x, w, a_scale, w_scale, bias, zp, sums, 1, 1, 1)
     args = [t.to(DEV) for t in (x, w, a_scale, w_scale, bias, zp, sums)]
-    y = tk.conv2d_fp8(*args, padding=1, out_dtype=out_dtype, tma=tma, split_k=4, **GEMM_BLOCKS)
+    tma, bordered = loads != "pointers", loads == "tma_flat_rows"
+    if bordered:
+        args[0] = zero_bordered(args[0], 1)
+    y = tk.conv2d_fp8(*args, padding=1, out_dtype=out_dtype, tma=tma, zero_bordered=bordered, split_k=4,
+                      **GEMM_BLOCKS)
     assert y.shape == ref.shape and y.dtype == out_dtype
     # Each share's partial sum is rounded once more when the shares are added.
     assert_within_accumulation_error(y, ref, mag, 9 * C + 4, out_dtype, taps=9)
-    again = tk.conv2d_fp8(*args, padding=1, out_dtype=out_dtype, tma=tma, split_k=4, **GEMM_BLOCKS)
+    again = tk.conv2d_fp8(*args, padding=1, out_dtype=out_dtype, tma=tma, zero_bordered=bordered, split_k=4,
+                          **GEMM_BLOCKS)
     assert torch.equal(y, again)  # the shares are added in a fixed order
     xl, wl = random_codes((5, 64), gen), random_codes((24, 64), gen)
     refl, magl = conv_reference(xl[:, None, None], wl[:, None, None], a_scale[:1].expand(5), w_scale[:1].expand(24),
@@ -368,6 +387,27 @@ def test_tma_rejects_what_it_cannot_load():
         tk.conv2d_fp8(x, w.permute(0, 2, 1, 3).contiguous().permute(0, 2, 1, 3), one, sixteen, tma=True)
     with pytest.raises(ValueError, match=r"with tma, block_m, block_n, block_k must be powers of two, got \(48"):
         tk.conv2d_fp8(x, w, one, sixteen, tma=True, block_m=48, block_n=16, block_k=32)
+    with pytest.raises(ValueError, match=r"zero_bordered: x_codes \(1, 4, 4, 32\) with strides \(512, 128, 32, 1\) "
+                                         r"is not the interior of a contiguous \(1, 6, 6, 32\) buffer"):
+        tk.conv2d_fp8(x, w, one, sixteen, padding=1, tma=True, zero_bordered=True)
+    with pytest.raises(ValueError, match=r"not the interior"):  # a border narrower than the padding
+        tk.conv2d_fp8(zero_bordered(x, 1), w, one, sixteen, padding=2, tma=True, zero_bordered=True)
+
+
+def test_act_codes_pad_writes_inside_a_zero_border():
+    gen = torch.Generator().manual_seed(10)
+    x = (torch.randn(2, 32, 5, 6, generator=gen) * 3).to(DEV)
+    scale, zp = per_sample_params(get_format("ufp4_e2m2"), 2, gen)
+    codes = tk.act_codes(x, "ufp4_e2m2", scale, zp, 2, pad=(1, 2), **ACT_BLOCKS)
+    assert codes.shape == (2, 5, 6, 32)
+    assert_same_codes(codes.contiguous(), reference_codes(x, get_format("ufp4_e2m2"), scale, zp, 2))
+    buffer = tk._zero_bordered_buffer(codes, 1, 2)
+    assert buffer.shape == (2, 7, 10, 32) and buffer.is_contiguous()
+    border = torch.ones(2, 7, 10, 32, dtype=torch.bool, device=DEV)
+    border[:, 1:6, 2:8] = False
+    assert (buffer.view(torch.uint8)[border] == 0).all()  # +0.0 codes
+    with pytest.raises(ValueError, match="pad needs a 4-D input, no out"):
+        tk.act_codes(x[:, :, 0, 0], "ufp4_e2m2", scale, zp, pad=1)
 
 
 def test_gemm_launchers_reject_bad_arguments():
@@ -401,12 +441,13 @@ def test_conv2d_fp8_autotuned_default_blocks():
     assert_within_accumulation_error(y, ref, mag, 9 * 64)
 
 
-@pytest.mark.parametrize("tma", [False, True])
+@pytest.mark.parametrize("tma", [None, "boxes", "rows"])
 @pytest.mark.parametrize("family", ["unet", "dit"])
 def test_fp8_layers_on_the_kernels_equal_the_emulated_path(family, tma, monkeypatch):
     # Whole calibrated tiny models: every W4A4 layer (zero-point convs with padded borders, stride 2, 1×1 shortcuts,
     # 3-D linear inputs) through act_codes + conv2d_fp8/linear_fp8 against the same Fp8Layer emulated in torch;
-    # with tma, the layers whose shapes allow it load through TMA descriptors, the others as before.
+    # with tma, the layers whose shapes allow it load through TMA descriptors (padded convolutions' inputs in boxes,
+    # or inside a zero border as flat rows), the others as before.
     import copy
 
     import msfp
@@ -415,10 +456,11 @@ def test_fp8_layers_on_the_kernels_equal_the_emulated_path(family, tma, monkeypa
     from test_fp8 import layer_inputs
     from tiny_models import scheduler, tiny_dit, tiny_unet
 
-    tma_calls = []
+    tma_calls, bordered_calls = [], []
     for launcher in ("conv2d_fp8", "linear_fp8"):
         run = functools.partial(getattr(tk, launcher), **GEMM_BLOCKS)
-        monkeypatch.setattr(tk, launcher, lambda *a, run=run, **k: tma_calls.append(k["tma"]) or run(*a, **k))
+        monkeypatch.setattr(tk, launcher, lambda *a, run=run, **k: tma_calls.append(k["tma"])
+                            or bordered_calls.append(k.get("zero_bordered", False)) or run(*a, **k))
     build, shape, cond = {"unet": (tiny_unet, (1, 8, 8), {}),
                           "dit": (tiny_dit, (4, 8, 8), {"class_labels": torch.tensor([0, 1, 2])})}[family]
     fp = build().to(DEV)
@@ -431,10 +473,9 @@ def test_fp8_layers_on_the_kernels_equal_the_emulated_path(family, tma, monkeypa
     checked = 0
     for name, layer in quant_layers(q).items():
         try:
-            emulated, kernels = Fp8Layer(layer, use_kernels=False), Fp8Layer(layer, use_kernels=True)
+            emulated, kernels = Fp8Layer(layer, use_kernels=False), Fp8Layer(layer, use_kernels=True, tma=tma)
         except ValueError:
             continue
-        kernels.tma = tma
         with torch.no_grad():
             want, got = emulated(inputs[name]), kernels(inputs[name])
         assert got.shape == want.shape and got.dtype == want.dtype
@@ -443,7 +484,9 @@ def test_fp8_layers_on_the_kernels_equal_the_emulated_path(family, tma, monkeypa
         checked += 1
     assert checked >= 6
     # The tiny models' 16-channel layers qualify for TMA; their 8-channel ones do not (16-byte rows).
-    assert any(tma_calls) == tma and (all(tma_calls) is False or not tma)
+    assert any(tma_calls) == (tma is not None) and not all(tma_calls)
+    # The UNet's padded 16-channel convolutions get zero-bordered codes with the flat-row tiling (the DiT has none).
+    assert any(bordered_calls) == (tma == "rows" and family == "unet")
 
 
 def scaled_mm_layer(timestep_groups):
@@ -499,6 +542,8 @@ def test_scaled_mm_is_only_used_where_it_applies(monkeypatch):
     assert "torch._scaled_mm" in repr(fp8)
     with pytest.raises(ValueError, match=r"0: unknown linear_gemm 'cublas'"):
         Fp8Layer(layer, linear_gemm="cublas")
+    with pytest.raises(ValueError, match=r"0: unknown tma tiling True; expected one of \(None, 'boxes', 'rows'\)"):
+        Fp8Layer(layer, tma=True)
 
 
 def test_fast_accumulation_setting_reaches_both_linear_gemms(monkeypatch):
@@ -572,6 +617,13 @@ def test_tma_kernels_compile_for_hopper():
     assert tk.kernel_stats(linear[1])["mma_operand_a"] == ["shared"]
     # 32×32 outputs in 128-pixel blocks: 4 rows of 32, through registers.
     assert tk.kernel_stats(compiled[0][1])["mma_operand_a"] == ["registers"]
+    # Flat rows of a zero-bordered input: both operands from shared memory.
+    x, *rest = sd_conv_args()
+    [(_, flat)] = tk.compile_ahead(tk.conv2d_fp8, zero_bordered(x, 1), *rest, padding=1, out_dtype=torch.bfloat16,
+                                   tma=True, zero_bordered=True, block_m=128, block_n=128, block_k=64, num_warps=8,
+                                   num_stages=3)
+    stats = tk.kernel_stats(flat)
+    assert stats["mma_operand_a"] == ["shared"] and stats["tma_copies"] > 0 and stats["spill_store_bytes"] == 0
 
 
 def test_conv_kernel_compiles_for_ada_fp8_mma():
@@ -631,14 +683,15 @@ def test_conv_tiles_benchmark_smoke(capsys, monkeypatch):
     monkeypatch.syspath_prepend(str(BENCHMARKS))
     load_script("conv_tiles").main(["--smoke"])
     [row] = json.loads(capsys.readouterr().out)["shapes"]
-    # 2 tile configurations × pointer/TMA loads; then per loading method its best tiles with fast accumulation and
-    # split-K 2 and 4
-    assert len(row["configs"]) == 4 and all("error" not in c for c in row["configs"])
-    assert {c["loads"] for c in row["configs"]} == {"pointers", "tma"}
+    # 2 tile configurations × pointer/TMA-box/TMA-row loads; then per loading method its best tiles with fast
+    # accumulation and split-K 2 and 4
+    loads = ("pointers", "tma_boxes", "tma_rows")
+    assert len(row["configs"]) == 6 and all("error" not in c for c in row["configs"])
+    assert {c["loads"] for c in row["configs"]} == set(loads)
     assert row["configs"][0]["speedup"]["eager"] == pytest.approx(row["bf16"]["ms"] / row["configs"][0]["ms"])
-    assert set(row["best"]) == {"pointers", "tma"} and row["best"]["tma"] in row["configs"]
+    assert set(row["best"]) == set(loads) and row["best"]["tma_rows"] in row["configs"]
     assert sorted((v["loads"], v["precise_acc"], v["split_k"]) for v in row["variants"]) == sorted(
-        (m, p, k) for m in ("pointers", "tma") for p, k in ((False, 1), (True, 2), (True, 4)))
+        (m, p, k) for m in loads for p, k in ((False, 1), (True, 2), (True, 4)))
     assert all("error" not in v for v in row["variants"])
     every = row["configs"] + row["variants"]
     assert row["fastest"]["ms"] == min(e["ms"] for e in every)  # no CUDA graphs on CPU: ranked by eager time
@@ -653,7 +706,7 @@ def test_conv_tiles_precompiles_the_sweep_in_parallel_processes(monkeypatch):
 
     monkeypatch.syspath_prepend(str(BENCHMARKS))
     conv_tiles = importlib.import_module("conv_tiles")  # by name, so the worker processes can import it too
-    args = Namespace(loads=["pointers", "tma"], batch=2, smoke=True, compile_workers=2)
+    args = Namespace(loads=["pointers", "tma_rows"], batch=2, smoke=True, compile_workers=2)
     # The TMA entries of a stride-2 shape are not compiled: TMA tiles need stride 1.
     report = conv_tiles.precompile([(32, 32, 8, 1), (32, 16, 8, 2)], args, arch=90)
     assert report["jobs"] == 3 + 3 + 3 and report["errors"] == []

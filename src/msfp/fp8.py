@@ -39,6 +39,7 @@ from msfp.quantizers import MIN_SCALE
 
 E4M3 = torch.float8_e4m3fn
 LINEAR_GEMMS = ("triton", "scaled_mm")
+TMA_TILINGS = (None, "boxes", "rows")
 MIN_TRITON = (3, 6)
 
 
@@ -111,10 +112,13 @@ class Fp8Layer(nn.Module):
     so a model converted on the CPU and moved to a Hopper GPU runs them there).
     """
 
-    def __init__(self, layer: QuantLayer, use_kernels: bool | None = None, linear_gemm: str = "triton"):
+    def __init__(self, layer: QuantLayer, use_kernels: bool | None = None, linear_gemm: str = "triton",
+                 tma: str | None = None):
         super().__init__()
         if linear_gemm not in LINEAR_GEMMS:
             raise ValueError(f"{layer.name}: unknown linear_gemm {linear_gemm!r}; expected one of {LINEAR_GEMMS}")
+        if tma not in TMA_TILINGS:
+            raise ValueError(f"{layer.name}: unknown tma tiling {tma!r}; expected one of {TMA_TILINGS}")
         aq, wq = layer.act_quantizer, layer.weight_quantizer
         if not wq.enabled or not aq.enabled:
             raise Fp8Unsupported(f"{layer.name}: quantizers are disabled (a full-precision layer)")
@@ -137,8 +141,8 @@ class Fp8Layer(nn.Module):
         # False lets Hopper's FP8 MMA keep partial sums in its reduced-precision accumulator (faster, less exact;
         # the kernels only, like torch._scaled_mm's use_fast_accum).
         self.precise_acc = True
-        # True feeds the Triton GEMM its tiles with Hopper's TMA copies where the shapes allow (convert_to_fp8's tma).
-        self.tma = False
+        # How the Triton GEMM loads its tiles where the shapes allow TMA copies (convert_to_fp8's tma).
+        self.tma = tma
         with torch.no_grad():
             w_scale = wq.scale.detach().float().clamp_min(MIN_SCALE)
             view = (-1,) + (1,) * (layer.weight.dim() - 1)
@@ -188,8 +192,9 @@ class Fp8Layer(nn.Module):
                 and w_codes.shape[0] % 16 == 0 and w_codes.shape[1] % 16 == 0)
 
     def _gemm(self, codes: torch.Tensor, k: int, a_scale: torch.Tensor, zero: torch.Tensor | None,
-              spatial: tuple[int, ...], out_dtype: torch.dtype, kernels: bool) -> torch.Tensor:
-        """The layer on activation codes of the samples that use weight set ``k``."""
+              spatial: tuple[int, ...], out_dtype: torch.dtype, kernels: bool, bordered: bool = False) -> torch.Tensor:
+        """The layer on activation codes of the samples that use weight set ``k`` (``bordered``: the interior view of
+        zero-bordered convolution codes, from ``act_codes(…, pad=…)``)."""
         w_codes = self.weight_codes[k]
         corr = None if zero is None else self._zero_point_correction(k, spatial, kernels)
         if kernels:
@@ -202,11 +207,14 @@ class Fp8Layer(nn.Module):
                 return triton_kernels.linear_fp8(codes, w_codes, a_scale, self.code_scale, self.bias, zero, corr,
                                                  out_dtype=out_dtype, precise_acc=self.precise_acc,
                                                  tma=self._tma_applies(codes, w_codes))
-            codes = codes.permute(0, 2, 3, 1).contiguous()
+            # NHWC; a zero-bordered view keeps its border (a copy would drop it).
+            codes = codes.permute(0, 2, 3, 1)
+            codes = codes if bordered else codes.contiguous()
             out = triton_kernels.conv2d_fp8(codes, w_codes, a_scale, self.code_scale, self.bias, zero, corr,
                                             self.conv_args["stride"], self.conv_args["padding"],
                                             self.conv_args["dilation"], out_dtype=out_dtype,
-                                            precise_acc=self.precise_acc, tma=self._tma_applies(codes, w_codes))
+                                            precise_acc=self.precise_acc, tma=self._tma_applies(codes, w_codes),
+                                            zero_bordered=bordered)
             return out.permute(0, 3, 1, 2)  # NCHW view of the NHWC result (channels_last memory)
         # Emulated: the products of two codes are exact in fp32, so only the summation order differs from a kernel.
         if self.kind == "linear":
@@ -227,7 +235,19 @@ class Fp8Layer(nn.Module):
         from msfp import triton_kernels
 
         # Where TMA cannot load the tiles (stride 2, channels not a multiple of 16), the pointer loads serve.
-        return self.tma and triton_kernels.tma_unsupported(codes, w_codes, self.conv_args.get("stride", 1)) is None
+        return (self.tma is not None
+                and triton_kernels.tma_unsupported(codes, w_codes, self.conv_args.get("stride", 1)) is None)
+
+    def _border(self, channels: int, routed: bool) -> tuple[int, int]:
+        """The zero border to write the activation codes into: the padding, for TMA's flat-row tiling of a
+        stride-1 convolution whose channels TMA can load; (0, 0) otherwise. Routed TALoRA batches are regrouped by
+        copying, which would drop a border."""
+        padding = self.conv_args.get("padding", 0)
+        if (self.tma != "rows" or routed or channels % 16 or padding in (0, (0, 0))
+                or self.conv_args["stride"] not in (1, (1, 1))):
+            return 0, 0
+        return (padding, padding) if isinstance(padding, int) else tuple(padding)
+
 
     def _act_params(self, batch: int, rows: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The activation scale and zero point of each of the ``batch * rows`` GEMM rows (``rows`` per sample)."""
@@ -247,12 +267,14 @@ class Fp8Layer(nn.Module):
         else:
             rows, x2, view = 1, x, (-1, 1, 1, 1)
         a_scale, zero = self._act_params(x.shape[0], rows)
-        kernels = self._kernels_for(x.device)
+        kernels, pad = self._kernels_for(x.device), (0, 0)
         if kernels:
             from msfp import triton_kernels
 
             # NHWC codes for convolutions (the kernel's layout); permuted back to a logical NCHW view here.
-            codes = triton_kernels.act_codes(x2, self.act_fmt, a_scale, zero, self.act_shift)
+            routed = self.num_weight_sets > 1 and self.context.route is not None
+            pad = self._border(x.shape[1], routed) if self.kind == "conv2d" else (0, 0)
+            codes = triton_kernels.act_codes(x2, self.act_fmt, a_scale, zero, self.act_shift, pad=pad)
             codes = codes if self.kind == "linear" else codes.permute(0, 3, 1, 2)
         else:
             codes = act_codes(x2, self.act_fmt, a_scale.view(view), None if zero is None else zero.view(view),
@@ -261,7 +283,7 @@ class Fp8Layer(nn.Module):
         # The kernels write half-precision models' outputs directly; the emulation computes in fp32.
         out_dtype = x.dtype if x.dtype in (torch.float32, torch.bfloat16, torch.float16) else torch.float32
         if self.num_weight_sets == 1 or self.context.route is None:
-            y = self._gemm(codes, 0, a_scale, zero, spatial, out_dtype, kernels)
+            y = self._gemm(codes, 0, a_scale, zero, spatial, out_dtype, kernels, bordered=pad != (0, 0))
         else:
             y = run_route_groups(*self.context.route_groups(self.name, x.shape[0], rows),
                                  lambda k, c, s, z: self._gemm(c, k, s, z, spatial, out_dtype, kernels),
@@ -274,8 +296,8 @@ class Fp8Layer(nn.Module):
         path = {True: "triton", False: "emulated", None: "triton where available"}[self.use_kernels]
         if self.kind == "linear" and self.linear_gemm == "scaled_mm" and self.use_kernels is not False:
             path += " (GEMM: torch._scaled_mm for bfloat16 inputs)"
-        if self.tma and self.use_kernels is not False:
-            path += ", TMA loads where the shapes allow"
+        if self.tma is not None and self.use_kernels is not False:
+            path += f", TMA loads ({self.tma}) where the shapes allow"
         return f"{self.name}: {self.kind}, fp8 {path}, act {self.act_fmt.name}, {self.num_weight_sets} weight set(s)"
 
 
@@ -300,15 +322,16 @@ def _scaled_mm_linear(codes, w_codes, a_scale, code_scale, bias, zero, corr, fas
 
 
 def convert_to_fp8(model: nn.Module, use_kernels: bool | None = None, linear_gemm: str = "triton",
-                   tma: bool = False) -> dict[str, str]:
+                   tma: str | None = None) -> dict[str, str]:
     """Replace every quantized layer that the FP8 path runs exactly by an :class:`Fp8Layer`, in place.
 
     ``use_kernels=None`` runs the Triton kernels wherever the input's device has them and the emulated path
     elsewhere; True insists on the kernels (an error here if the model's device lacks them), False always emulates.
     ``linear_gemm="scaled_mm"`` runs linear layers' GEMMs through ``torch._scaled_mm`` where it applies (see
-    :class:`Fp8Layer`), with the kernels. ``tma=True`` has the Triton GEMMs load their tiles with Hopper's TMA
-    copies wherever a layer's shapes allow (stride 1, channels a multiple of 16; see
-    :func:`msfp.triton_kernels.conv2d_fp8`), with per-thread address arithmetic elsewhere.
+    :class:`Fp8Layer`), with the kernels. ``tma`` has the Triton GEMMs load their tiles with Hopper's TMA copies
+    wherever a layer's shapes allow (stride 1, channels a multiple of 16; per-thread address arithmetic elsewhere):
+    a padded convolution's input in boxes of output rows (``"boxes"``), or written inside a zero border and read as
+    flat rows (``"rows"``; see :func:`msfp.triton_kernels.conv2d_fp8`).
     Returns ``{layer name: reason}`` for the layers left on the fake-quant path (8-bit INT layers, layers with
     disabled quantizers, grouped convolutions…); attention matmuls, when quantized, stay fake-quant too.
     """
@@ -323,11 +346,10 @@ def convert_to_fp8(model: nn.Module, use_kernels: bool | None = None, linear_gem
     kept = {}
     for name, layer in layers.items():
         try:
-            replacement = Fp8Layer(layer, use_kernels, linear_gemm).to(device)
+            replacement = Fp8Layer(layer, use_kernels, linear_gemm, tma).to(device)
         except Fp8Unsupported as e:
             kept[name] = str(e).split(": ", 1)[1]
             continue
-        replacement.tma = tma
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, replacement)
     model.msfp_backend = dict(kind="fp8", kernels=use_kernels, linear_gemm=linear_gemm, tma=tma,

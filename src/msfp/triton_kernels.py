@@ -75,6 +75,13 @@ def _check_vector(t: torch.Tensor | None, name: str, length: int, device, *, dty
         raise ValueError(f"{name} is on {t.device}, expected {device}")
 
 
+def _pair(v, name: str) -> tuple[int, int]:
+    pair = (v, v) if isinstance(v, int) else tuple(v)
+    if len(pair) != 2 or not all(isinstance(i, int) for i in pair):
+        raise ValueError(f"{name} must be an int or a pair of ints, got {v!r}")
+    return pair
+
+
 @functools.lru_cache(maxsize=None)
 def _check_representable(fmt: Format, shift: int) -> None:
     # Exactness makes the float32 → FP8 conversion independent of its rounding and saturation rules (which differ
@@ -118,7 +125,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _act_codes_kernel(x_ptr, scale_ptr, zp_ptr, out_ptr, rows, C, HW, W,
-                          sxb, sxc, sxh, sxw, s_scale, s_zp,
+                          sxb, sxc, sxh, sxw, s_scale, s_zp, sob, soh, sow,
                           HAS_ZP: tl.constexpr, IS_INT: tl.constexpr, MBITS: tl.constexpr, MIN_EXP: tl.constexpr,
                           BIAS: tl.constexpr, LO: tl.constexpr, HI: tl.constexpr, OUT_MUL: tl.constexpr,
                           BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -173,11 +180,12 @@ if HAS_TRITON:
         code = q.to(tl.float8e4nv).to(tl.uint8, bitcast=True)
         # The interpreter's float32 → FP8 conversion has no NaN path; write the canonical NaN code explicitly.
         code = tl.where(q != q, 0x7F, code)
-        tl.store(out_ptr + r[:, None].to(tl.int64) * C + c[None, :], code, mask=mask)
+        out_off = b.to(tl.int64) * sob + h * soh + w * sow
+        tl.store(out_ptr + out_off[:, None] + c[None, :], code, mask=mask)
 
 
 def act_codes(x: torch.Tensor, fmt: str | Format, scale: torch.Tensor, zero_point: torch.Tensor | None,
-              shift: int = 0, out: torch.Tensor | None = None, *, block_r: int | None = None,
+              shift: int = 0, out: torch.Tensor | None = None, *, pad=0, block_r: int | None = None,
               block_c: int | None = None) -> torch.Tensor:
     """Quantize activations to FP8 E4M3 codes of ``fmt``'s grid times ``2**shift``.
 
@@ -187,12 +195,14 @@ def act_codes(x: torch.Tensor, fmt: str | Format, scale: torch.Tensor, zero_poin
     float8_e4m3fn codes equal bit for bit to :func:`msfp.fp8.act_codes`,
     ``(round_to_grid(clamp((x.float() - z) / s, lo, max), fmt) * 2**shift).to(torch.float8_e4m3fn)``, including
     signed zeros (-0.0 on signed grids, +0.0 only on unsigned ones); ±inf saturates; NaN gives the NaN code 0x7F (its
-    sign is not kept).
+    sign is not kept). ``pad=(ph, pw)`` (4-D input, no ``out``) writes the codes inside a zero border of that width
+    and returns the interior view ``padded[:, ph:ph+H, pw:pw+W]``, which :func:`conv2d_fp8` takes with
+    ``zero_bordered=True`` to read a padded convolution's input as flat rows.
     """
-    return _prepare_act_codes(x, fmt, scale, zero_point, shift, out, block_r, block_c).run(x)
+    return _prepare_act_codes(x, fmt, scale, zero_point, shift, out, pad, block_r, block_c).run(x)
 
 
-def _prepare_act_codes(x, fmt, scale, zero_point, shift, out, block_r, block_c) -> _Launch:
+def _prepare_act_codes(x, fmt, scale, zero_point, shift, out, pad, block_r, block_c) -> _Launch:
     fmt = get_format(fmt)
     if not isinstance(x, torch.Tensor) or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"x must be a float32/bfloat16/float16 tensor, got {getattr(x, 'dtype', type(x).__name__)}")
@@ -216,7 +226,13 @@ def _prepare_act_codes(x, fmt, scale, zero_point, shift, out, block_r, block_c) 
     elif zero_point is not None:
         raise ValueError(f"signed format {fmt.name} is symmetric and takes no zero_point")
     _check_representable(fmt, shift)
-    if out is None:
+    ph, pw = _pair(pad, "pad")
+    if ph or pw:
+        if x.dim() != 4 or out is not None or min(ph, pw) < 0:
+            raise ValueError(f"pad needs a 4-D input, no out and non-negative widths, got pad={pad!r}, input shape "
+                             f"{tuple(x.shape)}, out given: {out is not None}")
+        out = torch.zeros((B, H + 2 * ph, W + 2 * pw, C), dtype=FP8_DTYPE, device=x.device)[:, ph:ph + H, pw:pw + W]
+    elif out is None:
         out = torch.empty(out_shape, dtype=FP8_DTYPE, device=x.device)
     elif out.shape != out_shape or out.dtype != FP8_DTYPE or not out.is_contiguous() or out.device != x.device:
         raise ValueError(f"out must be a contiguous float8_e4m3fn tensor of shape {out_shape} on {x.device}, got "
@@ -228,7 +244,10 @@ def _prepare_act_codes(x, fmt, scale, zero_point, shift, out, block_r, block_c) 
     rows = B * H * W
     grid = (triton.cdiv(rows, block_r), triton.cdiv(C, block_c))
     zp = zero_point if zero_point is not None else scale  # unread when HAS_ZP is False
-    args = (x, scale, zp, out.view(torch.uint8), rows, C, H * W, W, sxb, sxc, sxh, sxw, scale.stride(0), zp.stride(0))
+    # Output rows (b, h, w) through the output's strides: 2-D outputs have (M, K) = (B, C), H = W = 1.
+    sob, soh, sow = out.stride()[:3] if out.dim() == 4 else (out.stride(0), 0, 0)
+    args = (x, scale, zp, out.view(torch.uint8), rows, C, H * W, W, sxb, sxc, sxh, sxw, scale.stride(0), zp.stride(0),
+            sob, soh, sow)
     # No FMA contraction: it could not change a value here (see the kernel), but off, exactness needs no argument.
     # Set explicitly in both kernels, as Triton's default changes in 3.10.
     flags = dict(HAS_ZP=zero_point is not None, IS_INT=fmt.kind == "int", MBITS=fmt.mbits, MIN_EXP=fmt.min_exponent,
@@ -242,26 +261,35 @@ if HAS_TRITON:
     @triton.jit
     def _conv_fp8_kernel(x, w, y_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, zp_ptr, wsum_ptr,
                          B, H, W, C, O, OH, OW, KH, KW,
-                         stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, rows_per_scale,
+                         stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
                          sxb, sxh, sxw, sxc, swo, swh, sww, swc, s_as, s_ws, s_bias, s_zp, sso, ssh, ssw,
                          HAS_BIAS: tl.constexpr, HAS_ZP: tl.constexpr, PRECISE_ACC: tl.constexpr, TMA: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                         SPLIT_K: tl.constexpr = 1):
+                         FLAT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                         GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr = 1):
         # GEMM view: M = B*OH*OW output pixels, N = O output channels, K = KH*KW*C. `x` and `w` are pointers, or
-        # with TMA tensor descriptors of the (B, H, W, C) input and the (O, KH*KW, C) weights (stride 1 only).
-        # Output row r takes activation scale and zero point r // rows_per_scale (OH*OW: one per sample). With
+        # with TMA tensor descriptors of the input and of the (O, KH*KW, C) weights (stride 1 only). With
         # SPLIT_K > 1, program (pid, k) sums the k-th share of the K loop and writes its partial result (scaled; bias
         # and zero point from share 0 only) to slice k of a (SPLIT_K, M, N) float32 workspace.
         if TMA:
-            # A row block is a box of BB samples × BH rows × BW columns of the output (the descriptor's block
-            # shape), so each tap's input tile is one TMA copy; out-of-bounds coordinates (the zero padding and
-            # ragged edges) read zeros.
-            BB: tl.constexpr = x.block_shape[0]
-            BH: tl.constexpr = x.block_shape[1]
-            BW: tl.constexpr = x.block_shape[2]
-            tiles_w = (OW + BW - 1) // BW
-            tiles_h = (OH + BH - 1) // BH
-            num_m = (B + BB - 1) // BB * tiles_h * tiles_w
+            if FLAT:
+                # The input, zero-bordered by the padding (HP × WP per sample), read as one flat (1, 1, rows, C)
+                # tensor: a row block is BLOCK_M consecutive input positions, each the top-left tap of an output,
+                # and a tap's tile is the same block shifted by kh·WP + kw rows: one TMA copy, wgmma reads it from
+                # shared memory. Positions in the border or the bottom/right margin anchor no output; their rows
+                # are computed and not stored.
+                HP = H + 2 * pad_h
+                WP = W + 2 * pad_w
+                num_m = (B * HP * WP + BLOCK_M - 1) // BLOCK_M
+            else:
+                # A row block is a box of BB samples × BH rows × BW columns of the output (the descriptor's block
+                # shape), so each tap's input tile is one TMA copy of the unpadded input; out-of-bounds coordinates
+                # (the zero padding and ragged edges) read zeros. Triton hands such a box to wgmma via registers.
+                BB: tl.constexpr = x.block_shape[0]
+                BH: tl.constexpr = x.block_shape[1]
+                BW: tl.constexpr = x.block_shape[2]
+                tiles_w = (OW + BW - 1) // BW
+                tiles_h = (OH + BH - 1) // BH
+                num_m = (B + BB - 1) // BB * tiles_h * tiles_w
         else:
             num_m = (B * OH * OW + BLOCK_M - 1) // BLOCK_M
         # Grouped launch order: GROUP_M row blocks share their weight tiles while those are still in L2.
@@ -278,13 +306,20 @@ if HAS_TRITON:
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < O
         if TMA:
-            b0 = pid_m // (tiles_h * tiles_w) * BB
-            oh0 = (pid_m // tiles_w) % tiles_h * BH
-            ow0 = pid_m % tiles_w * BW
-            i = tl.arange(0, BLOCK_M)
-            b = b0 + i // (BH * BW)
-            oh = oh0 + (i // BW) % BH
-            ow = ow0 + i % BW
+            if FLAT:
+                row0 = pid_m * BLOCK_M
+                anchor = row0 + tl.arange(0, BLOCK_M)
+                b = anchor // (HP * WP)
+                oh = anchor % (HP * WP) // WP
+                ow = anchor % WP
+            else:
+                b0 = pid_m // (tiles_h * tiles_w) * BB
+                oh0 = (pid_m // tiles_w) % tiles_h * BH
+                ow0 = pid_m % tiles_w * BW
+                i = tl.arange(0, BLOCK_M)
+                b = b0 + i // (BH * BW)
+                oh = oh0 + (i // BW) % BH
+                ow = ow0 + i % BW
             m_ok = (b < B) & (oh < OH) & (ow < OW)
         else:
             offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -317,7 +352,10 @@ if HAS_TRITON:
             c0 = (it % c_blocks) * BLOCK_K
             if TMA:
                 # Channels past C read zeros in both tiles, so a ragged last channel block adds nothing.
-                a = x.load([b0, oh0 - pad_h + kh * dil_h, ow0 - pad_w + kw * dil_w, c0]).reshape(BLOCK_M, BLOCK_K)
+                if FLAT:
+                    a = x.load([0, 0, row0 + kh * dil_h * WP + kw * dil_w, c0]).reshape(BLOCK_M, BLOCK_K)
+                else:
+                    a = x.load([b0, oh0 - pad_h + kh * dil_h, ow0 - pad_w + kw * dil_w, c0]).reshape(BLOCK_M, BLOCK_K)
                 wt = w.load([pid_n * BLOCK_N, tap, c0]).reshape(BLOCK_N, BLOCK_K).T
             else:
                 c = c0 + offs_k
@@ -338,9 +376,7 @@ if HAS_TRITON:
             else:
                 acc = tl.dot(a, wt, acc, out_dtype=tl.float32)
 
-        row = (b * OH + oh) * OW + ow  # int32 like the pointer path's row offsets; widened for the store
-        scale_row = row // rows_per_scale
-        a_s = tl.load(a_scale_ptr + scale_row * s_as, mask=m_ok, other=0.0)
+        a_s = tl.load(a_scale_ptr + b * s_as, mask=m_ok, other=0.0)
         w_s = tl.load(w_scale_ptr + offs_n * s_ws, mask=n_ok, other=0.0)
         y = acc * a_s[:, None] * w_s[None, :]
         first_share = tl.program_id(1) == 0  # always true without split-K
@@ -351,7 +387,7 @@ if HAS_TRITON:
             # The zero point's share z·(1_valid ⊛ Q_w(W)): the weight's per-tap channel sums over the taps that see
             # real input at each position (all taps, away from padded borders). Built here from KH·KW vectors rather
             # than loaded as a (BLOCK_M, BLOCK_N) tile: no tile of registers and no tile of memory traffic.
-            z = tl.where(first_share, tl.load(zp_ptr + scale_row * s_zp, mask=m_ok, other=0.0).to(tl.float32), 0.0)
+            z = tl.where(first_share, tl.load(zp_ptr + b * s_zp, mask=m_ok, other=0.0).to(tl.float32), 0.0)
             for tap in range(0, KH * KW):
                 kh = tap // KW
                 kw = tap % KW
@@ -362,6 +398,7 @@ if HAS_TRITON:
                 y += tl.where(seen, z, 0.0)[:, None] * tap_sum.to(tl.float32)[None, :]
         if SPLIT_K > 1:
             y_ptr += tl.program_id(1).to(tl.int64) * B * OH * OW * O
+        row = (b * OH + oh) * OW + ow  # int32 like the pointer path's row offsets; widened for the store
         tl.store(y_ptr + row[:, None].to(tl.int64) * O + offs_n[None, :], y, mask=m_ok[:, None] & n_ok[None, :])
 
     # A few H100 configurations (FP8 wgmma wants BLOCK_K ≥ 32); keyed on the GEMM shape.
@@ -377,8 +414,8 @@ if HAS_TRITON:
 
     def _set_tma_blocks(nargs: dict) -> None:
         # The autotuner's pre-launch hook: the descriptors' block shapes follow the configuration being run.
-        _tma_block_shapes(nargs["x"], nargs["w"], nargs["OH"], nargs["OW"], nargs["BLOCK_M"], nargs["BLOCK_N"],
-                          nargs["BLOCK_K"])
+        _tma_block_shapes(nargs["x"], nargs["w"], nargs["OH"], nargs["OW"], nargs["FLAT"], nargs["BLOCK_M"],
+                          nargs["BLOCK_N"], nargs["BLOCK_K"])
 
     # The same tiles fed by TMA copies, and 256×128 tiles, which fit in registers without the pointer loads' address
     # arithmetic (245–255 per thread with a zero point on sm_90, no spills). 128×256 tiles would spill on 1×1
@@ -400,9 +437,21 @@ def _tma_tile(OH: int, OW: int, block_m: int) -> tuple[int, int, int]:
     return block_m // (bw * bh), bh, bw
 
 
-def _tma_block_shapes(x_desc, w_desc, OH: int, OW: int, block_m: int, block_n: int, block_k: int) -> None:
-    x_desc.block_shape = [*_tma_tile(OH, OW, block_m), block_k]
+def _tma_block_shapes(x_desc, w_desc, OH: int, OW: int, flat: bool, block_m: int, block_n: int, block_k: int) -> None:
+    x_desc.block_shape = [1, 1, block_m, block_k] if flat else [*_tma_tile(OH, OW, block_m), block_k]
     w_desc.block_shape = [block_n, 1, block_k]
+
+
+def _zero_bordered_buffer(x_codes: torch.Tensor, ph: int, pw: int) -> torch.Tensor:
+    """The whole (B, H + 2·ph, W + 2·pw, C) buffer whose interior view ``x_codes`` is."""
+    B, H, W, C = x_codes.shape
+    HP, WP = H + 2 * ph, W + 2 * pw
+    start = x_codes.storage_offset() - (ph * WP + pw) * C
+    if (x_codes.stride() != (HP * WP * C, WP * C, C, 1) or start < 0
+            or start + B * HP * WP * C > x_codes.untyped_storage().nbytes()):
+        raise ValueError(f"zero_bordered: x_codes {tuple(x_codes.shape)} with strides {x_codes.stride()} is not the "
+                         f"interior of a contiguous {(B, HP, WP, C)} buffer (act_codes(..., pad={(ph, pw)}) makes one)")
+    return torch.as_strided(x_codes, (B, HP, WP, C), x_codes.stride(), start)
 
 
 def tma_unsupported(x_codes: torch.Tensor, w_codes: torch.Tensor, stride=1) -> str | None:
@@ -421,18 +470,12 @@ def tma_unsupported(x_codes: torch.Tensor, w_codes: torch.Tensor, stride=1) -> s
     return None
 
 
-def _pair(v, name: str) -> tuple[int, int]:
-    pair = (v, v) if isinstance(v, int) else tuple(v)
-    if len(pair) != 2 or not all(isinstance(i, int) for i in pair):
-        raise ValueError(f"{name} must be an int or a pair of ints, got {v!r}")
-    return pair
-
-
 def conv2d_fp8(x_codes: torch.Tensor, w_codes: torch.Tensor, a_scale: torch.Tensor, w_scale: torch.Tensor,
                bias: torch.Tensor | None = None, zp: torch.Tensor | None = None,
                zp_weight_sums: torch.Tensor | None = None, stride=1, padding=0, dilation=1,
                out_dtype: torch.dtype = torch.float32, groups: int = 1, *,
-               precise_acc: bool = True, tma: bool = False, split_k: int = 1, block_m: int | None = None,
+               precise_acc: bool = True, tma: bool = False, zero_bordered: bool = False, split_k: int = 1,
+               block_m: int | None = None,
                block_n: int | None = None, block_k: int | None = None, num_warps: int = 4,
                num_stages: int = 2) -> torch.Tensor:
     """Convolution of FP8 codes, NHWC in and out.
@@ -447,22 +490,27 @@ def conv2d_fp8(x_codes: torch.Tensor, w_codes: torch.Tensor, a_scale: torch.Tens
     reduced-precision accumulator (faster, less exact; no effect under the interpreter). ``tma=True`` loads the
     input and weight tiles with Hopper's tensor memory accelerator instead of per-thread address arithmetic: one
     copy per tap and channel block, its out-of-bounds zeros serving as the padding; it needs stride 1, channels
-    innermost and multiples of 16 (:func:`tma_unsupported` says why not). Block sizes default to an autotuned set;
-    pass all three of ``block_m``, ``block_n``, ``block_k`` to fix them (each ≥ 16 for ``tl.dot``, powers of two
-    with TMA, ``block_k`` ≥ 32 on GPUs, whose FP8 MMA instructions are 32 deep). ``split_k > 1`` splits the K loop
-    over that many programs per output tile (more parallel work for layers with few output tiles), each writing a
-    float32 partial result that a torch sum then adds in a fixed order: deterministic, one extra pass over the
-    output per share.
+    innermost and multiples of 16 (:func:`tma_unsupported` says why not). A padded convolution's input is then
+    read in boxes of several output rows, which Triton passes to wgmma through registers; with
+    ``zero_bordered=True`` (``x_codes`` is the interior of a buffer whose ``padding``-wide border is zeros, as
+    ``act_codes(…, pad=padding)`` returns) it is read as flat rows that wgmma takes from shared memory, computing
+    (and discarding) the outputs anchored in the border; so is any input without padding. Block sizes default to an
+    autotuned set; pass all three of ``block_m``, ``block_n``, ``block_k`` to fix them (each ≥ 16 for ``tl.dot``,
+    powers of two with TMA, ``block_k`` ≥ 32 on GPUs, whose FP8 MMA instructions are 32 deep). ``split_k > 1`` splits
+    the K loop over that many programs per output tile (more parallel work for layers with few output tiles), each
+    writing a float32 partial result that a torch sum then adds in a fixed order: deterministic, one extra pass over
+    the output per share.
     """
     return _prepare_conv2d_fp8(x_codes, w_codes, a_scale, w_scale, bias, zp, zp_weight_sums, stride, padding, dilation,
-                               out_dtype, groups, precise_acc=precise_acc, tma=tma, split_k=split_k,
+                               out_dtype, groups, precise_acc=precise_acc, tma=tma, zero_bordered=zero_bordered,
+                               split_k=split_k,
                                block_m=block_m, block_n=block_n,
                                block_k=block_k, num_warps=num_warps, num_stages=num_stages).run(x_codes)
 
 
 def _prepare_conv2d_fp8(x_codes, w_codes, a_scale, w_scale, bias=None, zp=None, zp_weight_sums=None, stride=1,
                         padding=0, dilation=1, out_dtype=torch.float32, groups=1, *, precise_acc=True, tma=False,
-                        split_k=1, block_m=None, block_n=None, block_k=None, num_warps=4,
+                        zero_bordered=False, split_k=1, block_m=None, block_n=None, block_k=None, num_warps=4,
                         num_stages=2) -> _Launch:
     if groups != 1:
         raise ValueError(f"conv2d_fp8 supports groups=1 only, got groups={groups}")
@@ -521,38 +569,41 @@ def _prepare_conv2d_fp8(x_codes, w_codes, a_scale, w_scale, bias=None, zp=None, 
     if split_k > 1:
         target = torch.empty((split_k, B, OH, OW, O), dtype=torch.float32, device=dev)
         finish = functools.partial(_sum_shares, target, y)
-    x_arg, w_arg, rows_per_scale, configure = x_codes, w_codes, OH * OW, None
+    x_arg, w_arg, flat, configure = x_codes, w_codes, False, None
     if tma:
         from triton.tools.tensor_descriptor import TensorDescriptor
 
-        if KH == KW == 1 and ph == pw == 0 and x_codes.stride(0) == H * x_codes.stride(1) == H * W * x_codes.stride(2):
-            # A 1×1 convolution (a linear layer too) is a plain GEMM: all positions of all samples as one row, so a
-            # tile is one TMA box that wgmma reads from shared memory (Triton feeds a box of several rows to it
-            # through registers).
-            B, H, W, OH, OW = 1, 1, B * H * W, 1, B * OH * OW
-            x_arg = x_codes.view(1, 1, W, C)
+        # Flat rows where the input's padding is in memory (or there is none), boxes of output rows otherwise.
+        if zero_bordered:
+            padded = _zero_bordered_buffer(x_codes, ph, pw)
+        else:
+            padded = x_codes if ph == pw == 0 and x_codes.is_contiguous() else None
+        flat = padded is not None
+        x_arg = padded.view(1, 1, -1, C) if flat else x_codes
         w_flat = w_codes.view(O, KH * KW, C)
         # Placeholder block shapes: set per configuration (by the autotuner's hook, or below for fixed blocks).
         x_arg = TensorDescriptor(x_arg, list(x_arg.shape), list(x_arg.stride()), [1, 1, 1, 16])
         w_arg = TensorDescriptor(w_flat, list(w_flat.shape), list(w_flat.stride()), [16, 1, 16])
 
         def configure(flags):
-            _tma_block_shapes(x_arg, w_arg, OH, OW, flags["BLOCK_M"], flags["BLOCK_N"], flags["BLOCK_K"])
+            _tma_block_shapes(x_arg, w_arg, OH, OW, flat, flags["BLOCK_M"], flags["BLOCK_N"], flags["BLOCK_K"])
     M = B * OH * OW
     args = (x_arg, w_arg, target, a_scale, w_scale,
             bias if bias is not None else a_scale, zp if zp is not None else a_scale,
             zp_weight_sums if zp_weight_sums is not None else a_scale,  # placeholders are never read
-            B, H, W, C, O, OH, OW, KH, KW, sh, sw, ph, pw, dh, dw, rows_per_scale,
+            B, H, W, C, O, OH, OW, KH, KW, sh, sw, ph, pw, dh, dw,
             *x_codes.stride(), *w_codes.stride(), a_scale.stride(0), w_scale.stride(0),
             bias.stride(0) if bias is not None else 0, zp.stride(0) if zp is not None else 0,
             *(zp_weight_sums.stride() if zp_weight_sums is not None else (0, 0, 0)))
     # FMA contraction only changes the epilogue's rounding (within the fp32 summation bound), so it stays on.
     flags = {"HAS_BIAS": bias is not None, "HAS_ZP": zp is not None, "PRECISE_ACC": bool(precise_acc),
-             "TMA": bool(tma), "SPLIT_K": split_k, "enable_fp_fusion": True}
+             "TMA": bool(tma), "FLAT": flat, "SPLIT_K": split_k, "enable_fp_fusion": True}
 
     def num_m(block_m):
         if not tma:
             return triton.cdiv(M, block_m)
+        if flat:
+            return triton.cdiv(B * (H + 2 * ph) * (W + 2 * pw), block_m)
         bb, bh, bw = _tma_tile(OH, OW, block_m)
         return triton.cdiv(B, bb) * triton.cdiv(OH, bh) * triton.cdiv(OW, bw)
 
