@@ -62,7 +62,7 @@ def tile_configs(smoke: bool) -> list[dict]:
     # 64/128 × 64/128/256 tiles, plus 128×256 and 256×128 at BLOCK_K 64. On sm_90 (Triton 3.9's compile_ahead, with
     # a zero point) the former use 96–255 registers per thread and at most 160 KB of shared memory (Hopper allows
     # 227 KB per block), no spills; of the latter, the pointer loads spill 192–204 bytes at 128×256 (0–4 at
-    # 256×128) and the TMA loads fit (229–255 registers).
+    # 256×128), TMA boxes fit (229–255 registers) and TMA rows spill 180 bytes at 128×256 (none at 256×128).
     grid = [dict(block_m=bm, block_n=bn, block_k=bk, num_warps=4 if bm * bn <= 64 * 128 else 8, num_stages=stages)
             for bm, bn, bk, stages in itertools.product((64, 128), (64, 128, 256), (64, 128), (3, 4))
             if (bm, bn) != (128, 256)]

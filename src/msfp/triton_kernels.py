@@ -417,14 +417,11 @@ if HAS_TRITON:
         _tma_block_shapes(nargs["x"], nargs["w"], nargs["OH"], nargs["OW"], nargs["FLAT"], nargs["BLOCK_M"],
                           nargs["BLOCK_N"], nargs["BLOCK_K"])
 
-    # The same tiles fed by TMA copies, and 256×128 tiles, which fit in registers without the pointer loads' address
-    # arithmetic (245–255 per thread with a zero point on sm_90, no spills). 128×256 tiles would spill on 1×1
-    # convolutions and linears (96 bytes).
+    # The same tiles fed by TMA copies. (256×128 tiles fit 3×3 convolutions' registers without the pointer loads'
+    # address arithmetic, but spill 96–116 bytes on linears on sm_90; conv_tiles.py times them.)
     _conv_fp8_tma_tuned = triton.autotune(
         configs=[triton.Config(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages, pre_hook=_set_tma_blocks)
-                 for c in _conv_fp8_tuned.configs]
-        + [triton.Config({"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3,
-                         pre_hook=_set_tma_blocks)],
+                 for c in _conv_fp8_tuned.configs],
         key=["B", "H", "W", "C", "O", "KH", "KW", "PRECISE_ACC"],
     )(_conv_fp8_kernel)
 
