@@ -229,6 +229,17 @@ def assert_within_accumulation_error(y, ref, mag, k, out_dtype=torch.float32, ta
     assert (err <= tol).all(), f"error {err.flatten()[worst]:.3g} > bound {tol.flatten()[worst]:.3g}"
 
 
+def conv_operands(B, H, W, C, O, KH, KW, has_bias, has_zp, seed):
+    """Random codes, scales, bias, zero points and per-tap weight sums for one convolution case (on the CPU)."""
+    gen = torch.Generator().manual_seed(seed)
+    x, w = random_codes((B, H, W, C), gen), random_codes((O, KH, KW, C), gen)
+    a_scale, w_scale = torch.rand(B, generator=gen) + 0.1, torch.rand(O, generator=gen) * 0.1 + 0.01
+    bias = torch.randn(O, generator=gen) if has_bias else None
+    zp = torch.randn(B, generator=gen) if has_zp else None
+    sums = torch.randn(O, KH, KW, generator=gen) * 10 if has_zp else None
+    return x, w, a_scale, w_scale, bias, zp, sums
+
+
 CONV_CASES = {
     # B, H, W, C, O, (KH, KW), stride, padding, dilation, bias, zero point
     "3x3_pad1": (2, 5, 5, 19, 20, (3, 3), 1, 1, 1, True, True),
@@ -242,14 +253,9 @@ CONV_CASES = {
 @pytest.mark.parametrize("case", CONV_CASES)
 def test_conv2d_fp8_matches_float64_conv(case):
     B, H, W, C, O, (KH, KW), stride, padding, dilation, has_bias, has_zp = CONV_CASES[case]
-    gen = torch.Generator().manual_seed(3)
-    x, w = random_codes((B, H, W, C), gen), random_codes((O, KH, KW, C), gen)
-    a_scale, w_scale = torch.rand(B, generator=gen) + 0.1, torch.rand(O, generator=gen) * 0.1 + 0.01
-    bias = torch.randn(O, generator=gen) if has_bias else None
-    zp = torch.randn(B, generator=gen) if has_zp else None
-    sums = torch.randn(O, KH, KW, generator=gen) * 10 if has_zp else None
-    ref, mag = conv_reference(x, w, a_scale, w_scale, bias, zp, sums, stride, padding, dilation)
-    to_dev = [t.to(DEV) if t is not None else None for t in (x, w, a_scale, w_scale, bias, zp, sums)]
+    operands = conv_operands(B, H, W, C, O, KH, KW, has_bias, has_zp, seed=3)
+    ref, mag = conv_reference(*operands, stride, padding, dilation)
+    to_dev = [t.to(DEV) if t is not None else None for t in operands]
     y = tk.conv2d_fp8(*to_dev, stride=stride, padding=padding, dilation=dilation, **GEMM_BLOCKS)
     assert y.shape == ref.shape and y.dtype == torch.float32
     assert_within_accumulation_error(y, ref, mag, KH * KW * C, taps=KH * KW)
@@ -310,14 +316,9 @@ def test_conv2d_fp8_tma_matches_float64_conv(case, block_m, tiles):
     # Boxes read the unpadded input; flat rows read a zero-bordered copy and compute outputs anchored in the border
     # too, to be discarded.
     B, H, W, C, O, (KH, KW), padding, dilation, has_bias, has_zp = TMA_CASES[case]
-    gen = torch.Generator().manual_seed(7)
-    x, w = random_codes((B, H, W, C), gen), random_codes((O, KH, KW, C), gen)
-    a_scale, w_scale = torch.rand(B, generator=gen) + 0.1, torch.rand(O, generator=gen) * 0.1 + 0.01
-    bias = torch.randn(O, generator=gen) if has_bias else None
-    zp = torch.randn(B, generator=gen) if has_zp else None
-    sums = torch.randn(O, KH, KW, generator=gen) * 10 if has_zp else None
-    ref, mag = conv_reference(x, w, a_scale, w_scale, bias, zp, sums, 1, padding, dilation)
-    to_dev = [t.to(DEV) if t is not None else None for t in (x, w, a_scale, w_scale, bias, zp, sums)]
+    operands = conv_operands(B, H, W, C, O, KH, KW, has_bias, has_zp, seed=7)
+    ref, mag = conv_reference(*operands, 1, padding, dilation)
+    to_dev = [t.to(DEV) if t is not None else None for t in operands]
     if tiles == "flat_rows":
         to_dev[0] = zero_bordered(to_dev[0], padding)
     # block_k 32 leaves a ragged last channel block for C = 16 and 48: TMA's out-of-bounds zeros must cover it.
