@@ -16,7 +16,8 @@ time in BF16 and with every 4-bit layer on the FP8 path, the speed-up, the peak 
 Linear layers are timed twice on the FP8 path: with the Triton GEMM and through ``torch._scaled_mm`` (``scaled_mm_*``
 fields; for the denoisers ``fp8_w4a4_scaled_mm``). The Triton GEMM is also timed with TMA loads (stride-1 layers):
 3×3 convolutions with both tilings, ``*_tma_boxes`` and ``*_tma_rows`` (codes inside a zero border), linears as flat
-rows (``*_tma_rows``); for the denoisers ``fp8_w4a4_tma_boxes`` and ``fp8_w4a4_tma_rows`` (``convert_to_fp8(tma=…)``).
+rows (``*_tma_rows``); for the denoisers ``fp8_w4a4_tma_boxes`` and ``fp8_w4a4_tma_rows`` (``convert_to_fp8(tma=…)``),
+and ``fp8_w4a4_split_k_auto`` (pointer loads, ``split_k="auto"``).
 Every time is taken twice on both sides, with the same settings: eagerly (one call per timing, so the host's launch
 work counts) and replayed from a CUDA graph (``--no-cuda-graphs`` skips this), which leaves the GPU's time alone; no
 torch.compile. The models' 8-bit edge layers (first/last conv, timestep MLP) are kept in BF16 here, so only the W4A4
@@ -261,7 +262,9 @@ def denoiser_row(name: str, fp: torch.nn.Module, cond: dict, args, timer: Timer)
         layer.weight_quantizer.initialize(layer.weight.detach().float(), max_samples=1 << 14)
     q_scaled_mm = copy.deepcopy(q)  # the same model with its linears' GEMMs through torch._scaled_mm
     q_tma = {tiling: copy.deepcopy(q) for tiling in ("boxes", "rows")}  # TMA loads in the Triton GEMMs
+    q_split = copy.deepcopy(q)  # split-K where a layer has fewer output tiles than the GPU has SMs
     kept = convert_to_fp8(q, use_kernels=use_kernels)
+    convert_to_fp8(q_split, use_kernels=use_kernels, split_k="auto")
     convert_to_fp8(q_scaled_mm, use_kernels=use_kernels, linear_gemm="scaled_mm")
     for tiling, model in q_tma.items():
         convert_to_fp8(model, use_kernels=use_kernels, tma=tiling)
@@ -273,7 +276,8 @@ def denoiser_row(name: str, fp: torch.nn.Module, cond: dict, args, timer: Timer)
                   fp8_layers=sum(isinstance(m, Fp8Layer) for m in q.modules()))
     steps = {}
     variants = {"bf16": bf16, "fp8_w4a4": q, "fp8_w4a4_scaled_mm": q_scaled_mm,
-                **{f"fp8_w4a4_tma_{tiling}": model for tiling, model in q_tma.items()}}
+                **{f"fp8_w4a4_tma_{tiling}": model for tiling, model in q_tma.items()},
+                "fp8_w4a4_split_k_auto": q_split}
     for label, model in variants.items():
         with torch.no_grad():
             steps[label] = timer(lambda: model(x, t, **cond))
@@ -283,8 +287,8 @@ def denoiser_row(name: str, fp: torch.nn.Module, cond: dict, args, timer: Timer)
             result[label]["graph_step_ms"] = steps[label]["graph_ms"]
     result["speedup"] = speedups(steps["bf16"], steps["fp8_w4a4"])
     result["speedup_scaled_mm"] = speedups(steps["bf16"], steps["fp8_w4a4_scaled_mm"])
-    for tiling in q_tma:
-        result[f"speedup_tma_{tiling}"] = speedups(steps["bf16"], steps[f"fp8_w4a4_tma_{tiling}"])
+    for variant in [f"tma_{tiling}" for tiling in q_tma] + ["split_k_auto"]:
+        result[f"speedup_{variant}"] = speedups(steps["bf16"], steps[f"fp8_w4a4_{variant}"])
     return progress(result)
 
 

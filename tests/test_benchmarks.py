@@ -59,9 +59,9 @@ def test_gpu_w4a4_smoke_runs_every_layer_and_denoiser_on_the_fp8_path(capsys):
         # Every 4-bit layer converted; 1 byte per weight code halves the BF16 model's bytes or better.
         assert denoiser["fake_quant_layers"] == {} and denoiser["fp8_layers"] > 0
         assert denoiser["fp8_w4a4_scaled_mm"]["model_tensor_bytes"] == denoiser["fp8_w4a4"]["model_tensor_bytes"]
-        for tiling in ("boxes", "rows"):
-            tma_bytes = denoiser[f"fp8_w4a4_tma_{tiling}"]["model_tensor_bytes"]
-            assert tma_bytes == denoiser["fp8_w4a4"]["model_tensor_bytes"]
+        for variant in ("tma_boxes", "tma_rows", "split_k_auto"):
+            variant_bytes = denoiser[f"fp8_w4a4_{variant}"]["model_tensor_bytes"]
+            assert variant_bytes == denoiser["fp8_w4a4"]["model_tensor_bytes"]
         assert denoiser["fp8_w4a4"]["model_tensor_bytes"] < 0.6 * denoiser["bf16"]["model_tensor_bytes"]
 
 

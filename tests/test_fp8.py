@@ -111,7 +111,7 @@ def test_convert_keeps_unsupported_layers_and_says_why():
     assert set(kept) == {n for n, layer in quant_layers(fake).items() if e4m3_shift(layer.act_quantizer.fmt) is None
                          or e4m3_shift(layer.weight_quantizer.fmt) is None}
     assert kept and all("not exactly representable in FP8 E4M3" in why for why in kept.values())
-    assert q.msfp_backend == dict(kind="fp8", kernels=False, linear_gemm="triton", tma=None,
+    assert q.msfp_backend == dict(kind="fp8", kernels=False, linear_gemm="triton", tma=None, split_k=1,
                                  fake_quant_layers=kept)
     fp8_layers = [m for m in q.modules() if isinstance(m, Fp8Layer)]
     assert len(fp8_layers) == len(quant_layers(fake)) - len(kept)

@@ -442,13 +442,13 @@ def test_conv2d_fp8_autotuned_default_blocks():
     assert_within_accumulation_error(y, ref, mag, 9 * 64)
 
 
-@pytest.mark.parametrize("tma", [None, "boxes", "rows"])
+@pytest.mark.parametrize("tma,split_k", [(None, 1), ("boxes", 1), ("rows", 1), (None, 2), ("rows", 3)])
 @pytest.mark.parametrize("family", ["unet", "dit"])
-def test_fp8_layers_on_the_kernels_equal_the_emulated_path(family, tma, monkeypatch):
+def test_fp8_layers_on_the_kernels_equal_the_emulated_path(family, tma, split_k, monkeypatch):
     # Whole calibrated tiny models: every W4A4 layer (zero-point convs with padded borders, stride 2, 1×1 shortcuts,
     # 3-D linear inputs) through act_codes + conv2d_fp8/linear_fp8 against the same Fp8Layer emulated in torch;
     # with tma, the layers whose shapes allow it load through TMA descriptors (padded convolutions' inputs in boxes,
-    # or inside a zero border as flat rows), the others as before.
+    # or inside a zero border as flat rows), the others as before; with split_k, every GEMM in shares.
     import copy
 
     import msfp
@@ -457,11 +457,12 @@ def test_fp8_layers_on_the_kernels_equal_the_emulated_path(family, tma, monkeypa
     from test_fp8 import layer_inputs
     from tiny_models import scheduler, tiny_dit, tiny_unet
 
-    tma_calls, bordered_calls = [], []
+    tma_calls, bordered_calls, split_calls = [], [], []
     for launcher in ("conv2d_fp8", "linear_fp8"):
         run = functools.partial(getattr(tk, launcher), **GEMM_BLOCKS)
         monkeypatch.setattr(tk, launcher, lambda *a, run=run, **k: tma_calls.append(k["tma"])
-                            or bordered_calls.append(k.get("zero_bordered", False)) or run(*a, **k))
+                            or bordered_calls.append(k.get("zero_bordered", False))
+                            or split_calls.append(k["split_k"]) or run(*a, **k))
     build, shape, cond = {"unet": (tiny_unet, (1, 8, 8), {}),
                           "dit": (tiny_dit, (4, 8, 8), {"class_labels": torch.tensor([0, 1, 2])})}[family]
     fp = build().to(DEV)
@@ -474,7 +475,8 @@ def test_fp8_layers_on_the_kernels_equal_the_emulated_path(family, tma, monkeypa
     checked = 0
     for name, layer in quant_layers(q).items():
         try:
-            emulated, kernels = Fp8Layer(layer, use_kernels=False), Fp8Layer(layer, use_kernels=True, tma=tma)
+            emulated = Fp8Layer(layer, use_kernels=False)
+            kernels = Fp8Layer(layer, use_kernels=True, tma=tma, split_k=split_k)
         except ValueError:
             continue
         with torch.no_grad():
@@ -488,6 +490,7 @@ def test_fp8_layers_on_the_kernels_equal_the_emulated_path(family, tma, monkeypa
     assert any(tma_calls) == (tma is not None) and not all(tma_calls)
     # The UNet's padded 16-channel convolutions get zero-bordered codes with the flat-row tiling (the DiT has none).
     assert any(bordered_calls) == (tma == "rows" and family == "unet")
+    assert set(split_calls) == {split_k}
 
 
 def scaled_mm_layer(timestep_groups):
@@ -562,6 +565,26 @@ def test_fast_accumulation_setting_reaches_both_linear_gemms(monkeypatch):
             fp8.precise_acc = False
             fp8(x)
     assert seen == [("triton", False), ("scaled_mm", True)]
+
+
+def test_split_k_setting_reaches_the_gemm(monkeypatch):
+    from msfp.fp8 import Fp8Layer
+
+    layer, x = scaled_mm_layer(1)
+    x = x.float()  # float32 output: the Triton GEMM, compared within fp32 summation
+    seen, linear_fp8 = [], tk.linear_fp8
+    monkeypatch.setattr(tk, "linear_fp8", lambda *a, **k: seen.append(k["split_k"]) or linear_fp8(*a, **k,
+                                                                                                  **GEMM_BLOCKS))
+    with torch.no_grad():
+        want = Fp8Layer(layer, use_kernels=False)(x)
+        got = Fp8Layer(layer, use_kernels=True, split_k=3)(x)
+        Fp8Layer(layer, use_kernels=True, split_k="auto")(x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+    # "auto": 20 rows × 48 channels is one 128×128 tile, so as many shares as SMs allow (at most 4); 1 off CUDA.
+    sms = torch.cuda.get_device_properties(DEV).multi_processor_count if CUDA else 0
+    assert seen == [3, min(4, sms) if CUDA else 1]
+    with pytest.raises(ValueError, match=r"0: split_k must be a positive int or 'auto', got 0"):
+        Fp8Layer(layer, split_k=0)
 
 
 # Ahead-of-time compilation for real GPUs (no GPU needed: Triton's compiler and bundled ptxas). Shapes are

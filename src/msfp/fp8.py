@@ -113,12 +113,14 @@ class Fp8Layer(nn.Module):
     """
 
     def __init__(self, layer: QuantLayer, use_kernels: bool | None = None, linear_gemm: str = "triton",
-                 tma: str | None = None):
+                 tma: str | None = None, split_k: int | str = 1):
         super().__init__()
         if linear_gemm not in LINEAR_GEMMS:
             raise ValueError(f"{layer.name}: unknown linear_gemm {linear_gemm!r}; expected one of {LINEAR_GEMMS}")
         if tma not in TMA_TILINGS:
             raise ValueError(f"{layer.name}: unknown tma tiling {tma!r}; expected one of {TMA_TILINGS}")
+        if split_k != "auto" and not (isinstance(split_k, int) and split_k >= 1):
+            raise ValueError(f"{layer.name}: split_k must be a positive int or 'auto', got {split_k!r}")
         aq, wq = layer.act_quantizer, layer.weight_quantizer
         if not wq.enabled or not aq.enabled:
             raise Fp8Unsupported(f"{layer.name}: quantizers are disabled (a full-precision layer)")
@@ -141,8 +143,9 @@ class Fp8Layer(nn.Module):
         # False lets Hopper's FP8 MMA keep partial sums in its reduced-precision accumulator (faster, less exact;
         # the kernels only, like torch._scaled_mm's use_fast_accum).
         self.precise_acc = True
-        # How the Triton GEMM loads its tiles where the shapes allow TMA copies (convert_to_fp8's tma).
-        self.tma = tma
+        # How the Triton GEMM loads its tiles where the shapes allow TMA copies, and how many programs share each
+        # output tile's K loop (convert_to_fp8's tma and split_k).
+        self.tma, self.split_k = tma, split_k
         with torch.no_grad():
             w_scale = wq.scale.detach().float().clamp_min(MIN_SCALE)
             view = (-1,) + (1,) * (layer.weight.dim() - 1)
@@ -206,15 +209,18 @@ class Fp8Layer(nn.Module):
             if self.kind == "linear":
                 return triton_kernels.linear_fp8(codes, w_codes, a_scale, self.code_scale, self.bias, zero, corr,
                                                  out_dtype=out_dtype, precise_acc=self.precise_acc,
-                                                 tma=self._tma_applies(codes, w_codes))
+                                                 tma=self._tma_applies(codes, w_codes),
+                                                 split_k=self._split_k(codes.shape[0], codes.device))
             # NHWC; a zero-bordered view keeps its border (a copy would drop it).
             codes = codes.permute(0, 2, 3, 1)
+            stride = self.conv_args["stride"]
+            rows = codes.shape[:3].numel() // (stride * stride if isinstance(stride, int) else stride[0] * stride[1])
             codes = codes if bordered else codes.contiguous()
             out = triton_kernels.conv2d_fp8(codes, w_codes, a_scale, self.code_scale, self.bias, zero, corr,
                                             self.conv_args["stride"], self.conv_args["padding"],
                                             self.conv_args["dilation"], out_dtype=out_dtype,
                                             precise_acc=self.precise_acc, tma=self._tma_applies(codes, w_codes),
-                                            zero_bordered=bordered)
+                                            zero_bordered=bordered, split_k=self._split_k(rows, codes.device))
             return out.permute(0, 3, 1, 2)  # NCHW view of the NHWC result (channels_last memory)
         # Emulated: the products of two codes are exact in fp32, so only the summation order differs from a kernel.
         if self.kind == "linear":
@@ -230,6 +236,17 @@ class Fp8Layer(nn.Module):
         if zero is not None:
             y = y + zero.view(-1, *([1] * (y.dim() - 1))) * corr
         return y
+
+    def _split_k(self, rows: int, device: torch.device) -> int:
+        """``split_k``, with ``"auto"`` resolved for a GEMM of ``rows`` output rows (about, for strided convolutions):
+        enough shares of the K loop to give every SM of the GPU a program when the 128×128 output tiles are fewer than
+        the SMs, at most 4; 1 off CUDA."""
+        if self.split_k != "auto":
+            return self.split_k
+        if device.type != "cuda":
+            return 1
+        tiles = -(-rows // 128) * -(-self.weight_codes.shape[1] // 128)
+        return min(4, max(1, torch.cuda.get_device_properties(device).multi_processor_count // tiles))
 
     def _tma_applies(self, codes: torch.Tensor, w_codes: torch.Tensor) -> bool:
         from msfp import triton_kernels
@@ -322,7 +339,7 @@ def _scaled_mm_linear(codes, w_codes, a_scale, code_scale, bias, zero, corr, fas
 
 
 def convert_to_fp8(model: nn.Module, use_kernels: bool | None = None, linear_gemm: str = "triton",
-                   tma: str | None = None) -> dict[str, str]:
+                   tma: str | None = None, split_k: int | str = 1) -> dict[str, str]:
     """Replace every quantized layer that the FP8 path runs exactly by an :class:`Fp8Layer`, in place.
 
     ``use_kernels=None`` runs the Triton kernels wherever the input's device has them and the emulated path
@@ -331,7 +348,8 @@ def convert_to_fp8(model: nn.Module, use_kernels: bool | None = None, linear_gem
     :class:`Fp8Layer`), with the kernels. ``tma`` has the Triton GEMMs load their tiles with Hopper's TMA copies
     wherever a layer's shapes allow (stride 1, channels a multiple of 16; per-thread address arithmetic elsewhere):
     a padded convolution's input in boxes of output rows (``"boxes"``), or written inside a zero border and read as
-    flat rows (``"rows"``; see :func:`msfp.triton_kernels.conv2d_fp8`).
+    flat rows (``"rows"``; see :func:`msfp.triton_kernels.conv2d_fp8`). ``split_k`` shares each output tile's K loop
+    among that many programs (``"auto"``: where a layer has fewer 128×128 output tiles than the GPU has SMs).
     Returns ``{layer name: reason}`` for the layers left on the fake-quant path (8-bit INT layers, layers with
     disabled quantizers, grouped convolutions…); attention matmuls, when quantized, stay fake-quant too.
     """
@@ -346,12 +364,12 @@ def convert_to_fp8(model: nn.Module, use_kernels: bool | None = None, linear_gem
     kept = {}
     for name, layer in layers.items():
         try:
-            replacement = Fp8Layer(layer, use_kernels, linear_gemm, tma).to(device)
+            replacement = Fp8Layer(layer, use_kernels, linear_gemm, tma, split_k).to(device)
         except Fp8Unsupported as e:
             kept[name] = str(e).split(": ", 1)[1]
             continue
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, replacement)
-    model.msfp_backend = dict(kind="fp8", kernels=use_kernels, linear_gemm=linear_gemm, tma=tma,
+    model.msfp_backend = dict(kind="fp8", kernels=use_kernels, linear_gemm=linear_gemm, tma=tma, split_k=split_k,
                               fake_quant_layers=kept)
     return kept
