@@ -213,8 +213,8 @@ class Fp8Layer(nn.Module):
                                                  split_k=self._split_k(codes.shape[0], codes.device))
             # NHWC; a zero-bordered view keeps its border (a copy would drop it).
             codes = codes.permute(0, 2, 3, 1)
-            stride = self.conv_args["stride"]
-            rows = codes.shape[:3].numel() // (stride * stride if isinstance(stride, int) else stride[0] * stride[1])
+            sh, sw = self.conv_args["stride"]  # nn.Conv2d's pairs
+            rows = codes.shape[:3].numel() // (sh * sw)
             codes = codes if bordered else codes.contiguous()
             out = triton_kernels.conv2d_fp8(codes, w_codes, a_scale, self.code_scale, self.bias, zero, corr,
                                             self.conv_args["stride"], self.conv_args["padding"],
@@ -259,12 +259,10 @@ class Fp8Layer(nn.Module):
         """The zero border to write the activation codes into: the padding, for TMA's flat-row tiling of a
         stride-1 convolution whose channels TMA can load; (0, 0) otherwise. Routed TALoRA batches are regrouped by
         copying, which would drop a border."""
-        padding = self.conv_args.get("padding", 0)
-        if (self.tma != "rows" or routed or channels % 16 or padding in (0, (0, 0))
-                or self.conv_args["stride"] not in (1, (1, 1))):
+        padding = tuple(self.conv_args["padding"])  # nn.Conv2d's pair (string paddings never reach Fp8Layer)
+        if self.tma != "rows" or routed or channels % 16 or padding == (0, 0) or self.conv_args["stride"] != (1, 1):
             return 0, 0
-        return (padding, padding) if isinstance(padding, int) else tuple(padding)
-
+        return padding
 
     def _act_params(self, batch: int, rows: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The activation scale and zero point of each of the ``batch * rows`` GEMM rows (``rows`` per sample)."""
