@@ -9,6 +9,7 @@ import importlib
 import json
 import os
 import re
+import subprocess
 import sys
 import zlib
 
@@ -735,3 +736,17 @@ def test_conv_tiles_precompiles_the_sweep_in_parallel_processes(monkeypatch):
     report = conv_tiles.precompile([(32, 32, 8, 1), (32, 16, 8, 2)], args, arch=90)
     assert report["jobs"] == 3 + 3 + 3 and report["errors"] == []
     assert conv_tiles.compile_job(((32, 32, 8, 2), 2, 90, dict(tma=True))).startswith("ValueError: conv2d_fp8(tma")
+
+
+def test_launches_read_the_kernels_compiled_ahead(tmp_path):
+    # conv_tiles.py compiles its sweep ahead in parallel processes and relies on the launches finding those kernels
+    # in Triton's cache (compile_ahead rebuilds the JIT's cache key from Triton internals). The launches go through a
+    # stand-in sm_90 driver in a separate process, with the kernels JIT-compiled rather than interpreted.
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)
+    script = os.path.join(os.path.dirname(__file__), "launch_from_cache.py")
+    done = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout)
+    assert result["control"] == 1  # a launch unlike any compiled ahead compiles, and the check sees it
+    assert result["added"] == {name: 0 for name in result["added"]} and len(result["added"]) == 4
