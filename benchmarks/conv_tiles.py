@@ -18,11 +18,11 @@ one short GPU run shows whether better tiles reach the targets or the kernel's d
 Each call is timed eagerly and replayed from a CUDA graph (the GPU's own time; configurations are ranked by it). A
 configuration that does not compile (too much shared memory, say) is recorded with its error. Prints JSON: per shape
 the BF16 and autotuned times, every timing, the fastest configuration per loading method and the fastest of all
-with its speed-up over BF16. On a GPU, the kernels of step 1 and the autotuner's are first compiled ahead of time
-in parallel processes (``--compile-workers``; :func:`msfp.triton_kernels.compile_ahead` fills Triton's cache, which
-the launches then read), since compiling them one by one at launch would take most of a short GPU session.
-``--smoke`` runs two tiny configurations on one small shape (under Triton's interpreter on CPU: it checks the
-script, timings are meaningless).
+with its speed-up over BF16. Before each step, its kernels are compiled in parallel processes
+(:func:`msfp.triton_kernels.precompile`, ``--compile-workers``) into Triton's cache, which the launches then read:
+compiled one by one at launch, they would take much of a short GPU session. ``--smoke`` runs two tiny
+configurations on one small shape (under Triton's interpreter on CPU, where it precompiles for sm_90 only to check
+that path: it checks the script, timings are meaningless).
 """
 
 from __future__ import annotations
@@ -30,10 +30,8 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import multiprocessing
 import os
 import time
-from concurrent.futures import ProcessPoolExecutor
 
 import torch
 
@@ -70,36 +68,11 @@ def tile_configs(smoke: bool) -> list[dict]:
                    for bm, bn in ((128, 256), (256, 128))]
 
 
-def compile_job(job) -> str | None:
-    """Compile (not run) the convolution kernels one sweep entry will launch: ``job = (shape, batch, arch, options)``;
-    returns the error, if any (the timed run records it again)."""
-    (cin, cout, size, stride), batch, arch, options = job
-    fp8 = torch.float8_e4m3fn
-    x = torch.zeros(batch, size, size, cin, dtype=fp8)
-    try:
-        triton_kernels.compile_ahead(
-            triton_kernels.conv2d_fp8, zero_bordered(x) if options.get("zero_bordered") else x,
-            torch.zeros(cout, 3, 3, cin, dtype=fp8), torch.ones(batch), torch.ones(cout), torch.zeros(cout),
-            torch.zeros(batch), torch.zeros(cout, 3, 3), stride, 1, out_dtype=torch.bfloat16, arch=arch, **options)
-    except Exception as e:  # noqa: BLE001 — reported, and the launch will say it again
-        return f"{type(e).__name__}: {e}".strip().splitlines()[0]
-    return None
-
-
-def precompile(shapes, args, arch: int) -> dict:
-    jobs = []
-    for shape in shapes:
-        for method in args.loads:
-            if method != "pointers" and shape[3] != 1:
-                continue
-            jobs.append((shape, args.batch, arch, LOADS[method]))  # the autotuner's candidates
-            jobs += [(shape, args.batch, arch, dict(config, **LOADS[method], precise_acc=True, split_k=1))
-                     for config in tile_configs(args.smoke)]
-    started = time.perf_counter()
-    with ProcessPoolExecutor(args.compile_workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        errors = [e for e in pool.map(compile_job, jobs) if e is not None]
-    return dict(jobs=len(jobs), workers=args.compile_workers, seconds=round(time.perf_counter() - started, 1),
-                errors=sorted(set(errors)))
+def precompile(args, arch: int | None, launches) -> dict | None:
+    """Compile the kernels that ``launches()`` would launch, in parallel processes, before they are timed."""
+    if arch is None or args.compile_workers < 0:
+        return None
+    return triton_kernels.precompile(launches, arch=arch, workers=args.compile_workers)
 
 
 def random_codes(fmt, shape, device) -> torch.Tensor:
@@ -108,7 +81,7 @@ def random_codes(fmt, shape, device) -> torch.Tensor:
     return grid[torch.randint(len(grid), shape)].to(torch.float8_e4m3fn).to(device)
 
 
-def shape_row(cin, cout, size, stride, args, timer: Timer, peak) -> dict:
+def shape_row(cin, cout, size, stride, args, timer: Timer, peak, arch: int | None) -> dict:
     device = timer.device
     out_size = (size + 2 - 3) // stride + 1
     flops = 2 * args.batch * out_size**2 * cout * cin * 9
@@ -135,12 +108,15 @@ def shape_row(cin, cout, size, stride, args, timer: Timer, peak) -> dict:
         row["bf16"] = rates(flops, bf16_t, peak and peak["bf16"])
         loads = [m for m in args.loads if m == "pointers" or triton_kernels.tma_unsupported(x_codes, w_codes, stride)
                  is None]
+        autotuned = loads if device.type == "cuda" else []  # the autotuner times its candidates on a GPU only
+        stage1 = list(itertools.product(loads, tile_configs(args.smoke)))
+        row["precompile"] = [precompile(args, arch, lambda: [conv(method) for method in autotuned] + [
+            conv(method, **config, precise_acc=True, split_k=1) for method, config in stage1])]
         row["autotuned"] = {}
-        if device.type == "cuda":  # the autotuner times its candidates on a GPU only
-            for method in loads:
-                tuned_t = timer(lambda: conv(method))
-                row["autotuned"][method] = dict(rates(flops, tuned_t, peak and peak["fp8"]),
-                                                speedup=speedups(bf16_t, tuned_t))
+        for method in autotuned:
+            tuned_t = timer(lambda: conv(method))
+            row["autotuned"][method] = dict(rates(flops, tuned_t, peak and peak["fp8"]),
+                                            speedup=speedups(bf16_t, tuned_t))
 
         def timed(method, config, **options):
             entry = dict(config, loads=method, **options)
@@ -156,13 +132,15 @@ def shape_row(cin, cout, size, stride, args, timer: Timer, peak) -> dict:
             timed_ok = [e for e in entries if "error" not in e]
             return min(timed_ok, key=lambda e: e.get("graph", e)["ms"]) if timed_ok else None
 
-        row["configs"] = [timed(method, config, precise_acc=True, split_k=1)
-                          for method, config in itertools.product(loads, tile_configs(args.smoke))]
+        row["configs"] = [timed(method, config, precise_acc=True, split_k=1) for method, config in stage1]
         row["best"] = {method: fastest([e for e in row["configs"] if e["loads"] == method]) for method in loads}
         tile_keys = ("block_m", "block_n", "block_k", "num_warps", "num_stages")
-        row["variants"] = [timed(method, {k: best[k] for k in tile_keys}, precise_acc=precise, split_k=split)
-                           for method, best in row["best"].items() if best is not None
-                           for precise, split in [(False, 1)] + [(True, k) for k in args.split_k]]
+        stage2 = [(method, {k: best[k] for k in tile_keys}, dict(precise_acc=precise, split_k=split))
+                  for method, best in row["best"].items() if best is not None
+                  for precise, split in [(False, 1)] + [(True, k) for k in args.split_k]]
+        row["precompile"].append(precompile(args, arch, lambda: [conv(method, **config, **options)
+                                                                 for method, config, options in stage2]))
+        row["variants"] = [timed(method, config, **options) for method, config, options in stage2]
         every = row["configs"] + row["variants"]
         row["fastest"] = fastest(every)
         row["fastest_fp32_accumulation"] = fastest([e for e in every if e["precise_acc"]])
@@ -180,8 +158,9 @@ def main(argv=None) -> None:
                         "boxes of output rows or as flat rows of zero-bordered codes")
     p.add_argument("--split-k", type=int, nargs="*", default=[2, 4],
                    help="split-K factors tried on each loading method's fastest tiles")
-    p.add_argument("--compile-workers", type=int, default=min(16, os.cpu_count() or 1),
-                   help="processes compiling the sweep's kernels ahead of time on a GPU machine (0: compile at launch)")
+    p.add_argument("--compile-workers", type=int, default=os.cpu_count() or 1,
+                   help="processes compiling each step's kernels before it is timed (0: in this process; -1: no "
+                        "precompiling, the launches compile)")
     p.add_argument("--smoke", action="store_true", help="two tiny configurations on one small shape (CPU: the "
                                                         "Triton interpreter; checks the script only)")
     args = p.parse_args(argv)
@@ -193,12 +172,14 @@ def main(argv=None) -> None:
     if args.smoke:
         args.batch, args.iters = 1, 1
         report["note"] = "smoke run: timings are meaningless"
-    if device.type == "cuda" and args.compile_workers > 0:
+    if device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(device)
-        report["precompile"] = precompile(shapes, args, 10 * major + minor)
+        arch = 10 * major + minor
+    else:
+        arch = 90 if args.smoke else None  # the smoke run checks the precompiling path too
     timer = Timer(device, args.iters, args.cuda_graphs)
     started = time.perf_counter()
-    report["shapes"] = [shape_row(*shape, args, timer, peak) for shape in shapes]
+    report["shapes"] = [shape_row(*shape, args, timer, peak, arch) for shape in shapes]
     report["sweep_seconds"] = round(time.perf_counter() - started, 1)
     report["cuda_graph_error"] = timer.graph_error
     print(json.dumps(report, indent=2))

@@ -20,7 +20,8 @@ rows (``*_tma_rows``); for the denoisers ``fp8_w4a4_tma_boxes`` and ``fp8_w4a4_t
 and ``fp8_w4a4_split_k_auto`` (pointer loads, ``split_k="auto"``).
 Every time is taken twice on both sides, with the same settings: eagerly (one call per timing, so the host's launch
 work counts) and replayed from a CUDA graph (``--no-cuda-graphs`` skips this), which leaves the GPU's time alone; no
-torch.compile. The models' 8-bit edge layers (first/last conv, timestep MLP) are kept in BF16 here, so only the W4A4
+torch.compile. Before a call is timed, the Triton kernels it launches are compiled in parallel processes
+(``--compile-workers``, :func:`msfp.triton_kernels.precompile`; totals under ``precompiled``). The models' 8-bit edge layers (first/last conv, timestep MLP) are kept in BF16 here, so only the W4A4
 layers differ.
 """
 
@@ -30,6 +31,7 @@ import argparse
 import copy
 import dataclasses
 import json
+import os
 import statistics
 import sys
 import time
@@ -104,14 +106,25 @@ def cuda_graph(fn):
 @dataclasses.dataclass
 class Timer:
     """Times calls eagerly and, if ``cuda_graphs`` (on a GPU), replayed from a CUDA graph. A capture that fails is
-    recorded in ``graph_error`` and turns graphs off for the rest of the run, rather than ending it."""
+    recorded in ``graph_error`` and turns graphs off for the rest of the run, rather than ending it. With
+    ``compile_arch``, the Triton kernels a call launches are first compiled for that architecture by
+    ``compile_workers`` processes (:func:`msfp.triton_kernels.precompile`; totals in ``precompiled``), rather than
+    one by one in its warm-up calls."""
 
     device: torch.device
     iters: int
     cuda_graphs: bool
     graph_error: str | None = None
+    compile_arch: int | None = None
+    compile_workers: int = 0
+    precompiled: dict = dataclasses.field(default_factory=lambda: dict(kernels=0, seconds=0.0, errors=[]))
 
     def __call__(self, fn) -> dict:
+        if self.compile_arch is not None:
+            done = triton_kernels.precompile(fn, arch=self.compile_arch, workers=self.compile_workers)
+            self.precompiled["kernels"] += done["kernels"]
+            self.precompiled["seconds"] = round(self.precompiled["seconds"] + done["seconds"], 1)
+            self.precompiled["errors"] = sorted(set(self.precompiled["errors"]) | set(done["errors"]))
         cuda = self.device.type == "cuda"
         if cuda:  # peak memory after a first call: autotuning allocates a 256 MiB buffer that is not the layer's
             fn()
@@ -314,6 +327,9 @@ def main(argv=None) -> None:
     p.add_argument("--iters", type=int, default=30)
     p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
                    help="also time every call replayed from a CUDA graph, both sides (no host launch work)")
+    p.add_argument("--compile-workers", type=int, default=os.cpu_count() or 1,
+                   help="processes compiling the kernels of each timed call before it runs (0: in this process; "
+                        "-1: no precompiling, the warm-up calls compile)")
     p.add_argument("--smoke", action="store_true", help="tiny shapes on the emulated path (checks the script only)")
     args = p.parse_args(argv)
     started = start_report("gpu_w4a4", args, argv)
@@ -324,6 +340,10 @@ def main(argv=None) -> None:
         args.batch, args.iters = 1, 1
         report["note"] = "smoke run on the emulated path: timings are meaningless"
     timer = Timer(device, args.iters, args.cuda_graphs)
+    if device.type == "cuda" and not args.smoke and args.compile_workers >= 0:
+        major, minor = torch.cuda.get_device_capability(device)
+        timer.compile_arch, timer.compile_workers = 10 * major + minor, args.compile_workers
+        report["precompiled"] = timer.precompiled  # filled in as the run goes
     report["layers"] = layer_rows(args, timer, peak)
     default, _ = msfp.load_model("default")
     report["denoisers"] = [denoiser_row("default", default, {}, args, timer)]

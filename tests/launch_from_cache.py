@@ -1,12 +1,13 @@
-"""Does a launch find the kernels that msfp.triton_kernels.compile_ahead compiled? Run as a script (no GPU needed):
+"""Do launches find the kernels that msfp.triton_kernels.precompile compiled? Run as a script (no GPU needed):
 
     TRITON_CACHE_DIR=<empty dir> python tests/launch_from_cache.py
 
-Compiles a few launches for sm_90 with ``compile_ahead``, then launches them as the launchers do (``_Launch.run``)
-through a stand-in sm_90 driver, which lets Triton's JIT specialize, compile or read its cache, and stops it at the
-kernel's first launch. Prints JSON: the cache entries added by each launch (none when the launch read what
-``compile_ahead`` wrote), and by a control launch that differs by one option (one: the check can see a miss).
-Used by tests/test_triton_kernels.py, in a separate process because that module imports the kernels interpreted.
+Precompiles a few launches for sm_90 (recorded, rebuilt on the CPU and compiled with ``compile_ahead`` in two
+worker processes), then launches them as the launchers do (``_Launch.run``) through a stand-in sm_90 driver, which
+lets Triton's JIT specialize, compile or read its cache, and stops it at the kernel's first launch. Prints JSON:
+what ``precompile`` reported, the cache entries added by each launch (none when the launch read what was compiled
+ahead), and by a control launch that differs by one option (one: the check can see a miss). Used by
+tests/test_triton_kernels.py, in a separate process because that module imports the kernels interpreted.
 """
 
 import json
@@ -63,6 +64,8 @@ def conv_args(bordered=False):
 
 BLOCKS = dict(block_m=128, block_n=64, block_k=64, num_warps=4, num_stages=3)
 LAUNCHES = {
+    "act_codes_bordered": (tk.act_codes, (torch.zeros(2, 64, 16, 16, dtype=torch.bfloat16), "ufp4_e2m2",
+                                          torch.ones(2), torch.zeros(2)), dict(pad=(1, 1))),
     "conv_pointers": (tk.conv2d_fp8, conv_args(), BLOCKS),
     "conv_autotuned": (tk.conv2d_fp8, conv_args(), {}),
     "conv_tma_rows": (tk.conv2d_fp8, conv_args(bordered=True), dict(BLOCKS, tma=True, zero_bordered=True)),
@@ -89,12 +92,12 @@ def launch(launcher, args, options):
 
 
 def main():
-    for launcher, args, options in LAUNCHES.values():
-        tk.compile_ahead(launcher, *args, **options)
+    precompiled = tk.precompile(lambda: [launcher(*args, **options) for launcher, args, options in LAUNCHES.values()],
+                                arch=90, workers=2)
     driver.set_active(Sm90Driver())
     added = {name: launch(*spec) for name, spec in LAUNCHES.items()}
     control = launch(tk.conv2d_fp8, conv_args(), dict(BLOCKS, num_stages=2))
-    print(json.dumps(dict(added=added, control=control)))
+    print(json.dumps(dict(precompiled=precompiled, added=added, control=control)))
 
 
 if __name__ == "__main__":

@@ -706,8 +706,11 @@ def test_conv_tiles_benchmark_smoke(capsys, monkeypatch):
     from test_benchmarks import BENCHMARKS, load_script
 
     monkeypatch.syspath_prepend(str(BENCHMARKS))
-    load_script("conv_tiles").main(["--smoke"])
+    load_script("conv_tiles").main(["--smoke", "--compile-workers", "0"])
     [row] = json.loads(capsys.readouterr().out)["shapes"]
+    # Each step's kernels compiled for sm_90 before it is timed: 2 configurations × 3 loading methods, then 3
+    # variants of each method's best
+    assert [(p["distinct"], p["kernels"], p["errors"]) for p in row["precompile"]] == [(6, 6, []), (9, 9, [])]
     # 2 tile configurations × pointer/TMA-box/TMA-row loads; then per loading method its best tiles with fast
     # accumulation and split-K 2 and 4
     loads = ("pointers", "tma_boxes", "tma_rows")
@@ -723,19 +726,17 @@ def test_conv_tiles_benchmark_smoke(capsys, monkeypatch):
     assert row["fastest_fp32_accumulation"]["precise_acc"]
 
 
-def test_conv_tiles_precompiles_the_sweep_in_parallel_processes(monkeypatch):
-    # What the sweep does first on a GPU machine: compile every kernel it will launch, ahead of time and in parallel.
-    from argparse import Namespace
-
+def test_benchmark_timer_precompiles_what_it_times(monkeypatch):
     from test_benchmarks import BENCHMARKS
 
     monkeypatch.syspath_prepend(str(BENCHMARKS))
-    conv_tiles = importlib.import_module("conv_tiles")  # by name, so the worker processes can import it too
-    args = Namespace(loads=["pointers", "tma_rows"], batch=2, smoke=True, compile_workers=2)
-    # The TMA entries of a stride-2 shape are not compiled: TMA tiles need stride 1.
-    report = conv_tiles.precompile([(32, 32, 8, 1), (32, 16, 8, 2)], args, arch=90)
-    assert report["jobs"] == 3 + 3 + 3 and report["errors"] == []
-    assert conv_tiles.compile_job(((32, 32, 8, 2), 2, 90, dict(tma=True))).startswith("ValueError: conv2d_fp8(tma")
+    gpu_w4a4 = importlib.import_module("gpu_w4a4")
+    timer = gpu_w4a4.Timer(torch.device(DEV), iters=1, cuda_graphs=False, compile_arch=90, compile_workers=0)
+    x = torch.randn(2, 32, device=DEV)
+    timing = timer(lambda: tk.act_codes(x, "fp4_e2m1", torch.ones(2, device=DEV), None))
+    assert timing["ms"] > 0 and timer.precompiled["kernels"] == 1 and timer.precompiled["errors"] == []
+    timer(lambda: x + 1)  # no kernel of ours: nothing to compile
+    assert timer.precompiled["kernels"] == 1
 
 
 def test_launches_read_the_kernels_compiled_ahead(tmp_path):
@@ -748,5 +749,29 @@ def test_launches_read_the_kernels_compiled_ahead(tmp_path):
     done = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout)
+    precompiled = result["precompiled"]
+    # 5 launches, the autotuned convolution with its 4 candidates: 8 kernels
+    assert precompiled["distinct"] == 5 and precompiled["kernels"] == 8 and precompiled["errors"] == []
     assert result["control"] == 1  # a launch unlike any compiled ahead compiles, and the check sees it
-    assert result["added"] == {name: 0 for name in result["added"]} and len(result["added"]) == 4
+    assert result["added"] == {name: 0 for name in result["added"]} and len(result["added"]) == 5
+
+
+def test_precompile_records_launches_instead_of_running_them(monkeypatch):
+    monkeypatch.setattr(tk._Launch, "run", lambda *args: pytest.fail("a recorded launch ran"))
+    x, w, outputs = torch.randn(2, 32, 4, 4), fp8_zeros(16, 3, 3, 32), []
+
+    def forward():
+        codes = tk.act_codes(x, "ufp4_e2m2", torch.ones(2), torch.zeros(2))
+        for block_k in (32, 32, 16):  # the same launch twice is compiled once; BLOCK_K 16 fails to, and is reported
+            outputs.append(tk.conv2d_fp8(codes, w, torch.ones(2), torch.ones(16), padding=1, block_m=64, block_n=32,
+                                         block_k=block_k))
+        with pytest.raises(ValueError, match="w_codes must have"):  # recording still checks the arguments
+            tk.conv2d_fp8(codes, w[:, :, :, :16], torch.ones(2), torch.ones(16))
+
+    report = tk.precompile(forward, arch=90, workers=0)
+    assert (report["launches"], report["distinct"], report["kernels"]) == (4, 3, 2)
+    assert report["errors"] == ["conv2d_fp8: ValueError: block_k must be ≥ 32 on GPUs (FP8 MMA depth), got 16"]
+    assert all(y.shape == (2, 4, 4, 16) and y.dtype == torch.float32 and not y.any() for y in outputs)
+    if not CUDA:
+        with pytest.raises(ValueError, match="precompile needs arch="):
+            tk.precompile(forward, workers=0)

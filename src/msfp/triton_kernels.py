@@ -16,6 +16,8 @@ exact and whose only rounding is the fp32 accumulation.
 ``compile_ahead`` / ``kernel_stats``
     Compile what a launcher would run for a given GPU architecture without that GPU, and report its registers,
     spills, shared memory and tensor-core instructions (``benchmarks/kernel_compile.py``).
+``precompile``
+    Compile every kernel a function (a model's forward, say) launches, in parallel processes, before it first runs.
 
 The module imports without Triton (``HAS_TRITON`` is then False and the launchers raise). Kernels need CUDA tensors
 on a GPU with FP8 support (sm_89+), or CPU tensors under ``TRITON_INTERPRET=1`` (how the tests run without a GPU).
@@ -23,13 +25,18 @@ on a GPU with FP8 support (sm_89+), or CPU tensors under ``TRITON_INTERPRET=1`` 
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import functools
+import multiprocessing
+import pickle
+import time
 import inspect
 import os
 import re
 import subprocess
 import tempfile
+from concurrent.futures import ProcessPoolExecutor
 
 import torch
 
@@ -121,6 +128,28 @@ class _Launch:
         return self.result
 
 
+# The launches recorded by `precompile`, when it is running its function (None otherwise).
+_recorded_launches: contextvars.ContextVar[list | None] = contextvars.ContextVar("msfp_recorded_launches",
+                                                                                default=None)
+
+
+def _recordable(launcher):
+    """A launcher that, while :func:`precompile` records, validates its arguments, notes the launch and returns a
+    zero-filled output instead of running."""
+
+    @functools.wraps(launcher)
+    def launch_or_record(*args, **kwargs):
+        recorded = _recorded_launches.get()
+        if recorded is None:
+            return launcher(*args, **kwargs)
+        launch = _prepare(launcher.__name__, *args, **kwargs)
+        if launch.kernel is not None:
+            recorded.append((launcher.__name__, _to_spec(args), _to_spec(kwargs)))
+        return launch.result.zero_()
+
+    return launch_or_record
+
+
 if HAS_TRITON:
 
     @triton.jit
@@ -184,6 +213,7 @@ if HAS_TRITON:
         tl.store(out_ptr + out_off[:, None] + c[None, :], code, mask=mask)
 
 
+@_recordable
 def act_codes(x: torch.Tensor, fmt: str | Format, scale: torch.Tensor, zero_point: torch.Tensor | None,
               shift: int = 0, out: torch.Tensor | None = None, *, pad=0, block_r: int | None = None,
               block_c: int | None = None) -> torch.Tensor:
@@ -467,6 +497,7 @@ def tma_unsupported(x_codes: torch.Tensor, w_codes: torch.Tensor, stride=1) -> s
     return None
 
 
+@_recordable
 def conv2d_fp8(x_codes: torch.Tensor, w_codes: torch.Tensor, a_scale: torch.Tensor, w_scale: torch.Tensor,
                bias: torch.Tensor | None = None, zp: torch.Tensor | None = None,
                zp_weight_sums: torch.Tensor | None = None, stride=1, padding=0, dilation=1,
@@ -624,6 +655,7 @@ def _sum_shares(workspace: torch.Tensor, out: torch.Tensor) -> None:
         out.copy_(workspace.sum(0))
 
 
+@_recordable
 def linear_fp8(x_codes: torch.Tensor, w_codes: torch.Tensor, a_scale: torch.Tensor, w_scale: torch.Tensor,
                bias: torch.Tensor | None = None, zp: torch.Tensor | None = None,
                zp_weight_sums: torch.Tensor | None = None, out_dtype: torch.dtype = torch.float32,
@@ -684,16 +716,29 @@ def compile_ahead(launcher, *args, arch: int = 90, **kwargs) -> list[tuple[dict,
     name = next((name for name, (f, _) in _LAUNCHERS.items() if f is launcher), None)
     if name is None:
         raise ValueError(f"launcher must be one of {list(_LAUNCHERS)} from msfp.triton_kernels, got {launcher!r}")
+    return _compile(_prepare(name, *args, **kwargs), arch)
+
+
+def _compile(launch: _Launch, arch: int, configs: slice = slice(None)) -> list[tuple[dict, object]]:
+    """:func:`compile_ahead` of a prepared launch, for its block ``configs`` (all by default)."""
+    from triton.backends.compiler import GPUTarget
+
+    target = GPUTarget("cuda", arch, 32)
+    return [(config, triton.compile(source, target=target, options=options.__dict__))
+            for config, source, options in _sources(launch, arch, configs)]
+
+
+def _sources(launch: _Launch, arch: int, configs: slice = slice(None)):
+    """``(config, source, options)`` that Triton compiles for each block configuration ``configs`` of a launch: the
+    ``ASTSource`` and options its JIT builds at launch time, and whose hashes key its cache."""
     if not isinstance(arch, int) or arch < 89:
         raise ValueError(f"FP8 tensor cores need compute capability ≥ 89 (8.9, Ada), got arch={arch!r}")
-    launch = _prepare(name, *args, **kwargs)
     launch.check_gpu_blocks()
     if launch.kernel is None:
         raise ValueError("nothing to compile: the output is empty")
     try:
-        from triton.backends.compiler import GPUTarget
-        from triton.compiler import ASTSource, make_backend
-        from triton.runtime.jit import JITFunction, create_function_from_signature
+        from triton.compiler import ASTSource
+        from triton.runtime.jit import JITFunction
     except ImportError as e:
         raise RuntimeError(f"compile_ahead needs Triton's compiler internals (as in Triton 3.6–3.9), missing "
                            f"here: {e}") from e
@@ -705,20 +750,140 @@ def compile_ahead(launcher, *args, arch: int = 90, **kwargs) -> list[tuple[dict,
     fn = launch.kernel
     while hasattr(fn, "fn"):
         fn = fn.fn
-    kernel = JITFunction(fn)
-    target = GPUTarget("cuda", arch, 32)
-    backend = make_backend(target)
-    bind = create_function_from_signature(kernel.signature, kernel.params, backend)
-    compiled = []
-    for config in launch.configs:
+    kernel, backend, bind = _binder(fn, arch)
+    sources = []
+    for config in launch.configs[configs]:
         flags = {**launch.flags, **config}
         if launch.configure is not None:
             launch.configure(flags)
         bound, specialization, options = bind(*launch.args, **flags)
         options, signature, constexprs, attrs = kernel._pack_args(backend, flags, bound, specialization, options)
-        source = ASTSource(kernel, signature, constexprs, attrs)
-        compiled.append((config, triton.compile(source, target=target, options=options.__dict__)))
-    return compiled
+        sources.append((config, ASTSource(kernel, signature, constexprs, attrs), options))
+    return sources
+
+
+@functools.lru_cache(maxsize=None)
+def _binder(fn, arch: int):
+    """A JITFunction of ``fn``, the backend for ``arch`` and the JIT's argument binder (built once: they parse the
+    kernel's source)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    from triton.runtime.jit import JITFunction, create_function_from_signature
+
+    kernel = JITFunction(fn)
+    backend = make_backend(GPUTarget("cuda", arch, 32))
+    return kernel, backend, create_function_from_signature(kernel.signature, kernel.params, backend)
+
+
+@dataclasses.dataclass(frozen=True)
+class _TensorSpec:
+    """What Triton specializes a tensor argument on: its dtype and strides, and its alignment (the storage offset:
+    allocations are aligned far beyond Triton's 16 bytes on both CPU and GPU); with its storage's size, which the
+    launchers check for zero-bordered codes. Rebuilt as a CPU tensor to compile."""
+
+    shape: tuple
+    stride: tuple
+    storage_offset: int
+    storage_size: int  # elements
+    dtype: torch.dtype
+
+    def materialize(self) -> torch.Tensor:
+        storage = torch.empty(self.storage_size, dtype=self.dtype)
+        return storage.as_strided(self.shape, self.stride, self.storage_offset)
+
+
+def _to_spec(value):
+    if isinstance(value, torch.Tensor):
+        return _TensorSpec(tuple(value.shape), value.stride(), value.storage_offset(),
+                           value.untyped_storage().nbytes() // value.element_size(), value.dtype)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_to_spec(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _to_spec(v) for k, v in value.items()}
+    return value
+
+
+def _from_spec(value):
+    if isinstance(value, _TensorSpec):
+        return value.materialize()
+    if isinstance(value, (tuple, list)):
+        return type(value)(_from_spec(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _from_spec(v) for k, v in value.items()}
+    return value
+
+
+def _compile_recorded(job) -> str | None:
+    """Compile block configuration ``index`` of a recorded launch, ``job = ((launcher name, arg specs, kwarg specs),
+    index, arch)``; returns the error, if any."""
+    (name, args, kwargs), index, arch = job
+    try:
+        _compile(_prepare(name, *_from_spec(args), **_from_spec(kwargs)), arch, slice(index, index + 1))
+    except Exception as e:  # noqa: BLE001 — returned, so that the other kernels still compile
+        return _error(name, e)
+    return None
+
+
+def _error(launcher: str, e: Exception) -> str:
+    return f"{launcher}: {type(e).__name__}: {e}".strip().splitlines()[0]
+
+
+_compile_pools: dict[int, ProcessPoolExecutor] = {}
+
+
+def _compile_pool(workers: int) -> ProcessPoolExecutor:
+    # Kept for the process's lifetime: starting a worker imports torch and Triton (seconds), and a benchmark
+    # precompiles before each of its sections.
+    if workers not in _compile_pools:
+        _compile_pools[workers] = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+    return _compile_pools[workers]
+
+
+def precompile(fn, *, arch: int | None = None, workers: int | None = None) -> dict:
+    """Compile every kernel that ``fn()`` launches, in parallel processes, into Triton's cache, where the launches
+    then find them. Without it a model compiles its kernels one by one at their first launches (about a second
+    each, several per layer shape when autotuned: all the autotuner's candidates).
+
+    ``fn`` runs once with the launchers recording instead of launching: they check their arguments and return
+    zero-filled outputs, so what ``fn`` computes is meaningless, only which kernels it launches counts. Each distinct
+    kernel (launches of different shapes often share one; an autotuned launch has one per candidate) is compiled as
+    :func:`compile_ahead` does, for ``arch`` (default: the current CUDA device's compute capability), by ``workers``
+    processes (default: one per CPU; 0 compiles in this process). The processes are started once and kept; as with
+    any use of multiprocessing, a script calling this needs an ``if __name__ == "__main__":`` guard. Returns the
+    number of ``launches`` recorded, ``distinct`` ones, ``kernels`` compiled, ``seconds`` and the ``errors`` met (as
+    the launches will meet them again).
+    """
+    if arch is None:
+        if not torch.cuda.is_available():
+            raise ValueError("precompile needs arch= (e.g. 90 for Hopper) when no CUDA device is present")
+        major, minor = torch.cuda.get_device_capability()
+        arch = 10 * major + minor
+    workers = (os.cpu_count() or 1) if workers is None else workers
+    token = _recorded_launches.set([])
+    try:
+        fn()
+        recorded = _recorded_launches.get()
+    finally:
+        _recorded_launches.reset(token)
+    started = time.perf_counter()
+    distinct = list({pickle.dumps(launch): launch for launch in recorded}.values())
+    # One job per kernel: launches of different shapes often specialize alike, and an autotuned launch's
+    # candidates compile in parallel too. Keyed as Triton's cache is, on the source and options hashes.
+    jobs, errors = {}, set()
+    for launch in distinct:
+        name, args, kwargs = launch
+        try:
+            sources = _sources(_prepare(name, *_from_spec(args), **_from_spec(kwargs)), arch)
+        except Exception as e:  # noqa: BLE001 — reported, so that the other launches still compile
+            errors.add(_error(name, e))
+            continue
+        for index, (_, source, options) in enumerate(sources):
+            jobs.setdefault((source.hash(), options.hash()), (launch, index, arch))
+    results = list(_compile_pool(workers).map(_compile_recorded, jobs.values()) if workers
+                   else map(_compile_recorded, jobs.values()))
+    return dict(launches=len(recorded), distinct=len(distinct), kernels=results.count(None), arch=arch,
+                workers=workers, seconds=round(time.perf_counter() - started, 1),
+                errors=sorted(errors | {e for e in results if e is not None}))
 
 
 def kernel_stats(compiled) -> dict:
