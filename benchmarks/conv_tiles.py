@@ -15,8 +15,12 @@ one short GPU run shows whether better tiles reach the targets or the kernel's d
 2. for the fastest configuration of each loading method: fast accumulation (``precise_acc=False``) and split-K
    (``--split-k``: the K loop shared by that many programs per output tile).
 
-Each call is timed eagerly and replayed from a CUDA graph (the GPU's own time; configurations are ranked by it). A
-configuration that does not compile (too much shared memory, say) is recorded with its error. Prints JSON: per shape
+Each call is timed eagerly and replayed from a CUDA graph (the GPU's own time; configurations are ranked by it), and
+its output compared with the exact (float64) result: ``error_vs_exact`` is the largest and the mean of
+|output − exact| / Σ|terms|, the scale of the kernels' error bound, beside ``bf16_rounding_error``, the same for the
+exact result rounded to bfloat16 (the output's own floor), so that what fast accumulation costs in accuracy shows
+beside what it gains in speed. A configuration that does not compile (too much shared memory, say) is recorded with
+its error. Prints JSON: per shape
 the BF16 and autotuned times, every timing, the fastest configuration per loading method and the fastest of all
 with its speed-up over BF16. Before each step, its kernels are compiled in parallel processes
 (:func:`msfp.triton_kernels.precompile`, ``--compile-workers``) into Triton's cache, which the launches then read:
@@ -75,6 +79,12 @@ def precompile(args, arch: int | None, launches) -> dict | None:
     return triton_kernels.precompile(launches, arch=arch, workers=args.compile_workers)
 
 
+def error_vs_exact(y: torch.Tensor, exact: torch.Tensor, magnitude: torch.Tensor) -> dict:
+    """Largest and mean |y − exact| / Σ|terms| over the outputs."""
+    relative = (y.double() - exact).abs() / magnitude
+    return dict(max=relative.max().item(), mean=relative.mean().item())
+
+
 def random_codes(fmt, shape, device) -> torch.Tensor:
     """Codes of ``fmt``'s grid in E4M3, as the activation kernel and Fp8Layer produce them."""
     grid = fmt.values() * 2.0 ** e4m3_shift(fmt)
@@ -92,6 +102,8 @@ def shape_row(cin, cout, size, stride, args, timer: Timer, peak, arch: int | Non
     zp_weight_sums = torch.randn(cout, 3, 3, device=device)
 
     x_bordered = zero_bordered(x_codes)
+    exact, magnitude = triton_kernels.conv2d_fp8_reference(x_codes, w_codes, a_scale, w_scale, bias, zp,
+                                                           zp_weight_sums, stride, 1)
 
     def conv(method, **options):
         x = x_bordered if LOADS[method].get("zero_bordered") else x_codes
@@ -102,7 +114,8 @@ def shape_row(cin, cout, size, stride, args, timer: Timer, peak, arch: int | Non
     bf16 = bf16.to(memory_format=torch.channels_last)
     xb = torch.randn(args.batch, cin, size, size, device=device, dtype=torch.bfloat16)
     xb = xb.contiguous(memory_format=torch.channels_last)
-    row = dict(c_in=cin, c_out=cout, hw=size, stride=stride, batch=args.batch, flops=flops)
+    row = dict(c_in=cin, c_out=cout, hw=size, stride=stride, batch=args.batch, flops=flops,
+               bf16_rounding_error=error_vs_exact(exact.to(torch.bfloat16), exact, magnitude))
     with torch.no_grad():
         bf16_t = timer(lambda: bf16(xb))
         row["bf16"] = rates(flops, bf16_t, peak and peak["bf16"])
@@ -125,7 +138,8 @@ def shape_row(cin, cout, size, stride, args, timer: Timer, peak, arch: int | Non
             except Exception as e:  # e.g. Triton's OutOfResources: record it and keep sweeping
                 entry["error"] = f"{type(e).__name__}: {e}".strip().splitlines()[0]
             else:
-                entry.update(rates(flops, t, peak and peak["fp8"]), speedup=speedups(bf16_t, t))
+                entry.update(rates(flops, t, peak and peak["fp8"]), speedup=speedups(bf16_t, t),
+                             error_vs_exact=error_vs_exact(conv(method, **config, **options), exact, magnitude))
             return entry
 
         def fastest(entries):  # by the GPU's own time where graphs ran

@@ -15,7 +15,6 @@ import zlib
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 CUDA = torch.cuda.is_available()
 if not CUDA:
@@ -193,26 +192,6 @@ def random_codes(shape, gen, spread=4.0):
     return (torch.randn(shape, generator=gen) * spread).to(FP8)
 
 
-def conv_reference(x, w, a_scale, w_scale, bias, zp, sums, stride, padding, dilation):
-    """float64 result and the sum of the magnitudes of every term that enters it (for the error bound). The zero
-    point's share is ``zp`` times the weight sums ``sums[o, kh, kw]`` of the taps inside the input: a convolution of
-    ones."""
-    def conv(a, b):
-        nchw = F.conv2d(a.permute(0, 3, 1, 2), b.permute(0, 3, 1, 2), None, stride, padding, dilation)
-        return nchw.permute(0, 2, 3, 1)
-
-    xd, wd = x.cpu().double(), w.cpu().double()
-    sa, sw = a_scale.cpu().double()[:, None, None, None], w_scale.cpu().double()
-    y, mag = sa * sw * conv(xd, wd), sa.abs() * sw.abs() * conv(xd.abs(), wd.abs())
-    if bias is not None:
-        y, mag = y + bias.cpu().double(), mag + bias.cpu().double().abs()
-    if zp is not None:
-        ones, sums = torch.ones_like(xd[..., :1]), sums.cpu().double()[..., None]
-        z = zp.cpu().double()[:, None, None, None]
-        y, mag = y + z * conv(ones, sums), mag + z.abs() * conv(ones, sums.abs())
-    return y, mag
-
-
 def assert_within_accumulation_error(y, ref, mag, k, out_dtype=torch.float32, taps=1):
     # Every product of two E4M3 values is exact in fp32 (4-bit × 4-bit significands), so the only errors are fp32
     # roundings: summing k products in any order is off by at most (k - 1)·u·Σ|products| (u = 2^-24), and the
@@ -255,7 +234,7 @@ CONV_CASES = {
 def test_conv2d_fp8_matches_float64_conv(case):
     B, H, W, C, O, (KH, KW), stride, padding, dilation, has_bias, has_zp = CONV_CASES[case]
     operands = conv_operands(B, H, W, C, O, KH, KW, has_bias, has_zp, seed=3)
-    ref, mag = conv_reference(*operands, stride, padding, dilation)
+    ref, mag = tk.conv2d_fp8_reference(*operands, stride, padding, dilation)
     to_dev = [t.to(DEV) if t is not None else None for t in operands]
     y = tk.conv2d_fp8(*to_dev, stride=stride, padding=padding, dilation=dilation, **GEMM_BLOCKS)
     assert y.shape == ref.shape and y.dtype == torch.float32
@@ -268,7 +247,7 @@ def test_conv2d_fp8_strided_input_bf16_output_and_options():
     x = random_codes((2, 33, 4, 4), gen).permute(0, 2, 3, 1)
     w = random_codes((16, 3, 3, 33), gen)
     a_scale, w_scale, bias = torch.rand(2, generator=gen) + 0.5, torch.rand(16, generator=gen) * 0.1, torch.randn(16)
-    ref, mag = conv_reference(x, w, a_scale, w_scale, bias, None, None, 1, 1, 1)
+    ref, mag = tk.conv2d_fp8_reference(x, w, a_scale, w_scale, bias, None, None, 1, 1, 1)
     args = [t.to(DEV) for t in (x, w, a_scale, w_scale, bias)]
     y = tk.conv2d_fp8(*args, padding=1, out_dtype=torch.bfloat16, precise_acc=False,
                       block_m=32, block_n=16, block_k=32)
@@ -283,8 +262,8 @@ def test_linear_fp8_matches_float64_matmul(with_terms):
     x, w = random_codes((M, K), gen), random_codes((N, K), gen)
     a_scale, w_scale = torch.rand(M, generator=gen) + 0.1, torch.rand(N, generator=gen) * 0.1
     bias, zp, sums = (torch.randn(N), torch.randn(M), torch.randn(N)) if with_terms else (None, None, None)
-    ref, mag = conv_reference(x[:, None, None], w[:, None, None], a_scale, w_scale, bias, zp,
-                              None if sums is None else sums[:, None, None], 1, 0, 1)
+    ref, mag = tk.conv2d_fp8_reference(x[:, None, None], w[:, None, None], a_scale, w_scale, bias, zp,
+                                       None if sums is None else sums[:, None, None], 1, 0, 1)
     args = [t.to(DEV) if t is not None else None for t in (x, w, a_scale, w_scale, bias, zp, sums)]
     y = tk.linear_fp8(*args, **GEMM_BLOCKS)
     assert y.shape == (M, N)
@@ -318,7 +297,7 @@ def test_conv2d_fp8_tma_matches_float64_conv(case, block_m, tiles):
     # too, to be discarded.
     B, H, W, C, O, (KH, KW), padding, dilation, has_bias, has_zp = TMA_CASES[case]
     operands = conv_operands(B, H, W, C, O, KH, KW, has_bias, has_zp, seed=7)
-    ref, mag = conv_reference(*operands, 1, padding, dilation)
+    ref, mag = tk.conv2d_fp8_reference(*operands, 1, padding, dilation)
     to_dev = [t.to(DEV) if t is not None else None for t in operands]
     if tiles == "flat_rows":
         to_dev[0] = zero_bordered(to_dev[0], padding)
@@ -335,8 +314,8 @@ def test_linear_fp8_tma_matches_float64_matmul():
     x, w = random_codes((M, K), gen), random_codes((N, K), gen)
     a_scale, w_scale = torch.rand(M, generator=gen) + 0.1, torch.rand(N, generator=gen) * 0.1
     bias, zp, sums = torch.randn(N, generator=gen), torch.randn(M, generator=gen), torch.randn(N, generator=gen)
-    ref, mag = conv_reference(x[:, None, None], w[:, None, None], a_scale, w_scale, bias, zp, sums[:, None, None], 1,
-                              0, 1)
+    ref, mag = tk.conv2d_fp8_reference(x[:, None, None], w[:, None, None], a_scale, w_scale, bias, zp,
+                                       sums[:, None, None], 1, 0, 1)
     y = tk.linear_fp8(*[t.to(DEV) for t in (x, w, a_scale, w_scale, bias, zp, sums)], tma=True, **GEMM_BLOCKS)
     assert y.shape == (M, N)
     assert_within_accumulation_error(y, ref.view(M, N), mag.view(M, N), K)
@@ -351,7 +330,7 @@ def test_split_k_matches_float64_conv(loads, out_dtype):
     x, w = random_codes((B, H, W, C), gen), random_codes((O, 3, 3, C), gen)
     a_scale, w_scale = torch.rand(B, generator=gen) + 0.1, torch.rand(O, generator=gen) * 0.1 + 0.01
     bias, zp, sums = torch.randn(O, generator=gen), torch.randn(B, generator=gen), torch.randn(O, 3, 3, generator=gen)
-    ref, mag = conv_reference(x, w, a_scale, w_scale, bias, zp, sums, 1, 1, 1)
+    ref, mag = tk.conv2d_fp8_reference(x, w, a_scale, w_scale, bias, zp, sums, 1, 1, 1)
     args = [t.to(DEV) for t in (x, w, a_scale, w_scale, bias, zp, sums)]
     tma, bordered = loads != "pointers", loads == "tma_flat_rows"
     if bordered:
@@ -365,8 +344,8 @@ def test_split_k_matches_float64_conv(loads, out_dtype):
                           **GEMM_BLOCKS)
     assert torch.equal(y, again)  # the shares are added in a fixed order
     xl, wl = random_codes((5, 64), gen), random_codes((24, 64), gen)
-    refl, magl = conv_reference(xl[:, None, None], wl[:, None, None], a_scale[:1].expand(5), w_scale[:1].expand(24),
-                                None, None, None, 1, 0, 1)
+    refl, magl = tk.conv2d_fp8_reference(xl[:, None, None], wl[:, None, None], a_scale[:1].expand(5),
+                                         w_scale[:1].expand(24), None, None, None, 1, 0, 1)
     yl = tk.linear_fp8(xl.to(DEV), wl.to(DEV), a_scale[:1].expand(5).to(DEV), w_scale[:1].expand(24).to(DEV),
                        tma=tma, split_k=2, **GEMM_BLOCKS)
     assert yl.shape == (5, 24)
@@ -438,7 +417,7 @@ def test_conv2d_fp8_autotuned_default_blocks():
     gen = torch.Generator().manual_seed(6)
     x, w = random_codes((2, 16, 16, 64), gen), random_codes((128, 3, 3, 64), gen)
     a_scale, w_scale, bias = torch.rand(2, generator=gen) + 0.5, torch.rand(128, generator=gen) * 0.01, torch.randn(128)
-    ref, mag = conv_reference(x, w, a_scale, w_scale, bias, None, None, 1, 1, 1)
+    ref, mag = tk.conv2d_fp8_reference(x, w, a_scale, w_scale, bias, None, None, 1, 1, 1)
     y = tk.conv2d_fp8(*[t.to(DEV) for t in (x, w, a_scale, w_scale, bias)], padding=1)
     assert_within_accumulation_error(y, ref, mag, 9 * 64)
 
@@ -724,6 +703,11 @@ def test_conv_tiles_benchmark_smoke(capsys, monkeypatch):
     every = row["configs"] + row["variants"]
     assert row["fastest"]["ms"] == min(e["ms"] for e in every)  # no CUDA graphs on CPU: ranked by eager time
     assert row["fastest_fp32_accumulation"]["precise_acc"]
+    # Every output against the exact result, relative to Σ|terms|: the interpreter sums in fp32, so only the
+    # bfloat16 output's rounding shows: at most 2^-8 rounding to nearest (the floor), 2^-7 as the interpreter
+    # converts, by truncation.
+    assert 0 < row["bf16_rounding_error"]["mean"] <= row["bf16_rounding_error"]["max"] <= 2**-8
+    assert all(0 < e["error_vs_exact"]["max"] <= 2**-7 + 2**-16 for e in every), [e["error_vs_exact"] for e in every]
 
 
 def test_benchmark_timer_precompiles_what_it_times(monkeypatch):

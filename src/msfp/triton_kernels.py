@@ -16,6 +16,8 @@ exact and whose only rounding is the fp32 accumulation.
 ``compile_ahead`` / ``kernel_stats``
     Compile what a launcher would run for a given GPU architecture without that GPU, and report its registers,
     spills, shared memory and tensor-core instructions (``benchmarks/kernel_compile.py``).
+``conv2d_fp8_reference``
+    The float64 result the FP8 GEMMs approximate, with the magnitudes that bound their rounding errors.
 ``precompile``
     Compile every kernel a function (a model's forward, say) launches, in parallel processes, before it first runs.
 
@@ -28,14 +30,14 @@ from __future__ import annotations
 import contextvars
 import dataclasses
 import functools
-import multiprocessing
-import pickle
-import time
 import inspect
+import multiprocessing
 import os
+import pickle
 import re
 import subprocess
 import tempfile
+import time
 from concurrent.futures import ProcessPoolExecutor
 
 import torch
@@ -686,6 +688,32 @@ def _prepare_linear_fp8(x_codes, w_codes, a_scale, w_scale, bias, zp, zp_weight_
     launch.result = launch.result.view(x_codes.shape[0], w_codes.shape[0])
     return launch
 
+
+
+def conv2d_fp8_reference(x_codes: torch.Tensor, w_codes: torch.Tensor, a_scale: torch.Tensor, w_scale: torch.Tensor,
+                         bias: torch.Tensor | None = None, zp: torch.Tensor | None = None,
+                         zp_weight_sums: torch.Tensor | None = None, stride=1, padding=0,
+                         dilation=1) -> tuple[torch.Tensor, torch.Tensor]:
+    """What :func:`conv2d_fp8` computes, in float64 on the inputs' device (a linear is the convolution of a 1×1 image:
+    ``x_codes[:, None, None]``), and Σ|terms|, the sum of the magnitudes of everything that enters each output, which
+    bounds the kernel's rounding errors: ``(K + 8 + 2·taps)·2⁻²⁴·Σ|terms|`` with fp32 accumulation (the tests derive
+    it). Both ``(B, OH, OW, O)``. The zero point's share is ``zp`` times the weight sums ``zp_weight_sums[o, kh, kw]``
+    of the taps inside the input: a convolution of ones."""
+    def conv(a, b):
+        nchw = torch.nn.functional.conv2d(a.permute(0, 3, 1, 2), b.permute(0, 3, 1, 2), None, stride, padding,
+                                          dilation)
+        return nchw.permute(0, 2, 3, 1)
+
+    x, w = x_codes.double(), w_codes.double()
+    sa, sw = a_scale.double()[:, None, None, None], w_scale.double()
+    y, magnitude = sa * sw * conv(x, w), sa.abs() * sw.abs() * conv(x.abs(), w.abs())
+    if bias is not None:
+        y, magnitude = y + bias.double(), magnitude + bias.double().abs()
+    if zp is not None:
+        ones, sums = torch.ones_like(x[..., :1]), zp_weight_sums.double()[..., None]
+        z = zp.double()[:, None, None, None]
+        y, magnitude = y + z * conv(ones, sums), magnitude + z.abs() * conv(ones, sums.abs())
+    return y, magnitude
 
 # Each launcher with the function that prepares its launch from the same parameters (the originals: tests may
 # replace the module's launchers with partials).
