@@ -756,6 +756,8 @@ def test_precompile_records_launches_instead_of_running_them(monkeypatch):
     assert (report["launches"], report["distinct"], report["kernels"]) == (4, 3, 2)
     assert report["errors"] == ["conv2d_fp8: ValueError: block_k must be ≥ 32 on GPUs (FP8 MMA depth), got 16"]
     assert all(y.shape == (2, 4, 4, 16) and y.dtype == torch.float32 and not y.any() for y in outputs)
+    with pytest.raises(ValueError, match="workers must be an int ≥ 0"):
+        tk.precompile(forward, arch=90, workers=-1)
     if not CUDA:
         with pytest.raises(ValueError, match="precompile needs arch="):
             tk.precompile(forward, workers=0)

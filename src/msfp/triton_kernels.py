@@ -39,6 +39,7 @@ import subprocess
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 
 import torch
 
@@ -869,8 +870,8 @@ def _compile_pool(workers: int) -> ProcessPoolExecutor:
 
 def precompile(fn, *, arch: int | None = None, workers: int | None = None) -> dict:
     """Compile every kernel that ``fn()`` launches, in parallel processes, into Triton's cache, where the launches
-    then find them. Without it a model compiles its kernels one by one at their first launches (about a second
-    each, several per layer shape when autotuned: all the autotuner's candidates).
+    then find them. Without it a model compiles its kernels one by one at their first launches (each takes a CPU
+    core for about a second; an autotuned launch compiles every candidate).
 
     ``fn`` runs once with the launchers recording instead of launching: they check their arguments and return
     zero-filled outputs, so what ``fn`` computes is meaningless, only which kernels it launches counts. Each distinct
@@ -887,6 +888,8 @@ def precompile(fn, *, arch: int | None = None, workers: int | None = None) -> di
         major, minor = torch.cuda.get_device_capability()
         arch = 10 * major + minor
     workers = (os.cpu_count() or 1) if workers is None else workers
+    if not isinstance(workers, int) or workers < 0:
+        raise ValueError(f"workers must be an int ≥ 0 (0: compile in this process), got {workers!r}")
     token = _recorded_launches.set([])
     try:
         fn()
@@ -907,8 +910,14 @@ def precompile(fn, *, arch: int | None = None, workers: int | None = None) -> di
             continue
         for index, (_, source, options) in enumerate(sources):
             jobs.setdefault((source.hash(), options.hash()), (launch, index, arch))
-    results = list(_compile_pool(workers).map(_compile_recorded, jobs.values()) if workers
-                   else map(_compile_recorded, jobs.values()))
+    if workers:
+        try:
+            results = list(_compile_pool(workers).map(_compile_recorded, jobs.values()))
+        except BrokenProcessPool:  # a worker died (out of memory, say): the next call starts a new pool
+            del _compile_pools[workers]
+            raise
+    else:
+        results = list(map(_compile_recorded, jobs.values()))
     return dict(launches=len(recorded), distinct=len(distinct), kernels=results.count(None), arch=arch,
                 workers=workers, seconds=round(time.perf_counter() - started, 1),
                 errors=sorted(errors | {e for e in results if e is not None}))
