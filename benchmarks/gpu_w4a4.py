@@ -12,7 +12,9 @@ Reported, per layer shape (SD-1.5-like: 3×3 convolutions at 320–1280 channels
 layer (activation-quantize kernel + GEMM, BF16 in and out), the GEMM alone with fast (reduced-precision) FP8
 accumulation; TFLOP/s and % of the dense peak of the GPU. Per denoiser
 (the shipped default model and a random-weight UNet2DConditionModel with Stable Diffusion 1.5's shapes): one step's
-time in BF16 and with every 4-bit layer on the FP8 path, the speed-up, the peak memory and the bytes of the weights.
+time in BF16 and with every 4-bit layer on the FP8 path, the speed-up, the peak memory, the bytes of the weights, and
+the output's relative L2 distance from the same model's emulated FP8 path (``output_rel_l2_vs_emulated``: torch
+computing the same codes in fp32; end-to-end equivalence at these shapes, and for BF16 the quantization's effect).
 Linear layers are timed twice on the FP8 path: with the Triton GEMM and through ``torch._scaled_mm`` (``scaled_mm_*``
 fields; for the denoisers ``fp8_w4a4_scaled_mm``). The Triton GEMM is also timed with TMA loads (stride-1 layers):
 3×3 convolutions with both tilings, ``*_tma_boxes`` and ``*_tma_rows`` (codes inside a zero border), linears as flat
@@ -260,6 +262,11 @@ def layer_rows(args, timer: Timer, peak) -> list[dict]:
     return rows
 
 
+def denoised(output) -> torch.Tensor:
+    """A denoiser's output tensor (diffusers models return it in a dataclass), in float32."""
+    return getattr(output, "sample", output).float()
+
+
 def tensor_bytes(model: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
 
@@ -276,6 +283,8 @@ def denoiser_row(name: str, fp: torch.nn.Module, cond: dict, args, timer: Timer)
     q_scaled_mm = copy.deepcopy(q)  # the same model with its linears' GEMMs through torch._scaled_mm
     q_tma = {tiling: copy.deepcopy(q) for tiling in ("boxes", "rows")}  # TMA loads in the Triton GEMMs
     q_split = copy.deepcopy(q)  # split-K where a layer has fewer output tiles than the GPU has SMs
+    emulated = copy.deepcopy(q)  # the reference: the same codes computed by torch in fp32
+    convert_to_fp8(emulated, use_kernels=False)
     kept = convert_to_fp8(q, use_kernels=use_kernels)
     convert_to_fp8(q_split, use_kernels=use_kernels, split_k="auto")
     convert_to_fp8(q_scaled_mm, use_kernels=use_kernels, linear_gemm="scaled_mm")
@@ -287,6 +296,9 @@ def denoiser_row(name: str, fp: torch.nn.Module, cond: dict, args, timer: Timer)
     cond = {k: v.to(device, torch.bfloat16 if v.is_floating_point() else v.dtype) for k, v in cond.items()}
     result = dict(model=name, batch=args.batch, fake_quant_layers=kept,
                   fp8_layers=sum(isinstance(m, Fp8Layer) for m in q.modules()))
+    with torch.no_grad():
+        reference = denoised(emulated(x, t, **cond))
+    del emulated
     steps = {}
     variants = {"bf16": bf16, "fp8_w4a4": q, "fp8_w4a4_scaled_mm": q_scaled_mm,
                 **{f"fp8_w4a4_tma_{tiling}": model for tiling, model in q_tma.items()},
@@ -294,8 +306,12 @@ def denoiser_row(name: str, fp: torch.nn.Module, cond: dict, args, timer: Timer)
     for label, model in variants.items():
         with torch.no_grad():
             steps[label] = timer(lambda: model(x, t, **cond))
+            deviation = denoised(model(x, t, **cond)) - reference
+        # Each FP8 variant against the emulation of the same codes: whole-step equivalence at these shapes (bf16
+        # activations between layers bound it from below); for BF16 it is the 4-bit quantization's own error.
         result[label] = dict(step_ms=steps[label]["ms"], peak_memory_bytes=steps[label]["peak_memory_bytes"],
-                             model_tensor_bytes=tensor_bytes(model))
+                             model_tensor_bytes=tensor_bytes(model),
+                             output_rel_l2_vs_emulated=(deviation.norm() / reference.norm()).item())
         if "graph_ms" in steps[label]:
             result[label]["graph_step_ms"] = steps[label]["graph_ms"]
     result["speedup"] = speedups(steps["bf16"], steps["fp8_w4a4"])

@@ -63,6 +63,10 @@ def test_gpu_w4a4_smoke_runs_every_layer_and_denoiser_on_the_fp8_path(capsys):
             variant_bytes = denoiser[f"fp8_w4a4_{variant}"]["model_tensor_bytes"]
             assert variant_bytes == denoiser["fp8_w4a4"]["model_tensor_bytes"]
         assert denoiser["fp8_w4a4"]["model_tensor_bytes"] < 0.6 * denoiser["bf16"]["model_tensor_bytes"]
+        # On the emulated path every FP8 variant computes exactly what the reference does; BF16 is unquantized.
+        fp8_variants = [label for label in denoiser if label.startswith("fp8_w4a4")]
+        assert len(fp8_variants) == 5 and all(denoiser[v]["output_rel_l2_vs_emulated"] == 0 for v in fp8_variants)
+        assert denoiser["bf16"]["output_rel_l2_vs_emulated"] > 0.01
 
 
 def test_fp8_host_overhead_times_pointer_and_tma_launch_preparation(capsys, monkeypatch):
