@@ -20,11 +20,10 @@ its output compared with the exact (float64) result: ``error_vs_exact`` is the l
 |output − exact| / Σ|terms|, the scale of the kernels' error bound, beside ``bf16_rounding_error``, the same for the
 exact result rounded to bfloat16 (the output's own floor), so that what fast accumulation costs in accuracy shows
 beside what it gains in speed. A configuration that does not compile (too much shared memory, say) is recorded with
-its error. Prints JSON: per shape
-the BF16 and autotuned times, every timing, the fastest configuration per loading method and the fastest of all
-with its speed-up over BF16. Before each step, its kernels are compiled in parallel processes
-(:func:`msfp.triton_kernels.precompile`, ``--compile-workers``) into Triton's cache, which the launches then read:
-compiled one by one at launch, they would take much of a short GPU session. ``--smoke`` runs two tiny
+its error. Prints JSON: per shape the BF16 and autotuned times, every timing, the fastest configuration per loading
+method and the fastest of all with its speed-up over BF16. Before each step, its kernels are compiled in parallel
+processes (:func:`msfp.triton_kernels.precompile`, ``--compile-workers``) into Triton's cache, which the launches
+then read: compiled one by one at launch, they would take much of a short GPU session. ``--smoke`` runs two tiny
 configurations on one small shape (under Triton's interpreter on CPU, where it precompiles for sm_90 only to check
 that path: it checks the script, timings are meaningless).
 """

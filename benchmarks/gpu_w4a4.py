@@ -23,8 +23,8 @@ and ``fp8_w4a4_split_k_auto`` (pointer loads, ``split_k="auto"``).
 Every time is taken twice on both sides, with the same settings: eagerly (one call per timing, so the host's launch
 work counts) and replayed from a CUDA graph (``--no-cuda-graphs`` skips this), which leaves the GPU's time alone; no
 torch.compile. Before a call is timed, the Triton kernels it launches are compiled in parallel processes
-(``--compile-workers``, :func:`msfp.triton_kernels.precompile`; totals under ``precompiled``). The models' 8-bit edge layers (first/last conv, timestep MLP) are kept in BF16 here, so only the W4A4
-layers differ.
+(``--compile-workers``, :func:`msfp.triton_kernels.precompile`; totals under ``precompiled``). The models' 8-bit
+edge layers (first/last conv, timestep MLP) are kept in BF16 here, so only the W4A4 layers differ.
 """
 
 from __future__ import annotations

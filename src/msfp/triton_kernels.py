@@ -147,7 +147,7 @@ def _recordable(launcher):
             return launcher(*args, **kwargs)
         launch = _prepare(launcher.__name__, *args, **kwargs)
         if launch.kernel is not None:
-            recorded.append((launcher.__name__, _to_spec(args), _to_spec(kwargs)))
+            recorded.append(_map_leaves((launcher.__name__, args, kwargs), torch.Tensor, _TensorSpec.of))
         return launch.result.zero_()
 
     return launch_or_record
@@ -504,9 +504,8 @@ def tma_unsupported(x_codes: torch.Tensor, w_codes: torch.Tensor, stride=1) -> s
 def conv2d_fp8(x_codes: torch.Tensor, w_codes: torch.Tensor, a_scale: torch.Tensor, w_scale: torch.Tensor,
                bias: torch.Tensor | None = None, zp: torch.Tensor | None = None,
                zp_weight_sums: torch.Tensor | None = None, stride=1, padding=0, dilation=1,
-               out_dtype: torch.dtype = torch.float32, groups: int = 1, *,
-               precise_acc: bool = True, tma: bool = False, zero_bordered: bool = False, split_k: int = 1,
-               block_m: int | None = None,
+               out_dtype: torch.dtype = torch.float32, groups: int = 1, *, precise_acc: bool = True,
+               tma: bool = False, zero_bordered: bool = False, split_k: int = 1, block_m: int | None = None,
                block_n: int | None = None, block_k: int | None = None, num_warps: int = 4,
                num_stages: int = 2) -> torch.Tensor:
     """Convolution of FP8 codes, NHWC in and out.
@@ -534,9 +533,8 @@ def conv2d_fp8(x_codes: torch.Tensor, w_codes: torch.Tensor, a_scale: torch.Tens
     """
     return _prepare_conv2d_fp8(x_codes, w_codes, a_scale, w_scale, bias, zp, zp_weight_sums, stride, padding, dilation,
                                out_dtype, groups, precise_acc=precise_acc, tma=tma, zero_bordered=zero_bordered,
-                               split_k=split_k,
-                               block_m=block_m, block_n=block_n,
-                               block_k=block_k, num_warps=num_warps, num_stages=num_stages).run(x_codes)
+                               split_k=split_k, block_m=block_m, block_n=block_n, block_k=block_k,
+                               num_warps=num_warps, num_stages=num_stages).run(x_codes)
 
 
 def _prepare_conv2d_fp8(x_codes, w_codes, a_scale, w_scale, bias=None, zp=None, zp_weight_sums=None, stride=1,
@@ -690,7 +688,6 @@ def _prepare_linear_fp8(x_codes, w_codes, a_scale, w_scale, bias, zp, zp_weight_
     return launch
 
 
-
 def conv2d_fp8_reference(x_codes: torch.Tensor, w_codes: torch.Tensor, a_scale: torch.Tensor, w_scale: torch.Tensor,
                          bias: torch.Tensor | None = None, zp: torch.Tensor | None = None,
                          zp_weight_sums: torch.Tensor | None = None, stride=1, padding=0,
@@ -715,6 +712,7 @@ def conv2d_fp8_reference(x_codes: torch.Tensor, w_codes: torch.Tensor, a_scale: 
         z = zp.double()[:, None, None, None]
         y, magnitude = y + z * conv(ones, sums), magnitude + z.abs() * conv(ones, sums.abs())
     return y, magnitude
+
 
 # Each launcher with the function that prepares its launch from the same parameters (the originals: tests may
 # replace the module's launchers with partials).
@@ -816,40 +814,41 @@ class _TensorSpec:
     storage_size: int  # elements
     dtype: torch.dtype
 
+    @classmethod
+    def of(cls, t: torch.Tensor) -> _TensorSpec:
+        return cls(tuple(t.shape), t.stride(), t.storage_offset(), t.untyped_storage().nbytes() // t.element_size(),
+                   t.dtype)
+
     def materialize(self) -> torch.Tensor:
         storage = torch.empty(self.storage_size, dtype=self.dtype)
         return storage.as_strided(self.shape, self.stride, self.storage_offset)
 
 
-def _to_spec(value):
-    if isinstance(value, torch.Tensor):
-        return _TensorSpec(tuple(value.shape), value.stride(), value.storage_offset(),
-                           value.untyped_storage().nbytes() // value.element_size(), value.dtype)
+def _map_leaves(value, kind: type, fn):
+    """``value`` with every ``kind`` inside its tuples, lists and dicts replaced by ``fn`` of it."""
+    if isinstance(value, kind):
+        return fn(value)
     if isinstance(value, (tuple, list)):
-        return type(value)(_to_spec(v) for v in value)
+        return type(value)(_map_leaves(v, kind, fn) for v in value)
     if isinstance(value, dict):
-        return {k: _to_spec(v) for k, v in value.items()}
+        return {k: _map_leaves(v, kind, fn) for k, v in value.items()}
     return value
 
 
-def _from_spec(value):
-    if isinstance(value, _TensorSpec):
-        return value.materialize()
-    if isinstance(value, (tuple, list)):
-        return type(value)(_from_spec(v) for v in value)
-    if isinstance(value, dict):
-        return {k: _from_spec(v) for k, v in value.items()}
-    return value
+def _prepare_recorded(launch: tuple) -> _Launch:
+    """The launch of a recorded ``(launcher name, args, kwargs)``, its tensors rebuilt on the CPU."""
+    name, args, kwargs = _map_leaves(launch, _TensorSpec, _TensorSpec.materialize)
+    return _prepare(name, *args, **kwargs)
 
 
 def _compile_recorded(job) -> str | None:
     """Compile block configuration ``index`` of a recorded launch, ``job = ((launcher name, arg specs, kwarg specs),
     index, arch)``; returns the error, if any."""
-    (name, args, kwargs), index, arch = job
+    launch, index, arch = job
     try:
-        _compile(_prepare(name, *_from_spec(args), **_from_spec(kwargs)), arch, slice(index, index + 1))
+        _compile(_prepare_recorded(launch), arch, slice(index, index + 1))
     except Exception as e:  # noqa: BLE001 — returned, so that the other kernels still compile
-        return _error(name, e)
+        return _error(launch[0], e)
     return None
 
 
@@ -902,11 +901,10 @@ def precompile(fn, *, arch: int | None = None, workers: int | None = None) -> di
     # candidates compile in parallel too. Keyed as Triton's cache is, on the source and options hashes.
     jobs, errors = {}, set()
     for launch in distinct:
-        name, args, kwargs = launch
         try:
-            sources = _sources(_prepare(name, *_from_spec(args), **_from_spec(kwargs)), arch)
+            sources = _sources(_prepare_recorded(launch), arch)
         except Exception as e:  # noqa: BLE001 — reported, so that the other launches still compile
-            errors.add(_error(name, e))
+            errors.add(_error(launch[0], e))
             continue
         for index, (_, source, options) in enumerate(sources):
             jobs.setdefault((source.hash(), options.hash()), (launch, index, arch))
