@@ -3,8 +3,9 @@
     TRITON_CACHE_DIR=<empty dir> python tests/launch_from_cache.py
 
 Precompiles a few launches for sm_90 (recorded, rebuilt on the CPU and compiled with ``compile_ahead`` in two
-worker processes), then launches them as the launchers do (``_Launch.run``) through a stand-in sm_90 driver, which
-lets Triton's JIT specialize, compile or read its cache, and stops it at the kernel's first launch. Prints JSON:
+worker processes), then launches them as the launchers do (``_Launch.run``) through a stand-in sm_90 driver
+(``benchmarks/stand_in_gpu.py``), which lets Triton's JIT specialize, compile or read its cache, and launches
+nothing. Prints JSON:
 what ``precompile`` reported, the cache entries added by each launch (none when the launch read what was compiled
 ahead), and by a control launch that differs by one option (one: the check can see a miss). Used by
 tests/test_triton_kernels.py, in a separate process because that module imports the kernels interpreted.
@@ -12,47 +13,14 @@ tests/test_triton_kernels.py, in a separate process because that module imports 
 
 import json
 import os
+import sys
 
 import torch
-from triton.backends.compiler import GPUTarget
-from triton.runtime.driver import driver
 
 from msfp import triton_kernels as tk
 
-
-class Launched(Exception):
-    """Raised where Triton would load the compiled kernel onto the GPU."""
-
-
-class Sm90Driver:
-    """What JITFunction.run and the autotuner ask of a driver before a compiled kernel reaches the GPU."""
-
-    def get_current_device(self):
-        return 0
-
-    def get_current_stream(self, device=None):
-        return 0
-
-    def get_current_target(self):
-        return GPUTarget("cuda", 90, 32)
-
-    def get_benchmarker(self):
-        def bench(call, quantiles=None):  # the autotuner compiles each candidate in its first call
-            try:
-                call()
-            except Launched:
-                pass
-            return [1.0, 1.0, 1.0] if quantiles else 1.0
-
-        return bench
-
-    @property
-    def utils(self):
-        raise Launched
-
-    @property
-    def launcher_cls(self):
-        raise Launched
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "benchmarks"))
+from stand_in_gpu import stand_in_gpu  # noqa: E402
 
 
 def conv_args(bordered=False):
@@ -79,24 +47,21 @@ def entries():
     return set(os.listdir(os.environ["TRITON_CACHE_DIR"]))
 
 
-def launch(launcher, args, options):
+def launch(gpu, launcher, args, options):
     prepared = tk._prepare(next(n for n, (f, _) in tk._LAUNCHERS.items() if f is launcher), *args, **options)
-    before = entries()
-    try:
-        prepared.kernel[prepared.grid](*prepared.args, **prepared.flags)
-    except Launched:
-        pass
-    else:
-        raise AssertionError("the stand-in driver let a kernel launch")
+    before, launches = entries(), gpu.launches
+    prepared.kernel[prepared.grid](*prepared.args, **prepared.flags)
+    if gpu.launches == launches:  # the stand-in counts what reached the GPU's launch call
+        raise AssertionError(f"{launcher.__name__}{options} did not reach the launch")
     return len(entries() - before)
 
 
 def main():
     precompiled = tk.precompile(lambda: [launcher(*args, **options) for launcher, args, options in LAUNCHES.values()],
                                 arch=90, workers=2)
-    driver.set_active(Sm90Driver())
-    added = {name: launch(*spec) for name, spec in LAUNCHES.items()}
-    control = launch(tk.conv2d_fp8, conv_args(), dict(BLOCKS, num_stages=2))
+    with stand_in_gpu(arch=90) as gpu:
+        added = {name: launch(gpu, *spec) for name, spec in LAUNCHES.items()}
+        control = launch(gpu, tk.conv2d_fp8, conv_args(), dict(BLOCKS, num_stages=2))
     print(json.dumps(dict(precompiled=precompiled, added=added, control=control)))
 
 

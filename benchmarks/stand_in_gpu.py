@@ -1,0 +1,77 @@
+"""Triton's dispatch of GPU kernels on a machine without a GPU: a stand-in for its CUDA driver.
+
+Inside ``with stand_in_gpu(arch=90) as gpu:`` Triton treats kernel calls as it would on a GPU of that compute
+capability: its JIT binds and specializes the arguments, compiles for ``arch`` or reads its cache, the autotuner
+keys and (on a key's first call, every candidate timed alike: the first wins) picks a configuration, and the
+compiled kernel is "loaded" — but the launch itself does nothing and is only counted (``gpu.launches``). What it
+leaves out of a real launch is Triton's C launcher: packing the arguments (and, for TMA descriptors, encoding the
+tensor maps) and the CUDA launch call. Used to time Triton's share of a layer's host work
+(``fp8_host_overhead.py``) and to check that launches read the kernels compiled ahead (``tests/launch_from_cache.py``).
+Tensors may be CPU tensors: nothing reads their memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+from triton.backends.compiler import GPUTarget
+from triton.runtime.driver import driver
+
+
+class _Binaries:
+    # H100/H200 limits (sm_90): Triton checks a kernel's shared memory and threads against them when loading it.
+    def get_device_properties(self, device):
+        return {"max_shared_mem": 232448, "multiprocessor_count": 132, "max_num_regs": 65536, "warpSize": 32}
+
+    def load_binary(self, name, kernel, shared, device):
+        return None, None, 0, 0, 1024  # module, function, registers, spills, max threads per block
+
+    def unload_module(self, module):
+        pass
+
+
+class StandInGpu:
+    """What Triton's JIT, autotuner and compiled kernels ask of the active driver, answered without a GPU."""
+
+    utils = _Binaries()
+
+    def __init__(self, arch: int):
+        self.target = GPUTarget("cuda", arch, 32)
+        self.launches = 0
+        gpu = self
+
+        class Launcher:  # built per kernel when it is loaded; called per launch
+            def __init__(self, src, metadata):
+                pass
+
+            def __call__(self, *args):
+                gpu.launches += 1
+
+        self.launcher_cls = Launcher
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_current_target(self):
+        return self.target
+
+    def get_benchmarker(self):
+        def bench(call, quantiles=None, **kwargs):
+            call()
+            return [1.0, 1.0, 1.0] if quantiles else 1.0
+
+        return bench
+
+
+@contextlib.contextmanager
+def stand_in_gpu(arch: int = 90):
+    previous = driver._active  # None until first asked for; asking would fail without a GPU
+    gpu = StandInGpu(arch)
+    driver.set_active(gpu)
+    try:
+        yield gpu
+    finally:
+        driver._active = previous
