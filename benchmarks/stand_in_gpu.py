@@ -2,8 +2,10 @@
 
 Inside ``with stand_in_gpu(arch=90) as gpu:`` Triton treats kernel calls as it would on a GPU of that compute
 capability: its JIT binds and specializes the arguments, compiles for ``arch`` or reads its cache, the autotuner
-keys and (on a key's first call, every candidate timed alike: the first wins) picks a configuration, and the
-compiled kernel is "loaded" — but the launch itself does nothing and is only counted (``gpu.launches``). What it
+keys and (on a key's first call) picks a configuration, and the compiled kernel is "loaded" — but the launch itself
+does nothing and is only noted: ``gpu.launched`` lists each launched kernel's metadata. Every candidate the
+autotuner times comes out faster than the one before, so the last one wins (unlike the first, it shows when a
+launch ignores the choice). What it
 leaves out of a real launch is Triton's C launcher: packing the arguments (and, for TMA descriptors, encoding the
 tensor maps) and the CUDA launch call. Used to time Triton's share of a layer's host work
 (``fp8_host_overhead.py``) and to check that launches read the kernels compiled ahead (``tests/launch_from_cache.py``).
@@ -37,17 +39,22 @@ class StandInGpu:
 
     def __init__(self, arch: int):
         self.target = GPUTarget("cuda", arch, 32)
-        self.launches = 0
-        gpu = self
+        self.launched = []
+        self._timings = 0
+        launched = self.launched
 
         class Launcher:  # built per kernel when it is loaded; called per launch
             def __init__(self, src, metadata):
-                pass
+                self.metadata = metadata
 
             def __call__(self, *args):
-                gpu.launches += 1
+                launched.append(self.metadata)
 
         self.launcher_cls = Launcher
+
+    @property
+    def launches(self) -> int:
+        return len(self.launched)
 
     def get_current_device(self):
         return 0
@@ -61,7 +68,9 @@ class StandInGpu:
     def get_benchmarker(self):
         def bench(call, quantiles=None, **kwargs):
             call()
-            return [1.0, 1.0, 1.0] if quantiles else 1.0
+            self._timings += 1
+            ms = 1.0 / self._timings
+            return [ms, ms, ms] if quantiles else ms
 
         return bench
 

@@ -7,15 +7,18 @@ worker processes), then launches them as the launchers do (``_Launch.run``) thro
 (``benchmarks/stand_in_gpu.py``), which lets Triton's JIT specialize, compile or read its cache, and launches
 nothing. Prints JSON:
 what ``precompile`` reported, the cache entries added by each launch (none when the launch read what was compiled
-ahead), and by a control launch that differs by one option (one: the check can see a miss). Used by
+ahead), and by a control launch that differs by one option (one: the check can see a miss); and whether an autotuned
+launch, made again, goes straight to the kernel the autotuner chose the first time. Used by
 tests/test_triton_kernels.py, in a separate process because that module imports the kernels interpreted.
 """
 
 import json
 import os
 import sys
+from unittest import mock
 
 import torch
+from triton.runtime import Autotuner
 
 from msfp import triton_kernels as tk
 
@@ -48,21 +51,32 @@ def entries():
 
 
 def launch(gpu, launcher, args, options):
+    """Cache entries added and kernels launched (their metadata) by one launch as the launcher makes it."""
     prepared = tk._prepare(next(n for n, (f, _) in tk._LAUNCHERS.items() if f is launcher), *args, **options)
-    before, launches = entries(), gpu.launches
-    prepared.kernel[prepared.grid](*prepared.args, **prepared.flags)
-    if gpu.launches == launches:  # the stand-in counts what reached the GPU's launch call
+    before, launched = entries(), gpu.launches
+    prepared.run(args[0])
+    if gpu.launches == launched:
         raise AssertionError(f"{launcher.__name__}{options} did not reach the launch")
-    return len(entries() - before)
+    return len(entries() - before), gpu.launched[launched:]
 
 
 def main():
     precompiled = tk.precompile(lambda: [launcher(*args, **options) for launcher, args, options in LAUNCHES.values()],
                                 arch=90, workers=2)
-    with stand_in_gpu(arch=90) as gpu:
-        added = {name: launch(gpu, *spec) for name, spec in LAUNCHES.items()}
-        control = launch(gpu, tk.conv2d_fp8, conv_args(), dict(BLOCKS, num_stages=2))
-    print(json.dumps(dict(precompiled=precompiled, added=added, control=control)))
+    added, kernels = {}, {}
+    # CPU tensors pass for GPU ones: nothing reads them.
+    with stand_in_gpu(arch=90) as gpu, mock.patch.object(tk, "_require_triton", lambda *tensors: None):
+        for name, spec in LAUNCHES.items():
+            added[name], kernels[name] = launch(gpu, *spec)
+        control, _ = launch(gpu, tk.conv2d_fp8, conv_args(), dict(BLOCKS, num_stages=2))
+        # The autotuned launch again: now straight to the kernel the autotuner chose, without the autotuner.
+        with mock.patch.object(Autotuner, "run", autospec=True, side_effect=Autotuner.run) as autotuner_run:
+            _, again = launch(gpu, *LAUNCHES["conv_autotuned"])
+    tuned = kernels["conv_autotuned"]  # each candidate timed, then the winner (the last: see stand_in_gpu.py)
+    autotuned = dict(first_launches=len(tuned), winner_is_last_candidate=tuned[-1] is tuned[-2],
+                     again_launches=len(again), again_same_kernel=again[-1] is tuned[-1],
+                     again_autotuner_calls=autotuner_run.call_count)
+    print(json.dumps(dict(precompiled=precompiled, added=added, control=control, autotuned=autotuned)))
 
 
 if __name__ == "__main__":

@@ -413,13 +413,18 @@ def test_gemm_launchers_reject_bad_arguments():
 
 
 @pytest.mark.skipif(not CUDA, reason="autotuning times kernels on a GPU")
-def test_conv2d_fp8_autotuned_default_blocks():
+@pytest.mark.parametrize("tma", [False, True])
+def test_conv2d_fp8_autotuned_default_blocks(tma):
     gen = torch.Generator().manual_seed(6)
     x, w = random_codes((2, 16, 16, 64), gen), random_codes((128, 3, 3, 64), gen)
     a_scale, w_scale, bias = torch.rand(2, generator=gen) + 0.5, torch.rand(128, generator=gen) * 0.01, torch.randn(128)
     ref, mag = tk.conv2d_fp8_reference(x, w, a_scale, w_scale, bias, None, None, 1, 1, 1)
-    y = tk.conv2d_fp8(*[t.to(DEV) for t in (x, w, a_scale, w_scale, bias)], padding=1)
+    y = tk.conv2d_fp8(*[t.to(DEV) for t in (x, w, a_scale, w_scale, bias)], padding=1, tma=tma)
     assert_within_accumulation_error(y, ref, mag, 9 * 64)
+    # Again: the autotuner's choice, launched without it (_Launch._run_tuned; with TMA, on new descriptors whose
+    # blocks it sets as the autotuner's hook did), computes the same bits.
+    again = tk.conv2d_fp8(*[t.to(DEV) for t in (x, w, a_scale, w_scale, bias)], padding=1, tma=tma)
+    assert torch.equal(again, y)
 
 
 @pytest.mark.parametrize("tma,split_k", [(None, 1), ("boxes", 1), ("rows", 1), (None, 2), ("rows", 3)])
@@ -738,6 +743,9 @@ def test_launches_read_the_kernels_compiled_ahead(tmp_path):
     assert precompiled["distinct"] == 5 and precompiled["kernels"] == 8 and precompiled["errors"] == []
     assert result["control"] == 1  # a launch unlike any compiled ahead compiles, and the check sees it
     assert result["added"] == {name: 0 for name in result["added"]} and len(result["added"]) == 5
+    # 4 candidates timed, then the winner; made again, the launch skips the autotuner and runs that same kernel
+    assert result["autotuned"] == dict(first_launches=5, winner_is_last_candidate=True, again_launches=1,
+                                       again_same_kernel=True, again_autotuner_calls=0)
 
 
 def test_precompile_records_launches_instead_of_running_them(monkeypatch):

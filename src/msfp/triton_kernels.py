@@ -60,12 +60,16 @@ _ACT_BLOCKS = (64, 64)  # (rows, channels) per program; the kernel is memory-bou
 _OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+def _cdiv(a: int, b: int) -> int:
+    # Not triton.cdiv: a constexpr function in Triton 3.6 and 3.9, whose call costs microseconds per launch.
+    return -(-a // b)
+
+
 def _require_triton(*tensors: torch.Tensor) -> None:
     if not HAS_TRITON:
         raise RuntimeError("msfp.triton_kernels needs the `triton` package, which is not installed")
-    interpreting = os.environ.get("TRITON_INTERPRET") == "1"
     for t in tensors:
-        if not t.is_cuda and not interpreting:
+        if not t.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":  # read only then: it costs µs per launch
             raise RuntimeError(f"Triton kernels need CUDA tensors (got a tensor on {t.device}); "
                                "CPU tensors only work under TRITON_INTERPRET=1")
 
@@ -124,12 +128,35 @@ class _Launch:
         if tensors[0].is_cuda:
             self.check_gpu_blocks()
         _require_triton(*tensors)
-        if self.kernel is not None:
+        if isinstance(self.kernel, triton.runtime.Autotuner):
+            self._run_tuned()
+        elif self.kernel is not None:
             self.kernel[self.grid](*self.args, **self.flags)
         if self.finish is not None:
             self.finish()
         return self.result
 
+    def _run_tuned(self) -> None:
+        # The autotuner's own lookup (a key built from every argument) and call wrapper cost host time on every
+        # launch; after its first choice for a launch like this one, the kernel is called directly with that choice.
+        # The key holds every int argument (shapes, strides) and constexpr, so it is at least as fine as the
+        # autotuner's.
+        tuner = self.kernel
+        key = (id(tuner), *self.flags.items(),
+               *(a if isinstance(a, int) else getattr(a, "dtype", type(a)) for a in self.args))
+        chosen = _autotuned.get(key)
+        if chosen is None:
+            tuner[self.grid](*self.args, **self.flags)
+            _autotuned[key] = tuner.best_config.all_kwargs()
+            return
+        flags = {**self.flags, **chosen}
+        if self.configure is not None:  # what the configuration's pre-launch hook does in the autotuner
+            self.configure(flags)
+        tuner.fn[self.grid](*self.args, **flags)
+
+
+# The configuration each autotuned kind of launch got (see _Launch._run_tuned).
+_autotuned: dict[tuple, dict] = {}
 
 # The launches recorded by `precompile`, when it is running its function (None otherwise).
 _recorded_launches: contextvars.ContextVar[list | None] = contextvars.ContextVar("msfp_recorded_launches",
@@ -275,7 +302,7 @@ def _prepare_act_codes(x, fmt, scale, zero_point, shift, out, pad, block_r, bloc
         return _Launch(None, None, (), {}, ({},), out)
     block_r, block_c = block_r or _ACT_BLOCKS[0], block_c or _ACT_BLOCKS[1]
     rows = B * H * W
-    grid = (triton.cdiv(rows, block_r), triton.cdiv(C, block_c))
+    grid = (_cdiv(rows, block_r), _cdiv(C, block_c))
     zp = zero_point if zero_point is not None else scale  # unread when HAS_ZP is False
     # Output rows (b, h, w) through the output's strides: 2-D outputs have (M, K) = (B, C), H = W = 1.
     sob, soh, sow = out.stride()[:3] if out.dim() == 4 else (out.stride(0), 0, 0)
@@ -630,18 +657,18 @@ def _prepare_conv2d_fp8(x_codes, w_codes, a_scale, w_scale, bias=None, zp=None, 
 
     def num_m(block_m):
         if not tma:
-            return triton.cdiv(M, block_m)
+            return _cdiv(M, block_m)
         if flat:
-            return triton.cdiv(B * (H + 2 * ph) * (W + 2 * pw), block_m)
+            return _cdiv(B * (H + 2 * ph) * (W + 2 * pw), block_m)
         bb, bh, bw = _tma_tile(OH, OW, block_m)
-        return triton.cdiv(B, bb) * triton.cdiv(OH, bh) * triton.cdiv(OW, bw)
+        return _cdiv(B, bb) * _cdiv(OH, bh) * _cdiv(OW, bw)
 
     if block_m is None:
         tuned = _conv_fp8_tma_tuned if tma else _conv_fp8_tuned
-        grid = lambda meta: (num_m(meta["BLOCK_M"]) * triton.cdiv(O, meta["BLOCK_N"]), split_k)  # noqa: E731
+        grid = lambda meta: (num_m(meta["BLOCK_M"]) * _cdiv(O, meta["BLOCK_N"]), split_k)  # noqa: E731
         configs = tuple({**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages} for c in tuned.configs)
         return _Launch(tuned, grid, args, flags, configs, y, configure, finish)
-    grid = (num_m(block_m) * triton.cdiv(O, block_n), split_k)
+    grid = (num_m(block_m) * _cdiv(O, block_n), split_k)
     flags.update(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8, num_warps=num_warps,
                  num_stages=num_stages)
     if configure is not None:
