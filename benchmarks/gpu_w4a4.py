@@ -10,7 +10,8 @@ measurement; the test suite runs it.
 Reported, per layer shape (SD-1.5-like: 3×3 convolutions at 320–1280 channels, large linears) — the BF16 time
 (cuBLAS/cuDNN, channels_last, ``cudnn.benchmark``), the FP8 GEMM/convolution alone on ready codes, and the whole FP8
 layer (activation-quantize kernel + GEMM, BF16 in and out), the GEMM alone with fast (reduced-precision) FP8
-accumulation; TFLOP/s and % of the dense peak of the GPU. Per denoiser
+accumulation; TFLOP/s and % of the dense peak of the GPU; for 3×3 convolutions also the activation-quantize kernel
+alone (``act_codes``) on channels_last and on NCHW input (GroupNorm's output on CUDA), with its GB/s. Per denoiser
 (the shipped default model and a random-weight UNet2DConditionModel with Stable Diffusion 1.5's shapes): one step's
 time in BF16 and with every 4-bit layer on the FP8 path, the speed-up, the peak memory, the bytes of the weights, and
 the output's relative L2 distance from the same model's emulated FP8 path (``output_rel_l2_vs_emulated``: torch
@@ -183,6 +184,23 @@ def quantized_layer(module: torch.nn.Module, x: torch.Tensor):
     return layer
 
 
+def act_codes_rows(xb: torch.Tensor, s: torch.Tensor, z: torch.Tensor, use_kernels: bool, timer: Timer) -> dict:
+    """The activation-quantization pass alone, from channels_last bf16 (our convolutions' outputs) and from NCHW bf16
+    (what GroupNorm returns on CUDA, before a ResNet block's convolutions), with its bandwidth: bf16 in, codes out."""
+    moved = xb.numel() * (xb.element_size() + 1)
+    result = {}
+    for layout, x in (("channels_last", xb), ("nchw", xb.contiguous())):
+        if use_kernels:
+            timing = timer(lambda x=x: triton_kernels.act_codes(x, ACT_FORMAT, s, z, e4m3_shift(ACT_FORMAT)))
+        else:
+            view = (-1, 1, 1, 1)
+            timing = timer(lambda x=x: act_codes(x, ACT_FORMAT, s.view(view), z.view(view), e4m3_shift(ACT_FORMAT)))
+        result[layout] = dict(ms=timing["ms"], gb_per_s=moved / timing["ms"] / 1e6)
+        if "graph_ms" in timing:
+            result[layout]["graph"] = dict(ms=timing["graph_ms"], gb_per_s=moved / timing["graph_ms"] / 1e6)
+    return result
+
+
 def layer_rows(args, timer: Timer, peak) -> list[dict]:
     device = timer.device
     use_kernels = not args.smoke
@@ -234,6 +252,8 @@ def layer_rows(args, timer: Timer, peak) -> list[dict]:
                            fp8_layer=rates(flops, layer_t, peak and peak["fp8"]),
                            fp8_gemm_only_fast_accum=rates(flops, fast_t, peak and peak["fp8"]),
                            speedup_gemm_only=speedups(bf16_t, gemm_t), speedup_layer=speedups(bf16_t, layer_t))
+                if kind == "conv3x3":
+                    row["act_codes"] = act_codes_rows(xb, s, z, use_kernels, timer)
                 gemm_codes = codes if kind == "linear" else codes.permute(0, 2, 3, 1).contiguous()  # as _gemm has it
                 if triton_kernels.tma_unsupported(gemm_codes, fp8.weight_codes[0], desc.get("stride", 1)) is None:
                     # TMA loads; a linear's tiles are flat rows whichever tiling is asked for.

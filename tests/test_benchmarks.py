@@ -57,6 +57,10 @@ def test_gpu_w4a4_smoke_runs_every_layer_and_denoiser_on_the_fp8_path(capsys):
         # TMA loads: stride-1 layers only; 3×3 convolutions with both tilings, linears as flat rows
         assert ("fp8_gemm_only_tma_rows" in row) == (row.get("stride", 1) == 1)
         assert ("fp8_gemm_only_tma_boxes" in row) == (row["kind"] == "conv3x3" and row["stride"] == 1)
+        if row["kind"] == "conv3x3":  # the activation pass alone, from channels_last and NCHW inputs
+            moved = 3 * row["batch"] * row["c_in"] * row["hw"] ** 2  # bf16 in, one-byte codes out
+            for timing in (row["act_codes"]["channels_last"], row["act_codes"]["nchw"]):
+                assert timing["gb_per_s"] == pytest.approx(moved / timing["ms"] / 1e6)
     for denoiser in report["denoisers"]:
         # Every 4-bit layer converted; 1 byte per weight code halves the BF16 model's bytes or better.
         assert denoiser["fake_quant_layers"] == {} and denoiser["fp8_layers"] > 0

@@ -668,6 +668,9 @@ def test_act_codes_kernel_compiles_with_ieee_division(name, layout):
     assert "div.rn.f32" in ptx and "div.approx" not in ptx and "div.full" not in ptx
     assert kernel.metadata.enable_fp_fusion is False and "fma.rn.f32" not in ptx
     assert re.search(r"cvt\.rn\.satfinite\.e4m3x2\.f32", ptx)
+    # The bf16 input loads as 16-byte vectors in both layouts (NCHW ones along a plane, transposed on chip), not as
+    # one 2-byte load per element.
+    assert re.search(r"ld\.global(\.\w+)*\.v4\.b32", ptx) and not re.search(r"ld\.global(\.\w+)*\.b16", ptx)
     stats = tk.kernel_stats(kernel)
     assert stats["spill_store_bytes"] == 0 and stats["mma_instructions"] == []
 

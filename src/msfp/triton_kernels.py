@@ -187,17 +187,30 @@ if HAS_TRITON:
                           sxb, sxc, sxh, sxw, s_scale, s_zp, sob, soh, sow,
                           HAS_ZP: tl.constexpr, IS_INT: tl.constexpr, MBITS: tl.constexpr, MIN_EXP: tl.constexpr,
                           BIAS: tl.constexpr, LO: tl.constexpr, HI: tl.constexpr, OUT_MUL: tl.constexpr,
-                          BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+                          PLANES: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
         # Row r = (b, h, w) of the NHWC output; column = channel. The input is read through its own strides (NCHW,
         # channels_last or a 2-D (M, K) matrix with H = W = 1).
-        r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
         c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-        b = r // HW
-        h = (r % HW) // W
-        w = r % W
-        row_ok = r < rows
+        if PLANES:
+            # Each channel's H×W plane is contiguous (NCHW): a program takes BLOCK_R positions of one sample, so
+            # the input offsets are visibly consecutive along rows and load as vectors (Triton transposes the tile
+            # through shared memory for the channels-innermost store). Row blocks that straddle samples would hide it.
+            tiles = (HW + BLOCK_R - 1) // BLOCK_R
+            sample = tl.program_id(0) // tiles
+            hw = tl.program_id(0) % tiles * BLOCK_R + tl.arange(0, BLOCK_R)
+            b = sample + hw * 0
+            h = hw // W
+            w = hw % W
+            row_ok = hw < HW
+            in_off = sample.to(tl.int64) * sxb + hw
+        else:
+            r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+            b = r // HW
+            h = (r % HW) // W
+            w = r % W
+            row_ok = r < rows
+            in_off = b.to(tl.int64) * sxb + h * sxh + w * sxw
         mask = row_ok[:, None] & (c < C)[None, :]
-        in_off = b.to(tl.int64) * sxb + h * sxh + w * sxw
         x = tl.load(x_ptr + in_off[:, None] + c[None, :].to(tl.int64) * sxc, mask=mask, other=0.0).to(tl.float32)
         s = tl.load(scale_ptr + b * s_scale, mask=row_ok, other=1.0)
         if HAS_ZP:
@@ -302,7 +315,9 @@ def _prepare_act_codes(x, fmt, scale, zero_point, shift, out, pad, block_r, bloc
         return _Launch(None, None, (), {}, ({},), out)
     block_r, block_c = block_r or _ACT_BLOCKS[0], block_c or _ACT_BLOCKS[1]
     rows = B * H * W
-    grid = (_cdiv(rows, block_r), _cdiv(C, block_c))
+    # Contiguous planes (NCHW, not channels_last): row blocks within one sample (see the kernel).
+    planes = sxc != 1 and sxw == 1 and sxh == W and H * W > 1
+    grid = (B * _cdiv(H * W, block_r) if planes else _cdiv(rows, block_r), _cdiv(C, block_c))
     zp = zero_point if zero_point is not None else scale  # unread when HAS_ZP is False
     # Output rows (b, h, w) through the output's strides: 2-D outputs have (M, K) = (B, C), H = W = 1.
     sob, soh, sow = out.stride()[:3] if out.dim() == 4 else (out.stride(0), 0, 0)
@@ -312,7 +327,7 @@ def _prepare_act_codes(x, fmt, scale, zero_point, shift, out, pad, block_r, bloc
     # Set explicitly in both kernels, as Triton's default changes in 3.10.
     flags = dict(HAS_ZP=zero_point is not None, IS_INT=fmt.kind == "int", MBITS=fmt.mbits, MIN_EXP=fmt.min_exponent,
                  BIAS=fmt.bias, LO=-fmt.max_value if fmt.signed else 0.0, HI=fmt.max_value, OUT_MUL=2.0**shift,
-                 BLOCK_R=block_r, BLOCK_C=block_c, enable_fp_fusion=False)
+                 PLANES=planes, BLOCK_R=block_r, BLOCK_C=block_c, enable_fp_fusion=False)
     return _Launch(_act_codes_kernel, grid, args, flags, ({},), out)
 
 
