@@ -66,7 +66,7 @@ def per_sample_params(fmt, n, gen):
     return scale, zp
 
 
-@pytest.mark.parametrize("layout", ["nchw", "channels_last", "2d"])
+@pytest.mark.parametrize("layout", ["nchw", "nchw_sliced", "channels_last", "2d"])
 @pytest.mark.parametrize("name", FORMATS)
 def test_act_codes_random_matches_reference(name, layout):
     fmt = get_format(name)
@@ -77,6 +77,10 @@ def test_act_codes_random_matches_reference(name, layout):
     x = x.to(DEV)
     if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "nchw_sliced":  # every other sample and channel of a larger tensor: contiguous planes, wider strides
+        big = torch.zeros(2 * shape[0], 2 * shape[1], *shape[2:], device=DEV)
+        big[::2, ::2] = x
+        x = big[::2, ::2]
     scale, zp = per_sample_params(fmt, shape[0], gen)
     assert_same_codes(tk.act_codes(x, fmt, scale, zp, **ACT_BLOCKS), reference_codes(x, fmt, scale, zp))
 
