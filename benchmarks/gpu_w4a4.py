@@ -184,17 +184,22 @@ def quantized_layer(module: torch.nn.Module, x: torch.Tensor):
     return layer
 
 
+def layer_act_codes(x: torch.Tensor, s: torch.Tensor, z: torch.Tensor, use_kernels: bool) -> torch.Tensor:
+    """The activation codes of ``x`` (NCHW or (M, K)) with per-row scale ``s`` and zero point ``z``: from the kernel
+    (NHWC or (M, K)) or, emulated, in ``x``'s own layout."""
+    if use_kernels:
+        return triton_kernels.act_codes(x, ACT_FORMAT, s, z, e4m3_shift(ACT_FORMAT))
+    view = (-1,) + (1,) * (x.dim() - 1)
+    return act_codes(x, ACT_FORMAT, s.view(view), z.view(view), e4m3_shift(ACT_FORMAT))
+
+
 def act_codes_rows(xb: torch.Tensor, s: torch.Tensor, z: torch.Tensor, use_kernels: bool, timer: Timer) -> dict:
     """The activation-quantization pass alone, from channels_last bf16 (our convolutions' outputs) and from NCHW bf16
     (what GroupNorm returns on CUDA, before a ResNet block's convolutions), with its bandwidth: bf16 in, codes out."""
     moved = xb.numel() * (xb.element_size() + 1)
     result = {}
     for layout, x in (("channels_last", xb), ("nchw", xb.contiguous())):
-        if use_kernels:
-            timing = timer(lambda x=x: triton_kernels.act_codes(x, ACT_FORMAT, s, z, e4m3_shift(ACT_FORMAT)))
-        else:
-            view = (-1, 1, 1, 1)
-            timing = timer(lambda x=x: act_codes(x, ACT_FORMAT, s.view(view), z.view(view), e4m3_shift(ACT_FORMAT)))
+        timing = timer(lambda x=x: layer_act_codes(x, s, z, use_kernels))
         result[layout] = dict(ms=timing["ms"], gb_per_s=moved / timing["ms"] / 1e6)
         if "graph_ms" in timing:
             result[layout]["graph"] = dict(ms=timing["graph_ms"], gb_per_s=moved / timing["graph_ms"] / 1e6)
@@ -233,12 +238,9 @@ def layer_rows(args, timer: Timer, peak) -> list[dict]:
             with torch.no_grad():
                 x2 = xb if kind == "conv3x3" else xb.reshape(-1, xb.shape[-1])
                 s, z = fp8._act_params(x.shape[0], 1 if kind == "conv3x3" else x.shape[1])
-                if use_kernels:
-                    codes = triton_kernels.act_codes(x2, ACT_FORMAT, s, z, e4m3_shift(ACT_FORMAT))
-                    codes = codes if kind == "linear" else codes.permute(0, 3, 1, 2)
-                else:
-                    view = (-1, 1, 1, 1) if kind == "conv3x3" else (-1, 1)
-                    codes = act_codes(x2, ACT_FORMAT, s.view(view), z.view(view), e4m3_shift(ACT_FORMAT))
+                codes = layer_act_codes(x2, s, z, use_kernels)
+                if use_kernels and kind == "conv3x3":
+                    codes = codes.permute(0, 3, 1, 2)  # the kernel's NHWC codes as the logical NCHW view _gemm takes
                 spatial = tuple(x.shape[-2:]) if kind == "conv3x3" else ()
                 bf16_t = timer(lambda: bf16(xb))
                 gemm_t = timer(lambda: fp8._gemm(codes, 0, s, z, spatial, torch.bfloat16, use_kernels))

@@ -5,10 +5,10 @@ capability: its JIT binds and specializes the arguments, compiles for ``arch`` o
 keys and (on a key's first call) picks a configuration, and the compiled kernel is "loaded" — but the launch itself
 does nothing and is only noted: ``gpu.launched`` lists each launched kernel's metadata. Every candidate the
 autotuner times comes out faster than the one before, so the last one wins (unlike the first, it shows when a
-launch ignores the choice). What it
-leaves out of a real launch is Triton's C launcher: packing the arguments (and, for TMA descriptors, encoding the
-tensor maps) and the CUDA launch call. Used to time Triton's share of a layer's host work
-(``fp8_host_overhead.py``) and to check that launches read the kernels compiled ahead (``tests/launch_from_cache.py``).
+launch ignores the choice). What it leaves out of a real launch is Triton's C launcher: packing the arguments (and,
+for TMA descriptors, encoding the tensor maps) and the CUDA launch call. Used to time Triton's share of a layer's
+host work (``fp8_host_overhead.py``) and to check that launches read the kernels compiled ahead
+(``tests/launch_from_cache.py``).
 Tensors may be CPU tensors: nothing reads their memory.
 """
 

@@ -245,7 +245,9 @@ class Fp8Layer(nn.Module):
             return self.split_k
         if device.type != "cuda":
             return 1
-        tiles = -(-rows // 128) * -(-self.weight_codes.shape[1] // 128)
+        from msfp.triton_kernels import _cdiv
+
+        tiles = _cdiv(rows, 128) * _cdiv(self.weight_codes.shape[1], 128)
         return min(4, max(1, torch.cuda.get_device_properties(device).multi_processor_count // tiles))
 
     def _tma_applies(self, codes: torch.Tensor, w_codes: torch.Tensor) -> bool:
