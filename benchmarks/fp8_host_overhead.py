@@ -11,9 +11,11 @@ at that host work. Measured on any machine, in two parts:
 - ``host_us_per_forward``: our launchers' work (argument checks, scale vectors, output allocation), with the launches
   replaced by no-ops.
 - ``with_triton_dispatch_us_per_forward``: the same forward with the launches going through Triton as on an sm_90
-  GPU (its JIT's argument binding, specialization and cache lookup, the autotuner's key), via the stand-in driver of
-  ``stand_in_gpu.py``; the kernels are compiled for sm_90 first (``msfp.triton_kernels.precompile``). Left out:
-  Triton's C launcher (argument packing and, with TMA, encoding the tensor maps) and the CUDA launch itself.
+  GPU, via the stand-in driver of ``stand_in_gpu.py``: the first launch of each kind through its JIT and autotuner
+  (argument binding, specialization, cache lookup, the autotuner's choice), the timed ones, like it, straight to the
+  compiled kernel that Triton chose (``_Launch._launch``); the kernels are compiled for sm_90 first
+  (``msfp.triton_kernels.precompile``). Left out: Triton's C launcher (argument packing and, with TMA, encoding the
+  tensor maps) and the CUDA launch itself.
   ``launches_per_forward`` counts what reached the launch. Needs Triton's real JIT, so not ``TRITON_INTERPRET=1``.
 
 Prints JSON with µs per forward for a linear and a 3×3 convolution layer (sizes do not matter here: nothing is

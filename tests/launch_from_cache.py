@@ -7,9 +7,12 @@ worker processes), then launches them as the launchers do (``_Launch.run``) thro
 (``benchmarks/stand_in_gpu.py``), which lets Triton's JIT specialize, compile or read its cache, and launches
 nothing. Prints JSON:
 what ``precompile`` reported, the cache entries added by each launch (none when the launch read what was compiled
-ahead), and by a control launch that differs by one option (one: the check can see a miss); and whether an autotuned
-launch, made again, goes straight to the kernel the autotuner chose the first time. Used by
-tests/test_triton_kernels.py, in a separate process because that module imports the kernels interpreted.
+ahead), and by a control launch that differs by one option (one: the check can see a miss); whether an autotuned
+launch, made again, goes straight to the kernel the autotuner chose the first time; and, for each launch made again
+(straight to the compiled kernel, past Triton's dispatch), whether the kernel's launcher got exactly what Triton's
+own dispatch of that launch gives it — with one more launch whose input is not 16-byte aligned, on which Triton
+specializes. Used by tests/test_triton_kernels.py, in a separate process because that module imports the kernels
+interpreted.
 """
 
 import json
@@ -18,7 +21,8 @@ import sys
 from unittest import mock
 
 import torch
-from triton.runtime import Autotuner
+from triton.compiler.compiler import LazyDict
+from triton.runtime import Autotuner, JITFunction
 
 from msfp import triton_kernels as tk
 
@@ -46,13 +50,23 @@ LAUNCHES = {
 }
 
 
+def act_codes_launch(aligned: bool):
+    x = torch.zeros(2 * 64 * 16 * 16 + 1, dtype=torch.bfloat16)
+    x = (x[:-1] if aligned else x[1:]).view(2, 64, 16, 16)  # 2 bytes off 16-byte alignment, or not
+    return tk.act_codes, (x, "ufp4_e2m2", torch.ones(2), torch.zeros(2)), {}
+
+
 def entries():
     return set(os.listdir(os.environ["TRITON_CACHE_DIR"]))
 
 
+def prepare(launcher, args, options):
+    return tk._prepare(next(n for n, (f, _) in tk._LAUNCHERS.items() if f is launcher), *args, **options)
+
+
 def launch(gpu, launcher, args, options):
     """Cache entries added and kernels launched (their metadata) by one launch as the launcher makes it."""
-    prepared = tk._prepare(next(n for n, (f, _) in tk._LAUNCHERS.items() if f is launcher), *args, **options)
+    prepared = prepare(launcher, args, options)
     before, launched = entries(), gpu.launches
     prepared.run(args[0])
     if gpu.launches == launched:
@@ -60,23 +74,51 @@ def launch(gpu, launcher, args, options):
     return len(entries() - before), gpu.launched[launched:]
 
 
+def direct_as_triton(gpu, launcher, args, options):
+    """Made again, does a launch go straight to its compiled kernel with what Triton's dispatch of the same launch
+    (the same tensors) gives the kernel's launcher: grid, stream, kernel, metadata, hooks and every argument?"""
+    prepared = prepare(launcher, args, options)
+    before = len(gpu.calls)
+    with mock.patch.object(JITFunction, "run", side_effect=AssertionError("dispatched by Triton")):
+        prepared.run(args[0])
+    prepared._launch_through_triton()
+    direct, dispatched = gpu.calls[before:]
+    return len(direct) == len(dispatched) and all(map(same, direct, dispatched))
+
+
+def same(a, b) -> bool:
+    if a is b:
+        return True
+    if type(a) is not type(b) or isinstance(a, torch.Tensor):
+        return False
+    if type(a) is LazyDict:  # the launch metadata for Triton's launch hooks: built per launch
+        return a.data == b.data and len(a.extras) == len(b.extras)
+    return a == b
+
+
 def main():
     precompiled = tk.precompile(lambda: [launcher(*args, **options) for launcher, args, options in LAUNCHES.values()],
                                 arch=90, workers=2)
     added, kernels = {}, {}
     # CPU tensors pass for GPU ones: nothing reads them.
-    with stand_in_gpu(arch=90) as gpu, mock.patch.object(tk, "_require_triton", lambda *tensors: None):
+    with stand_in_gpu(arch=90, record_calls=True) as gpu, mock.patch.object(tk, "_require_triton", lambda *tensors: None):
         for name, spec in LAUNCHES.items():
             added[name], kernels[name] = launch(gpu, *spec)
         control, _ = launch(gpu, tk.conv2d_fp8, conv_args(), dict(BLOCKS, num_stages=2))
         # The autotuned launch again: now straight to the kernel the autotuner chose, without the autotuner.
         with mock.patch.object(Autotuner, "run", autospec=True, side_effect=Autotuner.run) as autotuner_run:
             _, again = launch(gpu, *LAUNCHES["conv_autotuned"])
+        # A launch unlike an earlier one only in its input's alignment, which Triton specializes on.
+        _, aligned_kernels = launch(gpu, *act_codes_launch(aligned=True))
+        _, misaligned_kernels = launch(gpu, *act_codes_launch(aligned=False))
+        direct = {name: direct_as_triton(gpu, *spec)
+                  for name, spec in [*LAUNCHES.items(), ("misaligned", act_codes_launch(aligned=False))]}
+    direct["misaligned_own_kernel"] = misaligned_kernels[-1] is not aligned_kernels[-1]
     tuned = kernels["conv_autotuned"]  # each candidate timed, then the winner (the last: see stand_in_gpu.py)
     autotuned = dict(first_launches=len(tuned), winner_is_last_candidate=tuned[-1] is tuned[-2],
                      again_launches=len(again), again_same_kernel=again[-1] is tuned[-1],
                      again_autotuner_calls=autotuner_run.call_count)
-    print(json.dumps(dict(precompiled=precompiled, added=added, control=control, autotuned=autotuned)))
+    print(json.dumps(dict(precompiled=precompiled, added=added, control=control, autotuned=autotuned, direct=direct)))
 
 
 if __name__ == "__main__":

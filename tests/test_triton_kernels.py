@@ -737,8 +737,9 @@ def test_benchmark_timer_precompiles_what_it_times(monkeypatch):
 
 def test_launches_read_the_kernels_compiled_ahead(tmp_path):
     # conv_tiles.py compiles its sweep ahead in parallel processes and relies on the launches finding those kernels
-    # in Triton's cache (compile_ahead rebuilds the JIT's cache key from Triton internals). The launches go through a
-    # stand-in sm_90 driver in a separate process, with the kernels JIT-compiled rather than interpreted.
+    # in Triton's cache (compile_ahead rebuilds the JIT's cache key from Triton internals); launches made again skip
+    # Triton's dispatch (_Launch._launch). The launches go through a stand-in sm_90 driver in a separate process, with
+    # the kernels JIT-compiled rather than interpreted.
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path)
     script = os.path.join(os.path.dirname(__file__), "launch_from_cache.py")
@@ -753,6 +754,10 @@ def test_launches_read_the_kernels_compiled_ahead(tmp_path):
     # 4 candidates timed, then the winner; made again, the launch skips the autotuner and runs that same kernel
     assert result["autotuned"] == dict(first_launches=5, winner_is_last_candidate=True, again_launches=1,
                                        again_same_kernel=True, again_autotuner_calls=0)
+    # Made again, each launch goes straight to its compiled kernel (past Triton's dispatch), and its launcher gets what
+    # Triton's dispatch of the same launch gives it; a launch unlike an earlier one only in its input's alignment
+    # gets a kernel of its own.
+    assert result["direct"] == dict.fromkeys([*result["added"], "misaligned", "misaligned_own_kernel"], True)
 
 
 def test_precompile_records_launches_instead_of_running_them(monkeypatch):

@@ -48,6 +48,8 @@ from msfp.formats import Format, get_format
 try:
     import triton
     import triton.language as tl
+    from triton.runtime.driver import driver
+    from triton.tools.tensor_descriptor import TensorDescriptor
 except ImportError:
     triton = None
     tl = None
@@ -128,35 +130,82 @@ class _Launch:
         if tensors[0].is_cuda:
             self.check_gpu_blocks()
         _require_triton(*tensors)
-        if isinstance(self.kernel, triton.runtime.Autotuner):
-            self._run_tuned()
-        elif self.kernel is not None:
-            self.kernel[self.grid](*self.args, **self.flags)
+        if self.kernel is not None:
+            self._launch()
         if self.finish is not None:
             self.finish()
         return self.result
 
-    def _run_tuned(self) -> None:
-        # The autotuner's own lookup (a key built from every argument) and call wrapper cost host time on every
-        # launch; after its first choice for a launch like this one, the kernel is called directly with that choice.
-        # The key holds every int argument (shapes, strides) and constexpr, so it is at least as fine as the
-        # autotuner's.
-        tuner = self.kernel
-        key = (id(tuner), *self.flags.items(),
-               *(a if isinstance(a, int) else getattr(a, "dtype", type(a)) for a in self.args))
-        chosen = _autotuned.get(key)
-        if chosen is None:
-            tuner[self.grid](*self.args, **self.flags)
-            _autotuned[key] = tuner.best_config.all_kwargs()
+    def _launch(self) -> None:
+        # Triton's dispatch — the JIT binding and specializing every argument and building its cache key, the
+        # autotuner keying every call — cost more host time than the rest of a layer's forward. A launch like an
+        # earlier one (same kernel, compile-time flags, int arguments, and tensors alike in all that Triton
+        # specializes on: see _specialization_key) gets what Triton chose for that one: the autotuner's
+        # configuration, and the compiled kernel, launched directly. Compile options read from Triton's knobs
+        # (debug, instrumentation) are those of the first such launch.
+        key = (id(self.kernel), *self.flags.items(), *map(_specialization_key, self.args))
+        known = _known_launches.get(key)
+        if known is None:
+            _known_launches[key] = self._launch_through_triton()
             return
-        flags = {**self.flags, **chosen}
-        if self.configure is not None:  # what the configuration's pre-launch hook does in the autotuner
-            self.configure(flags)
-        tuner.fn[self.grid](*self.args, **flags)
+        grid = self.grid
+        if isinstance(self.kernel, triton.runtime.Autotuner):
+            grid = grid(known.flags)  # ours read only the block sizes
+            if self.configure is not None:
+                self.configure(known.flags)  # the TMA block shapes: what the configuration's pre-launch hook does
+        if known.compiled is None:  # interpreted: no compiled kernel to call
+            known.jit[grid](*self.args, **known.flags)
+            return
+        device = driver.active.get_current_device()
+        if device != known.device:
+            _known_launches[key] = self._launch_through_triton()
+            return
+        stream = driver.active.get_current_stream(device)
+        known.compiled[(*grid, 1, 1)[:3]](*self.args, *known.constants, stream=stream)
+
+    def _launch_through_triton(self) -> _KnownLaunch:
+        compiled = self.kernel[self.grid](*self.args, **self.flags)
+        if isinstance(self.kernel, triton.runtime.Autotuner):
+            jit, flags = self.kernel.fn, {**self.flags, **self.kernel.best_config.all_kwargs()}
+        else:
+            jit, flags = self.kernel, self.flags
+        if not isinstance(compiled, triton.compiler.CompiledKernel):
+            return _KnownLaunch(jit, flags)
+        params = jit.signature.parameters
+        # A compiled kernel takes every parameter positionally, compile-time ones included.
+        constants = tuple(flags[name] if name in flags else params[name].default
+                          for name in jit.arg_names[len(self.args):])
+        return _KnownLaunch(jit, flags, compiled, constants, driver.active.get_current_device())
 
 
-# The configuration each autotuned kind of launch got (see _Launch._run_tuned).
-_autotuned: dict[tuple, dict] = {}
+@dataclasses.dataclass
+class _KnownLaunch:
+    """What Triton chose for a kind of launch (see _Launch._launch): the JIT function and the compile-time flags with
+    the autotuner's block configuration; the compiled kernel, with the values of its parameters after the positional
+    arguments, and the device it is loaded on (None where Triton interprets the kernels)."""
+
+    jit: object
+    flags: dict
+    compiled: object = None
+    constants: tuple | None = None
+    device: int | None = None
+
+
+def _specialization_key(arg):
+    """All that Triton may specialize a kernel on, for one argument: an int's value; a tensor's dtype and whether it
+    is 16-byte aligned; a tensor descriptor's every field, its base as a tensor."""
+    if type(arg) is int:
+        return arg
+    if isinstance(arg, torch.Tensor):
+        return arg.dtype, arg.data_ptr() % 16 == 0
+    if isinstance(arg, TensorDescriptor):
+        return (TensorDescriptor, _specialization_key(arg.base),
+                *(tuple(v) if isinstance(v, (list, tuple)) else v for k, v in vars(arg).items() if k != "base"))
+    return type(arg), arg
+
+
+# What Triton chose for each kind of launch made so far (see _Launch._launch).
+_known_launches: dict[tuple, _KnownLaunch] = {}
 
 # The launches recorded by `precompile`, when it is running its function (None otherwise).
 _recorded_launches: contextvars.ContextVar[list | None] = contextvars.ContextVar("msfp_recorded_launches",
@@ -642,8 +691,6 @@ def _prepare_conv2d_fp8(x_codes, w_codes, a_scale, w_scale, bias=None, zp=None, 
         finish = functools.partial(_sum_shares, target, y)
     x_arg, w_arg, flat, configure = x_codes, w_codes, False, None
     if tma:
-        from triton.tools.tensor_descriptor import TensorDescriptor
-
         # Flat rows where the input's padding is in memory (or there is none), boxes of output rows otherwise.
         if zero_bordered:
             padded = _zero_bordered_buffer(x_codes, ph, pw)
