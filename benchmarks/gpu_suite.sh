@@ -5,17 +5,18 @@
 #
 # STEPs (default: all, in this order): tests (the CUDA/Triton tests), w4a4 (benchmarks/gpu_w4a4.py), tiles
 # (benchmarks/conv_tiles.py, the FP8 convolution's block-size sweep), finetune
-# (benchmarks/finetune_step.py at batch 16 and 128, 30 timed steps), fake_quant (benchmarks/fake_quant.py). Each
+# (benchmarks/finetune_step.py at batch 16 and 128, 30 timed steps), fake_quant (benchmarks/fake_quant.py), sample
+# (benchmarks/sample_speed.py: sampling eager and from CUDA graphs, default model and SD-1.5-like). Each
 # benchmark's JSON goes to OUTDIR/<step>.json, everything else (machine, versions, pytest output, stderr) to
-# OUTDIR/log: six files at most.
+# OUTDIR/log: eight files at most.
 # A failing step does not stop the others; the exit status is 1 if any failed. PYTHON picks the interpreter;
 # STEP_TIMEOUT (seconds, default none) stops a step that runs longer, so one slow step cannot use up a short lease;
 # TEST_TIMEOUT (default 150) stops a single test (with pytest-timeout installed).
 set -uo pipefail
-out=${1:?usage: bash benchmarks/gpu_suite.sh OUTDIR [tests|w4a4|tiles|finetune|fake_quant ...]}
+out=${1:?usage: bash benchmarks/gpu_suite.sh OUTDIR [tests|w4a4|tiles|finetune|fake_quant|sample ...]}
 shift
 steps=("$@")
-[ ${#steps[@]} -gt 0 ] || steps=(tests w4a4 tiles finetune fake_quant)
+[ ${#steps[@]} -gt 0 ] || steps=(tests w4a4 tiles finetune fake_quant sample)
 python=${PYTHON:-python3}
 mkdir -p "$out"
 log=$out/log
@@ -74,14 +75,17 @@ for step in "${steps[@]}"; do
         # are written as failures happen (tests/conftest.py) and pytest-timeout, where installed, stops a hung test.
         tests) MSFP_TRACEBACKS_AT_ONCE=1 run_step tests - env "${worker_env[@]}" "$python" -m pytest -o addopts= -v -rfEs --tb=short \
                    --durations=15 -p no:cacheprovider "${parallel[@]}" "${per_test_limit[@]}" \
-                   tests/test_kernels.py tests/test_triton_kernels.py tests/test_fp8.py ;;
+                   tests/test_kernels.py tests/test_triton_kernels.py tests/test_fp8.py tests/test_cuda_graphs.py ;;
         w4a4) run_step w4a4 "$out/w4a4.json" "$python" benchmarks/gpu_w4a4.py ;;
         tiles) run_step tiles "$out/tiles.json" "$python" benchmarks/conv_tiles.py ;;
         finetune)
             run_step finetune16 "$out/finetune16.json" "$python" benchmarks/finetune_step.py --device cuda --batch 16 --iters 30
             run_step finetune128 "$out/finetune128.json" "$python" benchmarks/finetune_step.py --device cuda --batch 128 --iters 30 ;;
         fake_quant) run_step fake_quant "$out/fake_quant.json" "$python" benchmarks/fake_quant.py ;;
-        *) echo "gpu_suite.sh: unknown step '$step' (tests, w4a4, tiles, finetune, fake_quant)" | tee -a "$log"; failed+=("$step") ;;
+        sample)
+            run_step sample "$out/sample.json" "$python" benchmarks/sample_speed.py
+            run_step sample_sd15 "$out/sample_sd15.json" "$python" benchmarks/sample_speed.py --model sd15 ;;
+        *) echo "gpu_suite.sh: unknown step '$step' (tests, w4a4, tiles, finetune, fake_quant, sample)" | tee -a "$log"; failed+=("$step") ;;
     esac
 done
 if [ ${#failed[@]} -gt 0 ]; then

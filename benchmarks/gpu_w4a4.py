@@ -45,6 +45,7 @@ from torch.nn import functional as F
 
 import msfp
 from msfp import triton_kernels
+from msfp.cuda_graphs import capture
 from msfp.environment import machine_info
 from msfp.formats import get_format
 from msfp.fp8 import Fp8Layer, act_codes, convert_to_fp8, e4m3_shift, fp8_kernels_available
@@ -91,21 +92,6 @@ def timed_ms(fn, iters: int, device) -> float:
     return statistics.median(times)
 
 
-def cuda_graph(fn):
-    """``fn`` captured in a CUDA graph, after warm-up calls on a side stream (autotuning and the layers' caches happen
-    there), returned as the graph's replay: the same kernels without the host's per-launch work."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
-
-
 @dataclasses.dataclass
 class Timer:
     """Times calls eagerly and, if ``cuda_graphs`` (on a GPU), replayed from a CUDA graph. A capture that fails is
@@ -138,7 +124,7 @@ class Timer:
         result["peak_memory_bytes"] = torch.cuda.max_memory_allocated() if cuda else None
         if self.cuda_graphs and cuda:
             try:
-                result["graph_ms"] = timed_ms(cuda_graph(fn), self.iters, self.device)
+                result["graph_ms"] = timed_ms(capture(fn, warmup=3)[0], self.iters, self.device)
             except RuntimeError as e:
                 self.cuda_graphs, self.graph_error = False, str(e).strip().splitlines()[0]
                 print(f"CUDA graph capture failed, graphs off from here: {self.graph_error}", file=sys.stderr,

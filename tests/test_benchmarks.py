@@ -112,3 +112,13 @@ def test_fp8_host_overhead_times_triton_dispatch_through_a_stand_in_gpu(tmp_path
     for r in results.values():
         assert r["launches_per_forward"] == 2  # activation codes, then the GEMM
         assert r["with_triton_dispatch_us_per_forward"] > 0 and r["host_us_per_forward"] > 0
+
+
+@pytest.mark.parametrize("model", ["default", "sd15"])
+def test_sample_speed_smoke_samples_both_backends(monkeypatch, capsys, model):
+    # The GPU benchmark's flow, eagerly on the CPU (its CUDA graph runs are tests/test_cuda_graphs.py's subject).
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    load_script("sample_speed").main(["--smoke", "--model", model])
+    report = json.loads(capsys.readouterr().out)
+    assert set(report["runs"]) == {"fake_eager", "fp8_eager"} and report["kept_fake_quant"] == {}
+    assert all(r["ms_per_step"] > 0 and r["first_run_s"] > 0 for r in report["runs"].values())

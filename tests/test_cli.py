@@ -4,6 +4,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 
 from msfp.cli import main
@@ -37,6 +38,10 @@ def test_sample_bad_input(tmp_path):
     assert r.exit_code == 1 and "Error: model spec" in r.output and "no such directory" in r.output
     r = run("sample", "--scheduler", "heun", "--out", tmp_path / "s.npz")
     assert r.exit_code == 2 and "'heun' is not one of" in r.output
+    if not torch.cuda.is_available():
+        r = run("sample", "--num", 1, "--steps", 1, "--cuda-graphs", "--out", tmp_path / "s.npz")
+        assert r.exit_code == 1 and "CUDA graphs need the model on a CUDA device; it is on cpu" in r.output
+        assert not (tmp_path / "s.npz").exists()
 
 
 def test_eval_against_reference_images(tmp_path):

@@ -120,7 +120,11 @@ def _load_any_model(spec: str, backend: str = "fake"):
 @click.option("--backend", type=click.Choice(BACKENDS), default="fake", show_default=True,
               help="quantized models: fake-quant reference, or W4A4 on FP8 codes (Triton kernels on FP8 GPUs, "
               "emulated elsewhere)")
-def sample(model_spec, num_samples, steps, scheduler_name, eta, guidance, seed, out, batch, device, backend):
+@click.option("--cuda-graphs/--no-cuda-graphs", default=False, show_default=True,
+              help="replay each denoiser call from a CUDA graph (CUDA only): the same kernels without the host's "
+              "per-launch work, which dominates eager FP8 inference")
+def sample(model_spec, num_samples, steps, scheduler_name, eta, guidance, seed, out, batch, device, backend,
+           cuda_graphs):
     """Draw seeded samples into an .npz file; run under torchrun to shard them across processes:
 
     torchrun --nproc_per_node 4 -m msfp.cli sample -n 50000 --out samples.npz
@@ -130,7 +134,8 @@ def sample(model_spec, num_samples, steps, scheduler_name, eta, guidance, seed, 
     with _user_errors():
         model, base = _load_any_model(model_spec, backend)
         result = generate(model, get_scheduler(scheduler_name, base), out, num_samples, steps, seed=seed,
-                          batch_size=batch, eta=eta, guidance=guidance, meta=dict(model=model_spec), device=device)
+                          batch_size=batch, eta=eta, guidance=guidance, meta=dict(model=model_spec), device=device,
+                          cuda_graphs=cuda_graphs)
     if result is not None:  # rank 0
         click.echo(f"wrote {out} ({num_samples} images, seeds {seed}..{seed + num_samples - 1}) and {grid_path(out)}")
 

@@ -30,6 +30,8 @@ class QuantContext:
         self.route: torch.Tensor | None = None
         #: (B,) the chosen entry of each sample's ``route`` row: 1 in value, the router's gradient path
         self.route_gate: torch.Tensor | None = None
+        #: the group sizes of the calls to come, when their caller knows them (a CUDA graph capture: msfp.cuda_graphs)
+        self.known_route_counts: list[int] | None = None
         self._route_counts: list[int] = []
         self._route_order: torch.Tensor | None = None
         self._route_restore: torch.Tensor | None = None
@@ -44,15 +46,20 @@ class QuantContext:
 
     def set_route(self, route: torch.Tensor | None) -> None:
         """Record the call's LoRA choice (TALoRA's router output). The samples are grouped by LoRA here, once per call,
-        with the call's only host synchronisation: split in each layer by data (unique, boolean masks), the batch
-        stalled a GPU several times per layer, in forward and again in backward."""
+        with the call's only host synchronisation (reading the group sizes back, unless ``known_route_counts`` gives
+        them): split in each layer by data (unique, boolean masks), the batch stalled a GPU several times per layer, in
+        forward and again in backward."""
         self.route, self._route_groups = route, {}
         if route is None:
             self.route_gate = self._route_order = self._route_restore = None
             return
         choice = route.detach().argmax(1)
         self.route_gate = route.gather(1, choice[:, None])[:, 0]
-        self._route_counts = torch.bincount(choice, minlength=route.shape[1]).tolist()
+        known = self.known_route_counts
+        if known is not None and (len(known) != route.shape[1] or sum(known) != route.shape[0]):
+            raise ValueError(f"known_route_counts {known} do not split a batch of {route.shape[0]} among "
+                             f"{route.shape[1]} LoRAs")
+        self._route_counts = route_counts(route) if known is None else list(known)
         # Stable: each group keeps its samples in batch order, as running them one LoRA at a time would.
         self._route_order = None if max(self._route_counts) == len(choice) else torch.argsort(choice, stable=True)
         self._route_restore = None if self._route_order is None else torch.argsort(self._route_order)
@@ -104,6 +111,11 @@ class QuantContext:
         """Index of each timestep among ``num_groups`` equal intervals of the training range."""
         t = timesteps.float().clamp(0, self.num_train_timesteps - 1)
         return (t * num_groups / self.num_train_timesteps).long().clamp(0, num_groups - 1)
+
+
+def route_counts(route: torch.Tensor) -> list[int]:
+    """How many samples each LoRA takes in a (B, K) route (read back to the host)."""
+    return torch.bincount(route.detach().argmax(1), minlength=route.shape[1]).tolist()
 
 
 def take_rows(t: torch.Tensor | None, index: torch.Tensor | None) -> torch.Tensor | None:

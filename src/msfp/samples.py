@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from msfp.cuda_graphs import GraphedDenoiser
 from msfp.fileio import atomic_path
 from msfp.sampling import sample, save_grid
 
@@ -146,8 +147,9 @@ def _shard_path(out: Path, rank: int, world: int) -> Path:
 
 def generate(model, scheduler, out, num_samples: int, num_inference_steps: int, seed: int = 0, batch_size: int = 64,
              eta: float = 0.0, guidance: float = 1.0, meta: dict | None = None, disable: bool = False,
-             device=None) -> dict | None:
-    """Sample ``num_samples`` images into the sample file ``out`` and a PNG grid of the first 64 beside it.
+             device=None, cuda_graphs: bool = False) -> dict | None:
+    """Sample ``num_samples`` images into the sample file ``out`` and a PNG grid of the first 64 beside it;
+    ``cuda_graphs`` replays the denoiser's calls from CUDA graphs (:class:`msfp.cuda_graphs.GraphedDenoiser`).
 
     Under torchrun with ``WORLD_SIZE`` > 1 each rank draws its slice and rank 0 merges; returns the
     :func:`load_samples` dict of the merged file on rank 0, ``None`` on other ranks.
@@ -166,6 +168,8 @@ def generate(model, scheduler, out, num_samples: int, num_inference_steps: int, 
             raise ValueError(f"{type(model).__name__} makes {channels}-channel outputs (latents?); sample files hold "
                              "images with 1 or 3 channels, and decoding latents is not supported")
         num_classes, null_label = class_info(model)
+        if cuda_graphs:  # inside the guidance: a routed TALoRA model must be what the graphs wrap
+            model = GraphedDenoiser(model)
         if guidance != 1.0:
             if null_label is None:
                 raise ValueError(f"guidance {guidance} needs a class-conditional model with a null class (DiT); "

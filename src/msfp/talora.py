@@ -15,6 +15,8 @@ import torch
 from diffusers.models.embeddings import get_timestep_embedding
 from torch import nn
 
+from msfp.layers import route_counts
+
 
 class TimestepRouter(nn.Module):
     """Timestep → one of ``num_loras`` LoRAs, per sample.
@@ -134,6 +136,21 @@ def add_talora(qmodel: nn.Module, num_loras: int = 4, rank: int = 4, seed: int =
         layer_rank = min(rank, shape[0], math.prod(shape[1:]))
         layer.lora = LoRABank(shape, num_loras, layer_rank, seed=seed + i).to(device, layer.weight.dtype)
     return router
+
+
+def is_routed(qmodel: nn.Module) -> bool:
+    """Whether ``qmodel`` sends each sample to one of several TALoRA LoRAs by its timestep."""
+    router = getattr(qmodel, "msfp_router", None)
+    return router is not None and router.num_loras > 1
+
+
+def lora_counts(qmodel: nn.Module, timesteps: torch.Tensor) -> list[int] | None:
+    """How many of the samples at ``timesteps`` (one per sample) each LoRA takes, read back to the host: the route
+    groups of a call; None for a model that is not routed."""
+    if not is_routed(qmodel):
+        return None
+    with torch.no_grad():
+        return route_counts(qmodel.msfp_router(timesteps))
 
 
 def attach_router(qmodel: nn.Module, num_loras: int, rank: int) -> TimestepRouter:

@@ -1,0 +1,147 @@
+"""Denoiser calls replayed from CUDA graphs: a whole step's kernels without the host launching each one.
+
+Eager W4A4 inference on the FP8 path is host-bound: every layer's forward is tens of microseconds of Python and
+kernel dispatch, more than its kernels take on a Hopper GPU (README, "Real W4A4 inference"). A CUDA graph replays the
+recorded kernels with none of that work. :class:`GraphedDenoiser` records one graph per kind of call — the input
+tensors' shapes, dtypes and devices, the other arguments, and for a routed TALoRA model how many samples each LoRA
+takes — after warm-up calls that compile and autotune the kernels, and replays it for every later call of that kind
+with the new inputs copied into the graph's own.
+
+A capture may not read GPU data back to the host. A routed TALoRA forward reads back its route's group sizes once
+per call (:meth:`msfp.layers.QuantContext.set_route`); the wrapper reads them itself before choosing the graph, and
+gives them to the capture.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+from msfp.talora import is_routed, lora_counts
+
+
+class GraphedDenoiser(nn.Module):
+    """``GraphedDenoiser(model)(x, t, **kwargs)`` is ``model(x, t, **kwargs)``'s output tensor (a diffusers output's
+    ``.sample``), computed by replaying a CUDA graph of the call.
+
+    The first call of each kind runs the model ``warmup`` times eagerly on a side stream, then captures it; all
+    graphs of one wrapper share one memory pool (calls run one after another). Each call returns a new tensor (the
+    graph's output is copied out, as the next replay overwrites it). Tensors among the inputs must be on the model's
+    GPU; other arguments must be hashable (they select the graph). The graphs read the model's weights where they
+    were when captured: updating them in place shows in the results, moving the model does not (wrap it where it
+    runs). A routed TALoRA model must be ``model`` itself, not a part of it: its route selects the graph.
+    """
+
+    def __init__(self, model: nn.Module, warmup: int = 2):
+        super().__init__()
+        if warmup < 1:
+            raise ValueError(f"warmup must be ≥ 1 (the kernels compile and autotune before capture), got {warmup}")
+        _check_on_cuda(model)
+        for name, module in model.named_modules():
+            if name and is_routed(module):
+                raise ValueError(f"GraphedDenoiser: {name} routes its TALoRA LoRAs by timestep, which selects the "
+                                 f"graph; wrap {name} itself")
+        self.model, self.warmup = model, warmup
+        self.graphs: dict[tuple, _Graph] = {}
+        self._pool = None
+
+    @property
+    def config(self):  # the sample shape and class count are the wrapped model's
+        return self.model.config
+
+    def forward(self, sample: torch.Tensor, timestep, **kwargs) -> torch.Tensor:
+        if not isinstance(sample, torch.Tensor):
+            raise TypeError(f"GraphedDenoiser: sample must be a tensor, got {type(sample).__name__}")
+        if not isinstance(timestep, torch.Tensor):
+            timestep = torch.tensor(timestep, device=sample.device)
+        per_sample = timestep.reshape(-1)
+        if per_sample.numel() == 1:
+            per_sample = per_sample.expand(sample.shape[0])
+        counts = lora_counts(self.model, per_sample)
+        inputs = dict(kwargs, sample=sample, timestep=timestep)
+        key = (tuple((name, _signature(name, value)) for name, value in sorted(inputs.items())),
+               torch.is_grad_enabled(), None if counts is None else tuple(counts))
+        graph = self.graphs.get(key)
+        if graph is None:
+            graph = self.graphs[key] = self._record(inputs, counts)
+        return graph(inputs)
+
+    def _record(self, inputs: dict, counts: list[int] | None) -> _Graph:
+        static = {name: value.clone() if isinstance(value, torch.Tensor) else value for name, value in inputs.items()}
+
+        def call():
+            out = self.model(static["sample"], static["timestep"],
+                             **{k: v for k, v in static.items() if k not in ("sample", "timestep")})
+            out = getattr(out, "sample", out)
+            return out[0] if isinstance(out, tuple) else out
+
+        if self._pool is None:
+            self._pool = _new_pool()
+        with _known_route_counts(self.model, counts):
+            replay, output = capture(call, self.warmup, self._pool)
+        return _Graph(static, replay, output)
+
+
+class _Graph:
+    def __init__(self, static: dict, replay, output: torch.Tensor):
+        self.static, self.replay, self.output = static, replay, output
+
+    def __call__(self, inputs: dict) -> torch.Tensor:
+        for name, value in inputs.items():
+            if isinstance(value, torch.Tensor):
+                self.static[name].copy_(value)
+        self.replay()
+        return self.output.clone()
+
+
+def _signature(name: str, value):
+    if isinstance(value, torch.Tensor):
+        return value.shape, value.dtype, value.device
+    try:
+        hash(value)
+    except TypeError:
+        raise TypeError(f"GraphedDenoiser: argument {name!r} is a {type(value).__name__}, which cannot select a graph "
+                        f"(tensors and hashable values only)") from None
+    return value
+
+
+@contextlib.contextmanager
+def _known_route_counts(model: nn.Module, counts: list[int] | None):
+    context = getattr(model, "msfp_context", None)
+    if counts is None or context is None:
+        yield
+        return
+    context.known_route_counts = counts
+    try:
+        yield
+    finally:
+        context.known_route_counts = None
+
+
+def _check_on_cuda(model: nn.Module) -> None:
+    device = next(iter(model.parameters()), torch.empty(0)).device
+    if device.type != "cuda":
+        raise ValueError(f"CUDA graphs need the model on a CUDA device; it is on {device}")
+
+
+def _new_pool():
+    return torch.cuda.graph_pool_handle()
+
+
+def capture(call, warmup: int = 2, pool=None) -> tuple:
+    """``(replay, output)``: ``call()`` captured in a CUDA graph after ``warmup`` eager calls on a side stream (where
+    compiling, autotuning and the layers' caches happen, and where PyTorch wants them: the caching allocator keeps
+    their memory apart from the graph's); ``replay()`` reruns its kernels, writing ``output`` again. ``pool``: a
+    memory pool shared with other graphs (``torch.cuda.graph_pool_handle()``), or None for the graph's own."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            call()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        output = call()
+    return graph.replay, output

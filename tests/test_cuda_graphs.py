@@ -1,0 +1,177 @@
+import contextlib
+from unittest import mock
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import msfp
+from msfp import cuda_graphs
+from msfp.cuda_graphs import GraphedDenoiser
+from msfp.fp8 import convert_to_fp8
+from msfp.sampling import sample
+from msfp.talora import add_talora
+from tiny_models import scheduler, tiny_unet
+
+aten = torch.ops.aten
+# Operators whose CUDA implementations read GPU data back to the host, which a CUDA graph capture cannot do.
+HOST_READS = {aten._local_scalar_dense.default, aten.bincount.default, aten.nonzero.default, aten.equal.default,
+              aten.is_nonzero.default, aten.masked_select.default, aten._unique2.default, aten.unique_dim.default,
+              aten.unique_consecutive.default}
+
+
+class HostRead(AssertionError):
+    pass
+
+
+class _ForbidHostReads(TorchDispatchMode):
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in HOST_READS:
+            raise HostRead(f"{func} reads GPU data back to the host")
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def no_host_reads():
+    """What a CUDA graph capture forbids, checked on the CPU: no operator that reads data back, no ``tolist``."""
+    with _ForbidHostReads(), mock.patch.object(torch.Tensor, "tolist", side_effect=HostRead("tolist")):
+        yield
+
+
+def routed_model(fp8: bool, use_kernels: bool | None = False):
+    """A tiny W4A4 UNet with four distinct TALoRA LoRAs, routed by timestep (the router's contiguous start:
+    t < 250 → LoRA 0, … t ≥ 750 → LoRA 3); ``fp8``: on the FP8 path (``use_kernels`` as convert_to_fp8's)."""
+    q = msfp.quantize(tiny_unet(), "w4a4-msfp")
+    add_talora(q, num_loras=4, rank=2)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in q.modules():
+            if getattr(m, "lora", None) is not None:
+                m.lora.B.copy_(torch.randn(m.lora.B.shape, generator=gen) * 0.3)
+    if fp8:
+        convert_to_fp8(q, use_kernels=use_kernels)
+    return q.eval()
+
+
+class StandInCapture:
+    """CUDA graph capture emulated on the CPU: the captured call runs under no_host_reads, and a "replay" reruns it
+    into the captured output, with the route group sizes the capture had (a graph holds them fixed) given to the
+    model's ``context``. ``captures`` lists those sizes, one entry per capture."""
+
+    def __init__(self):
+        self.captures, self.context = [], None
+
+    def __call__(self, call, warmup, pool):
+        for _ in range(warmup):
+            call()
+        context = self.context
+        known = None if context is None else context.known_route_counts
+        with no_host_reads():
+            output = call()
+
+        def replay():
+            if context is not None:
+                context.known_route_counts = known
+            try:
+                with no_host_reads():
+                    output.copy_(call())
+            finally:
+                if context is not None:
+                    context.known_route_counts = None
+
+        self.captures.append(known)
+        return replay, output
+
+
+@pytest.fixture
+def stand_in_capture(monkeypatch):
+    capture = StandInCapture()
+    monkeypatch.setattr(cuda_graphs, "capture", capture)
+    monkeypatch.setattr(cuda_graphs, "_new_pool", lambda: "pool")
+    monkeypatch.setattr(cuda_graphs, "_check_on_cuda", lambda model: None)
+    return capture
+
+
+def test_a_routed_forward_reads_its_route_groups_back():
+    # What the wrapper works around (and what shows the check below can fail).
+    q = routed_model(fp8=True)
+    with torch.no_grad(), no_host_reads(), pytest.raises(HostRead, match="bincount"):
+        q(torch.randn(2, 1, 8, 8), torch.tensor([10, 900]))
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_graphed_calls_equal_eager_calls_with_one_graph_per_route_grouping(stand_in_capture, fp8):
+    q = routed_model(fp8)
+    stand_in_capture.context = q.msfp_context
+    graphed = GraphedDenoiser(q)
+    torch.manual_seed(0)
+    calls = [torch.tensor([100, 100, 100]), torch.tensor([900, 900, 900]), torch.tensor([120, 130, 140]),
+             torch.tensor([100, 600, 900]), torch.tensor([900, 600, 100]), torch.tensor([900, 910, 999])]
+    with torch.no_grad():
+        for t in calls:
+            x = torch.randn(3, 1, 8, 8)
+            got, want = graphed(x, t), q(x, t).sample
+            assert torch.equal(got, want), t
+    # Uniform t at LoRA 0, uniform at LoRA 3, and one sample each at LoRAs 0, 2, 3 (in either order): three graphs,
+    # each captured without reading the GPU, with the group sizes given to it.
+    assert stand_in_capture.captures == [[3, 0, 0, 0], [0, 0, 0, 3], [1, 0, 1, 1]]
+    assert len(graphed.graphs) == 3
+
+
+def test_each_call_gets_its_own_output_and_inputs_are_copied(stand_in_capture):
+    q = tiny_unet()  # any denoiser
+    graphed, x, t = GraphedDenoiser(q), torch.randn(2, 1, 8, 8), torch.tensor([10, 20])
+    with torch.no_grad():
+        first = graphed(x, t)
+        kept = first.clone()
+        x.add_(1.0)  # the graph read a copy; the next call copies the new values in
+        second = graphed(x, 15)  # a scalar timestep, as diffusers models take it: its own kind of call
+        third = graphed(x, t)
+        want = q(x, t).sample
+    assert torch.equal(first, kept) and not torch.equal(first, third)
+    assert torch.equal(third, want)
+    assert second.shape == first.shape and len(graphed.graphs) == 2
+
+
+def test_unhashable_arguments_bad_warmup_and_wrapped_routes_are_refused(stand_in_capture):
+    q = routed_model(fp8=False)
+    with pytest.raises(TypeError, match="argument 'extra' is a list"):
+        GraphedDenoiser(q)(torch.randn(1, 1, 8, 8), torch.tensor([1]), extra=[1, 2])
+    with pytest.raises(ValueError, match="warmup must be ≥ 1"):
+        GraphedDenoiser(q, warmup=0)
+    wrapper = torch.nn.Sequential()
+    wrapper.add_module("unet", q)
+    with pytest.raises(ValueError, match="unet routes its TALoRA LoRAs by timestep, which selects the graph; wrap "
+                                         "unet itself"):
+        GraphedDenoiser(wrapper)
+
+
+def test_sampling_with_cuda_graphs_needs_a_cuda_model():
+    q = msfp.quantize(tiny_unet(), "w4a4-msfp").eval()
+    with pytest.raises(ValueError, match="CUDA graphs need the model on a CUDA device; it is on cpu"):
+        sample(q, scheduler(), num_samples=1, num_inference_steps=2, cuda_graphs=True, disable=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("fp8", [False, True])
+def test_sampling_from_cuda_graphs_equals_eager_sampling_on_gpu(fp8):
+    # On a GPU with FP8 tensor cores the fp8 model runs the Triton kernels (on others, the emulated path): the
+    # graphs replay exactly the kernels of the eager calls, so the images agree to the last bits.
+    q = routed_model(fp8, use_kernels=None).cuda()
+    common = dict(num_samples=6, num_inference_steps=8, batch_size=4, disable=True)  # two batch sizes: 4 and 2
+    with torch.no_grad():
+        eager = sample(q, scheduler(), **common)
+        graphed = sample(q, scheduler(), cuda_graphs=True, **common)
+    assert torch.allclose(graphed, eager, rtol=0, atol=1e-5), (graphed - eager).abs().max()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_mixed_route_groups_replay_on_gpu():
+    q = routed_model(fp8=True, use_kernels=None).cuda()
+    graphed = GraphedDenoiser(q)
+    with torch.no_grad():
+        for t in ([100, 600, 900], [900, 600, 100], [100, 600, 900]):
+            x, t = torch.randn(3, 1, 8, 8, device="cuda"), torch.tensor(t, device="cuda")
+            got, want = graphed(x, t), q(x, t).sample
+            assert torch.allclose(got, want, rtol=0, atol=1e-5), (t, (got - want).abs().max())
+    assert len(graphed.graphs) == 1
