@@ -1,14 +1,17 @@
 import contextlib
 from unittest import mock
 
+import numpy as np
 import pytest
 import torch
+from diffusers import DiTTransformer2DModel
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import msfp
 from msfp import cuda_graphs
 from msfp.cuda_graphs import GraphedDenoiser
 from msfp.fp8 import convert_to_fp8
+from msfp.samples import generate
 from msfp.sampling import sample
 from msfp.talora import add_talora
 from tiny_models import scheduler, tiny_unet
@@ -144,6 +147,19 @@ def test_unhashable_arguments_bad_warmup_and_wrapped_routes_are_refused(stand_in
     with pytest.raises(ValueError, match="unet routes its TALoRA LoRAs by timestep, which selects the graph; wrap "
                                          "unet itself"):
         GraphedDenoiser(wrapper)
+
+
+def test_generate_with_guidance_graphs_the_model_inside_it(stand_in_capture, tmp_path):
+    # msfp sample --guidance --cuda-graphs: the graphs wrap the denoiser, and classifier-free guidance calls it (with
+    # the doubled batch and class labels); the images equal eager sampling's.
+    torch.manual_seed(0)
+    dit = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=4, in_channels=1, out_channels=2,
+                                num_layers=1, sample_size=8, patch_size=2, num_embeds_ada_norm=5).eval()
+    common = dict(num_samples=4, num_inference_steps=3, batch_size=2, guidance=3.0, disable=True)
+    eager = generate(dit, scheduler(), tmp_path / "eager.npz", **common)
+    graphed = generate(dit, scheduler(), tmp_path / "graphed.npz", cuda_graphs=True, **common)
+    assert np.array_equal(graphed["images"], eager["images"]) and np.array_equal(graphed["labels"], eager["labels"])
+    assert stand_in_capture.captures == [None]  # both batches of 2 (4 rows with guidance): one graph
 
 
 def test_sampling_with_cuda_graphs_needs_a_cuda_model():
