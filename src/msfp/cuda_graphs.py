@@ -77,6 +77,9 @@ class GraphedDenoiser(nn.Module):
             out = getattr(out, "sample", out)
             return out[0] if isinstance(out, tuple) else out
 
+        # One pool for all graphs, whatever order they replay in: a later capture may take an earlier graph's freed
+        # intermediates, but every replay writes what it reads (from the static inputs and the weights, which are
+        # outside the pool) and its output is copied out before another graph runs.
         if self._pool is None:
             self._pool = _new_pool()
         with _known_route_counts(self.model, counts):
