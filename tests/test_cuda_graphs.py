@@ -162,6 +162,18 @@ def test_generate_with_guidance_graphs_the_model_inside_it(stand_in_capture, tmp
     assert stand_in_capture.captures == [None]  # both batches of 2 (4 rows with guidance): one graph
 
 
+def test_a_failed_capture_says_which_call(stand_in_capture, monkeypatch):
+    def capture(call, warmup, pool):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(cuda_graphs, "capture", capture)
+    graphed = GraphedDenoiser(tiny_unet())
+    with pytest.raises(RuntimeError, match=r"capturing UNet2DModel called with \{'sample': \(2, 1, 8, 8\), 'timestep': "
+                                           r"\(2,\)\} in a CUDA graph failed \(sample without CUDA graphs.*not permitted"):
+        graphed(torch.randn(2, 1, 8, 8), torch.tensor([1, 2]))
+    assert graphed.graphs == {}
+
+
 def test_sampling_with_cuda_graphs_needs_a_cuda_model():
     q = msfp.quantize(tiny_unet(), "w4a4-msfp").eval()
     with pytest.raises(ValueError, match="CUDA graphs need the model on a CUDA device; it is on cpu"):

@@ -82,8 +82,13 @@ class GraphedDenoiser(nn.Module):
         # outside the pool) and its output is copied out before another graph runs.
         if self._pool is None:
             self._pool = _new_pool()
-        with _known_route_counts(self.model, counts):
-            replay, output = capture(call, self.warmup, self._pool)
+        try:
+            with _known_route_counts(self.model, counts):
+                replay, output = capture(call, self.warmup, self._pool)
+        except RuntimeError as e:
+            shapes = {name: tuple(v.shape) for name, v in static.items() if isinstance(v, torch.Tensor)}
+            raise RuntimeError(f"GraphedDenoiser: capturing {type(self.model).__name__} called with {shapes} in a "
+                               f"CUDA graph failed (sample without CUDA graphs to run it eagerly): {e}") from e
         return _Graph(static, replay, output)
 
 
