@@ -43,14 +43,19 @@ def no_host_reads():
 
 def routed_model(fp8: bool, use_kernels: bool | None = False):
     """A tiny W4A4 UNet with four distinct TALoRA LoRAs, routed by timestep (the router's contiguous start:
-    t < 250 → LoRA 0, … t ≥ 750 → LoRA 3); ``fp8``: on the FP8 path (``use_kernels`` as convert_to_fp8's)."""
-    q = msfp.quantize(tiny_unet(), "w4a4-msfp")
+    t < 250 → LoRA 0, … t ≥ 750 → LoRA 3), and eight activation scales per layer, one per eighth of the timesteps,
+    so that one graph (one route) serves two scales, which it must pick by the timestep it is given, not the one it
+    was captured with; ``fp8``: on the FP8 path (``use_kernels`` as convert_to_fp8's)."""
+    config = msfp.QuantConfig.preset("w4a4-msfp")
+    config.act_timestep_groups = 8
+    q = msfp.quantize(tiny_unet(), config)
     add_talora(q, num_loras=4, rank=2)
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for m in q.modules():
             if getattr(m, "lora", None) is not None:
                 m.lora.B.copy_(torch.randn(m.lora.B.shape, generator=gen) * 0.3)
+                m.act_quantizer.scale.mul_(torch.linspace(0.5, 2.0, 8))
     if fp8:
         convert_to_fp8(q, use_kernels=use_kernels)
     return q.eval()
@@ -196,13 +201,13 @@ def test_sampling_from_cuda_graphs_equals_eager_sampling_on_gpu(fp8):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_graphs_sharing_a_pool_replay_in_any_order_on_gpu():
     # Three graphs in one memory pool (uniform routes to LoRA 0 and 3, one sample each to LoRAs 0, 2, 3), replayed
-    # in other orders than captured: a later capture may reuse an earlier one's freed intermediates, which is
+    # in other orders than captured and at timesteps of other scale groups than captured with: a later capture may reuse an earlier one's freed intermediates, which is
     # harmless only because each replay writes before it reads and its output is copied out at once.
     q = routed_model(fp8=True, use_kernels=None).cuda()
     graphed = GraphedDenoiser(q)
     with torch.no_grad():
-        for t in ([100, 100, 100], [900, 900, 900], [100, 600, 900], [900, 600, 100], [100, 100, 100],
-                  [900, 900, 900], [100, 600, 900]):
+        for t in ([100, 100, 100], [900, 900, 900], [100, 600, 900], [900, 600, 100], [200, 200, 200],
+                  [800, 800, 800], [130, 620, 990]):
             x, t = torch.randn(3, 1, 8, 8, device="cuda"), torch.tensor(t, device="cuda")
             got, want = graphed(x, t), q(x, t).sample
             assert torch.allclose(got, want, rtol=0, atol=1e-5), (t, (got - want).abs().max())
