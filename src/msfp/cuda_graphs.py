@@ -1,11 +1,11 @@
 """Denoiser calls replayed from CUDA graphs: a whole step's kernels without the host launching each one.
 
 Eager W4A4 inference on the FP8 path is host-bound: every layer's forward is tens of microseconds of Python and
-kernel dispatch, more than its kernels take on a Hopper GPU (README, "Real W4A4 inference"). A CUDA graph replays the
-recorded kernels with none of that work. :class:`GraphedDenoiser` records one graph per kind of call — the input
-tensors' shapes, dtypes and devices, the other arguments, and for a routed TALoRA model how many samples each LoRA
-takes — after warm-up calls that compile and autotune the kernels, and replays it for every later call of that kind
-with the new inputs copied into the graph's own.
+kernel dispatch, more than its kernels take on a Hopper GPU (README, "Real W4A4 on FP8 tensor cores"). A CUDA graph
+replays the recorded kernels with none of that work. :class:`GraphedDenoiser` records one graph per kind of call —
+the input tensors' shapes, dtypes and devices, the other arguments, and for a routed TALoRA model how many samples
+each LoRA takes — after warm-up calls that compile and autotune the kernels, and replays it for every later call of
+that kind with the new inputs copied into the graph's own.
 
 A capture may not read GPU data back to the host. A routed TALoRA forward reads back its route's group sizes once
 per call (:meth:`msfp.layers.QuantContext.set_route`); the wrapper reads them itself before choosing the graph, and
