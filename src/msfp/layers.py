@@ -59,7 +59,7 @@ class QuantContext:
         if known is not None and (len(known) != route.shape[1] or sum(known) != route.shape[0]):
             raise ValueError(f"known_route_counts {known} do not split a batch of {route.shape[0]} among "
                              f"{route.shape[1]} LoRAs")
-        self._route_counts = route_counts(route) if known is None else list(known)
+        self._route_counts = route_counts(choice, route.shape[1]) if known is None else list(known)
         # Stable: each group keeps its samples in batch order, as running them one LoRA at a time would.
         self._route_order = None if max(self._route_counts) == len(choice) else torch.argsort(choice, stable=True)
         self._route_restore = None if self._route_order is None else torch.argsort(self._route_order)
@@ -113,9 +113,9 @@ class QuantContext:
         return (t * num_groups / self.num_train_timesteps).long().clamp(0, num_groups - 1)
 
 
-def route_counts(route: torch.Tensor) -> list[int]:
-    """How many samples each LoRA takes in a (B, K) route (read back to the host)."""
-    return torch.bincount(route.detach().argmax(1), minlength=route.shape[1]).tolist()
+def route_counts(choice: torch.Tensor, num_loras: int) -> list[int]:
+    """How many samples each of ``num_loras`` LoRAs takes, given each sample's LoRA index (read back to the host)."""
+    return torch.bincount(choice, minlength=num_loras).tolist()
 
 
 def take_rows(t: torch.Tensor | None, index: torch.Tensor | None) -> torch.Tensor | None:

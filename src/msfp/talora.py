@@ -150,7 +150,8 @@ def lora_counts(qmodel: nn.Module, timesteps: torch.Tensor) -> list[int] | None:
     if not is_routed(qmodel):
         return None
     with torch.no_grad():
-        return route_counts(qmodel.msfp_router(timesteps))
+        route = qmodel.msfp_router(timesteps)
+    return route_counts(route.argmax(1), route.shape[1])  # the choice set_route makes from the same route
 
 
 def attach_router(qmodel: nn.Module, num_loras: int, rank: int) -> TimestepRouter:
