@@ -7,15 +7,16 @@ prints a JSON document that says why it was skipped. ``--smoke`` instead runs th
 emulated FP8 path (any device, timings meaningless, the large UNet narrowed): a check that the script works, not a
 measurement; the test suite runs it.
 
-Reported, per layer shape (SD-1.5-like: 3×3 convolutions at 320–1280 channels, large linears) — the BF16 time
-(cuBLAS/cuDNN, channels_last, ``cudnn.benchmark``), the FP8 GEMM/convolution alone on ready codes, and the whole FP8
-layer (activation-quantize kernel + GEMM, BF16 in and out), the GEMM alone with fast (reduced-precision) FP8
-accumulation; TFLOP/s and % of the dense peak of the GPU; for 3×3 convolutions also the activation-quantize kernel
-alone (``act_codes``) on channels_last and on NCHW input (GroupNorm's output on CUDA), with its GB/s. Per denoiser
-(the shipped default model and a random-weight UNet2DConditionModel with Stable Diffusion 1.5's shapes): one step's
-time in BF16 and with every 4-bit layer on the FP8 path, the speed-up, the peak memory, the bytes of the weights, and
-the output's relative L2 distance from the same model's emulated FP8 path (``output_rel_l2_vs_emulated``: torch
-computing the same codes in fp32; end-to-end equivalence at these shapes, and for BF16 the quantization's effect).
+Reported, per layer shape (SD-1.5's 3×3 convolutions at 320–1280 channels and its linears, and DiT-XL/2's MLP linears;
+each row's ``shapes_of``) — the BF16 time (cuBLAS/cuDNN, channels_last, ``cudnn.benchmark``), the FP8 GEMM/convolution
+alone on ready codes, and the whole FP8 layer (activation-quantize kernel + GEMM, BF16 in and out), the GEMM alone
+with fast (reduced-precision) FP8 accumulation; TFLOP/s and % of the dense peak of the GPU; for 3×3 convolutions also
+the activation-quantize kernel alone (``act_codes``) on channels_last and on NCHW input (GroupNorm's output on CUDA),
+with its GB/s. Per denoiser (the shipped default model and a random-weight UNet2DConditionModel with Stable Diffusion
+1.5's shapes): one step's time in BF16 and with every 4-bit layer on the FP8 path, the speed-up, the peak memory, the
+bytes of the weights, and the output's relative L2 distance from the same model's emulated FP8 path
+(``output_rel_l2_vs_emulated``: torch computing the same codes in fp32; end-to-end equivalence at these shapes, and
+for BF16 the quantization's effect).
 Linear layers are timed twice on the FP8 path: with the Triton GEMM and through ``torch._scaled_mm`` (``scaled_mm_*``
 fields; for the denoisers ``fp8_w4a4_scaled_mm``). The Triton GEMM is also timed with TMA loads (stride-1 layers):
 3×3 convolutions with both tilings, ``*_tma_boxes`` and ``*_tma_rows`` (codes inside a zero border), linears as flat
@@ -58,9 +59,12 @@ PEAKS = {"H100 PCIe": dict(bf16=756.0, fp8=1513.0), "H100": dict(bf16=989.4, fp8
 CONVS = [  # (batch-independent) C_in, C_out, H=W, stride — SD-1.5 UNet at 512×512 (64×64 latents)
     (320, 320, 64, 1), (640, 640, 32, 1), (1280, 1280, 16, 1), (1280, 1280, 8, 1), (320, 320, 64, 2),
 ]
-LINEARS = [  # tokens per sample, K, N
+LINEARS = [  # tokens per sample, K, N — SD-1.5 UNet at 512×512
     (4096, 320, 320), (1024, 640, 5120), (256, 1280, 1280), (256, 5120, 1280), (64, 1280, 10240),
 ]
+# Larger linears than a UNet has: the MLP of DiT-XL/2 at 512×512 (1024 tokens, width 1152, MLP 4608), the issue's
+# "large linear layers": both GEMM dimensions and K in the thousands, where FP8's doubled peak can show.
+DIT_LINEARS = [(1024, 1152, 4608), (1024, 4608, 1152)]
 ACT_FORMAT, WEIGHT_FORMAT = get_format("ufp4_e2m2"), get_format("fp4_e2m1")
 
 
@@ -109,6 +113,8 @@ class Timer:
     precompiled: dict = dataclasses.field(default_factory=lambda: dict(kernels=0, seconds=0.0, errors=[]))
 
     def __call__(self, fn) -> dict:
+        tuners = _gemm_autotuners()
+        tuned_before = [set(tuner.cache) for tuner in tuners]
         if self.compile_arch is not None:
             done = triton_kernels.precompile(fn, arch=self.compile_arch, workers=self.compile_workers)
             self.precompiled["kernels"] += done["kernels"]
@@ -120,6 +126,12 @@ class Timer:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         result = dict(ms=timed_ms(fn, self.iters, self.device))
+        # What the autotuner picked for the launches it had not seen before (registers and blocks per SM of each
+        # configuration: benchmarks/kernel_compile.py).
+        chosen = [{k: v for k, v in tuner.cache[key].all_kwargs().items() if v is not None}
+                  for tuner, before in zip(tuners, tuned_before) for key in tuner.cache if key not in before]
+        if chosen:
+            result["autotuned"] = chosen
         # Peak memory of the eager calls (a CUDA graph's private pool would add to it).
         result["peak_memory_bytes"] = torch.cuda.max_memory_allocated() if cuda else None
         if self.cuda_graphs and cuda:
@@ -132,6 +144,10 @@ class Timer:
         return result
 
 
+def _gemm_autotuners() -> list:
+    return [triton_kernels._conv_fp8_tuned, triton_kernels._conv_fp8_tma_tuned] if triton_kernels.HAS_TRITON else []
+
+
 def rates(flops: float, timing: dict, peak: float | None) -> dict:
     def at(ms):
         tflops = flops / ms / 1e9
@@ -140,6 +156,8 @@ def rates(flops: float, timing: dict, peak: float | None) -> dict:
     result = dict(ms=timing["ms"], **at(timing["ms"]), peak_memory_bytes=timing["peak_memory_bytes"])
     if "graph_ms" in timing:
         result["graph"] = dict(ms=timing["graph_ms"], **at(timing["graph_ms"]))
+    if "autotuned" in timing:
+        result["autotuned"] = timing["autotuned"]
     return result
 
 
@@ -196,7 +214,8 @@ def layer_rows(args, timer: Timer, peak) -> list[dict]:
     device = timer.device
     use_kernels = not args.smoke
     rows = []
-    for kind, shapes in (("conv3x3", CONVS), ("linear", LINEARS)):
+    for kind, source, shapes in (("conv3x3", "sd15", CONVS), ("linear", "sd15", LINEARS),
+                                 ("linear", "dit-xl/2", DIT_LINEARS)):
         for shape in shapes:
             if kind == "conv3x3":
                 cin, cout, size, stride = shape
@@ -234,7 +253,7 @@ def layer_rows(args, timer: Timer, peak) -> list[dict]:
                 fp8.precise_acc = False  # what fp32 accumulation costs: the same GEMM with Hopper's fast FP8 sums
                 fast_t = timer(lambda: fp8._gemm(codes, 0, s, z, spatial, torch.bfloat16, use_kernels))
                 fp8.precise_acc = True
-                row = dict(kind=kind, batch=args.batch, **desc, flops=flops,
+                row = dict(kind=kind, shapes_of=source, batch=args.batch, **desc, flops=flops,
                            bf16=rates(flops, bf16_t, peak and peak["bf16"]),
                            fp8_gemm_only=rates(flops, gemm_t, peak and peak["fp8"]),
                            fp8_layer=rates(flops, layer_t, peak and peak["fp8"]),

@@ -3,16 +3,16 @@
     python benchmarks/kernel_compile.py [--arch 90 89 --batch 8]
 
 Needs triton (its compiler and bundled ptxas; no GPU, no CUDA driver). For each layer shape of
-``benchmarks/gpu_w4a4.py`` (Stable-Diffusion-1.5-like 3×3 convolutions and linears, unsigned activations with zero
-point as in the MSFP W4A4 preset) and each block configuration the launch may use (every autotuning candidate), it
-prints JSON with registers per thread, spilled bytes, shared memory, the tensor-core instructions (and on Hopper
-where wgmma reads its first operand from), the number of asynchronous copies (a pipelined K loop) and their vector
-widths, and the compile time (near 0 where Triton's cache already held the same specialization), plus the
-activation-quantize kernel for each input. For Hopper and newer, the GEMMs are compiled again with TMA loads
-wherever the shape allows them (stride 1): ``conv2d_fp8_tma_boxes`` (boxes of output rows of the unpadded input),
-``conv2d_fp8_tma_rows`` (flat rows of zero-bordered codes) and ``linear_fp8_tma``. This is the static half
-of issue #8's checks: it says whether the kernels build for Hopper with FP8 tensor cores, not how fast they run
-(``gpu_w4a4.py`` on a GPU does that).
+``benchmarks/gpu_w4a4.py`` (Stable Diffusion 1.5's 3×3 convolutions and linears, DiT-XL/2's MLP linears; unsigned
+activations with zero point as in the MSFP W4A4 preset) and each block configuration the launch may use (every
+autotuning candidate), it prints JSON with registers per thread, spilled bytes, shared memory, how many blocks fit on
+one SM at once (and what limits them), the tensor-core instructions (and on Hopper where wgmma reads its first operand
+from), the number of asynchronous copies (a pipelined K loop) and their vector widths, and the compile time (near 0
+where Triton's cache already held the same specialization), plus the activation-quantize kernel for each input. For
+Hopper and newer, the GEMMs are compiled again with TMA loads wherever the shape allows them (stride 1):
+``conv2d_fp8_tma_boxes`` (boxes of output rows of the unpadded input), ``conv2d_fp8_tma_rows`` (flat rows of
+zero-bordered codes) and ``linear_fp8_tma``. This is the static half of issue #8's checks: it says whether the kernels
+build for Hopper with FP8 tensor cores, not how fast they run (``gpu_w4a4.py`` on a GPU does that).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import time
 import torch
 
 from conv_tiles import zero_bordered
-from gpu_w4a4 import ACT_FORMAT, CONVS, LINEARS
+from gpu_w4a4 import ACT_FORMAT, CONVS, DIT_LINEARS, LINEARS
 from msfp import triton_kernels as tk
 from msfp.environment import machine_info
 from msfp.fp8 import e4m3_shift
@@ -59,7 +59,7 @@ def layer_rows(arch: int, batch: int) -> list[dict]:
             rows += [dict(layer, kernel="conv2d_fp8" + suffix, **r)
                      for r in compiled_rows(tk.conv2d_fp8, x_codes, *args[1:], stride=stride, padding=1,
                                             out_dtype=torch.bfloat16, arch=arch, **options)]
-    for tokens, k, n in LINEARS:
+    for tokens, k, n in LINEARS + DIT_LINEARS:
         m = batch * tokens
         x = torch.zeros(m, k, dtype=torch.bfloat16)
         layer = dict(kind="linear", m=m, k=k, n=n)
@@ -78,6 +78,8 @@ def summary(rows: list[dict]) -> dict:
     return dict(compiled=len(rows), with_spills=sum(r["spill_store_bytes"] > 0 for r in rows),
                 max_registers=max(r["registers"] for r in rows), max_shared_bytes=max(r["shared_bytes"] for r in rows),
                 gemm_mma_instructions=sorted({i for r in gemms for i in r["mma_instructions"]}),
+                gemms_by_ctas_per_sm={n: sum(r["ctas_per_sm"] == n for r in gemms)
+                                      for n in sorted({r["ctas_per_sm"] for r in gemms}, key=str)},
                 gemms_without_async_copies=sum(r["async_copies"] == r["tma_copies"] == 0 for r in gemms),
                 wgmma_operand_a={kernel: sorted({a for r in gemms if r["kernel"] == kernel for a in r["mma_operand_a"]})
                                  for kernel in sorted({r["kernel"] for r in gemms})},

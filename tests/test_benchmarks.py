@@ -48,7 +48,8 @@ def test_gpu_w4a4_smoke_runs_every_layer_and_denoiser_on_the_fp8_path(capsys):
     load_script("gpu_w4a4").main(["--smoke"])
     report = json.loads(capsys.readouterr().out)
     layers = report["layers"]
-    assert [row["kind"] for row in layers] == ["conv3x3"] * 5 + ["linear"] * 5
+    assert [(row["kind"], row["shapes_of"]) for row in layers] == ([("conv3x3", "sd15")] * 5 + [("linear", "sd15")] * 5
+                                                                   + [("linear", "dit-xl/2")] * 2)
     for row in layers:
         for side in ("bf16", "fp8_gemm_only", "fp8_layer"):
             assert row[side]["ms"] > 0 and row[side]["tflops"] == pytest.approx(row["flops"] / row[side]["ms"] / 1e9)

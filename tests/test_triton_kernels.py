@@ -608,6 +608,7 @@ def test_gemm_kernels_compile_for_hopper_fp8_tensor_cores():
         assert stats["async_copies"] > 0 and stats["async_copy_bytes"] == [16], (config, stats)
         assert stats["spill_store_bytes"] == stats["spill_load_bytes"] == 0, (config, stats)
         assert 0 < stats["shared_bytes"] <= H100_MAX_SHARED, (config, stats)
+        assert stats["ctas_per_sm"] >= 1, (config, stats)  # at least one block fits on an SM
         assert kernel.metadata.enable_fp_fusion is True
 
 
@@ -637,6 +638,19 @@ def test_tma_kernels_compile_for_hopper():
                                    num_stages=3)
     stats = tk.kernel_stats(flat)
     assert stats["mma_operand_a"] == ["shared"] and stats["tma_copies"] > 0 and stats["spill_store_bytes"] == 0
+
+
+def test_ctas_per_sm_counts_each_resource_of_the_sm():
+    # sm_90: 65536 registers, allocated per warp in units of 256; 64 warps; 32 blocks; 228 KB shared, +1 KB per block.
+    assert tk.ctas_per_sm(90, 225, 49152, 8) == (1, "registers")  # 7424 per warp × 8 warps: 59392 of 65536
+    assert tk.ctas_per_sm(90, 120, 49152, 8) == (2, "registers")  # 3840 per warp: 30720 per block
+    assert tk.ctas_per_sm(90, 100, 0, 4) == (4, "registers")  # 3200 per warp rounds up to 3328: 19 warps, not 20
+    assert tk.ctas_per_sm(90, 64, 98304, 4) == (2, "shared memory")  # 233472 // 99328
+    assert tk.ctas_per_sm(90, 16, 0, 16) == (4, "warps")
+    assert tk.ctas_per_sm(90, 16, 0, 1) == (32, "blocks")
+    assert tk.ctas_per_sm(89, 32, 0, 16) == (3, "warps")  # Ada: 48 warps, 100 KB
+    assert tk.ctas_per_sm(89, 64, 50 * 1024, 4) == (1, "shared memory")
+    assert tk.ctas_per_sm(75, 64, 0, 4) is None
 
 
 def test_conv_kernel_compiles_for_ada_fp8_mma():
@@ -733,6 +747,23 @@ def test_benchmark_timer_precompiles_what_it_times(monkeypatch):
     assert timing["ms"] > 0 and timer.precompiled["kernels"] == 1 and timer.precompiled["errors"] == []
     timer(lambda: x + 1)  # no kernel of ours: nothing to compile
     assert timer.precompiled["kernels"] == 1
+
+
+def test_benchmark_timer_reports_the_autotuners_new_choices(monkeypatch):
+    # The autotuner runs on GPUs only, so its choice is stood in for: a configuration cached under a new key while
+    # a call is timed is reported with that timing (and by rates(), with the row), ones cached before are not.
+    from test_benchmarks import BENCHMARKS
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    gpu_w4a4 = importlib.import_module("gpu_w4a4")
+    timer = gpu_w4a4.Timer(torch.device(DEV), iters=1, cuda_graphs=False)
+    old, new = tk._conv_fp8_tuned.configs[:2]
+    monkeypatch.setattr(tk._conv_fp8_tuned, "cache", {("seen",): old})
+    timing = timer(lambda: tk._conv_fp8_tuned.cache.setdefault(("new",), new))
+    assert timing["autotuned"] == [{**new.kwargs, "num_warps": new.num_warps, "num_stages": new.num_stages,
+                                    "num_ctas": 1}]
+    assert gpu_w4a4.rates(1e9, timing, None)["autotuned"] == timing["autotuned"]
+    assert "autotuned" not in timer(lambda: tk._conv_fp8_tuned.cache.setdefault(("new",), old))
 
 
 def test_launches_read_the_kernels_compiled_ahead(tmp_path):

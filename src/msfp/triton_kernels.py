@@ -1010,12 +1010,32 @@ def precompile(fn, *, arch: int | None = None, workers: int | None = None) -> di
                 errors=sorted(errors | {e for e in results if e is not None}))
 
 
+# Per-SM resources by compute capability (CUDA C++ Programming Guide, technical specifications): 32-bit registers,
+# resident warps, resident blocks, shared memory (of which the system reserves 1 KB per block).
+_SM_RESOURCES = {89: (65536, 48, 24, 100 * 1024), 90: (65536, 64, 32, 228 * 1024)}
+
+
+def ctas_per_sm(arch: int, registers: int, shared_bytes: int, num_warps: int) -> tuple[int, str] | None:
+    """How many blocks of a kernel fit on one SM of compute capability ``arch`` at once, and which resource stops
+    more (None for an architecture not in the table). One block per SM leaves nothing to run while a block fills its
+    pipeline or writes its tile."""
+    if arch not in _SM_RESOURCES:
+        return None
+    sm_registers, sm_warps, sm_blocks, sm_shared = _SM_RESOURCES[arch]
+    per_warp = -(-registers * 32 // 256) * 256  # registers are allocated per warp, 256 at a time
+    limits = {"registers": sm_registers // per_warp // num_warps,
+              "shared memory": sm_shared // (shared_bytes + 1024),
+              "warps": sm_warps // num_warps, "blocks": sm_blocks}
+    resource = min(limits, key=limits.get)  # the first of the tied ones, in this order
+    return limits[resource], resource
+
+
 def kernel_stats(compiled) -> dict:
     """What a kernel from :func:`compile_ahead` will use on the GPU: registers per thread and spilled bytes (from
-    ``ptxas -v``), shared memory, the tensor-core instructions in its PTX, where Hopper's wgmma reads its first
-    operand from (``"shared"`` memory, or ``"registers"`` after a copy out of shared memory), and its asynchronous
-    global→shared copies (how Triton pipelines the K loop: their number and vector widths in bytes; TMA copies
-    counted apart)."""
+    ``ptxas -v``), shared memory, how many blocks fit on one SM at once and what limits them (:func:`ctas_per_sm`),
+    the tensor-core instructions in its PTX, where Hopper's wgmma reads its first operand from (``"shared"`` memory,
+    or ``"registers"`` after a copy out of shared memory), and its asynchronous global→shared copies (how Triton
+    pipelines the K loop: their number and vector widths in bytes; TMA copies counted apart)."""
     from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
 
     ptx = compiled.asm["ptx"]
@@ -1039,9 +1059,12 @@ def kernel_stats(compiled) -> dict:
     # wgmma's operands: the accumulator registers {…}, then A as registers {…} or as a shared-memory descriptor.
     wgmma_a = {"registers" if a == "{" else "shared"
                for a in re.findall(r"\bwgmma\.mma_async\S*\s*\{[^}]*\}\s*,\s*(\{|%)", ptx)}
-    return {"arch": f"sm_{arch}", "registers": int(registers.group(1)), "spill_store_bytes": int(spills.group(1)),
+    used = int(registers.group(1))
+    occupancy = ctas_per_sm(arch, used, compiled.metadata.shared, compiled.metadata.num_warps)
+    return {"arch": f"sm_{arch}", "registers": used, "spill_store_bytes": int(spills.group(1)),
             "spill_load_bytes": int(spills.group(2)), "shared_bytes": compiled.metadata.shared,
-            "num_warps": compiled.metadata.num_warps, "mma_instructions": sorted(set(mma)),
+            "num_warps": compiled.metadata.num_warps, "ctas_per_sm": occupancy and occupancy[0],
+            "ctas_per_sm_limited_by": occupancy and occupancy[1], "mma_instructions": sorted(set(mma)),
             "mma_operand_a": sorted(wgmma_a), "tma_copies": len(re.findall(r"\bcp\.async\.bulk\.tensor", ptx)),
             "async_copies": len(re.findall(r"\bcp\.async\.c[ag]\b", ptx)),
             "async_copy_bytes": sorted({int(n, 0) for n in copy_widths})}
