@@ -115,6 +115,19 @@ def test_fp8_host_overhead_times_triton_dispatch_through_a_stand_in_gpu(tmp_path
         assert r["with_triton_dispatch_us_per_forward"] > 0 and r["host_us_per_forward"] > 0
 
 
+def test_gemm_registers_compiles_every_option_and_the_register_cap(capsys):
+    pytest.importorskip("triton")
+    load_script("gemm_registers").main([])
+    kernels = json.loads(capsys.readouterr().out)["kernels"]
+    variants = {(k["layer"], k["precise_acc"], k["loads"], k["zero_point"], k["maxnreg"]) for k in kernels}
+    assert len(kernels) == len(variants) == 2 * 2 * 2 * 2 * 2
+    for k in kernels:
+        if k["maxnreg"] is not None:  # the cap reaches ptxas, and two 8-warp blocks then fit
+            assert k["registers"] <= k["maxnreg"] == 128 and k["ctas_per_sm"] == 2, k
+        else:
+            assert k["spill_store_bytes"] == 0, k
+
+
 @pytest.mark.parametrize("model", ["default", "sd15"])
 def test_sample_speed_smoke_samples_both_backends(monkeypatch, capsys, model):
     # The GPU benchmark's flow, eagerly on the CPU (its CUDA graph runs are tests/test_cuda_graphs.py's subject).

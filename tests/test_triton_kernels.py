@@ -412,6 +412,8 @@ def test_gemm_launchers_reject_bad_arguments():
         tk.conv2d_fp8(x, w, one, six, zp=one, zp_weight_sums=torch.zeros(2, 2, 6, device=DEV))
     with pytest.raises(ValueError, match="must be given together and each be ≥ 16"):
         tk.conv2d_fp8(x, w, one, six, block_m=16)
+    with pytest.raises(ValueError, match="maxnreg needs fixed blocks"):
+        tk.conv2d_fp8(x, w, one, six, maxnreg=128)
     with pytest.raises(ValueError, match=r"w_codes must have shape \(N, 8\)"):
         tk.linear_fp8(x[0, 0], w[:, 0, 0, :4], torch.ones(4, device=DEV), six)
 

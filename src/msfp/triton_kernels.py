@@ -598,7 +598,7 @@ def conv2d_fp8(x_codes: torch.Tensor, w_codes: torch.Tensor, a_scale: torch.Tens
                out_dtype: torch.dtype = torch.float32, groups: int = 1, *, precise_acc: bool = True,
                tma: bool = False, zero_bordered: bool = False, split_k: int = 1, block_m: int | None = None,
                block_n: int | None = None, block_k: int | None = None, num_warps: int = 4,
-               num_stages: int = 2) -> torch.Tensor:
+               num_stages: int = 2, maxnreg: int | None = None) -> torch.Tensor:
     """Convolution of FP8 codes, NHWC in and out.
 
     ``x_codes``: ``(B, H, W, C)`` float8_e4m3fn; ``w_codes``: ``(O, KH, KW, C)`` float8_e4m3fn; ``a_scale``/``zp``:
@@ -617,21 +617,22 @@ def conv2d_fp8(x_codes: torch.Tensor, w_codes: torch.Tensor, a_scale: torch.Tens
     ``act_codes(…, pad=padding)`` returns) it is read as flat rows that wgmma takes from shared memory, computing
     (and discarding) the outputs anchored in the border; so is any input without padding. Block sizes default to an
     autotuned set; pass all three of ``block_m``, ``block_n``, ``block_k`` to fix them (each ≥ 16 for ``tl.dot``,
-    powers of two with TMA, ``block_k`` ≥ 32 on GPUs, whose FP8 MMA instructions are 32 deep). ``split_k > 1`` splits
-    the K loop over that many programs per output tile (more parallel work for layers with few output tiles), each
-    writing a float32 partial result that a torch sum then adds in a fixed order: deterministic, one extra pass over
-    the output per share.
+    powers of two with TMA, ``block_k`` ≥ 32 on GPUs, whose FP8 MMA instructions are 32 deep), and with them
+    ``num_warps``, ``num_stages`` and ``maxnreg`` (a cap on registers per thread, PTX's ``.maxnreg``). ``split_k > 1``
+    splits the K loop over that many programs per output tile (more parallel work for layers with few output tiles),
+    each writing a float32 partial result that a torch sum then adds in a fixed order: deterministic, one extra pass
+    over the output per share.
     """
     return _prepare_conv2d_fp8(x_codes, w_codes, a_scale, w_scale, bias, zp, zp_weight_sums, stride, padding, dilation,
                                out_dtype, groups, precise_acc=precise_acc, tma=tma, zero_bordered=zero_bordered,
                                split_k=split_k, block_m=block_m, block_n=block_n, block_k=block_k,
-                               num_warps=num_warps, num_stages=num_stages).run(x_codes)
+                               num_warps=num_warps, num_stages=num_stages, maxnreg=maxnreg).run(x_codes)
 
 
 def _prepare_conv2d_fp8(x_codes, w_codes, a_scale, w_scale, bias=None, zp=None, zp_weight_sums=None, stride=1,
                         padding=0, dilation=1, out_dtype=torch.float32, groups=1, *, precise_acc=True, tma=False,
                         zero_bordered=False, split_k=1, block_m=None, block_n=None, block_k=None, num_warps=4,
-                        num_stages=2) -> _Launch:
+                        num_stages=2, maxnreg=None) -> _Launch:
     if groups != 1:
         raise ValueError(f"conv2d_fp8 supports groups=1 only, got groups={groups}")
     for name, t in (("x_codes", x_codes), ("w_codes", w_codes)):
@@ -675,6 +676,8 @@ def _prepare_conv2d_fp8(x_codes, w_codes, a_scale, w_scale, bias=None, zp=None, 
     if any(v is not None for v in explicit):
         if None in explicit or min(explicit) < 16:
             raise ValueError(f"block_m, block_n, block_k must be given together and each be ≥ 16, got {explicit}")
+    elif maxnreg is not None:
+        raise ValueError("maxnreg needs fixed blocks (block_m, block_n, block_k); the autotuner's candidates set none")
     if tma:
         if any(v is not None and v & (v - 1) for v in explicit):
             raise ValueError(f"with tma, block_m, block_n, block_k must be powers of two, got {explicit}")
@@ -733,6 +736,8 @@ def _prepare_conv2d_fp8(x_codes, w_codes, a_scale, w_scale, bias=None, zp=None, 
     grid = (num_m(block_m) * _cdiv(O, block_n), split_k)
     flags.update(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8, num_warps=num_warps,
                  num_stages=num_stages)
+    if maxnreg is not None:
+        flags["maxnreg"] = maxnreg
     if configure is not None:
         configure(flags)
     return _Launch(_conv_fp8_kernel, grid, args, flags, ({},), y, configure, finish)
