@@ -1,7 +1,7 @@
 """Block-size sweep of the Triton FP8 implicit-GEMM convolution on a GPU, against cuDNN BF16 (issue #8).
 
     python benchmarks/conv_tiles.py [--batch 8 --iters 30 --cuda-graphs --loads pointers tma_boxes tma_rows
-                                     --split-k 2 4]
+                                     --maxnreg 128 --split-k 2 4]
 
 The autotuner of ``msfp.triton_kernels.conv2d_fp8`` picks among four block configurations, and on the H200 the
 best of them reached 10–24% of the FP8 peak on the Stable-Diffusion-1.5 3×3 convolutions (0.57–0.94× BF16). This
@@ -12,7 +12,8 @@ one short GPU run shows whether better tiles reach the targets or the kernel's d
    tiles (``--loads``): per-thread pointer arithmetic (``cp.async``), and TMA tensor-descriptor copies (stride-1
    shapes only) of the unpadded input in boxes of output rows (``tma_boxes``) or of the input inside a zero border
    as flat rows (``tma_rows``, ``zero_bordered=True``), fp32 accumulation;
-2. for the fastest configuration of each loading method: fast accumulation (``precise_acc=False``) and split-K
+2. for the fastest configuration of each loading method: fast accumulation (``precise_acc=False``), the same under a
+   register cap (``--maxnreg``: 128 fits two 8-warp blocks on an SM, and makes them spill) and split-K
    (``--split-k``: the K loop shared by that many programs per output tile).
 
 Each call is timed eagerly and replayed from a CUDA graph (the GPU's own time; configurations are ranked by it), and
@@ -148,9 +149,11 @@ def shape_row(cin, cout, size, stride, args, timer: Timer, peak, arch: int | Non
         row["configs"] = [timed(method, config, precise_acc=True, split_k=1) for method, config in stage1]
         row["best"] = {method: fastest([e for e in row["configs"] if e["loads"] == method]) for method in loads}
         tile_keys = ("block_m", "block_n", "block_k", "num_warps", "num_stages")
-        stage2 = [(method, {k: best[k] for k in tile_keys}, dict(precise_acc=precise, split_k=split))
-                  for method, best in row["best"].items() if best is not None
-                  for precise, split in [(False, 1)] + [(True, k) for k in args.split_k]]
+        options = ([dict(precise_acc=False, split_k=1)]
+                   + [dict(precise_acc=False, split_k=1, maxnreg=cap) for cap in args.maxnreg]
+                   + [dict(precise_acc=True, split_k=k) for k in args.split_k])
+        stage2 = [(method, {k: best[k] for k in tile_keys}, variant)
+                  for method, best in row["best"].items() if best is not None for variant in options]
         row["precompile"].append(precompile(args, arch, lambda: [conv(method, **config, **options)
                                                                  for method, config, options in stage2]))
         row["variants"] = [timed(method, config, **options) for method, config, options in stage2]
@@ -171,6 +174,9 @@ def main(argv=None) -> None:
                         "boxes of output rows or as flat rows of zero-bordered codes")
     p.add_argument("--split-k", type=int, nargs="*", default=[2, 4],
                    help="split-K factors tried on each loading method's fastest tiles")
+    p.add_argument("--maxnreg", type=int, nargs="*", default=[128],
+                   help="register caps tried with fast accumulation on each loading method's fastest tiles (128: two "
+                        "8-warp blocks per SM, at the cost of spills: benchmarks/gemm_registers.py)")
     p.add_argument("--compile-workers", type=int, default=os.cpu_count() or 1,
                    help="processes compiling each step's kernels before it is timed (0: in this process; -1: no "
                         "precompiling, the launches compile)")

@@ -715,18 +715,18 @@ def test_conv_tiles_benchmark_smoke(capsys, monkeypatch):
     monkeypatch.syspath_prepend(str(BENCHMARKS))
     load_script("conv_tiles").main(["--smoke", "--compile-workers", "0"])
     [row] = json.loads(capsys.readouterr().out)["shapes"]
-    # Each step's kernels compiled for sm_90 before it is timed: 2 configurations × 3 loading methods, then 3
+    # Each step's kernels compiled for sm_90 before it is timed: 2 configurations × 3 loading methods, then 4
     # variants of each method's best
-    assert [(p["distinct"], p["kernels"], p["errors"]) for p in row["precompile"]] == [(6, 6, []), (9, 9, [])]
+    assert [(p["distinct"], p["kernels"], p["errors"]) for p in row["precompile"]] == [(6, 6, []), (12, 12, [])]
     # 2 tile configurations × pointer/TMA-box/TMA-row loads; then per loading method its best tiles with fast
-    # accumulation and split-K 2 and 4
+    # accumulation, without and with a 128-register cap, and split-K 2 and 4
     loads = ("pointers", "tma_boxes", "tma_rows")
     assert len(row["configs"]) == 6 and all("error" not in c for c in row["configs"])
     assert {c["loads"] for c in row["configs"]} == set(loads)
     assert row["configs"][0]["speedup"]["eager"] == pytest.approx(row["bf16"]["ms"] / row["configs"][0]["ms"])
     assert set(row["best"]) == set(loads) and row["best"]["tma_rows"] in row["configs"]
-    assert sorted((v["loads"], v["precise_acc"], v["split_k"]) for v in row["variants"]) == sorted(
-        (m, p, k) for m in loads for p, k in ((False, 1), (True, 2), (True, 4)))
+    assert sorted((v["loads"], v["precise_acc"], v["split_k"], v.get("maxnreg", 0)) for v in row["variants"]) == sorted(
+        (m, p, k, cap) for m in loads for p, k, cap in ((False, 1, 0), (False, 1, 128), (True, 2, 0), (True, 4, 0)))
     assert all("error" not in v for v in row["variants"])
     every = row["configs"] + row["variants"]
     assert row["fastest"]["ms"] == min(e["ms"] for e in every)  # no CUDA graphs on CPU: ranked by eager time
