@@ -16,7 +16,8 @@ with its GB/s. Per denoiser (the shipped default model and a random-weight UNet2
 1.5's shapes): one step's time in BF16 and with every 4-bit layer on the FP8 path, the speed-up, the peak memory, the
 bytes of the weights, and the output's relative L2 distance from the same model's emulated FP8 path
 (``output_rel_l2_vs_emulated``: torch computing the same codes in fp32; end-to-end equivalence at these shapes, and
-for BF16 the quantization's effect).
+for BF16 the quantization's effect). For BF16 and the FP8 path, each step's time by kernel (``time_by_kernel``: GPU
+time per call of each kernel, from the profiler, the largest 12 by name): where the FP8 step loses or gains.
 Linear layers are timed twice on the FP8 path: with the Triton GEMM and through ``torch._scaled_mm`` (``scaled_mm_*``
 fields; for the denoisers ``fp8_w4a4_scaled_mm``). The Triton GEMM is also timed with TMA loads (stride-1 layers):
 3×3 convolutions with both tilings, ``*_tma_boxes`` and ``*_tma_rows`` (codes inside a zero border), linears as flat
@@ -289,6 +290,27 @@ def layer_rows(args, timer: Timer, peak) -> list[dict]:
     return rows
 
 
+def kernel_times(fn, device: torch.device, calls: int = 3, top: int = 12) -> dict:
+    """Where a call's time goes: each kernel's GPU time per call (on CPU, each operator's own CPU time), from
+    ``calls`` profiled eager calls after one unprofiled (compiling, autotuning) call; the ``top`` largest by name,
+    the rest summed in ``other_ms``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    fn()
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        for _ in range(calls):
+            fn()
+        if cuda:
+            torch.cuda.synchronize()
+    own = "self_device_time_total" if cuda else "self_cpu_time_total"  # µs over all calls
+    spent = sorted(((getattr(e, own) / 1e3 / calls, e.count / calls, e.key) for e in prof.key_averages()
+                    if getattr(e, own) > 0), reverse=True)
+    total = sum(ms for ms, _, _ in spent)
+    return dict(total_ms=total, other_ms=sum(ms for ms, _, _ in spent[top:]),
+                kernels=[dict(name=name[:120], ms=ms, calls=count, share=ms / total) for ms, count, name in spent[:top]])
+
+
 def denoised(output) -> torch.Tensor:
     """A denoiser's output tensor (diffusers models return it in a dataclass), in float32."""
     return getattr(output, "sample", output).float()
@@ -341,6 +363,9 @@ def denoiser_row(name: str, fp: torch.nn.Module, cond: dict, args, timer: Timer)
                              output_rel_l2_vs_emulated=(deviation.norm() / reference.norm()).item())
         if "graph_ms" in steps[label]:
             result[label]["graph_step_ms"] = steps[label]["graph_ms"]
+        if label in ("bf16", "fp8_w4a4"):
+            with torch.no_grad():
+                result[label]["time_by_kernel"] = kernel_times(lambda: model(x, t, **cond), device)
     result["speedup"] = speedups(steps["bf16"], steps["fp8_w4a4"])
     result["speedup_scaled_mm"] = speedups(steps["bf16"], steps["fp8_w4a4_scaled_mm"])
     for variant in [f"tma_{tiling}" for tiling in q_tma] + ["split_k_auto"]:

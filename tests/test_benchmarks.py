@@ -74,6 +74,13 @@ def test_gpu_w4a4_smoke_runs_every_layer_and_denoiser_on_the_fp8_path(capsys):
         fp8_variants = [label for label in denoiser if label.startswith("fp8_w4a4")]
         assert len(fp8_variants) == 5 and all(denoiser[v]["output_rel_l2_vs_emulated"] == 0 for v in fp8_variants)
         assert denoiser["bf16"]["output_rel_l2_vs_emulated"] > 0.01
+        for label in ("bf16", "fp8_w4a4"):  # where the step's time goes (CPU operators here, GPU kernels on a GPU)
+            spent = denoiser[label]["time_by_kernel"]
+            kernels = spent["kernels"]
+            assert 0 < len(kernels) <= 12 and all(k["ms"] > 0 and k["calls"] > 0 for k in kernels)
+            assert [k["ms"] for k in kernels] == sorted((k["ms"] for k in kernels), reverse=True)
+            assert sum(k["ms"] for k in kernels) + spent["other_ms"] == pytest.approx(spent["total_ms"])
+        assert "time_by_kernel" not in denoiser["fp8_w4a4_scaled_mm"]
 
 
 HOST_OVERHEAD_CASES = {"linear_64x64_tokens16", "linear_64x64_tokens16_tma_rows", "conv3x3_16x16_8x8",
