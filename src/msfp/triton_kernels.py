@@ -1027,7 +1027,7 @@ def ctas_per_sm(arch: int, registers: int, shared_bytes: int, num_warps: int) ->
     if arch not in _SM_RESOURCES:
         return None
     sm_registers, sm_warps, sm_blocks, sm_shared = _SM_RESOURCES[arch]
-    per_warp = -(-registers * 32 // 256) * 256  # registers are allocated per warp, 256 at a time
+    per_warp = _cdiv(registers * 32, 256) * 256  # registers are allocated per warp, 256 at a time
     limits = {"registers": sm_registers // per_warp // num_warps,
               "shared memory": sm_shared // (shared_bytes + 1024),
               "warps": sm_warps // num_warps, "blocks": sm_blocks}
