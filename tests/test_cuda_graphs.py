@@ -21,23 +21,29 @@ aten = torch.ops.aten
 HOST_READS = {aten._local_scalar_dense.default, aten.bincount.default, aten.nonzero.default, aten.equal.default,
               aten.is_nonzero.default, aten.masked_select.default, aten._unique2.default, aten.unique_dim.default,
               aten.unique_consecutive.default}
+# A tensor made from Python data (torch.tensor, torch.as_tensor of a list): on a GPU, an upload, which a capture
+# cannot do either.
+HOST_UPLOADS = {aten.lift_fresh.default}
 
 
-class HostRead(AssertionError):
+class HostTransfer(AssertionError):
     pass
 
 
-class _ForbidHostReads(TorchDispatchMode):
+class _ForbidHostTransfers(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func in HOST_READS:
-            raise HostRead(f"{func} reads GPU data back to the host")
+            raise HostTransfer(f"{func} reads GPU data back to the host")
+        if func in HOST_UPLOADS:
+            raise HostTransfer(f"{func} makes a tensor from host data, which a GPU would have to upload")
         return func(*args, **(kwargs or {}))
 
 
 @contextlib.contextmanager
-def no_host_reads():
-    """What a CUDA graph capture forbids, checked on the CPU: no operator that reads data back, no ``tolist``."""
-    with _ForbidHostReads(), mock.patch.object(torch.Tensor, "tolist", side_effect=HostRead("tolist")):
+def no_host_transfers():
+    """What a CUDA graph capture forbids, checked on the CPU: no operator that reads data back or uploads it, no
+    ``tolist``."""
+    with _ForbidHostTransfers(), mock.patch.object(torch.Tensor, "tolist", side_effect=HostTransfer("tolist")):
         yield
 
 
@@ -62,7 +68,7 @@ def routed_model(fp8: bool, use_kernels: bool | None = False):
 
 
 class StandInCapture:
-    """CUDA graph capture emulated on the CPU: the captured call runs under no_host_reads, and a "replay" reruns it
+    """CUDA graph capture emulated on the CPU: the captured call runs under no_host_transfers, and a "replay" reruns it
     into the captured output, with the route group sizes the capture had (a graph holds them fixed) given to the
     model's ``context``. ``captures`` lists those sizes, one entry per capture."""
 
@@ -74,14 +80,14 @@ class StandInCapture:
             call()
         context = self.context
         known = None if context is None else context.known_route_counts
-        with no_host_reads():
+        with no_host_transfers():
             output = call()
 
         def replay():
             if context is not None:
                 context.known_route_counts = known
             try:
-                with no_host_reads():
+                with no_host_transfers():
                     output.copy_(call())
             finally:
                 if context is not None:
@@ -103,8 +109,9 @@ def stand_in_capture(monkeypatch):
 def test_a_routed_forward_reads_its_route_groups_back():
     # What the wrapper works around (and what shows the check below can fail).
     q = routed_model(fp8=True)
-    with torch.no_grad(), no_host_reads(), pytest.raises(HostRead, match="bincount"):
-        q(torch.randn(2, 1, 8, 8), torch.tensor([10, 900]))
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([10, 900])
+    with torch.no_grad(), no_host_transfers(), pytest.raises(HostTransfer, match="bincount"):
+        q(x, t)
 
 
 @pytest.mark.parametrize("fp8", [False, True])

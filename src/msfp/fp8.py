@@ -63,7 +63,8 @@ def act_codes(x: torch.Tensor, fmt: Format, scale: torch.Tensor, zero_point: tor
         # torch.clamp(-0.0, 0.0, …) keeps -0.0 on CPU but gives +0.0 on CUDA; + 0.0 makes an unsigned grid's zero
         # code +0.0 on every device (and changes no other value).
         v = v + 0.0
-    return torch.ldexp(round_to_grid(v, fmt), torch.tensor(shift, device=x.device)).to(E4M3)
+    # A Python power of two, not a tensor of the shift: exact, and nothing to upload (which a CUDA graph cannot).
+    return (round_to_grid(v, fmt) * 2.0**shift).to(E4M3)
 
 
 @functools.lru_cache(maxsize=None)
