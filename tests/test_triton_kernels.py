@@ -379,6 +379,46 @@ def test_tma_rejects_what_it_cannot_load():
         tk.conv2d_fp8(zero_bordered(x, 1), w, one, sixteen, padding=2, tma=True, zero_bordered=True)
 
 
+def test_launches_check_once_per_layout_and_every_call_what_the_layout_does_not_fix():
+    # A launcher checks its arguments once per layout (dtypes, shapes, strides, devices, 16-byte alignment) and
+    # keeps the launch's plan; a failed check stores nothing, and what the data decides (whether a zero-bordered
+    # input's storage holds its border) is checked on every call.
+    x, w, a_scale, w_scale, bias, zp, sums = conv_operands(1, 4, 4, 32, 16, 3, 3, True, True, seed=11)
+    ref, mag = tk.conv2d_fp8_reference(x, w, a_scale, w_scale, bias, zp, sums, 1, 1, 1)
+    rest = [t.to(DEV) for t in (w, a_scale, w_scale, bias, zp, sums)]
+    blocks = dict(block_m=16, block_n=16, block_k=32)
+
+    def conv(codes, **options):
+        return tk.conv2d_fp8(codes, *rest, padding=1, **blocks, **options)
+
+    bordered = zero_bordered(x.to(DEV), 1)
+    plans = len(tk._conv_plans)
+    assert_within_accumulation_error(conv(bordered, tma=True, zero_bordered=True), ref, mag, 9 * 32, taps=9)
+    assert len(tk._conv_plans) in (plans, plans + 1)  # another test may have made this plan
+    plans = len(tk._conv_plans)
+    again = zero_bordered(x.to(DEV), 1)  # the same layout, other storage: the same plan
+    assert_within_accumulation_error(conv(again, tma=True, zero_bordered=True), ref, mag, 9 * 32, taps=9)
+    assert len(tk._conv_plans) == plans
+    # The same layout (shape, strides, alignment) at the start of its buffer: no border before it.
+    unbordered = torch.zeros(1, 6, 6, 32, dtype=FP8, device=DEV)[:, :4, :4]
+    for _ in range(2):
+        with pytest.raises(ValueError, match="is not the interior"):
+            conv(unbordered, tma=True, zero_bordered=True)
+    # A new layout (an NHWC view of NCHW memory) makes a new plan; the kernel follows its strides.
+    strided = x.permute(0, 3, 1, 2).contiguous().permute(0, 2, 3, 1).to(DEV)
+    assert_within_accumulation_error(conv(strided), ref, mag, 9 * 32, taps=9)
+    assert_within_accumulation_error(conv(x.to(DEV)), ref, mag, 9 * 32, taps=9)
+    assert len(tk._conv_plans) >= plans + 1
+    plans, act_plans = len(tk._conv_plans), len(tk._act_plans)
+    for _ in range(2):
+        with pytest.raises(ValueError, match=r"w_scale must have shape \(16,\)"):
+            tk.conv2d_fp8(x.to(DEV), rest[0], rest[1], rest[1], padding=1, **blocks)
+        with pytest.raises(ValueError, match="scale must be torch.float32"):
+            tk.act_codes(torch.zeros(2, 32, device=DEV), "fp4_e2m1", torch.ones(2, dtype=torch.float64, device=DEV),
+                         None)
+    assert (len(tk._conv_plans), len(tk._act_plans)) == (plans, act_plans)
+
+
 def test_act_codes_pad_writes_inside_a_zero_border():
     gen = torch.Generator().manual_seed(10)
     x = (torch.randn(2, 32, 5, 6, generator=gen) * 3).to(DEV)
