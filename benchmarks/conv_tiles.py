@@ -1,7 +1,7 @@
 """Block-size sweep of the Triton FP8 implicit-GEMM convolution on a GPU, against cuDNN BF16 (issue #8).
 
     python benchmarks/conv_tiles.py [--batch 8 --iters 30 --cuda-graphs --loads pointers tma_boxes tma_rows
-                                     --maxnreg 128 --split-k 2 4]
+                                     --maxnreg 128 --split-k 2 4 --warp-specialize]
 
 The autotuner of ``msfp.triton_kernels.conv2d_fp8`` picks among four block configurations, and on the H200 the
 best of them reached 10–24% of the FP8 peak on the Stable-Diffusion-1.5 3×3 convolutions (0.57–0.94× BF16). This
@@ -14,7 +14,11 @@ one short GPU run shows whether better tiles reach the targets or the kernel's d
    as flat rows (``tma_rows``, ``zero_bordered=True``), fp32 accumulation;
 2. for the fastest configuration of each loading method: fast accumulation (``precise_acc=False``), the same under a
    register cap (``--maxnreg``: 128 fits two 8-warp blocks on an SM, and makes them spill) and split-K
-   (``--split-k``: the K loop shared by that many programs per output tile).
+   (``--split-k``: the K loop shared by that many programs per output tile);
+3. warp-specialized tiles (``--warp-specialize``, ``conv2d_fp8(warp_specialize=True)``: a producer warp group issuing
+   the TMA copies, two consumer warp groups running wgmma; Triton 3.6 only), as flat rows without the zero point,
+   which Triton 3.6 cannot specialize with a 3×3 kernel, beside the fastest rows tiles also without it, all with
+   fast accumulation (``warp_specialized``).
 
 Each call is timed eagerly and replayed from a CUDA graph (the GPU's own time; configurations are ranked by it), and
 its output compared with the exact (float64) result: ``error_vs_exact`` is the largest and the mean of
@@ -102,12 +106,16 @@ def shape_row(cin, cout, size, stride, args, timer: Timer, peak, arch: int | Non
     zp_weight_sums = torch.randn(cout, 3, 3, device=device)
 
     x_bordered = zero_bordered(x_codes)
-    exact, magnitude = triton_kernels.conv2d_fp8_reference(x_codes, w_codes, a_scale, w_scale, bias, zp,
-                                                           zp_weight_sums, stride, 1)
+    # Exact results with the zero point and, for the warp-specialized kernels that cannot take it, without.
+    exact = {zero_point: triton_kernels.conv2d_fp8_reference(x_codes, w_codes, a_scale, w_scale, bias,
+                                                             zp if zero_point else None,
+                                                             zp_weight_sums if zero_point else None, stride, 1)
+             for zero_point in (True, False)}
 
-    def conv(method, **options):
+    def conv(method, zero_point=True, **options):
         x = x_bordered if LOADS[method].get("zero_bordered") else x_codes
-        return triton_kernels.conv2d_fp8(x, w_codes, a_scale, w_scale, bias, zp, zp_weight_sums, stride, 1,
+        zp_args = (zp, zp_weight_sums) if zero_point else (None, None)
+        return triton_kernels.conv2d_fp8(x, w_codes, a_scale, w_scale, bias, *zp_args, stride, 1,
                                          out_dtype=torch.bfloat16, **LOADS[method], **options)
 
     bf16 = torch.nn.Conv2d(cin, cout, 3, stride=stride, padding=1).to(device, torch.bfloat16)
@@ -115,7 +123,7 @@ def shape_row(cin, cout, size, stride, args, timer: Timer, peak, arch: int | Non
     xb = torch.randn(args.batch, cin, size, size, device=device, dtype=torch.bfloat16)
     xb = xb.contiguous(memory_format=torch.channels_last)
     row = dict(c_in=cin, c_out=cout, hw=size, stride=stride, batch=args.batch, flops=flops,
-               bf16_rounding_error=error_vs_exact(exact.to(torch.bfloat16), exact, magnitude))
+               bf16_rounding_error=error_vs_exact(exact[True][0].to(torch.bfloat16), *exact[True]))
     with torch.no_grad():
         bf16_t = timer(lambda: bf16(xb))
         row["bf16"] = rates(flops, bf16_t, peak and peak["bf16"])
@@ -138,8 +146,9 @@ def shape_row(cin, cout, size, stride, args, timer: Timer, peak, arch: int | Non
             except Exception as e:  # e.g. Triton's OutOfResources: record it and keep sweeping
                 entry["error"] = f"{type(e).__name__}: {e}".strip().splitlines()[0]
             else:
+                y = conv(method, **config, **options)
                 entry.update(rates(flops, t, peak and peak["fp8"]), speedup=speedups(bf16_t, t),
-                             error_vs_exact=error_vs_exact(conv(method, **config, **options), exact, magnitude))
+                             error_vs_exact=error_vs_exact(y, *exact[options.get("zero_point", True)]))
             return entry
 
         def fastest(entries):  # by the GPU's own time where graphs ran
@@ -160,7 +169,33 @@ def shape_row(cin, cout, size, stride, args, timer: Timer, peak, arch: int | Non
         every = row["configs"] + row["variants"]
         row["fastest"] = fastest(every)
         row["fastest_fp32_accumulation"] = fastest([e for e in every if e["precise_acc"]])
+        if args.warp_specialize and row["best"].get("tma_rows") is not None:
+            # Warp-specialized tiles (Triton 3.6; no zero point on a 3×3 kernel there), fast accumulation, against
+            # the fastest rows tiles without the zero point either.
+            best = {k: row["best"]["tma_rows"][k] for k in tile_keys}
+            stage3 = [(config, dict(warp_specialize=True)) for config in warp_specialized_configs(args.smoke)]
+            stage3.append((best, {}))
+            no_zp = dict(precise_acc=False, split_k=1, zero_point=False)
+            row["precompile"].append(precompile(args, arch, lambda: [
+                rejected_or(lambda: conv("tma_rows", **config, **no_zp, **options)) for config, options in stage3]))
+            row["warp_specialized"] = [timed("tma_rows", config, **no_zp, **options) for config, options in stage3]
     return progress(row)
+
+
+def warp_specialized_configs(smoke: bool) -> list[dict]:
+    """128-row tiles for two consumer warp groups (num_warps=4 becomes 12 warps with the producer)."""
+    if smoke:
+        return [dict(block_m=64, block_n=32, block_k=32, num_warps=4, num_stages=2)]
+    return [dict(block_m=128, block_n=128, block_k=bk, num_warps=4, num_stages=stages)
+            for bk, stages in ((64, 3), (64, 4), (128, 3))]
+
+
+def rejected_or(launch):
+    """``launch()``, or its ValueError: a configuration the launcher refuses is recorded when it is timed."""
+    try:
+        return launch()
+    except ValueError as e:
+        return e
 
 
 def main(argv=None) -> None:
@@ -177,6 +212,9 @@ def main(argv=None) -> None:
     p.add_argument("--maxnreg", type=int, nargs="*", default=[128],
                    help="register caps tried with fast accumulation on each loading method's fastest tiles (128: two "
                         "8-warp blocks per SM, at the cost of spills: benchmarks/gemm_registers.py)")
+    p.add_argument("--warp-specialize", action=argparse.BooleanOptionalAction, default=True,
+                   help="also time warp-specialized tiles (tma_rows, no zero point) against the fastest rows tiles "
+                        "without it")
     p.add_argument("--compile-workers", type=int, default=os.cpu_count() or 1,
                    help="processes compiling each step's kernels before it is timed (0: in this process; -1: no "
                         "precompiling, the launches compile)")

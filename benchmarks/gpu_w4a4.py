@@ -22,7 +22,9 @@ Linear layers are timed twice on the FP8 path: with the Triton GEMM and through 
 fields; for the denoisers ``fp8_w4a4_scaled_mm``). The Triton GEMM is also timed with TMA loads (stride-1 layers):
 3×3 convolutions with both tilings, ``*_tma_boxes`` and ``*_tma_rows`` (codes inside a zero border), linears as flat
 rows (``*_tma_rows``); for the denoisers ``fp8_w4a4_tma_boxes`` and ``fp8_w4a4_tma_rows`` (``convert_to_fp8(tma=…)``),
-and ``fp8_w4a4_split_k_auto`` (pointer loads, ``split_k="auto"``).
+and ``fp8_w4a4_split_k_auto`` (pointer loads, ``split_k="auto"``). Linears' GEMMs are also timed warp-specialized
+(``*_tma_ws``, ``*_tma_ws_fast_accum``: a producer warp group issuing the TMA copies, two consumers; Triton 3.6 only,
+else ``fp8_gemm_only_tma_ws_error`` says why).
 Every time is taken twice on both sides, with the same settings: eagerly (one call per timing, so the host's launch
 work counts) and replayed from a CUDA graph (``--no-cuda-graphs`` skips this), which leaves the GPU's time alone; no
 torch.compile. Before a call is timed, the Triton kernels it launches are compiled in parallel processes
@@ -279,6 +281,8 @@ def layer_rows(args, timer: Timer, peak) -> list[dict]:
                                     f"speedup_gemm_only_tma_{tiling}": speedups(bf16_t, gemm_t),
                                     f"speedup_layer_tma_{tiling}": speedups(bf16_t, layer_t)})
                     fp8.tma = None
+                    if kind == "linear" and use_kernels:
+                        row.update(warp_specialized_rows(timer, flops, bf16_t, peak, fp8, codes, s, z))
                 if fp8_scaled_mm is not None:
                     gemm_t = timer(lambda: fp8_scaled_mm._gemm(codes, 0, s, z, spatial, torch.bfloat16, use_kernels))
                     layer_t = timer(lambda: fp8_scaled_mm(xb))
@@ -288,6 +292,24 @@ def layer_rows(args, timer: Timer, peak) -> list[dict]:
                                speedup_scaled_mm_layer=speedups(bf16_t, layer_t))
             rows.append(progress(row))
     return rows
+
+
+def warp_specialized_rows(timer: Timer, flops: int, bf16_t: dict, peak, fp8: Fp8Layer, codes, s, z) -> dict:
+    """A linear's GEMM warp-specialized (``linear_fp8(…, warp_specialize=True)``, TMA loads, one 128×128×64 tile
+    for two consumer warp groups), with fp32 and fast accumulation; or why the launcher refused it."""
+    sums = None if z is None else fp8.weight_tap_sums[0]
+    fields = {}
+    for precise, suffix in ((True, ""), (False, "_fast_accum")):
+        try:
+            t = timer(lambda: triton_kernels.linear_fp8(
+                codes, fp8.weight_codes[0], s, fp8.code_scale, fp8.bias, z, sums, out_dtype=torch.bfloat16,
+                precise_acc=precise, tma=True, warp_specialize=True, block_m=128, block_n=128, block_k=64,
+                num_warps=4, num_stages=3))
+        except ValueError as e:  # Triton other than 3.6
+            return {"fp8_gemm_only_tma_ws_error": str(e)}
+        fields.update({f"fp8_gemm_only_tma_ws{suffix}": rates(flops, t, peak and peak["fp8"]),
+                       f"speedup_gemm_only_tma_ws{suffix}": speedups(bf16_t, t)})
+    return fields
 
 
 def kernel_times(fn, device: torch.device, calls: int = 3, top: int = 12) -> dict:

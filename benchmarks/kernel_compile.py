@@ -11,7 +11,9 @@ from), the number of asynchronous copies (a pipelined K loop) and their vector w
 where Triton's cache already held the same specialization), plus the activation-quantize kernel for each input. For
 Hopper and newer, the GEMMs are compiled again with TMA loads wherever the shape allows them (stride 1):
 ``conv2d_fp8_tma_boxes`` (boxes of output rows of the unpadded input), ``conv2d_fp8_tma_rows`` (flat rows of
-zero-bordered codes) and ``linear_fp8_tma``. This is the static half of issue #8's checks: it says whether the kernels
+zero-bordered codes) and ``linear_fp8_tma``, and warp-specialized (``*_ws``: a producer warp group issuing the TMA
+copies, two consumers running wgmma; one 128×128×64 tile; the convolutions without the zero point, which Triton
+cannot specialize with a 3×3 kernel) where the Triton version compiles that (3.6), else ``refused`` says why. This is the static half of issue #8's checks: it says whether the kernels
 build for Hopper with FP8 tensor cores, not how fast they run (``gpu_w4a4.py`` on a GPU does that).
 """
 
@@ -40,7 +42,22 @@ def compiled_rows(launcher, *args, arch: int, **kwargs) -> list[dict]:
     return [dict(config=config, compile_s=round(seconds, 2), **tk.kernel_stats(kernel)) for config, kernel in compiled]
 
 
-def layer_rows(arch: int, batch: int) -> list[dict]:
+# The warp-specialized GEMM's tile: two consumer warp groups of 64 rows (num_warps=4 becomes 12 with the producer).
+WARP_SPECIALIZED = dict(tma=True, warp_specialize=True, block_m=128, block_n=128, block_k=64, num_warps=4,
+                        num_stages=3)
+
+
+def warp_specialized_rows(layer: dict, kernel: str, launcher, *args, arch: int, refused: dict, **kwargs) -> list:
+    """The warp-specialized kernel's row, or none where the launcher refuses it (its reason kept in ``refused``)."""
+    try:
+        return [dict(layer, kernel=kernel, **r) for r in compiled_rows(launcher, *args, arch=arch, **WARP_SPECIALIZED,
+                                                                        **kwargs)]
+    except ValueError as e:
+        refused.setdefault(kernel, str(e))
+        return []
+
+
+def layer_rows(arch: int, batch: int, refused: dict) -> list[dict]:
     shift = e4m3_shift(ACT_FORMAT)
     scales, zeros = torch.ones(batch), torch.zeros(batch)
     rows = []
@@ -59,6 +76,10 @@ def layer_rows(arch: int, batch: int) -> list[dict]:
             rows += [dict(layer, kernel="conv2d_fp8" + suffix, **r)
                      for r in compiled_rows(tk.conv2d_fp8, x_codes, *args[1:], stride=stride, padding=1,
                                             out_dtype=torch.bfloat16, arch=arch, **options)]
+            if options.get("zero_bordered"):  # without the zero point, which a 3×3 kernel cannot specialize with
+                rows += warp_specialized_rows(layer, "conv2d_fp8_tma_rows_ws_no_zp", tk.conv2d_fp8, x_codes,
+                                              *args[1:5], padding=1, out_dtype=torch.bfloat16, zero_bordered=True,
+                                              arch=arch, refused=refused)
     for tokens, k, n in LINEARS + DIT_LINEARS:
         m = batch * tokens
         x = torch.zeros(m, k, dtype=torch.bfloat16)
@@ -70,6 +91,11 @@ def layer_rows(arch: int, batch: int) -> list[dict]:
                      for r in compiled_rows(tk.linear_fp8, torch.zeros(m, k, dtype=FP8), torch.zeros(n, k, dtype=FP8),
                                             torch.ones(m), torch.ones(n), torch.zeros(n), torch.zeros(m),
                                             torch.zeros(n), out_dtype=torch.bfloat16, tma=tma, arch=arch)]
+        if arch >= 90:
+            rows += warp_specialized_rows(layer, "linear_fp8_tma_ws", tk.linear_fp8, torch.zeros(m, k, dtype=FP8),
+                                          torch.zeros(n, k, dtype=FP8), torch.ones(m), torch.ones(n), torch.zeros(n),
+                                          torch.zeros(m), torch.zeros(n), out_dtype=torch.bfloat16, arch=arch,
+                                          refused=refused)
     return rows
 
 
@@ -101,8 +127,10 @@ def main(argv=None) -> None:
     import triton
 
     result["machine"]["versions"]["triton"] = triton.__version__
-    by_arch = {f"sm_{arch}": layer_rows(arch, args.batch) for arch in args.arch}
+    refused = {}
+    by_arch = {f"sm_{arch}": layer_rows(arch, args.batch, refused) for arch in args.arch}
     result["kernels"] = [row for rows in by_arch.values() for row in rows]
+    result["refused"] = refused
     result["summary"] = {arch: summary(rows) for arch, rows in by_arch.items()}
     print(json.dumps(result, indent=1))
 

@@ -38,6 +38,8 @@ else:
 
 DEV = "cuda" if CUDA else "cpu"
 FP8 = torch.float8_e4m3fn
+TRITON_3_6 = tk.triton.__version__.startswith("3.6.")  # the only version whose warp specialization compiles ours
+only_triton_3_6 = pytest.mark.skipif(not TRITON_3_6, reason="warp specialization compiles with Triton 3.6 only")
 FORMATS = ["fp4_e2m1", "fp4_e1m2", "fp4_e3m0", "ufp4_e1m3", "ufp4_e2m2", "ufp4_e3m1", "ufp4_e4m0", "int4", "uint4"]
 # Small tiles keep the interpreter fast and make the test shapes span several tiles with ragged edges.
 ACT_BLOCKS = {"block_r": 16, "block_c": 16}
@@ -259,19 +261,26 @@ def test_conv2d_fp8_strided_input_bf16_output_and_options():
     assert_within_accumulation_error(y, ref, mag, 9 * 33, torch.bfloat16)
 
 
-@pytest.mark.parametrize("with_terms", [False, True])
-def test_linear_fp8_matches_float64_matmul(with_terms):
-    gen = torch.Generator().manual_seed(5)
-    M, K, N = 5, 40, 24
+def assert_linear_fp8_matches_float64_matmul(M, K, N, seed, with_terms=True, **options):
+    """linear_fp8 on random (M, K) × (N, K) codes, with bias and zero point unless not ``with_terms``, within the
+    accumulation bound of the float64 result."""
+    gen = torch.Generator().manual_seed(seed)
     x, w = random_codes((M, K), gen), random_codes((N, K), gen)
     a_scale, w_scale = torch.rand(M, generator=gen) + 0.1, torch.rand(N, generator=gen) * 0.1
-    bias, zp, sums = (torch.randn(N), torch.randn(M), torch.randn(N)) if with_terms else (None, None, None)
+    bias, zp, sums = torch.randn(N, generator=gen), torch.randn(M, generator=gen), torch.randn(N, generator=gen)
+    if not with_terms:
+        bias = zp = sums = None
     ref, mag = tk.conv2d_fp8_reference(x[:, None, None], w[:, None, None], a_scale, w_scale, bias, zp,
                                        None if sums is None else sums[:, None, None], 1, 0, 1)
     args = [t.to(DEV) if t is not None else None for t in (x, w, a_scale, w_scale, bias, zp, sums)]
-    y = tk.linear_fp8(*args, **GEMM_BLOCKS)
+    y = tk.linear_fp8(*args, **options)
     assert y.shape == (M, N)
     assert_within_accumulation_error(y, ref.view(M, N), mag.view(M, N), K)
+
+
+@pytest.mark.parametrize("with_terms", [False, True])
+def test_linear_fp8_matches_float64_matmul(with_terms):
+    assert_linear_fp8_matches_float64_matmul(5, 40, 24, seed=5, with_terms=with_terms, **GEMM_BLOCKS)
 
 
 TMA_CASES = {
@@ -313,16 +322,7 @@ def test_conv2d_fp8_tma_matches_float64_conv(case, block_m, tiles):
 
 
 def test_linear_fp8_tma_matches_float64_matmul():
-    gen = torch.Generator().manual_seed(8)
-    M, K, N = 37, 48, 24
-    x, w = random_codes((M, K), gen), random_codes((N, K), gen)
-    a_scale, w_scale = torch.rand(M, generator=gen) + 0.1, torch.rand(N, generator=gen) * 0.1
-    bias, zp, sums = torch.randn(N, generator=gen), torch.randn(M, generator=gen), torch.randn(N, generator=gen)
-    ref, mag = tk.conv2d_fp8_reference(x[:, None, None], w[:, None, None], a_scale, w_scale, bias, zp,
-                                       sums[:, None, None], 1, 0, 1)
-    y = tk.linear_fp8(*[t.to(DEV) for t in (x, w, a_scale, w_scale, bias, zp, sums)], tma=True, **GEMM_BLOCKS)
-    assert y.shape == (M, N)
-    assert_within_accumulation_error(y, ref.view(M, N), mag.view(M, N), K)
+    assert_linear_fp8_matches_float64_matmul(37, 48, 24, seed=8, tma=True, **GEMM_BLOCKS)
 
 
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
@@ -452,7 +452,7 @@ def test_gemm_launchers_reject_bad_arguments():
         tk.conv2d_fp8(x, w, one, six, zp=one, zp_weight_sums=torch.zeros(2, 2, 6, device=DEV))
     with pytest.raises(ValueError, match="must be given together and each be ≥ 16"):
         tk.conv2d_fp8(x, w, one, six, block_m=16)
-    with pytest.raises(ValueError, match="maxnreg needs fixed blocks"):
+    with pytest.raises(ValueError, match="maxnreg and warp_specialize need fixed blocks"):
         tk.conv2d_fp8(x, w, one, six, maxnreg=128)
     with pytest.raises(ValueError, match=r"w_codes must have shape \(N, 8\)"):
         tk.linear_fp8(x[0, 0], w[:, 0, 0, :4], torch.ones(4, device=DEV), six)
@@ -682,6 +682,63 @@ def test_tma_kernels_compile_for_hopper():
     assert stats["mma_operand_a"] == ["shared"] and stats["tma_copies"] > 0 and stats["spill_store_bytes"] == 0
 
 
+def test_warp_specialize_says_what_it_needs():
+    x, w, *rest = sd_conv_args()
+    x_flat = zero_bordered(x, 1)
+    ws = dict(padding=1, warp_specialize=True, block_m=128, block_n=128, block_k=64, num_warps=4)
+    with pytest.raises(ValueError, match="maxnreg and warp_specialize need fixed blocks"):
+        tk.conv2d_fp8(x, w, *rest, padding=1, tma=True, warp_specialize=True)
+    if not TRITON_3_6:
+        with pytest.raises(ValueError, match=rf"Triton {re.escape(tk.triton.__version__)}: only Triton 3.6's"):
+            tk.compile_ahead(tk.conv2d_fp8, x_flat, w, *rest[:3], None, None, tma=True, zero_bordered=True, **ws)
+        return
+    with pytest.raises(ValueError, match="needs TMA loads of flat rows"):  # pointer loads, then boxes
+        tk.compile_ahead(tk.conv2d_fp8, x, w, *rest, **ws)
+    with pytest.raises(ValueError, match="needs TMA loads of flat rows"):
+        tk.compile_ahead(tk.conv2d_fp8, x, w, *rest, tma=True, **ws)
+    with pytest.raises(ValueError, match="needs num_warps=4"):
+        tk.compile_ahead(tk.conv2d_fp8, x_flat, w, *rest[:3], None, None, tma=True, zero_bordered=True,
+                         **dict(ws, num_warps=8))
+    with pytest.raises(ValueError, match="zero point's epilogue loops over the taps"):
+        tk.compile_ahead(tk.conv2d_fp8, x_flat, w, *rest, tma=True, zero_bordered=True, **ws)
+
+
+@only_triton_3_6
+def test_warp_specialized_gemms_compile_for_hopper():
+    # A linear with its zero point, and a 3×3 convolution over zero-bordered codes without one: Triton splits the K
+    # loop into a TMA producer warp group and two consumers (12 warps from 4), still FP8 wgmma, no spills.
+    linear = (fp8_zeros(256, 320), fp8_zeros(1280, 320), torch.ones(256), torch.ones(1280), torch.zeros(1280),
+              torch.zeros(256), torch.zeros(1280))
+    x, w, *rest = sd_conv_args(with_zp=False)
+    blocks = dict(tma=True, block_m=128, block_n=128, block_k=64, num_warps=4, num_stages=3)
+    compiled = {
+        "linear": tk.compile_ahead(tk.linear_fp8, *linear, warp_specialize=True, **blocks),
+        "linear, not specialized": tk.compile_ahead(tk.linear_fp8, *linear, **blocks),
+        "conv3x3": tk.compile_ahead(tk.conv2d_fp8, zero_bordered(x, 1), w, *rest, padding=1, zero_bordered=True,
+                                    warp_specialize=True, **blocks),
+    }
+    stats = {name: tk.kernel_stats(kernel) for name, [(_, kernel)] in compiled.items()}
+    assert {name: s["num_warps"] for name, s in stats.items()} == {"linear": 12, "linear, not specialized": 4,
+                                                                  "conv3x3": 12}
+    for s in (stats["linear"], stats["conv3x3"]):  # (4 warps unspecialized hold the 128×128 tile with spills)
+        assert s["mma_instructions"] and all(".e4m3.e4m3" in i for i in s["mma_instructions"]), s
+        assert s["tma_copies"] > 0 and s["spill_store_bytes"] == 0, s
+
+
+@only_triton_3_6
+def test_warp_specialized_gemms_match_float64():
+    # On CPU the interpreter ignores the hint (this checks the launch path); on a Hopper GPU the kernel is the
+    # warp-specialized one.
+    blocks = dict(block_m=128, block_n=128, block_k=64) if CUDA else GEMM_BLOCKS
+    blocks.update(tma=True, num_warps=4, warp_specialize=True)
+    assert_linear_fp8_matches_float64_matmul(150, 96, 144, seed=12, **blocks)
+    operands = conv_operands(2, 6, 7, 32, 40, 3, 3, True, False, seed=12)
+    ref, mag = tk.conv2d_fp8_reference(*operands, 1, 1, 1)
+    to_dev = [t.to(DEV) if t is not None else None for t in operands]
+    y = tk.conv2d_fp8(zero_bordered(to_dev[0], 1), *to_dev[1:], padding=1, zero_bordered=True, **blocks)
+    assert_within_accumulation_error(y, ref, mag, 9 * 32, taps=9)
+
+
 def test_ctas_per_sm_counts_each_resource_of_the_sm():
     # sm_90: 65536 registers, allocated per warp in units of 256; 64 warps; 32 blocks; 228 KB shared, +1 KB per block.
     assert tk.ctas_per_sm(90, 225, 49152, 8) == (1, "registers")  # 7424 per warp × 8 warps: 59392 of 65536
@@ -755,9 +812,12 @@ def test_conv_tiles_benchmark_smoke(capsys, monkeypatch):
     monkeypatch.syspath_prepend(str(BENCHMARKS))
     load_script("conv_tiles").main(["--smoke", "--compile-workers", "0"])
     [row] = json.loads(capsys.readouterr().out)["shapes"]
-    # Each step's kernels compiled for sm_90 before it is timed: 2 configurations × 3 loading methods, then 4
-    # variants of each method's best
-    assert [(p["distinct"], p["kernels"], p["errors"]) for p in row["precompile"]] == [(6, 6, []), (12, 12, [])]
+    # Each step's kernels compiled for sm_90 before it is timed: 2 configurations × 3 loading methods, 4 variants
+    # of each method's best, then a warp-specialized configuration (Triton 3.6 only) and the best rows tiles, both
+    # without the zero point
+    ws = 2 if TRITON_3_6 else 1
+    assert [(p["distinct"], p["kernels"], p["errors"]) for p in row["precompile"]] == [(6, 6, []), (12, 12, []),
+                                                                                        (ws, ws, [])]
     # 2 tile configurations × pointer/TMA-box/TMA-row loads; then per loading method its best tiles with fast
     # accumulation, without and with a 128-register cap, and split-K 2 and 4
     loads = ("pointers", "tma_boxes", "tma_rows")
@@ -768,6 +828,11 @@ def test_conv_tiles_benchmark_smoke(capsys, monkeypatch):
     assert sorted((v["loads"], v["precise_acc"], v["split_k"], v.get("maxnreg", 0)) for v in row["variants"]) == sorted(
         (m, p, k, cap) for m in loads for p, k, cap in ((False, 1, 0), (False, 1, 128), (True, 2, 0), (True, 4, 0)))
     assert all("error" not in v for v in row["variants"])
+    specialized, plain = row["warp_specialized"]
+    assert specialized["warp_specialize"] and specialized["num_warps"] == 4 and not specialized["zero_point"]
+    assert ("error" in specialized) != TRITON_3_6
+    assert plain == dict(plain, loads="tma_rows", zero_point=False, precise_acc=False, **{
+        k: row["best"]["tma_rows"][k] for k in ("block_m", "block_n", "block_k", "num_warps", "num_stages")})
     every = row["configs"] + row["variants"]
     assert row["fastest"]["ms"] == min(e["ms"] for e in every)  # no CUDA graphs on CPU: ranked by eager time
     assert row["fastest_fp32_accumulation"]["precise_acc"]
@@ -775,6 +840,7 @@ def test_conv_tiles_benchmark_smoke(capsys, monkeypatch):
     # bfloat16 output's rounding shows: at most 2^-8 rounding to nearest (the floor), 2^-7 as the interpreter
     # converts, by truncation.
     assert 0 < row["bf16_rounding_error"]["mean"] <= row["bf16_rounding_error"]["max"] <= 2**-8
+    every += [e for e in row["warp_specialized"] if "error" not in e]
     assert all(0 < e["error_vs_exact"]["max"] <= 2**-7 + 2**-16 for e in every), [e["error_vs_exact"] for e in every]
 
 
@@ -789,6 +855,32 @@ def test_benchmark_timer_precompiles_what_it_times(monkeypatch):
     assert timing["ms"] > 0 and timer.precompiled["kernels"] == 1 and timer.precompiled["errors"] == []
     timer(lambda: x + 1)  # no kernel of ours: nothing to compile
     assert timer.precompiled["kernels"] == 1
+
+
+def test_gpu_benchmark_times_warp_specialized_linears_where_triton_compiles_them(monkeypatch):
+    # gpu_w4a4.py's warp-specialized linear rows, through the kernels (interpreted on CPU): timed with Triton 3.6,
+    # the launcher's reason recorded with any other.
+    from test_benchmarks import BENCHMARKS
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    gpu_w4a4 = importlib.import_module("gpu_w4a4")
+    from msfp.fp8 import Fp8Layer
+
+    x = torch.randn(2, 24, 64)
+    fp8 = Fp8Layer(gpu_w4a4.quantized_layer(torch.nn.Linear(64, 48), x), use_kernels=True).to(DEV)
+    xb = x.to(DEV, torch.bfloat16).reshape(-1, 64)
+    s, z = fp8._act_params(2, 24)
+    codes = gpu_w4a4.layer_act_codes(xb, s, z, use_kernels=True)
+    bf16_t = dict(ms=1.0)
+    fields = gpu_w4a4.warp_specialized_rows(gpu_w4a4.Timer(torch.device(DEV), iters=1, cuda_graphs=False), 1e6,
+                                            bf16_t, None, fp8, codes, s, z)
+    if TRITON_3_6:
+        assert set(fields) == {"fp8_gemm_only_tma_ws", "speedup_gemm_only_tma_ws", "fp8_gemm_only_tma_ws_fast_accum",
+                               "speedup_gemm_only_tma_ws_fast_accum"}
+        assert fields["fp8_gemm_only_tma_ws"]["ms"] > 0
+    else:
+        assert set(fields) == {"fp8_gemm_only_tma_ws_error"}
+        assert "only Triton 3.6's Hopper warp specialization" in fields["fp8_gemm_only_tma_ws_error"]
 
 
 def test_benchmark_timer_reports_the_autotuners_new_choices(monkeypatch):

@@ -429,7 +429,7 @@ if HAS_TRITON:
                          sxb, sxh, sxw, sxc, swo, swh, sww, swc, s_as, s_ws, s_bias, s_zp, sso, ssh, ssw,
                          HAS_BIAS: tl.constexpr, HAS_ZP: tl.constexpr, PRECISE_ACC: tl.constexpr, TMA: tl.constexpr,
                          FLAT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                         GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr = 1):
+                         GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr = 1, WARP_SPECIALIZE: tl.constexpr = False):
         # GEMM view: M = B*OH*OW output pixels, N = O output channels, K = KH*KW*C. `x` and `w` are pointers, or
         # with TMA tensor descriptors of the input and of the (O, KH*KW, C) weights (stride 1 only). With
         # SPLIT_K > 1, program (pid, k) sums the k-th share of the K loop and writes its partial result (scaled; bias
@@ -509,7 +509,8 @@ if HAS_TRITON:
             share = (k_iters + SPLIT_K - 1) // SPLIT_K
             it_start = tl.program_id(1) * share
             it_end = tl.minimum(it_start + share, k_iters)
-        for it in range(it_start, it_end):
+        # WARP_SPECIALIZE: Triton splits the loop between a warp group issuing the TMA loads and two computing.
+        for it in tl.range(it_start, it_end, warp_specialize=WARP_SPECIALIZE):
             tap = it // c_blocks
             kh = tap // KW
             kw = tap % KW
@@ -631,6 +632,25 @@ def tma_unsupported(x_codes: torch.Tensor, w_codes: torch.Tensor, stride=1) -> s
     return None
 
 
+def _warp_specialize_unsupported(flat_rows: bool, num_warps: int, zero_point_taps: bool) -> str | None:
+    """Why :func:`conv2d_fp8` cannot warp-specialize a launch, or None if it can: what Triton's Hopper warp
+    specialization compiled for sm_90 (checked with compile_ahead, not yet on a GPU). Triton 3.6 compiles it for TMA
+    loads of flat rows (linears, 1×1 convolutions, zero-bordered codes) with ``num_warps=4`` (one warp group per
+    consumer; it makes 12 warps), except a zero point's epilogue over several taps; 3.7–3.9 reject its split TMA
+    copies of host-built descriptors, and 8 warps are left unspecialized."""
+    version = tuple(int(v) for v in re.match(r"(\d+)\.(\d+)", triton.__version__).groups())
+    if version != (3, 6):
+        return (f"Triton {triton.__version__}: only Triton 3.6's Hopper warp specialization compiles this kernel "
+                f"(3.7.1, 3.8.0 and 3.9.0 reject its split TMA copies)")
+    if not flat_rows:
+        return "it needs TMA loads of flat rows: tma=True with zero-bordered codes, or no padding and contiguous codes"
+    if num_warps != 4:
+        return f"it needs num_warps=4 (each consumer a warp group; Triton leaves {num_warps} warps unspecialized)"
+    if zero_point_taps:
+        return "the zero point's epilogue loops over the taps, which Triton 3.6's warp specialization fails on"
+    return None
+
+
 @_recordable
 def conv2d_fp8(x_codes: torch.Tensor, w_codes: torch.Tensor, a_scale: torch.Tensor, w_scale: torch.Tensor,
                bias: torch.Tensor | None = None, zp: torch.Tensor | None = None,
@@ -638,7 +658,7 @@ def conv2d_fp8(x_codes: torch.Tensor, w_codes: torch.Tensor, a_scale: torch.Tens
                out_dtype: torch.dtype = torch.float32, groups: int = 1, *, precise_acc: bool = True,
                tma: bool = False, zero_bordered: bool = False, split_k: int = 1, block_m: int | None = None,
                block_n: int | None = None, block_k: int | None = None, num_warps: int = 4,
-               num_stages: int = 2, maxnreg: int | None = None) -> torch.Tensor:
+               num_stages: int = 2, maxnreg: int | None = None, warp_specialize: bool = False) -> torch.Tensor:
     """Convolution of FP8 codes, NHWC in and out.
 
     ``x_codes``: ``(B, H, W, C)`` float8_e4m3fn; ``w_codes``: ``(O, KH, KW, C)`` float8_e4m3fn; ``a_scale``/``zp``:
@@ -658,7 +678,11 @@ def conv2d_fp8(x_codes: torch.Tensor, w_codes: torch.Tensor, a_scale: torch.Tens
     (and discarding) the outputs anchored in the border; so is any input without padding. Block sizes default to an
     autotuned set; pass all three of ``block_m``, ``block_n``, ``block_k`` to fix them (each ≥ 16 for ``tl.dot``,
     powers of two with TMA, ``block_k`` ≥ 32 on GPUs, whose FP8 MMA instructions are 32 deep), and with them
-    ``num_warps``, ``num_stages`` and ``maxnreg`` (a cap on registers per thread, PTX's ``.maxnreg``). ``split_k > 1``
+    ``num_warps``, ``num_stages`` and ``maxnreg`` (a cap on registers per thread, PTX's ``.maxnreg``), and
+    ``warp_specialize=True`` (experimental: compiled for sm_90, not yet timed on a GPU): the K loop split between a
+    producer warp group issuing the TMA copies and consumer warp groups running wgmma, 12 warps in all from
+    ``num_warps=4``; it needs Triton 3.6, TMA loads of flat rows, ``num_warps=4`` and, for kernels larger than 1×1,
+    no zero point (the error says which is missing). ``split_k > 1``
     splits the K loop over that many programs per output tile (more parallel work for layers with few output tiles),
     each writing a float32 partial result that a torch sum then adds in a fixed order: deterministic, one extra pass
     over the output per share.
@@ -666,17 +690,18 @@ def conv2d_fp8(x_codes: torch.Tensor, w_codes: torch.Tensor, a_scale: torch.Tens
     return _prepare_conv2d_fp8(x_codes, w_codes, a_scale, w_scale, bias, zp, zp_weight_sums, stride, padding, dilation,
                                out_dtype, groups, precise_acc=precise_acc, tma=tma, zero_bordered=zero_bordered,
                                split_k=split_k, block_m=block_m, block_n=block_n, block_k=block_k,
-                               num_warps=num_warps, num_stages=num_stages, maxnreg=maxnreg).run(x_codes)
+                               num_warps=num_warps, num_stages=num_stages, maxnreg=maxnreg,
+                               warp_specialize=warp_specialize).run(x_codes)
 
 
 def _prepare_conv2d_fp8(x_codes, w_codes, a_scale, w_scale, bias=None, zp=None, zp_weight_sums=None, stride=1,
                         padding=0, dilation=1, out_dtype=torch.float32, groups=1, *, precise_acc=True, tma=False,
                         zero_bordered=False, split_k=1, block_m=None, block_n=None, block_k=None, num_warps=4,
-                        num_stages=2, maxnreg=None) -> _Launch:
+                        num_stages=2, maxnreg=None, warp_specialize=False) -> _Launch:
     tensors = (x_codes, w_codes, a_scale, w_scale, bias, zp, zp_weight_sums)
     pairs = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
     options = (out_dtype, groups, precise_acc, tma, zero_bordered, split_k, block_m, block_n, block_k, num_warps,
-               num_stages, maxnreg)
+               num_stages, maxnreg, warp_specialize)
     key = (*map(_layout, tensors), *pairs, *options)
     plan = _conv_plans.get(key)
     if plan is None:
@@ -744,7 +769,7 @@ _conv_plans: dict[tuple, _ConvPlan] = {}
 
 def _conv_plan(x_codes, w_codes, a_scale, w_scale, bias, zp, zp_weight_sums, stride, padding, dilation, out_dtype,
                groups, precise_acc, tma, zero_bordered, split_k, block_m, block_n, block_k, num_warps, num_stages,
-               maxnreg) -> _ConvPlan:
+               maxnreg, warp_specialize) -> _ConvPlan:
     """Check a convolution's arguments and plan its launch (``stride``, ``padding``, ``dilation``: pairs)."""
     if groups != 1:
         raise ValueError(f"conv2d_fp8 supports groups=1 only, got groups={groups}")
@@ -789,8 +814,9 @@ def _conv_plan(x_codes, w_codes, a_scale, w_scale, bias, zp, zp_weight_sums, str
     if any(v is not None for v in explicit):
         if None in explicit or min(explicit) < 16:
             raise ValueError(f"block_m, block_n, block_k must be given together and each be ≥ 16, got {explicit}")
-    elif maxnreg is not None:
-        raise ValueError("maxnreg needs fixed blocks (block_m, block_n, block_k); the autotuner's candidates set none")
+    elif maxnreg is not None or warp_specialize:
+        raise ValueError("maxnreg and warp_specialize need fixed blocks (block_m, block_n, block_k); the autotuner's "
+                         "candidates set none")
     if tma:
         if any(v is not None and v & (v - 1) for v in explicit):
             raise ValueError(f"with tma, block_m, block_n, block_k must be powers of two, got {explicit}")
@@ -800,6 +826,10 @@ def _conv_plan(x_codes, w_codes, a_scale, w_scale, bias, zp, zp_weight_sums, str
     _require_triton()
     out_shape = (B, OH, OW, O)
     flat = bool(tma) and (zero_bordered or (ph == pw == 0 and x_codes.is_contiguous()))
+    if warp_specialize:
+        reason = _warp_specialize_unsupported(flat, num_warps, zp is not None and KH * KW > 1)
+        if reason is not None:
+            raise ValueError(f"conv2d_fp8(warp_specialize=True): {reason}")
     if B * OH * OW * O == 0:
         return _ConvPlan(out_shape, None, None, (), types.MappingProxyType({}), ({},), flat)
     int_args = (B, H, W, C, O, OH, OW, KH, KW, sh, sw, ph, pw, dh, dw,
@@ -828,6 +858,8 @@ def _conv_plan(x_codes, w_codes, a_scale, w_scale, bias, zp, zp_weight_sums, str
                  num_stages=num_stages)
     if maxnreg is not None:
         flags["maxnreg"] = maxnreg
+    if warp_specialize:  # only then: other launches keep the flags (and compiled kernels) they had
+        flags["WARP_SPECIALIZE"] = True
     grid = (num_m(block_m) * _cdiv(O, block_n), split_k)
     return _ConvPlan(out_shape, _conv_fp8_kernel, grid, int_args, types.MappingProxyType(flags), ({},), flat)
 
