@@ -69,6 +69,10 @@ LINEARS = [  # tokens per sample, K, N — SD-1.5 UNet at 512×512
 # "large linear layers": both GEMM dimensions and K in the thousands, where FP8's doubled peak can show.
 DIT_LINEARS = [(1024, 1152, 4608), (1024, 4608, 1152)]
 ACT_FORMAT, WEIGHT_FORMAT = get_format("ufp4_e2m2"), get_format("fp4_e2m1")
+# The warp-specialized GEMM's launch options: TMA loads, one 128×128×64 tile for two consumer warp groups
+# (num_warps=4 becomes 12 warps with the producer), 3 stages.
+WARP_SPECIALIZED = dict(tma=True, warp_specialize=True, block_m=128, block_n=128, block_k=64, num_warps=4,
+                        num_stages=3)
 
 
 def sd15_unet(sample_size: int = 64, channels=(320, 640, 1280, 1280), cross_attention_dim: int = 768):
@@ -295,16 +299,15 @@ def layer_rows(args, timer: Timer, peak) -> list[dict]:
 
 
 def warp_specialized_rows(timer: Timer, flops: int, bf16_t: dict, peak, fp8: Fp8Layer, codes, s, z) -> dict:
-    """A linear's GEMM warp-specialized (``linear_fp8(…, warp_specialize=True)``, TMA loads, one 128×128×64 tile
-    for two consumer warp groups), with fp32 and fast accumulation; or why the launcher refused it."""
+    """A linear's GEMM warp-specialized (``linear_fp8(…, **WARP_SPECIALIZED)``), with fp32 and fast accumulation;
+    or why the launcher refused it."""
     sums = None if z is None else fp8.weight_tap_sums[0]
     fields = {}
     for precise, suffix in ((True, ""), (False, "_fast_accum")):
         try:
             t = timer(lambda: triton_kernels.linear_fp8(
                 codes, fp8.weight_codes[0], s, fp8.code_scale, fp8.bias, z, sums, out_dtype=torch.bfloat16,
-                precise_acc=precise, tma=True, warp_specialize=True, block_m=128, block_n=128, block_k=64,
-                num_warps=4, num_stages=3))
+                precise_acc=precise, **WARP_SPECIALIZED))
         except ValueError as e:  # Triton other than 3.6
             return {"fp8_gemm_only_tma_ws_error": str(e)}
         fields.update({f"fp8_gemm_only_tma_ws{suffix}": rates(flops, t, peak and peak["fp8"]),

@@ -27,7 +27,7 @@ import time
 import torch
 
 from conv_tiles import zero_bordered
-from gpu_w4a4 import ACT_FORMAT, CONVS, DIT_LINEARS, LINEARS
+from gpu_w4a4 import ACT_FORMAT, CONVS, DIT_LINEARS, LINEARS, WARP_SPECIALIZED
 from msfp import triton_kernels as tk
 from msfp.environment import machine_info
 from msfp.fp8 import e4m3_shift
@@ -40,11 +40,6 @@ def compiled_rows(launcher, *args, arch: int, **kwargs) -> list[dict]:
     compiled = tk.compile_ahead(launcher, *args, arch=arch, **kwargs)
     seconds = (time.perf_counter() - t0) / len(compiled)
     return [dict(config=config, compile_s=round(seconds, 2), **tk.kernel_stats(kernel)) for config, kernel in compiled]
-
-
-# The warp-specialized GEMM's tile: two consumer warp groups of 64 rows (num_warps=4 becomes 12 with the producer).
-WARP_SPECIALIZED = dict(tma=True, warp_specialize=True, block_m=128, block_n=128, block_k=64, num_warps=4,
-                        num_stages=3)
 
 
 def warp_specialized_rows(layer: dict, kernel: str, launcher, *args, arch: int, refused: dict, **kwargs) -> list:

@@ -27,7 +27,6 @@ scales), where the activations are bfloat16 and both GEMM dimensions are multipl
 from __future__ import annotations
 
 import functools
-import re
 
 import torch
 from torch import nn
@@ -87,8 +86,9 @@ def _kernels_available(device: torch.device) -> tuple[bool, str]:
 def _triton_too_old(version: str) -> str | None:
     # Triton 3.6 (torch 2.11's) is the oldest release the kernels have run on a GPU with; older ones get the
     # emulated path rather than compiled code nobody has checked (3.6 itself first gave wrong -0.0 codes there).
-    major_minor = tuple(int(v) for v in re.match(r"(\d+)\.(\d+)", version).groups())
-    if major_minor < MIN_TRITON:
+    from msfp.triton_kernels import major_minor
+
+    if major_minor(version) < MIN_TRITON:
         oldest = ".".join(map(str, MIN_TRITON))
         return f"Triton {version} is older than {oldest}, the oldest the FP8 kernels are tested with"
     return None

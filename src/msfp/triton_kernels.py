@@ -632,14 +632,19 @@ def tma_unsupported(x_codes: torch.Tensor, w_codes: torch.Tensor, stride=1) -> s
     return None
 
 
+def major_minor(version: str) -> tuple[int, int]:
+    """``(3, 6)`` of a version string such as ``"3.6.0"`` or ``"3.10.0+git1a2b3c"``."""
+    major, minor = re.match(r"(\d+)\.(\d+)", version).groups()
+    return int(major), int(minor)
+
+
 def _warp_specialize_unsupported(flat_rows: bool, num_warps: int, zero_point_taps: bool) -> str | None:
     """Why :func:`conv2d_fp8` cannot warp-specialize a launch, or None if it can: what Triton's Hopper warp
     specialization compiled for sm_90 (checked with compile_ahead, not yet on a GPU). Triton 3.6 compiles it for TMA
     loads of flat rows (linears, 1×1 convolutions, zero-bordered codes) with ``num_warps=4`` (one warp group per
     consumer; it makes 12 warps), except a zero point's epilogue over several taps; 3.7–3.9 reject its split TMA
     copies of host-built descriptors, and 8 warps are left unspecialized."""
-    version = tuple(int(v) for v in re.match(r"(\d+)\.(\d+)", triton.__version__).groups())
-    if version != (3, 6):
+    if major_minor(triton.__version__) != (3, 6):
         return (f"Triton {triton.__version__}: only Triton 3.6's Hopper warp specialization compiles this kernel "
                 f"(3.7.1, 3.8.0 and 3.9.0 reject its split TMA copies)")
     if not flat_rows:
@@ -719,7 +724,7 @@ def _prepare_conv2d_fp8(x_codes, w_codes, a_scale, w_scale, bias=None, zp=None, 
         finish = functools.partial(_sum_shares, target, y)
     x_arg, w_arg, configure = x_codes, w_codes, None
     if tma:
-        B, H, W, C = x_codes.shape
+        C = x_codes.shape[3]
         O, KH, KW, _ = w_codes.shape
         # Flat rows where the input's padding is in memory (or there is none), boxes of output rows otherwise.
         if plan.flat:
