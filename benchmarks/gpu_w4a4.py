@@ -10,7 +10,8 @@ measurement; the test suite runs it.
 Reported, per layer shape (SD-1.5's 3×3 convolutions at 320–1280 channels and its linears, and DiT-XL/2's MLP linears;
 each row's ``shapes_of``) — the BF16 time (cuBLAS/cuDNN, channels_last, ``cudnn.benchmark``), the FP8 GEMM/convolution
 alone on ready codes, and the whole FP8 layer (activation-quantize kernel + GEMM, BF16 in and out), the GEMM alone
-with fast (reduced-precision) FP8 accumulation; TFLOP/s and % of the dense peak of the GPU; for 3×3 convolutions also
+with fast (reduced-precision) FP8 accumulation; TFLOP/s and % of the dense peak of the GPU; the GEMM's error against
+float64 with both accumulations (``accumulation_error``: what fast accumulation costs in accuracy); for 3×3 convolutions also
 the activation-quantize kernel alone (``act_codes``) on channels_last and on NCHW input (GroupNorm's output on CUDA),
 with its GB/s. Per denoiser (the shipped default model and a random-weight UNet2DConditionModel with Stable Diffusion
 1.5's shapes): one step's time in BF16 and with every 4-bit layer on the FP8 path, the speed-up, the peak memory, the
@@ -22,7 +23,8 @@ Linear layers are timed twice on the FP8 path: with the Triton GEMM and through 
 fields; for the denoisers ``fp8_w4a4_scaled_mm``). The Triton GEMM is also timed with TMA loads (stride-1 layers):
 3×3 convolutions with both tilings, ``*_tma_boxes`` and ``*_tma_rows`` (codes inside a zero border), linears as flat
 rows (``*_tma_rows``); for the denoisers ``fp8_w4a4_tma_boxes`` and ``fp8_w4a4_tma_rows`` (``convert_to_fp8(tma=…)``),
-and ``fp8_w4a4_split_k_auto`` (pointer loads, ``split_k="auto"``). Linears' GEMMs are also timed warp-specialized
+``fp8_w4a4_split_k_auto`` (pointer loads, ``split_k="auto"``) and ``fp8_w4a4_fast_accum`` (every Triton GEMM with fast
+FP8 accumulation: its step time and its distance from the emulation beside the 4-bit quantization's own). Linears' GEMMs are also timed warp-specialized
 (``*_tma_ws``, ``*_tma_ws_fast_accum``: a producer warp group issuing the TMA copies, two consumers; Triton 3.6 only,
 else ``fp8_gemm_only_tma_ws_error`` says why).
 Every time is taken twice on both sides, with the same settings: eagerly (one call per timing, so the host's launch
@@ -217,6 +219,38 @@ def act_codes_rows(xb: torch.Tensor, s: torch.Tensor, z: torch.Tensor, use_kerne
     return result
 
 
+def accumulation_errors(fp8: Fp8Layer, codes: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None, spatial: tuple,
+                        use_kernels: bool) -> dict:
+    """The layer's GEMM on ``codes`` (float32 out) with fp32 accumulation (``precise_acc``) and with Hopper's fast
+    FP8 accumulation, against float64 (:func:`msfp.triton_kernels.conv2d_fp8_reference`): the largest error over
+    Σ|terms| (the GPU tests allow 2⁻¹⁰ of it, a guess this checks) and over the fp32 summation bound
+    ``(K + 8 + 2·taps)·2⁻²⁴·Σ|terms|``, and the relative L2 error. Whether fast accumulation, 7–22% faster on the
+    H200, stays within what 4-bit inputs can tell apart. On the emulated path both are the same fp32 convolution."""
+    w = fp8.weight_codes[0]
+    sums = None if z is None else fp8.weight_tap_sums[0]
+    if fp8.kind == "linear":  # the convolution of a 1×1 image
+        x, w, geometry, taps = codes[:, None, None], w[:, None, None], {}, 1
+        sums = None if sums is None else sums[:, None, None]
+    else:
+        x, taps = codes.permute(0, 2, 3, 1), w.shape[1] * w.shape[2]  # NHWC, as the kernel reads them
+        geometry = {k: fp8.conv_args[k] for k in ("stride", "padding", "dilation")}
+    ref, magnitude = triton_kernels.conv2d_fp8_reference(x, w, s, fp8.code_scale, fp8.bias, z, sums, **geometry)
+    bound = (w[0].numel() + 8 + 2 * taps) * 2.0**-24 * magnitude
+    was_precise, errors = fp8.precise_acc, {}
+    for precise, label in ((True, "fp32"), (False, "fast")):
+        fp8.precise_acc = precise
+        with torch.no_grad():
+            y = fp8._gemm(codes, 0, s, z, spatial, torch.float32, use_kernels)
+        y = y.reshape(ref.shape) if fp8.kind == "linear" else y.permute(0, 2, 3, 1)
+        err = (y.double() - ref).abs()
+        tiny = torch.finfo(torch.float64).tiny  # a zero Σ|terms| has a zero error too
+        errors[label] = dict(max_over_sum_abs_terms=(err / magnitude.clamp_min(tiny)).max().item(),
+                             max_over_fp32_bound=(err / bound.clamp_min(tiny)).max().item(),
+                             rel_l2=((y.double() - ref).norm() / ref.norm()).item())
+    fp8.precise_acc = was_precise
+    return errors
+
+
 def layer_rows(args, timer: Timer, peak) -> list[dict]:
     device = timer.device
     use_kernels = not args.smoke
@@ -266,6 +300,7 @@ def layer_rows(args, timer: Timer, peak) -> list[dict]:
                            fp8_layer=rates(flops, layer_t, peak and peak["fp8"]),
                            fp8_gemm_only_fast_accum=rates(flops, fast_t, peak and peak["fp8"]),
                            speedup_gemm_only=speedups(bf16_t, gemm_t), speedup_layer=speedups(bf16_t, layer_t))
+                row["accumulation_error"] = accumulation_errors(fp8, codes, s, z, spatial, use_kernels)
                 if kind == "conv3x3":
                     row["act_codes"] = act_codes_rows(xb, s, z, use_kernels, timer)
                 gemm_codes = codes if kind == "linear" else codes.permute(0, 2, 3, 1).contiguous()  # as _gemm has it
@@ -357,10 +392,15 @@ def denoiser_row(name: str, fp: torch.nn.Module, cond: dict, args, timer: Timer)
     q_scaled_mm = copy.deepcopy(q)  # the same model with its linears' GEMMs through torch._scaled_mm
     q_tma = {tiling: copy.deepcopy(q) for tiling in ("boxes", "rows")}  # TMA loads in the Triton GEMMs
     q_split = copy.deepcopy(q)  # split-K where a layer has fewer output tiles than the GPU has SMs
+    q_fast = copy.deepcopy(q)  # Hopper's fast FP8 accumulation in every Triton GEMM (precise_acc=False)
     emulated = copy.deepcopy(q)  # the reference: the same codes computed by torch in fp32
     convert_to_fp8(emulated, use_kernels=False)
     kept = convert_to_fp8(q, use_kernels=use_kernels)
     convert_to_fp8(q_split, use_kernels=use_kernels, split_k="auto")
+    convert_to_fp8(q_fast, use_kernels=use_kernels)
+    for layer in q_fast.modules():
+        if isinstance(layer, Fp8Layer):
+            layer.precise_acc = False
     convert_to_fp8(q_scaled_mm, use_kernels=use_kernels, linear_gemm="scaled_mm")
     for tiling, model in q_tma.items():
         convert_to_fp8(model, use_kernels=use_kernels, tma=tiling)
@@ -374,7 +414,7 @@ def denoiser_row(name: str, fp: torch.nn.Module, cond: dict, args, timer: Timer)
         reference = denoised(emulated(x, t, **cond))
     del emulated
     steps = {}
-    variants = {"bf16": bf16, "fp8_w4a4": q, "fp8_w4a4_scaled_mm": q_scaled_mm,
+    variants = {"bf16": bf16, "fp8_w4a4": q, "fp8_w4a4_fast_accum": q_fast, "fp8_w4a4_scaled_mm": q_scaled_mm,
                 **{f"fp8_w4a4_tma_{tiling}": model for tiling, model in q_tma.items()},
                 "fp8_w4a4_split_k_auto": q_split}
     for label, model in variants.items():
@@ -391,9 +431,10 @@ def denoiser_row(name: str, fp: torch.nn.Module, cond: dict, args, timer: Timer)
         if label in ("bf16", "fp8_w4a4"):
             with torch.no_grad():
                 result[label]["time_by_kernel"] = kernel_times(lambda: model(x, t, **cond), device)
+        progress({"model": name, label: result[label]})  # kept if the run is cut short before the row ends
     result["speedup"] = speedups(steps["bf16"], steps["fp8_w4a4"])
     result["speedup_scaled_mm"] = speedups(steps["bf16"], steps["fp8_w4a4_scaled_mm"])
-    for variant in [f"tma_{tiling}" for tiling in q_tma] + ["split_k_auto"]:
+    for variant in ["fast_accum"] + [f"tma_{tiling}" for tiling in q_tma] + ["split_k_auto"]:
         result[f"speedup_{variant}"] = speedups(steps["bf16"], steps[f"fp8_w4a4_{variant}"])
     return progress(result)
 

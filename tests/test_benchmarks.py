@@ -58,6 +58,11 @@ def test_gpu_w4a4_smoke_runs_every_layer_and_denoiser_on_the_fp8_path(capsys):
         # TMA loads: stride-1 layers only; 3×3 convolutions with both tilings, linears as flat rows
         assert ("fp8_gemm_only_tma_rows" in row) == (row.get("stride", 1) == 1)
         assert ("fp8_gemm_only_tma_boxes" in row) == (row["kind"] == "conv3x3" and row["stride"] == 1)
+        # The emulated GEMM (fp32 whatever precise_acc says) within the fp32 summation bound of float64: checks
+        # that the error fields compare like with like (layout, geometry, scales, zero point's share).
+        errors = row["accumulation_error"]
+        assert errors["fp32"] == errors["fast"] and 0 < errors["fp32"]["max_over_fp32_bound"] <= 1
+        assert errors["fp32"]["rel_l2"] < 1e-6
         if row["kind"] == "conv3x3":  # the activation pass alone, from channels_last and NCHW inputs
             moved = 3 * row["batch"] * row["c_in"] * row["hw"] ** 2  # bf16 in, one-byte codes out
             for timing in (row["act_codes"]["channels_last"], row["act_codes"]["nchw"]):
@@ -66,13 +71,13 @@ def test_gpu_w4a4_smoke_runs_every_layer_and_denoiser_on_the_fp8_path(capsys):
         # Every 4-bit layer converted; 1 byte per weight code halves the BF16 model's bytes or better.
         assert denoiser["fake_quant_layers"] == {} and denoiser["fp8_layers"] > 0
         assert denoiser["fp8_w4a4_scaled_mm"]["model_tensor_bytes"] == denoiser["fp8_w4a4"]["model_tensor_bytes"]
-        for variant in ("tma_boxes", "tma_rows", "split_k_auto"):
+        for variant in ("fast_accum", "tma_boxes", "tma_rows", "split_k_auto"):
             variant_bytes = denoiser[f"fp8_w4a4_{variant}"]["model_tensor_bytes"]
             assert variant_bytes == denoiser["fp8_w4a4"]["model_tensor_bytes"]
         assert denoiser["fp8_w4a4"]["model_tensor_bytes"] < 0.6 * denoiser["bf16"]["model_tensor_bytes"]
         # On the emulated path every FP8 variant computes exactly what the reference does; BF16 is unquantized.
         fp8_variants = [label for label in denoiser if label.startswith("fp8_w4a4")]
-        assert len(fp8_variants) == 5 and all(denoiser[v]["output_rel_l2_vs_emulated"] == 0 for v in fp8_variants)
+        assert len(fp8_variants) == 6 and all(denoiser[v]["output_rel_l2_vs_emulated"] == 0 for v in fp8_variants)
         assert denoiser["bf16"]["output_rel_l2_vs_emulated"] > 0.01
         for label in ("bf16", "fp8_w4a4"):  # where the step's time goes (CPU operators here, GPU kernels on a GPU)
             spent = denoiser[label]["time_by_kernel"]
