@@ -122,6 +122,9 @@ class _Launch:
     # Called with a configuration's flags before compiling it ahead of time (the autotuner's pre-launch hook)
     configure: object = None
     finish: object = None  # fills `result` after the kernel ran (split-K: sums the workspace into it)
+    # What Triton specializes this launch on (see _launch): its plan (kernel, flags, int arguments, and the layouts
+    # and alignments of the tensors it was planned for) and whether the tensor the launch allocated is 16-byte aligned.
+    kind: tuple = ()
 
     def check_gpu_blocks(self) -> None:
         if self.flags.get("BLOCK_K", 32) < 32:
@@ -139,15 +142,15 @@ class _Launch:
 
     def _launch(self) -> None:
         # Triton's dispatch — the JIT binding and specializing every argument and building its cache key, the
-        # autotuner keying every call — cost more host time than the rest of a layer's forward. A launch like an
-        # earlier one (same kernel, compile-time flags, int arguments, and tensors alike in all that Triton
-        # specializes on: see _specialization_key) gets what Triton chose for that one: the autotuner's
-        # configuration, and the compiled kernel, launched directly. Compile options read from Triton's knobs
-        # (debug, instrumentation) are those of the first such launch.
-        key = (id(self.kernel), *self.flags.items(), *map(_specialization_key, self.args))
-        known = _known_launches.get(key)
+        # autotuner keying every call — cost more host time than the rest of a layer's forward. A launch of the same
+        # kind as an earlier one (same plan: kernel, compile-time flags, int arguments, and tensors alike in all
+        # that Triton specializes on — dtypes, 16-byte alignment; the tensor descriptors' shapes, strides and
+        # blocks follow from the plan) gets what Triton chose for that one: the autotuner's configuration, and the
+        # compiled kernel, launched directly. Compile options read from Triton's knobs (debug, instrumentation)
+        # are those of the first such launch.
+        known = _known_launches.get(self.kind)
         if known is None:
-            _known_launches[key] = self._launch_through_triton()
+            _known_launches[self.kind] = self._launch_through_triton()
             return
         grid = self.grid
         if isinstance(self.kernel, triton.runtime.Autotuner):
@@ -159,7 +162,7 @@ class _Launch:
             return
         device = driver.active.get_current_device()
         if device != known.device:
-            _known_launches[key] = self._launch_through_triton()
+            _known_launches[self.kind] = self._launch_through_triton()
             return
         stream = driver.active.get_current_stream(device)
         known.compiled[(*grid, 1, 1)[:3]](*self.args, *known.constants, stream=stream)
@@ -190,19 +193,6 @@ class _KnownLaunch:
     compiled: object = None
     constants: tuple | None = None
     device: int | None = None
-
-
-def _specialization_key(arg):
-    """All that Triton may specialize a kernel on, for one argument: an int's value; a tensor's dtype and whether it
-    is 16-byte aligned; a tensor descriptor's every field, its base as a tensor."""
-    if type(arg) is int:
-        return arg
-    if isinstance(arg, torch.Tensor):
-        return arg.dtype, arg.data_ptr() % 16 == 0
-    if isinstance(arg, TensorDescriptor):
-        return (TensorDescriptor, _specialization_key(arg.base),
-                *(tuple(v) if isinstance(v, (list, tuple)) else v for k, v in vars(arg).items() if k != "base"))
-    return type(arg), arg
 
 
 # What Triton chose for each kind of launch made so far (see _Launch._launch).
@@ -344,10 +334,10 @@ def _prepare_act_codes(x, fmt, scale, zero_point, shift, out, pad, block_r, bloc
         return _Launch(None, None, (), {}, ({},), out)
     zp = zero_point if zero_point is not None else scale  # unread when HAS_ZP is False
     return _Launch(plan.kernel, plan.grid, (x, scale, zp, out.view(torch.uint8), *plan.int_args), plan.flags, ({},),
-                   out)
+                   out, kind=(plan, out.data_ptr() % 16 == 0))
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)  # hashed by identity: a launch's kind (_Launch.kind)
 class _ActCodesPlan:
     """The part of an activation-codes launch that its arguments' layouts determine (:func:`_act_codes_plan`)."""
 
@@ -744,7 +734,8 @@ def _prepare_conv2d_fp8(x_codes, w_codes, a_scale, w_scale, bias=None, zp=None, 
             bias if bias is not None else a_scale, zp if zp is not None else a_scale,
             zp_weight_sums if zp_weight_sums is not None else a_scale,  # placeholders are never read
             *plan.int_args)
-    return _Launch(plan.kernel, plan.grid, args, plan.flags, plan.configs, y, configure, finish)
+    return _Launch(plan.kernel, plan.grid, args, plan.flags, plan.configs, y, configure, finish,
+                   kind=(plan, target.data_ptr() % 16 == 0))
 
 
 def _layout(t) -> tuple | None:
@@ -755,7 +746,7 @@ def _layout(t) -> tuple | None:
     return None if t is None else (type(t),)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)  # hashed by identity: a launch's kind (_Launch.kind)
 class _ConvPlan:
     """The part of a convolution launch that its arguments' layouts determine (:func:`_conv_plan`)."""
 
