@@ -883,6 +883,41 @@ def test_gpu_benchmark_times_warp_specialized_linears_where_triton_compiles_them
         assert "only Triton 3.6's Hopper warp specialization" in fields["fp8_gemm_only_tma_ws_error"]
 
 
+@pytest.mark.parametrize("kind", ["conv3x3", "linear"])
+def test_gpu_benchmark_measures_accumulation_error_through_the_kernels(monkeypatch, kind):
+    # gpu_w4a4.py's accumulation_error on the kernels' layouts (NHWC codes seen as NCHW, flattened linear rows), with
+    # a zero point: both accumulations within the fp32 bound on CPU (the interpreter sums in fp32 whatever
+    # precise_acc says), within the GPU tests' tolerance on a GPU; a layout, scale or zero-point mix-up would be off
+    # by far more.
+    from test_benchmarks import BENCHMARKS
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    gpu_w4a4 = importlib.import_module("gpu_w4a4")
+    from msfp.fp8 import Fp8Layer
+
+    for launcher in ("conv2d_fp8", "linear_fp8"):  # fixed blocks: the autotuner times kernels on GPUs only
+        monkeypatch.setattr(tk, launcher, functools.partial(getattr(tk, launcher), **GEMM_BLOCKS))
+    torch.manual_seed(0)
+    if kind == "conv3x3":
+        module, x, rows = torch.nn.Conv2d(32, 16, 3, padding=1), torch.randn(2, 32, 5, 6), 1
+    else:
+        module, x, rows = torch.nn.Linear(64, 48), torch.randn(2, 24, 64), 24
+    fp8 = Fp8Layer(gpu_w4a4.quantized_layer(module, x), use_kernels=True).to(DEV)
+    xb = x.to(DEV, torch.bfloat16)
+    x2 = xb if kind == "conv3x3" else xb.reshape(-1, 64)
+    s, z = fp8._act_params(2, rows)
+    assert z is not None  # the benchmark's unsigned activation format
+    codes = gpu_w4a4.layer_act_codes(x2, s, z, use_kernels=True)
+    if kind == "conv3x3":
+        codes = codes.permute(0, 3, 1, 2)  # as the benchmark hands them to Fp8Layer._gemm
+    spatial = tuple(x.shape[-2:]) if kind == "conv3x3" else ()
+    errors = gpu_w4a4.accumulation_errors(fp8, codes, s, z, spatial, use_kernels=True)
+    assert set(errors) == {"fp32", "fast"} and fp8.precise_acc
+    for measured in errors.values():  # on a GPU, the tolerance of assert_within_accumulation_error
+        assert 0 <= measured["max_over_sum_abs_terms"] <= 2.0**-10
+        assert CUDA or measured["max_over_fp32_bound"] <= 1
+
+
 def test_benchmark_timer_reports_the_autotuners_new_choices(monkeypatch):
     # The autotuner runs on GPUs only, so its choice is stood in for: a configuration cached under a new key while
     # a call is timed is reported with that timing (and by rates(), with the row), ones cached before are not.
