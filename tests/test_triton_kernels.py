@@ -4,6 +4,7 @@ On a CUDA machine the kernels run on the GPU; without one they run on CPU tensor
 (``TRITON_INTERPRET=1``, set below before Triton is imported), so shapes stay tiny. Skipped without Triton.
 """
 
+import argparse
 import functools
 import importlib
 import json
@@ -916,6 +917,36 @@ def test_gpu_benchmark_measures_accumulation_error_through_the_kernels(monkeypat
     for measured in errors.values():  # on a GPU, the tolerance of assert_within_accumulation_error
         assert 0 <= measured["max_over_sum_abs_terms"] <= 2.0**-10
         assert CUDA or measured["max_over_fp32_bound"] <= 1
+
+
+def test_gpu_benchmark_layer_rows_run_through_the_kernels(monkeypatch):
+    # The branches of gpu_w4a4.py's layer rows that only the kernels take (NHWC codes, TMA boxes and zero-bordered
+    # rows, warp specialization, the accumulation error) at tiny shapes, interpreted here, so that a GPU session does
+    # not find them broken; the --smoke run covers the emulated path.
+    from test_benchmarks import BENCHMARKS
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    gpu_w4a4 = importlib.import_module("gpu_w4a4")
+    for launcher in ("conv2d_fp8", "linear_fp8"):  # fixed blocks: the autotuner times kernels on GPUs only
+        monkeypatch.setattr(tk, launcher, functools.partial(getattr(tk, launcher), **GEMM_BLOCKS))
+    monkeypatch.setattr(gpu_w4a4, "CONVS", [(16, 16, 6, 1), (16, 16, 6, 2)])
+    monkeypatch.setattr(gpu_w4a4, "LINEARS", [(8, 32, 16)])
+    monkeypatch.setattr(gpu_w4a4, "DIT_LINEARS", [])
+    args = argparse.Namespace(batch=2, smoke=False)
+    timer = gpu_w4a4.Timer(torch.device(DEV), iters=1, cuda_graphs=False)
+    rows = gpu_w4a4.layer_rows(args, timer, None)
+    assert [(row["kind"], row.get("stride")) for row in rows] == [("conv3x3", 1), ("conv3x3", 2), ("linear", None)]
+    stride1, stride2, linear = rows
+    for key in ("fp8_gemm_only_tma_boxes", "fp8_gemm_only_tma_rows", "fp8_layer_tma_rows"):
+        assert stride1[key]["ms"] > 0 and key not in stride2
+    assert linear["fp8_gemm_only_tma_rows"]["ms"] > 0 and linear["scaled_mm_layer"]["ms"] > 0
+    ws = "fp8_gemm_only_tma_ws" if TRITON_3_6 else "fp8_gemm_only_tma_ws_error"
+    assert ws in linear
+    for row in rows:
+        for measured in row["accumulation_error"].values():
+            assert 0 <= measured["max_over_sum_abs_terms"] <= 2.0**-10
+            assert CUDA or measured["max_over_fp32_bound"] <= 1
+    assert set(stride1["act_codes"]) == {"channels_last", "nchw"}
 
 
 def test_benchmark_timer_reports_the_autotuners_new_choices(monkeypatch):
