@@ -1,6 +1,6 @@
 """Real W4A4 on FP8 tensor cores (msfp.fp8 + msfp.triton_kernels) against the same layers and models in BF16.
 
-    python benchmarks/gpu_w4a4.py [--batch 8 --iters 30] [--smoke]
+    python benchmarks/gpu_w4a4.py [--batch 8 --large-batch 32 --iters 30] [--smoke]
 
 Needs a GPU with FP8 tensor cores (compute capability ≥ 8.9; Hopper for the SPEC targets) and triton; elsewhere it
 prints a JSON document that says why it was skipped. ``--smoke`` instead runs the whole flow with tiny shapes on the
@@ -11,10 +11,10 @@ Reported, per layer shape (SD-1.5's 3×3 convolutions at 320–1280 channels and
 each row's ``shapes_of``) — the BF16 time (cuBLAS/cuDNN, channels_last, ``cudnn.benchmark``), the FP8 GEMM/convolution
 alone on ready codes, and the whole FP8 layer (activation-quantize kernel + GEMM, BF16 in and out), the GEMM alone
 with fast (reduced-precision) FP8 accumulation; TFLOP/s and % of the dense peak of the GPU; the GEMM's error against
-float64 with both accumulations (``accumulation_error``: what fast accumulation costs in accuracy); for 3×3 convolutions also
-the activation-quantize kernel alone (``act_codes``) on channels_last and on NCHW input (GroupNorm's output on CUDA),
-with its GB/s. Per denoiser (the shipped default model and a random-weight UNet2DConditionModel with Stable Diffusion
-1.5's shapes): one step's time in BF16 and with every 4-bit layer on the FP8 path, the speed-up, the peak memory, the
+float64 with both accumulations (``accumulation_error``: what fast accumulation costs in accuracy); for 3×3
+convolutions also the activation-quantize kernel alone (``act_codes``) on channels_last and on NCHW input (GroupNorm's output on CUDA),
+with its GB/s. Per denoiser (a random-weight UNet2DConditionModel with Stable Diffusion 1.5's shapes, at ``--batch``
+and, with fewer variants, at ``--large-batch``; the shipped default model at ``--batch``): one step's time in BF16 and with every 4-bit layer on the FP8 path, the speed-up, the peak memory, the
 bytes of the weights, and the output's relative L2 distance from the same model's emulated FP8 path
 (``output_rel_l2_vs_emulated``: torch computing the same codes in fp32; end-to-end equivalence at these shapes, and
 for BF16 the quantization's effect). For BF16 and the FP8 path, each step's time by kernel (``time_by_kernel``: GPU
@@ -23,8 +23,9 @@ Linear layers are timed twice on the FP8 path: with the Triton GEMM and through 
 fields; for the denoisers ``fp8_w4a4_scaled_mm``). The Triton GEMM is also timed with TMA loads (stride-1 layers):
 3×3 convolutions with both tilings, ``*_tma_boxes`` and ``*_tma_rows`` (codes inside a zero border), linears as flat
 rows (``*_tma_rows``); for the denoisers ``fp8_w4a4_tma_boxes`` and ``fp8_w4a4_tma_rows`` (``convert_to_fp8(tma=…)``),
-``fp8_w4a4_split_k_auto`` (pointer loads, ``split_k="auto"``) and ``fp8_w4a4_fast_accum`` (every Triton GEMM with fast
-FP8 accumulation: its step time and its distance from the emulation beside the 4-bit quantization's own). Linears' GEMMs are also timed warp-specialized
+``fp8_w4a4_split_k_auto`` (pointer loads, ``split_k="auto"``) and ``fp8_w4a4_fast_accum`` (every GEMM with fast FP8
+accumulation: its step time and its distance from the emulation beside the 4-bit quantization's own). Linears' GEMMs
+are also timed warp-specialized
 (``*_tma_ws``, ``*_tma_ws_fast_accum``: a producer warp group issuing the TMA copies, two consumers; Triton 3.6 only,
 else ``fp8_gemm_only_tma_ws_error`` says why).
 Every time is taken twice on both sides, with the same settings: eagerly (one call per timing, so the host's launch
@@ -380,44 +381,44 @@ def tensor_bytes(model: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
 
 
-def denoiser_row(name: str, fp: torch.nn.Module, cond: dict, args, timer: Timer) -> dict:
+# Each FP8 variant of a denoiser step, by convert_to_fp8's options: fp32 and Hopper's fast FP8 accumulation in every
+# GEMM, linears' GEMMs through torch._scaled_mm, TMA loads in the Triton GEMMs with either tiling, and split-K where a
+# layer has fewer output tiles than the GPU has SMs.
+STEP_VARIANTS = {"fp8_w4a4": {}, "fp8_w4a4_fast_accum": dict(precise_acc=False),
+                 "fp8_w4a4_scaled_mm": dict(linear_gemm="scaled_mm"), "fp8_w4a4_tma_boxes": dict(tma="boxes"),
+                 "fp8_w4a4_tma_rows": dict(tma="rows"), "fp8_w4a4_split_k_auto": dict(split_k="auto")}
+# At the large batch only these: each variant is one more copy of the model, compiled and autotuned anew.
+LARGE_BATCH_VARIANTS = ("fp8_w4a4", "fp8_w4a4_fast_accum")
+
+
+def denoiser_row(name: str, fp: torch.nn.Module, cond: dict, batch: int, variants, use_kernels: bool,
+                 timer: Timer) -> dict:
+    """One step of ``fp`` at ``batch`` in BF16 and with its 4-bit layers on the FP8 path in each of ``variants``
+    (labels of STEP_VARIANTS, "fp8_w4a4" first): times, memory, speed-ups, and the distance from the emulation."""
     device = timer.device
-    use_kernels = not args.smoke
     config = msfp.QuantConfig.preset("w4a4-msfp")
     config.eight_bit_layers, config.full_precision_layers = [], ["@first", "@last", "@time_embedding"]
     bf16 = copy.deepcopy(fp).to(device, torch.bfloat16).to(memory_format=torch.channels_last)
     q = msfp.quantize(copy.deepcopy(fp).to(device, torch.bfloat16).to(memory_format=torch.channels_last), config)
     for layer in quant_layers(q).values():  # realistic weight codes; activation scales stay at their placeholder
         layer.weight_quantizer.initialize(layer.weight.detach().float(), max_samples=1 << 14)
-    q_scaled_mm = copy.deepcopy(q)  # the same model with its linears' GEMMs through torch._scaled_mm
-    q_tma = {tiling: copy.deepcopy(q) for tiling in ("boxes", "rows")}  # TMA loads in the Triton GEMMs
-    q_split = copy.deepcopy(q)  # split-K where a layer has fewer output tiles than the GPU has SMs
-    q_fast = copy.deepcopy(q)  # Hopper's fast FP8 accumulation in every Triton GEMM (precise_acc=False)
-    emulated = copy.deepcopy(q)  # the reference: the same codes computed by torch in fp32
+    models, kept = {"bf16": bf16}, {}
+    for label in variants:
+        models[label] = copy.deepcopy(q)
+        kept[label] = convert_to_fp8(models[label], use_kernels=use_kernels, **STEP_VARIANTS[label])
+    emulated = q  # the reference: the same codes computed by torch in fp32
     convert_to_fp8(emulated, use_kernels=False)
-    kept = convert_to_fp8(q, use_kernels=use_kernels)
-    convert_to_fp8(q_split, use_kernels=use_kernels, split_k="auto")
-    convert_to_fp8(q_fast, use_kernels=use_kernels)
-    for layer in q_fast.modules():
-        if isinstance(layer, Fp8Layer):
-            layer.precise_acc = False
-    convert_to_fp8(q_scaled_mm, use_kernels=use_kernels, linear_gemm="scaled_mm")
-    for tiling, model in q_tma.items():
-        convert_to_fp8(model, use_kernels=use_kernels, tma=tiling)
-    shape = (args.batch, fp.config.in_channels, fp.config.sample_size, fp.config.sample_size)
+    shape = (batch, fp.config.in_channels, fp.config.sample_size, fp.config.sample_size)
     x = torch.randn(shape, device=device, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
-    t = torch.full((args.batch,), 500, device=device)
+    t = torch.full((batch,), 500, device=device)
     cond = {k: v.to(device, torch.bfloat16 if v.is_floating_point() else v.dtype) for k, v in cond.items()}
-    result = dict(model=name, batch=args.batch, fake_quant_layers=kept,
-                  fp8_layers=sum(isinstance(m, Fp8Layer) for m in q.modules()))
+    result = dict(model=name, batch=batch, fake_quant_layers=kept["fp8_w4a4"],
+                  fp8_layers=sum(isinstance(m, Fp8Layer) for m in models["fp8_w4a4"].modules()))
     with torch.no_grad():
         reference = denoised(emulated(x, t, **cond))
-    del emulated
+    del emulated, q
     steps = {}
-    variants = {"bf16": bf16, "fp8_w4a4": q, "fp8_w4a4_fast_accum": q_fast, "fp8_w4a4_scaled_mm": q_scaled_mm,
-                **{f"fp8_w4a4_tma_{tiling}": model for tiling, model in q_tma.items()},
-                "fp8_w4a4_split_k_auto": q_split}
-    for label, model in variants.items():
+    for label, model in models.items():
         with torch.no_grad():
             steps[label] = timer(lambda: model(x, t, **cond))
             deviation = denoised(model(x, t, **cond)) - reference
@@ -431,11 +432,9 @@ def denoiser_row(name: str, fp: torch.nn.Module, cond: dict, args, timer: Timer)
         if label in ("bf16", "fp8_w4a4"):
             with torch.no_grad():
                 result[label]["time_by_kernel"] = kernel_times(lambda: model(x, t, **cond), device)
-        progress({"model": name, label: result[label]})  # kept if the run is cut short before the row ends
-    result["speedup"] = speedups(steps["bf16"], steps["fp8_w4a4"])
-    result["speedup_scaled_mm"] = speedups(steps["bf16"], steps["fp8_w4a4_scaled_mm"])
-    for variant in ["fast_accum"] + [f"tma_{tiling}" for tiling in q_tma] + ["split_k_auto"]:
-        result[f"speedup_{variant}"] = speedups(steps["bf16"], steps[f"fp8_w4a4_{variant}"])
+        progress({"model": name, "batch": batch, label: result[label]})  # kept if the run is cut short
+    for label in variants:  # speedup, speedup_fast_accum, speedup_scaled_mm, …
+        result["speedup" + label.removeprefix("fp8_w4a4")] = speedups(steps["bf16"], steps[label])
     return progress(result)
 
 
@@ -459,6 +458,9 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--iters", type=int, default=30)
+    p.add_argument("--large-batch", type=int, default=32,
+                   help="also time the large UNet's step at this batch, BF16 against the FP8 path with fp32 and with "
+                        "fast accumulation (0: not)")
     p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
                    help="also time every call replayed from a CUDA graph, both sides (no host launch work)")
     p.add_argument("--compile-workers", type=int, default=os.cpu_count() or 1,
@@ -471,7 +473,7 @@ def main(argv=None) -> None:
         return
     report, device, peak = started
     if args.smoke:
-        args.batch, args.iters = 1, 1
+        args.batch, args.iters, args.large_batch = 1, 1, 2 if args.large_batch else 0
         report["note"] = "smoke run on the emulated path: timings are meaningless"
     timer = Timer(device, args.iters, args.cuda_graphs)
     if device.type == "cuda" and not args.smoke and args.compile_workers >= 0:
@@ -482,11 +484,17 @@ def main(argv=None) -> None:
     # The large UNet first: its step is the issue's target, and a run cut short keeps what it measured.
     # The smoke run keeps the architecture but not the width: building 860M random weights on a CPU takes minutes.
     large = sd15_unet(16, (32, 64, 64, 64), 32) if args.smoke else sd15_unet()
-    hidden = torch.randn(args.batch, 77, large.config.cross_attention_dim)
-    report["denoisers"] = [denoiser_row("sd15-like UNet2DConditionModel (random weights)", large,
-                                        {"encoder_hidden_states": hidden}, args, timer)]
+    use_kernels = not args.smoke
+    report["denoisers"] = []
+    for batch, variants in ((args.batch, tuple(STEP_VARIANTS)), (args.large_batch, LARGE_BATCH_VARIANTS)):
+        if batch:
+            hidden = torch.randn(batch, 77, large.config.cross_attention_dim)
+            report["denoisers"].append(denoiser_row("sd15-like UNet2DConditionModel (random weights)", large,
+                                                    {"encoder_hidden_states": hidden}, batch, variants, use_kernels,
+                                                    timer))
     default, _ = msfp.load_model("default")
-    report["denoisers"].append(denoiser_row("default", default, {}, args, timer))
+    report["denoisers"].append(denoiser_row("default", default, {}, args.batch, tuple(STEP_VARIANTS), use_kernels,
+                                            timer))
     report["cuda_graph_error"] = timer.graph_error
     print(json.dumps(report, indent=2))
 

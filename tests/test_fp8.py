@@ -104,6 +104,13 @@ def test_each_fp8_layer_equals_its_fake_quant_layer_up_to_fp32_summation(case):
     assert converted >= len(quant_layers(q)) - 4
 
 
+def test_convert_sets_every_layers_accumulation():
+    q = calibrated(tiny_unet)
+    convert_to_fp8(q, use_kernels=False, precise_acc=False)
+    layers = [m for m in q.modules() if isinstance(m, Fp8Layer)]
+    assert layers and not any(m.precise_acc for m in layers) and q.msfp_backend["precise_acc"] is False
+
+
 def test_convert_keeps_unsupported_layers_and_says_why():
     q = calibrated(tiny_unet)
     fake = copy.deepcopy(q)
@@ -112,7 +119,7 @@ def test_convert_keeps_unsupported_layers_and_says_why():
                          or e4m3_shift(layer.weight_quantizer.fmt) is None}
     assert kept and all("not exactly representable in FP8 E4M3" in why for why in kept.values())
     assert q.msfp_backend == dict(kind="fp8", kernels=False, linear_gemm="triton", tma=None, split_k=1,
-                                 fake_quant_layers=kept)
+                                 precise_acc=True, fake_quant_layers=kept)
     fp8_layers = [m for m in q.modules() if isinstance(m, Fp8Layer)]
     assert len(fp8_layers) == len(quant_layers(fake)) - len(kept)
     # zero-padded convolutions with an unsigned (zero-point) format: the border correction is exercised

@@ -593,10 +593,11 @@ def test_fast_accumulation_setting_reaches_both_linear_gemms(monkeypatch):
                         or linear_fp8(*a, **k, **GEMM_BLOCKS))
     with torch.no_grad():
         for gemm in ("triton", "scaled_mm"):
-            fp8 = Fp8Layer(layer, use_kernels=True, linear_gemm=gemm)
-            fp8.precise_acc = False
-            fp8(x)
-    assert seen == [("triton", False), ("scaled_mm", True)]
+            Fp8Layer(layer, use_kernels=True, linear_gemm=gemm, precise_acc=False)(x)
+            Fp8Layer(layer, use_kernels=True, linear_gemm=gemm)(x)  # fp32 sums by default
+    assert seen == [("triton", False), ("triton", True), ("scaled_mm", True), ("scaled_mm", False)]
+    with pytest.raises(ValueError, match="precise_acc must be True or False, got 'no'"):
+        Fp8Layer(layer, use_kernels=True, precise_acc="no")
 
 
 def test_split_k_setting_reaches_the_gemm(monkeypatch):

@@ -114,7 +114,7 @@ class Fp8Layer(nn.Module):
     """
 
     def __init__(self, layer: QuantLayer, use_kernels: bool | None = None, linear_gemm: str = "triton",
-                 tma: str | None = None, split_k: int | str = 1):
+                 tma: str | None = None, split_k: int | str = 1, precise_acc: bool = True):
         super().__init__()
         if linear_gemm not in LINEAR_GEMMS:
             raise ValueError(f"{layer.name}: unknown linear_gemm {linear_gemm!r}; expected one of {LINEAR_GEMMS}")
@@ -122,6 +122,8 @@ class Fp8Layer(nn.Module):
             raise ValueError(f"{layer.name}: unknown tma tiling {tma!r}; expected one of {TMA_TILINGS}")
         if split_k != "auto" and not (isinstance(split_k, int) and split_k >= 1):
             raise ValueError(f"{layer.name}: split_k must be a positive int or 'auto', got {split_k!r}")
+        if not isinstance(precise_acc, bool):
+            raise ValueError(f"{layer.name}: precise_acc must be True or False, got {precise_acc!r}")
         aq, wq = layer.act_quantizer, layer.weight_quantizer
         if not wq.enabled or not aq.enabled:
             raise Fp8Unsupported(f"{layer.name}: quantizers are disabled (a full-precision layer)")
@@ -143,7 +145,7 @@ class Fp8Layer(nn.Module):
         self.act_fmt, self.use_kernels, self.linear_gemm = aq.fmt, use_kernels, linear_gemm
         # False lets Hopper's FP8 MMA keep partial sums in its reduced-precision accumulator (faster, less exact;
         # the kernels only, like torch._scaled_mm's use_fast_accum).
-        self.precise_acc = True
+        self.precise_acc = precise_acc
         # How the Triton GEMM loads its tiles where the shapes allow TMA copies, and how many programs share each
         # output tile's K loop (convert_to_fp8's tma and split_k).
         self.tma, self.split_k = tma, split_k
@@ -340,7 +342,7 @@ def _scaled_mm_linear(codes, w_codes, a_scale, code_scale, bias, zero, corr, fas
 
 
 def convert_to_fp8(model: nn.Module, use_kernels: bool | None = None, linear_gemm: str = "triton",
-                   tma: str | None = None, split_k: int | str = 1) -> dict[str, str]:
+                   tma: str | None = None, split_k: int | str = 1, precise_acc: bool = True) -> dict[str, str]:
     """Replace every quantized layer that the FP8 path runs exactly by an :class:`Fp8Layer`, in place.
 
     ``use_kernels=None`` runs the Triton kernels wherever the input's device has them and the emulated path
@@ -351,6 +353,8 @@ def convert_to_fp8(model: nn.Module, use_kernels: bool | None = None, linear_gem
     a padded convolution's input in boxes of output rows (``"boxes"``), or written inside a zero border and read as
     flat rows (``"rows"``; see :func:`msfp.triton_kernels.conv2d_fp8`). ``split_k`` shares each output tile's K loop
     among that many programs (``"auto"``: where a layer has fewer 128×128 output tiles than the GPU has SMs).
+    ``precise_acc=False`` lets the FP8 GEMMs (Triton's and ``torch._scaled_mm``) keep their sums in Hopper's
+    reduced-precision accumulator instead of fp32: faster, less exact (``benchmarks/gpu_w4a4.py`` measures both).
     Returns ``{layer name: reason}`` for the layers left on the fake-quant path (8-bit INT layers, layers with
     disabled quantizers, grouped convolutions…); attention matmuls, when quantized, stay fake-quant too.
     """
@@ -365,12 +369,12 @@ def convert_to_fp8(model: nn.Module, use_kernels: bool | None = None, linear_gem
     kept = {}
     for name, layer in layers.items():
         try:
-            replacement = Fp8Layer(layer, use_kernels, linear_gemm, tma, split_k).to(device)
+            replacement = Fp8Layer(layer, use_kernels, linear_gemm, tma, split_k, precise_acc).to(device)
         except Fp8Unsupported as e:
             kept[name] = str(e).split(": ", 1)[1]
             continue
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, replacement)
     model.msfp_backend = dict(kind="fp8", kernels=use_kernels, linear_gemm=linear_gemm, tma=tma, split_k=split_k,
-                              fake_quant_layers=kept)
+                              precise_acc=precise_acc, fake_quant_layers=kept)
     return kept
