@@ -119,12 +119,13 @@ class _Launch:
     flags: dict  # compile-time arguments, block sizes and launch options included unless autotuned
     configs: tuple  # the block configurations the launch may compile: the autotuner's, or ({},)
     result: torch.Tensor
+    # What Triton specializes this launch on (see _launch): its plan (kernel, flags, int arguments, and the layouts
+    # and alignments of the tensors it was planned for) and whether the tensor the launch allocated is 16-byte
+    # aligned; None for a launch without a kernel.
+    kind: tuple | None
     # Called with a configuration's flags before compiling it ahead of time (the autotuner's pre-launch hook)
     configure: object = None
     finish: object = None  # fills `result` after the kernel ran (split-K: sums the workspace into it)
-    # What Triton specializes this launch on (see _launch): its plan (kernel, flags, int arguments, and the layouts
-    # and alignments of the tensors it was planned for) and whether the tensor the launch allocated is 16-byte aligned.
-    kind: tuple = ()
 
     def check_gpu_blocks(self) -> None:
         if self.flags.get("BLOCK_K", 32) < 32:
@@ -331,10 +332,10 @@ def _prepare_act_codes(x, fmt, scale, zero_point, shift, out, pad, block_r, bloc
     elif out is None:
         out = torch.empty(plan.out_shape, dtype=FP8_DTYPE, device=x.device)
     if plan.kernel is None:  # an empty output
-        return _Launch(None, None, (), {}, ({},), out)
+        return _Launch(None, None, (), {}, ({},), out, None)
     zp = zero_point if zero_point is not None else scale  # unread when HAS_ZP is False
     return _Launch(plan.kernel, plan.grid, (x, scale, zp, out.view(torch.uint8), *plan.int_args), plan.flags, ({},),
-                   out, kind=(plan, out.data_ptr() % 16 == 0))
+                   out, (plan, out.data_ptr() % 16 == 0))
 
 
 @dataclasses.dataclass(frozen=True, eq=False)  # hashed by identity: a launch's kind (_Launch.kind)
@@ -707,7 +708,7 @@ def _prepare_conv2d_fp8(x_codes, w_codes, a_scale, w_scale, bias=None, zp=None, 
     (sh, sw), (ph, pw), _ = pairs
     y = torch.empty(plan.out_shape, dtype=out_dtype, device=x_codes.device)
     if plan.kernel is None:  # an empty output
-        return _Launch(None, None, (), {}, ({},), y)
+        return _Launch(None, None, (), {}, ({},), y, None)
     target, finish = y, None  # what the kernel writes: the output, or with split_k its shares' workspace
     if split_k > 1:
         target = torch.empty((split_k, *plan.out_shape), dtype=torch.float32, device=x_codes.device)
@@ -734,8 +735,8 @@ def _prepare_conv2d_fp8(x_codes, w_codes, a_scale, w_scale, bias=None, zp=None, 
             bias if bias is not None else a_scale, zp if zp is not None else a_scale,
             zp_weight_sums if zp_weight_sums is not None else a_scale,  # placeholders are never read
             *plan.int_args)
-    return _Launch(plan.kernel, plan.grid, args, plan.flags, plan.configs, y, configure, finish,
-                   kind=(plan, target.data_ptr() % 16 == 0))
+    return _Launch(plan.kernel, plan.grid, args, plan.flags, plan.configs, y, (plan, target.data_ptr() % 16 == 0),
+                   configure, finish)
 
 
 def _layout(t) -> tuple | None:
