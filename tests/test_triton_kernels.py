@@ -732,7 +732,7 @@ def test_warp_specialized_gemms_match_float64():
     # On CPU the interpreter ignores the hint (this checks the launch path); on a Hopper GPU the kernel is the
     # warp-specialized one.
     blocks = dict(block_m=128, block_n=128, block_k=64) if CUDA else GEMM_BLOCKS
-    blocks.update(tma=True, num_warps=4, warp_specialize=True)
+    blocks = dict(blocks, tma=True, num_warps=4, warp_specialize=True)  # a copy: GEMM_BLOCKS serves other tests
     assert_linear_fp8_matches_float64_matmul(150, 96, 144, seed=12, **blocks)
     operands = conv_operands(2, 6, 7, 32, 40, 3, 3, True, False, seed=12)
     ref, mag = tk.conv2d_fp8_reference(*operands, 1, 1, 1)
