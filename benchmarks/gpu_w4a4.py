@@ -12,9 +12,10 @@ each row's ``shapes_of``) — the BF16 time (cuBLAS/cuDNN, channels_last, ``cudn
 alone on ready codes, and the whole FP8 layer (activation-quantize kernel + GEMM, BF16 in and out), the GEMM alone
 with fast (reduced-precision) FP8 accumulation; TFLOP/s and % of the dense peak of the GPU; the GEMM's error against
 float64 with both accumulations (``accumulation_error``: what fast accumulation costs in accuracy); for 3×3
-convolutions also the activation-quantize kernel alone (``act_codes``) on channels_last and on NCHW input (GroupNorm's output on CUDA),
-with its GB/s. Per denoiser (a random-weight UNet2DConditionModel with Stable Diffusion 1.5's shapes, at ``--batch``
-and, with fewer variants, at ``--large-batch``; the shipped default model at ``--batch``): one step's time in BF16 and with every 4-bit layer on the FP8 path, the speed-up, the peak memory, the
+convolutions also the activation-quantize kernel alone (``act_codes``) on channels_last and on NCHW input
+(GroupNorm's output on CUDA), with its GB/s. Per denoiser (a random-weight UNet2DConditionModel with Stable Diffusion
+1.5's shapes, at ``--batch`` and, with fewer variants, at ``--large-batch``; the shipped default model at
+``--batch``): one step's time in BF16 and with every 4-bit layer on the FP8 path, the speed-up, the peak memory, the
 bytes of the weights, and the output's relative L2 distance from the same model's emulated FP8 path
 (``output_rel_l2_vs_emulated``: torch computing the same codes in fp32; end-to-end equivalence at these shapes, and
 for BF16 the quantization's effect). For BF16 and the FP8 path, each step's time by kernel (``time_by_kernel``: GPU
