@@ -244,11 +244,11 @@ def accumulation_errors(fp8: Fp8Layer, codes: torch.Tensor, s: torch.Tensor, z: 
         with torch.no_grad():
             y = fp8._gemm(codes, 0, s, z, spatial, torch.float32, use_kernels)
         y = y.reshape(ref.shape) if fp8.kind == "linear" else y.permute(0, 2, 3, 1)
-        err = (y.double() - ref).abs()
-        tiny = torch.finfo(torch.float64).tiny  # a zero Σ|terms| has a zero error too
+        diff = y.double() - ref
+        err, tiny = diff.abs(), torch.finfo(torch.float64).tiny  # a zero Σ|terms| has a zero error too
         errors[label] = dict(max_over_sum_abs_terms=(err / magnitude.clamp_min(tiny)).max().item(),
                              max_over_fp32_bound=(err / bound.clamp_min(tiny)).max().item(),
-                             rel_l2=((y.double() - ref).norm() / ref.norm()).item())
+                             rel_l2=(diff.norm() / ref.norm()).item())
     fp8.precise_acc = was_precise
     return errors
 

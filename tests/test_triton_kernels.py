@@ -846,11 +846,23 @@ def test_conv_tiles_benchmark_smoke(capsys, monkeypatch):
     assert all(0 < e["error_vs_exact"]["max"] <= 2**-7 + 2**-16 for e in every), [e["error_vs_exact"] for e in every]
 
 
-def test_benchmark_timer_precompiles_what_it_times(monkeypatch):
+@pytest.fixture
+def gpu_w4a4(monkeypatch):
+    """The module of benchmarks/gpu_w4a4.py (its own directory on sys.path, as when it runs as a script)."""
     from test_benchmarks import BENCHMARKS
 
     monkeypatch.syspath_prepend(str(BENCHMARKS))
-    gpu_w4a4 = importlib.import_module("gpu_w4a4")
+    return importlib.import_module("gpu_w4a4")
+
+
+@pytest.fixture
+def fixed_gemm_blocks(monkeypatch):
+    """The GEMM launchers with GEMM_BLOCKS: the autotuner times kernels on GPUs only."""
+    for launcher in ("conv2d_fp8", "linear_fp8"):
+        monkeypatch.setattr(tk, launcher, functools.partial(getattr(tk, launcher), **GEMM_BLOCKS))
+
+
+def test_benchmark_timer_precompiles_what_it_times(gpu_w4a4):
     timer = gpu_w4a4.Timer(torch.device(DEV), iters=1, cuda_graphs=False, compile_arch=90, compile_workers=0)
     x = torch.randn(2, 32, device=DEV)
     timing = timer(lambda: tk.act_codes(x, "fp4_e2m1", torch.ones(2, device=DEV), None))
@@ -859,13 +871,9 @@ def test_benchmark_timer_precompiles_what_it_times(monkeypatch):
     assert timer.precompiled["kernels"] == 1
 
 
-def test_gpu_benchmark_times_warp_specialized_linears_where_triton_compiles_them(monkeypatch):
+def test_gpu_benchmark_times_warp_specialized_linears_where_triton_compiles_them(gpu_w4a4):
     # gpu_w4a4.py's warp-specialized linear rows, through the kernels (interpreted on CPU): timed with Triton 3.6,
     # the launcher's reason recorded with any other.
-    from test_benchmarks import BENCHMARKS
-
-    monkeypatch.syspath_prepend(str(BENCHMARKS))
-    gpu_w4a4 = importlib.import_module("gpu_w4a4")
     from msfp.fp8 import Fp8Layer
 
     x = torch.randn(2, 24, 64)
@@ -885,20 +893,21 @@ def test_gpu_benchmark_times_warp_specialized_linears_where_triton_compiles_them
         assert "only Triton 3.6's Hopper warp specialization" in fields["fp8_gemm_only_tma_ws_error"]
 
 
-@pytest.mark.parametrize("kind", ["conv3x3", "linear"])
-def test_gpu_benchmark_measures_accumulation_error_through_the_kernels(monkeypatch, kind):
-    # gpu_w4a4.py's accumulation_error on the kernels' layouts (NHWC codes seen as NCHW, flattened linear rows), with
-    # a zero point: both accumulations within the fp32 bound on CPU (the interpreter sums in fp32 whatever
-    # precise_acc says), within the GPU tests' tolerance on a GPU; a layout, scale or zero-point mix-up would be off
-    # by far more.
-    from test_benchmarks import BENCHMARKS
+def assert_measured_accumulation_errors_within_bounds(errors: dict) -> None:
+    """gpu_w4a4.py's accumulation errors within the fp32 bound on CPU (the interpreter sums in fp32 whatever
+    precise_acc says) and within assert_within_accumulation_error's tolerance on a GPU."""
+    for measured in errors.values():
+        assert 0 <= measured["max_over_sum_abs_terms"] <= 2.0**-10
+        assert CUDA or measured["max_over_fp32_bound"] <= 1
 
-    monkeypatch.syspath_prepend(str(BENCHMARKS))
-    gpu_w4a4 = importlib.import_module("gpu_w4a4")
+
+@pytest.mark.usefixtures("fixed_gemm_blocks")
+@pytest.mark.parametrize("kind", ["conv3x3", "linear"])
+def test_gpu_benchmark_measures_accumulation_error_through_the_kernels(kind, gpu_w4a4):
+    # gpu_w4a4.py's accumulation_error on the kernels' layouts (NHWC codes seen as NCHW, flattened linear rows), with
+    # a zero point; a layout, scale or zero-point mix-up would be off by far more than the bounds.
     from msfp.fp8 import Fp8Layer
 
-    for launcher in ("conv2d_fp8", "linear_fp8"):  # fixed blocks: the autotuner times kernels on GPUs only
-        monkeypatch.setattr(tk, launcher, functools.partial(getattr(tk, launcher), **GEMM_BLOCKS))
     torch.manual_seed(0)
     if kind == "conv3x3":
         module, x, rows = torch.nn.Conv2d(32, 16, 3, padding=1), torch.randn(2, 32, 5, 6), 1
@@ -915,21 +924,14 @@ def test_gpu_benchmark_measures_accumulation_error_through_the_kernels(monkeypat
     spatial = tuple(x.shape[-2:]) if kind == "conv3x3" else ()
     errors = gpu_w4a4.accumulation_errors(fp8, codes, s, z, spatial, use_kernels=True)
     assert set(errors) == {"fp32", "fast"} and fp8.precise_acc
-    for measured in errors.values():  # on a GPU, the tolerance of assert_within_accumulation_error
-        assert 0 <= measured["max_over_sum_abs_terms"] <= 2.0**-10
-        assert CUDA or measured["max_over_fp32_bound"] <= 1
+    assert_measured_accumulation_errors_within_bounds(errors)
 
 
-def test_gpu_benchmark_layer_rows_run_through_the_kernels(monkeypatch):
+@pytest.mark.usefixtures("fixed_gemm_blocks")
+def test_gpu_benchmark_layer_rows_run_through_the_kernels(monkeypatch, gpu_w4a4):
     # The branches of gpu_w4a4.py's layer rows that only the kernels take (NHWC codes, TMA boxes and zero-bordered
     # rows, warp specialization, the accumulation error) at tiny shapes, interpreted here, so that a GPU session does
     # not find them broken; the --smoke run covers the emulated path.
-    from test_benchmarks import BENCHMARKS
-
-    monkeypatch.syspath_prepend(str(BENCHMARKS))
-    gpu_w4a4 = importlib.import_module("gpu_w4a4")
-    for launcher in ("conv2d_fp8", "linear_fp8"):  # fixed blocks: the autotuner times kernels on GPUs only
-        monkeypatch.setattr(tk, launcher, functools.partial(getattr(tk, launcher), **GEMM_BLOCKS))
     monkeypatch.setattr(gpu_w4a4, "CONVS", [(16, 16, 6, 1), (16, 16, 6, 2)])
     monkeypatch.setattr(gpu_w4a4, "LINEARS", [(8, 32, 16)])
     monkeypatch.setattr(gpu_w4a4, "DIT_LINEARS", [])
@@ -944,19 +946,13 @@ def test_gpu_benchmark_layer_rows_run_through_the_kernels(monkeypatch):
     ws = "fp8_gemm_only_tma_ws" if TRITON_3_6 else "fp8_gemm_only_tma_ws_error"
     assert ws in linear
     for row in rows:
-        for measured in row["accumulation_error"].values():
-            assert 0 <= measured["max_over_sum_abs_terms"] <= 2.0**-10
-            assert CUDA or measured["max_over_fp32_bound"] <= 1
+        assert_measured_accumulation_errors_within_bounds(row["accumulation_error"])
     assert set(stride1["act_codes"]) == {"channels_last", "nchw"}
 
 
-def test_benchmark_timer_reports_the_autotuners_new_choices(monkeypatch):
+def test_benchmark_timer_reports_the_autotuners_new_choices(monkeypatch, gpu_w4a4):
     # The autotuner runs on GPUs only, so its choice is stood in for: a configuration cached under a new key while
     # a call is timed is reported with that timing (and by rates(), with the row), ones cached before are not.
-    from test_benchmarks import BENCHMARKS
-
-    monkeypatch.syspath_prepend(str(BENCHMARKS))
-    gpu_w4a4 = importlib.import_module("gpu_w4a4")
     timer = gpu_w4a4.Timer(torch.device(DEV), iters=1, cuda_graphs=False)
     old, new = tk._conv_fp8_tuned.configs[:2]
     monkeypatch.setattr(tk._conv_fp8_tuned, "cache", {("seen",): old})
