@@ -7,8 +7,9 @@ Needs triton (its compiler and bundled ptxas; no GPU, no CUDA driver). For each 
 activations with zero point as in the MSFP W4A4 preset) and each block configuration the launch may use (every
 autotuning candidate), it prints JSON with registers per thread, spilled bytes, shared memory, how many blocks fit on
 one SM at once (and what limits them), the tensor-core instructions (and on Hopper where wgmma reads its first operand
-from), the number of asynchronous copies (a pipelined K loop) and their vector widths, and the compile time (near 0
-where Triton's cache already held the same specialization), plus the activation-quantize kernel for each input. For
+from), the number of asynchronous copies (a pipelined K loop) and their vector widths, the number of SASS
+instructions, and the compile time (near 0 where Triton's cache already held the same specialization), plus the
+activation-quantize kernel for each input (with its SASS instructions per element). For
 Hopper and newer, the GEMMs are compiled again with TMA loads wherever the shape allows them (stride 1):
 ``conv2d_fp8_tma_boxes`` (boxes of output rows of the unpadded input), ``conv2d_fp8_tma_rows`` (flat rows of
 zero-bordered codes) and ``linear_fp8_tma``, and warp-specialized (``*_ws``: a producer warp group issuing the TMA
@@ -42,6 +43,16 @@ def compiled_rows(launcher, *args, arch: int, **kwargs) -> list[dict]:
     return [dict(config=config, compile_s=round(seconds, 2), **tk.kernel_stats(kernel)) for config, kernel in compiled]
 
 
+def act_codes_rows(layer: dict, x: torch.Tensor, zeros: torch.Tensor, shift: int, arch: int) -> list[dict]:
+    """The activation kernel's row, with its SASS instructions per element: it has no loop, so each thread runs its
+    instructions once (but for the out-of-line slow path of IEEE division, which also counts) for its share of the
+    default tile (``msfp.triton_kernels._ACT_BLOCKS``)."""
+    rows = compiled_rows(tk.act_codes, x, ACT_FORMAT, torch.ones(len(zeros)), zeros, shift, arch=arch)
+    per_thread = tk._ACT_BLOCKS[0] * tk._ACT_BLOCKS[1] // (32 * rows[0]["num_warps"])
+    return [dict(layer, kernel="act_codes", **r, sass_instructions_per_element=round(r["sass_instructions"] / per_thread,
+                                                                                     1)) for r in rows]
+
+
 def warp_specialized_rows(layer: dict, kernel: str, launcher, *args, arch: int, refused: dict, **kwargs) -> list:
     """The warp-specialized kernel's row, or none where the launcher refuses it (its reason kept in ``refused``)."""
     try:
@@ -61,8 +72,7 @@ def layer_rows(arch: int, batch: int, refused: dict) -> list[dict]:
         args = (torch.zeros(batch, size, size, cin, dtype=FP8), torch.zeros(cout, 3, 3, cin, dtype=FP8), scales,
                 torch.ones(cout), torch.zeros(cout), zeros, torch.zeros(cout, 3, 3))
         layer = dict(kind="conv3x3", c_in=cin, c_out=cout, hw=size, stride=stride, batch=batch)
-        rows += [dict(layer, kernel="act_codes", **r)
-                 for r in compiled_rows(tk.act_codes, x, ACT_FORMAT, scales, zeros, shift, arch=arch)]
+        rows += act_codes_rows(layer, x, zeros, shift, arch)
         loads = {"": {}}
         if arch >= 90 and stride == 1:
             loads.update(_tma_boxes=dict(tma=True), _tma_rows=dict(tma=True, zero_bordered=True))
@@ -79,8 +89,7 @@ def layer_rows(arch: int, batch: int, refused: dict) -> list[dict]:
         m = batch * tokens
         x = torch.zeros(m, k, dtype=torch.bfloat16)
         layer = dict(kind="linear", m=m, k=k, n=n)
-        rows += [dict(layer, kernel="act_codes", **r)
-                 for r in compiled_rows(tk.act_codes, x, ACT_FORMAT, torch.ones(m), torch.zeros(m), shift, arch=arch)]
+        rows += act_codes_rows(layer, x, torch.zeros(m), shift, arch)
         for tma in (False, True) if arch >= 90 else (False,):
             rows += [dict(layer, kernel="linear_fp8_tma" if tma else "linear_fp8", **r)
                      for r in compiled_rows(tk.linear_fp8, torch.zeros(m, k, dtype=FP8), torch.zeros(n, k, dtype=FP8),
@@ -96,7 +105,9 @@ def layer_rows(arch: int, batch: int, refused: dict) -> list[dict]:
 
 def summary(rows: list[dict]) -> dict:
     gemms = [r for r in rows if r["kernel"] != "act_codes"]
+    act = [r["sass_instructions_per_element"] for r in rows if r["kernel"] == "act_codes"]
     return dict(compiled=len(rows), with_spills=sum(r["spill_store_bytes"] > 0 for r in rows),
+                act_codes_sass_instructions_per_element=[min(act), max(act)],
                 max_registers=max(r["registers"] for r in rows), max_shared_bytes=max(r["shared_bytes"] for r in rows),
                 gemm_mma_instructions=sorted({i for r in gemms for i in r["mma_instructions"]}),
                 gemms_by_ctas_per_sm={n: sum(r["ctas_per_sm"] == n for r in gemms)

@@ -1160,19 +1160,24 @@ def kernel_stats(compiled) -> dict:
     ``ptxas -v``), shared memory, how many blocks fit on one SM at once and what limits them (:func:`ctas_per_sm`),
     the tensor-core instructions in its PTX, where Hopper's wgmma reads its first operand from (``"shared"`` memory,
     or ``"registers"`` after a copy out of shared memory), and its asynchronous global→shared copies (how Triton
-    pipelines the K loop: their number and vector widths in bytes; TMA copies counted apart)."""
+    pipelines the K loop: their number and vector widths in bytes; TMA copies counted apart), and how many machine
+    instructions its SASS holds (``nvdisasm``; a static count, so a loop body counts once)."""
     from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
 
     ptx = compiled.asm["ptx"]
     arch = compiled.metadata.target.arch
+    ptxas = get_ptxas(arch).path
     with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "kernel.ptx")
+        path, cubin = os.path.join(tmp, "kernel.ptx"), os.path.join(tmp, "kernel.cubin")
         with open(path, "w") as f:
             f.write(ptx)
-        log = subprocess.run([get_ptxas(arch).path, "-v", f"--gpu-name={sm_arch_from_capability(arch)}", path,
-                              "-o", os.path.join(tmp, "kernel.cubin")], capture_output=True, text=True)
-    if log.returncode != 0:
-        raise RuntimeError(f"ptxas failed on {compiled.name} for sm_{arch}:\n{log.stderr}")
+        log = subprocess.run([ptxas, "-v", f"--gpu-name={sm_arch_from_capability(arch)}", path, "-o", cubin],
+                             capture_output=True, text=True)
+        if log.returncode != 0:
+            raise RuntimeError(f"ptxas failed on {compiled.name} for sm_{arch}:\n{log.stderr}")
+        # Triton bundles nvdisasm beside ptxas.
+        sass = subprocess.run([os.path.join(os.path.dirname(ptxas), "nvdisasm"), "-c", cubin], capture_output=True,
+                              text=True, check=True).stdout
     registers = re.search(r"Used (\d+) registers", log.stderr)
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log.stderr)
     if registers is None or spills is None:
@@ -1192,4 +1197,6 @@ def kernel_stats(compiled) -> dict:
             "ctas_per_sm_limited_by": occupancy and occupancy[1], "mma_instructions": sorted(set(mma)),
             "mma_operand_a": sorted(wgmma_a), "tma_copies": len(re.findall(r"\bcp\.async\.bulk\.tensor", ptx)),
             "async_copies": len(re.findall(r"\bcp\.async\.c[ag]\b", ptx)),
-            "async_copy_bytes": sorted({int(n, 0) for n in copy_widths})}
+            "async_copy_bytes": sorted({int(n, 0) for n in copy_widths}),
+            # One per /*address*/ line: `/*0380*/  @!P0 MUFU.RCP R0, R41 ;`
+            "sass_instructions": len(re.findall(r"^\s*/\*[0-9a-f]+\*/\s+\S", sass, re.M))}
