@@ -49,8 +49,8 @@ def act_codes_rows(layer: dict, x: torch.Tensor, zeros: torch.Tensor, shift: int
     default tile (``msfp.triton_kernels._ACT_BLOCKS``)."""
     rows = compiled_rows(tk.act_codes, x, ACT_FORMAT, torch.ones(len(zeros)), zeros, shift, arch=arch)
     per_thread = tk._ACT_BLOCKS[0] * tk._ACT_BLOCKS[1] // (32 * rows[0]["num_warps"])
-    return [dict(layer, kernel="act_codes", **r, sass_instructions_per_element=round(r["sass_instructions"] / per_thread,
-                                                                                     1)) for r in rows]
+    return [dict(layer, kernel="act_codes", **r,
+                 sass_instructions_per_element=round(r["sass_instructions"] / per_thread, 1)) for r in rows]
 
 
 def warp_specialized_rows(layer: dict, kernel: str, launcher, *args, arch: int, refused: dict, **kwargs) -> list:

@@ -226,8 +226,8 @@ if HAS_TRITON:
     @triton.jit
     def _act_codes_kernel(x_ptr, scale_ptr, zp_ptr, out_ptr, rows, C, HW, W,
                           sxb, sxc, sxh, sxw, s_scale, s_zp, sob, soh, sow,
-                          HAS_ZP: tl.constexpr, IS_INT: tl.constexpr, MBITS: tl.constexpr, MIN_EXP: tl.constexpr,
-                          BIAS: tl.constexpr, LO: tl.constexpr, HI: tl.constexpr, OUT_MUL: tl.constexpr,
+                          HAS_ZP: tl.constexpr, IS_INT: tl.constexpr, MBITS: tl.constexpr, MIN_NORMAL: tl.constexpr,
+                          FIXED_MAGIC: tl.constexpr, LO: tl.constexpr, HI: tl.constexpr, OUT_MUL: tl.constexpr,
                           PLANES: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
         # Row r = (b, h, w) of the NHWC output; column = channel. The input is read through its own strides (NCHW,
         # channels_last or a 2-D (M, K) matrix with H = W = 1).
@@ -261,38 +261,29 @@ if HAS_TRITON:
         # -0.0 on an unsigned grid's +0.0 bound (msfp.fp8.act_codes does the same); a signed grid keeps it.
         v = tl.where(v <= LO, LO, v)
         v = tl.where(v > HI, HI, v)
+        # Round |v| to the grid, half to even, in few instructions: by our count of them, they rather than the bytes
+        # moved bound this kernel on a Hopper GPU. Where the grid's step is fixed (integers, and FP subnormals:
+        # |v| < MIN_NORMAL), adding FIXED_MAGIC = 2^23 · step makes float32's own rounding (half to even) round to
+        # that step, and subtracting it again is exact.
         a = tl.abs(v)
-        if IS_INT:
-            scaled = a
-        else:
-            # Binade of |v| from its float32 exponent field (round_to_grid's frexp), clamped to the subnormal binade.
-            # float32 subnormals read as -127 and clamp too: every format's MIN_EXP is above -126.
-            e = ((a.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
-            binade = tl.maximum(e, MIN_EXP)
-            # The grid step 2^(binade - MBITS) and its inverse, built from exponent fields: exact powers of two within
-            # float32's normal range for every format of ≤ 8 bits, so `scaled` and `q` below are exact.
-            step = ((binade - MBITS + 127) << 23).to(tl.float32, bitcast=True)
-            scaled = a * ((MBITS - binade + 127) << 23).to(tl.float32, bitcast=True)
-        # Round half to even. `scaled - floor(scaled)` is exact and every multiply here is exact, so an FMA
-        # contraction cannot change a value; floor(scaled + 0.5) would not do, as scaled + 0.5 can round up.
-        rounded = tl.floor(scaled)
-        frac = scaled - rounded
-        half = rounded * 0.5
-        odd = tl.floor(half) != half
-        rounded = tl.where((frac > 0.5) | ((frac == 0.5) & odd), rounded + 1.0, rounded)
-        if IS_INT:
-            q = rounded * OUT_MUL
-        else:
-            if MBITS == 0:
-                # round_to_grid's rule: a tie between 2^k and 2^(k+1) goes to the even exponent field.
-                rounded = tl.where((scaled == 1.5) & (((binade + BIAS) & 1) == 0), 1.0, rounded)
-            q = rounded * step * OUT_MUL
-        # Put the sign back after rounding |v|: torch.round keeps it, so negatives that round to zero give -0.0.
-        # Multiply by -1 rather than negate: Triton's unary minus is 0 - q, which turns -0.0 into +0.0.
-        q = tl.where(v.to(tl.int32, bitcast=True) < 0, q * -1.0, q)
+        rounded = (a + FIXED_MAGIC) - FIXED_MAGIC
+        if not IS_INT:
+            # In a normal binade the step is 2^-MBITS of it: round the float32 bits to MBITS mantissa bits, half to
+            # even on the last kept bit. With MBITS = 0 that is the exponent field's, and float32's bias (127) and
+            # the format's (odd from 2 exponent bits on; 1 bit gives one normal binade, so no such tie) give it the
+            # same parity: round_to_grid's rule for a tie between 2^k and 2^(k+1). A carry goes into the exponent, as
+            # it should; |v| ≤ HI, a grid value, cannot round past it.
+            DROP: tl.constexpr = 23 - MBITS
+            bits = a.to(tl.int32, bitcast=True)
+            bits = (bits + ((1 << (DROP - 1)) - 1) + ((bits >> DROP) & 1)) & -(1 << DROP)
+            rounded = tl.where(a < MIN_NORMAL, rounded, bits.to(tl.float32, bitcast=True))
+        # Put v's sign back on (torch.round keeps it: negatives that round to zero give -0.0). NaN is handled below.
+        q = ((rounded * OUT_MUL).to(tl.int32, bitcast=True) | (v.to(tl.int32, bitcast=True) & -2147483648)).to(
+            tl.float32, bitcast=True)
         code = q.to(tl.float8e4nv).to(tl.uint8, bitcast=True)
-        # The interpreter's float32 → FP8 conversion has no NaN path; write the canonical NaN code explicitly.
-        code = tl.where(q != q, 0x7F, code)
+        # The interpreter's float32 → FP8 conversion has no NaN path, and the bit rounding above may turn a NaN with
+        # a full payload into a number: write the canonical NaN code wherever v is NaN.
+        code = tl.where(v != v, 0x7F, code)
         out_off = b.to(tl.int64) * sob + h * soh + w * sow
         tl.store(out_ptr + out_off[:, None] + c[None, :], code, mask=mask)
 
@@ -405,8 +396,10 @@ def _act_codes_plan(x, fmt, scale, zero_point, shift, out, pad, block_r, block_c
     int_args = (rows, C, H * W, W, sxb, sxc, sxh, sxw, scale.stride(0), zp.stride(0), sob, soh, sow)
     # No FMA contraction: it could not change a value here (see the kernel), but off, exactness needs no argument.
     # Set explicitly in both kernels, as Triton's default changes in 3.10.
-    flags = dict(HAS_ZP=zero_point is not None, IS_INT=fmt.kind == "int", MBITS=fmt.mbits, MIN_EXP=fmt.min_exponent,
-                 BIAS=fmt.bias, LO=-fmt.max_value if fmt.signed else 0.0, HI=fmt.max_value, OUT_MUL=2.0**shift,
+    flags = dict(HAS_ZP=zero_point is not None, IS_INT=fmt.kind == "int", MBITS=fmt.mbits,
+                 MIN_NORMAL=2.0**fmt.min_exponent,
+                 FIXED_MAGIC=2.0 ** (23 + fmt.min_exponent - fmt.mbits if fmt.kind == "fp" else 23),  # 2^23 · step
+                 LO=-fmt.max_value if fmt.signed else 0.0, HI=fmt.max_value, OUT_MUL=2.0**shift,
                  PLANES=planes, BLOCK_R=block_r, BLOCK_C=block_c, enable_fp_fusion=False)
     return _ActCodesPlan(out_shape, padded_shape, _act_codes_kernel, grid, int_args, types.MappingProxyType(flags))
 
