@@ -8,14 +8,16 @@ activations with zero point as in the MSFP W4A4 preset) and each block configura
 autotuning candidate), it prints JSON with registers per thread, spilled bytes, shared memory, how many blocks fit on
 one SM at once (and what limits them), the tensor-core instructions (and on Hopper where wgmma reads its first operand
 from), the number of asynchronous copies (a pipelined K loop) and their vector widths, the number of SASS
-instructions, and the compile time (near 0 where Triton's cache already held the same specialization), plus the
-activation-quantize kernel for each input (with its SASS instructions per element). For
+instructions (in all, and in the GEMMs' K loop, with on sm_90 how long issuing a K step's instructions takes over
+how long the tensor cores take for it), and the compile time (near 0 where Triton's cache already held the same
+specialization), plus the activation-quantize kernel for each input (with its SASS instructions per element). For
 Hopper and newer, the GEMMs are compiled again with TMA loads wherever the shape allows them (stride 1):
 ``conv2d_fp8_tma_boxes`` (boxes of output rows of the unpadded input), ``conv2d_fp8_tma_rows`` (flat rows of
 zero-bordered codes) and ``linear_fp8_tma``, and warp-specialized (``*_ws``: a producer warp group issuing the TMA
 copies, two consumers running wgmma; one 128×128×64 tile; the convolutions without the zero point, which Triton
-cannot specialize with a 3×3 kernel) where the Triton version compiles that (3.6), else ``refused`` says why. This is the static half of issue #8's checks: it says whether the kernels
-build for Hopper with FP8 tensor cores, not how fast they run (``gpu_w4a4.py`` on a GPU does that).
+cannot specialize with a 3×3 kernel) where the Triton version compiles that (3.6), else ``refused`` says why.
+This is the static half of issue #8's checks: it says whether the kernels build for Hopper with FP8 tensor cores,
+not how fast they run (``gpu_w4a4.py`` on a GPU does that).
 """
 
 from __future__ import annotations
@@ -34,13 +36,34 @@ from msfp.environment import machine_info
 from msfp.fp8 import e4m3_shift
 
 FP8 = torch.float8_e4m3fn
+# Dense FP8 multiply-adds per SM and cycle: Hopper's tensor cores do 2048 FP16 ones (989 TFLOP/s on an H100 SXM:
+# 132 SMs at 1.83 GHz), FP8 twice that.
+FP8_MACS_PER_SM_CYCLE = {90: 4096}
+
+
+def issue_over_tensor_cycles(config: dict, stats: dict, arch: int) -> float | None:
+    """A K step's instructions over its tensor-core work: an SM sub-partition issues one instruction a cycle and each
+    of its num_warps/4 warps runs the K loop's body once a step, against BLOCK_M·BLOCK_N·BLOCK_K multiply-adds at the
+    SM's peak rate. Above 1 the loop cannot keep the tensor cores busy however fast its data comes. None for kernels
+    with fixed blocks (the warp-specialized ones: their warps run different loops) and other architectures."""
+    if arch not in FP8_MACS_PER_SM_CYCLE or "BLOCK_M" not in config or stats["mma_loop_instructions"] is None:
+        return None
+    issue = stats["mma_loop_instructions"] * stats["num_warps"] / 4
+    tensor = config["BLOCK_M"] * config["BLOCK_N"] * config["BLOCK_K"] / FP8_MACS_PER_SM_CYCLE[arch]
+    return round(issue / tensor, 2)
 
 
 def compiled_rows(launcher, *args, arch: int, **kwargs) -> list[dict]:
     t0 = time.perf_counter()
     compiled = tk.compile_ahead(launcher, *args, arch=arch, **kwargs)
     seconds = (time.perf_counter() - t0) / len(compiled)
-    return [dict(config=config, compile_s=round(seconds, 2), **tk.kernel_stats(kernel)) for config, kernel in compiled]
+    rows = []
+    for config, kernel in compiled:
+        stats = tk.kernel_stats(kernel)
+        ratio = issue_over_tensor_cycles(config, stats, arch)
+        rows.append(dict(config=config, compile_s=round(seconds, 2), **stats,
+                         **({} if ratio is None else {"k_step_issue_over_tensor_cycles": ratio})))
+    return rows
 
 
 def act_codes_rows(layer: dict, x: torch.Tensor, zeros: torch.Tensor, shift: int, arch: int) -> list[dict]:
@@ -106,8 +129,13 @@ def layer_rows(arch: int, batch: int, refused: dict) -> list[dict]:
 def summary(rows: list[dict]) -> dict:
     gemms = [r for r in rows if r["kernel"] != "act_codes"]
     act = [r["sass_instructions_per_element"] for r in rows if r["kernel"] == "act_codes"]
+    ratios = {}
+    for r in gemms:
+        if "k_step_issue_over_tensor_cycles" in r:
+            ratios.setdefault(r["kernel"], []).append(r["k_step_issue_over_tensor_cycles"])
     return dict(compiled=len(rows), with_spills=sum(r["spill_store_bytes"] > 0 for r in rows),
                 act_codes_sass_instructions_per_element=[min(act), max(act)],
+                k_step_issue_over_tensor_cycles={kernel: [min(v), max(v)] for kernel, v in sorted(ratios.items())},
                 max_registers=max(r["registers"] for r in rows), max_shared_bytes=max(r["shared_bytes"] for r in rows),
                 gemm_mma_instructions=sorted({i for r in gemms for i in r["mma_instructions"]}),
                 gemms_by_ctas_per_sm={n: sum(r["ctas_per_sm"] == n for r in gemms)

@@ -672,6 +672,7 @@ def test_gemm_kernels_compile_for_hopper_fp8_tensor_cores():
         assert stats["spill_store_bytes"] == stats["spill_load_bytes"] == 0, (config, stats)
         assert 0 < stats["shared_bytes"] <= H100_MAX_SHARED, (config, stats)
         assert stats["ctas_per_sm"] >= 1, (config, stats)  # at least one block fits on an SM
+        assert 0 < stats["mma_loop_instructions"] < stats["sass_instructions"], (config, stats)  # a K loop around wgmma
         assert kernel.metadata.enable_fp_fusion is True
 
 
@@ -814,7 +815,7 @@ def test_act_codes_kernel_compiles_with_ieee_division(name, layout):
     # It rounds on float32 bits and with float32 additions, not with floor (cvt.rmi): by our count instructions bound
     # it on Hopper, and rounding that way took it from 54–58 SASS instructions per element to 42–44 (sm_90, Triton
     # 3.6 and 3.9; 32 elements per thread). The bound leaves room for other Triton versions' code, not for floors.
-    assert "cvt.rmi" not in ptx
+    assert "cvt.rmi" not in ptx and stats["mma_loop_instructions"] is None
     assert stats["sass_instructions"] <= 48 * tk._ACT_BLOCKS[0] * tk._ACT_BLOCKS[1] // (32 * stats["num_warps"])
 
 

@@ -1154,7 +1154,8 @@ def kernel_stats(compiled) -> dict:
     the tensor-core instructions in its PTX, where Hopper's wgmma reads its first operand from (``"shared"`` memory,
     or ``"registers"`` after a copy out of shared memory), and its asynchronous global→shared copies (how Triton
     pipelines the K loop: their number and vector widths in bytes; TMA copies counted apart), and how many machine
-    instructions its SASS holds (``nvdisasm``; a static count, so a loop body counts once)."""
+    instructions its SASS holds (``nvdisasm``; a static count, so a loop body counts once), in all and in the
+    innermost loop around its tensor-core instructions (the K loop of a GEMM; None without one)."""
     from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
 
     ptx = compiled.asm["ptx"]
@@ -1192,4 +1193,23 @@ def kernel_stats(compiled) -> dict:
             "async_copies": len(re.findall(r"\bcp\.async\.c[ag]\b", ptx)),
             "async_copy_bytes": sorted({int(n, 0) for n in copy_widths}),
             # One per /*address*/ line: `/*0380*/  @!P0 MUFU.RCP R0, R41 ;`
-            "sass_instructions": len(re.findall(r"^\s*/\*[0-9a-f]+\*/\s+\S", sass, re.M))}
+            "sass_instructions": len(re.findall(r"^\s*/\*[0-9a-f]+\*/\s+\S", sass, re.M)),
+            "mma_loop_instructions": _mma_loop_instructions(sass)}
+
+
+def _mma_loop_instructions(sass: str) -> int | None:
+    """The instructions between a label and a branch back to it, for the shortest such loop holding a tensor-core
+    instruction (``HMMA``/``QGMMA``/… in the SASS of ``nvdisasm -c``)."""
+    labels, instructions = {}, []
+    for line in sass.splitlines():
+        if label := re.match(r"\s*(\.L\w+):", line):
+            labels[label.group(1)] = len(instructions)
+        elif instruction := re.match(r"\s*/\*[0-9a-f]+\*/\s+(.*)", line):
+            instructions.append(instruction.group(1))
+    loops = []
+    for end, instruction in enumerate(instructions):
+        branch = re.search(r"\bBRA\b.*`\((\.L\w+)\)", instruction)
+        start = labels.get(branch.group(1), end + 1) if branch else end + 1
+        if start <= end and any(re.search(r"\b[A-Z]*MMA\.", i) for i in instructions[start:end + 1]):
+            loops.append(end + 1 - start)
+    return min(loops, default=None)
