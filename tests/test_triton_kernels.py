@@ -783,11 +783,17 @@ def test_conv_kernel_compiles_for_ada_fp8_mma():
     assert stats["spill_store_bytes"] == 0
 
 
-def test_precise_accumulation_adds_partial_sums_in_fp32_on_hopper():
+@pytest.mark.parametrize("loads", ["pointers", "tma_boxes", "tma_rows"])
+def test_precise_accumulation_adds_partial_sums_in_fp32_on_hopper(loads):
     # With precise_acc the K loop moves wgmma's reduced-precision partial sums into fp32 registers: one extra fp32
-    # add per accumulator element and iteration (BLOCK_M·BLOCK_N / threads = 64 here).
+    # add per accumulator element and iteration (BLOCK_M·BLOCK_N / threads = 64 here), whichever way the tiles load
+    # (with TMA boxes wgmma reads A from registers, where Triton ignored max_num_imprecise_acc).
+    x, *rest = sd_conv_args()
+    options = {"pointers": {}, "tma_boxes": dict(tma=True), "tma_rows": dict(tma=True, zero_bordered=True)}[loads]
+    x = zero_bordered(x, 1) if loads == "tma_rows" else x
+
     def fp32_adds(precise):
-        [(_, kernel)] = tk.compile_ahead(tk.conv2d_fp8, *sd_conv_args(), padding=1, precise_acc=precise,
+        [(_, kernel)] = tk.compile_ahead(tk.conv2d_fp8, x, *rest, padding=1, precise_acc=precise, **options,
                                          block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3)
         return len(re.findall(r"\badd\.(?:rn\.)?f32\b", kernel.asm["ptx"]))
 

@@ -524,9 +524,10 @@ if HAS_TRITON:
                              mask=c_ok[:, None] & n_ok[None, :], other=0.0)
             if PRECISE_ACC:
                 # Hopper's FP8 MMA adds into its accumulator with fewer bits than fp32 (Triton's sm_90 default lets
-                # it accumulate the whole K loop there); this makes Triton move the partial sum into a true fp32
-                # accumulator after every BLOCK_K products.
-                acc = tl.dot(a, wt, acc, out_dtype=tl.float32, max_num_imprecise_acc=BLOCK_K)
+                # it accumulate the whole K loop there); this adds each step's BLOCK_K products to a true fp32
+                # accumulator. Not dot(…, max_num_imprecise_acc=BLOCK_K): Triton 3.6–3.9 ignore it when wgmma
+                # reads A from registers (TMA boxes), which then summed in reduced precision all along.
+                acc += tl.dot(a, wt, out_dtype=tl.float32)
             else:
                 acc = tl.dot(a, wt, acc, out_dtype=tl.float32)
 
