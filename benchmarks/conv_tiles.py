@@ -3,8 +3,8 @@
     python benchmarks/conv_tiles.py [--batch 8 --iters 30 --cuda-graphs --loads pointers tma_boxes tma_rows
                                      --maxnreg 128 --split-k 2 4 --warp-specialize]
 
-The autotuner of ``msfp.triton_kernels.conv2d_fp8`` picks among four block configurations, and on the H200 the
-best of them reached 10–24% of the FP8 peak on the Stable-Diffusion-1.5 3×3 convolutions (0.57–0.94× BF16). This
+The autotuner of ``msfp.triton_kernels.conv2d_fp8`` picks among a few block configurations, and on the H200 the
+best of the four it had then reached 10–24% of the FP8 peak on the Stable-Diffusion-1.5 3×3 convolutions (0.57–0.94× BF16). This
 times, on the same shapes (``gpu_w4a4.CONVS``, random codes, zero point and bias as in a real W4A4 layer), so that
 one short GPU run shows whether better tiles reach the targets or the kernel's design must change:
 

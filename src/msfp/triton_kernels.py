@@ -556,13 +556,17 @@ if HAS_TRITON:
         row = (b * OH + oh) * OW + ow  # int32 like the pointer path's row offsets; widened for the store
         tl.store(y_ptr + row[:, None].to(tl.int64) * O + offs_n[None, :], y, mask=m_ok[:, None] & n_ok[None, :])
 
-    # A few H100 configurations (FP8 wgmma wants BLOCK_K ≥ 32); keyed on the GEMM shape.
+    # A few H100 configurations (FP8 wgmma wants BLOCK_K ≥ 32); keyed on the GEMM shape. The 128-deep 4-warp tiles
+    # are there because issuing a 64-deep step of the 4-warp tiles takes 1.2–1.9× the tensor cores' time for it
+    # with fp32 accumulation (kernel_compile.py's k_step_issue_over_tensor_cycles), the 128-deep ones 0.8–1.3×.
     _conv_fp8_tuned = triton.autotune(
         configs=[
             triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
             triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8}, num_warps=8, num_stages=3),
             triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
             triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
+            triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 8}, num_warps=4, num_stages=4),
+            triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8}, num_warps=4, num_stages=4),
         ],
         key=["B", "H", "W", "C", "O", "KH", "KW", "stride_h", "stride_w", "PRECISE_ACC"],
     )(_conv_fp8_kernel)
