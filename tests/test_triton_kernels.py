@@ -1006,12 +1006,13 @@ def test_launches_read_the_kernels_compiled_ahead(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout)
     precompiled = result["precompiled"]
-    # 5 launches, the autotuned convolution with its 4 candidates: 8 kernels
-    assert precompiled["distinct"] == 5 and precompiled["kernels"] == 8 and precompiled["errors"] == []
+    # 5 launches, the autotuned convolution with one kernel per candidate
+    candidates = len(tk._conv_fp8_tuned.configs)
+    assert precompiled["distinct"] == 5 and precompiled["kernels"] == 4 + candidates and precompiled["errors"] == []
     assert result["control"] == 1  # a launch unlike any compiled ahead compiles, and the check sees it
     assert result["added"] == {name: 0 for name in result["added"]} and len(result["added"]) == 5
-    # 4 candidates timed, then the winner; made again, the launch skips the autotuner and runs that same kernel
-    assert result["autotuned"] == dict(first_launches=5, winner_is_last_candidate=True, again_launches=1,
+    # Each candidate timed, then the winner; made again, the launch skips the autotuner and runs that same kernel
+    assert result["autotuned"] == dict(first_launches=candidates + 1, winner_is_last_candidate=True, again_launches=1,
                                        again_same_kernel=True, again_autotuner_calls=0)
     # Made again, each launch goes straight to its compiled kernel (past Triton's dispatch), and its launcher gets what
     # Triton's dispatch of the same launch gives it; a launch unlike an earlier one only in its input's alignment
