@@ -534,15 +534,20 @@ if HAS_TRITON:
         a_s = tl.load(a_scale_ptr + b * s_as, mask=m_ok, other=0.0)
         w_s = tl.load(w_scale_ptr + offs_n * s_ws, mask=n_ok, other=0.0)
         y = acc * a_s[:, None] * w_s[None, :]
-        first_share = tl.program_id(1) == 0  # always true without split-K
+        # With split-K the bias and zero point come from share 0 only (a constexpr test: without split-K a run-time
+        # one cost a select per output column).
         if HAS_BIAS:
             bias = tl.load(bias_ptr + offs_n * s_bias, mask=n_ok, other=0.0).to(tl.float32)
-            y += tl.where(first_share, bias, 0.0)[None, :]
+            if SPLIT_K > 1:
+                bias = tl.where(tl.program_id(1) == 0, bias, 0.0)
+            y += bias[None, :]
         if HAS_ZP:
             # The zero point's share z·(1_valid ⊛ Q_w(W)): the weight's per-tap channel sums over the taps that see
             # real input at each position (all taps, away from padded borders). Built here from KH·KW vectors rather
             # than loaded as a (BLOCK_M, BLOCK_N) tile: no tile of registers and no tile of memory traffic.
-            z = tl.where(first_share, tl.load(zp_ptr + b * s_zp, mask=m_ok, other=0.0).to(tl.float32), 0.0)
+            z = tl.load(zp_ptr + b * s_zp, mask=m_ok, other=0.0).to(tl.float32)
+            if SPLIT_K > 1:
+                z = tl.where(tl.program_id(1) == 0, z, 0.0)
             for tap in range(0, KH * KW):
                 kh = tap // KW
                 kw = tap % KW
