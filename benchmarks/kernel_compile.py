@@ -8,9 +8,9 @@ activations with zero point as in the MSFP W4A4 preset) and each block configura
 autotuning candidate), it prints JSON with registers per thread, spilled bytes, shared memory, how many blocks fit on
 one SM at once (and what limits them), the tensor-core instructions (and on Hopper where wgmma reads its first operand
 from), the number of asynchronous copies (a pipelined K loop) and their vector widths, the number of SASS
-instructions (in all, and in the GEMMs' K loop, with on sm_90 how long issuing a K step's instructions takes over
-how long the tensor cores take for it), and the compile time (near 0 where Triton's cache already held the same
-specialization), plus the activation-quantize kernel for each input (with its SASS instructions per element). For
+instructions (in all, and in the GEMMs' K loop, with on sm_90 how long issuing a K step's instructions, and a whole
+output tile's, takes over how long the tensor cores take for it), and the compile time (near 0 where Triton's cache
+already held the same specialization), plus the activation-quantize kernel for each input (with its SASS instructions per element). For
 Hopper and newer, the GEMMs are compiled again with TMA loads wherever the shape allows them (stride 1):
 ``conv2d_fp8_tma_boxes`` (boxes of output rows of the unpadded input), ``conv2d_fp8_tma_rows`` (flat rows of
 zero-bordered codes) and ``linear_fp8_tma``, and warp-specialized (``*_ws``: a producer warp group issuing the TMA
@@ -51,6 +51,20 @@ def issue_over_tensor_cycles(config: dict, stats: dict, arch: int) -> float | No
     issue = stats["mma_loop_instructions"] * stats["num_warps"] / 4
     tensor = config["BLOCK_M"] * config["BLOCK_N"] * config["BLOCK_K"] / FP8_MACS_PER_SM_CYCLE[arch]
     return round(issue / tensor, 2)
+
+
+def with_tile_issue(row: dict, taps: int, channels: int) -> dict:
+    """``row`` with the same comparison for a whole output tile (``taps`` × ``channels`` in BLOCK_K steps): the K
+    loop's instructions once a step, every other instruction once (filling the pipeline; the epilogue's scales, bias,
+    zero point and stores), against the tile's multiply-adds. Where K is small, the K loop is a small part of a
+    tile's work."""
+    if "k_step_issue_over_tensor_cycles" not in row:
+        return row
+    k_steps = taps * -(-channels // row["config"]["BLOCK_K"])
+    issued = row["sass_instructions"] + (k_steps - 1) * row["mma_loop_instructions"]
+    step = row["mma_loop_instructions"]
+    return dict(row, tile_issue_over_tensor_cycles=round(
+        row["k_step_issue_over_tensor_cycles"] * issued / (k_steps * step), 2))
 
 
 def compiled_rows(launcher, *args, arch: int, **kwargs) -> list[dict]:
@@ -101,7 +115,7 @@ def layer_rows(arch: int, batch: int, refused: dict) -> list[dict]:
             loads.update(_tma_boxes=dict(tma=True), _tma_rows=dict(tma=True, zero_bordered=True))
         for suffix, options in loads.items():
             x_codes = zero_bordered(args[0]) if options.get("zero_bordered") else args[0]
-            rows += [dict(layer, kernel="conv2d_fp8" + suffix, **r)
+            rows += [with_tile_issue(dict(layer, kernel="conv2d_fp8" + suffix, **r), 9, cin)
                      for r in compiled_rows(tk.conv2d_fp8, x_codes, *args[1:], stride=stride, padding=1,
                                             out_dtype=torch.bfloat16, arch=arch, **options)]
             if options.get("zero_bordered"):  # without the zero point, which a 3×3 kernel cannot specialize with
@@ -114,7 +128,7 @@ def layer_rows(arch: int, batch: int, refused: dict) -> list[dict]:
         layer = dict(kind="linear", m=m, k=k, n=n)
         rows += act_codes_rows(layer, x, torch.zeros(m), shift, arch)
         for tma in (False, True) if arch >= 90 else (False,):
-            rows += [dict(layer, kernel="linear_fp8_tma" if tma else "linear_fp8", **r)
+            rows += [with_tile_issue(dict(layer, kernel="linear_fp8_tma" if tma else "linear_fp8", **r), 1, k)
                      for r in compiled_rows(tk.linear_fp8, torch.zeros(m, k, dtype=FP8), torch.zeros(n, k, dtype=FP8),
                                             torch.ones(m), torch.ones(n), torch.zeros(n), torch.zeros(m),
                                             torch.zeros(n), out_dtype=torch.bfloat16, tma=tma, arch=arch)]
@@ -129,13 +143,15 @@ def layer_rows(arch: int, batch: int, refused: dict) -> list[dict]:
 def summary(rows: list[dict]) -> dict:
     gemms = [r for r in rows if r["kernel"] != "act_codes"]
     act = [r["sass_instructions_per_element"] for r in rows if r["kernel"] == "act_codes"]
-    ratios = {}
+    ratios, tile_ratios = {}, {}
     for r in gemms:
         if "k_step_issue_over_tensor_cycles" in r:
             ratios.setdefault(r["kernel"], []).append(r["k_step_issue_over_tensor_cycles"])
+            tile_ratios.setdefault(r["kernel"], []).append(r["tile_issue_over_tensor_cycles"])
     return dict(compiled=len(rows), with_spills=sum(r["spill_store_bytes"] > 0 for r in rows),
                 act_codes_sass_instructions_per_element=[min(act), max(act)],
                 k_step_issue_over_tensor_cycles={kernel: [min(v), max(v)] for kernel, v in sorted(ratios.items())},
+                tile_issue_over_tensor_cycles={kernel: [min(v), max(v)] for kernel, v in sorted(tile_ratios.items())},
                 max_registers=max(r["registers"] for r in rows), max_shared_bytes=max(r["shared_bytes"] for r in rows),
                 gemm_mma_instructions=sorted({i for r in gemms for i in r["mma_instructions"]}),
                 gemms_by_ctas_per_sm={n: sum(r["ctas_per_sm"] == n for r in gemms)
