@@ -7,17 +7,17 @@ Needs triton (its compiler and bundled ptxas; no GPU, no CUDA driver). For each 
 activations with zero point as in the MSFP W4A4 preset) and each block configuration the launch may use (every
 autotuning candidate), it prints JSON with registers per thread, spilled bytes, shared memory, how many blocks fit on
 one SM at once (and what limits them), the tensor-core instructions (and on Hopper where wgmma reads its first operand
-from), the number of asynchronous copies (a pipelined K loop) and their vector widths, the number of SASS
-instructions (in all, and in the GEMMs' K loop, with on sm_90 how long issuing a K step's instructions, and a whole
-output tile's, takes over how long the tensor cores take for it), and the compile time (near 0 where Triton's cache
-already held the same specialization), plus the activation-quantize kernel for each input (with its SASS instructions per element). For
+from), the number of asynchronous copies (a pipelined K loop) and their vector widths, the number of SASS instructions
+(in all, and in the GEMMs' K loop, with on sm_90 how long issuing a K step's instructions, and a whole output tile's,
+takes over how long the tensor cores take for it), and the compile time (near 0 where Triton's cache already held the
+same specialization), plus the activation-quantize kernel for each input (with its SASS instructions per element). For
 Hopper and newer, the GEMMs are compiled again with TMA loads wherever the shape allows them (stride 1):
 ``conv2d_fp8_tma_boxes`` (boxes of output rows of the unpadded input), ``conv2d_fp8_tma_rows`` (flat rows of
 zero-bordered codes) and ``linear_fp8_tma``, and warp-specialized (``*_ws``: a producer warp group issuing the TMA
-copies, two consumers running wgmma; one 128×128×64 tile; the convolutions without the zero point, which Triton
-cannot specialize with a 3×3 kernel) where the Triton version compiles that (3.6), else ``refused`` says why.
-This is the static half of issue #8's checks: it says whether the kernels build for Hopper with FP8 tensor cores,
-not how fast they run (``gpu_w4a4.py`` on a GPU does that).
+copies, two consumers running wgmma; one 128×128×64 tile; the convolutions without the zero point, which Triton cannot
+specialize with a 3×3 kernel) where the Triton version compiles that (3.6), else ``refused`` says why. This is the
+static half of issue #8's checks: it says whether the kernels build for Hopper with FP8 tensor cores, not how fast
+they run (``gpu_w4a4.py`` on a GPU does that).
 """
 
 from __future__ import annotations
