@@ -526,7 +526,7 @@ if HAS_TRITON:
                 # Hopper's FP8 MMA adds into its accumulator with fewer bits than fp32 (Triton's sm_90 default lets
                 # it accumulate the whole K loop there); this adds each step's BLOCK_K products to a true fp32
                 # accumulator. Not dot(…, max_num_imprecise_acc=BLOCK_K): Triton 3.6–3.9 ignore it when wgmma
-                # reads A from registers (TMA boxes), which then summed in reduced precision all along.
+                # reads A from registers (TMA boxes), whose K loop then summed in reduced precision all along.
                 acc += tl.dot(a, wt, out_dtype=tl.float32)
             else:
                 acc = tl.dot(a, wt, acc, out_dtype=tl.float32)
@@ -563,7 +563,7 @@ if HAS_TRITON:
 
     # A few H100 configurations (FP8 wgmma wants BLOCK_K ≥ 32); keyed on the GEMM shape. The 128-deep 4-warp tiles
     # are there because issuing a 64-deep step of the 4-warp tiles takes 1.2–1.9× the tensor cores' time for it
-    # with fp32 accumulation (kernel_compile.py's k_step_issue_over_tensor_cycles), the 128-deep ones 0.8–1.3×.
+    # with fp32 accumulation (kernel_compile.py's k_step_issue_over_tensor_cycles), the 128-deep ones 0.6–1.4×.
     _conv_fp8_tuned = triton.autotune(
         configs=[
             triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
