@@ -819,7 +819,7 @@ def test_act_codes_kernel_compiles_with_ieee_division(name, layout):
     stats = tk.kernel_stats(kernel)
     assert stats["spill_store_bytes"] == 0 and stats["mma_instructions"] == []
     # It rounds on float32 bits and with float32 additions, not with floor (cvt.rmi): by our count instructions bound
-    # it on Hopper, and rounding that way took it from 54–58 SASS instructions per element to 42–44 (sm_90, Triton
+    # it on Hopper, and rounding that way took it from 54–56 SASS instructions per element to 42–44 (sm_90, Triton
     # 3.6 and 3.9; 32 elements per thread). The bound leaves room for other Triton versions' code, not for floors.
     assert "cvt.rmi" not in ptx and stats["mma_loop_instructions"] is None
     assert stats["sass_instructions"] <= 48 * tk._ACT_BLOCKS[0] * tk._ACT_BLOCKS[1] // (32 * stats["num_warps"])
