@@ -41,43 +41,31 @@ FP8 = torch.float8_e4m3fn
 FP8_MACS_PER_SM_CYCLE = {90: 4096}
 
 
-def issue_over_tensor_cycles(config: dict, stats: dict, arch: int) -> float | None:
-    """A K step's instructions over its tensor-core work: an SM sub-partition issues one instruction a cycle and each
-    of its num_warps/4 warps runs the K loop's body once a step, against BLOCK_M·BLOCK_N·BLOCK_K multiply-adds at the
-    SM's peak rate. Above 1 the loop cannot keep the tensor cores busy however fast its data comes. None for kernels
-    with fixed blocks (the warp-specialized ones: their warps run different loops) and other architectures."""
-    if arch not in FP8_MACS_PER_SM_CYCLE or "BLOCK_M" not in config or stats["mma_loop_instructions"] is None:
-        return None
-    issue = stats["mma_loop_instructions"] * stats["num_warps"] / 4
-    tensor = config["BLOCK_M"] * config["BLOCK_N"] * config["BLOCK_K"] / FP8_MACS_PER_SM_CYCLE[arch]
-    return round(issue / tensor, 2)
-
-
-def with_tile_issue(row: dict, taps: int, channels: int) -> dict:
-    """``row`` with the same comparison for a whole output tile (``taps`` × ``channels`` in BLOCK_K steps): the K
-    loop's instructions once a step, every other instruction once (filling the pipeline; the epilogue's scales, bias,
-    zero point and stores), against the tile's multiply-adds. Where K is small, the K loop is a small part of a
-    tile's work."""
-    if "k_step_issue_over_tensor_cycles" not in row:
+def with_issue_ratios(row: dict, arch: int, taps: int, channels: int) -> dict:
+    """``row`` (a GEMM over ``taps`` × ``channels`` of K) with its instructions set against its tensor-core work. An SM
+    sub-partition issues one instruction a cycle, and each of its num_warps/4 warps runs the K loop's body once a step
+    (BLOCK_M·BLOCK_N·BLOCK_K multiply-adds at the SM's peak rate): ``k_step_issue_over_tensor_cycles`` above 1 means
+    the loop cannot keep the tensor cores busy however fast its data comes. ``tile_issue_over_tensor_cycles`` is the
+    same for a whole output tile, the K loop once a step and every other instruction once (filling the pipeline; the
+    epilogue's scales, bias, zero point and stores): where K is small, the K loop is a small part of a tile's work.
+    Unchanged for kernels with fixed blocks (the warp-specialized ones: their warps run different loops) and other
+    architectures."""
+    config, loop = row["config"], row["mma_loop_instructions"]
+    if arch not in FP8_MACS_PER_SM_CYCLE or "BLOCK_M" not in config or loop is None:
         return row
-    k_steps = taps * -(-channels // row["config"]["BLOCK_K"])
-    issued = row["sass_instructions"] + (k_steps - 1) * row["mma_loop_instructions"]
-    step = row["mma_loop_instructions"]
-    return dict(row, tile_issue_over_tensor_cycles=round(
-        row["k_step_issue_over_tensor_cycles"] * issued / (k_steps * step), 2))
+    warps = row["num_warps"] / 4
+    step_cycles = config["BLOCK_M"] * config["BLOCK_N"] * config["BLOCK_K"] / FP8_MACS_PER_SM_CYCLE[arch]
+    k_steps = taps * -(-channels // config["BLOCK_K"])
+    tile = row["sass_instructions"] + (k_steps - 1) * loop
+    return dict(row, k_step_issue_over_tensor_cycles=round(loop * warps / step_cycles, 2),
+                tile_issue_over_tensor_cycles=round(tile * warps / (k_steps * step_cycles), 2))
 
 
 def compiled_rows(launcher, *args, arch: int, **kwargs) -> list[dict]:
     t0 = time.perf_counter()
     compiled = tk.compile_ahead(launcher, *args, arch=arch, **kwargs)
     seconds = (time.perf_counter() - t0) / len(compiled)
-    rows = []
-    for config, kernel in compiled:
-        stats = tk.kernel_stats(kernel)
-        ratio = issue_over_tensor_cycles(config, stats, arch)
-        rows.append(dict(config=config, compile_s=round(seconds, 2), **stats,
-                         **({} if ratio is None else {"k_step_issue_over_tensor_cycles": ratio})))
-    return rows
+    return [dict(config=config, compile_s=round(seconds, 2), **tk.kernel_stats(kernel)) for config, kernel in compiled]
 
 
 def act_codes_rows(layer: dict, x: torch.Tensor, zeros: torch.Tensor, shift: int, arch: int) -> list[dict]:
@@ -115,7 +103,7 @@ def layer_rows(arch: int, batch: int, refused: dict) -> list[dict]:
             loads.update(_tma_boxes=dict(tma=True), _tma_rows=dict(tma=True, zero_bordered=True))
         for suffix, options in loads.items():
             x_codes = zero_bordered(args[0]) if options.get("zero_bordered") else args[0]
-            rows += [with_tile_issue(dict(layer, kernel="conv2d_fp8" + suffix, **r), 9, cin)
+            rows += [with_issue_ratios(dict(layer, kernel="conv2d_fp8" + suffix, **r), arch, 9, cin)
                      for r in compiled_rows(tk.conv2d_fp8, x_codes, *args[1:], stride=stride, padding=1,
                                             out_dtype=torch.bfloat16, arch=arch, **options)]
             if options.get("zero_bordered"):  # without the zero point, which a 3×3 kernel cannot specialize with
@@ -128,7 +116,8 @@ def layer_rows(arch: int, batch: int, refused: dict) -> list[dict]:
         layer = dict(kind="linear", m=m, k=k, n=n)
         rows += act_codes_rows(layer, x, torch.zeros(m), shift, arch)
         for tma in (False, True) if arch >= 90 else (False,):
-            rows += [with_tile_issue(dict(layer, kernel="linear_fp8_tma" if tma else "linear_fp8", **r), 1, k)
+            rows += [with_issue_ratios(dict(layer, kernel="linear_fp8_tma" if tma else "linear_fp8", **r), arch,
+                                       1, k)
                      for r in compiled_rows(tk.linear_fp8, torch.zeros(m, k, dtype=FP8), torch.zeros(n, k, dtype=FP8),
                                             torch.ones(m), torch.ones(n), torch.zeros(n), torch.zeros(m),
                                             torch.zeros(n), out_dtype=torch.bfloat16, tma=tma, arch=arch)]

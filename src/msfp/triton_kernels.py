@@ -548,7 +548,7 @@ if HAS_TRITON:
             z = tl.load(zp_ptr + b * s_zp, mask=m_ok, other=0.0).to(tl.float32)
             if SPLIT_K > 1:
                 z = tl.where(tl.program_id(1) == 0, z, 0.0)
-            for tap in range(0, KH * KW):
+            for tap in range(0, TAPS):
                 kh = tap // KW
                 kw = tap % KW
                 ih = oh * stride_h - pad_h + kh * dil_h
@@ -1186,8 +1186,8 @@ def kernel_stats(compiled) -> dict:
         if log.returncode != 0:
             raise RuntimeError(f"ptxas failed on {compiled.name} for sm_{arch}:\n{log.stderr}")
         # Triton bundles nvdisasm beside ptxas.
-        sass = subprocess.run([os.path.join(os.path.dirname(ptxas), "nvdisasm"), "-c", cubin], capture_output=True,
-                              text=True, check=True).stdout
+        labels, instructions = _sass(subprocess.run([os.path.join(os.path.dirname(ptxas), "nvdisasm"), "-c", cubin],
+                                                    capture_output=True, text=True, check=True).stdout)
     registers = re.search(r"Used (\d+) registers", log.stderr)
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log.stderr)
     if registers is None or spills is None:
@@ -1208,20 +1208,25 @@ def kernel_stats(compiled) -> dict:
             "mma_operand_a": sorted(wgmma_a), "tma_copies": len(re.findall(r"\bcp\.async\.bulk\.tensor", ptx)),
             "async_copies": len(re.findall(r"\bcp\.async\.c[ag]\b", ptx)),
             "async_copy_bytes": sorted({int(n, 0) for n in copy_widths}),
-            # One per /*address*/ line: `/*0380*/  @!P0 MUFU.RCP R0, R41 ;`
-            "sass_instructions": len(re.findall(r"^\s*/\*[0-9a-f]+\*/\s+\S", sass, re.M)),
-            "mma_loop_instructions": _mma_loop_instructions(sass)}
+            "sass_instructions": len(instructions),
+            "mma_loop_instructions": _mma_loop_instructions(labels, instructions)}
 
 
-def _mma_loop_instructions(sass: str) -> int | None:
-    """The instructions between a label and a branch back to it, for the shortest such loop holding a tensor-core
-    instruction (``HMMA``/``QGMMA``/… in the SASS of ``nvdisasm -c``)."""
+def _sass(listing: str) -> tuple[dict[str, int], list[str]]:
+    """``nvdisasm -c``'s listing as its labels (each with the index of the instruction it precedes) and its
+    instructions, one per ``/*address*/`` line: ``/*0380*/  @!P0 MUFU.RCP R0, R41 ;``."""
     labels, instructions = {}, []
-    for line in sass.splitlines():
+    for line in listing.splitlines():
         if label := re.match(r"\s*(\.L\w+):", line):
             labels[label.group(1)] = len(instructions)
-        elif instruction := re.match(r"\s*/\*[0-9a-f]+\*/\s+(.*)", line):
+        elif instruction := re.match(r"\s*/\*[0-9a-f]+\*/\s+(\S.*)", line):
             instructions.append(instruction.group(1))
+    return labels, instructions
+
+
+def _mma_loop_instructions(labels: dict[str, int], instructions: list[str]) -> int | None:
+    """The instructions between a label and a branch back to it, for the shortest such loop holding a tensor-core
+    instruction (``HMMA``/``QGMMA``/…)."""
     loops = []
     for end, instruction in enumerate(instructions):
         branch = re.search(r"\bBRA\b.*`\((\.L\w+)\)", instruction)
