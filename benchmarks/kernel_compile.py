@@ -9,7 +9,9 @@ autotuning candidate), it prints JSON with registers per thread, spilled bytes, 
 one SM at once (and what limits them), the tensor-core instructions (and on Hopper where wgmma reads its first operand
 from), the number of asynchronous copies (a pipelined K loop) and their vector widths, the number of SASS instructions
 (in all, and in the GEMMs' K loop, with on sm_90 how long issuing a K step's instructions, and a whole output tile's,
-takes over how long the tensor cores take for it), and the compile time (near 0 where Triton's cache already held the
+takes over how long the tensor cores take for it), how many output tiles it launches, in how many waves over an
+H100's SMs, and what share of the multiply-adds they compute is asked for (the rest pads blocks past the GEMM's edges,
+or computes positions not stored), and the compile time (near 0 where Triton's cache already held the
 same specialization), plus the activation-quantize kernel for each input (with its SASS instructions per element). For
 Hopper and newer, the GEMMs are compiled again with TMA loads wherever the shape allows them (stride 1):
 ``conv2d_fp8_tma_boxes`` (boxes of output rows of the unpadded input), ``conv2d_fp8_tma_rows`` (flat rows of
@@ -39,6 +41,7 @@ FP8 = torch.float8_e4m3fn
 # Dense FP8 multiply-adds per SM and cycle: Hopper's tensor cores do 2048 FP16 ones (989 TFLOP/s on an H100 SXM:
 # 132 SMs at 1.83 GHz), FP8 twice that.
 FP8_MACS_PER_SM_CYCLE = {90: 4096}
+SMS = {90: 132}  # H100 SXM and H200, the GPUs gpu_w4a4.py has run on
 
 
 def with_issue_ratios(row: dict, arch: int, taps: int, channels: int) -> dict:
@@ -61,11 +64,37 @@ def with_issue_ratios(row: dict, arch: int, taps: int, channels: int) -> dict:
                 tile_issue_over_tensor_cycles=round(tile * warps / (k_steps * step_cycles), 2))
 
 
+def with_tiles(row: dict, launch, arch: int, macs: int, taps: int, channels: int) -> dict:
+    """``row`` (a GEMM of ``macs`` multiply-adds over ``taps`` × ``channels`` of K, launched as ``launch``) with its
+    output tiles: ``tiles`` (blocks launched, split-K shares included), ``useful_mac_fraction`` (the multiply-adds
+    asked for over those the tiles compute: blocks padded past the GEMM's edges — 320 channels in 128-wide or
+    128-deep blocks compute 384 — and with TMA the positions computed and not stored: the rows' zero border, the
+    boxes' overhang) and on sm_90 ``waves`` (rounds of ``ctas_per_sm`` blocks on each of an H100's or H200's 132 SMs;
+    a last partial round leaves SMs idle)."""
+    blocks = {**launch.flags, **row["config"]}
+    output_tiles, shares = launch.grid(blocks) if callable(launch.grid) else launch.grid
+    computed = (output_tiles * blocks["BLOCK_M"] * blocks["BLOCK_N"]
+                * taps * -(-channels // blocks["BLOCK_K"]) * blocks["BLOCK_K"])
+    row = dict(row, tiles=output_tiles * shares, useful_mac_fraction=round(macs / computed, 3))
+    if arch in SMS and row["ctas_per_sm"]:
+        row["waves"] = round(output_tiles * shares / (SMS[arch] * row["ctas_per_sm"]), 2)
+    return row
+
+
 def compiled_rows(launcher, *args, arch: int, **kwargs) -> list[dict]:
     t0 = time.perf_counter()
     compiled = tk.compile_ahead(launcher, *args, arch=arch, **kwargs)
     seconds = (time.perf_counter() - t0) / len(compiled)
     return [dict(config=config, compile_s=round(seconds, 2), **tk.kernel_stats(kernel)) for config, kernel in compiled]
+
+
+def gemm_rows(layer: dict, kernel: str, launcher, *args, arch: int, macs: int, taps: int, channels: int,
+              **kwargs) -> list[dict]:
+    """The GEMM launch's rows (one per block configuration) with their issue ratios and tile counts."""
+    launch = tk._prepare(launcher.__name__, *args, **kwargs)
+    return [with_tiles(with_issue_ratios(dict(layer, kernel=kernel, **r), arch, taps, channels), launch, arch, macs,
+                       taps, channels)
+            for r in compiled_rows(launcher, *args, arch=arch, **kwargs)]
 
 
 def act_codes_rows(layer: dict, x: torch.Tensor, zeros: torch.Tensor, shift: int, arch: int) -> list[dict]:
@@ -78,11 +107,10 @@ def act_codes_rows(layer: dict, x: torch.Tensor, zeros: torch.Tensor, shift: int
                  sass_instructions_per_element=round(r["sass_instructions"] / per_thread, 1)) for r in rows]
 
 
-def warp_specialized_rows(layer: dict, kernel: str, launcher, *args, arch: int, refused: dict, **kwargs) -> list:
+def warp_specialized_rows(layer: dict, kernel: str, launcher, *args, refused: dict, **kwargs) -> list:
     """The warp-specialized kernel's row, or none where the launcher refuses it (its reason kept in ``refused``)."""
     try:
-        return [dict(layer, kernel=kernel, **r) for r in compiled_rows(launcher, *args, arch=arch, **WARP_SPECIALIZED,
-                                                                        **kwargs)]
+        return gemm_rows(layer, kernel, launcher, *args, **WARP_SPECIALIZED, **kwargs)
     except ValueError as e:
         refused.setdefault(kernel, str(e))
         return []
@@ -97,50 +125,49 @@ def layer_rows(arch: int, batch: int, refused: dict) -> list[dict]:
         args = (torch.zeros(batch, size, size, cin, dtype=FP8), torch.zeros(cout, 3, 3, cin, dtype=FP8), scales,
                 torch.ones(cout), torch.zeros(cout), zeros, torch.zeros(cout, 3, 3))
         layer = dict(kind="conv3x3", c_in=cin, c_out=cout, hw=size, stride=stride, batch=batch)
+        shape = dict(arch=arch, macs=batch * (size // stride) ** 2 * cout * 9 * cin, taps=9, channels=cin)
         rows += act_codes_rows(layer, x, zeros, shift, arch)
         loads = {"": {}}
         if arch >= 90 and stride == 1:
             loads.update(_tma_boxes=dict(tma=True), _tma_rows=dict(tma=True, zero_bordered=True))
         for suffix, options in loads.items():
             x_codes = zero_bordered(args[0]) if options.get("zero_bordered") else args[0]
-            rows += [with_issue_ratios(dict(layer, kernel="conv2d_fp8" + suffix, **r), arch, 9, cin)
-                     for r in compiled_rows(tk.conv2d_fp8, x_codes, *args[1:], stride=stride, padding=1,
-                                            out_dtype=torch.bfloat16, arch=arch, **options)]
+            rows += gemm_rows(layer, "conv2d_fp8" + suffix, tk.conv2d_fp8, x_codes, *args[1:], stride=stride,
+                              padding=1, out_dtype=torch.bfloat16, **shape, **options)
             if options.get("zero_bordered"):  # without the zero point, which a 3×3 kernel cannot specialize with
                 rows += warp_specialized_rows(layer, "conv2d_fp8_tma_rows_ws_no_zp", tk.conv2d_fp8, x_codes,
                                               *args[1:5], padding=1, out_dtype=torch.bfloat16, zero_bordered=True,
-                                              arch=arch, refused=refused)
+                                              refused=refused, **shape)
     for tokens, k, n in LINEARS + DIT_LINEARS:
         m = batch * tokens
         x = torch.zeros(m, k, dtype=torch.bfloat16)
         layer = dict(kind="linear", m=m, k=k, n=n)
         rows += act_codes_rows(layer, x, torch.zeros(m), shift, arch)
+        args = (torch.zeros(m, k, dtype=FP8), torch.zeros(n, k, dtype=FP8), torch.ones(m), torch.ones(n),
+                torch.zeros(n), torch.zeros(m), torch.zeros(n))
+        shape = dict(arch=arch, macs=m * n * k, taps=1, channels=k, out_dtype=torch.bfloat16)
         for tma in (False, True) if arch >= 90 else (False,):
-            rows += [with_issue_ratios(dict(layer, kernel="linear_fp8_tma" if tma else "linear_fp8", **r), arch,
-                                       1, k)
-                     for r in compiled_rows(tk.linear_fp8, torch.zeros(m, k, dtype=FP8), torch.zeros(n, k, dtype=FP8),
-                                            torch.ones(m), torch.ones(n), torch.zeros(n), torch.zeros(m),
-                                            torch.zeros(n), out_dtype=torch.bfloat16, tma=tma, arch=arch)]
+            rows += gemm_rows(layer, "linear_fp8_tma" if tma else "linear_fp8", tk.linear_fp8, *args, tma=tma,
+                              **shape)
         if arch >= 90:
-            rows += warp_specialized_rows(layer, "linear_fp8_tma_ws", tk.linear_fp8, torch.zeros(m, k, dtype=FP8),
-                                          torch.zeros(n, k, dtype=FP8), torch.ones(m), torch.ones(n), torch.zeros(n),
-                                          torch.zeros(m), torch.zeros(n), out_dtype=torch.bfloat16, arch=arch,
-                                          refused=refused)
+            rows += warp_specialized_rows(layer, "linear_fp8_tma_ws", tk.linear_fp8, *args, refused=refused, **shape)
     return rows
 
 
 def summary(rows: list[dict]) -> dict:
     gemms = [r for r in rows if r["kernel"] != "act_codes"]
     act = [r["sass_instructions_per_element"] for r in rows if r["kernel"] == "act_codes"]
-    ratios, tile_ratios = {}, {}
+    ratios, tile_ratios, useful = {}, {}, {}
     for r in gemms:
         if "k_step_issue_over_tensor_cycles" in r:
             ratios.setdefault(r["kernel"], []).append(r["k_step_issue_over_tensor_cycles"])
             tile_ratios.setdefault(r["kernel"], []).append(r["tile_issue_over_tensor_cycles"])
+        useful.setdefault(r["kernel"], []).append(r["useful_mac_fraction"])
     return dict(compiled=len(rows), with_spills=sum(r["spill_store_bytes"] > 0 for r in rows),
                 act_codes_sass_instructions_per_element=[min(act), max(act)],
                 k_step_issue_over_tensor_cycles={kernel: [min(v), max(v)] for kernel, v in sorted(ratios.items())},
                 tile_issue_over_tensor_cycles={kernel: [min(v), max(v)] for kernel, v in sorted(tile_ratios.items())},
+                useful_mac_fraction={kernel: [min(v), max(v)] for kernel, v in sorted(useful.items())},
                 max_registers=max(r["registers"] for r in rows), max_shared_bytes=max(r["shared_bytes"] for r in rows),
                 gemm_mma_instructions=sorted({i for r in gemms for i in r["mma_instructions"]}),
                 gemms_by_ctas_per_sm={n: sum(r["ctas_per_sm"] == n for r in gemms)

@@ -145,6 +145,38 @@ def test_gemm_registers_compiles_every_option_and_the_register_cap(capsys):
             assert k["spill_store_bytes"] == 0, k
 
 
+def test_kernel_compile_counts_tiles_waves_and_padded_work(monkeypatch):
+    pytest.importorskip("triton")
+    import torch
+
+    from msfp import triton_kernels as tk
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))  # it imports its sibling scripts
+    kernel_compile = load_script("kernel_compile")
+    fp8 = torch.float8_e4m3fn
+    # 320→320 3×3 convolution on 8 × 64×64: 128×128×128 blocks cover 320 output channels and each tap's 320 input
+    # channels with 384, so (5/6)² of what they compute is asked for; 256 row blocks × 3 column blocks.
+    conv = (torch.zeros(8, 64, 64, 320, dtype=fp8), torch.zeros(320, 3, 3, 320, dtype=fp8), torch.ones(8),
+            torch.ones(320))
+    macs, blocks = 8 * 64 * 64 * 320 * 9 * 320, dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128)
+    row = kernel_compile.with_tiles(dict(config=blocks, ctas_per_sm=1), tk._prepare("conv2d_fp8", *conv, padding=1),
+                                    90, macs, 9, 320)
+    assert (row["tiles"], row["waves"], row["useful_mac_fraction"]) == (768, round(768 / 132, 2), round(25 / 36, 3))
+    # Flat TMA rows compute the zero border too: 8 × 66 × 66 positions in 273 row blocks.
+    bordered = torch.zeros(8, 66, 66, 320, dtype=fp8)[:, 1:-1, 1:-1]
+    row = kernel_compile.with_tiles(dict(config=blocks, ctas_per_sm=2),
+                                    tk._prepare("conv2d_fp8", bordered, *conv[1:], padding=1, tma=True,
+                                                zero_bordered=True), 90, macs, 9, 320)
+    assert (row["tiles"], row["waves"]) == (273 * 3, round(273 * 3 / 264, 2))
+    assert row["useful_mac_fraction"] == round(macs / (273 * 128 * 384 * 9 * 384), 3)
+    # Split-K launches a block per share; fixed blocks come from the launch's flags; no SM count for sm_89.
+    linear = tk._prepare("linear_fp8", torch.zeros(100, 1280, dtype=fp8), torch.zeros(64, 1280, dtype=fp8),
+                         torch.ones(100), torch.ones(64), split_k=4, block_m=64, block_n=64, block_k=128)
+    row = kernel_compile.with_tiles(dict(config={}, ctas_per_sm=3), linear, 89, 100 * 64 * 1280, 1, 1280)
+    assert row["tiles"] == 2 * 4 and "waves" not in row
+    assert row["useful_mac_fraction"] == round(100 / 128, 3)
+
+
 @pytest.mark.parametrize("model", ["default", "sd15"])
 def test_sample_speed_smoke_samples_both_backends(monkeypatch, capsys, model):
     # The GPU benchmark's flow, eagerly on the CPU (its CUDA graph runs are tests/test_cuda_graphs.py's subject).
