@@ -409,9 +409,9 @@ if HAS_TRITON:
     @triton.jit
     def _conv_fp8_kernel(x, w, y_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, zp_ptr, wsum_ptr,
                          B, H, W, C, O, OH, OW,
-                         stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+                         stride_h, stride_w, dil_h, dil_w,
                          sxb, sxh, sxw, sxc, swo, swh, sww, swc, s_as, s_ws, s_bias, s_zp, sso, ssh, ssw,
-                         KH: tl.constexpr, KW: tl.constexpr,
+                         KH: tl.constexpr, KW: tl.constexpr, PAD_H: tl.constexpr, PAD_W: tl.constexpr,
                          HAS_BIAS: tl.constexpr, HAS_ZP: tl.constexpr, PRECISE_ACC: tl.constexpr, TMA: tl.constexpr,
                          FLAT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                          GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr = 1, WARP_SPECIALIZE: tl.constexpr = False):
@@ -426,8 +426,8 @@ if HAS_TRITON:
                 # and a tap's tile is the same block shifted by kh·WP + kw rows: one TMA copy, wgmma reads it from
                 # shared memory. Positions in the border or the bottom/right margin anchor no output; their rows
                 # are computed and not stored.
-                HP = H + 2 * pad_h
-                WP = W + 2 * pad_w
+                HP = H + 2 * PAD_H
+                WP = W + 2 * PAD_W
                 num_m = (B * HP * WP + BLOCK_M - 1) // BLOCK_M
             else:
                 # A row block is a box of BB samples × BH rows × BW columns of the output (the descriptor's block
@@ -458,9 +458,11 @@ if HAS_TRITON:
             if FLAT:
                 row0 = pid_m * BLOCK_M
                 anchor = row0 + tl.arange(0, BLOCK_M)
-                b = anchor // (HP * WP)
-                oh = anchor % (HP * WP) // WP
-                ow = anchor % WP
+                # Unsigned, as for the pointer loads below; one division for both b and pix.
+                b = (anchor.to(tl.uint32) // tl.cast(HP * WP, tl.uint32)).to(tl.int32)
+                pix = anchor.to(tl.uint32) % tl.cast(HP * WP, tl.uint32)
+                oh = (pix // tl.cast(WP, tl.uint32)).to(tl.int32)
+                ow = (pix % tl.cast(WP, tl.uint32)).to(tl.int32)
             else:
                 b0 = pid_m // (tiles_h * tiles_w) * BB
                 oh0 = (pid_m // tiles_w) % tiles_h * BH
@@ -474,12 +476,14 @@ if HAS_TRITON:
             offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
             offs_k = tl.arange(0, BLOCK_K)
             m_ok = offs_m < B * OH * OW
-            b = offs_m // (OH * OW)
-            pix = offs_m % (OH * OW)
-            oh = pix // OW
-            ow = pix % OW
-            ih0 = oh * stride_h - pad_h
-            iw0 = ow * stride_w - pad_w
+            # Unsigned: row indices are never negative, and dividing unsigned by a run-time value takes no sign
+            # fix-ups (104 fewer SASS instructions for a 3×3 convolution's 128×128×128 tile on sm_90).
+            pix = offs_m.to(tl.uint32) % tl.cast(OH * OW, tl.uint32)
+            b = (offs_m.to(tl.uint32) // tl.cast(OH * OW, tl.uint32)).to(tl.int32)
+            oh = (pix // tl.cast(OW, tl.uint32)).to(tl.int32)
+            ow = (pix % tl.cast(OW, tl.uint32)).to(tl.int32)
+            ih0 = oh * stride_h - PAD_H
+            iw0 = ow * stride_w - PAD_W
             x_row = x + b.to(tl.int64) * sxb
             w_col = w + offs_n.to(tl.int64) * swo
 
@@ -509,7 +513,7 @@ if HAS_TRITON:
                 if FLAT:
                     a = x.load([0, 0, row0 + kh * dil_h * WP + kw * dil_w, c0]).reshape(BLOCK_M, BLOCK_K)
                 else:
-                    a = x.load([b0, oh0 - pad_h + kh * dil_h, ow0 - pad_w + kw * dil_w, c0]).reshape(BLOCK_M, BLOCK_K)
+                    a = x.load([b0, oh0 - PAD_H + kh * dil_h, ow0 - PAD_W + kw * dil_w, c0]).reshape(BLOCK_M, BLOCK_K)
                 wt = w.load([pid_n * BLOCK_N, tap, c0]).reshape(BLOCK_N, BLOCK_K).T
             else:
                 c = c0 + offs_k
@@ -551,8 +555,8 @@ if HAS_TRITON:
             for tap in range(0, TAPS):
                 kh = tap // KW
                 kw = tap % KW
-                ih = oh * stride_h - pad_h + kh * dil_h
-                iw = ow * stride_w - pad_w + kw * dil_w
+                ih = oh * stride_h - PAD_H + kh * dil_h
+                iw = ow * stride_w - PAD_W + kw * dil_w
                 seen = (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
                 tap_sum = tl.load(wsum_ptr + offs_n * sso + kh * ssh + kw * ssw, mask=n_ok, other=0.0)
                 y += tl.where(seen, z, 0.0)[:, None] * tap_sum.to(tl.float32)[None, :]
@@ -837,12 +841,12 @@ def _conv_plan(x_codes, w_codes, a_scale, w_scale, bias, zp, zp_weight_sums, str
             raise ValueError(f"conv2d_fp8(warp_specialize=True): {reason}")
     if B * OH * OW * O == 0:
         return _ConvPlan(out_shape, None, None, (), types.MappingProxyType({}), ({},), flat)
-    int_args = (B, H, W, C, O, OH, OW, sh, sw, ph, pw, dh, dw,
+    int_args = (B, H, W, C, O, OH, OW, sh, sw, dh, dw,
                 *x_codes.stride(), *w_codes.stride(), a_scale.stride(0), w_scale.stride(0),
                 bias.stride(0) if bias is not None else 0, zp.stride(0) if zp is not None else 0,
                 *(zp_weight_sums.stride() if zp_weight_sums is not None else (0, 0, 0)))
     # FMA contraction only changes the epilogue's rounding (within the fp32 summation bound), so it stays on.
-    flags = {"KH": KH, "KW": KW, "HAS_BIAS": bias is not None, "HAS_ZP": zp is not None,
+    flags = {"KH": KH, "KW": KW, "PAD_H": ph, "PAD_W": pw, "HAS_BIAS": bias is not None, "HAS_ZP": zp is not None,
              "PRECISE_ACC": bool(precise_acc), "TMA": bool(tma), "FLAT": flat, "SPLIT_K": split_k,
              "enable_fp_fusion": True}
     M = B * OH * OW
