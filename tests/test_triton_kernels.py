@@ -253,6 +253,9 @@ CONV_CASES = {
     "1x1": (3, 4, 3, 40, 24, (1, 1), 1, 0, 1, True, False),
     "3x3_dilation2": (1, 6, 6, 8, 16, (3, 3), 1, 2, 2, False, True),
     "3x2_asymmetric": (2, 5, 4, 12, 10, (3, 2), (2, 1), (1, 0), (1, 2), True, True),
+    # The pointer loads keep one bit per tap for the padding: 32 taps use all of an int32's bits, 35 are too many.
+    "4x8_32_taps": (1, 6, 9, 8, 8, (4, 8), 1, (1, 3), 1, True, True),
+    "7x5_35_taps": (1, 7, 6, 8, 8, (7, 5), 1, (3, 2), 1, False, True),
 }
 
 

@@ -441,6 +441,7 @@ if HAS_TRITON:
                 num_m = (B + BB - 1) // BB * tiles_h * tiles_w
         else:
             num_m = (B * OH * OW + BLOCK_M - 1) // BLOCK_M
+        TAPS: tl.constexpr = KH * KW
         # Grouped launch order: GROUP_M row blocks share their weight tiles while those are still in L2.
         pid = tl.program_id(0)
         # Only builtins inside the kernels (no tl.cdiv/tl.zeros, which are @jit helpers): under the interpreter those
@@ -484,7 +485,18 @@ if HAS_TRITON:
             ow = (pix % tl.cast(OW, tl.uint32)).to(tl.int32)
             ih0 = oh * stride_h - PAD_H
             iw0 = ow * stride_w - PAD_W
-            x_row = x + b.to(tl.int64) * sxb
+            # A tap's input pixel is the row's first one moved by a per-tap offset that all rows share, and whether
+            # it lies inside the input (not in the padding) is one bit per tap, set here: a K step then adds a
+            # scalar to the addresses and tests a bit a row, where it recomputed both per row (14–30% of the K
+            # loop's instructions on sm_90). Up to 32 taps; larger kernels test the bounds in the loop.
+            x_row = x + b.to(tl.int64) * sxb + (ih0 * sxh + iw0 * sxw)
+            if TAPS <= 32:
+                taps_inside = tl.full((BLOCK_M,), 0, tl.int32)
+                for t in tl.static_range(TAPS):
+                    ih = ih0 + t // KW * dil_h
+                    iw = iw0 + t % KW * dil_w
+                    inside = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+                    taps_inside |= inside.to(tl.int32) << t
             w_col = w + offs_n.to(tl.int64) * swo
 
         acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
@@ -492,7 +504,6 @@ if HAS_TRITON:
         # are innermost: splitting the step index by their constexpr count takes a multiply and shifts, where
         # dividing by the channel blocks' count (known at run time only) took two integer divisions a K step, about
         # 40 instructions: a sixth to a quarter of the K loop on sm_90 (kernel_compile.py).
-        TAPS: tl.constexpr = KH * KW
         c_blocks = (C + BLOCK_K - 1) // BLOCK_K
         k_iters = TAPS * c_blocks
         if SPLIT_K == 1:
@@ -518,11 +529,14 @@ if HAS_TRITON:
             else:
                 c = c0 + offs_k
                 c_ok = c < C
-                ih = ih0 + kh * dil_h
-                iw = iw0 + kw * dil_w
                 # Positions in the zero padding load 0 and add nothing to the sum.
-                inside = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-                a = tl.load(x_row[:, None] + (ih * sxh + iw * sxw)[:, None] + c[None, :] * sxc,
+                if TAPS <= 32:
+                    inside = (taps_inside & (1 << tap)) != 0
+                else:
+                    ih = ih0 + kh * dil_h
+                    iw = iw0 + kw * dil_w
+                    inside = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+                a = tl.load(x_row[:, None] + (kh * dil_h * sxh + kw * dil_w * sxw) + c[None, :] * sxc,
                             mask=inside[:, None] & c_ok[None, :], other=0.0)
                 wt = tl.load(w_col[None, :] + (kh * swh + kw * sww) + c[:, None] * swc,
                              mask=c_ok[:, None] & n_ok[None, :], other=0.0)
@@ -565,18 +579,22 @@ if HAS_TRITON:
         row = (b * OH + oh) * OW + ow  # int32 like the pointer path's row offsets; widened for the store
         tl.store(y_ptr + row[:, None].to(tl.int64) * O + offs_n[None, :], y, mask=m_ok[:, None] & n_ok[None, :])
 
-    # A few H100 configurations (FP8 wgmma wants BLOCK_K ≥ 32); keyed on the GEMM shape. The 128-deep 4-warp tiles
-    # are there because issuing a 64-deep step of the 4-warp tiles takes 1.2–1.9× the tensor cores' time for it
-    # with fp32 accumulation (kernel_compile.py's k_step_issue_over_tensor_cycles), the 128-deep ones 0.6–1.4×.
+    # A few H100 configurations (FP8 wgmma wants BLOCK_K ≥ 32), as (BLOCK_M, BLOCK_N, BLOCK_K, num_warps,
+    # num_stages); keyed on the GEMM shape. The 128-deep 4-warp tiles are there because issuing a 64-deep step of the
+    # 4-warp tiles takes 1.2–1.9× the tensor cores' time for it with fp32 accumulation (kernel_compile.py's
+    # k_step_issue_over_tensor_cycles), the 128-deep ones 0.6–1.4×. 64×128×128 is for TMA loads only: with pointer
+    # loads it needs all 255 registers and spills 12–16 bytes (sm_90, Triton 3.6 and 3.9).
+    _TILES = ((128, 128, 64, 8, 3), (128, 128, 128, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
+              (128, 64, 128, 4, 4))
+    _TMA_ONLY_TILES = ((64, 128, 128, 4, 4),)
+
+    def _config(tile: tuple, **options) -> triton.Config:
+        block_m, block_n, block_k, num_warps, num_stages = tile
+        return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": 8},
+                             num_warps=num_warps, num_stages=num_stages, **options)
+
     _conv_fp8_tuned = triton.autotune(
-        configs=[
-            triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
-            triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8}, num_warps=8, num_stages=3),
-            triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
-            triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
-            triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 8}, num_warps=4, num_stages=4),
-            triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8}, num_warps=4, num_stages=4),
-        ],
+        configs=[_config(tile) for tile in _TILES],
         key=["B", "H", "W", "C", "O", "KH", "KW", "stride_h", "stride_w", "PRECISE_ACC"],
     )(_conv_fp8_kernel)
 
@@ -588,8 +606,7 @@ if HAS_TRITON:
     # The same tiles fed by TMA copies. (256×128 tiles fit 3×3 convolutions' registers without the pointer loads'
     # address arithmetic, but spill 96–116 bytes on linears on sm_90; conv_tiles.py times them.)
     _conv_fp8_tma_tuned = triton.autotune(
-        configs=[triton.Config(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages, pre_hook=_set_tma_blocks)
-                 for c in _conv_fp8_tuned.configs],
+        configs=[_config(tile, pre_hook=_set_tma_blocks) for tile in _TILES + _TMA_ONLY_TILES],
         key=["B", "H", "W", "C", "O", "KH", "KW", "PRECISE_ACC"],
     )(_conv_fp8_kernel)
 
