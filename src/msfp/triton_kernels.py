@@ -584,9 +584,9 @@ if HAS_TRITON:
 
     # A few H100 configurations (FP8 wgmma wants BLOCK_K ≥ 32), as (BLOCK_M, BLOCK_N, BLOCK_K, num_warps,
     # num_stages); keyed on the GEMM shape. The 128-deep 4-warp tiles are there because issuing a 64-deep step of the
-    # 4-warp tiles takes 1.2–1.9× the tensor cores' time for it with fp32 accumulation (kernel_compile.py's
-    # k_step_issue_over_tensor_cycles), the 128-deep ones 0.6–1.4×. 64×128×128 is for TMA loads only: with pointer
-    # loads it needs all 255 registers and spills 12–16 bytes (sm_90, Triton 3.6 and 3.9).
+    # 4-warp tiles takes 1.15–1.42× the tensor cores' time for it with fp32 accumulation (kernel_compile.py's
+    # k_step_issue_over_tensor_cycles at c5412e3), the 128-deep ones 0.59–0.90×. 64×128×128 is for TMA loads only:
+    # with pointer loads it needs all 255 registers and spills 12–16 bytes (sm_90, Triton 3.6 and 3.9).
     _TILES = ((128, 128, 64, 8, 3), (128, 128, 128, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
               (128, 64, 128, 4, 4))
     _TMA_ONLY_TILES = ((64, 128, 128, 4, 4),)
