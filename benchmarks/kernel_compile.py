@@ -44,47 +44,37 @@ FP8_MACS_PER_SM_CYCLE = {90: 4096}
 SMS = {90: 132}  # H100 SXM and H200, the GPUs gpu_w4a4.py has run on
 
 
-def with_issue_ratios(row: dict, arch: int, parts: list[tuple[int, int]]) -> dict:
-    """``row`` (a GEMM whose K loop runs ``parts``, (steps, depth) each: ``msfp.triton_kernels.k_loop_steps``) with its
-    instructions set against its tensor-core work. An SM sub-partition issues one instruction a cycle, and each of its
-    num_warps/4 warps runs a K loop's body once a step (BLOCK_M·BLOCK_N·depth multiply-adds at the SM's peak rate):
-    ``k_step_issue_over_tensor_cycles`` above 1 means the loop of full BLOCK_K-deep steps cannot keep the tensor cores
-    busy however fast its data comes; ``rest_step_issue_over_tensor_cycles`` is the same for the half-deep steps of
-    the channels left over (pointer loads, where BLOCK_K does not divide the channels) and
-    ``k_loop_issue_over_tensor_cycles`` for all of a tile's K steps. ``tile_issue_over_tensor_cycles`` is the same for
-    a whole output tile, each K loop once a step and every other instruction once (filling the pipeline; the
+def with_issue_ratios(row: dict, arch: int, taps: int, channels: int) -> dict:
+    """``row`` (a GEMM over ``taps`` × ``channels`` of K) with its instructions set against its tensor-core work. An SM
+    sub-partition issues one instruction a cycle, and each of its num_warps/4 warps runs the K loop's body once a step
+    (BLOCK_M·BLOCK_N·BLOCK_K multiply-adds at the SM's peak rate): ``k_step_issue_over_tensor_cycles`` above 1 means
+    the loop cannot keep the tensor cores busy however fast its data comes. ``tile_issue_over_tensor_cycles`` is the
+    same for a whole output tile, the K loop once a step and every other instruction once (filling the pipeline; the
     epilogue's scales, bias, zero point and stores): where K is small, the K loop is a small part of a tile's work.
     Unchanged for kernels with fixed blocks (the warp-specialized ones: their warps run different loops) and other
     architectures."""
-    config, loops = row["config"], [loop["instructions"] for loop in row["mma_loops"]]
-    if arch not in FP8_MACS_PER_SM_CYCLE or "BLOCK_M" not in config:
+    config, loop = row["config"], row["mma_loop_instructions"]
+    if arch not in FP8_MACS_PER_SM_CYCLE or "BLOCK_M" not in config or loop is None:
         return row
-    if len(loops) != len(parts):
-        raise RuntimeError(f"{row['kernel']} {config}: expected {len(parts)} K loops around tensor-core instructions "
-                           f"in the SASS, found {len(loops)}")
     warps = row["num_warps"] / 4
-    cycles = [config["BLOCK_M"] * config["BLOCK_N"] * depth / FP8_MACS_PER_SM_CYCLE[arch] for _, depth in parts]
-    ratios = [loop * warps / c for loop, c in zip(loops, cycles)]
-    tensor = sum(steps * c for (steps, _), c in zip(parts, cycles))
-    tile = row["sass_instructions"] + sum((steps - 1) * loop for (steps, _), loop in zip(parts, loops))
-    row = dict(row, k_step_issue_over_tensor_cycles=round(ratios[0], 2))
-    if len(parts) > 1:
-        row["rest_step_issue_over_tensor_cycles"] = round(ratios[1], 2)
-    return dict(row, k_loop_issue_over_tensor_cycles=round(
-                    sum(steps * loop for (steps, _), loop in zip(parts, loops)) * warps / tensor, 2),
-                tile_issue_over_tensor_cycles=round(tile * warps / tensor, 2))
+    step_cycles = config["BLOCK_M"] * config["BLOCK_N"] * config["BLOCK_K"] / FP8_MACS_PER_SM_CYCLE[arch]
+    k_steps = taps * -(-channels // config["BLOCK_K"])
+    tile = row["sass_instructions"] + (k_steps - 1) * loop
+    return dict(row, k_step_issue_over_tensor_cycles=round(loop * warps / step_cycles, 2),
+                tile_issue_over_tensor_cycles=round(tile * warps / (k_steps * step_cycles), 2))
 
 
-def with_tiles(row: dict, launch, arch: int, macs: int, parts: list[tuple[int, int]]) -> dict:
-    """``row`` (a GEMM of ``macs`` multiply-adds whose K loop runs ``parts``, as for :func:`with_issue_ratios`,
-    launched as ``launch``) with its output tiles: ``tiles`` (blocks launched, split-K shares included),
-    ``useful_mac_fraction`` (the multiply-adds asked for over those the tiles compute: blocks padded past the GEMM's
-    edges — 320 channels in 128-wide blocks, or with TMA 128-deep ones, compute 384 — and with TMA the positions
-    computed and not stored: the rows' zero border, the boxes' overhang) and on sm_90 ``waves`` (rounds of
-    ``ctas_per_sm`` blocks on each of an H100's or H200's 132 SMs; a last partial round leaves SMs idle)."""
+def with_tiles(row: dict, launch, arch: int, macs: int, taps: int, channels: int) -> dict:
+    """``row`` (a GEMM of ``macs`` multiply-adds over ``taps`` × ``channels`` of K, launched as ``launch``) with its
+    output tiles: ``tiles`` (blocks launched, split-K shares included), ``useful_mac_fraction`` (the multiply-adds
+    asked for over those the tiles compute: blocks padded past the GEMM's edges — 320 channels in 128-wide or
+    128-deep blocks compute 384 — and with TMA the positions computed and not stored: the rows' zero border, the
+    boxes' overhang) and on sm_90 ``waves`` (rounds of ``ctas_per_sm`` blocks on each of an H100's or H200's 132 SMs;
+    a last partial round leaves SMs idle)."""
     blocks = {**launch.flags, **row["config"]}
     output_tiles, shares = launch.grid(blocks) if callable(launch.grid) else launch.grid
-    computed = output_tiles * blocks["BLOCK_M"] * blocks["BLOCK_N"] * sum(steps * depth for steps, depth in parts)
+    computed = (output_tiles * blocks["BLOCK_M"] * blocks["BLOCK_N"]
+                * taps * -(-channels // blocks["BLOCK_K"]) * blocks["BLOCK_K"])
     row = dict(row, tiles=output_tiles * shares, useful_mac_fraction=round(macs / computed, 3))
     if arch in SMS and row["ctas_per_sm"]:
         row["waves"] = round(output_tiles * shares / (SMS[arch] * row["ctas_per_sm"]), 2)
@@ -102,13 +92,9 @@ def gemm_rows(layer: dict, kernel: str, launcher, *args, arch: int, macs: int, t
               **kwargs) -> list[dict]:
     """The GEMM launch's rows (one per block configuration) with their issue ratios and tile counts."""
     launch = tk._prepare(launcher.__name__, *args, **kwargs)
-    rows = []
-    for r in compiled_rows(launcher, *args, arch=arch, **kwargs):
-        blocks = {**launch.flags, **r["config"]}
-        parts = tk.k_loop_steps(channels, taps, blocks["BLOCK_K"], blocks["TMA"])
-        rows.append(with_tiles(with_issue_ratios(dict(layer, kernel=kernel, **r), arch, parts), launch, arch, macs,
-                               parts))
-    return rows
+    return [with_tiles(with_issue_ratios(dict(layer, kernel=kernel, **r), arch, taps, channels), launch, arch, macs,
+                       taps, channels)
+            for r in compiled_rows(launcher, *args, arch=arch, **kwargs)]
 
 
 def act_codes_rows(layer: dict, x: torch.Tensor, zeros: torch.Tensor, shift: int, arch: int) -> list[dict]:
@@ -171,17 +157,17 @@ def layer_rows(arch: int, batch: int, refused: dict) -> list[dict]:
 def summary(rows: list[dict]) -> dict:
     gemms = [r for r in rows if r["kernel"] != "act_codes"]
     act = [r["sass_instructions_per_element"] for r in rows if r["kernel"] == "act_codes"]
-    ratio_fields = ("k_step_issue_over_tensor_cycles", "rest_step_issue_over_tensor_cycles",
-                    "k_loop_issue_over_tensor_cycles", "tile_issue_over_tensor_cycles", "useful_mac_fraction")
-    ranges = {field: {} for field in ratio_fields}
+    ratios, tile_ratios, useful = {}, {}, {}
     for r in gemms:
-        for field in ratio_fields:
-            if field in r:
-                ranges[field].setdefault(r["kernel"], []).append(r[field])
+        if "k_step_issue_over_tensor_cycles" in r:
+            ratios.setdefault(r["kernel"], []).append(r["k_step_issue_over_tensor_cycles"])
+            tile_ratios.setdefault(r["kernel"], []).append(r["tile_issue_over_tensor_cycles"])
+        useful.setdefault(r["kernel"], []).append(r["useful_mac_fraction"])
     return dict(compiled=len(rows), with_spills=sum(r["spill_store_bytes"] > 0 for r in rows),
                 act_codes_sass_instructions_per_element=[min(act), max(act)],
-                **{field: {kernel: [min(v), max(v)] for kernel, v in sorted(by_kernel.items())}
-                   for field, by_kernel in ranges.items()},
+                k_step_issue_over_tensor_cycles={kernel: [min(v), max(v)] for kernel, v in sorted(ratios.items())},
+                tile_issue_over_tensor_cycles={kernel: [min(v), max(v)] for kernel, v in sorted(tile_ratios.items())},
+                useful_mac_fraction={kernel: [min(v), max(v)] for kernel, v in sorted(useful.items())},
                 max_registers=max(r["registers"] for r in rows), max_shared_bytes=max(r["shared_bytes"] for r in rows),
                 gemm_mma_instructions=sorted({i for r in gemms for i in r["mma_instructions"]}),
                 gemms_by_ctas_per_sm={n: sum(r["ctas_per_sm"] == n for r in gemms)

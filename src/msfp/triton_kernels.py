@@ -476,6 +476,10 @@ if HAS_TRITON:
             m_ok = (b < B) & (oh < OH) & (ow < OW)
         else:
             offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+            offs_k = tl.arange(0, BLOCK_K)
+            # With C a multiple of BLOCK_K (C_ALIGN: the largest power of two dividing C, up to the deepest
+            # candidate's BLOCK_K) every channel block is full, and the loads need no channel mask either.
+            CHANNEL_MASK: tl.constexpr = C_ALIGN < BLOCK_K
             m_ok = offs_m < B * OH * OW
             # Rows past the end stand in for the last row (their results are not stored), so the loads need no row
             # mask: a linear's K loop then tests nothing per row.
@@ -508,18 +512,8 @@ if HAS_TRITON:
         # are innermost: splitting the step index by their constexpr count takes a multiply and shifts, where
         # dividing by the channel blocks' count (known at run time only) took two integer divisions a K step, about
         # 40 instructions: a sixth to a quarter of the K loop on sm_90 (kernel_compile.py).
-        # With pointer loads the loop runs in two parts: the full channel blocks, which need no channel mask, then
-        # what is left of C in steps of REST_K = BLOCK_K/2 (a second loop, from the same code unrolled with other
-        # constexprs), so 320 channels in 128-deep blocks compute 2·128 + 64 rather than 3·128. The second loop is
-        # compiled only where C is not a multiple of BLOCK_K (C_ALIGN: the largest power of two dividing C, up to
-        # the deepest candidate's BLOCK_K): left in with no step to run, it took a 128×64×64 tile from 164 to 203
-        # registers on sm_90. TMA copies have one block shape per descriptor; their ragged last block reads zeros
-        # past C and is computed in full. k_loop_steps counts the steps the same way for the benchmarks.
-        PARTS: tl.constexpr = 2 if not TMA and C_ALIGN < BLOCK_K else 1
-        REST_K: tl.constexpr = BLOCK_K // 2 if BLOCK_K >= 64 else BLOCK_K  # FP8 MMA steps are ≥ 32 deep
-        full_blocks = (C + BLOCK_K - 1) // BLOCK_K if TMA else C // BLOCK_K
-        main_iters = TAPS * full_blocks
-        k_iters = main_iters + TAPS * ((C - full_blocks * BLOCK_K + REST_K - 1) // REST_K)
+        c_blocks = (C + BLOCK_K - 1) // BLOCK_K
+        k_iters = TAPS * c_blocks
         if SPLIT_K == 1:
             it_start = 0
             it_end = k_iters
@@ -527,56 +521,45 @@ if HAS_TRITON:
             share = (k_iters + SPLIT_K - 1) // SPLIT_K
             it_start = tl.program_id(1) * share
             it_end = tl.minimum(it_start + share, k_iters)
-        for part in tl.static_range(PARTS):
-            if part == 0:
-                part_start = it_start
-                part_end = tl.minimum(it_end, main_iters)
-                c_first = 0
+        # WARP_SPECIALIZE: Triton splits the loop between a warp group issuing the TMA loads and two computing.
+        for it in tl.range(it_start, it_end, warp_specialize=WARP_SPECIALIZE):
+            tap = it % TAPS
+            kh = tap // KW
+            kw = tap % KW
+            c0 = it // TAPS * BLOCK_K
+            if TMA:
+                # Channels past C read zeros in both tiles, so a ragged last channel block adds nothing.
+                if FLAT:
+                    a = x.load([0, 0, row0 + kh * dil_h * WP + kw * dil_w, c0]).reshape(BLOCK_M, BLOCK_K)
+                else:
+                    a = x.load([b0, oh0 - PAD_H + kh * dil_h, ow0 - PAD_W + kw * dil_w, c0]).reshape(BLOCK_M, BLOCK_K)
+                wt = w.load([pid_n * BLOCK_N, tap, c0]).reshape(BLOCK_N, BLOCK_K).T
             else:
-                part_start = tl.maximum(it_start, main_iters)
-                part_end = it_end
-                c_first = full_blocks * BLOCK_K
-            # WARP_SPECIALIZE: Triton splits the loop between a warp group issuing the TMA loads and two computing.
-            for it in tl.range(part_start, part_end, warp_specialize=WARP_SPECIALIZE):
-                step = it - main_iters if part == 1 else it
-                tap = step % TAPS
-                kh = tap // KW
-                kw = tap % KW
-                c0 = c_first + step // TAPS * (BLOCK_K if part == 0 else REST_K)
-                if TMA:
-                    # Channels past C read zeros in both tiles, so a ragged last channel block adds nothing.
-                    if FLAT:
-                        a = x.load([0, 0, row0 + kh * dil_h * WP + kw * dil_w, c0]).reshape(BLOCK_M, BLOCK_K)
-                    else:
-                        a = x.load([b0, oh0 - PAD_H + kh * dil_h, ow0 - PAD_W + kw * dil_w, c0]
-                                   ).reshape(BLOCK_M, BLOCK_K)
-                    wt = w.load([pid_n * BLOCK_N, tap, c0]).reshape(BLOCK_N, BLOCK_K).T
+                c = c0 + offs_k
+                # Positions in the zero padding load 0 and add nothing to the sum.
+                if TAPS <= 32:
+                    inside = (taps_inside & (1 << tap)) != 0
                 else:
-                    c = c0 + tl.arange(0, BLOCK_K if part == 0 else REST_K)
-                    # Positions in the zero padding load 0 and add nothing to the sum.
-                    if TAPS <= 32:
-                        inside = (taps_inside & (1 << tap)) != 0
-                    else:
-                        ih = ih0 + kh * dil_h
-                        iw = iw0 + kw * dil_w
-                        inside = (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-                    a_ptrs = x_row[:, None] + (kh * dil_h * sxh + kw * dil_w * sxw) + c[None, :] * sxc
-                    w_ptrs = w_col[None, :] + (kh * swh + kw * sww) + c[:, None] * swc
-                    if part == 0:
-                        a = tl.load(a_ptrs, mask=inside[:, None], other=0.0)
-                        wt = tl.load(w_ptrs)
-                    else:
-                        c_ok = c < C
-                        a = tl.load(a_ptrs, mask=inside[:, None] & c_ok[None, :], other=0.0)
-                        wt = tl.load(w_ptrs, mask=c_ok[:, None], other=0.0)
-                if PRECISE_ACC:
-                    # Hopper's FP8 MMA adds into its accumulator with fewer bits than fp32 (Triton's sm_90 default
-                    # lets it accumulate the whole K loop there); this adds each step's products to a true fp32
-                    # accumulator. Not dot(…, max_num_imprecise_acc=BLOCK_K): Triton 3.6–3.9 ignore it when wgmma
-                    # reads A from registers (TMA boxes), whose K loop then summed in reduced precision all along.
-                    acc += tl.dot(a, wt, out_dtype=tl.float32)
+                    ih = ih0 + kh * dil_h
+                    iw = iw0 + kw * dil_w
+                    inside = (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+                a_ptrs = x_row[:, None] + (kh * dil_h * sxh + kw * dil_w * sxw) + c[None, :] * sxc
+                w_ptrs = w_col[None, :] + (kh * swh + kw * sww) + c[:, None] * swc
+                if CHANNEL_MASK:
+                    c_ok = c < C
+                    a = tl.load(a_ptrs, mask=inside[:, None] & c_ok[None, :], other=0.0)
+                    wt = tl.load(w_ptrs, mask=c_ok[:, None], other=0.0)
                 else:
-                    acc = tl.dot(a, wt, acc, out_dtype=tl.float32)
+                    a = tl.load(a_ptrs, mask=inside[:, None], other=0.0)
+                    wt = tl.load(w_ptrs)
+            if PRECISE_ACC:
+                # Hopper's FP8 MMA adds into its accumulator with fewer bits than fp32 (Triton's sm_90 default lets
+                # it accumulate the whole K loop there); this adds each step's BLOCK_K products to a true fp32
+                # accumulator. Not dot(…, max_num_imprecise_acc=BLOCK_K): Triton 3.6–3.9 ignore it when wgmma
+                # reads A from registers (TMA boxes), whose K loop then summed in reduced precision all along.
+                acc += tl.dot(a, wt, out_dtype=tl.float32)
+            else:
+                acc = tl.dot(a, wt, acc, out_dtype=tl.float32)
 
         a_s = tl.load(a_scale_ptr + b * s_as, mask=m_ok, other=0.0)
         w_s = tl.load(w_scale_ptr + offs_n * s_ws, mask=n_ok, other=0.0)
@@ -895,7 +878,7 @@ def _conv_plan(x_codes, w_codes, a_scale, w_scale, bias, zp, zp_weight_sums, str
                 bias.stride(0) if bias is not None else 0, zp.stride(0) if zp is not None else 0,
                 *(zp_weight_sums.stride() if zp_weight_sums is not None else (0, 0, 0)))
     # FMA contraction only changes the epilogue's rounding (within the fp32 summation bound), so it stays on.
-    flags = {"KH": KH, "KW": KW, "PAD_H": ph, "PAD_W": pw, "C_ALIGN": _channel_align(C),
+    flags = {"KH": KH, "KW": KW, "PAD_H": ph, "PAD_W": pw, "C_ALIGN": min(C & -C, _MAX_BLOCK_K),
              "HAS_BIAS": bias is not None, "HAS_ZP": zp is not None,
              "PRECISE_ACC": bool(precise_acc), "TMA": bool(tma), "FLAT": flat, "SPLIT_K": split_k,
              "enable_fp_fusion": True}
@@ -922,23 +905,6 @@ def _conv_plan(x_codes, w_codes, a_scale, w_scale, bias, zp, zp_weight_sums, str
         flags["WARP_SPECIALIZE"] = True
     grid = (num_m(block_m) * _cdiv(O, block_n), split_k)
     return _ConvPlan(out_shape, _conv_fp8_kernel, grid, int_args, types.MappingProxyType(flags), ({},), flat)
-
-
-def _channel_align(channels: int) -> int:
-    """The GEMM kernel's C_ALIGN: the largest power of two dividing ``channels``, up to the deepest candidate block."""
-    return min(channels & -channels, _MAX_BLOCK_K)
-
-
-def k_loop_steps(channels: int, taps: int, block_k: int, tma: bool) -> list[tuple[int, int]]:
-    """How the GEMM kernel runs its K loop over ``taps`` × ``channels``: (steps, depth) for each part of the loop it
-    compiles. With pointer loads, where ``block_k`` does not divide the channels, the full channel blocks and then the
-    rest in steps half as deep (a second loop, which may run no step); otherwise one loop of ``block_k``-deep steps,
-    the last block of each tap padded past the channels."""
-    if tma or _channel_align(channels) >= block_k:
-        return [(taps * _cdiv(channels, block_k), block_k)]
-    rest_k = block_k // 2 if block_k >= 64 else block_k
-    full = channels // block_k
-    return [(taps * full, block_k), (taps * _cdiv(channels - full * block_k, rest_k), rest_k)]
 
 
 def _sum_shares(workspace: torch.Tensor, out: torch.Tensor) -> None:
@@ -1241,9 +1207,8 @@ def kernel_stats(compiled) -> dict:
     the tensor-core instructions in its PTX, where Hopper's wgmma reads its first operand from (``"shared"`` memory,
     or ``"registers"`` after a copy out of shared memory), and its asynchronous global→shared copies (how Triton
     pipelines the K loop: their number and vector widths in bytes; TMA copies counted apart), and how many machine
-    instructions its SASS holds (``nvdisasm``; a static count, so a loop body counts once), in all and in each
-    innermost loop around tensor-core instructions (``mma_loops``: the parts of a GEMM's K loop; none in other
-    kernels)."""
+    instructions its SASS holds (``nvdisasm``; a static count, so a loop body counts once), in all and in the
+    innermost loop around its tensor-core instructions (the K loop of a GEMM; None without one)."""
     from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
 
     ptx = compiled.asm["ptx"]
@@ -1281,7 +1246,7 @@ def kernel_stats(compiled) -> dict:
             "async_copies": len(re.findall(r"\bcp\.async\.c[ag]\b", ptx)),
             "async_copy_bytes": sorted({int(n, 0) for n in copy_widths}),
             "sass_instructions": len(instructions),
-            "mma_loops": _mma_loops(labels, instructions)}
+            "mma_loop_instructions": _mma_loop_instructions(labels, instructions)}
 
 
 def _sass(listing: str) -> tuple[dict[str, int], list[str]]:
@@ -1296,17 +1261,13 @@ def _sass(listing: str) -> tuple[dict[str, int], list[str]]:
     return labels, instructions
 
 
-def _mma_loops(labels: dict[str, int], instructions: list[str]) -> list[dict]:
-    """Each innermost loop holding tensor-core instructions (``HMMA``/``QGMMA``/…; a GEMM's K loop, or each part of
-    it, see :func:`k_loop_steps`), in program order: the instructions from its label to the branch back, and how many
-    of them are tensor-core ones. A loop ends in a predicated branch back (``@P0 BRA``); the unpredicated ones back
-    are out-of-line code (barrier waits, slow paths) returning into the middle of a loop."""
+def _mma_loop_instructions(labels: dict[str, int], instructions: list[str]) -> int | None:
+    """The instructions between a label and a branch back to it, for the shortest such loop holding a tensor-core
+    instruction (``HMMA``/``QGMMA``/…)."""
     loops = []
     for end, instruction in enumerate(instructions):
-        branch = re.search(r"^@!?U?P\w+\s+BRA\b.*`\((\.L\w+)\)", instruction)
+        branch = re.search(r"\bBRA\b.*`\((\.L\w+)\)", instruction)
         start = labels.get(branch.group(1), end + 1) if branch else end + 1
-        mma = sum(bool(re.search(r"\b[A-Z]*MMA\.", i)) for i in instructions[start:end + 1])
-        if mma:
-            loops.append((start, end + 1, mma))
-    return [{"instructions": b - a, "mma_instructions": mma} for a, b, mma in sorted(loops)
-            if not any(c >= a and d <= b and (c, d) != (a, b) for c, d, _ in loops)]
+        if start <= end and any(re.search(r"\b[A-Z]*MMA\.", i) for i in instructions[start:end + 1]):
+            loops.append(end + 1 - start)
+    return min(loops, default=None)
