@@ -878,7 +878,9 @@ def _conv_plan(x_codes, w_codes, a_scale, w_scale, bias, zp, zp_weight_sums, str
                 bias.stride(0) if bias is not None else 0, zp.stride(0) if zp is not None else 0,
                 *(zp_weight_sums.stride() if zp_weight_sums is not None else (0, 0, 0)))
     # FMA contraction only changes the epilogue's rounding (within the fp32 summation bound), so it stays on.
-    flags = {"KH": KH, "KW": KW, "PAD_H": ph, "PAD_W": pw, "C_ALIGN": min(C & -C, _MAX_BLOCK_K),
+    # C_ALIGN (see the kernel) splits compiled kernels by how channels fill blocks; TMA loads take no channel mask
+    # (their copies read zeros past C), so there it stays 0 and splits none.
+    flags = {"KH": KH, "KW": KW, "PAD_H": ph, "PAD_W": pw, "C_ALIGN": 0 if tma else min(C & -C, _MAX_BLOCK_K),
              "HAS_BIAS": bias is not None, "HAS_ZP": zp is not None,
              "PRECISE_ACC": bool(precise_acc), "TMA": bool(tma), "FLAT": flat, "SPLIT_K": split_k,
              "enable_fp_fusion": True}
