@@ -177,6 +177,19 @@ def test_kernel_compile_counts_tiles_waves_and_padded_work(monkeypatch):
     assert row["useful_mac_fraction"] == round(100 / 128, 3)
 
 
+def test_step_kernels_smoke_counts_a_narrow_unets_kernels(monkeypatch, capsys):
+    pytest.importorskip("triton")
+    monkeypatch.syspath_prepend(str(BENCHMARKS))  # it imports its sibling gpu_w4a4
+    load_script("step_kernels").main(["--batch", "1", "--channels", "32", "32", "64", "64"])
+    result = json.loads(capsys.readouterr().out)
+    steps = result["steps"]
+    assert list(steps) == ["pointers", "boxes", "rows"] and result["machine"]["versions"]["triton"]
+    # The same layers launch as many kernels however the tiles load, and many launches share a kernel.
+    assert len({s["launches"] for s in steps.values()}) == 1, steps
+    for s in steps.values():
+        assert s["errors"] == [] and 0 < s["distinct"] < s["launches"] and s["kernels"] > 0, steps
+
+
 @pytest.mark.parametrize("model", ["default", "sd15"])
 def test_sample_speed_smoke_samples_both_backends(monkeypatch, capsys, model):
     # The GPU benchmark's flow, eagerly on the CPU (its CUDA graph runs are tests/test_cuda_graphs.py's subject).

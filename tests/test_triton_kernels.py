@@ -1049,9 +1049,12 @@ def test_precompile_records_launches_instead_of_running_them(monkeypatch):
         with pytest.raises(ValueError, match="w_codes must have"):  # recording still checks the arguments
             tk.conv2d_fp8(codes, w[:, :, :, :16], torch.ones(2), torch.ones(16))
 
+    counted = tk.precompile(forward, arch=90, count_only=True)  # how many it would compile, none compiled
+    assert (counted["launches"], counted["distinct"], counted["kernels"]) == (4, 3, 2)
     report = tk.precompile(forward, arch=90, workers=0)
     assert (report["launches"], report["distinct"], report["kernels"]) == (4, 3, 2)
     assert report["errors"] == ["conv2d_fp8: ValueError: block_k must be ≥ 32 on GPUs (FP8 MMA depth), got 16"]
+    assert counted["errors"] == report["errors"]  # met before compiling
     assert all(y.shape == (2, 4, 4, 16) and y.dtype == torch.float32 and not y.any() for y in outputs)
     with pytest.raises(ValueError, match="workers must be an int ≥ 0"):
         tk.precompile(forward, arch=90, workers=-1)

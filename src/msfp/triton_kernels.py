@@ -593,8 +593,8 @@ if HAS_TRITON:
 
     # A few H100 configurations (FP8 wgmma wants BLOCK_K ≥ 32), as (BLOCK_M, BLOCK_N, BLOCK_K, num_warps,
     # num_stages); keyed on the GEMM shape. The 128-deep 4-warp tiles are there because issuing a 64-deep step of the
-    # 4-warp tiles takes 1.15–1.42× the tensor cores' time for it with fp32 accumulation (kernel_compile.py's
-    # k_step_issue_over_tensor_cycles at c5412e3), the 128-deep ones 0.59–0.90×. 64×128×128 is for TMA loads only:
+    # 4-warp tiles takes 1.02–1.39× the tensor cores' time for it with fp32 accumulation (kernel_compile.py's
+    # k_step_issue_over_tensor_cycles at 852ed68), the 128-deep ones 0.55–0.86×. 64×128×128 is for TMA loads only:
     # with pointer loads it needs all 255 registers and spills 12–16 bytes (sm_90, Triton 3.6 and 3.9).
     _TILES = ((128, 128, 64, 8, 3), (128, 128, 128, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
               (128, 64, 128, 4, 4))
@@ -1129,7 +1129,7 @@ def _compile_pool(workers: int) -> ProcessPoolExecutor:
     return _compile_pools[workers]
 
 
-def precompile(fn, *, arch: int | None = None, workers: int | None = None) -> dict:
+def precompile(fn, *, arch: int | None = None, workers: int | None = None, count_only: bool = False) -> dict:
     """Compile every kernel that ``fn()`` launches, in parallel processes, into Triton's cache, where the launches
     then find them. Without it a model compiles its kernels one by one at their first launches (each takes a CPU
     core for about a second; an autotuned launch compiles every candidate).
@@ -1141,7 +1141,8 @@ def precompile(fn, *, arch: int | None = None, workers: int | None = None) -> di
     processes (default: one per CPU; 0 compiles in this process). The processes are started once and kept; as with
     any use of multiprocessing, a script calling this needs an ``if __name__ == "__main__":`` guard. Returns the
     number of ``launches`` recorded, ``distinct`` ones, ``kernels`` compiled, ``seconds`` and the ``errors`` met (as
-    the launches will meet them again).
+    the launches will meet them again). With ``count_only`` it compiles nothing: ``kernels`` is how many it would
+    compile, and only errors met before compiling are reported.
     """
     if arch is None:
         if not torch.cuda.is_available():
@@ -1170,7 +1171,9 @@ def precompile(fn, *, arch: int | None = None, workers: int | None = None) -> di
             continue
         for index, (_, source, options) in enumerate(sources):
             jobs.setdefault((source.hash(), options.hash()), (launch, index, arch))
-    if workers:
+    if count_only:
+        results = [None] * len(jobs)
+    elif workers:
         try:
             results = list(_compile_pool(workers).map(_compile_recorded, jobs.values()))
         except BrokenProcessPool:  # a worker died (out of memory, say): the next call starts a new pool
