@@ -87,6 +87,23 @@ def sd15_unet(sample_size: int = 64, channels=(320, 640, 1280, 1280), cross_atte
                                 attention_head_dim=8).eval()
 
 
+def w4a4_config() -> msfp.QuantConfig:
+    """The MSFP W4A4 preset with the 8-bit edge layers (first/last conv, timestep MLP) kept in full precision, so that
+    only the W4A4 layers differ from BF16."""
+    config = msfp.QuantConfig.preset("w4a4-msfp")
+    config.eight_bit_layers, config.full_precision_layers = [], ["@first", "@last", "@time_embedding"]
+    return config
+
+
+def w4a4_quantized(fp: torch.nn.Module, max_samples: int = 1 << 14) -> torch.nn.Module:
+    """``fp`` quantized with :func:`w4a4_config`, its weight quantizers initialized (realistic weight codes; the
+    activation scales stay at their placeholder, uncalibrated)."""
+    q = msfp.quantize(fp, w4a4_config())
+    for layer in quant_layers(q).values():
+        layer.weight_quantizer.initialize(layer.weight.detach().float(), max_samples=max_samples)
+    return q
+
+
 def timed_ms(fn, iters: int, device) -> float:
     """Median of ``iters`` timed calls (CUDA events on a GPU), after warm-up calls (autotuning happens there)."""
     for _ in range(3):
@@ -397,12 +414,8 @@ def denoiser_row(name: str, fp: torch.nn.Module, cond: dict, batch: int, variant
     """One step of ``fp`` at ``batch`` in BF16 and with its 4-bit layers on the FP8 path in each of ``variants``
     (labels of STEP_VARIANTS, "fp8_w4a4" first): times, memory, speed-ups, and the distance from the emulation."""
     device = timer.device
-    config = msfp.QuantConfig.preset("w4a4-msfp")
-    config.eight_bit_layers, config.full_precision_layers = [], ["@first", "@last", "@time_embedding"]
     bf16 = copy.deepcopy(fp).to(device, torch.bfloat16).to(memory_format=torch.channels_last)
-    q = msfp.quantize(copy.deepcopy(fp).to(device, torch.bfloat16).to(memory_format=torch.channels_last), config)
-    for layer in quant_layers(q).values():  # realistic weight codes; activation scales stay at their placeholder
-        layer.weight_quantizer.initialize(layer.weight.detach().float(), max_samples=1 << 14)
+    q = w4a4_quantized(copy.deepcopy(fp).to(device, torch.bfloat16).to(memory_format=torch.channels_last))
     models, kept = {"bf16": bf16}, {}
     for label in variants:
         models[label] = copy.deepcopy(q)

@@ -25,7 +25,7 @@ import torch
 from diffusers import DDIMScheduler
 
 import msfp
-from gpu_w4a4 import sd15_unet  # the script's own directory is on sys.path
+from gpu_w4a4 import sd15_unet, w4a4_config  # the script's own directory is on sys.path
 from msfp.cuda_graphs import GraphedDenoiser
 from msfp.environment import machine_info
 from msfp.fp8 import convert_to_fp8
@@ -34,9 +34,7 @@ from msfp.talora import add_talora
 
 
 def routed_w4a4(fp: torch.nn.Module, loras: int, device, dtype) -> torch.nn.Module:
-    config = msfp.QuantConfig.preset("w4a4-msfp")
-    config.eight_bit_layers, config.full_precision_layers = [], ["@first", "@last", "@time_embedding"]
-    q = msfp.quantize(copy.deepcopy(fp).to(device, dtype), config)
+    q = msfp.quantize(copy.deepcopy(fp).to(device, dtype), w4a4_config())
     add_talora(q, num_loras=loras, rank=4)
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():

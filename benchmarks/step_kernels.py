@@ -20,24 +20,12 @@ import sys
 
 import torch
 
-import msfp
-from gpu_w4a4 import sd15_unet
+from gpu_w4a4 import sd15_unet, w4a4_quantized  # the script's own directory is on sys.path
 from msfp import triton_kernels
 from msfp.environment import machine_info
 from msfp.fp8 import Fp8Layer, convert_to_fp8
-from msfp.surgery import quant_layers
 
 LOADS = {"pointers": None, "boxes": "boxes", "rows": "rows"}
-
-
-def quantized_unet(channels: tuple[int, ...]) -> torch.nn.Module:
-    fp = sd15_unet(channels=channels)
-    config = msfp.QuantConfig.preset("w4a4-msfp")
-    config.eight_bit_layers, config.full_precision_layers = [], ["@first", "@last", "@time_embedding"]
-    q = msfp.quantize(fp, config)
-    for layer in quant_layers(q).values():  # weight codes as in gpu_w4a4.py; which kernels launch does not depend on them
-        layer.weight_quantizer.initialize(layer.weight.detach().float(), max_samples=1 << 10)
-    return q
 
 
 def count_step(q: torch.nn.Module, tma: str | None, batch: int, arch: int) -> dict:
@@ -74,7 +62,8 @@ def main(argv=None) -> None:
         print(json.dumps(result, indent=1))
         return
     result["machine"]["versions"]["triton"] = triton_kernels.triton.__version__
-    q = quantized_unet(tuple(args.channels))
+    # Fewer samples for the weights' format search than gpu_w4a4.py: which kernels launch does not depend on the codes.
+    q = w4a4_quantized(sd15_unet(channels=tuple(args.channels)), max_samples=1 << 10)
     result["steps"] = {name: count_step(q, LOADS[name], args.batch, args.arch) for name in args.loads}
     print(json.dumps(result, indent=1))
 
