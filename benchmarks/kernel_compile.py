@@ -44,6 +44,11 @@ FP8_MACS_PER_SM_CYCLE = {90: 4096}
 SMS = {90: 132}  # H100 SXM and H200, the GPUs gpu_w4a4.py has run on
 
 
+def k_steps(taps: int, channels: int, block_k: int) -> int:
+    """The GEMM kernel's K steps over ``taps`` × ``channels``: each tap's channels in whole ``block_k`` blocks."""
+    return taps * -(-channels // block_k)
+
+
 def with_issue_ratios(row: dict, arch: int, taps: int, channels: int) -> dict:
     """``row`` (a GEMM over ``taps`` × ``channels`` of K) with its instructions set against its tensor-core work. An SM
     sub-partition issues one instruction a cycle, and each of its num_warps/4 warps runs the K loop's body once a step
@@ -58,10 +63,10 @@ def with_issue_ratios(row: dict, arch: int, taps: int, channels: int) -> dict:
         return row
     warps = row["num_warps"] / 4
     step_cycles = config["BLOCK_M"] * config["BLOCK_N"] * config["BLOCK_K"] / FP8_MACS_PER_SM_CYCLE[arch]
-    k_steps = taps * -(-channels // config["BLOCK_K"])
-    tile = row["sass_instructions"] + (k_steps - 1) * loop
+    steps = k_steps(taps, channels, config["BLOCK_K"])
+    tile = row["sass_instructions"] + (steps - 1) * loop
     return dict(row, k_step_issue_over_tensor_cycles=round(loop * warps / step_cycles, 2),
-                tile_issue_over_tensor_cycles=round(tile * warps / (k_steps * step_cycles), 2))
+                tile_issue_over_tensor_cycles=round(tile * warps / (steps * step_cycles), 2))
 
 
 def with_tiles(row: dict, launch, arch: int, macs: int, taps: int, channels: int) -> dict:
@@ -74,7 +79,7 @@ def with_tiles(row: dict, launch, arch: int, macs: int, taps: int, channels: int
     blocks = {**launch.flags, **row["config"]}
     output_tiles, shares = launch.grid(blocks) if callable(launch.grid) else launch.grid
     computed = (output_tiles * blocks["BLOCK_M"] * blocks["BLOCK_N"]
-                * taps * -(-channels // blocks["BLOCK_K"]) * blocks["BLOCK_K"])
+                * k_steps(taps, channels, blocks["BLOCK_K"]) * blocks["BLOCK_K"])
     row = dict(row, tiles=output_tiles * shares, useful_mac_fraction=round(macs / computed, 3))
     if arch in SMS and row["ctas_per_sm"]:
         row["waves"] = round(output_tiles * shares / (SMS[arch] * row["ctas_per_sm"]), 2)
