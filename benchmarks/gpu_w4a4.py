@@ -173,7 +173,7 @@ class Timer:
 
 
 def _gemm_autotuners() -> list:
-    return [triton_kernels._conv_fp8_tuned, triton_kernels._conv_fp8_tma_tuned] if triton_kernels.HAS_TRITON else []
+    return [*triton_kernels._conv_fp8_tuned.values(), triton_kernels._conv_fp8_tma_tuned] if triton_kernels.HAS_TRITON else []
 
 
 def rates(flops: float, timing: dict, peak: float | None) -> dict:

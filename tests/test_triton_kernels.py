@@ -679,7 +679,7 @@ def test_gemm_kernels_compile_for_hopper_fp8_tensor_cores():
     compiled += tk.compile_ahead(tk.linear_fp8, fp8_zeros(256, 320), fp8_zeros(1280, 320), torch.ones(256),
                                  torch.ones(1280), torch.zeros(1280), block_m=128, block_n=128, block_k=64,
                                  num_warps=8, num_stages=3)
-    assert len(compiled) == len(tk._conv_fp8_tuned.configs) + 1
+    assert len(compiled) == len(tk._conv_fp8_tuned[64].configs) + 1  # 320 channels fill 64-deep blocks
     for config, kernel in compiled:
         stats = tk.kernel_stats(kernel)
         assert stats["arch"] == "sm_90"
@@ -1002,13 +1002,14 @@ def test_benchmark_timer_reports_the_autotuners_new_choices(monkeypatch, gpu_w4a
     # The autotuner runs on GPUs only, so its choice is stood in for: a configuration cached under a new key while
     # a call is timed is reported with that timing (and by rates(), with the row), ones cached before are not.
     timer = gpu_w4a4.Timer(torch.device(DEV), iters=1, cuda_graphs=False)
-    old, new = tk._conv_fp8_tuned.configs[:2]
-    monkeypatch.setattr(tk._conv_fp8_tuned, "cache", {("seen",): old})
-    timing = timer(lambda: tk._conv_fp8_tuned.cache.setdefault(("new",), new))
+    tuner = tk._conv_fp8_tuned[128]
+    old, new = tuner.configs[:2]
+    monkeypatch.setattr(tuner, "cache", {("seen",): old})
+    timing = timer(lambda: tuner.cache.setdefault(("new",), new))
     assert timing["autotuned"] == [{**new.kwargs, "num_warps": new.num_warps, "num_stages": new.num_stages,
                                     "num_ctas": 1}]
     assert gpu_w4a4.rates(1e9, timing, None)["autotuned"] == timing["autotuned"]
-    assert "autotuned" not in timer(lambda: tk._conv_fp8_tuned.cache.setdefault(("new",), old))
+    assert "autotuned" not in timer(lambda: tuner.cache.setdefault(("new",), old))
 
 
 def test_launches_read_the_kernels_compiled_ahead(tmp_path):
@@ -1024,7 +1025,7 @@ def test_launches_read_the_kernels_compiled_ahead(tmp_path):
     result = json.loads(done.stdout)
     precompiled = result["precompiled"]
     # 5 launches, the autotuned convolution with one kernel per candidate
-    candidates = len(tk._conv_fp8_tuned.configs)
+    candidates = len(tk._TILES)
     assert precompiled["distinct"] == 5 and precompiled["kernels"] == 4 + candidates and precompiled["errors"] == []
     assert result["control"] == 1  # a launch unlike any compiled ahead compiles, and the check sees it
     assert result["added"] == {name: 0 for name in result["added"]} and len(result["added"]) == 5
@@ -1035,6 +1036,26 @@ def test_launches_read_the_kernels_compiled_ahead(tmp_path):
     # Triton's dispatch of the same launch gives it; a launch unlike an earlier one only in its input's alignment
     # gets a kernel of its own.
     assert result["direct"] == dict.fromkeys([*result["added"], "misaligned", "misaligned_own_kernel"], True)
+
+
+def test_autotuned_candidates_mask_channels_only_where_blocks_are_ragged():
+    # Each pointer-load candidate masks channels exactly where its BLOCK_K does not divide C (the kernel skips the
+    # mask otherwise, which test_channel_blocks_full_or_ragged_match_float64 checks), and a candidate compiles to one
+    # kernel whatever C: 64-deep blocks need no mask at 640 or 320 channels, 128-deep ones at 640 only.
+    channels = (640, 320, 48)
+
+    def conv_args(C):
+        return fp8_zeros(2, 4, 4, C), fp8_zeros(16, 3, 3, C), torch.ones(2), torch.ones(16)
+
+    for C in channels:
+        configs = tk._prepare("conv2d_fp8", *conv_args(C), padding=1).configs
+        assert {config["BLOCK_K"] for config in configs} == {64, 128}
+        assert [config["CHANNEL_MASK"] for config in configs] == [C % config["BLOCK_K"] != 0 for config in configs]
+    counted = tk.precompile(lambda: [tk.conv2d_fp8(*conv_args(C), padding=1) for C in channels], arch=90,
+                            count_only=True)
+    depths = [tile[2] for tile in tk._TILES]
+    # 640: every candidate unmasked; 320: the 128-deep ones masked; 48: the 64-deep ones masked too
+    assert counted["kernels"] == len(depths) + depths.count(128) + depths.count(64)
 
 
 def test_precompile_records_launches_instead_of_running_them(monkeypatch):

@@ -412,7 +412,7 @@ if HAS_TRITON:
                          stride_h, stride_w, dil_h, dil_w,
                          sxb, sxh, sxw, sxc, swo, swh, sww, swc, s_as, s_ws, s_bias, s_zp, sso, ssh, ssw,
                          KH: tl.constexpr, KW: tl.constexpr, PAD_H: tl.constexpr, PAD_W: tl.constexpr,
-                         C_ALIGN: tl.constexpr,
+                         CHANNEL_MASK: tl.constexpr,
                          HAS_BIAS: tl.constexpr, HAS_ZP: tl.constexpr, PRECISE_ACC: tl.constexpr, TMA: tl.constexpr,
                          FLAT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                          GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr = 1, WARP_SPECIALIZE: tl.constexpr = False):
@@ -477,9 +477,8 @@ if HAS_TRITON:
         else:
             offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
             offs_k = tl.arange(0, BLOCK_K)
-            # With C a multiple of BLOCK_K (C_ALIGN: the largest power of two dividing C, up to the deepest
-            # candidate's BLOCK_K) every channel block is full, and the loads need no channel mask either.
-            CHANNEL_MASK: tl.constexpr = C_ALIGN < BLOCK_K
+            # CHANNEL_MASK is False where BLOCK_K divides C: every channel block is full, and the loads need no
+            # channel mask either.
             m_ok = offs_m < B * OH * OW
             # Rows past the end stand in for the last row (their results are not stored), so the loads need no row
             # mask: a linear's K loop then tests nothing per row.
@@ -599,19 +598,24 @@ if HAS_TRITON:
     _TILES = ((128, 128, 64, 8, 3), (128, 128, 128, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
               (128, 64, 128, 4, 4))
     _TMA_ONLY_TILES = ((64, 128, 128, 4, 4),)
-    # The kernel's C_ALIGN goes no higher: beyond the deepest candidate's BLOCK_K it would only split launches (and
-    # compiled kernels) that run the same code.
-    _MAX_BLOCK_K = max(tile[2] for tile in _TILES + _TMA_ONLY_TILES)
+    _DEPTHS = sorted({tile[2] for tile in _TILES})
 
-    def _config(tile: tuple, **options) -> triton.Config:
+    def _config(tile: tuple, channel_mask: bool, **options) -> triton.Config:
         block_m, block_n, block_k, num_warps, num_stages = tile
-        return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": 8},
-                             num_warps=num_warps, num_stages=num_stages, **options)
+        return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": 8,
+                              "CHANNEL_MASK": channel_mask}, num_warps=num_warps, num_stages=num_stages, **options)
 
-    _conv_fp8_tuned = triton.autotune(
-        configs=[_config(tile) for tile in _TILES],
-        key=["B", "H", "W", "C", "O", "KH", "KW", "stride_h", "stride_w", "PRECISE_ACC"],
-    )(_conv_fp8_kernel)
+    # With pointer loads, one autotuner per depth that channel blocks fill exactly (see _full_depth), whose candidates
+    # mask channels only where they are deeper. Each candidate is then one compiled kernel whatever C: where the
+    # kernel derived the mask from C's alignment, the 64-deep candidates compiled twice, for channels that are
+    # multiples of 128 and of only 64.
+    def _pointer_autotuner(depth: int):
+        return triton.autotune(
+            configs=[_config(tile, channel_mask=tile[2] > depth) for tile in _TILES],
+            key=["B", "H", "W", "C", "O", "KH", "KW", "stride_h", "stride_w", "PRECISE_ACC"],
+        )(_conv_fp8_kernel)
+
+    _conv_fp8_tuned = {depth: _pointer_autotuner(depth) for depth in (0, *_DEPTHS)}
 
     def _set_tma_blocks(nargs: dict) -> None:
         # The autotuner's pre-launch hook: the descriptors' block shapes follow the configuration being run.
@@ -621,9 +625,16 @@ if HAS_TRITON:
     # The same tiles fed by TMA copies. (256×128 tiles fit 3×3 convolutions' registers without the pointer loads'
     # address arithmetic, but spill 96–116 bytes on linears on sm_90; conv_tiles.py times them.)
     _conv_fp8_tma_tuned = triton.autotune(
-        configs=[_config(tile, pre_hook=_set_tma_blocks) for tile in _TILES + _TMA_ONLY_TILES],
+        # TMA copies read zeros past C, so these never mask channels.
+        configs=[_config(tile, channel_mask=False, pre_hook=_set_tma_blocks) for tile in _TILES + _TMA_ONLY_TILES],
         key=["B", "H", "W", "C", "O", "KH", "KW", "PRECISE_ACC"],
     )(_conv_fp8_kernel)
+
+
+def _full_depth(C: int) -> int:
+    """The deepest pointer-load candidate BLOCK_K that divides ``C`` channels (0 for none): which autotuner's
+    candidates mask channels."""
+    return max((depth for depth in _DEPTHS if C % depth == 0), default=0)
 
 
 def _tma_tile(OH: int, OW: int, block_m: int) -> tuple[int, int, int]:
@@ -878,10 +889,7 @@ def _conv_plan(x_codes, w_codes, a_scale, w_scale, bias, zp, zp_weight_sums, str
                 bias.stride(0) if bias is not None else 0, zp.stride(0) if zp is not None else 0,
                 *(zp_weight_sums.stride() if zp_weight_sums is not None else (0, 0, 0)))
     # FMA contraction only changes the epilogue's rounding (within the fp32 summation bound), so it stays on.
-    # C_ALIGN (see the kernel) splits compiled kernels by how channels fill blocks; TMA loads take no channel mask
-    # (their copies read zeros past C), so there it stays 0 and splits none.
-    flags = {"KH": KH, "KW": KW, "PAD_H": ph, "PAD_W": pw, "C_ALIGN": 0 if tma else min(C & -C, _MAX_BLOCK_K),
-             "HAS_BIAS": bias is not None, "HAS_ZP": zp is not None,
+    flags = {"KH": KH, "KW": KW, "PAD_H": ph, "PAD_W": pw, "HAS_BIAS": bias is not None, "HAS_ZP": zp is not None,
              "PRECISE_ACC": bool(precise_acc), "TMA": bool(tma), "FLAT": flat, "SPLIT_K": split_k,
              "enable_fp_fusion": True}
     M = B * OH * OW
@@ -895,12 +903,13 @@ def _conv_plan(x_codes, w_codes, a_scale, w_scale, bias, zp, zp_weight_sums, str
         return _cdiv(B, bb) * _cdiv(OH, bh) * _cdiv(OW, bw)
 
     if block_m is None:
-        tuned = _conv_fp8_tma_tuned if tma else _conv_fp8_tuned
+        tuned = _conv_fp8_tma_tuned if tma else _conv_fp8_tuned[_full_depth(C)]
         grid = lambda meta: (num_m(meta["BLOCK_M"]) * _cdiv(O, meta["BLOCK_N"]), split_k)  # noqa: E731
         configs = tuple({**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages} for c in tuned.configs)
         return _ConvPlan(out_shape, tuned, grid, int_args, types.MappingProxyType(flags), configs, flat)
-    flags.update(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8, num_warps=num_warps,
-                 num_stages=num_stages)
+    # TMA copies read zeros past C: no channel mask.
+    flags.update(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8,
+                 CHANNEL_MASK=not tma and C % block_k != 0, num_warps=num_warps, num_stages=num_stages)
     if maxnreg is not None:
         flags["maxnreg"] = maxnreg
     if warp_specialize:  # only then: other launches keep the flags (and compiled kernels) they had
