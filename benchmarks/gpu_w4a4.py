@@ -173,7 +173,9 @@ class Timer:
 
 
 def _gemm_autotuners() -> list:
-    return [*triton_kernels._conv_fp8_tuned.values(), triton_kernels._conv_fp8_tma_tuned] if triton_kernels.HAS_TRITON else []
+    if not triton_kernels.HAS_TRITON:
+        return []
+    return [*triton_kernels._conv_fp8_tuned.values(), triton_kernels._conv_fp8_tma_tuned]
 
 
 def rates(flops: float, timing: dict, peak: float | None) -> dict:
