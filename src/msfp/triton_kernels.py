@@ -477,8 +477,6 @@ if HAS_TRITON:
         else:
             offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
             offs_k = tl.arange(0, BLOCK_K)
-            # CHANNEL_MASK is False where BLOCK_K divides C: every channel block is full, and the loads need no
-            # channel mask either.
             m_ok = offs_m < B * OH * OW
             # Rows past the end stand in for the last row (their results are not stored), so the loads need no row
             # mask: a linear's K loop then tests nothing per row.
@@ -544,6 +542,7 @@ if HAS_TRITON:
                     inside = (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
                 a_ptrs = x_row[:, None] + (kh * dil_h * sxh + kw * dil_w * sxw) + c[None, :] * sxc
                 w_ptrs = w_col[None, :] + (kh * swh + kw * sww) + c[:, None] * swc
+                # CHANNEL_MASK is False where BLOCK_K divides C: every channel block is full.
                 if CHANNEL_MASK:
                     c_ok = c < C
                     a = tl.load(a_ptrs, mask=inside[:, None] & c_ok[None, :], other=0.0)
