@@ -46,7 +46,7 @@ SMS = {90: 132}  # H100 SXM and H200, the GPUs gpu_w4a4.py has run on
 
 def k_steps(taps: int, channels: int, block_k: int) -> int:
     """The GEMM kernel's K steps over ``taps`` × ``channels``: each tap's channels in whole ``block_k`` blocks."""
-    return taps * -(-channels // block_k)
+    return taps * tk._cdiv(channels, block_k)
 
 
 def with_issue_ratios(row: dict, arch: int, taps: int, channels: int) -> dict:
@@ -159,20 +159,21 @@ def layer_rows(arch: int, batch: int, refused: dict) -> list[dict]:
     return rows
 
 
+RANGE_FIELDS = ("k_step_issue_over_tensor_cycles", "tile_issue_over_tensor_cycles", "useful_mac_fraction")
+
+
 def summary(rows: list[dict]) -> dict:
     gemms = [r for r in rows if r["kernel"] != "act_codes"]
     act = [r["sass_instructions_per_element"] for r in rows if r["kernel"] == "act_codes"]
-    ratios, tile_ratios, useful = {}, {}, {}
+    ranges = {field: {} for field in RANGE_FIELDS}
     for r in gemms:
-        if "k_step_issue_over_tensor_cycles" in r:
-            ratios.setdefault(r["kernel"], []).append(r["k_step_issue_over_tensor_cycles"])
-            tile_ratios.setdefault(r["kernel"], []).append(r["tile_issue_over_tensor_cycles"])
-        useful.setdefault(r["kernel"], []).append(r["useful_mac_fraction"])
+        for field in RANGE_FIELDS:
+            if field in r:  # no issue ratios for fixed-block (warp-specialized) kernels
+                ranges[field].setdefault(r["kernel"], []).append(r[field])
     return dict(compiled=len(rows), with_spills=sum(r["spill_store_bytes"] > 0 for r in rows),
                 act_codes_sass_instructions_per_element=[min(act), max(act)],
-                k_step_issue_over_tensor_cycles={kernel: [min(v), max(v)] for kernel, v in sorted(ratios.items())},
-                tile_issue_over_tensor_cycles={kernel: [min(v), max(v)] for kernel, v in sorted(tile_ratios.items())},
-                useful_mac_fraction={kernel: [min(v), max(v)] for kernel, v in sorted(useful.items())},
+                **{field: {kernel: [min(v), max(v)] for kernel, v in sorted(by_kernel.items())}
+                   for field, by_kernel in ranges.items()},
                 max_registers=max(r["registers"] for r in rows), max_shared_bytes=max(r["shared_bytes"] for r in rows),
                 gemm_mma_instructions=sorted({i for r in gemms for i in r["mma_instructions"]}),
                 gemms_by_ctas_per_sm={n: sum(r["ctas_per_sm"] == n for r in gemms)
