@@ -6,17 +6,18 @@
 # STEPs (default: all, in this order): tests (the CUDA/Triton tests), w4a4 (benchmarks/gpu_w4a4.py), tiles
 # (benchmarks/conv_tiles.py, the FP8 convolution's block-size sweep), finetune
 # (benchmarks/finetune_step.py at batch 16 and 128, 30 timed steps), fake_quant (benchmarks/fake_quant.py), sample
-# (benchmarks/sample_speed.py: sampling eager and from CUDA graphs, default model and SD-1.5-like). Each
+# (benchmarks/sample_speed.py: sampling eager and from CUDA graphs, default model and SD-1.5-like), quality
+# (benchmarks/fp8_quality.py: the FP8 kernels' samples against fake-quant's on the default model). Each
 # benchmark's JSON goes to OUTDIR/<step>.json, everything else (machine, versions, pytest output, stderr) to
-# OUTDIR/log: eight files at most.
+# OUTDIR/log: nine files at most.
 # A failing step does not stop the others; the exit status is 1 if any failed. PYTHON picks the interpreter;
 # STEP_TIMEOUT (seconds, default none) stops a step that runs longer, so one slow step cannot use up a short lease;
 # TEST_TIMEOUT (default 150) stops a single test (with pytest-timeout installed).
 set -uo pipefail
-out=${1:?usage: bash benchmarks/gpu_suite.sh OUTDIR [tests|w4a4|tiles|finetune|fake_quant|sample ...]}
+out=${1:?usage: bash benchmarks/gpu_suite.sh OUTDIR [tests|w4a4|tiles|finetune|fake_quant|sample|quality ...]}
 shift
 steps=("$@")
-[ ${#steps[@]} -gt 0 ] || steps=(tests w4a4 tiles finetune fake_quant sample)
+[ ${#steps[@]} -gt 0 ] || steps=(tests w4a4 tiles finetune fake_quant sample quality)
 python=${PYTHON:-python3}
 mkdir -p "$out"
 log=$out/log
@@ -85,7 +86,9 @@ for step in "${steps[@]}"; do
         sample)
             run_step sample "$out/sample.json" "$python" benchmarks/sample_speed.py
             run_step sample_sd15 "$out/sample_sd15.json" "$python" benchmarks/sample_speed.py --model sd15 ;;
-        *) echo "gpu_suite.sh: unknown step '$step' (tests, w4a4, tiles, finetune, fake_quant, sample)" | tee -a "$log"; failed+=("$step") ;;
+        # Its sample files and calibration cache stay outside OUTDIR, which comes back from a lent GPU machine.
+        quality) run_step quality "$out/quality.json" "$python" benchmarks/fp8_quality.py --out "$(mktemp -d)" ;;
+        *) echo "gpu_suite.sh: unknown step '$step' (tests, w4a4, tiles, finetune, fake_quant, sample, quality)" | tee -a "$log"; failed+=("$step") ;;
     esac
 done
 if [ ${#failed[@]} -gt 0 ]; then

@@ -7,7 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+
+from msfp.compare import CompareSettings, run_compare
 
 BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
 
@@ -41,6 +44,31 @@ def test_ablation_writes_table_and_paired_differences(tmp_path, capsys):
     table = (out / "results.md").read_text()
     assert "| w4a4-msfp+lora-mse | w4a4-msfp |" in table and f"{difference['fd_difference']:+.1f}" in table
     assert (out / "results.json").is_file() and (out / "index.html").is_file()
+
+
+def test_fp8_quality_compares_both_backends_and_the_batch_control_with_compare_rows(tmp_path, capsys):
+    out = tmp_path / "fp8_quality"
+    settings = ["--num", "6", "--steps", "2", "--calib-samples", "3", "--calib-steps", "2", "--batch", "4"]
+    load_script("fp8_quality").main(["--methods", "w4a4-msfp", "--out", str(out), *settings])
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == json.loads((out / "results.json").read_text())
+    assert printed["fp8_kernels"]["used"] is False  # no GPU here: the emulated path
+    row = printed["methods"]["w4a4-msfp"]
+    # Only the 8-bit edge layers stay fake-quant (their INT8/UINT8 grids are not E4M3 values).
+    assert set(row["fp8"]["fake_quant_layers"]) == {"conv_in", "conv_out", "time_embedding.linear_1",
+                                                   "time_embedding.linear_2"}
+    for label, versus in (("fp8", "fp8_vs_fake_quant"), ("fake_quant_control_batch", "control_batch_vs_fake_quant")):
+        diff = row[versus]
+        assert diff["fd_difference"] == pytest.approx(row[label]["metrics"]["fd"] - row["fake_quant"]["metrics"]["fd"])
+        lo, hi = diff["fd_difference_interval"]
+        assert lo <= hi and 0 <= diff["identical_pixels"] <= 1 and 0 <= diff["max_abs_diff"] <= 255
+        # Flipped roundings change some pixels, but the sets stay far closer to each other than to full precision.
+        assert diff["psnr"] > row["fake_quant"]["metrics"]["psnr"]
+    # The fake-quant run is compare's row: same build, seeds and sampling settings give the same images.
+    run_compare(CompareSettings(num_samples=6, steps=2, calib_samples=3, calib_steps=2, heldout_samples=2,
+                                batch_size=4), ["fp", "w4a4-msfp"], tmp_path / "compare", disable=True)
+    same = [np.load(d / "samples" / "w4a4-msfp.npz")["arr_0"] for d in (out, tmp_path / "compare")]
+    assert np.array_equal(*same)
 
 
 def test_gpu_w4a4_smoke_runs_every_layer_and_denoiser_on_the_fp8_path(capsys):

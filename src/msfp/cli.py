@@ -115,7 +115,8 @@ def _load_any_model(spec: str, backend: str = "fake"):
 @click.option("--seed", default=0, help="image i is drawn with a generator seeded with seed + i")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="sample file (.npz); a PNG grid of the "
               "first 64 images goes beside it")
-@click.option("--batch", default=64, help="images per denoiser call (does not change the images)")
+@click.option("--batch", default=64, help="images per denoiser call (same noise per image whatever it is; a "
+              "quantized model's images can still change slightly with it: README, 'Same seeds, same images?')")
 @click.option("--device", default=None, help="default: cuda if available (one GPU per rank under torchrun), else cpu")
 @click.option("--backend", type=click.Choice(BACKENDS), default="fake", show_default=True,
               help="quantized models: fake-quant reference, or W4A4 on FP8 codes (Triton kernels on FP8 GPUs, "

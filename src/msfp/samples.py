@@ -25,7 +25,7 @@ from msfp.cuda_graphs import GraphedDenoiser
 from msfp.fileio import atomic_path
 from msfp.sampling import sample, save_grid
 
-# Schedulers whose ``step`` takes the per-sample generators that make sampling batch-size invariant.
+# Schedulers whose ``step`` takes the per-sample generators that make sampling noise batch-size invariant.
 SCHEDULERS = {
     "ddim": "DDIMScheduler",
     "ddpm": "DDPMScheduler",
