@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import shlex
 import sys
 from pathlib import Path
@@ -77,7 +76,13 @@ def main(argv=None) -> None:
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--out", default="runs/fp8_quality")
     args = p.parse_args(argv)
-    methods = parse_methods(args.methods)[1:]  # the full-precision samples are drawn anyway, for PSNR vs fp
+    try:
+        methods = parse_methods(args.methods)[1:]  # the full-precision samples are drawn anyway, for PSNR vs fp
+    except ValueError as e:
+        p.error(f"--methods: {e}")
+    if args.control_batch == args.batch:
+        p.error(f"--control-batch must differ from --batch ({args.batch}): the control measures what the batch size "
+                "changes")
     if not methods or any(name not in MSFP_METHODS for name in methods):
         p.error(f"--methods: msfp methods only (the FP8 backend converts msfp's quantized layers); got "
                 f"{args.methods!r}, valid: {', '.join(MSFP_METHODS)}")
@@ -127,7 +132,7 @@ def main(argv=None) -> None:
                   fp8_kernels=dict(zip(("used", "detail"), fp8_kernels_available(device))),
                   reference=reference.name, methods=results)
     write_json(out / "results.json", result)
-    print(json.dumps(result, indent=2))
+    print((out / "results.json").read_text(), end="")  # strict JSON: a PSNR of identical sets (inf) becomes null
 
 
 if __name__ == "__main__":

@@ -71,6 +71,17 @@ def test_fp8_quality_compares_both_backends_and_the_batch_control_with_compare_r
     assert np.array_equal(*same)
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--methods", "torchao-mxfp4"], "msfp methods only"),
+    (["--methods", "w4a4-msfp,nonsense"], "unknown method(s) 'nonsense'"),
+    (["--batch", "8", "--control-batch", "8"], "--control-batch must differ from --batch (8)"),
+])
+def test_fp8_quality_refuses_what_it_cannot_measure(args, message, capsys):
+    with pytest.raises(SystemExit):
+        load_script("fp8_quality").main(args)
+    assert message in capsys.readouterr().err
+
+
 def test_gpu_w4a4_smoke_runs_every_layer_and_denoiser_on_the_fp8_path(capsys):
     # The GPU benchmark's whole flow on the emulated path, so a GPU session does not find it broken (timings unused).
     load_script("gpu_w4a4").main(["--smoke"])
