@@ -359,6 +359,8 @@ def test_cli_quantize_and_info(tmp_path):
                                   "--out", str(tmp_path / "q"), "--calib-samples", "4", "--calib-steps", "2"])
     assert result.exit_code == 0, result.output
     assert "down_blocks.0.resnets.0.conv1" in result.output and "yes (structural)" in result.output
+    # Calibrated away from msfp sample's seeds (0.. by default), as msfp compare does.
+    assert "calibration: 8 points from the trajectories of seeds 10000..10003;" in result.output
     info = runner.invoke(main, ["info", str(tmp_path / "q")])
     assert info.exit_code == 0, info.output
     assert "weights at 4 bits:" in info.output and "FLOPs at 4 bits:" in info.output

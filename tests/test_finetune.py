@@ -201,7 +201,9 @@ def test_cli_quantize_then_finetune_with_time_budget_and_resume(tmp_path):
     assert (q / "model.safetensors").read_bytes() == before  # unchanged until the run completes
     r = run(*args, "--resume")
     assert r.exit_code == 0 and "fine-tuned 4 iterations" in r.output and "router: t 0–" in r.output, r.output
-    assert msfp.checkpoint.read_quant_meta(q)["scheduler_config"]["num_train_timesteps"] == 1000  # kept for sampling
+    meta = msfp.checkpoint.read_quant_meta(q)
+    assert meta["scheduler_config"]["num_train_timesteps"] == 1000  # kept for sampling
+    assert meta["finetune"]["seed"] == 10_000  # teacher trajectories away from msfp sample's seeds, as in msfp compare
     r = run(*args)
     assert r.exit_code == 1 and "already fine-tuned" in r.output
     r = run("finetune", tmp_path / "model", "--model", tmp_path / "model")

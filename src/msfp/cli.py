@@ -43,7 +43,8 @@ def _default_device() -> str:
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="output directory")
 @click.option("--calib-samples", default=64, help="trajectories (images) sampled for calibration")
 @click.option("--calib-steps", default=25, help="DDIM steps per calibration trajectory")
-@click.option("--seed", default=0)
+@click.option("--seed", default=0, help="calibration trajectory i starts from noise seed + 10000 + i, as in msfp "
+              "compare: not from the noise of the images msfp sample --seed draws (seed + i)")
 @click.option("--batch", default=64)
 @click.option("--cache-dir", default=None, type=click.Path(file_okay=False),
               help="reuse calibration trajectories and layer inputs across runs")
@@ -52,6 +53,7 @@ def quantize(model_spec, preset, config_path, out, calib_samples, calib_steps, s
     """Quantize and calibrate a model; write a directory that msfp.load_quantized reads."""
     from msfp.calibration import calibrate
     from msfp.checkpoint import read_quant_meta, save_quantized
+    from msfp.compare import CALIB_SEED_OFFSET
     from msfp.config import QuantConfig
     from msfp.info import describe
     from msfp.models import load_model
@@ -62,12 +64,14 @@ def quantize(model_spec, preset, config_path, out, calib_samples, calib_steps, s
         fp_model, scheduler = load_model(model_spec)
         fp_model.to(device)
         qmodel = quantize_model(copy.deepcopy(fp_model), config)
-        report = calibrate(qmodel, fp_model, scheduler, num_samples=calib_samples, num_steps=calib_steps, seed=seed,
+        first = seed + CALIB_SEED_OFFSET
+        report = calibrate(qmodel, fp_model, scheduler, num_samples=calib_samples, num_steps=calib_steps, seed=first,
                            batch_size=batch, cache_dir=cache_dir)
         save_quantized(qmodel, out)
     click.echo(describe(read_quant_meta(out)))
-    click.echo(f"calibration: {report.num_points} points, trajectories {report.trajectory_seconds:.1f} s, layer "
-               f"inputs {report.record_seconds:.1f} s, search {report.search_seconds:.1f} s"
+    click.echo(f"calibration: {report.num_points} points from the trajectories of seeds {first}.."
+               f"{first + calib_samples - 1}; trajectories {report.trajectory_seconds:.1f} s, layer inputs "
+               f"{report.record_seconds:.1f} s, search {report.search_seconds:.1f} s"
                f"{' (from cache)' if report.cached else ''}")
     click.echo(f"wrote {out}")
 
@@ -280,7 +284,8 @@ def _architecture(config) -> dict:
 @click.option("--train-weight-scales", is_flag=True, help="also train the per-channel weight scales")
 @click.option("--traj-samples", default=64, help="teacher trajectories (images)")
 @click.option("--traj-steps", default=25, help="DDIM steps per teacher trajectory (the sampler DFA aligns to)")
-@click.option("--seed", default=0)
+@click.option("--seed", default=0, help="teacher trajectory i starts from noise seed + 10000 + i, as in msfp compare "
+              "(not from the noise of msfp sample --seed's images); seed + 10000 also seeds the LoRAs and batches")
 @click.option("--resume", is_flag=True, help="continue an interrupted run from its last checkpoint")
 @click.option("--max-minutes", type=float, default=None, help="stop after this long; continue later with --resume")
 @click.option("--device", default=_default_device())
@@ -291,6 +296,7 @@ def finetune_cmd(directory, model_spec, iters, batch, lora, num_loras, rank, los
     Progress is checkpointed beside it (.DIRECTORY.finetune/); DIRECTORY is replaced only when the run completes.
     """
     from msfp.checkpoint import load_quantized, read_quant_meta, save_quantized
+    from msfp.compare import CALIB_SEED_OFFSET
     from msfp.finetune import FinetuneConfig, finetune
     from msfp.info import describe
     from msfp.models import load_model
@@ -301,7 +307,7 @@ def finetune_cmd(directory, model_spec, iters, batch, lora, num_loras, rank, los
         config = FinetuneConfig(iters=iters, batch_size=batch, lora=lora, num_loras=num_loras, rank=rank, loss=loss,
                                 dfa_weighting=dfa_weighting, lora_lr=lora_lr, act_lr=act_lr, router_lr=router_lr,
                                 train_weight_scales=train_weight_scales, traj_samples=traj_samples,
-                                traj_steps=traj_steps, seed=seed)
+                                traj_steps=traj_steps, seed=seed + CALIB_SEED_OFFSET)
         meta = read_quant_meta(path)
         if meta.get("talora"):
             raise ValueError(f"{path} is already fine-tuned (its LoRAs are merged into packed weights); fine-tune "
