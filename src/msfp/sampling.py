@@ -4,10 +4,10 @@ Every sample ``i`` owns a generator seeded with ``seed + i`` (NVlabs EDM style):
 stochastic steps come from that generator only, so image ``i`` gets the same noise whatever ``batch_size`` is. The
 denoiser's float results can still change in the last bits with the batch size (convolution algorithms are chosen
 per shape): a full-precision model's 8-bit images absorb that, but in a quantized model such an ulp can flip a 4-bit
-rounding, and a few images then differ visibly (README, "Same seeds, same images?"). The scheduler is copied per
-batch, so no state leaks between batches or calls. ``callback`` is called after every denoiser call (k-diffusion
-style) with ``i`` (step index), ``t`` (timesteps, shape (B,)), ``x`` (the denoiser's input), ``eps`` (its output)
-and ``start`` (index of the batch's first sample): calibration and evaluation hook in there.
+rounding, and most images then differ slightly, a few visibly (README, "Same seeds, same images?"). The scheduler is
+copied per batch, so no state leaks between batches or calls. ``callback`` is called after every denoiser call
+(k-diffusion style) with ``i`` (step index), ``t`` (timesteps, shape (B,)), ``x`` (the denoiser's input), ``eps``
+(its output) and ``start`` (index of the batch's first sample): calibration and evaluation hook in there.
 """
 
 from __future__ import annotations
