@@ -38,15 +38,15 @@ from msfp.fileio import write_json
 from msfp.fp8 import convert_to_fp8, fp8_kernels_available
 from msfp.metrics import bootstrap_interval
 from msfp.models import load_model
-from msfp.samples import generate, load_samples
+from msfp.samples import generate
 
 MSFP_METHODS = (*PRESETS, *FINETUNED)
 
 
 def difference(run: dict, reference: dict) -> dict:
-    """How far one run's images (``dict(path, evaluation)``) are from the reference run's, drawn from the same seeds:
-    FD difference with a paired-bootstrap 90 % interval, PSNR between the sets and their pixel differences."""
-    images, ref_images = (load_samples(r["path"])["images"] for r in (run, reference))
+    """How far one run's images (``dict(images, evaluation)``) are from the reference run's, drawn from the same
+    seeds: FD difference with a paired-bootstrap 90 % interval, PSNR between the sets and their pixel differences."""
+    images, ref_images = run["images"], reference["images"]
     diff = np.abs(images.astype(np.int16) - ref_images.astype(np.int16))
     db, mse = psnr(images, ref_images)
     fd_diffs = np.asarray(run["evaluation"]["fd_bootstrap"]) - np.asarray(reference["evaluation"]["fd_bootstrap"])
@@ -104,7 +104,8 @@ def main(argv=None) -> None:
                            meta=dict(model=s.model, method=method), device=device)
         evaluation = None if name == REFERENCE_METHOD else evaluate(path, reference, paired_path=fp_path,
                                                                      device=device)
-        return dict(path=path, evaluation=evaluation, sample_seconds=samples["meta"]["sample_time_s"])
+        return dict(path=path, images=samples["images"], evaluation=evaluation,
+                    sample_seconds=samples["meta"]["sample_time_s"])
 
     fp_path = draw(fp_model, REFERENCE_METHOD, REFERENCE_METHOD)["path"]
     results = {}
