@@ -561,6 +561,52 @@ def test_fp8_layers_on_the_kernels_equal_the_emulated_path(family, tma, split_k,
     assert set(split_calls) == {split_k}
 
 
+
+@pytest.mark.parametrize("tma", ["boxes", "rows"])
+def test_default_model_fp8_layers_at_gpu_tiles_equal_the_emulated_path(tma, monkeypatch):
+    # The shipped model's shapes (32–192 channels, 32×32 down to 8×8, attention linears) at the first autotuning
+    # candidate's tiles, as on a GPU: ragged channel blocks, stride-2 convolutions falling back to pointer loads, and
+    # 8×8 outputs whose 128-pixel TMA tiles span two samples. The tiny models' tests use 16-wide tiles.
+    import copy
+
+    import msfp
+    from msfp.fp8 import Fp8Layer
+    from msfp.models import load_model
+    from msfp.surgery import quant_layers
+    from test_fp8 import layer_inputs
+
+    block_m, block_n, block_k = tk._TILES[0][:3]
+    launches = []
+    for launcher in ("conv2d_fp8", "linear_fp8"):
+        run = functools.partial(getattr(tk, launcher), block_m=block_m, block_n=block_n, block_k=block_k)
+        monkeypatch.setattr(tk, launcher, lambda x_codes, *a, run=run, **k: launches.append(
+            (k["tma"], k.get("zero_bordered", False), x_codes.shape)) or run(x_codes, *a, **k))
+    fp, scheduler = load_model("default")
+    q = msfp.quantize(copy.deepcopy(fp), "w4a4-msfp").to(DEV)
+    msfp.calibrate(q, fp.to(DEV), scheduler, num_samples=4, num_steps=3, disable=True)
+    torch.manual_seed(0)
+    x, t = torch.randn(2, 1, 32, 32, device=DEV), torch.tensor([10, 700], device=DEV)
+    inputs = layer_inputs(q, x, t)
+    q.msfp_context.set_timesteps(t, 2, x.device)
+    checked, kept = 0, set()
+    for name, layer in quant_layers(q).items():
+        try:
+            emulated = Fp8Layer(layer, use_kernels=False)
+        except ValueError:
+            kept.add(name)
+            continue
+        with torch.no_grad():
+            want, got = emulated(inputs[name]), Fp8Layer(layer, use_kernels=True, tma=tma)(inputs[name])
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item(), msg=name)
+        checked += 1
+    assert kept == {"conv_in", "time_embedding.linear_1", "time_embedding.linear_2", "conv_out"}  # 8-bit edges
+    assert checked == len(launches) > 80
+    tma_shapes = [shape for uses_tma, _, shape in launches if uses_tma]
+    assert 0 < len(tma_shapes) < checked  # stride-2 convolutions keep pointer loads
+    assert min(s[1] * s[2] for s in tma_shapes if len(s) == 4) < block_m  # tiles spanning two samples
+    assert any(bordered for _, bordered, _ in launches) == (tma == "rows")
+
+
 def scaled_mm_layer(timestep_groups):
     import msfp
     from msfp.surgery import quant_layers
