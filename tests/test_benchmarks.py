@@ -71,6 +71,27 @@ def test_fp8_quality_compares_both_backends_and_the_batch_control_with_compare_r
     assert np.array_equal(*same)
 
 
+def test_fp8_quality_precompiles_every_batch_split_of_the_sampling_run():
+    # On a GPU the script compiles the kernels of one sampling step before timing it; here the launches are recorded
+    # for Hopper (count_only: nothing compiled) from the default model with its layers set to the kernels.
+    import copy
+
+    import msfp
+    from msfp.fp8 import Fp8Layer, convert_to_fp8
+    from msfp.models import load_model
+
+    fp, scheduler = load_model("default")
+    model = msfp.quantize(copy.deepcopy(fp), "w4a4-msfp")
+    msfp.calibrate(model, fp, scheduler, num_samples=2, num_steps=2, disable=True)
+    convert_to_fp8(model)
+    layers = [m for m in model.modules() if isinstance(m, Fp8Layer)]
+    for layer in layers:
+        layer.use_kernels = True
+    counted = load_script("fp8_quality").precompile_sampling(model, scheduler, 6, 4, "cpu", arch=90, count_only=True)
+    # Two calls (4 + 2 images), each launching every FP8 layer's activation kernel and GEMM once.
+    assert counted["launches"] == 2 * 2 * len(layers) and len(layers) == 90
+    assert counted["distinct"] > 0 and counted["kernels"] > 0 and counted["errors"] == []
+
 @pytest.mark.parametrize("args, message", [
     (["--methods", "torchao-mxfp4"], "msfp methods only"),
     (["--methods", "w4a4-msfp,nonsense"], "unknown method(s) 'nonsense'"),
