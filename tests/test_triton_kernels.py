@@ -510,6 +510,41 @@ def test_conv2d_fp8_autotuned_default_blocks(tma):
     assert torch.equal(again, y)
 
 
+def record_gemm_launches(monkeypatch, **blocks) -> list[dict]:
+    """Run the GEMM launchers with ``blocks`` fixed, recording each launch's load options and input shape."""
+    launches = []
+    for launcher in ("conv2d_fp8", "linear_fp8"):
+        run = functools.partial(getattr(tk, launcher), **blocks)
+        monkeypatch.setattr(tk, launcher, lambda x_codes, *a, run=run, **k: launches.append(
+            dict(tma=k["tma"], zero_bordered=k.get("zero_bordered", False), split_k=k["split_k"],
+                 shape=tuple(x_codes.shape))) or run(x_codes, *a, **k))
+    return launches
+
+
+def check_fp8_layers_on_the_kernels(q, inputs: dict, **options) -> tuple[int, set]:
+    """Every FP8 layer of the quantized model ``q`` on the kernels (``options`` for :class:`Fp8Layer`) against the
+    same layer emulated in torch, on its recorded input. Returns how many were checked and which layers stay
+    fake-quant. Same codes, same exact products; only fp32 summation order differs (≤ K·2^-24 relative to
+    Σ|terms|)."""
+    from msfp.fp8 import Fp8Layer
+    from msfp.surgery import quant_layers
+
+    checked, kept = 0, set()
+    for name, layer in quant_layers(q).items():
+        try:
+            emulated = Fp8Layer(layer, use_kernels=False)
+            kernels = Fp8Layer(layer, use_kernels=True, **options)
+        except ValueError:
+            kept.add(name)
+            continue
+        with torch.no_grad():
+            want, got = emulated(inputs[name]), kernels(inputs[name])
+        assert got.shape == want.shape and got.dtype == want.dtype
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item(), msg=name)
+        checked += 1
+    return checked, kept
+
+
 @pytest.mark.parametrize("tma,split_k", [(None, 1), ("boxes", 1), ("rows", 1), (None, 2), ("rows", 3)])
 @pytest.mark.parametrize("family", ["unet", "dit"])
 def test_fp8_layers_on_the_kernels_equal_the_emulated_path(family, tma, split_k, monkeypatch):
@@ -520,17 +555,10 @@ def test_fp8_layers_on_the_kernels_equal_the_emulated_path(family, tma, split_k,
     import copy
 
     import msfp
-    from msfp.fp8 import Fp8Layer
-    from msfp.surgery import quant_layers
     from test_fp8 import layer_inputs
     from tiny_models import scheduler, tiny_dit, tiny_unet
 
-    tma_calls, bordered_calls, split_calls = [], [], []
-    for launcher in ("conv2d_fp8", "linear_fp8"):
-        run = functools.partial(getattr(tk, launcher), **GEMM_BLOCKS)
-        monkeypatch.setattr(tk, launcher, lambda *a, run=run, **k: tma_calls.append(k["tma"])
-                            or bordered_calls.append(k.get("zero_bordered", False))
-                            or split_calls.append(k["split_k"]) or run(*a, **k))
+    launches = record_gemm_launches(monkeypatch, **GEMM_BLOCKS)
     build, shape, cond = {"unet": (tiny_unet, (1, 8, 8), {}),
                           "dit": (tiny_dit, (4, 8, 8), {"class_labels": torch.tensor([0, 1, 2])})}[family]
     fp = build().to(DEV)
@@ -540,26 +568,14 @@ def test_fp8_layers_on_the_kernels_equal_the_emulated_path(family, tma, split_k,
     x, t = torch.randn(3, *shape, device=DEV), torch.tensor([5, 400, 999], device=DEV)
     inputs = layer_inputs(q, x, t, **{k: v.to(DEV) for k, v in cond.items()})
     q.msfp_context.set_timesteps(t, 3, x.device)
-    checked = 0
-    for name, layer in quant_layers(q).items():
-        try:
-            emulated = Fp8Layer(layer, use_kernels=False)
-            kernels = Fp8Layer(layer, use_kernels=True, tma=tma, split_k=split_k)
-        except ValueError:
-            continue
-        with torch.no_grad():
-            want, got = emulated(inputs[name]), kernels(inputs[name])
-        assert got.shape == want.shape and got.dtype == want.dtype
-        # Same codes, same exact products; only fp32 summation order differs (≤ K·2^-24 relative to Σ|terms|).
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item(), msg=name)
-        checked += 1
+    checked, _ = check_fp8_layers_on_the_kernels(q, inputs, tma=tma, split_k=split_k)
     assert checked >= 6
+    tma_calls = [launch["tma"] for launch in launches]
     # The tiny models' 16-channel layers qualify for TMA; their 8-channel ones do not (16-byte rows).
     assert any(tma_calls) == (tma is not None) and not all(tma_calls)
     # The UNet's padded 16-channel convolutions get zero-bordered codes with the flat-row tiling (the DiT has none).
-    assert any(bordered_calls) == (tma == "rows" and family == "unet")
-    assert set(split_calls) == {split_k}
-
+    assert any(launch["zero_bordered"] for launch in launches) == (tma == "rows" and family == "unet")
+    assert {launch["split_k"] for launch in launches} == {split_k}
 
 
 @pytest.mark.parametrize("tma", ["boxes", "rows"])
@@ -570,17 +586,11 @@ def test_default_model_fp8_layers_at_gpu_tiles_equal_the_emulated_path(tma, monk
     import copy
 
     import msfp
-    from msfp.fp8 import Fp8Layer
     from msfp.models import load_model
-    from msfp.surgery import quant_layers
     from test_fp8 import layer_inputs
 
     block_m, block_n, block_k = tk._TILES[0][:3]
-    launches = []
-    for launcher in ("conv2d_fp8", "linear_fp8"):
-        run = functools.partial(getattr(tk, launcher), block_m=block_m, block_n=block_n, block_k=block_k)
-        monkeypatch.setattr(tk, launcher, lambda x_codes, *a, run=run, **k: launches.append(
-            (k["tma"], k.get("zero_bordered", False), x_codes.shape)) or run(x_codes, *a, **k))
+    launches = record_gemm_launches(monkeypatch, block_m=block_m, block_n=block_n, block_k=block_k)
     fp, scheduler = load_model("default")
     q = msfp.quantize(copy.deepcopy(fp), "w4a4-msfp").to(DEV)
     msfp.calibrate(q, fp.to(DEV), scheduler, num_samples=4, num_steps=3, disable=True)
@@ -588,24 +598,13 @@ def test_default_model_fp8_layers_at_gpu_tiles_equal_the_emulated_path(tma, monk
     x, t = torch.randn(2, 1, 32, 32, device=DEV), torch.tensor([10, 700], device=DEV)
     inputs = layer_inputs(q, x, t)
     q.msfp_context.set_timesteps(t, 2, x.device)
-    checked, kept = 0, set()
-    for name, layer in quant_layers(q).items():
-        try:
-            emulated = Fp8Layer(layer, use_kernels=False)
-        except ValueError:
-            kept.add(name)
-            continue
-        with torch.no_grad():
-            want, got = emulated(inputs[name]), Fp8Layer(layer, use_kernels=True, tma=tma)(inputs[name])
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item(), msg=name)
-        checked += 1
+    checked, kept = check_fp8_layers_on_the_kernels(q, inputs, tma=tma)
     assert kept == {"conv_in", "time_embedding.linear_1", "time_embedding.linear_2", "conv_out"}  # 8-bit edges
     assert checked == len(launches) > 80
-    tma_shapes = [shape for uses_tma, _, shape in launches if uses_tma]
+    tma_shapes = [launch["shape"] for launch in launches if launch["tma"]]
     assert 0 < len(tma_shapes) < checked  # stride-2 convolutions keep pointer loads
     assert min(s[1] * s[2] for s in tma_shapes if len(s) == 4) < block_m  # tiles spanning two samples
-    assert any(bordered for _, bordered, _ in launches) == (tma == "rows")
-
+    assert any(launch["zero_bordered"] for launch in launches) == (tma == "rows")
 
 def scaled_mm_layer(timestep_groups):
     import msfp
