@@ -92,6 +92,7 @@ def test_fp8_quality_precompiles_every_batch_split_of_the_sampling_run():
     assert counted["launches"] == 2 * 2 * len(layers) and len(layers) == 90
     assert counted["distinct"] > 0 and counted["kernels"] > 0 and counted["errors"] == []
 
+
 @pytest.mark.parametrize("args, message", [
     (["--methods", "torchao-mxfp4"], "msfp methods only"),
     (["--methods", "w4a4-msfp,nonsense"], "unknown method(s) 'nonsense'"),
