@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 import msfp
-from msfp.formats import fake_quant, get_format
+from msfp.formats import fake_quant, get_format, round_to_grid
 
 PROPERTY_FORMATS = [
     "fp4_e2m1", "fp4_e1m2", "fp4_e3m0", "ufp4_e2m2", "ufp4_e3m1", "ufp4_e1m3", "ufp4_e4m0",
@@ -78,6 +78,24 @@ def test_exact_ties_subnormals_and_boundaries(name, exponent, data):
     zp = torch.tensor(data.draw(st.sampled_from([0.0, -0.25, -3.0]))) * scale if fmt.needs_zero_point else None
     x = special * scale + (zp if zp is not None else 0)
     assert_same(fake_quant(x, fmt, scale, zp), brute_force(x, fmt, scale, zp))
+
+
+@settings(max_examples=200, deadline=None)
+@given(name=st.sampled_from(PROPERTY_FORMATS),
+       x=arrays(np.float64, st.integers(1, 64), elements=st.floats(-1e3, 1e3, allow_subnormal=True)))
+def test_round_to_grid_equals_brute_force_in_every_float_dtype(name, x):
+    """round_to_grid reads each value's binade from the bits of float32 and float64 and computes half precision in
+    float32: every dtype must give the nearest grid value, ties (the midpoints) to the even code."""
+    fmt = get_format(name)
+    grid = fmt.values().double()
+    special = torch.cat([grid, (grid[1:] + grid[:-1]) / 2, grid.nextafter(grid + 1), grid.nextafter(grid - 1),
+                         torch.tensor([0.0, -0.0, 1e-300, -1e-300], dtype=torch.float64)])
+    values = torch.cat([torch.from_numpy(x), special]).clamp(float(grid[0]), float(grid[-1]))
+    zero = torch.tensor(0.0, dtype=torch.float64) if fmt.needs_zero_point else None
+    for dtype in (torch.float64, torch.float32, torch.bfloat16, torch.float16):
+        v = values.to(dtype)
+        expected = brute_force(v.double(), fmt, torch.tensor(1.0, dtype=torch.float64), zero).to(dtype)
+        assert_same(round_to_grid(v, fmt), expected)
 
 
 def test_ties_go_to_even_code():

@@ -131,23 +131,33 @@ def get_format(name: str | Format) -> Format:
     return _parse(name)
 
 
+# Bit layout of the dtypes round_to_grid reads binades from: same-width integer dtype, mantissa bits, exponent bias.
+_FLOAT_LAYOUTS = {torch.float32: (torch.int32, 23, 127), torch.float64: (torch.int64, 52, 1023)}
+
+
 def round_to_grid(v: torch.Tensor, fmt: Format) -> torch.Tensor:
     """``R``: nearest value of ``fmt`` at unit scale, ties to even code. ``v`` must already be clipped to the range."""
     if fmt.kind == "int":
         return torch.round(v)  # torch.round is round-half-to-even
+    if v.dtype not in _FLOAT_LAYOUTS:  # half precision: every format's grid is exact in float32
+        return round_to_grid(v.float(), fmt).to(v.dtype)
     # The step inside v's binade is 2^(exponent - mbits); below the smallest normal binade the subnormal step applies.
-    # frexp and ldexp are exact, so |v| / step is exact and torch.round breaks ties towards an even mantissa code.
-    _, exponent = torch.frexp(v)
-    binade = torch.clamp_min(exponent - 1, fmt.min_exponent)
-    shift = binade - fmt.mbits
-    scaled = torch.ldexp(v, -shift)
+    # Masking v's exponent field gives its binade's start, 2^floor(log2|v|), exactly (0 for zero, inf for NaN, which
+    # then stays NaN), several times faster than frexp/ldexp on CPU. Dividing by a power of two is exact, so
+    # torch.round breaks ties towards an even mantissa code.
+    int_dtype, mantissa_bits, exponent_bias = _FLOAT_LAYOUTS[v.dtype]
+    exponent_mask = (2 ** (torch.finfo(v.dtype).bits - 1) - 1) ^ (2**mantissa_bits - 1)
+    exponent_field = v.detach().view(int_dtype) & exponent_mask
+    step = exponent_field.view(v.dtype).clamp_min(2.0**fmt.min_exponent) * 2.0**-fmt.mbits
+    scaled = v / step
     rounded = torch.round(scaled)
     if fmt.mbits == 0:
         # Without mantissa bits the code's last bit is the exponent field's: a tie between 2^k and 2^(k+1) (scaled
         # ±1.5) goes to the even exponent field, which is the lower value when the current one is even.
+        binade = ((exponent_field >> mantissa_bits) - exponent_bias).clamp_min(fmt.min_exponent)
         keep_lower = (scaled.abs() == 1.5) & ((binade + fmt.bias) % 2 == 0)
         rounded = torch.where(keep_lower, torch.trunc(scaled), rounded)
-    return torch.ldexp(rounded, shift)
+    return rounded * step
 
 
 def _grid_units(x, fmt: Format, scale, zero_point=None):
@@ -160,9 +170,11 @@ def _grid_units(x, fmt: Format, scale, zero_point=None):
 def _fake_quant(x, fmt: Format, scale, zero_point=None):
     """Unvalidated fake quantization (the hot path of the quantized layers)."""
     v = _grid_units(x, fmt, scale, zero_point)
-    # Forward: the exact grid value; backward: identity on v (straight-through), which through the clamp and the
-    # division yields the LSQ gradients for scale and zero point.
-    q = round_to_grid(v.detach(), fmt) + (v - v.detach())
+    q = round_to_grid(v.detach(), fmt)
+    if v.requires_grad:
+        # Forward: the exact grid value; backward: identity on v (straight-through), which through the clamp and the
+        # division yields the LSQ gradients for scale and zero point.
+        q = q + (v - v.detach())
     out = q * scale
     return out + zero_point if zero_point is not None else out
 

@@ -1,10 +1,10 @@
 """Fused fake-quantization paths.
 
-Eager ``fake_quant`` runs a chain of ~10 elementwise kernels (frexp, ldexp, round, clamp…), each a full pass over
-memory. ``torch.compile`` fuses the chain into one pass, which is what makes quantization-aware fine-tuning cheap on
-GPUs (SPEC §5: ~15× slower than a copy eager, ~1× compiled). The compiled function computes the same values as
-the eager one, bit for bit, on CPU and CUDA; tests check equality. :func:`msfp.surgery.set_fused_rounding` switches
-a model's quantizers to this path.
+Eager ``fake_quant`` runs a chain of ~10 elementwise kernels (subtract, divide, clamp, mask the exponent, round…),
+each a full pass over memory. ``torch.compile`` fuses the chain into one pass, which is what makes quantization-aware
+fine-tuning cheap on GPUs (SPEC §5: ~15× slower than a copy eager, ~1× compiled). The compiled function computes the
+same values as the eager one, bit for bit, on CPU and CUDA; tests check equality.
+:func:`msfp.surgery.set_fused_rounding` switches a model's quantizers to this path.
 """
 
 from __future__ import annotations
