@@ -15,7 +15,7 @@ import functools
 import numpy as np
 import torch
 
-from msfp.formats import Format, get_format, round_to_grid
+from msfp.formats import Format, _grid_units, get_format, round_to_grid
 
 
 @functools.lru_cache(maxsize=None)
@@ -56,9 +56,7 @@ def quantize_to_codes(x: torch.Tensor, fmt: str | Format, scale, zero_point=None
     fmt = get_format(fmt)
     if torch.isnan(x).any():
         raise ValueError(f"cannot encode NaN in {fmt.name}")
-    shifted = x - zero_point if zero_point is not None else x
-    v = torch.clamp(shifted / scale, -fmt.max_value if fmt.signed else 0.0, fmt.max_value)
-    return values_to_codes(round_to_grid(v, fmt), fmt)
+    return values_to_codes(round_to_grid(_grid_units(x, fmt, scale, zero_point), fmt), fmt)
 
 
 def decode(codes: torch.Tensor, fmt: str | Format) -> torch.Tensor:
