@@ -606,6 +606,7 @@ def test_default_model_fp8_layers_at_gpu_tiles_equal_the_emulated_path(tma, monk
     assert min(s[1] * s[2] for s in tma_shapes if len(s) == 4) < block_m  # tiles spanning two samples
     assert any(launch["zero_bordered"] for launch in launches) == (tma == "rows")
 
+
 def scaled_mm_layer(timestep_groups):
     import msfp
     from msfp.surgery import quant_layers
