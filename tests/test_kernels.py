@@ -1,4 +1,9 @@
 import copy
+import importlib.util
+import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -110,3 +115,36 @@ def test_compiled_fake_quant_equals_eager_on_cuda(fmt):
     scale = torch.rand(1280, 1, 1, 1, device="cuda", generator=gen) * 0.02 + 1e-3
     zp = -torch.rand(1280, 1, 1, 1, device="cuda", generator=gen) * 0.1 if get_format(fmt).needs_zero_point else None
     assert torch.equal(compiled_fake_quant(x, fmt, scale, zp), fake_quant(x, fmt, scale, zp))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs Triton (the test extras install it)")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the test above runs the real kernels")
+def test_fused_rounding_for_cuda_compiles_to_ieee_division_and_equals_eager_in_the_interpreter(tmp_path):
+    # Without a GPU: Inductor writes the CUDA path's Triton kernels here (tests/fused_rounding_triton.py); compiled
+    # for sm_90 they must divide exactly and not contract to FMAs, and run in Triton's interpreter they must equal
+    # eager fake_quant on every grid point, tie and neighbour. Two processes: the interpreter must be chosen before
+    # Triton is imported.
+    from msfp.kernels import fused_rounding_exact
+
+    exact, why = fused_rounding_exact("cuda")
+    if not exact:
+        pytest.skip(why)
+    script = os.path.join(os.path.dirname(__file__), "fused_rounding_triton.py")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+
+    def run(mode, **extra_env):
+        done = subprocess.run([sys.executable, script, mode, str(tmp_path)], env={**env, **extra_env},
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return json.loads(done.stdout)
+
+    captured = run("capture")
+    for case, result in captured.items():
+        assert result["runs"] == len(result["kernels"]) >= 1, case
+        for kernel in result["kernels"].values():
+            assert kernel["div_rn_calls"] >= 1 and kernel["ieee_division"] >= kernel["div_rn_calls"], case
+            assert kernel["approximate_division"] == 0 and kernel["fma"] == 0, case
+            assert not kernel["enable_fp_fusion"] and kernel["round_to_nearest_even"] > 0, case
+    interpreted = run("interpret", TRITON_INTERPRET="1")
+    assert interpreted.keys() == captured.keys() and all(r["values"] > 500 for r in interpreted.values())
+    assert {case: r["examples"] for case, r in interpreted.items() if r["differ"]} == {}
