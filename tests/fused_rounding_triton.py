@@ -90,7 +90,9 @@ def capture(name: str, requires_grad: bool):
         raise Captured
 
     torch._dynamo.reset()
-    with inductor_config.patch(cpu_backend="triton", compile_threads=1), stand_in_gpu(arch=90), \
+    # No cache: a cached graph would skip the code generation this records.
+    with inductor_config.patch(cpu_backend="triton", compile_threads=1, force_disable_caches=True), \
+            stand_in_gpu(arch=90), \
             mock.patch.object(AsyncCompile, "triton", record_kernel), \
             mock.patch.object(AsyncCompile, "wait", stop), \
             mock.patch.object(PyCodeCache, "write", classmethod(record_wrapper)):
