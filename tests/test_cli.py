@@ -44,6 +44,39 @@ def test_sample_bad_input(tmp_path):
         assert not (tmp_path / "s.npz").exists()
 
 
+def test_a_device_this_machine_lacks_is_one_clear_error(tmp_path, monkeypatch):
+    r = run("sample", "--device", "tpu", "--out", tmp_path / "s.npz")
+    assert r.exit_code == 2 and "'tpu' is not a torch device" in r.output
+    monkeypatch.setattr(torch.version, "cuda", None)
+    monkeypatch.setattr(torch.version, "hip", None)
+    for command in (["sample", "--out", tmp_path / "s.npz"], ["quantize", "--out", tmp_path / "q"],
+                    ["eval", tmp_path / "s.npz"], ["finetune", tmp_path], ["compare", "--out", tmp_path / "r"]):
+        r = run(command[0], "--device", "cuda", *command[1:])
+        assert r.exit_code == 2, (command, r.output)
+        assert f"cuda: this torch ({torch.__version__}) is built without CUDA" in r.output, command
+    assert list(tmp_path.iterdir()) == []  # stopped before writing anything
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    r = run("sample", "--device", "cuda:0", "--out", tmp_path / "s.npz")
+    assert r.exit_code == 2 and "cuda:0: no CUDA GPU is visible" in r.output
+
+
+def test_device_check_counts_the_gpus(monkeypatch):
+    from msfp.cli import _device_unavailable
+
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert _device_unavailable(torch.device("cuda")) is None
+    assert _device_unavailable(torch.device("cuda:1")) is None
+    assert _device_unavailable(torch.device("cuda:2")) == "this machine has cuda:0 to cuda:1"
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert _device_unavailable(torch.device("cuda:1")) == "this machine has only cuda:0"
+    assert _device_unavailable(torch.device("cpu")) is None
+    monkeypatch.setattr(torch.mps, "is_available", lambda: False)
+    assert _device_unavailable(torch.device("mps")) == "no mps device is available"
+
+
 def test_eval_against_reference_images(tmp_path):
     save_samples(tmp_path / "s.npz", fashion_like(40), np.arange(40))
     save_samples(tmp_path / "ref.npz", fashion_like(60, seed=100), np.arange(60))

@@ -34,6 +34,43 @@ def _default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def _device_unavailable(device: torch.device) -> str | None:
+    """Why this machine cannot put tensors on ``device`` (None if it can)."""
+    if device.type == "cuda":
+        if torch.version.cuda is None and torch.version.hip is None:
+            return f"this torch ({torch.__version__}) is built without CUDA"
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            return "no CUDA GPU is visible"
+        if device.index is not None and device.index >= count:
+            return "this machine has only cuda:0" if count == 1 else f"this machine has cuda:0 to cuda:{count - 1}"
+        return None
+    backend = getattr(torch, device.type, None)  # torch.mps, torch.xpu…
+    if callable(getattr(backend, "is_available", None)) and not backend.is_available():
+        return f"no {device.type} device is available"
+    return None
+
+
+class _DeviceType(click.ParamType):
+    """``--device``: checked up front, so a device this machine lacks is one clear line rather than a traceback from
+    the first tensor moved there."""
+
+    name = "device"
+
+    def convert(self, value, param, ctx):
+        try:
+            device = torch.device(value)
+        except (RuntimeError, TypeError):
+            self.fail(f"{value!r} is not a torch device (e.g. cpu, cuda, cuda:1, mps)", param, ctx)
+        why = _device_unavailable(device)
+        if why:
+            self.fail(f"{value}: {why}", param, ctx)
+        return value
+
+
+_DEVICE = _DeviceType()
+
+
 @main.command()
 @click.option("--model", "model_spec", default="default", help="'default', a save_pretrained directory or a Hub id")
 @click.option("--preset", default="w4a4-msfp", help="QuantConfig preset (w4a4-msfp, w4a4-fp, w4a4-int, w4a8-msfp, "
@@ -48,7 +85,7 @@ def _default_device() -> str:
 @click.option("--batch", default=64)
 @click.option("--cache-dir", default=None, type=click.Path(file_okay=False),
               help="reuse calibration trajectories and layer inputs across runs")
-@click.option("--device", default=_default_device())
+@click.option("--device", type=_DEVICE, default=_default_device())
 def quantize(model_spec, preset, config_path, out, calib_samples, calib_steps, seed, batch, cache_dir, device):
     """Quantize and calibrate a model; write a directory that msfp.load_quantized reads."""
     from msfp.calibration import calibrate
@@ -121,7 +158,8 @@ def _load_any_model(spec: str, backend: str = "fake"):
               "first 64 images goes beside it")
 @click.option("--batch", default=64, help="images per denoiser call (same noise per image whatever it is; a "
               "quantized model's images can still change slightly with it: README, 'Same seeds, same images?')")
-@click.option("--device", default=None, help="default: cuda if available (one GPU per rank under torchrun), else cpu")
+@click.option("--device", type=_DEVICE, default=None,
+              help="default: cuda if available (one GPU per rank under torchrun), else cpu")
 @click.option("--backend", type=click.Choice(BACKENDS), default="fake", show_default=True,
               help="quantized models: fake-quant reference, or W4A4 on FP8 codes (Triton kernels on FP8 GPUs, "
               "emulated elsewhere)")
@@ -164,7 +202,7 @@ def sample(model_spec, num_samples, steps, scheduler_name, eta, guidance, seed, 
 @click.option("--heldout-samples", default=16, help="held-out trajectories (DDIM, --heldout-steps steps)")
 @click.option("--heldout-steps", default=25)
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="also write the results here")
-@click.option("--device", default=None, help="default: cuda if available, else cpu")
+@click.option("--device", type=_DEVICE, default=None, help="default: cuda if available, else cpu")
 def eval_(samples_path, ref, ref_images, data_dir, inception_weights, paired_path, model_spec, fp_model,
           heldout_samples, heldout_steps, json_path, device):
     """Quality metrics of a sample file (FD, KID, classifier score, precision/recall; FID/sFID/IS; PSNR; ε MSE)."""
@@ -235,7 +273,7 @@ def _list_methods(ctx: click.Context, _param, value: bool) -> None:
 @click.option("--ref-images", type=click.Path(file_okay=False), default=None, help="directory of reference images")
 @click.option("--data-dir", type=click.Path(file_okay=False), default=None,
               help="Fashion-MNIST IDX files for the default reference (default: Debian's dataset-fashion-mnist)")
-@click.option("--device", default=None, help="default: cuda if available, else cpu")
+@click.option("--device", type=_DEVICE, default=None, help="default: cuda if available, else cpu")
 def compare(model_spec, methods, out, num_samples, steps, calib_samples, calib_steps, heldout_samples, finetune_iters,
             finetune_batch, num_loras, rank, seed, batch, ref, ref_images, data_dir, device):
     """Run several methods on one model with the same seeds; write OUT/index.html and OUT/results.json."""
@@ -288,7 +326,7 @@ def _architecture(config) -> dict:
               "(not from the noise of msfp sample --seed's images); seed + 10000 also seeds the LoRAs and batches")
 @click.option("--resume", is_flag=True, help="continue an interrupted run from its last checkpoint")
 @click.option("--max-minutes", type=float, default=None, help="stop after this long; continue later with --resume")
-@click.option("--device", default=_default_device())
+@click.option("--device", type=_DEVICE, default=_default_device())
 def finetune_cmd(directory, model_spec, iters, batch, lora, num_loras, rank, loss, dfa_weighting, lora_lr, act_lr,
                  router_lr, train_weight_scales, traj_samples, traj_steps, seed, resume, max_minutes, device):
     """Fine-tune a quantized model directory (TALoRA + DFA) and write it back to DIRECTORY.
