@@ -111,6 +111,17 @@ def test_convert_sets_every_layers_accumulation():
     assert layers and not any(m.precise_acc for m in layers) and q.msfp_backend["precise_acc"] is False
 
 
+def test_converting_an_fp8_model_again_is_refused_rather_than_relabelled():
+    # Its FP8 layers keep the options they were made with; a second conversion used to change only msfp_backend.
+    q = calibrated(tiny_unet)
+    convert_to_fp8(q, use_kernels=False)
+    backend = dict(q.msfp_backend)
+    with pytest.raises(ValueError, match=r"already runs on the FP8 backend \(\{'kernels': False, 'linear_gemm': "
+                                         r"'triton'.*msfp.load_quantized\(directory\)"):
+        convert_to_fp8(q, use_kernels=False, linear_gemm="scaled_mm")
+    assert q.msfp_backend == backend and all(m.linear_gemm == "triton" for m in q.modules() if isinstance(m, Fp8Layer))
+
+
 def test_convert_keeps_unsupported_layers_and_says_why():
     q = calibrated(tiny_unet)
     fake = copy.deepcopy(q)

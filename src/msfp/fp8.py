@@ -360,6 +360,12 @@ def convert_to_fp8(model: nn.Module, use_kernels: bool | None = None, linear_gem
     """
     from msfp.surgery import quant_layers
 
+    if any(isinstance(m, Fp8Layer) for m in model.modules()):
+        # Its FP8 layers keep the options they were made with: converting again would only relabel msfp_backend.
+        backend = getattr(model, "msfp_backend", {})
+        options = {k: v for k, v in backend.items() if k not in ("kind", "fake_quant_layers")}
+        raise ValueError(f"the model already runs on the FP8 backend ({options}); convert_to_fp8 takes the fake-quant "
+                         f"model: msfp.load_quantized(directory) (backend 'fake'), then convert_to_fp8(model, …)")
     layers = quant_layers(model)
     device = next(iter(layers.values())).weight.device
     if use_kernels:
