@@ -253,6 +253,17 @@ def test_failed_save_leaves_the_earlier_result_intact(tmp_path, saved):
     assert [p.name for p in tmp_path.iterdir()] == ["q"]  # no temporary directory left behind
 
 
+def test_a_model_on_the_fp8_backend_is_not_saved_over_its_checkpoint(saved):
+    # Its FP8 layers hold E4M3 codes, not the quantized layers a checkpoint stores: saving used to write a checkpoint
+    # without them, over the directory it came from.
+    _, out = saved
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    fp8_model = msfp.load_quantized(out, backend="fp8")
+    with pytest.raises(ValueError, match=r"layer\(s\) run on the FP8 backend \(e.g. '.*'\), which a packed checkpoint"):
+        msfp.save_quantized(fp8_model, out)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
 def test_saving_needs_enabled_quantizers(tmp_path, saved):
     q = copy.deepcopy(saved[0])
     quant_layers(q)["conv_in"].act_quantizer.enabled = False

@@ -215,6 +215,13 @@ def quant_meta(model: nn.Module) -> dict:
 def save_quantized(model: nn.Module, directory: str | os.PathLike) -> Path:
     """Write the calibrated (or fine-tuned) quantized model to ``directory`` as a packed checkpoint; returns the
     directory's path."""
+    from msfp.fp8 import Fp8Layer
+
+    fp8_layers = [name for name, m in model.named_modules() if isinstance(m, Fp8Layer)]
+    if fp8_layers:  # saved, they would be missing from the checkpoint (and could replace a good one at `directory`)
+        raise ValueError(f"{len(fp8_layers)} layer(s) run on the FP8 backend (e.g. {fp8_layers[0]!r}), which a packed "
+                         "checkpoint does not store; save the fake-quant model (msfp.load_quantized(directory), "
+                         "backend 'fake'): load_quantized(…, backend='fp8') converts it when loading")
     meta = quant_meta(model)
     layers = quant_layers(model)
     attention = attention_quantizers(model)
