@@ -7,6 +7,7 @@ from torch import nn
 import msfp
 from msfp import QuantConfig
 from msfp.calibration import collect_trajectories
+from msfp.fp8 import convert_to_fp8
 from msfp.surgery import quant_layers
 from tiny_models import scheduler, tiny_class_unet, tiny_cond_unet, tiny_dit, tiny_plain, tiny_unet
 
@@ -87,6 +88,17 @@ def test_empty_calibration_set_and_missing_conditioning():
         collect_trajectories(cond_fp, scheduler(), num_samples=2, num_steps=2, disable=True)
     with pytest.raises(ValueError, match="needs a model returned by msfp.quantize"):
         msfp.calibrate(fp, fp, scheduler())
+
+
+def test_a_model_on_the_fp8_backend_is_not_recalibrated():
+    # Its FP8 layers hold codes and fixed scales: only the few layers left fake-quant would be calibrated.
+    fp = tiny_unet()
+    q = msfp.quantize(copy.deepcopy(fp), "w4a4-msfp")
+    msfp.calibrate(q, fp, scheduler(), num_samples=2, num_steps=2, disable=True)
+    convert_to_fp8(q, use_kernels=False)
+    with pytest.raises(ValueError, match=r"calibrate\(\) needs the fake-quant model, but \d+ layer\(s\) run on the FP8 "
+                                         r"backend .*: calibrate before msfp.fp8.convert_to_fp8"):
+        msfp.calibrate(q, fp, scheduler(), num_samples=2, num_steps=2, disable=True)
 
 
 def test_zero_range_channels_and_constant_activations_give_finite_scales():

@@ -259,7 +259,8 @@ def test_a_model_on_the_fp8_backend_is_not_saved_over_its_checkpoint(saved):
     _, out = saved
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     fp8_model = msfp.load_quantized(out, backend="fp8")
-    with pytest.raises(ValueError, match=r"layer\(s\) run on the FP8 backend \(e.g. '.*'\), which a packed checkpoint"):
+    with pytest.raises(ValueError, match=r"save_quantized needs the fake-quant model, but \d+ layer\(s\) run on the "
+                                         r"FP8 backend \(e.g. '.*'\): a packed checkpoint stores"):
         msfp.save_quantized(fp8_model, out)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 

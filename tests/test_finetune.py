@@ -8,6 +8,7 @@ import msfp
 from msfp import finetune as ft
 from msfp.evaluation import per_timestep_eps_mse
 from msfp.finetune import FinetuneConfig, finetune
+from msfp.fp8 import convert_to_fp8
 from msfp.losses import ddim_denoising_factors, dfa_weights
 from msfp.surgery import quant_layers
 from msfp.talora import add_talora, lora_assignment
@@ -180,6 +181,10 @@ def test_bad_settings_fail_clearly(calibrated):
         finetune(msfp.quantize(tiny_unet(), "w4a4-msfp"), fp, scheduler(), FinetuneConfig(**CONFIG), disable=True)
     with pytest.raises(FileNotFoundError, match="nothing to resume"):
         finetune(copy.deepcopy(q), fp, scheduler(), FinetuneConfig(**CONFIG), resume=True, disable=True)
+    on_fp8 = copy.deepcopy(q)
+    convert_to_fp8(on_fp8, use_kernels=False)  # frozen codes: only the few layers left fake-quant would train
+    with pytest.raises(ValueError, match=r"needs the fake-quant model, but \d+ layer\(s\) run on the FP8 backend"):
+        finetune(on_fp8, fp, scheduler(), FinetuneConfig(**CONFIG), disable=True)
 
 
 def test_cli_quantize_then_finetune_with_time_budget_and_resume(tmp_path):

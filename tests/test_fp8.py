@@ -116,8 +116,8 @@ def test_converting_an_fp8_model_again_is_refused_rather_than_relabelled():
     q = calibrated(tiny_unet)
     convert_to_fp8(q, use_kernels=False)
     backend = dict(q.msfp_backend)
-    with pytest.raises(ValueError, match=r"already runs on the FP8 backend \(\{'kernels': False, 'linear_gemm': "
-                                         r"'triton'.*msfp.load_quantized\(directory\)"):
+    with pytest.raises(ValueError, match=r"convert_to_fp8 needs the fake-quant model, but \d+ layer\(s\) run on the "
+                                         r"FP8 backend .* converted with \{'kernels': False, 'linear_gemm': 'triton'"):
         convert_to_fp8(q, use_kernels=False, linear_gemm="scaled_mm")
     assert q.msfp_backend == backend and all(m.linear_gemm == "triton" for m in q.modules() if isinstance(m, Fp8Layer))
 

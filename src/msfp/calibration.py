@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 
 from msfp.attention import attention_quantizers, explicit_attention
 from msfp.fileio import atomic_path
+from msfp.fp8 import require_fake_quant
 from msfp.layers import QuantLayer
 from msfp.samples import class_info
 from msfp.sampling import sample
@@ -322,6 +323,7 @@ def calibrate(qmodel: nn.Module, fp_model: nn.Module, scheduler, num_samples: in
     config = getattr(qmodel, "msfp_config", None)
     if config is None:
         raise ValueError("calibrate() needs a model returned by msfp.quantize(model, config)")
+    require_fake_quant(qmodel, "calibrate()", "calibrate before msfp.fp8.convert_to_fp8")
     layers = quant_layers(qmodel)
     attention = attention_quantizers(qmodel)
     qmodel.msfp_context.num_train_timesteps = scheduler.config.num_train_timesteps

@@ -58,6 +58,7 @@ from msfp import __version__
 from msfp.attention import attention_quantizers
 from msfp.config import QuantConfig
 from msfp.formats import get_format
+from msfp.fp8 import convert_to_fp8, require_fake_quant
 from msfp.packing import decode, pack, quantize_to_codes, unpack
 from msfp.quantizers import MIN_SCALE
 from msfp.surgery import quant_layers, quantize
@@ -215,13 +216,9 @@ def quant_meta(model: nn.Module) -> dict:
 def save_quantized(model: nn.Module, directory: str | os.PathLike) -> Path:
     """Write the calibrated (or fine-tuned) quantized model to ``directory`` as a packed checkpoint; returns the
     directory's path."""
-    from msfp.fp8 import Fp8Layer
-
-    fp8_layers = [name for name, m in model.named_modules() if isinstance(m, Fp8Layer)]
-    if fp8_layers:  # saved, they would be missing from the checkpoint (and could replace a good one at `directory`)
-        raise ValueError(f"{len(fp8_layers)} layer(s) run on the FP8 backend (e.g. {fp8_layers[0]!r}), which a packed "
-                         "checkpoint does not store; save the fake-quant model (msfp.load_quantized(directory), "
-                         "backend 'fake'): load_quantized(…, backend='fp8') converts it when loading")
+    # Saved, FP8 layers would be missing from the checkpoint, which could replace a good one at `directory`.
+    require_fake_quant(model, "save_quantized", "a packed checkpoint stores the fake-quant model (msfp.load_quantized("
+                       "directory), backend 'fake'), which load_quantized(…, backend='fp8') converts when loading")
     meta = quant_meta(model)
     layers = quant_layers(model)
     attention = attention_quantizers(model)
@@ -417,7 +414,5 @@ def load_quantized(directory: str | os.PathLike, model: nn.Module | None = None,
     if freeze:
         freeze_weights(qmodel)
     if backend == "fp8":
-        from msfp.fp8 import convert_to_fp8
-
         convert_to_fp8(qmodel)
     return qmodel.eval()

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from msfp.attention import attention_quantizers
 from msfp.calibration import Trajectories, collect_trajectories
 from msfp.fileio import atomic_path
+from msfp.fp8 import require_fake_quant
 from msfp.kernels import fused_rounding_exact
 from msfp.losses import WEIGHTINGS, denoising_factors, dfa_weights, weighted_mse
 from msfp.surgery import quant_layers, set_fused_rounding
@@ -167,6 +168,9 @@ def finetune(qmodel: nn.Module, fp_model: nn.Module, scheduler, config: Finetune
     config = config or FinetuneConfig()
     if getattr(qmodel, "msfp_config", None) is None:
         raise ValueError("finetune() needs a model returned by msfp.quantize and msfp.calibrate")
+    # Frozen E4M3 codes: only the few layers left fake-quant would be trained.
+    require_fake_quant(qmodel, "finetune()", "the FP8 backend is for inference; fine-tune msfp.load_quantized("
+                       "directory) (backend 'fake') and convert afterwards")
     if any("weight_format" not in layer.info for layer in quant_layers(qmodel).values()):
         raise ValueError("finetune() needs a calibrated model: run msfp.calibrate first")
     state_path = Path(work_dir) / STATE_NAME if work_dir is not None else None

@@ -341,6 +341,15 @@ def _scaled_mm_linear(codes, w_codes, a_scale, code_scale, bias, zero, corr, fas
     return y if per_row is None else (y.float() + per_row).to(torch.bfloat16)
 
 
+def require_fake_quant(model: nn.Module, action: str, instead: str) -> None:
+    """Raise if layers of ``model`` run on the FP8 backend, which is for inference only: they hold E4M3 codes, not the
+    quantizers that calibration, fine-tuning, checkpoints and this conversion work on."""
+    names = [name for name, m in model.named_modules() if isinstance(m, Fp8Layer)]
+    if names:
+        raise ValueError(f"{action} needs the fake-quant model, but {len(names)} layer(s) run on the FP8 backend "
+                         f"(e.g. {names[0]!r}): {instead}")
+
+
 def convert_to_fp8(model: nn.Module, use_kernels: bool | None = None, linear_gemm: str = "triton",
                    tma: str | None = None, split_k: int | str = 1, precise_acc: bool = True) -> dict[str, str]:
     """Replace every quantized layer that the FP8 path runs exactly by an :class:`Fp8Layer`, in place.
@@ -360,12 +369,10 @@ def convert_to_fp8(model: nn.Module, use_kernels: bool | None = None, linear_gem
     """
     from msfp.surgery import quant_layers
 
-    if any(isinstance(m, Fp8Layer) for m in model.modules()):
-        # Its FP8 layers keep the options they were made with: converting again would only relabel msfp_backend.
-        backend = getattr(model, "msfp_backend", {})
-        options = {k: v for k, v in backend.items() if k not in ("kind", "fake_quant_layers")}
-        raise ValueError(f"the model already runs on the FP8 backend ({options}); convert_to_fp8 takes the fake-quant "
-                         f"model: msfp.load_quantized(directory) (backend 'fake'), then convert_to_fp8(model, …)")
+    # Converted layers keep the options they were made with: converting again would only relabel msfp_backend.
+    options = {k: v for k, v in getattr(model, "msfp_backend", {}).items() if k not in ("kind", "fake_quant_layers")}
+    require_fake_quant(model, "convert_to_fp8", f"they were converted with {options}; convert "
+                       "msfp.load_quantized(directory) (backend 'fake') with other options instead")
     layers = quant_layers(model)
     device = next(iter(layers.values())).weight.device
     if use_kernels:
