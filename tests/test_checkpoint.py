@@ -13,6 +13,7 @@ import msfp.talora
 from msfp import checkpoint
 from msfp.cli import main
 from msfp.formats import fake_quant
+from msfp.samples import load_samples
 from msfp.packing import decode, pack, quantize_to_codes, unpack
 from msfp.quantizers import MIN_SCALE, WeightQuantizer
 from msfp.surgery import quant_layers
@@ -437,6 +438,8 @@ def test_cli_samples_from_a_quantized_directory(tmp_path):
     # FP8 codes differ from fake-quant only by fp32 summation order: 8-bit images agree to about a level
     fp8_images = np.load(tmp_path / "fp8.npz")["arr_0"].astype(int)
     assert np.abs(fp8_images - images).mean() < 1.0
+    backends = [load_samples(tmp_path / f)["meta"]["backend"] for f in ("s.npz", "fp8.npz")]
+    assert backends == ["fake", "fp8"]  # recorded: the images depend on it
     r = runner.invoke(main, ["sample", "--model", str(tmp_path / "model"), "-n", "1", "--backend", "fp8",
                              "--out", str(tmp_path / "x.npz")])
     assert r.exit_code != 0 and "needs a quantized directory" in r.output

@@ -163,6 +163,12 @@ def generate(model, scheduler, out, num_samples: int, num_inference_steps: int, 
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
         if device is not None:
             model = model.to(device)
+        # What a quantized model's images depend on besides the seeds (README, "Same seeds, same images?").
+        parameter = next(model.parameters(), None)
+        used_device = parameter.device if parameter is not None else torch.device(device or "cpu")
+        setup = dict(batch_size=batch_size, device=str(used_device), cuda_graphs=cuda_graphs)
+        if getattr(model, "msfp_config", None) is not None:
+            setup["backend"] = getattr(model, "msfp_backend", {}).get("kind", "fake")
         channels = (getattr(model, "config", None) or {}).get("in_channels")
         if channels not in (None, 1, 3):
             raise ValueError(f"{type(model).__name__} makes {channels}-channel outputs (latents?); sample files hold "
@@ -184,7 +190,7 @@ def generate(model, scheduler, out, num_samples: int, num_inference_steps: int, 
                                  device=device))
         seeds = np.arange(seed + start, seed + stop)
         meta = dict(meta or {}, num_samples=num_samples, steps=num_inference_steps, seed=seed, eta=eta,
-                    guidance=guidance, scheduler=type(scheduler).__name__, world_size=world,
+                    guidance=guidance, scheduler=type(scheduler).__name__, world_size=world, **setup,
                     sample_time_s=round(time.time() - began, 2))
         if world > 1:
             import torch.distributed as dist
