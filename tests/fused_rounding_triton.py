@@ -109,7 +109,8 @@ def call_sequence(wrapper: str) -> dict:
     """From Inductor's wrapper: the graph inputs' shapes, the buffers it allocates, its kernel calls and outputs."""
     call = wrapper[wrapper.index("def call("):wrapper.index("runner = Runner")]
     int_tuple = r"(\([\d, ]*\))"
-    shapes = {arg: ast.literal_eval(shape) for arg, shape in re.findall(rf"assert_size_stride\((\w+), {int_tuple},", call)}
+    shapes = {arg: ast.literal_eval(shape)
+              for arg, shape in re.findall(rf"assert_size_stride\((\w+), {int_tuple},", call)}
     buffers = {buf: dict(shape=ast.literal_eval(shape), stride=ast.literal_eval(stride), dtype=dtype)
                for buf, shape, stride, dtype in
                re.findall(rf"(\w+) = empty_strided_cpu\({int_tuple}, {int_tuple}, torch\.(\w+)\)", call)}
