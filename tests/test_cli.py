@@ -48,6 +48,21 @@ def test_sample_bad_input(tmp_path):
         assert not (tmp_path / "s.npz").exists()
 
 
+def test_sample_defaults_to_the_gpu_where_there_is_one(tmp_path, monkeypatch):
+    # The model loads on the CPU; without a device, generate() would sample where it is, even on a GPU machine
+    # (and --backend fp8 would then quietly run emulated).
+    import msfp.samples
+
+    devices = []
+    monkeypatch.setattr(msfp.samples, "generate", lambda *args, device=None, **kwargs: devices.append(device))
+    for available, world_size in ((True, "1"), (False, "1"), (True, "2")):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: available)
+        monkeypatch.setenv("WORLD_SIZE", world_size)
+        assert run("sample", "--out", tmp_path / "s.npz").exit_code == 0
+    # under torchrun (WORLD_SIZE 2) generate() picks each rank's GPU itself
+    assert devices == ["cuda", "cpu", None]
+
+
 def test_a_device_this_machine_lacks_is_one_clear_error(tmp_path, monkeypatch):
     r = run("sample", "--device", "tpu", "--out", tmp_path / "s.npz")
     assert r.exit_code == 2 and "'tpu' is not a torch device" in r.output

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -174,6 +175,8 @@ def sample(model_spec, num_samples, steps, scheduler_name, eta, guidance, seed, 
     """
     from msfp.samples import generate, get_scheduler, grid_path
 
+    if device is None and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        device = _default_device()  # under torchrun, generate gives each rank its own GPU
     with _user_errors():
         model, base = _load_any_model(model_spec, backend)
         result = generate(model, get_scheduler(scheduler_name, base), out, num_samples, steps, seed=seed,
