@@ -1,5 +1,6 @@
 import copy
 import json
+import re
 
 import numpy as np
 import pytest
@@ -435,6 +436,7 @@ def test_cli_samples_from_a_quantized_directory(tmp_path):
     r = runner.invoke(main, ["sample", "--model", str(tmp_path / "q"), "-n", "3", "--steps", "2", "--backend", "fp8",
                              "--out", str(tmp_path / "fp8.npz")])
     assert r.exit_code == 0, r.output
+    assert re.search(r"backend fp8: \d+ of \d+ quantized layers on E4M3 codes, emulated \(cpu device", r.output)
     # FP8 codes differ from fake-quant only by fp32 summation order: 8-bit images agree to about a level
     fp8_images = np.load(tmp_path / "fp8.npz")["arr_0"].astype(int)
     assert np.abs(fp8_images - images).mean() < 1.0

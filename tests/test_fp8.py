@@ -9,7 +9,7 @@ from torch.nn import functional as F
 import msfp
 from msfp.config import SIGNED_FP4, UNSIGNED_FP4
 from msfp.formats import fake_quant, get_format
-from msfp.fp8 import E4M3, Fp8Layer, act_codes, convert_to_fp8, e4m3_shift, fp8_kernels_available
+from msfp.fp8 import E4M3, Fp8Layer, act_codes, backend_summary, convert_to_fp8, e4m3_shift, fp8_kernels_available
 from msfp.surgery import quant_layers
 from tiny_models import scheduler, tiny_dit, tiny_plain, tiny_unet
 
@@ -109,6 +109,21 @@ def test_convert_sets_every_layers_accumulation():
     convert_to_fp8(q, use_kernels=False, precise_acc=False)
     layers = [m for m in q.modules() if isinstance(m, Fp8Layer)]
     assert layers and not any(m.precise_acc for m in layers) and q.msfp_backend["precise_acc"] is False
+
+
+def test_backend_summary_says_what_runs_where():
+    q = calibrated(tiny_unet)
+    kept = convert_to_fp8(q)
+    total = len([m for m in q.modules() if isinstance(m, Fp8Layer)]) + len(kept)
+    summary = backend_summary(q, "cpu")
+    assert summary.startswith(f"backend fp8: {total - len(kept)} of {total} quantized layers on E4M3 codes, emulated "
+                              "(cpu device (FP8 tensor cores need a CUDA GPU))")
+    assert f"; {len(kept)} stay fake-quant (" in summary and all(name in summary for name in kept)
+    q.msfp_backend["kernels"] = False
+    assert "emulated (use_kernels=False)" in backend_summary(q, "cuda")
+    q.msfp_backend["kernels"] = None
+    if not torch.cuda.is_available():
+        assert "emulated (no CUDA GPU is visible)" in backend_summary(q, "cuda")
 
 
 def test_converting_an_fp8_model_again_is_refused_rather_than_relabelled():

@@ -179,6 +179,10 @@ def sample(model_spec, num_samples, steps, scheduler_name, eta, guidance, seed, 
         device = _default_device()  # under torchrun, generate gives each rank its own GPU
     with _user_errors():
         model, base = _load_any_model(model_spec, backend)
+        if backend == "fp8" and int(os.environ.get("RANK", "0")) == 0:
+            from msfp.fp8 import backend_summary
+
+            click.echo(backend_summary(model, device or _default_device()))
         result = generate(model, get_scheduler(scheduler_name, base), out, num_samples, steps, seed=seed,
                           batch_size=batch, eta=eta, guidance=guidance, meta=dict(model=model_spec), device=device,
                           cuda_graphs=cuda_graphs)

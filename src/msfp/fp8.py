@@ -68,6 +68,8 @@ def act_codes(x: torch.Tensor, fmt: Format, scale: torch.Tensor, zero_point: tor
 
 @functools.lru_cache(maxsize=None)
 def _kernels_available(device: torch.device) -> tuple[bool, str]:
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return False, "no CUDA GPU is visible"
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     if device.type != "cuda":
@@ -348,6 +350,21 @@ def require_fake_quant(model: nn.Module, action: str, instead: str) -> None:
     if names:
         raise ValueError(f"{action} needs the fake-quant model, but {len(names)} layer(s) run on the FP8 backend "
                          f"(e.g. {names[0]!r}): {instead}")
+
+
+def backend_summary(model: nn.Module, device: torch.device | str) -> str:
+    """One line on what a :func:`convert_to_fp8` model runs on ``device``: how many layers on E4M3 codes, kernels or
+    emulation (and why), and which layers stay fake-quant (and why)."""
+    backend = model.msfp_backend
+    on_codes, kept = len([m for m in model.modules() if isinstance(m, Fp8Layer)]), backend["fake_quant_layers"]
+    available, why = (False, "use_kernels=False") if backend["kernels"] is False else fp8_kernels_available(device)
+    how = "with the Triton FP8 kernels" if available else f"emulated ({why})"
+    line = f"backend fp8: {on_codes} of {on_codes + len(kept)} quantized layers on E4M3 codes, {how}"
+    by_reason: dict[str, list[str]] = {}
+    for name, reason in kept.items():
+        by_reason.setdefault(reason, []).append(name)
+    stay = "; ".join(f"{', '.join(names)}: {reason}" for reason, names in by_reason.items())
+    return f"{line}; {len(kept)} stay fake-quant ({stay})" if kept else line
 
 
 def convert_to_fp8(model: nn.Module, use_kernels: bool | None = None, linear_gemm: str = "triton",
