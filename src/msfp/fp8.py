@@ -68,12 +68,12 @@ def act_codes(x: torch.Tensor, fmt: Format, scale: torch.Tensor, zero_point: tor
 
 @functools.lru_cache(maxsize=None)
 def _kernels_available(device: torch.device) -> tuple[bool, str]:
-    if device.type == "cuda" and not torch.cuda.is_available():
-        return False, "no CUDA GPU is visible"
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
     if device.type != "cuda":
         return False, f"{device.type} device (FP8 tensor cores need a CUDA GPU)"
+    if not torch.cuda.is_available():
+        return False, "no CUDA GPU is visible"
+    if device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
     major, minor = torch.cuda.get_device_capability(device)
     if (major, minor) < (8, 9):
         return False, f"compute capability {major}.{minor} has no FP8 tensor cores (needs ≥ 8.9: Ada, Hopper)"
@@ -343,10 +343,14 @@ def _scaled_mm_linear(codes, w_codes, a_scale, code_scale, bias, zero, corr, fas
     return y if per_row is None else (y.float() + per_row).to(torch.bfloat16)
 
 
+def _fp8_layer_names(model: nn.Module) -> list[str]:
+    return [name for name, m in model.named_modules() if isinstance(m, Fp8Layer)]
+
+
 def require_fake_quant(model: nn.Module, action: str, instead: str) -> None:
     """Raise if layers of ``model`` run on the FP8 backend, which is for inference only: they hold E4M3 codes, not the
     quantizers that calibration, fine-tuning, checkpoints and this conversion work on."""
-    names = [name for name, m in model.named_modules() if isinstance(m, Fp8Layer)]
+    names = _fp8_layer_names(model)
     if names:
         raise ValueError(f"{action} needs the fake-quant model, but {len(names)} layer(s) run on the FP8 backend "
                          f"(e.g. {names[0]!r}): {instead}")
@@ -356,7 +360,7 @@ def backend_summary(model: nn.Module, device: torch.device | str) -> str:
     """One line on what a :func:`convert_to_fp8` model runs on ``device``: how many layers on E4M3 codes, kernels or
     emulation (and why), and which layers stay fake-quant (and why)."""
     backend = model.msfp_backend
-    on_codes, kept = len([m for m in model.modules() if isinstance(m, Fp8Layer)]), backend["fake_quant_layers"]
+    on_codes, kept = len(_fp8_layer_names(model)), backend["fake_quant_layers"]
     available, why = (False, "use_kernels=False") if backend["kernels"] is False else fp8_kernels_available(device)
     how = "with the Triton FP8 kernels" if available else f"emulated ({why})"
     line = f"backend fp8: {on_codes} of {on_codes + len(kept)} quantized layers on E4M3 codes, {how}"

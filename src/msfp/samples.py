@@ -23,7 +23,7 @@ from torch import nn
 
 from msfp.cuda_graphs import GraphedDenoiser
 from msfp.fileio import atomic_path
-from msfp.sampling import sample, save_grid
+from msfp.sampling import model_device, sample, save_grid
 
 # Schedulers whose ``step`` takes the per-sample generators that make sampling noise batch-size invariant.
 SCHEDULERS = {
@@ -164,9 +164,7 @@ def generate(model, scheduler, out, num_samples: int, num_inference_steps: int, 
         if device is not None:
             model = model.to(device)
         # What a quantized model's images depend on besides the seeds (README, "Same seeds, same images?").
-        parameter = next(model.parameters(), None)
-        used_device = parameter.device if parameter is not None else torch.device(device or "cpu")
-        setup = dict(batch_size=batch_size, device=str(used_device), cuda_graphs=cuda_graphs)
+        setup = dict(batch_size=batch_size, device=str(model_device(model)), cuda_graphs=cuda_graphs)
         if getattr(model, "msfp_config", None) is not None:
             setup["backend"] = getattr(model, "msfp_backend", {}).get("kind", "fake")
         channels = (getattr(model, "config", None) or {}).get("in_channels")

@@ -36,6 +36,14 @@ def _sample_shape(model, sample_shape):
     return (config["in_channels"], *((size, size) if isinstance(size, int) else size))
 
 
+def model_device(model, device=None) -> torch.device:
+    """``device`` if given, else the device of the model's parameters (the CPU for a callable without any)."""
+    if device is not None:
+        return torch.device(device)
+    params = next(iter(model.parameters()), None) if isinstance(model, torch.nn.Module) else None
+    return params.device if params is not None else torch.device("cpu")
+
+
 @torch.no_grad()
 def sample(model, scheduler, num_samples: int, num_inference_steps: int = 100, seed: int = 0, batch_size: int = 64,
            eta: float = 0.0, class_labels=None, callback=None, disable: bool = False, device=None,
@@ -50,7 +58,7 @@ def sample(model, scheduler, num_samples: int, num_inference_steps: int = 100, s
     a CUDA device only): the same kernels without the host's per-launch work.
     """
     params = next(iter(model.parameters()), None) if isinstance(model, torch.nn.Module) else None
-    device = torch.device(device) if device is not None else (params.device if params is not None else "cpu")
+    device = model_device(model, device)
     dtype = params.dtype if params is not None else torch.float32
     shape = _sample_shape(model, sample_shape)
     denoiser = GraphedDenoiser(model) if cuda_graphs else model
