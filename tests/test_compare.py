@@ -73,6 +73,15 @@ def test_bad_method_lists_valid_ones(tmp_path):
     assert parse_methods("w4a4-int") == ["fp", "w4a4-int"]  # the reference is always drawn
 
 
+def test_bad_settings_fail_before_any_work(tmp_path):
+    r = run("compare", "--methods", "w4a4-msfp+talora", "--finetune-batch", "0", "--out", tmp_path / "x")
+    assert r.exit_code == 1 and "CompareSettings.finetune_batch must be >= 1, got 0" in r.output
+    assert not (tmp_path / "x").exists()
+    with pytest.raises(ValueError, match="CompareSettings.num_samples must be >= 1, got -1"):
+        CompareSettings(num_samples=-1)
+    assert CompareSettings(seed=-5).seed == -5  # any seed is fine
+
+
 def test_list_methods_prints_the_registry():
     from msfp.compare import DEFAULT_METHODS
 

@@ -67,6 +67,14 @@ def test_plain_module_with_conditioning_and_learned_variance():
         sample(net, DDIMScheduler(), 3, class_labels=[1], sample_shape=(2, 4, 4), disable=True)
     with pytest.raises(ValueError, match="takes no eta"):
         sample(net, EulerAncestralDiscreteScheduler(), 1, eta=0.5, sample_shape=(2, 4, 4), disable=True)
+    ran = len(calls)
+    for bad, match in ((dict(num_samples=0), "num_samples must be >= 1, got 0"),
+                       (dict(num_inference_steps=0), "num_inference_steps must be >= 1, got 0"),
+                       (dict(batch_size=-2), "batch_size must be >= 1, got -2"),
+                       (dict(eta=1.5), r"eta must be in \[0, 1\].*got 1.5"), (dict(eta=-0.1), "got -0.1")):
+        with pytest.raises(ValueError, match=match):
+            sample(net, DDIMScheduler(), **dict(dict(num_samples=1, sample_shape=(2, 4, 4), disable=True), **bad))
+    assert len(calls) == ran  # every bad argument was refused before the model ran
 
 
 def test_save_grid(tmp_path):

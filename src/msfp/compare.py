@@ -66,6 +66,13 @@ class CompareSettings:
     batch_size: int = 128
     device: str | None = None
 
+    def __post_init__(self):
+        # Checked before any work: a bad fine-tuning batch would otherwise fail only after the PTQ methods ran.
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.type == "int" and f.name != "seed" and value < 1:
+                raise ValueError(f"CompareSettings.{f.name} must be >= 1, got {value}")
+
 
 @dataclass
 class Context:

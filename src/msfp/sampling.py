@@ -57,6 +57,10 @@ def sample(model, scheduler, num_samples: int, num_inference_steps: int = 100, s
     ``cuda_graphs`` replays the model's calls from CUDA graphs (:class:`msfp.cuda_graphs.GraphedDenoiser`; a model on
     a CUDA device only): the same kernels without the host's per-launch work.
     """
+    for name, value in (("num_samples", num_samples), ("num_inference_steps", num_inference_steps),
+                        ("batch_size", batch_size)):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
     params = next(iter(model.parameters()), None) if isinstance(model, torch.nn.Module) else None
     device = model_device(model, device)
     dtype = params.dtype if params is not None else torch.float32
@@ -64,6 +68,8 @@ def sample(model, scheduler, num_samples: int, num_inference_steps: int = 100, s
     denoiser = GraphedDenoiser(model) if cuda_graphs else model
     step_kwargs = {}
     if "eta" in inspect.signature(scheduler.step).parameters:
+        if not 0.0 <= eta <= 1.0:  # above 1 DDIM's noise variance exceeds 1 - ᾱ_prev: NaN images
+            raise ValueError(f"eta must be in [0, 1] (0: deterministic DDIM, 1: DDPM-like), got {eta}")
         step_kwargs["eta"] = eta
     elif eta != 0.0:
         raise ValueError(f"{type(scheduler).__name__}.step takes no eta; use eta=0.0 with this scheduler")
