@@ -1,3 +1,4 @@
+import copy
 import json
 import re
 
@@ -5,7 +6,7 @@ import pytest
 from click.testing import CliRunner
 
 from msfp.cli import main
-from msfp.compare import METHODS, CompareSettings, parse_methods, register_method, run_compare
+from msfp.compare import METHODS, Built, CompareSettings, parse_methods, register_method, run_compare
 from msfp.report import error_plot_svg
 
 TINY = ["--num", 10, "--steps", 2, "--calib-samples", 3, "--calib-steps", 2, "--heldout-samples", 2, "--batch", 8]
@@ -102,21 +103,32 @@ def test_registered_method_and_unavailable_method(tmp_path, tiny_model_dir):
         built.notes.append("fine-tuned for 0 steps")
         return built
 
+    def diverged(ctx):
+        model = copy.deepcopy(ctx.fp_model)
+        model.conv_out.bias.data[0] = float("nan")
+        return Built(model)
+
     register_method("test-ft", finetuned, "a registered variant")
     register_method("test-missing", finetuned, "never runs", unavailable=lambda: "needs a library that is absent")
+    register_method("test-nan", diverged, "draws NaN images")
     try:
         with pytest.raises(ValueError, match="already registered"):
             register_method("test-ft", finetuned, "twice")
         settings = CompareSettings(model=str(tiny_model_dir), num_samples=4, steps=2, calib_samples=2, calib_steps=2,
                                    heldout_samples=1, batch_size=4)
-        result = run_compare(settings, parse_methods("test-ft,test-missing"), tmp_path / "r", disable=True)
+        result = run_compare(settings, parse_methods("test-ft,test-nan,test-missing"), tmp_path / "r", disable=True)
     finally:
-        METHODS.pop("test-ft")
-        METHODS.pop("test-missing")
+        for name in ("test-ft", "test-missing", "test-nan"):
+            METHODS.pop(name)
     assert list(result["methods"]) == ["fp", "test-ft"]
     assert result["methods"]["test-ft"]["notes"] == ["fine-tuned for 0 steps"]
-    assert result["skipped_methods"] == {"test-missing": "needs a library that is absent"}
-    assert "needs a library that is absent" in (tmp_path / "r" / "index.html").read_text()
+    assert result["skipped_methods"]["test-missing"] == "needs a library that is absent"
+    # A method whose images diverge is reported without a result; the other methods keep theirs.
+    assert re.fullmatch(r"no result: 4 of 4 images have NaN or inf pixels \(seed 0 among them\).*not written\)",
+                        result["skipped_methods"]["test-nan"])
+    assert not (tmp_path / "r" / "samples" / "test-nan.npz").exists()
+    html = (tmp_path / "r" / "index.html").read_text()
+    assert "needs a library that is absent" in html and "4 of 4 images have NaN" in html
 
 
 def test_torchao_rows_are_skipped_with_a_reason_when_it_cannot_run(tmp_path, tiny_model_dir, monkeypatch):

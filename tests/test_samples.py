@@ -7,8 +7,8 @@ import pytest
 import torch
 from diffusers import DiTTransformer2DModel
 
-from msfp.samples import (SCHEDULERS, Guided, from_uint8, generate, get_scheduler, grid_path, load_samples,
-                          sample_labels, save_samples, to_uint8)
+from msfp.samples import (SCHEDULERS, Guided, NonFiniteSamplesError, _require_finite, from_uint8, generate,
+                          get_scheduler, grid_path, load_samples, sample_labels, save_samples, to_uint8)
 from tiny_models import scheduler, tiny_class_unet, tiny_dit, tiny_unet
 
 
@@ -102,3 +102,53 @@ def test_torchrun_shards_equal_a_single_process(tmp_path, tiny_model_dir):
     assert sharded["seeds"].tolist() == [3, 4, 5, 6, 7] and sharded["meta"]["world_size"] == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sharded.npz", "sharded.png", "single.npz", "single.png"]
     assert sharded["meta"]["model"] == str(tiny_model_dir)
+
+
+def test_diverged_images_are_refused_not_written_black(tmp_path):
+    model = tiny_unet()
+    calls = []
+
+    def first_call_nan_where_noise_is_high(x, t):
+        calls.append(1)  # NaN only at the first step, for the images whose first noise pixel exceeds 1
+        eps = model(x, t).sample
+        return eps if len(calls) > 1 else torch.where(x[:, :1, :1, :1] > 1, float("nan"), eps)
+
+    net = torch.nn.Module()
+    net.forward = first_call_nan_where_noise_is_high
+    net.config = model.config
+    noise = [torch.randn((1, 8, 8), generator=torch.Generator().manual_seed(i))[0, 0, 0] for i in range(8)]
+    high = [i for i, v in enumerate(noise) if v > 1]
+    assert 0 < len(high) < 8  # this seed range has both kinds
+
+    out = tmp_path / "s.npz"
+    out.write_bytes(b"an earlier result")
+    with pytest.raises(NonFiniteSamplesError, match=rf"^{len(high)} of 8 images have NaN or inf pixels \(seed "
+                                                    rf"{high[0]} among them\).*DDIMScheduler, 2 steps.*not written"):
+        generate(net, scheduler(), out, 8, 2, batch_size=8, disable=True)
+    assert out.read_bytes() == b"an earlier result" and sorted(p.name for p in tmp_path.iterdir()) == ["s.npz"]
+
+
+def _require_finite_on_rank(rank, init_file, results):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    images = torch.zeros(2, 1, 4, 4)
+    if rank == 1:
+        images[1, 0, 2, 3] = float("inf")
+    try:
+        _require_finite(images, first_seed=10 + 2 * rank, num_samples=4, world=2, context="test")
+        results[rank] = "passed"
+    except NonFiniteSamplesError as e:
+        results[rank] = str(e)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_every_rank_refuses_when_one_rank_diverged(tmp_path):
+    # Rank 0's images are fine, yet it must raise too: alone, rank 1 raising would leave rank 0 at a barrier.
+    with torch.multiprocessing.Manager() as manager:
+        results = manager.dict()
+        torch.multiprocessing.spawn(_require_finite_on_rank, args=(str(tmp_path / "init"), results), nprocs=2)
+        results = dict(results)
+    assert results[0].startswith("1 of 4 images have NaN or inf pixels: the model")
+    assert results[1].startswith("1 of 4 images have NaN or inf pixels (seed 13 among them)")

@@ -38,7 +38,7 @@ from msfp.fileio import write_json
 from msfp.finetune import FinetuneConfig, finetune
 from msfp.info import format_table, layer_rows, low_bit_fractions
 from msfp.models import load_model
-from msfp.samples import generate, grid_path
+from msfp.samples import NonFiniteSamplesError, generate, grid_path
 from msfp.surgery import quant_layers, quantize
 from msfp.torchao_baselines import RECIPES, quantize_torchao, unavailable_reason
 
@@ -287,9 +287,17 @@ def run_compare(settings: CompareSettings, methods: list[str], out, command: str
             freeze_weights(built.model)
         eps = None if name == REFERENCE_METHOD else per_timestep_eps_mse(built.model, heldout, device, s.batch_size)
         path = out / "samples" / f"{name}.npz"
-        samples = generate(built.model, scheduler, path, s.num_samples, s.steps, seed=s.seed,
-                           batch_size=s.batch_size, meta=dict(model=s.model, method=name), disable=disable,
-                           device=device)
+        try:
+            samples = generate(built.model, scheduler, path, s.num_samples, s.steps, seed=s.seed,
+                               batch_size=s.batch_size, meta=dict(model=s.model, method=name), disable=disable,
+                               device=device)
+        except NonFiniteSamplesError as e:
+            if name == REFERENCE_METHOD:
+                raise
+            # A diverged method is a finding, not a reason to lose the other methods' results.
+            _log(f"[{k}/{len(methods)}] {name}: no result: {e}")
+            skipped[name] = f"no result: {e}"
+            continue
         evaluation = evaluate(path, reference, paired_path=None if name == REFERENCE_METHOD else fp_samples,
                               device=device)
         results[name] = dict(

@@ -145,6 +145,27 @@ def _shard_path(out: Path, rank: int, world: int) -> Path:
     return out.with_name(f"{out.name}.shard{rank}-of-{world}.npz")
 
 
+class NonFiniteSamplesError(ValueError):
+    """Sampling produced NaN or inf pixels: the model or the sampler diverged."""
+
+
+def _require_finite(images: torch.Tensor, first_seed: int, num_samples: int, world: int, context: str) -> None:
+    """Raise :class:`NonFiniteSamplesError` on every rank if any rank drew a non-finite image (uint8 conversion
+    would silently turn NaN into black pixels)."""
+    bad = (~torch.isfinite(images)).flatten(1).any(1)
+    total = int(bad.sum())
+    if world > 1:  # all ranks must raise together: one rank raising alone would leave the others at a barrier
+        import torch.distributed as dist
+
+        count = torch.tensor([total])
+        dist.all_reduce(count)
+        total = int(count)
+    if total:
+        where = f" (seed {first_seed + int(bad.nonzero()[0])} among them)" if bad.any() else ""
+        raise NonFiniteSamplesError(f"{total} of {num_samples} images have NaN or inf pixels{where}: the model or the "
+                                    f"sampler diverged ({context})")
+
+
 def generate(model, scheduler, out, num_samples: int, num_inference_steps: int, seed: int = 0, batch_size: int = 64,
              eta: float = 0.0, guidance: float = 1.0, meta: dict | None = None, disable: bool = False,
              device=None, cuda_graphs: bool = False) -> dict | None:
@@ -183,9 +204,11 @@ def generate(model, scheduler, out, num_samples: int, num_inference_steps: int, 
         labels = sample_labels(num_classes, seed, range(start, stop)) if num_classes else None
         began = time.time()
         # Image i uses the generator seeded with seed + i, on whichever rank draws it.
-        images = to_uint8(sample(model, scheduler, stop - start, num_inference_steps, seed=seed + start,
-                                 batch_size=batch_size, eta=eta, class_labels=labels, disable=disable or rank != 0,
-                                 device=device))
+        drawn = sample(model, scheduler, stop - start, num_inference_steps, seed=seed + start, batch_size=batch_size,
+                       eta=eta, class_labels=labels, disable=disable or rank != 0, device=device)
+        _require_finite(drawn, seed + start, num_samples, world, f"{type(scheduler).__name__}, {num_inference_steps} steps, "
+                        f"eta {eta}; {out} was not written")
+        images = to_uint8(drawn)
         seeds = np.arange(seed + start, seed + stop)
         meta = dict(meta or {}, num_samples=num_samples, steps=num_inference_steps, seed=seed, eta=eta,
                     guidance=guidance, scheduler=type(scheduler).__name__, world_size=world, **setup,
