@@ -417,6 +417,11 @@ def test_finetuned_talora_round_trip_is_exact(tmp_path, lora):
         assert {run[2] for run in meta["talora"]["assignment"]} == {0, 1, 2, 3}
         layer = msfp.surgery.quant_layers(loaded)["down_blocks.0.resnets.0.conv1"]
         assert layer.weight_sets.shape[0] == 4 and not hasattr(layer.lora, "A")
+    # A loaded checkpoint saves back to the same file: every weight set, not only the first.
+    again = msfp.save_quantized(loaded, tmp_path / "again")
+    first, second = (load_file(d / "model.safetensors") for d in (out, again))
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    assert torch.equal(outputs(msfp.load_quantized(again), (1, 8, 8)), outputs(q, (1, 8, 8)))
     info = CliRunner().invoke(main, ["info", str(out)])
     assert info.exit_code == 0 and "LoRA" in info.output, info.output
 

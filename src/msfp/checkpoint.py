@@ -85,11 +85,6 @@ def _json_default(obj):
     return str(obj)
 
 
-def _num_weight_sets(layer) -> int:
-    lora = getattr(layer, "lora", None)
-    return 1 if lora is None else lora.num_loras
-
-
 def _weight_params(layer):
     """Scale (clamped as the quantizer uses it) and zero point (None for signed formats), shaped to broadcast."""
     q = layer.weight_quantizer
@@ -112,9 +107,11 @@ def _packed_weights(layer) -> torch.Tensor:
     fmt = layer.weight_quantizer.fmt
     scale, zero = _weight_params(layer)
     rows = []
-    for k in range(_num_weight_sets(layer)):
-        codes = quantize_to_codes(layer.effective_weight(k).detach(), fmt, scale, zero)
+    # K counts LoRAs, or the pre-merged sets of a loaded TALoRA checkpoint (which has no LoRA factors to merge).
+    for k in range(layer.num_weight_sets):
+        # Q_w(W_k) is on the grid, so its codes are W_k's (the fixed-point check below guards that).
         expected = layer.quantized_weight(k).detach()
+        codes = quantize_to_codes(expected, fmt, scale, zero)
         dequantized = _dequantize(codes, layer)
         if not torch.equal(dequantized, expected):
             raise RuntimeError(f"{layer.name}: packed codes do not reproduce the quantized weight set {k} exactly "
@@ -163,7 +160,7 @@ def quantization_config(model: nn.Module) -> dict:
     return dict(quant_method="msfp", format_version=FORMAT_VERSION, **model.msfp_config.to_dict(),
                 modules_to_not_convert=list(model.msfp_full_precision_layers),
                 weight_storage=dict(codes="sign-magnitude format bit fields, dense LSB-first bit packing",
-                                    weight_sets=max(_num_weight_sets(layer) for layer in quant_layers(model).values())),
+                                    weight_sets=max(layer.num_weight_sets for layer in quant_layers(model).values())),
                 versions=dict(msfp=__version__, torch=torch.__version__, diffusers=diffusers.__version__))
 
 
