@@ -255,6 +255,17 @@ def test_failed_save_leaves_the_earlier_result_intact(tmp_path, saved):
     assert [p.name for p in tmp_path.iterdir()] == ["q"]  # no temporary directory left behind
 
 
+def test_saving_over_a_checkpoint_keeps_the_users_other_files(tmp_path, saved):
+    # msfp finetune DIR writes back into DIR: that used to delete everything else in it.
+    q, _ = saved
+    out = msfp.save_quantized(q, tmp_path / "q")
+    (out / "samples.npz").write_bytes(b"samples")
+    msfp.save_quantized(q, out)
+    assert sorted(p.name for p in out.iterdir()) == ["model.safetensors", "msfp_quant.json", "samples.npz"]
+    assert (out / "samples.npz").read_bytes() == b"samples" and torch.equal(
+        unet_outputs(msfp.load_quantized(out)), unet_outputs(q))
+
+
 def test_a_model_on_the_fp8_backend_is_not_saved_over_its_checkpoint(saved):
     # Its FP8 layers hold E4M3 codes, not the quantized layers a checkpoint stores: saving used to write a checkpoint
     # without them, over the directory it came from.

@@ -43,8 +43,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
 import diffusers
@@ -57,6 +55,7 @@ from torch import nn
 from msfp import __version__
 from msfp.attention import attention_quantizers
 from msfp.config import QuantConfig
+from msfp.fileio import atomic_directory
 from msfp.formats import get_format
 from msfp.fp8 import convert_to_fp8, require_fake_quant
 from msfp.packing import decode, pack, quantize_to_codes, unpack
@@ -226,28 +225,14 @@ def save_quantized(model: nn.Module, directory: str | os.PathLike) -> Path:
     for name, layer in layers.items():
         state[name + CODES_SUFFIX] = _packed_weights(layer)
     out = Path(directory)
-    out.parent.mkdir(parents=True, exist_ok=True)
     if out.exists() and not (out / CONFIG_NAME).is_file():
         raise FileExistsError(f"{out} exists and is not a msfp output directory; refusing to replace it")
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp"))
-    try:
+    with atomic_directory(out) as tmp:
         save_file(state, tmp / WEIGHTS_NAME, metadata={"format": "pt", "msfp_format_version": str(FORMAT_VERSION)})
         meta["weights_sha256"] = _sha256(tmp / WEIGHTS_NAME)
         (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=1) + "\n")
         for f in (tmp / WEIGHTS_NAME, tmp / CONFIG_NAME):
             os.chmod(f, 0o644)
-        os.chmod(tmp, 0o755)  # mkdtemp creates 0700
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

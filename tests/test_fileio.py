@@ -1,0 +1,97 @@
+import os
+
+import pytest
+
+from msfp import fileio
+from msfp.fileio import atomic_directory
+
+
+def tree(path):
+    """{relative path: content} of every file below ``path``, and link targets as 'link -> target'."""
+    out = {}
+    for root, dirs, files in os.walk(path):
+        for name in dirs + files:
+            p = os.path.join(root, name)
+            rel = os.path.relpath(p, path)
+            if os.path.islink(p):
+                out[rel] = f"link -> {os.readlink(p)}"
+            elif os.path.isfile(p):
+                out[rel] = open(p).read()
+    return out
+
+
+def write(directory, **files):
+    for name, text in files.items():
+        (directory / name).write_text(text)
+
+
+@pytest.fixture
+def existing(tmp_path):
+    """A directory with the two files a save writes and a user's own entries beside them."""
+    d = tmp_path / "model"
+    (d / "evals").mkdir(parents=True)
+    write(d, weights="old weights", config="old config", notes="my notes")
+    (d / "evals" / "run1.json").write_text("{}")
+    os.symlink("notes", d / "notes-link")
+    return d
+
+
+def test_new_files_replace_old_ones_and_other_entries_are_kept(tmp_path, existing):
+    with atomic_directory(existing) as tmp:
+        assert tmp.parent == tmp_path and list(tmp.iterdir()) == []
+        write(tmp, weights="new weights", config="new config")
+    assert tree(existing) == {"weights": "new weights", "config": "new config", "notes": "my notes",
+                     "evals/run1.json": "{}", "notes-link": "link -> notes"}
+    assert os.stat(existing).st_mode & 0o777 == 0o755
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no temporary or old directory left behind
+
+
+def test_a_new_directory_is_created(tmp_path):
+    with atomic_directory(tmp_path / "sub" / "new") as tmp:
+        write(tmp, weights="w")
+    assert tree(tmp_path / "sub" / "new") == {"weights": "w"}
+    assert [p.name for p in (tmp_path / "sub").iterdir()] == ["new"]
+
+
+def test_an_error_while_writing_leaves_the_earlier_version(tmp_path, existing):
+    before = tree(existing)
+    with pytest.raises(OSError, match="disk full"):
+        with atomic_directory(existing) as tmp:
+            write(tmp, weights="half")
+            raise OSError("disk full")
+    assert tree(existing) == before and sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_a_failed_swap_puts_the_earlier_version_back(tmp_path, existing, monkeypatch):
+    before = tree(existing)
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if str(dst) == str(existing) and ".tmp" in str(src):
+            raise OSError("simulated failure of the second rename")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(fileio.os, "replace", replace)
+    with pytest.raises(OSError, match="second rename"):
+        with atomic_directory(existing) as tmp:
+            write(tmp, weights="new weights")
+    assert tree(existing) == before and sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_a_symlinked_directory_stays_a_link(tmp_path, existing):
+    link = tmp_path / "link"
+    os.symlink(existing, link)
+    for text in ("first", "second"):  # the second save used to fail on the first one's leftovers
+        with atomic_directory(link) as tmp:
+            write(tmp, weights=text)
+        assert link.is_symlink() and tree(existing)["weights"] == text and tree(link)["notes"] == "my notes"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "model"]
+
+
+def test_leftovers_of_a_crash_between_the_renames_are_cleared(tmp_path, existing):
+    (tmp_path / ".model.old").mkdir()
+    write(tmp_path / ".model.old", weights="stale")
+    with atomic_directory(existing) as tmp:
+        write(tmp, weights="new weights")
+    assert tree(existing)["weights"] == "new weights"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
