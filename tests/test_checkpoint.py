@@ -165,6 +165,27 @@ def test_plain_module_needs_an_instance(tmp_path):
         msfp.load_quantized(tmp_path / "q", model=PlainDenoiser(hidden=16))
 
 
+    class OtherDenoiser(PlainDenoiser):  # same parameters, another computation
+        def forward(self, x, t):
+            return -super().forward(x, t)
+
+    with pytest.raises(ValueError, match=r"quantized from a tiny_models.PlainDenoiser, not from the model passed "
+                                         r"\(OtherDenoiser\) \(.*OtherDenoiser\)"):
+        msfp.load_quantized(tmp_path / "q", model=OtherDenoiser())
+
+
+def test_a_model_passed_to_load_must_be_the_saved_architecture(saved):
+    # Same tensor shapes, another activation and head size: the shape check alone accepted it.
+    _, out = saved
+    other = type(tiny_unet()).from_config(tiny_unet().config, act_fn="gelu", attention_head_dim=8)
+    with pytest.raises(ValueError, match=r"quantized from another UNet2DModel than the model passed \(UNet2DModel\): "
+                                         r"act_fn 'silu' there, 'gelu' here, attention_head_dim 4 there, 8 here"):
+        msfp.load_quantized(out, model=other)
+    with pytest.raises(ValueError, match="quantized from a UNet2DModel, not from the model passed"):
+        msfp.load_quantized(out, model=tiny_dit())
+    assert torch.equal(unet_outputs(msfp.load_quantized(out, model=tiny_unet())), unet_outputs(msfp.load_quantized(out)))
+
+
 def _edit_meta(out, edit):
     meta = json.loads((out / "msfp_quant.json").read_text())
     edit(meta)
@@ -482,3 +503,10 @@ def test_cli_eval_reports_the_noise_prediction_error_of_a_quantized_model(tmp_pa
     assert result["metrics"]["eps_mse"] > 0 and len(result["eps_mse_per_timestep"]) == 3
     assert 0 < result["metrics"]["eps_mse_weighted"]
     assert "noise-prediction MSE" in r.output
+
+    # Its error against another full-precision model than the one it was quantized from would mean nothing.
+    r = runner.invoke(main, ["eval", str(tmp_path / "q.npz"), "--model", str(tmp_path / "q")])
+    assert r.exit_code == 1 and f"{tmp_path / 'q'} was quantized from another UNet2DModel than --fp-model " \
+        "'default': " in r.output, r.output
+    r = runner.invoke(main, ["finetune", str(tmp_path / "q"), "--iters", "1"])
+    assert r.exit_code == 1 and "than --model 'default': " in r.output, r.output

@@ -76,6 +76,33 @@ def _base_info(model: nn.Module) -> dict:
     return dict(library="torch", class_name=f"{type(model).__module__}.{type(model).__qualname__}", config=None)
 
 
+def _architecture(config) -> dict:
+    """A diffusers config as plain JSON values, without bookkeeping keys (``_name_or_path``, versions, ...)."""
+    plain = json.loads(json.dumps(dict(config), default=_json_default))
+    return {k: v for k, v in plain.items() if not k.startswith("_")}
+
+
+def require_base_model(meta: dict, model: nn.Module, where, what: str) -> None:
+    """Raise unless ``model`` (described as ``what``) is the architecture the checkpoint ``where`` with metadata
+    ``meta`` was quantized from: same class and, for diffusers models, the same config. Tensor shapes alone miss
+    differences such as ``act_fn`` or ``attention_head_dim``."""
+    saved, given = meta["base_model"], _base_info(model)
+    if saved["library"] == "diffusers" or given["library"] == "diffusers":
+        same_class = saved["class_name"] == given["class_name"]
+    else:  # the same class may be imported from another module (a script's __main__ or a package)
+        same_class = saved["class_name"].endswith("." + type(model).__qualname__)
+    if not same_class:
+        raise ValueError(f"{where} was quantized from a {saved['class_name']}, not from {what} "
+                         f"({given['class_name']})")
+    if saved["config"] is not None:
+        a, b = _architecture(saved["config"]), _architecture(given["config"])
+        differ = sorted(k for k in a.keys() & b.keys() if a[k] != b[k])  # keys one diffusers version lacks: defaults
+        if differ:
+            raise ValueError(f"{where} was quantized from another {saved['class_name']} than {what}: "
+                             + ", ".join(f"{k} {a[k]!r} there, {b[k]!r} here" for k in differ[:4])
+                             + (f" (and {len(differ) - 4} more)" if len(differ) > 4 else ""))
+
+
 def _json_default(obj):
     if isinstance(obj, (tuple, set)):
         return list(obj)
@@ -261,6 +288,7 @@ def read_quant_meta(directory: str | os.PathLike) -> dict:
 def _build_base(meta: dict, model: nn.Module | None, where: Path) -> nn.Module:
     base = meta["base_model"]
     if model is not None:
+        require_base_model(meta, model, where, f"the model passed ({type(model).__name__})")
         return model
     if base["library"] != "diffusers":
         raise ValueError(f"{where}: the base model is a plain PyTorch module ({base['class_name']}); pass an "

@@ -214,6 +214,7 @@ def eval_(samples_path, ref, ref_images, data_dir, inception_weights, paired_pat
           heldout_samples, heldout_steps, json_path, device):
     """Quality metrics of a sample file (FD, KID, classifier score, precision/recall; FID/sFID/IS; PSNR; ε MSE)."""
     from msfp.calibration import collect_trajectories
+    from msfp.checkpoint import CONFIG_NAME, read_quant_meta, require_base_model
     from msfp.compare import HELDOUT_SEED_OFFSET
     from msfp.evaluation import (eps_mse_weighted, evaluate, format_table, load_reference,
                                  per_timestep_eps_mse)
@@ -226,8 +227,11 @@ def eval_(samples_path, ref, ref_images, data_dir, inception_weights, paired_pat
         if model_spec is not None:
             model, scheduler = _load_any_model(model_spec)
             teacher, _ = load_model(fp_model)
+            if (Path(model_spec) / CONFIG_NAME).is_file():  # its error would be measured against another model
+                require_base_model(read_quant_meta(model_spec), teacher, model_spec, f"--fp-model {fp_model!r}")
+            model.to(device or _default_device())
+            teacher.to(device or _default_device())
             # Held-out seeds as in msfp compare: never the calibration or fine-tuning trajectories.
-            teacher.to(next(model.parameters()).device)
             points = collect_trajectories(teacher, scheduler, heldout_samples, heldout_steps, seed=HELDOUT_SEED_OFFSET,
                                           disable=True)
             eps = per_timestep_eps_mse(model, points)
@@ -306,12 +310,6 @@ def compare(model_spec, methods, out, num_samples, steps, calib_samples, calib_s
                f"wall time {result['wall_seconds']:.0f} s")
 
 
-def _architecture(config) -> dict:
-    """A diffusers config as plain JSON values, without bookkeeping keys (``_name_or_path``, versions, ...)."""
-    plain = json.loads(json.dumps(dict(config), default=str))
-    return {k: v for k, v in plain.items() if not k.startswith("_")}
-
-
 @main.command("finetune")
 @click.argument("directory", type=click.Path(exists=True, file_okay=False))
 @click.option("--model", "model_spec", default="default", help="the full-precision teacher: the model DIRECTORY was "
@@ -340,7 +338,7 @@ def finetune_cmd(directory, model_spec, iters, batch, lora, num_loras, rank, los
 
     Progress is checkpointed beside it (.DIRECTORY.finetune/); DIRECTORY is replaced only when the run completes.
     """
-    from msfp.checkpoint import load_quantized, read_quant_meta, save_quantized
+    from msfp.checkpoint import load_quantized, read_quant_meta, require_base_model, save_quantized
     from msfp.compare import CALIB_SEED_OFFSET
     from msfp.finetune import FinetuneConfig, finetune
     from msfp.info import describe
@@ -358,9 +356,7 @@ def finetune_cmd(directory, model_spec, iters, batch, lora, num_loras, rank, los
             raise ValueError(f"{path} is already fine-tuned (its LoRAs are merged into packed weights); fine-tune "
                              "the output of msfp quantize instead")
         fp_model, scheduler = load_model(model_spec)
-        saved = meta["base_model"]["config"]
-        if saved is not None and _architecture(fp_model.config) != _architecture(saved):
-            raise ValueError(f"{path} was quantized from another model than --model {model_spec!r} (configs differ)")
+        require_base_model(meta, fp_model, path, f"--model {model_spec!r}")
         fp_model.to(device)
         qmodel = load_quantized(path, freeze=False).to(device)
         fp_modules = dict(fp_model.named_modules())
