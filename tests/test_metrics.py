@@ -80,7 +80,9 @@ def test_kid_unbiased_mmd_matches_direct_formula():
                 + sum(k(y[i], y[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
                 - 2 * sum(k(x[i], y[j]) for i in range(m) for j in range(m)) / m**2)
     mean, std = kid(x, y, subsets=3, subset_size=20)  # subset = whole set, so every draw is the same
-    assert mean == pytest.approx(expected, rel=1e-10) and std == pytest.approx(0, abs=1e-10)
+    assert mean == pytest.approx(expected, rel=1e-10) and std is None  # a spread of 0 would claim certainty
+    assert kid(x, np.concatenate([y, y]), subsets=3, subset_size=20)[1] is None  # x is whole in every draw
+    assert kid(x, y, subsets=3, subset_size=10)[1] > 0
 
 
 def test_classifier_score_uniform_and_one_hot():

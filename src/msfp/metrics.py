@@ -98,7 +98,9 @@ def bootstrap_interval(replicates, level: float = 0.9) -> tuple[float, float]:
 def kid(feats1, feats2, subsets: int = 100, subset_size: int = 1000, seed: int = 0):
     """Kernel Inception distance: unbiased MMD² with the kernel ``(x·y / D + 1)³``, averaged over random subsets.
 
-    Returns ``(mean, std)`` over the ``subsets`` draws; ``subset_size`` is capped at the smaller set's size.
+    Returns ``(mean, std)`` over the ``subsets`` draws; ``subset_size`` is capped at the smaller set's size. Where
+    that leaves a set whole in every draw, the draws' spread says nothing about that set's sampling variation (with
+    both sets whole it is 0), so ``std`` is None.
     """
     f1, f2 = _as_f64(feats1), _as_f64(feats2)
     if f1.ndim != 2 or f2.ndim != 2 or f1.shape[1] != f2.shape[1]:
@@ -115,7 +117,7 @@ def kid(feats1, feats2, subsets: int = 100, subset_size: int = 1000, seed: int =
         kxx, kyy, kxy = ((a @ b.T / d + 1) ** 3 for a, b in ((x, x), (y, y), (x, y)))
         # Unbiased: drop the diagonal of the within-set kernels.
         mmds[i] = ((kxx.sum() - np.trace(kxx)) + (kyy.sum() - np.trace(kyy))) / (m * (m - 1)) - 2 * kxy.mean()
-    return float(mmds.mean()), float(mmds.std())
+    return float(mmds.mean()), None if m in (len(f1), len(f2)) else float(mmds.std())
 
 
 def classifier_score(logits, splits: int = 10):
