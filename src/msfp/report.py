@@ -48,9 +48,16 @@ def _metrics_table(result: dict) -> str:
 def error_plot_svg(series: dict[str, dict[int, float]], width: int = 760, height: int = 380) -> str:
     """Inline SVG: per-timestep noise-prediction MSE (log scale) of each method, timesteps in sampling order."""
     series = {k: v for k, v in series.items() if v}
+    if not series:
+        return "<p>No quantized method was evaluated.</p>"
+    # A log axis has no place for NaN or inf (a diverged method): name them below the plot instead.
+    not_finite = [f"{name} (t = {', '.join(str(t) for t, e in v.items() if not math.isfinite(e))})"
+                  for name, v in series.items() if not all(map(math.isfinite, v.values()))]
+    note = f"<p>Not finite, so not plotted: {escape('; '.join(not_finite))}.</p>" if not_finite else ""
+    series = {k: kept for k, v in series.items() if (kept := {t: e for t, e in v.items() if math.isfinite(e)})}
     points = [e for v in series.values() for e in v.values() if e > 0]
     if not points:
-        return "<p>No quantized method was evaluated.</p>"
+        return f"<p>No noise-prediction error above zero to plot.</p>{note}"
     left, right, top, bottom = 70, 170, 20, 50
     pw, ph = width - left - right, height - top - bottom
     t_max = max(t for v in series.values() for t in v) or 1
@@ -82,7 +89,7 @@ def error_plot_svg(series: dict[str, dict[int, float]], width: int = 760, height
         parts.append(f'<line x1="{left + pw + 12}" x2="{left + pw + 36}" y1="{ly}" y2="{ly}" stroke="{color}" '
                      f'stroke-width="2"/><text x="{left + pw + 42}" y="{ly + 4}">{escape(name)}</text>')
     parts.append("</svg>")
-    return "".join(parts)
+    return "".join(parts) + note
 
 
 def _layer_table(result: dict) -> str:
