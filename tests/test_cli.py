@@ -175,6 +175,24 @@ def test_eval_bad_input(tmp_path):
     assert "Inception weights" in error(tmp_path / "s.npz", "--ref", tmp_path / "s.npz", "--inception-weights",
                                         tmp_path / "none.pth")
 
+    # Reference files that are not .npz, or hold unusable statistics: one clear line each.
+    np.save(tmp_path / "array.npy", np.zeros(3))
+    (tmp_path / "empty.npz").write_bytes(b"")
+    for bad in ("array.npy", "empty.npz"):
+        assert f"{bad}: not a readable .npz reference file" in error(tmp_path / "s.npz", "--ref", tmp_path / bad)
+    mu, sigma = np.zeros(128), np.eye(128)
+    for name, stats, message in (
+            ("nan.npz", dict(mu=np.full(128, np.nan), sigma=sigma), "finite: False"),
+            ("square.npz", dict(mu=mu, sigma=np.eye(3)), r"mu \(128,\), sigma \(3, 3\)"),
+            ("inception.npz", dict(mu=np.zeros(2048), sigma=np.eye(2048)),
+             "are 2048-dimensional, the feature network's features 128-dimensional")):
+        np.savez(tmp_path / name, **stats)
+        assert re.search(message, error(tmp_path / "s.npz", "--ref", tmp_path / name)), name
+    np.savez(tmp_path / "fine.npz", mu=mu, sigma=sigma)
+    assert run("eval", tmp_path / "s.npz", "--ref", tmp_path / "fine.npz").exit_code == 0
+    np.savez(tmp_path / "none.npz", arr_0=np.zeros((0, 32, 32, 1), np.uint8))
+    assert "with N, H, W >= 1" in error(tmp_path / "none.npz")
+
 
 def test_eval_reference_image_dir_and_other_image_sizes(tmp_path):
     from PIL import Image

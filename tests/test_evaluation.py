@@ -1,7 +1,8 @@
+import numpy as np
 import pytest
 from diffusers import DDIMScheduler, EulerDiscreteScheduler
 
-from msfp.evaluation import eps_mse_weighted
+from msfp.evaluation import eps_mse_weighted, load_image_dir
 from msfp.losses import denoising_factors
 
 
@@ -34,3 +35,14 @@ def test_last_ddim_step_hardly_counts():
 def test_eps_mse_weighted_rejects_other_timesteps():
     with pytest.raises(ValueError, match="not the 3-step trajectory of DDIMScheduler"):
         eps_mse_weighted({999: 0.1, 500: 0.1, 1: 0.1}, ddim())
+
+
+def test_reference_images_of_other_modes_keep_their_values(tmp_path):
+    from PIL import Image
+
+    ramp = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    Image.fromarray(ramp.astype(np.uint16) * 257).save(tmp_path / "a_16bit.png")  # convert("L") clipped it to 0/255
+    Image.fromarray(ramp).convert("LA").save(tmp_path / "b_alpha.png")  # read as RGB: 3 channels
+    Image.fromarray(ramp).save(tmp_path / "c_8bit.png")
+    images = load_image_dir(tmp_path)
+    assert images.shape == (3, 16, 16, 1) and all((im[..., 0] == ramp).all() for im in images)

@@ -44,6 +44,13 @@ def test_save_load_and_bad_files(tmp_path):
     with pytest.raises(ValueError, match=r"seeds has shape \(3,\), expected \(4,\)"):
         load_samples(tmp_path / "seeds.npz")
 
+    # Writing checks as much as reading: a cast to uint8 would turn floats in [-1, 1] into 0s and 1s.
+    with pytest.raises(ValueError, match=r"expected arr_0 = uint8 images.*got float32 \(4, 8, 8, 3\)"):
+        save_samples(tmp_path / "f.npz", images.astype(np.float32) / 127.5 - 1, [5, 6, 7, 8])
+    with pytest.raises(ValueError, match=r"labels has shape \(3,\), expected \(4,\)"):
+        save_samples(tmp_path / "l.npz", images, [5, 6, 7, 8], labels=[0, 1, 2])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["float.npz", "other.npz", "s.npz", "seeds.npz", "text.npz"]
+
 
 @pytest.mark.parametrize("name", list(SCHEDULERS))
 def test_every_scheduler_is_batch_size_invariant(tmp_path, name):

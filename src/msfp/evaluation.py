@@ -26,7 +26,7 @@ from msfp.data import load_fashion_mnist, to_model_range
 from msfp.feature_net import compute_features, load_feature_net, load_reference_stats
 from msfp.losses import denoising_factors, dfa_weights
 from msfp.metrics import classifier_score, fd_bootstrap, feature_stats, frechet_distance, kid, precision_recall
-from msfp.samples import from_uint8, load_samples, to_uint8
+from msfp.samples import from_uint8, load_samples, read_npz, to_uint8
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 SPLITS = 10  # classifier score / IS splits, as in the reference IS code
@@ -69,7 +69,11 @@ def load_image_dir(path: str | os.PathLike) -> np.ndarray:
     images = []
     for f in files:
         with Image.open(f) as im:
-            a = np.asarray(im.convert("L" if im.mode in ("1", "L", "I", "I;16") else "RGB"))
+            # 16-bit PNGs open as I;16 (I in older Pillow), and convert("L") would clip them to 0 or 255.
+            if im.mode.startswith("I"):
+                a = np.round(np.asarray(im, dtype=np.float64) / 257).astype(np.uint8)
+            else:
+                a = np.asarray(im.convert("L" if im.mode in ("1", "L", "LA") else "RGB"))
         a = a[..., None] if a.ndim == 2 else a
         if images and a.shape != images[0].shape:
             raise ValueError(f"{f}: shape {a.shape} differs from {files[0].name}'s {images[0].shape}; all reference "
@@ -89,17 +93,18 @@ def load_reference(ref: str | os.PathLike | None = None, ref_images: str | os.Pa
         return Reference(name=str(ref_images), images=load_image_dir(ref_images))
     if ref is not None:
         path = Path(ref)
-        if not path.is_file():
-            raise FileNotFoundError(f"reference file {path} not found")
-        with np.load(path, allow_pickle=False) as f:
-            keys = set(f.files)
-            if "arr_0" in keys:
-                return Reference(name=str(path), images=load_samples(path)["images"])
-            if not {"mu", "sigma"} <= keys:
-                raise ValueError(f"{path}: expected reference images (arr_0) or feature-net statistics (mu, sigma); "
-                                 f"got keys {sorted(keys)}")
-            return Reference(name=str(path), stats=(f["mu"], f["sigma"]),
-                             no_images_reason=f"the reference {path.name} holds statistics only, no images")
+        data = read_npz(path, "reference file")
+        if "arr_0" in data:
+            return Reference(name=str(path), images=load_samples(path)["images"])
+        if not {"mu", "sigma"} <= data.keys():
+            raise ValueError(f"{path}: expected reference images (arr_0) or feature-net statistics (mu, sigma); "
+                             f"got keys {sorted(data)}")
+        mu, sigma = data["mu"], data["sigma"]
+        if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)) or not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+            raise ValueError(f"{path}: expected finite statistics mu (D,) and sigma (D, D); got mu {mu.shape}, sigma "
+                             f"{sigma.shape}, finite: {bool(np.isfinite(mu).all() and np.isfinite(sigma).all())}")
+        return Reference(name=str(path), stats=(mu, sigma),
+                         no_images_reason=f"the reference {path.name} holds statistics only, no images")
     name = "Fashion-MNIST test split (10,000 images)"
     stats = load_reference_stats("test")
     try:
@@ -190,6 +195,10 @@ def _feature_net_metrics(images, reference: Reference, metrics: dict, skipped: d
         metrics["kid"], metrics["kid_std"] = kid(feats, ref_feats)
         metrics["precision"], metrics["recall"] = precision_recall(ref_feats, feats)
     ref_stats = reference.stats or feature_stats(ref_feats)
+    if len(ref_stats[0]) != feats.shape[1]:
+        raise ValueError(f"the reference statistics ({reference.name}) are {len(ref_stats[0])}-dimensional, the feature "
+                         f"network's features {feats.shape[1]}-dimensional: statistics of another network (e.g. "
+                         "Inception's 2048) do not apply")
     metrics["fd"] = frechet_distance(*feature_stats(feats), *ref_stats)
     replicates = fd_bootstrap(feats, *ref_stats, resamples=FD_BOOTSTRAP_RESAMPLES)
     metrics["fd_std"] = float(replicates.std())

@@ -87,31 +87,48 @@ class Guided(nn.Module):
         return uncond + self.scale * (cond - uncond)
 
 
+def _check_images(images: np.ndarray, where) -> None:
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3) or 0 in images.shape:
+        raise ValueError(f"{where}: expected arr_0 = uint8 images (N, H, W, 1 or 3) with N, H, W >= 1 as written by "
+                         f"`msfp sample`; got {images.dtype} {images.shape}")
+
+
 def save_samples(path, images: np.ndarray, seeds, labels=None, meta: dict | None = None) -> None:
-    """Write a sample file atomically; ``images`` uint8 (N, H, W, C)."""
-    arrays = dict(arr_0=np.asarray(images, dtype=np.uint8), seeds=np.asarray(seeds, dtype=np.int64),
-                  meta=np.array(json.dumps(meta or {})))
+    """Write a sample file atomically; ``images`` uint8 (N, H, W, C) (see :func:`to_uint8`), one seed (and label)
+    per image."""
+    images = np.asarray(images)
+    _check_images(images, path)  # a cast would silently turn floats in [-1, 1] into 0s and 1s
+    arrays = dict(arr_0=images, seeds=np.asarray(seeds, dtype=np.int64), meta=np.array(json.dumps(meta or {})))
     if labels is not None:
         arrays["labels"] = np.asarray(labels, dtype=np.int64)
+    for key in ("seeds", "labels"):
+        if key in arrays and arrays[key].shape != (len(images),):
+            raise ValueError(f"{path}: {key} has shape {arrays[key].shape}, expected ({len(images)},)")
     with atomic_path(path) as tmp, open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a name
         np.savez(f, **arrays)
+
+
+def read_npz(path, what: str) -> dict[str, np.ndarray]:
+    """Every array of the ``.npz`` file ``path`` (a ``what``), with one clear error for anything else."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path} not found")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            return {k: f[k] for k in f.files}
+    except Exception as e:  # zip, pickle and format errors (and a plain .npy: no .files) all mean "not an .npz"
+        raise ValueError(f"{path}: not a readable .npz {what} ({type(e).__name__}: {e})") from e
 
 
 def load_samples(path) -> dict:
     """``dict(images=uint8 (N, H, W, C), seeds=(N,) or None, labels=(N,) or None, meta=dict)``."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"sample file {path} not found")
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            data = {k: f[k] for k in f.files}
-    except Exception as e:  # zip, pickle and format errors all mean "not a sample file"
-        raise ValueError(f"{path}: not a readable .npz sample file ({type(e).__name__}: {e})") from e
-    images = data.get("arr_0")
-    if images is None or images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
-        got = f"keys {sorted(data)}" if images is None else f"arr_0 {images.dtype} {images.shape}"
+    data = read_npz(path, "sample file")
+    if "arr_0" not in data:
         raise ValueError(f"{path}: expected arr_0 = uint8 images (N, H, W, 1 or 3) as written by `msfp sample`; "
-                         f"got {got}")
+                         f"got keys {sorted(data)}")
+    images = data["arr_0"]
+    _check_images(images, path)
     for key in ("seeds", "labels"):
         if key in data and data[key].shape != (len(images),):
             raise ValueError(f"{path}: {key} has shape {data[key].shape}, expected ({len(images)},)")
