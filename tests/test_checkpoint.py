@@ -186,6 +186,42 @@ def test_a_model_passed_to_load_must_be_the_saved_architecture(saved):
     assert torch.equal(unet_outputs(msfp.load_quantized(out, model=tiny_unet())), unet_outputs(msfp.load_quantized(out)))
 
 
+class TiedNorm(PlainDenoiser):
+    """One GroupNorm registered under two names: tied tensors in the state dict."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm = self.norm_again = torch.nn.GroupNorm(2, 8)
+
+    def forward(self, x, t):
+        h = self.norm(self.inp(x)) + self.t_proj(t.float().view(-1, 1) / 1000)[:, :, None, None]
+        return self.out(torch.nn.functional.silu(self.mid(self.act(self.norm_again(h)))))
+
+
+def test_tied_modules_round_trip(tmp_path):
+    def build():
+        torch.manual_seed(0)
+        model = TiedNorm().eval()
+        with torch.no_grad():
+            model.norm.weight.uniform_(0.5, 1.5)  # not the initial ones, so the test sees them restored
+        return model
+
+    q = calibrated(build, sample_shape=(1, 8, 8))
+    msfp.save_quantized(q, tmp_path / "q")  # safetensors refused tensors sharing memory
+    loaded = msfp.load_quantized(tmp_path / "q", model=TiedNorm())
+    assert loaded.norm is loaded.norm_again and torch.equal(loaded.norm.weight, q.norm.weight)
+    assert torch.equal(outputs(loaded, (1, 8, 8)), outputs(q, (1, 8, 8)))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_plain_module_on_a_gpu_loads_there(tmp_path):
+    q = calibrated(tiny_plain, sample_shape=(1, 8, 8))
+    msfp.save_quantized(q, tmp_path / "q")
+    loaded = msfp.load_quantized(tmp_path / "q", model=tiny_plain().cuda())
+    assert all(p.is_cuda for p in loaded.parameters())
+    torch.testing.assert_close(outputs(loaded.cpu(), (1, 8, 8)), outputs(q, (1, 8, 8)), rtol=0, atol=0)
+
+
 def _edit_meta(out, edit):
     meta = json.loads((out / "msfp_quant.json").read_text())
     edit(meta)
@@ -297,6 +333,17 @@ def test_a_model_on_the_fp8_backend_is_not_saved_over_its_checkpoint(saved):
                                          r"FP8 backend \(e.g. '.*'\): a packed checkpoint stores"):
         msfp.save_quantized(fp8_model, out)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+@pytest.mark.parametrize("tensor", ["weight", "weight_quantizer.scale"])
+def test_a_diverged_layer_is_named_when_saving(tmp_path, saved, tensor):
+    q = copy.deepcopy(saved[0])
+    layer = quant_layers(q)["up_blocks.1.resnets.1.conv2"]
+    with torch.no_grad():
+        layer.get_parameter(tensor).view(-1)[0] = float("nan")
+    with pytest.raises(ValueError, match=r"^up_blocks.1.resnets.1.conv2: quantized weight set 0 has NaN values"):
+        msfp.save_quantized(q, tmp_path / "q")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_saving_needs_enabled_quantizers(tmp_path, saved):

@@ -61,8 +61,15 @@ def test_four_bit_codes_pair_up_in_bytes():
 
 
 def test_packing_errors():
-    with pytest.raises(ValueError, match="does not fit in 4 bits"):
+    with pytest.raises(ValueError, match="codes 16..16 do not fit in 4 bits"):
         pack(torch.tensor([16], dtype=torch.uint8), 4)
+    # Wider integers are checked before the uint8 cast would wrap them (256 -> 0, -1 -> 255).
+    for codes in ([256, 1], [-1, 3]):
+        with pytest.raises(ValueError, match=f"codes {min(codes)}..{max(codes)} do not fit in 4 bits"):
+            pack(torch.tensor(codes), 4)
+    with pytest.raises(ValueError, match="codes must be integers, got torch.float32"):
+        pack(torch.tensor([2.9, 1.0]), 4)
+    assert pack(torch.tensor([15, 1]), 4).tolist() == [0x1F]
     with pytest.raises(ValueError, match="need 2 bytes, got 1"):
         unpack(torch.zeros(1, dtype=torch.uint8), 4, 3)
     with pytest.raises(ValueError, match="not representable"):

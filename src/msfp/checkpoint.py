@@ -123,7 +123,8 @@ def _dequantize(codes: torch.Tensor, layer) -> torch.Tensor:
     """The weight a quantizer with this layer's format and scales produces from ``codes`` (same operations as
     :func:`msfp.formats.fake_quant`, so the same float32 results)."""
     scale, zero = _weight_params(layer)
-    w = decode(codes, layer.weight_quantizer.fmt).view(layer.weight.shape).to(scale.dtype) * scale
+    # Codes come from the file (CPU); a plain model passed to load_quantized may already be on a GPU.
+    w = decode(codes.to(scale.device), layer.weight_quantizer.fmt).view(layer.weight.shape).to(scale.dtype) * scale
     return w if zero is None else w + zero
 
 
@@ -137,6 +138,9 @@ def _packed_weights(layer) -> torch.Tensor:
     for k in range(layer.num_weight_sets):
         # Q_w(W_k) is on the grid, so its codes are W_k's (the fixed-point check below guards that).
         expected = layer.quantized_weight(k).detach()
+        if torch.isnan(expected).any():
+            raise ValueError(f"{layer.name}: quantized weight set {k} has NaN values (from NaN in its weight, LoRA, "
+                             "scale or zero point: a diverged model?); a packed checkpoint cannot hold them")
         codes = quantize_to_codes(expected, fmt, scale, zero)
         dequantized = _dequantize(codes, layer)
         if not torch.equal(dequantized, expected):
@@ -247,8 +251,15 @@ def save_quantized(model: nn.Module, directory: str | os.PathLike) -> Path:
     attention = attention_quantizers(model)
     _check_savable(layers, attention)
     unused = _unused_keys(layers, attention)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()
-             if isinstance(v, torch.Tensor) and k not in unused and not _is_lora_key(k)}
+    state, storages = {}, set()
+    for k, v in model.state_dict().items():
+        if isinstance(v, torch.Tensor) and k not in unused and not _is_lora_key(k):
+            v = v.detach().cpu().contiguous()
+            # safetensors refuses tensors that share memory (a module registered under two names): store copies;
+            # loading fills both names of the one module again.
+            storage = v.untyped_storage().data_ptr()
+            state[k] = v.clone() if storage in storages else v
+            storages.add(storage)
     for name, layer in layers.items():
         state[name + CODES_SUFFIX] = _packed_weights(layer)
     out = Path(directory)

@@ -68,9 +68,11 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack ``bits``-bit codes densely into bytes (LSB first); a 4-bit code pair shares one byte."""
     if not 1 <= bits <= 8:
         raise ValueError(f"bits must be in 1..8, got {bits}")
+    if codes.is_floating_point() or codes.is_complex() or codes.dtype == torch.bool:
+        raise ValueError(f"codes must be integers, got {codes.dtype}")
+    if codes.numel() and not 0 <= int(codes.min()) <= int(codes.max()) < 1 << bits:  # checked before the uint8 cast
+        raise ValueError(f"codes {int(codes.min())}..{int(codes.max())} do not fit in {bits} bits")
     flat = codes.detach().cpu().reshape(-1).numpy().astype(np.uint8)
-    if flat.size and int(flat.max()) >= 1 << bits:
-        raise ValueError(f"code {int(flat.max())} does not fit in {bits} bits")
     bit_matrix = np.unpackbits(flat[:, None], axis=1, bitorder="little")[:, :bits]
     return torch.from_numpy(np.packbits(bit_matrix.reshape(-1), bitorder="little"))
 
