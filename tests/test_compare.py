@@ -1,6 +1,7 @@
 import copy
 import json
 import re
+import shutil
 
 import pytest
 from click.testing import CliRunner
@@ -207,3 +208,49 @@ def test_flop_count_includes_attention_matmuls():
     msfp.calibrate(q, fp, scheduler(), num_samples=1, num_steps=1, disable=True)
     # Calibration counts with explicit attention; the per-layer count of the torchao rows must agree with it.
     assert total == q.msfp_flops["total"]
+
+
+def test_an_interrupted_run_keeps_the_earlier_report_and_resumes(tmp_path, tiny_model_dir):
+    from msfp.compare import build_ptq
+
+    compare(tmp_path, "r", tiny_model_dir, "fp,w4a4-int")  # an earlier, complete run
+    report = tmp_path / "r"
+    earlier = {p: p.read_bytes() for p in report.rglob("*") if p.is_file() and "cache" not in p.parts}
+    failures = []
+
+    def flaky(ctx):  # fails on its first call, like a run killed half-way
+        if not failures:
+            failures.append(1)
+            raise RuntimeError("power cut")
+        return build_ptq(ctx, "w4a4-fp")
+
+    register_method("test-flaky", flaky, "fails once")
+    register_method("test-broken", lambda ctx: 1 / 0, "always fails")
+    try:
+        args = ["compare", "--model", tiny_model_dir, "--methods", "w4a4-msfp,test-flaky", "--out", report, *TINY]
+        r = run(*args)
+        assert isinstance(r.exception, RuntimeError) and "run the same command with --resume" in r.output
+        assert {p: p.read_bytes() for p in earlier} == earlier  # the earlier report is untouched
+        progress = json.loads((tmp_path / ".r.compare" / "progress.json").read_text())
+        assert list(progress["methods"]) == ["fp", "w4a4-msfp"]
+
+        r = run(*args, "--resume")
+        assert r.exit_code == 0, r.output
+        assert "[2/3] w4a4-msfp: finished by the interrupted run, reused" in r.output and "[3/3] test-flaky: " in r.output
+        assert not (tmp_path / ".r.compare").exists() and (report / "cache").is_dir()
+        # Only this run's samples: w4a4-int's are gone with the earlier results.json that listed them.
+        assert sorted(p.stem for p in (report / "samples").glob("*.npz")) == ["fp", "test-flaky", "w4a4-msfp"]
+        _, fresh = compare(tmp_path, "fresh", tiny_model_dir, "w4a4-msfp,test-flaky")
+        assert without_timings(json.loads((report / "results.json").read_text())) == without_timings(fresh)
+
+        assert run("compare", "--methods", "fp,test-broken", "--out", report, "--model", tiny_model_dir,
+                   *TINY).exit_code != 0
+        r = run("compare", "--methods", "fp,test-broken", "--out", report, "--model", tiny_model_dir, *TINY[:-2],
+                "--batch", 4, "--resume")
+        assert r.exit_code == 1 and ".r.compare holds a run with another settings: resuming it would mix" in r.output
+        shutil.rmtree(tmp_path / ".r.compare")
+        r = run(*args, "--resume")
+        assert r.exit_code == 1 and "nothing to resume: " in r.output and "progress.json does not exist" in r.output
+    finally:
+        METHODS.pop("test-flaky")
+        METHODS.pop("test-broken")

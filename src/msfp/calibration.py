@@ -255,7 +255,8 @@ def _search_attention_input(quantizer, rec: dict, config) -> None:
         act_max=rec["max"], macs=rec["macs"])
 
 
-def _model_key(model: nn.Module, settings: dict) -> str:
+def model_key(model: nn.Module, settings: dict) -> str:
+    """A digest of ``settings`` and every tensor of ``model``'s state: equal keys, equal models and settings."""
     h = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
     for name, tensor in model.state_dict().items():
         if isinstance(tensor, torch.Tensor):
@@ -333,7 +334,7 @@ def calibrate(qmodel: nn.Module, fp_model: nn.Module, scheduler, num_samples: in
                     scheduler_config=dict(scheduler.config), cond={k: _tensor_digest(v) for k, v in (cond or {}).items()},
                     class_labels=None if class_labels is None else _tensor_digest(torch.as_tensor(class_labels)))
     cache = Path(cache_dir) if cache_dir is not None else None
-    key = _model_key(fp_model, settings) if cache is not None else None
+    key = model_key(fp_model, settings) if cache is not None else None
     traj_path = cache / f"trajectories-{key}.safetensors" if cache else None
     # Records are only valid for exactly this ordered list (it seeds each subsample): the cache is keyed by it, so a
     # hit equals recording afresh.

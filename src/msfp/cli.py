@@ -285,13 +285,19 @@ def _list_methods(ctx: click.Context, _param, value: bool) -> None:
 @click.option("--data-dir", type=click.Path(file_okay=False), default=None,
               help="Fashion-MNIST IDX files for the default reference (default: Debian's dataset-fashion-mnist)")
 @click.option("--device", type=_DEVICE, default=None, help="default: cuda if available, else cpu")
+@click.option("--resume", is_flag=True, help="continue an interrupted run (same command): reuse the methods it "
+              "finished, kept in .OUT.compare/ beside OUT")
 def compare(model_spec, methods, out, num_samples, steps, calib_samples, calib_steps, heldout_samples, finetune_iters,
-            finetune_batch, num_loras, rank, seed, batch, ref, ref_images, data_dir, device):
-    """Run several methods on one model with the same seeds; write OUT/index.html and OUT/results.json."""
+            finetune_batch, num_loras, rank, seed, batch, ref, ref_images, data_dir, device, resume):
+    """Run several methods on one model with the same seeds; write OUT/index.html and OUT/results.json.
+
+    OUT's earlier results are replaced only when the run completes; each finished method is kept beside it
+    (.OUT.compare/), so an interrupted run continues with --resume.
+    """
     import shlex
     import sys
 
-    from msfp.compare import CompareSettings, metrics_table, parse_methods, run_compare
+    from msfp.compare import PROGRESS_NAME, CompareSettings, metrics_table, parse_methods, run_compare, work_dir
     from msfp.evaluation import load_reference
 
     with _user_errors():
@@ -302,7 +308,14 @@ def compare(model_spec, methods, out, num_samples, steps, calib_samples, calib_s
                                    finetune_iters=finetune_iters, finetune_batch=finetune_batch, num_loras=num_loras,
                                    rank=rank, seed=seed, batch_size=batch, device=device)
         command = shlex.join(["msfp", *sys.argv[1:]])
-        result = run_compare(settings, names, out, command=command, reference=reference)
+        work = work_dir(out)
+        try:
+            result = run_compare(settings, names, out, command=command, reference=reference, resume=resume)
+        except BaseException:
+            if (work / PROGRESS_NAME).is_file():
+                click.echo(f"the methods finished so far are kept in {work}: run the same command with --resume to "
+                           "continue", err=True)
+            raise
     click.echo(metrics_table(result))
     for name, why in result["skipped_methods"].items():
         click.echo(f"skipped {name}: {why}")

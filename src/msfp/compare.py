@@ -18,23 +18,28 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
+import json
+import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from msfp.attention import explicit_attention
-from msfp.calibration import Trajectories, calibrate, collect_trajectories
+from msfp.calibration import Trajectories, calibrate, collect_trajectories, model_key
 from msfp.checkpoint import freeze_weights, quant_meta
 from msfp.config import PRESETS, QuantConfig
 from msfp.environment import machine_info
 from msfp.evaluation import eps_mse_weighted, evaluate, load_reference, per_timestep_eps_mse
-from msfp.fileio import write_json
+from msfp.fileio import atomic_directory, write_json
 from msfp.finetune import FinetuneConfig, finetune
 from msfp.info import format_table, layer_rows, low_bit_fractions
 from msfp.models import load_model
@@ -45,6 +50,7 @@ from msfp.torchao_baselines import RECIPES, quantize_torchao, unavailable_reason
 CALIB_SEED_OFFSET = 10_000
 HELDOUT_SEED_OFFSET = 20_000
 REFERENCE_METHOD = "fp"
+PROGRESS_NAME = "progress.json"
 DEFAULT_METHODS = ("fp", "w4a4-int", "w4a4-fp", "w4a4-msfp", "w4a4-msfp+talora", "w6a6-msfp", "torchao-mxfp4",
                    "torchao-nvfp4")
 
@@ -254,25 +260,67 @@ def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def work_dir(out) -> Path:
+    """Where a run into ``out`` keeps its finished methods until it completes (beside ``out``)."""
+    out = Path(out)
+    return out.parent / f".{out.name}.compare"
+
+
+def _reference_digest(reference) -> str:
+    h = hashlib.sha256(reference.name.encode())
+    for array in (reference.images, *(reference.stats or ())):
+        if array is not None:
+            h.update(np.ascontiguousarray(array).tobytes())
+    return h.hexdigest()[:16]
+
+
+def _progress(work: Path, fingerprint: dict, resume: bool) -> dict:
+    """The methods an interrupted run finished (``resume``), or a fresh start."""
+    path = work / PROGRESS_NAME
+    if not resume:
+        shutil.rmtree(work, ignore_errors=True)
+        return dict(fingerprint=fingerprint, methods={}, skipped={})
+    if not path.is_file():
+        raise FileNotFoundError(f"nothing to resume: {path} does not exist")
+    progress = json.loads(path.read_text())
+    saved = progress["fingerprint"]
+    if saved != json.loads(json.dumps(fingerprint, default=str)):
+        differ = [k for k in fingerprint if json.dumps(saved.get(k), default=str) != json.dumps(fingerprint[k],
+                                                                                                  default=str)]
+        raise ValueError(f"{work} holds a run with another {', '.join(differ)}: resuming it would mix results; run "
+                         "without --resume to start over")
+    return progress
+
+
 def run_compare(settings: CompareSettings, methods: list[str], out, command: str | None = None, reference=None,
-                disable: bool = False) -> dict:
-    """Run ``methods`` (see :func:`parse_methods`) and write ``out/results.json`` and ``out/index.html``; returns
-    the results. ``reference`` is a :class:`msfp.evaluation.Reference` (default: Fashion-MNIST test split)."""
+                disable: bool = False, resume: bool = False) -> dict:
+    """Run ``methods`` (see :func:`parse_methods`) and write ``out/results.json``, ``out/index.html`` and
+    ``out/samples/``; returns the results. ``reference`` is a :class:`msfp.evaluation.Reference` (default:
+    Fashion-MNIST test split).
+
+    The run works beside ``out`` (``.OUT.compare/``), recording each finished method, and replaces ``out``'s results
+    only when every method is done (``out/cache/`` and other files there are kept). ``resume`` continues an
+    interrupted run: the methods it finished are reused if the settings, model, reference and machine are the same.
+    """
     from msfp.report import write_report
 
     began = time.time()
     out = Path(out)
+    work = work_dir(out)
     s = settings
     device = torch.device(s.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     fp_model, scheduler = load_model(s.model)
     fp_model.to(device)
     reference = reference if reference is not None else load_reference()
+    fingerprint = dict(settings=dataclasses.asdict(s), model=model_key(fp_model, {}),
+                       reference=_reference_digest(reference), machine=machine_info(device))
+    progress = _progress(work, fingerprint, resume)
     _log(f"held-out points: {s.heldout_samples} full-precision trajectories x {s.calib_steps} steps")
     heldout = collect_trajectories(fp_model, scheduler, s.heldout_samples, s.calib_steps,
                                    seed=s.seed + HELDOUT_SEED_OFFSET, batch_size=s.batch_size, disable=disable)
     ctx = Context(fp_model, scheduler, s, out / "cache", heldout, disable)
     results, skipped = {}, {}
-    fp_samples = out / "samples" / f"{REFERENCE_METHOD}.npz"
+    fp_samples = work / "samples" / f"{REFERENCE_METHOD}.npz"
     for k, name in enumerate(methods, 1):
         method = METHODS[name]
         reason = method.unavailable()
@@ -280,13 +328,20 @@ def run_compare(settings: CompareSettings, methods: list[str], out, command: str
             _log(f"[{k}/{len(methods)}] {name}: skipped ({reason})")
             skipped[name] = reason
             continue
+        if name in progress["methods"] or name in progress["skipped"]:
+            _log(f"[{k}/{len(methods)}] {name}: finished by the interrupted run, reused")
+            if name in progress["methods"]:
+                results[name] = progress["methods"][name]
+            else:
+                skipped[name] = progress["skipped"][name]
+            continue
         _log(f"[{k}/{len(methods)}] {name}: {method.description}")
         built = method.build(ctx)
         if getattr(built.model, "msfp_config", None) is not None:
             # Evaluation only runs the model: quantize its weights once instead of on every call (same outputs).
             freeze_weights(built.model)
         eps = None if name == REFERENCE_METHOD else per_timestep_eps_mse(built.model, heldout, device, s.batch_size)
-        path = out / "samples" / f"{name}.npz"
+        path = work / "samples" / f"{name}.npz"
         try:
             samples = generate(built.model, scheduler, path, s.num_samples, s.steps, seed=s.seed,
                                batch_size=s.batch_size, meta=dict(model=s.model, method=name), disable=disable,
@@ -296,18 +351,20 @@ def run_compare(settings: CompareSettings, methods: list[str], out, command: str
                 raise
             # A diverged method is a finding, not a reason to lose the other methods' results.
             _log(f"[{k}/{len(methods)}] {name}: no result: {e}")
-            skipped[name] = f"no result: {e}"
+            skipped[name] = progress["skipped"][name] = f"no result: {e}"
+            write_json(work / PROGRESS_NAME, progress)
             continue
         evaluation = evaluate(path, reference, paired_path=None if name == REFERENCE_METHOD else fp_samples,
                               device=device)
-        results[name] = dict(
+        results[name] = progress["methods"][name] = dict(
             description=method.description, metrics=evaluation["metrics"], skipped_metrics=evaluation["skipped"],
             eps_mse_mean=None if eps is None else sum(eps.values()) / len(eps),
             eps_mse_weighted=None if eps is None else eps_mse_weighted(eps, scheduler), eps_mse_per_timestep=eps,
             fd_bootstrap=evaluation["fd_bootstrap"],
             calibration=built.calibration, sample_seconds=samples["meta"]["sample_time_s"], low_bit=built.low_bit,
             layers=built.layers, aals=built.aals, notes=built.notes,
-            samples=str(path.relative_to(out)), grid=str(grid_path(path).relative_to(out)))
+            samples=str(path.relative_to(work)), grid=str(grid_path(path).relative_to(work)))
+        write_json(work / PROGRESS_NAME, progress)
     result = dict(
         command=command, settings=dataclasses.asdict(s), device=str(device),
         seeds=dict(samples=f"{s.seed}..{s.seed + s.num_samples - 1}",
@@ -316,8 +373,13 @@ def run_compare(settings: CompareSettings, methods: list[str], out, command: str
         reference=reference.name, machine=machine_info(device), methods=results, skipped_methods=skipped,
         wall_seconds=None)
     result["wall_seconds"] = round(time.time() - began, 1)
-    write_json(out / "results.json", result)
-    write_report(result, out)
+    (work / "samples").mkdir(parents=True, exist_ok=True)
+    write_json(work / "results.json", result)
+    write_report(result, work)
+    with atomic_directory(out) as tmp:
+        for name in ("results.json", "index.html", "samples"):
+            os.replace(work / name, tmp / name)
+    shutil.rmtree(work)
     return result
 
 
