@@ -297,7 +297,7 @@ def compare(model_spec, methods, out, num_samples, steps, calib_samples, calib_s
     import shlex
     import sys
 
-    from msfp.compare import PROGRESS_NAME, CompareSettings, metrics_table, parse_methods, run_compare, work_dir
+    from msfp.compare import CompareSettings, metrics_table, parse_methods, run_compare
     from msfp.evaluation import load_reference
 
     with _user_errors():
@@ -308,14 +308,7 @@ def compare(model_spec, methods, out, num_samples, steps, calib_samples, calib_s
                                    finetune_iters=finetune_iters, finetune_batch=finetune_batch, num_loras=num_loras,
                                    rank=rank, seed=seed, batch_size=batch, device=device)
         command = shlex.join(["msfp", *sys.argv[1:]])
-        work = work_dir(out)
-        try:
-            result = run_compare(settings, names, out, command=command, reference=reference, resume=resume)
-        except BaseException:
-            if (work / PROGRESS_NAME).is_file():
-                click.echo(f"the methods finished so far are kept in {work}: run the same command with --resume to "
-                           "continue", err=True)
-            raise
+        result = run_compare(settings, names, out, command=command, reference=reference, resume=resume)
     click.echo(metrics_table(result))
     for name, why in result["skipped_methods"].items():
         click.echo(f"skipped {name}: {why}")

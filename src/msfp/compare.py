@@ -260,12 +260,6 @@ def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def work_dir(out) -> Path:
-    """Where a run into ``out`` keeps its finished methods until it completes (beside ``out``)."""
-    out = Path(out)
-    return out.parent / f".{out.name}.compare"
-
-
 def _reference_digest(reference) -> str:
     h = hashlib.sha256(reference.name.encode())
     for array in (reference.images, *(reference.stats or ())):
@@ -278,18 +272,43 @@ def _progress(work: Path, fingerprint: dict, resume: bool) -> dict:
     """The methods an interrupted run finished (``resume``), or a fresh start."""
     path = work / PROGRESS_NAME
     if not resume:
+        if path.is_file():
+            _log(f"starting over: the interrupted run in {work} is discarded (--resume continues it)")
         shutil.rmtree(work, ignore_errors=True)
         return dict(fingerprint=fingerprint, methods={}, skipped={})
     if not path.is_file():
         raise FileNotFoundError(f"nothing to resume: {path} does not exist")
     progress = json.loads(path.read_text())
-    saved = progress["fingerprint"]
-    if saved != json.loads(json.dumps(fingerprint, default=str)):
-        differ = [k for k in fingerprint if json.dumps(saved.get(k), default=str) != json.dumps(fingerprint[k],
-                                                                                                  default=str)]
+    fingerprint = json.loads(json.dumps(fingerprint, default=str))  # as JSON reads it back
+    differ = [k for k in fingerprint if progress["fingerprint"].get(k) != fingerprint[k]]
+    if differ:
         raise ValueError(f"{work} holds a run with another {', '.join(differ)}: resuming it would mix results; run "
                          "without --resume to start over")
     return progress
+
+
+def _run_method(ctx: Context, method: Method, work: Path, reference, device: torch.device) -> dict:
+    """Build, sample and evaluate one method; its samples go to ``work/samples/``."""
+    s, name = ctx.settings, method.name
+    built = method.build(ctx)
+    if getattr(built.model, "msfp_config", None) is not None:
+        # Evaluation only runs the model: quantize its weights once instead of on every call (same outputs).
+        freeze_weights(built.model)
+    eps = None if name == REFERENCE_METHOD else per_timestep_eps_mse(built.model, ctx.heldout, device, s.batch_size)
+    path = work / "samples" / f"{name}.npz"
+    samples = generate(built.model, ctx.scheduler, path, s.num_samples, s.steps, seed=s.seed, batch_size=s.batch_size,
+                       meta=dict(model=s.model, method=name), disable=ctx.disable, device=device)
+    fp_samples = work / "samples" / f"{REFERENCE_METHOD}.npz"
+    evaluation = evaluate(path, reference, paired_path=None if name == REFERENCE_METHOD else fp_samples,
+                          device=device)
+    return dict(
+        description=method.description, metrics=evaluation["metrics"], skipped_metrics=evaluation["skipped"],
+        eps_mse_mean=None if eps is None else sum(eps.values()) / len(eps),
+        eps_mse_weighted=None if eps is None else eps_mse_weighted(eps, ctx.scheduler), eps_mse_per_timestep=eps,
+        fd_bootstrap=evaluation["fd_bootstrap"],
+        calibration=built.calibration, sample_seconds=samples["meta"]["sample_time_s"], low_bit=built.low_bit,
+        layers=built.layers, aals=built.aals, notes=built.notes,
+        samples=str(path.relative_to(work)), grid=str(grid_path(path).relative_to(work)))
 
 
 def run_compare(settings: CompareSettings, methods: list[str], out, command: str | None = None, reference=None,
@@ -306,7 +325,7 @@ def run_compare(settings: CompareSettings, methods: list[str], out, command: str
 
     began = time.time()
     out = Path(out)
-    work = work_dir(out)
+    work = out.parent / f".{out.name}.compare"
     s = settings
     device = torch.device(s.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     fp_model, scheduler = load_model(s.model)
@@ -320,51 +339,34 @@ def run_compare(settings: CompareSettings, methods: list[str], out, command: str
                                    seed=s.seed + HELDOUT_SEED_OFFSET, batch_size=s.batch_size, disable=disable)
     ctx = Context(fp_model, scheduler, s, out / "cache", heldout, disable)
     results, skipped = {}, {}
-    fp_samples = work / "samples" / f"{REFERENCE_METHOD}.npz"
-    for k, name in enumerate(methods, 1):
-        method = METHODS[name]
-        reason = method.unavailable()
-        if reason is not None:
-            _log(f"[{k}/{len(methods)}] {name}: skipped ({reason})")
-            skipped[name] = reason
-            continue
-        if name in progress["methods"] or name in progress["skipped"]:
-            _log(f"[{k}/{len(methods)}] {name}: finished by the interrupted run, reused")
-            if name in progress["methods"]:
-                results[name] = progress["methods"][name]
+    try:
+        for k, name in enumerate(methods, 1):
+            method = METHODS[name]
+            reason = method.unavailable()
+            if reason is not None:
+                _log(f"[{k}/{len(methods)}] {name}: skipped ({reason})")
+                skipped[name] = reason
+            elif name in progress["methods"] or name in progress["skipped"]:
+                _log(f"[{k}/{len(methods)}] {name}: finished by the interrupted run, reused")
+                if name in progress["methods"]:
+                    results[name] = progress["methods"][name]
+                else:
+                    skipped[name] = progress["skipped"][name]
             else:
-                skipped[name] = progress["skipped"][name]
-            continue
-        _log(f"[{k}/{len(methods)}] {name}: {method.description}")
-        built = method.build(ctx)
-        if getattr(built.model, "msfp_config", None) is not None:
-            # Evaluation only runs the model: quantize its weights once instead of on every call (same outputs).
-            freeze_weights(built.model)
-        eps = None if name == REFERENCE_METHOD else per_timestep_eps_mse(built.model, heldout, device, s.batch_size)
-        path = work / "samples" / f"{name}.npz"
-        try:
-            samples = generate(built.model, scheduler, path, s.num_samples, s.steps, seed=s.seed,
-                               batch_size=s.batch_size, meta=dict(model=s.model, method=name), disable=disable,
-                               device=device)
-        except NonFiniteSamplesError as e:
-            if name == REFERENCE_METHOD:
-                raise
-            # A diverged method is a finding, not a reason to lose the other methods' results.
-            _log(f"[{k}/{len(methods)}] {name}: no result: {e}")
-            skipped[name] = progress["skipped"][name] = f"no result: {e}"
-            write_json(work / PROGRESS_NAME, progress)
-            continue
-        evaluation = evaluate(path, reference, paired_path=None if name == REFERENCE_METHOD else fp_samples,
-                              device=device)
-        results[name] = progress["methods"][name] = dict(
-            description=method.description, metrics=evaluation["metrics"], skipped_metrics=evaluation["skipped"],
-            eps_mse_mean=None if eps is None else sum(eps.values()) / len(eps),
-            eps_mse_weighted=None if eps is None else eps_mse_weighted(eps, scheduler), eps_mse_per_timestep=eps,
-            fd_bootstrap=evaluation["fd_bootstrap"],
-            calibration=built.calibration, sample_seconds=samples["meta"]["sample_time_s"], low_bit=built.low_bit,
-            layers=built.layers, aals=built.aals, notes=built.notes,
-            samples=str(path.relative_to(work)), grid=str(grid_path(path).relative_to(work)))
-        write_json(work / PROGRESS_NAME, progress)
+                _log(f"[{k}/{len(methods)}] {name}: {method.description}")
+                try:
+                    results[name] = progress["methods"][name] = _run_method(ctx, method, work, reference, device)
+                except NonFiniteSamplesError as e:
+                    if name == REFERENCE_METHOD:
+                        raise
+                    # A diverged method is a finding, not a reason to lose the other methods' results.
+                    _log(f"[{k}/{len(methods)}] {name}: no result: {e}")
+                    skipped[name] = progress["skipped"][name] = f"no result: {e}"
+                write_json(work / PROGRESS_NAME, progress)
+    except BaseException:
+        if progress["methods"]:
+            _log(f"the methods finished so far are kept in {work}: run the same command with --resume to continue")
+        raise
     result = dict(
         command=command, settings=dataclasses.asdict(s), device=str(device),
         seeds=dict(samples=f"{s.seed}..{s.seed + s.num_samples - 1}",
