@@ -75,6 +75,15 @@ def test_bad_method_lists_valid_ones(tmp_path):
     assert parse_methods("w4a4-int") == ["fp", "w4a4-int"]  # the reference is always drawn
 
 
+def test_a_directory_that_is_not_a_report_is_never_replaced(tmp_path, monkeypatch):
+    (tmp_path / "notes.txt").write_text("mine")
+    monkeypatch.chdir(tmp_path)
+    for out in (".", tmp_path):
+        r = run("compare", "--out", out, *TINY)
+        assert r.exit_code == 1 and f"{tmp_path} exists and is not a msfp compare report" in r.output, r.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
 def test_bad_settings_fail_before_any_work(tmp_path):
     r = run("compare", "--methods", "w4a4-msfp+talora", "--finetune-batch", "0", "--out", tmp_path / "x")
     assert r.exit_code == 1 and "CompareSettings.finetune_batch must be >= 1, got 0" in r.output

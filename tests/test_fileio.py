@@ -95,3 +95,12 @@ def test_leftovers_of_a_crash_between_the_renames_are_cleared(tmp_path, existing
         write(tmp, weights="new weights")
     assert tree(existing)["weights"] == "new weights"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_the_current_directory_is_never_replaced(tmp_path, existing, monkeypatch):
+    monkeypatch.chdir(existing / "evals")
+    for path in (".", "..", existing):
+        with pytest.raises(ValueError, match="the current directory is inside it"):
+            with atomic_directory(path):
+                pass
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]

@@ -324,7 +324,11 @@ def run_compare(settings: CompareSettings, methods: list[str], out, command: str
     from msfp.report import write_report
 
     began = time.time()
-    out = Path(out)
+    out = Path(out).resolve()  # "." has no name to put the work directory beside
+    # OUT is replaced as a whole at the end: never a directory that holds something else (its cache may be there).
+    if out.exists() and not (out / "results.json").is_file() and any(p.name != "cache" for p in out.iterdir()):
+        raise FileExistsError(f"{out} exists and is not a msfp compare report (it has no results.json); refusing to "
+                              "replace it: choose another --out")
     work = out.parent / f".{out.name}.compare"
     s = settings
     device = torch.device(s.device or ("cuda" if torch.cuda.is_available() else "cpu"))

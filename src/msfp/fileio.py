@@ -59,6 +59,8 @@ def atomic_directory(path: str | os.PathLike):
     path = Path(path)
     if path.is_symlink():
         path = path.resolve()
+    if Path.cwd().resolve().is_relative_to(path.resolve()):
+        raise ValueError(f"refusing to replace {path}: the current directory is inside it")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp"))
     try:
