@@ -7,6 +7,17 @@ quantized at 4 bits (``quantize_attention``); otherwise it is in the total only.
 
 from __future__ import annotations
 
+from msfp.formats import get_format
+
+
+def _bits(format_name: str) -> int:
+    return get_format(format_name).bits
+
+
+def _is_4bit(info: dict) -> bool:
+    """Weights and activations both at 4 bits or fewer (a w6a6 or w4a8 layer's main group is not)."""
+    return _bits(info["weight_format"]) <= 4 and _bits(info["act_format"]) <= 4
+
 
 def _aal_cell(info: dict) -> str:
     return f"yes ({info['aal_reason'].split(':', 1)[0]})" if info.get("aal") else "no"
@@ -14,14 +25,15 @@ def _aal_cell(info: dict) -> str:
 
 def layer_rows(meta: dict) -> list[dict]:
     """One row per quantized layer (``msfp_quant.json`` content as written by :func:`msfp.save_quantized`)."""
-    return [dict(name=name, kind=i["kind"], bits=i["precision"], weight=i["weight_format"], act=i["act_format"],
+    return [dict(name=name, kind=i["kind"], bits=f"w{_bits(i['weight_format'])}a{_bits(i['act_format'])}",
+                 weight=i["weight_format"], act=i["act_format"],
                  aal=_aal_cell(i), weight_mse=i["weight_mse"], act_mse=i["act_mse"])
             for name, i in meta["layers"].items()]
 
 
 def attention_rows(meta: dict) -> list[dict]:
     """One row per attention matmul input quantizer (``quantize_attention``)."""
-    return [dict(name=name, kind=i["kind"], bits=i["precision"], act=i["act_format"], aal=_aal_cell(i),
+    return [dict(name=name, kind=i["kind"], bits=f"a{_bits(i['act_format'])}", act=i["act_format"], aal=_aal_cell(i),
                  act_mse=i["act_mse"]) for name, i in meta.get("attention", {}).items()]
 
 
@@ -31,17 +43,19 @@ def _attention_macs_4bit(meta: dict) -> tuple[int, int]:
     for i in meta.get("attention", {}).values():
         inputs.setdefault((i["module"], i["matmul"]), []).append(i)
     four = [group[0]["macs"] for group in inputs.values()
-            if len(group) == 2 and all(i["precision"] == "4bit" for i in group)]
+            if len(group) == 2 and all(_bits(i["act_format"]) <= 4 for i in group)]
     return len(four), sum(four)
 
 
 def low_bit_fractions(meta: dict) -> dict:
-    """Fractions of all weights and of one forward's FLOPs (convs, linears, attention matmuls) at 4 bits."""
+    """Fractions of all weights (stored in 4 bits or fewer) and of one forward's FLOPs (convs, linears, attention
+    matmuls; both operands in 4 bits or fewer) at 4 bits, from the formats calibration chose."""
     layers = meta["layers"].values()
-    four = [i for i in layers if i["precision"] == "4bit"]
+    four = [i for i in layers if _is_4bit(i)]
     matmuls_4bit, attention_macs = _attention_macs_4bit(meta)
     out = dict(layers=len(meta["layers"]), layers_4bit=len(four), attention_matmuls_4bit=matmuls_4bit,
-               weights_4bit=sum(i["weights"] for i in four) / meta["base_parameters"])
+               weights_4bit=sum(i["weights"] for i in layers if _bits(i["weight_format"]) <= 4)
+               / meta["base_parameters"])
     total = (meta.get("flops") or {}).get("total")
     out["flops_4bit"] = 2 * (sum(i["macs"] for i in four) + attention_macs) / total if total else None
     return out

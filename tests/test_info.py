@@ -1,0 +1,37 @@
+import copy
+
+import pytest
+
+import msfp
+from msfp.checkpoint import quant_meta
+from msfp.info import describe, layer_rows, low_bit_fractions
+from tiny_models import scheduler, tiny_unet
+
+
+def meta_of(preset):
+    fp = tiny_unet()
+    q = msfp.quantize(copy.deepcopy(fp), preset)
+    msfp.calibrate(q, fp, scheduler(), num_samples=2, num_steps=2, disable=True)
+    return quant_meta(q)
+
+
+@pytest.fixture(scope="module")
+def metas():
+    return {preset: meta_of(preset) for preset in ("w4a4-msfp", "w4a8-msfp", "w6a6-msfp")}
+
+
+def test_fractions_at_4_bits_follow_the_formats_not_the_layer_group(metas):
+    w4a4, w4a8, w6a6 = (low_bit_fractions(metas[p]) for p in ("w4a4-msfp", "w4a8-msfp", "w6a6-msfp"))
+    assert 0.9 < w4a4["weights_4bit"] < 1 and 0.9 < w4a4["flops_4bit"] < 1 and w4a4["layers_4bit"] > 0
+    # W4A8: the same 4-bit weights, but no matmul has both operands at 4 bits.
+    assert w4a8["weights_4bit"] == w4a4["weights_4bit"] and w4a8["flops_4bit"] == 0 == w4a8["layers_4bit"]
+    # W6A6 used to count as "99 % at 4 bits": its main layers are in the group the edges are not.
+    assert w6a6["weights_4bit"] == 0 == w6a6["flops_4bit"] == w6a6["layers_4bit"]
+    assert "weights at 4 bits: 0.0 %" in describe(metas["w6a6-msfp"])
+
+
+def test_bits_column_shows_each_layers_formats(metas):
+    bits = {p: {r["name"]: r["bits"] for r in layer_rows(metas[p])} for p in metas}
+    assert bits["w4a4-msfp"]["conv_in"] == "w8a8" and bits["w4a4-msfp"]["down_blocks.0.resnets.0.conv1"] == "w4a4"
+    assert bits["w4a8-msfp"]["down_blocks.0.resnets.0.conv1"] == "w4a8"
+    assert set(bits["w6a6-msfp"].values()) == {"w6a6", "w8a8"}
