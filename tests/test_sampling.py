@@ -1,6 +1,7 @@
 import pytest
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, EulerAncestralDiscreteScheduler, UNet2DModel
+from diffusers import (DDIMScheduler, DDPMScheduler, EulerAncestralDiscreteScheduler, LMSDiscreteScheduler,
+                       PNDMScheduler, UNet2DModel)
 from PIL import Image
 
 from msfp.sampling import sample, save_grid
@@ -75,6 +76,11 @@ def test_plain_module_with_conditioning_and_learned_variance():
         with pytest.raises(ValueError, match=match):
             sample(net, DDIMScheduler(), **dict(dict(num_samples=1, sample_shape=(2, 4, 4), disable=True), **bad))
     assert len(calls) == ran  # every bad argument was refused before the model ran
+
+    # Deterministic multistep schedulers take no generator in step().
+    for sched in (PNDMScheduler(), LMSDiscreteScheduler()):
+        out = sample(lambda x, t: 0.1 * x, sched, 2, num_inference_steps=4, sample_shape=(1, 4, 4), disable=True)
+        assert out.shape == (2, 1, 4, 4) and torch.isfinite(out).all()
 
 
 def test_save_grid(tmp_path):

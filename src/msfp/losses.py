@@ -49,16 +49,18 @@ def numeric_denoising_factors(scheduler, num_inference_steps: int, eta: float = 
     sched.set_timesteps(num_inference_steps)
     x = torch.zeros(1, 1, 1, 1, dtype=torch.float64)
     zero = torch.zeros_like(x)
-    kwargs = {"eta": eta} if "eta" in inspect.signature(sched.step).parameters else {}
+    accepts = inspect.signature(sched.step).parameters
+    kwargs = {"eta": eta} if "eta" in accepts else {}
+    # Same noise for both probes of a stochastic sampler (deterministic ones, e.g. PNDM, take no generator).
+    seeded = (lambda: {"generator": torch.Generator().manual_seed(0)}) if "generator" in accepts else dict
     gammas = []
     for t in sched.timesteps:
         outs = []
         for eps in (zero - delta, zero + delta):
             probe = copy.deepcopy(sched)
-            gen = torch.Generator().manual_seed(0)  # same noise for both probes of a stochastic sampler
-            outs.append(probe.step(eps, t, x, generator=gen, **kwargs).prev_sample.double())
+            outs.append(probe.step(eps, t, x, **seeded(), **kwargs).prev_sample.double())
         gammas.append(((outs[1] - outs[0]) / (2 * delta)).reshape(()))
-        sched.step(zero, t, x, generator=torch.Generator().manual_seed(0), **kwargs)
+        sched.step(zero, t, x, **seeded(), **kwargs)
     return sched.timesteps.clone(), torch.stack(gammas)
 
 

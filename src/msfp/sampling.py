@@ -67,6 +67,7 @@ def sample(model, scheduler, num_samples: int, num_inference_steps: int = 100, s
     shape = _sample_shape(model, sample_shape)
     denoiser = GraphedDenoiser(model) if cuda_graphs else model
     step_kwargs = {}
+    takes_generator = "generator" in inspect.signature(scheduler.step).parameters  # PNDM, LMS, Heun… do not
     if "eta" in inspect.signature(scheduler.step).parameters:
         if not 0.0 <= eta <= 1.0:  # above 1 DDIM's noise variance exceeds 1 - ᾱ_prev: NaN images
             raise ValueError(f"eta must be in [0, 1] (0: deterministic DDIM, 1: DDPM-like), got {eta}")
@@ -103,7 +104,7 @@ def sample(model, scheduler, num_samples: int, num_inference_steps: int = 100, s
                 eps = eps[:, : shape[0]]
             if callback is not None:
                 callback(dict(i=i, t=t_batch, x=x_in, eps=eps, start=start, cond=batch_cond))
-            x = sched.step(eps, t, x, generator=gens, **step_kwargs).prev_sample
+            x = sched.step(eps, t, x, **({"generator": gens} if takes_generator else {}), **step_kwargs).prev_sample
             bar.update(1)
         out.append(x.float().cpu())
     bar.close()
