@@ -2,6 +2,7 @@ import copy
 
 import pytest
 import torch
+from diffusers import PNDMScheduler
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import msfp
@@ -95,7 +96,7 @@ def test_finetune_lowers_the_distillation_error_on_all_teacher_points(calibrated
     fp, q = calibrated
     q = copy.deepcopy(q)
     config = FinetuneConfig(**{**CONFIG, "iters": 40, "lora_lr": 1e-2})
-    points = ft._teacher(fp, scheduler(), config, None, None, None, None, True)
+    points = ft._teacher(fp, scheduler(), config, None, None, None, None, None, True)
     before = per_timestep_eps_mse(q, points)
     result = finetune(q, fp, scheduler(), config, work_dir=tmp_path, teacher=points, disable=True)
     after = per_timestep_eps_mse(q, points)
@@ -148,10 +149,52 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(calibrated, tmp_path,
     assert state["iter"] == 8 and all(torch.isfinite(v).all() for v in state["trainable"].values())
 
 
+def test_non_finite_gradients_stop_before_the_step(calibrated, tmp_path):
+    fp, q = calibrated
+    q = copy.deepcopy(q)
+    add_talora(q, 4, 2, 0)
+    lora = next(p for n, p in q.named_parameters() if ".lora." in n)
+    lora.register_hook(lambda grad: grad * float("inf"))  # a finite loss whose gradient overflows
+    with pytest.raises(FloatingPointError, match="gradients became non-finite at iteration 0 .*no checkpoint was "
+                                                 "written"):
+        finetune(q, fp, scheduler(), FinetuneConfig(**CONFIG), work_dir=tmp_path, disable=True)
+    assert torch.isfinite(lora).all() and not (tmp_path / ft.STATE_NAME).exists()
+
+
+def test_a_work_dir_is_only_reused_for_the_same_teacher_and_student(calibrated, tmp_path):
+    fp, q = calibrated
+    config = FinetuneConfig(**{**CONFIG, "iters": 8, "checkpoint_every": 4})
+    finetune(copy.deepcopy(q), fp, scheduler(), config, work_dir=tmp_path, disable=True)
+    other_teacher = copy.deepcopy(fp)
+    with torch.no_grad():
+        other_teacher.conv_out.bias += 0.1
+    # Its trajectories go to a file of their own: the first teacher's are never used for it.
+    with pytest.raises(ValueError, match="written for another teacher model"):
+        finetune(copy.deepcopy(q), other_teacher, scheduler(), config, work_dir=tmp_path, resume=True, disable=True)
+    finetune(copy.deepcopy(q), other_teacher, scheduler(), config, work_dir=tmp_path, disable=True)
+    teachers = sorted(tmp_path.glob("teacher_trajectories-*.safetensors"))
+    assert len(teachers) == 2
+    a, b = (msfp.calibration.Trajectories.from_tensors(ft.load_file(p)) for p in teachers)
+    assert not torch.equal(a.eps, b.eps)
+    other_student = copy.deepcopy(q)
+    with torch.no_grad():
+        quant_layers(other_student)["conv_in"].act_quantizer.scale.mul_(2)  # another calibration
+    with pytest.raises(ValueError, match="written for another student model"):
+        finetune(other_student, other_teacher, scheduler(), config, work_dir=tmp_path, resume=True, disable=True)
+    (tmp_path / ft.STATE_NAME).write_bytes(b"truncated")
+    with pytest.raises(ValueError, match=rf"{ft.STATE_NAME}: cannot read the checkpoint .*delete"):
+        finetune(copy.deepcopy(q), other_teacher, scheduler(), config, work_dir=tmp_path, resume=True, disable=True)
+    first = tmp_path / ft.TEACHER_NAME.format(key=ft._teacher_key(fp, scheduler(), config, None, None, None))
+    assert first in teachers
+    first.write_bytes(b"truncated")  # an unreadable cache is sampled again, with a warning
+    with pytest.warns(UserWarning, match="ignoring unreadable teacher trajectories"):
+        finetune(copy.deepcopy(q), fp, scheduler(), config, work_dir=tmp_path, disable=True)
+
+
 def test_dfa_weights_follow_the_ddim_denoising_factor(calibrated):
     _, q = calibrated
     sched = scheduler()
-    points = ft._teacher(tiny_unet(), sched, FinetuneConfig(**CONFIG), None, None, None, None, True)
+    points = ft._teacher(tiny_unet(), sched, FinetuneConfig(**CONFIG), None, None, None, None, None, True)
     timesteps, gammas = ddim_denoising_factors(sched, CONFIG["traj_steps"])
     expected = dict(zip(timesteps.tolist(), dfa_weights(gammas, "abs").tolist()))
     weights = ft._point_weights(points, sched, FinetuneConfig(**CONFIG))
@@ -177,6 +220,15 @@ def test_bad_settings_fail_clearly(calibrated):
         FinetuneConfig(lora="many")
     with pytest.raises(ValueError, match="dfa_weighting must be 'abs' or 'square'"):
         FinetuneConfig(dfa_weighting="cube")
+    for bad in (dict(act_lr=float("nan")), dict(lora_lr=-1.0), dict(grad_clip=0.0)):
+        with pytest.raises(ValueError, match=f"FinetuneConfig.{next(iter(bad))} must be a finite number"):
+            FinetuneConfig(**bad)
+    single = copy.deepcopy(q)
+    add_talora(single, 1, 2, 0)
+    with pytest.raises(ValueError, match="already has LoRAs \\(1 of rank 2\\).*not 4 of rank 2"):
+        finetune(single, fp, scheduler(), FinetuneConfig(**CONFIG), disable=True)
+    with pytest.raises(ValueError, match="PNDMScheduler visits timesteps more than once.*loss='mse'"):
+        finetune(copy.deepcopy(q), fp, PNDMScheduler(), FinetuneConfig(**CONFIG), disable=True)
     with pytest.raises(ValueError, match="needs a calibrated model"):
         finetune(msfp.quantize(tiny_unet(), "w4a4-msfp"), fp, scheduler(), FinetuneConfig(**CONFIG), disable=True)
     with pytest.raises(FileNotFoundError, match="nothing to resume"):

@@ -331,8 +331,8 @@ def calibrate(qmodel: nn.Module, fp_model: nn.Module, scheduler, num_samples: in
     qmodel.msfp_scheduler_config = dict(scheduler.config)  # saved with the model: `--model DIR` samples with it
     settings = dict(num_samples=num_samples, num_steps=num_steps, seed=seed, scheduler=type(scheduler).__name__,
                     sample_shape=sample_shape,
-                    scheduler_config=dict(scheduler.config), cond={k: _tensor_digest(v) for k, v in (cond or {}).items()},
-                    class_labels=None if class_labels is None else _tensor_digest(torch.as_tensor(class_labels)))
+                    scheduler_config=dict(scheduler.config), cond={k: tensor_digest(v) for k, v in (cond or {}).items()},
+                    class_labels=None if class_labels is None else tensor_digest(torch.as_tensor(class_labels)))
     cache = Path(cache_dir) if cache_dir is not None else None
     key = model_key(fp_model, settings) if cache is not None else None
     traj_path = cache / f"trajectories-{key}.safetensors" if cache else None
@@ -368,7 +368,8 @@ def _tensor_bytes(t: torch.Tensor) -> bytes:
     return t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
 
 
-def _tensor_digest(t: torch.Tensor) -> str:
+def tensor_digest(t: torch.Tensor) -> str:
+    """A short digest of a tensor's bytes (conditioning and labels in cache keys)."""
     return hashlib.sha256(_tensor_bytes(t)).hexdigest()[:16]
 
 

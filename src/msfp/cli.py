@@ -27,7 +27,7 @@ def _user_errors():
     """Bad input is reported as one clear line (click prints it and exits 1), not as a traceback."""
     try:
         yield
-    except (ValueError, OSError, ImportError) as e:
+    except (ValueError, OSError, ImportError, FloatingPointError) as e:
         raise click.ClickException(str(e)) from e
 
 

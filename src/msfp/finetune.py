@@ -27,7 +27,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from msfp.attention import attention_quantizers
-from msfp.calibration import Trajectories, collect_trajectories
+from msfp.calibration import Trajectories, collect_trajectories, model_key, tensor_digest
 from msfp.fileio import atomic_path
 from msfp.fp8 import require_fake_quant
 from msfp.kernels import fused_rounding_exact
@@ -36,7 +36,7 @@ from msfp.surgery import quant_layers, set_fused_rounding
 from msfp.talora import add_talora
 
 STATE_NAME = "finetune_state.pt"
-TEACHER_NAME = "teacher_trajectories.safetensors"
+TEACHER_NAME = "teacher_trajectories-{key}.safetensors"
 
 
 @dataclass
@@ -72,6 +72,11 @@ class FinetuneConfig:
         for name in ("iters", "batch_size", "num_loras", "rank", "traj_samples", "traj_steps", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"FinetuneConfig.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("lora_lr", "act_lr", "router_lr", "grad_clip"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0) or (name == "grad_clip" and value == 0):
+                raise ValueError(f"FinetuneConfig.{name} must be a finite number "
+                                 f"{'> 0' if name == 'grad_clip' else '>= 0'}, got {value}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -117,10 +122,23 @@ def _trainable_state(qmodel) -> dict:
     return {n: p.detach().clone() for n, p in qmodel.named_parameters() if id(p) in names}
 
 
-def _teacher(fp_model, scheduler, config, work_dir, cond, class_labels, sample_shape, disable) -> Trajectories:
-    path = Path(work_dir) / TEACHER_NAME if work_dir is not None else None
+def _teacher_key(fp_model, scheduler, config, cond, class_labels, sample_shape) -> str:
+    """What the teacher trajectories depend on: the full-precision model and how it was sampled."""
+    return model_key(fp_model, dict(
+        traj_samples=config.traj_samples, traj_steps=config.traj_steps, seed=config.seed,
+        scheduler=type(scheduler).__name__, scheduler_config=dict(scheduler.config), sample_shape=sample_shape,
+        cond={k: tensor_digest(v) for k, v in (cond or {}).items()},
+        class_labels=None if class_labels is None else tensor_digest(torch.as_tensor(class_labels))))
+
+
+def _teacher(fp_model, scheduler, config, work_dir, key, cond, class_labels, sample_shape, disable) -> Trajectories:
+    # Keyed file name: trajectories of another teacher, scheduler or trajectory setting are never reused.
+    path = Path(work_dir) / TEACHER_NAME.format(key=key) if work_dir is not None else None
     if path is not None and path.is_file():
-        return Trajectories.from_tensors(load_file(path))
+        try:
+            return Trajectories.from_tensors(load_file(path))
+        except Exception as e:  # a corrupt cache is recomputed, never trusted
+            warnings.warn(f"ignoring unreadable teacher trajectories {path} ({type(e).__name__}: {e})", stacklevel=3)
     points = collect_trajectories(fp_model, scheduler, config.traj_samples, config.traj_steps, seed=config.seed,
                                   cond=cond, class_labels=class_labels, sample_shape=sample_shape, disable=disable)
     if path is not None:
@@ -133,12 +151,15 @@ def _point_weights(points: Trajectories, scheduler, config: FinetuneConfig) -> t
     if config.loss == "mse":
         return torch.ones(len(points))
     timesteps, gammas = denoising_factors(scheduler, config.traj_steps)
+    if len(set(timesteps.tolist())) < len(timesteps):  # e.g. PNDM, Heun: a training point's t has no single γ_t
+        raise ValueError(f"{type(scheduler).__name__} visits timesteps more than once, so DFA has no single "
+                         "denoising factor per timestep; use loss='mse'")
     weights = dfa_weights(gammas, config.dfa_weighting)
     by_t = dict(zip(timesteps.tolist(), weights.tolist()))
     missing = sorted(set(points.t.tolist()) - set(by_t))
     if missing:
         raise ValueError(f"teacher trajectories visit timesteps {missing[:5]} that a {config.traj_steps}-step "
-                         f"{type(scheduler).__name__} trajectory does not; delete {TEACHER_NAME} from the work dir")
+                         f"{type(scheduler).__name__} trajectory does not")
     return torch.tensor([by_t[t] for t in points.t.tolist()])
 
 
@@ -176,11 +197,23 @@ def finetune(qmodel: nn.Module, fp_model: nn.Module, scheduler, config: Finetune
     state_path = Path(work_dir) / STATE_NAME if work_dir is not None else None
     if resume and (state_path is None or not state_path.is_file()):
         raise FileNotFoundError(f"nothing to resume: {state_path or 'no work_dir given'} does not exist")
-    if config.lora != "none" and getattr(qmodel, "msfp_router", None) is None:
+    router = getattr(qmodel, "msfp_router", None)
+    if config.lora != "none" and router is None:
         add_talora(qmodel, config.num_loras if config.lora == "talora" else 1, config.rank, config.seed)
+    elif router is not None and config.lora != "none":
+        has = dict(qmodel.msfp_talora)
+        wanted = dict(num_loras=config.num_loras if config.lora == "talora" else 1, rank=config.rank)
+        if any(has[k] != v for k, v in wanted.items()):  # they would be trained, and the new settings recorded
+            raise ValueError(f"the model already has LoRAs ({has['num_loras']} of rank {has['rank']}); fine-tune them "
+                             f"with those settings or lora='none', not {wanted['num_loras']} of rank {config.rank}")
     qmodel.msfp_context.num_train_timesteps = scheduler.config.num_train_timesteps
 
-    points = teacher if teacher is not None else _teacher(fp_model, scheduler, config, work_dir, cond, class_labels,
+    # What a work dir's files belong to: this teacher's trajectories and this student as it starts.
+    identity = None if work_dir is None else dict(
+        teacher=_teacher_key(fp_model, scheduler, config, cond, class_labels, sample_shape),
+        student=model_key(qmodel, {}))
+    points = teacher if teacher is not None else _teacher(fp_model, scheduler, config, work_dir,
+                                                          identity and identity["teacher"], cond, class_labels,
                                                           sample_shape, disable)
     weights = _point_weights(points, scheduler, config)
     groups = _trainable_groups(qmodel, config)
@@ -190,10 +223,18 @@ def finetune(qmodel: nn.Module, fp_model: nn.Module, scheduler, config: Finetune
     gen = torch.Generator().manual_seed(config.seed)
     it, losses = 0, []
     if resume:
-        state = torch.load(state_path, weights_only=False)
+        try:
+            state = torch.load(state_path, weights_only=False)
+        except Exception as e:
+            raise ValueError(f"{state_path}: cannot read the checkpoint ({type(e).__name__}: {e}); delete "
+                             f"{state_path.parent} to start over") from e
         if state["config"] != config.to_dict():
             raise ValueError(f"{state_path} was written with another FinetuneConfig; resume with the same settings "
                              f"(saved: {state['config']})")
+        for what in ("teacher", "student"):
+            if state.get("identity", {}).get(what) != identity[what]:
+                raise ValueError(f"{state_path} was written for another {what} model (or calibration); resume with "
+                                 f"the model and teacher it started from, or delete {state_path.parent}")
         missing = set(_trainable_state(qmodel)) ^ set(state["trainable"])
         if missing:
             raise ValueError(f"{state_path} does not match this model's trainable parameters: {sorted(missing)[:3]}")
@@ -206,12 +247,24 @@ def finetune(qmodel: nn.Module, fp_model: nn.Module, scheduler, config: Finetune
         gen.set_state(state["generator"])
         it, losses = state["iter"], state["losses"]
 
+    def check_finite():
+        bad = [n for n, p in qmodel.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
+        if bad:  # never checkpointed or returned: the run stops here instead
+            raise FloatingPointError(f"fine-tuning made {len(bad)} parameter(s) non-finite by iteration {it} (e.g. "
+                                     f"{bad[0]}); {kept()}; lower the learning rates")
+
+    def kept() -> str:
+        if state_path is not None and state_path.is_file():
+            return f"the last good checkpoint {state_path} is kept"
+        return "no checkpoint was written"
+
     def save_state():
+        check_finite()
         if state_path is None:
             return
         with atomic_path(state_path) as tmp:
-            torch.save(dict(config=config.to_dict(), trainable=_trainable_state(qmodel), iter=it, losses=losses,
-                            optimizer=optimizer.state_dict(), lr_schedule=lr_schedule.state_dict(),
+            torch.save(dict(config=config.to_dict(), identity=identity, trainable=_trainable_state(qmodel), iter=it,
+                            losses=losses, optimizer=optimizer.state_dict(), lr_schedule=lr_schedule.state_dict(),
                             generator=gen.get_state()), tmp)
 
     device = next(qmodel.parameters()).device
@@ -235,12 +288,15 @@ def finetune(qmodel: nn.Module, fp_model: nn.Module, scheduler, config: Finetune
         loss = weighted_mse(out.float(), eps, weights[idx])
         if not torch.isfinite(loss):
             bar.close()
-            kept = f"the last good checkpoint {state_path} is kept" if state_path else "no checkpoint was written"
             raise FloatingPointError(f"fine-tuning loss became {loss.item()} at iteration {it} (timesteps "
-                                     f"{sorted(set(t.tolist()))}); {kept}; lower the learning rates")
+                                     f"{sorted(set(t.tolist()))}); {kept()}; lower the learning rates")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+        if not torch.isfinite(grad_norm):  # a step would make the parameters NaN
+            bar.close()
+            raise FloatingPointError(f"fine-tuning gradients became non-finite at iteration {it} (timesteps "
+                                     f"{sorted(set(t.tolist()))}); {kept()}; lower the learning rates")
         optimizer.step()
         lr_schedule.step()
         it += 1
