@@ -37,3 +37,40 @@ def test_bad_configs_name_the_problem():
         QuantConfig(weight_granularity="group")
     with pytest.raises(ValueError, match="act_timestep_groups"):
         QuantConfig(act_timestep_groups=0)
+
+
+def test_json_values_of_the_wrong_type_are_refused():
+    for field, value, expected in (("quantize_attention", "false", "true or false"),
+                                   ("act_timestep_groups", 2.5, "an integer"),
+                                   ("act_timestep_groups", True, "an integer"),
+                                   ("full_precision_layers", None, "a list of strings"),
+                                   ("eight_bit_layers", "@first", "a list of strings"),
+                                   ("aal_threshold", "0.3", "a number")):
+        with pytest.raises(ValueError, match=f"QuantConfig.{field} must be {expected}, got {value!r}"):
+            QuantConfig.from_json(json.dumps({field: value}))
+    assert QuantConfig(aal_threshold=0, weight_formats=("fp4_e2m1",)).weight_formats == ["fp4_e2m1"]
+    with pytest.raises(ValueError, match="a QuantConfig is an object of fields, got list"):
+        QuantConfig.from_json("[]")
+    with pytest.raises(ValueError, match="not valid JSON: Expecting"):
+        QuantConfig.from_json("{'single': 'quotes'}")
+
+
+def test_editing_a_preset_config_leaves_the_preset_alone():
+    config = QuantConfig.preset("w4a4-int")
+    config.weight_formats.append("fp4_e2m1")
+    assert QuantConfig.preset("w4a4-int").weight_formats == ["int4"] and PRESETS["w4a4-int"]["weight_formats"] == [
+        "int4"]
+
+
+def test_cli_config_file_errors_name_the_file(tmp_path):
+    from click.testing import CliRunner
+
+    from msfp.cli import main
+
+    path = tmp_path / "c.json"
+    path.write_text('{"quantize_attention": "false"}')
+    r = CliRunner().invoke(main, ["quantize", "--config", str(path), "--out", str(tmp_path / "q")])
+    assert r.exit_code == 1 and f"Error: {path}: QuantConfig.quantize_attention must be true or false" in r.output
+    r = CliRunner().invoke(main, ["quantize", "--config", str(path), "--preset", "w4a4-int", "--out", str(tmp_path)])
+    assert r.exit_code == 2 and "give --preset or --config, not both" in r.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.json"]

@@ -97,8 +97,13 @@ def quantize(model_spec, preset, config_path, out, calib_samples, calib_steps, s
     from msfp.models import load_model
     from msfp.surgery import quantize as quantize_model
 
+    if config_path and click.get_current_context().get_parameter_source("preset").name != "DEFAULT":
+        raise click.UsageError("give --preset or --config, not both")
     with _user_errors():
-        config = QuantConfig.from_json(Path(config_path).read_text()) if config_path else QuantConfig.preset(preset)
+        try:
+            config = QuantConfig.from_json(Path(config_path).read_text()) if config_path else QuantConfig.preset(preset)
+        except ValueError as e:
+            raise ValueError(f"{config_path}: {e}" if config_path else str(e)) from e
         fp_model, scheduler = load_model(model_spec)
         fp_model.to(device)
         qmodel = quantize_model(copy.deepcopy(fp_model), config)

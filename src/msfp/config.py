@@ -14,6 +14,7 @@ A selector that matches no layer of the model is an error, so a typo never silen
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 from dataclasses import dataclass, field
@@ -33,6 +34,18 @@ UNSIGNED_FP8 = ["ufp8_e4m4", "ufp8_e5m3"]
 # preset uses the same edge candidates, so presets differ only in their 4-bit layers.
 EIGHT_BIT_WEIGHTS = ["fp8_e4m3", "int8"]
 EIGHT_BIT_ACTS = ["fp8_e4m3", "uint8"]
+
+
+_TYPE_NAMES = {"list[str]": "a list of strings", "bool": "true or false", "int": "an integer", "float": "a number",
+               "str": "a string"}
+
+
+def _has_type(value, annotation: str) -> bool:
+    if annotation == "list[str]":
+        return isinstance(value, list) and all(isinstance(v, str) for v in value)
+    if isinstance(value, bool):
+        return annotation == "bool"
+    return isinstance(value, {"int": int, "float": (int, float), "str": str}.get(annotation, ()))
 
 
 @dataclass
@@ -75,6 +88,13 @@ class QuantConfig:
         self.validate()
 
     def validate(self) -> None:
+        for f in dataclasses.fields(self):  # JSON configs: "false" is a truthy string, 2.5 no count of groups
+            value = getattr(self, f.name)
+            if isinstance(value, tuple) and f.type == "list[str]":
+                value = list(value)
+                setattr(self, f.name, value)
+            if not _has_type(value, f.type):
+                raise ValueError(f"QuantConfig.{f.name} must be {_TYPE_NAMES[f.type]}, got {value!r}")
         for f in ("weight_formats", "act_formats", "eight_bit_weight_formats", "eight_bit_act_formats"):
             if not getattr(self, f):
                 raise ValueError(f"QuantConfig.{f} must list at least one format")
@@ -112,6 +132,8 @@ class QuantConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> QuantConfig:
+        if not isinstance(data, dict):
+            raise ValueError(f"a QuantConfig is an object of fields, got {type(data).__name__} {data!r:.60}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -120,13 +142,17 @@ class QuantConfig:
 
     @classmethod
     def from_json(cls, text: str) -> QuantConfig:
-        return cls.from_dict(json.loads(text))
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"not valid JSON: {e}") from None
+        return cls.from_dict(data)
 
     @classmethod
     def preset(cls, name: str) -> QuantConfig:
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
-        return cls(name=name, **PRESETS[name])
+        return cls(name=name, **copy.deepcopy(PRESETS[name]))  # editing the config must not edit the preset
 
 
 PRESETS: dict[str, dict] = {
