@@ -4,7 +4,8 @@ import logging
 import huggingface_hub
 import pytest
 import torch
-from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, UNet2DModel
+from diffusers import (DDIMScheduler, DDPMPipeline, DDPMScheduler, EDMEulerScheduler, FlowMatchEulerDiscreteScheduler,
+                       UNet2DModel)
 
 from msfp.models import load_model
 from msfp.sampling import sample
@@ -99,6 +100,14 @@ def test_bad_pipeline_dirs(tmp_path):
     tiny_unet().save_pretrained(tmp_path / "unet")
     with pytest.raises(FileNotFoundError, match="no scheduler/scheduler_config.json"):
         load_model(tmp_path)
+    # A schedule without betas would silently become a default linear-beta DDIM.
+    for other in (FlowMatchEulerDiscreteScheduler(), EDMEulerScheduler()):
+        other.save_pretrained(tmp_path / "scheduler")
+        with pytest.raises(ValueError, match=f"scheduler_config.json: {type(other).__name__} has no DDPM noise "
+                                             "schedule"):
+            load_model(tmp_path)
+    DDPMScheduler(beta_end=0.03).save_pretrained(tmp_path / "scheduler")
+    assert load_model(tmp_path)[1].config.beta_end == 0.03
 
 
 def test_hub_id_offline_gives_clear_error(monkeypatch, tmp_path):

@@ -64,6 +64,52 @@ def test_clear_errors():
     q = msfp.quantize(tiny_unet(), "w4a4-msfp")
     with pytest.raises(ValueError, match="already quantized"):
         msfp.quantize(q, "w4a4-msfp")
+    with pytest.raises(ValueError, match=r"already quantized \(e.g. '0.conv_in'\)"):
+        msfp.quantize(nn.Sequential(q), "w4a4-msfp")
+    with pytest.raises(ValueError, match="pass the whole denoiser, not one layer"):
+        msfp.quantize(nn.Conv2d(1, 1, 1), "w4a4-msfp")
+    with pytest.raises(ValueError, match="keeps all 4 Conv2d/Linear layers full precision: nothing to quantize"):
+        msfp.quantize(tiny_plain(), QuantConfig(full_precision_layers=[".*"], eight_bit_layers=[]))
+
+
+def test_layers_a_quantized_layer_cannot_replace_are_refused():
+    """Each of these used to be replaced and reported as quantized while running in full precision or failing
+    later with an error naming no layer."""
+    class Scaled(nn.Linear):  # its own forward would be dropped
+        def forward(self, x):
+            return 0.1 * super().forward(x)
+
+    model = tiny_plain()
+    model.t_proj = Scaled(1, 8)
+    with pytest.raises(ValueError, match="t_proj: Scaled has its own forward.*full_precision_layers"):
+        msfp.quantize(model, "w4a4-msfp")
+    assert msfp.quantize(model, QuantConfig(full_precision_layers=["t_proj"]))  # kept full precision: fine
+
+    model = tiny_plain()
+    model.head = model.mid  # one layer, two names
+    with pytest.raises(ValueError, match="mid is also registered as head: replacing it under one name"):
+        msfp.quantize(model, "w4a4-msfp")
+    with pytest.raises(ValueError, match="inp: weights are torch.bfloat16; msfp quantizes float32 models"):
+        msfp.quantize(tiny_plain().to(torch.bfloat16), "w4a4-msfp")
+
+    class WithAttention(nn.Module):  # nn.MultiheadAttention reads out_proj.weight without calling it
+        def __init__(self):
+            super().__init__()
+            self.inp = nn.Conv2d(1, 8, 1)
+            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+            self.out = nn.Conv2d(8, 1, 1)
+
+        def forward(self, x, t):
+            h = self.inp(x).flatten(2).transpose(1, 2)
+            h = self.attn(h, h, h, need_weights=False)[0].transpose(1, 2).reshape(x.shape[0], 8, *x.shape[2:])
+            return self.out(h)
+
+    torch.manual_seed(0)
+    fp = WithAttention().eval()
+    q = msfp.quantize(copy.deepcopy(fp), QuantConfig(eight_bit_layers=[]))
+    with pytest.raises(ValueError, match=r"1 quantized layer\(s\) never ran during calibration \(e.g. "
+                                         r"'attn.out_proj'\).*full_precision_layers"):
+        msfp.calibrate(q, fp, scheduler(), num_samples=2, num_steps=2, sample_shape=(1, 4, 4), disable=True)
 
 
 def test_timestep_reaches_layers_from_inside_a_pipeline():
@@ -75,6 +121,17 @@ def test_timestep_reaches_layers_from_inside_a_pipeline():
     pipe(batch_size=2, num_inference_steps=3, output_type="np")
     assert [s.tolist() for s in seen] == [[t, t] for t in pipe.scheduler.timesteps.tolist()] and len(seen) == 3
     assert isinstance(layer, QuantLayer)
+
+
+def test_timesteps_reach_the_layers_when_passed_by_name():
+    q = msfp.quantize(tiny_plain(), "w4a4-msfp")
+    seen = []
+    quant_layers(q)["mid"].observer = lambda lyr, x: seen.append(lyr.context.timesteps.tolist())
+    x = torch.randn(2, 1, 8, 8)
+    q(x, torch.tensor([5, 5]))
+    q(x=x, t=torch.tensor([990, 990]))  # used to keep the previous call's timesteps
+    q(x, t=torch.tensor([400, 400]))
+    assert seen == [[5, 5], [990, 990], [400, 400]]
 
 
 def test_deep_copies_of_a_quantized_model_are_independent():

@@ -193,6 +193,11 @@ def record_layer_inputs(qmodel: nn.Module, points: Trajectories, samples_per_lay
             layer.observer = None
         for h in hooks:
             h.remove()
+    silent = [name for name, rec in recorders.items() if not rec.values]
+    if silent:  # e.g. nn.MultiheadAttention reads its out_proj.weight directly: the layer would stay full precision
+        raise ValueError(f"{len(silent)} quantized layer(s) never ran during calibration (e.g. {silent[0]!r}): their "
+                         "parent module bypasses them or they are unused; keep them full precision with "
+                         "QuantConfig.full_precision_layers")
     return {name: rec.result() for name, rec in recorders.items()}
 
 

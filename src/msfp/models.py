@@ -53,7 +53,15 @@ def _read_json(path: Path) -> dict:
 
 
 def _ddim(config_dir: Path, config_name: str) -> DDIMScheduler:
-    return DDIMScheduler.from_config(_read_json(config_dir / config_name))
+    """DDIM on the model's noise schedule: only a DDPM-family schedule (betas) has one, so flow matching or EDM
+    configs are refused instead of becoming a default linear-beta DDIM."""
+    config = _read_json(config_dir / config_name)
+    kind = config.get("_class_name", "a scheduler")
+    if kind not in (*DDIMScheduler._compatibles, "a scheduler") or not {"beta_schedule", "trained_betas"} & set(config):
+        raise ValueError(f"{config_dir / config_name}: {kind} has no DDPM noise schedule (betas); msfp calibrates, "
+                         "fine-tunes and samples with DDIM on the model's betas, so it supports DDPM-family "
+                         "schedulers only")
+    return DDIMScheduler.from_config(config)
 
 
 def _load_pipeline_dir(path: Path):

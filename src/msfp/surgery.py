@@ -10,8 +10,10 @@ placeholder scales: run :func:`msfp.calibrate` before using the model.
 
 from __future__ import annotations
 
+import inspect
 import re
 
+import torch
 from torch import nn
 
 from msfp.attention import attention_inputs, check_quantized_attention, install_attention_quantizers
@@ -86,11 +88,32 @@ def _select(selectors, names, roles, field) -> set[str]:
 
 def _timestep_hook(module, args, kwargs):
     # Looks the context up on the module at call time, so a deep copy of the model uses its own context.
-    x = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
-    t = args[1] if len(args) > 1 else kwargs.get("timestep", kwargs.get("t"))
+    # The input and the timestep are forward()'s first two parameters, passed by position or by name.
+    signature = inspect.signature(module.forward)
+    bound = signature.bind_partial(*args, **kwargs).arguments
+    x, t = (bound.get(name) for name in list(signature.parameters)[:2])
     if x is not None:
         module.msfp_context.set_timesteps(t, x.shape[0], x.device)
     check_quantized_attention(module, module.msfp_quantized_attention)
+
+
+def _check_replaceable(model: nn.Module, layers: list[tuple[str, nn.Module]]) -> None:
+    """Layers a QuantLayer cannot stand in for, with what to do instead."""
+    names = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        names.setdefault(id(module), []).append(name)
+    fix = "; keep it full precision with QuantConfig.full_precision_layers"
+    for name, module in layers:
+        if module.weight.dtype != torch.float32:  # the quantizers' scales are float32: it would fail at its first call
+            raise ValueError(f"{name}: weights are {module.weight.dtype}; msfp quantizes float32 models (the "
+                             "fake-quant reference computes in float32): load the model in float32, e.g. model.float()")
+        if type(module).forward not in (nn.Conv2d.forward, nn.Linear.forward):
+            raise ValueError(f"{name}: {type(module).__name__} has its own forward(), which a quantized layer would "
+                             f"drop{fix}")
+        aliases = [n for n in names[id(module)] if n != name]
+        if aliases:
+            raise ValueError(f"{name} is also registered as {', '.join(aliases)}: replacing it under one name would "
+                             f"leave the others full precision{fix}")
 
 
 def quantize(model: nn.Module, config: QuantConfig | str) -> nn.Module:
@@ -101,14 +124,22 @@ def quantize(model: nn.Module, config: QuantConfig | str) -> nn.Module:
     if getattr(model, "msfp_config", None) is not None:
         raise ValueError(f"{type(model).__name__} is already quantized (preset {model.msfp_config.name!r})")
     layers = quantizable_layers(model)
-    if not layers:
-        raise ValueError(f"{type(model).__name__} has nothing to quantize: it contains no nn.Conv2d or nn.Linear")
+    if not layers or isinstance(model, (nn.Conv2d, nn.Linear)):
+        raise ValueError(f"{type(model).__name__} has nothing to quantize: it contains no nn.Conv2d or nn.Linear "
+                         "(pass the whole denoiser, not one layer)")
+    already = next((n for n, m in layers if isinstance(m, QuantLayer)), None)
+    if already is not None:
+        raise ValueError(f"{type(model).__name__} is already quantized (e.g. {already!r})")
     names = [n for n, _ in layers]
     attention = attention_inputs(model) if config.quantize_attention else []
     roles = {"@first": names[:1], "@last": names[-1:],
              "@time_embedding": [n for n in names if _TIME_EMBEDDING.fullmatch(n)]}
     full = _select(config.full_precision_layers, names + attention, roles, "full_precision_layers")
     eight = _select(config.eight_bit_layers, names + attention, roles, "eight_bit_layers") - full
+    if not set(names) - full:
+        raise ValueError(f"QuantConfig.full_precision_layers keeps all {len(names)} Conv2d/Linear layers full "
+                         "precision: nothing to quantize")
+    _check_replaceable(model, [(n, m) for n, m in layers if n not in full])
     aals = structural_aals(model) if config.aal_structural else {}
 
     context = QuantContext()  # calibrate() sets the scheduler's num_train_timesteps
