@@ -108,11 +108,23 @@ def test_bad_pipeline_dirs(tmp_path):
             load_model(tmp_path)
     DDPMScheduler(beta_end=0.03).save_pretrained(tmp_path / "scheduler")
     assert load_model(tmp_path)[1].config.beta_end == 0.03
+    (tmp_path / "model_index.json").write_text(json.dumps({"unet": "UNet2DModel"}))
+    with pytest.raises(ValueError, match=r"unet should be \[library, class name\], got 'UNet2DModel'"):
+        load_model(tmp_path)
+    (tmp_path / "model_index.json").write_text(json.dumps({"unet": ["diffusers", "UNet2DModel"]}))
+    config = json.loads((tmp_path / "unet" / "config.json").read_text())
+    (tmp_path / "unet" / "config.json").write_text(json.dumps({**config, "block_out_channels": [8, 32]}))
+    with pytest.raises(ValueError, match=r"unet: cannot load the UNet2DModel weights \(.*size mismatch"):
+        load_model(tmp_path)
+    (tmp_path / "unet" / "config.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="unet/config.json: expected a JSON object of settings, got list"):
+        load_model(tmp_path)
 
 
 def test_hub_id_offline_gives_clear_error(monkeypatch, tmp_path):
     # Force offline mode so the test never touches the network, whatever the machine.
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
-    with pytest.raises(OSError, match="could not download model 'msfp-test/no-such-model'.*'default' or a local"):
+    with pytest.raises(OSError, match=r"'msfp-test/no-such-model' is no directory here \(.*\), and could not "
+                                      "download model 'msfp-test/no-such-model'.*'default' or a local"):
         load_model("msfp-test/no-such-model")

@@ -42,14 +42,22 @@ def _model_class(name: str, where: Path) -> type[ModelMixin]:
 def _from_pretrained(cls: type[ModelMixin], path: Path, **kwargs) -> ModelMixin:
     # diffusers defaults to low_cpu_mem_usage=True and, without accelerate, warns on every load that it falls back;
     # asking for what is available keeps accelerate's faster loading where it is installed and the output clean.
-    return cls.from_pretrained(path, low_cpu_mem_usage=is_accelerate_available(), **kwargs)
+    try:
+        return cls.from_pretrained(path, low_cpu_mem_usage=is_accelerate_available(), **kwargs)
+    except (RuntimeError, EnvironmentError) as e:  # weights that do not fit the config, missing files
+        where = path / kwargs.get("subfolder", "")
+        why = " ".join(str(e).split())[:400]
+        raise ValueError(f"{where}: cannot load the {cls.__name__} weights ({why})") from e
 
 
 def _read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise ValueError(f"{path}: cannot read JSON config ({e})") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object of settings, got {type(data).__name__}")
+    return data
 
 
 def _ddim(config_dir: Path, config_name: str) -> DDIMScheduler:
@@ -69,11 +77,15 @@ def _load_pipeline_dir(path: Path):
     component = next((c for c in DENOISER_COMPONENTS if c in index), None)
     if component is None:
         raise ValueError(f"{path / 'model_index.json'} names no denoiser; expected one of {DENOISER_COMPONENTS}")
-    library, class_name = index[component]
+    entry = index[component]
+    if not (isinstance(entry, list) and len(entry) == 2 and all(isinstance(v, str) for v in entry)):
+        raise ValueError(f"{path / 'model_index.json'}: {component} should be [library, class name], got {entry!r}")
+    library, class_name = entry
     if library != "diffusers":
         raise ValueError(f"{path}: {component} comes from library {library!r}; only 'diffusers' models are supported")
     if not (path / component / "config.json").is_file():
         raise FileNotFoundError(f"{path}: pipeline lists {component!r} but {path / component / 'config.json'} is missing")
+    _read_json(path / component / "config.json")  # diffusers would look for anything else on the Hub
     if not (path / "scheduler" / "scheduler_config.json").is_file():
         raise FileNotFoundError(f"{path}: pipeline has no scheduler/scheduler_config.json")
     denoiser = _from_pretrained(_model_class(class_name, path / component), path, subfolder=component)
@@ -106,8 +118,10 @@ def _download(repo_id: str) -> Path:
     try:
         return Path(snapshot_download(repo_id, allow_patterns=_HUB_PATTERNS))
     except Exception as e:  # offline, unknown repo, gated, ...: all surface as one actionable error
-        raise OSError(f"could not download model {repo_id!r} from the Hugging Face Hub ({type(e).__name__}: {e}). "
-                      "Offline, use spec 'default' or a local save_pretrained directory.") from e
+        # "runs/q1" may be a mistyped local path as well as a Hub id: say both.
+        raise OSError(f"{repo_id!r} is no directory here ({Path.cwd()}), and could not download model {repo_id!r} "
+                      f"from the Hugging Face Hub ({type(e).__name__}: {e}). Offline, use spec 'default' or a local "
+                      "save_pretrained directory.") from e
 
 
 def load_model(spec: str | os.PathLike = "default"):
