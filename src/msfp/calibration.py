@@ -331,6 +331,11 @@ def calibrate(qmodel: nn.Module, fp_model: nn.Module, scheduler, num_samples: in
         raise ValueError("calibrate() needs a model returned by msfp.quantize(model, config)")
     require_fake_quant(qmodel, "calibrate()", "calibrate before msfp.fp8.convert_to_fp8")
     layers = quant_layers(qmodel)
+    half = next((n for n, layer in layers.items() if layer.weight.dtype != torch.float32), None)
+    if half is not None:  # the quantizers' scales are float32: the fake-quant forward would fail on a raw dtype error
+        raise ValueError(f"{half}: weights are {layers[half].weight.dtype}; the fake-quant reference calibrates "
+                         "float32 models: quantize the model in float32 (model.float()); the FP8 backend converts "
+                         "to bfloat16 afterwards")
     attention = attention_quantizers(qmodel)
     qmodel.msfp_context.num_train_timesteps = scheduler.config.num_train_timesteps
     qmodel.msfp_scheduler_config = dict(scheduler.config)  # saved with the model: `--model DIR` samples with it

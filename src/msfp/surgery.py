@@ -13,7 +13,6 @@ from __future__ import annotations
 import inspect
 import re
 
-import torch
 from torch import nn
 
 from msfp.attention import attention_inputs, check_quantized_attention, install_attention_quantizers
@@ -104,9 +103,6 @@ def _check_replaceable(model: nn.Module, layers: list[tuple[str, nn.Module]]) ->
         names.setdefault(id(module), []).append(name)
     fix = "; keep it full precision with QuantConfig.full_precision_layers"
     for name, module in layers:
-        if module.weight.dtype != torch.float32:  # the quantizers' scales are float32: it would fail at its first call
-            raise ValueError(f"{name}: weights are {module.weight.dtype}; msfp quantizes float32 models (the "
-                             "fake-quant reference computes in float32): load the model in float32, e.g. model.float()")
         if type(module).forward not in (nn.Conv2d.forward, nn.Linear.forward):
             raise ValueError(f"{name}: {type(module).__name__} has its own forward(), which a quantized layer would "
                              f"drop{fix}")
