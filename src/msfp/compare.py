@@ -369,7 +369,8 @@ def run_compare(settings: CompareSettings, methods: list[str], out, command: str
                 write_json(work / PROGRESS_NAME, progress)
     except BaseException:
         if progress["methods"]:
-            _log(f"the methods finished so far are kept in {work}: run the same command with --resume to continue")
+            # On a line of its own: an interrupted progress bar leaves the cursor mid-line.
+            _log(f"\nthe methods finished so far are kept in {work}: run the same command with --resume to continue")
         raise
     result = dict(
         command=command, settings=dataclasses.asdict(s), device=str(device),
