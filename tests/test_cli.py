@@ -108,7 +108,7 @@ def test_eval_against_reference_images(tmp_path):
     result = json.loads((tmp_path / "out" / "r.json").read_text())
     m = result["metrics"]
     assert result["num_samples"] == 40 and result["reference"] == str(tmp_path / "ref.npz")
-    # Real images: classifier score well above 1 (at most 4 with 10 splits of 4), most inside the reference manifold.
+    # Real images: classifier score well above 1 (4 splits of 10 images), most inside the reference manifold.
     assert m["classifier_score"] > 2 and m["precision"] > 0.5 and 0 < m["recall"] <= 1
     assert len(result["fd_bootstrap"]) == 200 and m["fd_std"] == pytest.approx(np.std(result["fd_bootstrap"]), rel=1e-3)
     assert set(result["skipped"]) == {"fid, sfid, inception_score, inception_precision, inception_recall",

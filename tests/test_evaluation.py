@@ -46,3 +46,14 @@ def test_reference_images_of_other_modes_keep_their_values(tmp_path):
     Image.fromarray(ramp).save(tmp_path / "c_8bit.png")
     images = load_image_dir(tmp_path)
     assert images.shape == (3, 16, 16, 1) and all((im[..., 0] == ramp).all() for im in images)
+
+
+def test_classifier_score_splits_hold_ten_images_or_more():
+    from msfp.evaluation import _splits
+    from msfp.metrics import classifier_score
+
+    assert [_splits(n) for n in (1, 10, 19, 40, 160, 5000)] == [1, 1, 1, 4, 10, 10]
+    ten_classes = np.full((10, 10), -np.inf)
+    np.fill_diagonal(ten_classes, 0.0)  # ten images, ten confident classes
+    assert classifier_score(ten_classes, 10)[0] == 1.0  # one image per split: 1 whatever the images
+    assert classifier_score(ten_classes, _splits(10)) == (pytest.approx(10.0), None)  # one split: no spread

@@ -30,6 +30,11 @@ from msfp.samples import from_uint8, load_samples, read_npz, to_uint8
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 SPLITS = 10  # classifier score / IS splits, as in the reference IS code
+
+
+def _splits(n: int) -> int:
+    """Splits of at least 10 images: a split's score is at most its image count (1 image: always exactly 1)."""
+    return max(1, min(SPLITS, n // 10))
 # FD's "± std" is the spread over this many bootstrap resamples of the samples (result["fd_bootstrap"] keeps them).
 FD_BOOTSTRAP_RESAMPLES = 200
 # (key, label) in table order; keys are those of result["metrics"].
@@ -100,9 +105,10 @@ def load_reference(ref: str | os.PathLike | None = None, ref_images: str | os.Pa
             raise ValueError(f"{path}: expected reference images (arr_0) or feature-net statistics (mu, sigma); "
                              f"got keys {sorted(data)}")
         mu, sigma = data["mu"], data["sigma"]
-        if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)) or not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        finite = bool(np.isfinite(mu).all() and np.isfinite(sigma).all())
+        if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)) or not finite:
             raise ValueError(f"{path}: expected finite statistics mu (D,) and sigma (D, D); got mu {mu.shape}, sigma "
-                             f"{sigma.shape}, finite: {bool(np.isfinite(mu).all() and np.isfinite(sigma).all())}")
+                             f"{sigma.shape}, finite: {finite}")
         return Reference(name=str(path), stats=(mu, sigma),
                          no_images_reason=f"the reference {path.name} holds statistics only, no images")
     name = "Fashion-MNIST test split (10,000 images)"
@@ -182,7 +188,7 @@ def _feature_net_metrics(images, reference: Reference, metrics: dict, skipped: d
         return None
     net = load_feature_net(device=device)
     feats, logits = compute_features(net, from_uint8(images))
-    metrics["classifier_score"], metrics["classifier_score_std"] = classifier_score(logits, min(SPLITS, len(logits)))
+    metrics["classifier_score"], metrics["classifier_score_std"] = classifier_score(logits, _splits(len(logits)))
     ref_feats = None
     if reference.images is None:
         skipped["kid, precision, recall"] = f"they need reference images: {reference.no_images_reason}"
@@ -210,7 +216,7 @@ def _inception_metrics(images, reference: Reference, net, metrics: dict, skipped
 
     feats = inception_features(net, images)
     metrics["inception_score"], metrics["inception_score_std"] = classifier_score(
-        feats["logits"], min(SPLITS, len(images)))
+        feats["logits"], _splits(len(images)))
     if reference.images is None:
         skipped["fid, sfid, inception_precision, inception_recall"] = (
             f"they need reference images: {reference.no_images_reason}")

@@ -123,8 +123,9 @@ def kid(feats1, feats2, subsets: int = 100, subset_size: int = 1000, seed: int =
 def classifier_score(logits, splits: int = 10):
     """Inception-score analogue ``exp(E_x KL(p(y|x) || p(y)))`` from classifier logits (N, C).
 
-    Computed on ``splits`` equal chunks (p(y) per chunk, as in the reference IS code); returns ``(mean, std)``.
-    Ranges from 1 (every prediction identical) to C (confident, class-balanced predictions).
+    Computed on ``splits`` equal chunks (p(y) per chunk, as in the reference IS code); returns ``(mean, std)``, std
+    None for one split. Ranges from 1 (every prediction identical) to C (confident, class-balanced predictions), and
+    a split of n images scores at most n.
     """
     z = _as_f64(logits)
     if z.ndim != 2 or len(z) < splits:
@@ -136,7 +137,7 @@ def classifier_score(logits, splits: int = 10):
         # rel_entr is 0 where p == 0, so one-hot predictions (-inf logits) are fine.
         kl = special.rel_entr(p, p.mean(axis=0)).sum(axis=1)
         scores.append(np.exp(kl.mean()))
-    return float(np.mean(scores)), float(np.std(scores))
+    return float(np.mean(scores)), float(np.std(scores)) if splits > 1 else None
 
 
 def _kth_nn_radii(f, k: int, chunk: int):
