@@ -135,6 +135,19 @@ def test_timesteps_reach_the_layers_when_passed_by_name():
     q(x, t=torch.tensor([400, 400]))
     assert seen == [[5, 5], [990, 990], [400, 400]]
 
+    class Wrapper(nn.Module):  # forward(*args, **kwargs) names no parameter: position it is
+        def __init__(self):
+            super().__init__()
+            self.inner = tiny_plain()
+
+        def forward(self, *args, **kwargs):
+            return self.inner(*args, **kwargs)
+
+    q = msfp.quantize(Wrapper(), "w4a4-msfp")
+    quant_layers(q)["inner.mid"].observer = lambda lyr, x: seen.append(lyr.context.timesteps.tolist())
+    q(x, torch.tensor([7, 7]))
+    assert seen[-1] == [7, 7]
+
 
 def test_deep_copies_of_a_quantized_model_are_independent():
     q = msfp.quantize(tiny_unet(), "w4a4-msfp")

@@ -87,10 +87,12 @@ def _select(selectors, names, roles, field) -> set[str]:
 
 def _timestep_hook(module, args, kwargs):
     # Looks the context up on the module at call time, so a deep copy of the model uses its own context.
-    # The input and the timestep are forward()'s first two parameters, passed by position or by name.
+    # The input and the timestep are forward()'s first two parameters, passed by position or by name
+    # (forward(*args, **kwargs) names none: then by position).
     signature = inspect.signature(module.forward)
+    named = [p.name for p in signature.parameters.values() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     bound = signature.bind_partial(*args, **kwargs).arguments
-    x, t = (bound.get(name) for name in list(signature.parameters)[:2])
+    x, t = (bound.get(named[i]) if i < len(named) else (args[i] if i < len(args) else None) for i in (0, 1))
     if x is not None:
         module.msfp_context.set_timesteps(t, x.shape[0], x.device)
     check_quantized_attention(module, module.msfp_quantized_attention)
