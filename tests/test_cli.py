@@ -192,6 +192,13 @@ def test_eval_bad_input(tmp_path):
     assert run("eval", tmp_path / "s.npz", "--ref", tmp_path / "fine.npz").exit_code == 0
     np.savez(tmp_path / "none.npz", arr_0=np.zeros((0, 32, 32, 1), np.uint8))
     assert "with N, H, W >= 1" in error(tmp_path / "none.npz")
+    # Too few images for the distribution metrics: those are skipped with the reason, the rest is reported.
+    save_samples(tmp_path / "three.npz", images[:3], np.arange(3))
+    r = run("eval", tmp_path / "three.npz", "--ref", tmp_path / "s.npz", "--json", tmp_path / "three.json")
+    assert r.exit_code == 0, r.output
+    result = json.loads((tmp_path / "three.json").read_text())
+    assert result["skipped"]["fd, kid, precision, recall"] == "they need at least 4 samples, got 3"
+    assert result["metrics"]["classifier_score"] >= 1
 
 
 def test_eval_reference_image_dir_and_other_image_sizes(tmp_path):

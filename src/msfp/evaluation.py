@@ -32,6 +32,15 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 SPLITS = 10  # classifier score / IS splits, as in the reference IS code
 
 
+MIN_DISTRIBUTION_SAMPLES = 4  # precision/recall compare each point with its 3rd nearest neighbour; FD needs 2
+
+
+def _too_few(images) -> str | None:
+    if len(images) < MIN_DISTRIBUTION_SAMPLES:
+        return f"they need at least {MIN_DISTRIBUTION_SAMPLES} samples, got {len(images)}"
+    return None
+
+
 def _splits(n: int) -> int:
     """Splits of at least 10 images: a split's score is at most its image count (1 image: always exactly 1)."""
     return max(1, min(SPLITS, n // 10))
@@ -189,6 +198,9 @@ def _feature_net_metrics(images, reference: Reference, metrics: dict, skipped: d
     net = load_feature_net(device=device)
     feats, logits = compute_features(net, from_uint8(images))
     metrics["classifier_score"], metrics["classifier_score_std"] = classifier_score(logits, _splits(len(logits)))
+    if _too_few(images):
+        skipped["fd, kid, precision, recall"] = _too_few(images)
+        return None
     ref_feats = None
     if reference.images is None:
         skipped["kid, precision, recall"] = f"they need reference images: {reference.no_images_reason}"
@@ -217,6 +229,9 @@ def _inception_metrics(images, reference: Reference, net, metrics: dict, skipped
     feats = inception_features(net, images)
     metrics["inception_score"], metrics["inception_score_std"] = classifier_score(
         feats["logits"], _splits(len(images)))
+    if _too_few(images):
+        skipped["fid, sfid, inception_precision, inception_recall"] = _too_few(images)
+        return
     if reference.images is None:
         skipped["fid, sfid, inception_precision, inception_recall"] = (
             f"they need reference images: {reference.no_images_reason}")
