@@ -42,7 +42,7 @@ def test_new_files_replace_old_ones_and_other_entries_are_kept(tmp_path, existin
         write(tmp, weights="new weights", config="new config")
     assert tree(existing) == {"weights": "new weights", "config": "new config", "notes": "my notes",
                      "evals/run1.json": "{}", "notes-link": "link -> notes"}
-    assert os.stat(existing).st_mode & 0o777 == 0o755
+    assert os.stat(existing).st_mode & 0o777 == 0o755  # the mode it had
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no temporary or old directory left behind
 
 
@@ -104,3 +104,23 @@ def test_the_current_directory_is_never_replaced(tmp_path, existing, monkeypatch
             with atomic_directory(path):
                 pass
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_new_files_follow_the_umask_and_replaced_ones_keep_their_mode(tmp_path):
+    from msfp.fileio import atomic_path
+
+    old_mask = os.umask(0o077)
+    try:
+        with atomic_path(tmp_path / "new.json") as tmp:
+            tmp.write_text("{}")
+        with atomic_directory(tmp_path / "newdir") as tmp:
+            write(tmp, weights="w")
+    finally:
+        os.umask(old_mask)
+    assert os.stat(tmp_path / "new.json").st_mode & 0o777 == 0o600
+    assert os.stat(tmp_path / "newdir").st_mode & 0o777 == 0o700
+    (tmp_path / "private.json").write_text("{}")
+    os.chmod(tmp_path / "private.json", 0o640)
+    with atomic_path(tmp_path / "private.json") as tmp:  # used to come back 0644
+        tmp.write_text('{"a": 1}')
+    assert os.stat(tmp_path / "private.json").st_mode & 0o777 == 0o640

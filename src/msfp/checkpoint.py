@@ -269,8 +269,6 @@ def save_quantized(model: nn.Module, directory: str | os.PathLike) -> Path:
         save_file(state, tmp / WEIGHTS_NAME, metadata={"format": "pt", "msfp_format_version": str(FORMAT_VERSION)})
         meta["weights_sha256"] = _sha256(tmp / WEIGHTS_NAME)
         (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=1) + "\n")
-        for f in (tmp / WEIGHTS_NAME, tmp / CONFIG_NAME):
-            os.chmod(f, 0o644)
     return out
 
 

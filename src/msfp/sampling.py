@@ -15,8 +15,6 @@ from __future__ import annotations
 import inspect
 import math
 import os
-import tempfile
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -24,6 +22,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from msfp.cuda_graphs import GraphedDenoiser
+from msfp.fileio import atomic_path
 
 
 def _sample_shape(model, sample_shape):
@@ -123,14 +122,5 @@ def save_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int = 8, padd
         r, col = divmod(k, nrow)
         y, x = padding + r * (h + padding), padding + col * (w + padding)
         grid[y: y + h, x: x + w] = pixels[k].transpose(1, 2, 0)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         Image.fromarray(grid[..., 0] if c == 1 else grid).save(tmp, format="PNG")
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
