@@ -35,6 +35,15 @@ def _default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def _read_config(path: str):
+    from msfp.config import QuantConfig
+
+    try:
+        return QuantConfig.from_json(Path(path).read_text())
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from e
+
+
 def _device_unavailable(device: torch.device) -> str | None:
     """Why this machine cannot put tensors on ``device`` (None if it can)."""
     if device.type == "cuda":
@@ -100,10 +109,7 @@ def quantize(model_spec, preset, config_path, out, calib_samples, calib_steps, s
     if config_path and click.get_current_context().get_parameter_source("preset").name != "DEFAULT":
         raise click.UsageError("give --preset or --config, not both")
     with _user_errors():
-        try:
-            config = QuantConfig.from_json(Path(config_path).read_text()) if config_path else QuantConfig.preset(preset)
-        except ValueError as e:
-            raise ValueError(f"{config_path}: {e}" if config_path else str(e)) from e
+        config = _read_config(config_path) if config_path else QuantConfig.preset(preset)
         fp_model, scheduler = load_model(model_spec)
         fp_model.to(device)
         qmodel = quantize_model(copy.deepcopy(fp_model), config)
@@ -234,8 +240,9 @@ def eval_(samples_path, ref, ref_images, data_dir, inception_weights, paired_pat
             teacher, _ = load_model(fp_model)
             if (Path(model_spec) / CONFIG_NAME).is_file():  # its error would be measured against another model
                 require_base_model(read_quant_meta(model_spec), teacher, model_spec, f"--fp-model {fp_model!r}")
-            model.to(device or _default_device())
-            teacher.to(device or _default_device())
+            device = device or _default_device()
+            model.to(device)
+            teacher.to(device)
             # Held-out seeds as in msfp compare: never the calibration or fine-tuning trajectories.
             points = collect_trajectories(teacher, scheduler, heldout_samples, heldout_steps, seed=HELDOUT_SEED_OFFSET,
                                           disable=True)

@@ -30,20 +30,7 @@ from msfp.samples import from_uint8, load_samples, read_npz, to_uint8
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 SPLITS = 10  # classifier score / IS splits, as in the reference IS code
-
-
 MIN_DISTRIBUTION_SAMPLES = 4  # precision/recall compare each point with its 3rd nearest neighbour; FD needs 2
-
-
-def _too_few(images) -> str | None:
-    if len(images) < MIN_DISTRIBUTION_SAMPLES:
-        return f"they need at least {MIN_DISTRIBUTION_SAMPLES} samples, got {len(images)}"
-    return None
-
-
-def _splits(n: int) -> int:
-    """Splits of at least 10 images: a split's score is at most its image count (1 image: always exactly 1)."""
-    return max(1, min(SPLITS, n // 10))
 # FD's "± std" is the spread over this many bootstrap resamples of the samples (result["fd_bootstrap"] keeps them).
 FD_BOOTSTRAP_RESAMPLES = 200
 # (key, label) in table order; keys are those of result["metrics"].
@@ -70,6 +57,17 @@ class Reference:
     # Feature-net features of ``images``, computed on first use: evaluating several sample files against one
     # reference (msfp compare) computes them once.
     features: torch.Tensor | None = None
+
+
+def _too_few(images) -> str | None:
+    if len(images) < MIN_DISTRIBUTION_SAMPLES:
+        return f"they need at least {MIN_DISTRIBUTION_SAMPLES} samples, got {len(images)}"
+    return None
+
+
+def _splits(n: int) -> int:
+    """Splits of at least 10 images: a split's score is at most its image count (1 image: always exactly 1)."""
+    return max(1, min(SPLITS, n // 10))
 
 
 def load_image_dir(path: str | os.PathLike) -> np.ndarray:
@@ -198,8 +196,9 @@ def _feature_net_metrics(images, reference: Reference, metrics: dict, skipped: d
     net = load_feature_net(device=device)
     feats, logits = compute_features(net, from_uint8(images))
     metrics["classifier_score"], metrics["classifier_score_std"] = classifier_score(logits, _splits(len(logits)))
-    if _too_few(images):
-        skipped["fd, kid, precision, recall"] = _too_few(images)
+    too_few = _too_few(images)
+    if too_few:
+        skipped["fd, kid, precision, recall"] = too_few
         return None
     ref_feats = None
     if reference.images is None:
@@ -214,9 +213,9 @@ def _feature_net_metrics(images, reference: Reference, metrics: dict, skipped: d
         metrics["precision"], metrics["recall"] = precision_recall(ref_feats, feats)
     ref_stats = reference.stats or feature_stats(ref_feats)
     if len(ref_stats[0]) != feats.shape[1]:
-        raise ValueError(f"the reference statistics ({reference.name}) are {len(ref_stats[0])}-dimensional, the feature "
-                         f"network's features {feats.shape[1]}-dimensional: statistics of another network (e.g. "
-                         "Inception's 2048) do not apply")
+        raise ValueError(f"the reference statistics ({reference.name}) are {len(ref_stats[0])}-dimensional, the "
+                         f"feature network's features {feats.shape[1]}-dimensional: statistics of another network "
+                         "(e.g. Inception's 2048) do not apply")
     metrics["fd"] = frechet_distance(*feature_stats(feats), *ref_stats)
     replicates = fd_bootstrap(feats, *ref_stats, resamples=FD_BOOTSTRAP_RESAMPLES)
     metrics["fd_std"] = float(replicates.std())
@@ -229,8 +228,9 @@ def _inception_metrics(images, reference: Reference, net, metrics: dict, skipped
     feats = inception_features(net, images)
     metrics["inception_score"], metrics["inception_score_std"] = classifier_score(
         feats["logits"], _splits(len(images)))
-    if _too_few(images):
-        skipped["fid, sfid, inception_precision, inception_recall"] = _too_few(images)
+    too_few = _too_few(images)
+    if too_few:
+        skipped["fid, sfid, inception_precision, inception_recall"] = too_few
         return
     if reference.images is None:
         skipped["fid, sfid, inception_precision, inception_recall"] = (

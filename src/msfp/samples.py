@@ -87,23 +87,25 @@ class Guided(nn.Module):
         return uncond + self.scale * (cond - uncond)
 
 
-def _check_images(images: np.ndarray, where) -> None:
+def _check_arrays(arrays: dict, where) -> None:
+    """A sample file's arrays: uint8 images (``arr_0``) and one seed (and label) per image, when present."""
+    images = arrays["arr_0"]
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3) or 0 in images.shape:
         raise ValueError(f"{where}: expected arr_0 = uint8 images (N, H, W, 1 or 3) with N, H, W >= 1 as written by "
                          f"`msfp sample`; got {images.dtype} {images.shape}")
+    for key in ("seeds", "labels"):
+        if key in arrays and arrays[key].shape != (len(images),):
+            raise ValueError(f"{where}: {key} has shape {arrays[key].shape}, expected ({len(images)},)")
 
 
 def save_samples(path, images: np.ndarray, seeds, labels=None, meta: dict | None = None) -> None:
     """Write a sample file atomically; ``images`` uint8 (N, H, W, C) (see :func:`to_uint8`), one seed (and label)
     per image."""
-    images = np.asarray(images)
-    _check_images(images, path)  # a cast would silently turn floats in [-1, 1] into 0s and 1s
-    arrays = dict(arr_0=images, seeds=np.asarray(seeds, dtype=np.int64), meta=np.array(json.dumps(meta or {})))
+    arrays = dict(arr_0=np.asarray(images), seeds=np.asarray(seeds, dtype=np.int64),
+                  meta=np.array(json.dumps(meta or {})))
     if labels is not None:
         arrays["labels"] = np.asarray(labels, dtype=np.int64)
-    for key in ("seeds", "labels"):
-        if key in arrays and arrays[key].shape != (len(images),):
-            raise ValueError(f"{path}: {key} has shape {arrays[key].shape}, expected ({len(images)},)")
+    _check_arrays(arrays, path)  # a cast to uint8 would silently turn floats in [-1, 1] into 0s and 1s
     with atomic_path(path) as tmp, open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a name
         np.savez(f, **arrays)
 
@@ -127,16 +129,12 @@ def load_samples(path) -> dict:
     if "arr_0" not in data:
         raise ValueError(f"{path}: expected arr_0 = uint8 images (N, H, W, 1 or 3) as written by `msfp sample`; "
                          f"got keys {sorted(data)}")
-    images = data["arr_0"]
-    _check_images(images, path)
-    for key in ("seeds", "labels"):
-        if key in data and data[key].shape != (len(images),):
-            raise ValueError(f"{path}: {key} has shape {data[key].shape}, expected ({len(images)},)")
+    _check_arrays(data, path)
     try:
         meta = json.loads(str(data["meta"])) if "meta" in data else {}
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: meta is not JSON ({e})") from e
-    return dict(images=images, seeds=data.get("seeds"), labels=data.get("labels"), meta=meta)
+    return dict(images=data["arr_0"], seeds=data.get("seeds"), labels=data.get("labels"), meta=meta)
 
 
 def grid_path(path) -> Path:
@@ -223,8 +221,8 @@ def generate(model, scheduler, out, num_samples: int, num_inference_steps: int, 
         # Image i uses the generator seeded with seed + i, on whichever rank draws it.
         drawn = sample(model, scheduler, stop - start, num_inference_steps, seed=seed + start, batch_size=batch_size,
                        eta=eta, class_labels=labels, disable=disable or rank != 0, device=device)
-        _require_finite(drawn, seed + start, num_samples, world, f"{type(scheduler).__name__}, {num_inference_steps} steps, "
-                        f"eta {eta}; {out} was not written")
+        _require_finite(drawn, seed + start, num_samples, world,
+                        f"{type(scheduler).__name__}, {num_inference_steps} steps, eta {eta}; {out} was not written")
         images = to_uint8(drawn)
         seeds = np.arange(seed + start, seed + stop)
         meta = dict(meta or {}, num_samples=num_samples, steps=num_inference_steps, seed=seed, eta=eta,

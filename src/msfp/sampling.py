@@ -66,8 +66,9 @@ def sample(model, scheduler, num_samples: int, num_inference_steps: int = 100, s
     shape = _sample_shape(model, sample_shape)
     denoiser = GraphedDenoiser(model) if cuda_graphs else model
     step_kwargs = {}
-    takes_generator = "generator" in inspect.signature(scheduler.step).parameters  # PNDM, LMS, Heun… do not
-    if "eta" in inspect.signature(scheduler.step).parameters:
+    accepts = inspect.signature(scheduler.step).parameters
+    takes_generator = "generator" in accepts  # PNDM, LMS, Heun… do not
+    if "eta" in accepts:
         if not 0.0 <= eta <= 1.0:  # above 1 DDIM's noise variance exceeds 1 - ᾱ_prev: NaN images
             raise ValueError(f"eta must be in [0, 1] (0: deterministic DDIM, 1: DDPM-like), got {eta}")
         step_kwargs["eta"] = eta
