@@ -124,3 +124,70 @@ def test_new_files_follow_the_umask_and_replaced_ones_keep_their_mode(tmp_path):
     with atomic_path(tmp_path / "private.json") as tmp:  # used to come back 0644
         tmp.write_text('{"a": 1}')
     assert os.stat(tmp_path / "private.json").st_mode & 0o777 == 0o640
+
+
+def test_data_reaches_the_disk_before_the_rename_and_the_rename_after(tmp_path, monkeypatch):
+    from msfp.fileio import atomic_path
+
+    events = []
+    real_fsync, real_replace = fileio._fsync, os.replace
+    monkeypatch.setattr(fileio, "_fsync", lambda p: (events.append(("fsync", p.name)), real_fsync(p)))
+    monkeypatch.setattr(fileio.os, "replace",
+                        lambda src, dst: (events.append(("replace", os.path.basename(dst))), real_replace(src, dst)))
+    with atomic_path(tmp_path / "a.json") as tmp:
+        tmp.write_text("{}")
+    assert events == [("fsync", tmp.name), ("replace", "a.json"), ("fsync", tmp_path.name)]
+
+    for _ in range(2):  # a new directory, then replacing it
+        events.clear()
+        with atomic_directory(tmp_path / "model") as tmp:
+            (tmp / "sub").mkdir()
+            write(tmp, weights="w")
+            write(tmp / "sub", config="c")
+        flushed = {name for kind, name in events[:events.index(("replace", "model"))] if kind == "fsync"}
+        assert {"weights", "config", "sub", tmp.name} <= flushed
+        assert events[-1] == ("fsync", tmp_path.name)
+
+
+KILLED_WRITER = """
+import sys, time
+from pathlib import Path
+from msfp.fileio import atomic_directory, atomic_path
+with atomic_directory(sys.argv[1]) as tmp, atomic_path(sys.argv[2]) as f:
+    (tmp / "weights").write_text("half")
+    f.write_text("half")
+    Path(sys.argv[3]).touch()
+    time.sleep(60)
+"""
+
+
+def test_what_a_killed_writer_left_is_cleared_by_the_next_write_and_a_live_writers_files_are_not(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from msfp.fileio import atomic_path
+
+    model, results, ready = tmp_path / "model", tmp_path / "results.json", tmp_path / "ready"
+    writer = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(model), str(results), str(ready)])
+    for _ in range(600):
+        if ready.exists() or writer.poll() is not None:
+            break
+        time.sleep(0.05)
+    assert ready.exists(), "the writer did not start"
+    writer.send_signal(signal.SIGKILL)
+    writer.wait()
+    ready.unlink()
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert len(left) == 2 and all(f".tmp-{fileio._HOST}-{writer.pid}-" in name for name in left)
+
+    live = tmp_path / f"{fileio._leftover_prefix(model)}{os.getppid()}-x"  # a process that is still running
+    other_host = tmp_path / f".model.tmp-otherhost-{writer.pid}-x"
+    live.mkdir(), other_host.mkdir()
+    with atomic_directory(model) as tmp:
+        write(tmp, weights="whole")
+    with atomic_path(results) as tmp:
+        tmp.write_text("{}")
+    assert tree(model) == {"weights": "whole"} and results.read_text() == "{}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, other_host.name, "model", "results.json"])

@@ -1,11 +1,14 @@
-"""Atomic file writes: a reader never sees a half-written file, and a crash leaves the previous file in place."""
+"""Atomic file writes: a reader never sees a half-written file, and a crash (or a power cut) leaves the previous file
+in place. Temporary names carry the writer's host and process id, so a later write can clear what a killed one left."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
+import re
 import shutil
+import socket
 import stat
 import tempfile
 from contextlib import contextmanager
@@ -22,20 +25,84 @@ def _mode(path: Path, default: int) -> int:
         return default & ~mask
 
 
+def _fsync(path: Path) -> None:
+    """Flush ``path``'s data (or a directory's entries) to disk: without it a rename can reach the disk before the
+    data it names, and a power cut leaves an empty file where the old one was."""
+    if path.is_dir():
+        if not hasattr(os, "O_DIRECTORY"):
+            return  # Windows cannot open a directory to flush it
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    else:
+        fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+_HOST = re.sub(r"[^A-Za-z0-9]", "_", socket.gethostname().split(".")[0])[:32] or "host"
+
+
+def _leftover_prefix(path: Path) -> str:
+    """How the temporary names of this host's writers of ``path`` begin; the writer's process id follows."""
+    return f".{path.name}.tmp-{_HOST}-"
+
+
+def _temporary_prefix(path: Path) -> str:
+    return f"{_leftover_prefix(path)}{os.getpid()}-"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0 only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # another user's process
+    return True
+
+
+def _remove_leftovers(path: Path) -> None:
+    """Remove the temporary files and directories that writers of ``path`` on this host left when they were killed
+    (their process is gone). Others' are left alone: they may still be writing."""
+    if os.name != "posix":
+        return  # os.kill(pid, 0) would terminate the process on Windows
+    pattern = re.compile(re.escape(_leftover_prefix(path)) + r"(\d+)-")
+    for entry in path.parent.iterdir():
+        match = pattern.match(entry.name)
+        if match is None or _alive(int(match.group(1))):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike):
     """Yield a temporary path beside ``path``; on success it replaces ``path``, on error it is removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    _remove_leftovers(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_temporary_prefix(path))
     os.close(fd)
     try:
         yield Path(tmp)
         os.chmod(tmp, _mode(path, 0o666))  # mkstemp creates 0600
+        _fsync(Path(tmp))
         os.replace(tmp, path)
+        _fsync(path.parent)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _fsync_tree(directory: Path) -> None:
+    for root, dirs, files in os.walk(directory):
+        for name in files:
+            if not os.path.islink(os.path.join(root, name)):
+                _fsync(Path(root, name))
+        _fsync(Path(root))
 
 
 def _link_or_copy(src, dst) -> None:
@@ -73,14 +140,18 @@ def atomic_directory(path: str | os.PathLike):
     if Path.cwd().resolve().is_relative_to(path.resolve()):
         raise ValueError(f"refusing to replace {path}: the current directory is inside it")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp"))
+    _remove_leftovers(path)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=_temporary_prefix(path)))
     try:
         yield tmp
         os.chmod(tmp, _mode(path, 0o777))  # mkdtemp creates 0700
+        _fsync_tree(tmp)  # before carrying over: carried-over entries are the old version's, already on disk
         if not path.exists():
             os.replace(tmp, path)
+            _fsync(path.parent)
             return
         _carry_over(path, tmp, {p.name for p in tmp.iterdir()})
+        _fsync(tmp)
         old = path.with_name(f".{path.name}.old")
         if old.is_dir() and not old.is_symlink():
             shutil.rmtree(old)  # left by a crash between the two renames below
@@ -92,6 +163,7 @@ def atomic_directory(path: str | os.PathLike):
         except BaseException:
             os.replace(old, path)  # put the earlier version back
             raise
+        _fsync(path.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
