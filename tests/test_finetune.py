@@ -13,7 +13,7 @@ from msfp.fp8 import convert_to_fp8
 from msfp.losses import ddim_denoising_factors, dfa_weights
 from msfp.surgery import quant_layers
 from msfp.talora import add_talora, lora_assignment
-from tiny_models import scheduler, tiny_unet
+from tiny_models import scheduler, tiny_pixart, tiny_unet
 
 CONFIG = dict(iters=24, batch_size=4, traj_samples=4, traj_steps=4, checkpoint_every=8, rank=2)
 
@@ -200,6 +200,21 @@ def test_dfa_weights_follow_the_ddim_denoising_factor(calibrated):
     weights = ft._point_weights(points, sched, FinetuneConfig(**CONFIG))
     assert weights.tolist() == [expected[t] for t in points.t.tolist()]
     assert ft._point_weights(points, sched, FinetuneConfig(**{**CONFIG, "loss": "mse"})).eq(1).all()
+
+
+def test_a_text_conditioned_transformer_fine_tunes_and_samples():
+    """PixArtTransformer2DModel takes encoder_hidden_states second: every call passes the timestep by name."""
+    fp, text = tiny_pixart(), {"encoder_hidden_states": torch.randn(4, 3, 8)}
+    q = msfp.quantize(copy.deepcopy(fp), "w4a4-msfp")
+    msfp.calibrate(q, fp, scheduler(), num_samples=4, num_steps=4, cond=text, disable=True)
+    config = FinetuneConfig(**{**CONFIG, "iters": 40, "lora_lr": 1e-2})
+    points = ft._teacher(fp, scheduler(), config, None, None, text, None, None, True)
+    before = per_timestep_eps_mse(q, points)
+    result = finetune(q, fp, scheduler(), config, cond=text, teacher=points, disable=True)
+    after = per_timestep_eps_mse(q, points)
+    assert result.iters_done == 40 and sum(after.values()) < 0.9 * sum(before.values())
+    images = msfp.sampling.sample(q, scheduler(), 4, num_inference_steps=3, cond=text, disable=True)
+    assert images.shape == (4, 4, 8, 8) and torch.isfinite(images).all()
 
 
 def test_efficientdm_style_baseline_runs():

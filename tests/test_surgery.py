@@ -9,10 +9,10 @@ import msfp
 from msfp import QuantConfig
 from msfp.layers import QuantLayer
 from msfp.surgery import quant_layers, structural_aals
-from tiny_models import scheduler, tiny_cond_unet, tiny_dit, tiny_plain, tiny_unet
+from tiny_models import scheduler, tiny_cond_unet, tiny_dit, tiny_pixart, tiny_plain, tiny_unet
 
 
-@pytest.mark.parametrize("build", [tiny_unet, tiny_cond_unet, tiny_dit, tiny_plain])
+@pytest.mark.parametrize("build", [tiny_unet, tiny_cond_unet, tiny_dit, tiny_pixart, tiny_plain])
 def test_every_conv_and_linear_is_replaced(build):
     fp = build()
     expected = [n for n, m in fp.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
@@ -43,6 +43,18 @@ def test_roles_keep_edges_at_8_bits_and_policy_regexes():
                                                   q.msfp_full_precision_layers)
 
 
+def test_roles_find_the_output_layer_of_a_pixart_transformer():
+    fp = tiny_pixart()
+    names = [n for n, m in fp.named_modules() if isinstance(m, nn.Linear)]
+    assert names[-1] == "caption_projection.linear_2"  # registered after proj_out: it used to be taken as @last
+    bits = {n: layer.precision for n, layer in quant_layers(msfp.quantize(fp, "w4a4-msfp")).items()}
+    eight = {n for n, b in bits.items() if b == "8bit"}
+    assert eight == {"pos_embed.proj", "proj_out", "adaln_single.linear", "adaln_single.emb.timestep_embedder.linear_1",
+                     "adaln_single.emb.timestep_embedder.linear_2"}
+    assert bits["caption_projection.linear_2"] == "4bit"
+    assert bits["transformer_blocks.0.ff.net.2"] == "4bit"
+
+
 def test_structural_aals_mark_post_silu_layers_of_resnet_blocks():
     aals = structural_aals(tiny_unet())
     for name in ("conv1", "conv2", "time_emb_proj"):
@@ -50,6 +62,8 @@ def test_structural_aals_mark_post_silu_layers_of_resnet_blocks():
     assert "up_blocks.1.resnets.0.conv_shortcut" not in aals  # reads the raw skip concatenation
     assert "conv_out" in aals and "time_embedding.linear_2" in aals and "conv_in" not in aals
     assert "transformer_blocks.0.norm1.linear" in structural_aals(tiny_dit())
+    pixart = structural_aals(tiny_pixart())
+    assert {"adaln_single.linear", "caption_projection.linear_2", "transformer_blocks.0.ff.net.2"} <= set(pixart)
 
 
 def test_clear_errors():
@@ -147,6 +161,20 @@ def test_timesteps_reach_the_layers_when_passed_by_name():
     quant_layers(q)["inner.mid"].observer = lambda lyr, x: seen.append(lyr.context.timesteps.tolist())
     q(x, torch.tensor([7, 7]))
     assert seen[-1] == [7, 7]
+
+
+def test_the_timestep_of_a_transformer_that_takes_it_third_reaches_the_layers():
+    # PixArtTransformer2DModel.forward(hidden_states, encoder_hidden_states, timestep): the hook used to read
+    # encoder_hidden_states as the timesteps.
+    q = msfp.quantize(tiny_pixart(), "w4a4-msfp")
+    seen = []
+    quant_layers(q)["transformer_blocks.0.ff.net.2"].observer = lambda lyr, x: seen.append(lyr.context.timesteps)
+    x, text = torch.randn(2, 4, 8, 8), torch.randn(2, 3, 8)
+    with torch.no_grad():
+        q(x, encoder_hidden_states=text, timestep=torch.tensor([20, 30]))  # as PixArtAlphaPipeline calls it
+        q(x, text, torch.tensor([40, 50]))
+        msfp.models.denoise(q, x, torch.tensor([60, 70]), encoder_hidden_states=text)
+    assert [s.tolist() for s in seen] == [[20, 30], [40, 50], [60, 70]]
 
 
 def test_deep_copies_of_a_quantized_model_are_independent():

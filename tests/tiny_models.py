@@ -1,7 +1,7 @@
 """Tiny models of every family msfp supports, built from config (diffusers test style). Nothing is downloaded."""
 
 import torch
-from diffusers import DDIMScheduler, DiTTransformer2DModel, UNet2DConditionModel, UNet2DModel
+from diffusers import DDIMScheduler, DiTTransformer2DModel, PixArtTransformer2DModel, UNet2DConditionModel, UNet2DModel
 from torch import nn
 
 
@@ -31,6 +31,15 @@ def tiny_dit():
     torch.manual_seed(0)
     return DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=4, in_channels=4, out_channels=8,
                                  num_layers=1, sample_size=8, patch_size=2, num_embeds_ada_norm=5).eval()
+
+
+def tiny_pixart():
+    """PixArt-α's transformer: forward(x, encoder_hidden_states, timestep), conditioning embeddings registered after
+    the output layer, learned variance."""
+    torch.manual_seed(0)
+    return PixArtTransformer2DModel(num_attention_heads=2, attention_head_dim=4, in_channels=4, out_channels=8,
+                                    num_layers=1, sample_size=8, patch_size=2, caption_channels=8,
+                                    cross_attention_dim=8, num_embeds_ada_norm=1000).eval()
 
 
 class PlainDenoiser(nn.Module):

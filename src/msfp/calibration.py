@@ -38,6 +38,7 @@ from msfp.attention import attention_quantizers, explicit_attention
 from msfp.fileio import atomic_path
 from msfp.fp8 import require_fake_quant
 from msfp.layers import QuantLayer
+from msfp.models import denoise
 from msfp.samples import class_info
 from msfp.sampling import sample
 from msfp.surgery import quant_layers, set_quantizers_enabled
@@ -186,7 +187,7 @@ def record_layer_inputs(qmodel: nn.Module, points: Trajectories, samples_per_lay
                                desc="calibrate: layer inputs", disable=disable):
             for outputs in activation_outputs.values():
                 outputs.clear()  # keep outputs alive for one call only: identity tests stay valid and memory bounded
-            qmodel(x.to(device), t.to(device), **{k: v.to(device) for k, v in cond.items()})
+            denoise(qmodel, x.to(device), t.to(device), **{k: v.to(device) for k, v in cond.items()})
     finally:
         set_quantizers_enabled(qmodel, True)
         for layer in layers.values():
@@ -392,7 +393,7 @@ def _model_flops(qmodel: nn.Module, points: Trajectories) -> dict:
     set_quantizers_enabled(qmodel, False)
     try:
         with FlopCounterMode(display=False) as counter, explicit_attention(qmodel):
-            qmodel(x.to(device), t.to(device), **{k: v.to(device) for k, v in cond.items()})
+            denoise(qmodel, x.to(device), t.to(device), **{k: v.to(device) for k, v in cond.items()})
     finally:
         set_quantizers_enabled(qmodel, True)
     return dict(total=int(counter.get_total_flops()))

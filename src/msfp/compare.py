@@ -42,7 +42,7 @@ from msfp.evaluation import eps_mse_weighted, evaluate, load_reference, per_time
 from msfp.fileio import atomic_directory, write_json
 from msfp.finetune import FinetuneConfig, finetune
 from msfp.info import format_table, layer_rows, low_bit_fractions
-from msfp.models import load_model
+from msfp.models import denoise, load_model
 from msfp.samples import NonFiniteSamplesError, generate, grid_path
 from msfp.surgery import quant_layers, quantize
 from msfp.torchao_baselines import RECIPES, quantize_torchao, unavailable_reason
@@ -168,7 +168,7 @@ def _flops_by_layer(model: nn.Module, ctx: Context) -> tuple[dict[str, int], int
     device = next(model.parameters()).device
     # Attention as explicit bmm: the counter does not see the CPU kernels of scaled_dot_product_attention.
     with FlopCounterMode(display=False) as counter, explicit_attention(model):
-        model(x.to(device), t.to(device), **{k: v.to(device) for k, v in cond.items()})
+        denoise(model, x.to(device), t.to(device), **{k: v.to(device) for k, v in cond.items()})
     prefix = type(model).__name__ + "."
     per = {k[len(prefix):]: sum(v.values()) for k, v in counter.get_flop_counts().items() if k.startswith(prefix)}
     return per, int(counter.get_total_flops())

@@ -4,8 +4,10 @@ Layer selectors (``eight_bit_layers``, ``full_precision_layers``) are regular ex
 ``re.fullmatch`` against module names (``down_blocks.0.resnets.1.conv1``), or one of the roles
 
 - ``@first``: the first ``Conv2d``/``Linear`` registered in the model (diffusers: ``conv_in`` / ``pos_embed.proj``),
-- ``@last``: the last one registered (``conv_out`` / ``proj_out_2``),
-- ``@time_embedding``: layers of the timestep/class embedding MLPs (not the per-block ``time_emb_proj``).
+- ``@last``: the output layer: the model's own ``conv_out``, ``proj_out_2`` or ``proj_out`` (diffusers UNets, DiT,
+  Transformer2DModel, PixArt) if it has one, else the last one registered,
+- ``@time_embedding``: layers of the timestep/class embedding MLPs (not the per-block ``time_emb_proj``; PixArt's
+  shared ``adaln_single`` is one).
 
 With ``quantize_attention`` they also match the attention matmul inputs (``mid_block.attentions.0.attn_probs``).
 

@@ -19,6 +19,7 @@ import contextlib
 import torch
 from torch import nn
 
+from msfp.models import denoise
 from msfp.talora import is_routed, lora_counts
 
 
@@ -72,10 +73,8 @@ class GraphedDenoiser(nn.Module):
         static = {name: value.clone() if isinstance(value, torch.Tensor) else value for name, value in inputs.items()}
 
         def call():
-            out = self.model(static["sample"], static["timestep"],
-                             **{k: v for k, v in static.items() if k not in ("sample", "timestep")})
-            out = getattr(out, "sample", out)
-            return out[0] if isinstance(out, tuple) else out
+            return denoise(self.model, static["sample"], static["timestep"],
+                           **{k: v for k, v in static.items() if k not in ("sample", "timestep")})
 
         # One pool for all graphs, whatever order they replay in: a later capture may take an earlier graph's freed
         # intermediates, but every replay writes what it reads (from the static inputs and the weights, which are

@@ -26,6 +26,7 @@ from msfp.data import load_fashion_mnist, to_model_range
 from msfp.feature_net import compute_features, load_feature_net, load_reference_stats
 from msfp.losses import denoising_factors, dfa_weights
 from msfp.metrics import classifier_score, fd_bootstrap, feature_stats, frechet_distance, kid, precision_recall
+from msfp.models import denoise
 from msfp.samples import from_uint8, load_samples, read_npz, to_uint8
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
@@ -162,9 +163,8 @@ def per_timestep_eps_mse(model, points, device=None, batch_size: int = 256) -> d
         sl = slice(start, start + batch_size)
         x, t, eps = points.x[sl].to(device), points.t[sl].to(device), points.eps[sl]
         cond = {k: v[sl].to(device) for k, v in points.cond.items()}
-        out = model(x, t, **cond)
         # Learned-variance models (DiT) also output the variance: compare the noise channels only.
-        out = getattr(out, "sample", out).float().cpu()[:, : eps.shape[1]]
+        out = denoise(model, x, t, **cond).float().cpu()[:, : eps.shape[1]]
         err = (out - eps).pow(2).flatten(1).mean(1)
         for ti, e in zip(t.tolist(), err.tolist()):
             sums[ti] += e

@@ -32,6 +32,7 @@ from msfp.fileio import atomic_path
 from msfp.fp8 import require_fake_quant
 from msfp.kernels import fused_rounding_exact
 from msfp.losses import WEIGHTINGS, denoising_factors, dfa_weights, weighted_mse
+from msfp.models import denoise
 from msfp.surgery import quant_layers, set_fused_rounding
 from msfp.talora import add_talora
 
@@ -283,8 +284,7 @@ def finetune(qmodel: nn.Module, fp_model: nn.Module, scheduler, config: Finetune
         idx = torch.randint(0, len(points), (config.batch_size,), generator=gen)
         x, t, eps = points.x[idx].to(device), points.t[idx].to(device), points.eps[idx].to(device)
         batch_cond = {k: v[idx].to(device) for k, v in points.cond.items()}
-        out = qmodel(x, t, **batch_cond)
-        out = getattr(out, "sample", out)[:, :channels]
+        out = denoise(qmodel, x, t, **batch_cond)[:, :channels]
         loss = weighted_mse(out.float(), eps, weights[idx])
         if not torch.isfinite(loss):
             bar.close()

@@ -14,6 +14,7 @@ default sampler everywhere (calibration, fine-tuning, evaluation). Pass another 
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import re
@@ -21,6 +22,7 @@ import warnings
 from pathlib import Path
 
 import diffusers
+import torch
 from diffusers import DDIMScheduler, ModelMixin
 from diffusers.utils import is_accelerate_available
 
@@ -122,6 +124,16 @@ def _download(repo_id: str) -> Path:
         raise OSError(f"{repo_id!r} is no directory here ({Path.cwd()}), and could not download model {repo_id!r} "
                       f"from the Hugging Face Hub ({type(e).__name__}: {e}). Offline, use spec 'default' or a local "
                       "save_pretrained directory.") from e
+
+
+def denoise(model, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
+    """``model``'s prediction for ``x`` at timesteps ``t`` as a tensor (a diffusers output's ``.sample``): the one
+    way msfp calls a denoiser, ``model(x, timestep=t, **cond)`` where forward has a ``timestep`` parameter (every
+    diffusers denoiser; ``Transformer2DModel`` takes ``encoder_hidden_states`` second), else ``model(x, t, **cond)``."""
+    forward = getattr(model, "forward", model)  # a plain function is a denoiser too
+    out = model(x, timestep=t, **cond) if "timestep" in inspect.signature(forward).parameters else model(x, t, **cond)
+    out = getattr(out, "sample", out)
+    return out[0] if isinstance(out, tuple) else out
 
 
 def load_model(spec: str | os.PathLike = "default"):

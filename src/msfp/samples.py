@@ -23,6 +23,7 @@ from torch import nn
 
 from msfp.cuda_graphs import GraphedDenoiser
 from msfp.fileio import atomic_path
+from msfp.models import denoise
 from msfp.sampling import model_device, sample, save_grid
 
 # Schedulers whose ``step`` takes the per-sample generators that make sampling noise batch-size invariant.
@@ -81,9 +82,9 @@ class Guided(nn.Module):
         return self.model.config
 
     def forward(self, x, t, class_labels):
-        out = self.model(torch.cat([x, x]), torch.cat([t, t]),
-                         class_labels=torch.cat([class_labels, torch.full_like(class_labels, self.null_label)]))
-        cond, uncond = (out.sample if hasattr(out, "sample") else out).chunk(2)
+        out = denoise(self.model, torch.cat([x, x]), torch.cat([t, t]),
+                      class_labels=torch.cat([class_labels, torch.full_like(class_labels, self.null_label)]))
+        cond, uncond = out.chunk(2)
         return uncond + self.scale * (cond - uncond)
 
 

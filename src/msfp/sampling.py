@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from msfp.cuda_graphs import GraphedDenoiser
 from msfp.fileio import atomic_path
+from msfp.models import denoise
 
 
 def _sample_shape(model, sample_shape):
@@ -49,7 +50,8 @@ def sample(model, scheduler, num_samples: int, num_inference_steps: int = 100, s
            sample_shape=None, cond: dict | None = None, cuda_graphs: bool = False) -> torch.Tensor:
     """Draw ``num_samples`` images; returns float32 (N, C, H, W) on the CPU, in the model's data range.
 
-    ``model(x, t, **kwargs)`` may return a diffusers output (``.sample``) or a tensor; ``kwargs`` holds
+    ``model(x, t, **kwargs)`` (``timestep=t`` by name where forward has that parameter: :func:`msfp.models.denoise`)
+    may return a diffusers output (``.sample``) or a tensor; ``kwargs`` holds
     ``class_labels`` (one label per sample) when given and the entries of ``cond`` (per-sample tensors with first
     dimension ``num_samples``, e.g. ``encoder_hidden_states``), sliced per batch. ``eta`` is passed to schedulers
     whose ``step`` accepts it (DDIM). ``sample_shape`` (C, H, W) is read from the model's config unless given.
@@ -98,8 +100,7 @@ def sample(model, scheduler, num_samples: int, num_inference_steps: int = 100, s
         for i, t in enumerate(sched.timesteps):
             x_in = sched.scale_model_input(x, t)
             t_batch = t.to(device).expand(stop - start)
-            eps = denoiser(x_in.to(dtype), t_batch, **batch_cond)
-            eps = (eps.sample if hasattr(eps, "sample") else eps).float()
+            eps = denoise(denoiser, x_in.to(dtype), t_batch, **batch_cond).float()
             if eps.shape[1] == 2 * shape[0]:  # learned-variance models (DiT) also output the variance: drop it
                 eps = eps[:, : shape[0]]
             if callback is not None:

@@ -4,7 +4,7 @@ With ``QuantConfig.quantize_attention`` the inputs of the attention matmuls get 
 the layer policy's selectors also match their names (``<attention module>.attn_q`` etc.).
 
 Works on any ``nn.Module`` called as ``model(x, t, **cond)`` (diffusers ``UNet2DModel``, ``UNet2DConditionModel``,
-``DiTTransformer2DModel``, ``Transformer2DModel`` or a plain PyTorch denoiser). The quantizers start with
+``DiTTransformer2DModel``, ``Transformer2DModel``, ``PixArtTransformer2DModel`` or a plain PyTorch denoiser). The quantizers start with
 placeholder scales: run :func:`msfp.calibrate` before using the model.
 """
 
@@ -32,7 +32,10 @@ _AAL_CHILDREN = {
     "DiTTransformer2DModel": ("proj_out_1",),
 }
 _TIME_EMBEDDING = re.compile(r"(^|.*\.)(time_embedding|class_embedding|add_embedding|timestep_embedder|"
-                             r"time_embed|label_emb|emb\.class_embedder)(\..*|$)")
+                             r"time_embed|label_emb|emb\.class_embedder|adaln_single)(\..*|$)")
+# diffusers' output layers: PixArtTransformer2DModel registers its conditioning embeddings after proj_out, so the last
+# registered layer is not always the output.
+_OUTPUT_LAYERS = ("conv_out", "proj_out_2", "proj_out")
 
 
 def quantizable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -56,6 +59,10 @@ def structural_aals(model: nn.Module) -> dict[str, str]:
         # UNet2DModel / UNet2DConditionModel: conv_out reads conv_act(conv_norm_out(x)).
         if getattr(parent, "conv_act", None) is not None and hasattr(parent, "conv_out"):
             found[prefix + "conv_out"] = f"input is {type(parent.conv_act).__name__} output ({cls}.conv_out)"
+        # PixArt's caption projection: linear_2 reads act_1(linear_1(caption)), a GELU or SiLU.
+        if cls == "PixArtAlphaTextProjection" and type(getattr(parent, "act_1", None)).__name__ in ("GELU", "SiLU",
+                                                                                                      "FP32SiLU"):
+            found[prefix + "linear_2"] = f"input is {type(parent.act_1).__name__} output ({cls}.linear_2)"
         # FeedForward with a GELU activation: net = [GELU(proj), Dropout, Linear, ...].
         if cls == "FeedForward":
             net = getattr(parent, "net", [])
@@ -87,10 +94,13 @@ def _select(selectors, names, roles, field) -> set[str]:
 
 def _timestep_hook(module, args, kwargs):
     # Looks the context up on the module at call time, so a deep copy of the model uses its own context.
-    # The input and the timestep are forward()'s first two parameters, passed by position or by name
+    # The input is forward()'s first parameter and the timestep its `timestep` parameter (every diffusers denoiser;
+    # Transformer2DModel takes encoder_hidden_states second) or else its second one, passed by position or by name
     # (forward(*args, **kwargs) names none: then by position).
     signature = inspect.signature(module.forward)
     named = [p.name for p in signature.parameters.values() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if "timestep" in named:
+        named[1:] = ["timestep"]
     bound = signature.bind_partial(*args, **kwargs).arguments
     x, t = (bound.get(named[i]) if i < len(named) else (args[i] if i < len(args) else None) for i in (0, 1))
     if x is not None:
@@ -130,7 +140,7 @@ def quantize(model: nn.Module, config: QuantConfig | str) -> nn.Module:
         raise ValueError(f"{type(model).__name__} is already quantized (e.g. {already!r})")
     names = [n for n, _ in layers]
     attention = attention_inputs(model) if config.quantize_attention else []
-    roles = {"@first": names[:1], "@last": names[-1:],
+    roles = {"@first": names[:1], "@last": next(([n] for n in _OUTPUT_LAYERS if n in names), names[-1:]),
              "@time_embedding": [n for n in names if _TIME_EMBEDDING.fullmatch(n)]}
     full = _select(config.full_precision_layers, names + attention, roles, "full_precision_layers")
     eight = _select(config.eight_bit_layers, names + attention, roles, "eight_bit_layers") - full
