@@ -193,6 +193,31 @@ def test_straight_through_gradient_for_x():
     assert x.grad.tolist() == [0.0, 1.0, 1.0, 1.0, 0.0]  # clip range is ±3
 
 
+@settings(max_examples=100, deadline=None)
+@given(name=st.sampled_from(PROPERTY_FORMATS), x=arrays(np.float32, 16, elements=finite_f32),
+       scale=st.floats(2.0**-20, 2.0**10, width=32))
+def test_values_do_not_depend_on_whether_gradients_are_needed(name, x, scale):
+    fmt = get_format(name)
+    x, z = torch.from_numpy(x), (torch.tensor(-0.3 * scale) if fmt.needs_zero_point else None)
+    with torch.no_grad():
+        expected = fake_quant(x, fmt, scale, z)
+    s = torch.tensor(scale, requires_grad=True)
+    assert_same(fake_quant(x.requires_grad_(), fmt, s, z), expected)
+
+
+def test_inputs_far_beyond_the_clip_range_give_finite_lsq_gradients():
+    # x/s overflowing float32 used to make the scale's gradient 0·inf = NaN, which one step turned into a NaN model.
+    # x = 1 at s = 0.5 is the grid value 2 (gradient R(v) - v = 0); each clipped element contributes the bound 6.
+    for x, s0, ds, dx in (([1.0, float("inf")], 0.5, 6.0, [1.0, 0.0]), ([1.0, 3e38], 0.5, 6.0, [1.0, 0.0]),
+                          ([1.0, 1e15], 1e-12, 12.0, [0.0, 0.0])):
+        x, s = torch.tensor(x, requires_grad=True), torch.tensor(s0, requires_grad=True)
+        fake_quant(x, "fp4_e2m1", s).sum().backward()
+        assert s.grad.item() == pytest.approx(ds) and x.grad.tolist() == dx
+    s, z = torch.tensor(0.5, requires_grad=True), torch.tensor(-1.0, requires_grad=True)
+    fake_quant(torch.tensor([float("-inf"), float("inf")]), "ufp4_e2m2", s, z).sum().backward()
+    assert s.grad.item() == 7.0 and z.grad.item() == 2.0  # lower bound: 0; upper: 7; z: 1 per clipped element
+
+
 def test_lsq_gradients_for_scale_and_zero_point():
     x = torch.tensor([-0.7, 0.3, 1.1, 2.0, 9.0])
     s = torch.tensor(0.5, requires_grad=True)

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
@@ -34,17 +34,20 @@ def test_fp_codes_are_the_bit_fields():
     x=arrays(np.float32, st.integers(1, 50), elements=st.floats(-1e4, 1e4, width=32)),
     scale=st.floats(2.0**-10, 2.0**10, width=32),
     zero_point=st.floats(-8, 8, width=32),
+    dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
 )
-def test_codes_reproduce_fake_quant_exactly(name, x, scale, zero_point):
+@example(name="fp4_e2m1", x=np.linspace(-3, 3, 2001, dtype=np.float32), scale=0.37, zero_point=0.0,
+         dtype=torch.bfloat16)
+def test_codes_reproduce_fake_quant_exactly(name, x, scale, zero_point, dtype):
     fmt = get_format(name)
-    x = torch.from_numpy(x)
+    x = torch.from_numpy(x).to(dtype)  # half precision: both compute in float32 (codes used to differ)
     s = torch.tensor(scale)
     z = torch.tensor(zero_point) if fmt.needs_zero_point else None
     codes = quantize_to_codes(x, fmt, s, z)
     restored = decode(codes, fmt) * s
     if z is not None:
         restored = restored + z
-    assert torch.equal(restored, fake_quant(x, fmt, s, z))
+    assert torch.equal(restored.to(dtype), fake_quant(x, fmt, s, z))
 
 
 @settings(max_examples=100, deadline=None)

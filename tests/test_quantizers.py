@@ -3,6 +3,7 @@ import torch
 
 from msfp.formats import fake_quant, get_format
 from msfp.quantizers import (
+    MIN_SCALE,
     ActivationQuantizer,
     WeightQuantizer,
     _candidate_params,
@@ -79,6 +80,25 @@ def test_zero_range_channels_and_constants_do_not_produce_nan():
         r = search_quant_params(const, [name])
         assert torch.isfinite(r.scale) and r.mse == pytest.approx(0.0, abs=1e-12)
         assert torch.allclose(fake_quant(const, r.fmt, r.scale, r.zero_point), const)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_quantizers_compute_like_fake_quant(dtype):
+    # They computed in half precision: in float16 MIN_SCALE is 0, so a zero-range channel gave 0/0 = NaN, and x/s
+    # rounded before the grid rounding (elements landed on other grid values than fake_quant's).
+    w = torch.randn(6, 4, 3, 3)
+    w[2] = 0.0
+    wq = WeightQuantizer("fp4_e2m1", 6)
+    wq.initialize(w)
+    aq = ActivationQuantizer("ufp4_e2m2")
+    x = torch.nn.functional.silu(torch.randn(10000) * 2)
+    aq.initialize(x)
+    wq, aq, w, x = wq.to(dtype), aq.to(dtype), w.to(dtype), x.to(dtype)
+    out_w = wq(w)
+    assert out_w.dtype == dtype and torch.isfinite(out_w).all() and not out_w[2].any()
+    s, z = aq.scale[0].detach().float(), aq.zero_point[0].detach().float()
+    assert torch.equal(aq(x), fake_quant(x, aq.fmt, s, z))
+    assert torch.equal(out_w, fake_quant(w, wq.fmt, wq.scale.detach().float().clamp_min(MIN_SCALE).view(-1, 1, 1, 1)))
 
 
 def test_search_bad_inputs():

@@ -165,7 +165,14 @@ def _grid_units(x, fmt: Format, scale, zero_point=None):
     """``clamp((x - z) / s)``: ``x`` in units of the grid, clipped to the format's range (not yet rounded)."""
     lo = -fmt.max_value if fmt.signed else 0.0
     shifted = x - zero_point if zero_point is not None else x
-    return torch.clamp(shifted / scale, lo, fmt.max_value)
+    if not (torch.is_grad_enabled() and (shifted.requires_grad or torch.is_tensor(scale) and scale.requires_grad)):
+        return torch.clamp(shifted / scale, lo, fmt.max_value)
+    # The same values and gradients as the clamp above, but only the elements inside the range are divided with
+    # gradients: for a clipped one whose x/s overflows (an inf activation, a scale near MIN_SCALE) the division's
+    # gradient for s would be 0·inf = NaN.
+    ratio = shifted.detach() / (scale.detach() if torch.is_tensor(scale) else scale)
+    inside = (ratio >= lo) & (ratio <= fmt.max_value)
+    return torch.where(inside, torch.where(inside, shifted, 0.0) / scale, ratio.clamp(lo, fmt.max_value))
 
 
 def _fake_quant(x, fmt: Format, scale, zero_point=None):

@@ -56,6 +56,8 @@ def quantize_to_codes(x: torch.Tensor, fmt: str | Format, scale, zero_point=None
     fmt = get_format(fmt)
     if torch.isnan(x).any():
         raise ValueError(f"cannot encode NaN in {fmt.name}")
+    if x.dtype in (torch.float16, torch.bfloat16):  # as fake_quant computes it
+        x = x.float()
     return values_to_codes(round_to_grid(_grid_units(x, fmt, scale, zero_point), fmt), fmt)
 
 

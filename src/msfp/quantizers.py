@@ -158,10 +158,13 @@ class _Quantizer(nn.Module):
         self.enabled = bool(state["enabled"])
 
     def _apply_params(self, x, scale, zero):
-        scale, zero = scale.clamp_min(MIN_SCALE), zero if self.fmt.needs_zero_point else None
-        if self.fused:
-            return compiled_fake_quant(x, self.fmt, scale, zero)
-        return _fake_quant(x, self.fmt, scale, zero)
+        # Half precision computes in float32, as fake_quant does: in float16 MIN_SCALE is 0 (0/0 = NaN on a
+        # zero-range channel) and x/s rounds before it is rounded to the grid.
+        compute = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+        scale = scale.to(compute).clamp_min(MIN_SCALE)
+        zero = zero.to(compute) if self.fmt.needs_zero_point else None
+        out = (compiled_fake_quant if self.fused else _fake_quant)(x.to(compute), self.fmt, scale, zero)
+        return out.to(x.dtype)
 
     @torch.no_grad()
     def _store(self, result: SearchResult, index=slice(None)):
