@@ -134,6 +134,53 @@ def test_cache_reuses_trajectories_and_layer_inputs(tmp_path):
                if isinstance(a, torch.Tensor))
 
 
+def test_the_cache_is_not_reused_for_a_model_that_differs_only_in_its_config(tmp_path):
+    fp = tiny_unet()
+    config = {k: v for k, v in fp.config.items() if not k.startswith("_")}
+    other = type(fp).from_config({**config, "flip_sin_to_cos": not fp.config.flip_sin_to_cos}).eval()
+    assert other.config.flip_sin_to_cos != fp.config.flip_sin_to_cos
+    other.load_state_dict(fp.state_dict())  # same weights: the key used to see only these
+    reports = [msfp.calibrate(msfp.quantize(copy.deepcopy(m), "w4a4-msfp"), m, scheduler(), num_samples=4,
+                              num_steps=3, disable=True, cache_dir=tmp_path) for m in (fp, other)]
+    assert [r.cached for r in reports] == [False, False] and len(list(tmp_path.glob("*.safetensors"))) == 4
+
+
+def test_a_corrupt_cache_is_recomputed_and_not_reported_as_cached(tmp_path, capsys):
+    fp = tiny_unet()
+    msfp.calibrate(msfp.quantize(copy.deepcopy(fp), "w4a4-msfp"), fp, scheduler(), num_samples=4, num_steps=3,
+                   disable=True, cache_dir=tmp_path)
+    for path in tmp_path.glob("*.safetensors"):
+        path.write_bytes(b"not safetensors")
+    report = msfp.calibrate(msfp.quantize(copy.deepcopy(fp), "w4a4-msfp"), fp, scheduler(), num_samples=4,
+                            num_steps=3, disable=True, cache_dir=tmp_path)
+    assert not report.cached and capsys.readouterr().out.count("ignoring unreadable calibration cache") == 2
+
+
+def test_a_model_with_scalar_buffers_calibrates_with_a_cache(tmp_path):
+    class WithBatchNorm(nn.Module):  # BatchNorm's num_batches_tracked is 0-dim: hashing it for the key used to fail
+        def __init__(self):
+            super().__init__()
+            self.inp, self.norm, self.out = nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Conv2d(4, 1, 1)
+
+        def forward(self, x, t):
+            return self.out(torch.nn.functional.silu(self.norm(self.inp(x))))
+
+    fp = WithBatchNorm().eval()
+    report = msfp.calibrate(msfp.quantize(copy.deepcopy(fp), "w4a4-msfp"), fp, scheduler(), num_samples=2,
+                            num_steps=2, sample_shape=(1, 4, 4), disable=True, cache_dir=tmp_path)
+    assert report.num_points == 4 and len(list(tmp_path.glob("*.safetensors"))) == 2
+
+
+def test_calibration_leaves_disabled_quantizers_disabled():
+    fp = tiny_unet()
+    q = msfp.quantize(copy.deepcopy(fp), "w4a4-msfp")
+    for layer in quant_layers(q).values():
+        layer.act_quantizer.enabled = False  # weight-only quantization (W4A16)
+    msfp.calibrate(q, fp, scheduler(), num_samples=2, num_steps=2, disable=True)
+    assert not any(layer.act_quantizer.enabled for layer in quant_layers(q).values())
+    assert all(layer.weight_quantizer.enabled for layer in quant_layers(q).values())
+
+
 def test_per_timestep_activation_groups():
     fp = tiny_unet()
     q = msfp.quantize(copy.deepcopy(fp), QuantConfig(act_timestep_groups=3))

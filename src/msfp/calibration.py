@@ -41,7 +41,7 @@ from msfp.layers import QuantLayer
 from msfp.models import denoise
 from msfp.samples import class_info
 from msfp.sampling import sample
-from msfp.surgery import quant_layers, set_quantizers_enabled
+from msfp.surgery import quant_layers, quantizers_disabled
 
 # Activation modules whose outputs are one-sided: a layer reading one directly is an AAL.
 _ONE_SIDED_ACTIVATIONS = ("SiLU", "GELU", "ApproximateGELU", "Mish", "ReLU", "ReLU6", "Softplus")
@@ -181,15 +181,14 @@ def record_layer_inputs(qmodel: nn.Module, points: Trajectories, samples_per_lay
         recorders[name] = layer.observer = _LayerRecorder(per_point, seed + i, qmodel.msfp_context,
                                                            activation_outputs)
     device = next(qmodel.parameters()).device
-    set_quantizers_enabled(qmodel, False)
     try:
-        for x, t, cond in tqdm(points.batches(batch_size), total=math.ceil(len(points) / batch_size),
-                               desc="calibrate: layer inputs", disable=disable):
-            for outputs in activation_outputs.values():
-                outputs.clear()  # keep outputs alive for one call only: identity tests stay valid and memory bounded
-            denoise(qmodel, x.to(device), t.to(device), **{k: v.to(device) for k, v in cond.items()})
+        with quantizers_disabled(qmodel):
+            for x, t, cond in tqdm(points.batches(batch_size), total=math.ceil(len(points) / batch_size),
+                                   desc="calibrate: layer inputs", disable=disable):
+                for outputs in activation_outputs.values():
+                    outputs.clear()  # outputs live for one call only: identity tests stay valid, memory bounded
+                denoise(qmodel, x.to(device), t.to(device), **{k: v.to(device) for k, v in cond.items()})
     finally:
-        set_quantizers_enabled(qmodel, True)
         for layer in layers.values():
             layer.observer = None
         for h in hooks:
@@ -262,26 +261,31 @@ def _search_attention_input(quantizer, rec: dict, config) -> None:
 
 
 def model_key(model: nn.Module, settings: dict) -> str:
-    """A digest of ``settings`` and every tensor of ``model``'s state: equal keys, equal models and settings."""
-    h = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
+    """A digest of ``settings``, ``model``'s class and config and every tensor of its state: equal keys, equal models
+    and settings. The config counts: resolution or timestep-embedding options change the trajectories, not the
+    weights."""
+    config = dict(getattr(model, "config", None) or {})
+    identity = dict(settings, model_class=f"{type(model).__module__}.{type(model).__qualname__}", model_config=config)
+    h = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode())
     for name, tensor in model.state_dict().items():
         if isinstance(tensor, torch.Tensor):
-            h.update(name.encode())
+            h.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}".encode())
             h.update(_tensor_bytes(tensor))
     return h.hexdigest()[:16]
 
 
 def _cached(path: Path | None, compute, to_tensors, from_tensors):
+    """``(value, whether it came from the cache file)``."""
     if path is not None and path.is_file():
         try:
-            return from_tensors(load_file(path))
+            return from_tensors(load_file(path)), True
         except Exception as e:  # a corrupt cache is recomputed, never trusted
             print(f"msfp: ignoring unreadable calibration cache {path} ({type(e).__name__}: {e})")
     value = compute()
     if path is not None:
         with atomic_path(path) as tmp:
             save_file({k: v.contiguous() for k, v in to_tensors(value).items()}, tmp)
-    return value
+    return value, False
 
 
 def _records_to_tensors(records: dict) -> dict:
@@ -353,18 +357,17 @@ def calibrate(qmodel: nn.Module, fp_model: nn.Module, scheduler, num_samples: in
     recorded_key = hashlib.sha256("\n".join(recorded).encode()).hexdigest()[:12]
     rec_path = (cache / f"layer-inputs-{key}-{config.act_samples_per_layer}-{recorded_key}.safetensors"
                 if cache else None)
-    cached = bool(cache and traj_path.is_file() and rec_path.is_file())
 
     start = time.time()
-    points = _cached(traj_path, lambda: collect_trajectories(fp_model, scheduler, num_samples, num_steps, seed,
-                                                             batch_size, cond, class_labels,
-                                                             sample_shape=sample_shape, disable=disable),
-                     Trajectories.to_tensors, Trajectories.from_tensors)
+    collect = lambda: collect_trajectories(fp_model, scheduler, num_samples, num_steps, seed,  # noqa: E731
+                                           batch_size, cond, class_labels, sample_shape=sample_shape, disable=disable)
+    points, points_cached = _cached(traj_path, collect, Trajectories.to_tensors, Trajectories.from_tensors)
     traj_time = time.time() - start
     start = time.time()
-    records = _cached(rec_path, lambda: record_layer_inputs(qmodel, points, config.act_samples_per_layer,
-                                                            batch_size, seed, disable), _records_to_tensors,
-                      lambda tensors: _records_from_tensors(tensors, recorded))
+    record = lambda: record_layer_inputs(qmodel, points, config.act_samples_per_layer,  # noqa: E731
+                                         batch_size, seed, disable)
+    records, records_cached = _cached(rec_path, record, _records_to_tensors,
+                                      lambda tensors: _records_from_tensors(tensors, recorded))
     record_time = time.time() - start
     start = time.time()
     for name, layer in tqdm(layers.items(), desc="calibrate: search", disable=disable):
@@ -372,16 +375,17 @@ def calibrate(qmodel: nn.Module, fp_model: nn.Module, scheduler, num_samples: in
     for name, quantizer in attention.items():
         _search_attention_input(quantizer, records[name], config)
     qmodel.msfp_flops = _model_flops(qmodel, points)
-    return CalibrationReport(len(points), traj_time, record_time, time.time() - start, cached)
+    return CalibrationReport(len(points), traj_time, record_time, time.time() - start,
+                             points_cached and records_cached)
 
 
 def _tensor_bytes(t: torch.Tensor) -> bytes:
-    return t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
+    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()  # 0-dim tensors too
 
 
 def tensor_digest(t: torch.Tensor) -> str:
-    """A short digest of a tensor's bytes (conditioning and labels in cache keys)."""
-    return hashlib.sha256(_tensor_bytes(t)).hexdigest()[:16]
+    """A short digest of a tensor's dtype, shape and bytes (conditioning and labels in cache keys)."""
+    return hashlib.sha256(f"{t.dtype} {tuple(t.shape)}".encode() + _tensor_bytes(t)).hexdigest()[:16]
 
 
 @torch.no_grad()
@@ -390,10 +394,6 @@ def _model_flops(qmodel: nn.Module, points: Trajectories) -> dict:
     explicit ``bmm``, which it counts on every device)."""
     device = next(qmodel.parameters()).device
     x, t, cond = next(points.batches(1))
-    set_quantizers_enabled(qmodel, False)
-    try:
-        with FlopCounterMode(display=False) as counter, explicit_attention(qmodel):
-            denoise(qmodel, x.to(device), t.to(device), **{k: v.to(device) for k, v in cond.items()})
-    finally:
-        set_quantizers_enabled(qmodel, True)
+    with quantizers_disabled(qmodel), FlopCounterMode(display=False) as counter, explicit_attention(qmodel):
+        denoise(qmodel, x.to(device), t.to(device), **{k: v.to(device) for k, v in cond.items()})
     return dict(total=int(counter.get_total_flops()))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import inspect
 import re
+from contextlib import contextmanager
 
 from torch import nn
 
@@ -191,6 +192,20 @@ def _quantizers(model: nn.Module):
 def set_quantizers_enabled(model: nn.Module, enabled: bool) -> None:
     for quantizer in _quantizers(model):
         quantizer.enabled = enabled
+
+
+@contextmanager
+def quantizers_disabled(model: nn.Module):
+    """Run ``model`` in full precision inside the block; each quantizer gets back its own setting afterwards (a
+    W4A16 model's disabled activation quantizers stay disabled)."""
+    quantizers = list(_quantizers(model))
+    before = [q.enabled for q in quantizers]
+    set_quantizers_enabled(model, False)
+    try:
+        yield
+    finally:
+        for quantizer, enabled in zip(quantizers, before):
+            quantizer.enabled = enabled
 
 
 def set_fused_rounding(model: nn.Module, fused: bool) -> None:
