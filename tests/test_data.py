@@ -57,6 +57,11 @@ def test_truncated_and_malformed_files(tmp_path):
     (tmp_path / "t10k-images-idx3-ubyte.gz").write_bytes(gzip.compress(good)[:-20])  # cut-off gzip stream
     with pytest.raises(ValueError, match="cannot read IDX file"):
         load_fashion_mnist("test", tmp_path)
+    damaged = bytearray(gzip.compress(good))
+    damaged[10] ^= 0xFF  # the deflate stream's first block header: zlib.error, which used to escape as is
+    (tmp_path / "t10k-images-idx3-ubyte.gz").write_bytes(bytes(damaged))
+    with pytest.raises(ValueError, match=r"t10k-images-idx3-ubyte.gz: cannot read IDX file \(Error -3"):
+        load_fashion_mnist("test", tmp_path)
 
 
 def test_to_model_range():

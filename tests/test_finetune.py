@@ -1,13 +1,15 @@
 import copy
+import math
 
 import pytest
 import torch
-from diffusers import PNDMScheduler
+from diffusers import EulerDiscreteScheduler, PNDMScheduler
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import msfp
 from msfp import finetune as ft
 from msfp.evaluation import per_timestep_eps_mse
+from msfp.calibration import collect_trajectories
 from msfp.finetune import FinetuneConfig, finetune
 from msfp.fp8 import convert_to_fp8
 from msfp.losses import ddim_denoising_factors, dfa_weights
@@ -215,6 +217,20 @@ def test_a_text_conditioned_transformer_fine_tunes_and_samples():
     assert result.iters_done == 40 and sum(after.values()) < 0.9 * sum(before.values())
     images = msfp.sampling.sample(q, scheduler(), 4, num_inference_steps=3, cond=text, disable=True)
     assert images.shape == (4, 4, 8, 8) and torch.isfinite(images).all()
+
+
+def test_dfa_fine_tunes_with_a_scheduler_that_calls_the_model_between_integer_timesteps(calibrated):
+    # Euler calls the model at t = 749.25, 499.5, ...: the teacher used to store them truncated (its inputs and
+    # targets then disagreed, and DFA found no denoising factor for the truncated timesteps).
+    fp, q = calibrated
+    euler = EulerDiscreteScheduler(num_train_timesteps=1000)
+    points = collect_trajectories(fp, euler, num_samples=2, num_steps=5, disable=True)
+    assert points.t.is_floating_point() and 749.25 in points.t.tolist()
+    with torch.no_grad():
+        assert torch.allclose(fp(points.x, points.t).sample, points.eps, atol=1e-5)
+    config = FinetuneConfig(**{**CONFIG, "iters": 4, "traj_samples": 2, "traj_steps": 5})
+    result = finetune(copy.deepcopy(q), fp, euler, config, disable=True)
+    assert result.iters_done == 4 and all(map(math.isfinite, result.losses))
 
 
 def test_efficientdm_style_baseline_runs():

@@ -77,3 +77,31 @@ def test_weighted_mse():
     s, t = torch.zeros(2, 3), torch.tensor([[1.0, 1.0, 1.0], [2.0, 2.0, 2.0]])
     assert weighted_mse(s, t).item() == pytest.approx(2.5)
     assert weighted_mse(s, t, torch.tensor([2.0, 0.0])).item() == pytest.approx(1.0)
+    # Each of these broadcast silently (a (B, 1) weight made a B×B product).
+    with pytest.raises(ValueError, match=r"one entry per sample, shape \(2,\); got \(2, 1\)"):
+        weighted_mse(s, t, torch.tensor([[2.0], [0.0]]))
+    with pytest.raises(ValueError, match=r"got \(1,\)"):
+        weighted_mse(s, t, torch.tensor([2.0]))
+    with pytest.raises(ValueError, match=r"student output \(2, 1\) and teacher output \(2, 3\) differ"):
+        weighted_mse(s[:, :1], t)
+
+
+def test_numeric_factors_are_derivatives_even_where_a_probe_would_cross_the_clip_range():
+    # At t=999 of a cosine schedule ᾱ is so small that the probe ε = ±1e-3 predicts |x₀| ≈ 20: with clip_sample (on
+    # by default) the probe used to measure a clipped secant, −155 instead of −3150.
+    sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", timestep_spacing="trailing")
+    assert sched.config.clip_sample
+    timesteps, gammas = numeric_denoising_factors(sched, 10)
+    ac = sched.alphas_cumprod.double()
+    for i, t in enumerate(timesteps.tolist()):
+        alpha = ac[t] / (ac[t - 100] if t >= 100 else 1.0)
+        expected = -(1 - alpha) / (alpha.sqrt() * (1 - ac[t]).sqrt())
+        assert gammas[i].item() == pytest.approx(expected.item(), rel=1e-3), t
+
+
+def test_numeric_factors_of_a_learned_variance_scheduler_are_those_of_its_mean():
+    fixed = DDPMScheduler(num_train_timesteps=1000, clip_sample=False)
+    learned = DDPMScheduler(num_train_timesteps=1000, clip_sample=False, variance_type="learned_range")
+    t1, g1 = numeric_denoising_factors(fixed, 10)
+    t2, g2 = numeric_denoising_factors(learned, 10)  # used to fail: step() found no variance channels
+    assert torch.equal(t1, t2) and torch.allclose(g1, g2, rtol=1e-9)

@@ -1,7 +1,7 @@
 import pytest
 import torch
-from diffusers import (DDIMScheduler, DDPMScheduler, EulerAncestralDiscreteScheduler, LMSDiscreteScheduler,
-                       PNDMScheduler, UNet2DModel)
+from diffusers import (DDIMScheduler, DDPMScheduler, EulerAncestralDiscreteScheduler, HeunDiscreteScheduler,
+                       LMSDiscreteScheduler, PNDMScheduler, UNet2DModel)
 from PIL import Image
 
 from msfp.sampling import sample, save_grid
@@ -94,3 +94,28 @@ def test_save_grid(tmp_path):
     assert Image.open(tmp_path / "rgb.png").mode == "RGB"
     with pytest.raises(ValueError, match="shape"):
         save_grid(torch.zeros(2, 2, 4, 4), tmp_path / "bad.png")
+
+
+def test_a_learned_variance_scheduler_gets_the_variance_channels():
+    def net(variance):
+        def model(x, t):
+            return torch.cat([0.1 * x, torch.full_like(x, variance)], dim=1)
+        return model
+
+    def draw(model, variance_type):
+        return sample(model, DDPMScheduler(variance_type=variance_type), 2, num_inference_steps=3,
+                      sample_shape=(1, 4, 4), disable=True)
+
+    # DiT's DDPM reads the variance in step(): it used to get the noise channels only and fail with a TypeError.
+    assert not torch.equal(draw(net(-1.0), "learned_range"), draw(net(1.0), "learned_range"))
+    assert torch.equal(draw(net(-1.0), "fixed_small"), draw(net(1.0), "fixed_small"))  # dropped there
+    with pytest.raises(ValueError, match="variance_type='learned_range', which needs the model to output 2 channels"):
+        draw(lambda x, t: 0.1 * x, "learned_range")
+
+
+def test_the_progress_bar_counts_every_model_call(capsys):
+    calls = []
+    sample(lambda x, t: calls.append(t) or 0.1 * x, HeunDiscreteScheduler(), 3, num_inference_steps=4, batch_size=2,
+           sample_shape=(1, 2, 2))
+    bar = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()[-1]
+    assert len(calls) == 14 and "14/14" in bar  # Heun: 7 calls per batch for 4 steps (the bar used to end at 14/8)

@@ -49,8 +49,9 @@ _ONE_SIDED_ACTIVATIONS = ("SiLU", "GELU", "ApproximateGELU", "Mish", "ReLU", "Re
 
 @dataclass
 class Trajectories:
-    """Calibration points: denoiser inputs ``x`` (P, ...), integer timesteps ``t`` (P,), per-point conditioning and
-    the full-precision output ``eps``."""
+    """Calibration points: denoiser inputs ``x`` (P, ...), timesteps ``t`` (P,: integers, or float32 where the
+    scheduler calls the model between them, as Euler-type schedulers do), per-point conditioning and the
+    full-precision output ``eps``."""
 
     x: torch.Tensor
     t: torch.Tensor
@@ -110,8 +111,10 @@ def collect_trajectories(fp_model: nn.Module, scheduler, num_samples: int = 64, 
 
     sample(fp_model, scheduler, num_samples, num_inference_steps=num_steps, seed=seed, batch_size=batch_size,
            eta=eta, cond=cond, callback=keep, disable=disable, sample_shape=sample_shape)
-    return Trajectories(torch.cat(xs), torch.cat(ts).long(), torch.cat(epss),
-                        {k: torch.cat([c[k] for c in conds]) for k in conds[0]})
+    t = torch.cat(ts)
+    if not t.is_floating_point() or torch.equal(t, t.round()):
+        t = t.long()  # kept as called otherwise: a truncated t gives inputs the sampler never feeds the model
+    return Trajectories(torch.cat(xs), t, torch.cat(epss), {k: torch.cat([c[k] for c in conds]) for k in conds[0]})
 
 
 class _LayerRecorder:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +40,7 @@ def _read_idx(path: Path, expected_ndim: int) -> np.ndarray:
     try:
         with opener(path, "rb") as f:
             raw = f.read()
-    except (OSError, EOFError) as e:
+    except (OSError, EOFError, zlib.error) as e:  # a damaged gzip stream raises zlib.error
         raise ValueError(f"{path}: cannot read IDX file ({e}). {_HOW_TO_GET}") from e
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
         raise ValueError(f"{path}: not an unsigned-byte IDX file (bad magic number). {_HOW_TO_GET}")

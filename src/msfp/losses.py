@@ -43,12 +43,19 @@ def numeric_denoising_factors(scheduler, num_inference_steps: int, eta: float = 
     """γ_t of any diffusers scheduler: d prev_sample / d model_output at each step of its trajectory.
 
     Multistep schedulers keep earlier outputs as state, so the trajectory is walked in order and every probe runs on a
-    copy of the scheduler's state at that step.
+    copy of the scheduler's state at that step. The probes run without sample clipping or thresholding: at the
+    operating point (x = 0, ε = 0) the predicted x₀ is 0, far inside the clip range, but a probe ε = ±δ can cross it
+    where ᾱ_t is tiny (x₀ = ∓δ·√(1−ᾱ)/√ᾱ) and would measure a clipped secant instead of the derivative.
     """
     sched = copy.deepcopy(scheduler)
+    sched.register_to_config(**{k: False for k in ("clip_sample", "thresholding") if k in sched.config})
     sched.set_timesteps(num_inference_steps)
     x = torch.zeros(1, 1, 1, 1, dtype=torch.float64)
-    zero = torch.zeros_like(x)
+    # A learned-variance scheduler reads a second (variance) channel; γ_t is the derivative along the first.
+    channels = 2 if sched.config.get("variance_type") in ("learned", "learned_range") else 1
+    zero = torch.zeros(1, channels, 1, 1, dtype=torch.float64)
+    probe_delta = torch.zeros_like(zero)
+    probe_delta[:, 0] = delta
     accepts = inspect.signature(sched.step).parameters
     kwargs = {"eta": eta} if "eta" in accepts else {}
     # Same noise for both probes of a stochastic sampler (deterministic ones, e.g. PNDM, take no generator).
@@ -56,7 +63,7 @@ def numeric_denoising_factors(scheduler, num_inference_steps: int, eta: float = 
     gammas = []
     for t in sched.timesteps:
         outs = []
-        for eps in (zero - delta, zero + delta):
+        for eps in (zero - probe_delta, zero + probe_delta):
             probe = copy.deepcopy(sched)
             outs.append(probe.step(eps, t, x, **seeded(), **kwargs).prev_sample.double())
         gammas.append(((outs[1] - outs[0]) / (2 * delta)).reshape(()))
@@ -85,5 +92,10 @@ def dfa_weights(gammas: torch.Tensor, weighting: str = "abs") -> torch.Tensor:
 
 def weighted_mse(student: torch.Tensor, teacher: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
     """Mean over samples of ``weights[i] · mean((student_i − teacher_i)²)``; plain MSE when ``weights`` is None."""
+    if student.shape != teacher.shape:  # broadcasting would silently compare the wrong elements
+        raise ValueError(f"student output {tuple(student.shape)} and teacher output {tuple(teacher.shape)} differ")
+    if weights is not None and weights.shape != student.shape[:1]:
+        raise ValueError(f"weights must have one entry per sample, shape ({student.shape[0]},); got "
+                         f"{tuple(weights.shape)}")
     per_sample = (student - teacher).pow(2).flatten(1).mean(1)
     return per_sample.mean() if weights is None else (weights.to(per_sample) * per_sample).mean()

@@ -76,6 +76,8 @@ def sample(model, scheduler, num_samples: int, num_inference_steps: int = 100, s
         step_kwargs["eta"] = eta
     elif eta != 0.0:
         raise ValueError(f"{type(scheduler).__name__}.step takes no eta; use eta=0.0 with this scheduler")
+    # DDPM with a learned variance (DiT's training scheduler) reads the model's variance channels in step().
+    learned_variance = scheduler.config.get("variance_type") in ("learned", "learned_range")
     if class_labels is not None:
         class_labels = torch.as_tensor(class_labels).long()
         if class_labels.shape != (num_samples,):
@@ -87,25 +89,34 @@ def sample(model, scheduler, num_samples: int, num_inference_steps: int = 100, s
     if class_labels is not None:
         cond["class_labels"] = class_labels
 
+    def fresh_scheduler():
+        sched = type(scheduler).from_config(scheduler.config)
+        sched.set_timesteps(num_inference_steps, device=device)
+        return sched
+
     out = []
-    bar = tqdm(total=math.ceil(num_samples / batch_size) * num_inference_steps, desc="sample", disable=disable)
+    calls = len(fresh_scheduler().timesteps)  # Heun, PNDM… call the model more often than once per step
+    bar = tqdm(total=math.ceil(num_samples / batch_size) * calls, desc="sample", disable=disable)
     for start in range(0, num_samples, batch_size):
         stop = min(start + batch_size, num_samples)
         # Per-sample CPU generators: identical noise on every device and for every batch split.
         gens = [torch.Generator().manual_seed(seed + i) for i in range(start, stop)]
-        sched = type(scheduler).from_config(scheduler.config)
-        sched.set_timesteps(num_inference_steps, device=device)
+        sched = fresh_scheduler()
         x = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device) * sched.init_noise_sigma
         batch_cond = {k: v[start:stop].to(device) for k, v in cond.items()}
         for i, t in enumerate(sched.timesteps):
             x_in = sched.scale_model_input(x, t)
             t_batch = t.to(device).expand(stop - start)
-            eps = denoise(denoiser, x_in.to(dtype), t_batch, **batch_cond).float()
-            if eps.shape[1] == 2 * shape[0]:  # learned-variance models (DiT) also output the variance: drop it
-                eps = eps[:, : shape[0]]
+            prediction = denoise(denoiser, x_in.to(dtype), t_batch, **batch_cond).float()
+            if learned_variance and prediction.shape[1] != 2 * shape[0]:
+                raise ValueError(f"{type(scheduler).__name__} has variance_type={scheduler.config.variance_type!r}, "
+                                 f"which needs the model to output {2 * shape[0]} channels (noise and variance); "
+                                 f"it outputs {prediction.shape[1]}")
+            eps = prediction[:, : shape[0]]  # learned-variance models (DiT) also output the variance
             if callback is not None:
                 callback(dict(i=i, t=t_batch, x=x_in, eps=eps, start=start, cond=batch_cond))
-            x = sched.step(eps, t, x, **({"generator": gens} if takes_generator else {}), **step_kwargs).prev_sample
+            x = sched.step(prediction if learned_variance else eps, t, x, **({"generator": gens} if takes_generator else {}),
+                           **step_kwargs).prev_sample
             bar.update(1)
         out.append(x.float().cpu())
     bar.close()
