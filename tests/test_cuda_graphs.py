@@ -186,6 +186,26 @@ def test_a_failed_capture_says_which_call(stand_in_capture, monkeypatch):
     assert graphed.graphs == {}
 
 
+def test_a_call_under_inference_mode_gets_its_own_graph(stand_in_capture):
+    # Inference tensors captured first used to make the next no_grad call of that shape fail on their in-place
+    # update.
+    graphed = GraphedDenoiser(tiny_unet())
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([1, 2])
+    with torch.inference_mode():
+        first = graphed(x, t)
+    with torch.no_grad():
+        assert torch.equal(graphed(x, t), first)
+    assert len(graphed.graphs) == 2
+
+
+def test_the_device_check_looks_at_buffers_too():
+    # An FP8-converted plain denoiser keeps codes and scales as buffers only: it used to be reported "on cpu".
+    only_buffers = torch.nn.Module()
+    only_buffers.register_buffer("codes", torch.zeros(4, device="meta"))
+    with pytest.raises(ValueError, match="it is on meta"):
+        GraphedDenoiser(only_buffers)
+
+
 def test_sampling_with_cuda_graphs_needs_a_cuda_model():
     q = msfp.quantize(tiny_unet(), "w4a4-msfp").eval()
     with pytest.raises(ValueError, match="CUDA graphs need the model on a CUDA device; it is on cpu"):

@@ -15,6 +15,7 @@ gives them to the capture.
 from __future__ import annotations
 
 import contextlib
+import itertools
 
 import torch
 from torch import nn
@@ -63,7 +64,7 @@ class GraphedDenoiser(nn.Module):
         counts = lora_counts(self.model, per_sample)
         inputs = dict(kwargs, sample=sample, timestep=timestep)
         key = (tuple((name, _signature(name, value)) for name, value in sorted(inputs.items())),
-               torch.is_grad_enabled(), None if counts is None else tuple(counts))
+               torch.is_grad_enabled(), torch.is_inference_mode_enabled(), None if counts is None else tuple(counts))
         graph = self.graphs.get(key)
         if graph is None:
             graph = self.graphs[key] = self._record(inputs, counts)
@@ -128,7 +129,8 @@ def _known_route_counts(model: nn.Module, counts: list[int] | None):
 
 
 def _check_on_cuda(model: nn.Module) -> None:
-    device = next(iter(model.parameters()), torch.empty(0)).device
+    # An FP8-converted plain denoiser may hold buffers only (codes, scales).
+    device = next(itertools.chain(model.parameters(), model.buffers()), torch.empty(0)).device
     if device.type != "cuda":
         raise ValueError(f"CUDA graphs need the model on a CUDA device; it is on {device}")
 

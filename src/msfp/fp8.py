@@ -271,18 +271,32 @@ class Fp8Layer(nn.Module):
             return 0, 0
         return padding
 
+    def _apply(self, fn, recurse=True):
+        # model.to(torch.bfloat16) would make the E4M3 codes (a floating dtype to torch) 2-byte bfloat16 and round
+        # the fp32 scales, zero points and tap sums: a cast only moves the tensors.
+        def keep_dtype(t):
+            out = fn(t)
+            return out if out.dtype == t.dtype else t.to(out.device)
+
+        return super()._apply(keep_dtype, recurse)
+
     def _act_params(self, batch: int, rows: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The activation scale and zero point of each of the ``batch * rows`` GEMM rows (``rows`` per sample)."""
         zero = self.act_zero_point
         groups = self.context.groups(self.act_scale.numel())
         if groups is None:  # one scale for all: stride-0 views, no copy and no kernel launch
             return self.act_scale.expand(batch * rows), None if zero is None else zero.expand(batch * rows)
+        if groups.shape[0] != batch:
+            raise ValueError(f"{self.name}: {groups.shape[0]} timesteps for a batch of {batch} (per-timestep "
+                             "activation scales need one timestep per sample)")
         a_scale, zero = self.act_scale[groups], None if zero is None else zero[groups]
         if rows > 1:
             a_scale, zero = a_scale.repeat_interleave(rows), None if zero is None else zero.repeat_interleave(rows)
         return a_scale, zero
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == (1 if self.kind == "linear" else 3):  # unbatched, as nn.Linear/nn.Conv2d accept it
+            return self.forward(x.unsqueeze(0)).squeeze(0)
         if self.kind == "linear":  # (B, ..., C): one scale per row of the flattened GEMM
             rows = x.shape[1:-1].numel()
             x2, view = x.reshape(-1, x.shape[-1]), (-1, 1)
@@ -296,6 +310,7 @@ class Fp8Layer(nn.Module):
             # NHWC codes for convolutions (the kernel's layout); permuted back to a logical NCHW view here.
             routed = self.num_weight_sets > 1 and self.context.route is not None
             pad = self._border(x.shape[1], routed) if self.kind == "conv2d" else (0, 0)
+            x2 = x2.float() if x2.dtype == torch.float64 else x2  # the kernels read fp32/bf16/fp16
             codes = triton_kernels.act_codes(x2, self.act_fmt, a_scale, zero, self.act_shift, pad=pad)
             codes = codes if self.kind == "linear" else codes.permute(0, 3, 1, 2)
         else:
