@@ -284,6 +284,16 @@ def test_cli_quantize_then_finetune_with_time_budget_and_resume(tmp_path):
     args = ["finetune", q, "--model", tmp_path / "model", "--iters", 4, "--batch", 4, "--traj-samples", 4,
             "--traj-steps", 4, "--rank", 2]
     before = (q / "model.safetensors").read_bytes()
+    # Same architecture, other weights: fine-tuning used to copy them into the quantized layers.
+    retrained = tiny_unet()
+    with torch.no_grad():
+        retrained.conv_in.weight.add_(0.01)
+    DDPMPipeline(unet=retrained, scheduler=scheduler()).save_pretrained(tmp_path / "retrained")
+    for command in (["finetune", q, "--model", tmp_path / "retrained"],
+                    ["eval", tmp_path / "none.npz", "--model", q, "--fp-model", tmp_path / "retrained"]):
+        r = run(*command)
+        assert r.exit_code != 0 and "was quantized from other weights than --" in r.output, r.output
+    assert (q / "model.safetensors").read_bytes() == before
     r = run(*args, "--max-minutes", 0)
     assert r.exit_code == 0 and "stopped at iteration 0/4" in r.output, r.output
     assert (q / "model.safetensors").read_bytes() == before  # unchanged until the run completes

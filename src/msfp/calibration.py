@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import inspect
-import json
 import math
 import os
 import time
@@ -37,6 +36,7 @@ from tqdm.auto import tqdm
 from msfp.attention import attention_quantizers, explicit_attention
 from msfp.fileio import atomic_path
 from msfp.fp8 import require_fake_quant
+from msfp.identity import model_key, tensor_digest, weights_digest
 from msfp.layers import QuantLayer
 from msfp.models import denoise
 from msfp.samples import class_info
@@ -263,20 +263,6 @@ def _search_attention_input(quantizer, rec: dict, config) -> None:
         act_max=rec["max"], macs=rec["macs"])
 
 
-def model_key(model: nn.Module, settings: dict) -> str:
-    """A digest of ``settings``, ``model``'s class and config and every tensor of its state: equal keys, equal models
-    and settings. The config counts: resolution or timestep-embedding options change the trajectories, not the
-    weights."""
-    config = dict(getattr(model, "config", None) or {})
-    identity = dict(settings, model_class=f"{type(model).__module__}.{type(model).__qualname__}", model_config=config)
-    h = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode())
-    for name, tensor in model.state_dict().items():
-        if isinstance(tensor, torch.Tensor):
-            h.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}".encode())
-            h.update(_tensor_bytes(tensor))
-    return h.hexdigest()[:16]
-
-
 def _cached(path: Path | None, compute, to_tensors, from_tensors):
     """``(value, whether it came from the cache file)``."""
     if path is not None and path.is_file():
@@ -347,6 +333,7 @@ def calibrate(qmodel: nn.Module, fp_model: nn.Module, scheduler, num_samples: in
     attention = attention_quantizers(qmodel)
     qmodel.msfp_context.num_train_timesteps = scheduler.config.num_train_timesteps
     qmodel.msfp_scheduler_config = dict(scheduler.config)  # saved with the model: `--model DIR` samples with it
+    qmodel.msfp_base_weights = weights_digest(fp_model)  # saved too: fine-tuning must distil from these weights
     settings = dict(num_samples=num_samples, num_steps=num_steps, seed=seed, scheduler=type(scheduler).__name__,
                     sample_shape=sample_shape,
                     scheduler_config=dict(scheduler.config), cond={k: tensor_digest(v) for k, v in (cond or {}).items()},
@@ -380,15 +367,6 @@ def calibrate(qmodel: nn.Module, fp_model: nn.Module, scheduler, num_samples: in
     qmodel.msfp_flops = _model_flops(qmodel, points)
     return CalibrationReport(len(points), traj_time, record_time, time.time() - start,
                              points_cached and records_cached)
-
-
-def _tensor_bytes(t: torch.Tensor) -> bytes:
-    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()  # 0-dim tensors too
-
-
-def tensor_digest(t: torch.Tensor) -> str:
-    """A short digest of a tensor's dtype, shape and bytes (conditioning and labels in cache keys)."""
-    return hashlib.sha256(f"{t.dtype} {tuple(t.shape)}".encode() + _tensor_bytes(t)).hexdigest()[:16]
 
 
 @torch.no_grad()

@@ -58,6 +58,7 @@ from msfp.config import QuantConfig
 from msfp.fileio import atomic_directory
 from msfp.formats import get_format
 from msfp.fp8 import convert_to_fp8, require_fake_quant
+from msfp.identity import weights_digest
 from msfp.packing import decode, pack, quantize_to_codes, unpack
 from msfp.quantizers import MIN_SCALE
 from msfp.surgery import quant_layers, quantize
@@ -101,6 +102,17 @@ def require_base_model(meta: dict, model: nn.Module, where, what: str) -> None:
             raise ValueError(f"{where} was quantized from another {saved['class_name']} than {what}: "
                              + ", ".join(f"{k} {a[k]!r} there, {b[k]!r} here" for k in differ[:4])
                              + (f" (and {len(differ) - 4} more)" if len(differ) > 4 else ""))
+
+
+def require_base_weights(meta: dict, model: nn.Module, where, what: str) -> None:
+    """Raise unless ``model`` (described as ``what``) has the weights the checkpoint ``where`` was quantized from
+    (when it recorded them): fine-tuning restores the full-precision weights from it, and ε errors are measured
+    against it."""
+    require_base_model(meta, model, where, what)
+    recorded = meta.get("base_weights")
+    if recorded is not None and weights_digest(model) != recorded:
+        raise ValueError(f"{where} was quantized from other weights than {what}'s (weights digest {recorded} there, "
+                         f"{weights_digest(model)} here); pass the full-precision model it was quantized from")
 
 
 def _json_default(obj):
@@ -228,7 +240,8 @@ def quant_meta(model: nn.Module) -> dict:
     fp_state = {k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
     meta = dict(
         format_version=FORMAT_VERSION, msfp_version=__version__, quantization_config=quantization_config(model),
-        base_model=_base_info(model), flops=getattr(model, "msfp_flops", None),
+        base_model=_base_info(model), base_weights=getattr(model, "msfp_base_weights", None),
+        flops=getattr(model, "msfp_flops", None),
         base_parameters=sum(v.numel() for k, v in fp_state.items()
                             if "_quantizer." not in k and not _is_lora_key(k) and not _is_router_key(k)),
         talora=_talora_meta(model), finetune=getattr(model, "msfp_finetune", None),
@@ -428,6 +441,7 @@ def load_quantized(directory: str | os.PathLike, model: nn.Module | None = None,
             if len(sets) > 1:  # routed TALoRA: the router picks one of the K pre-merged sets per sample
                 layer.weight_sets = torch.stack(sets)
     qmodel.msfp_flops = meta.get("flops")
+    qmodel.msfp_base_weights = meta.get("base_weights")  # checkpoints written before msfp recorded it: None
     qmodel.msfp_scheduler_config = meta.get("scheduler_config")
     qmodel.msfp_context.num_train_timesteps = meta["num_train_timesteps"]
     if freeze:

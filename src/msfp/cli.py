@@ -225,7 +225,7 @@ def eval_(samples_path, ref, ref_images, data_dir, inception_weights, paired_pat
           heldout_samples, heldout_steps, json_path, device):
     """Quality metrics of a sample file (FD, KID, classifier score, precision/recall; FID/sFID/IS; PSNR; ε MSE)."""
     from msfp.calibration import collect_trajectories
-    from msfp.checkpoint import CONFIG_NAME, read_quant_meta, require_base_model
+    from msfp.checkpoint import CONFIG_NAME, read_quant_meta, require_base_weights
     from msfp.compare import HELDOUT_SEED_OFFSET
     from msfp.evaluation import (eps_mse_weighted, evaluate, format_table, load_reference,
                                  per_timestep_eps_mse)
@@ -233,13 +233,14 @@ def eval_(samples_path, ref, ref_images, data_dir, inception_weights, paired_pat
     from msfp.models import load_model
 
     with _user_errors():
-        reference = load_reference(ref, ref_images, data_dir)
-        result = evaluate(samples_path, reference, inception_weights, paired_path, device)
-        if model_spec is not None:
+        if model_spec is not None:  # checked before the image metrics, which take a while
             model, scheduler = _load_any_model(model_spec)
             teacher, _ = load_model(fp_model)
             if (Path(model_spec) / CONFIG_NAME).is_file():  # its error would be measured against another model
-                require_base_model(read_quant_meta(model_spec), teacher, model_spec, f"--fp-model {fp_model!r}")
+                require_base_weights(read_quant_meta(model_spec), teacher, model_spec, f"--fp-model {fp_model!r}")
+        reference = load_reference(ref, ref_images, data_dir)
+        result = evaluate(samples_path, reference, inception_weights, paired_path, device)
+        if model_spec is not None:
             device = device or _default_device()
             model.to(device)
             teacher.to(device)
@@ -356,7 +357,7 @@ def finetune_cmd(directory, model_spec, iters, batch, lora, num_loras, rank, los
 
     Progress is checkpointed beside it (.DIRECTORY.finetune/); DIRECTORY is replaced only when the run completes.
     """
-    from msfp.checkpoint import load_quantized, read_quant_meta, require_base_model, save_quantized
+    from msfp.checkpoint import load_quantized, read_quant_meta, require_base_weights, save_quantized
     from msfp.compare import CALIB_SEED_OFFSET
     from msfp.finetune import FinetuneConfig, finetune
     from msfp.info import describe
@@ -374,7 +375,7 @@ def finetune_cmd(directory, model_spec, iters, batch, lora, num_loras, rank, los
             raise ValueError(f"{path} is already fine-tuned (its LoRAs are merged into packed weights); fine-tune "
                              "the output of msfp quantize instead")
         fp_model, scheduler = load_model(model_spec)
-        require_base_model(meta, fp_model, path, f"--model {model_spec!r}")
+        require_base_weights(meta, fp_model, path, f"--model {model_spec!r}")
         fp_model.to(device)
         qmodel = load_quantized(path, freeze=False).to(device)
         fp_modules = dict(fp_model.named_modules())

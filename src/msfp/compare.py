@@ -34,13 +34,14 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from msfp.attention import explicit_attention
-from msfp.calibration import Trajectories, calibrate, collect_trajectories, model_key
+from msfp.calibration import Trajectories, calibrate, collect_trajectories
 from msfp.checkpoint import freeze_weights, quant_meta
 from msfp.config import PRESETS, QuantConfig
 from msfp.environment import machine_info
 from msfp.evaluation import eps_mse_weighted, evaluate, load_reference, per_timestep_eps_mse
 from msfp.fileio import atomic_directory, write_json
 from msfp.finetune import FinetuneConfig, finetune
+from msfp.identity import model_key
 from msfp.info import format_table, layer_rows, low_bit_fractions
 from msfp.models import denoise, load_model
 from msfp.samples import NonFiniteSamplesError, generate, grid_path

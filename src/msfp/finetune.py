@@ -27,9 +27,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from msfp.attention import attention_quantizers
-from msfp.calibration import Trajectories, collect_trajectories, model_key, tensor_digest
+from msfp.calibration import Trajectories, collect_trajectories
 from msfp.fileio import atomic_path
 from msfp.fp8 import require_fake_quant
+from msfp.identity import model_key, tensor_digest
 from msfp.kernels import fused_rounding_exact
 from msfp.losses import WEIGHTINGS, denoising_factors, dfa_weights, weighted_mse
 from msfp.models import denoise

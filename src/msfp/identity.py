@@ -1,0 +1,39 @@
+"""Digests that identify a model, its weights and tensors: cache keys, resume checks, and the base model a
+checkpoint was quantized from."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import torch
+from torch import nn
+
+
+def _tensor_bytes(t: torch.Tensor) -> bytes:
+    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()  # 0-dim tensors too
+
+
+def tensor_digest(t: torch.Tensor) -> str:
+    """A short digest of a tensor's dtype, shape and bytes (conditioning and labels in cache keys)."""
+    return hashlib.sha256(f"{t.dtype} {tuple(t.shape)}".encode() + _tensor_bytes(t)).hexdigest()[:16]
+
+
+def weights_digest(model: nn.Module) -> str:
+    """A digest of every tensor of ``model``'s state (names, dtypes, shapes, bytes): equal digests, equal weights."""
+    h = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        if isinstance(tensor, torch.Tensor):
+            h.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}".encode())
+            h.update(_tensor_bytes(tensor))
+    return h.hexdigest()[:16]
+
+
+def model_key(model: nn.Module, settings: dict) -> str:
+    """A digest of ``settings``, ``model``'s class and config and its weights: equal keys, equal models and settings.
+    The config counts (resolution or timestep-embedding options change the trajectories, not the weights); its
+    bookkeeping entries (``_name_or_path``, versions) do not."""
+    config = {k: v for k, v in dict(getattr(model, "config", None) or {}).items() if not k.startswith("_")}
+    identity = dict(settings, model_class=f"{type(model).__module__}.{type(model).__qualname__}", model_config=config,
+                    weights=weights_digest(model))
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
