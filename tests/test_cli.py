@@ -42,6 +42,11 @@ def test_sample_bad_input(tmp_path):
     assert r.exit_code == 1 and "Error: model spec" in r.output and "no such directory" in r.output
     r = run("sample", "--scheduler", "heun", "--out", tmp_path / "s.npz")
     assert r.exit_code == 2 and "'heun' is not one of" in r.output
+    r = run("sample", "--num", 1, "--steps", 1, "--out", tmp_path / "s.png")  # the grid used to overwrite the samples
+    assert r.exit_code == 1 and "s.png: a sample file's name must end in .npz" in r.output
+    assert not (tmp_path / "s.png").exists()
+    r = run("eval", tmp_path / "s.npz", "--data-dir", tmp_path / "nope")  # used to drop KID & co. silently
+    assert r.exit_code == 2 and "Directory" in r.output and "does not exist" in r.output
     if not torch.cuda.is_available():
         r = run("sample", "--num", 1, "--steps", 1, "--cuda-graphs", "--out", tmp_path / "s.npz")
         assert r.exit_code == 1 and "CUDA graphs need the model on a CUDA device; it is on cpu" in r.output
@@ -122,6 +127,7 @@ def test_eval_against_reference_images(tmp_path):
 
 def test_eval_default_reference_without_the_dataset(tmp_path):
     save_samples(tmp_path / "s.npz", fashion_like(20), np.arange(20))
+    (tmp_path / "no_data").mkdir()  # a directory without the IDX files
     r = run("eval", tmp_path / "s.npz", "--data-dir", tmp_path / "no_data", "--json", tmp_path / "r.json")
     assert r.exit_code == 0, r.output
     result = json.loads((tmp_path / "r.json").read_text())
@@ -215,3 +221,21 @@ def test_eval_reference_image_dir_and_other_image_sizes(tmp_path):
     r = run("eval", tmp_path / "rgb.npz", "--ref-images", tmp_path)
     assert r.exit_code == 0, r.output
     assert "the shipped feature network takes 32x32x1 Fashion-MNIST images; the samples are 16x16x3" in r.output
+
+
+def test_commands_refuse_to_replace_the_current_directory_before_any_work(tmp_path, monkeypatch, tiny_model_dir):
+    q, elsewhere, missing = tmp_path / "q", tmp_path / "report", tmp_path / "no-model"
+    q.mkdir()  # an existing empty directory is fine (it used to be refused, after calibrating)
+    r = run("quantize", "--model", tiny_model_dir, "--out", q, "--calib-samples", 2, "--calib-steps", 2, "--batch", 2)
+    assert r.exit_code == 0, r.output
+    elsewhere.mkdir()
+    # From inside the directory each would replace: refused at once, before the model (missing here) is even loaded;
+    # compare ran every method first, and finetune wrote its work directory into q as "..finetune".
+    for directory, args in ((q, ["quantize", "--model", missing, "--out", "."]),
+                            (q, ["finetune", ".", "--model", missing]),
+                            (elsewhere, ["compare", "--model", missing, "--out", "."])):
+        monkeypatch.chdir(directory)
+        r = run(*args)
+        assert r.exit_code == 1 and "the current directory is inside it" in r.output, (args, r.output)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q", "report"]
+    assert sorted(p.name for p in q.iterdir()) == ["model.safetensors", "msfp_quant.json"]

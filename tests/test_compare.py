@@ -42,6 +42,10 @@ def test_compare_writes_results_and_self_contained_report(tmp_path, tiny_model_d
     assert fp["eps_mse_per_timestep"] is None and fp["calibration"] is None and fp["layers"] is None
     # The tiny model's 8x8 images do not fit the feature net: those metrics are skipped with a reason, not faked.
     assert "feature network takes 32x32x1" in " ".join(msfp["skipped_metrics"].values())
+    # The printed table says why its blanks are blank, once per reason (it used to list skipped methods only).
+    assert re.search(r"^not computed: fd, kid, classifier_score, precision, recall \(all methods\): .*32x32x1",
+                     r.output, re.M)
+    assert "psnr, paired_mse (fp): the reference the other methods are paired with" in r.output
     assert msfp["metrics"]["psnr"] > 0 and msfp["eps_mse_mean"] > 0 and msfp["eps_mse_weighted"] > 0
     assert fp["fd_bootstrap"] is None  # no FD on 8x8 images, so nothing to resample
     assert len(msfp["eps_mse_per_timestep"]) == 2 and msfp["calibration"]["points"] == 6
@@ -158,6 +162,8 @@ def test_error_plot_is_log_scaled_and_handles_no_data():
     svg = error_plot_svg({"a": {900: 1e-3, 0: float("inf")}, "b": {900: float("nan"), 0: 0.5}})
     assert "nan" not in svg.replace("Not finite", "") and svg.count("<circle") == 2
     assert svg.endswith("<p>Not finite, so not plotted: a (t = 0); b (t = 900).</p>")
+    # A resumed run reads them back from JSON as null: the report used to fail on math.isfinite(None).
+    assert error_plot_svg({"a": {900: 1e-3, 0: None}}).endswith("<p>Not finite, so not plotted: a (t = 0).</p>")
     assert error_plot_svg({"a": {900: 0.0, 0: float("nan")}}) == (
         "<p>No noise-prediction error above zero to plot.</p><p>Not finite, so not plotted: a (t = 0).</p>")
 

@@ -55,7 +55,7 @@ from torch import nn
 from msfp import __version__
 from msfp.attention import attention_quantizers
 from msfp.config import QuantConfig
-from msfp.fileio import atomic_directory
+from msfp.fileio import atomic_directory, check_replaceable
 from msfp.formats import get_format
 from msfp.fp8 import convert_to_fp8, require_fake_quant
 from msfp.identity import weights_digest
@@ -253,6 +253,16 @@ def quant_meta(model: nn.Module) -> dict:
     return json.loads(json.dumps(meta, default=_json_default))  # plain JSON values, as read_quant_meta returns
 
 
+def check_output_directory(directory: str | os.PathLike) -> Path:
+    """``directory`` as a path, unless :func:`save_quantized` may not write there: it holds something other than a
+    msfp checkpoint, or the current directory is inside it. Commands call it before quantizing."""
+    out = Path(directory)
+    if out.exists() and not (out / CONFIG_NAME).is_file() and not (out.is_dir() and not any(out.iterdir())):
+        raise FileExistsError(f"{out} exists and is not a msfp output directory; refusing to replace it")
+    check_replaceable(out)
+    return out
+
+
 def save_quantized(model: nn.Module, directory: str | os.PathLike) -> Path:
     """Write the calibrated (or fine-tuned) quantized model to ``directory`` as a packed checkpoint; returns the
     directory's path."""
@@ -275,9 +285,7 @@ def save_quantized(model: nn.Module, directory: str | os.PathLike) -> Path:
             storages.add(storage)
     for name, layer in layers.items():
         state[name + CODES_SUFFIX] = _packed_weights(layer)
-    out = Path(directory)
-    if out.exists() and not (out / CONFIG_NAME).is_file():
-        raise FileExistsError(f"{out} exists and is not a msfp output directory; refusing to replace it")
+    out = check_output_directory(directory)
     with atomic_directory(out) as tmp:
         save_file(state, tmp / WEIGHTS_NAME, metadata={"format": "pt", "msfp_format_version": str(FORMAT_VERSION)})
         meta["weights_sha256"] = _sha256(tmp / WEIGHTS_NAME)

@@ -99,7 +99,7 @@ _DEVICE = _DeviceType()
 def quantize(model_spec, preset, config_path, out, calib_samples, calib_steps, seed, batch, cache_dir, device):
     """Quantize and calibrate a model; write a directory that msfp.load_quantized reads."""
     from msfp.calibration import calibrate
-    from msfp.checkpoint import read_quant_meta, save_quantized
+    from msfp.checkpoint import check_output_directory, read_quant_meta, save_quantized
     from msfp.compare import CALIB_SEED_OFFSET
     from msfp.config import QuantConfig
     from msfp.info import describe
@@ -110,6 +110,7 @@ def quantize(model_spec, preset, config_path, out, calib_samples, calib_steps, s
         raise click.UsageError("give --preset or --config, not both")
     with _user_errors():
         config = _read_config(config_path) if config_path else QuantConfig.preset(preset)
+        check_output_directory(out)  # before the work, which may take long
         fp_model, scheduler = load_model(model_spec)
         fp_model.to(device)
         qmodel = quantize_model(copy.deepcopy(fp_model), config)
@@ -207,7 +208,7 @@ def sample(model_spec, num_samples, steps, scheduler_name, eta, guidance, seed, 
               help=".npz with reference images (arr_0) or feature-net statistics (mu, sigma); default: the "
               "Fashion-MNIST test split")
 @click.option("--ref-images", type=click.Path(file_okay=False), default=None, help="directory of reference images")
-@click.option("--data-dir", type=click.Path(file_okay=False), default=None,
+@click.option("--data-dir", type=click.Path(exists=True, file_okay=False), default=None,
               help="Fashion-MNIST IDX files for the default reference (default: Debian's dataset-fashion-mnist)")
 @click.option("--inception-weights", type=click.Path(dir_okay=False), default=None,
               help="torch-fidelity's weights-inception-2015-12-05-6726825d.pth: adds FID, sFID, IS, precision/recall")
@@ -295,7 +296,7 @@ def _list_methods(ctx: click.Context, _param, value: bool) -> None:
 @click.option("--ref", type=click.Path(dir_okay=False), default=None,
               help="reference .npz (images or feature-net statistics), as for msfp eval; default: Fashion-MNIST test")
 @click.option("--ref-images", type=click.Path(file_okay=False), default=None, help="directory of reference images")
-@click.option("--data-dir", type=click.Path(file_okay=False), default=None,
+@click.option("--data-dir", type=click.Path(exists=True, file_okay=False), default=None,
               help="Fashion-MNIST IDX files for the default reference (default: Debian's dataset-fashion-mnist)")
 @click.option("--device", type=_DEVICE, default=None, help="default: cuda if available, else cpu")
 @click.option("--resume", is_flag=True, help="continue an interrupted run (same command): reuse the methods it "
@@ -310,7 +311,7 @@ def compare(model_spec, methods, out, num_samples, steps, calib_samples, calib_s
     import shlex
     import sys
 
-    from msfp.compare import CompareSettings, metrics_table, parse_methods, run_compare
+    from msfp.compare import CompareSettings, metrics_table, parse_methods, run_compare, skipped_metrics
     from msfp.evaluation import load_reference
 
     with _user_errors():
@@ -323,6 +324,8 @@ def compare(model_spec, methods, out, num_samples, steps, calib_samples, calib_s
         command = shlex.join(["msfp", *sys.argv[1:]])
         result = run_compare(settings, names, out, command=command, reference=reference, resume=resume)
     click.echo(metrics_table(result))
+    for keys, who, why in skipped_metrics(result):
+        click.echo(f"not computed: {keys} ({who}): {why}")
     for name, why in result["skipped_methods"].items():
         click.echo(f"skipped {name}: {why}")
     click.echo(f"report: {Path(out) / 'index.html'} (open it in a browser); results: {Path(out) / 'results.json'}; "
@@ -359,13 +362,15 @@ def finetune_cmd(directory, model_spec, iters, batch, lora, num_loras, rank, los
     """
     from msfp.checkpoint import load_quantized, read_quant_meta, require_base_weights, save_quantized
     from msfp.compare import CALIB_SEED_OFFSET
+    from msfp.fileio import check_replaceable
     from msfp.finetune import FinetuneConfig, finetune
     from msfp.info import describe
     from msfp.models import load_model
     from msfp.surgery import quant_layers
 
-    path = Path(directory)
+    path = Path(directory).resolve()  # "." has no name to put the work directory beside
     with _user_errors():
+        check_replaceable(path)  # before the work, which may take long
         config = FinetuneConfig(iters=iters, batch_size=batch, lora=lora, num_loras=num_loras, rank=rank, loss=loss,
                                 dfa_weighting=dfa_weighting, lora_lr=lora_lr, act_lr=act_lr, router_lr=router_lr,
                                 train_weight_scales=train_weight_scales, traj_samples=traj_samples,

@@ -39,7 +39,7 @@ from msfp.checkpoint import freeze_weights, quant_meta
 from msfp.config import PRESETS, QuantConfig
 from msfp.environment import machine_info
 from msfp.evaluation import eps_mse_weighted, evaluate, load_reference, per_timestep_eps_mse
-from msfp.fileio import atomic_directory, write_json
+from msfp.fileio import atomic_directory, check_replaceable, write_json
 from msfp.finetune import FinetuneConfig, finetune
 from msfp.identity import model_key
 from msfp.info import format_table, layer_rows, low_bit_fractions
@@ -302,6 +302,8 @@ def _run_method(ctx: Context, method: Method, work: Path, reference, device: tor
     fp_samples = work / "samples" / f"{REFERENCE_METHOD}.npz"
     evaluation = evaluate(path, reference, paired_path=None if name == REFERENCE_METHOD else fp_samples,
                           device=device)
+    if name == REFERENCE_METHOD:  # not "no --paired samples given": compare has no such option
+        evaluation["skipped"]["psnr, paired_mse"] = "the reference the other methods are paired with"
     return dict(
         description=method.description, metrics=evaluation["metrics"], skipped_metrics=evaluation["skipped"],
         eps_mse_mean=None if eps is None else sum(eps.values()) / len(eps),
@@ -330,6 +332,7 @@ def run_compare(settings: CompareSettings, methods: list[str], out, command: str
     if out.exists() and not (out / "results.json").is_file() and any(p.name != "cache" for p in out.iterdir()):
         raise FileExistsError(f"{out} exists and is not a msfp compare report (it has no results.json); refusing to "
                               "replace it: choose another --out")
+    check_replaceable(out)  # before the work, which may take long
     work = out.parent / f".{out.name}.compare"
     s = settings
     device = torch.device(s.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -418,6 +421,17 @@ def table_rows(result: dict) -> list[dict]:
 def format_cell(key: str, value) -> str:
     fmt = {k: f for k, _, f in TABLE_COLUMNS}[key]
     return "—" if value is None else fmt.format(value).replace("%", "")
+
+
+def skipped_metrics(result: dict) -> list[tuple[str, str, str]]:
+    """``(metrics, methods, why)`` for each metric not computed, listed once for all methods it applies to (e.g. no
+    Inception weights)."""
+    skipped: dict[tuple[str, str], list[str]] = {}
+    for name, r in result["methods"].items():
+        for keys, why in r["skipped_metrics"].items():
+            skipped.setdefault((keys, why), []).append(name)
+    return [(keys, "all methods" if len(names) == len(result["methods"]) else ", ".join(names), why)
+            for (keys, why), names in skipped.items()]
 
 
 def metrics_table(result: dict) -> str:

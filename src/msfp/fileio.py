@@ -126,6 +126,14 @@ def _carry_over(directory: Path, tmp: Path, written: set[str]) -> None:
             _link_or_copy(entry, target)
 
 
+def check_replaceable(path: str | os.PathLike) -> None:
+    """Raise if :func:`atomic_directory` could not replace ``path``: the current directory is inside it. Commands
+    call it before their work, not only when they save."""
+    path = Path(path)
+    if Path.cwd().resolve().is_relative_to(path.resolve()):
+        raise ValueError(f"refusing to replace {path}: the current directory is inside it (run from elsewhere)")
+
+
 @contextmanager
 def atomic_directory(path: str | os.PathLike):
     """Yield an empty temporary directory beside ``path`` to write a new version of its files into; on success it
@@ -137,8 +145,7 @@ def atomic_directory(path: str | os.PathLike):
     path = Path(path)
     if path.is_symlink():
         path = path.resolve()
-    if Path.cwd().resolve().is_relative_to(path.resolve()):
-        raise ValueError(f"refusing to replace {path}: the current directory is inside it")
+    check_replaceable(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     _remove_leftovers(path)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=_temporary_prefix(path)))

@@ -9,7 +9,7 @@ import math
 from html import escape
 from pathlib import Path
 
-from msfp.compare import REFERENCE_METHOD, TABLE_COLUMNS, format_cell, table_rows
+from msfp.compare import REFERENCE_METHOD, TABLE_COLUMNS, format_cell, skipped_metrics, table_rows
 from msfp.fileio import atomic_path
 
 COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#7f7f7f")
@@ -51,10 +51,12 @@ def error_plot_svg(series: dict[str, dict[int, float]], width: int = 760, height
     if not series:
         return "<p>No quantized method was evaluated.</p>"
     # A log axis has no place for NaN or inf (a diverged method): name them below the plot instead.
-    not_finite = [f"{name} (t = {', '.join(str(t) for t, e in v.items() if not math.isfinite(e))})"
-                  for name, v in series.items() if not all(map(math.isfinite, v.values()))]
+    # (results.json stores them as null, so a resumed run reads None)
+    finite = lambda e: e is not None and math.isfinite(e)  # noqa: E731
+    not_finite = [f"{name} (t = {', '.join(str(t) for t, e in v.items() if not finite(e))})"
+                  for name, v in series.items() if not all(map(finite, v.values()))]
     note = f"<p>Not finite, so not plotted: {escape('; '.join(not_finite))}.</p>" if not_finite else ""
-    series = {k: kept for k, v in series.items() if (kept := {t: e for t, e in v.items() if math.isfinite(e)})}
+    series = {k: kept for k, v in series.items() if (kept := {t: e for t, e in v.items() if finite(e)})}
     points = [e for v in series.values() for e in v.values() if e > 0]
     if not points:
         return f"<p>No noise-prediction error above zero to plot.</p>{note}"
@@ -130,14 +132,8 @@ def _aal_lists(result: dict) -> str:
 def _notes(result: dict) -> str:
     items = [f"<li><b>{escape(name)}</b>: {escape(note)}</li>"
              for name, r in result["methods"].items() for note in r["notes"]]
-    # A metric skipped for the same reason by several methods (e.g. no Inception weights) is listed once.
-    skipped: dict[tuple[str, str], list[str]] = {}
-    for name, r in result["methods"].items():
-        for keys, why in r["skipped_metrics"].items():
-            skipped.setdefault((keys, why), []).append(name)
-    for (keys, why), names in skipped.items():
-        who = "all methods" if len(names) == len(result["methods"]) else ", ".join(names)
-        items.append(f"<li>{escape(keys)} not computed ({escape(who)}): {escape(why)}</li>")
+    items += [f"<li>{escape(keys)} not computed ({escape(who)}): {escape(why)}</li>"
+              for keys, who, why in skipped_metrics(result)]
     items += [f"<li><b>{escape(name)}</b>: method skipped: {escape(why)}</li>"
               for name, why in result["skipped_methods"].items()]
     return f"<ul>{''.join(items)}</ul>" if items else ""

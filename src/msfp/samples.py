@@ -192,6 +192,9 @@ def generate(model, scheduler, out, num_samples: int, num_inference_steps: int, 
     :func:`load_samples` dict of the merged file on rank 0, ``None`` on other ranks.
     """
     out = Path(out)
+    if out.suffix != ".npz":  # "x.png" would be overwritten by its own grid
+        raise ValueError(f"{out}: a sample file's name must end in .npz (its PNG grid goes beside it, "
+                         f"{grid_path(out.with_suffix('.npz')).name})")
     rank, world, created = _dist()
     try:
         if num_samples < world:
