@@ -1,6 +1,8 @@
 import os
 
 import pytest
+import torch
+from safetensors.torch import save_file
 
 from msfp import fileio
 from msfp.fileio import atomic_directory
@@ -119,6 +121,9 @@ def test_new_files_follow_the_umask_and_replaced_ones_keep_their_mode(tmp_path):
         os.umask(old_mask)
     assert os.stat(tmp_path / "new.json").st_mode & 0o777 == 0o600
     assert os.stat(tmp_path / "newdir").st_mode & 0o777 == 0o700
+    with atomic_directory(tmp_path / "saved") as tmp:  # safetensors creates 0600 files whatever the umask
+        save_file({"w": torch.zeros(1)}, tmp / "model.safetensors")
+    assert os.stat(tmp_path / "saved" / "model.safetensors").st_mode & 0o777 == 0o666 & ~old_mask
     (tmp_path / "private.json").write_text("{}")
     os.chmod(tmp_path / "private.json", 0o640)
     with atomic_path(tmp_path / "private.json") as tmp:  # used to come back 0644

@@ -97,10 +97,14 @@ def atomic_path(path: str | os.PathLike):
         raise
 
 
-def _fsync_tree(directory: Path) -> None:
+def _finish_tree(directory: Path) -> None:
+    """Give the files written into ``directory`` a new file's mode (safetensors writes 0600 whatever the umask) and
+    flush them and the directories to disk."""
+    mode = _mode(directory / ".new-file", 0o666)
     for root, dirs, files in os.walk(directory):
         for name in files:
             if not os.path.islink(os.path.join(root, name)):
+                os.chmod(Path(root, name), mode)
                 _fsync(Path(root, name))
         _fsync(Path(root))
 
@@ -152,7 +156,7 @@ def atomic_directory(path: str | os.PathLike):
     try:
         yield tmp
         os.chmod(tmp, _mode(path, 0o777))  # mkdtemp creates 0700
-        _fsync_tree(tmp)  # before carrying over: carried-over entries are the old version's, already on disk
+        _finish_tree(tmp)  # before carrying over: carried-over entries are the old version's, already on disk
         if not path.exists():
             os.replace(tmp, path)
             _fsync(path.parent)
