@@ -145,6 +145,7 @@ def test_format_fields():
     u = get_format("ufp4_e3m1")
     assert (u.bits, u.signed, u.needs_zero_point) == (4, False, True)
     assert get_format(f) is f
+    assert get_format("fp04_e2m1") == f and get_format("uINT004").name == "uint4"  # one format, one name
 
 
 def test_fp8_e4m3_shares_values_with_torch_float8():
@@ -258,7 +259,7 @@ def test_unknown_name_lists_patterns():
         get_format("nf4")
 
 
-@pytest.mark.parametrize("scale", [0.0, -1.0, float("nan"), torch.tensor([1.0, 0.0])])
+@pytest.mark.parametrize("scale", [0.0, -1.0, float("nan"), float("inf"), torch.tensor([1.0, 0.0])])
 def test_bad_scales(scale):
     with pytest.raises(ValueError, match="scale must be positive"):
         fake_quant(torch.randn(3, 2), "fp4_e2m1", scale)

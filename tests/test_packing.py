@@ -79,3 +79,9 @@ def test_packing_errors():
         values_to_codes(torch.tensor([0.7]), "fp4_e2m1")
     with pytest.raises(ValueError, match="NaN"):
         quantize_to_codes(torch.tensor([float("nan")]), "fp4_e2m1", 1.0)
+    # The parameters fake_quant refuses: a confusing "not representable", all-zero codes, or z = 0 before.
+    for scale, zero, match in ((0.0, None, "scale must be positive and finite"),
+                               (float("inf"), None, "scale must be positive and finite"),
+                               (1.0, None, "ufp4_e2m2 needs a zero_point")):
+        with pytest.raises(ValueError, match=match):
+            quantize_to_codes(torch.tensor([0.5]), "ufp4_e2m2" if "zero_point" in match else "fp4_e2m1", scale, zero)

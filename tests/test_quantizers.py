@@ -110,6 +110,10 @@ def test_search_bad_inputs():
         search_quant_params(torch.randn(10), [])
     with pytest.raises(TypeError, match="floating-point"):
         search_quant_params(torch.arange(10), SIGNED_4BIT)
+    with pytest.raises(ValueError, match="num_clip, num_zero and max_samples must be >= 1, got 0"):
+        search_quant_params(torch.randn(10), SIGNED_4BIT, num_clip=0)  # was a ZeroDivisionError
+    wq = WeightQuantizer("fp4_e2m1", 4)  # max_samples used to be passed twice: a TypeError
+    assert wq.initialize_per_tensor(torch.randn(4, 8), max_samples=16).scale.shape == ()
 
 
 def test_search_is_bounded_and_deterministic():

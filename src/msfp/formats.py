@@ -116,7 +116,10 @@ def _parse(name: str) -> Format:
         raise ValueError(f"unknown format {name!r}; valid patterns: {VALID_PATTERNS}")
     if n > MAX_BITS:
         raise ValueError(f"format {name!r} has {n} bits; at most {MAX_BITS} are supported")
-    fmt = Format(name=key, kind=kind, bits=n, signed=not unsigned, ebits=ebits, mbits=mbits)
+    # The canonical name: "fp04_e2m1" is the same format as "fp4_e2m1" and must compare equal to it.
+    canonical = (f"{'u' if unsigned else ''}fp{n}_e{ebits}m{mbits}" if kind == "fp"
+                 else f"{'u' if unsigned else ''}int{n}")
+    fmt = Format(name=canonical, kind=kind, bits=n, signed=not unsigned, ebits=ebits, mbits=mbits)
     if fmt.max_value > torch.finfo(torch.float32).max:
         raise ValueError(f"format {name!r} reaches {fmt.max_value:.3g}, beyond the float32 range it is computed in")
     return fmt
@@ -187,20 +190,17 @@ def _fake_quant(x, fmt: Format, scale, zero_point=None):
     return out + zero_point if zero_point is not None else out
 
 
-def fake_quant(x: torch.Tensor, fmt: str | Format, scale, zero_point=None) -> torch.Tensor:
-    """Quantize ``x`` to ``fmt`` with ``scale`` (and ``zero_point`` for unsigned formats) and dequantize it.
-
-    ``scale`` and ``zero_point`` broadcast against ``x`` (per tensor, per channel, per timestep…) but may not enlarge
-    it. Half-precision inputs are computed in float32 and returned in their own dtype.
-    """
-    fmt = get_format(fmt)
+def checked_params(x: torch.Tensor, fmt: Format, scale, zero_point=None):
+    """``(scale, zero_point)`` as tensors on ``x``'s device, or a clear error: positive finite scales, a finite zero
+    point exactly for unsigned formats, shapes that broadcast to ``x`` without enlarging it."""
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         raise TypeError(f"fake_quant expects a floating-point tensor, got {getattr(x, 'dtype', type(x).__name__)}")
     scale = torch.as_tensor(scale, dtype=torch.float32, device=x.device) if not torch.is_tensor(scale) else scale
     if not scale.is_floating_point():
         scale = scale.float()
-    if torch.isnan(scale).any() or (scale <= 0).any():
-        raise ValueError(f"scale must be positive and not NaN; got min {scale.detach().min().item()!r}")
+    if not torch.isfinite(scale).all() or (scale <= 0).any():
+        raise ValueError(f"scale must be positive and finite; got min {scale.detach().min().item()!r}, max "
+                         f"{scale.detach().max().item()!r}")
     if fmt.needs_zero_point:
         if zero_point is None:
             raise ValueError(f"unsigned format {fmt.name} needs a zero_point")
@@ -216,6 +216,17 @@ def fake_quant(x: torch.Tensor, fmt: str | Format, scale, zero_point=None) -> to
         raise ValueError(f"scale/zero_point shapes {[tuple(s) for s in shapes]} do not broadcast to x {tuple(x.shape)}") from e
     if broadcast != x.shape:
         raise ValueError(f"scale/zero_point shapes {[tuple(s) for s in shapes]} would enlarge x {tuple(x.shape)}")
+    return scale, zero_point
+
+
+def fake_quant(x: torch.Tensor, fmt: str | Format, scale, zero_point=None) -> torch.Tensor:
+    """Quantize ``x`` to ``fmt`` with ``scale`` (and ``zero_point`` for unsigned formats) and dequantize it.
+
+    ``scale`` and ``zero_point`` broadcast against ``x`` (per tensor, per channel, per timestep…) but may not enlarge
+    it. Half-precision inputs are computed in float32 and returned in their own dtype.
+    """
+    fmt = get_format(fmt)
+    scale, zero_point = checked_params(x, fmt, scale, zero_point)
     compute = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
     out = _fake_quant(x.to(compute), fmt, scale.to(compute), None if zero_point is None else zero_point.to(compute))
     return out.to(x.dtype)

@@ -15,7 +15,7 @@ import functools
 import numpy as np
 import torch
 
-from msfp.formats import Format, _grid_units, get_format, round_to_grid
+from msfp.formats import Format, _grid_units, checked_params, get_format, round_to_grid
 
 
 @functools.lru_cache(maxsize=None)
@@ -54,6 +54,7 @@ def values_to_codes(values: torch.Tensor, fmt: str | Format) -> torch.Tensor:
 def quantize_to_codes(x: torch.Tensor, fmt: str | Format, scale, zero_point=None) -> torch.Tensor:
     """The codes ``fake_quant(x, fmt, scale, zero_point)`` rounds to (NaN is rejected: it has no code)."""
     fmt = get_format(fmt)
+    scale, zero_point = checked_params(x, fmt, scale, zero_point)
     if torch.isnan(x).any():
         raise ValueError(f"cannot encode NaN in {fmt.name}")
     if x.dtype in (torch.float16, torch.bfloat16):  # as fake_quant computes it

@@ -108,6 +108,8 @@ def search_quant_params(
     candidates = [get_format(c) for c in ([candidates] if isinstance(candidates, (str, Format)) else candidates)]
     if not candidates:
         raise ValueError("search_quant_params needs at least one candidate format")
+    if num_clip < 1 or num_zero < 1 or max_samples < 1:
+        raise ValueError(f"num_clip, num_zero and max_samples must be >= 1, got {num_clip}, {num_zero}, {max_samples}")
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         raise TypeError(f"search_quant_params expects a floating-point tensor, got {getattr(x, 'dtype', type(x))}")
     if x.numel() == 0:
@@ -202,8 +204,10 @@ class WeightQuantizer(_Quantizer):
         return result
 
     def initialize_per_tensor(self, w: torch.Tensor, candidates=None, **search_kwargs) -> SearchResult:
-        """One scale for the whole tensor (stored in every channel's slot), searched on all its elements."""
-        result = search_quant_params(w, candidates or [self.fmt], max_samples=w.numel(), **search_kwargs)
+        """One scale for the whole tensor (stored in every channel's slot), searched on all its elements unless
+        ``max_samples`` says otherwise."""
+        search_kwargs.setdefault("max_samples", w.numel())
+        result = search_quant_params(w, candidates or [self.fmt], **search_kwargs)
         self._store(result)
         return result
 
