@@ -92,7 +92,7 @@ _DEVICE = _DeviceType()
 @click.option("--calib-steps", default=25, help="DDIM steps per calibration trajectory")
 @click.option("--seed", default=0, help="calibration trajectory i starts from noise seed + 10000 + i, as in msfp "
               "compare: not from the noise of the images msfp sample --seed draws (seed + i)")
-@click.option("--batch", default=64)
+@click.option("--batch", default=64, help="calibration points per denoiser call")
 @click.option("--cache-dir", default=None, type=click.Path(file_okay=False),
               help="reuse calibration trajectories and layer inputs across runs")
 @click.option("--device", type=_DEVICE, default=_default_device())
@@ -136,7 +136,8 @@ def info(directory, as_json):
 
     with _user_errors():
         meta = read_quant_meta(directory)
-    click.echo(json.dumps(meta, indent=2) if as_json else describe(meta))
+        text = json.dumps(meta, indent=2) if as_json else describe(meta)
+    click.echo(text)
 
 
 def _load_any_model(spec: str, backend: str = "fake"):

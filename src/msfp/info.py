@@ -73,6 +73,9 @@ def format_table(rows: list[dict], columns: list[str]) -> str:
 
 
 def describe(meta: dict) -> str:
+    missing = [k for k in ("layers", "quantization_config", "base_parameters") if k not in meta]
+    if missing:  # a hand-edited or foreign msfp_quant.json
+        raise ValueError(f"the checkpoint metadata has no {', '.join(missing)}; was it written by msfp?")
     rows = layer_rows(meta)
     frac = low_bit_fractions(meta)
     config = meta["quantization_config"]
@@ -84,7 +87,8 @@ def describe(meta: dict) -> str:
         text += [format_table(attention, ["name", "kind", "bits", "act", "aal", "act_mse"]), ""]
     matmuls = (f"quantized ({len(attention)} matmul inputs, {frac['attention_matmuls_4bit']} matmuls at 4 bits)"
                if config["quantize_attention"] else "full precision")
-    text += [f"preset {config['name']}: {frac['layers']} quantized layers, {frac['layers_4bit']} at 4 bits, "
+    text += [f"preset {config['name']}: {frac['layers']} quantized layers, {frac['layers_4bit']} with 4-bit weights "
+             "and activations, "
              f"{aals} AALs; full precision: {', '.join(config['modules_to_not_convert']) or 'none'}; attention "
              f"matmuls: {matmuls}",
              f"weights at 4 bits: {100 * frac['weights_4bit']:.1f} % of {meta['base_parameters']:,} parameters; "

@@ -108,6 +108,9 @@ def _load_dir(path: Path):
         model, scheduler = _load_pipeline_dir(path)
     elif (path / "config.json").is_file():
         model, scheduler = _load_model_dir(path)
+    elif (path / "msfp_quant.json").is_file():
+        raise ValueError(f"{path} is a quantized msfp checkpoint; this needs the full-precision model it was "
+                         "quantized from (msfp.load_quantized reads the checkpoint)")
     else:
         raise FileNotFoundError(f"{path} is neither a diffusers pipeline directory (model_index.json) nor a model "
                                 "directory (config.json)")

@@ -171,7 +171,7 @@ samples from the same seeds; eps MSE is the mean over timesteps of the noise-pre
 full-precision model on {s['heldout_samples']} held-out trajectories, dominated by the last step (t = 0), whose
 error hardly moves the sample; the γ²-weighted eps MSE weights each step by its squared denoising factor, i.e. counts
 the error each step passes on to the next sample.{cache_note} "4-bit %": fraction of all weights
-and of one forward's FLOPs in 4-bit layers.</p>
+stored in 4 bits, and of one forward's FLOPs whose operands (weights and activations) are both 4-bit.</p>
 {_notes(result)}
 <h2>Samples</h2>
 <p class="note">The first {min(64, s['num_samples'])} samples of every method; image i has seed {s['seed']} + i for

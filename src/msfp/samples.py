@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import zipfile
 from pathlib import Path
 
 import diffusers
@@ -116,6 +117,8 @@ def read_npz(path, what: str) -> dict[str, np.ndarray]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{what} {path} not found")
+    if not zipfile.is_zipfile(path):  # np.load would try it as a pickle and talk about pickled data
+        raise ValueError(f"{path}: not a .npz {what} (not a zip archive)")
     try:
         with np.load(path, allow_pickle=False) as f:
             return {k: f[k] for k in f.files}
