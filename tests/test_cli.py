@@ -185,7 +185,8 @@ def test_eval_bad_input(tmp_path):
     np.save(tmp_path / "array.npy", np.zeros(3))
     (tmp_path / "empty.npz").write_bytes(b"")
     for bad in ("array.npy", "empty.npz"):
-        assert f"{bad}: not a .npz reference file (not a zip archive)" in error(tmp_path / "s.npz", "--ref", tmp_path / bad)
+        message = error(tmp_path / "s.npz", "--ref", tmp_path / bad)
+        assert f"{bad}: not a .npz reference file (not a zip archive)" in message
     mu, sigma = np.zeros(128), np.eye(128)
     for name, stats, message in (
             ("nan.npz", dict(mu=np.full(128, np.nan), sigma=sigma), "finite: False"),
@@ -243,7 +244,8 @@ def test_commands_refuse_to_replace_the_current_directory_before_any_work(tmp_pa
 
 def test_clear_errors_for_files_of_the_wrong_kind(tmp_path, tiny_model_dir):
     q = tmp_path / "q"
-    assert run("quantize", "--model", tiny_model_dir, "--out", q, "--calib-samples", 2, "--calib-steps", 2).exit_code == 0
+    r = run("quantize", "--model", tiny_model_dir, "--out", q, "--calib-samples", 2, "--calib-steps", 2)
+    assert r.exit_code == 0, r.output
     r = run("quantize", "--model", q, "--out", tmp_path / "q2")  # used to say it had no config.json
     assert r.exit_code == 1 and "is a quantized msfp checkpoint; this needs the full-precision model" in r.output
     r = run("eval", q / "msfp_quant.json")  # used to talk about pickled data

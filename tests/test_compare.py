@@ -247,10 +247,12 @@ def test_an_interrupted_run_keeps_the_earlier_report_and_resumes(tmp_path, tiny_
         assert isinstance(r.exception, RuntimeError) and "run the same command with --resume" in r.output
         assert {p: p.read_bytes() for p in earlier} == earlier  # the earlier report is untouched
         progress = json.loads((tmp_path / ".r.compare" / "progress.json").read_text())
-        assert list(progress["methods"]) == ["fp", "w4a4-msfp"]
+        assert list(progress["methods"]) == ["fp", "w4a4-msfp"] and progress["seconds"] > 0
 
         r = run(*args, "--resume")
         assert r.exit_code == 0, r.output
+        # Both sessions' time: it used to be the last session's only.
+        assert json.loads((report / "results.json").read_text())["wall_seconds"] >= progress["seconds"]
         assert "[2/3] w4a4-msfp: finished by the interrupted run, reused" in r.output and "[3/3] test-flaky: " in r.output
         assert not (tmp_path / ".r.compare").exists() and (report / "cache").is_dir()
         # Only this run's samples: w4a4-int's are gone with the earlier results.json that listed them.

@@ -1,7 +1,8 @@
 """Tiny models of every family msfp supports, built from config (diffusers test style). Nothing is downloaded."""
 
 import torch
-from diffusers import DDIMScheduler, DiTTransformer2DModel, PixArtTransformer2DModel, UNet2DConditionModel, UNet2DModel
+from diffusers import (DDIMScheduler, DiTTransformer2DModel, PixArtTransformer2DModel, UNet2DConditionModel,
+                       UNet2DModel)
 from torch import nn
 
 

@@ -342,6 +342,7 @@ def run_compare(settings: CompareSettings, methods: list[str], out, command: str
     fingerprint = dict(settings=dataclasses.asdict(s), model=model_key(fp_model, {}),
                        reference=_reference_digest(reference), machine=machine_info(device))
     progress = _progress(work, fingerprint, resume)
+    earlier = progress.get("seconds", 0.0)  # spent by the sessions an interrupted run had before this one
     _log(f"held-out points: {s.heldout_samples} full-precision trajectories x {s.calib_steps} steps")
     heldout = collect_trajectories(fp_model, scheduler, s.heldout_samples, s.calib_steps,
                                    seed=s.seed + HELDOUT_SEED_OFFSET, batch_size=s.batch_size, disable=disable)
@@ -370,6 +371,7 @@ def run_compare(settings: CompareSettings, methods: list[str], out, command: str
                     # A diverged method is a finding, not a reason to lose the other methods' results.
                     _log(f"[{k}/{len(methods)}] {name}: no result: {e}")
                     skipped[name] = progress["skipped"][name] = f"no result: {e}"
+                progress["seconds"] = round(earlier + time.time() - began, 1)
                 write_json(work / PROGRESS_NAME, progress)
     except BaseException:
         if progress["methods"]:
@@ -383,7 +385,7 @@ def run_compare(settings: CompareSettings, methods: list[str], out, command: str
                    heldout=f"{s.seed + HELDOUT_SEED_OFFSET}..{s.seed + HELDOUT_SEED_OFFSET + s.heldout_samples - 1}"),
         reference=reference.name, machine=fingerprint["machine"], methods=results, skipped_methods=skipped,
         wall_seconds=None)
-    result["wall_seconds"] = round(time.time() - began, 1)
+    result["wall_seconds"] = round(earlier + time.time() - began, 1)  # the sessions of a resumed run together
     (work / "samples").mkdir(parents=True, exist_ok=True)
     write_json(work / "results.json", result)
     write_report(result, work)

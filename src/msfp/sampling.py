@@ -115,8 +115,8 @@ def sample(model, scheduler, num_samples: int, num_inference_steps: int = 100, s
             eps = prediction[:, : shape[0]]  # learned-variance models (DiT) also output the variance
             if callback is not None:
                 callback(dict(i=i, t=t_batch, x=x_in, eps=eps, start=start, cond=batch_cond))
-            x = sched.step(prediction if learned_variance else eps, t, x, **({"generator": gens} if takes_generator else {}),
-                           **step_kwargs).prev_sample
+            generator = {"generator": gens} if takes_generator else {}
+            x = sched.step(prediction if learned_variance else eps, t, x, **generator, **step_kwargs).prev_sample
             bar.update(1)
         out.append(x.float().cpu())
     bar.close()

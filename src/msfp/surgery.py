@@ -3,9 +3,10 @@
 With ``QuantConfig.quantize_attention`` the inputs of the attention matmuls get quantizers too (:mod:`msfp.attention`);
 the layer policy's selectors also match their names (``<attention module>.attn_q`` etc.).
 
-Works on any ``nn.Module`` called as ``model(x, t, **cond)`` (diffusers ``UNet2DModel``, ``UNet2DConditionModel``,
-``DiTTransformer2DModel``, ``Transformer2DModel``, ``PixArtTransformer2DModel`` or a plain PyTorch denoiser). The quantizers start with
-placeholder scales: run :func:`msfp.calibrate` before using the model.
+Works on any ``nn.Module`` called as ``model(x, t, **cond)`` or ``model(x, timestep=t, **cond)`` (diffusers
+``UNet2DModel``, ``UNet2DConditionModel``, ``DiTTransformer2DModel``, ``Transformer2DModel``,
+``PixArtTransformer2DModel`` or a plain PyTorch denoiser). The quantizers start with placeholder scales: run
+:func:`msfp.calibrate` before using the model.
 """
 
 from __future__ import annotations
