@@ -102,3 +102,47 @@ def test_routed_layer_keeps_its_inputs_for_backward_not_its_outputs():
     # The rows of each group and each chosen weight set are needed (small here); an index_copy into place kept
     # every group's output as well (+22% for a TALoRA training step of the default model).
     assert four_loras < one_lora + out_bytes / 4, (four_loras, one_lora, out_bytes)
+
+
+def test_the_router_gets_the_straight_through_gradient_of_the_mixture_of_all_loras(monkeypatch):
+    """SPEC §2.3: a hard choice with a straight-through estimator, i.e. the gradient of Σ_j r_j·y_j. Only the chosen
+    LoRA's term used to reach the router: nonzero where all LoRAs are equal (the start of fine-tuning), and with
+    cosine ±1 to the right gradient, sign by chance, otherwise."""
+    import copy
+
+    import msfp
+    from msfp.layers import QuantLayer
+    from msfp.surgery import quant_layers
+    from msfp.talora import add_talora
+    from tiny_models import tiny_unet
+
+    def mixture(self, x):  # every LoRA's output, weighted by the route: the textbook estimator, K times the work
+        x = self.act_quantizer(x, self.context.groups(self.act_quantizer.num_groups))
+        route = self.context.route
+        outs = torch.stack([self._op(x, self.quantized_weight(k)) for k in range(self.num_weight_sets)], 1)
+        return (route.view(*route.shape, *[1] * (outs.dim() - 2)) * outs).sum(1)
+
+    q = msfp.quantize(tiny_unet(), "w4a4-msfp")
+    for layer in quant_layers(q).values():  # uncalibrated scales are fine: the estimator is what is compared
+        layer.act_quantizer.scale.data.fill_(0.05)
+        layer.weight_quantizer.scale.data.fill_(0.02)
+    add_talora(q, num_loras=4, rank=2)
+    x, t, target = torch.randn(8, 1, 8, 8), torch.tensor([10, 200, 300, 400, 600, 700, 900, 990]), torch.randn(8, 1, 8, 8)
+
+    def router_gradient(model):
+        model.msfp_router.zero_grad()
+        (model(x, t).sample - target).pow(2).mean().backward()
+        return torch.cat([p.grad.flatten() for p in model.msfp_router.parameters()])
+
+    scale = None
+    for std in (0.05, 0.0):  # distinct LoRAs, then identical ones (as fine-tuning starts: nothing to choose between)
+        model = copy.deepcopy(q)
+        torch.manual_seed(1)
+        for layer in quant_layers(model).values():
+            torch.nn.init.normal_(layer.lora.B, std=std)
+        got = router_gradient(model)
+        with monkeypatch.context() as patch:
+            patch.setattr(QuantLayer, "forward", mixture)
+            expected = router_gradient(model)
+        scale = expected.abs().max() if scale is None else scale
+        assert (got - expected).abs().max() < 1e-3 * scale, std

@@ -136,6 +136,27 @@ def run_route_groups(groups, restore, run, *inputs: torch.Tensor | None) -> torc
     return outputs[0] if restore is None else torch.cat(outputs).index_select(0, restore)
 
 
+class _OtherLoras(torch.autograd.Function):
+    """Zero in value; its backward gives the route's entries of the LoRAs each sample did not choose their
+    straight-through gradient <dL/dy, y_j>, with y_j = op(x, Q_w(W_j)) computed there (no activation is kept for it)."""
+
+    @staticmethod
+    def forward(ctx, route, x, layer, shape):
+        ctx.layer = layer
+        ctx.save_for_backward(route, x)
+        return route.new_zeros(shape)
+
+    @staticmethod
+    def backward(ctx, grad):
+        route, x = ctx.saved_tensors
+        layer = ctx.layer
+        weights = layer.quantized_weights(list(range(route.shape[1])))
+        grad_route = torch.stack([(grad * layer._op(x, weights[j]).to(grad)).flatten(1).sum(1)
+                                  for j in range(route.shape[1])], dim=1)
+        chosen = torch.zeros_like(route).scatter_(1, route.argmax(1, keepdim=True), 1.0)
+        return (grad_route * (1 - chosen)).to(route), None, None, None
+
+
 class QuantLayer(nn.Module):
     """Fake-quantized replacement of an ``nn.Conv2d`` or ``nn.Linear`` (shares its weight and bias parameters).
 
@@ -255,13 +276,17 @@ class QuantLayer(nn.Module):
         x = self.act_quantizer(x, self.context.groups(self.act_quantizer.num_groups))
         if self.num_weight_sets == 1 or self.context.route is None:
             return self._op(x, self.quantized_weight())
-        # Per-sample LoRA choice: run each chosen weight on its samples only. The output is scaled by the chosen
-        # entry of the straight-through one-hot (1 in value), so the router gets the gradient <dL/dy, y> of the
-        # LoRA it picked without computing all K outputs.
+        # Per-sample LoRA choice: run each chosen weight on its samples only. In value the output is the chosen
+        # LoRA's y_k; for the router it is the straight-through mixture Σ_j r_j·y_j (r the one-hot route): the
+        # chosen entry's gradient <dL/dy, y_k> comes through the gate (1 in value), the others' <dL/dy, y_j> from
+        # _OtherLoras, which computes those outputs in the backward pass only.
         groups, restore = self.context.route_groups(self.name, x.shape[0])
         weights = self.quantized_weights([k for k, _ in groups])
         out = run_route_groups(groups, restore, lambda k, xs: self._op(xs, weights[k]), x)
-        return out * self.context.route_gate.view(-1, *([1] * (out.dim() - 1))).to(out)
+        out = out * self.context.route_gate.view(-1, *([1] * (out.dim() - 1))).to(out)
+        if torch.is_grad_enabled() and self.context.route.requires_grad:
+            out = out + _OtherLoras.apply(self.context.route, x.detach(), self, out.shape)
+        return out
 
     def macs_per_sample(self, input_shape) -> int:
         """Multiply-accumulates of one sample's forward, from the shape of an input batch."""
