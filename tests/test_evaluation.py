@@ -32,6 +32,15 @@ def test_last_ddim_step_hardly_counts():
     assert eps_mse_weighted(errors, sched) < 0.2 * plain
 
 
+def test_eps_mse_weighted_takes_fractional_and_json_keys():
+    euler = EulerDiscreteScheduler(num_train_timesteps=1000, use_karras_sigmas=True)
+    timesteps = denoising_factors(euler, 4)[0].tolist()
+    assert any(t != int(t) for t in timesteps)  # used to be truncated, and then not found on the trajectory
+    assert eps_mse_weighted({t: 0.25 for t in timesteps}, euler) == pytest.approx(0.25)
+    assert eps_mse_weighted({str(t): 0.25 for t in range(900, -1, -100)}, ddim()) == \
+        pytest.approx(0.25)  # keys as results.json gives them back
+
+
 def test_eps_mse_weighted_rejects_other_timesteps():
     with pytest.raises(ValueError, match="not the 3-step trajectory of DDIMScheduler"):
         eps_mse_weighted({999: 0.1, 500: 0.1, 1: 0.1}, ddim())

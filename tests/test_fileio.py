@@ -1,4 +1,5 @@
 import os
+import shutil
 
 import pytest
 import torch
@@ -139,9 +140,13 @@ def test_data_reaches_the_disk_before_the_rename_and_the_rename_after(tmp_path, 
     monkeypatch.setattr(fileio, "_fsync", lambda p: (events.append(("fsync", p.name)), real_fsync(p)))
     monkeypatch.setattr(fileio.os, "replace",
                         lambda src, dst: (events.append(("replace", os.path.basename(dst))), real_replace(src, dst)))
+    real_chmod = os.chmod
+    monkeypatch.setattr(fileio.os, "chmod", lambda p, m: (events.append(("chmod", os.path.basename(p))),
+                                                          real_chmod(p, m)))
     with atomic_path(tmp_path / "a.json") as tmp:
         tmp.write_text("{}")
-    assert events == [("fsync", tmp.name), ("replace", "a.json"), ("fsync", tmp_path.name)]
+    # Flushed before it gets the final mode, which may not let us open it (a 0200 file being replaced).
+    assert events == [("fsync", tmp.name), ("chmod", tmp.name), ("replace", "a.json"), ("fsync", tmp_path.name)]
 
     for _ in range(2):  # a new directory, then replacing it
         events.clear()
@@ -196,3 +201,36 @@ def test_what_a_killed_writer_left_is_cleared_by_the_next_write_and_a_live_write
         tmp.write_text("{}")
     assert tree(model) == {"weights": "whole"} and results.read_text() == "{}"
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, other_host.name, "model", "results.json"])
+
+
+LONG_WRITER = """
+import sys, time
+from pathlib import Path
+from msfp.fileio import atomic_path
+with atomic_path(sys.argv[1]) as tmp:
+    tmp.write_text("first")
+    Path(sys.argv[2]).touch()
+    time.sleep(3)
+"""
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() != 0 or shutil.which("unshare") is None,
+                    reason="needs root and unshare to start a process in another PID namespace")
+def test_a_writer_in_another_pid_namespace_does_not_clear_a_live_writers_temporary(tmp_path):
+    # Containers sharing a hostname (host networking) do not share pids: the live writer's pid, looked up from the
+    # other namespace, seemed dead, and its temporary file was removed under it.
+    import subprocess
+    import sys
+    import time
+
+    target, ready = tmp_path / "cache.bin", tmp_path / "ready"
+    writer = subprocess.Popen([sys.executable, "-c", LONG_WRITER, str(target), str(ready)])
+    for _ in range(600):
+        if ready.exists() or writer.poll() is not None:
+            break
+        time.sleep(0.05)
+    other = subprocess.run(["unshare", "--pid", "--fork", sys.executable, "-c",
+                            "import sys; from msfp.fileio import write_json; write_json(sys.argv[1], 'second')",
+                            str(target)], capture_output=True, text=True)
+    assert other.returncode == 0, other.stderr
+    assert writer.wait(timeout=60) == 0 and target.read_text() == "first"

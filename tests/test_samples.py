@@ -83,6 +83,11 @@ def test_guidance(tmp_path):
 
     out = Guided(Echo(), 3.0, null_label=10)(torch.zeros(2, 1, 2, 2), torch.zeros(2), torch.tensor([4, 6]))
     torch.testing.assert_close(out[:, 0, 0, 0], torch.tensor([10 + 3.0 * (4 - 10), 10 + 3.0 * (6 - 10)]))
+    # With a learned variance (a second set of channels), only the noise is guided; the variance is the conditional
+    # branch's (it was extrapolated too, past the range a learned-range DDPM step interpolates in).
+    wide = Guided(lambda x, t, class_labels: torch.cat([Echo()(x, t, class_labels)] * 2, 1), 3.0, null_label=10)
+    out = wide(torch.zeros(2, 1, 2, 2), torch.zeros(2), torch.tensor([4, 6]))
+    torch.testing.assert_close(out[:, :, 0, 0], torch.tensor([[-8.0, 4.0], [-2.0, 6.0]]))
 
     torch.manual_seed(0)
     dit = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=4, in_channels=1, out_channels=2,

@@ -119,3 +119,26 @@ def test_the_progress_bar_counts_every_model_call(capsys):
            sample_shape=(1, 2, 2))
     bar = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()[-1]
     assert len(calls) == 14 and "14/14" in bar  # Heun: 7 calls per batch for 4 steps (the bar used to end at 14/8)
+
+
+def test_only_a_ddpm_reads_the_variance_channels():
+    # DDIM (load_model's scheduler) built from a learned-variance config keeps variance_type in its config but never
+    # reads it: it used to be handed the variance channels, and fail.
+    ddim = DDIMScheduler.from_config(DDPMScheduler(variance_type="learned_range").config)
+    images = sample(lambda x, t: torch.cat([0.1 * x, torch.ones_like(x)], 1), ddim, 2, num_inference_steps=2,
+                    sample_shape=(1, 4, 4), disable=True)
+    assert images.shape == (2, 1, 4, 4) and torch.isfinite(images).all()
+
+
+def test_denoisers_whose_signature_cannot_be_read_or_whose_timestep_is_positional_only():
+    from msfp.models import denoise
+
+    x, t = torch.randn(2, 1, 4, 4), torch.tensor([5, 7])
+
+    class PositionalOnly(torch.nn.Module):
+        def forward(self, x, timestep, /):
+            return x * timestep.view(-1, 1, 1, 1)
+
+    traced = torch.jit.trace(PositionalOnly(), (x, t))  # a TorchScript method has no Python signature
+    for model in (PositionalOnly(), traced):  # both used to fail: timestep= by name, or no signature
+        assert torch.equal(denoise(model, x, t), x * t.view(-1, 1, 1, 1))

@@ -177,6 +177,22 @@ def test_the_timestep_of_a_transformer_that_takes_it_third_reaches_the_layers():
     assert [s.tolist() for s in seen] == [[20, 30], [40, 50], [60, 70]]
 
 
+def test_a_keyword_only_timestep_reaches_the_layers():
+    class KeywordOnly(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = tiny_plain()
+
+        def forward(self, x, *, timestep):
+            return self.inner(x, timestep)
+
+    q = msfp.quantize(KeywordOnly(), "w4a4-msfp")
+    seen = []
+    quant_layers(q)["inner.mid"].observer = lambda lyr, x: seen.append(lyr.context.timesteps.tolist())
+    msfp.models.denoise(q, torch.randn(2, 1, 8, 8), torch.tensor([3, 4]))
+    assert seen == [[3, 4]]  # the hook read positional parameters only: None
+
+
 def test_deep_copies_of_a_quantized_model_are_independent():
     q = msfp.quantize(tiny_unet(), "w4a4-msfp")
     twin = copy.deepcopy(q)

@@ -124,20 +124,23 @@ def _json_default(obj):
 
 
 def _weight_params(layer):
-    """Scale (clamped as the quantizer uses it) and zero point (None for signed formats), shaped to broadcast."""
+    """Scale (clamped as the quantizer uses it) and zero point (None for signed formats), shaped to broadcast; in
+    float32 for a half-precision layer, as its quantizer computes."""
     q = layer.weight_quantizer
     view = (-1,) + (1,) * (layer.weight.dim() - 1)
-    zero = q.zero_point.detach().view(view) if q.fmt.needs_zero_point else None
-    return q.scale.detach().clamp_min(MIN_SCALE).view(view), zero
+    dtype = torch.float32 if q.scale.dtype in (torch.float16, torch.bfloat16) else q.scale.dtype
+    zero = q.zero_point.detach().to(dtype).view(view) if q.fmt.needs_zero_point else None
+    return q.scale.detach().to(dtype).clamp_min(MIN_SCALE).view(view), zero
 
 
 def _dequantize(codes: torch.Tensor, layer) -> torch.Tensor:
     """The weight a quantizer with this layer's format and scales produces from ``codes`` (same operations as
     :func:`msfp.formats.fake_quant`, so the same float32 results)."""
     scale, zero = _weight_params(layer)
-    # Codes come from the file (CPU); a plain model passed to load_quantized may already be on a GPU.
+    # Codes come from the file (CPU); a plain model passed to load_quantized may already be on a GPU. Half-precision
+    # layers compute in float32 and round once, as their quantizers do.
     w = decode(codes.to(scale.device), layer.weight_quantizer.fmt).view(layer.weight.shape).to(scale.dtype) * scale
-    return w if zero is None else w + zero
+    return (w if zero is None else w + zero).to(layer.weight.dtype)
 
 
 @torch.no_grad()

@@ -154,7 +154,7 @@ def psnr(images, others) -> tuple[float, float]:
 
 
 @torch.no_grad()
-def per_timestep_eps_mse(model, points, device=None, batch_size: int = 256) -> dict[int, float]:
+def per_timestep_eps_mse(model, points, device=None, batch_size: int = 256) -> dict[float, float]:
     """Mean squared error between ``model``'s noise predictions and the full-precision ones (``points.eps``, from
     :func:`msfp.calibration.collect_trajectories`), per timestep, in sampling order (largest timestep first)."""
     device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -172,18 +172,21 @@ def per_timestep_eps_mse(model, points, device=None, batch_size: int = 256) -> d
     return {ti: sums[ti] / counts[ti] for ti in sorted(sums, reverse=True)}
 
 
-def eps_mse_weighted(eps_mse: dict[int, float], scheduler) -> float:
+def eps_mse_weighted(eps_mse: dict[float, float], scheduler) -> float:
     """Per-timestep ε MSE (:func:`per_timestep_eps_mse` along ``scheduler``'s trajectory of ``len(eps_mse)``
     steps) weighted by γ_t², normalised to mean 1: the squared error each step passes on to ``x_{t-1}``.
 
     The plain mean over t is dominated by the last step (t = 0), where the ε error is largest but γ_0 is tiny, so it
     hardly moves the sample; this weighting counts errors the way sampling feels them (SPEC §2.4)."""
     timesteps, gammas = denoising_factors(scheduler, len(eps_mse))
-    if sorted(map(int, eps_mse), reverse=True) != timesteps.tolist():
-        raise ValueError(f"ε MSE timesteps {sorted(map(int, eps_mse), reverse=True)} are not the {len(eps_mse)}-step "
-                         f"trajectory of {type(scheduler).__name__} ({timesteps.tolist()})")
+    # Keys as numbers: JSON gives strings, Euler-type schedulers fractional timesteps.
+    by_t = {float(t): e for t, e in eps_mse.items()}
+    expected = [float(t) for t in timesteps.tolist()]
+    if sorted(by_t, reverse=True) != expected:
+        raise ValueError(f"ε MSE timesteps {sorted(by_t, reverse=True)} are not the {len(eps_mse)}-step "
+                         f"trajectory of {type(scheduler).__name__} ({expected})")
     weights = dfa_weights(gammas, "square")
-    return float(sum(w * eps_mse[t] for w, t in zip(weights.tolist(), timesteps.tolist())) / len(eps_mse))
+    return float(sum(w * by_t[t] for w, t in zip(weights.tolist(), expected)) / len(eps_mse))
 
 
 def _feature_net_metrics(images, reference: Reference, metrics: dict, skipped: dict, device):

@@ -32,15 +32,24 @@ def _fsync(path: Path) -> None:
         if not hasattr(os, "O_DIRECTORY"):
             return  # Windows cannot open a directory to flush it
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    else:
-        fd = os.open(path, os.O_RDONLY)
+    else:  # before the file gets its final mode, which may not let us read it; Windows flushes writable handles only
+        fd = os.open(path, os.O_RDWR if os.name == "nt" else os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
 
 
-_HOST = re.sub(r"[^A-Za-z0-9]", "_", socket.gethostname().split(".")[0])[:32] or "host"
+def _host_tag() -> str:
+    """This host, and its PID namespace: containers sharing a hostname (host networking) do not share pids."""
+    tag = re.sub(r"[^A-Za-z0-9]", "_", socket.gethostname())[:40] or "host"
+    try:
+        return f"{tag}_{os.stat('/proc/self/ns/pid').st_ino}"
+    except OSError:
+        return tag
+
+
+_HOST = _host_tag()
 
 
 def _leftover_prefix(path: Path) -> str:
@@ -88,8 +97,8 @@ def atomic_path(path: str | os.PathLike):
     os.close(fd)
     try:
         yield Path(tmp)
-        os.chmod(tmp, _mode(path, 0o666))  # mkstemp creates 0600
         _fsync(Path(tmp))
+        os.chmod(tmp, _mode(path, 0o666))  # mkstemp creates 0600
         os.replace(tmp, path)
         _fsync(path.parent)
     except BaseException:
@@ -104,8 +113,8 @@ def _finish_tree(directory: Path) -> None:
     for root, dirs, files in os.walk(directory):
         for name in files:
             if not os.path.islink(os.path.join(root, name)):
-                os.chmod(Path(root, name), mode)
                 _fsync(Path(root, name))
+                os.chmod(Path(root, name), mode)
         _fsync(Path(root))
 
 

@@ -16,6 +16,8 @@ import inspect
 import torch
 from diffusers import DDIMScheduler
 
+from msfp.sampling import reads_learned_variance
+
 WEIGHTINGS = ("abs", "square", "none")
 
 
@@ -52,7 +54,7 @@ def numeric_denoising_factors(scheduler, num_inference_steps: int, eta: float = 
     sched.set_timesteps(num_inference_steps)
     x = torch.zeros(1, 1, 1, 1, dtype=torch.float64)
     # A learned-variance scheduler reads a second (variance) channel; γ_t is the derivative along the first.
-    channels = 2 if sched.config.get("variance_type") in ("learned", "learned_range") else 1
+    channels = 2 if reads_learned_variance(sched) else 1
     zero = torch.zeros(1, channels, 1, 1, dtype=torch.float64)
     probe_delta = torch.zeros_like(zero)
     probe_delta[:, 0] = delta

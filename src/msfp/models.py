@@ -129,12 +129,23 @@ def _download(repo_id: str) -> Path:
                       "save_pretrained directory.") from e
 
 
+def takes_timestep_by_name(forward) -> bool:
+    """Whether ``forward`` has a ``timestep`` parameter that can be passed by name: every diffusers denoiser does,
+    and ``Transformer2DModel`` (PixArt) takes ``encoder_hidden_states`` second. Otherwise the timestep goes second."""
+    try:
+        parameter = inspect.signature(forward).parameters.get("timestep")
+    except (TypeError, ValueError):  # no signature to read (a TorchScript method): by position
+        return False
+    return parameter is not None and parameter.kind in (parameter.POSITIONAL_OR_KEYWORD, parameter.KEYWORD_ONLY)
+
+
 def denoise(model, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
     """``model``'s prediction for ``x`` at timesteps ``t`` as a tensor (a diffusers output's ``.sample``): the one
-    way msfp calls a denoiser, ``model(x, timestep=t, **cond)`` where forward has a ``timestep`` parameter (every
-    diffusers denoiser; ``Transformer2DModel`` takes ``encoder_hidden_states`` second), else ``model(x, t, **cond)``."""
-    forward = getattr(model, "forward", model)  # a plain function is a denoiser too
-    out = model(x, timestep=t, **cond) if "timestep" in inspect.signature(forward).parameters else model(x, t, **cond)
+    way msfp calls a denoiser, ``model(x, timestep=t, **cond)`` where forward has a ``timestep`` parameter, else
+    ``model(x, t, **cond)``."""
+    inner = getattr(model, "_orig_mod", model)  # torch.compile's wrapper takes (*args, **kwargs)
+    by_name = takes_timestep_by_name(getattr(inner, "forward", inner))  # a plain function is a denoiser too
+    out = model(x, timestep=t, **cond) if by_name else model(x, t, **cond)
     out = getattr(out, "sample", out)
     return out[0] if isinstance(out, tuple) else out
 

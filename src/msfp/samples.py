@@ -86,7 +86,10 @@ class Guided(nn.Module):
         out = denoise(self.model, torch.cat([x, x]), torch.cat([t, t]),
                       class_labels=torch.cat([class_labels, torch.full_like(class_labels, self.null_label)]))
         cond, uncond = out.chunk(2)
-        return uncond + self.scale * (cond - uncond)
+        # A learned variance (the channels after x's) is the conditional branch's, not extrapolated (as DiT does).
+        c = x.shape[1]
+        guided = uncond[:, :c] + self.scale * (cond[:, :c] - uncond[:, :c])
+        return torch.cat([guided, cond[:, c:]], dim=1)
 
 
 def _check_arrays(arrays: dict, where) -> None:

@@ -26,6 +26,13 @@ from msfp.fileio import atomic_path
 from msfp.models import denoise
 
 
+def reads_learned_variance(scheduler) -> bool:
+    """Whether ``scheduler.step`` reads the model's variance channels: DDPM with a learned variance (DiT's training
+    scheduler). Other schedulers built from such a config keep ``variance_type`` in it but ignore it."""
+    return ("variance_type" in inspect.signature(type(scheduler).__init__).parameters
+            and scheduler.config.get("variance_type") in ("learned", "learned_range"))
+
+
 def _sample_shape(model, sample_shape):
     if sample_shape is not None:
         return tuple(sample_shape)
@@ -76,8 +83,7 @@ def sample(model, scheduler, num_samples: int, num_inference_steps: int = 100, s
         step_kwargs["eta"] = eta
     elif eta != 0.0:
         raise ValueError(f"{type(scheduler).__name__}.step takes no eta; use eta=0.0 with this scheduler")
-    # DDPM with a learned variance (DiT's training scheduler) reads the model's variance channels in step().
-    learned_variance = scheduler.config.get("variance_type") in ("learned", "learned_range")
+    learned_variance = reads_learned_variance(scheduler)
     if class_labels is not None:
         class_labels = torch.as_tensor(class_labels).long()
         if class_labels.shape != (num_samples,):
