@@ -260,6 +260,11 @@ def test_bad_settings_fail_clearly(calibrated):
         finetune(single, fp, scheduler(), FinetuneConfig(**CONFIG), disable=True)
     with pytest.raises(ValueError, match="PNDMScheduler visits timesteps more than once.*loss='mse'"):
         finetune(copy.deepcopy(q), fp, PNDMScheduler(), FinetuneConfig(**CONFIG), disable=True)
+    merged = copy.deepcopy(single)  # as load_quantized returns a fine-tuned checkpoint: router, no LoRA factors
+    for layer in quant_layers(merged).values():
+        layer.lora = None
+    with pytest.raises(ValueError, match="LoRAs are merged into packed weights.*lora='none'"):  # was AttributeError
+        finetune(merged, fp, scheduler(), FinetuneConfig(**{**CONFIG, "num_loras": 1}), disable=True)
     with pytest.raises(ValueError, match="needs a calibrated model"):
         finetune(msfp.quantize(tiny_unet(), "w4a4-msfp"), fp, scheduler(), FinetuneConfig(**CONFIG), disable=True)
     with pytest.raises(FileNotFoundError, match="nothing to resume"):

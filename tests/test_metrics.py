@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from msfp.metrics import bootstrap_interval, classifier_score, fd_bootstrap, feature_stats, frechet_distance, kid
+from msfp.metrics import (bootstrap_interval, classifier_score, fd_bootstrap, feature_stats, frechet_distance, kid,
+                          precision_recall)
 
 
 def test_feature_stats_matches_numpy():
@@ -137,3 +138,16 @@ def test_fd_bootstrap_replicates_are_frechet_distances():
     assert replicate == pytest.approx(frechet_distance(*feature_stats(f[idx]), mu_ref, sigma_ref), rel=1e-9)
     with pytest.raises(ValueError, match="D = 6"):
         fd_bootstrap(f[:, :5], mu_ref, sigma_ref)
+
+
+def test_non_finite_features_are_refused_by_every_metric():
+    # FD failed inside scipy's sqrtm, KID returned NaN and precision/recall silently dropped the point.
+    rng = np.random.default_rng(0)
+    good, bad = rng.normal(size=(40, 8)), rng.normal(size=(40, 8))
+    bad[3, 2] = np.nan
+    mu, sigma = feature_stats(good)
+    for call in (lambda: feature_stats(bad), lambda: kid(good, bad, subsets=2, subset_size=10),
+                 lambda: precision_recall(good, bad), lambda: frechet_distance(mu, sigma, mu, sigma * np.inf),
+                 lambda: classifier_score(np.where(bad > 0, np.inf, bad))):
+        with pytest.raises(ValueError, match="contain [0-9]+ non-finite values"):
+            call()

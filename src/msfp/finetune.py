@@ -208,6 +208,10 @@ def finetune(qmodel: nn.Module, fp_model: nn.Module, scheduler, config: Finetune
         if any(has[k] != v for k, v in wanted.items()):  # they would be trained, and the new settings recorded
             raise ValueError(f"the model already has LoRAs ({has['num_loras']} of rank {has['rank']}); fine-tune them "
                              f"with those settings or lora='none', not {wanted['num_loras']} of rank {config.rank}")
+        merged = next((n for n, layer in quant_layers(qmodel).items() if layer.lora is None), None)
+        if merged is not None:  # a loaded checkpoint: its LoRAs are merged into packed weight sets
+            raise ValueError(f"{merged}: its LoRAs are merged into packed weights (a loaded fine-tuned checkpoint), so "
+                             "there are none to train; use lora='none', or fine-tune the model msfp.quantize returned")
     qmodel.msfp_context.num_train_timesteps = scheduler.config.num_train_timesteps
 
     # What a work dir's files belong to: this teacher's trajectories and this student as it starts.

@@ -20,9 +20,18 @@ def _as_f64(x) -> np.ndarray:
     return np.asarray(x, dtype=np.float64)
 
 
+def _finite(x, what: str = "features") -> np.ndarray:
+    """``x`` as float64, or an error if it holds NaN or inf: FD's matrix square root would fail obscurely, KID turn
+    NaN and precision/recall drop the point silently."""
+    x = _as_f64(x)
+    if not np.isfinite(x).all():
+        raise ValueError(f"{what} contain {int((~np.isfinite(x)).sum())} non-finite values (NaN or inf)")
+    return x
+
+
 def feature_stats(features):
     """``(mu, sigma)``: mean (D,) and unbiased covariance (D, D) of features (N, D)."""
-    f = _as_f64(features)
+    f = _finite(features)
     if f.ndim != 2 or len(f) < 2:
         raise ValueError(f"features must have shape (N, D) with N >= 2, got {f.shape}")
     return f.mean(axis=0), np.cov(f, rowvar=False)
@@ -31,8 +40,8 @@ def feature_stats(features):
 def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
     """Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2):
     ``||mu1 - mu2||² + tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^½)``."""
-    mu1, mu2 = np.atleast_1d(_as_f64(mu1)), np.atleast_1d(_as_f64(mu2))
-    sigma1, sigma2 = np.atleast_2d(_as_f64(sigma1)), np.atleast_2d(_as_f64(sigma2))
+    mu1, mu2 = np.atleast_1d(_finite(mu1, "means")), np.atleast_1d(_finite(mu2, "means"))
+    sigma1, sigma2 = np.atleast_2d(_finite(sigma1, "covariances")), np.atleast_2d(_finite(sigma2, "covariances"))
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
         raise ValueError(f"shape mismatch: mu {mu1.shape} vs {mu2.shape}, sigma {sigma1.shape} vs {sigma2.shape}")
     diff = mu1 - mu2
@@ -62,7 +71,7 @@ def fd_bootstrap(features, mu_ref, sigma_ref, resamples: int = 200, seed: int = 
     of an FD *difference* (paired bootstrap). Duplicated samples bias each replicate upwards; use the spread, and
     paired differences, rather than the replicates' level.
     """
-    f = torch.from_numpy(_as_f64(features))
+    f = torch.from_numpy(_finite(features))
     mu_ref, sigma_ref = np.atleast_1d(_as_f64(mu_ref)), np.atleast_2d(_as_f64(sigma_ref))
     if f.ndim != 2 or len(f) < 2 or mu_ref.shape != f.shape[1:] or sigma_ref.shape != mu_ref.shape * 2:
         raise ValueError(f"features must have shape (N, D) with N >= 2 and D = {len(mu_ref)}, got {tuple(f.shape)}")
@@ -102,7 +111,7 @@ def kid(feats1, feats2, subsets: int = 100, subset_size: int = 1000, seed: int =
     that leaves a set whole in every draw, the draws' spread says nothing about that set's sampling variation (with
     both sets whole it is 0), so ``std`` is None.
     """
-    f1, f2 = _as_f64(feats1), _as_f64(feats2)
+    f1, f2 = _finite(feats1), _finite(feats2)
     if f1.ndim != 2 or f2.ndim != 2 or f1.shape[1] != f2.shape[1]:
         raise ValueError(f"features must have shapes (N1, D) and (N2, D), got {f1.shape} and {f2.shape}")
     m = min(subset_size, len(f1), len(f2))
@@ -128,6 +137,8 @@ def classifier_score(logits, splits: int = 10):
     a split of n images scores at most n.
     """
     z = _as_f64(logits)
+    if np.isnan(z).any() or np.isposinf(z).any():  # -inf is a probability of 0; these have none
+        raise ValueError(f"logits contain {int((np.isnan(z) | np.isposinf(z)).sum())} non-finite values (NaN or +inf)")
     if z.ndim != 2 or len(z) < splits:
         raise ValueError(f"logits must have shape (N, C) with N >= splits={splits}, got {z.shape}")
     log_p = z - z.max(axis=1, keepdims=True)
@@ -163,7 +174,7 @@ def precision_recall(real_features, fake_features, k: int = 3, chunk: int = 1000
     Each set's manifold is the union of balls around its points reaching their k-th nearest neighbour; precision is
     the fraction of fake points inside the real manifold, recall the fraction of real points inside the fake one.
     """
-    real, fake = _as_f64(real_features), _as_f64(fake_features)
+    real, fake = _finite(real_features), _finite(fake_features)
     if real.ndim != 2 or fake.ndim != 2 or real.shape[1] != fake.shape[1]:
         raise ValueError(f"features must have shapes (N1, D) and (N2, D), got {real.shape} and {fake.shape}")
     if min(len(real), len(fake)) <= k:
