@@ -255,3 +255,16 @@ def test_clear_errors_for_files_of_the_wrong_kind(tmp_path, tiny_model_dir):
     (q / "msfp_quant.json").write_text(json.dumps(meta))
     r = run("info", q)  # used to be a KeyError traceback
     assert r.exit_code == 1 and "the checkpoint metadata has no layers; was it written by msfp?" in r.output
+
+
+def test_unwritable_outputs_fail_before_the_work(tmp_path, tiny_model_dir):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")  # a path below a file cannot be created, even by root
+    save_samples(tmp_path / "s.npz", fashion_like(4), np.arange(4))
+    for args in (["sample", "--model", tiny_model_dir, "--num", 1, "--steps", 1, "--out", blocker / "s.npz"],
+                 ["compare", "--model", tiny_model_dir, "--out", blocker / "report", "--num", 2, "--steps", 1],
+                 ["eval", tmp_path / "s.npz", "--json", blocker / "r.json"]):
+        r = run(*args)
+        # They used to sample, run the reference method or compute every metric first.
+        assert r.exit_code == 1 and "a-file" in r.output and "sample:" not in r.output, (args, r.output)
+        assert "[1/" not in r.output and "fd" not in r.output, (args, r.output)

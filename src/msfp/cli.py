@@ -235,6 +235,8 @@ def eval_(samples_path, ref, ref_images, data_dir, inception_weights, paired_pat
     from msfp.models import load_model
 
     with _user_errors():
+        if json_path is not None:  # an unwritable --json fails before the metrics, not after them
+            Path(json_path).parent.mkdir(parents=True, exist_ok=True)
         if model_spec is not None:  # checked before the image metrics, which take a while
             model, scheduler = _load_any_model(model_spec)
             teacher, _ = load_model(fp_model)

@@ -343,6 +343,7 @@ def run_compare(settings: CompareSettings, methods: list[str], out, command: str
                        reference=_reference_digest(reference), machine=machine_info(device))
     progress = _progress(work, fingerprint, resume)
     earlier = progress.get("seconds", 0.0)  # spent by the sessions an interrupted run had before this one
+    work.mkdir(parents=True, exist_ok=True)  # an unwritable --out fails here, not after the first method
     _log(f"held-out points: {s.heldout_samples} full-precision trajectories x {s.calib_steps} steps")
     heldout = collect_trajectories(fp_model, scheduler, s.heldout_samples, s.calib_steps,
                                    seed=s.seed + HELDOUT_SEED_OFFSET, batch_size=s.batch_size, disable=disable)
