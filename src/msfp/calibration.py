@@ -339,7 +339,7 @@ def calibrate(qmodel: nn.Module, fp_model: nn.Module, scheduler, num_samples: in
                     scheduler_config=dict(scheduler.config), cond={k: tensor_digest(v) for k, v in (cond or {}).items()},
                     class_labels=None if class_labels is None else tensor_digest(torch.as_tensor(class_labels)))
     cache = Path(cache_dir) if cache_dir is not None else None
-    key = model_key(fp_model, settings) if cache is not None else None
+    key = model_key(fp_model, settings, qmodel.msfp_base_weights) if cache is not None else None
     traj_path = cache / f"trajectories-{key}.safetensors" if cache else None
     # Records are only valid for exactly this ordered list (it seeds each subsample): the cache is keyed by it, so a
     # hit equals recording afresh.

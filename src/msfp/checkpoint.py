@@ -56,7 +56,7 @@ from msfp import __version__
 from msfp.attention import attention_quantizers
 from msfp.config import QuantConfig
 from msfp.fileio import atomic_directory, check_replaceable
-from msfp.formats import get_format
+from msfp.formats import compute_dtype, get_format
 from msfp.fp8 import convert_to_fp8, require_fake_quant
 from msfp.identity import weights_digest
 from msfp.packing import decode, pack, quantize_to_codes, unpack
@@ -110,9 +110,10 @@ def require_base_weights(meta: dict, model: nn.Module, where, what: str) -> None
     against it."""
     require_base_model(meta, model, where, what)
     recorded = meta.get("base_weights")
-    if recorded is not None and weights_digest(model) != recorded:
+    given = None if recorded is None else weights_digest(model)
+    if given != recorded:
         raise ValueError(f"{where} was quantized from other weights than {what}'s (weights digest {recorded} there, "
-                         f"{weights_digest(model)} here); pass the full-precision model it was quantized from")
+                         f"{given} here); pass the full-precision model it was quantized from")
 
 
 def _json_default(obj):
@@ -128,7 +129,7 @@ def _weight_params(layer):
     float32 for a half-precision layer, as its quantizer computes."""
     q = layer.weight_quantizer
     view = (-1,) + (1,) * (layer.weight.dim() - 1)
-    dtype = torch.float32 if q.scale.dtype in (torch.float16, torch.bfloat16) else q.scale.dtype
+    dtype = compute_dtype(q.scale.dtype)
     zero = q.zero_point.detach().to(dtype).view(view) if q.fmt.needs_zero_point else None
     return q.scale.detach().to(dtype).clamp_min(MIN_SCALE).view(view), zero
 

@@ -15,14 +15,19 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
+def _new_mode(default: int) -> int:
+    """``default`` less the umask: the mode a new file or directory gets."""
+    mask = os.umask(0o022)  # reading the umask means setting it: put it straight back
+    os.umask(mask)
+    return default & ~mask
+
+
 def _mode(path: Path, default: int) -> int:
-    """The mode ``path`` has (a replaced file keeps it), or ``default`` less the umask for a new one."""
+    """The mode ``path`` has (a replaced file keeps it), or a new one's."""
     try:
         return stat.S_IMODE(os.stat(path).st_mode)
     except FileNotFoundError:
-        mask = os.umask(0o022)  # reading the umask means setting it: put it straight back
-        os.umask(mask)
-        return default & ~mask
+        return _new_mode(default)
 
 
 def _fsync(path: Path) -> None:
@@ -109,7 +114,7 @@ def atomic_path(path: str | os.PathLike):
 def _finish_tree(directory: Path) -> None:
     """Give the files written into ``directory`` a new file's mode (safetensors writes 0600 whatever the umask) and
     flush them and the directories to disk."""
-    mode = _mode(directory / ".new-file", 0o666)
+    mode = _new_mode(0o666)
     for root, dirs, files in os.walk(directory):
         for name in files:
             if not os.path.islink(os.path.join(root, name)):

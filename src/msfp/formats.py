@@ -164,6 +164,12 @@ def round_to_grid(v: torch.Tensor, fmt: Format) -> torch.Tensor:
     return scaled.round_().mul_(step)
 
 
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype fake quantization computes in: float32 for half precision (every grid is exact there and MIN_SCALE
+    is not 0), else ``dtype`` itself."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
 def _grid_units(x, fmt: Format, scale, zero_point=None):
     """``clamp((x - z) / s)``: ``x`` in units of the grid, clipped to the format's range (not yet rounded)."""
     lo = -fmt.max_value if fmt.signed else 0.0
@@ -227,6 +233,6 @@ def fake_quant(x: torch.Tensor, fmt: str | Format, scale, zero_point=None) -> to
     """
     fmt = get_format(fmt)
     scale, zero_point = checked_params(x, fmt, scale, zero_point)
-    compute = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    compute = compute_dtype(x.dtype)
     out = _fake_quant(x.to(compute), fmt, scale.to(compute), None if zero_point is None else zero_point.to(compute))
     return out.to(x.dtype)

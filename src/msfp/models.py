@@ -129,14 +129,19 @@ def _download(repo_id: str) -> Path:
                       "save_pretrained directory.") from e
 
 
-def takes_timestep_by_name(forward) -> bool:
-    """Whether ``forward`` has a ``timestep`` parameter that can be passed by name: every diffusers denoiser does,
-    and ``Transformer2DModel`` (PixArt) takes ``encoder_hidden_states`` second. Otherwise the timestep goes second."""
+def timestep_by_name(signature: inspect.Signature) -> bool:
+    """Whether a forward with this signature has a ``timestep`` parameter that can be passed by name: every diffusers
+    denoiser does, and ``Transformer2DModel`` (PixArt) takes ``encoder_hidden_states`` second. Otherwise the timestep
+    goes second."""
+    parameter = signature.parameters.get("timestep")
+    return parameter is not None and parameter.kind in (parameter.POSITIONAL_OR_KEYWORD, parameter.KEYWORD_ONLY)
+
+
+def _takes_timestep_by_name(forward) -> bool:
     try:
-        parameter = inspect.signature(forward).parameters.get("timestep")
+        return timestep_by_name(inspect.signature(forward))
     except (TypeError, ValueError):  # no signature to read (a TorchScript method): by position
         return False
-    return parameter is not None and parameter.kind in (parameter.POSITIONAL_OR_KEYWORD, parameter.KEYWORD_ONLY)
 
 
 def denoise(model, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
@@ -144,7 +149,7 @@ def denoise(model, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
     way msfp calls a denoiser, ``model(x, timestep=t, **cond)`` where forward has a ``timestep`` parameter, else
     ``model(x, t, **cond)``."""
     inner = getattr(model, "_orig_mod", model)  # torch.compile's wrapper takes (*args, **kwargs)
-    by_name = takes_timestep_by_name(getattr(inner, "forward", inner))  # a plain function is a denoiser too
+    by_name = _takes_timestep_by_name(getattr(inner, "forward", inner))  # a plain function is a denoiser too
     out = model(x, timestep=t, **cond) if by_name else model(x, t, **cond)
     out = getattr(out, "sample", out)
     return out[0] if isinstance(out, tuple) else out

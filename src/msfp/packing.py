@@ -15,7 +15,7 @@ import functools
 import numpy as np
 import torch
 
-from msfp.formats import Format, _grid_units, checked_params, get_format, round_to_grid
+from msfp.formats import Format, _grid_units, checked_params, compute_dtype, get_format, round_to_grid
 
 
 @functools.lru_cache(maxsize=None)
@@ -57,8 +57,7 @@ def quantize_to_codes(x: torch.Tensor, fmt: str | Format, scale, zero_point=None
     scale, zero_point = checked_params(x, fmt, scale, zero_point)
     if torch.isnan(x).any():
         raise ValueError(f"cannot encode NaN in {fmt.name}")
-    if x.dtype in (torch.float16, torch.bfloat16):  # as fake_quant computes it
-        x = x.float()
+    x = x.to(compute_dtype(x.dtype))  # as fake_quant computes it
     return values_to_codes(round_to_grid(_grid_units(x, fmt, scale, zero_point), fmt), fmt)
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from msfp.formats import Format, _fake_quant, get_format
+from msfp.formats import Format, _fake_quant, compute_dtype, get_format
 from msfp.kernels import compiled_fake_quant
 
 # A scale this small maps every finite input of a zero-range channel to exactly its zero point, without NaN.
@@ -162,7 +162,7 @@ class _Quantizer(nn.Module):
     def _apply_params(self, x, scale, zero):
         # Half precision computes in float32, as fake_quant does: in float16 MIN_SCALE is 0 (0/0 = NaN on a
         # zero-range channel) and x/s rounds before it is rounded to the grid.
-        compute = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+        compute = compute_dtype(x.dtype)
         scale = scale.to(compute).clamp_min(MIN_SCALE)
         zero = zero.to(compute) if self.fmt.needs_zero_point else None
         out = (compiled_fake_quant if self.fused else _fake_quant)(x.to(compute), self.fmt, scale, zero)

@@ -199,8 +199,7 @@ def generate(model, scheduler, out, num_samples: int, num_inference_steps: int, 
     """
     out = Path(out)
     if out.suffix != ".npz":  # "x.png" would be overwritten by its own grid
-        raise ValueError(f"{out}: a sample file's name must end in .npz (its PNG grid goes beside it, "
-                         f"{grid_path(out.with_suffix('.npz')).name})")
+        raise ValueError(f"{out}: a sample file's name must end in .npz (its PNG grid is written beside it)")
     out.parent.mkdir(parents=True, exist_ok=True)  # an unwritable --out fails before sampling, not after
     rank, world, created = _dist()
     try:

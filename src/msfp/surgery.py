@@ -20,7 +20,7 @@ from torch import nn
 from msfp.attention import attention_inputs, check_quantized_attention, install_attention_quantizers
 from msfp.config import ROLES, QuantConfig
 from msfp.layers import QuantContext, QuantLayer
-from msfp.models import takes_timestep_by_name
+from msfp.models import timestep_by_name
 from msfp.quantizers import ActivationQuantizer, WeightQuantizer
 
 # Known diffusers blocks whose child layers read the output of a SiLU/GELU (structural AAL detection).
@@ -104,7 +104,7 @@ def _timestep_hook(module, args, kwargs):
     named = [p.name for p in signature.parameters.values() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     bound = signature.bind_partial(*args, **kwargs).arguments
     x, t = (bound.get(named[i]) if i < len(named) else (args[i] if i < len(args) else None) for i in (0, 1))
-    if takes_timestep_by_name(module.forward):
+    if timestep_by_name(signature):
         t = bound.get("timestep")
     if x is not None:
         module.msfp_context.set_timesteps(t, x.shape[0], x.device)
