@@ -105,3 +105,16 @@ def test_numeric_factors_of_a_learned_variance_scheduler_are_those_of_its_mean()
     t1, g1 = numeric_denoising_factors(fixed, 10)
     t2, g2 = numeric_denoising_factors(learned, 10)  # used to fail: step() found no variance channels
     assert torch.equal(t1, t2) and torch.allclose(g1, g2, rtol=1e-9)
+
+
+@pytest.mark.parametrize("spacing", ["leading", "trailing"])
+def test_euler_gets_the_weights_of_ddim_the_same_ode_step(spacing):
+    # Euler keeps its latent scaled by 1/√ᾱ; γ read in that latent was DDIM's γ_t/√ᾱ_{t-1}, 26× more weight on the
+    # first of 10 steps for the same deterministic sampler. Read in the denoiser's input space the two agree.
+    config = dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
+                  timestep_spacing=spacing)
+    t_ddim, g_ddim = ddim_denoising_factors(ddim(timestep_spacing=spacing), 10)
+    t_euler, g_euler = denoising_factors(EulerDiscreteScheduler(**config), 10)
+    assert t_ddim.tolist() == t_euler.tolist()
+    assert torch.allclose(g_euler, g_ddim, rtol=1e-5), (g_euler, g_ddim)
+    assert torch.allclose(dfa_weights(g_euler), dfa_weights(g_ddim), rtol=1e-5)

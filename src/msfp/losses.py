@@ -6,6 +6,10 @@ or γ_t², normalised to mean 1 over the sampling trajectory, so the loss counts
 
 For DDIM the factor has a closed form; for any other diffusers scheduler it is read off ``scheduler.step``
 numerically (the update is affine in the model output, so a central difference in float64 is exact up to rounding).
+``x_{t-1}`` is measured as the denoiser's next input (``scheduler.scale_model_input``): Euler-type schedulers keep
+their latent scaled by √(σ²+1) = 1/√ᾱ, and reading γ in that latent would weight the same ODE step differently
+from DDIM (26× more at the first of 10 steps). In the input space every parametrisation of one sampler gets the
+same weights, and DDIM's are the closed form above.
 """
 
 from __future__ import annotations
@@ -42,12 +46,14 @@ def ddim_denoising_factors(scheduler, num_inference_steps: int, eta: float = 0.0
 
 
 def numeric_denoising_factors(scheduler, num_inference_steps: int, eta: float = 0.0, delta: float = 1e-3):
-    """γ_t of any diffusers scheduler: d prev_sample / d model_output at each step of its trajectory.
+    """γ_t of any diffusers scheduler: d (next model input) / d model_output at each step of its trajectory.
 
-    Multistep schedulers keep earlier outputs as state, so the trajectory is walked in order and every probe runs on a
-    copy of the scheduler's state at that step. The probes run without sample clipping or thresholding: at the
-    operating point (x = 0, ε = 0) the predicted x₀ is 0, far inside the clip range, but a probe ε = ±δ can cross it
-    where ᾱ_t is tiny (x₀ = ∓δ·√(1−ᾱ)/√ᾱ) and would measure a clipped secant instead of the derivative.
+    The next model input is the step's output through ``scale_model_input`` (schedulers without it feed their latent
+    as it is); at the last step it is the final sample. Multistep schedulers keep earlier outputs as state, so the
+    trajectory is walked in order and every probe runs on a copy of the scheduler's state at that step. The probes
+    run without sample clipping or thresholding: at the operating point (x = 0, ε = 0) the predicted x₀ is 0, far
+    inside the clip range, but a probe ε = ±δ can cross it where ᾱ_t is tiny (x₀ = ∓δ·√(1−ᾱ)/√ᾱ) and would measure
+    a clipped secant instead of the derivative.
     """
     sched = copy.deepcopy(scheduler)
     sched.register_to_config(**{k: False for k in ("clip_sample", "thresholding") if k in sched.config})
@@ -62,15 +68,24 @@ def numeric_denoising_factors(scheduler, num_inference_steps: int, eta: float = 
     kwargs = {"eta": eta} if "eta" in accepts else {}
     # Same noise for both probes of a stochastic sampler (deterministic ones, e.g. PNDM, take no generator).
     seeded = (lambda: {"generator": torch.Generator().manual_seed(0)}) if "generator" in accepts else dict
+    timesteps = sched.timesteps.tolist()
     gammas = []
-    for t in sched.timesteps:
+    for i, t in enumerate(sched.timesteps):
         outs = []
         for eps in (zero - probe_delta, zero + probe_delta):
             probe = copy.deepcopy(sched)
-            outs.append(probe.step(eps, t, x, **seeded(), **kwargs).prev_sample.double())
+            prev = probe.step(eps, t, x, **seeded(), **kwargs).prev_sample
+            if i + 1 < len(timesteps):  # the last step's output is the sample itself, which no denoiser reads
+                prev = _as_next_model_input(probe, prev, timesteps[i + 1])
+            outs.append(prev.double())
         gammas.append(((outs[1] - outs[0]) / (2 * delta)).reshape(()))
         sched.step(zero, t, x, **seeded(), **kwargs)
     return sched.timesteps.clone(), torch.stack(gammas)
+
+
+def _as_next_model_input(scheduler, sample: torch.Tensor, timestep) -> torch.Tensor:
+    scale = getattr(scheduler, "scale_model_input", None)
+    return sample if scale is None else scale(sample, timestep)
 
 
 def denoising_factors(scheduler, num_inference_steps: int, eta: float = 0.0):
