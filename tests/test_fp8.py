@@ -257,6 +257,25 @@ def test_triton_path_matches_the_emulated_path_on_gpu():
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item(), msg=name)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (cuDNN's TF32 default)")
+def test_emulated_zero_point_correction_is_not_rounded_to_tf32_on_gpu():
+    # cuDNN runs float32 convolutions in TF32 unless told otherwise: the per-tap weight sums lost all but 11 bits.
+    q = calibrated(tiny_unet)
+    checked = 0
+    for layer in quant_layers(q).values():
+        try:
+            fp8 = Fp8Layer(layer, use_kernels=False)
+        except ValueError:
+            continue
+        if fp8.kind != "conv2d" or fp8.weight_tap_sums is None:
+            continue
+        on_cpu = fp8._zero_point_correction(0, (8, 8), kernels=False)
+        on_gpu = fp8.cuda()._zero_point_correction(0, (8, 8), kernels=False)
+        torch.testing.assert_close(on_gpu.cpu(), on_cpu, rtol=1e-6, atol=0, msg=layer.name)
+        checked += 1
+    assert checked
+
+
 def test_loading_with_the_fp8_backend(tmp_path):
     q = calibrated(tiny_unet)
     out = msfp.save_quantized(q, tmp_path / "q")

@@ -191,7 +191,10 @@ class Fp8Layer(nn.Module):
             return sums
         key = (k, spatial, sums.device)
         if key not in self._corr_cache:
-            self._corr_cache[key] = F.conv2d(sums.new_ones((1, 1, *spatial)), sums[:, None], None, **self.conv_args)[0]
+            # float64: cuDNN runs float32 convolutions in TF32 by default, which would round the sums to 11 bits.
+            wide = sums.double()
+            ones = wide.new_ones((1, 1, *spatial))
+            self._corr_cache[key] = F.conv2d(ones, wide[:, None], None, **self.conv_args)[0].to(sums.dtype)
         return self._corr_cache[key]
 
     def _scaled_mm_applies(self, w_codes: torch.Tensor, out_dtype: torch.dtype) -> bool:
