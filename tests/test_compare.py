@@ -225,6 +225,42 @@ def test_flop_count_includes_attention_matmuls():
     assert total == q.msfp_flops["total"]
 
 
+def test_a_failed_final_swap_keeps_every_sample_for_resume(tmp_path, tiny_model_dir, monkeypatch):
+    import msfp.fileio
+
+    finish = msfp.fileio._finish_tree
+
+    def disk_full(tmp):  # e.g. Ctrl-C or ENOSPC while the new report is fsynced, before it replaces the old one
+        monkeypatch.setattr(msfp.fileio, "_finish_tree", finish)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(msfp.fileio, "_finish_tree", disk_full)
+    args = ["compare", "--model", tiny_model_dir, "--methods", "fp", "--out", tmp_path / "r", *TINY]
+    r = run(*args)
+    assert r.exit_code == 1 and "No space left on device" in r.output and not (tmp_path / "r").exists()
+    # The samples used to be moved into the discarded temporary directory: --resume then found no fp.png.
+    assert (tmp_path / ".r.compare" / "samples" / "fp.npz").is_file()
+    r = run(*args, "--resume")
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "r" / "samples" / "fp.npz").is_file() and (tmp_path / "r" / "samples" / "fp.png").is_file()
+    assert not (tmp_path / ".r.compare").exists()
+
+
+def test_resume_refuses_a_changed_noise_schedule(tmp_path, tiny_model_dir):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    args = ["compare", "--model", model, "--methods", "fp,test-broken", "--out", tmp_path / "r", *TINY]
+    register_method("test-broken", lambda ctx: 1 / 0, "always fails")
+    try:
+        assert isinstance(run(*args).exception, ZeroDivisionError)
+        config = json.loads((model / "scheduler_config.json").read_text())
+        (model / "scheduler_config.json").write_text(json.dumps(dict(config, beta_end=0.03)))
+        r = run(*args, "--resume")  # the weights are the same, but fp's samples came from the other schedule
+        assert r.exit_code == 1 and ".r.compare holds a run with another scheduler: resuming it" in r.output
+    finally:
+        METHODS.pop("test-broken")
+
+
 def test_an_interrupted_run_keeps_the_earlier_report_and_resumes(tmp_path, tiny_model_dir):
     from msfp.compare import build_ptq
 

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from msfp.attention import attention_quantizers, explicit_attention
 from msfp.fileio import atomic_path
 from msfp.fp8 import require_fake_quant
-from msfp.identity import model_key, tensor_digest, weights_digest
+from msfp.identity import model_key, plain_config, tensor_digest, weights_digest
 from msfp.layers import QuantLayer
 from msfp.models import denoise
 from msfp.samples import class_info
@@ -336,7 +336,7 @@ def calibrate(qmodel: nn.Module, fp_model: nn.Module, scheduler, num_samples: in
     qmodel.msfp_base_weights = weights_digest(fp_model)  # saved too: fine-tuning must distil from these weights
     settings = dict(num_samples=num_samples, num_steps=num_steps, seed=seed, scheduler=type(scheduler).__name__,
                     sample_shape=sample_shape,
-                    scheduler_config=dict(scheduler.config), cond={k: tensor_digest(v) for k, v in (cond or {}).items()},
+                    scheduler_config=plain_config(scheduler.config), cond={k: tensor_digest(v) for k, v in (cond or {}).items()},
                     class_labels=None if class_labels is None else tensor_digest(torch.as_tensor(class_labels)))
     cache = Path(cache_dir) if cache_dir is not None else None
     key = model_key(fp_model, settings, qmodel.msfp_base_weights) if cache is not None else None

@@ -20,7 +20,6 @@ import copy
 import dataclasses
 import hashlib
 import json
-import os
 import shutil
 import sys
 import time
@@ -39,9 +38,9 @@ from msfp.checkpoint import freeze_weights, quant_meta
 from msfp.config import PRESETS, QuantConfig
 from msfp.environment import machine_info
 from msfp.evaluation import eps_mse_weighted, evaluate, load_reference, per_timestep_eps_mse
-from msfp.fileio import atomic_directory, check_replaceable, write_json
+from msfp.fileio import atomic_directory, check_replaceable, link_entry, write_json
 from msfp.finetune import FinetuneConfig, finetune
-from msfp.identity import model_key
+from msfp.identity import model_key, plain_config
 from msfp.info import format_table, layer_rows, low_bit_fractions
 from msfp.models import denoise, load_model
 from msfp.samples import NonFiniteSamplesError, generate, grid_path
@@ -340,6 +339,7 @@ def run_compare(settings: CompareSettings, methods: list[str], out, command: str
     fp_model.to(device)
     reference = reference if reference is not None else load_reference()
     fingerprint = dict(settings=dataclasses.asdict(s), model=model_key(fp_model, {}),
+                       scheduler=plain_config(scheduler.config),
                        reference=_reference_digest(reference), machine=machine_info(device))
     progress = _progress(work, fingerprint, resume)
     earlier = progress.get("seconds", 0.0)  # spent by the sessions an interrupted run had before this one
@@ -392,7 +392,7 @@ def run_compare(settings: CompareSettings, methods: list[str], out, command: str
     write_report(result, work)
     with atomic_directory(out) as tmp:
         for name in ("results.json", "index.html", "samples"):
-            os.replace(work / name, tmp / name)
+            link_entry(work / name, tmp / name)  # not moved: if the swap fails, --resume still finds every sample
     shutil.rmtree(work)
     return result
 

@@ -130,18 +130,23 @@ def _link_or_copy(src, dst) -> None:
         shutil.copy2(src, dst)
 
 
+def link_entry(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Put ``src`` (a file, a directory tree or a symlink) at ``dst`` too, as hard links where the filesystem allows
+    (no data copied); ``src`` stays as it was, so a failure before the caller's next step loses nothing."""
+    src, dst = Path(src), Path(dst)
+    if src.is_symlink():
+        os.symlink(os.readlink(src), dst)
+    elif src.is_dir():
+        shutil.copytree(src, dst, symlinks=True, copy_function=_link_or_copy)
+    else:
+        _link_or_copy(src, dst)
+
+
 def _carry_over(directory: Path, tmp: Path, written: set[str]) -> None:
     """Put every entry of ``directory`` that the new version does not write into ``tmp`` as well."""
     for entry in directory.iterdir():
-        if entry.name in written:
-            continue
-        target = tmp / entry.name
-        if entry.is_symlink():
-            os.symlink(os.readlink(entry), target)
-        elif entry.is_dir():
-            shutil.copytree(entry, target, symlinks=True, copy_function=_link_or_copy)
-        else:
-            _link_or_copy(entry, target)
+        if entry.name not in written:
+            link_entry(entry, tmp / entry.name)
 
 
 def check_replaceable(path: str | os.PathLike) -> None:

@@ -29,11 +29,16 @@ def weights_digest(model: nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
+def plain_config(config) -> dict:
+    """A diffusers config without its bookkeeping entries (``_name_or_path``, ``_diffusers_version``,
+    ``_use_default_values``, whose order follows string hashing), which differ between equal models."""
+    return {k: v for k, v in dict(config or {}).items() if not k.startswith("_")}
+
+
 def model_key(model: nn.Module, settings: dict, weights: str | None = None) -> str:
     """A digest of ``settings``, ``model``'s class and config and its weights (``weights``: their digest, if the
     caller has it): equal keys, equal models and settings. The config counts (resolution or timestep-embedding
-    options change the trajectories, not the weights); its bookkeeping entries (``_name_or_path``, versions) do not."""
-    config = {k: v for k, v in dict(getattr(model, "config", None) or {}).items() if not k.startswith("_")}
-    identity = dict(settings, model_class=f"{type(model).__module__}.{type(model).__qualname__}", model_config=config,
-                    weights=weights or weights_digest(model))
+    options change the trajectories, not the weights); its bookkeeping entries do not (:func:`plain_config`)."""
+    identity = dict(settings, model_class=f"{type(model).__module__}.{type(model).__qualname__}",
+                    model_config=plain_config(getattr(model, "config", None)), weights=weights or weights_digest(model))
     return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
