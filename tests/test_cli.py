@@ -125,10 +125,16 @@ def test_eval_against_reference_images(tmp_path):
     assert noise_m["fd"] > 2 * m["fd"] > 0 and noise_m["kid"] > m["kid"] and noise_m["precision"] < m["precision"]
 
 
-def test_eval_default_reference_without_the_dataset(tmp_path):
+def test_eval_default_reference_without_the_dataset(tmp_path, monkeypatch):
+    import msfp.data
+
     save_samples(tmp_path / "s.npz", fashion_like(20), np.arange(20))
     (tmp_path / "no_data").mkdir()  # a directory without the IDX files
+    # Named with --data-dir, it is an error: it used to drop KID, precision and recall as quietly as no dataset.
     r = run("eval", tmp_path / "s.npz", "--data-dir", tmp_path / "no_data", "--json", tmp_path / "r.json")
+    assert r.exit_code == 1 and "t10k-images-idx3-ubyte[.gz] not found in " in r.output
+    monkeypatch.setattr(msfp.data, "DEFAULT_DATA_DIR", tmp_path / "no_data")  # as on a machine without the package
+    r = run("eval", tmp_path / "s.npz", "--json", tmp_path / "r.json")
     assert r.exit_code == 0, r.output
     result = json.loads((tmp_path / "r.json").read_text())
     assert result["reference"] == "Fashion-MNIST test split (10,000 images)"

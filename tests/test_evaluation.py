@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 from diffusers import DDIMScheduler, EulerDiscreteScheduler
 
-from msfp.evaluation import eps_mse_weighted, load_image_dir
+from msfp.evaluation import eps_mse_weighted, load_image_dir, load_reference
+from msfp.samples import save_samples
 from msfp.losses import denoising_factors
 
 
@@ -55,6 +56,33 @@ def test_reference_images_of_other_modes_keep_their_values(tmp_path):
     Image.fromarray(ramp).save(tmp_path / "c_8bit.png")
     images = load_image_dir(tmp_path)
     assert images.shape == (3, 16, 16, 1) and all((im[..., 0] == ramp).all() for im in images)
+
+
+def test_reference_image_directories_skip_hidden_files_and_name_a_damaged_one(tmp_path):
+    from PIL import Image
+
+    noise = np.random.default_rng(0).integers(0, 256, (16, 16), dtype=np.uint8)  # incompressible: a real IDAT
+    for i in range(4):
+        Image.fromarray(noise).save(tmp_path / f"{i}.png")
+    (tmp_path / "._0.png").write_bytes(b"\x00\x05\x16\x07 macOS metadata")  # used to fail the whole load
+    (tmp_path / "dir.png").mkdir()  # used to be an IsADirectoryError
+    assert load_image_dir(tmp_path).shape == (4, 16, 16, 1)
+    (tmp_path / "3.png").write_bytes((tmp_path / "3.png").read_bytes()[:150])
+    with pytest.raises(ValueError, match=r"3\.png: not a readable image"):  # it used to name no file
+        load_image_dir(tmp_path)
+
+
+def test_a_reference_too_small_for_the_metrics_is_refused_up_front(tmp_path):
+    from PIL import Image
+
+    # It used to pass, and the evaluation then failed in KID or precision/recall, after FD and every other metric.
+    for i in range(3):
+        Image.fromarray(np.full((8, 8), i, dtype=np.uint8)).save(tmp_path / f"{i}.png")
+    with pytest.raises(ValueError, match=r"reference .* has too few images .*at least 4 samples, got 3"):
+        load_reference(ref_images=tmp_path)
+    save_samples(tmp_path / "ref.npz", np.zeros((2, 8, 8, 1), dtype=np.uint8), np.arange(2))
+    with pytest.raises(ValueError, match=r"ref\.npz has too few images .*got 2"):
+        load_reference(ref=tmp_path / "ref.npz")
 
 
 def test_classifier_score_splits_hold_ten_images_or_more():

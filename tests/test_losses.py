@@ -118,3 +118,12 @@ def test_euler_gets_the_weights_of_ddim_the_same_ode_step(spacing):
     assert t_ddim.tolist() == t_euler.tolist()
     assert torch.allclose(g_euler, g_ddim, rtol=1e-5), (g_euler, g_ddim)
     assert torch.allclose(dfa_weights(g_euler), dfa_weights(g_ddim), rtol=1e-5)
+
+
+def test_numeric_factors_call_scale_model_input_as_a_sampling_loop_does(capfd):
+    from diffusers import LMSDiscreteScheduler
+
+    for cls in (EulerDiscreteScheduler, LMSDiscreteScheduler):
+        numeric_denoising_factors(cls(num_train_timesteps=1000), 10)
+    # Each probe's step used to log "The `scale_model_input` function should be called before `step`" (~30 lines).
+    assert "scale_model_input" not in capfd.readouterr().err

@@ -74,6 +74,9 @@ def test_class_labels_do_not_depend_on_the_split(tmp_path):
     s = generate(tiny_class_unet(), scheduler(), tmp_path / "c.npz", 6, 2, seed=7, disable=True)
     assert s["labels"].tolist() == sample_labels(3, 7, range(6)).tolist()
     assert set(s["labels"].tolist()) <= {0, 1, 2}
+    # Any seed works, as for unconditional models: numpy's seed sequences used to refuse a negative one.
+    negative = generate(tiny_class_unet(), scheduler(), tmp_path / "n.npz", 3, 2, seed=-3, disable=True)
+    assert negative["labels"].tolist() == sample_labels(3, -3, range(3)).tolist()
 
 
 def test_guidance(tmp_path):

@@ -76,23 +76,36 @@ def load_image_dir(path: str | os.PathLike) -> np.ndarray:
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"reference image directory {path} not found")
-    files = sorted(f for f in path.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+    # Hidden files are not images: macOS writes "._name.png" metadata beside each copied file.
+    files = sorted(f for f in path.iterdir()
+                   if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file() and not f.name.startswith("."))
     if not files:
         raise ValueError(f"{path} holds no images ({', '.join(IMAGE_SUFFIXES)})")
     images = []
     for f in files:
-        with Image.open(f) as im:
-            # 16-bit PNGs open as I;16 (I in older Pillow), and convert("L") would clip them to 0 or 255.
-            if im.mode.startswith("I"):
-                a = np.round(np.asarray(im, dtype=np.float64) / 257).astype(np.uint8)
-            else:
-                a = np.asarray(im.convert("L" if im.mode in ("1", "L", "LA") else "RGB"))
+        try:
+            with Image.open(f) as im:
+                # 16-bit PNGs open as I;16 (I in older Pillow), and convert("L") would clip them to 0 or 255.
+                if im.mode.startswith("I"):
+                    a = np.round(np.asarray(im, dtype=np.float64) / 257).astype(np.uint8)
+                else:
+                    a = np.asarray(im.convert("L" if im.mode in ("1", "L", "LA") else "RGB"))
+        except (OSError, SyntaxError) as e:  # Pillow raises both for damaged files
+            raise ValueError(f"{f}: not a readable image ({e})") from e
         a = a[..., None] if a.ndim == 2 else a
         if images and a.shape != images[0].shape:
             raise ValueError(f"{f}: shape {a.shape} differs from {files[0].name}'s {images[0].shape}; all reference "
                              "images must have the same size and channel count")
         images.append(a)
     return np.stack(images)
+
+
+def _enough(images: np.ndarray, source) -> np.ndarray:
+    """A reference is there for the distribution metrics: refuse one too small for them before any work."""
+    too_few = _too_few(images)
+    if too_few:
+        raise ValueError(f"reference {source} has too few images for FD, KID and precision/recall: {too_few}")
+    return images
 
 
 def load_reference(ref: str | os.PathLike | None = None, ref_images: str | os.PathLike | None = None,
@@ -103,12 +116,12 @@ def load_reference(ref: str | os.PathLike | None = None, ref_images: str | os.Pa
     if ref is not None and ref_images is not None:
         raise ValueError("give --ref or --ref-images, not both")
     if ref_images is not None:
-        return Reference(name=str(ref_images), images=load_image_dir(ref_images))
+        return Reference(name=str(ref_images), images=_enough(load_image_dir(ref_images), ref_images))
     if ref is not None:
         path = Path(ref)
         data = read_npz(path, "reference file")
         if "arr_0" in data:
-            return Reference(name=str(path), images=load_samples(path)["images"])
+            return Reference(name=str(path), images=_enough(load_samples(path)["images"], path))
         if not {"mu", "sigma"} <= data.keys():
             raise ValueError(f"{path}: expected reference images (arr_0) or feature-net statistics (mu, sigma); "
                              f"got keys {sorted(data)}")
@@ -124,6 +137,8 @@ def load_reference(ref: str | os.PathLike | None = None, ref_images: str | os.Pa
     try:
         test, _ = load_fashion_mnist("test", data_dir)
     except FileNotFoundError as e:
+        if data_dir is not None:  # asked for by name: a typo must not quietly drop KID, precision and recall
+            raise
         return Reference(name=name, stats=stats, no_images_reason=f"the Fashion-MNIST test images are not available "
                                                                   f"({e})")
     return Reference(name=name, images=to_uint8(to_model_range(test)), stats=stats)

@@ -71,19 +71,20 @@ def numeric_denoising_factors(scheduler, num_inference_steps: int, eta: float = 
     timesteps = sched.timesteps.tolist()
     gammas = []
     for i, t in enumerate(sched.timesteps):
+        _model_input(sched, x, t)  # as a sampling loop does: Euler-type steps warn when it was not called
         outs = []
         for eps in (zero - probe_delta, zero + probe_delta):
             probe = copy.deepcopy(sched)
             prev = probe.step(eps, t, x, **seeded(), **kwargs).prev_sample
             if i + 1 < len(timesteps):  # the last step's output is the sample itself, which no denoiser reads
-                prev = _as_next_model_input(probe, prev, timesteps[i + 1])
+                prev = _model_input(probe, prev, timesteps[i + 1])
             outs.append(prev.double())
         gammas.append(((outs[1] - outs[0]) / (2 * delta)).reshape(()))
         sched.step(zero, t, x, **seeded(), **kwargs)
     return sched.timesteps.clone(), torch.stack(gammas)
 
 
-def _as_next_model_input(scheduler, sample: torch.Tensor, timestep) -> torch.Tensor:
+def _model_input(scheduler, sample: torch.Tensor, timestep) -> torch.Tensor:
     scale = getattr(scheduler, "scale_model_input", None)
     return sample if scale is None else scale(sample, timestep)
 

@@ -68,7 +68,8 @@ def class_info(model) -> tuple[int | None, int | None]:
 
 def sample_labels(num_classes: int, seed: int, indices) -> torch.Tensor:
     """One label per image index, each from a generator of its own: independent of batching and sharding."""
-    return torch.tensor([int(np.random.default_rng([seed, i]).integers(num_classes)) for i in indices])
+    # numpy's seed sequences take non-negative entries only; torch's generators take any int64 seed.
+    return torch.tensor([int(np.random.default_rng([seed % 2**64, i]).integers(num_classes)) for i in indices])
 
 
 class Guided(nn.Module):
