@@ -78,6 +78,17 @@ def test_processor_matches_attn_processor_on_every_path(kwargs):
         assert torch.equal(attn(*args, **call), expected)
 
 
+def test_boolean_masks_mean_what_they_mean_to_sdpa():
+    torch.manual_seed(0)
+    attn = Attention(query_dim=8, cross_attention_dim=6, heads=2, dim_head=4).eval()
+    x, text = torch.randn(2, 5, 8), torch.randn(2, 3, 6)
+    keep = torch.tensor([[[True, True, False]], [[True, False, False]]])
+    with torch.no_grad():
+        expected = AttnProcessor2_0()(attn, x, encoder_hidden_states=text, attention_mask=keep)
+        got = QuantAttnProcessor()(attn, x, encoder_hidden_states=text, attention_mask=keep)  # baddbmm: "input bool"
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
 def test_calibration_picks_unsigned_formats_for_probabilities():
     fp, q = calibrated(tiny_unet)
     quantizers = attention_quantizers(q)

@@ -1,6 +1,7 @@
 import copy
 
 import pytest
+import torch
 
 import msfp
 from msfp.checkpoint import quant_meta
@@ -35,3 +36,20 @@ def test_bits_column_shows_each_layers_formats(metas):
     assert bits["w4a4-msfp"]["conv_in"] == "w8a8" and bits["w4a4-msfp"]["down_blocks.0.resnets.0.conv1"] == "w4a4"
     assert bits["w4a8-msfp"]["down_blocks.0.resnets.0.conv1"] == "w4a8"
     assert set(bits["w6a6-msfp"].values()) == {"w6a6", "w8a8"}
+
+
+def test_a_layer_called_twice_per_forward_counts_its_work_twice():
+    from tiny_models import PlainDenoiser
+
+    class Twice(PlainDenoiser):  # mid runs twice per forward
+        def forward(self, x, t):
+            h = self.act(self.inp(x) + self.t_proj(t.float()[:, None] / 1000)[:, :, None, None])
+            return self.out(self.act(self.mid(self.act(self.mid(h)))))
+
+    torch.manual_seed(0)
+    fp = Twice().eval()
+    q = msfp.quantize(copy.deepcopy(fp), msfp.QuantConfig(eight_bit_layers=[]))
+    msfp.calibrate(q, fp, scheduler(), num_samples=2, num_steps=2, sample_shape=(1, 8, 8), disable=True)
+    meta = quant_meta(q)
+    assert meta["layers"]["mid"]["macs"] == 2 * 8 * 8 * 8 * 8 * 9  # two 3×3 convs of 8→8 channels on 8×8
+    assert low_bit_fractions(meta)["flops_4bit"] == 1.0  # every layer is 4-bit: it said 0.53 in a similar model

@@ -83,6 +83,13 @@ def test_bad_specs(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"_class_name": "DDPMScheduler"}))  # a class, not a model
     with pytest.raises(ValueError, match="unknown model class 'DDPMScheduler'"):
         load_model(tmp_path)
+    from diffusers import AutoencoderKL
+
+    # A VAE loaded as the "denoiser", and denoise() handed the timestep to its sample_posterior flag.
+    AutoencoderKL(block_out_channels=(8,), norm_num_groups=4, latent_channels=2).save_pretrained(tmp_path / "vae")
+    with pytest.raises(ValueError, match="vae/config.json: AutoencoderKL is not a denoiser: its forward takes no "
+                                         "timestep"):
+        load_model(tmp_path / "vae")
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ValueError, match="cannot read JSON config"):
         load_model(tmp_path)
@@ -108,6 +115,11 @@ def test_bad_pipeline_dirs(tmp_path):
             load_model(tmp_path)
     DDPMScheduler(beta_end=0.03).save_pretrained(tmp_path / "scheduler")
     assert load_model(tmp_path)[1].config.beta_end == 0.03
+    from diffusers import LCMScheduler, TCDScheduler
+
+    for betas in (LCMScheduler(beta_end=0.013), TCDScheduler(beta_end=0.013)):  # used to be "has no ... betas"
+        betas.save_pretrained(tmp_path / "scheduler")
+        assert load_model(tmp_path)[1].config.beta_end == 0.013
     (tmp_path / "model_index.json").write_text(json.dumps({"unet": "UNet2DModel"}))
     with pytest.raises(ValueError, match=r"unet should be \[library, class name\], got 'UNet2DModel'"):
         load_model(tmp_path)
@@ -128,3 +140,15 @@ def test_hub_id_offline_gives_clear_error(monkeypatch, tmp_path):
     with pytest.raises(OSError, match=r"'msfp-test/no-such-model' is no directory here \(.*\), and could not "
                                       "download model 'msfp-test/no-such-model'.*'default' or a local"):
         load_model("msfp-test/no-such-model")
+
+
+def test_denoise_passes_the_timestep_by_name_through_data_parallel():
+    from msfp.models import denoise
+    from tiny_models import tiny_pixart
+
+    model = tiny_pixart().eval()
+    x, t, text = torch.randn(2, 4, 8, 8), torch.tensor([10, 900]), torch.randn(2, 3, 8)
+    cond = dict(encoder_hidden_states=text, added_cond_kwargs={"resolution": None, "aspect_ratio": None})
+    with torch.no_grad():
+        # DataParallel's forward(*inputs, **kwargs) hides the name: t went in as encoder_hidden_states (TypeError).
+        assert torch.equal(denoise(torch.nn.DataParallel(model), x, t, **cond), denoise(model, x, t, **cond))

@@ -64,6 +64,12 @@ def test_structural_aals_mark_post_silu_layers_of_resnet_blocks():
     assert "transformer_blocks.0.norm1.linear" in structural_aals(tiny_dit())
     pixart = structural_aals(tiny_pixart())
     assert {"adaln_single.linear", "caption_projection.linear_2", "transformer_blocks.0.ff.net.2"} <= set(pixart)
+    from diffusers.models.normalization import AdaGroupNorm
+
+    # ResnetBlockCondNorm2D builds its AdaGroupNorm without an activation: the linear reads the raw embedding.
+    assert structural_aals(nn.ModuleDict(dict(a=AdaGroupNorm(4, 8, 2, act_fn="silu"),
+                                              b=AdaGroupNorm(4, 8, 2, act_fn=None)))) == {
+        "a.linear": "input is SiLU output (AdaGroupNorm.linear)"}
 
 
 def test_clear_errors():
@@ -120,12 +126,76 @@ def test_layers_a_quantized_layer_cannot_replace_are_refused():
             h = self.attn(h, h, h, need_weights=False)[0].transpose(1, 2).reshape(x.shape[0], 8, *x.shape[2:])
             return self.out(h)
 
+    with pytest.raises(ValueError, match=r"attn.out_proj: nn.MultiheadAttention reads this layer's weight directly "
+                                         r"and never calls it.*full_precision_layers=\['attn.out_proj'\]"):
+        msfp.quantize(WithAttention(), QuantConfig(eight_bit_layers=[]))
+    assert msfp.quantize(WithAttention(), QuantConfig(eight_bit_layers=[], full_precision_layers=["attn.out_proj"]))
+
     torch.manual_seed(0)
-    fp = WithAttention().eval()
+    fp = tiny_plain().eval()
+    fp.unused = nn.Linear(8, 8)  # never called by forward
     q = msfp.quantize(copy.deepcopy(fp), QuantConfig(eight_bit_layers=[]))
     with pytest.raises(ValueError, match=r"1 quantized layer\(s\) never ran during calibration \(e.g. "
-                                         r"'attn.out_proj'\).*full_precision_layers"):
-        msfp.calibrate(q, fp, scheduler(), num_samples=2, num_steps=2, sample_shape=(1, 4, 4), disable=True)
+                                         r"'unused'\).*full_precision_layers"):
+        msfp.calibrate(q, fp, scheduler(), num_samples=2, num_steps=2, sample_shape=(1, 8, 8), disable=True)
+
+
+@pytest.mark.parametrize("parametrize", [nn.utils.parametrizations.weight_norm,
+                                         nn.utils.parametrizations.spectral_norm])
+def test_layers_with_a_computed_weight_are_refused_before_any_layer_is_replaced(parametrize):
+    # The quantized layer kept one computed copy of the weight: it left state_dict, and fine-tuning's second
+    # backward failed ("Trying to backward through the graph a second time").
+    model = tiny_plain()
+    parametrize(model.mid)
+    with pytest.raises(ValueError, match=r"mid: its weight is computed on every call .*remove_parametrizations"):
+        msfp.quantize(model, "w4a4-msfp")
+    assert not any(isinstance(m, QuantLayer) for m in model.modules())  # all or nothing
+    assert msfp.quantize(model, QuantConfig(full_precision_layers=["mid"]))
+
+
+def test_lazy_and_compiled_models_get_clear_errors():
+    model = tiny_plain()
+    model.mid = nn.LazyConv2d(8, 3, padding=1)
+    with pytest.raises(ValueError, match="mid: LazyConv2d has no weight until its first forward"):
+        msfp.quantize(model, "w4a4-msfp")
+    assert not any(isinstance(m, QuantLayer) for m in model.modules())  # inp, before it, used to be replaced
+    # Through the wrapper, names gained "_orig_mod." (so @last missed the output layer) and the timestep its name.
+    with pytest.raises(ValueError, match="wrapped by torch.compile: quantize the model itself, then compile"):
+        msfp.quantize(torch.compile(tiny_unet()), "w4a4-msfp")
+
+
+def test_a_duplicate_layer_error_names_the_selector_that_works():
+    model = tiny_plain()
+    model.head = model.mid
+    with pytest.raises(ValueError, match=r"full_precision_layers=\['mid'\]"):
+        msfp.quantize(model, "w4a4-msfp")
+    assert msfp.quantize(model, QuantConfig(full_precision_layers=["mid"]))
+
+
+def test_transformer_encoder_layers_run_their_quantized_linears_at_inference():
+    # nn.TransformerEncoderLayer's inference fast path (eval, no grad) reads linear1/linear2's weights directly:
+    # the quantized model ran them in full precision there, and only there.
+    class Denoiser(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp = nn.Linear(4, 16)
+            self.block = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+            self.out = nn.Linear(16, 4)
+
+        def forward(self, x, t):
+            return self.out(self.block(self.inp(x.view(x.shape[0], 4, 4)))).view_as(x)
+
+    torch.manual_seed(0)
+    fp = Denoiser().eval()
+    q = msfp.quantize(copy.deepcopy(fp), QuantConfig(eight_bit_layers=[], full_precision_layers=[".*out_proj"]))
+    msfp.calibrate(q, fp, scheduler(), num_samples=2, num_steps=2, sample_shape=(1, 4, 4), disable=True)
+    x, t = torch.randn(2, 1, 4, 4), torch.tensor([10, 900])
+    with torch.no_grad():
+        inference = q(x, t)
+        with msfp.surgery.quantizers_disabled(q):
+            unquantized = q(x, t)
+    assert torch.equal(inference, q(x, t).detach())  # the same with autograd on, which never took the fast path
+    assert not torch.allclose(inference, unquantized)
 
 
 def test_timestep_reaches_layers_from_inside_a_pipeline():

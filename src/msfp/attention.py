@@ -84,6 +84,9 @@ class QuantAttnProcessor:
         if image_shape is not None:  # (B, C, H, W) -> (B, H·W, C) tokens
             hidden_states = hidden_states.flatten(2).transpose(1, 2)
         source = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        if attention_mask is not None and attention_mask.dtype == torch.bool:  # SDPA's meaning: True takes part
+            attention_mask = torch.zeros(attention_mask.shape, dtype=hidden_states.dtype, device=attention_mask.device
+                                         ).masked_fill(~attention_mask, torch.finfo(hidden_states.dtype).min)
         attention_mask = attn.prepare_attention_mask(attention_mask, source.shape[1], source.shape[0])
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)

@@ -129,7 +129,7 @@ class _LayerRecorder:
         self.values, self.timesteps = [], []
         self.min, self.max = math.inf, -math.inf
         self.traced_from = None
-        self.macs = None
+        self.mac_sum = 0  # over every call: a layer called twice per forward does its work twice
 
     def __call__(self, layer, x, macs=None):
         flat = x.detach().float().flatten(1)
@@ -139,8 +139,7 @@ class _LayerRecorder:
             where = "" if t is None else f" at timestep(s) {sorted(set(t[~finite].tolist()))}"
             what = "layer" if isinstance(layer, QuantLayer) else f"attention {layer.kind} input"
             raise FloatingPointError(f"calibration: {what} {layer.name!r} received NaN/inf inputs{where}")
-        if self.macs is None:
-            self.macs = layer.macs_per_sample(x.shape) if macs is None else macs
+        self.mac_sum += (layer.macs_per_sample(x.shape) if macs is None else macs) * x.shape[0]
         self.min = min(self.min, flat.min().item())
         self.max = max(self.max, flat.max().item())
         idx = torch.randint(0, flat.shape[1], (flat.shape[0], self.per_point), generator=self.gen)
@@ -152,9 +151,10 @@ class _LayerRecorder:
             if self.traced_from is None and any(x is out for out in outputs):
                 self.traced_from = name
 
-    def result(self) -> dict:
+    def result(self, model_samples: int) -> dict:
+        """``model_samples``: how many samples the model ran on, to turn the MACs into MACs per model sample."""
         return dict(values=torch.cat(self.values), timesteps=torch.cat(self.timesteps), min=self.min, max=self.max,
-                    traced_from=self.traced_from, macs=self.macs)
+                    traced_from=self.traced_from, macs=round(self.mac_sum / model_samples))
 
 
 def recorded_inputs(qmodel: nn.Module) -> dict:
@@ -201,7 +201,7 @@ def record_layer_inputs(qmodel: nn.Module, points: Trajectories, samples_per_lay
         raise ValueError(f"{len(silent)} quantized layer(s) never ran during calibration (e.g. {silent[0]!r}): their "
                          "parent module bypasses them or they are unused; keep them full precision with "
                          "QuantConfig.full_precision_layers")
-    return {name: rec.result() for name, rec in recorders.items()}
+    return {name: rec.result(len(points)) for name, rec in recorders.items()}
 
 
 def _is_aal(layer, rec: dict, config) -> tuple[bool, str]:

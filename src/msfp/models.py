@@ -28,6 +28,8 @@ from diffusers.utils import is_accelerate_available
 
 DEFAULT_MODEL_DIR = Path(__file__).parent / "assets" / "fashion_ddpm"
 DENOISER_COMPONENTS = ("unet", "transformer")
+# How diffusers' denoisers name their timestep parameter (VAEs, adapters and vocoders have none).
+_TIMESTEP_PARAMETERS = {"timestep", "timesteps", "t", "timestep_ratio"}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _HUB_PATTERNS = ["model_index.json", "config.json", "scheduler_config.json", "diffusion_pytorch_model*",
                  *(f"{c}/*" for c in (*DENOISER_COMPONENTS, "scheduler"))]
@@ -38,6 +40,9 @@ def _model_class(name: str, where: Path) -> type[ModelMixin]:
     if not (isinstance(cls, type) and issubclass(cls, ModelMixin)):
         raise ValueError(f"{where}: unknown model class {name!r}; expected a diffusers model class such as "
                          "'UNet2DModel' or 'DiTTransformer2DModel'")
+    if not _TIMESTEP_PARAMETERS & set(inspect.signature(cls.forward).parameters):
+        raise ValueError(f"{where}: {name} is not a denoiser: its forward takes no timestep; msfp quantizes models "
+                         "called as model(x, timestep, ...), such as 'UNet2DModel' or 'DiTTransformer2DModel'")
     return cls
 
 
@@ -67,7 +72,7 @@ def _ddim(config_dir: Path, config_name: str) -> DDIMScheduler:
     configs are refused instead of becoming a default linear-beta DDIM."""
     config = _read_json(config_dir / config_name)
     kind = config.get("_class_name", "a scheduler")
-    if kind not in (*DDIMScheduler._compatibles, "a scheduler") or not {"beta_schedule", "trained_betas"} & set(config):
+    if not {"beta_schedule", "trained_betas"} & set(config):  # LCM and TCD have betas too, EDM's compatibles none
         raise ValueError(f"{config_dir / config_name}: {kind} has no DDPM noise schedule (betas); msfp calibrates, "
                          "fine-tunes and samples with DDIM on the model's betas, so it supports DDPM-family "
                          "schedulers only")
@@ -148,7 +153,14 @@ def denoise(model, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
     """``model``'s prediction for ``x`` at timesteps ``t`` as a tensor (a diffusers output's ``.sample``): the one
     way msfp calls a denoiser, ``model(x, timestep=t, **cond)`` where forward has a ``timestep`` parameter, else
     ``model(x, t, **cond)``."""
-    inner = getattr(model, "_orig_mod", model)  # torch.compile's wrapper takes (*args, **kwargs)
+    inner = model
+    while True:  # wrappers whose forward takes (*args, **kwargs): torch.compile's, DataParallel, DDP
+        if hasattr(inner, "_orig_mod"):
+            inner = inner._orig_mod
+        elif isinstance(inner, (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)):
+            inner = inner.module
+        else:
+            break
     by_name = _takes_timestep_by_name(getattr(inner, "forward", inner))  # a plain function is a denoiser too
     out = model(x, timestep=t, **cond) if by_name else model(x, t, **cond)
     out = getattr(out, "sample", out)

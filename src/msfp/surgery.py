@@ -34,6 +34,8 @@ _AAL_CHILDREN = {
     "AdaGroupNorm": ("linear",),
     "DiTTransformer2DModel": ("proj_out_1",),
 }
+# Blocks among those whose activation is optional (act_fn=None): then the child reads the raw embedding.
+_OPTIONAL_ACT = {"TimestepEmbedding": "linear_2", "AdaGroupNorm": "linear"}
 _TIME_EMBEDDING = re.compile(r"(^|.*\.)(time_embedding|class_embedding|add_embedding|timestep_embedder|"
                              r"time_embed|label_emb|emb\.class_embedder|adaln_single)(\..*|$)")
 # diffusers' output layers: PixArtTransformer2DModel registers its conditioning embeddings after proj_out, so the last
@@ -57,8 +59,8 @@ def structural_aals(model: nn.Module) -> dict[str, str]:
                 if cls == "ResnetBlock2D" and child == "time_emb_proj" and getattr(parent, "skip_time_act", False):
                     continue
                 found[prefix + child] = f"input is SiLU output ({cls}.{child})"
-        if cls == "TimestepEmbedding" and getattr(parent, "act", None) is None:
-            found.pop(prefix + "linear_2", None)
+        if cls in _OPTIONAL_ACT and getattr(parent, "act", None) is None:  # built without its activation
+            found.pop(prefix + _OPTIONAL_ACT[cls], None)
         # UNet2DModel / UNet2DConditionModel: conv_out reads conv_act(conv_norm_out(x)).
         if getattr(parent, "conv_act", None) is not None and hasattr(parent, "conv_out"):
             found[prefix + "conv_out"] = f"input is {type(parent.conv_act).__name__} output ({cls}.conv_out)"
@@ -112,19 +114,36 @@ def _timestep_hook(module, args, kwargs):
 
 
 def _check_replaceable(model: nn.Module, layers: list[tuple[str, nn.Module]]) -> None:
-    """Layers a QuantLayer cannot stand in for, with what to do instead."""
-    names = {}
+    """Layers a QuantLayer cannot stand in for, with what to do instead; checked before any layer is replaced."""
+    names, parents = {}, {}
     for name, module in model.named_modules(remove_duplicate=False):
         names.setdefault(id(module), []).append(name)
-    fix = "; keep it full precision with QuantConfig.full_precision_layers"
+        for child in module.children():
+            parents.setdefault(id(child), module)
     for name, module in layers:
+        fix = f"; keep it full precision with QuantConfig.full_precision_layers=[{name!r}]"
         if type(module).forward not in (nn.Conv2d.forward, nn.Linear.forward):
             raise ValueError(f"{name}: {type(module).__name__} has its own forward(), which a quantized layer would "
                              f"drop{fix}")
+        if isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params():
+            raise ValueError(f"{name}: {type(module).__name__} has no weight until its first forward; run the model "
+                             "once before quantizing it")
+        if not isinstance(module.weight, nn.Parameter):
+            raise ValueError(f"{name}: its weight is computed on every call (weight_norm, spectral_norm or another "
+                             "parametrization), which a quantized layer would freeze; remove the parametrization "
+                             f"first (torch.nn.utils.parametrize.remove_parametrizations){fix}")
+        if isinstance(parents.get(id(module)), nn.MultiheadAttention):
+            raise ValueError(f"{name}: nn.MultiheadAttention reads this layer's weight directly and never calls it, so "
+                             f"it cannot be quantized{fix}")
         aliases = [n for n in names[id(module)] if n != name]
         if aliases:
             raise ValueError(f"{name} is also registered as {', '.join(aliases)}: replacing it under one name would "
                              f"leave the others full precision{fix}")
+
+
+def _no_fast_path(module, args):
+    """A forward pre-hook that does nothing: its presence turns nn.TransformerEncoderLayer's inference fast path off,
+    which reads linear1/linear2's weights directly and would run them in full precision."""
 
 
 def quantize(model: nn.Module, config: QuantConfig | str) -> nn.Module:
@@ -134,6 +153,8 @@ def quantize(model: nn.Module, config: QuantConfig | str) -> nn.Module:
     config.validate()
     if getattr(model, "msfp_config", None) is not None:
         raise ValueError(f"{type(model).__name__} is already quantized (preset {model.msfp_config.name!r})")
+    if hasattr(model, "_orig_mod"):  # its layer names gain "_orig_mod." and its forward hides the timestep's name
+        raise ValueError("the model is wrapped by torch.compile: quantize the model itself, then compile the result")
     layers = quantizable_layers(model)
     if not layers or isinstance(model, (nn.Conv2d, nn.Linear)):
         raise ValueError(f"{type(model).__name__} has nothing to quantize: it contains no nn.Conv2d or nn.Linear "
@@ -165,6 +186,9 @@ def quantize(model: nn.Module, config: QuantConfig | str) -> nn.Module:
             layer.info.update(aal=True, aal_reason="structural: " + aals[name])
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
+    for module in model.modules():
+        if isinstance(module, nn.TransformerEncoderLayer) and any(isinstance(m, QuantLayer) for m in module.modules()):
+            module.register_forward_pre_hook(_no_fast_path)
     if attention:
         formats = {n: ((config.eight_bit_act_formats if n in eight else config.act_formats)[0],
                        "8bit" if n in eight else "4bit") for n in attention if n not in full}
