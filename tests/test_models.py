@@ -126,7 +126,21 @@ def test_bad_pipeline_dirs(tmp_path):
     (tmp_path / "model_index.json").write_text(json.dumps({"unet": ["diffusers", "UNet2DModel"]}))
     config = json.loads((tmp_path / "unet" / "config.json").read_text())
     (tmp_path / "unet" / "config.json").write_text(json.dumps({**config, "block_out_channels": [8, 32]}))
-    with pytest.raises(ValueError, match=r"unet: cannot load the UNet2DModel weights \(.*size mismatch"):
+    with pytest.raises(ValueError, match=r"unet: cannot load the UNet2DModel from its config and weights \(.*size "
+                                         "mismatch"):
+        load_model(tmp_path)
+    for bad, why in ((dict(down_block_types=["NoSuchBlock2D", "DownBlock2D"]), "NoSuchBlock2D does not exist"),
+                     (dict(layers_per_block="two"), "'str' object cannot be interpreted as an integer")):
+        (tmp_path / "unet" / "config.json").write_text(json.dumps({**config, **bad}))  # used to name no folder
+        with pytest.raises(ValueError, match=f"unet: cannot load the UNet2DModel from its config and weights \\({why}"):
+            load_model(tmp_path)
+    (tmp_path / "unet" / "config.json").write_text(json.dumps(config))
+    DDPMScheduler().save_pretrained(tmp_path / "scheduler")
+    scheduler_config = json.loads((tmp_path / "scheduler" / "scheduler_config.json").read_text())
+    (tmp_path / "scheduler" / "scheduler_config.json").write_text(json.dumps({**scheduler_config,
+                                                                             "beta_schedule": "cosine-ish"}))
+    with pytest.raises(ValueError, match="scheduler_config.json: cannot build its noise schedule \\(cosine-ish is not "
+                                         "implemented"):
         load_model(tmp_path)
     (tmp_path / "unet" / "config.json").write_text("[1, 2]")
     with pytest.raises(ValueError, match="unet/config.json: expected a JSON object of settings, got list"):

@@ -51,10 +51,12 @@ def _from_pretrained(cls: type[ModelMixin], path: Path, **kwargs) -> ModelMixin:
     # asking for what is available keeps accelerate's faster loading where it is installed and the output clean.
     try:
         return cls.from_pretrained(path, low_cpu_mem_usage=is_accelerate_available(), **kwargs)
-    except (RuntimeError, EnvironmentError) as e:  # weights that do not fit the config, missing files
+    # Weights that do not fit the config, missing files, or config values the class cannot build from (an unknown
+    # block type is a ValueError, a count given as a string a TypeError): each named by its folder.
+    except (RuntimeError, EnvironmentError, ValueError, TypeError) as e:
         where = path / kwargs.get("subfolder", "")
         why = " ".join(str(e).split())[:400]
-        raise ValueError(f"{where}: cannot load the {cls.__name__} weights ({why})") from e
+        raise ValueError(f"{where}: cannot load the {cls.__name__} from its config and weights ({why})") from e
 
 
 def _read_json(path: Path) -> dict:
@@ -72,11 +74,15 @@ def _ddim(config_dir: Path, config_name: str) -> DDIMScheduler:
     configs are refused instead of becoming a default linear-beta DDIM."""
     config = _read_json(config_dir / config_name)
     kind = config.get("_class_name", "a scheduler")
-    if not {"beta_schedule", "trained_betas"} & set(config):  # LCM and TCD have betas too, EDM's compatibles none
+    # LCM and TCD have betas too; EDM and flow matching none.
+    if "beta_schedule" not in config and config.get("trained_betas") is None:
         raise ValueError(f"{config_dir / config_name}: {kind} has no DDPM noise schedule (betas); msfp calibrates, "
                          "fine-tunes and samples with DDIM on the model's betas, so it supports DDPM-family "
                          "schedulers only")
-    return DDIMScheduler.from_config(config)
+    try:
+        return DDIMScheduler.from_config(config)
+    except (NotImplementedError, ValueError, TypeError) as e:  # e.g. an unknown beta_schedule
+        raise ValueError(f"{config_dir / config_name}: cannot build its noise schedule ({e})") from e
 
 
 def _load_pipeline_dir(path: Path):
