@@ -78,6 +78,30 @@ def test_processor_matches_attn_processor_on_every_path(kwargs):
         assert torch.equal(attn(*args, **call), expected)
 
 
+def test_attention_msfp_cannot_reproduce_can_stay_full_precision():
+    from diffusers import UNet2DConditionModel
+
+    from msfp.layers import QuantLayer
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(  # added-KV attention (AttnAddedKVProcessor2_0) in the mid block only
+        sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        mid_block_type="UNetMidBlock2DSimpleCrossAttn", cross_attention_dim=8, norm_num_groups=4,
+        attention_head_dim=2).eval()
+    with pytest.raises(ValueError, match="attention 'mid_block.attentions.0' uses AttnAddedKVProcessor2_0, which "
+                                         "msfp cannot replace") as refused:
+        msfp.quantize(unet, ATTENTION)
+    selector = r"mid_block\.attentions\.0\.attn_.*"
+    assert f'full_precision_layers=[r"{selector}"]' in str(refused.value)  # what to paste
+    assert not any(isinstance(m, QuantLayer) for m in unet.modules())  # refused before any layer was replaced
+    # Keeping it full precision used to be refused all the same, and its processor would have been replaced too.
+    q = msfp.quantize(unet, QuantConfig(quantize_attention=True, full_precision_layers=[selector]))
+    processors = {n: type(a.processor).__name__ for n, a in attention_modules(q).items()}
+    assert processors.pop("mid_block.attentions.0") == "AttnAddedKVProcessor2_0"
+    assert set(processors.values()) == {"QuantAttnProcessor"} and q.msfp_quantized_attention == sorted(processors)
+
+
 def test_boolean_masks_mean_what_they_mean_to_sdpa():
     torch.manual_seed(0)
     attn = Attention(query_dim=8, cross_attention_dim=6, heads=2, dim_head=4).eval()

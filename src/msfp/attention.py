@@ -20,6 +20,7 @@ model's outputs equal the full-precision model's up to float rounding.
 from __future__ import annotations
 
 import contextlib
+import re
 
 import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
@@ -131,26 +132,36 @@ def attention_modules(model: nn.Module) -> dict[str, Attention]:
 
 
 def attention_inputs(model: nn.Module) -> list[str]:
-    """Names of the quantizable attention matmul inputs, ``<attention>.attn_q`` etc., in module order; a clear error
-    for a model whose attention msfp cannot quantize."""
+    """Names of the attention matmul inputs, ``<attention>.attn_q`` etc., in module order (for the layer policy's
+    selectors); a clear error for a model without diffusers attention."""
     modules = attention_modules(model)
     if not modules:
         raise ValueError(f"QuantConfig.quantize_attention: {type(model).__name__} has no diffusers Attention module "
                          "(msfp quantizes the matmuls of diffusers.models.attention_processor.Attention only)")
-    for name, attn in modules.items():
-        if type(attn.processor) not in _REPLACEABLE:
+    return [f"{name}.attn_{t}" for name in modules for t in TENSORS]
+
+
+def check_attention_replaceable(model: nn.Module, names) -> None:
+    """Raise if an attention module that gets quantizers (``names``: from :func:`attention_inputs`) runs a processor
+    msfp cannot reproduce; those whose inputs all stay full precision keep theirs."""
+    quantized = {name.rpartition(".")[0] for name in names}
+    for name, attn in attention_modules(model).items():
+        if name in quantized and type(attn.processor) not in _REPLACEABLE:
+            selector = re.escape(name) + r"\.attn_.*"
             raise ValueError(f"QuantConfig.quantize_attention: attention {name!r} uses "
                              f"{type(attn.processor).__name__}, which msfp cannot replace (it reproduces "
-                             f"{' and '.join(p.__name__ for p in _REPLACEABLE)} only)")
-    return [f"{name}.attn_{t}" for name in modules for t in TENSORS]
+                             f"{' and '.join(p.__name__ for p in _REPLACEABLE)} only); keep its inputs full "
+                             f'precision with QuantConfig.full_precision_layers=[r"{selector}"]')
 
 
 def install_attention_quantizers(model: nn.Module, formats: dict[str, tuple[str, str]], context,
                                  act_groups: int) -> None:
     """Give the ``Attention`` modules the quantizers named in ``formats`` (name -> (initial activation format,
-    precision); names from :func:`attention_inputs`) and every one the :class:`QuantAttnProcessor`."""
+    precision); names from :func:`attention_inputs`) and those that get one the :class:`QuantAttnProcessor`; the
+    others keep their processor (a fused kernel, or one msfp cannot reproduce)."""
     for name, attn in attention_modules(model).items():
         device = next(attn.parameters()).device
+        installed = False
         for tensor in TENSORS:
             full = f"{name}.attn_{tensor}"
             if full in formats:
@@ -158,7 +169,9 @@ def install_attention_quantizers(model: nn.Module, formats: dict[str, tuple[str,
                 quantizer = AttnInputQuantizer(full, tensor, fmt, context, act_groups, precision).to(device)
                 quantizer.info.update(module=name, matmul=MATMUL[tensor])
                 attn.add_module(f"attn_{tensor}", quantizer)
-        attn.set_processor(QuantAttnProcessor())
+                installed = True
+        if installed:
+            attn.set_processor(QuantAttnProcessor())
 
 
 def check_quantized_attention(model: nn.Module, names) -> None:

@@ -17,7 +17,8 @@ from contextlib import contextmanager
 
 from torch import nn
 
-from msfp.attention import attention_inputs, check_quantized_attention, install_attention_quantizers
+from msfp.attention import (attention_inputs, check_attention_replaceable, check_quantized_attention,
+                            install_attention_quantizers)
 from msfp.config import ROLES, QuantConfig
 from msfp.layers import QuantContext, QuantLayer
 from msfp.models import timestep_by_name
@@ -172,6 +173,7 @@ def quantize(model: nn.Module, config: QuantConfig | str) -> nn.Module:
         raise ValueError(f"QuantConfig.full_precision_layers keeps all {len(names)} Conv2d/Linear layers full "
                          "precision: nothing to quantize")
     _check_replaceable(model, [(n, m) for n, m in layers if n not in full])
+    check_attention_replaceable(model, [n for n in attention if n not in full])
     aals = structural_aals(model) if config.aal_structural else {}
 
     context = QuantContext()  # calibrate() sets the scheduler's num_train_timesteps
