@@ -21,6 +21,7 @@ import numpy as np
 
 from msfp.compare import (TABLE_COLUMNS, CompareSettings, format_cell, metrics_table, parse_methods,
                           run_compare, table_rows)
+from msfp.environment import HelpFormatter
 from msfp.fileio import atomic_path
 from msfp.metrics import bootstrap_interval
 
@@ -58,7 +59,7 @@ def markdown(result: dict, differences: list[dict]) -> str:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     defaults = CompareSettings()
     p.add_argument("--model", default="default")
     p.add_argument("--rows", default=",".join(ROWS))

@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 
 import msfp
 from msfp.checkpoint import CODES_SUFFIX, CONFIG_NAME, WEIGHTS_NAME
-from msfp.environment import machine_info
+from msfp.environment import HelpFormatter, machine_info
 from msfp.fileio import write_json
 from msfp.surgery import quant_layers
 from msfp.talora import add_talora
@@ -55,7 +55,7 @@ def breakdown(file: Path, qmodel) -> dict:
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     parser.add_argument("--model", default="default")
     parser.add_argument("--preset", default="w4a4-msfp")
     parser.add_argument("--calib-samples", type=int, default=4)

@@ -45,6 +45,7 @@ import torch
 
 from gpu_w4a4 import ACT_FORMAT, CONVS, WEIGHT_FORMAT, Timer, progress, rates, speedups, start_report
 from msfp import triton_kernels
+from msfp.environment import HelpFormatter
 from msfp.fp8 import e4m3_shift
 
 
@@ -199,7 +200,7 @@ def rejected_or(launch):
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--iters", type=int, default=30)
     p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,

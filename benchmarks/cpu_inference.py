@@ -43,7 +43,7 @@ from safetensors.torch import load_file
 
 import msfp
 from msfp.checkpoint import freeze_weights, read_quant_meta, unfreeze_weights
-from msfp.environment import machine_info
+from msfp.environment import HelpFormatter, machine_info
 from msfp.fileio import write_json
 from msfp.formats import get_format
 from msfp.sampling import sample
@@ -140,7 +140,7 @@ def make_checkpoint(args, directory: Path) -> Path:
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     parser.add_argument("--model", default="default")
     parser.add_argument("--preset", default="w4a4-msfp")
     parser.add_argument("--images", type=int, default=8)

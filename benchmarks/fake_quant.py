@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from msfp.environment import machine_info
+from msfp.environment import HelpFormatter, machine_info
 from msfp.formats import _fake_quant, fake_quant, get_format
 from msfp.kernels import compiled_fake_quant
 
@@ -107,7 +107,7 @@ def host_overhead(device, rounds: int = 7, calls: int = 300) -> dict:
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--out", default=None, help="also write the JSON here")
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile path")

@@ -24,7 +24,7 @@ import time
 import torch
 
 import msfp
-from msfp.environment import machine_info
+from msfp.environment import HelpFormatter, machine_info
 from msfp.finetune import FinetuneConfig, _trainable_groups
 from msfp.surgery import set_fused_rounding, set_quantizers_enabled
 from msfp.talora import add_talora
@@ -93,7 +93,7 @@ def result_of(proc, queue, name: str) -> dict:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--model", default="default")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--iters", type=int, default=10)

@@ -39,7 +39,7 @@ import torch
 from fake_quant import us_per_call  # the script's own directory is on sys.path
 from gpu_w4a4 import quantized_layer
 from msfp import triton_kernels
-from msfp.environment import machine_info
+from msfp.environment import HelpFormatter, machine_info
 from msfp.fp8 import Fp8Layer
 from stand_in_gpu import stand_in_gpu
 
@@ -62,7 +62,7 @@ def median_us(forwards: dict, args) -> dict:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--calls", type=int, default=1000, help="forwards per timed round")
     p.add_argument("--rounds", type=int, default=7, help="timed rounds (the median is reported)")
     p.add_argument("--triton-dispatch", action=argparse.BooleanOptionalAction, default=True,

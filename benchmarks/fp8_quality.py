@@ -36,7 +36,7 @@ from msfp.checkpoint import freeze_weights
 from msfp.compare import (CALIB_SEED_OFFSET, FINETUNED, METHODS, REFERENCE_METHOD, CompareSettings, Context,
                           parse_methods)
 from msfp.config import PRESETS
-from msfp.environment import machine_info
+from msfp.environment import HelpFormatter, machine_info
 from msfp.evaluation import evaluate, load_reference, psnr
 from msfp.fileio import write_json
 from msfp.fp8 import convert_to_fp8, fp8_kernels_available
@@ -71,7 +71,7 @@ def precompile_sampling(model, scheduler, num_samples: int, batch_size: int, dev
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     defaults = CompareSettings()
     p.add_argument("--model", default=defaults.model)
     p.add_argument("--methods", default="w4a4-msfp,w4a4-msfp+talora", help=f"any of {', '.join(MSFP_METHODS)}")

@@ -54,7 +54,7 @@ from torch.nn import functional as F
 import msfp
 from msfp import triton_kernels
 from msfp.cuda_graphs import capture
-from msfp.environment import machine_info
+from msfp.environment import HelpFormatter, machine_info
 from msfp.formats import get_format
 from msfp.fp8 import Fp8Layer, act_codes, convert_to_fp8, e4m3_shift, fp8_kernels_available
 from msfp.surgery import quant_layers
@@ -471,7 +471,7 @@ def start_report(script: str, args, argv) -> tuple[dict, torch.device, dict | No
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--iters", type=int, default=30)
     p.add_argument("--large-batch", type=int, default=32,

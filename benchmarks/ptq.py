@@ -22,7 +22,7 @@ import torch
 
 import msfp
 from msfp.calibration import collect_trajectories
-from msfp.environment import machine_info
+from msfp.environment import HelpFormatter, machine_info
 from msfp.evaluation import per_timestep_eps_mse
 from msfp.feature_net import compute_features, load_feature_net, load_reference_stats
 from msfp.fileio import write_json
@@ -38,7 +38,7 @@ def sample_quality(images, reference, net) -> dict:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--model", default="default")
     p.add_argument("--presets", default="w4a4-int,w4a4-fp,w4a4-msfp,w6a6-msfp")
     p.add_argument("--calib-samples", type=int, default=64)

@@ -27,7 +27,7 @@ from diffusers import DDIMScheduler
 import msfp
 from gpu_w4a4 import sd15_unet, w4a4_config  # the script's own directory is on sys.path
 from msfp.cuda_graphs import GraphedDenoiser
-from msfp.environment import machine_info
+from msfp.environment import HelpFormatter, machine_info
 from msfp.fp8 import convert_to_fp8
 from msfp.sampling import sample
 from msfp.talora import add_talora
@@ -60,7 +60,7 @@ def timed_runs(model, scheduler, args, cond, device) -> tuple[torch.Tensor, dict
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--model", choices=["default", "sd15"], default="default")
     p.add_argument("--num", type=int, default=16, help="images per run")
     p.add_argument("--batch", type=int, default=8)

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from msfp.data import CLASS_NAMES, load_fashion_mnist, to_model_range
-from msfp.environment import cpu_name
+from msfp.environment import HelpFormatter, cpu_name
 from msfp.feature_net import compute_features, load_feature_net, load_reference_stats
 from msfp.metrics import classifier_score, feature_stats, frechet_distance, kid
 from msfp.models import load_model
@@ -41,7 +41,7 @@ def quality(feats, logits, ref_stats, ref_feats, args) -> dict:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--model", default="default", help="msfp.load_model spec")
     p.add_argument("--num-samples", type=int, default=1000)
     p.add_argument("--steps", type=int, default=100, help="DDIM steps")

@@ -28,6 +28,7 @@ from diffusers.training_utils import EMAModel
 from tqdm import tqdm
 
 from msfp.data import load_fashion_mnist, to_model_range
+from msfp.environment import HelpFormatter
 
 UNET_CONFIG = dict(
     sample_size=32,
@@ -65,7 +66,7 @@ def lr_at(step: int, args) -> float:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--data", default=None, help="directory with the Fashion-MNIST IDX files (default: Debian's)")
     p.add_argument("--out", default="src/msfp/assets/fashion_ddpm", help="output pipeline directory")
     p.add_argument("--work-dir", default="runs/train_default_model", help="checkpoints and logs")

@@ -26,6 +26,7 @@ import torch
 from safetensors.torch import save_file
 
 from msfp.data import load_fashion_mnist, to_model_range
+from msfp.environment import HelpFormatter
 from msfp.feature_net import CONFIG_NAME, STATS_NAME, WEIGHTS_NAME, FeatureNet, compute_features
 from msfp.metrics import feature_stats, frechet_distance
 
@@ -44,7 +45,7 @@ def atomic_write(path: Path, write) -> None:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--data", default=None, help="directory with the Fashion-MNIST IDX files (default: Debian's)")
     p.add_argument("--out", default="src/msfp/assets/feature_net")
     p.add_argument("--epochs", type=int, default=3)

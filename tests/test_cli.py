@@ -225,9 +225,11 @@ def test_eval_reference_image_dir_and_other_image_sizes(tmp_path):
     assert "kid" in json.loads((tmp_path / "r.json").read_text())["metrics"]
 
     save_samples(tmp_path / "rgb.npz", np.zeros((4, 16, 16, 3), np.uint8), np.arange(4))
-    r = run("eval", tmp_path / "rgb.npz", "--ref-images", tmp_path)
-    assert r.exit_code == 0, r.output
+    r = run("eval", tmp_path / "rgb.npz", "--ref-images", tmp_path, "--json", tmp_path / "rgb.json")
+    # Nothing to compute: it used to exit 0 with an empty table.
+    assert r.exit_code == 1 and f"no metric could be computed for {tmp_path / 'rgb.npz'} (" in r.output
     assert "the shipped feature network takes 32x32x1 Fashion-MNIST images; the samples are 16x16x3" in r.output
+    assert not (tmp_path / "rgb.json").exists()
 
 
 def test_commands_refuse_to_replace_the_current_directory_before_any_work(tmp_path, monkeypatch, tiny_model_dir):
@@ -274,3 +276,16 @@ def test_unwritable_outputs_fail_before_the_work(tmp_path, tiny_model_dir):
         # They used to sample, run the reference method or compute every metric first.
         assert r.exit_code == 1 and "a-file" in r.output and "sample:" not in r.output, (args, r.output)
         assert "[1/" not in r.output and "fd" not in r.output, (args, r.output)
+
+
+def test_bad_counts_and_rates_name_their_flag(tmp_path):
+    # These used to be reported by field name (FinetuneConfig.batch_size, CompareSettings.num_samples), as "--num 0
+    # is smaller than the number of processes", or accepted (--max-minutes -1, --lr -1).
+    for command, flag in ((["sample", "--out", tmp_path / "s.npz", "-n", 0], "'--num' / '-n'"),
+                          (["sample", "--out", tmp_path / "s.npz", "--steps", 0], "'--steps'"),
+                          (["compare", "--out", tmp_path / "c", "--batch", 0], "'--batch'"),
+                          (["finetune", tmp_path, "--lr", -1], "'--lr'"),
+                          (["finetune", tmp_path, "--max-minutes", -1], "'--max-minutes'"),
+                          (["eval", tmp_path / "s.npz", "--paired", tmp_path / "nothere.npz"], "'--paired'")):
+        r = run(*command)
+        assert r.exit_code == 2 and f"Invalid value for {flag}" in r.output, (command, r.output)

@@ -46,6 +46,9 @@ def test_compare_writes_results_and_self_contained_report(tmp_path, tiny_model_d
     assert re.search(r"^not computed: fd, kid, classifier_score, precision, recall \(all methods\): .*32x32x1",
                      r.output, re.M)
     assert "psnr, paired_mse (fp): the reference the other methods are paired with" in r.output
+    # It used to point at an --inception-weights option that compare does not have.
+    assert ("fid, sfid, inception_score, inception_precision, inception_recall (all methods): msfp compare computes "
+            "none; `msfp eval OUT/samples/METHOD.npz --inception-weights FILE` adds them") in r.output
     assert msfp["metrics"]["psnr"] > 0 and msfp["eps_mse_mean"] > 0 and msfp["eps_mse_weighted"] > 0
     assert fp["fd_bootstrap"] is None  # no FD on 8x8 images, so nothing to resample
     assert len(msfp["eps_mse_per_timestep"]) == 2 and msfp["calibration"]["points"] == 6
@@ -90,7 +93,7 @@ def test_a_directory_that_is_not_a_report_is_never_replaced(tmp_path, monkeypatc
 
 def test_bad_settings_fail_before_any_work(tmp_path):
     r = run("compare", "--methods", "w4a4-msfp+talora", "--finetune-batch", "0", "--out", tmp_path / "x")
-    assert r.exit_code == 1 and "CompareSettings.finetune_batch must be >= 1, got 0" in r.output
+    assert r.exit_code == 2 and "Invalid value for '--finetune-batch': 0 is not in the range x>=1" in r.output
     assert not (tmp_path / "x").exists()
     with pytest.raises(ValueError, match="CompareSettings.num_samples must be >= 1, got -1"):
         CompareSettings(num_samples=-1)

@@ -297,13 +297,14 @@ def test_cli_quantize_then_finetune_with_time_budget_and_resume(tmp_path):
     for command in (["finetune", q, "--model", tmp_path / "retrained"],
                     ["eval", tmp_path / "none.npz", "--model", q, "--fp-model", tmp_path / "retrained"]):
         r = run(*command)
-        assert r.exit_code != 0 and "was quantized from other weights than --" in r.output, r.output
+        assert r.exit_code != 0 and "was quantized from other weights than those of --" in r.output, r.output
     assert (q / "model.safetensors").read_bytes() == before
     r = run(*args, "--max-minutes", 0)
     assert r.exit_code == 0 and "stopped at iteration 0/4" in r.output, r.output
     assert (q / "model.safetensors").read_bytes() == before  # unchanged until the run completes
     r = run(*args, "--resume")
     assert r.exit_code == 0 and "fine-tuned 4 iterations" in r.output and "router: t 0–" in r.output, r.output
+    assert not (q.parent / f".{q.name}.finetune").exists()  # its state was left behind, of no use to anything
     meta = msfp.checkpoint.read_quant_meta(q)
     assert meta["scheduler_config"]["num_train_timesteps"] == 1000  # kept for sampling
     assert meta["finetune"]["seed"] == 10_000  # teacher trajectories away from msfp sample's seeds, as in msfp compare

@@ -112,8 +112,8 @@ def require_base_weights(meta: dict, model: nn.Module, where, what: str) -> None
     recorded = meta.get("base_weights")
     given = None if recorded is None else weights_digest(model)
     if given != recorded:
-        raise ValueError(f"{where} was quantized from other weights than {what}'s (weights digest {recorded} there, "
-                         f"{given} here); pass the full-precision model it was quantized from")
+        raise ValueError(f"{where} was quantized from other weights than those of {what} (weights digest {recorded} "
+                         f"there, {given} here); pass the full-precision model it was quantized from")
 
 
 def _json_default(obj):

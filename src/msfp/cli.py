@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -79,6 +80,9 @@ class _DeviceType(click.ParamType):
 
 
 _DEVICE = _DeviceType()
+# Counts and rates are checked by click, so that an error names the flag (the configs name their fields).
+_COUNT = click.IntRange(min=1)
+_RATE = click.FloatRange(min=0)
 
 
 @main.command()
@@ -88,11 +92,11 @@ _DEVICE = _DeviceType()
 @click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False), default=None,
               help="QuantConfig JSON file (instead of --preset)")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="output directory")
-@click.option("--calib-samples", default=64, help="trajectories (images) sampled for calibration")
-@click.option("--calib-steps", default=25, help="DDIM steps per calibration trajectory")
+@click.option("--calib-samples", type=_COUNT, default=64, help="trajectories (images) sampled for calibration")
+@click.option("--calib-steps", type=_COUNT, default=25, help="DDIM steps per calibration trajectory")
 @click.option("--seed", default=0, help="calibration trajectory i starts from noise seed + 10000 + i, as in msfp "
               "compare: not from the noise of the images msfp sample --seed draws (seed + i)")
-@click.option("--batch", default=64, help="calibration points per denoiser call")
+@click.option("--batch", type=_COUNT, default=64, help="calibration points per denoiser call")
 @click.option("--cache-dir", default=None, type=click.Path(file_okay=False),
               help="reuse calibration trajectories and layer inputs across runs")
 @click.option("--device", type=_DEVICE, default=_default_device())
@@ -161,16 +165,17 @@ def _load_any_model(spec: str, backend: str = "fake"):
 @main.command()
 @click.option("--model", "model_spec", default="default",
               help="'default', a save_pretrained directory, a Hub id or a quantized directory (msfp quantize)")
-@click.option("--num", "-n", "num_samples", default=64,
+@click.option("--num", "-n", "num_samples", type=_COUNT, default=64,
               help="number of images (under torchrun write -n: torchrun reads --num as its own --numa-binding)")
-@click.option("--steps", default=50, help="sampling steps")
+@click.option("--steps", type=_COUNT, default=50, help="sampling steps")
 @click.option("--scheduler", "scheduler_name", type=click.Choice(list(SCHEDULERS)), default="ddim")
 @click.option("--eta", default=0.0, help="DDIM eta (0: deterministic)")
 @click.option("--guidance", default=1.0, help="classifier-free guidance scale for class-conditional DiTs (1: off)")
 @click.option("--seed", default=0, help="image i is drawn with a generator seeded with seed + i")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="sample file (.npz); a PNG grid of the "
               "first 64 images goes beside it")
-@click.option("--batch", default=64, help="images per denoiser call (same noise per image whatever it is; a "
+@click.option("--batch", type=_COUNT, default=64,
+              help="images per denoiser call (same noise per image whatever it is; a "
               "quantized model's images can still change slightly with it: README, 'Same seeds, same images?')")
 @click.option("--device", type=_DEVICE, default=None,
               help="default: cuda if available (one GPU per rank under torchrun), else cpu")
@@ -213,14 +218,14 @@ def sample(model_spec, num_samples, steps, scheduler_name, eta, guidance, seed, 
               help="Fashion-MNIST IDX files for the default reference (default: Debian's dataset-fashion-mnist)")
 @click.option("--inception-weights", type=click.Path(dir_okay=False), default=None,
               help="torch-fidelity's weights-inception-2015-12-05-6726825d.pth: adds FID, sFID, IS, precision/recall")
-@click.option("--paired", "paired_path", type=click.Path(dir_okay=False), default=None,
+@click.option("--paired", "paired_path", type=click.Path(exists=True, dir_okay=False), default=None,
               help="samples from the same seeds (e.g. the full-precision model's): adds PSNR")
 @click.option("--model", "model_spec", default=None,
               help="the model that drew SAMPLES (e.g. a quantized directory): adds its per-timestep noise-prediction "
               "MSE against --fp-model on held-out trajectories")
 @click.option("--fp-model", default="default", help="the full-precision model --model is compared with")
-@click.option("--heldout-samples", default=16, help="held-out trajectories (DDIM, --heldout-steps steps)")
-@click.option("--heldout-steps", default=25)
+@click.option("--heldout-samples", type=_COUNT, default=16, help="held-out trajectories (DDIM, --heldout-steps steps)")
+@click.option("--heldout-steps", type=_COUNT, default=25, help="DDIM steps per held-out trajectory")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="also write the results here")
 @click.option("--device", type=_DEVICE, default=None, help="default: cuda if available, else cpu")
 def eval_(samples_path, ref, ref_images, data_dir, inception_weights, paired_path, model_spec, fp_model,
@@ -255,6 +260,9 @@ def eval_(samples_path, ref, ref_images, data_dir, inception_weights, paired_pat
             result["metrics"]["eps_mse"] = sum(eps.values()) / len(eps)
             result["metrics"]["eps_mse_weighted"] = eps_mse_weighted(eps, scheduler)
             result["eps_mse_per_timestep"] = eps
+        if not result["metrics"]:  # an empty table and exit status 0 read as success
+            reasons = "; ".join(f"{names}: {why}" for names, why in result["skipped"].items())
+            raise ValueError(f"no metric could be computed for {samples_path} ({reasons})")
         if json_path is not None:
             write_json(json_path, result)
     click.echo(format_table(result))
@@ -283,19 +291,20 @@ def _list_methods(ctx: click.Context, _param, value: bool) -> None:
               help="print every method name with what it runs, and exit")
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="report directory: index.html, results.json, samples/, cache/")
-@click.option("--num", "-n", "num_samples", default=160,
+@click.option("--num", "-n", "num_samples", type=_COUNT, default=160,
               help="images per method (FD at this N is biased: compare rows with the fp row)")
-@click.option("--steps", default=20, help="DDIM sampling steps")
-@click.option("--calib-samples", default=64, help="calibration trajectories (images)")
-@click.option("--calib-steps", default=25, help="DDIM steps per calibration (and held-out) trajectory")
-@click.option("--heldout-samples", default=16, help="held-out trajectories for the per-timestep noise MSE")
-@click.option("--finetune-iters", default=160, help="fine-tuned methods (…+lora…, …+talora…, int4-efficientdm): "
+@click.option("--steps", type=_COUNT, default=20, help="DDIM sampling steps")
+@click.option("--calib-samples", type=_COUNT, default=64, help="calibration trajectories (images)")
+@click.option("--calib-steps", type=_COUNT, default=25, help="DDIM steps per calibration (and held-out) trajectory")
+@click.option("--heldout-samples", type=_COUNT, default=16, help="held-out trajectories for the per-timestep noise MSE")
+@click.option("--finetune-iters", type=_COUNT, default=160,
+              help="fine-tuned methods (…+lora…, …+talora…, int4-efficientdm): "
               "iterations")
-@click.option("--finetune-batch", default=8, help="fine-tuned methods: batch size")
-@click.option("--num-loras", default=4, help="TALoRA: LoRAs per layer")
-@click.option("--rank", default=4, help="LoRA rank")
+@click.option("--finetune-batch", type=_COUNT, default=8, help="fine-tuned methods: batch size")
+@click.option("--num-loras", type=_COUNT, default=4, help="TALoRA: LoRAs per layer")
+@click.option("--rank", type=_COUNT, default=4, help="LoRA rank")
 @click.option("--seed", default=0, help="image i of every method is drawn with seed + i")
-@click.option("--batch", default=128, help="images per denoiser call")
+@click.option("--batch", type=_COUNT, default=128, help="images per denoiser call")
 @click.option("--ref", type=click.Path(dir_okay=False), default=None,
               help="reference .npz (images or feature-net statistics), as for msfp eval; default: Fashion-MNIST test")
 @click.option("--ref-images", type=click.Path(file_okay=False), default=None, help="directory of reference images")
@@ -339,29 +348,35 @@ def compare(model_spec, methods, out, num_samples, steps, calib_samples, calib_s
 @click.argument("directory", type=click.Path(exists=True, file_okay=False))
 @click.option("--model", "model_spec", default="default", help="the full-precision teacher: the model DIRECTORY was "
               "quantized from")
-@click.option("--iters", default=400, help="optimizer steps")
-@click.option("--batch", default=16, help="trajectory points per step (mixed timesteps)")
-@click.option("--lora", type=click.Choice(["talora", "single", "none"]), default="talora")
-@click.option("--num-loras", default=4, help="TALoRA: LoRAs per layer")
-@click.option("--rank", default=4, help="LoRA rank (capped by each layer's shape)")
-@click.option("--loss", type=click.Choice(["dfa", "mse"]), default="dfa")
+@click.option("--iters", type=_COUNT, default=400, help="optimizer steps")
+@click.option("--batch", type=_COUNT, default=16, help="trajectory points per step (mixed timesteps)")
+@click.option("--lora", type=click.Choice(["talora", "single", "none"]), default="talora",
+              help="TALoRA (--num-loras LoRAs, one chosen per timestep by a router), one LoRA, or none (quantizer parameters only)")
+@click.option("--num-loras", type=_COUNT, default=4, help="TALoRA: LoRAs per layer")
+@click.option("--rank", type=_COUNT, default=4, help="LoRA rank (capped by each layer's shape)")
+@click.option("--loss", type=click.Choice(["dfa", "mse"]), default="dfa",
+              help="distillation loss: MSE weighted by the denoising factor (DFA), or plain MSE")
 @click.option("--dfa-weighting", type=click.Choice(["abs", "square"]), default="abs", help="|γ_t| or γ_t²")
-@click.option("--lr", "lora_lr", default=1e-3, help="LoRA learning rate (scaled per layer by its weight step size)")
-@click.option("--act-lr", default=1e-4, help="activation scales and zero points")
-@click.option("--router-lr", default=1e-3)
+@click.option("--lr", "lora_lr", type=_RATE, default=1e-3,
+              help="LoRA learning rate (scaled per layer by its weight step size)")
+@click.option("--act-lr", type=_RATE, default=1e-4, help="activation scales and zero points")
+@click.option("--router-lr", type=_RATE, default=1e-3, help="TALoRA router")
 @click.option("--train-weight-scales", is_flag=True, help="also train the per-channel weight scales")
-@click.option("--traj-samples", default=64, help="teacher trajectories (images)")
-@click.option("--traj-steps", default=25, help="DDIM steps per teacher trajectory (the sampler DFA aligns to)")
+@click.option("--traj-samples", type=_COUNT, default=64, help="teacher trajectories (images)")
+@click.option("--traj-steps", type=_COUNT, default=25,
+              help="DDIM steps per teacher trajectory (the sampler DFA aligns to)")
 @click.option("--seed", default=0, help="teacher trajectory i starts from noise seed + 10000 + i, as in msfp compare "
               "(not from the noise of msfp sample --seed's images); seed + 10000 also seeds the LoRAs and batches")
 @click.option("--resume", is_flag=True, help="continue an interrupted run from its last checkpoint")
-@click.option("--max-minutes", type=float, default=None, help="stop after this long; continue later with --resume")
+@click.option("--max-minutes", type=click.FloatRange(min=0), default=None,
+              help="stop after this long; continue later with --resume")
 @click.option("--device", type=_DEVICE, default=_default_device())
 def finetune_cmd(directory, model_spec, iters, batch, lora, num_loras, rank, loss, dfa_weighting, lora_lr, act_lr,
                  router_lr, train_weight_scales, traj_samples, traj_steps, seed, resume, max_minutes, device):
     """Fine-tune a quantized model directory (TALoRA + DFA) and write it back to DIRECTORY.
 
-    Progress is checkpointed beside it (.DIRECTORY.finetune/); DIRECTORY is replaced only when the run completes.
+    Progress is checkpointed beside it (.DIRECTORY.finetune/, removed at the end); DIRECTORY is replaced only when
+    the run completes.
     """
     from msfp.checkpoint import load_quantized, read_quant_meta, require_base_weights, save_quantized
     from msfp.compare import CALIB_SEED_OFFSET
@@ -390,13 +405,15 @@ def finetune_cmd(directory, model_spec, iters, batch, lora, num_loras, rank, los
         with torch.no_grad():  # LoRAs merge into the full-precision weights, not into the packed ones (SPEC §2.3)
             for name, layer in quant_layers(qmodel).items():
                 layer.weight.copy_(fp_modules[name].weight)
-        result = finetune(qmodel, fp_model, scheduler, config, work_dir=path.parent / f".{path.name}.finetune",
-                          resume=resume, max_minutes=max_minutes)
+        work_dir = path.parent / f".{path.name}.finetune"
+        result = finetune(qmodel, fp_model, scheduler, config, work_dir=work_dir, resume=resume,
+                          max_minutes=max_minutes)
         if result.stopped_early:
             click.echo(f"stopped at iteration {result.iters_done}/{iters} (time budget); {path} is unchanged; "
                        "run the same command with --resume to continue")
             return
         save_quantized(qmodel, path)
+        shutil.rmtree(work_dir)  # nothing left to resume: a fine-tuned directory is not fine-tuned again
     click.echo(describe(read_quant_meta(path)))
     tail = result.losses[-20:]
     click.echo(f"fine-tuned {result.iters_done} iterations in {result.seconds:.0f} s, final loss "

@@ -37,7 +37,7 @@ from msfp.calibration import Trajectories, calibrate, collect_trajectories
 from msfp.checkpoint import freeze_weights, quant_meta
 from msfp.config import PRESETS, QuantConfig
 from msfp.environment import machine_info
-from msfp.evaluation import eps_mse_weighted, evaluate, load_reference, per_timestep_eps_mse
+from msfp.evaluation import INCEPTION_METRICS, eps_mse_weighted, evaluate, load_reference, per_timestep_eps_mse
 from msfp.fileio import atomic_directory, check_replaceable, link_entry, write_json
 from msfp.finetune import FinetuneConfig, finetune
 from msfp.identity import model_key, plain_config
@@ -301,8 +301,11 @@ def _run_method(ctx: Context, method: Method, work: Path, reference, device: tor
     fp_samples = work / "samples" / f"{REFERENCE_METHOD}.npz"
     evaluation = evaluate(path, reference, paired_path=None if name == REFERENCE_METHOD else fp_samples,
                           device=device)
-    if name == REFERENCE_METHOD:  # not "no --paired samples given": compare has no such option
+    # Not "no --paired samples given" / "no --inception-weights given": compare has neither option.
+    if name == REFERENCE_METHOD:
         evaluation["skipped"]["psnr, paired_mse"] = "the reference the other methods are paired with"
+    evaluation["skipped"][INCEPTION_METRICS] = ("msfp compare computes none; `msfp eval OUT/samples/METHOD.npz "
+                                                "--inception-weights FILE` adds them")
     return dict(
         description=method.description, metrics=evaluation["metrics"], skipped_metrics=evaluation["skipped"],
         eps_mse_mean=None if eps is None else sum(eps.values()) / len(eps),

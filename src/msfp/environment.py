@@ -1,12 +1,18 @@
-"""The machine and versions a measurement ran on, for every benchmark and report."""
+"""The machine and versions a measurement ran on, for every benchmark and report; and the help layout that the
+benchmark and asset-training scripts share."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 from pathlib import Path
 
 import torch
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` of a benchmark or script: its docstring as written, and every option's default."""
 
 
 def cpu_name() -> str:

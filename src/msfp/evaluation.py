@@ -31,6 +31,7 @@ from msfp.samples import from_uint8, load_samples, read_npz, to_uint8
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 SPLITS = 10  # classifier score / IS splits, as in the reference IS code
+INCEPTION_METRICS = "fid, sfid, inception_score, inception_precision, inception_recall"
 MIN_DISTRIBUTION_SAMPLES = 4  # precision/recall compare each point with its 3rd nearest neighbour; FD needs 2
 # FD's "± std" is the spread over this many bootstrap resamples of the samples (result["fd_bootstrap"] keeps them).
 FD_BOOTSTRAP_RESAMPLES = 200
@@ -280,7 +281,7 @@ def evaluate(samples_path, reference: Reference | None = None, inception_weights
     metrics, skipped = {}, {}
     fd_replicates = _feature_net_metrics(images, reference, metrics, skipped, device)
     if inception_weights is None:
-        skipped["fid, sfid, inception_score, inception_precision, inception_recall"] = "no --inception-weights given"
+        skipped[INCEPTION_METRICS] = "no --inception-weights given"
     else:
         _inception_metrics(images, reference, inception, metrics, skipped)
     if paired is None:
