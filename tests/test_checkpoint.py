@@ -81,6 +81,15 @@ def test_file_holds_packed_codes_not_weights(saved):
     assert set(qc["versions"]) == {"msfp", "torch", "diffusers"}
 
 
+def test_saving_the_same_model_again_writes_the_same_bytes(tmp_path, saved):
+    # safetensors writes its metadata entries in hash order, which changes between calls: with two entries, equal
+    # checkpoints had different bytes and weights_sha256 about every other time.
+    q, out = saved
+    for i in range(6):
+        msfp.save_quantized(q, tmp_path / f"again{i}")
+        assert (tmp_path / f"again{i}" / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
+
+
 def test_quant_meta_is_the_saved_metadata_without_writing(saved):
     q, out = saved
     meta = checkpoint.read_quant_meta(out)

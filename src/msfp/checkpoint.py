@@ -291,7 +291,9 @@ def save_quantized(model: nn.Module, directory: str | os.PathLike) -> Path:
         state[name + CODES_SUFFIX] = _packed_weights(layer)
     out = check_output_directory(directory)
     with atomic_directory(out) as tmp:
-        save_file(state, tmp / WEIGHTS_NAME, metadata={"format": "pt", "msfp_format_version": str(FORMAT_VERSION)})
+        # One metadata entry: safetensors writes them in hash order, which differs between runs, so a second entry
+        # made the bytes (and weights_sha256) of identical checkpoints differ. The version is in CONFIG_NAME.
+        save_file(state, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
         meta["weights_sha256"] = _sha256(tmp / WEIGHTS_NAME)
         (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=1) + "\n")
     return out
