@@ -61,20 +61,26 @@ def markdown(result: dict, differences: list[dict]) -> str:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     defaults = CompareSettings()
-    p.add_argument("--model", default="default")
-    p.add_argument("--rows", default=",".join(ROWS))
-    p.add_argument("--num", type=int, default=256, help="samples per row")
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--calib-samples", type=int, default=32, help="calibration = teacher trajectories")
-    p.add_argument("--calib-steps", type=int, default=20)
-    p.add_argument("--heldout-samples", type=int, default=defaults.heldout_samples)
-    p.add_argument("--finetune-iters", type=int, default=defaults.finetune_iters)
-    p.add_argument("--finetune-batch", type=int, default=defaults.finetune_batch)
-    p.add_argument("--num-loras", type=int, default=defaults.num_loras)
-    p.add_argument("--rank", type=int, default=defaults.rank)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default=None)
-    p.add_argument("--out", default="runs/ablation")
+    p.add_argument("--model", default="default",
+                   help="'default', a save_pretrained directory or a Hub id (msfp.load_model)")
+    p.add_argument("--rows", default=",".join(ROWS), help="comma-separated msfp compare method names (fp always runs)")
+    p.add_argument("--num", type=int, default=256, help="samples (images) per row")
+    p.add_argument("--steps", type=int, default=20, help="DDIM sampling steps")
+    p.add_argument("--calib-samples", type=int, default=32,
+                   help="calibration trajectories (images), also the fine-tuning teacher's")
+    p.add_argument("--calib-steps", type=int, default=20, help="DDIM steps per calibration (and held-out) trajectory")
+    p.add_argument("--heldout-samples", type=int, default=defaults.heldout_samples,
+                   help="held-out trajectories for the per-timestep noise MSE")
+    p.add_argument("--finetune-iters", type=int, default=defaults.finetune_iters,
+                   help="fine-tuning iterations of the LoRA/TALoRA rows")
+    p.add_argument("--finetune-batch", type=int, default=defaults.finetune_batch,
+                   help="fine-tuning batch size of the LoRA/TALoRA rows")
+    p.add_argument("--num-loras", type=int, default=defaults.num_loras, help="TALoRA: LoRAs per layer")
+    p.add_argument("--rank", type=int, default=defaults.rank, help="LoRA rank")
+    p.add_argument("--seed", type=int, default=0, help="image i of every row is drawn with seed + i")
+    p.add_argument("--device", default=None, help="torch device (unset: cuda if available, else cpu)")
+    p.add_argument("--out", default="runs/ablation",
+                   help="report directory: index.html, results.json, results.md")
     args = p.parse_args(argv)
     settings = CompareSettings(model=args.model, num_samples=args.num, steps=args.steps,
                                calib_samples=args.calib_samples, calib_steps=args.calib_steps,

@@ -56,12 +56,13 @@ def breakdown(file: Path, qmodel) -> dict:
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
-    parser.add_argument("--model", default="default")
-    parser.add_argument("--preset", default="w4a4-msfp")
-    parser.add_argument("--calib-samples", type=int, default=4)
-    parser.add_argument("--calib-steps", type=int, default=2)
+    parser.add_argument("--model", default="default",
+                        help="'default', a save_pretrained directory or a Hub id (msfp.load_model)")
+    parser.add_argument("--preset", default="w4a4-msfp", help="quantization preset (msfp.quantize)")
+    parser.add_argument("--calib-samples", type=int, default=4, help="calibration trajectories (images)")
+    parser.add_argument("--calib-steps", type=int, default=2, help="DDIM steps per calibration trajectory")
     parser.add_argument("--num-loras", type=int, default=4, help="TALoRA variant: LoRAs per layer")
-    parser.add_argument("--out", default=None)
+    parser.add_argument("--out", default=None, help="also write the JSON result to this file")
     args = parser.parse_args(argv)
 
     torch.manual_seed(0)

@@ -201,8 +201,8 @@ def rejected_or(launch):
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--iters", type=int, default=30)
+    p.add_argument("--batch", type=int, default=8, help="images per convolution call")
+    p.add_argument("--iters", type=int, default=30, help="timed calls per measurement, after warm-up (median)")
     p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
                    help="also time every call replayed from a CUDA graph (no host launch work)")
     p.add_argument("--loads", nargs="+", choices=tuple(LOADS), default=list(LOADS),

@@ -141,15 +141,16 @@ def make_checkpoint(args, directory: Path) -> Path:
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
-    parser.add_argument("--model", default="default")
-    parser.add_argument("--preset", default="w4a4-msfp")
-    parser.add_argument("--images", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--calib-samples", type=int, default=4)
-    parser.add_argument("--calib-steps", type=int, default=2)
-    parser.add_argument("--out", default=None)
+    parser.add_argument("--model", default="default",
+                        help="'default', a save_pretrained directory or a Hub id (msfp.load_model)")
+    parser.add_argument("--preset", default="w4a4-msfp", help="quantization preset of the packed checkpoint")
+    parser.add_argument("--images", type=int, default=8, help="images per sampling run (one batch)")
+    parser.add_argument("--steps", type=int, default=10, help="DDIM sampling steps")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per variant after a warm-up (median)")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--calib-samples", type=int, default=4, help="calibration trajectories (images)")
+    parser.add_argument("--calib-steps", type=int, default=2, help="DDIM steps per calibration trajectory")
+    parser.add_argument("--out", default=None, help="also write the JSON result to this file")
     parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)  # internal: run one variant
     parser.add_argument("--packed", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)

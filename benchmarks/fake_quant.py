@@ -109,8 +109,9 @@ def host_overhead(device, rounds: int = 7, calls: int = 300) -> dict:
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--out", default=None, help="also write the JSON here")
-    p.add_argument("--repeats", type=int, default=20)
-    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile path")
+    p.add_argument("--repeats", type=int, default=20, help="timed calls per path after a warm-up (median)")
+    p.add_argument("--no-compile", action="store_true",
+                   help="skip the torch.compile path (and the host_us_per_call timings)")
     args = p.parse_args()
     report = dict(
         command="python benchmarks/fake_quant.py " + " ".join(

@@ -94,13 +94,15 @@ def result_of(proc, queue, name: str) -> dict:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--model", default="default")
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--iters", type=int, default=10)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--model", default="default",
+                   help="'default', a save_pretrained directory or a Hub id (msfp.load_model)")
+    p.add_argument("--batch", type=int, default=16, help="images per fine-tuning step")
+    p.add_argument("--iters", type=int, default=10, help="timed steps per variant, after two warm-up steps")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="torch device (cuda if available, else cpu)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (unset: torch's choice)")
     p.add_argument("--fused", action=argparse.BooleanOptionalAction, default=None,
-                   help="also time the fused compiled rounding (default: on CUDA only)")
+                   help="also time the fused compiled rounding (unset: on CUDA only)")
     args = p.parse_args(argv)
     if args.fused is None:
         args.fused = args.device.startswith("cuda")

@@ -68,7 +68,7 @@ def main(argv=None) -> None:
     p.add_argument("--triton-dispatch", action=argparse.BooleanOptionalAction, default=True,
                    help="also time the forwards with Triton's dispatch (compiles the kernels for sm_90 first)")
     p.add_argument("--compile-workers", type=int, default=None,
-                   help="processes compiling the kernels ahead (default: one per CPU; 0: in this process)")
+                   help="processes compiling the kernels ahead (unset: one per CPU; 0: in this process)")
     args = p.parse_args(argv)
     if not triton_kernels.HAS_TRITON:
         sys.exit("fp8_host_overhead.py needs the triton package (its launchers are what is timed)")

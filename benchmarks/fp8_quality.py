@@ -73,21 +73,29 @@ def precompile_sampling(model, scheduler, num_samples: int, batch_size: int, dev
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     defaults = CompareSettings()
-    p.add_argument("--model", default=defaults.model)
-    p.add_argument("--methods", default="w4a4-msfp,w4a4-msfp+talora", help=f"any of {', '.join(MSFP_METHODS)}")
+    p.add_argument("--model", default=defaults.model,
+                   help="'default', a save_pretrained directory or a Hub id (msfp.load_model)")
+    p.add_argument("--methods", default="w4a4-msfp,w4a4-msfp+talora",
+                   help=f"comma-separated msfp methods, any of {', '.join(MSFP_METHODS)}")
     p.add_argument("--num", type=int, default=defaults.num_samples, help="images per backend")
     p.add_argument("--steps", type=int, default=defaults.steps, help="DDIM sampling steps")
-    p.add_argument("--calib-samples", type=int, default=defaults.calib_samples)
-    p.add_argument("--calib-steps", type=int, default=defaults.calib_steps)
-    p.add_argument("--finetune-iters", type=int, default=defaults.finetune_iters)
-    p.add_argument("--finetune-batch", type=int, default=defaults.finetune_batch)
-    p.add_argument("--num-loras", type=int, default=defaults.num_loras)
-    p.add_argument("--rank", type=int, default=defaults.rank)
-    p.add_argument("--seed", type=int, default=defaults.seed)
+    p.add_argument("--calib-samples", type=int, default=defaults.calib_samples,
+                   help="calibration trajectories (images)")
+    p.add_argument("--calib-steps", type=int, default=defaults.calib_steps,
+                   help="DDIM steps per calibration trajectory")
+    p.add_argument("--finetune-iters", type=int, default=defaults.finetune_iters,
+                   help="fine-tuning iterations of the LoRA/TALoRA methods")
+    p.add_argument("--finetune-batch", type=int, default=defaults.finetune_batch,
+                   help="fine-tuning batch size of the LoRA/TALoRA methods")
+    p.add_argument("--num-loras", type=int, default=defaults.num_loras, help="TALoRA: LoRAs per layer")
+    p.add_argument("--rank", type=int, default=defaults.rank, help="LoRA rank")
+    p.add_argument("--seed", type=int, default=defaults.seed, help="image i is drawn with seed + i")
     p.add_argument("--batch", type=int, default=defaults.batch_size, help="images per denoiser call")
-    p.add_argument("--control-batch", type=int, default=1, help="images per call of the fake-quant control run")
-    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    p.add_argument("--out", default="runs/fp8_quality")
+    p.add_argument("--control-batch", type=int, default=1,
+                   help="images per call of the fake-quant control run (must differ from --batch)")
+    p.add_argument("--device", default=None, help="torch device (unset: cuda if available, else cpu)")
+    p.add_argument("--out", default="runs/fp8_quality",
+                   help="output directory: results.json, samples/ and the calibration cache/")
     args = p.parse_args(argv)
     try:
         methods = parse_methods(args.methods)[1:]  # the full-precision samples are drawn anyway, for PSNR vs fp

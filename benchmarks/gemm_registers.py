@@ -60,10 +60,11 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--arch", type=int, default=90, help="compute capability to compile for")
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--blocks", type=int, nargs=3, default=[128, 128, 64], metavar=("M", "N", "K"))
-    parser.add_argument("--num-warps", type=int, default=8)
-    parser.add_argument("--num-stages", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=8, help="batch size of the layer shapes (images)")
+    parser.add_argument("--blocks", type=int, nargs=3, default=[128, 128, 64], metavar=("M", "N", "K"),
+                        help="the tile configuration's block_m, block_n, block_k")
+    parser.add_argument("--num-warps", type=int, default=8, help="warps per block")
+    parser.add_argument("--num-stages", type=int, default=3, help="software-pipelining stages of the K loop")
     parser.add_argument("--maxnreg", type=int, default=128, help="the register cap compiled beside no cap")
     args = parser.parse_args(argv)
     command = "python " + " ".join(["benchmarks/gemm_registers.py", *(argv if argv is not None else sys.argv[1:])])

@@ -472,8 +472,8 @@ def start_report(script: str, args, argv) -> tuple[dict, torch.device, dict | No
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--iters", type=int, default=30)
+    p.add_argument("--batch", type=int, default=8, help="batch size (images) of the layer shapes and denoiser steps")
+    p.add_argument("--iters", type=int, default=30, help="timed calls per measurement, after warm-up (median)")
     p.add_argument("--large-batch", type=int, default=32,
                    help="also time the large UNet's step at this batch, BF16 against the FP8 path with fp32 and with "
                         "fast accumulation (0: not)")

@@ -39,18 +39,23 @@ def sample_quality(images, reference, net) -> dict:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--model", default="default")
-    p.add_argument("--presets", default="w4a4-int,w4a4-fp,w4a4-msfp,w6a6-msfp")
-    p.add_argument("--calib-samples", type=int, default=64)
-    p.add_argument("--calib-steps", type=int, default=25)
-    p.add_argument("--heldout-samples", type=int, default=16)
-    p.add_argument("--eval-samples", type=int, default=256)
-    p.add_argument("--eval-steps", type=int, default=25)
-    p.add_argument("--batch", type=int, default=256)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--out", default="runs/ptq.json")
+    p.add_argument("--model", default="default",
+                   help="'default', a save_pretrained directory or a Hub id (msfp.load_model)")
+    p.add_argument("--presets", default="w4a4-int,w4a4-fp,w4a4-msfp,w6a6-msfp",
+                   help="comma-separated quantization presets to compare")
+    p.add_argument("--calib-samples", type=int, default=64, help="calibration trajectories (images)")
+    p.add_argument("--calib-steps", type=int, default=25, help="DDIM steps per calibration (and held-out) trajectory")
+    p.add_argument("--heldout-samples", type=int, default=16,
+                   help="held-out trajectories for the per-timestep noise MSE")
+    p.add_argument("--eval-samples", type=int, default=256, help="images sampled per method for FD and scores")
+    p.add_argument("--eval-steps", type=int, default=25, help="DDIM steps of the evaluation samples")
+    p.add_argument("--batch", type=int, default=256, help="images per model call (calibration, MSE, sampling)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="calibration seed; held-out trajectories use seed + 10000, samples seed + 20000")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="torch device (cuda if available, else cpu)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (unset: torch's choice)")
+    p.add_argument("--out", default="runs/ptq.json", help="JSON result file")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -61,11 +61,12 @@ def timed_runs(model, scheduler, args, cond, device) -> tuple[torch.Tensor, dict
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--model", choices=["default", "sd15"], default="default")
+    p.add_argument("--model", choices=["default", "sd15"], default="default",
+                   help="msfp's shipped DDPM, or a random-weight UNet with Stable Diffusion 1.5's shapes")
     p.add_argument("--num", type=int, default=16, help="images per run")
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--loras", type=int, default=4)
+    p.add_argument("--batch", type=int, default=8, help="images per denoiser call")
+    p.add_argument("--steps", type=int, default=10, help="DDIM sampling steps")
+    p.add_argument("--loras", type=int, default=4, help="TALoRA: distinct random LoRAs per layer")
     p.add_argument("--smoke", action="store_true", help="eager only, tiny shapes, on the CPU (checks the script)")
     args = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")

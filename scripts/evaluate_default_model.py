@@ -43,20 +43,25 @@ def quality(feats, logits, ref_stats, ref_feats, args) -> dict:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--model", default="default", help="msfp.load_model spec")
-    p.add_argument("--num-samples", type=int, default=1000)
+    p.add_argument("--num-samples", type=int, default=1000,
+                   help="images to sample (and real training images for the floor)")
     p.add_argument("--steps", type=int, default=100, help="DDIM steps")
-    p.add_argument("--eta", type=float, default=0.0)
-    p.add_argument("--batch", type=int, default=250)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--kid-subsets", type=int, default=100)
-    p.add_argument("--kid-subset-size", type=int, default=1000)
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic)")
+    p.add_argument("--batch", type=int, default=250, help="images per denoiser call")
+    p.add_argument("--seed", type=int, default=0,
+                   help="image i is drawn with seed + i; also seeds the real-image draw and KID subsets")
+    p.add_argument("--kid-subsets", type=int, default=100, help="random subsets KID is averaged over")
+    p.add_argument("--kid-subset-size", type=int, default=1000,
+                   help="images per KID subset (capped at the smaller set)")
     p.add_argument("--splits", type=int, default=10, help="classifier-score splits")
-    p.add_argument("--data", default=None, help="directory with the Fashion-MNIST IDX files (default: Debian's)")
-    p.add_argument("--out", default="runs/evaluate_default_model.json")
+    p.add_argument("--data", default=None,
+                   help="directory with the Fashion-MNIST IDX files (unset: /usr/share/datasets/fashion-mnist)")
+    p.add_argument("--out", default="runs/evaluate_default_model.json", help="JSON result file")
     p.add_argument("--grid", default="runs/evaluate_default_model.png", help="PNG grid of the first samples")
-    p.add_argument("--grid-count", type=int, default=64)
-    p.add_argument("--grid-steps", type=int, default=None, help="sample the grid separately with this many steps")
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--grid-count", type=int, default=64, help="images in the PNG grid (8 per row)")
+    p.add_argument("--grid-steps", type=int, default=None,
+                   help="sample the grid separately with this many steps (unset: --steps)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (unset: torch's choice)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where to sample")
     args = p.parse_args(argv)
     if args.threads:

@@ -67,19 +67,22 @@ def lr_at(step: int, args) -> float:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--data", default=None, help="directory with the Fashion-MNIST IDX files (default: Debian's)")
-    p.add_argument("--out", default="src/msfp/assets/fashion_ddpm", help="output pipeline directory")
-    p.add_argument("--work-dir", default="runs/train_default_model", help="checkpoints and logs")
-    p.add_argument("--steps", type=int, default=4000)
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--warmup", type=int, default=100)
-    p.add_argument("--ema-decay", type=float, default=0.999)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--ckpt-every", type=int, default=200)
-    p.add_argument("--max-minutes", type=float, default=None, help="stop (and export) after this wall time")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
-    p.add_argument("--no-resume", action="store_true")
+    p.add_argument("--data", default=None,
+                   help="directory with the Fashion-MNIST IDX files (unset: /usr/share/datasets/fashion-mnist)")
+    p.add_argument("--out", default="src/msfp/assets/fashion_ddpm", help="output pipeline directory (replaced)")
+    p.add_argument("--work-dir", default="runs/train_default_model", help="where the resumable checkpoint.pt goes")
+    p.add_argument("--steps", type=int, default=4000, help="training steps")
+    p.add_argument("--batch", type=int, default=64, help="images per training step")
+    p.add_argument("--lr", type=float, default=1e-3,
+                   help="peak AdamW learning rate (cosine decay to 10%% of it after the warm-up)")
+    p.add_argument("--warmup", type=int, default=100, help="steps of linear learning-rate warm-up")
+    p.add_argument("--ema-decay", type=float, default=0.999, help="decay of the exported EMA weights")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initialisation and of the batches and noise")
+    p.add_argument("--ckpt-every", type=int, default=200, help="write a checkpoint every this many steps")
+    p.add_argument("--max-minutes", type=float, default=None,
+                   help="stop (and export) after this many minutes of wall time")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (unset: torch's choice)")
+    p.add_argument("--no-resume", action="store_true", help="start over, ignoring a checkpoint in --work-dir")
     args = p.parse_args(argv)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -46,14 +46,17 @@ def atomic_write(path: Path, write) -> None:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--data", default=None, help="directory with the Fashion-MNIST IDX files (default: Debian's)")
-    p.add_argument("--out", default="src/msfp/assets/feature_net")
-    p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--batch", type=int, default=128)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--feature-dim", type=int, default=128)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--data", default=None,
+                   help="directory with the Fashion-MNIST IDX files (unset: /usr/share/datasets/fashion-mnist)")
+    p.add_argument("--out", default="src/msfp/assets/feature_net",
+                   help="output directory: weights, config, reference statistics, train_log.json")
+    p.add_argument("--epochs", type=int, default=3, help="passes over the training split")
+    p.add_argument("--batch", type=int, default=128, help="images per training step")
+    p.add_argument("--lr", type=float, default=2e-3, help="peak AdamW learning rate (one-cycle schedule)")
+    p.add_argument("--feature-dim", type=int, default=128, help="width of the feature layer the statistics use")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of training; seed + 1 picks the 10,000 reference training images")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     args = p.parse_args(argv)
 
     torch.set_num_threads(args.threads)
