@@ -100,6 +100,20 @@ def test_attention_msfp_cannot_reproduce_can_stay_full_precision():
     processors = {n: type(a.processor).__name__ for n, a in attention_modules(q).items()}
     assert processors.pop("mid_block.attentions.0") == "AttnAddedKVProcessor2_0"
     assert set(processors.values()) == {"QuantAttnProcessor"} and q.msfp_quantized_attention == sorted(processors)
+    # Its matmuls count in the FLOPs too: FlopCounterMode does not see SDPA's CPU kernel, which it runs.
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from msfp.attention import explicit_attention
+
+    x, t, text = torch.randn(1, 1, 8, 8), torch.tensor([10]), torch.randn(1, 3, 8)
+    with torch.no_grad(), FlopCounterMode(display=False) as fused:
+        q(x, t, encoder_hidden_states=text)
+    with torch.no_grad(), FlopCounterMode(display=False) as explicit, explicit_attention(q):
+        q(x, t, encoder_hidden_states=text)
+    # The mid block: 16 channels (heads × head dim), 4x4 = 16 queries, 16 + 3 keys (its own and the text's); QKᵀ
+    # and P·V, 2 FLOPs per multiply-accumulate.
+    assert explicit.get_total_flops() - fused.get_total_flops() == 2 * (2 * 16 * 19 * 16)
+    assert type(q.mid_block.attentions[0].processor).__name__ == "AttnAddedKVProcessor2_0"  # restored afterwards
 
 
 def test_boolean_masks_mean_what_they_mean_to_sdpa():

@@ -187,3 +187,24 @@ def test_per_timestep_activation_groups():
     msfp.calibrate(q, fp, scheduler(), num_samples=4, num_steps=3, disable=True)
     scales = quant_layers(q)["down_blocks.0.resnets.0.conv1"].act_quantizer.scale
     assert scales.shape == (3,) and len(set(scales.tolist())) == 3  # one trajectory step per group
+
+
+def test_trajectory_keys_do_not_depend_on_string_hashing():
+    # A scheduler config missing keys (older Hub configs) lists them in _use_default_values in set order, which
+    # follows PYTHONHASHSEED: fine-tuning's teacher key changed between processes, so `msfp finetune --resume` in a
+    # new process was refused as "another teacher" and the trajectories were sampled again.
+    import os
+    import subprocess
+    import sys
+
+    code = ("from diffusers import DDIMScheduler\n"
+            "from msfp.calibration import trajectory_key\n"
+            "from tiny_models import tiny_plain\n"
+            "s = DDIMScheduler.from_config({'num_train_timesteps': 1000})\n"
+            "assert len(s.config['_use_default_values']) > 5\n"
+            "print(trajectory_key(tiny_plain(), s, 2, 2, 0))\n")
+    tests = os.path.dirname(__file__)
+    keys = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=tests,
+                           env={**os.environ, "PYTHONHASHSEED": str(seed), "PYTHONPATH": tests}).stdout
+            for seed in (1, 2, 3)}
+    assert len(keys) == 1, keys

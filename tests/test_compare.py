@@ -48,7 +48,8 @@ def test_compare_writes_results_and_self_contained_report(tmp_path, tiny_model_d
     assert "psnr, paired_mse (fp): the reference the other methods are paired with" in r.output
     # It used to point at an --inception-weights option that compare does not have.
     assert ("fid, sfid, inception_score, inception_precision, inception_recall (all methods): msfp compare computes "
-            "none; `msfp eval OUT/samples/METHOD.npz --inception-weights FILE` adds them") in r.output
+            "none; `msfp eval OUT/samples/METHOD.npz --inception-weights FILE`, with compare's --ref/--ref-images, "
+            "adds them") in r.output
     assert msfp["metrics"]["psnr"] > 0 and msfp["eps_mse_mean"] > 0 and msfp["eps_mse_weighted"] > 0
     assert fp["fd_bootstrap"] is None  # no FD on 8x8 images, so nothing to resample
     assert len(msfp["eps_mse_per_timestep"]) == 2 and msfp["calibration"]["points"] == 6
@@ -260,6 +261,12 @@ def test_resume_refuses_a_changed_noise_schedule(tmp_path, tiny_model_dir):
         (model / "scheduler_config.json").write_text(json.dumps(dict(config, beta_end=0.03)))
         r = run(*args, "--resume")  # the weights are the same, but fp's samples came from the other schedule
         assert r.exit_code == 1 and ".r.compare holds a run with another scheduler: resuming it" in r.output
+        progress = tmp_path / ".r.compare" / "progress.json"
+        recorded = json.loads(progress.read_text())
+        del recorded["fingerprint"]["scheduler"]  # as a run started before the schedule was recorded
+        progress.write_text(json.dumps(recorded))
+        r = run(*args, "--resume")
+        assert r.exit_code == 1 and "holds a run of an earlier msfp, which did not record its scheduler" in r.output
     finally:
         METHODS.pop("test-broken")
 

@@ -72,17 +72,19 @@ def test_reference_image_directories_skip_hidden_files_and_name_a_damaged_one(tm
         load_image_dir(tmp_path)
 
 
-def test_a_reference_too_small_for_the_metrics_is_refused_up_front(tmp_path):
-    from PIL import Image
+def test_a_reference_too_small_for_the_distribution_metrics_skips_them(tmp_path):
+    from pathlib import Path
 
-    # It used to pass, and the evaluation then failed in KID or precision/recall, after FD and every other metric.
-    for i in range(3):
-        Image.fromarray(np.full((8, 8), i, dtype=np.uint8)).save(tmp_path / f"{i}.png")
-    with pytest.raises(ValueError, match=r"reference .* has too few images .*at least 4 samples, got 3"):
-        load_reference(ref_images=tmp_path)
-    save_samples(tmp_path / "ref.npz", np.zeros((2, 8, 8, 1), dtype=np.uint8), np.arange(2))
-    with pytest.raises(ValueError, match=r"ref\.npz has too few images .*got 2"):
-        load_reference(ref=tmp_path / "ref.npz")
+    from msfp.evaluation import evaluate
+
+    with np.load(Path(__file__).parent / "data" / "fashion_mnist_test256.npz") as f:
+        images = np.pad(f["images"][:16], ((0, 0), (2, 2), (2, 2)))[..., None]
+    save_samples(tmp_path / "s.npz", images[:12], np.arange(12))
+    save_samples(tmp_path / "ref.npz", images[12:15], np.arange(3))
+    # It used to fail in KID (or precision/recall), losing the metrics that need no reference images.
+    result = evaluate(tmp_path / "s.npz", load_reference(ref=tmp_path / "ref.npz"))
+    assert "classifier_score" in result["metrics"] and "fd" not in result["metrics"]
+    assert result["skipped"]["fd, kid, precision, recall"] == "they need at least 4 reference images, got 3"
 
 
 def test_classifier_score_splits_hold_ten_images_or_more():

@@ -186,7 +186,8 @@ def test_a_work_dir_is_only_reused_for_the_same_teacher_and_student(calibrated, 
     (tmp_path / ft.STATE_NAME).write_bytes(b"truncated")
     with pytest.raises(ValueError, match=rf"{ft.STATE_NAME}: cannot read the checkpoint .*delete"):
         finetune(copy.deepcopy(q), other_teacher, scheduler(), config, work_dir=tmp_path, resume=True, disable=True)
-    first = tmp_path / ft.TEACHER_NAME.format(key=ft._teacher_key(fp, scheduler(), config, None, None, None))
+    key = msfp.calibration.trajectory_key(fp, scheduler(), config.traj_samples, config.traj_steps, config.seed)
+    first = tmp_path / ft.TEACHER_NAME.format(key=key)
     assert first in teachers
     first.write_bytes(b"truncated")  # an unreadable cache is sampled again, with a warning
     with pytest.warns(UserWarning, match="ignoring unreadable teacher trajectories"):

@@ -120,6 +120,15 @@ def test_bad_pipeline_dirs(tmp_path):
     for betas in (LCMScheduler(beta_end=0.013), TCDScheduler(beta_end=0.013)):  # used to be "has no ... betas"
         betas.save_pretrained(tmp_path / "scheduler")
         assert load_model(tmp_path)[1].config.beta_end == 0.013
+    from diffusers import CogVideoXDDIMScheduler
+
+    # Betas, but reshaped by snr_shift_scale: DDIM would sample another schedule.
+    CogVideoXDDIMScheduler().save_pretrained(tmp_path / "scheduler")
+    with pytest.raises(ValueError, match="CogVideoXDDIMScheduler has no DDPM noise schedule"):
+        load_model(tmp_path)
+    DDPMScheduler(trained_betas=[]).save_pretrained(tmp_path / "scheduler")  # an IndexError, later
+    with pytest.raises(ValueError, match="DDPMScheduler has no DDPM noise schedule"):
+        load_model(tmp_path)
     (tmp_path / "model_index.json").write_text(json.dumps({"unet": "UNet2DModel"}))
     with pytest.raises(ValueError, match=r"unet should be \[library, class name\], got 'UNet2DModel'"):
         load_model(tmp_path)

@@ -172,18 +172,23 @@ def test_a_duplicate_layer_error_names_the_selector_that_works():
     assert msfp.quantize(model, QuantConfig(full_precision_layers=["mid"]))
 
 
-def test_transformer_encoder_layers_run_their_quantized_linears_at_inference():
+@pytest.mark.parametrize("stack", [False, True])
+def test_transformer_encoder_layers_run_their_quantized_linears_at_inference(stack):
     # nn.TransformerEncoderLayer's inference fast path (eval, no grad) reads linear1/linear2's weights directly:
-    # the quantized model ran them in full precision there, and only there.
+    # the quantized model ran them in full precision there, and only there. nn.TransformerEncoder, given a padding
+    # mask, passed nested tensors to them ("NestedTensorImpl doesn't support sizes").
     class Denoiser(nn.Module):
         def __init__(self):
             super().__init__()
             self.inp = nn.Linear(4, 16)
-            self.block = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+            layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+            self.block = nn.TransformerEncoder(layer, 1) if stack else layer
             self.out = nn.Linear(16, 4)
 
         def forward(self, x, t):
-            return self.out(self.block(self.inp(x.view(x.shape[0], 4, 4)))).view_as(x)
+            padding = torch.tensor([False, False, False, True]).expand(x.shape[0], 4) if stack else None
+            h = self.inp(x.view(x.shape[0], 4, 4))
+            return self.out(self.block(h, src_key_padding_mask=padding)).view_as(x)
 
     torch.manual_seed(0)
     fp = Denoiser().eval()

@@ -23,7 +23,8 @@ import contextlib
 import re
 
 import torch
-from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
+from diffusers.models.attention_processor import (Attention, AttnAddedKVProcessor, AttnAddedKVProcessor2_0,
+                                                  AttnProcessor, AttnProcessor2_0)
 from torch import nn
 
 from msfp.quantizers import ActivationQuantizer
@@ -33,6 +34,8 @@ TENSORS = ("q", "k", "probs", "v")
 MATMUL = {"q": "qk", "k": "qk", "probs": "pv", "v": "pv"}
 # Processors whose computation QuantAttnProcessor reproduces; others (added KV projections, IP-Adapter, ...) differ.
 _REPLACEABLE = (AttnProcessor, AttnProcessor2_0)
+# Processors msfp does not replace, and diffusers' explicit-softmax versions of them (the same computation).
+_EXPLICIT_TWINS = {AttnAddedKVProcessor2_0: AttnAddedKVProcessor}
 
 
 class AttnInputQuantizer(nn.Module):
@@ -194,13 +197,13 @@ def attention_quantizers(model: nn.Module) -> dict[str, AttnInputQuantizer]:
 @contextlib.contextmanager
 def explicit_attention(model: nn.Module):
     """Run the model's replaceable attention processors as :class:`QuantAttnProcessor` (explicit ``bmm`` and
-    softmax) inside the block, e.g. so that ``FlopCounterMode`` counts the attention matmuls on every device (it does
+    softmax), and added-KV ones as diffusers' explicit version, inside the block, e.g. so that ``FlopCounterMode`` counts the attention matmuls on every device (it does
     not see the CPU kernels of ``scaled_dot_product_attention``)."""
     swapped = {attn: attn.processor for attn in attention_modules(model).values()
-               if type(attn.processor) in _REPLACEABLE}
+               if type(attn.processor) in _REPLACEABLE or type(attn.processor) in _EXPLICIT_TWINS}
     try:
-        for attn in swapped:
-            attn.set_processor(QuantAttnProcessor())
+        for attn, processor in swapped.items():
+            attn.set_processor(_EXPLICIT_TWINS.get(type(processor), QuantAttnProcessor)())
         yield model
     finally:
         for attn, processor in swapped.items():

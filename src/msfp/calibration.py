@@ -164,6 +164,17 @@ def recorded_inputs(qmodel: nn.Module) -> dict:
 
 
 @torch.no_grad()
+def trajectory_key(fp_model: nn.Module, scheduler, num_samples: int, num_steps: int, seed: int, cond=None,
+                   class_labels=None, sample_shape=None, weights: str | None = None) -> str:
+    """What :func:`collect_trajectories` returns depends on: the model (its weights' digest ``weights``, if the caller
+    has it), the scheduler and the trajectory settings. Cache file names and resume checks use it."""
+    return model_key(fp_model, dict(
+        num_samples=num_samples, num_steps=num_steps, seed=seed, scheduler=type(scheduler).__name__,
+        scheduler_config=plain_config(scheduler.config), sample_shape=sample_shape,
+        cond={k: tensor_digest(v) for k, v in (cond or {}).items()},
+        class_labels=None if class_labels is None else tensor_digest(torch.as_tensor(class_labels))), weights)
+
+
 def record_layer_inputs(qmodel: nn.Module, points: Trajectories, samples_per_layer: int, batch_size: int = 64,
                         seed: int = 0, disable: bool = False) -> dict[str, dict]:
     """Run the quantized model with quantizers off over ``points``; per layer (and attention matmul input), a bounded
@@ -334,12 +345,9 @@ def calibrate(qmodel: nn.Module, fp_model: nn.Module, scheduler, num_samples: in
     qmodel.msfp_context.num_train_timesteps = scheduler.config.num_train_timesteps
     qmodel.msfp_scheduler_config = dict(scheduler.config)  # saved with the model: `--model DIR` samples with it
     qmodel.msfp_base_weights = weights_digest(fp_model)  # saved too: fine-tuning must distil from these weights
-    settings = dict(num_samples=num_samples, num_steps=num_steps, seed=seed, scheduler=type(scheduler).__name__,
-                    sample_shape=sample_shape,
-                    scheduler_config=plain_config(scheduler.config), cond={k: tensor_digest(v) for k, v in (cond or {}).items()},
-                    class_labels=None if class_labels is None else tensor_digest(torch.as_tensor(class_labels)))
     cache = Path(cache_dir) if cache_dir is not None else None
-    key = model_key(fp_model, settings, qmodel.msfp_base_weights) if cache is not None else None
+    key = (trajectory_key(fp_model, scheduler, num_samples, num_steps, seed, cond, class_labels, sample_shape,
+                          qmodel.msfp_base_weights) if cache is not None else None)
     traj_path = cache / f"trajectories-{key}.safetensors" if cache else None
     # Records are only valid for exactly this ordered list (it seeds each subsample): the cache is keyed by it, so a
     # hit equals recording afresh.

@@ -413,7 +413,7 @@ def finetune_cmd(directory, model_spec, iters, batch, lora, num_loras, rank, los
                        "run the same command with --resume to continue")
             return
         save_quantized(qmodel, path)
-        shutil.rmtree(work_dir)  # nothing left to resume: a fine-tuned directory is not fine-tuned again
+        shutil.rmtree(work_dir)  # the run is complete: nothing in it is left to resume
     click.echo(describe(read_quant_meta(path)))
     tail = result.losses[-20:]
     click.echo(f"fine-tuned {result.iters_done} iterations in {result.seconds:.0f} s, final loss "

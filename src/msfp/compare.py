@@ -280,6 +280,10 @@ def _progress(work: Path, fingerprint: dict, resume: bool) -> dict:
         raise FileNotFoundError(f"nothing to resume: {path} does not exist")
     progress = json.loads(path.read_text())
     fingerprint = json.loads(json.dumps(fingerprint, default=str))  # as JSON reads it back
+    unrecorded = [k for k in fingerprint if k not in progress["fingerprint"]]
+    if unrecorded:
+        raise ValueError(f"{work} holds a run of an earlier msfp, which did not record its {', '.join(unrecorded)}: "
+                         "resuming it could mix results; run without --resume to start over")
     differ = [k for k in fingerprint if progress["fingerprint"].get(k) != fingerprint[k]]
     if differ:
         raise ValueError(f"{work} holds a run with another {', '.join(differ)}: resuming it would mix results; run "
@@ -305,7 +309,8 @@ def _run_method(ctx: Context, method: Method, work: Path, reference, device: tor
     if name == REFERENCE_METHOD:
         evaluation["skipped"]["psnr, paired_mse"] = "the reference the other methods are paired with"
     evaluation["skipped"][INCEPTION_METRICS] = ("msfp compare computes none; `msfp eval OUT/samples/METHOD.npz "
-                                                "--inception-weights FILE` adds them")
+                                                "--inception-weights FILE`, with compare's --ref/--ref-images, "
+                                                "adds them")
     return dict(
         description=method.description, metrics=evaluation["metrics"], skipped_metrics=evaluation["skipped"],
         eps_mse_mean=None if eps is None else sum(eps.values()) / len(eps),

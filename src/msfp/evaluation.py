@@ -61,9 +61,9 @@ class Reference:
     features: torch.Tensor | None = None
 
 
-def _too_few(images) -> str | None:
-    if len(images) < MIN_DISTRIBUTION_SAMPLES:
-        return f"they need at least {MIN_DISTRIBUTION_SAMPLES} samples, got {len(images)}"
+def _too_few(images, what: str = "samples") -> str | None:
+    if images is not None and len(images) < MIN_DISTRIBUTION_SAMPLES:
+        return f"they need at least {MIN_DISTRIBUTION_SAMPLES} {what}, got {len(images)}"
     return None
 
 
@@ -101,14 +101,6 @@ def load_image_dir(path: str | os.PathLike) -> np.ndarray:
     return np.stack(images)
 
 
-def _enough(images: np.ndarray, source) -> np.ndarray:
-    """A reference is there for the distribution metrics: refuse one too small for them before any work."""
-    too_few = _too_few(images)
-    if too_few:
-        raise ValueError(f"reference {source} has too few images for FD, KID and precision/recall: {too_few}")
-    return images
-
-
 def load_reference(ref: str | os.PathLike | None = None, ref_images: str | os.PathLike | None = None,
                    data_dir: str | os.PathLike | None = None) -> Reference:
     """``ref``: an ``.npz`` with images (``arr_0``, e.g. a sample file) or feature-net statistics (``mu``, ``sigma``);
@@ -117,12 +109,12 @@ def load_reference(ref: str | os.PathLike | None = None, ref_images: str | os.Pa
     if ref is not None and ref_images is not None:
         raise ValueError("give --ref or --ref-images, not both")
     if ref_images is not None:
-        return Reference(name=str(ref_images), images=_enough(load_image_dir(ref_images), ref_images))
+        return Reference(name=str(ref_images), images=load_image_dir(ref_images))
     if ref is not None:
         path = Path(ref)
         data = read_npz(path, "reference file")
         if "arr_0" in data:
-            return Reference(name=str(path), images=_enough(load_samples(path)["images"], path))
+            return Reference(name=str(path), images=load_samples(path)["images"])
         if not {"mu", "sigma"} <= data.keys():
             raise ValueError(f"{path}: expected reference images (arr_0) or feature-net statistics (mu, sigma); "
                              f"got keys {sorted(data)}")
@@ -215,7 +207,7 @@ def _feature_net_metrics(images, reference: Reference, metrics: dict, skipped: d
     net = load_feature_net(device=device)
     feats, logits = compute_features(net, from_uint8(images))
     metrics["classifier_score"], metrics["classifier_score_std"] = classifier_score(logits, _splits(len(logits)))
-    too_few = _too_few(images)
+    too_few = _too_few(images) or _too_few(reference.images, "reference images")
     if too_few:
         skipped["fd, kid, precision, recall"] = too_few
         return None
@@ -247,7 +239,7 @@ def _inception_metrics(images, reference: Reference, net, metrics: dict, skipped
     feats = inception_features(net, images)
     metrics["inception_score"], metrics["inception_score_std"] = classifier_score(
         feats["logits"], _splits(len(images)))
-    too_few = _too_few(images)
+    too_few = _too_few(images) or _too_few(reference.images, "reference images")
     if too_few:
         skipped["fid, sfid, inception_precision, inception_recall"] = too_few
         return

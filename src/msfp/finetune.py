@@ -27,10 +27,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from msfp.attention import attention_quantizers
-from msfp.calibration import Trajectories, collect_trajectories
+from msfp.calibration import Trajectories, collect_trajectories, trajectory_key
 from msfp.fileio import atomic_path
 from msfp.fp8 import require_fake_quant
-from msfp.identity import model_key, tensor_digest
+from msfp.identity import model_key
 from msfp.kernels import fused_rounding_exact
 from msfp.losses import WEIGHTINGS, denoising_factors, dfa_weights, weighted_mse
 from msfp.models import denoise
@@ -124,15 +124,6 @@ def _trainable_state(qmodel) -> dict:
     return {n: p.detach().clone() for n, p in qmodel.named_parameters() if id(p) in names}
 
 
-def _teacher_key(fp_model, scheduler, config, cond, class_labels, sample_shape) -> str:
-    """What the teacher trajectories depend on: the full-precision model and how it was sampled."""
-    return model_key(fp_model, dict(
-        traj_samples=config.traj_samples, traj_steps=config.traj_steps, seed=config.seed,
-        scheduler=type(scheduler).__name__, scheduler_config=dict(scheduler.config), sample_shape=sample_shape,
-        cond={k: tensor_digest(v) for k, v in (cond or {}).items()},
-        class_labels=None if class_labels is None else tensor_digest(torch.as_tensor(class_labels))))
-
-
 def _teacher(fp_model, scheduler, config, work_dir, key, cond, class_labels, sample_shape, disable) -> Trajectories:
     # Keyed file name: trajectories of another teacher, scheduler or trajectory setting are never reused.
     path = Path(work_dir) / TEACHER_NAME.format(key=key) if work_dir is not None else None
@@ -216,7 +207,8 @@ def finetune(qmodel: nn.Module, fp_model: nn.Module, scheduler, config: Finetune
 
     # What a work dir's files belong to: this teacher's trajectories and this student as it starts.
     identity = None if work_dir is None else dict(
-        teacher=_teacher_key(fp_model, scheduler, config, cond, class_labels, sample_shape),
+        teacher=trajectory_key(fp_model, scheduler, config.traj_samples, config.traj_steps, config.seed, cond,
+                               class_labels, sample_shape),
         student=model_key(qmodel, {}))
     points = teacher if teacher is not None else _teacher(fp_model, scheduler, config, work_dir,
                                                           identity and identity["teacher"], cond, class_labels,

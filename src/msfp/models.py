@@ -74,9 +74,14 @@ def _ddim(config_dir: Path, config_name: str) -> DDIMScheduler:
     configs are refused instead of becoming a default linear-beta DDIM."""
     config = _read_json(config_dir / config_name)
     kind = config.get("_class_name", "a scheduler")
-    # LCM and TCD have betas too; EDM and flow matching none.
-    if "beta_schedule" not in config and config.get("trained_betas") is None:
-        raise ValueError(f"{config_dir / config_name}: {kind} has no DDPM noise schedule (betas); msfp calibrates, "
+    # DDIM's compatibles, and LCM and TCD, share DDPM's schedule; EDM and flow matching have no betas, and others
+    # with betas reshape them (CogVideoX's snr_shift_scale), which DDIM would drop.
+    family = (*DDIMScheduler._compatibles, "LCMScheduler", "TCDScheduler", "a scheduler")
+    trained = config.get("trained_betas")
+    has_betas = bool(trained) if trained is not None else "beta_schedule" in config  # [] is no schedule either
+    if kind not in family or not has_betas:
+        raise ValueError(f"{config_dir / config_name}: {kind} has no DDPM noise schedule (betas) that DDIM can sample "
+                         "with; msfp calibrates, "
                          "fine-tunes and samples with DDIM on the model's betas, so it supports DDPM-family "
                          "schedulers only")
     try:
