@@ -152,6 +152,9 @@ def test_unhashable_arguments_bad_warmup_and_wrapped_routes_are_refused(stand_in
     q = routed_model(fp8=False)
     with pytest.raises(TypeError, match="argument 'extra' is a list"):
         GraphedDenoiser(q)(torch.randn(1, 1, 8, 8), torch.tensor([1]), extra=[1, 2])
+    # Tensors hash by identity: fresh ones in a tuple (ControlNet's residuals) captured a new graph on every call.
+    with pytest.raises(TypeError, match="argument 'residuals' holds tensors inside a tuple; pass them as separate"):
+        GraphedDenoiser(q)(torch.randn(1, 1, 8, 8), torch.tensor([1]), residuals=(torch.zeros(1), torch.zeros(1)))
     with pytest.raises(ValueError, match="warmup must be ≥ 1"):
         GraphedDenoiser(q, warmup=0)
     wrapper = torch.nn.Sequential()

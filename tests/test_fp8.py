@@ -128,6 +128,59 @@ def test_fp8_layers_take_what_nn_layers_take_and_keep_their_dtypes_through_a_cas
                 assert torch.equal(fp8(inputs[name]), before)
 
 
+def _conv_layer(seed, **kwargs):
+    from msfp.layers import QuantContext, QuantLayer
+
+    torch.manual_seed(seed)
+    layer = QuantLayer(torch.nn.Conv2d(4, 6, 3, padding=1), "c", "fp4_e2m1", "ufp4_e2m2", QuantContext(), **kwargs)
+    with torch.no_grad():
+        layer.weight_quantizer.scale.copy_(layer.weight.abs().amax((1, 2, 3)) / 6)
+        layer.act_quantizer.scale.fill_(0.3)
+        layer.act_quantizer.zero_point.fill_(-0.5)
+    return layer
+
+
+def test_loading_other_weights_into_an_fp8_layer_refreshes_its_zero_point_correction():
+    a, b = _conv_layer(0), _conv_layer(1)
+    fa, fb = Fp8Layer(a, use_kernels=False), Fp8Layer(b, use_kernels=False)
+    x = torch.randn(2, 4, 5, 5)
+    with torch.no_grad():
+        fa(x)  # caches the correction for 5x5 inputs
+        fa.load_state_dict(fb.state_dict())
+        assert torch.equal(fa(x), fb(x))  # it used to keep a's correction: off by up to 0.8
+
+
+def test_fp8_layers_take_empty_inputs_channels_last_and_float64_as_fake_quant_does():
+    from msfp.layers import QuantContext, QuantLayer
+
+    context = QuantContext()
+    linear = QuantLayer(torch.nn.Linear(6, 4), "m", "fp4_e2m1", "ufp4_e2m2", context, act_groups=4)
+    with torch.no_grad():
+        linear.weight_quantizer.scale.fill_(0.05)
+        linear.act_quantizer.scale.fill_(0.3)
+        linear.act_quantizer.zero_point.fill_(-0.4)
+    context.set_timesteps(torch.tensor([0, 300]), 2, "cpu")
+    empty = torch.randn(2, 0, 6)  # no tokens: the per-timestep scales were not spread over zero rows
+    with torch.no_grad():
+        assert Fp8Layer(linear, use_kernels=False)(empty).shape == linear(empty).shape == (2, 0, 4)
+
+    conv = _conv_layer(0)
+    model = torch.nn.Sequential(Fp8Layer(conv, use_kernels=False))
+    model.to(memory_format=torch.channels_last)  # refused: "required rank 4 tensor" for the 5-D conv codes
+    x = torch.randn(2, 4, 5, 5)
+    with torch.no_grad():
+        assert torch.equal(model(x), Fp8Layer(conv, use_kernels=False)(x))
+
+    conv64 = _conv_layer(0).double()
+    with torch.no_grad():
+        conv64.act_quantizer.scale.fill_(0.25)
+    # Just past the tie 1.125 of the unsigned E2M2 grid (1, 1.25) in float64, which fp32 rounds onto the tie.
+    tie = torch.full((1, 4, 5, 5), -0.5 + 0.25 * (1.125 + 1e-12), dtype=torch.float64)
+    with torch.no_grad():
+        ref, got = conv64(tie), Fp8Layer(conv64, use_kernels=False)(tie)
+    torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
+
+
 def test_convert_sets_every_layers_accumulation():
     q = calibrated(tiny_unet)
     convert_to_fp8(q, use_kernels=False, precise_acc=False)

@@ -107,12 +107,26 @@ class _Graph:
 def _signature(name: str, value):
     if isinstance(value, torch.Tensor):
         return value.shape, value.dtype, value.device
+    if isinstance(value, (tuple, list, dict)) and any(isinstance(v, torch.Tensor) for v in _leaves(value)):
+        # Tensors hash by identity: a tuple of fresh tensors (ControlNet residuals) would capture a graph per call.
+        raise TypeError(f"GraphedDenoiser: argument {name!r} holds tensors inside a {type(value).__name__}; pass "
+                        "them as separate tensor arguments (a graph reads its inputs from fixed tensors)")
     try:
         hash(value)
     except TypeError:
         raise TypeError(f"GraphedDenoiser: argument {name!r} is a {type(value).__name__}, which cannot select a graph "
                         f"(tensors and hashable values only)") from None
     return value
+
+
+def _leaves(value):
+    if isinstance(value, dict):
+        value = value.values()
+    for v in value:
+        if isinstance(v, (tuple, list, dict)):
+            yield from _leaves(v)
+        else:
+            yield v
 
 
 @contextlib.contextmanager

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from msfp.formats import Format, _grid_units, round_to_grid
+from msfp.formats import Format, _grid_units, compute_dtype, round_to_grid
 from msfp.layers import QuantLayer, run_route_groups
 from msfp.quantizers import MIN_SCALE
 
@@ -56,8 +56,9 @@ def e4m3_shift(fmt: Format) -> int | None:
 
 def act_codes(x: torch.Tensor, fmt: Format, scale: torch.Tensor, zero_point: torch.Tensor | None,
               shift: int) -> torch.Tensor:
-    """E4M3 codes ``R(clamp((x - z) / s)) · 2^shift`` of ``x`` (the reference that the Triton kernel matches)."""
-    v = _grid_units(x.float(), fmt, scale, zero_point)
+    """E4M3 codes ``R(clamp((x - z) / s)) · 2^shift`` of ``x`` (the reference that the Triton kernel matches),
+    computed in the dtype fake quantization uses for ``x``: a float64 input rounded in fp32 could cross a tie."""
+    v = _grid_units(x.to(compute_dtype(x.dtype)), fmt, scale, zero_point)
     if not fmt.signed:
         # torch.clamp(-0.0, 0.0, …) keeps -0.0 on CPU but gives +0.0 on CUDA; + 0.0 makes an unsigned grid's zero
         # code +0.0 on every device (and changes no other value).
@@ -189,7 +190,8 @@ class Fp8Layer(nn.Module):
         sums = self.weight_tap_sums[k]
         if kernels or self.kind == "linear":
             return sums
-        key = (k, spatial, sums.device)
+        # The buffer's version and address: load_state_dict or a swapped buffer must not reuse another layer's sums.
+        key = (k, spatial, sums.device, sums.data_ptr(), sums._version)
         if key not in self._corr_cache:
             # float64: cuDNN runs float32 convolutions in TF32 by default, which would round the sums to 11 bits.
             wide = sums.double()
@@ -278,7 +280,8 @@ class Fp8Layer(nn.Module):
         # model.to(torch.bfloat16) would make the E4M3 codes (a floating dtype to torch) 2-byte bfloat16 and round
         # the fp32 scales, zero points and tap sums: a cast only moves the tensors.
         def keep_dtype(t):
-            out = fn(t)
+            # The conv codes are 5-D (K, O, KH, KW, C): a memory format such as channels_last does not apply to them.
+            out = fn(t) if t.dim() < 5 else fn(t.flatten()).view(t.shape)
             return out if out.dtype == t.dtype else t.to(out.device)
 
         return super()._apply(keep_dtype, recurse)
@@ -293,7 +296,7 @@ class Fp8Layer(nn.Module):
             raise ValueError(f"{self.name}: {groups.shape[0]} timesteps for a batch of {batch} (per-timestep "
                              "activation scales need one timestep per sample)")
         a_scale, zero = self.act_scale[groups], None if zero is None else zero[groups]
-        if rows > 1:
+        if rows != 1:  # 0 too: an empty token sequence has no rows
             a_scale, zero = a_scale.repeat_interleave(rows), None if zero is None else zero.repeat_interleave(rows)
         return a_scale, zero
 
