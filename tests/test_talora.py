@@ -20,6 +20,15 @@ def test_router_init_is_deterministic():
     b.init_contiguous(seed=3)
     for pa, pb in zip(a.parameters(), b.parameters()):
         assert torch.equal(pa, pb)
+    # Building one draws nothing from the global RNG (loading a TALoRA checkpoint changed it), and the unused router
+    # of a single-LoRA model, which is saved with it, was whatever that RNG gave.
+    torch.manual_seed(0)
+    expected = torch.randn(3)
+    torch.manual_seed(0)
+    single = TimestepRouter(1)
+    assert torch.equal(torch.randn(3), expected)
+    torch.manual_seed(1)
+    assert all(torch.equal(p, q) for p, q in zip(single.parameters(), TimestepRouter(1).parameters()))
 
 
 def test_router_is_hard_per_sample_and_passes_gradients():
@@ -28,6 +37,9 @@ def test_router_is_hard_per_sample_and_passes_gradients():
     t = torch.tensor([10, 990, 400, 10])
     onehot = router(t)
     assert torch.equal(onehot.detach(), torch.nn.functional.one_hot(torch.tensor([0, 3, 1, 0]), 4).float())
+    # Exactly 0 and 1 at every timestep: (hard + soft) - soft gave 0.99999994 at some, scaling those outputs.
+    gates = router(torch.arange(1000)).detach()
+    assert torch.equal(gates, torch.nn.functional.one_hot(gates.argmax(1), 4).float())
     # Straight-through: a loss on the routed mix of per-LoRA outputs reaches the MLP.
     per_lora_outputs = torch.randn(4, 4)
     (onehot * per_lora_outputs).sum().backward()

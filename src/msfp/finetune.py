@@ -222,7 +222,8 @@ def finetune(qmodel: nn.Module, fp_model: nn.Module, scheduler, config: Finetune
     it, losses = 0, []
     if resume:
         try:
-            state = torch.load(state_path, weights_only=False)
+            # On the CPU first: a state a GPU run wrote resumes anywhere (each tensor then goes to its parameter).
+            state = torch.load(state_path, map_location="cpu", weights_only=False)
         except Exception as e:
             raise ValueError(f"{state_path}: cannot read the checkpoint ({type(e).__name__}: {e}); delete "
                              f"{state_path.parent} to start over") from e

@@ -14,6 +14,7 @@ import math
 import torch
 from diffusers.models.embeddings import get_timestep_embedding
 from torch import nn
+from torch.nn.utils import skip_init
 
 from msfp.layers import route_counts
 
@@ -33,7 +34,21 @@ class TimestepRouter(nn.Module):
         self.num_loras = num_loras
         self.num_train_timesteps = num_train_timesteps
         self.embed_dim = embed_dim
-        self.mlp = nn.Sequential(nn.Linear(embed_dim, hidden_dim), nn.SiLU(), nn.Linear(hidden_dim, num_loras))
+        # skip_init, then a seeded init: building a router (also when a checkpoint is loaded) leaves the caller's
+        # global RNG alone, and a single-LoRA model's unused router is the same on every run.
+        self.mlp = nn.Sequential(skip_init(nn.Linear, embed_dim, hidden_dim), nn.SiLU(),
+                                 skip_init(nn.Linear, hidden_dim, num_loras))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self, seed: int = 0) -> None:
+        """nn.Linear's uniform(±1/√fan_in) initialisation, drawn from a generator seeded with ``seed``."""
+        gen = torch.Generator().manual_seed(seed)
+        for layer in self.mlp:
+            if isinstance(layer, nn.Linear):
+                bound = 1 / math.sqrt(layer.in_features)
+                layer.weight.copy_(torch.rand(layer.weight.shape, generator=gen) * 2 * bound - bound)
+                layer.bias.copy_(torch.rand(layer.bias.shape, generator=gen) * 2 * bound - bound)
 
     def logits(self, t: torch.Tensor) -> torch.Tensor:
         t = torch.as_tensor(t, device=self.mlp[0].weight.device).reshape(-1)
@@ -44,7 +59,9 @@ class TimestepRouter(nn.Module):
         soft = self.logits(t).softmax(dim=-1)
         # scatter, not F.one_hot, which reads the indices back to the host to check them (a GPU stall per call)
         hard = torch.zeros_like(soft).scatter_(-1, soft.argmax(dim=-1, keepdim=True), 1.0)
-        return hard + soft - soft.detach()
+        # Parenthesised: (hard + soft) - soft is not exactly hard in floating point (0.99999994 for 1 in some rows),
+        # and the route gate multiplies every routed layer's output.
+        return hard + (soft - soft.detach())
 
     @torch.no_grad()
     def assignment(self, t: torch.Tensor) -> torch.Tensor:
@@ -58,13 +75,7 @@ class TimestepRouter(nn.Module):
     def init_contiguous(self, steps: int = 400, lr: float = 1e-2, seed: int = 0) -> float:
         """Fit the MLP to the contiguous-interval split (deterministic for a seed); returns the fraction of
         timesteps routed as intended (1.0 expected)."""
-        gen = torch.Generator().manual_seed(seed)
-        for layer in self.mlp:
-            if isinstance(layer, nn.Linear):
-                bound = 1 / math.sqrt(layer.in_features)
-                with torch.no_grad():
-                    layer.weight.copy_(torch.rand(layer.weight.shape, generator=gen) * 2 * bound - bound)
-                    layer.bias.copy_(torch.rand(layer.bias.shape, generator=gen) * 2 * bound - bound)
+        self.reset_parameters(seed)
         t = torch.arange(self.num_train_timesteps, device=self.mlp[0].weight.device)
         labels = self.interval_labels(t)
         opt = torch.optim.Adam(self.mlp.parameters(), lr=lr)
