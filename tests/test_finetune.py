@@ -218,7 +218,7 @@ def test_a_text_conditioned_transformer_fine_tunes_and_samples():
     fp, text = tiny_pixart(), {"encoder_hidden_states": torch.randn(4, 3, 8)}
     q = msfp.quantize(copy.deepcopy(fp), "w4a4-msfp")
     msfp.calibrate(q, fp, scheduler(), num_samples=4, num_steps=4, cond=text, disable=True)
-    config = FinetuneConfig(**{**CONFIG, "iters": 40, "lora_lr": 1e-2})
+    config = FinetuneConfig(**{**CONFIG, "iters": 40, "lora_lr": 1e-3})
     points = ft._teacher(fp, scheduler(), config, None, None, text, None, None, True)
     before = per_timestep_eps_mse(q, points)
     result = finetune(q, fp, scheduler(), config, cond=text, teacher=points, disable=True)
