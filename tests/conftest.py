@@ -2,8 +2,18 @@ import os
 import sys
 
 import pytest
+import torch
 
 from tiny_models import scheduler, tiny_unet
+
+
+@pytest.fixture(autouse=True)
+def _keep_torch_thread_count():
+    # Benchmarks run in-process set torch's thread count; tests after them would otherwise run with theirs, and sums
+    # in another order move fine-tuning results by more than ulps.
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")
