@@ -197,8 +197,9 @@ def attention_quantizers(model: nn.Module) -> dict[str, AttnInputQuantizer]:
 @contextlib.contextmanager
 def explicit_attention(model: nn.Module):
     """Run the model's replaceable attention processors as :class:`QuantAttnProcessor` (explicit ``bmm`` and
-    softmax), and added-KV ones as diffusers' explicit version, inside the block, e.g. so that ``FlopCounterMode`` counts the attention matmuls on every device (it does
-    not see the CPU kernels of ``scaled_dot_product_attention``)."""
+    softmax), and added-KV ones as diffusers' explicit version, inside the block, e.g. so that ``FlopCounterMode``
+    counts the attention matmuls on every device (it does not see the CPU kernels of
+    ``scaled_dot_product_attention``)."""
     swapped = {attn: attn.processor for attn in attention_modules(model).values()
                if type(attn.processor) in _REPLACEABLE or type(attn.processor) in _EXPLICIT_TWINS}
     try:

@@ -351,7 +351,8 @@ def compare(model_spec, methods, out, num_samples, steps, calib_samples, calib_s
 @click.option("--iters", type=_COUNT, default=400, help="optimizer steps")
 @click.option("--batch", type=_COUNT, default=16, help="trajectory points per step (mixed timesteps)")
 @click.option("--lora", type=click.Choice(["talora", "single", "none"]), default="talora",
-              help="TALoRA (--num-loras LoRAs, one chosen per timestep by a router), one LoRA, or none (quantizer parameters only)")
+              help="TALoRA (--num-loras LoRAs, one chosen per timestep by a router), one LoRA, or none "
+                   "(quantizer parameters only)")
 @click.option("--num-loras", type=_COUNT, default=4, help="TALoRA: LoRAs per layer")
 @click.option("--rank", type=_COUNT, default=4, help="LoRA rank (capped by each layer's shape)")
 @click.option("--loss", type=click.Choice(["dfa", "mse"]), default="dfa",

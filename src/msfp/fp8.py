@@ -175,7 +175,7 @@ class Fp8Layer(nn.Module):
             self.register_buffer("act_zero_point", zero)
             # The zero-point correction needs only the dequantized weight's sums over input channels, per tap.
             self.register_buffer("weight_tap_sums", torch.stack(tap_sums) if zero is not None else None)
-        self._corr_cache: dict[tuple, torch.Tensor] = {}
+        self._corr_cache: dict[tuple, tuple[tuple, torch.Tensor]] = {}
 
     @property
     def num_weight_sets(self) -> int:
@@ -190,14 +190,17 @@ class Fp8Layer(nn.Module):
         sums = self.weight_tap_sums[k]
         if kernels or self.kind == "linear":
             return sums
-        # The buffer's version and address: load_state_dict or a swapped buffer must not reuse another layer's sums.
-        key = (k, spatial, sums.device, sums.data_ptr(), sums._version)
-        if key not in self._corr_cache:
+        key = (k, spatial, sums.device)
+        # The buffer's address and version: after load_state_dict or a swapped buffer, another layer's sums.
+        source = (sums.data_ptr(), sums._version)
+        cached = self._corr_cache.get(key)
+        if cached is None or cached[0] != source:
             # float64: cuDNN runs float32 convolutions in TF32 by default, which would round the sums to 11 bits.
             wide = sums.double()
             ones = wide.new_ones((1, 1, *spatial))
-            self._corr_cache[key] = F.conv2d(ones, wide[:, None], None, **self.conv_args)[0].to(sums.dtype)
-        return self._corr_cache[key]
+            cached = self._corr_cache[key] = (source, F.conv2d(ones, wide[:, None], None, **self.conv_args)[0]
+                                              .to(sums.dtype))
+        return cached[1]
 
     def _scaled_mm_applies(self, w_codes: torch.Tensor, out_dtype: torch.dtype) -> bool:
         # torch._scaled_mm's row-wise scaling writes bfloat16 only and needs 16-aligned K and N.

@@ -81,9 +81,8 @@ def _ddim(config_dir: Path, config_name: str) -> DDIMScheduler:
     has_betas = bool(trained) if trained is not None else "beta_schedule" in config  # [] is no schedule either
     if kind not in family or not has_betas:
         raise ValueError(f"{config_dir / config_name}: {kind} has no DDPM noise schedule (betas) that DDIM can sample "
-                         "with; msfp calibrates, "
-                         "fine-tunes and samples with DDIM on the model's betas, so it supports DDPM-family "
-                         "schedulers only")
+                         "with; msfp calibrates, fine-tunes and samples with DDIM on the model's betas, so it supports "
+                         "DDPM-family schedulers only")
     try:
         return DDIMScheduler.from_config(config)
     except (NotImplementedError, ValueError, TypeError) as e:  # e.g. an unknown beta_schedule

@@ -189,11 +189,12 @@ def quantize(model: nn.Module, config: QuantConfig | str) -> nn.Module:
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
     for module in model.modules():
-        if not any(isinstance(m, QuantLayer) for m in module.modules()):
+        if not (isinstance(module, (nn.TransformerEncoderLayer, nn.TransformerEncoder))
+                and any(isinstance(m, QuantLayer) for m in module.modules())):
             continue
         if isinstance(module, nn.TransformerEncoderLayer):
             module.register_forward_pre_hook(_no_fast_path)
-        elif isinstance(module, nn.TransformerEncoder):  # with a padding mask it would pass nested tensors down
+        else:  # with a padding mask it would pass nested tensors down
             module.use_nested_tensor = False
     if attention:
         formats = {n: ((config.eight_bit_act_formats if n in eight else config.act_formats)[0],
