@@ -69,14 +69,18 @@ def test_unknown_scheduler():
         get_scheduler("heun", scheduler())
 
 
-def test_class_labels_do_not_depend_on_the_split(tmp_path):
-    assert sample_labels(3, 7, range(2, 5)).tolist() == sample_labels(3, 7, range(6))[2:5].tolist()
+def test_class_labels_come_from_each_images_own_seed(tmp_path):
+    assert sample_labels(3, [9, 10, 11]).tolist() == sample_labels(3, range(7, 13))[2:5].tolist()
     s = generate(tiny_class_unet(), scheduler(), tmp_path / "c.npz", 6, 2, seed=7, disable=True)
-    assert s["labels"].tolist() == sample_labels(3, 7, range(6)).tolist()
-    assert set(s["labels"].tolist()) <= {0, 1, 2}
+    assert s["labels"].tolist() == sample_labels(3, range(7, 13)).tolist()
+    assert set(s["labels"].tolist()) == {0, 1, 2}
+    # Redrawing image 2 with its own seed gives the same label, so the same image.
+    one = generate(tiny_class_unet(), scheduler(), tmp_path / "one.npz", 1, 2, seed=9, disable=True)
+    assert one["labels"].tolist() == s["labels"][2:3].tolist()
+    assert np.abs(one["images"].astype(int) - s["images"][2:3]).max() <= 1
     # Any seed works, as for unconditional models: numpy's seed sequences used to refuse a negative one.
     negative = generate(tiny_class_unet(), scheduler(), tmp_path / "n.npz", 3, 2, seed=-3, disable=True)
-    assert negative["labels"].tolist() == sample_labels(3, -3, range(3)).tolist()
+    assert negative["labels"].tolist() == sample_labels(3, [-3, -2, -1]).tolist()
 
 
 def test_guidance(tmp_path):

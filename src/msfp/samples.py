@@ -2,7 +2,8 @@
 
 A sample file holds ``arr_0``: uint8 images (N, H, W, C) — the layout of the guided-diffusion evaluator's batches, so
 its tools read our files and ours read theirs —, ``seeds`` int64 (N,): image ``i`` was drawn by a generator seeded with
-``seeds[i]``, ``labels`` int64 (N,) for class-conditional models, and ``meta``: a JSON string with the settings.
+``seeds[i]`` (its label too, for class-conditional models: ``labels`` int64 (N,)), and ``meta``: a JSON string with
+the settings.
 
 Sharding: under ``torchrun``/``accelerate launch`` (``WORLD_SIZE`` > 1) rank ``r`` draws a contiguous slice of the
 indices and writes it beside the output; rank 0 merges the slices (so the output folder must be shared by the ranks,
@@ -66,10 +67,12 @@ def class_info(model) -> tuple[int | None, int | None]:
     return config.get("num_class_embeds"), None
 
 
-def sample_labels(num_classes: int, seed: int, indices) -> torch.Tensor:
-    """One label per image index, each from a generator of its own: independent of batching and sharding."""
+def sample_labels(num_classes: int, seeds) -> torch.Tensor:
+    """One label per image, drawn from the image's own seed (as NVlabs EDM does): independent of batching and
+    sharding, and redrawing one image with its seed (``--seed s -n 1``) gives it the same label."""
     # numpy's seed sequences take non-negative entries only; torch's generators take any int64 seed.
-    return torch.tensor([int(np.random.default_rng([seed % 2**64, i]).integers(num_classes)) for i in indices])
+    return torch.tensor([int(np.random.default_rng(int(s) % 2**64).integers(num_classes)) for s in seeds],
+                        dtype=torch.long)
 
 
 class Guided(nn.Module):
@@ -227,7 +230,8 @@ def generate(model, scheduler, out, num_samples: int, num_inference_steps: int, 
                                  f"{type(model).__name__} has none")
             model = Guided(model, guidance, null_label)
         start, stop = rank * num_samples // world, (rank + 1) * num_samples // world
-        labels = sample_labels(num_classes, seed, range(start, stop)) if num_classes else None
+        seeds = np.arange(seed + start, seed + stop)
+        labels = sample_labels(num_classes, seeds) if num_classes else None
         began = time.time()
         # Image i uses the generator seeded with seed + i, on whichever rank draws it.
         drawn = sample(model, scheduler, stop - start, num_inference_steps, seed=seed + start, batch_size=batch_size,
@@ -235,7 +239,6 @@ def generate(model, scheduler, out, num_samples: int, num_inference_steps: int, 
         _require_finite(drawn, seed + start, num_samples, world,
                         f"{type(scheduler).__name__}, {num_inference_steps} steps, eta {eta}; {out} was not written")
         images = to_uint8(drawn)
-        seeds = np.arange(seed + start, seed + stop)
         meta = dict(meta or {}, num_samples=num_samples, steps=num_inference_steps, seed=seed, eta=eta,
                     guidance=guidance, scheduler=type(scheduler).__name__, world_size=world, **setup,
                     sample_time_s=round(time.time() - began, 2))
