@@ -53,3 +53,29 @@ def test_a_layer_called_twice_per_forward_counts_its_work_twice():
     meta = quant_meta(q)
     assert meta["layers"]["mid"]["macs"] == 2 * 8 * 8 * 8 * 8 * 9  # two 3×3 convs of 8→8 channels on 8×8
     assert low_bit_fractions(meta)["flops_4bit"] == 1.0  # every layer is 4-bit: it said 0.53 in a similar model
+
+
+def test_layers_msfp_cannot_quantize_are_named_and_count_in_the_totals_only():
+    from tiny_models import PlainDenoiser
+
+    class WithTransposed(PlainDenoiser):
+        def __init__(self):
+            super().__init__()
+            self.up = torch.nn.ConvTranspose2d(8, 8, 3, padding=1)
+
+        def forward(self, x, t):
+            h = self.act(self.inp(x) + self.t_proj(t.float()[:, None] / 1000)[:, :, None, None])
+            return self.out(self.act(self.mid(self.up(h))))
+
+    torch.manual_seed(0)
+    fp = WithTransposed().eval()
+    with pytest.warns(UserWarning, match=r"1 layer\(s\) msfp cannot quantize stay full precision: up "
+                                         r"\(ConvTranspose2d\)"):
+        q = msfp.quantize(copy.deepcopy(fp), msfp.QuantConfig(eight_bit_layers=[]))
+    msfp.calibrate(q, fp, scheduler(), num_samples=2, num_steps=2, sample_shape=(1, 8, 8), disable=True)
+    meta = quant_meta(q)
+    assert meta["quantization_config"]["unsupported_layers"] == {"up": "ConvTranspose2d"}
+    assert "full precision, as msfp quantizes only Conv2d and Linear: up (ConvTranspose2d)" in describe(meta)
+    # Every other layer is 4-bit; the transposed conv's MACs (8·8·9 per pixel, as mid's) are in the total only.
+    quantized_macs = (1 * 8 * 9 + 8 * 8 * 9 + 8 * 1 * 9) * 64 + 8
+    assert low_bit_fractions(meta)["flops_4bit"] == pytest.approx(quantized_macs / (quantized_macs + 8 * 8 * 9 * 64))

@@ -22,7 +22,8 @@ A directory holds
   Nothing is rounded beyond what the quantizers do: biases and scales stay float32 because float16 would change the
   outputs.
 - ``msfp_quant.json``: ``format_version``, ``quantization_config`` shaped like diffusers' (``quant_method: "msfp"``,
-  the :class:`~msfp.config.QuantConfig` fields, ``modules_to_not_convert``, versions, weight storage), the base
+  the :class:`~msfp.config.QuantConfig` fields, ``modules_to_not_convert``, ``unsupported_layers`` (weight layers
+  msfp has no quantized form of), versions, weight storage), the base
   model's class and config, every quantized layer's ``info`` (formats, AAL flag and reason, MSEs, FLOPs), every
   attention quantizer's ``info`` under ``attention`` and the SHA-256 of ``model.safetensors``; written last, so a
   directory without it is not a finished msfp output.
@@ -205,6 +206,7 @@ def quantization_config(model: nn.Module) -> dict:
     """The ``quantization_config`` block of ``msfp_quant.json`` (the keys diffusers uses, plus msfp's own)."""
     return dict(quant_method="msfp", format_version=FORMAT_VERSION, **model.msfp_config.to_dict(),
                 modules_to_not_convert=list(model.msfp_full_precision_layers),
+                unsupported_layers=dict(model.msfp_unsupported_layers),
                 weight_storage=dict(codes="sign-magnitude format bit fields, dense LSB-first bit packing",
                                     weight_sets=max(layer.num_weight_sets for layer in quant_layers(model).values())),
                 versions=dict(msfp=__version__, torch=torch.__version__, diffusers=diffusers.__version__))

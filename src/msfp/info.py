@@ -93,6 +93,10 @@ def describe(meta: dict) -> str:
              f"matmuls: {matmuls}",
              f"weights at 4 bits: {100 * frac['weights_4bit']:.1f} % of {meta['base_parameters']:,} parameters; "
              f"FLOPs at 4 bits: {flops} of one forward (attention matmuls QKᵀ and P·V included in the count)"]
+    unsupported = config.get("unsupported_layers")  # absent in checkpoints written before it was recorded
+    if unsupported:
+        text.append("full precision, as msfp quantizes only Conv2d and Linear: "
+                    + ", ".join(f"{n} ({kind})" for n, kind in unsupported.items()))
     talora = meta.get("talora")
     if talora:
         runs = ", ".join(f"t {a}–{b} → LoRA {k}" for a, b, k in talora["assignment"])

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import inspect
 import re
+import warnings
 from contextlib import contextmanager
 
 from torch import nn
@@ -47,6 +48,13 @@ _OUTPUT_LAYERS = ("conv_out", "proj_out_2", "proj_out")
 def quantizable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """``(name, module)`` of every ``Conv2d``/``Linear`` in registration order, quantized layers included."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear, QuantLayer))]
+
+
+def unsupported_layers(model: nn.Module) -> dict[str, str]:
+    """Weight layers msfp has no quantized form of (Conv1d, Conv3d, transposed convs, Bilinear): ``{name: type}``.
+    They stay full precision, and their FLOPs count in the totals only."""
+    return {n: type(m).__name__ for n, m in model.named_modules()
+            if isinstance(m, (nn.modules.conv._ConvNd, nn.Bilinear)) and not isinstance(m, nn.Conv2d)}
 
 
 def structural_aals(model: nn.Module) -> dict[str, str]:
@@ -204,6 +212,12 @@ def quantize(model: nn.Module, config: QuantConfig | str) -> nn.Module:
     model.msfp_config = config
     model.msfp_context = context
     model.msfp_full_precision_layers = sorted(full)
+    model.msfp_unsupported_layers = unsupported_layers(model)
+    if model.msfp_unsupported_layers:
+        listed = [f"{n} ({kind})" for n, kind in model.msfp_unsupported_layers.items()]
+        warnings.warn(f"{len(listed)} layer(s) msfp cannot quantize stay full precision: {', '.join(listed[:5])}"
+                      + (", …" if len(listed) > 5 else "") + "; only nn.Conv2d and nn.Linear are quantized",
+                      stacklevel=2)
     model.register_forward_pre_hook(_timestep_hook, with_kwargs=True)
     return model
 
