@@ -116,6 +116,25 @@ def test_attention_msfp_cannot_reproduce_can_stay_full_precision():
     assert type(q.mid_block.attentions[0].processor).__name__ == "AttnAddedKVProcessor2_0"  # restored afterwards
 
 
+def test_flops_of_fused_attention_kernels_count_on_cpu():
+    class Fused(nn.Module):  # e.g. a joint-attention processor, which msfp cannot run as explicit matmuls
+        def forward(self, q, k):
+            return nn.functional.scaled_dot_product_attention(q, k, k)
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from msfp.attention import counting_flops
+
+    q, k = torch.randn(2, 4, 16, 8), torch.randn(2, 4, 5, 8)
+    with FlopCounterMode(display=False) as plain:
+        Fused()(q, k)
+    with counting_flops(Fused()) as counted:
+        Fused()(q, k)
+    assert plain.get_total_flops() == 0  # torch registers SDPA's formula for its GPU kernels only
+    # QKᵀ and P·V over 2 × 4 heads of 16 queries, 5 keys, head dim 8; 2 FLOPs per multiply-accumulate.
+    assert counted.get_total_flops() == 2 * (2 * 2 * 4 * 16 * 5 * 8)
+
+
 def test_boolean_masks_mean_what_they_mean_to_sdpa():
     torch.manual_seed(0)
     attn = Attention(query_dim=8, cross_attention_dim=6, heads=2, dim_head=4).eval()

@@ -26,6 +26,7 @@ import torch
 from diffusers.models.attention_processor import (Attention, AttnAddedKVProcessor, AttnAddedKVProcessor2_0,
                                                   AttnProcessor, AttnProcessor2_0)
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from msfp.quantizers import ActivationQuantizer
 
@@ -209,3 +210,15 @@ def explicit_attention(model: nn.Module):
     finally:
         for attn, processor in swapped.items():
             attn.set_processor(processor)
+
+
+@contextlib.contextmanager
+def counting_flops(model: nn.Module):
+    """A ``FlopCounterMode`` over the block that counts attention on every device: replaceable processors run as
+    explicit ``bmm`` (:func:`explicit_attention`, so their matmuls count under their module's name), and the fused CPU
+    kernel of ``scaled_dot_product_attention`` that the others call gets torch's SDPA formula, which torch registers
+    for the GPU kernels only."""
+    cpu_sdpa = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu:
+                lambda query, key, value, *args, **kwargs: sdpa_flop_count(query, key, value)}
+    with FlopCounterMode(display=False, custom_mapping=cpu_sdpa) as counter, explicit_attention(model):
+        yield counter

@@ -30,10 +30,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
 
-from msfp.attention import attention_quantizers, explicit_attention
+from msfp.attention import attention_quantizers, counting_flops
 from msfp.fileio import atomic_path
 from msfp.fp8 import require_fake_quant
 from msfp.identity import model_key, plain_config, tensor_digest, weights_digest
@@ -379,10 +378,9 @@ def calibrate(qmodel: nn.Module, fp_model: nn.Module, scheduler, num_samples: in
 
 @torch.no_grad()
 def _model_flops(qmodel: nn.Module, points: Trajectories) -> dict:
-    """FLOPs of one sample's forward: every op FlopCounterMode counts (convs, matmuls, attention matmuls: run as
-    explicit ``bmm``, which it counts on every device)."""
+    """FLOPs of one sample's forward: every op FlopCounterMode counts (convs, matmuls, attention matmuls)."""
     device = next(qmodel.parameters()).device
     x, t, cond = next(points.batches(1))
-    with quantizers_disabled(qmodel), FlopCounterMode(display=False) as counter, explicit_attention(qmodel):
+    with quantizers_disabled(qmodel), counting_flops(qmodel) as counter:
         denoise(qmodel, x.to(device), t.to(device), **{k: v.to(device) for k, v in cond.items()})
     return dict(total=int(counter.get_total_flops()))

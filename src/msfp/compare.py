@@ -30,9 +30,8 @@ from typing import Callable
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
-from msfp.attention import explicit_attention
+from msfp.attention import counting_flops
 from msfp.calibration import Trajectories, calibrate, collect_trajectories
 from msfp.checkpoint import freeze_weights, quant_meta
 from msfp.config import PRESETS, QuantConfig
@@ -166,8 +165,7 @@ def _flops_by_layer(model: nn.Module, ctx: Context) -> tuple[dict[str, int], int
     """FLOPs of one sample's forward per module name, and in total (convs, matmuls, attention)."""
     x, t, cond = next(ctx.heldout.batches(1))
     device = next(model.parameters()).device
-    # Attention as explicit bmm: the counter does not see the CPU kernels of scaled_dot_product_attention.
-    with FlopCounterMode(display=False) as counter, explicit_attention(model):
+    with counting_flops(model) as counter:
         denoise(model, x.to(device), t.to(device), **{k: v.to(device) for k, v in cond.items()})
     prefix = type(model).__name__ + "."
     per = {k[len(prefix):]: sum(v.values()) for k, v in counter.get_flop_counts().items() if k.startswith(prefix)}
