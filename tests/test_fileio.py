@@ -100,6 +100,27 @@ def test_leftovers_of_a_crash_between_the_renames_are_cleared(tmp_path, existing
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
 
 
+def test_a_crash_between_the_renames_is_undone_by_the_next_write(tmp_path, existing):
+    # Killed after moving the earlier version aside and before moving the new one in: only ".model.old" is left.
+    os.replace(existing, tmp_path / ".model.old")
+    assert fileio.interrupted_save(existing) == tmp_path / ".model.old"
+    for text in ("first", "second"):  # the second write used to delete ".model.old", the user's files with it
+        with atomic_directory(existing) as tmp:
+            write(tmp, weights=text)
+    assert tree(existing) == {"weights": "second", "config": "old config", "notes": "my notes",
+                              "evals/run1.json": "{}", "notes-link": "link -> notes"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"] and fileio.interrupted_save(existing) is None
+
+
+def test_a_symlinked_file_stays_a_link(tmp_path):
+    from msfp.fileio import write_json
+
+    (tmp_path / "real.json").write_text("{}")
+    os.symlink("real.json", tmp_path / "link.json")
+    write_json(tmp_path / "link.json", {"new": 1})
+    assert (tmp_path / "link.json").is_symlink() and (tmp_path / "real.json").read_text() == '{\n  "new": 1\n}\n'
+
+
 def test_the_current_directory_is_never_replaced(tmp_path, existing, monkeypatch):
     monkeypatch.chdir(existing / "evals")
     for path in (".", "..", existing):
@@ -141,21 +162,23 @@ def test_data_reaches_the_disk_before_the_rename_and_the_rename_after(tmp_path, 
     monkeypatch.setattr(fileio.os, "replace",
                         lambda src, dst: (events.append(("replace", os.path.basename(dst))), real_replace(src, dst)))
     real_chmod = os.chmod
-    monkeypatch.setattr(fileio.os, "chmod", lambda p, m: (events.append(("chmod", os.path.basename(p))),
-                                                          real_chmod(p, m)))
+    monkeypatch.setattr(fileio.os, "chmod", lambda p, m, **kw: (events.append(("chmod", os.path.basename(p))),
+                                                                real_chmod(p, m, **kw)))
     with atomic_path(tmp_path / "a.json") as tmp:
         tmp.write_text("{}")
     # Flushed before it gets the final mode, which may not let us open it (a 0200 file being replaced).
     assert events == [("fsync", tmp.name), ("chmod", tmp.name), ("replace", "a.json"), ("fsync", tmp_path.name)]
 
-    for _ in range(2):  # a new directory, then replacing it
+    for carried in ([], ["evals"]):  # a new directory, then replacing it: the user's evals/ is carried over
+        for name in carried:
+            (tmp_path / "model" / name).mkdir()
         events.clear()
         with atomic_directory(tmp_path / "model") as tmp:
             (tmp / "sub").mkdir()
             write(tmp, weights="w")
             write(tmp / "sub", config="c")
         flushed = {name for kind, name in events[:events.index(("replace", "model"))] if kind == "fsync"}
-        assert {"weights", "config", "sub", tmp.name} <= flushed
+        assert {"weights", "config", "sub", tmp.name, *carried} <= flushed
         assert events[-1] == ("fsync", tmp_path.name)
 
 

@@ -94,8 +94,11 @@ def _remove_leftovers(path: Path) -> None:
 
 @contextmanager
 def atomic_path(path: str | os.PathLike):
-    """Yield a temporary path beside ``path``; on success it replaces ``path``, on error it is removed."""
+    """Yield a temporary path beside ``path``; on success it replaces ``path``, on error it is removed. A symlink at
+    ``path`` keeps pointing to the replaced file."""
     path = Path(path)
+    if path.is_symlink():
+        path = path.resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
     _remove_leftovers(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_temporary_prefix(path))
@@ -113,14 +116,26 @@ def atomic_path(path: str | os.PathLike):
 
 def _finish_tree(directory: Path) -> None:
     """Give the files written into ``directory`` a new file's mode (safetensors writes 0600 whatever the umask) and
-    flush them and the directories to disk."""
+    flush them to disk."""
     mode = _new_mode(0o666)
     for root, dirs, files in os.walk(directory):
         for name in files:
             if not os.path.islink(os.path.join(root, name)):
                 _fsync(Path(root, name))
                 os.chmod(Path(root, name), mode)
+
+
+def _fsync_directories(directory: Path) -> None:
+    for root, _, _ in os.walk(directory):
         _fsync(Path(root))
+
+
+def interrupted_save(path: str | os.PathLike) -> Path | None:
+    """The earlier version of ``path`` that :func:`atomic_directory` moved aside, when a crash between its two renames
+    left only that (``path`` itself missing); else None."""
+    path = Path(path)
+    old = path.with_name(f".{path.name}.old")
+    return old if not path.exists() and not path.is_symlink() and old.is_dir() and not old.is_symlink() else None
 
 
 def _link_or_copy(src, dst) -> None:
@@ -170,21 +185,26 @@ def atomic_directory(path: str | os.PathLike):
         path = path.resolve()
     check_replaceable(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    earlier = interrupted_save(path)
+    if earlier is not None:  # put it back first: it is the last complete version, with the user's own files
+        os.replace(earlier, path)
     _remove_leftovers(path)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=_temporary_prefix(path)))
     try:
         yield tmp
         os.chmod(tmp, _mode(path, 0o777))  # mkdtemp creates 0700
-        _finish_tree(tmp)  # before carrying over: carried-over entries are the old version's, already on disk
-        if not path.exists():
+        _finish_tree(tmp)  # before carrying over: carried-over files are the old version's, already on disk
+        replacing = path.exists()
+        if replacing:
+            _carry_over(path, tmp, {p.name for p in tmp.iterdir()})
+        _fsync_directories(tmp)  # the new directory entries, carried-over ones included
+        if not replacing:
             os.replace(tmp, path)
             _fsync(path.parent)
             return
-        _carry_over(path, tmp, {p.name for p in tmp.iterdir()})
-        _fsync(tmp)
         old = path.with_name(f".{path.name}.old")
         if old.is_dir() and not old.is_symlink():
-            shutil.rmtree(old)  # left by a crash between the two renames below
+            shutil.rmtree(old)  # left by a crash after the swap below, before its removal
         else:
             old.unlink(missing_ok=True)
         os.replace(path, old)
