@@ -267,8 +267,98 @@ def test_bad_directories_fail_clearly(tmp_path, saved):
 
     out = msfp.save_quantized(q, tmp_path / "q")
     _edit_meta(out, lambda meta: meta["base_model"].update(class_name="UNet3DModelThatDoesNotExist"))
-    with pytest.raises(ValueError, match="unknown diffusers model class 'UNet3DModelThatDoesNotExist'"):
+    with pytest.raises(ValueError, match="has no model class 'UNet3DModelThatDoesNotExist'; if it is your own "
+                                         r"subclass, pass an instance: load_quantized\(dir, model="):
         msfp.load_quantized(out)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda meta: meta.pop("layers"), "'layers' is missing or not a dict; the file was edited or not written by msfp"),
+    (lambda meta: meta.pop("base_model"), "'base_model' is missing"),
+    (lambda meta: meta.pop("num_train_timesteps"), "'num_train_timesteps' is missing or not a int"),
+    (lambda meta: meta["quantization_config"].pop("modules_to_not_convert"),
+     "'quantization_config' has no 'modules_to_not_convert'"),
+    (lambda meta: meta["layers"]["conv_in"].pop("precision"), "layers entry 'conv_in' has no 'precision'"),
+    (lambda meta: meta["layers"]["conv_out"].update(act_format="fp4_e9m9"),
+     "layers entry 'conv_out': act_format 'fp4_e9m9': format 'fp4_e9m9'"),
+])
+def test_damaged_metadata_names_the_file_and_the_entry(tmp_path, saved, edit, message):
+    out = msfp.save_quantized(saved[0], tmp_path / "q")
+    _edit_meta(out, edit)
+    with pytest.raises(ValueError, match="msfp_quant.json: .*" + message):
+        msfp.load_quantized(out)
+
+
+def test_metadata_that_is_not_utf8_is_reported_as_unreadable(tmp_path, saved):
+    out = msfp.save_quantized(saved[0], tmp_path / "q")
+    data = bytearray((out / "msfp_quant.json").read_bytes())
+    data[10] = 0xDF  # one damaged byte
+    (out / "msfp_quant.json").write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="msfp_quant.json: unreadable .*utf-8"):
+        msfp.load_quantized(out)
+
+
+def test_a_save_interrupted_between_its_renames_is_pointed_out(tmp_path, saved):
+    out = msfp.save_quantized(saved[0], tmp_path / "q")
+    out.rename(tmp_path / ".q.old")  # what a crash between the two renames leaves
+    with pytest.raises(FileNotFoundError, match=r"\.q\.old holds its previous version, left by an interrupted save"):
+        msfp.load_quantized(out)
+    msfp.save_quantized(saved[0], out)  # puts it back first, then replaces it
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q"]
+
+
+def test_info_reads_checkpoints_written_before_quantized_attention(tmp_path, saved):
+    out = msfp.save_quantized(saved[0], tmp_path / "q")
+    _edit_meta(out, lambda meta: meta["quantization_config"].pop("quantize_attention"))
+    from msfp.info import describe
+
+    assert "attention matmuls: full precision" in describe(checkpoint.read_quant_meta(out))
+
+
+def test_a_failed_load_leaves_the_callers_model_unchanged(tmp_path):
+    q = calibrated(tiny_plain, sample_shape=(1, 8, 8))
+    out = msfp.save_quantized(q, tmp_path / "q")
+    torch.manual_seed(0)
+    mine = PlainDenoiser(hidden=16)
+    before = copy.deepcopy(mine.state_dict())
+    with pytest.raises(ValueError, match="does not match tiny_models.PlainDenoiser: inp.bias: shape \\(8,\\), model "
+                                         "expects \\(16,\\)"):
+        msfp.load_quantized(out, model=mine)
+    assert type(mine.mid) is torch.nn.Conv2d and not hasattr(mine, "msfp_config")
+    assert all(torch.equal(v, before[k]) for k, v in mine.state_dict().items())
+    msfp.quantize(mine, "w4a4-msfp")  # it used to be left quantized: "already quantized"
+
+
+def test_the_formats_the_quantizers_use_are_saved_even_if_changed_after_calibration(tmp_path, saved):
+    q = copy.deepcopy(saved[0])
+    layer = quant_layers(q)["down_blocks.0.resnets.0.conv1"]
+    layer.weight_quantizer.initialize(layer.weight.detach(), candidates=["fp4_e3m0"])
+    assert layer.info["weight_format"] != "fp4_e3m0"  # calibration's record is stale now
+    loaded = msfp.load_quantized(msfp.save_quantized(q, tmp_path / "q"))
+    assert quant_layers(loaded)["down_blocks.0.resnets.0.conv1"].weight_quantizer.fmt.name == "fp4_e3m0"
+    assert torch.equal(unet_outputs(loaded), unet_outputs(q))
+
+
+def test_a_quantized_layer_tied_to_an_embedding_reloads_untied(tmp_path):
+    class TiedHead(PlainDenoiser):
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(8, 8)
+            self.head = torch.nn.Linear(8, 8, bias=False)
+            self.head.weight = self.emb.weight  # the embedding reads it in full precision, the head quantized
+
+        def forward(self, x, t):
+            h = self.mid(self.act(self.inp(x) + self.emb((t // 125).clamp(max=7))[:, :, None, None]))
+            return self.out(self.head(h.permute(0, 2, 3, 1)).permute(0, 3, 1, 2))
+
+    def build():
+        torch.manual_seed(0)
+        return TiedHead().eval()
+
+    q = calibrated(build, preset=msfp.QuantConfig(full_precision_layers=["t_proj"]), sample_shape=(1, 8, 8))
+    loaded = msfp.load_quantized(msfp.save_quantized(q, tmp_path / "q"), model=build())
+    assert torch.equal(loaded.emb.weight, q.emb.weight)  # it used to get the head's quantized weight
+    assert torch.equal(unet_outputs(loaded), unet_outputs(q))
 
 
 def test_truncated_corrupted_or_tampered_weights_fail_clearly(tmp_path, saved):
@@ -301,8 +391,9 @@ def test_truncated_corrupted_or_tampered_weights_fail_clearly(tmp_path, saved):
     state["mid_block.resnets.0.conv1.weight_codes"] = state["mid_block.resnets.0.conv1.weight_codes"][:, :-1]
     save_file(state, out / "model.safetensors")
     _edit_meta(out, lambda meta: meta.update(weights_sha256=checkpoint._sha256(out / "model.safetensors")))
-    with pytest.raises(ValueError, match="does not match UNet2DModel: missing conv_in.weight_codes; "
-                                         "mid_block.resnets.0.conv1.weight_codes: shape"):
+    with pytest.raises(ValueError, match=r"does not match UNet2DModel: conv_in.weight_codes: missing, model expects "
+                                         r"\(weight sets, 72\); mid_block.resnets.0.conv1.weight_codes: shape \(1, 1151\), "
+                                         r"model expects \(weight sets, 1152\)"):
         msfp.load_quantized(out)
 
 
@@ -511,6 +602,12 @@ def test_finetuned_talora_round_trip_is_exact(tmp_path, lora):
     first, second = (load_file(d / "model.safetensors") for d in (out, again))
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
     assert torch.equal(outputs(msfp.load_quantized(again), (1, 8, 8)), outputs(q, (1, 8, 8)))
+    # And the same metadata (the fine-tuning record used to be dropped); the layer policy's selectors come back
+    # as the layer names they resolved to.
+    resaved = checkpoint.read_quant_meta(again)
+    assert meta["finetune"] is not None
+    assert {k: v for k, v in resaved.items() if k != "quantization_config"} == \
+        {k: v for k, v in meta.items() if k != "quantization_config"}
     info = CliRunner().invoke(main, ["info", str(out)])
     assert info.exit_code == 0 and "LoRA" in info.output, info.output
 
@@ -575,6 +672,14 @@ def test_a_half_precision_model_with_zero_points_saves_and_reloads(tmp_path, dty
     # round differently, and refuse to save ("a bug in msfp").
     q = calibrated(preset=msfp.QuantConfig(weight_formats=["ufp4_e2m2"])).to(dtype)
     msfp.save_quantized(q, tmp_path / "q")
-    loaded = msfp.load_quantized(tmp_path / "q").to(dtype)
+    loaded = msfp.load_quantized(tmp_path / "q")  # in the dtypes it was saved in: it used to come back float32
+    stored = load_file(tmp_path / "q" / "model.safetensors").keys()  # unused zero points are not
+    dtypes = [{k: v.dtype for k, v in m.state_dict().items() if k in stored or k.endswith(".weight")}
+              for m in (loaded, q)]
+    assert dtypes[0] == dtypes[1] and dtypes[0]["conv_in.weight"] == dtype
     for name, layer in quant_layers(loaded).items():
         assert torch.equal(layer.weight, quant_layers(q)[name].quantized_weight()), name
+    torch.manual_seed(1)
+    x = torch.randn(3, 1, 8, 8, dtype=dtype)
+    with torch.no_grad():
+        assert torch.equal(loaded(x, torch.tensor([5, 400, 999])).sample, q(x, torch.tensor([5, 400, 999])).sample)

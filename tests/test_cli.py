@@ -262,7 +262,7 @@ def test_clear_errors_for_files_of_the_wrong_kind(tmp_path, tiny_model_dir):
     del meta["layers"]
     (q / "msfp_quant.json").write_text(json.dumps(meta))
     r = run("info", q)  # used to be a KeyError traceback
-    assert r.exit_code == 1 and "the checkpoint metadata has no layers; was it written by msfp?" in r.output
+    assert r.exit_code == 1 and "msfp_quant.json: 'layers' is missing or not a dict; the file was edited" in r.output
 
 
 def test_unwritable_outputs_fail_before_the_work(tmp_path, tiny_model_dir):

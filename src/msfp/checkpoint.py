@@ -56,13 +56,13 @@ from torch import nn
 from msfp import __version__
 from msfp.attention import attention_quantizers
 from msfp.config import QuantConfig
-from msfp.fileio import atomic_directory, check_replaceable
+from msfp.fileio import atomic_directory, check_replaceable, interrupted_save
 from msfp.formats import compute_dtype, get_format
 from msfp.fp8 import convert_to_fp8, require_fake_quant
 from msfp.identity import weights_digest
 from msfp.packing import decode, pack, quantize_to_codes, unpack
 from msfp.quantizers import MIN_SCALE
-from msfp.surgery import quant_layers, quantize
+from msfp.surgery import quant_layers, quantizable_layers, quantize
 from msfp.talora import assignment_runs, attach_router
 
 FORMAT_VERSION = 2
@@ -253,8 +253,13 @@ def quant_meta(model: nn.Module) -> dict:
         talora=_talora_meta(model), finetune=getattr(model, "msfp_finetune", None),
         scheduler_config=getattr(model, "msfp_scheduler_config", None),
         num_train_timesteps=model.msfp_context.num_train_timesteps,
-        layers={n: layer.info for n, layer in layers.items()},
-        attention={n: q.info for n, q in attention.items()},
+        # The formats the quantizers use (the packed codes are in them), should they differ from calibration's.
+        layers={n: dict(layer.info, weight_format=layer.weight_quantizer.fmt.name,
+                        act_format=layer.act_quantizer.fmt.name) for n, layer in layers.items()},
+        # The quantized weights are stored as codes: the dtype they are decoded to, where not float32.
+        weight_dtypes={n: str(layer.weight.dtype).removeprefix("torch.") for n, layer in layers.items()
+                       if layer.weight.dtype != torch.float32},
+        attention={n: dict(q.info, act_format=q.act_quantizer.fmt.name) for n, q in attention.items()},
     )
     return json.loads(json.dumps(meta, default=_json_default))  # plain JSON values, as read_quant_meta returns
 
@@ -305,14 +310,17 @@ def read_quant_meta(directory: str | os.PathLike) -> dict:
     """The ``msfp_quant.json`` of a msfp output directory, with clear errors for anything else."""
     path = Path(directory)
     if not path.is_dir():
-        raise FileNotFoundError(f"{path} is not a directory")
+        earlier = interrupted_save(path)
+        hint = (f"; {earlier} holds its previous version, left by an interrupted save: rename it back (the next save "
+                f"to {path} does)") if earlier is not None else ""
+        raise FileNotFoundError(f"{path} is not a directory{hint}")
     meta_path = path / CONFIG_NAME
     if not meta_path.is_file():
         raise ValueError(f"{path} is not a msfp output directory: {CONFIG_NAME} is missing (a save that did not "
                          "finish, or another kind of directory)")
     try:
-        meta = json.loads(meta_path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"{meta_path}: unreadable ({e})") from e
     version = meta.get("format_version") if isinstance(meta, dict) else None
     if version != FORMAT_VERSION:
@@ -320,7 +328,35 @@ def read_quant_meta(directory: str | os.PathLike) -> dict:
             if version == 1 else ""
         raise ValueError(f"{meta_path}: checkpoint format version {version!r}{hint}; this msfp ({__version__}) reads "
                          f"version {FORMAT_VERSION}")
+    _check_meta(meta, meta_path)
     return meta
+
+
+# What loading reads from msfp_quant.json: {key: (type, keys it must hold)}.
+_META_FIELDS = {"quantization_config": (dict, ("modules_to_not_convert",)),
+                "base_model": (dict, ("library", "class_name", "config")),
+                "layers": (dict, ()), "num_train_timesteps": (int, ()), "base_parameters": (int, ())}
+
+
+def _check_meta(meta: dict, meta_path: Path) -> None:
+    """Clear errors for a hand-edited or damaged ``msfp_quant.json``: what is missing, and where."""
+    for key, (kind, inner) in _META_FIELDS.items():
+        if not isinstance(meta.get(key), kind):
+            raise ValueError(f"{meta_path}: {key!r} is missing or not a {kind.__name__}; the file was edited or not "
+                             "written by msfp")
+        absent = [k for k in inner if k not in meta[key]]
+        if absent:
+            raise ValueError(f"{meta_path}: {key!r} has no {', '.join(map(repr, absent))}")
+    for group, formats in (("layers", ("weight_format", "act_format")), ("attention", ("act_format",))):
+        for name, info in (meta.get(group) or {}).items():
+            absent = [k for k in (*formats, "precision") if not isinstance(info, dict) or k not in info]
+            if absent:
+                raise ValueError(f"{meta_path}: {group} entry {name!r} has no {', '.join(map(repr, absent))}")
+            for key in formats:
+                try:
+                    get_format(info[key])
+                except (ValueError, TypeError) as e:
+                    raise ValueError(f"{meta_path}: {group} entry {name!r}: {key} {info[key]!r}: {e}") from e
 
 
 def _build_base(meta: dict, model: nn.Module | None, where: Path) -> nn.Module:
@@ -333,7 +369,8 @@ def _build_base(meta: dict, model: nn.Module | None, where: Path) -> nn.Module:
                          "instance of it: load_quantized(dir, model=YourModel(...))")
     cls = getattr(diffusers, base["class_name"], None)
     if cls is None:
-        raise ValueError(f"{where}: unknown diffusers model class {base['class_name']!r}")
+        raise ValueError(f"{where}: diffusers {diffusers.__version__} has no model class {base['class_name']!r}; if "
+                         "it is your own subclass, pass an instance: load_quantized(dir, model=YourModel(...))")
     # Every parameter is overwritten from the checkpoint (a missing one is an error), so skip the random
     # initialisation as diffusers' from_pretrained does: faster, and its temporaries never inflate resident memory.
     with no_init_weights():
@@ -381,6 +418,63 @@ def unfreeze_weights(model: nn.Module) -> nn.Module:
     return model
 
 
+def _raise_mismatch(path: Path, meta: dict, problems: list[str]) -> None:
+    if problems:
+        raise ValueError(f"{path / WEIGHTS_NAME} does not match {meta['base_model']['class_name']}: "
+                         + "; ".join(problems[:5]) + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""))
+
+
+def _check_same_layers(built: set[str], saved: set[str], path: Path) -> None:
+    if built != saved:
+        extra, missing = sorted(built - saved), sorted(saved - built)
+        raise ValueError(f"{path}: mismatched checkpoint: layers missing from it {extra[:3]}, layers it has that the "
+                         f"model lacks {missing[:3]}")
+
+
+def _check_fits(base: nn.Module, meta: dict, state: dict, path: Path) -> None:
+    """The checks of the checkpoint against the full-precision ``base`` that can run before quantizing it: the same
+    quantized layers, their packed codes' sizes, and the shapes of the tensors stored as they are."""
+    full = set(meta["quantization_config"]["modules_to_not_convert"])
+    modules = dict(quantizable_layers(base))
+    _check_same_layers({n for n in modules if n not in full}, set(meta["layers"]), path)
+    fp_state = base.state_dict()
+    problems = [f"{k}: shape {tuple(v.shape)}, model expects {tuple(fp_state[k].shape)}"
+                for k, v in state.items() if k in fp_state and tuple(v.shape) != tuple(fp_state[k].shape)]
+    for name, info in meta["layers"].items():
+        codes = state.get(name + CODES_SUFFIX)
+        nbytes = (modules[name].weight.numel() * get_format(info["weight_format"]).bits + 7) // 8
+        if codes is None or codes.ndim != 2 or codes.shape[1] != nbytes:
+            found = "missing" if codes is None else f"shape {tuple(codes.shape)}"
+            problems.append(f"{name}{CODES_SUFFIX}: {found}, model expects (weight sets, {nbytes})")
+    _raise_mismatch(path, meta, problems)
+
+
+def _restore_dtypes(model: nn.Module, state: dict, weight_dtypes: dict[str, str | None]) -> None:
+    """Give the model's floating tensors the dtypes they were saved in (a model built from its config is float32):
+    the stored ones' own, and the quantized weights' recorded ``weight_dtypes``."""
+    wanted = {k: v.dtype for k, v in state.items()}
+    for key, name in weight_dtypes.items():
+        dtype = getattr(torch, str(name), None)
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise ValueError(f"{key}: unknown dtype {name!r} in the weight_dtypes of {CONFIG_NAME}")
+        wanted[key] = dtype
+    tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    for key, dtype in wanted.items():
+        tensor = tensors.get(key)
+        if tensor is not None and tensor.is_floating_point() and dtype.is_floating_point and tensor.dtype != dtype:
+            tensor.data = tensor.data.to(dtype)
+
+
+def _tied_layers(model: nn.Module, layers: dict) -> set[str]:
+    """Quantized layers whose weight tensor another module uses too (tied embeddings)."""
+    owners: dict[int, set[str]] = {}
+    for key, tensor in model.state_dict(keep_vars=True).items():
+        if isinstance(tensor, torch.Tensor) and tensor.numel():
+            owners.setdefault(tensor.untyped_storage().data_ptr(), set()).add(key)
+    return {name for name, layer in layers.items()
+            if owners.get(layer.weight.untyped_storage().data_ptr(), set()) - {f"{name}.weight"}}
+
+
 BACKENDS = ("fake", "fp8")
 
 
@@ -404,6 +498,8 @@ def load_quantized(directory: str | os.PathLike, model: nn.Module | None = None,
     meta = read_quant_meta(path)
     qc = meta["quantization_config"]
     base = _build_base(meta, model, path)
+    state = _read_weights(path, meta)
+    _check_fits(base, meta, state, path)  # before quantize changes the model: a caller's model stays as it was
     config = QuantConfig.from_dict({k: v for k, v in qc.items() if k in QuantConfig.__dataclass_fields__})
     # The saved layer names, not the original selectors: the same layers whatever the roles resolve to.
     saved_attention = meta.get("attention", {})  # absent in checkpoints written before quantized attention
@@ -416,10 +512,7 @@ def load_quantized(directory: str | os.PathLike, model: nn.Module | None = None,
         raise ValueError(f"{path}: the checkpoint does not fit this architecture ({e})") from e
     layers, attention = quant_layers(qmodel), attention_quantizers(qmodel)
     built, saved = {*layers, *attention}, {*meta["layers"], *saved_attention}
-    if built != saved:
-        extra, missing = sorted(built - saved), sorted(saved - built)
-        raise ValueError(f"{path}: mismatched checkpoint: layers missing from it {extra[:3]}, layers it has that the "
-                         f"model lacks {missing[:3]}")
+    _check_same_layers(built, saved, path)
     for name, layer in layers.items():
         info = meta["layers"][name]
         layer.info = dict(info)
@@ -429,10 +522,10 @@ def load_quantized(directory: str | os.PathLike, model: nn.Module | None = None,
         quantizer.info = dict(saved_attention[name])
         quantizer.act_quantizer.fmt = get_format(quantizer.info["act_format"])
 
+    qmodel.msfp_context.num_train_timesteps = meta["num_train_timesteps"]  # before the router, which reads it
     talora = meta.get("talora")
     if talora:
         attach_router(qmodel, talora["num_loras"], talora["rank"])  # its weights come with the state below
-    state = _read_weights(path, meta)
     expected = _expected_entries(qmodel, layers, attention, talora["num_loras"] if talora else 1)
     problems = [f"missing {k}" for k in expected if k not in state]
     problems += [f"unexpected {k}" for k in state if k not in expected]
@@ -440,11 +533,12 @@ def load_quantized(directory: str | os.PathLike, model: nn.Module | None = None,
                  for k, (shape, _) in expected.items() if k in state and tuple(state[k].shape) != shape]
     problems += [f"{k}: dtype {state[k].dtype}, expected {dtype}"
                  for k, (_, dtype) in expected.items() if dtype is not None and k in state and state[k].dtype != dtype]
-    if problems:
-        raise ValueError(f"{path / WEIGHTS_NAME} does not match {meta['base_model']['class_name']}: "
-                         + "; ".join(problems[:5]) + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""))
+    _raise_mismatch(path, meta, problems)
     codes = {k[: -len(CODES_SUFFIX)]: state.pop(k) for k in list(state) if k.endswith(CODES_SUFFIX)}
+    weight_dtypes = meta.get("weight_dtypes") or {}
+    _restore_dtypes(qmodel, state, {f"{n}.weight": weight_dtypes.get(n, "float32") for n in layers})
     qmodel.load_state_dict(state, strict=False)
+    tied = _tied_layers(qmodel, layers)
     with torch.no_grad():
         quantizers = [q for layer in layers.values() for q in (layer.weight_quantizer, layer.act_quantizer)]
         for q in quantizers + [quantizer.act_quantizer for quantizer in attention.values()]:
@@ -453,13 +547,16 @@ def load_quantized(directory: str | os.PathLike, model: nn.Module | None = None,
         for name, layer in layers.items():
             count = layer.weight.numel()
             sets = [_dequantize(unpack(row, layer.weight_quantizer.fmt.bits, count), layer) for row in codes[name]]
-            layer.weight.copy_(sets[0])
+            if name in tied:  # the other user of the tensor (an embedding) read it in full precision: untie
+                layer.weight = nn.Parameter(sets[0], requires_grad=layer.weight.requires_grad)
+            else:
+                layer.weight.copy_(sets[0])
             if len(sets) > 1:  # routed TALoRA: the router picks one of the K pre-merged sets per sample
                 layer.weight_sets = torch.stack(sets)
     qmodel.msfp_flops = meta.get("flops")
     qmodel.msfp_base_weights = meta.get("base_weights")  # checkpoints written before msfp recorded it: None
     qmodel.msfp_scheduler_config = meta.get("scheduler_config")
-    qmodel.msfp_context.num_train_timesteps = meta["num_train_timesteps"]
+    qmodel.msfp_finetune = meta.get("finetune")  # so that saving the loaded model again keeps the record
     if freeze:
         freeze_weights(qmodel)
     if backend == "fp8":

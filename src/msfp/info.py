@@ -73,9 +73,7 @@ def format_table(rows: list[dict], columns: list[str]) -> str:
 
 
 def describe(meta: dict) -> str:
-    missing = [k for k in ("layers", "quantization_config", "base_parameters") if k not in meta]
-    if missing:  # a hand-edited or foreign msfp_quant.json
-        raise ValueError(f"the checkpoint metadata has no {', '.join(missing)}; was it written by msfp?")
+    """``msfp info``'s text for the metadata :func:`msfp.checkpoint.read_quant_meta` returns (which checks it)."""
     rows = layer_rows(meta)
     frac = low_bit_fractions(meta)
     config = meta["quantization_config"]
@@ -86,7 +84,7 @@ def describe(meta: dict) -> str:
     if attention:
         text += [format_table(attention, ["name", "kind", "bits", "act", "aal", "act_mse"]), ""]
     matmuls = (f"quantized ({len(attention)} matmul inputs, {frac['attention_matmuls_4bit']} matmuls at 4 bits)"
-               if config["quantize_attention"] else "full precision")
+               if config.get("quantize_attention") else "full precision")  # older checkpoints lack the key
     text += [f"preset {config['name']}: {frac['layers']} quantized layers, {frac['layers_4bit']} with 4-bit weights "
              "and activations, "
              f"{aals} AALs; full precision: {', '.join(config['modules_to_not_convert']) or 'none'}; attention "
