@@ -271,6 +271,43 @@ def test_resume_refuses_a_changed_noise_schedule(tmp_path, tiny_model_dir):
         METHODS.pop("test-broken")
 
 
+@pytest.mark.parametrize("function, part", [("code_digest", "code"), ("model_key", "model"),
+                                            ("_reference_digest", "reference"), ("machine_info", "machine")])
+def test_resume_refuses_a_run_with_another_code_model_reference_or_machine(tmp_path, tiny_model_dir, monkeypatch,
+                                                                          function, part):
+    import msfp.compare
+
+    args = ["compare", "--model", tiny_model_dir, "--methods", "fp,test-broken", "--out", tmp_path / "r", *TINY]
+    register_method("test-broken", lambda ctx: 1 / 0, "always fails")
+    try:
+        assert isinstance(run(*args).exception, ZeroDivisionError)
+        # e.g. a `git pull` between the two sessions: msfp.__version__ stays the same.
+        monkeypatch.setattr(msfp.compare, function, lambda *a, **k: "something else")
+        r = run(*args, "--resume")
+        assert r.exit_code == 1 and f".r.compare holds a run with another {part}: resuming it would mix" in r.output
+    finally:
+        METHODS.pop("test-broken")
+
+
+def test_the_code_digest_covers_every_file_of_the_package(tmp_path, monkeypatch):
+    from msfp import identity
+
+    package = tmp_path / "msfp"
+    (package / "assets").mkdir(parents=True)
+    (package / "a.py").write_text("x = 1\n")
+    (package / "assets" / "weights.bin").write_bytes(b"\0")
+    monkeypatch.setattr(identity, "__file__", str(package / "identity.py"))
+    digests = []
+    for edit in (lambda: None, lambda: (package / "a.py").write_text("x = 2\n"),
+                 lambda: (package / "assets" / "weights.bin").write_bytes(b"\1"),
+                 lambda: (package / "__pycache__").mkdir()):
+        edit()
+        identity.code_digest.cache_clear()
+        digests.append(identity.code_digest())
+    identity.code_digest.cache_clear()
+    assert len(set(digests[:3])) == 3 and digests[3] == digests[2]  # compiled caches do not count
+
+
 def test_an_interrupted_run_keeps_the_earlier_report_and_resumes(tmp_path, tiny_model_dir):
     from msfp.compare import build_ptq
 

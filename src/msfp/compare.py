@@ -39,7 +39,7 @@ from msfp.environment import machine_info
 from msfp.evaluation import INCEPTION_METRICS, eps_mse_weighted, evaluate, load_reference, per_timestep_eps_mse
 from msfp.fileio import atomic_directory, check_replaceable, link_entry, write_json
 from msfp.finetune import FinetuneConfig, finetune
-from msfp.identity import model_key, plain_config
+from msfp.identity import code_digest, model_key, plain_config
 from msfp.info import format_table, layer_rows, low_bit_fractions
 from msfp.models import denoise, load_model
 from msfp.samples import NonFiniteSamplesError, generate, grid_path
@@ -346,7 +346,7 @@ def run_compare(settings: CompareSettings, methods: list[str], out, command: str
     reference = reference if reference is not None else load_reference()
     fingerprint = dict(settings=dataclasses.asdict(s), model=model_key(fp_model, {}),
                        scheduler=plain_config(scheduler.config),
-                       reference=_reference_digest(reference), machine=machine_info(device))
+                       reference=_reference_digest(reference), machine=machine_info(device), code=code_digest())
     progress = _progress(work, fingerprint, resume)
     earlier = progress.get("seconds", 0.0)  # spent by the sessions an interrupted run had before this one
     work.mkdir(parents=True, exist_ok=True)  # an unwritable --out fails here, not after the first method
@@ -390,7 +390,8 @@ def run_compare(settings: CompareSettings, methods: list[str], out, command: str
         seeds=dict(samples=f"{s.seed}..{s.seed + s.num_samples - 1}",
                    calibration=f"{s.seed + CALIB_SEED_OFFSET}..{s.seed + CALIB_SEED_OFFSET + s.calib_samples - 1}",
                    heldout=f"{s.seed + HELDOUT_SEED_OFFSET}..{s.seed + HELDOUT_SEED_OFFSET + s.heldout_samples - 1}"),
-        reference=reference.name, machine=fingerprint["machine"], methods=results, skipped_methods=skipped,
+        reference=reference.name, machine=fingerprint["machine"], msfp_code=fingerprint["code"], methods=results,
+        skipped_methods=skipped,
         wall_seconds=None)
     result["wall_seconds"] = round(earlier + time.time() - began, 1)  # the sessions of a resumed run together
     (work / "samples").mkdir(parents=True, exist_ok=True)

@@ -1,10 +1,12 @@
-"""Digests that identify a model, its weights and tensors: cache keys, resume checks, and the base model a
-checkpoint was quantized from."""
+"""Digests that identify a model, its weights and tensors, and msfp's own code: cache keys, resume checks, and the
+base model a checkpoint was quantized from."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -42,3 +44,15 @@ def model_key(model: nn.Module, settings: dict, weights: str | None = None) -> s
     identity = dict(settings, model_class=f"{type(model).__module__}.{type(model).__qualname__}",
                     model_config=plain_config(getattr(model, "config", None)), weights=weights or weights_digest(model))
     return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@functools.cache
+def code_digest() -> str:
+    """A digest of every file of the installed msfp package (code and shipped assets): a resumed run refuses to mix
+    results of two versions, which ``msfp.__version__`` alone does not tell apart during development."""
+    package = Path(__file__).parent
+    h = hashlib.sha256()
+    for path in sorted(p for p in package.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
+        h.update(f"{path.relative_to(package).as_posix()}\0".encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()[:16]
