@@ -356,3 +356,14 @@ def test_an_interrupted_run_keeps_the_earlier_report_and_resumes(tmp_path, tiny_
     finally:
         METHODS.pop("test-flaky")
         METHODS.pop("test-broken")
+
+
+def test_identical_images_show_psnr_inf_after_a_json_round_trip():
+    from msfp.compare import format_cell, table_rows
+    from msfp.fileio import _finite_or_none
+
+    method = dict(metrics=dict(psnr=float("inf"), paired_mse=0.0), eps_mse_mean=0.0, sample_seconds=1.0,
+                  calibration=None, low_bit=None)
+    for result in ({"methods": {"same": method}}, _finite_or_none({"methods": {"same": method}})):
+        # JSON (results.json, and the progress file a resumed row is read from) holds inf as null: "—" used to show.
+        assert format_cell("psnr", table_rows(result)[0]["psnr"]) == "inf"

@@ -51,6 +51,28 @@ def test_fd_singular_covariances_are_finite():
     assert np.isfinite(fd) and fd == pytest.approx(7 * 0.25, abs=0.5)
 
 
+def test_fd_scales_with_the_square_of_the_features_when_covariances_are_singular():
+    # 50 samples of 128 features: both covariances singular. FD(cX, cY) = c² FD(X, Y); at c = 100 sqrtm's imaginary
+    # round-off used to exceed a fixed tolerance, and the same data was refused.
+    rng = np.random.default_rng(7)
+    mix = rng.standard_normal((128, 128)) / np.sqrt(128)
+    x, y = rng.standard_normal((50, 128)) @ mix, rng.standard_normal((50, 128)) @ mix + 0.1
+    base = frechet_distance(*feature_stats(x), *feature_stats(y))
+    for c in (10, 100, 1000):
+        assert frechet_distance(*feature_stats(c * x), *feature_stats(c * y)) == pytest.approx(c * c * base, rel=1e-6)
+    # And it agrees with the textbook route through scipy's general matrix square root where that one is accurate.
+    from scipy import linalg
+
+    (mu1, s1), (mu2, s2) = feature_stats(x), feature_stats(y)
+    textbook = (mu1 - mu2) @ (mu1 - mu2) + np.trace(s1 + s2) - 2 * np.trace(linalg.sqrtm(s1 @ s2)).real
+    assert base == pytest.approx(textbook, rel=1e-6)
+
+
+def test_fd_refuses_asymmetric_covariances():
+    with pytest.raises(ValueError, match="covariances must be symmetric"):
+        frechet_distance(np.zeros(2), np.array([[1.0, 0.5], [0.0, 1.0]]), np.zeros(2), np.eye(2))
+
+
 def test_fd_shape_mismatch():
     with pytest.raises(ValueError, match="shape mismatch"):
         frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
@@ -151,3 +173,29 @@ def test_non_finite_features_are_refused_by_every_metric():
                  lambda: classifier_score(np.where(bad > 0, np.inf, bad))):
         with pytest.raises(ValueError, match="contain [0-9]+ non-finite values"):
             call()
+
+
+def test_precision_recall_by_hand():
+    # 1-D sets. Real points 0..3: each one's nearest other point is 1 away, its 2nd nearest 1 or 2 away.
+    real, fake = np.array([[0.0], [1.0], [2.0], [3.0]]), np.array([[0.5], [3.9], [5.0]])
+    # k = 1: 0.5 and 3.9 lie within 1 of a real point, 5 does not; the fake radii (3.4, 1.1, 1.1) cover every real
+    # point (0.5's ball reaches 3.9).
+    assert precision_recall(real, fake, k=1) == pytest.approx((2 / 3, 1.0))
+    # k = 2: real radii (2, 1, 1, 2), so 5 is within 2 of 3: every fake point is inside.
+    assert precision_recall(real, fake, k=2) == pytest.approx((1.0, 1.0))
+    # A tight real cluster (radii 0.2 at k = 1): only the fake point 0 lies in it, and the fake balls (radius 1)
+    # cover all of it; precision and recall are not interchangeable.
+    tight = np.array([[0.0], [0.2], [0.4]])
+    assert precision_recall(tight, real, k=1) == pytest.approx((0.25, 1.0))
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda f: kid(f, f, subsets=0), "KID needs subsets >= 1"),
+    (lambda f: precision_recall(f, f, k=0), "needs k >= 1"),
+    (lambda f: classifier_score(f, splits=0), "N >= splits >= 1"),
+    (lambda f: classifier_score(np.vstack([f, np.full((1, 4), -np.inf)]), splits=1),
+     r"1 row\(s\) of logits are all -inf .* row 10"),
+])
+def test_metric_arguments_that_cannot_give_a_number_are_refused(call, message):
+    with pytest.raises(ValueError, match=message):
+        call(np.random.default_rng(0).normal(size=(10, 4)))

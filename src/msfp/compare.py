@@ -20,6 +20,7 @@ import copy
 import dataclasses
 import hashlib
 import json
+import math
 import shutil
 import sys
 import time
@@ -424,6 +425,8 @@ def table_rows(result: dict) -> list[dict]:
                       sample_seconds=r["sample_seconds"],
                       calibration_seconds=(r["calibration"] or {}).get("seconds"),
                       finetune_seconds=(r["calibration"] or {}).get("finetune_seconds"), **(r["low_bit"] or {}))
+        if values.get("paired_mse") == 0:  # identical images: PSNR inf, which JSON (results, a resumed row) holds as null
+            values["psnr"] = math.inf
         rows.append(dict(method=name, **{key: values.get(key) for key, _, _ in TABLE_COLUMNS}))
     return rows
 

@@ -7,11 +7,10 @@ Inputs may be numpy arrays or torch tensors; computation is in float64.
 
 from __future__ import annotations
 
-import warnings
 
 import numpy as np
 import torch
-from scipy import linalg, special
+from scipy import special
 
 
 def _as_f64(x) -> np.ndarray:
@@ -37,30 +36,32 @@ def feature_stats(features):
     return f.mean(axis=0), np.cov(f, rowvar=False)
 
 
-def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
+def _psd_root(sigma: torch.Tensor) -> torch.Tensor:
+    """The symmetric square root of a covariance (round-off's negative eigenvalues read as 0)."""
+    lam, vec = torch.linalg.eigh(sigma)
+    return (vec * lam.clamp(min=0).sqrt()) @ vec.mT
+
+
+def _trace_root_product(root_ref: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """``tr (Σ_ref Σ)^½`` as ``Σᵢ √λᵢ(R Σ R)`` with ``R = Σ_ref^½`` (batched over ``sigma``): symmetric eigensolves
+    instead of a general matrix square root, so no imaginary round-off, singular covariances need no regularising,
+    and its error scales with the features (``sqrtm``'s imaginary part did not, and large features were refused)."""
+    return torch.linalg.eigvalsh(root_ref @ sigma @ root_ref).clamp(min=0).sqrt().sum(-1)
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     """Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2):
     ``||mu1 - mu2||² + tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^½)``."""
     mu1, mu2 = np.atleast_1d(_finite(mu1, "means")), np.atleast_1d(_finite(mu2, "means"))
     sigma1, sigma2 = np.atleast_2d(_finite(sigma1, "covariances")), np.atleast_2d(_finite(sigma2, "covariances"))
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
         raise ValueError(f"shape mismatch: mu {mu1.shape} vs {mu2.shape}, sigma {sigma1.shape} vs {sigma2.shape}")
+    for sigma in (sigma1, sigma2):
+        if not np.allclose(sigma, sigma.T, rtol=1e-10, atol=1e-12 * np.abs(sigma).max()):
+            raise ValueError("covariances must be symmetric")
     diff = mu1 - mu2
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", linalg.LinAlgWarning)
-        try:
-            covmean = linalg.sqrtm(sigma1 @ sigma2)
-        except linalg.LinAlgWarning:  # singular product
-            covmean = np.full_like(sigma1, np.nan)
-    if not np.isfinite(covmean).all():
-        # Singular product (e.g. dead ReLU units): regularise both covariances, as in the reference FID code.
-        offset = np.eye(len(sigma1)) * eps
-        covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
-    if np.iscomplexobj(covmean):
-        # sqrtm of a PSD product returns tiny imaginary parts from round-off; anything large means bad input.
-        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-            raise ValueError(f"covariance square root has a large imaginary part ({np.abs(covmean.imag).max():.3g})")
-        covmean = covmean.real
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+    trace_root = _trace_root_product(_psd_root(torch.from_numpy(sigma1)), torch.from_numpy(sigma2))
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * float(trace_root))
 
 
 def fd_bootstrap(features, mu_ref, sigma_ref, resamples: int = 200, seed: int = 0) -> np.ndarray:
@@ -75,12 +76,10 @@ def fd_bootstrap(features, mu_ref, sigma_ref, resamples: int = 200, seed: int = 
     mu_ref, sigma_ref = np.atleast_1d(_as_f64(mu_ref)), np.atleast_2d(_as_f64(sigma_ref))
     if f.ndim != 2 or len(f) < 2 or mu_ref.shape != f.shape[1:] or sigma_ref.shape != mu_ref.shape * 2:
         raise ValueError(f"features must have shape (N, D) with N >= 2 and D = {len(mu_ref)}, got {tuple(f.shape)}")
-    # tr (Σ Σ_ref)^½ = Σᵢ √λᵢ(R Σ R) with R = Σ_ref^½ symmetric: a batch of symmetric eigensolves instead of general
-    # matrix square roots (same value up to round-off; tested against frechet_distance). Batched in torch because
-    # hundreds of small LAPACK calls through numpy crawl when its BLAS threads contend with torch's.
+    # Batched in torch because hundreds of small LAPACK calls through numpy crawl when its BLAS threads contend with
+    # torch's.
     mu_ref, sigma_ref = torch.from_numpy(mu_ref), torch.from_numpy(sigma_ref)
-    lam, vec = torch.linalg.eigh(sigma_ref)
-    root_ref = (vec * lam.clamp(min=0).sqrt()) @ vec.T
+    root_ref = _psd_root(sigma_ref)
     n, d = f.shape
     indices = torch.from_numpy(np.random.default_rng(seed).integers(0, n, (resamples, n)))
     replicates = []
@@ -89,7 +88,7 @@ def fd_bootstrap(features, mu_ref, sigma_ref, resamples: int = 200, seed: int = 
         mu = x.mean(1)
         centred = x - mu[:, None]
         sigma = centred.transpose(1, 2) @ centred / (n - 1)
-        trace_root = torch.linalg.eigvalsh(root_ref @ sigma @ root_ref).clamp(min=0).sqrt().sum(1)
+        trace_root = _trace_root_product(root_ref, sigma)
         replicates.append((mu - mu_ref).pow(2).sum(1) + sigma.diagonal(dim1=1, dim2=2).sum(1)
                           + sigma_ref.trace() - 2 * trace_root)
     return torch.cat(replicates).numpy()
@@ -114,6 +113,8 @@ def kid(feats1, feats2, subsets: int = 100, subset_size: int = 1000, seed: int =
     f1, f2 = _finite(feats1), _finite(feats2)
     if f1.ndim != 2 or f2.ndim != 2 or f1.shape[1] != f2.shape[1]:
         raise ValueError(f"features must have shapes (N1, D) and (N2, D), got {f1.shape} and {f2.shape}")
+    if subsets < 1 or subset_size < 2:
+        raise ValueError(f"KID needs subsets >= 1 and subset_size >= 2, got {subsets} and {subset_size}")
     m = min(subset_size, len(f1), len(f2))
     if m < 2:
         raise ValueError(f"KID needs at least 2 samples per set, got {len(f1)} and {len(f2)}")
@@ -139,8 +140,12 @@ def classifier_score(logits, splits: int = 10):
     z = _as_f64(logits)
     if np.isnan(z).any() or np.isposinf(z).any():  # -inf is a probability of 0; these have none
         raise ValueError(f"logits contain {int((np.isnan(z) | np.isposinf(z)).sum())} non-finite values (NaN or +inf)")
-    if z.ndim != 2 or len(z) < splits:
-        raise ValueError(f"logits must have shape (N, C) with N >= splits={splits}, got {z.shape}")
+    if splits < 1 or z.ndim != 2 or len(z) < splits:
+        raise ValueError(f"logits must have shape (N, C) with N >= splits >= 1, got {z.shape} and splits={splits}")
+    impossible = np.isneginf(z).all(axis=1)
+    if impossible.any():
+        raise ValueError(f"{int(impossible.sum())} row(s) of logits are all -inf (no class has any probability), "
+                         f"e.g. row {int(impossible.argmax())}")
     log_p = z - z.max(axis=1, keepdims=True)
     log_p -= np.log(np.exp(log_p).sum(axis=1, keepdims=True))
     scores = []
@@ -177,6 +182,8 @@ def precision_recall(real_features, fake_features, k: int = 3, chunk: int = 1000
     real, fake = _finite(real_features), _finite(fake_features)
     if real.ndim != 2 or fake.ndim != 2 or real.shape[1] != fake.shape[1]:
         raise ValueError(f"features must have shapes (N1, D) and (N2, D), got {real.shape} and {fake.shape}")
+    if k < 1:
+        raise ValueError(f"precision/recall needs k >= 1 (the k-th nearest other point), got {k}")
     if min(len(real), len(fake)) <= k:
         raise ValueError(f"precision/recall with k={k} needs more than {k} samples per set, got {len(real)} and "
                          f"{len(fake)}")
