@@ -84,8 +84,12 @@ def test_empty_calibration_set_and_missing_conditioning():
     with pytest.raises(ValueError, match="empty calibration set"):
         msfp.calibrate(q, fp, scheduler(), num_samples=0, disable=True)
     cond_fp = tiny_cond_unet()
-    with pytest.raises(ValueError, match=r"needs conditioning \['encoder_hidden_states'\]"):
+    with pytest.raises(ValueError, match=r"needs conditioning \['encoder_hidden_states'\]: pass cond=\{name: tensor "
+                                         r"with one row per calibration sample\}$"):
         collect_trajectories(cond_fp, scheduler(), num_samples=2, num_steps=2, disable=True)
+    # PixArt declares its text optional (default None) but cannot run without it.
+    with pytest.raises(ValueError, match=r"PixArtTransformer2DModel needs conditioning \['encoder_hidden_states'\]"):
+        collect_trajectories(tiny_pixart(), scheduler(), num_samples=2, num_steps=2, disable=True)
     with pytest.raises(ValueError, match="needs a model returned by msfp.quantize"):
         msfp.calibrate(fp, fp, scheduler())
 
@@ -182,11 +186,98 @@ def test_calibration_leaves_disabled_quantizers_disabled():
 
 
 def test_per_timestep_activation_groups():
+    from msfp.calibration import recorded_inputs, record_layer_inputs
+    from msfp.quantizers import ActivationQuantizer
+
     fp = tiny_unet()
-    q = msfp.quantize(copy.deepcopy(fp), QuantConfig(act_timestep_groups=3))
-    msfp.calibrate(q, fp, scheduler(), num_samples=4, num_steps=3, disable=True)
-    scales = quant_layers(q)["down_blocks.0.resnets.0.conv1"].act_quantizer.scale
-    assert scales.shape == (3,) and len(set(scales.tolist())) == 3  # one trajectory step per group
+    q = msfp.quantize(copy.deepcopy(fp), QuantConfig(act_timestep_groups=2))
+    points = collect_trajectories(fp, scheduler(), num_samples=4, num_steps=4, disable=True)
+    assert sorted(set(points.t.tolist())) == [0, 250, 500, 750]  # groups 0, 0, 1, 1 of t in [0, 500), [500, 1000)
+    msfp.calibrate(q, fp, scheduler(), num_samples=4, num_steps=4, disable=True)
+    layer = quant_layers(q)["down_blocks.0.resnets.0.conv1"]
+    # Each group's scale is the search's answer on that group's inputs alone.
+    rec = record_layer_inputs(msfp.quantize(copy.deepcopy(fp), QuantConfig(act_timestep_groups=2)), points,
+                              q.msfp_config.act_samples_per_layer, disable=True)["down_blocks.0.resnets.0.conv1"]
+    for group, early in enumerate((rec["timesteps"] < 500, rec["timesteps"] >= 500)):
+        alone = ActivationQuantizer(layer.act_quantizer.fmt)
+        alone.initialize(rec["values"][early], [layer.act_quantizer.fmt.name],
+                         num_clip=q.msfp_config.search_clip_points, num_zero=q.msfp_config.search_zero_points)
+        assert layer.act_quantizer.scale[group] == alone.scale.reshape(())
+    assert layer.act_quantizer.scale[0] != layer.act_quantizer.scale[1]
+    assert list(recorded_inputs(q))[0] == "conv_in"
+    # Three steps leave the group of t in [666.7, 1000) empty (t = 666, 333, 0): said, not silent.
+    q3 = msfp.quantize(copy.deepcopy(fp), QuantConfig(act_timestep_groups=3))
+    with pytest.warns(UserWarning, match="no calibration step falls in group\\(s\\) 2 \\(t 666.667–1000\\); they keep"):
+        msfp.calibrate(q3, fp, scheduler(), num_samples=4, num_steps=3, disable=True)
+
+
+def test_models_in_training_mode_calibrate_without_dropout_and_keep_their_mode():
+    class Dropping(type(tiny_plain())):
+        def __init__(self):
+            super().__init__()
+            self.drop = nn.Dropout(0.5)
+
+        def forward(self, x, t):
+            return super().forward(self.drop(x), t)
+
+    def build():
+        torch.manual_seed(0)
+        return Dropping()  # in training mode, as after training
+
+    scales = []
+    for train in (True, True, False):
+        fp = build().train(train)
+        q = msfp.quantize(copy.deepcopy(fp), "w4a4-msfp")
+        msfp.calibrate(q, fp, scheduler(), num_samples=2, num_steps=2, disable=True, sample_shape=(1, 8, 8))
+        assert fp.training == train and q.training == train and q.drop.training == train
+        scales.append(torch.cat([layer.act_quantizer.scale.flatten() for layer in quant_layers(q).values()]))
+    assert torch.equal(scales[0], scales[1]) and torch.equal(scales[0], scales[2])
+
+
+def test_the_layer_input_cache_is_keyed_on_the_quantized_models_weights_and_the_batch_size(tmp_path):
+    fp = tiny_unet()
+    runs = []
+    for batch, scale_conv1 in ((4, 1.0), (4, 3.0), (2, 1.0), (2, 1.0)):
+        q = msfp.quantize(copy.deepcopy(fp), "w4a4-msfp")
+        with torch.no_grad():  # e.g. another checkpoint's weights: its layer inputs differ from fp's
+            q.down_blocks[0].resnets[0].conv1.weight.mul_(scale_conv1)
+        report = msfp.calibrate(q, fp, scheduler(), num_samples=4, num_steps=3, disable=True, cache_dir=tmp_path,
+                                batch_size=batch)
+        runs.append((report.cached, quant_layers(q)["down_blocks.0.resnets.0.conv2"].act_quantizer.scale.clone()))
+    assert [cached for cached, _ in runs] == [False, False, False, True]
+    assert not torch.equal(runs[0][1], runs[1][1]) and torch.equal(runs[2][1], runs[3][1])
+
+
+def test_nan_noise_from_the_full_precision_model_is_reported_where_it_happens():
+    class BreaksLate(type(tiny_plain())):
+        def forward(self, x, t):
+            out = super().forward(x, t)
+            return torch.where(t.view(-1, 1, 1, 1) < 400, torch.nan, out)
+
+    torch.manual_seed(0)
+    fp = BreaksLate().eval()
+    q = msfp.quantize(copy.deepcopy(fp), "w4a4-msfp")
+    with pytest.raises(FloatingPointError, match="the full-precision model predicted NaN/inf noise at timestep 333 "
+                                                 "for 2 of 2 samples \\(the trajectory of seed 0 among them\\)"):
+        msfp.calibrate(q, fp, scheduler(), num_samples=2, num_steps=3, disable=True, sample_shape=(1, 8, 8))
+
+
+def test_per_timestep_scales_refuse_a_layer_whose_rows_are_not_the_batch():
+    class Folded(nn.Module):  # tokens folded into the batch dimension
+        def __init__(self):
+            super().__init__()
+            self.inp, self.tok, self.out = nn.Linear(4, 8), nn.Linear(2, 2), nn.Linear(8, 4)
+
+        def forward(self, x, t):
+            h = self.inp(x) + t.float().view(-1, 1) / 1000
+            return self.out(self.tok(h.reshape(-1, 2)).reshape(x.shape[0], 8))
+
+    fp = Folded().eval()
+    q = msfp.quantize(copy.deepcopy(fp), QuantConfig(eight_bit_layers=[], act_timestep_groups=2))
+    with pytest.raises(ValueError, match="'tok' gets inputs of 16 rows for a batch of 4 samples"):
+        msfp.calibrate(q, fp, scheduler(), num_samples=2, num_steps=2, disable=True, sample_shape=(4,))
+    q = msfp.quantize(copy.deepcopy(fp), QuantConfig(eight_bit_layers=[]))  # one scale for all timesteps: fine
+    msfp.calibrate(q, fp, scheduler(), num_samples=2, num_steps=2, disable=True, sample_shape=(4,))
 
 
 def test_trajectory_keys_do_not_depend_on_string_hashing():

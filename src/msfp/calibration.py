@@ -24,6 +24,7 @@ import inspect
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,7 +38,7 @@ from msfp.fileio import atomic_path
 from msfp.fp8 import require_fake_quant
 from msfp.identity import model_key, plain_config, tensor_digest, weights_digest
 from msfp.layers import QuantLayer
-from msfp.models import denoise
+from msfp.models import denoise, evaluating
 from msfp.samples import class_info
 from msfp.sampling import sample
 from msfp.surgery import quant_layers, quantizers_disabled
@@ -74,14 +75,19 @@ class Trajectories:
         return cls(tensors["x"], tensors["t"], tensors["eps"], cond)
 
 
+# Conditioning that diffusers denoisers declare optional (default None) but cannot run without.
+_REQUIRED_CONDITIONING = {"PixArtTransformer2DModel": ("encoder_hidden_states",)}
+
+
 def _check_conditioning(model, cond: dict) -> None:
     params = inspect.signature(model.forward).parameters
     required = [n for n, p in list(params.items())[2:]
                 if p.default is inspect.Parameter.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    required += [n for n in _REQUIRED_CONDITIONING.get(type(model).__name__, ()) if n not in required]
     missing = [n for n in required if n not in cond]
     if missing:
         raise ValueError(f"{type(model).__name__} needs conditioning {missing}: pass cond={{name: tensor with one "
-                         "row per calibration sample}}")
+                         "row per calibration sample}")
 
 
 @torch.no_grad()
@@ -103,13 +109,21 @@ def collect_trajectories(fp_model: nn.Module, scheduler, num_samples: int = 64, 
     xs, ts, epss, conds = [], [], [], []
 
     def keep(step):
+        bad = ~torch.isfinite(step["eps"].flatten(1)).all(1)
+        if bad.any():
+            first = seed + step["start"] + int(bad.nonzero()[0])
+            raise FloatingPointError(f"calibration: the full-precision model predicted NaN/inf noise at timestep "
+                                     f"{float(step['t'].flatten()[0]):g} for {int(bad.sum())} of {len(bad)} samples "
+                                     f"(the trajectory of seed {first} among them): its trajectories cannot calibrate "
+                                     "anything (check the model and its scheduler)")
         xs.append(step["x"].float().cpu())
         ts.append(step["t"].cpu())
         epss.append(step["eps"].float().cpu())
         conds.append({k: v.cpu() for k, v in step["cond"].items()})
 
-    sample(fp_model, scheduler, num_samples, num_inference_steps=num_steps, seed=seed, batch_size=batch_size,
-           eta=eta, cond=cond, callback=keep, disable=disable, sample_shape=sample_shape)
+    with evaluating(fp_model):
+        sample(fp_model, scheduler, num_samples, num_inference_steps=num_steps, seed=seed, batch_size=batch_size,
+               eta=eta, cond=cond, callback=keep, disable=disable, sample_shape=sample_shape)
     t = torch.cat(ts)
     if not t.is_floating_point() or torch.equal(t, t.round()):
         t = t.long()  # kept as called otherwise: a truncated t gives inputs the sampler never feeds the model
@@ -132,9 +146,16 @@ class _LayerRecorder:
 
     def __call__(self, layer, x, macs=None):
         flat = x.detach().float().flatten(1)
+        t = self.context.timesteps
+        if t is not None and len(t) != flat.shape[0]:
+            if layer.act_quantizer.num_groups > 1:
+                raise ValueError(f"calibration: {layer.name!r} gets inputs of {flat.shape[0]} rows for a batch of "
+                                 f"{len(t)} samples (tokens folded into the batch?), so its per-timestep activation "
+                                 "scales cannot tell the samples' timesteps apart; use act_timestep_groups=1 or keep "
+                                 "it full precision")
+            t = None  # one scale for all timesteps: which row had which timestep does not matter
         finite = torch.isfinite(flat).all(1)
         if not finite.all():
-            t = self.context.timesteps
             where = "" if t is None else f" at timestep(s) {sorted(set(t[~finite].tolist()))}"
             what = "layer" if isinstance(layer, QuantLayer) else f"attention {layer.kind} input"
             raise FloatingPointError(f"calibration: {what} {layer.name!r} received NaN/inf inputs{where}")
@@ -143,7 +164,6 @@ class _LayerRecorder:
         self.max = max(self.max, flat.max().item())
         idx = torch.randint(0, flat.shape[1], (flat.shape[0], self.per_point), generator=self.gen)
         self.values.append(flat.cpu().gather(1, idx).flatten())
-        t = self.context.timesteps
         self.timesteps.append((t.cpu() if t is not None else torch.zeros(flat.shape[0], dtype=torch.long))
                               .repeat_interleave(self.per_point))
         for name, outputs in self.activation_outputs.items():
@@ -195,7 +215,7 @@ def record_layer_inputs(qmodel: nn.Module, points: Trajectories, samples_per_lay
                                                            activation_outputs)
     device = next(qmodel.parameters()).device
     try:
-        with quantizers_disabled(qmodel):
+        with quantizers_disabled(qmodel), evaluating(qmodel):
             for x, t, cond in tqdm(points.batches(batch_size), total=math.ceil(len(points) / batch_size),
                                    desc="calibrate: layer inputs", disable=disable):
                 for outputs in activation_outputs.values():
@@ -320,6 +340,17 @@ class CalibrationReport:
     cached: bool
 
 
+def _warn_about_empty_groups(context, timesteps: torch.Tensor, groups: int) -> None:
+    if groups < 2:
+        return
+    empty = sorted(set(range(groups)) - set(context.groups_of(timesteps, groups).tolist()))
+    if empty:
+        width = context.num_train_timesteps / groups
+        spans = ", ".join(f"{g} (t {g * width:g}–{(g + 1) * width:g})" for g in empty)
+        warnings.warn(f"act_timestep_groups={groups}: no calibration step falls in group(s) {spans}; they keep the "
+                      "scale searched over all timesteps (sample with more steps, or use fewer groups)", stacklevel=3)
+
+
 def calibrate(qmodel: nn.Module, fp_model: nn.Module, scheduler, num_samples: int = 64, num_steps: int = 25,
               seed: int = 0, batch_size: int = 64, cond: dict | None = None, class_labels=None,
               cache_dir: str | os.PathLike | None = None, sample_shape=None,
@@ -348,10 +379,12 @@ def calibrate(qmodel: nn.Module, fp_model: nn.Module, scheduler, num_samples: in
     key = (trajectory_key(fp_model, scheduler, num_samples, num_steps, seed, cond, class_labels, sample_shape,
                           qmodel.msfp_base_weights) if cache is not None else None)
     traj_path = cache / f"trajectories-{key}.safetensors" if cache else None
-    # Records are only valid for exactly this ordered list (it seeds each subsample): the cache is keyed by it, so a
-    # hit equals recording afresh.
+    # Records are only valid for exactly this ordered list (it seeds each subsample), batch size (the subsample is
+    # drawn batch by batch) and the quantized model's own full-precision weights (LoRAs included; they may differ
+    # from fp_model's): the cache is keyed by them, so a hit equals recording afresh.
     recorded = list(recorded_inputs(qmodel))
-    recorded_key = hashlib.sha256("\n".join(recorded).encode()).hexdigest()[:12]
+    recorded_key = hashlib.sha256("\n".join([*recorded, f"batch {batch_size}", weights_digest(qmodel, "_quantizer.")])
+                                  .encode()).hexdigest()[:12]
     rec_path = (cache / f"layer-inputs-{key}-{config.act_samples_per_layer}-{recorded_key}.safetensors"
                 if cache else None)
 
@@ -360,6 +393,7 @@ def calibrate(qmodel: nn.Module, fp_model: nn.Module, scheduler, num_samples: in
                                            batch_size, cond, class_labels, sample_shape=sample_shape, disable=disable)
     points, points_cached = _cached(traj_path, collect, Trajectories.to_tensors, Trajectories.from_tensors)
     traj_time = time.time() - start
+    _warn_about_empty_groups(qmodel.msfp_context, points.t, config.act_timestep_groups)
     start = time.time()
     record = lambda: record_layer_inputs(qmodel, points, config.act_samples_per_layer,  # noqa: E731
                                          batch_size, seed, disable)

@@ -21,11 +21,12 @@ def tensor_digest(t: torch.Tensor) -> str:
     return hashlib.sha256(f"{t.dtype} {tuple(t.shape)}".encode() + _tensor_bytes(t)).hexdigest()[:16]
 
 
-def weights_digest(model: nn.Module) -> str:
-    """A digest of every tensor of ``model``'s state (names, dtypes, shapes, bytes): equal digests, equal weights."""
+def weights_digest(model: nn.Module, skip: str | None = None) -> str:
+    """A digest of every tensor of ``model``'s state (names, dtypes, shapes, bytes) but those whose name contains
+    ``skip``: equal digests, equal weights."""
     h = hashlib.sha256()
     for name, tensor in model.state_dict().items():
-        if isinstance(tensor, torch.Tensor):
+        if isinstance(tensor, torch.Tensor) and (skip is None or skip not in name):
             h.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}".encode())
             h.update(_tensor_bytes(tensor))
     return h.hexdigest()[:16]

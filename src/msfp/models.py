@@ -19,6 +19,7 @@ import json
 import os
 import re
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import diffusers
@@ -193,3 +194,17 @@ def load_model(spec: str | os.PathLike = "default"):
         return _load_dir(_download(spec))
     raise FileNotFoundError(f"model spec {str(spec)!r}: no such directory, and not a Hub id of the form 'org/name'; "
                             "use 'default', a local save_pretrained directory or a Hub id")
+
+
+@contextmanager
+def evaluating(*models: torch.nn.Module):
+    """Run the block with ``models`` in eval mode (dropout off, batch norms on their running statistics), then give
+    every submodule its own mode back: calibration must not sample dropout noise from a model left in training mode."""
+    modes = [(m, m.training) for model in models for m in model.modules()]
+    try:
+        for model in models:
+            model.eval()
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
