@@ -59,6 +59,15 @@ def test_search_matches_exhaustive_per_channel():
     assert result.scale.shape == (6,) and result.zero_point is None
 
 
+@pytest.mark.parametrize("fmt", ["uint4", "ufp4_e2m2"])
+def test_a_single_zero_point_candidate_is_the_minimum(fmt):
+    # One candidate used to be 0, so an unsigned grid clipped every negative input (SiLU's dip) to 0.
+    x = torch.nn.functional.silu(torch.linspace(-6, 6, 1001))
+    result = search_quant_params(x, [fmt], num_clip=1, num_zero=1)
+    assert result.zero_point.item() == pytest.approx(x.min().item())
+    assert fake_quant(x, result.fmt, result.scale, result.zero_point).min().item() == pytest.approx(x.min().item())
+
+
 def test_search_picks_unsigned_for_silu_and_signed_for_symmetric():
     torch.manual_seed(0)
     post_silu = torch.nn.functional.silu(torch.randn(20000) * 3)

@@ -45,7 +45,9 @@ def _candidate_params(rows: torch.Tensor, fmt: Format, num_clip: int, num_zero: 
         return scale.clamp_min(MIN_SCALE), None
     lo, hi = rows.amin(dim=1, keepdim=True), rows.amax(dim=1, keepdim=True)
     # Zero points on a grid from 0 to the minimum (SPEC: z ∈ [min(x), 0] for one-sided data), upper clip below max.
-    zero = (lo * torch.linspace(0.0, 1.0, num_zero).to(rows))[:, :, None]  # (C, Z, 1)
+    # A single candidate is the minimum, as a single clip ratio is the full range: nothing is clipped.
+    fractions = torch.linspace(0.0, 1.0, num_zero) if num_zero > 1 else torch.ones(1)
+    zero = (lo * fractions.to(rows))[:, :, None]  # (C, Z, 1)
     span = (hi[:, :, None] - zero).clamp_min(0)  # (C, Z, 1)
     scale = (span * ratios / fmt.max_value).clamp_min(MIN_SCALE)  # (C, Z, R)
     zero = zero.expand_as(scale)
