@@ -612,6 +612,22 @@ def test_finetuned_talora_round_trip_is_exact(tmp_path, lora):
     assert info.exit_code == 0 and "LoRA" in info.output, info.output
 
 
+def test_a_loaded_router_knows_the_schedules_length(tmp_path):
+    from diffusers import DDIMScheduler
+
+    from msfp.finetune import FinetuneConfig, finetune
+
+    short = DDIMScheduler(num_train_timesteps=500, beta_schedule="linear", clip_sample=True)
+    fp = tiny_unet()
+    q = msfp.quantize(copy.deepcopy(fp), "w4a4-msfp")
+    msfp.calibrate(q, fp, short, num_samples=2, num_steps=2, disable=True)
+    finetune(q, fp, short, FinetuneConfig(iters=2, batch_size=2, traj_samples=2, traj_steps=2, rank=2, num_loras=2),
+             disable=True)
+    loaded = msfp.load_quantized(msfp.save_quantized(q, tmp_path / "q"))
+    # It used to be built before the length was set, so it split [0, 1000) into its initial LoRA intervals.
+    assert loaded.msfp_router.num_train_timesteps == q.msfp_router.num_train_timesteps == 500
+
+
 def test_cli_samples_from_a_quantized_directory(tmp_path):
     DDPMPipeline(unet=tiny_unet(), scheduler=scheduler()).save_pretrained(tmp_path / "model")
     runner = CliRunner()
