@@ -479,6 +479,29 @@ def test_frozen_weights_are_exact_and_never_stale(saved):
     assert torch.equal(unet_outputs(q), expected())
     layer.weight_quantizer.enabled = False
     assert torch.equal(unet_outputs(q), expected())
+    # Writes through .data (diffusers' EMAModel.copy_to) do not bump the version counter: documented, and a second
+    # freeze_weights() picks them up.
+    layer.weight_quantizer.enabled = True
+    layer.weight.data.mul_(2.0)
+    msfp.checkpoint.freeze_weights(q)
+    assert torch.equal(unet_outputs(q), expected())
+
+
+def test_a_first_frozen_call_under_autocast_leaves_a_full_precision_weight(saved):
+    from msfp.talora import add_talora
+
+    q = copy.deepcopy(saved[0])
+    add_talora(q, num_loras=1, rank=2)
+    layer = quant_layers(q)["down_blocks.0.resnets.0.conv1"]
+    layer.weight_quantizer.enabled = False  # so that the cached weight shows every rounding, not only 4-bit steps
+    with torch.no_grad():
+        layer.lora.B.normal_(std=0.05)  # a LoRA, whose B·A product autocast would round to bfloat16
+        full = layer.weight_quantizer(layer.effective_weight())
+        msfp.checkpoint.freeze_weights(q)
+        layer._weight_cache.clear()  # as if frozen inside the autocast region
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            q(torch.randn(2, 1, 8, 8), torch.tensor([3, 700]))
+    assert torch.equal(layer.quantized_weight(), full)
 
 
 def test_frozen_weights_let_gradients_through(saved):

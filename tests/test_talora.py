@@ -158,3 +158,22 @@ def test_the_router_gets_the_straight_through_gradient_of_the_mixture_of_all_lor
             expected = router_gradient(model)
         scale = expected.abs().max() if scale is None else scale
         assert (got - expected).abs().max() < 1e-3 * scale, std
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_half_precision_routed_model_trains_in_its_dtype(dtype):
+    import msfp
+    from msfp.surgery import quant_layers
+    from msfp.talora import add_talora
+    from tiny_models import tiny_unet
+
+    q = msfp.quantize(tiny_unet().to(dtype), "w4a4-msfp")
+    for layer in quant_layers(q).values():  # stand-in scales: no calibration needed to run it
+        layer.act_quantizer.scale.data.fill_(0.05)
+        layer.weight_quantizer.scale.data.fill_(0.02)
+    router = add_talora(q, num_loras=4, rank=2)
+    out = q(torch.randn(4, 1, 8, 8, dtype=dtype), torch.tensor([10, 300, 600, 900])).sample
+    # The float32 router's zero-valued gradient path used to promote the output, and the next layer failed.
+    assert out.dtype == dtype
+    out.float().square().mean().backward()
+    assert next(router.parameters()).grad is not None

@@ -222,10 +222,13 @@ class QuantLayer(nn.Module):
     def freeze_weights(self) -> None:
         """Inference: quantize the weights once and reuse them on later calls instead of re-running ``Q_w``.
 
-        The cache can never go stale: it is keyed on the weight's, the quantizer's and the LoRAs' parameters (identity,
-        in-place version, storage) and the format, and recomputed when any changed; it is bypassed whenever autograd
-        would need the weight's gradient (fine-tuning). Where ``Q_w(W)`` is ``W`` itself (a loaded packed checkpoint)
-        the cache is the weight tensor, so it costs no memory.
+        The cache is keyed on the weight's, the quantizer's and the LoRAs' parameters (identity, in-place version,
+        storage) and the format, and recomputed when any changed (assignment, ``copy_``, ``load_state_dict``, an
+        optimizer step, ``.to``); it is bypassed whenever autograd would need the weight's gradient (fine-tuning).
+        Writes through ``.data`` (diffusers' ``EMAModel.copy_to``) bypass the version counter it reads: call
+        ``freeze_weights()`` again after them. Where ``Q_w(W)`` is ``W`` itself (a loaded packed checkpoint) the cache
+        is the weight tensor, so it costs no memory. The quantized weight is computed without autocast, so a first
+        call under autocast does not leave a rounded weight for later full-precision calls.
         """
         self._weight_cache = {}
         with torch.no_grad():
@@ -255,7 +258,8 @@ class QuantLayer(nn.Module):
         if (entry is not None and entry[1] == key and len(entry[0]) == len(params)
                 and all(a is b for a, b in zip(entry[0], params))):
             return entry[2]
-        with torch.no_grad(), torch.inference_mode(False):  # a normal tensor, usable outside inference mode too
+        with (torch.no_grad(), torch.inference_mode(False),  # a normal tensor, usable outside inference mode too
+              torch.autocast(self.weight.device.type, enabled=False)):
             w = q(self.effective_weight(k)).detach()
             if torch.equal(w, self.weight):
                 w = self.weight.detach()
@@ -285,7 +289,8 @@ class QuantLayer(nn.Module):
         out = run_route_groups(groups, restore, lambda k, xs: self._op(xs, weights[k]), x)
         out = out * self.context.route_gate.view(-1, *([1] * (out.dim() - 1))).to(out)
         if torch.is_grad_enabled() and self.context.route.requires_grad:
-            out = out + _OtherLoras.apply(self.context.route, x.detach(), self, out.shape)
+            # The float32 router's zeros would promote a half-precision layer's output.
+            out = out + _OtherLoras.apply(self.context.route, x.detach(), self, out.shape).to(out.dtype)
         return out
 
     def macs_per_sample(self, input_shape) -> int:
