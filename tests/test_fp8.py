@@ -237,6 +237,49 @@ def test_convert_keeps_unsupported_layers_and_says_why():
     assert (got - ref).abs().mean() < 1e-3 * ref.abs().mean()
 
 
+def test_an_fp8_model_is_for_inference_and_says_so():
+    from msfp.surgery import quantizers_disabled
+    from msfp.talora import add_talora
+
+    q = calibrated(tiny_unet)
+    convert_to_fp8(q, use_kernels=False)
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([5, 999])
+    assert not q(x, t).sample.requires_grad  # outside torch.no_grad() too: its parameters want no gradient
+    # Asking for dL/dx (guidance, a custom training loop) used to give zeros silently.
+    with pytest.raises(RuntimeError, match="the FP8 backend is for inference and passes no gradient; use the "
+                                           "fake-quant model"):
+        q(x.requires_grad_(), t)
+    # Helpers that switch quantizers or add LoRAs used to act on the fake-quant layers only.
+    with pytest.raises(ValueError, match="switching quantizers needs the fake-quant model"):
+        with quantizers_disabled(q):
+            pass
+    with pytest.raises(ValueError, match="add_talora needs the fake-quant model"):
+        add_talora(q)
+
+
+def test_casting_a_converted_model_keeps_the_grids_of_its_fake_quant_layers():
+    from msfp.quantizers import WeightQuantizer
+
+    q = calibrated(tiny_unet)
+    kept = convert_to_fp8(q, use_kernels=False)
+    grids = {n: p.detach().clone() for n, p in q.named_parameters() if "_quantizer." in n}
+    assert kept and any(n.split(".weight_quantizer")[0].split(".act_quantizer")[0] in kept for n in grids)
+    q.to(torch.bfloat16)
+    # The 8-bit edge layers' scales and zero points used to be rounded to bfloat16: a 2^-9 move of the grid.
+    assert all(torch.equal(p, grids[n]) and p.dtype == torch.float32
+               for n, p in q.named_parameters() if "_quantizer." in n)
+    q.to(torch.float64)  # widening casts still apply
+    assert all(p.dtype == torch.float64 for m in q.modules() if isinstance(m, WeightQuantizer) for p in m.parameters())
+
+
+def test_the_backend_report_lists_quantized_attention_as_fake_quant():
+    q = calibrated(tiny_unet, msfp.QuantConfig(quantize_attention=True))
+    kept = convert_to_fp8(q, use_kernels=False)
+    attention = {n: why for n, why in kept.items() if n.endswith(("attn_q", "attn_k", "attn_v", "attn_probs"))}
+    assert attention and set(attention.values()) == {"attention matmul input (fake-quant on every backend)"}
+    assert "attention matmul input" in backend_summary(q, "cpu")
+
+
 def test_routed_talora_model_runs_each_sample_with_its_weight_set():
     from msfp.finetune import FinetuneConfig, finetune
 

@@ -304,6 +304,9 @@ class Fp8Layer(nn.Module):
         return a_scale, zero
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and x.requires_grad:  # rounding to codes has no gradient: it would be zero
+            raise RuntimeError(f"{self.name}: the FP8 backend is for inference and passes no gradient; use the "
+                               "fake-quant model (load_quantized(..., backend='fake')) where gradients are needed")
         if x.dim() == (1 if self.kind == "linear" else 3):  # unbatched, as nn.Linear/nn.Conv2d accept it
             return self.forward(x.unsqueeze(0)).squeeze(0)
         if self.kind == "linear":  # (B, ..., C): one scale per row of the flattened GEMM
@@ -371,6 +374,9 @@ def _fp8_layer_names(model: nn.Module) -> list[str]:
     return [name for name, m in model.named_modules() if isinstance(m, Fp8Layer)]
 
 
+ATTENTION_KEPT = "attention matmul input (fake-quant on every backend)"
+
+
 def require_fake_quant(model: nn.Module, action: str, instead: str) -> None:
     """Raise if layers of ``model`` run on the FP8 backend, which is for inference only: they hold E4M3 codes, not the
     quantizers that calibration, fine-tuning, checkpoints and this conversion work on."""
@@ -387,7 +393,8 @@ def backend_summary(model: nn.Module, device: torch.device | str) -> str:
     on_codes, kept = len(_fp8_layer_names(model)), backend["fake_quant_layers"]
     available, why = (False, "use_kernels=False") if backend["kernels"] is False else fp8_kernels_available(device)
     how = "with the Triton FP8 kernels" if available else f"emulated ({why})"
-    line = f"backend fp8: {on_codes} of {on_codes + len(kept)} quantized layers on E4M3 codes, {how}"
+    layers = on_codes + sum(reason != ATTENTION_KEPT for reason in kept.values())
+    line = f"backend fp8: {on_codes} of {layers} quantized layers on E4M3 codes, {how}"
     by_reason: dict[str, list[str]] = {}
     for name, reason in kept.items():
         by_reason.setdefault(reason, []).append(name)
@@ -412,6 +419,7 @@ def convert_to_fp8(model: nn.Module, use_kernels: bool | None = None, linear_gem
     Returns ``{layer name: reason}`` for the layers left on the fake-quant path (8-bit INT layers, layers with
     disabled quantizers, grouped convolutions…); attention matmuls, when quantized, stay fake-quant too.
     """
+    from msfp.attention import attention_quantizers
     from msfp.surgery import quant_layers
 
     # Converted layers keep the options they were made with: converting again would only relabel msfp_backend.
@@ -433,6 +441,11 @@ def convert_to_fp8(model: nn.Module, use_kernels: bool | None = None, linear_gem
             continue
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, replacement)
+    for name in attention_quantizers(model):
+        kept[name] = ATTENTION_KEPT
+    # Inference only: without parameters that want gradients, a forward outside torch.no_grad() builds no graph
+    # (an FP8 layer refuses inputs that need a gradient).
+    model.requires_grad_(False)
     model.msfp_backend = dict(kind="fp8", kernels=use_kernels, linear_gemm=linear_gemm, tma=tma, split_k=split_k,
                               precise_acc=precise_acc, fake_quant_layers=kept)
     return kept

@@ -154,6 +154,17 @@ class _Quantizer(nn.Module):
         #: run the rounding as one fused ``torch.compile`` kernel (same values; see msfp.kernels)
         self.fused = False
 
+    def _apply(self, fn, recurse=True):
+        # The scale and zero point define the grid and are used in float32 (or wider) whatever the model's dtype:
+        # model.to(torch.bfloat16) rounding them would move the grid (a 2^-9 scale change shifts the top 8-bit code
+        # by half a step). A dtype cast only moves them; float64 still widens them.
+        def keep_grid(t):
+            out = fn(t)
+            narrower = out.is_floating_point() and torch.finfo(out.dtype).bits < torch.finfo(t.dtype).bits
+            return t.to(out.device) if narrower else out
+
+        return super()._apply(keep_grid, recurse)
+
     def get_extra_state(self):
         return {"fmt": self.fmt.name, "enabled": self.enabled}
 

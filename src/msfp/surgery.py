@@ -21,6 +21,7 @@ from torch import nn
 from msfp.attention import (attention_inputs, check_attention_replaceable, check_quantized_attention,
                             install_attention_quantizers)
 from msfp.config import ROLES, QuantConfig
+from msfp.fp8 import require_fake_quant
 from msfp.layers import QuantContext, QuantLayer
 from msfp.models import timestep_by_name
 from msfp.quantizers import ActivationQuantizer, WeightQuantizer
@@ -233,6 +234,8 @@ def quant_layers(model: nn.Module) -> dict[str, QuantLayer]:
 def _quantizers(model: nn.Module):
     """Every weight and activation quantizer of a quantized model (layers and attention matmul inputs)."""
     quant_layers(model)  # a clear error for a model that was not quantized
+    # Its FP8 layers have no quantizers to switch: "full precision" would leave them quantized.
+    require_fake_quant(model, "switching quantizers", "use the fake-quant model (msfp.load_quantized(directory))")
     return [m for m in model.modules() if isinstance(m, (WeightQuantizer, ActivationQuantizer))]
 
 

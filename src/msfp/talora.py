@@ -133,10 +133,12 @@ def add_talora(qmodel: nn.Module, num_loras: int = 4, rank: int = 4, seed: int =
     """Give every quantized layer of ``qmodel`` a bank of ``num_loras`` LoRAs (rank capped by the layer's shape) and
     the model one shared router, initialised to K contiguous timestep intervals. ``num_loras=1`` is plain
     (single-LoRA, QALoRA-style) fine-tuning. Returns the router (also ``qmodel.msfp_router``)."""
+    from msfp.fp8 import require_fake_quant
     from msfp.surgery import quant_layers
 
     if getattr(qmodel, "msfp_router", None) is not None:
         raise ValueError("the model already has TALoRA LoRAs")
+    require_fake_quant(qmodel, "add_talora", "fine-tune the fake-quant model, then convert it")
     layers = quant_layers(qmodel)
     device = next(iter(layers.values())).weight.device
     router = attach_router(qmodel, num_loras, rank)
