@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import sys
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import numpy as np
 
 from msfp.compare import (TABLE_COLUMNS, CompareSettings, format_cell, metrics_table, parse_methods,
                           run_compare, table_rows)
-from msfp.environment import HelpFormatter
+from msfp.environment import HelpFormatter, command_line
 from msfp.fileio import atomic_path
 from msfp.metrics import bootstrap_interval
 
@@ -87,7 +86,7 @@ def main(argv=None) -> None:
                                heldout_samples=args.heldout_samples, finetune_iters=args.finetune_iters,
                                finetune_batch=args.finetune_batch, num_loras=args.num_loras, rank=args.rank,
                                seed=args.seed, batch_size=64, device=args.device)
-    command = shlex.join(["python", "benchmarks/ablation.py", *(argv if argv is not None else sys.argv[1:])])
+    command = command_line(__file__, argv)
     result = run_compare(settings, parse_methods(args.rows), args.out, command=command)
     differences = paired_fd_differences(result)
     with atomic_path(Path(args.out) / "results.md") as tmp:

@@ -15,7 +15,6 @@ import argparse
 import copy
 import json
 import struct
-import sys
 import tempfile
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from safetensors.torch import load_file, save_file
 
 import msfp
 from msfp.checkpoint import CODES_SUFFIX, CONFIG_NAME, WEIGHTS_NAME
-from msfp.environment import HelpFormatter, machine_info
+from msfp.environment import HelpFormatter, command_line, machine_info
 from msfp.fileio import write_json
 from msfp.surgery import quant_layers
 from msfp.talora import add_talora
@@ -107,7 +106,7 @@ def main(argv=None) -> dict:
         ratio_packed_with_json_to_fp16=(sizes["packed_safetensors"] + sizes["packed_json"]) / sizes["fp16_safetensors"],
         ratio_packed_to_fp32=sizes["packed_safetensors"] / sizes["fp32_safetensors"],
         target_ratio_to_fp16=0.27, loaded_outputs_bit_identical=exact, talora=talora,
-        machine=machine_info(), command=" ".join(["python", *sys.argv]),
+        machine=machine_info(), command=command_line(__file__, argv),
     )
     print(json.dumps(result, indent=2))
     if args.out:

@@ -43,7 +43,7 @@ from safetensors.torch import load_file
 
 import msfp
 from msfp.checkpoint import freeze_weights, read_quant_meta, unfreeze_weights
-from msfp.environment import HelpFormatter, machine_info
+from msfp.environment import HelpFormatter, command_line, machine_info
 from msfp.fileio import write_json
 from msfp.formats import get_format
 from msfp.sampling import sample
@@ -181,7 +181,7 @@ def main(argv=None) -> dict:
         variants[variant]["time_vs_full_precision"] = variants[variant]["ms_per_image_step"] / fp_ms
     result = dict(benchmark="cpu_inference", model=args.model, preset=args.preset, images=args.images,
                   steps=args.steps, repeats=args.repeats, variants=variants, machine=machine_info(),
-                  command=" ".join(["python", *sys.argv]))
+                  command=command_line(__file__, argv))
     print(json.dumps(result, indent=2))
     if args.out:
         write_json(args.out, result)

@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from msfp.environment import HelpFormatter, machine_info
+from msfp.environment import HelpFormatter, command_line, machine_info
 from msfp.formats import _fake_quant, fake_quant, get_format
 from msfp.kernels import compiled_fake_quant
 
@@ -114,8 +114,7 @@ def main():
                    help="skip the torch.compile path (and the host_us_per_call timings)")
     args = p.parse_args()
     report = dict(
-        command="python benchmarks/fake_quant.py " + " ".join(
-            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v not in (None, False)),
+        command=command_line(__file__),
         machine=machine_info("cuda" if torch.cuda.is_available() else None),
         results={"cpu": bench_device(torch.device("cpu"), args.repeats, not args.no_compile)},
         host_us_per_call={},

@@ -24,7 +24,7 @@ import time
 import torch
 
 import msfp
-from msfp.environment import HelpFormatter, machine_info
+from msfp.environment import HelpFormatter, command_line, machine_info
 from msfp.finetune import FinetuneConfig, _trainable_groups
 from msfp.surgery import set_fused_rounding, set_quantizers_enabled
 from msfp.talora import add_talora
@@ -121,8 +121,7 @@ def main(argv=None) -> None:
     results["throughput_ratio"] = {name: results[name]["steps_per_second"] / base for name in variants
                                    if name != "quantizers_off"}
     print(json.dumps(dict(benchmark="finetune_step", settings=vars(args), machine=machine_info(args.device),
-                          command="python " + " ".join(["benchmarks/finetune_step.py",
-                                                        *(argv if argv is not None else sys.argv[1:])]),
+                          command=command_line(__file__, argv),
                           results=results), indent=2))
 
 

@@ -39,7 +39,7 @@ import torch
 from fake_quant import us_per_call  # the script's own directory is on sys.path
 from gpu_w4a4 import quantized_layer
 from msfp import triton_kernels
-from msfp.environment import HelpFormatter, machine_info
+from msfp.environment import HelpFormatter, command_line, machine_info
 from msfp.fp8 import Fp8Layer
 from stand_in_gpu import stand_in_gpu
 
@@ -96,7 +96,7 @@ def main(argv=None) -> None:
             for key, r in dispatched.items():
                 results[key].update(with_triton_dispatch_us_per_forward=r["median"],
                                     with_triton_dispatch_rounds=r["rounds"])
-    command = "python " + " ".join(["benchmarks/fp8_host_overhead.py", *(argv if argv is not None else sys.argv[1:])])
+    command = command_line(__file__, argv)
     print(json.dumps(dict(benchmark="fp8_host_overhead", settings=vars(args), machine=machine_info("cpu"),
                           command=command, precompiled=compiled if args.triton_dispatch else None, results=results),
                      indent=2))

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import shlex
 import sys
 from pathlib import Path
 
@@ -36,7 +35,7 @@ from msfp.checkpoint import freeze_weights
 from msfp.compare import (CALIB_SEED_OFFSET, FINETUNED, METHODS, REFERENCE_METHOD, CompareSettings, Context,
                           parse_methods)
 from msfp.config import PRESETS
-from msfp.environment import HelpFormatter, machine_info
+from msfp.environment import HelpFormatter, command_line, machine_info
 from msfp.evaluation import evaluate, load_reference, psnr
 from msfp.fileio import write_json
 from msfp.fp8 import convert_to_fp8, fp8_kernels_available
@@ -149,7 +148,7 @@ def main(argv=None) -> None:
         results[name]["fp8"].update(fake_quant_layers=kept, precompiled=precompiled)
         results[name]["fp8_vs_fake_quant"] = difference(fp8, fake)
         results[name]["control_batch_vs_fake_quant"] = difference(control, fake)
-    command = shlex.join(["python", "benchmarks/fp8_quality.py", *(argv if argv is not None else sys.argv[1:])])
+    command = command_line(__file__, argv)
     result = dict(command=command, settings=vars(args), device=str(device), machine=machine_info(device),
                   seeds=dict(samples=f"{s.seed}..{s.seed + s.num_samples - 1}",
                              calibration=f"{s.seed + CALIB_SEED_OFFSET}.."

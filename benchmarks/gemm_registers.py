@@ -16,12 +16,11 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import sys
 
 import torch
 
 from msfp import triton_kernels as tk
-from msfp.environment import machine_info
+from msfp.environment import command_line, machine_info
 
 FP8 = torch.float8_e4m3fn
 
@@ -67,7 +66,7 @@ def main(argv=None) -> None:
     parser.add_argument("--num-stages", type=int, default=3, help="software-pipelining stages of the K loop")
     parser.add_argument("--maxnreg", type=int, default=128, help="the register cap compiled beside no cap")
     args = parser.parse_args(argv)
-    command = "python " + " ".join(["benchmarks/gemm_registers.py", *(argv if argv is not None else sys.argv[1:])])
+    command = command_line(__file__, argv)
     result = dict(benchmark="gemm_registers", settings=vars(args), command=command, machine=machine_info())
     if not tk.HAS_TRITON:
         result["skipped"] = "triton is not installed"

@@ -33,11 +33,14 @@ try:
     triton_version = triton.__version__
 except ImportError:
     triton_version = "not installed"
+from msfp.identity import code_digest
 print(f"GPU {torch.cuda.get_device_name()} (capability {torch.cuda.get_device_capability()}), torch {torch.__version__},"
-      f" CUDA {torch.version.cuda}, triton {triton_version}, msfp {msfp.__version__}, python {sys.version.split()[0]}")
+      f" CUDA {torch.version.cuda}, triton {triton_version}, msfp {msfp.__version__} (code {code_digest()}),"
+      f" python {sys.version.split()[0]}")
 EOF
-# The commit, and what differs from it: a copied working tree can carry changes its .git does not know about.
-{ git rev-parse HEAD; git status --short --untracked-files=no; } >> "$log" 2>&1
+# The commit, and what differs from it (untracked files too): a copied working tree can carry changes its .git does
+# not know about, so the code digest above is what identifies the code.
+{ git rev-parse HEAD; git status --short; } >> "$log" 2>&1
 
 failed=()
 # On a fresh machine the GPU tests spend most of their time compiling kernels (one per format, layout and shape
@@ -62,10 +65,13 @@ run_step() {  # run_step NAME JSON_FILE|- COMMAND...
     local limit=(timeout "${STEP_TIMEOUT:-0}")  # timeout 0 never stops the command
     if [ "$json" = - ]; then
         "${limit[@]}" "$@" >> "$log" 2>&1
+        status=$?
     else
-        "${limit[@]}" "$@" > "$json" 2>> "$log"
+        # Into NAME.json only when the step succeeds: a failed or timed-out step's output is kept as .partial.
+        "${limit[@]}" "$@" > "$json.tmp" 2>> "$log"
+        status=$?
+        if [ $status -eq 0 ]; then mv "$json.tmp" "$json"; else mv "$json.tmp" "$json.partial"; fi
     fi
-    status=$?
     echo "== $name: exit $status after $((SECONDS - start)) s" | tee -a "$log"
     [ $status -eq 0 ] || failed+=("$name")
 }

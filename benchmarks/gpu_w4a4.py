@@ -49,12 +49,11 @@ import time
 
 import torch
 from diffusers import UNet2DConditionModel
-from torch.nn import functional as F
 
 import msfp
 from msfp import triton_kernels
 from msfp.cuda_graphs import capture
-from msfp.environment import HelpFormatter, machine_info
+from msfp.environment import HelpFormatter, command_line, machine_info
 from msfp.formats import get_format
 from msfp.fp8 import Fp8Layer, act_codes, convert_to_fp8, e4m3_shift, fp8_kernels_available
 from msfp.surgery import quant_layers
@@ -458,7 +457,7 @@ def start_report(script: str, args, argv) -> tuple[dict, torch.device, dict | No
     """The JSON report's header (settings, machine, command, the GPU's dense peaks), the device and those peaks; or
     None, after printing a report that says why, where FP8 kernels cannot run and this is not a ``--smoke`` run."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    command = "python " + " ".join([f"benchmarks/{script}.py", *(argv if argv is not None else sys.argv[1:])])
+    command = command_line(f"benchmarks/{script}.py", argv)
     report = dict(benchmark=script, settings=vars(args), machine=machine_info(device), command=command)
     available, why = fp8_kernels_available(device)
     if not available and not args.smoke:

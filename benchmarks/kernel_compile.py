@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 
 import torch
@@ -34,7 +33,7 @@ import torch
 from conv_tiles import zero_bordered
 from gpu_w4a4 import ACT_FORMAT, CONVS, DIT_LINEARS, LINEARS, WARP_SPECIALIZED
 from msfp import triton_kernels as tk
-from msfp.environment import machine_info
+from msfp.environment import command_line, machine_info
 from msfp.fp8 import e4m3_shift
 
 FP8 = torch.float8_e4m3fn
@@ -191,7 +190,7 @@ def main(argv=None) -> None:
                         help="compute capabilities to compile for (89 Ada, 90 Hopper, 100 Blackwell)")
     parser.add_argument("--batch", type=int, default=8, help="batch size of the layer shapes")
     args = parser.parse_args(argv)
-    result = dict(benchmark="kernel_compile", command=" ".join(["python", *sys.argv]), machine=machine_info())
+    result = dict(benchmark="kernel_compile", command=command_line(__file__, argv), machine=machine_info())
     if not tk.HAS_TRITON:
         result["skipped"] = "triton is not installed"
         print(json.dumps(result, indent=1))

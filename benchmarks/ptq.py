@@ -22,7 +22,7 @@ import torch
 
 import msfp
 from msfp.calibration import collect_trajectories
-from msfp.environment import HelpFormatter, machine_info
+from msfp.environment import HelpFormatter, command_line, machine_info
 from msfp.evaluation import per_timestep_eps_mse
 from msfp.feature_net import compute_features, load_feature_net, load_reference_stats
 from msfp.fileio import write_json
@@ -96,7 +96,7 @@ def main(argv=None) -> None:
               f"calibration {calib_seconds:.1f} s", file=sys.stderr)
 
     out = dict(benchmark="ptq", model=args.model, settings=vars(args), machine=machine_info(device),
-               command="python " + " ".join(["benchmarks/ptq.py", *(argv if argv is not None else sys.argv[1:])]),
+               command=command_line(__file__, argv),
                results=results)
     write_json(args.out, out)
     print(json.dumps(out, indent=2))

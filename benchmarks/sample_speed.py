@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import sys
 import time
 
 import torch
@@ -27,7 +26,7 @@ from diffusers import DDIMScheduler
 import msfp
 from gpu_w4a4 import sd15_unet, w4a4_config  # the script's own directory is on sys.path
 from msfp.cuda_graphs import GraphedDenoiser
-from msfp.environment import HelpFormatter, machine_info
+from msfp.environment import HelpFormatter, command_line, machine_info
 from msfp.fp8 import convert_to_fp8
 from msfp.sampling import sample
 from msfp.talora import add_talora
@@ -70,7 +69,7 @@ def main(argv=None) -> None:
     p.add_argument("--smoke", action="store_true", help="eager only, tiny shapes, on the CPU (checks the script)")
     args = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
-    command = "python " + " ".join(["benchmarks/sample_speed.py", *(argv if argv is not None else sys.argv[1:])])
+    command = command_line(__file__, argv)
     report = dict(benchmark="sample_speed", settings=vars(args), machine=machine_info(device), command=command)
     if device.type != "cuda" and not args.smoke:
         print(json.dumps(dict(report, skipped="needs a CUDA GPU (CUDA graphs)"), indent=2))

@@ -16,13 +16,12 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import sys
 
 import torch
 
 from gpu_w4a4 import sd15_unet, w4a4_quantized  # the script's own directory is on sys.path
 from msfp import triton_kernels
-from msfp.environment import machine_info
+from msfp.environment import command_line, machine_info
 from msfp.fp8 import Fp8Layer, convert_to_fp8
 
 LOADS = {"pointers": None, "boxes": "boxes", "rows": "rows"}
@@ -55,7 +54,7 @@ def main(argv=None) -> None:
     parser.add_argument("--channels", type=int, nargs=4, default=[320, 640, 1280, 1280],
                         help="the UNet's block_out_channels (SD-1.5's by default)")
     args = parser.parse_args(argv)
-    result = dict(benchmark="step_kernels", command=" ".join(["python", *sys.argv]), machine=machine_info(),
+    result = dict(benchmark="step_kernels", command=command_line(__file__, argv), machine=machine_info(),
                   batch=args.batch, arch=args.arch, channels=args.channels)
     if not triton_kernels.HAS_TRITON:
         result["skipped"] = "triton is not installed"

@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -23,7 +22,7 @@ from pathlib import Path
 import torch
 
 from msfp.data import CLASS_NAMES, load_fashion_mnist, to_model_range
-from msfp.environment import HelpFormatter, cpu_name
+from msfp.environment import HelpFormatter, command_line, cpu_name
 from msfp.feature_net import compute_features, load_feature_net, load_reference_stats
 from msfp.metrics import classifier_score, feature_stats, frechet_distance, kid
 from msfp.models import load_model
@@ -64,6 +63,8 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (unset: torch's choice)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where to sample")
     args = p.parse_args(argv)
+    if not 1 <= args.splits <= args.num_samples:  # checked before the sampling it would otherwise waste
+        p.error(f"--splits must be between 1 and --num-samples ({args.num_samples}), got {args.splits}")
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -102,7 +103,7 @@ def main(argv=None) -> None:
         machine=dict(cpu=cpu_name(), cores=os.cpu_count(), threads=torch.get_num_threads(), device=args.device,
                      gpu=torch.cuda.get_device_name() if args.device.startswith("cuda") else None),
         versions=dict(torch=torch.__version__, python=platform.python_version()),
-        command="python " + " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]),
+        command=command_line(__file__, argv),
     )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -6,8 +6,8 @@ Reproduce the shipped files with:
 
 Writes ``model.safetensors``, ``config.json``, ``reference_stats.safetensors`` (mean and covariance of the
 penultimate features over the 10,000 test images and over 10,000 seeded-random training images) and
-``train_log.json``, each atomically; other files in ``--out`` (the model card) are left alone. CPU only, seeded,
-single-threaded by default so it can run next to other jobs.
+``train_log.json``, all four together, atomically; other files in ``--out`` (the model card) are kept. CPU only,
+seeded, single-threaded by default so it can run next to other jobs.
 """
 
 from __future__ import annotations
@@ -15,33 +15,17 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import platform
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
 from msfp.data import load_fashion_mnist, to_model_range
-from msfp.environment import HelpFormatter
+from msfp.environment import HelpFormatter, command_line, machine_info
+from msfp.fileio import atomic_directory
 from msfp.feature_net import CONFIG_NAME, STATS_NAME, WEIGHTS_NAME, FeatureNet, compute_features
 from msfp.metrics import feature_stats, frechet_distance
-
-
-def atomic_write(path: Path, write) -> None:
-    """Call ``write(tmp_path)`` then move the result onto ``path``, so readers never see a partial file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; shipped files must be readable by everyone
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def main(argv=None) -> None:
@@ -104,8 +88,6 @@ def main(argv=None) -> None:
     stats = {k: torch.from_numpy(v) for k, v in dict(mu_test=mu_test, sigma_test=sigma_test, mu_train=mu_train,
                                                       sigma_train=sigma_train).items()}
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     summary = dict(
         test_accuracy=history[-1]["test_accuracy"],
         train10k_accuracy=(train_logits.argmax(1) == train_y[ref_idx]).float().mean().item(),
@@ -113,16 +95,17 @@ def main(argv=None) -> None:
         parameters=sum(p.numel() for p in net.parameters()),
         epochs=args.epochs, batch=args.batch, lr=args.lr, seed=args.seed, train_time_s=round(train_time, 1),
         history=history,
-        machine=dict(cpu=platform.processor() or platform.machine(), threads=torch.get_num_threads()),
-        versions=dict(torch=torch.__version__, python=platform.python_version()),
-        command="python " + " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]),
+        machine=machine_info(),
+        command=command_line(__file__, argv),
     )
     state = {k: v.contiguous() for k, v in net.state_dict().items()}
-    atomic_write(out / WEIGHTS_NAME, lambda f: save_file(state, f))
-    atomic_write(out / STATS_NAME, lambda f: save_file(stats, f, metadata=dict(
-        test="all 10,000 Fashion-MNIST test images", train=f"10,000 training images (seed {args.seed + 1})")))
-    atomic_write(out / CONFIG_NAME, lambda f: Path(f).write_text(json.dumps(net.config, indent=2) + "\n"))
-    atomic_write(out / "train_log.json", lambda f: Path(f).write_text(json.dumps(summary, indent=2) + "\n"))
+    # All four files together or none: weights with another run's statistics would give wrong FDs.
+    with atomic_directory(args.out) as tmp:
+        save_file(state, tmp / WEIGHTS_NAME)
+        save_file(stats, tmp / STATS_NAME, metadata=dict(
+            test="all 10,000 Fashion-MNIST test images", train=f"10,000 training images (seed {args.seed + 1})"))
+        (tmp / CONFIG_NAME).write_text(json.dumps(net.config, indent=2) + "\n")
+        (tmp / "train_log.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps({k: v for k, v in summary.items() if k != "history"}, indent=2))
 
 

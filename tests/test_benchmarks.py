@@ -31,6 +31,7 @@ def test_ablation_writes_table_and_paired_differences(tmp_path, capsys):
                    "--steps", "2", "--calib-samples", "3", "--calib-steps", "2", "--heldout-samples", "2",
                    "--finetune-iters", "2", "--finetune-batch", "4", "--rank", "2", "--out", str(out)])
     printed = json.loads(capsys.readouterr().out)
+    assert printed["command"].startswith("python benchmarks/ablation.py --model default --rows ")
     methods = printed["methods"]
     assert list(methods) == ["fp", "w4a4-msfp", "w4a4-msfp+lora-mse"]
     # The printed JSON keeps FD's bootstrap replicates, so another run's rows can be paired with these.
@@ -51,7 +52,9 @@ def test_fp8_quality_compares_both_backends_and_the_batch_control_with_compare_r
     settings = ["--num", "6", "--steps", "2", "--calib-samples", "3", "--calib-steps", "2", "--batch", "4"]
     load_script("fp8_quality").main(["--methods", "w4a4-msfp", "--out", str(out), *settings])
     printed = json.loads(capsys.readouterr().out)
-    assert printed == json.loads((out / "results.json").read_text())
+    # What reproduces the figures: the command as typed from the repository root, the machine and the code.
+    assert printed["command"] == f"python benchmarks/fp8_quality.py --methods w4a4-msfp --out {out} " + " ".join(settings)
+    assert printed["machine"]["cpu"] and printed["machine"]["versions"]["msfp_code"]
     assert printed["fp8_kernels"]["used"] is False  # no GPU here: the emulated path
     row = printed["methods"]["w4a4-msfp"]
     # Only the 8-bit edge layers stay fake-quant (their INT8/UINT8 grids are not E4M3 values).

@@ -49,6 +49,14 @@ def test_new_files_replace_old_ones_and_other_entries_are_kept(tmp_path, existin
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no temporary or old directory left behind
 
 
+def test_without_carry_over_the_new_version_is_all_there_is(tmp_path, existing):
+    # e.g. retrained weights: an evaluation or model card of the earlier ones must not stay beside them.
+    with atomic_directory(existing, carry_over=False) as tmp:
+        write(tmp, weights="new weights")
+    assert tree(existing) == {"weights": "new weights"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
 def test_a_new_directory_is_created(tmp_path):
     with atomic_directory(tmp_path / "sub" / "new") as tmp:
         write(tmp, weights="w")

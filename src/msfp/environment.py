@@ -4,8 +4,11 @@ benchmark and asset-training scripts share."""
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import os
 import platform
+import shlex
+import sys
 from pathlib import Path
 
 import torch
@@ -25,14 +28,32 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def _installed_version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
 def machine_info(device: str | torch.device | None = None) -> dict:
+    """The CPU, GPU and versions, and a digest of msfp's own files (``msfp.__version__`` stays the same between
+    commits): what a recorded figure depends on besides its command."""
     import diffusers
 
     from msfp import __version__
+    from msfp.identity import code_digest
 
     device = torch.device(device) if device is not None else None
     gpu = torch.cuda.get_device_name(device) if device is not None and device.type == "cuda" else None
     return dict(cpu=cpu_name(), cores=os.cpu_count(), torch_threads=torch.get_num_threads(),
                 device=str(device) if device is not None else "cpu", gpu=gpu,
-                versions=dict(msfp=__version__, torch=torch.__version__, diffusers=diffusers.__version__,
-                              python=platform.python_version()))
+                versions=dict(msfp=__version__, msfp_code=code_digest(), torch=torch.__version__,
+                              cuda=torch.version.cuda, triton=_installed_version("triton"),
+                              diffusers=diffusers.__version__, python=platform.python_version()))
+
+
+def command_line(script: str, argv: list[str] | None = None) -> str:
+    """How to run a benchmark or script again from the repository root: ``python benchmarks/NAME.py ARGS``, quoted
+    for a shell. ``script`` is its ``__file__``; ``argv`` its arguments when its ``main(argv)`` was called directly."""
+    path = Path(script)
+    return shlex.join(["python", f"{path.parent.name}/{path.name}", *(sys.argv[1:] if argv is None else argv)])

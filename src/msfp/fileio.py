@@ -173,12 +173,13 @@ def check_replaceable(path: str | os.PathLike) -> None:
 
 
 @contextmanager
-def atomic_directory(path: str | os.PathLike):
+def atomic_directory(path: str | os.PathLike, carry_over: bool = True):
     """Yield an empty temporary directory beside ``path`` to write a new version of its files into; on success it
     replaces ``path`` as a whole, so a reader sees all old files or all new ones, never a mix.
 
     Entries of an existing ``path`` that the new version does not write (a user's notes, sample files) are carried
-    over; on error ``path`` is left as it was. A symlink at ``path`` keeps pointing to the replaced directory.
+    over unless ``carry_over`` is False; on error ``path`` is left as it was. A symlink at ``path`` keeps pointing to
+    the replaced directory.
     """
     path = Path(path)
     if path.is_symlink():
@@ -195,7 +196,7 @@ def atomic_directory(path: str | os.PathLike):
         os.chmod(tmp, _mode(path, 0o777))  # mkdtemp creates 0700
         _finish_tree(tmp)  # before carrying over: carried-over files are the old version's, already on disk
         replacing = path.exists()
-        if replacing:
+        if replacing and carry_over:
             _carry_over(path, tmp, {p.name for p in tmp.iterdir()})
         _fsync_directories(tmp)  # the new directory entries, carried-over ones included
         if not replacing:
