@@ -27,7 +27,7 @@ from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 from diffusers.training_utils import EMAModel
 from tqdm import tqdm
 
-from msfp.data import load_fashion_mnist, to_model_range
+from msfp.data import DEFAULT_DATA_DIR, load_fashion_mnist, to_model_range
 from msfp.environment import HelpFormatter, command_line, machine_info
 from msfp.fileio import atomic_directory, atomic_path
 
@@ -47,8 +47,14 @@ SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02
                         prediction_type="epsilon", clip_sample=True)
 
 
-# What a resumed run must share with the checkpoint it continues (the step count and time budget may change).
-RECIPE = ("batch", "lr", "warmup", "ema_decay", "seed", "data")
+# What a resumed run must share with the checkpoint it continues (the time budget may change; the step count may
+# not, as the learning-rate schedule is spread over it).
+RECIPE = ("steps", "batch", "lr", "warmup", "ema_decay", "seed", "data")
+
+
+def training_recipe(args) -> dict:
+    # The data folder as a full path: the default and the same folder named explicitly are one recipe.
+    return {k: str(Path(args.data or DEFAULT_DATA_DIR).resolve()) if k == "data" else getattr(args, k) for k in RECIPE}
 
 
 def atomic_torch_save(obj, path: Path) -> None:
@@ -107,7 +113,7 @@ def main(argv=None) -> None:
     step, elapsed, losses = 0, 0.0, []
     if ckpt_path.exists() and not args.no_resume:
         ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
-        recipe = {k: getattr(args, k) for k in RECIPE}
+        recipe = training_recipe(args)
         changed = {k: (v, recipe[k]) for k, v in ckpt.get("recipe", {}).items() if recipe.get(k) != v}
         if "recipe" not in ckpt or changed:
             what = ", ".join(f"--{k.replace('_', '-')} {old} → {new}" for k, (old, new) in changed.items())
@@ -131,7 +137,7 @@ def main(argv=None) -> None:
         flush_losses()
         atomic_torch_save(dict(unet=unet.state_dict(), opt=opt.state_dict(), ema=ema.state_dict(),
                                gen=gen.get_state(), step=step, elapsed=elapsed, losses=losses,
-                               recipe={k: getattr(args, k) for k in RECIPE}), ckpt_path)
+                               recipe=training_recipe(args)), ckpt_path)
 
     n = len(data)
     start = time.time() - elapsed

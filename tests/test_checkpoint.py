@@ -300,7 +300,10 @@ def test_metadata_that_is_not_utf8_is_reported_as_unreadable(tmp_path, saved):
 
 def test_a_save_interrupted_between_its_renames_is_pointed_out(tmp_path, saved):
     out = msfp.save_quantized(saved[0], tmp_path / "q")
-    out.rename(tmp_path / ".q.old")  # what a crash between the two renames leaves
+    out.rename(tmp_path / ".q.old")  # what a crash between the two renames leaves, with the new version's directory
+    from test_fileio import dead_writers_directory
+
+    dead_writers_directory(out)
     with pytest.raises(FileNotFoundError, match=r"\.q\.old holds its previous version, left by an interrupted save"):
         msfp.load_quantized(out)
     msfp.save_quantized(saved[0], out)  # puts it back first, then replaces it
@@ -722,3 +725,11 @@ def test_a_half_precision_model_with_zero_points_saves_and_reloads(tmp_path, dty
     x = torch.randn(3, 1, 8, 8, dtype=dtype)
     with torch.no_grad():
         assert torch.equal(loaded(x, torch.tensor([5, 400, 999])).sample, q(x, torch.tensor([5, 400, 999])).sample)
+    # Checkpoints written before the weights' dtype was recorded load in float32, as they always did (restoring the
+    # stored tensors' half dtypes alone left a mixed model that failed on its first call).
+    _edit_meta(tmp_path / "q", lambda meta: meta.pop("weight_dtypes"))
+    older = msfp.load_quantized(tmp_path / "q")
+    assert {v.dtype for v in older.state_dict().values()
+            if isinstance(v, torch.Tensor) and v.is_floating_point()} == {torch.float32}
+    with torch.no_grad():
+        older(x.float(), torch.tensor([5, 400, 999]))

@@ -108,9 +108,22 @@ def test_leftovers_of_a_crash_between_the_renames_are_cleared(tmp_path, existing
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
 
 
+def dead_writers_directory(path):
+    """The complete new version a writer killed between the two renames leaves in its temporary directory."""
+    import subprocess
+
+    writer = subprocess.Popen(["true"])
+    writer.wait()  # its pid is free now: a process that is gone
+    leftover = path.with_name(f"{fileio._leftover_prefix(path)}{writer.pid}-x")
+    leftover.mkdir()
+    return leftover
+
+
 def test_a_crash_between_the_renames_is_undone_by_the_next_write(tmp_path, existing):
-    # Killed after moving the earlier version aside and before moving the new one in: only ".model.old" is left.
+    # Killed after moving the earlier version aside and before moving the new one in: ".model.old" and the new
+    # version's temporary directory are left.
     os.replace(existing, tmp_path / ".model.old")
+    dead_writers_directory(existing)
     assert fileio.interrupted_save(existing) == tmp_path / ".model.old"
     for text in ("first", "second"):  # the second write used to delete ".model.old", the user's files with it
         with atomic_directory(existing) as tmp:
@@ -118,6 +131,17 @@ def test_a_crash_between_the_renames_is_undone_by_the_next_write(tmp_path, exist
     assert tree(existing) == {"weights": "second", "config": "old config", "notes": "my notes",
                               "evals/run1.json": "{}", "notes-link": "link -> notes"}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"] and fileio.interrupted_save(existing) is None
+
+
+def test_an_old_version_left_after_a_swap_is_not_revived(tmp_path, existing):
+    # Killed after the swap, before removing ".model.old"; then the user deleted the directory on purpose.
+    shutil.copytree(existing, tmp_path / ".model.old")
+    (tmp_path / ".model.old" / "eval_of_old_weights.json").write_text("{}")
+    shutil.rmtree(existing)
+    assert fileio.interrupted_save(existing) is None
+    with atomic_directory(existing) as tmp:
+        write(tmp, weights="new weights")
+    assert tree(existing) == {"weights": "new weights"}
 
 
 def test_a_symlinked_file_stays_a_link(tmp_path):

@@ -383,10 +383,11 @@ def calibrate(qmodel: nn.Module, fp_model: nn.Module, scheduler, num_samples: in
     # drawn batch by batch) and the quantized model's own full-precision weights (LoRAs included; they may differ
     # from fp_model's): the cache is keyed by them, so a hit equals recording afresh.
     recorded = list(recorded_inputs(qmodel))
-    recorded_key = hashlib.sha256("\n".join([*recorded, f"batch {batch_size}", weights_digest(qmodel, "_quantizer.")])
-                                  .encode()).hexdigest()[:12]
-    rec_path = (cache / f"layer-inputs-{key}-{config.act_samples_per_layer}-{recorded_key}.safetensors"
-                if cache else None)
+    rec_path = None
+    if cache is not None:
+        recorded_key = hashlib.sha256("\n".join([*recorded, f"batch {batch_size}",
+                                                 weights_digest(qmodel, "_quantizer.")]).encode()).hexdigest()[:12]
+        rec_path = cache / f"layer-inputs-{key}-{config.act_samples_per_layer}-{recorded_key}.safetensors"
 
     start = time.time()
     collect = lambda: collect_trajectories(fp_model, scheduler, num_samples, num_steps, seed,  # noqa: E731

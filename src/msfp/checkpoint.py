@@ -44,6 +44,7 @@ import hashlib
 import json
 import os
 import re
+import warnings
 from pathlib import Path
 
 import diffusers
@@ -206,7 +207,7 @@ def quantization_config(model: nn.Module) -> dict:
     """The ``quantization_config`` block of ``msfp_quant.json`` (the keys diffusers uses, plus msfp's own)."""
     return dict(quant_method="msfp", format_version=FORMAT_VERSION, **model.msfp_config.to_dict(),
                 modules_to_not_convert=list(model.msfp_full_precision_layers),
-                unsupported_layers=dict(model.msfp_unsupported_layers),
+                unsupported_layers=dict(getattr(model, "msfp_unsupported_layers", {})),
                 weight_storage=dict(codes="sign-magnitude format bit fields, dense LSB-first bit packing",
                                     weight_sets=max(layer.num_weight_sets for layer in quant_layers(model).values())),
                 versions=dict(msfp=__version__, torch=torch.__version__, diffusers=diffusers.__version__))
@@ -507,7 +508,9 @@ def load_quantized(directory: str | os.PathLike, model: nn.Module | None = None,
                                if i["precision"] == "8bit"]
     config.full_precision_layers = [re.escape(n) for n in qc["modules_to_not_convert"]]
     try:
-        qmodel = quantize(base, config)
+        with warnings.catch_warnings():  # the layers it cannot quantize were named when it was quantized (msfp info)
+            warnings.filterwarnings("ignore", message=r".* msfp cannot quantize stay full precision")
+            qmodel = quantize(base, config)
     except ValueError as e:
         raise ValueError(f"{path}: the checkpoint does not fit this architecture ({e})") from e
     layers, attention = quant_layers(qmodel), attention_quantizers(qmodel)
@@ -535,8 +538,8 @@ def load_quantized(directory: str | os.PathLike, model: nn.Module | None = None,
                  for k, (_, dtype) in expected.items() if dtype is not None and k in state and state[k].dtype != dtype]
     _raise_mismatch(path, meta, problems)
     codes = {k[: -len(CODES_SUFFIX)]: state.pop(k) for k in list(state) if k.endswith(CODES_SUFFIX)}
-    weight_dtypes = meta.get("weight_dtypes") or {}
-    _restore_dtypes(qmodel, state, {f"{n}.weight": weight_dtypes.get(n, "float32") for n in layers})
+    if "weight_dtypes" in meta:  # checkpoints written before it was recorded load in float32, as they always did
+        _restore_dtypes(qmodel, state, {f"{n}.weight": meta["weight_dtypes"].get(n, "float32") for n in layers})
     qmodel.load_state_dict(state, strict=False)
     tied = _tied_layers(qmodel, layers)
     with torch.no_grad():

@@ -76,16 +76,18 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _remove_leftovers(path: Path) -> None:
-    """Remove the temporary files and directories that writers of ``path`` on this host left when they were killed
-    (their process is gone). Others' are left alone: they may still be writing."""
-    if os.name != "posix":
-        return  # os.kill(pid, 0) would terminate the process on Windows
+def _dead_writers_leftovers(path: Path) -> list[Path]:
+    """The temporary files and directories that writers of ``path`` on this host left when they were killed (their
+    process is gone). Others' are not listed: they may still be writing."""
+    if os.name != "posix" or not path.parent.is_dir():
+        return []  # os.kill(pid, 0) would terminate the process on Windows
     pattern = re.compile(re.escape(_leftover_prefix(path)) + r"(\d+)-")
-    for entry in path.parent.iterdir():
-        match = pattern.match(entry.name)
-        if match is None or _alive(int(match.group(1))):
-            continue
+    return [entry for entry in path.parent.iterdir()
+            if (match := pattern.match(entry.name)) is not None and not _alive(int(match.group(1)))]
+
+
+def _remove_leftovers(path: Path) -> None:
+    for entry in _dead_writers_leftovers(path):
         if entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry, ignore_errors=True)
         else:
@@ -132,10 +134,14 @@ def _fsync_directories(directory: Path) -> None:
 
 def interrupted_save(path: str | os.PathLike) -> Path | None:
     """The earlier version of ``path`` that :func:`atomic_directory` moved aside, when a crash between its two renames
-    left only that (``path`` itself missing); else None."""
+    left only that: ``path`` missing, and the new version still in a temporary directory of a writer that is gone.
+    (A crash after the swap leaves ``.old`` too; if ``path`` was deleted since, that ``.old`` is no save to resume.)
+    Else None."""
     path = Path(path)
     old = path.with_name(f".{path.name}.old")
-    return old if not path.exists() and not path.is_symlink() and old.is_dir() and not old.is_symlink() else None
+    if path.exists() or path.is_symlink() or not old.is_dir() or old.is_symlink():
+        return None
+    return old if any(entry.is_dir() for entry in _dead_writers_leftovers(path)) else None
 
 
 def _link_or_copy(src, dst) -> None:
