@@ -262,3 +262,23 @@ def test_sample_speed_smoke_samples_both_backends(monkeypatch, capsys, model):
     report = json.loads(capsys.readouterr().out)
     assert set(report["runs"]) == {"fake_eager", "fp8_eager"} and report["kept_fake_quant"] == {}
     assert all(r["ms_per_step"] > 0 and r["first_run_s"] > 0 for r in report["runs"].values())
+
+
+def test_checkpoint_size_measures_a_packed_checkpoint_that_reloads_exactly(capsys):
+    result = load_script("checkpoint_size").main(["--calib-samples", "1", "--calib-steps", "1"])
+    assert result["command"] == "python benchmarks/checkpoint_size.py --calib-samples 1 --calib-steps 1"
+    assert result["machine"]["versions"]["msfp_code"] and result["loaded_outputs_bit_identical"] is True
+    # 4-bit codes plus scales: about a quarter of the fp16 file, whatever the calibration (the README's 0.269×).
+    assert 0.2 < result["ratio_packed_to_fp16"] < 0.3 and result["talora"]["ratio_to_fp16"] > 1
+
+
+def test_cpu_inference_compares_every_variant_on_the_same_samples(capsys):
+    result = load_script("cpu_inference").main(["--images", "1", "--steps", "1", "--repeats", "1",
+                                                "--calib-samples", "1", "--calib-steps", "1"])
+    assert result["command"].startswith("python benchmarks/cpu_inference.py --images 1")
+    variants = result["variants"]
+    assert {"full_precision", "packed_cached", "packed_uncached", "in_memory_cached"} <= variants.keys()
+    # Every quantized variant draws the very samples of the packed, cached model: the timings compare like with like.
+    assert all(v["samples_equal_packed_cached"] for name, v in variants.items()
+               if name in ("packed_uncached", "in_memory_cached"))
+    assert all(v["ms_per_image_step"] > 0 and v["peak_rss_mib"] > 0 for v in variants.values())
