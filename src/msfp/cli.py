@@ -131,7 +131,8 @@ def quantize(model_spec, preset, config_path, out, calib_samples, calib_steps, s
 
 
 @main.command()
-@click.argument("directory", type=click.Path(exists=True, file_okay=False))
+# Not exists=True: for a save interrupted between its renames, read_quant_meta says where the earlier version is.
+@click.argument("directory", type=click.Path(file_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="print the saved metadata as JSON")
 def info(directory, as_json):
     """Per-layer formats, AALs and quantization MSE of a quantized model directory."""
