@@ -306,17 +306,6 @@ def test_kernels_requested_where_they_cannot_run_fail_clearly():
     assert not available and "CUDA" in why
     with pytest.raises(RuntimeError, match="cannot run here: cpu device"):
         convert_to_fp8(q, use_kernels=True)
-    # Converted with use_kernels=True on a GPU, then moved to the CPU: said by the summary and by the layer.
-    convert_to_fp8(q, use_kernels=False)
-    for layer in q.modules():
-        if isinstance(layer, Fp8Layer):
-            layer.use_kernels = True
-    q.msfp_backend["kernels"] = True
-    assert "not runnable: converted with use_kernels=True, but the kernels cannot run here" in backend_summary(q, "cpu")
-    with pytest.raises(RuntimeError, match=r"down_blocks\..*: converted with use_kernels=True, but the FP8 kernels "
-                                           "cannot run on cpu: .*; convert with use_kernels=None"):
-        with torch.no_grad():
-            q(torch.randn(1, 1, 8, 8), torch.tensor([5]))
 
 
 def test_triton_older_than_the_tested_versions_gets_the_emulated_path():

@@ -182,14 +182,7 @@ class Fp8Layer(nn.Module):
         return self.weight_codes.shape[0]
 
     def _kernels_for(self, device: torch.device) -> bool:
-        if self.use_kernels is None:
-            return fp8_kernels_available(device)[0]
-        if self.use_kernels:
-            available, why = fp8_kernels_available(device)
-            if not available:  # e.g. converted on a GPU with use_kernels=True, then moved to the CPU
-                raise RuntimeError(f"{self.name}: converted with use_kernels=True, but the FP8 kernels cannot run on "
-                                   f"{device}: {why}; convert with use_kernels=None to emulate where they cannot")
-        return self.use_kernels
+        return fp8_kernels_available(device)[0] if self.use_kernels is None else self.use_kernels
 
     def _zero_point_correction(self, k: int, spatial: tuple[int, ...], kernels: bool) -> torch.Tensor:
         """``1_valid ⊛ Q_w(W_k)``: (O,) for linears; for convolutions of an input of size ``spatial`` (O, OH, OW),
@@ -400,8 +393,6 @@ def backend_summary(model: nn.Module, device: torch.device | str) -> str:
     on_codes, kept = len(_fp8_layer_names(model)), backend["fake_quant_layers"]
     available, why = (False, "use_kernels=False") if backend["kernels"] is False else fp8_kernels_available(device)
     how = "with the Triton FP8 kernels" if available else f"emulated ({why})"
-    if backend["kernels"] is True and not available:
-        how = f"not runnable: converted with use_kernels=True, but the kernels cannot run here ({why})"
     layers = on_codes + sum(reason != ATTENTION_KEPT for reason in kept.values())
     line = f"backend fp8: {on_codes} of {layers} quantized layers on E4M3 codes, {how}"
     by_reason: dict[str, list[str]] = {}
