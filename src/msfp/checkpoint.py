@@ -63,7 +63,7 @@ from msfp.fp8 import convert_to_fp8, require_fake_quant
 from msfp.identity import weights_digest
 from msfp.packing import decode, pack, quantize_to_codes, unpack
 from msfp.quantizers import MIN_SCALE
-from msfp.surgery import quant_layers, quantizable_layers, quantize
+from msfp.surgery import UnsupportedLayersWarning, quant_layers, quantizable_layers, quantize
 from msfp.talora import assignment_runs, attach_router
 
 FORMAT_VERSION = 2
@@ -509,7 +509,7 @@ def load_quantized(directory: str | os.PathLike, model: nn.Module | None = None,
     config.full_precision_layers = [re.escape(n) for n in qc["modules_to_not_convert"]]
     try:
         with warnings.catch_warnings():  # the layers it cannot quantize were named when it was quantized (msfp info)
-            warnings.filterwarnings("ignore", message=r".* msfp cannot quantize stay full precision")
+            warnings.simplefilter("ignore", UnsupportedLayersWarning)
             qmodel = quantize(base, config)
     except ValueError as e:
         raise ValueError(f"{path}: the checkpoint does not fit this architecture ({e})") from e

@@ -391,8 +391,7 @@ def run_compare(settings: CompareSettings, methods: list[str], out, command: str
         seeds=dict(samples=f"{s.seed}..{s.seed + s.num_samples - 1}",
                    calibration=f"{s.seed + CALIB_SEED_OFFSET}..{s.seed + CALIB_SEED_OFFSET + s.calib_samples - 1}",
                    heldout=f"{s.seed + HELDOUT_SEED_OFFSET}..{s.seed + HELDOUT_SEED_OFFSET + s.heldout_samples - 1}"),
-        reference=reference.name, machine=fingerprint["machine"], msfp_code=fingerprint["code"], methods=results,
-        skipped_methods=skipped,
+        reference=reference.name, machine=fingerprint["machine"], methods=results, skipped_methods=skipped,
         wall_seconds=None)
     result["wall_seconds"] = round(earlier + time.time() - began, 1)  # the sessions of a resumed run together
     (work / "samples").mkdir(parents=True, exist_ok=True)

@@ -132,13 +132,18 @@ def _fsync_directories(directory: Path) -> None:
         _fsync(Path(root))
 
 
+def _moved_aside(path: Path) -> Path:
+    """Where :func:`atomic_directory` moves the earlier version of ``path`` during its swap."""
+    return path.with_name(f".{path.name}.old")
+
+
 def interrupted_save(path: str | os.PathLike) -> Path | None:
     """The earlier version of ``path`` that :func:`atomic_directory` moved aside, when a crash between its two renames
     left only that: ``path`` missing, and the new version still in a temporary directory of a writer that is gone.
     (A crash after the swap leaves ``.old`` too; if ``path`` was deleted since, that ``.old`` is no save to resume.)
     Else None."""
     path = Path(path)
-    old = path.with_name(f".{path.name}.old")
+    old = _moved_aside(path)
     if path.exists() or path.is_symlink() or not old.is_dir() or old.is_symlink():
         return None
     return old if any(entry.is_dir() for entry in _dead_writers_leftovers(path)) else None
@@ -209,7 +214,7 @@ def atomic_directory(path: str | os.PathLike, carry_over: bool = True):
             os.replace(tmp, path)
             _fsync(path.parent)
             return
-        old = path.with_name(f".{path.name}.old")
+        old = _moved_aside(path)
         if old.is_dir() and not old.is_symlink():
             shutil.rmtree(old)  # left by a crash after the swap below, before its removal
         else:

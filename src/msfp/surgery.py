@@ -51,6 +51,10 @@ def quantizable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear, QuantLayer))]
 
 
+class UnsupportedLayersWarning(UserWarning):
+    """Weight layers :func:`quantize` leaves full precision because msfp has no quantized form of them."""
+
+
 def unsupported_layers(model: nn.Module) -> dict[str, str]:
     """Weight layers msfp has no quantized form of (Conv1d, Conv3d, transposed convs, Bilinear): ``{name: type}``.
     They stay full precision, and their FLOPs count in the totals only."""
@@ -218,7 +222,7 @@ def quantize(model: nn.Module, config: QuantConfig | str) -> nn.Module:
         listed = [f"{n} ({kind})" for n, kind in model.msfp_unsupported_layers.items()]
         warnings.warn(f"{len(listed)} layer(s) msfp cannot quantize stay full precision: {', '.join(listed[:5])}"
                       + (", …" if len(listed) > 5 else "") + "; only nn.Conv2d and nn.Linear are quantized",
-                      stacklevel=2)
+                      UnsupportedLayersWarning, stacklevel=2)
     model.register_forward_pre_hook(_timestep_hook, with_kwargs=True)
     return model
 
