@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import time
 
 import torch
 
 from msfp.environment import HelpFormatter, command_line, machine_info
+from msfp.fileio import write_json
 from msfp.formats import _fake_quant, fake_quant, get_format
 from msfp.kernels import compiled_fake_quant
 
@@ -106,15 +106,15 @@ def host_overhead(device, rounds: int = 7, calls: int = 300) -> dict:
             for name, times in us_per_call(paths, device, rounds, calls).items()}
 
 
-def main():
+def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--out", default=None, help="also write the JSON here")
     p.add_argument("--repeats", type=int, default=20, help="timed calls per path after a warm-up (median)")
     p.add_argument("--no-compile", action="store_true",
                    help="skip the torch.compile path (and the host_us_per_call timings)")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     report = dict(
-        command=command_line(__file__),
+        command=command_line(__file__, argv),
         machine=machine_info("cuda" if torch.cuda.is_available() else None),
         results={"cpu": bench_device(torch.device("cpu"), args.repeats, not args.no_compile)},
         host_us_per_call={},
@@ -124,13 +124,10 @@ def main():
     if not args.no_compile:
         for device in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
             report["host_us_per_call"][device] = host_overhead(torch.device(device))
-    text = json.dumps(report, indent=2)
-    print(text)
+    print(json.dumps(report, indent=2))
     if args.out:
-        tmp = args.out + ".tmp"
-        with open(tmp, "w") as f:
-            f.write(text + "\n")
-        os.replace(tmp, args.out)
+        write_json(args.out, report)
+    return report
 
 
 if __name__ == "__main__":

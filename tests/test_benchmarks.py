@@ -282,3 +282,51 @@ def test_cpu_inference_compares_every_variant_on_the_same_samples(capsys):
     assert all(v["samples_equal_packed_cached"] for name, v in variants.items()
                if name in ("packed_uncached", "in_memory_cached"))
     assert all(v["ms_per_image_step"] > 0 and v["peak_rss_mib"] > 0 for v in variants.values())
+
+
+def test_ptq_scores_each_preset_against_full_precision_on_held_out_points(tmp_path, capsys):
+    out = tmp_path / "ptq.json"
+    load_script("ptq").main(["--presets", "w4a4-msfp,w6a6-msfp", "--calib-samples", "2", "--calib-steps", "2",
+                             "--heldout-samples", "2", "--eval-samples", "8", "--eval-steps", "2", "--out", str(out)])
+    printed = json.loads(capsys.readouterr().out)
+    assert json.loads(out.read_text()) == printed and printed["command"].startswith("python benchmarks/ptq.py ")
+    results = printed["results"]
+    assert list(results) == ["fp", "w4a4-msfp", "w6a6-msfp"]
+    for preset in ("w4a4-msfp", "w6a6-msfp"):
+        row = results[preset]
+        assert row["calibration_points"] == 2 * 2
+        assert list(row["eps_mse_per_timestep"]) == ["500", "0"]  # the 2-step trajectory, sampling order
+        assert row["eps_mse_mean"] == pytest.approx(sum(row["eps_mse_per_timestep"].values()) / 2)
+        assert row["paired_mse_vs_fp"] > 0 and row["fd"] > 0
+    # Two more bits per value bring the noise predictions and the samples closer to full precision.
+    assert results["w6a6-msfp"]["eps_mse_mean"] < results["w4a4-msfp"]["eps_mse_mean"]
+    assert results["w6a6-msfp"]["paired_mse_vs_fp"] < results["w4a4-msfp"]["paired_mse_vs_fp"]
+    # Mixup-sign: the 4-bit preset gives the post-SiLU inputs (and some others) unsigned grids.
+    assert 0 < results["w4a4-msfp"]["aals"] <= results["w4a4-msfp"]["unsigned_act_layers"]
+
+
+def test_fake_quant_times_each_path_against_a_copy(tmp_path, capsys):
+    out = tmp_path / "fake_quant.json"
+    report = load_script("fake_quant").main(["--repeats", "1", "--no-compile", "--out", str(out)])
+    assert json.loads(capsys.readouterr().out) == json.loads(out.read_text()) == report
+    assert report["command"] == f"python benchmarks/fake_quant.py --repeats 1 --no-compile --out {out}"
+    cases = report["results"]["cpu"]
+    assert set(cases) == {"activation_16x320x32x32_ufp4_e2m2", "weight_1280x1280x3x3_fp4_e2m1"}
+    for row in cases.values():
+        assert row.keys() == {"copy", "eager"} and row["copy"]["x_copy_time"] == 1
+        assert row["eager"]["x_copy_time"] == pytest.approx(row["eager"]["median_ms"] / row["copy"]["median_ms"],
+                                                             abs=0.01)
+
+
+def test_finetune_step_times_the_step_with_and_without_quantizers():
+    # As a user runs it: its variants run in spawned processes, which must import the script by its path.
+    done = subprocess.run([sys.executable, str(BENCHMARKS / "finetune_step.py"), "--batch", "2", "--iters", "1",
+                           "--device", "cpu"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    printed = json.loads(done.stdout)
+    results = printed["results"]
+    assert printed["command"] == "python benchmarks/finetune_step.py --batch 2 --iters 1 --device cpu"
+    for variant in ("quantizers_off", "quantized_eager"):  # each in its own process, so RSS is its own
+        assert results[variant]["step_seconds"] > 0 and results[variant]["peak_memory_bytes"] > 0
+    assert results["throughput_ratio"] == {"quantized_eager": pytest.approx(
+        results["quantized_eager"]["steps_per_second"] / results["quantizers_off"]["steps_per_second"])}
