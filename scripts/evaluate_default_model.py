@@ -3,7 +3,10 @@ the shipped feature network: Fréchet distance (FD) and KID against the Fashion-
 (Inception-score analogue), and the same numbers for N real training images (the floor a perfect generator reaches
 with the same N). Also writes a PNG grid of the first samples.
 
-    python scripts/evaluate_default_model.py --num-samples 1000 --steps 100 --out docs/default_model_eval.json
+    python scripts/evaluate_default_model.py --data .data --num-samples 10000 --steps 100 --batch 1000 \
+        --out src/msfp/assets/fashion_ddpm/eval.json
+
+gave the shipped model card's numbers (on an H100; on this 2-core CPU, use fewer samples).
 
 FD is biased upward for small N (the covariance estimate is noisy): compare only numbers with the same N, and compare
 a model's FD with the real-data floor at that N.
@@ -13,17 +16,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import tempfile
 import time
-from pathlib import Path
 
 import torch
 
 from msfp.data import CLASS_NAMES, load_fashion_mnist, to_model_range
-from msfp.environment import HelpFormatter, command_line, cpu_name
+from msfp.environment import HelpFormatter, command_line, machine_info
 from msfp.feature_net import compute_features, load_feature_net, load_reference_stats
+from msfp.fileio import write_json
 from msfp.metrics import classifier_score, feature_stats, frechet_distance, kid
 from msfp.models import load_model
 from msfp.sampling import sample, save_grid
@@ -100,22 +100,10 @@ def main(argv=None) -> None:
         real_train_floor=quality(real_feats, real_logits, ref_stats, ref_feats, args),
         sample_time_s=round(sample_time, 1), sample_time_per_step_and_image_ms=round(
             1000 * sample_time / (args.steps * args.num_samples), 2), total_time_s=round(time.time() - start, 1),
-        machine=dict(cpu=cpu_name(), cores=os.cpu_count(), threads=torch.get_num_threads(), device=args.device,
-                     gpu=torch.cuda.get_device_name() if args.device.startswith("cuda") else None),
-        versions=dict(torch=torch.__version__, python=platform.python_version()),
+        machine=machine_info(args.device),
         command=command_line(__file__, argv),
     )
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=out.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(result, indent=2) + "\n")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_json(args.out, result)
     print(json.dumps(result, indent=2))
 
 

@@ -1,15 +1,11 @@
 import gzip
-import struct
 
 import numpy as np
 import pytest
 import torch
+from idx_files import idx_bytes
 
 from msfp.data import DEFAULT_DATA_DIR, load_fashion_mnist, to_model_range
-
-
-def idx_bytes(array: np.ndarray) -> bytes:
-    return bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape) + array.tobytes()
 
 
 def write_split(d, n=3, gz=True, images=None, labels=None):
