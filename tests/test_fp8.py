@@ -300,12 +300,27 @@ def test_routed_talora_model_runs_each_sample_with_its_weight_set():
     assert (got[2:3] - single).abs().mean() < 1e-3 * single.abs().mean()
 
 
-def test_kernels_requested_where_they_cannot_run_fail_clearly():
+def test_kernels_requested_where_they_cannot_run_fail_clearly(monkeypatch):
     q = calibrated(tiny_unet)
     available, why = fp8_kernels_available("cpu")
     assert not available and "CUDA" in why
     with pytest.raises(RuntimeError, match="cannot run here: cpu device"):
         convert_to_fp8(q, use_kernels=True)
+    # Converted with use_kernels=True on a GPU, then moved to the CPU: the summary and the layer say so.
+    convert_to_fp8(q, use_kernels=False)
+    for layer in q.modules():
+        if isinstance(layer, Fp8Layer):
+            layer.use_kernels = True
+    q.msfp_backend["kernels"] = True
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # tests/test_triton_kernels.py sets it when collected
+    assert "not runnable here: converted with use_kernels=True, but cpu device" in backend_summary(q, "cpu")
+    with pytest.raises(RuntimeError, match=r"down_blocks\..*: converted with use_kernels=True, but the FP8 kernels "
+                                           r"cannot run on cpu \(CUDA only, or the CPU under TRITON_INTERPRET=1\)"):
+        with torch.no_grad():
+            q(torch.randn(1, 1, 8, 8), torch.tensor([5]))
+    # Under Triton's interpreter, CPU tensors run the kernels themselves.
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert "with the Triton FP8 kernels, interpreted" in backend_summary(q, "cpu")
 
 
 def test_triton_older_than_the_tested_versions_gets_the_emulated_path():

@@ -27,6 +27,7 @@ scales), where the activations are bfloat16 and both GEMM dimensions are multipl
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 from torch import nn
@@ -95,6 +96,11 @@ def _triton_too_old(version: str) -> str | None:
         oldest = ".".join(map(str, MIN_TRITON))
         return f"Triton {version} is older than {oldest}, the oldest the FP8 kernels are tested with"
     return None
+
+
+def _interpreting(device: torch.device) -> bool:
+    """Whether Triton interprets the kernels on ``device``'s tensors (how the tests run them without a GPU)."""
+    return device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def fp8_kernels_available(device: torch.device | str) -> tuple[bool, str]:
@@ -182,7 +188,14 @@ class Fp8Layer(nn.Module):
         return self.weight_codes.shape[0]
 
     def _kernels_for(self, device: torch.device) -> bool:
-        return fp8_kernels_available(device)[0] if self.use_kernels is None else self.use_kernels
+        if self.use_kernels is None:
+            return fp8_kernels_available(device)[0]
+        if self.use_kernels and device.type != "cuda" and not _interpreting(device):
+            # e.g. converted on a GPU with use_kernels=True, then moved to the CPU: name the layer, not just Triton
+            raise RuntimeError(f"{self.name}: converted with use_kernels=True, but the FP8 kernels cannot run on "
+                               f"{device} (CUDA only, or the CPU under TRITON_INTERPRET=1); convert with "
+                               "use_kernels=None to emulate them where they cannot run")
+        return self.use_kernels
 
     def _zero_point_correction(self, k: int, spatial: tuple[int, ...], kernels: bool) -> torch.Tensor:
         """``1_valid ⊛ Q_w(W_k)``: (O,) for linears; for convolutions of an input of size ``spatial`` (O, OH, OW),
@@ -393,6 +406,9 @@ def backend_summary(model: nn.Module, device: torch.device | str) -> str:
     on_codes, kept = len(_fp8_layer_names(model)), backend["fake_quant_layers"]
     available, why = (False, "use_kernels=False") if backend["kernels"] is False else fp8_kernels_available(device)
     how = "with the Triton FP8 kernels" if available else f"emulated ({why})"
+    if backend["kernels"] and not available:  # use_kernels=True: the kernels or nothing
+        how = ("with the Triton FP8 kernels, interpreted (TRITON_INTERPRET=1)" if _interpreting(torch.device(device))
+               else f"not runnable here: converted with use_kernels=True, but {why}")
     layers = on_codes + sum(reason != ATTENTION_KEPT for reason in kept.values())
     line = f"backend fp8: {on_codes} of {layers} quantized layers on E4M3 codes, {how}"
     by_reason: dict[str, list[str]] = {}
