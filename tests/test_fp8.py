@@ -214,6 +214,17 @@ def test_converting_an_fp8_model_again_is_refused_rather_than_relabelled():
     assert q.msfp_backend == backend and all(m.linear_gemm == "triton" for m in q.modules() if isinstance(m, Fp8Layer))
 
 
+def test_convert_keeps_each_layer_on_its_own_device():
+    # A model split across devices stays split ("meta" stands in for a second GPU).
+    q = calibrated(tiny_unet)
+    name = "down_blocks.0.resnets.0.conv1"
+    msfp.surgery.quant_layers(q)[name].to("meta")
+    convert_to_fp8(q)
+    for layer_name, layer in q.named_modules():
+        if isinstance(layer, Fp8Layer):
+            assert {b.device.type for b in layer.buffers()} == {"meta" if layer_name == name else "cpu"}, layer_name
+
+
 def test_convert_keeps_unsupported_layers_and_says_why():
     q = calibrated(tiny_unet)
     fake = copy.deepcopy(q)

@@ -443,15 +443,16 @@ def convert_to_fp8(model: nn.Module, use_kernels: bool | None = None, linear_gem
     require_fake_quant(model, "convert_to_fp8", f"they were converted with {options}; convert "
                        "msfp.load_quantized(directory) (backend 'fake') with other options instead")
     layers = quant_layers(model)
-    device = next(iter(layers.values())).weight.device
     if use_kernels:
-        available, why = fp8_kernels_available(device)
-        if not available:
-            raise RuntimeError(f"the FP8 kernels cannot run here: {why}")
+        for device in {layer.weight.device for layer in layers.values()}:
+            available, why = fp8_kernels_available(device)
+            if not available:
+                raise RuntimeError(f"the FP8 kernels cannot run here: {why}")
     kept = {}
     for name, layer in layers.items():
         try:
-            replacement = Fp8Layer(layer, use_kernels, linear_gemm, tma, split_k, precise_acc).to(device)
+            # Each on its layer's device: a model split across GPUs stays split.
+            replacement = Fp8Layer(layer, use_kernels, linear_gemm, tma, split_k, precise_acc).to(layer.weight.device)
         except Fp8Unsupported as e:
             kept[name] = str(e).split(": ", 1)[1]
             continue
