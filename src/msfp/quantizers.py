@@ -56,10 +56,15 @@ def _candidate_params(rows: torch.Tensor, fmt: Format, num_clip: int, num_zero: 
 
 @torch.no_grad()
 def _sorted_prefix_sums(rows: torch.Tensor):
-    """Rows sorted in float64 with prefix sums of x and x² (a leading 0 column), shared by every candidate format."""
+    """Rows sorted in float64, each row's mean, and prefix sums of x - mean and (x - mean)² (a leading 0 column),
+    shared by every candidate format. Centred, the sums do not cancel: for data far from 0 (100 + 1e-3·noise) the sums
+    of x² rounded the MSE by up to 30 %."""
     rows64 = rows.double().sort(dim=1).values
+    center = rows64.mean(dim=1, keepdim=True)
+    centred = rows64 - center
     pad = rows64.new_zeros(rows64.shape[0], 1)
-    return rows64, torch.cat([pad, rows64.cumsum(1)], dim=1), torch.cat([pad, rows64.pow(2).cumsum(1)], dim=1)
+    return (rows64, center, torch.cat([pad, centred.cumsum(1)], dim=1),
+            torch.cat([pad, centred.pow(2).cumsum(1)], dim=1))
 
 
 @torch.no_grad()
@@ -68,10 +73,10 @@ def _best_per_row(sums, fmt: Format, scale: torch.Tensor, zero: torch.Tensor | N
 
     Exact without fake-quantizing every candidate: with the row sorted, the elements that round to level ``v_k`` form
     a contiguous run between the midpoints of neighbouring levels (clipped elements join the end levels), so the
-    squared error of the run is ``S2 - 2 v_k S1 + n v_k^2`` from prefix sums. Elements exactly on a midpoint have the
-    same error on either side, so ties do not change the MSE.
+    squared error of the run is ``S2 - 2 v_k S1 + n v_k^2`` from prefix sums (of the centred row, with ``v_k``
+    centred alike). Elements exactly on a midpoint have the same error on either side, so ties do not change the MSE.
     """
-    rows64, s1, s2 = sums
+    rows64, center, s1, s2 = sums
     num_rows, k = rows64.shape
     grid = fmt.values().to(rows64)
     chunk = max(1, _SEARCH_CHUNK // (8 * num_rows * len(grid)))
@@ -85,7 +90,8 @@ def _best_per_row(sums, fmt: Format, scale: torch.Tensor, zero: torch.Tensor | N
         lo, hi = bounds[..., :-1].flatten(1), bounds[..., 1:].flatten(1)
         run = lambda c: (c.gather(1, hi) - c.gather(1, lo)).view(levels.shape)  # noqa: E731
         n = (hi - lo).view(levels.shape).double()
-        errors.append((run(s2) - 2 * levels * run(s1) + n * levels.pow(2)).sum(-1).clamp_min(0) / k)
+        centred = levels - center[:, :, None]
+        errors.append((run(s2) - 2 * centred * run(s1) + n * centred.pow(2)).sum(-1).clamp_min(0) / k)
     err = torch.cat(errors, dim=1).float()
     best = err.argmin(dim=1, keepdim=True)
     pick = lambda t: None if t is None else t.gather(1, best).squeeze(1)  # noqa: E731
