@@ -78,6 +78,40 @@ def test_processor_matches_attn_processor_on_every_path(kwargs):
         assert torch.equal(attn(*args, **call), expected)
 
 
+class AttentionDenoiser(nn.Module):
+    def __init__(self, **attention):
+        super().__init__()
+        self.inp, self.attn, self.out = nn.Linear(8, 8), Attention(query_dim=8, heads=2, dim_head=4, **attention),\
+            nn.Linear(8, 8)
+
+    def forward(self, x, t):
+        return self.out(self.attn(self.inp(x)))
+
+
+@pytest.mark.parametrize("scale_qk", [True, False])
+def test_processor_computes_what_the_default_processor_computes_with_qk_norms(scale_qk):
+    # AttnProcessor2_0 (the default) applies norm_q/norm_k; AttnProcessor (scale_qk=False's default) ignores them.
+    torch.manual_seed(0)
+    fp = AttentionDenoiser(qk_norm="layer_norm", scale_qk=scale_qk).eval()
+    for norm in (fp.attn.norm_q, fp.attn.norm_k):  # not the identity LayerNorm starts as
+        nn.init.normal_(norm.weight)
+    assert type(fp.attn.processor) is (AttnProcessor2_0 if scale_qk else AttnProcessor)
+    q = msfp.quantize(copy.deepcopy(fp), ATTENTION)
+    set_quantizers_enabled(q, False)
+    x, t = torch.randn(2, 6, 8), torch.tensor([1, 2])
+    with torch.no_grad():
+        torch.testing.assert_close(q(x, t), fp(x, t), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("scale_qk, processor, ignored", [
+    (True, AttnProcessor, "its norm_q/norm_k"), (False, AttnProcessor2_0, "scale_qk=False")])
+def test_a_non_default_processor_that_computes_otherwise_is_refused(scale_qk, processor, ignored):
+    fp = AttentionDenoiser(qk_norm="layer_norm", scale_qk=scale_qk)
+    fp.attn.set_processor(processor())
+    with pytest.raises(ValueError, match=f"attention 'attn' runs {processor.__name__}, which ignores {ignored}"):
+        msfp.quantize(fp, ATTENTION)
+
+
 def test_attention_msfp_cannot_reproduce_can_stay_full_precision():
     from diffusers import UNet2DConditionModel
 

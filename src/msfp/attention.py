@@ -12,9 +12,12 @@ These names are module paths, like layer names: ``eight_bit_layers`` / ``full_pr
 too (``up_blocks\\.0\\..*`` covers a block's linears and its attention matmuls, ``.*attn_probs`` every probability
 tensor). A name left in full precision simply has no quantizer.
 
-The processor computes what diffusers' ``AttnProcessor`` computes, softmax written out rather than a fused
-``scaled_dot_product_attention`` (which never materialises the probabilities), so with the quantizers disabled the
-model's outputs equal the full-precision model's up to float rounding.
+The processor computes what the processor diffusers gives the module by default computes (``AttnProcessor2_0``, or
+``AttnProcessor`` with ``scale_qk=False``), softmax written out rather than a fused ``scaled_dot_product_attention``
+(which never materialises the probabilities), so with the quantizers disabled the model's outputs equal the
+full-precision model's up to float rounding. A module whose processor was set to the other one, where the two differ
+(``norm_q``/``norm_k``, which ``AttnProcessor`` ignores; ``scale_qk=False``, which ``AttnProcessor2_0`` ignores), is
+refused rather than silently computed another way: a reloaded checkpoint gets the default processor back.
 """
 
 from __future__ import annotations
@@ -76,8 +79,9 @@ class QuantAttnProcessor:
     """Attention with explicit softmax and fake-quantized matmul inputs (the ``attn_*`` children of the module).
 
     Same steps as diffusers' ``AttnProcessor``: spatial norm, group norm, cross-attention (``norm_cross``), attention
-    mask, ``norm_q``/``norm_k`` (as ``AttnProcessor2_0`` applies them), output projection, residual connection and
-    ``rescale_output_factor``. Without quantizers it is plain full-precision attention.
+    mask, scores scaled by ``attn.scale``, output projection, residual connection and ``rescale_output_factor``; and,
+    where ``AttnProcessor2_0`` is the module's default (``scale_qk``), ``norm_q``/``norm_k`` as it applies them.
+    Without quantizers it is plain full-precision attention.
     """
 
     def __call__(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
@@ -103,10 +107,11 @@ class QuantAttnProcessor:
         query = attn.head_to_batch_dim(attn.to_q(hidden_states))
         key = attn.head_to_batch_dim(attn.to_k(source))
         value = attn.head_to_batch_dim(attn.to_v(source))
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
+        if attn.scale_qk:  # AttnProcessor2_0 applies them; AttnProcessor (scale_qk=False's default) does not
+            if attn.norm_q is not None:
+                query = attn.norm_q(query)
+            if attn.norm_k is not None:
+                key = attn.norm_k(key)
 
         heads = attn.heads
         # Multiply-accumulates per sample of QKᵀ and of P·V (equal: heads · L_q · L_k · head_dim).
@@ -150,12 +155,22 @@ def check_attention_replaceable(model: nn.Module, names) -> None:
     msfp cannot reproduce; those whose inputs all stay full precision keep theirs."""
     quantized = {name.rpartition(".")[0] for name in names}
     for name, attn in attention_modules(model).items():
-        if name in quantized and type(attn.processor) not in _REPLACEABLE:
-            selector = re.escape(name) + r"\.attn_.*"
-            raise ValueError(f"QuantConfig.quantize_attention: attention {name!r} uses "
-                             f"{type(attn.processor).__name__}, which msfp cannot replace (it reproduces "
-                             f"{' and '.join(p.__name__ for p in _REPLACEABLE)} only); keep its inputs full "
-                             f'precision with QuantConfig.full_precision_layers=[r"{selector}"]')
+        if name not in quantized:
+            continue
+        processor = type(attn.processor).__name__
+        selector = re.escape(name) + r"\.attn_.*"
+        keep = f'keep its inputs full precision with QuantConfig.full_precision_layers=[r"{selector}"]'
+        if type(attn.processor) not in _REPLACEABLE:
+            raise ValueError(f"QuantConfig.quantize_attention: attention {name!r} uses {processor}, which msfp cannot "
+                             f"replace (it reproduces {' and '.join(p.__name__ for p in _REPLACEABLE)} only); {keep}")
+        default = AttnProcessor2_0 if attn.scale_qk else AttnProcessor
+        differs = (attn.norm_q is not None or attn.norm_k is not None) if attn.scale_qk else True
+        if type(attn.processor) is not default and differs:
+            ignored = "its norm_q/norm_k" if attn.scale_qk else "scale_qk=False (it scales by head_dim^-0.5)"
+            raise ValueError(f"QuantConfig.quantize_attention: attention {name!r} runs {processor}, which ignores "
+                             f"{ignored}, where msfp computes what the module's default {default.__name__} computes; "
+                             f"set that back with model.get_submodule({name!r}).set_processor({default.__name__}()), "
+                             f"or {keep}")
 
 
 def install_attention_quantizers(model: nn.Module, formats: dict[str, tuple[str, str]], context,
