@@ -53,6 +53,11 @@ def test_roles_find_the_output_layer_of_a_pixart_transformer():
                      "adaln_single.emb.timestep_embedder.linear_2"}
     assert bits["caption_projection.linear_2"] == "4bit"
     assert bits["transformer_blocks.0.ff.net.2"] == "4bit"
+    # The same inside a plain module that adapts its call (SPEC: any PyTorch denoiser): the roles are the same layers.
+    wrapper = nn.Module()
+    wrapper.inner = tiny_pixart()
+    wrapped = {n: layer.precision for n, layer in quant_layers(msfp.quantize(wrapper, "w4a4-msfp")).items()}
+    assert wrapped == {f"inner.{n}": b for n, b in bits.items()}
 
 
 def test_structural_aals_mark_post_silu_layers_of_resnet_blocks():
@@ -61,7 +66,13 @@ def test_structural_aals_mark_post_silu_layers_of_resnet_blocks():
         assert f"down_blocks.0.resnets.0.{name}" in aals
     assert "up_blocks.1.resnets.0.conv_shortcut" not in aals  # reads the raw skip concatenation
     assert "conv_out" in aals and "time_embedding.linear_2" in aals and "conv_in" not in aals
-    assert "transformer_blocks.0.norm1.linear" in structural_aals(tiny_dit())
+    assert {"transformer_blocks.0.norm1.linear", "proj_out_1"} <= set(structural_aals(tiny_dit()))
+    # DiT built as the older Transformer2DModel: its output head reads F.silu(conditioning) too.
+    from diffusers import Transformer2DModel
+
+    dit = Transformer2DModel(num_attention_heads=2, attention_head_dim=4, in_channels=4, out_channels=8, num_layers=1,
+                             sample_size=8, patch_size=2, num_embeds_ada_norm=5, norm_type="ada_norm_zero")
+    assert {"transformer_blocks.0.norm1.linear", "proj_out_1"} <= set(structural_aals(dit))
     pixart = structural_aals(tiny_pixart())
     assert {"adaln_single.linear", "caption_projection.linear_2", "transformer_blocks.0.ff.net.2"} <= set(pixart)
     from diffusers.models.normalization import AdaGroupNorm

@@ -36,6 +36,7 @@ _AAL_CHILDREN = {
     "AdaLayerNorm": ("linear",),
     "AdaGroupNorm": ("linear",),
     "DiTTransformer2DModel": ("proj_out_1",),
+    "Transformer2DModel": ("proj_out_1",),  # patched inputs: DiT's output head, built by the older class
 }
 # Blocks among those whose activation is optional (act_fn=None): then the child reads the raw embedding.
 _OPTIONAL_ACT = {"TimestepEmbedding": "linear_2", "AdaGroupNorm": "linear"}
@@ -44,6 +45,16 @@ _TIME_EMBEDDING = re.compile(r"(^|.*\.)(time_embedding|class_embedding|add_embed
 # diffusers' output layers: PixArtTransformer2DModel registers its conditioning embeddings after proj_out, so the last
 # registered layer is not always the output.
 _OUTPUT_LAYERS = ("conv_out", "proj_out_2", "proj_out")
+
+
+def _output_layer(model: nn.Module, names: list[str]) -> list[str]:
+    """``[name]`` of the output layer: the outermost diffusers model's ``conv_out``/``proj_out_2``/``proj_out``, so a
+    wrapper module (one that adapts the call signature) changes nothing; else the last registered layer."""
+    from diffusers import ModelMixin
+
+    inner = next((n for n, m in model.named_modules() if isinstance(m, ModelMixin)), "")
+    prefix = f"{inner}." if inner else ""
+    return next(([prefix + n] for n in _OUTPUT_LAYERS if prefix + n in names), names[-1:])
 
 
 def quantizable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -178,7 +189,7 @@ def quantize(model: nn.Module, config: QuantConfig | str) -> nn.Module:
         raise ValueError(f"{type(model).__name__} is already quantized (e.g. {already!r})")
     names = [n for n, _ in layers]
     attention = attention_inputs(model) if config.quantize_attention else []
-    roles = {"@first": names[:1], "@last": next(([n] for n in _OUTPUT_LAYERS if n in names), names[-1:]),
+    roles = {"@first": names[:1], "@last": _output_layer(model, names),
              "@time_embedding": [n for n in names if _TIME_EMBEDDING.fullmatch(n)]}
     full = _select(config.full_precision_layers, names + attention, roles, "full_precision_layers")
     eight = _select(config.eight_bit_layers, names + attention, roles, "eight_bit_layers") - full
