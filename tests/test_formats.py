@@ -179,6 +179,17 @@ def test_dtype_preserved_and_half_inputs():
         assert torch.equal(out.float(), fake_quant(x.to(dtype).float(), "fp4_e2m1", 0.5))
 
 
+@pytest.mark.parametrize("name, zero_point", [("fp4_e2m1", None), ("ufp4_e2m2", -0.1)])
+def test_python_number_parameters_are_exact_for_float64_inputs(name, zero_point):
+    # 0.1 as a float32 tensor is 0.10000000149…: the float64 result was off by ~1e-9 relative.
+    x = torch.tensor([0.6, 0.3, -0.45, 0.05], dtype=torch.float64)
+    z64 = None if zero_point is None else torch.tensor(zero_point, dtype=torch.float64)
+    expected = brute_force(x, name, torch.tensor(0.1, dtype=torch.float64), z64)
+    assert torch.equal(fake_quant(x, name, 0.1, zero_point), expected)
+    if zero_point is not None:  # a float64 zero-point tensor is not narrowed to the Python scale's dtype either
+        assert torch.equal(fake_quant(x, name, 0.1, z64), expected)
+
+
 def test_inf_saturates_and_nan_propagates():
     x = torch.tensor([float("inf"), float("-inf"), float("nan"), 1.0])
     out = fake_quant(x, "fp4_e2m1", 0.5)

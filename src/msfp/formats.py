@@ -12,7 +12,9 @@ Conventions (all formats)
       ``2^(p-b) * (1 + d/2^Y)`` when ``p > 0`` and ``2^(1-b) * (d/2^Y)`` when ``p = 0`` (subnormals, zero).
       So ``fp4_e2m1`` is exactly ``{0, ±0.5, ±1, ±1.5, ±2, ±3, ±4, ±6}`` (the OCP MX/NVFP4 E2M1 grid), and
       ``ufp4_e2m2`` is ``{0, 0.25, …, 0.75, 1, 1.25, …, 6, 7}``.
-    * Signed formats have one zero (no -0 code in the value set); unsigned formats are ≥ 0.
+    * Signed formats have one zero (no -0 code in the value set); unsigned formats are ≥ 0. ``fake_quant`` may still
+      return -0.0 for a small negative input (the sign of the product ``s · R(x/s)``), equal to 0 in every
+      comparison; packed codes decode to +0.0.
     * ``fp8_e4m3`` differs from ``torch.float8_e4m3fn``: the latter reserves ``S.1111.111`` for NaN, so its largest
       value is 448; ours keeps that code as the finite value 480. Every other value is shared.
     * Formats with a single exponent bit (``e1mY``) are uniform grids, like integers with a step of 2/2^Y.
@@ -201,16 +203,21 @@ def checked_params(x: torch.Tensor, fmt: Format, scale, zero_point=None):
     point exactly for unsigned formats, shapes that broadcast to ``x`` without enlarging it."""
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         raise TypeError(f"fake_quant expects a floating-point tensor, got {getattr(x, 'dtype', type(x).__name__)}")
-    scale = torch.as_tensor(scale, dtype=torch.float32, device=x.device) if not torch.is_tensor(scale) else scale
+    # Python numbers in the dtype the rounding computes in: a float64 input's 0.1 must not become float32's.
+    compute = compute_dtype(x.dtype)
+    scale = torch.as_tensor(scale, dtype=None if torch.is_tensor(scale) else compute, device=x.device)
     if not scale.is_floating_point():
-        scale = scale.float()
+        scale = scale.to(compute)
     if not torch.isfinite(scale).all() or (scale <= 0).any():
         raise ValueError(f"scale must be positive and finite; got min {scale.detach().min().item()!r}, max "
                          f"{scale.detach().max().item()!r}")
     if fmt.needs_zero_point:
         if zero_point is None:
             raise ValueError(f"unsigned format {fmt.name} needs a zero_point")
-        zero_point = torch.as_tensor(zero_point, dtype=scale.dtype, device=x.device)
+        zero_point = torch.as_tensor(zero_point, dtype=None if torch.is_tensor(zero_point) else compute,
+                                     device=x.device)
+        if not zero_point.is_floating_point():
+            zero_point = zero_point.to(compute)
         if not torch.isfinite(zero_point).all():
             raise ValueError("zero_point must be finite")
     elif zero_point is not None:
