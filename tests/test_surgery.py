@@ -83,6 +83,15 @@ def test_structural_aals_mark_post_silu_layers_of_resnet_blocks():
         "a.linear": "input is SiLU output (AdaGroupNorm.linear)"}
 
 
+def test_config_as_a_dict_of_fields():
+    q = msfp.quantize(tiny_unet(), {"act_timestep_groups": 2})
+    assert q.msfp_config == QuantConfig(act_timestep_groups=2)
+    with pytest.raises(ValueError, match=r"unknown QuantConfig field\(s\) \['act_group'\]"):
+        msfp.quantize(tiny_unet(), {"act_group": 2})
+    with pytest.raises(TypeError, match="config must be a QuantConfig, a preset name or a dict .*got NoneType"):
+        msfp.quantize(tiny_unet(), None)
+
+
 def test_clear_errors():
     with pytest.raises(ValueError, match="nothing to quantize: it contains no nn.Conv2d or nn.Linear"):
         msfp.quantize(nn.Sequential(nn.SiLU()), "w4a4-msfp")

@@ -171,10 +171,17 @@ def _no_fast_path(module, args):
     which reads linear1/linear2's weights directly and would run them in full precision."""
 
 
-def quantize(model: nn.Module, config: QuantConfig | str) -> nn.Module:
+def quantize(model: nn.Module, config: QuantConfig | str | dict) -> nn.Module:
     """Replace the model's ``Conv2d``/``Linear`` layers by :class:`~msfp.layers.QuantLayer` in place (and, with
-    ``config.quantize_attention``, quantize the attention matmul inputs); return it."""
-    config = QuantConfig.preset(config) if isinstance(config, str) else config
+    ``config.quantize_attention``, quantize the attention matmul inputs); return it. ``config``: a
+    :class:`~msfp.config.QuantConfig`, a preset name, or a dict of QuantConfig fields (as in a JSON config file)."""
+    if isinstance(config, str):
+        config = QuantConfig.preset(config)
+    elif isinstance(config, dict):
+        config = QuantConfig.from_dict(config)
+    elif not isinstance(config, QuantConfig):
+        raise TypeError(f"quantize: config must be a QuantConfig, a preset name or a dict of QuantConfig fields, got "
+                        f"{type(config).__name__}")
     config.validate()
     if getattr(model, "msfp_config", None) is not None:
         raise ValueError(f"{type(model).__name__} is already quantized (preset {model.msfp_config.name!r})")
