@@ -177,3 +177,17 @@ def test_a_half_precision_routed_model_trains_in_its_dtype(dtype):
     assert out.dtype == dtype
     out.float().square().mean().backward()
     assert next(router.parameters()).grad is not None
+
+
+def test_each_lora_bank_is_made_beside_its_weight():
+    import msfp
+    from msfp.surgery import quant_layers
+    from msfp.talora import add_talora
+    from tiny_models import tiny_unet
+
+    q = msfp.quantize(tiny_unet(), "w4a4-msfp")
+    quant_layers(q)["conv_out"].to("meta")  # a model split across devices ("meta" stands in for a second GPU)
+    add_talora(q, num_loras=2, rank=2)
+    for name, layer in quant_layers(q).items():
+        assert {p.device.type for p in layer.lora.parameters()} == {layer.weight.device.type}, name
+    assert quant_layers(q)["conv_out"].lora.A.device.type == "meta"

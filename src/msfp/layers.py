@@ -144,7 +144,7 @@ class _OtherLoras(torch.autograd.Function):
     def forward(ctx, route, x, layer, shape):
         ctx.layer = layer
         ctx.save_for_backward(route, x)
-        return route.new_zeros(shape)
+        return torch.zeros(shape, dtype=route.dtype, device=x.device)  # added to the layer's output, on its device
 
     @staticmethod
     def backward(ctx, grad):
@@ -152,7 +152,7 @@ class _OtherLoras(torch.autograd.Function):
         layer = ctx.layer
         weights = layer.quantized_weights(list(range(route.shape[1])))
         grad_route = torch.stack([(grad * layer._op(x, weights[j]).to(grad)).flatten(1).sum(1)
-                                  for j in range(route.shape[1])], dim=1)
+                                  for j in range(route.shape[1])], dim=1).to(route.device)
         chosen = torch.zeros_like(route).scatter_(1, route.argmax(1, keepdim=True), 1.0)
         return (grad_route * (1 - chosen)).to(route), None, None, None
 

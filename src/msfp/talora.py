@@ -72,6 +72,7 @@ class TimestepRouter(nn.Module):
         """LoRA k owns the k-th of K equal contiguous slices of ``[0, num_train_timesteps)``."""
         return (t.long() * self.num_loras // self.num_train_timesteps).clamp(max=self.num_loras - 1)
 
+    @torch.enable_grad()  # a fit, also when add_talora is called under torch.no_grad()
     def init_contiguous(self, steps: int = 400, lr: float = 1e-2, seed: int = 0) -> float:
         """Fit the MLP to the contiguous-interval split (deterministic for a seed); returns the fraction of
         timesteps routed as intended (1.0 expected)."""
@@ -140,14 +141,14 @@ def add_talora(qmodel: nn.Module, num_loras: int = 4, rank: int = 4, seed: int =
         raise ValueError("the model already has TALoRA LoRAs")
     require_fake_quant(qmodel, "add_talora", "fine-tune the fake-quant model, then convert it")
     layers = quant_layers(qmodel)
-    device = next(iter(layers.values())).weight.device
     router = attach_router(qmodel, num_loras, rank)
     if num_loras > 1:
         router.init_contiguous(seed=seed)
     for i, layer in enumerate(layers.values()):
         shape = layer.weight.shape
         layer_rank = min(rank, shape[0], math.prod(shape[1:]))
-        layer.lora = LoRABank(shape, num_loras, layer_rank, seed=seed + i).to(device, layer.weight.dtype)
+        # Beside its weight: a model split across devices stays split.
+        layer.lora = LoRABank(shape, num_loras, layer_rank, seed=seed + i).to(layer.weight.device, layer.weight.dtype)
     return router
 
 
