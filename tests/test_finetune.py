@@ -3,7 +3,7 @@ import math
 
 import pytest
 import torch
-from diffusers import EulerDiscreteScheduler, PNDMScheduler
+from diffusers import DDIMScheduler, EulerDiscreteScheduler, PNDMScheduler
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import msfp
@@ -122,9 +122,11 @@ def test_interrupted_run_resumes_bit_exactly(calibrated, tmp_path, monkeypatch):
         return real_mse(*args)
 
     monkeypatch.setattr(ft, "weighted_mse", crash_at_iteration_13)
+    interrupted = copy.deepcopy(q)
     with pytest.raises(KeyboardInterrupt):
-        finetune(copy.deepcopy(q), fp, scheduler(), config, work_dir=tmp_path / "b", disable=True)
+        finetune(interrupted, fp, scheduler(), config, work_dir=tmp_path / "b", disable=True)
     monkeypatch.setattr(ft, "weighted_mse", real_mse)
+    assert not any(p.requires_grad for p in interrupted.parameters())  # an inference model again
     state = torch.load(tmp_path / "b" / ft.STATE_NAME, weights_only=False)
     assert state["iter"] == 8
     # As a GPU run writes it (every storage tagged cuda:0): resuming on a CPU-only machine used to fail with
@@ -137,6 +139,10 @@ def test_interrupted_run_resumes_bit_exactly(calibrated, tmp_path, monkeypatch):
     resumed = copy.deepcopy(q)
     result = finetune(resumed, fp, scheduler(), config, work_dir=tmp_path / "b", resume=True, disable=True)
     assert result.losses == full.losses and same_state(resumed, reference)
+    # The interrupted model itself resumes too (a notebook's Ctrl-C): it used to count as "another student model".
+    torch.save(state, tmp_path / "b" / ft.STATE_NAME)
+    result = finetune(interrupted, fp, scheduler(), config, work_dir=tmp_path / "b", resume=True, disable=True)
+    assert result.losses == full.losses and same_state(interrupted, reference)
     with pytest.raises(ValueError, match="written with another FinetuneConfig"):
         finetune(copy.deepcopy(q), fp, scheduler(), FinetuneConfig(**{**CONFIG, "rank": 1}),
                  work_dir=tmp_path / "b", resume=True, disable=True)
@@ -175,31 +181,91 @@ def test_a_work_dir_is_only_reused_for_the_same_teacher_and_student(calibrated, 
     fp, q = calibrated
     config = FinetuneConfig(**{**CONFIG, "iters": 8, "checkpoint_every": 4})
     finetune(copy.deepcopy(q), fp, scheduler(), config, work_dir=tmp_path, disable=True)
-    other_teacher = copy.deepcopy(fp)
-    with torch.no_grad():
-        other_teacher.conv_out.bias += 0.1
-    # Its trajectories go to a file of their own: the first teacher's are never used for it.
+    # The same teacher sampled with another schedule: its trajectories go to a file of their own, and the checkpoint
+    # written with the first ones is not resumed with them.
+    other_schedule = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_end=0.015, clip_sample=True)
     with pytest.raises(ValueError, match="written for another teacher model"):
-        finetune(copy.deepcopy(q), other_teacher, scheduler(), config, work_dir=tmp_path, resume=True, disable=True)
-    finetune(copy.deepcopy(q), other_teacher, scheduler(), config, work_dir=tmp_path, disable=True)
+        finetune(copy.deepcopy(q), fp, other_schedule, config, work_dir=tmp_path, resume=True, disable=True)
+    finetune(copy.deepcopy(q), fp, other_schedule, config, work_dir=tmp_path, disable=True)
     teachers = sorted(tmp_path.glob("teacher_trajectories-*.safetensors"))
     assert len(teachers) == 2
     a, b = (msfp.calibration.Trajectories.from_tensors(ft.load_file(p)) for p in teachers)
     assert not torch.equal(a.eps, b.eps)
     other_student = copy.deepcopy(q)
     with torch.no_grad():
-        quant_layers(other_student)["conv_in"].act_quantizer.scale.mul_(2)  # another calibration
+        quant_layers(other_student)["conv_in"].weight_quantizer.scale.mul_(2)  # another calibration
     with pytest.raises(ValueError, match="written for another student model"):
-        finetune(other_student, other_teacher, scheduler(), config, work_dir=tmp_path, resume=True, disable=True)
+        finetune(other_student, fp, other_schedule, config, work_dir=tmp_path, resume=True, disable=True)
     (tmp_path / ft.STATE_NAME).write_bytes(b"truncated")
     with pytest.raises(ValueError, match=rf"{ft.STATE_NAME}: cannot read the checkpoint .*delete"):
-        finetune(copy.deepcopy(q), other_teacher, scheduler(), config, work_dir=tmp_path, resume=True, disable=True)
+        finetune(copy.deepcopy(q), fp, other_schedule, config, work_dir=tmp_path, resume=True, disable=True)
     key = msfp.calibration.trajectory_key(fp, scheduler(), config.traj_samples, config.traj_steps, config.seed)
     first = tmp_path / ft.TEACHER_NAME.format(key=key)
     assert first in teachers
     first.write_bytes(b"truncated")  # an unreadable cache is sampled again, with a warning
     with pytest.warns(UserWarning, match="ignoring unreadable teacher trajectories"):
         finetune(copy.deepcopy(q), fp, scheduler(), config, work_dir=tmp_path, disable=True)
+
+
+def test_the_teacher_is_the_model_the_student_was_calibrated_from(calibrated):
+    fp, q = calibrated
+    other = copy.deepcopy(fp)
+    with torch.no_grad():
+        other.conv_out.bias += 0.1
+    with pytest.raises(ValueError, match="fp_model has other weights .* than the model was calibrated from"):
+        finetune(copy.deepcopy(q), other, scheduler(), FinetuneConfig(**CONFIG), disable=True)
+    student = copy.deepcopy(q)
+    with pytest.raises(ValueError, match="pass the model it was quantized from as fp_model, not the quantized model"):
+        finetune(student, student, scheduler(), FinetuneConfig(**CONFIG), disable=True)
+
+
+def test_a_loaded_checkpoint_trains_loras_on_the_full_precision_weights(calibrated, tmp_path):
+    # Its weights are the dequantized codes: merging LoRAs into them would train Q(Q(W) + BA), not Q(W + BA).
+    fp, q = calibrated
+    msfp.save_quantized(q, tmp_path / "ckpt")
+    loaded = msfp.load_quantized(tmp_path / "ckpt", freeze=False)
+    assert not torch.equal(quant_layers(loaded)["conv_in"].weight, fp.conv_in.weight)
+    config = FinetuneConfig(**{**CONFIG, "iters": 4})
+    from_loaded = finetune(loaded, fp, scheduler(), config, disable=True)
+    assert all(torch.equal(layer.weight, fp.get_submodule(name).weight)
+               for name, layer in quant_layers(loaded).items())
+    assert from_loaded.losses == finetune(copy.deepcopy(q), fp, scheduler(), config, disable=True).losses
+
+
+def test_given_teacher_points_are_checked_and_identify_the_work_dir(calibrated, tmp_path):
+    fp, q = calibrated
+    config = FinetuneConfig(**{**CONFIG, "iters": 4, "checkpoint_every": 2})
+    points = [collect_trajectories(fp, scheduler(), 4, CONFIG["traj_steps"], seed=s, disable=True) for s in (0, 9)]
+    empty = msfp.calibration.Trajectories(points[0].x[:0], points[0].t[:0], points[0].eps[:0], {})
+    with pytest.raises(ValueError, match=r"finetune\(teacher=...\): no trajectory points"):
+        finetune(copy.deepcopy(q), fp, scheduler(), config, teacher=empty, disable=True)
+    short = msfp.calibration.Trajectories(points[0].x, points[0].t, points[0].eps[:-1], {})
+    with pytest.raises(ValueError, match=r"one row per point \(16, as x has\), got \{'eps': 15\}"):
+        finetune(copy.deepcopy(q), fp, scheduler(), config, teacher=short, disable=True)
+    finetune(copy.deepcopy(q), fp, scheduler(), config, work_dir=tmp_path, teacher=points[0], disable=True)
+    with pytest.raises(ValueError, match="written for another teacher model"):  # the other seed's points
+        finetune(copy.deepcopy(q), fp, scheduler(), config, work_dir=tmp_path, teacher=points[1], resume=True,
+                 disable=True)
+    finetune(copy.deepcopy(q), fp, scheduler(), config, work_dir=tmp_path, teacher=points[0], resume=True,
+             disable=True)
+
+
+def test_finetune_trains_under_no_grad_and_refuses_inference_mode(calibrated):
+    fp, q = calibrated
+    config = FinetuneConfig(**{**CONFIG, "iters": 2})
+    with torch.no_grad():  # the router's initial fit and the training steps used to fail on backward
+        result = finetune(copy.deepcopy(q), fp, scheduler(), config, disable=True)
+    assert len(result.losses) == 2
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="trains, which torch.inference_mode\(\) forbids"):
+        finetune(copy.deepcopy(q), fp, scheduler(), config, disable=True)
+
+
+def test_a_bfloat16_student_fine_tunes(calibrated):
+    fp, q = calibrated
+    student = copy.deepcopy(q).to(torch.bfloat16)  # the inputs used to stay float32: a dtype error in conv_in
+    result = finetune(student, fp, scheduler(), FinetuneConfig(**{**CONFIG, "iters": 2}), disable=True)
+    assert all(math.isfinite(loss) for loss in result.losses)
+    assert quant_layers(student)["conv_in"].weight.dtype == torch.bfloat16
 
 
 def test_dfa_weights_follow_the_ddim_denoising_factor(calibrated):

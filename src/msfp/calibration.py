@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import json
 import math
 import os
 import time
@@ -73,6 +74,20 @@ class Trajectories:
     def from_tensors(cls, tensors: dict) -> Trajectories:
         cond = {k[5:]: v for k, v in tensors.items() if k.startswith("cond.")}
         return cls(tensors["x"], tensors["t"], tensors["eps"], cond)
+
+    def check(self, what: str) -> None:
+        """Raise unless there are points and every tensor has one row per point (``what`` names them)."""
+        if len(self) == 0:
+            raise ValueError(f"{what}: no trajectory points")
+        rows = {name: t.shape[0] if t.ndim else None for name, t in self.to_tensors().items()}
+        wrong = {name: n for name, n in rows.items() if n != len(self)}
+        if wrong:
+            raise ValueError(f"{what}: every tensor needs one row per point ({len(self)}, as x has), got {wrong}")
+
+    def digest(self) -> str:
+        """A digest of every tensor: equal digests, equal points."""
+        parts = {name: tensor_digest(t) for name, t in self.to_tensors().items()}
+        return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
 # Conditioning that diffusers denoisers declare optional (default None) but cannot run without.

@@ -386,7 +386,6 @@ def finetune_cmd(directory, model_spec, iters, batch, lora, num_loras, rank, los
     from msfp.finetune import FinetuneConfig, finetune
     from msfp.info import describe
     from msfp.models import load_model
-    from msfp.surgery import quant_layers
 
     path = Path(directory).resolve()  # "." has no name to put the work directory beside
     with _user_errors():
@@ -402,11 +401,7 @@ def finetune_cmd(directory, model_spec, iters, batch, lora, num_loras, rank, los
         fp_model, scheduler = load_model(model_spec)
         require_base_weights(meta, fp_model, path, f"--model {model_spec!r}")
         fp_model.to(device)
-        qmodel = load_quantized(path, freeze=False).to(device)
-        fp_modules = dict(fp_model.named_modules())
-        with torch.no_grad():  # LoRAs merge into the full-precision weights, not into the packed ones (SPEC §2.3)
-            for name, layer in quant_layers(qmodel).items():
-                layer.weight.copy_(fp_modules[name].weight)
+        qmodel = load_quantized(path, freeze=False).to(device)  # finetune() puts the full-precision weights back
         work_dir = path.parent / f".{path.name}.finetune"
         result = finetune(qmodel, fp_model, scheduler, config, work_dir=work_dir, resume=resume,
                           max_minutes=max_minutes)

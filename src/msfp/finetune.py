@@ -30,7 +30,7 @@ from msfp.attention import attention_quantizers
 from msfp.calibration import Trajectories, collect_trajectories, trajectory_key
 from msfp.fileio import atomic_path
 from msfp.fp8 import require_fake_quant
-from msfp.identity import model_key
+from msfp.identity import model_key, weights_digest
 from msfp.kernels import fused_rounding_exact
 from msfp.losses import WEIGHTINGS, denoising_factors, dfa_weights, weighted_mse
 from msfp.models import denoise
@@ -167,6 +167,21 @@ def default_fused_rounding(device: torch.device) -> bool:
     return exact
 
 
+def _restore_full_precision_weights(qmodel: nn.Module, fp_model: nn.Module) -> None:
+    """Give every quantized layer ``fp_model``'s weight: LoRAs merge into the full-precision weights (SPEC §2.3), and a
+    model from :func:`msfp.load_quantized` holds its dequantized codes instead. A no-op for a model
+    :func:`msfp.quantize` returned from ``fp_model``."""
+    fp_modules = dict(fp_model.named_modules())
+    with torch.no_grad():
+        for name, layer in quant_layers(qmodel).items():
+            source = getattr(fp_modules.get(name), "weight", None)
+            if not isinstance(source, torch.Tensor) or source.shape != layer.weight.shape:
+                raise ValueError(f"{name}: fp_model has no weight of shape {tuple(layer.weight.shape)} there; pass the "
+                                 "full-precision model the quantized model was made from")
+            layer.weight.copy_(source)
+
+
+@torch.enable_grad()  # training, also when called under a caller's torch.no_grad()
 def finetune(qmodel: nn.Module, fp_model: nn.Module, scheduler, config: FinetuneConfig | None = None,
              work_dir: str | os.PathLike | None = None, resume: bool = False, max_minutes: float | None = None,
              cond: dict | None = None, class_labels=None, sample_shape=None, teacher: Trajectories | None = None,
@@ -182,11 +197,20 @@ def finetune(qmodel: nn.Module, fp_model: nn.Module, scheduler, config: Finetune
     config = config or FinetuneConfig()
     if getattr(qmodel, "msfp_config", None) is None:
         raise ValueError("finetune() needs a model returned by msfp.quantize and msfp.calibrate")
+    if fp_model is qmodel:
+        raise ValueError("finetune() distils the quantized model from the full-precision one: pass the model it was "
+                         "quantized from as fp_model, not the quantized model itself")
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError("finetune() trains, which torch.inference_mode() forbids: call it outside that block")
     # Frozen E4M3 codes: only the few layers left fake-quant would be trained.
-    require_fake_quant(qmodel, "finetune()", "the FP8 backend is for inference; fine-tune msfp.load_quantized("
-                       "directory) (backend 'fake') and convert afterwards")
+    require_fake_quant(qmodel, "finetune()", "the FP8 backend is for inference; fine-tune the fake-quant model "
+                       "(msfp.load_quantized(directory), backend 'fake') and convert it afterwards")
     if any("weight_format" not in layer.info for layer in quant_layers(qmodel).values()):
         raise ValueError("finetune() needs a calibrated model: run msfp.calibrate first")
+    recorded = getattr(qmodel, "msfp_base_weights", None)  # set by calibrate, saved in checkpoints
+    if recorded is not None and weights_digest(fp_model) != recorded:
+        raise ValueError(f"fp_model has other weights (digest {weights_digest(fp_model)}) than the model was "
+                         f"calibrated from ({recorded}): distil from the full-precision model it was quantized from")
     state_path = Path(work_dir) / STATE_NAME if work_dir is not None else None
     if resume and (state_path is None or not state_path.is_file()):
         raise FileNotFoundError(f"nothing to resume: {state_path or 'no work_dir given'} does not exist")
@@ -203,18 +227,24 @@ def finetune(qmodel: nn.Module, fp_model: nn.Module, scheduler, config: Finetune
         if merged is not None:  # a loaded checkpoint: its LoRAs are merged into packed weight sets
             raise ValueError(f"{merged}: its LoRAs are merged into packed weights (a loaded fine-tuned checkpoint), so "
                              "there are none to train; use lora='none', or fine-tune the model msfp.quantize returned")
+    _restore_full_precision_weights(qmodel, fp_model)
     qmodel.msfp_context.num_train_timesteps = scheduler.config.num_train_timesteps
 
-    # What a work dir's files belong to: this teacher's trajectories and this student as it starts.
-    identity = None if work_dir is None else dict(
-        teacher=trajectory_key(fp_model, scheduler, config.traj_samples, config.traj_steps, config.seed, cond,
-                               class_labels, sample_shape),
-        student=model_key(qmodel, {}))
-    points = teacher if teacher is not None else _teacher(fp_model, scheduler, config, work_dir,
-                                                          identity and identity["teacher"], cond, class_labels,
-                                                          sample_shape, disable)
+    # What a work dir's files belong to: this teacher's trajectories, and this student's state that training does
+    # not change (so a model interrupted in this process resumes too).
+    if teacher is not None:
+        teacher.check("finetune(teacher=...)")
+        teacher_key = f"given-{teacher.digest()}"
+    else:
+        teacher_key = trajectory_key(fp_model, scheduler, config.traj_samples, config.traj_steps, config.seed, cond,
+                                     class_labels, sample_shape)
+    points = teacher if teacher is not None else _teacher(fp_model, scheduler, config, work_dir, teacher_key, cond,
+                                                          class_labels, sample_shape, disable)
     weights = _point_weights(points, scheduler, config)
     groups = _trainable_groups(qmodel, config)
+    trained = set(_trainable_state(qmodel))
+    identity = None if work_dir is None else dict(
+        teacher=teacher_key, student=model_key(qmodel, {}, weights_digest(qmodel, exclude=trained)))
     params = [p for g in groups for p in g["params"]]
     optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
     lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: max(0.0, 1 - i / config.iters))
@@ -266,7 +296,8 @@ def finetune(qmodel: nn.Module, fp_model: nn.Module, scheduler, config: Finetune
                             losses=losses, optimizer=optimizer.state_dict(), lr_schedule=lr_schedule.state_dict(),
                             generator=gen.get_state()), tmp)
 
-    device = next(qmodel.parameters()).device
+    first = next(qmodel.parameters())
+    device, dtype = first.device, first.dtype  # the inputs in the model's dtype, as sample() gives them
     fused = default_fused_rounding(device) if fused_rounding is None else fused_rounding
     set_fused_rounding(qmodel, fused)
     channels = points.eps.shape[1]
@@ -275,38 +306,38 @@ def finetune(qmodel: nn.Module, fp_model: nn.Module, scheduler, config: Finetune
     if fused:  # so that a silent first step is not mistaken for a hang (over 90 s on an H200)
         bar.set_postfix_str("compiling the fused rounding kernels (minutes with a cold Inductor cache)")
     qmodel.eval()  # no dropout; the quantized model has no batch statistics to update
-    while it < config.iters:
-        if max_minutes is not None and time.time() - start > 60 * max_minutes:
-            stopped_early = True
-            break
-        idx = torch.randint(0, len(points), (config.batch_size,), generator=gen)
-        x, t, eps = points.x[idx].to(device), points.t[idx].to(device), points.eps[idx].to(device)
-        batch_cond = {k: v[idx].to(device) for k, v in points.cond.items()}
-        out = denoise(qmodel, x, t, **batch_cond)[:, :channels]
-        loss = weighted_mse(out.float(), eps, weights[idx])
-        if not torch.isfinite(loss):
-            bar.close()
-            raise FloatingPointError(f"fine-tuning loss became {loss.item()} at iteration {it} (timesteps "
-                                     f"{sorted(set(t.tolist()))}); {kept()}; lower the learning rates")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
-        if not torch.isfinite(grad_norm):  # a step would make the parameters NaN
-            bar.close()
-            raise FloatingPointError(f"fine-tuning gradients became non-finite at iteration {it} (timesteps "
-                                     f"{sorted(set(t.tolist()))}); {kept()}; lower the learning rates")
-        optimizer.step()
-        lr_schedule.step()
-        it += 1
-        losses.append(loss.item())
-        bar.update(1)
-        bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.4g}")
-        if it % config.checkpoint_every == 0:
-            save_state()
-    bar.close()
-    save_state()
-    set_fused_rounding(qmodel, False)
-    for p in qmodel.parameters():
-        p.requires_grad_(False)
+    try:
+        while it < config.iters:
+            if max_minutes is not None and time.time() - start > 60 * max_minutes:
+                stopped_early = True
+                break
+            idx = torch.randint(0, len(points), (config.batch_size,), generator=gen)
+            x, t, eps = points.x[idx].to(device, dtype), points.t[idx].to(device), points.eps[idx].to(device)
+            batch_cond = {k: v[idx].to(device) for k, v in points.cond.items()}
+            out = denoise(qmodel, x, t, **batch_cond)[:, :channels]
+            loss = weighted_mse(out.float(), eps, weights[idx])
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"fine-tuning loss became {loss.item()} at iteration {it} (timesteps "
+                                         f"{sorted(set(t.tolist()))}); {kept()}; lower the learning rates")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+            if not torch.isfinite(grad_norm):  # a step would make the parameters NaN
+                raise FloatingPointError(f"fine-tuning gradients became non-finite at iteration {it} (timesteps "
+                                         f"{sorted(set(t.tolist()))}); {kept()}; lower the learning rates")
+            optimizer.step()
+            lr_schedule.step()
+            it += 1
+            losses.append(loss.item())
+            bar.update(1)
+            bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.4g}")
+            if it % config.checkpoint_every == 0:
+                save_state()
+        save_state()
+    finally:  # stopped by an error or an interrupt too: an inference model again, which resume=True continues
+        bar.close()
+        set_fused_rounding(qmodel, False)
+        for p in qmodel.parameters():
+            p.requires_grad_(False)
     qmodel.msfp_finetune = dict(config.to_dict(), iters_done=it)
     return FinetuneResult(it, losses, time.time() - start, stopped_early)

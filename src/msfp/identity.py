@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+from collections.abc import Collection
 from pathlib import Path
 
 import torch
@@ -21,12 +22,12 @@ def tensor_digest(t: torch.Tensor) -> str:
     return hashlib.sha256(f"{t.dtype} {tuple(t.shape)}".encode() + _tensor_bytes(t)).hexdigest()[:16]
 
 
-def weights_digest(model: nn.Module, skip: str | None = None) -> str:
+def weights_digest(model: nn.Module, skip: str | None = None, exclude: Collection[str] = ()) -> str:
     """A digest of every tensor of ``model``'s state (names, dtypes, shapes, bytes) but those whose name contains
-    ``skip``: equal digests, equal weights."""
+    ``skip`` or is in ``exclude``: equal digests, equal weights."""
     h = hashlib.sha256()
     for name, tensor in model.state_dict().items():
-        if isinstance(tensor, torch.Tensor) and (skip is None or skip not in name):
+        if isinstance(tensor, torch.Tensor) and (skip is None or skip not in name) and name not in exclude:
             h.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}".encode())
             h.update(_tensor_bytes(tensor))
     return h.hexdigest()[:16]
