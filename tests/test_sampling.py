@@ -130,6 +130,22 @@ def test_only_a_ddpm_reads_the_variance_channels():
     assert images.shape == (2, 1, 4, 4) and torch.isfinite(images).all()
 
 
+@pytest.mark.parametrize("channels", [1, 4])
+def test_dpm_solver_built_from_a_learned_variance_config_samples_the_noise_channels(channels):
+    # DPM-Solver takes channels 0-2 as the noise under a learned variance (RGB's): with the variance channels it
+    # failed for 1 channel and cut a latent channel for 4. It gets the noise channels, as without a learned variance.
+    from diffusers import DPMSolverMultistepScheduler
+
+    def with_variance(x, t):
+        return torch.cat([0.1 * x, torch.ones_like(x)], 1)
+
+    def draw(model, variance_type):
+        return sample(model, DPMSolverMultistepScheduler(variance_type=variance_type), 2, num_inference_steps=3,
+                      sample_shape=(channels, 4, 4), disable=True)
+
+    assert torch.equal(draw(with_variance, "learned_range"), draw(lambda x, t: 0.1 * x, None))
+
+
 def test_denoisers_whose_signature_cannot_be_read_or_whose_timestep_is_positional_only():
     from msfp.models import denoise
 

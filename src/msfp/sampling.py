@@ -2,12 +2,13 @@
 
 Every sample ``i`` owns a generator seeded with ``seed + i`` (NVlabs EDM style): its initial noise and the noise of
 stochastic steps come from that generator only, so image ``i`` gets the same noise whatever ``batch_size`` is. The
-denoiser's float results can still change in the last bits with the batch size (convolution algorithms are chosen
-per shape): a full-precision model's 8-bit images absorb that, but in a quantized model such an ulp can flip a 4-bit
-rounding, and most images then differ slightly, a few visibly (README, "Same seeds, same images?"). The scheduler is
-copied per batch, so no state leaks between batches or calls. ``callback`` is called after every denoiser call
-(k-diffusion style) with ``i`` (step index), ``t`` (timesteps, shape (B,)), ``x`` (the denoiser's input), ``eps``
-(its output) and ``start`` (index of the batch's first sample): calibration and evaluation hook in there.
+denoiser's float results can still change in the last bits with the batch size (convolution algorithms are chosen per
+shape): a full-precision model's 8-bit images mostly absorb that (rarely a pixel moves by one level), but in a
+quantized model such an ulp can flip a 4-bit rounding, and most images then differ slightly, a few visibly (README,
+"Same seeds, same images?"). The scheduler is copied per batch, so no state leaks between batches or calls.
+``callback`` is called after every denoiser call (k-diffusion style) with ``i`` (step index), ``t`` (timesteps, shape
+(B,)), ``x`` (the denoiser's input), ``eps`` (its output) and ``start`` (index of the batch's first sample):
+calibration and evaluation hook in there.
 """
 
 from __future__ import annotations
@@ -26,11 +27,29 @@ from msfp.fileio import atomic_path
 from msfp.models import denoise
 
 
+# Schedulers whose step uses a learned variance. DPM-Solver and SA-Solver only cut the noise off the model's output, as
+# its first three channels (RGB's), which is wrong for other channel counts: they get the noise channels instead, with
+# variance_type=None (:func:`_without_learned_variance`). The rest keep variance_type in their config but ignore it.
+_USE_LEARNED_VARIANCE = ("DDPMScheduler", "DDPMParallelScheduler", "UnCLIPScheduler")
+
+
+def _learned_variance_config(scheduler) -> bool:
+    return scheduler.config.get("variance_type") in ("learned", "learned_range")
+
+
 def reads_learned_variance(scheduler) -> bool:
     """Whether ``scheduler.step`` reads the model's variance channels: DDPM with a learned variance (DiT's training
-    scheduler). Other schedulers built from such a config keep ``variance_type`` in it but ignore it."""
-    return ("variance_type" in inspect.signature(type(scheduler).__init__).parameters
-            and scheduler.config.get("variance_type") in ("learned", "learned_range"))
+    scheduler)."""
+    return (_learned_variance_config(scheduler)
+            and any(cls.__name__ in _USE_LEARNED_VARIANCE for cls in type(scheduler).__mro__))
+
+
+def _without_learned_variance(scheduler) -> dict:
+    """The scheduler's config, with ``variance_type=None`` where it would otherwise take channels 0–2 as the noise."""
+    config = dict(scheduler.config)
+    if _learned_variance_config(scheduler) and not reads_learned_variance(scheduler):
+        config["variance_type"] = None
+    return config
 
 
 def _sample_shape(model, sample_shape):
@@ -95,8 +114,10 @@ def sample(model, scheduler, num_samples: int, num_inference_steps: int = 100, s
     if class_labels is not None:
         cond["class_labels"] = class_labels
 
+    config = _without_learned_variance(scheduler)
+
     def fresh_scheduler():
-        sched = type(scheduler).from_config(scheduler.config)
+        sched = type(scheduler).from_config(config)
         sched.set_timesteps(num_inference_steps, device=device)
         return sched
 
