@@ -306,8 +306,9 @@ def test_a_save_interrupted_between_its_renames_is_pointed_out(tmp_path, saved):
     dead_writers_directory(out)
     with pytest.raises(FileNotFoundError, match=r"\.q\.old holds its previous version, left by an interrupted save"):
         msfp.load_quantized(out)
-    r = CliRunner().invoke(main, ["info", str(out)])
-    assert r.exit_code == 1 and ".q.old holds its previous version" in r.output, r.output
+    for command in (["info", out], ["sample", "--model", out, "--out", tmp_path / "s.npz"], ["finetune", out]):
+        r = CliRunner().invoke(main, [str(a) for a in command])  # sample said "not a Hub id", finetune "no such dir"
+        assert r.exit_code == 1 and ".q.old holds its previous version" in r.output, (command, r.output)
     msfp.save_quantized(saved[0], out)  # puts it back first, then replaces it
     assert sorted(p.name for p in tmp_path.iterdir()) == ["q"]
 

@@ -85,6 +85,19 @@ def test_a_device_this_machine_lacks_is_one_clear_error(tmp_path, monkeypatch):
     assert r.exit_code == 2 and "cuda:0: no CUDA GPU is visible" in r.output
 
 
+@pytest.mark.parametrize("device, why", [("meta", "meta tensors hold no data"),
+                                         ("xla", "cannot create tensors on xla (NotImplementedError)")])
+def test_device_types_torch_names_but_cannot_compute_on_are_refused(tmp_path, device, why):
+    r = run("sample", "--device", device, "--out", tmp_path / "s.npz")  # tracebacks after loading the model
+    assert r.exit_code == 2 and f"{device}: " in r.output and why in r.output, r.output
+
+
+def test_quantize_refuses_a_cache_inside_its_output_before_calibrating(tmp_path):
+    r = run("quantize", "--out", tmp_path / "q", "--cache-dir", tmp_path / "q" / "cache")
+    assert r.exit_code == 2 and "is inside --out" in r.output, r.output  # it used to calibrate, then refuse to save
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_device_check_counts_the_gpus(monkeypatch):
     from msfp.cli import _device_unavailable
 
@@ -286,6 +299,9 @@ def test_bad_counts_and_rates_name_their_flag(tmp_path):
                           (["compare", "--out", tmp_path / "c", "--batch", 0], "'--batch'"),
                           (["finetune", tmp_path, "--lr", -1], "'--lr'"),
                           (["finetune", tmp_path, "--max-minutes", -1], "'--max-minutes'"),
-                          (["eval", tmp_path / "s.npz", "--paired", tmp_path / "nothere.npz"], "'--paired'")):
+                          (["eval", tmp_path / "s.npz", "--paired", tmp_path / "nothere.npz"], "'--paired'"),
+                          # int64 seeds (sample files); 2**64 - 1 used to fail after sampling
+                          (["sample", "--out", tmp_path / "s.npz", "--seed", 2**64 - 1], "'--seed'"),
+                          (["quantize", "--out", tmp_path / "q", "--seed", -1], "'--seed'")):
         r = run(*command)
         assert r.exit_code == 2 and f"Invalid value for {flag}" in r.output, (command, r.output)

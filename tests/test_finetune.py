@@ -377,6 +377,8 @@ def test_cli_quantize_then_finetune_with_time_budget_and_resume(tmp_path):
     r = run(*args, "--max-minutes", 0)
     assert r.exit_code == 0 and "stopped at iteration 0/4" in r.output, r.output
     assert (q / "model.safetensors").read_bytes() == before  # unchanged until the run completes
+    r = run(*args)  # without --resume: the interrupted run used to be overwritten from iteration 0 without a word
+    assert r.exit_code == 2 and "holds an interrupted fine-tuning run" in r.output and "--resume" in r.output
     r = run(*args, "--resume")
     assert r.exit_code == 0 and "fine-tuned 4 iterations" in r.output and "router: t 0–" in r.output, r.output
     assert not (q.parent / f".{q.name}.finetune").exists()  # its state was left behind, of no use to anything

@@ -73,15 +73,24 @@ class _DeviceType(click.ParamType):
             device = torch.device(value)
         except (RuntimeError, TypeError):
             self.fail(f"{value!r} is not a torch device (e.g. cpu, cuda, cuda:1, mps)", param, ctx)
+        if device.type == "meta":
+            self.fail(f"{value}: meta tensors hold no data to compute with", param, ctx)
         why = _device_unavailable(device)
         if why:
             self.fail(f"{value}: {why}", param, ctx)
+        try:  # device types this torch names but cannot use (xla, vulkan, hpu… without their packages)
+            torch.empty(0, device=device)
+        except (RuntimeError, ImportError, AttributeError) as e:  # torch's message lists every dispatch key
+            self.fail(f"{value}: this torch ({torch.__version__}) cannot create tensors on {device.type} "
+                      f"({type(e).__name__})", param, ctx)
         return value
 
 
 _DEVICE = _DeviceType()
 # Counts and rates are checked by click, so that an error names the flag (the configs name their fields).
 _COUNT = click.IntRange(min=1)
+# Seeds plus their offsets (10000, 20000) and image indices stay within int64, which sample files store them in.
+_SEED = click.IntRange(min=0, max=2**62)
 _RATE = click.FloatRange(min=0)
 
 
@@ -94,7 +103,7 @@ _RATE = click.FloatRange(min=0)
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="output directory")
 @click.option("--calib-samples", type=_COUNT, default=64, help="trajectories (images) sampled for calibration")
 @click.option("--calib-steps", type=_COUNT, default=25, help="DDIM steps per calibration trajectory")
-@click.option("--seed", default=0, help="calibration trajectory i starts from noise seed + 10000 + i, as in msfp "
+@click.option("--seed", type=_SEED, default=0, help="calibration trajectory i starts from noise seed + 10000 + i, as in msfp "
               "compare: not from the noise of the images msfp sample --seed draws (seed + i)")
 @click.option("--batch", type=_COUNT, default=64, help="calibration points per denoiser call")
 @click.option("--cache-dir", default=None, type=click.Path(file_okay=False),
@@ -115,6 +124,10 @@ def quantize(model_spec, preset, config_path, out, calib_samples, calib_steps, s
     with _user_errors():
         config = _read_config(config_path) if config_path else QuantConfig.preset(preset)
         check_output_directory(out)  # before the work, which may take long
+        cache = Path(cache_dir).resolve() if cache_dir is not None else None
+        if cache is not None and Path(out).resolve() in (cache, *cache.parents):
+            raise click.UsageError(f"--cache-dir {cache_dir} is inside --out {out}, which the checkpoint replaces "
+                                   "as a whole: put the cache elsewhere")
         fp_model, scheduler = load_model(model_spec)
         fp_model.to(device)
         qmodel = quantize_model(copy.deepcopy(fp_model), config)
@@ -151,10 +164,11 @@ def _load_any_model(spec: str, backend: str = "fake"):
     from diffusers import DDIMScheduler
 
     from msfp.checkpoint import CONFIG_NAME, load_quantized, read_quant_meta
+    from msfp.fileio import interrupted_save
     from msfp.models import load_model
 
-    if (Path(spec) / CONFIG_NAME).is_file():
-        scheduler_config = read_quant_meta(spec).get("scheduler_config")
+    if (Path(spec) / CONFIG_NAME).is_file() or interrupted_save(spec) is not None:
+        scheduler_config = read_quant_meta(spec).get("scheduler_config")  # the latter: says where its save went
         if scheduler_config is None:
             raise ValueError(f"{spec} records no scheduler (saved by an older msfp); re-run msfp quantize")
         return load_quantized(spec, backend=backend), DDIMScheduler.from_config(scheduler_config)
@@ -172,7 +186,7 @@ def _load_any_model(spec: str, backend: str = "fake"):
 @click.option("--scheduler", "scheduler_name", type=click.Choice(list(SCHEDULERS)), default="ddim")
 @click.option("--eta", default=0.0, help="DDIM eta (0: deterministic)")
 @click.option("--guidance", default=1.0, help="classifier-free guidance scale for class-conditional DiTs (1: off)")
-@click.option("--seed", default=0, help="image i is drawn with a generator seeded with seed + i")
+@click.option("--seed", type=_SEED, default=0, help="image i is drawn with a generator seeded with seed + i")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="sample file (.npz); a PNG grid of the "
               "first 64 images goes beside it")
 @click.option("--batch", type=_COUNT, default=64,
@@ -304,7 +318,7 @@ def _list_methods(ctx: click.Context, _param, value: bool) -> None:
 @click.option("--finetune-batch", type=_COUNT, default=8, help="fine-tuned methods: batch size")
 @click.option("--num-loras", type=_COUNT, default=4, help="TALoRA: LoRAs per layer")
 @click.option("--rank", type=_COUNT, default=4, help="LoRA rank")
-@click.option("--seed", default=0, help="image i of every method is drawn with seed + i")
+@click.option("--seed", type=_SEED, default=0, help="image i of every method is drawn with seed + i")
 @click.option("--batch", type=_COUNT, default=128, help="images per denoiser call")
 @click.option("--ref", type=click.Path(dir_okay=False), default=None,
               help="reference .npz (images or feature-net statistics), as for msfp eval; default: Fashion-MNIST test")
@@ -346,7 +360,8 @@ def compare(model_spec, methods, out, num_samples, steps, calib_samples, calib_s
 
 
 @main.command("finetune")
-@click.argument("directory", type=click.Path(exists=True, file_okay=False))
+# Not exists=True: for a save interrupted between its renames, read_quant_meta says where the earlier version is.
+@click.argument("directory", type=click.Path(file_okay=False))
 @click.option("--model", "model_spec", default="default", help="the full-precision teacher: the model DIRECTORY was "
               "quantized from")
 @click.option("--iters", type=_COUNT, default=400, help="optimizer steps")
@@ -367,7 +382,7 @@ def compare(model_spec, methods, out, num_samples, steps, calib_samples, calib_s
 @click.option("--traj-samples", type=_COUNT, default=64, help="teacher trajectories (images)")
 @click.option("--traj-steps", type=_COUNT, default=25,
               help="DDIM steps per teacher trajectory (the sampler DFA aligns to)")
-@click.option("--seed", default=0, help="teacher trajectory i starts from noise seed + 10000 + i, as in msfp compare "
+@click.option("--seed", type=_SEED, default=0, help="teacher trajectory i starts from noise seed + 10000 + i, as in msfp compare "
               "(not from the noise of msfp sample --seed's images); seed + 10000 also seeds the LoRAs and batches")
 @click.option("--resume", is_flag=True, help="continue an interrupted run from its last checkpoint")
 @click.option("--max-minutes", type=click.FloatRange(min=0), default=None,
@@ -383,18 +398,22 @@ def finetune_cmd(directory, model_spec, iters, batch, lora, num_loras, rank, los
     from msfp.checkpoint import load_quantized, read_quant_meta, require_base_weights, save_quantized
     from msfp.compare import CALIB_SEED_OFFSET
     from msfp.fileio import check_replaceable
-    from msfp.finetune import FinetuneConfig, finetune
+    from msfp.finetune import STATE_NAME, FinetuneConfig, finetune
     from msfp.info import describe
     from msfp.models import load_model
 
     path = Path(directory).resolve()  # "." has no name to put the work directory beside
+    work_dir = path.parent / f".{path.name}.finetune"
     with _user_errors():
+        meta = read_quant_meta(path)
         check_replaceable(path)  # before the work, which may take long
+        if not resume and (work_dir / STATE_NAME).is_file():
+            raise click.UsageError(f"{work_dir} holds an interrupted fine-tuning run of {path}: continue it with "
+                                   f"--resume, or delete {work_dir} to start over")
         config = FinetuneConfig(iters=iters, batch_size=batch, lora=lora, num_loras=num_loras, rank=rank, loss=loss,
                                 dfa_weighting=dfa_weighting, lora_lr=lora_lr, act_lr=act_lr, router_lr=router_lr,
                                 train_weight_scales=train_weight_scales, traj_samples=traj_samples,
                                 traj_steps=traj_steps, seed=seed + CALIB_SEED_OFFSET)
-        meta = read_quant_meta(path)
         if meta.get("talora"):
             raise ValueError(f"{path} is already fine-tuned (its LoRAs are merged into packed weights); fine-tune "
                              "the output of msfp quantize instead")
@@ -402,7 +421,6 @@ def finetune_cmd(directory, model_spec, iters, batch, lora, num_loras, rank, los
         require_base_weights(meta, fp_model, path, f"--model {model_spec!r}")
         fp_model.to(device)
         qmodel = load_quantized(path, freeze=False).to(device)  # finetune() puts the full-precision weights back
-        work_dir = path.parent / f".{path.name}.finetune"
         result = finetune(qmodel, fp_model, scheduler, config, work_dir=work_dir, resume=resume,
                           max_minutes=max_minutes)
         if result.stopped_early:
