@@ -256,7 +256,7 @@ def test_finetune_trains_under_no_grad_and_refuses_inference_mode(calibrated):
     with torch.no_grad():  # the router's initial fit and the training steps used to fail on backward
         result = finetune(copy.deepcopy(q), fp, scheduler(), config, disable=True)
     assert len(result.losses) == 2
-    with torch.inference_mode(), pytest.raises(RuntimeError, match="trains, which torch.inference_mode\(\) forbids"):
+    with torch.inference_mode(), pytest.raises(RuntimeError, match=r"trains, which torch.inference_mode\(\) forbids"):
         finetune(copy.deepcopy(q), fp, scheduler(), config, disable=True)
 
 

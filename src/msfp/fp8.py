@@ -188,14 +188,7 @@ class Fp8Layer(nn.Module):
         return self.weight_codes.shape[0]
 
     def _kernels_for(self, device: torch.device) -> bool:
-        if self.use_kernels is None:
-            return fp8_kernels_available(device)[0]
-        if self.use_kernels and device.type != "cuda" and not _interpreting(device):
-            # e.g. converted on a GPU with use_kernels=True, then moved to the CPU: name the layer, not just Triton
-            raise RuntimeError(f"{self.name}: converted with use_kernels=True, but the FP8 kernels cannot run on "
-                               f"{device} (CUDA only, or the CPU under TRITON_INTERPRET=1); convert with "
-                               "use_kernels=None to emulate them where they cannot run")
-        return self.use_kernels
+        return fp8_kernels_available(device)[0] if self.use_kernels is None else self.use_kernels
 
     def _zero_point_correction(self, k: int, spatial: tuple[int, ...], kernels: bool) -> torch.Tensor:
         """``1_valid ⊛ Q_w(W_k)``: (O,) for linears; for convolutions of an input of size ``spatial`` (O, OH, OW),
@@ -336,7 +329,12 @@ class Fp8Layer(nn.Module):
             routed = self.num_weight_sets > 1 and self.context.route is not None
             pad = self._border(x.shape[1], routed) if self.kind == "conv2d" else (0, 0)
             x2 = x2.float() if x2.dtype == torch.float64 else x2  # the kernels read fp32/bf16/fp16
-            codes = triton_kernels.act_codes(x2, self.act_fmt, a_scale, zero, self.act_shift, pad=pad)
+            try:
+                codes = triton_kernels.act_codes(x2, self.act_fmt, a_scale, zero, self.act_shift, pad=pad)
+            except triton_kernels.KernelsUnavailable as e:  # e.g. converted on a GPU, then moved to the CPU
+                raise triton_kernels.KernelsUnavailable(
+                    f"{self.name}: converted with use_kernels=True, but {e}; convert with use_kernels=None to "
+                    "emulate the kernels where they cannot run") from e
             codes = codes if self.kind == "linear" else codes.permute(0, 3, 1, 2)
         else:
             codes = act_codes(x2, self.act_fmt, a_scale.view(view), None if zero is None else zero.view(view),

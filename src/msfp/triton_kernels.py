@@ -68,12 +68,16 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+class KernelsUnavailable(RuntimeError):
+    """The kernels cannot run here: no Triton, or tensors on a device Triton does not launch on."""
+
+
 def _require_triton(*tensors: torch.Tensor) -> None:
     if not HAS_TRITON:
-        raise RuntimeError("msfp.triton_kernels needs the `triton` package, which is not installed")
+        raise KernelsUnavailable("msfp.triton_kernels needs the `triton` package, which is not installed")
     for t in tensors:
         if not t.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":  # read only then: it costs µs per launch
-            raise RuntimeError(f"Triton kernels need CUDA tensors (got a tensor on {t.device}); "
+            raise KernelsUnavailable(f"Triton kernels need CUDA tensors (got a tensor on {t.device}); "
                                "CPU tensors only work under TRITON_INTERPRET=1")
 
 
