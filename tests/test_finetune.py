@@ -196,6 +196,10 @@ def test_a_work_dir_is_only_reused_for_the_same_teacher_and_student(calibrated, 
         quant_layers(other_student)["conv_in"].weight_quantizer.scale.mul_(2)  # another calibration
     with pytest.raises(ValueError, match="written for another student model"):
         finetune(other_student, fp, other_schedule, config, work_dir=tmp_path, resume=True, disable=True)
+    other_format = copy.deepcopy(q)  # the same weights and scale shapes, another activation grid
+    quant_layers(other_format)["conv_in"].act_quantizer.fmt = msfp.formats.get_format("fp4_e1m2")
+    with pytest.raises(ValueError, match="written for another student model"):
+        finetune(other_format, fp, other_schedule, config, work_dir=tmp_path, resume=True, disable=True)
     (tmp_path / ft.STATE_NAME).write_bytes(b"truncated")
     with pytest.raises(ValueError, match=rf"{ft.STATE_NAME}: cannot read the checkpoint .*delete"):
         finetune(copy.deepcopy(q), fp, other_schedule, config, work_dir=tmp_path, resume=True, disable=True)
@@ -230,6 +234,19 @@ def test_a_loaded_checkpoint_trains_loras_on_the_full_precision_weights(calibrat
     assert all(torch.equal(layer.weight, fp.get_submodule(name).weight)
                for name, layer in quant_layers(loaded).items())
     assert from_loaded.losses == finetune(copy.deepcopy(q), fp, scheduler(), config, disable=True).losses
+
+
+def test_a_loaded_single_lora_checkpoint_keeps_its_merged_weights_under_lora_none(calibrated, tmp_path):
+    fp, q = calibrated
+    student = copy.deepcopy(q)
+    finetune(student, fp, scheduler(), FinetuneConfig(**{**CONFIG, "iters": 3, "lora": "single", "lora_lr": 0.5}),
+             disable=True)
+    msfp.save_quantized(student, tmp_path / "ckpt")
+    loaded = msfp.load_quantized(tmp_path / "ckpt", freeze=False)  # one LoRA: merged into the weight itself
+    merged = {n: layer.weight.clone() for n, layer in quant_layers(loaded).items()}
+    assert not torch.equal(merged["conv_in"], fp.conv_in.weight)
+    finetune(loaded, fp, scheduler(), FinetuneConfig(**{**CONFIG, "iters": 1, "lora": "none"}), disable=True)
+    assert all(torch.equal(layer.weight, merged[n]) for n, layer in quant_layers(loaded).items())
 
 
 def test_given_teacher_points_are_checked_and_identify_the_work_dir(calibrated, tmp_path):

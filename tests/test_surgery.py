@@ -58,6 +58,10 @@ def test_roles_find_the_output_layer_of_a_pixart_transformer():
     wrapper.inner = tiny_pixart()
     wrapped = {n: layer.precision for n, layer in quant_layers(msfp.quantize(wrapper, "w4a4-msfp")).items()}
     assert wrapped == {f"inner.{n}": b for n, b in bits.items()}
+    headed = nn.Module()  # but a wrapper's own output layer comes first
+    headed.inner, headed.conv_out = tiny_pixart(), nn.Conv2d(8, 8, 1)
+    bits = {n: layer.precision for n, layer in quant_layers(msfp.quantize(headed, "w4a4-msfp")).items()}
+    assert bits["conv_out"] == "8bit" and bits["inner.proj_out"] == "4bit"
 
 
 def test_structural_aals_mark_post_silu_layers_of_resnet_blocks():

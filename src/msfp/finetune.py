@@ -34,6 +34,7 @@ from msfp.identity import model_key, weights_digest
 from msfp.kernels import fused_rounding_exact
 from msfp.losses import WEIGHTINGS, denoising_factors, dfa_weights, weighted_mse
 from msfp.models import denoise
+from msfp.quantizers import ActivationQuantizer, WeightQuantizer
 from msfp.surgery import quant_layers, set_fused_rounding
 from msfp.talora import add_talora
 
@@ -124,6 +125,16 @@ def _trainable_state(qmodel) -> dict:
     return {n: p.detach().clone() for n, p in qmodel.named_parameters() if id(p) in names}
 
 
+def _student_key(qmodel: nn.Module, trained: dict) -> str:
+    """What a resumed run must share with the one that wrote the checkpoint: the quantization (config and every
+    quantizer's format), the names and shapes of the trained tensors, and the values of everything else. The trained
+    values are left out: they come from the checkpoint, and a model interrupted in this process has changed them."""
+    quantizers = {n: m for n, m in qmodel.named_modules() if isinstance(m, (WeightQuantizer, ActivationQuantizer))}
+    settings = dict(config=qmodel.msfp_config.to_dict(), formats={n: q.fmt.name for n, q in quantizers.items()},
+                    trained={n: list(t.shape) for n, t in trained.items()})
+    return model_key(qmodel, settings, weights_digest(qmodel, exclude=set(trained)))
+
+
 def _teacher(fp_model, scheduler, config, work_dir, key, cond, class_labels, sample_shape, disable) -> Trajectories:
     # Keyed file name: trajectories of another teacher, scheduler or trajectory setting are never reused.
     path = Path(work_dir) / TEACHER_NAME.format(key=key) if work_dir is not None else None
@@ -209,8 +220,9 @@ def finetune(qmodel: nn.Module, fp_model: nn.Module, scheduler, config: Finetune
         raise ValueError("finetune() needs a calibrated model: run msfp.calibrate first")
     recorded = getattr(qmodel, "msfp_base_weights", None)  # set by calibrate, saved in checkpoints
     if recorded is not None and weights_digest(fp_model) != recorded:
-        raise ValueError(f"fp_model has other weights (digest {weights_digest(fp_model)}) than the model was "
-                         f"calibrated from ({recorded}): distil from the full-precision model it was quantized from")
+        raise ValueError(f"fp_model has other weights (digest {weights_digest(fp_model)}, dtypes included) than the "
+                         f"model was calibrated from ({recorded}): distil from the full-precision model it was "
+                         "quantized from, in the dtype it had then")
     state_path = Path(work_dir) / STATE_NAME if work_dir is not None else None
     if resume and (state_path is None or not state_path.is_file()):
         raise FileNotFoundError(f"nothing to resume: {state_path or 'no work_dir given'} does not exist")
@@ -227,7 +239,8 @@ def finetune(qmodel: nn.Module, fp_model: nn.Module, scheduler, config: Finetune
         if merged is not None:  # a loaded checkpoint: its LoRAs are merged into packed weight sets
             raise ValueError(f"{merged}: its LoRAs are merged into packed weights (a loaded fine-tuned checkpoint), so "
                              "there are none to train; use lora='none', or fine-tune the model msfp.quantize returned")
-    _restore_full_precision_weights(qmodel, fp_model)
+    if router is None or all(layer.lora is not None for layer in quant_layers(qmodel).values()):
+        _restore_full_precision_weights(qmodel, fp_model)  # (merged LoRAs live in the weights themselves)
     qmodel.msfp_context.num_train_timesteps = scheduler.config.num_train_timesteps
 
     # What a work dir's files belong to: this teacher's trajectories, and this student's state that training does
@@ -242,9 +255,8 @@ def finetune(qmodel: nn.Module, fp_model: nn.Module, scheduler, config: Finetune
                                                           class_labels, sample_shape, disable)
     weights = _point_weights(points, scheduler, config)
     groups = _trainable_groups(qmodel, config)
-    trained = set(_trainable_state(qmodel))
-    identity = None if work_dir is None else dict(
-        teacher=teacher_key, student=model_key(qmodel, {}, weights_digest(qmodel, exclude=trained)))
+    trained = _trainable_state(qmodel)
+    identity = None if work_dir is None else dict(teacher=teacher_key, student=_student_key(qmodel, trained))
     params = [p for g in groups for p in g["params"]]
     optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
     lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: max(0.0, 1 - i / config.iters))

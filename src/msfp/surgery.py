@@ -48,13 +48,14 @@ _OUTPUT_LAYERS = ("conv_out", "proj_out_2", "proj_out")
 
 
 def _output_layer(model: nn.Module, names: list[str]) -> list[str]:
-    """``[name]`` of the output layer: the outermost diffusers model's ``conv_out``/``proj_out_2``/``proj_out``, so a
-    wrapper module (one that adapts the call signature) changes nothing; else the last registered layer."""
+    """``[name]`` of the output layer: the model's own ``conv_out``/``proj_out_2``/``proj_out``, else that of the
+    outermost diffusers model it holds (so a wrapper module that adapts the call signature changes nothing), else the
+    last registered layer."""
     from diffusers import ModelMixin
 
     inner = next((n for n, m in model.named_modules() if isinstance(m, ModelMixin)), "")
-    prefix = f"{inner}." if inner else ""
-    return next(([prefix + n] for n in _OUTPUT_LAYERS if prefix + n in names), names[-1:])
+    candidates = [*_OUTPUT_LAYERS, *(f"{inner}.{n}" for n in _OUTPUT_LAYERS if inner)]
+    return next(([n] for n in candidates if n in names), names[-1:])
 
 
 def quantizable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
