@@ -52,6 +52,9 @@ def test_bad_weights(tmp_path):
     torch.save({"fc.weight": torch.zeros(3)}, tmp_path / "other.pth")
     with pytest.raises(ValueError, match="not torch-fidelity Inception-v3 weights"):
         InceptionFeatures(tmp_path / "other.pth")
+    torch.save(torch.zeros(3), tmp_path / "tensor.pth")  # not a dict: a TypeError in torch-fidelity, a traceback
+    with pytest.raises(ValueError, match="tensor.pth: not torch-fidelity Inception-v3 weights"):
+        InceptionFeatures(tmp_path / "tensor.pth")
     (tmp_path / "junk.pth").write_bytes(b"junk")
     with pytest.raises(ValueError, match="not torch-fidelity Inception-v3 weights"):
         InceptionFeatures(tmp_path / "junk.pth")

@@ -25,7 +25,8 @@ def test_fp_codes_are_the_bit_fields():
     # E2M1: 1.5 = exponent field 1, mantissa 1 → 0b0011; -6 = sign, exponent 3, mantissa 1 → 0b1111.
     codes = values_to_codes(torch.tensor([0.0, 0.5, 1.5, 6.0, -6.0, -0.5]), "fp4_e2m1").tolist()
     assert codes == [0b0000, 0b0001, 0b0011, 0b0111, 0b1111, 0b1001]
-    assert decode(torch.tensor([0b1000]), "fp4_e2m1").item() == 0.0  # negative zero code
+    negative_zero = decode(torch.tensor([0b1000]), "fp4_e2m1")
+    assert negative_zero.item() == 0.0 and not negative_zero.signbit().item()  # +0.0, as documented
 
 
 @settings(max_examples=100, deadline=None)
@@ -35,19 +36,32 @@ def test_fp_codes_are_the_bit_fields():
     scale=st.floats(2.0**-10, 2.0**10, width=32),
     zero_point=st.floats(-8, 8, width=32),
     dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
+    param_dtype=st.sampled_from([torch.float32, torch.float64]),
 )
 @example(name="fp4_e2m1", x=np.linspace(-3, 3, 2001, dtype=np.float32), scale=0.37, zero_point=0.0,
-         dtype=torch.bfloat16)
-def test_codes_reproduce_fake_quant_exactly(name, x, scale, zero_point, dtype):
+         dtype=torch.bfloat16, param_dtype=torch.float32)
+def test_codes_reproduce_fake_quant_exactly(name, x, scale, zero_point, dtype, param_dtype):
     fmt = get_format(name)
     x = torch.from_numpy(x).to(dtype)  # half precision: both compute in float32 (codes used to differ)
-    s = torch.tensor(scale)
-    z = torch.tensor(zero_point) if fmt.needs_zero_point else None
+    # float64 scales (a model cast .double().float() keeps them) are used in x's compute dtype, as fake_quant does
+    s = torch.tensor(scale, dtype=param_dtype)
+    z = torch.tensor(zero_point, dtype=param_dtype) if fmt.needs_zero_point else None
     codes = quantize_to_codes(x, fmt, s, z)
-    restored = decode(codes, fmt) * s
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    restored = decode(codes, fmt).to(compute) * s.to(compute)
     if z is not None:
-        restored = restored + z
+        restored = restored + z.to(compute)
     assert torch.equal(restored.to(dtype), fake_quant(x, fmt, s, z))
+
+
+@pytest.mark.parametrize("name", ["int4", "fp4_e2m1"])
+def test_codes_of_float32_inputs_with_float64_per_channel_scales_are_fake_quants(name):
+    # fake_quant divides in x's compute dtype; the codes divided in float64 here (a 0-dim scale does not promote, a
+    # per-channel one does), and inputs next to a rounding tie got the neighbouring code (40 % of these).
+    torch.manual_seed(0)
+    s = torch.rand(200, 1, dtype=torch.float64) + 0.01
+    x = ((torch.arange(-7, 7, dtype=torch.float64) + 0.5) * s).float()
+    assert torch.equal(decode(quantize_to_codes(x, name, s), name) * s.float(), fake_quant(x, name, s))
 
 
 @settings(max_examples=100, deadline=None)

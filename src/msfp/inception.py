@@ -55,7 +55,8 @@ class InceptionFeatures(nn.Module):
         try:
             self.net = extractor("inception-v3-compat", ["2048", "logits_unbiased"],
                                  feature_extractor_weights_path=str(path))
-        except (RuntimeError, pickle.UnpicklingError, EOFError) as e:  # not a state dict, or another architecture
+        # Not a state dict (a bare tensor or list: TypeError, AttributeError), or another architecture.
+        except (RuntimeError, pickle.UnpicklingError, EOFError, TypeError, AttributeError) as e:
             raise ValueError(f"{path}: not torch-fidelity Inception-v3 weights ({type(e).__name__}: "
                              f"{str(e)[:300]})") from e
         self._spatial = None

@@ -24,7 +24,8 @@ def _decode_table(fmt: Format) -> torch.Tensor:
     if not fmt.signed:
         return values
     magnitudes = values[values >= 0]
-    return torch.cat([magnitudes, -magnitudes])  # code with the sign bit set: the negated magnitude
+    # Code with the sign bit set: the negated magnitude; 0.0 - m keeps its zero +0.0 (-m gave -0.0).
+    return torch.cat([magnitudes, 0.0 - magnitudes])
 
 
 def decode_table(fmt: str | Format) -> torch.Tensor:
@@ -57,7 +58,9 @@ def quantize_to_codes(x: torch.Tensor, fmt: str | Format, scale, zero_point=None
     scale, zero_point = checked_params(x, fmt, scale, zero_point)
     if torch.isnan(x).any():
         raise ValueError(f"cannot encode NaN in {fmt.name}")
-    x = x.to(compute_dtype(x.dtype))  # as fake_quant computes it
+    compute = compute_dtype(x.dtype)  # all three as fake_quant computes with them: a wider scale rounds otherwise
+    x, scale = x.to(compute), scale.to(compute)
+    zero_point = None if zero_point is None else zero_point.to(compute)
     return values_to_codes(round_to_grid(_grid_units(x, fmt, scale, zero_point), fmt), fmt)
 
 
