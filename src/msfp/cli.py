@@ -103,8 +103,8 @@ _RATE = click.FloatRange(min=0)
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="output directory")
 @click.option("--calib-samples", type=_COUNT, default=64, help="trajectories (images) sampled for calibration")
 @click.option("--calib-steps", type=_COUNT, default=25, help="DDIM steps per calibration trajectory")
-@click.option("--seed", type=_SEED, default=0, help="calibration trajectory i starts from noise seed + 10000 + i, as in msfp "
-              "compare: not from the noise of the images msfp sample --seed draws (seed + i)")
+@click.option("--seed", type=_SEED, default=0, help="calibration trajectory i starts from noise seed + 10000 + i, as "
+              "in msfp compare: not from the noise of the images msfp sample --seed draws (seed + i)")
 @click.option("--batch", type=_COUNT, default=64, help="calibration points per denoiser call")
 @click.option("--cache-dir", default=None, type=click.Path(file_okay=False),
               help="reuse calibration trajectories and layer inputs across runs")
@@ -382,8 +382,9 @@ def compare(model_spec, methods, out, num_samples, steps, calib_samples, calib_s
 @click.option("--traj-samples", type=_COUNT, default=64, help="teacher trajectories (images)")
 @click.option("--traj-steps", type=_COUNT, default=25,
               help="DDIM steps per teacher trajectory (the sampler DFA aligns to)")
-@click.option("--seed", type=_SEED, default=0, help="teacher trajectory i starts from noise seed + 10000 + i, as in msfp compare "
-              "(not from the noise of msfp sample --seed's images); seed + 10000 also seeds the LoRAs and batches")
+@click.option("--seed", type=_SEED, default=0, help="teacher trajectory i starts from noise seed + 10000 + i, as in "
+              "msfp compare (not from the noise of msfp sample --seed's images); seed + 10000 also seeds the LoRAs and "
+              "batches")
 @click.option("--resume", is_flag=True, help="continue an interrupted run from its last checkpoint")
 @click.option("--max-minutes", type=click.FloatRange(min=0), default=None,
               help="stop after this long; continue later with --resume")
