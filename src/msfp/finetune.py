@@ -218,15 +218,19 @@ def finetune(qmodel: nn.Module, fp_model: nn.Module, scheduler, config: Finetune
                        "(msfp.load_quantized(directory), backend 'fake') and convert it afterwards")
     if any("weight_format" not in layer.info for layer in quant_layers(qmodel).values()):
         raise ValueError("finetune() needs a calibrated model: run msfp.calibrate first")
+    fp_weights = weights_digest(fp_model)  # once: the teacher's trajectory key is made from it too
     recorded = getattr(qmodel, "msfp_base_weights", None)  # set by calibrate, saved in checkpoints
-    if recorded is not None and weights_digest(fp_model) != recorded:
-        raise ValueError(f"fp_model has other weights (digest {weights_digest(fp_model)}, dtypes included) than the "
-                         f"model was calibrated from ({recorded}): distil from the full-precision model it was "
-                         "quantized from, in the dtype it had then")
+    if recorded is not None and fp_weights != recorded:
+        raise ValueError(f"fp_model has other weights (digest {fp_weights}, dtypes included) than the model was "
+                         f"calibrated from ({recorded}): distil from the full-precision model it was quantized from, "
+                         "in the dtype it had then")
     state_path = Path(work_dir) / STATE_NAME if work_dir is not None else None
     if resume and (state_path is None or not state_path.is_file()):
         raise FileNotFoundError(f"nothing to resume: {state_path or 'no work_dir given'} does not exist")
     router = getattr(qmodel, "msfp_router", None)
+    # A loaded fine-tuned checkpoint: a router, but its LoRAs are merged into the (packed) weights.
+    merged = None if router is None else next((n for n, layer in quant_layers(qmodel).items() if layer.lora is None),
+                                              None)
     if config.lora != "none" and router is None:
         add_talora(qmodel, config.num_loras if config.lora == "talora" else 1, config.rank, config.seed)
     elif router is not None and config.lora != "none":
@@ -235,12 +239,11 @@ def finetune(qmodel: nn.Module, fp_model: nn.Module, scheduler, config: Finetune
         if any(has[k] != v for k, v in wanted.items()):  # they would be trained, and the new settings recorded
             raise ValueError(f"the model already has LoRAs ({has['num_loras']} of rank {has['rank']}); fine-tune them "
                              f"with those settings or lora='none', not {wanted['num_loras']} of rank {config.rank}")
-        merged = next((n for n, layer in quant_layers(qmodel).items() if layer.lora is None), None)
-        if merged is not None:  # a loaded checkpoint: its LoRAs are merged into packed weight sets
+        if merged is not None:
             raise ValueError(f"{merged}: its LoRAs are merged into packed weights (a loaded fine-tuned checkpoint), so "
                              "there are none to train; use lora='none', or fine-tune the model msfp.quantize returned")
-    if router is None or all(layer.lora is not None for layer in quant_layers(qmodel).values()):
-        _restore_full_precision_weights(qmodel, fp_model)  # (merged LoRAs live in the weights themselves)
+    if merged is None:  # (merged LoRAs live in the weights themselves)
+        _restore_full_precision_weights(qmodel, fp_model)
     qmodel.msfp_context.num_train_timesteps = scheduler.config.num_train_timesteps
 
     # What a work dir's files belong to: this teacher's trajectories, and this student's state that training does
@@ -250,7 +253,7 @@ def finetune(qmodel: nn.Module, fp_model: nn.Module, scheduler, config: Finetune
         teacher_key = f"given-{teacher.digest()}"
     else:
         teacher_key = trajectory_key(fp_model, scheduler, config.traj_samples, config.traj_steps, config.seed, cond,
-                                     class_labels, sample_shape)
+                                     class_labels, sample_shape, weights=fp_weights)
     points = teacher if teacher is not None else _teacher(fp_model, scheduler, config, work_dir, teacher_key, cond,
                                                           class_labels, sample_shape, disable)
     weights = _point_weights(points, scheduler, config)
