@@ -199,25 +199,24 @@ def _fake_quant(x, fmt: Format, scale, zero_point=None):
 
 
 def checked_params(x: torch.Tensor, fmt: Format, scale, zero_point=None):
-    """``(scale, zero_point)`` as tensors on ``x``'s device, or a clear error: positive finite scales, a finite zero
-    point exactly for unsigned formats, shapes that broadcast to ``x`` without enlarging it."""
+    """``(scale, zero_point)`` as tensors on ``x``'s device in the dtype the rounding computes in
+    (:func:`compute_dtype`), or a clear error: positive finite scales, a finite zero point exactly for unsigned
+    formats, shapes that broadcast to ``x`` without enlarging it."""
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         raise TypeError(f"fake_quant expects a floating-point tensor, got {getattr(x, 'dtype', type(x).__name__)}")
-    # Python numbers in the dtype the rounding computes in: a float64 input's 0.1 must not become float32's.
     compute = compute_dtype(x.dtype)
-    scale = torch.as_tensor(scale, dtype=None if torch.is_tensor(scale) else compute, device=x.device)
-    if not scale.is_floating_point():
-        scale = scale.to(compute)
+
+    def as_param(v):  # a Python number straight in that dtype: a float64 input's 0.1 must not become float32's
+        return v.to(x.device, compute) if torch.is_tensor(v) else torch.tensor(v, dtype=compute, device=x.device)
+
+    scale = as_param(scale)
     if not torch.isfinite(scale).all() or (scale <= 0).any():
         raise ValueError(f"scale must be positive and finite; got min {scale.detach().min().item()!r}, max "
                          f"{scale.detach().max().item()!r}")
     if fmt.needs_zero_point:
         if zero_point is None:
             raise ValueError(f"unsigned format {fmt.name} needs a zero_point")
-        zero_point = torch.as_tensor(zero_point, dtype=None if torch.is_tensor(zero_point) else compute,
-                                     device=x.device)
-        if not zero_point.is_floating_point():
-            zero_point = zero_point.to(compute)
+        zero_point = as_param(zero_point)
         if not torch.isfinite(zero_point).all():
             raise ValueError("zero_point must be finite")
     elif zero_point is not None:
@@ -240,6 +239,4 @@ def fake_quant(x: torch.Tensor, fmt: str | Format, scale, zero_point=None) -> to
     """
     fmt = get_format(fmt)
     scale, zero_point = checked_params(x, fmt, scale, zero_point)
-    compute = compute_dtype(x.dtype)
-    out = _fake_quant(x.to(compute), fmt, scale.to(compute), None if zero_point is None else zero_point.to(compute))
-    return out.to(x.dtype)
+    return _fake_quant(x.to(compute_dtype(x.dtype)), fmt, scale, zero_point).to(x.dtype)

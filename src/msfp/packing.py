@@ -58,9 +58,7 @@ def quantize_to_codes(x: torch.Tensor, fmt: str | Format, scale, zero_point=None
     scale, zero_point = checked_params(x, fmt, scale, zero_point)
     if torch.isnan(x).any():
         raise ValueError(f"cannot encode NaN in {fmt.name}")
-    compute = compute_dtype(x.dtype)  # all three as fake_quant computes with them: a wider scale rounds otherwise
-    x, scale = x.to(compute), scale.to(compute)
-    zero_point = None if zero_point is None else zero_point.to(compute)
+    x = x.to(compute_dtype(x.dtype))  # as fake_quant computes it (checked_params gives the parameters that dtype)
     return values_to_codes(round_to_grid(_grid_units(x, fmt, scale, zero_point), fmt), fmt)
 
 
