@@ -27,7 +27,6 @@ scales), where the activations are bfloat16 and both GEMM dimensions are multipl
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 from torch import nn
@@ -96,11 +95,6 @@ def _triton_too_old(version: str) -> str | None:
         oldest = ".".join(map(str, MIN_TRITON))
         return f"Triton {version} is older than {oldest}, the oldest the FP8 kernels are tested with"
     return None
-
-
-def _interpreting(device: torch.device) -> bool:
-    """Whether Triton interprets the kernels on ``device``'s tensors (how the tests run them without a GPU)."""
-    return device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def fp8_kernels_available(device: torch.device | str) -> tuple[bool, str]:
@@ -405,7 +399,10 @@ def backend_summary(model: nn.Module, device: torch.device | str) -> str:
     available, why = (False, "use_kernels=False") if backend["kernels"] is False else fp8_kernels_available(device)
     how = "with the Triton FP8 kernels" if available else f"emulated ({why})"
     if backend["kernels"] and not available:  # use_kernels=True: the kernels or nothing
-        how = ("with the Triton FP8 kernels, interpreted (TRITON_INTERPRET=1)" if _interpreting(torch.device(device))
+        from msfp.triton_kernels import interpreted
+
+        how = ("with the Triton FP8 kernels, interpreted (TRITON_INTERPRET=1)"
+               if torch.device(device).type == "cpu" and interpreted()
                else f"not runnable here: converted with use_kernels=True, but {why}")
     layers = on_codes + sum(reason != ATTENTION_KEPT for reason in kept.values())
     line = f"backend fp8: {on_codes} of {layers} quantized layers on E4M3 codes, {how}"

@@ -72,11 +72,16 @@ class KernelsUnavailable(RuntimeError):
     """The kernels cannot run here: no Triton, or tensors on a device Triton does not launch on."""
 
 
+def interpreted() -> bool:
+    """Whether Triton interprets kernels on CPU tensors (``TRITON_INTERPRET=1``: how the tests run without a GPU)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def _require_triton(*tensors: torch.Tensor) -> None:
     if not HAS_TRITON:
         raise KernelsUnavailable("msfp.triton_kernels needs the `triton` package, which is not installed")
     for t in tensors:
-        if not t.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":  # read only then: it costs µs per launch
+        if not t.is_cuda and not interpreted():  # read only then: it costs µs per launch
             raise KernelsUnavailable(f"Triton kernels need CUDA tensors (got a tensor on {t.device}); "
                                "CPU tensors only work under TRITON_INTERPRET=1")
 
