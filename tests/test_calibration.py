@@ -248,6 +248,18 @@ def test_the_layer_input_cache_is_keyed_on_the_quantized_models_weights_and_the_
     assert not torch.equal(runs[0][1], runs[1][1]) and torch.equal(runs[2][1], runs[3][1])
 
 
+def test_a_cache_filled_at_another_batch_size_gives_what_calibrating_afresh_gives(tmp_path):
+    # The batch size orders the trajectory points (and batched kernels round differently): trajectories cached at
+    # batch 4 used to be reused at batch 2, so a warm --out gave other formats than a fresh one.
+    fp = tiny_unet()
+    models = [msfp.quantize(copy.deepcopy(fp), "w4a4-msfp") for _ in range(3)]
+    for q, batch, cache in zip(models, (4, 2, 2), (tmp_path, tmp_path, None)):
+        msfp.calibrate(q, fp, scheduler(), num_samples=4, num_steps=3, disable=True, cache_dir=cache,
+                       batch_size=batch)
+    _, warm, fresh = (q.state_dict() for q in models)
+    assert all(torch.equal(warm[k], fresh[k]) for k in fresh if isinstance(fresh[k], torch.Tensor))
+
+
 def test_nan_noise_from_the_full_precision_model_is_reported_where_it_happens():
     class BreaksLate(type(tiny_plain())):
         def forward(self, x, t):

@@ -199,11 +199,14 @@ def recorded_inputs(qmodel: nn.Module) -> dict:
 
 @torch.no_grad()
 def trajectory_key(fp_model: nn.Module, scheduler, num_samples: int, num_steps: int, seed: int, cond=None,
-                   class_labels=None, sample_shape=None, weights: str | None = None) -> str:
+                   class_labels=None, sample_shape=None, batch_size: int = 64, weights: str | None = None) -> str:
     """What :func:`collect_trajectories` returns depends on: the model (its weights' digest ``weights``, if the caller
-    has it), the scheduler and the trajectory settings. Cache file names and resume checks use it."""
+    has it), the scheduler, the trajectory settings, the batch size (it orders the points, and batched kernels round
+    differently) and the device type the model is on (so do its kernels). Cache file names and resume checks use it."""
+    device = next(fp_model.parameters(), torch.empty(0)).device.type
     return model_key(fp_model, dict(
-        num_samples=num_samples, num_steps=num_steps, seed=seed, scheduler=type(scheduler).__name__,
+        num_samples=num_samples, num_steps=num_steps, seed=seed, batch_size=batch_size, device=device,
+        scheduler=type(scheduler).__name__,
         scheduler_config=plain_config(scheduler.config), sample_shape=sample_shape,
         cond={k: tensor_digest(v) for k, v in (cond or {}).items()},
         class_labels=None if class_labels is None else tensor_digest(torch.as_tensor(class_labels))), weights)
@@ -392,16 +395,17 @@ def calibrate(qmodel: nn.Module, fp_model: nn.Module, scheduler, num_samples: in
     qmodel.msfp_base_weights = weights_digest(fp_model)  # saved too: fine-tuning must distil from these weights
     cache = Path(cache_dir) if cache_dir is not None else None
     key = (trajectory_key(fp_model, scheduler, num_samples, num_steps, seed, cond, class_labels, sample_shape,
-                          qmodel.msfp_base_weights) if cache is not None else None)
+                          batch_size, weights=qmodel.msfp_base_weights) if cache is not None else None)
     traj_path = cache / f"trajectories-{key}.safetensors" if cache else None
-    # Records are only valid for exactly this ordered list (it seeds each subsample), batch size (the subsample is
-    # drawn batch by batch) and the quantized model's own full-precision weights (LoRAs included; they may differ
-    # from fp_model's): the cache is keyed by them, so a hit equals recording afresh.
+    # Records are only valid for exactly these trajectories, at this batch size (the subsample is drawn batch by
+    # batch; both are in ``key``), this ordered list (it seeds each subsample) and the quantized model's own
+    # full-precision weights (LoRAs included; they may differ from fp_model's): the cache is keyed by them, so a hit
+    # equals recording afresh.
     recorded = list(recorded_inputs(qmodel))
     rec_path = None
     if cache is not None:
-        recorded_key = hashlib.sha256("\n".join([*recorded, f"batch {batch_size}",
-                                                 weights_digest(qmodel, "_quantizer.")]).encode()).hexdigest()[:12]
+        recorded_key = hashlib.sha256("\n".join([*recorded, weights_digest(qmodel, "_quantizer.")]).encode()
+                                      ).hexdigest()[:12]
         rec_path = cache / f"layer-inputs-{key}-{config.act_samples_per_layer}-{recorded_key}.safetensors"
 
     start = time.time()
