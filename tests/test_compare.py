@@ -92,6 +92,18 @@ def test_a_directory_that_is_not_a_report_is_never_replaced(tmp_path, monkeypatc
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
 
 
+def test_a_results_json_that_compare_did_not_write_does_not_make_a_report(tmp_path):
+    # `msfp eval --json` writes a results.json too: that was enough for compare to replace the directory, and with
+    # it the user's own samples.
+    out = tmp_path / "mine"
+    (out / "samples").mkdir(parents=True)
+    (out / "samples" / "my_50k_run.npz").write_bytes(b"hours of sampling")
+    (out / "results.json").write_text(json.dumps({"metrics": {"fd": 3.0}}))
+    r = run("compare", "--out", out, *TINY)
+    assert r.exit_code == 1 and f"{out} exists and is not a msfp compare report" in r.output, r.output
+    assert (out / "samples" / "my_50k_run.npz").read_bytes() == b"hours of sampling"
+
+
 def test_bad_settings_fail_before_any_work(tmp_path):
     r = run("compare", "--methods", "w4a4-msfp+talora", "--finetune-batch", "0", "--out", tmp_path / "x")
     assert r.exit_code == 2 and "Invalid value for '--finetune-batch': 0 is not in the range x>=1" in r.output
@@ -99,6 +111,14 @@ def test_bad_settings_fail_before_any_work(tmp_path):
     with pytest.raises(ValueError, match="CompareSettings.num_samples must be >= 1, got -1"):
         CompareSettings(num_samples=-1)
     assert CompareSettings(seed=-5).seed == -5  # any seed is fine
+    # Image 10000 would start from calibration trajectory 0's noise.
+    assert CompareSettings(num_samples=10_000, calib_samples=10_000).num_samples == 10_000
+    for name in ("num_samples", "calib_samples"):
+        with pytest.raises(ValueError, match=rf"CompareSettings.{name} must be <= 10000, got 10001: .* seeds 10000 "
+                                             "apart"):
+            CompareSettings(**{name: 10_001})
+    r = run("compare", "--num", 10_001, "--out", tmp_path / "x")
+    assert r.exit_code == 1 and "num_samples must be <= 10000" in r.output and not (tmp_path / "x").exists()
 
 
 def test_list_methods_prints_the_registry():
@@ -129,16 +149,21 @@ def test_registered_method_and_unavailable_method(tmp_path, tiny_model_dir):
     register_method("test-ft", finetuned, "a registered variant")
     register_method("test-missing", finetuned, "never runs", unavailable=lambda: "needs a library that is absent")
     register_method("test-nan", diverged, "draws NaN images")
+    # Its calibration has none of the keys of the report's note on the shared cache: the report used to fail on
+    # them after every method had run, and on every --resume.
+    register_method("test-timed", lambda ctx: Built(copy.deepcopy(ctx.fp_model), calibration=dict(seconds=0.5)),
+                    "times its own calibration")
     try:
         with pytest.raises(ValueError, match="already registered"):
             register_method("test-ft", finetuned, "twice")
         settings = CompareSettings(model=str(tiny_model_dir), num_samples=4, steps=2, calib_samples=2, calib_steps=2,
                                    heldout_samples=1, batch_size=4)
-        result = run_compare(settings, parse_methods("test-ft,test-nan,test-missing"), tmp_path / "r", disable=True)
+        result = run_compare(settings, parse_methods("test-timed,test-ft,test-nan,test-missing"), tmp_path / "r",
+                             disable=True)
     finally:
-        for name in ("test-ft", "test-missing", "test-nan"):
+        for name in ("test-ft", "test-missing", "test-nan", "test-timed"):
             METHODS.pop(name)
-    assert list(result["methods"]) == ["fp", "test-ft"]
+    assert list(result["methods"]) == ["fp", "test-timed", "test-ft"]
     assert result["methods"]["test-ft"]["notes"] == ["fine-tuned for 0 steps"]
     assert result["skipped_methods"]["test-missing"] == "needs a library that is absent"
     # A method whose images diverge is reported without a result; the other methods keep theirs.
@@ -147,6 +172,21 @@ def test_registered_method_and_unavailable_method(tmp_path, tiny_model_dir):
     assert not (tmp_path / "r" / "samples" / "test-nan.npz").exists()
     html = (tmp_path / "r" / "index.html").read_text()
     assert "needs a library that is absent" in html and "4 of 4 images have NaN" in html
+    assert "Calibration: 4 trajectory points" in html  # test-ft's
+
+
+def test_a_resumed_run_publishes_only_the_samples_of_the_methods_it_lists(tmp_path, tiny_model_dir):
+    register_method("test-broken", lambda ctx: 1 / 0, "always fails")
+    try:
+        args = ["compare", "--model", tiny_model_dir, "--out", tmp_path / "r", *TINY]
+        r = run(*args, "--methods", "w4a4-int,test-broken")
+        assert isinstance(r.exception, ZeroDivisionError)
+        r = run(*args, "--methods", "fp", "--resume")
+        assert r.exit_code == 0, r.output
+    finally:
+        METHODS.pop("test-broken")
+    # w4a4-int's samples, finished by the interrupted run, used to be published too, listed nowhere.
+    assert sorted(p.name for p in (tmp_path / "r" / "samples").iterdir()) == ["fp.npz", "fp.png"]
 
 
 def test_torchao_rows_are_skipped_with_a_reason_when_it_cannot_run(tmp_path, tiny_model_dir, monkeypatch):
@@ -343,10 +383,13 @@ def test_an_interrupted_run_keeps_the_earlier_report_and_resumes(tmp_path, tiny_
         _, fresh = compare(tmp_path, "fresh", tiny_model_dir, "w4a4-msfp,test-flaky")
         assert without_timings(json.loads((report / "results.json").read_text())) == without_timings(fresh)
 
-        for attempt in range(2):  # without --resume the second attempt starts over, and says so
-            r = run("compare", "--methods", "fp,test-broken", "--out", report, "--model", tiny_model_dir, *TINY)
-            assert isinstance(r.exception, ZeroDivisionError)
-            assert ("starting over: the interrupted run in" in r.output) == (attempt == 1)
+        r = run("compare", "--methods", "fp,test-broken", "--out", report, "--model", tiny_model_dir, *TINY)
+        assert isinstance(r.exception, ZeroDivisionError)
+        # Without --resume, the interrupted run's finished methods used to be deleted first thing.
+        r = run("compare", "--methods", "fp,test-broken", "--out", report, "--model", tiny_model_dir, *TINY)
+        assert r.exit_code == 1 and (f".r.compare holds an interrupted run: continue it with --resume, or delete "
+                                     in r.output), r.output
+        assert (tmp_path / ".r.compare" / "samples" / "fp.npz").is_file()
         r = run("compare", "--methods", "fp,test-broken", "--out", report, "--model", tiny_model_dir, *TINY[:-2],
                 "--batch", 4, "--resume")
         assert r.exit_code == 1 and ".r.compare holds a run with another settings: resuming it would mix" in r.output

@@ -11,7 +11,8 @@ full-precision one (:func:`register_method` adds more, e.g. fine-tuned variants)
    full-precision samples.
 
 Seeds: samples ``seed + i``; calibration trajectories ``seed + 10000 + i``; held-out points ``seed + 20000 + i``, so
-no method is evaluated on the trajectories it was calibrated on.
+no method is evaluated on the trajectories it was calibrated on (hence at most 10000 images and calibration
+trajectories).
 """
 
 from __future__ import annotations
@@ -78,6 +79,15 @@ class CompareSettings:
             value = getattr(self, f.name)
             if f.type == "int" and f.name != "seed" and value < 1:
                 raise ValueError(f"CompareSettings.{f.name} must be >= 1, got {value}")
+        # Image i has seed + i, calibration trajectory i seed + CALIB_SEED_OFFSET + i, held-out trajectory i
+        # seed + HELDOUT_SEED_OFFSET + i: more would evaluate on (or calibrate with) another range's noise.
+        limits = dict(num_samples=CALIB_SEED_OFFSET, calib_samples=HELDOUT_SEED_OFFSET - CALIB_SEED_OFFSET)
+        for name, limit in limits.items():
+            if getattr(self, name) > limit:
+                raise ValueError(f"CompareSettings.{name} must be <= {limit}, got {getattr(self, name)}: the images, "
+                                 "calibration and held-out trajectories draw their noise from seeds "
+                                 f"{CALIB_SEED_OFFSET} apart, so more would share the next range's noise (for larger "
+                                 "sample sets, use msfp sample and msfp eval)")
 
 
 @dataclass
@@ -98,7 +108,9 @@ class Context:
 
 @dataclass
 class Built:
-    """A method's model and what is known about it: calibration time and breakdown, the per-layer table
+    """A method's model and what is known about it: calibration time and breakdown (``seconds`` and
+    ``finetune_seconds`` fill the table; ``points``, ``trajectory_seconds`` and ``record_seconds`` the report's note
+    on the shared cache), the per-layer table
     (:func:`msfp.info.layer_rows` rows), the AALs (name and reason), the fractions of weights and FLOPs at 4 bits
     (:func:`msfp.info.low_bit_fractions`) and free-form notes."""
 
@@ -267,13 +279,23 @@ def _reference_digest(reference) -> str:
     return h.hexdigest()[:16]
 
 
+def _is_compare_report(out: Path) -> bool:
+    """Whether ``out`` holds what :func:`run_compare` writes (``msfp eval --json`` also writes a results.json)."""
+    try:
+        result = json.loads((out / "results.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(result, dict) and {"settings", "seeds", "methods"} <= result.keys()
+
+
 def _progress(work: Path, fingerprint: dict, resume: bool) -> dict:
     """The methods an interrupted run finished (``resume``), or a fresh start."""
     path = work / PROGRESS_NAME
     if not resume:
-        if path.is_file():
-            _log(f"starting over: the interrupted run in {work} is discarded (--resume continues it)")
-        shutil.rmtree(work, ignore_errors=True)
+        if path.is_file():  # hours of finished methods, perhaps: never discarded without being asked
+            raise FileExistsError(f"{work} holds an interrupted run: continue it with --resume, or delete {work} to "
+                                  "start over")
+        shutil.rmtree(work, ignore_errors=True)  # a run interrupted before its first method finished
         return dict(fingerprint=fingerprint, methods={}, skipped={})
     if not path.is_file():
         raise FileNotFoundError(f"nothing to resume: {path} does not exist")
@@ -282,11 +304,11 @@ def _progress(work: Path, fingerprint: dict, resume: bool) -> dict:
     unrecorded = [k for k in fingerprint if k not in progress["fingerprint"]]
     if unrecorded:
         raise ValueError(f"{work} holds a run of an earlier msfp, which did not record its {', '.join(unrecorded)}: "
-                         "resuming it could mix results; run without --resume to start over")
+                         f"resuming it could mix results; delete {work} to start over")
     differ = [k for k in fingerprint if progress["fingerprint"].get(k) != fingerprint[k]]
     if differ:
-        raise ValueError(f"{work} holds a run with another {', '.join(differ)}: resuming it would mix results; run "
-                         "without --resume to start over")
+        raise ValueError(f"{work} holds a run with another {', '.join(differ)}: resuming it would mix results; "
+                         f"delete {work} to start over")
     return progress
 
 
@@ -335,9 +357,9 @@ def run_compare(settings: CompareSettings, methods: list[str], out, command: str
     began = time.time()
     out = Path(out).resolve()  # "." has no name to put the work directory beside
     # OUT is replaced as a whole at the end: never a directory that holds something else (its cache may be there).
-    if out.exists() and not (out / "results.json").is_file() and any(p.name != "cache" for p in out.iterdir()):
-        raise FileExistsError(f"{out} exists and is not a msfp compare report (it has no results.json); refusing to "
-                              "replace it: choose another --out")
+    if out.exists() and not _is_compare_report(out) and any(p.name != "cache" for p in out.iterdir()):
+        raise FileExistsError(f"{out} exists and is not a msfp compare report (it has no results.json written by msfp "
+                              "compare); refusing to replace it: choose another --out")
     check_replaceable(out)  # before the work, which may take long
     work = out.parent / f".{out.name}.compare"
     s = settings
@@ -395,6 +417,10 @@ def run_compare(settings: CompareSettings, methods: list[str], out, command: str
         wall_seconds=None)
     result["wall_seconds"] = round(earlier + time.time() - began, 1)  # the sessions of a resumed run together
     (work / "samples").mkdir(parents=True, exist_ok=True)
+    listed = {p for name in results for p in (f"{name}.npz", grid_path(f"{name}.npz").name)}
+    for path in (work / "samples").iterdir():
+        if path.name not in listed:  # a method the interrupted run finished that this command does not list
+            path.unlink()
     write_json(work / "results.json", result)
     write_report(result, work)
     with atomic_directory(out) as tmp:

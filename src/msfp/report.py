@@ -145,10 +145,12 @@ def render_html(result: dict, out: Path) -> str:
         f'<figure><img alt="{escape(n)} samples" src="{_png_data_uri(out / r["grid"])}"><figcaption><b>'
         f'{escape(n)}</b> — FD {escape(format_cell("fd", r["metrics"].get("fd")))}</figcaption></figure>'
         for n, r in result["methods"].items())
-    calibrated = [r["calibration"] for r in result["methods"].values() if r["calibration"]]
+    # A method from register_method may record its calibration in other terms: the note needs these.
+    timed = [c for r in result["methods"].values()
+             if (c := r["calibration"]) and {"points", "trajectory_seconds", "record_seconds"} <= c.keys()]
     cache_note = ""
-    if calibrated:
-        c = calibrated[0]
+    if timed:
+        c = timed[0]
         cache_note = (f" Calibration: {c['points']} trajectory points; trajectories and layer inputs are collected "
                       f"once ({c['trajectory_seconds'] + c['record_seconds']:.1f} s, paid by the first calibrated "
                       "method) and read from the cache by the others.")
