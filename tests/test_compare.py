@@ -38,6 +38,8 @@ def test_compare_writes_results_and_self_contained_report(tmp_path, tiny_model_d
     assert list(result["methods"]) == ["fp", "w4a4-int", "w4a4-msfp"]
     assert result["settings"]["num_samples"] == 10 and result["seeds"]["samples"] == "0..9"
     assert result["machine"]["versions"]["msfp"] and result["wall_seconds"] > 0
+    # What the rows depend on; torchao's (its baselines' rows) was missing, so upgrading it mid-run went unnoticed.
+    assert result["machine"]["versions"].keys() >= {"torch", "diffusers", "triton", "torchao", "msfp_code"}
     fp, msfp = result["methods"]["fp"], result["methods"]["w4a4-msfp"]
     assert fp["eps_mse_per_timestep"] is None and fp["calibration"] is None and fp["layers"] is None
     # The tiny model's 8x8 images do not fit the feature net: those metrics are skipped with a reason, not faked.

@@ -49,7 +49,8 @@ def machine_info(device: str | torch.device | None = None) -> dict:
                 device=str(device) if device is not None else "cpu", gpu=gpu,
                 versions=dict(msfp=__version__, msfp_code=code_digest(), torch=torch.__version__,
                               cuda=torch.version.cuda, triton=_installed_version("triton"),
-                              diffusers=diffusers.__version__, python=platform.python_version()))
+                              diffusers=diffusers.__version__, torchao=_installed_version("torchao"),  # its rows
+                              python=platform.python_version()))
 
 
 def command_line(script: str, argv: list[str] | None = None) -> str:
