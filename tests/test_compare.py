@@ -237,6 +237,30 @@ def test_torchao_mxfp4_conv_uses_mx_blocks_along_input_channels():
         TorchaoFakeQuant(torch.nn.Conv2d(8, 8, 3), "mxfp4")
 
 
+@pytest.mark.parametrize("recipe", ["mxfp4", "nvfp4"])
+def test_torchao_recipes_take_zero_tensors_and_float16(recipe):
+    pytest.importorskip("torchao")
+    import torch
+
+    from msfp.torchao_baselines import TorchaoFakeQuant, unavailable_reason
+
+    if unavailable_reason():
+        pytest.skip(unavailable_reason())
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(32, 4)
+    # NVFP4's per-tensor scale of an all-zero tensor was 0, so 0/0 made the layer's output NaN.
+    assert torch.equal(TorchaoFakeQuant(linear, recipe)(torch.zeros(2, 32)), linear(torch.zeros(2, 32)))
+    conv = torch.nn.Conv2d(32, 4, 1)
+    torch.nn.init.zeros_(conv.weight)  # zero-initialised, as adapters are
+    assert torch.equal(TorchaoFakeQuant(conv, recipe).qweight, conv.weight)
+    # torchao takes float32 and bfloat16 only: a float16 layer failed on its first call.
+    x = torch.randn(3, 32)
+    half = TorchaoFakeQuant(torch.nn.Linear(32, 4).half(), recipe)
+    y = half(x.half())
+    assert y.dtype == torch.float16
+    assert torch.allclose(y.float(), TorchaoFakeQuant(half.module.float(), recipe)(x.half().float()), atol=1e-2)
+
+
 def test_finetuned_methods_run_and_are_reproducible(tmp_path, tiny_model_dir):
     methods = "fp,w4a4-msfp+talora,int4-efficientdm,w4a4-msfp+talora-tscales"
     extra = ["--finetune-iters", 3, "--finetune-batch", 4, "--rank", 2]

@@ -50,16 +50,25 @@ def _fake_quantizer(recipe: str):
     if recipe == "nvfp4":
         from torchao.prototype.mx_formats.nvfp4_tensor import NVFP4Tensor, per_tensor_amax_to_scale
 
-        # The recipe's default: per-tensor scale from the tensor's own amax (use_dynamic_per_tensor_scale=True).
-        return (lambda x: NVFP4Tensor.to_nvfp4(x, per_tensor_scale=per_tensor_amax_to_scale(x.abs().max()))
-                .dequantize(x.dtype)), 16
+        def nvfp4(x):
+            # The recipe's default: per-tensor scale from the tensor's own amax (use_dynamic_per_tensor_scale=True).
+            amax = x.abs().max()
+            if amax == 0:  # a scale of 0 gives 0/0: an all-zero tensor (a zero-initialised conv) is exactly 0 in FP4
+                return torch.zeros_like(x)
+            return NVFP4Tensor.to_nvfp4(x, per_tensor_scale=per_tensor_amax_to_scale(amax)).dequantize(x.dtype)
+
+        return nvfp4, 16
     raise ValueError(f"unknown torchao recipe {recipe!r}; choose from {', '.join(RECIPES)}")
 
 
 def _along_channels(fq, x: torch.Tensor, channel_dim: int) -> torch.Tensor:
-    """``fq`` with blocks along ``channel_dim``; torchao's quantizers take 2-D (rows, blocked dim) tensors."""
+    """``fq`` with blocks along ``channel_dim``; torchao's quantizers take 2-D (rows, blocked dim) float32 or bfloat16
+    tensors (other dtypes, e.g. float16, go through float32)."""
     moved = x.movedim(channel_dim, -1)
-    return fq(moved.reshape(-1, moved.shape[-1]).contiguous()).view(moved.shape).movedim(-1, channel_dim)
+    rows = moved.reshape(-1, moved.shape[-1]).contiguous()
+    if rows.dtype not in (torch.float32, torch.bfloat16):
+        return _along_channels(fq, x.float(), channel_dim).to(x.dtype)
+    return fq(rows).view(moved.shape).movedim(-1, channel_dim)
 
 
 class TorchaoFakeQuant(nn.Module):
