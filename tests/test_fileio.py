@@ -133,6 +133,34 @@ def test_a_crash_between_the_renames_is_undone_by_the_next_write(tmp_path, exist
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"] and fileio.interrupted_save(existing) is None
 
 
+def test_a_swap_another_host_left_unfinished_is_refused_not_overwritten(tmp_path, existing):
+    # Killed between the renames on another host (or in another PID namespace, or its pid now reused): this
+    # process cannot tell the writer is gone. Saving used to make "model" afresh without the user's files, and the
+    # save after it deleted ".model.old", the only copy of them.
+    os.replace(existing, tmp_path / ".model.old")
+    (tmp_path / ".model.tmp-otherhost_4026531836-77-x").mkdir()
+    for _ in range(2):
+        with pytest.raises(FileExistsError, match=rf"{tmp_path / '.model.old'} holds the earlier version of "
+                                                  rf"{existing}, .* rename {tmp_path / '.model.old'} back to "):
+            with atomic_directory(existing) as tmp:
+                write(tmp, weights="new")
+    assert tree(tmp_path / ".model.old")["notes"] == "my notes" and not existing.exists()
+    os.replace(tmp_path / ".model.old", existing)  # what the message says to do
+    with atomic_directory(existing) as tmp:
+        write(tmp, weights="new")
+    assert tree(existing)["notes"] == "my notes" and tree(existing)["weights"] == "new"
+
+
+def test_hosts_that_share_a_long_name_prefix_get_their_own_tags(monkeypatch):
+    # Names were cut to 40 characters: two pods of one job got one tag, and each took the other's live files for
+    # a dead writer's.
+    tags = set()
+    for name in ("msfp-calibration-sweep-2026-12-06-worker-node-a", "msfp-calibration-sweep-2026-12-06-worker-node-b"):
+        monkeypatch.setattr(fileio.socket, "gethostname", lambda name=name: name)
+        tags.add(fileio._host_tag())
+    assert len(tags) == 2 and all(tag.startswith("msfp_calibration_sweep_2026_12_") for tag in tags)
+
+
 def test_an_old_version_left_after_a_swap_is_not_revived(tmp_path, existing):
     # Killed after the swap, before removing ".model.old"; then the user deleted the directory on purpose.
     shutil.copytree(existing, tmp_path / ".model.old")

@@ -3,6 +3,7 @@ in place. Temporary names carry the writer's host and process id, so a later wri
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -47,7 +48,10 @@ def _fsync(path: Path) -> None:
 
 def _host_tag() -> str:
     """This host, and its PID namespace: containers sharing a hostname (host networking) do not share pids."""
-    tag = re.sub(r"[^A-Za-z0-9]", "_", socket.gethostname())[:40] or "host"
+    hostname = socket.gethostname()
+    tag = re.sub(r"[^A-Za-z0-9]", "_", hostname) or "host"
+    if len(tag) > 40:  # short names; the digest keeps hosts apart that share a long prefix (pods of one job)
+        tag = f"{tag[:31]}_{hashlib.sha256(hostname.encode()).hexdigest()[:8]}"
     try:
         return f"{tag}_{os.stat('/proc/self/ns/pid').st_ino}"
     except OSError:
@@ -149,6 +153,21 @@ def interrupted_save(path: str | os.PathLike) -> Path | None:
     return old if any(entry.is_dir() for entry in _dead_writers_leftovers(path)) else None
 
 
+def _refuse_unfinished_swap(path: Path) -> None:
+    """Raise when ``path`` is missing and its earlier version sits in ``.old`` beside a writer's new version that
+    :func:`interrupted_save` cannot put back: a writer on another host or in another PID namespace, or one whose pid
+    now belongs to another process. Saving anyway would make ``path`` without the earlier version's other files, and
+    the save after it would delete ``.old``."""
+    old = _moved_aside(path)
+    if path.exists() or path.is_symlink() or not old.is_dir() or old.is_symlink() or not path.parent.is_dir():
+        return
+    new = next((e for e in path.parent.iterdir() if e.name.startswith(f".{path.name}.tmp-") and e.is_dir()), None)
+    if new is not None:
+        raise FileExistsError(f"{old} holds the earlier version of {path}, moved aside by a save that has not "
+                              f"finished ({new} holds its new version, written by a process this one cannot tell is "
+                              f"gone); if no save of {path} is running, rename {old} back to {path} and save again")
+
+
 def _link_or_copy(src, dst) -> None:
     try:
         os.link(src, dst)  # no data is copied, and the original stays in place until the swap
@@ -200,6 +219,7 @@ def atomic_directory(path: str | os.PathLike, carry_over: bool = True):
     earlier = interrupted_save(path)
     if earlier is not None:  # put it back first: it is the last complete version, with the user's own files
         os.replace(earlier, path)
+    _refuse_unfinished_swap(path)
     _remove_leftovers(path)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=_temporary_prefix(path)))
     try:
