@@ -165,6 +165,40 @@ def test_hub_id_offline_gives_clear_error(monkeypatch, tmp_path):
         load_model("msfp-test/no-such-model")
 
 
+@pytest.mark.parametrize("safetensors", [True, False])
+def test_a_hub_download_fetches_the_configs_and_one_copy_of_the_denoiser(monkeypatch, tmp_path, safetensors):
+    import shutil
+
+    from huggingface_hub.utils import filter_repo_objects
+
+    repo, fetched = tmp_path / "repo", tmp_path / "snapshot"
+    unet = tiny_unet()
+    DDPMPipeline(unet=unet, scheduler=DDPMScheduler()).save_pretrained(repo, safe_serialization=safetensors)
+    weights = "diffusion_pytorch_model." + ("safetensors" if safetensors else "bin")
+    # What repos such as SD-1.5 hold beside them: variants and other components ("unet/*" fetched them all).
+    for extra in ("unet/diffusion_pytorch_model.fp16.safetensors", "unet/diffusion_pytorch_model.non_ema.bin",
+                  "unet/diffusion_pytorch_model.fp16.bin", "vae/diffusion_pytorch_model.safetensors",
+                  "text_encoder/model.safetensors"):
+        (repo / extra).parent.mkdir(exist_ok=True)
+        (repo / extra).write_bytes(b"not needed")
+    calls = []
+
+    def snapshot_download(repo_id, allow_patterns):  # the Hub's pattern matching over the repo's files
+        calls.append(repo_id)
+        files = [p.relative_to(repo).as_posix() for p in repo.rglob("*") if p.is_file()]
+        for name in filter_repo_objects(files, allow_patterns=allow_patterns):
+            (fetched / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(repo / name, fetched / name)
+        return str(fetched)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    model, scheduler = load_model("msfp-test/tiny-ddpm")
+    assert same_weights(model, unet) and isinstance(scheduler, DDIMScheduler)
+    assert sorted(p.relative_to(fetched).as_posix() for p in fetched.rglob("*") if p.is_file()) == [
+        "model_index.json", "scheduler/scheduler_config.json", "unet/config.json", f"unet/{weights}"]
+    assert len(calls) == (1 if safetensors else 2)  # PyTorch pickles only where a repo has no safetensors
+
+
 def test_denoise_passes_the_timestep_by_name_through_data_parallel():
     from msfp.models import denoise
     from tiny_models import tiny_pixart

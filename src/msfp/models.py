@@ -32,8 +32,16 @@ DENOISER_COMPONENTS = ("unet", "transformer")
 # How diffusers' denoisers name their timestep parameter (VAEs, adapters and vocoders have none).
 _TIMESTEP_PARAMETERS = {"timestep", "timesteps", "t", "timestep_ratio"}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-_HUB_PATTERNS = ["model_index.json", "config.json", "scheduler_config.json", "diffusion_pytorch_model*",
-                 *(f"{c}/*" for c in (*DENOISER_COMPONENTS, "scheduler"))]
+_HUB_CONFIGS = ["model_index.json", "config.json", "scheduler_config.json", "scheduler/*",
+                *(f"{c}/config.json" for c in DENOISER_COMPONENTS)]
+
+
+def _hub_weights(suffix: str) -> list[str]:
+    """The denoiser's weights in one format, whole or sharded, without the variants (fp16, non_ema) a repo may hold
+    beside them: from_pretrained reads none of those, and fetching them all is several times the download."""
+    names = [f"diffusion_pytorch_model.{suffix}", f"diffusion_pytorch_model-*-of-*.{suffix}",
+             f"diffusion_pytorch_model.{suffix}.index.json"]
+    return [*names, *(f"{c}/{name}" for c in DENOISER_COMPONENTS for name in names)]
 
 
 def _model_class(name: str, where: Path) -> type[ModelMixin]:
@@ -137,7 +145,11 @@ def _download(repo_id: str) -> Path:
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=_HUB_PATTERNS))
+        path = Path(snapshot_download(repo_id, allow_patterns=[*_HUB_CONFIGS, *_hub_weights("safetensors")]))
+        whole, sharded = "**/diffusion_pytorch_model.safetensors", "**/diffusion_pytorch_model.safetensors.index.json"
+        if not any(path.glob(whole)) and not any(path.glob(sharded)):  # an older repo: PyTorch pickles only
+            path = Path(snapshot_download(repo_id, allow_patterns=[*_HUB_CONFIGS, *_hub_weights("bin")]))
+        return path
     except Exception as e:  # offline, unknown repo, gated, ...: all surface as one actionable error
         # "runs/q1" may be a mistyped local path as well as a Hub id: say both.
         raise OSError(f"{repo_id!r} is no directory here ({Path.cwd()}), and could not download model {repo_id!r} "
