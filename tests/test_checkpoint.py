@@ -312,6 +312,16 @@ def test_a_save_interrupted_between_its_renames_is_pointed_out(tmp_path, saved):
     msfp.save_quantized(saved[0], out)  # puts it back first, then replaces it
     assert sorted(p.name for p in tmp_path.iterdir()) == ["q"]
 
+    # The same, by a writer on another host: nothing can tell it is gone, so the messages say what to do.
+    out.rename(tmp_path / ".q.old")
+    (tmp_path / ".q.tmp-otherhost_4026531836-77-x").mkdir()
+    for command in (["info", out], ["sample", "--model", out, "--out", tmp_path / "s.npz"]):
+        r = CliRunner().invoke(main, [str(a) for a in command])
+        assert r.exit_code == 1 and ("q.old holds its previous version, moved aside by a save that has not finished: "
+                                     "if none is running, rename it back") in r.output, (command, r.output)
+    with pytest.raises(FileExistsError, match=r"if no save of .*q is running, rename .*\.q\.old back to"):
+        msfp.save_quantized(saved[0], out)
+
 
 def test_info_reads_checkpoints_written_before_quantized_attention(tmp_path, saved):
     out = msfp.save_quantized(saved[0], tmp_path / "q")

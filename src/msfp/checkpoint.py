@@ -57,7 +57,7 @@ from torch import nn
 from msfp import __version__
 from msfp.attention import attention_quantizers
 from msfp.config import QuantConfig
-from msfp.fileio import atomic_directory, check_replaceable, interrupted_save
+from msfp.fileio import atomic_directory, check_replaceable, interrupted_save, unfinished_save
 from msfp.formats import compute_dtype, get_format
 from msfp.fp8 import convert_to_fp8, require_fake_quant
 from msfp.identity import weights_digest
@@ -311,9 +311,13 @@ def read_quant_meta(directory: str | os.PathLike) -> dict:
     """The ``msfp_quant.json`` of a msfp output directory, with clear errors for anything else."""
     path = Path(directory)
     if not path.is_dir():
-        earlier = interrupted_save(path)
-        hint = (f"; {earlier} holds its previous version, left by an interrupted save: rename it back (the next save "
-                f"to {path} does)") if earlier is not None else ""
+        hint, earlier = "", interrupted_save(path)
+        if earlier is not None:
+            hint = (f"; {earlier} holds its previous version, left by an interrupted save: rename it back (the next "
+                    f"save to {path} does)")
+        elif (unfinished := unfinished_save(path)) is not None:
+            hint = (f"; {unfinished[0]} holds its previous version, moved aside by a save that has not finished: if "
+                    f"none is running, rename it back")
         raise FileNotFoundError(f"{path} is not a directory{hint}")
     meta_path = path / CONFIG_NAME
     if not meta_path.is_file():

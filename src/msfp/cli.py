@@ -164,10 +164,10 @@ def _load_any_model(spec: str, backend: str = "fake"):
     from diffusers import DDIMScheduler
 
     from msfp.checkpoint import CONFIG_NAME, load_quantized, read_quant_meta
-    from msfp.fileio import interrupted_save
+    from msfp.fileio import unfinished_save
     from msfp.models import load_model
 
-    if (Path(spec) / CONFIG_NAME).is_file() or interrupted_save(spec) is not None:
+    if (Path(spec) / CONFIG_NAME).is_file() or unfinished_save(spec) is not None:
         scheduler_config = read_quant_meta(spec).get("scheduler_config")  # the latter: says where its save went
         if scheduler_config is None:
             raise ValueError(f"{spec} records no scheduler (saved by an older msfp); re-run msfp quantize")

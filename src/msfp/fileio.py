@@ -153,16 +153,25 @@ def interrupted_save(path: str | os.PathLike) -> Path | None:
     return old if any(entry.is_dir() for entry in _dead_writers_leftovers(path)) else None
 
 
-def _refuse_unfinished_swap(path: Path) -> None:
-    """Raise when ``path`` is missing and its earlier version sits in ``.old`` beside a writer's new version that
-    :func:`interrupted_save` cannot put back: a writer on another host or in another PID namespace, or one whose pid
-    now belongs to another process. Saving anyway would make ``path`` without the earlier version's other files, and
-    the save after it would delete ``.old``."""
+def unfinished_save(path: str | os.PathLike) -> tuple[Path, Path] | None:
+    """``(earlier, new)`` when ``path`` is missing, its earlier version sits where :func:`atomic_directory` moves it
+    aside, and a writer's new version beside it: a save between its two renames, killed or (on another host, in
+    another PID namespace) perhaps still running. Else None. :func:`interrupted_save` is the case this process can
+    tell the writer is gone, and the next save puts ``earlier`` back."""
+    path = Path(path)
     old = _moved_aside(path)
-    if path.exists() or path.is_symlink() or not old.is_dir() or old.is_symlink() or not path.parent.is_dir():
-        return
+    if path.exists() or path.is_symlink() or not old.is_dir() or old.is_symlink():
+        return None
     new = next((e for e in path.parent.iterdir() if e.name.startswith(f".{path.name}.tmp-") and e.is_dir()), None)
-    if new is not None:
+    return None if new is None else (old, new)
+
+
+def _refuse_unfinished_save(path: Path) -> None:
+    """Raise on an :func:`unfinished_save` that :func:`interrupted_save` could not put back: saving anyway would make
+    ``path`` without the earlier version's other files, and the save after it would delete ``.old``."""
+    unfinished = unfinished_save(path)
+    if unfinished is not None:
+        old, new = unfinished
         raise FileExistsError(f"{old} holds the earlier version of {path}, moved aside by a save that has not "
                               f"finished ({new} holds its new version, written by a process this one cannot tell is "
                               f"gone); if no save of {path} is running, rename {old} back to {path} and save again")
@@ -219,7 +228,7 @@ def atomic_directory(path: str | os.PathLike, carry_over: bool = True):
     earlier = interrupted_save(path)
     if earlier is not None:  # put it back first: it is the last complete version, with the user's own files
         os.replace(earlier, path)
-    _refuse_unfinished_swap(path)
+    _refuse_unfinished_save(path)
     _remove_leftovers(path)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=_temporary_prefix(path)))
     try:
