@@ -8,7 +8,6 @@ from click.testing import CliRunner
 
 from msfp.cli import main
 from msfp.compare import METHODS, Built, CompareSettings, parse_methods, register_method, run_compare
-from msfp.report import error_plot_svg
 
 TINY = ["--num", 10, "--steps", 2, "--calib-samples", 3, "--calib-steps", 2, "--heldout-samples", 2, "--batch", 8]
 
@@ -200,67 +199,6 @@ def test_torchao_rows_are_skipped_with_a_reason_when_it_cannot_run(tmp_path, tin
     assert list(result["methods"]) == ["fp"] and "torchao-mxfp4" in result["skipped_methods"]
 
 
-def test_error_plot_is_log_scaled_and_handles_no_data():
-    svg = error_plot_svg({"a": {900: 1e-3, 0: 1e-1}, "b": {900: 2e-3, 0: 0.5}})
-    assert svg.startswith("<svg") and svg.count("<polyline") == 2 and ">1e-3<" in svg and ">1e0<" in svg
-    assert "No quantized method" in error_plot_svg({"fp": None})
-    # Diverged values: plotted without them (a log axis has no NaN or inf), and named below.
-    svg = error_plot_svg({"a": {900: 1e-3, 0: float("inf")}, "b": {900: float("nan"), 0: 0.5}})
-    assert "nan" not in svg.replace("Not finite", "") and svg.count("<circle") == 2
-    assert svg.endswith("<p>Not finite, so not plotted: a (t = 0); b (t = 900).</p>")
-    # A resumed run reads them back from JSON as null: the report used to fail on math.isfinite(None).
-    assert error_plot_svg({"a": {900: 1e-3, 0: None}}).endswith("<p>Not finite, so not plotted: a (t = 0).</p>")
-    assert error_plot_svg({"a": {900: 0.0, 0: float("nan")}}) == (
-        "<p>No noise-prediction error above zero to plot.</p><p>Not finite, so not plotted: a (t = 0).</p>")
-
-
-def test_torchao_mxfp4_conv_uses_mx_blocks_along_input_channels():
-    pytest.importorskip("torchao")
-    import torch
-
-    from msfp.torchao_baselines import TorchaoFakeQuant, unavailable_reason
-
-    if unavailable_reason():
-        pytest.skip(unavailable_reason())
-    torch.manual_seed(0)
-    conv = torch.nn.Conv2d(64, 8, 3, padding=1)
-    layer = TorchaoFakeQuant(conv, "mxfp4")
-    # Every block of 32 input channels (per output channel and kernel position) is E2M1 values times a power of 2.
-    blocks = layer.qweight.permute(0, 2, 3, 1).reshape(-1, 32)
-    grid = torch.tensor([0, 0.5, 1, 1.5, 2, 3, 4, 6])
-    scale = 2.0 ** torch.floor(torch.log2(blocks.abs().amax(1, keepdim=True) / 4))  # values up to 6 = 1.5 * 4
-    assert torch.isin(blocks.abs() / scale, grid).all()
-    x = torch.randn(2, 64, 5, 5)
-    y, ref = layer(x), conv(x)
-    assert y.shape == ref.shape and 0 < (y - ref).pow(2).mean() < 0.05 * ref.pow(2).mean()
-    with pytest.raises(ValueError, match="divisible by 32"):
-        TorchaoFakeQuant(torch.nn.Conv2d(8, 8, 3), "mxfp4")
-
-
-@pytest.mark.parametrize("recipe", ["mxfp4", "nvfp4"])
-def test_torchao_recipes_take_zero_tensors_and_float16(recipe):
-    pytest.importorskip("torchao")
-    import torch
-
-    from msfp.torchao_baselines import TorchaoFakeQuant, unavailable_reason
-
-    if unavailable_reason():
-        pytest.skip(unavailable_reason())
-    torch.manual_seed(0)
-    linear = torch.nn.Linear(32, 4)
-    # NVFP4's per-tensor scale of an all-zero tensor was 0, so 0/0 made the layer's output NaN.
-    assert torch.equal(TorchaoFakeQuant(linear, recipe)(torch.zeros(2, 32)), linear(torch.zeros(2, 32)))
-    conv = torch.nn.Conv2d(32, 4, 1)
-    torch.nn.init.zeros_(conv.weight)  # zero-initialised, as adapters are
-    assert torch.equal(TorchaoFakeQuant(conv, recipe).qweight, conv.weight)
-    # torchao takes float32 and bfloat16 only: a float16 layer failed on its first call.
-    x = torch.randn(3, 32)
-    half = TorchaoFakeQuant(torch.nn.Linear(32, 4).half(), recipe)
-    y = half(x.half())
-    assert y.dtype == torch.float16
-    assert torch.allclose(y.float(), TorchaoFakeQuant(half.module.float(), recipe)(x.half().float()), atol=1e-2)
-
-
 def test_finetuned_methods_run_and_are_reproducible(tmp_path, tiny_model_dir):
     methods = "fp,w4a4-msfp+talora,int4-efficientdm,w4a4-msfp+talora-tscales"
     extra = ["--finetune-iters", 3, "--finetune-batch", 4, "--rank", 2]
@@ -413,7 +351,7 @@ def test_an_interrupted_run_keeps_the_earlier_report_and_resumes(tmp_path, tiny_
         assert isinstance(r.exception, ZeroDivisionError)
         # Without --resume, the interrupted run's finished methods used to be deleted first thing.
         r = run("compare", "--methods", "fp,test-broken", "--out", report, "--model", tiny_model_dir, *TINY)
-        assert r.exit_code == 1 and (f".r.compare holds an interrupted run: continue it with --resume, or delete "
+        assert r.exit_code == 1 and (".r.compare holds an interrupted run: continue it with --resume, or delete "
                                      in r.output), r.output
         assert (tmp_path / ".r.compare" / "samples" / "fp.npz").is_file()
         r = run("compare", "--methods", "fp,test-broken", "--out", report, "--model", tiny_model_dir, *TINY[:-2],

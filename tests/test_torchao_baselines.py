@@ -1,0 +1,40 @@
+import pytest
+import torch
+
+from msfp.torchao_baselines import TorchaoFakeQuant, unavailable_reason
+
+pytest.importorskip("torchao")  # an optional dependency: CI has none; run these where it is installed
+pytestmark = pytest.mark.skipif(unavailable_reason() is not None, reason=str(unavailable_reason()))
+
+
+def test_torchao_mxfp4_conv_uses_mx_blocks_along_input_channels():
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(64, 8, 3, padding=1)
+    layer = TorchaoFakeQuant(conv, "mxfp4")
+    # Every block of 32 input channels (per output channel and kernel position) is E2M1 values times a power of 2.
+    blocks = layer.qweight.permute(0, 2, 3, 1).reshape(-1, 32)
+    grid = torch.tensor([0, 0.5, 1, 1.5, 2, 3, 4, 6])
+    scale = 2.0 ** torch.floor(torch.log2(blocks.abs().amax(1, keepdim=True) / 4))  # values up to 6 = 1.5 * 4
+    assert torch.isin(blocks.abs() / scale, grid).all()
+    x = torch.randn(2, 64, 5, 5)
+    y, ref = layer(x), conv(x)
+    assert y.shape == ref.shape and 0 < (y - ref).pow(2).mean() < 0.05 * ref.pow(2).mean()
+    with pytest.raises(ValueError, match="divisible by 32"):
+        TorchaoFakeQuant(torch.nn.Conv2d(8, 8, 3), "mxfp4")
+
+
+@pytest.mark.parametrize("recipe", ["mxfp4", "nvfp4"])
+def test_torchao_recipes_take_zero_tensors_and_float16(recipe):
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(32, 4)
+    # NVFP4's per-tensor scale of an all-zero tensor was 0, so 0/0 made the layer's output NaN.
+    assert torch.equal(TorchaoFakeQuant(linear, recipe)(torch.zeros(2, 32)), linear(torch.zeros(2, 32)))
+    conv = torch.nn.Conv2d(32, 4, 1)
+    torch.nn.init.zeros_(conv.weight)  # zero-initialised, as adapters are
+    assert torch.equal(TorchaoFakeQuant(conv, recipe).qweight, conv.weight)
+    # torchao takes float32 and bfloat16 only: a float16 layer failed on its first call.
+    x = torch.randn(3, 32)
+    half = TorchaoFakeQuant(torch.nn.Linear(32, 4).half(), recipe)
+    y = half(x.half())
+    assert y.dtype == torch.float16
+    assert torch.allclose(y.float(), TorchaoFakeQuant(half.module.float(), recipe)(x.half().float()), atol=1e-2)
