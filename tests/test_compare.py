@@ -119,7 +119,8 @@ def test_bad_settings_fail_before_any_work(tmp_path):
                                              "apart"):
             CompareSettings(**{name: 10_001})
     r = run("compare", "--num", 10_001, "--out", tmp_path / "x")
-    assert r.exit_code == 1 and "num_samples must be <= 10000" in r.output and not (tmp_path / "x").exists()
+    assert r.exit_code == 2 and "'--num' / '-n': 10001 is not in the range 1<=x<=10000" in r.output
+    assert not (tmp_path / "x").exists()
 
 
 def test_list_methods_prints_the_registry():
@@ -176,18 +177,31 @@ def test_registered_method_and_unavailable_method(tmp_path, tiny_model_dir):
     assert "Calibration: 4 trajectory points" in html  # test-ft's
 
 
-def test_a_resumed_run_publishes_only_the_samples_of_the_methods_it_lists(tmp_path, tiny_model_dir):
+def test_a_resumed_run_publishes_only_the_samples_of_the_methods_it_lists(tmp_path, tiny_model_dir, monkeypatch):
+    import msfp.fileio
+
     register_method("test-broken", lambda ctx: 1 / 0, "always fails")
+    finish = msfp.fileio._finish_tree
+
+    def disk_full(tmp):  # the first publishing attempt fails
+        monkeypatch.setattr(msfp.fileio, "_finish_tree", finish)
+        raise OSError(28, "No space left on device")
+
     try:
         args = ["compare", "--model", tiny_model_dir, "--out", tmp_path / "r", *TINY]
-        r = run(*args, "--methods", "w4a4-int,test-broken")
+        r = run(*args, "--methods", "w4a4-int,w4a4-fp,test-broken")
         assert isinstance(r.exception, ZeroDivisionError)
-        r = run(*args, "--methods", "fp", "--resume")
+        monkeypatch.setattr(msfp.fileio, "_finish_tree", disk_full)
+        r = run(*args, "--methods", "w4a4-fp", "--resume")
+        assert r.exit_code == 1 and "No space left on device" in r.output
+        # A first fix deleted w4a4-int's samples from the work directory there, so listing it again failed.
+        r = run(*args, "--methods", "w4a4-int", "--resume")
         assert r.exit_code == 0, r.output
+        # w4a4-fp's samples, finished by the interrupted run, used to be published too, listed nowhere.
+        assert sorted(p.name for p in (tmp_path / "r" / "samples").iterdir()) == [
+            "fp.npz", "fp.png", "w4a4-int.npz", "w4a4-int.png"]
     finally:
         METHODS.pop("test-broken")
-    # w4a4-int's samples, finished by the interrupted run, used to be published too, listed nowhere.
-    assert sorted(p.name for p in (tmp_path / "r" / "samples").iterdir()) == ["fp.npz", "fp.png"]
 
 
 def test_torchao_rows_are_skipped_with_a_reason_when_it_cannot_run(tmp_path, tiny_model_dir, monkeypatch):

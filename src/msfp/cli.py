@@ -306,10 +306,12 @@ def _list_methods(ctx: click.Context, _param, value: bool) -> None:
               help="print every method name with what it runs, and exit")
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="report directory: index.html, results.json, samples/, cache/")
-@click.option("--num", "-n", "num_samples", type=_COUNT, default=160,
-              help="images per method (FD at this N is biased: compare rows with the fp row)")
+@click.option("--num", "-n", "num_samples", type=click.IntRange(1, 10_000), default=160,
+              help="images per method (FD at this N is biased: compare rows with the fp row); at most 10000, as "
+              "calibration trajectory i has seed + 10000 + i")
 @click.option("--steps", type=_COUNT, default=20, help="DDIM sampling steps")
-@click.option("--calib-samples", type=_COUNT, default=64, help="calibration trajectories (images)")
+@click.option("--calib-samples", type=click.IntRange(1, 10_000), default=64,
+              help="calibration trajectories (images); at most 10000, as held-out trajectory i has seed + 20000 + i")
 @click.option("--calib-steps", type=_COUNT, default=25, help="DDIM steps per calibration (and held-out) trajectory")
 @click.option("--heldout-samples", type=_COUNT, default=16, help="held-out trajectories for the per-timestep noise MSE")
 @click.option("--finetune-iters", type=_COUNT, default=160,

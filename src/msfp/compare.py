@@ -81,13 +81,13 @@ class CompareSettings:
                 raise ValueError(f"CompareSettings.{f.name} must be >= 1, got {value}")
         # Image i has seed + i, calibration trajectory i seed + CALIB_SEED_OFFSET + i, held-out trajectory i
         # seed + HELDOUT_SEED_OFFSET + i: more would evaluate on (or calibrate with) another range's noise.
-        limits = dict(num_samples=CALIB_SEED_OFFSET, calib_samples=HELDOUT_SEED_OFFSET - CALIB_SEED_OFFSET)
-        for name, limit in limits.items():
+        limits = dict(num_samples=(CALIB_SEED_OFFSET, " (for larger sample sets, use msfp sample and msfp eval)"),
+                      calib_samples=(HELDOUT_SEED_OFFSET - CALIB_SEED_OFFSET, ""))
+        for name, (limit, instead) in limits.items():
             if getattr(self, name) > limit:
                 raise ValueError(f"CompareSettings.{name} must be <= {limit}, got {getattr(self, name)}: the images, "
                                  "calibration and held-out trajectories draw their noise from seeds "
-                                 f"{CALIB_SEED_OFFSET} apart, so more would share the next range's noise (for larger "
-                                 "sample sets, use msfp sample and msfp eval)")
+                                 f"{CALIB_SEED_OFFSET} apart, so more would share the next range's noise{instead}")
 
 
 @dataclass
@@ -416,16 +416,14 @@ def run_compare(settings: CompareSettings, methods: list[str], out, command: str
         reference=reference.name, machine=fingerprint["machine"], methods=results, skipped_methods=skipped,
         wall_seconds=None)
     result["wall_seconds"] = round(earlier + time.time() - began, 1)  # the sessions of a resumed run together
-    (work / "samples").mkdir(parents=True, exist_ok=True)
-    listed = {p for name in results for p in (f"{name}.npz", grid_path(f"{name}.npz").name)}
-    for path in (work / "samples").iterdir():
-        if path.name not in listed:  # a method the interrupted run finished that this command does not list
-            path.unlink()
     write_json(work / "results.json", result)
     write_report(result, work)
     with atomic_directory(out) as tmp:
-        for name in ("results.json", "index.html", "samples"):
-            link_entry(work / name, tmp / name)  # not moved: if the swap fails, --resume still finds every sample
+        # Not moved: if the swap fails, --resume still finds every sample. Only the listed methods' samples: an
+        # interrupted run may have finished methods this command does not list.
+        for rel in ("results.json", "index.html", *(r[key] for r in results.values() for key in ("samples", "grid"))):
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            link_entry(work / rel, tmp / rel)
     shutil.rmtree(work)
     return result
 
