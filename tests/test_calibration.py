@@ -127,7 +127,7 @@ def test_zero_range_channels_and_constant_activations_give_finite_scales():
         assert torch.isfinite(q(torch.randn(2, 4), torch.tensor([1, 2]))).all()
 
 
-def test_cache_reuses_trajectories_and_layer_inputs(tmp_path):
+def test_cache_reuses_trajectories_and_layer_inputs(tmp_path, monkeypatch):
     fp = tiny_unet()
     q1 = msfp.quantize(copy.deepcopy(fp), "w4a4-msfp")
     r1 = msfp.calibrate(q1, fp, scheduler(), num_samples=4, num_steps=3, disable=True, cache_dir=tmp_path)
@@ -136,6 +136,11 @@ def test_cache_reuses_trajectories_and_layer_inputs(tmp_path):
     assert not r1.cached and r2.cached and len(list(tmp_path.glob("*.safetensors"))) == 2
     assert all(torch.equal(a, b) for a, b in zip(q1.state_dict().values(), q2.state_dict().values())
                if isinstance(a, torch.Tensor))
+    # Another msfp computes its caches its own way: they were reused across versions.
+    monkeypatch.setattr(msfp.calibration, "code_digest", lambda: "another msfp")
+    r3 = msfp.calibrate(msfp.quantize(copy.deepcopy(fp), "w4a4-msfp"), fp, scheduler(), num_samples=4, num_steps=3,
+                        disable=True, cache_dir=tmp_path)
+    assert not r3.cached and len(list(tmp_path.glob("*.safetensors"))) == 4
 
 
 def test_the_cache_is_not_reused_for_a_model_that_differs_only_in_its_config(tmp_path):
@@ -305,7 +310,7 @@ def test_trajectory_keys_do_not_depend_on_string_hashing():
             "from tiny_models import tiny_plain\n"
             "s = DDIMScheduler.from_config({'num_train_timesteps': 1000})\n"
             "assert len(s.config['_use_default_values']) > 5\n"
-            "print(trajectory_key(tiny_plain(), s, 2, 2, 0))\n")
+            "print(trajectory_key(tiny_plain(), s, 2, 2, 0, batch_size=2))\n")
     tests = os.path.dirname(__file__)
     keys = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=tests,
                            env={**os.environ, "PYTHONHASHSEED": str(seed), "PYTHONPATH": tests}).stdout

@@ -13,6 +13,7 @@ from msfp.calibration import collect_trajectories
 from msfp.finetune import FinetuneConfig, finetune
 from msfp.fp8 import convert_to_fp8
 from msfp.losses import ddim_denoising_factors, dfa_weights
+from msfp.identity import weights_digest
 from msfp.surgery import quant_layers
 from msfp.talora import add_talora, lora_assignment
 from tiny_models import scheduler, tiny_pixart, tiny_unet
@@ -203,7 +204,12 @@ def test_a_work_dir_is_only_reused_for_the_same_teacher_and_student(calibrated, 
     (tmp_path / ft.STATE_NAME).write_bytes(b"truncated")
     with pytest.raises(ValueError, match=rf"{ft.STATE_NAME}: cannot read the checkpoint .*delete"):
         finetune(copy.deepcopy(q), fp, other_schedule, config, work_dir=tmp_path, resume=True, disable=True)
-    key = msfp.calibration.trajectory_key(fp, scheduler(), config.traj_samples, config.traj_steps, config.seed)
+    key = msfp.calibration.trajectory_key(fp, scheduler(), config.traj_samples, config.traj_steps, config.seed,
+                                          batch_size=ft.TEACHER_BATCH)
+    # Where the teacher ran is not part of its file's key: a run started on a GPU resumes on a CPU.
+    on_meta = copy.deepcopy(fp).to("meta")
+    assert msfp.calibration.trajectory_key(on_meta, scheduler(), config.traj_samples, config.traj_steps, config.seed,
+                                           batch_size=ft.TEACHER_BATCH, weights=weights_digest(fp)) == key
     first = tmp_path / ft.TEACHER_NAME.format(key=key)
     assert first in teachers
     first.write_bytes(b"truncated")  # an unreadable cache is sampled again, with a warning

@@ -37,11 +37,11 @@ from tqdm.auto import tqdm
 from msfp.attention import attention_quantizers, counting_flops
 from msfp.fileio import atomic_path
 from msfp.fp8 import require_fake_quant
-from msfp.identity import model_key, plain_config, tensor_digest, weights_digest
+from msfp.identity import code_digest, model_key, plain_config, tensor_digest, weights_digest
 from msfp.layers import QuantLayer
 from msfp.models import denoise, evaluating
 from msfp.samples import class_info
-from msfp.sampling import sample
+from msfp.sampling import model_device, sample
 from msfp.surgery import quant_layers, quantizers_disabled
 
 # Activation modules whose outputs are one-sided: a layer reading one directly is an AAL.
@@ -199,13 +199,13 @@ def recorded_inputs(qmodel: nn.Module) -> dict:
 
 @torch.no_grad()
 def trajectory_key(fp_model: nn.Module, scheduler, num_samples: int, num_steps: int, seed: int, cond=None,
-                   class_labels=None, sample_shape=None, batch_size: int = 64, weights: str | None = None) -> str:
-    """What :func:`collect_trajectories` returns depends on: the model (its weights' digest ``weights``, if the caller
-    has it), the scheduler, the trajectory settings, the batch size (it orders the points, and batched kernels round
-    differently) and the device type the model is on (so do its kernels). Cache file names and resume checks use it."""
-    device = next(fp_model.parameters(), torch.empty(0)).device.type
+                   class_labels=None, sample_shape=None, *, batch_size: int, weights: str | None = None) -> str:
+    """What :func:`collect_trajectories` is asked for: the model (its weights' digest ``weights``, if the caller has
+    it), the scheduler and the trajectory settings, the batch size included (it orders the points, and batched
+    kernels round differently). Fine-tuning's teacher files and resume checks use it; where the trajectories were
+    computed (device, code) is left to the caller: a run resumes on another device."""
     return model_key(fp_model, dict(
-        num_samples=num_samples, num_steps=num_steps, seed=seed, batch_size=batch_size, device=device,
+        num_samples=num_samples, num_steps=num_steps, seed=seed, batch_size=batch_size,
         scheduler=type(scheduler).__name__,
         scheduler_config=plain_config(scheduler.config), sample_shape=sample_shape,
         cond={k: tensor_digest(v) for k, v in (cond or {}).items()},
@@ -393,20 +393,21 @@ def calibrate(qmodel: nn.Module, fp_model: nn.Module, scheduler, num_samples: in
     qmodel.msfp_context.num_train_timesteps = scheduler.config.num_train_timesteps
     qmodel.msfp_scheduler_config = dict(scheduler.config)  # saved with the model: `--model DIR` samples with it
     qmodel.msfp_base_weights = weights_digest(fp_model)  # saved too: fine-tuning must distil from these weights
-    cache = Path(cache_dir) if cache_dir is not None else None
-    key = (trajectory_key(fp_model, scheduler, num_samples, num_steps, seed, cond, class_labels, sample_shape,
-                          batch_size, weights=qmodel.msfp_base_weights) if cache is not None else None)
-    traj_path = cache / f"trajectories-{key}.safetensors" if cache else None
-    # Records are only valid for exactly these trajectories, at this batch size (the subsample is drawn batch by
-    # batch; both are in ``key``), this ordered list (it seeds each subsample) and the quantized model's own
-    # full-precision weights (LoRAs included; they may differ from fp_model's): the cache is keyed by them, so a hit
-    # equals recording afresh.
     recorded = list(recorded_inputs(qmodel))
-    rec_path = None
-    if cache is not None:
+    traj_path = rec_path = None
+    if cache_dir is not None:  # a hit must equal computing afresh
+        # Trajectories: the same request (batch size included), on the same device type, torch and msfp code.
+        request = trajectory_key(fp_model, scheduler, num_samples, num_steps, seed, cond, class_labels, sample_shape,
+                                 batch_size=batch_size, weights=qmodel.msfp_base_weights)
+        where = [model_device(fp_model).type, torch.__version__, code_digest()]
+        key = hashlib.sha256("\n".join([request, *where]).encode()).hexdigest()[:16]
+        traj_path = Path(cache_dir) / f"trajectories-{key}.safetensors"
+        # Layer inputs: those trajectories at that batch size (the subsample is drawn batch by batch), this ordered
+        # list (it seeds each subsample) and the quantized model's own full-precision weights (LoRAs included; they
+        # may differ from fp_model's).
         recorded_key = hashlib.sha256("\n".join([*recorded, weights_digest(qmodel, "_quantizer.")]).encode()
                                       ).hexdigest()[:12]
-        rec_path = cache / f"layer-inputs-{key}-{config.act_samples_per_layer}-{recorded_key}.safetensors"
+        rec_path = Path(cache_dir) / f"layer-inputs-{key}-{config.act_samples_per_layer}-{recorded_key}.safetensors"
 
     start = time.time()
     collect = lambda: collect_trajectories(fp_model, scheduler, num_samples, num_steps, seed,  # noqa: E731

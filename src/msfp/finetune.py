@@ -40,6 +40,7 @@ from msfp.talora import add_talora
 
 STATE_NAME = "finetune_state.pt"
 TEACHER_NAME = "teacher_trajectories-{key}.safetensors"
+TEACHER_BATCH = 64  # trajectories sampled per teacher call: it orders the points, so their file is keyed on it
 
 
 @dataclass
@@ -144,7 +145,8 @@ def _teacher(fp_model, scheduler, config, work_dir, key, cond, class_labels, sam
         except Exception as e:  # a corrupt cache is recomputed, never trusted
             warnings.warn(f"ignoring unreadable teacher trajectories {path} ({type(e).__name__}: {e})", stacklevel=3)
     points = collect_trajectories(fp_model, scheduler, config.traj_samples, config.traj_steps, seed=config.seed,
-                                  cond=cond, class_labels=class_labels, sample_shape=sample_shape, disable=disable)
+                                  batch_size=TEACHER_BATCH, cond=cond, class_labels=class_labels,
+                                  sample_shape=sample_shape, disable=disable)
     if path is not None:
         with atomic_path(path) as tmp:
             save_file({k: v.contiguous() for k, v in points.to_tensors().items()}, tmp)
@@ -253,7 +255,7 @@ def finetune(qmodel: nn.Module, fp_model: nn.Module, scheduler, config: Finetune
         teacher_key = f"given-{teacher.digest()}"
     else:
         teacher_key = trajectory_key(fp_model, scheduler, config.traj_samples, config.traj_steps, config.seed, cond,
-                                     class_labels, sample_shape, weights=fp_weights)
+                                     class_labels, sample_shape, batch_size=TEACHER_BATCH, weights=fp_weights)
     points = teacher if teacher is not None else _teacher(fp_model, scheduler, config, work_dir, teacher_key, cond,
                                                           class_labels, sample_shape, disable)
     weights = _point_weights(points, scheduler, config)
