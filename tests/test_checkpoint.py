@@ -321,6 +321,16 @@ def test_a_save_interrupted_between_its_renames_is_pointed_out(tmp_path, saved):
                                      "if none is running, rename it back") in r.output, (command, r.output)
     with pytest.raises(FileExistsError, match=r"if no save of .*q is running, rename .*\.q\.old back to"):
         msfp.save_quantized(saved[0], out)
+    # Before the work, not after it: quantize used to calibrate fully, then refuse to save.
+    from msfp import calibration
+
+    def calibrate(*args, **kwargs):
+        raise AssertionError("calibrated before refusing")
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(calibration, "calibrate", calibrate)
+        r = CliRunner().invoke(main, ["quantize", "--out", str(out)])
+    assert r.exit_code == 1 and "q.old back to" in r.output, r.output
 
 
 def test_info_reads_checkpoints_written_before_quantized_attention(tmp_path, saved):

@@ -146,11 +146,10 @@ def interrupted_save(path: str | os.PathLike) -> Path | None:
     left only that: ``path`` missing, and the new version still in a temporary directory of a writer that is gone.
     (A crash after the swap leaves ``.old`` too; if ``path`` was deleted since, that ``.old`` is no save to resume.)
     Else None."""
-    path = Path(path)
-    old = _moved_aside(path)
-    if path.exists() or path.is_symlink() or not old.is_dir() or old.is_symlink():
+    unfinished = unfinished_save(path)
+    if unfinished is None:
         return None
-    return old if any(entry.is_dir() for entry in _dead_writers_leftovers(path)) else None
+    return unfinished[0] if any(entry.is_dir() for entry in _dead_writers_leftovers(Path(path))) else None
 
 
 def unfinished_save(path: str | os.PathLike) -> tuple[Path, Path] | None:
@@ -167,10 +166,10 @@ def unfinished_save(path: str | os.PathLike) -> tuple[Path, Path] | None:
 
 
 def _refuse_unfinished_save(path: Path) -> None:
-    """Raise on an :func:`unfinished_save` that :func:`interrupted_save` could not put back: saving anyway would make
+    """Raise on an :func:`unfinished_save` that :func:`interrupted_save` cannot put back: saving anyway would make
     ``path`` without the earlier version's other files, and the save after it would delete ``.old``."""
     unfinished = unfinished_save(path)
-    if unfinished is not None:
+    if unfinished is not None and interrupted_save(path) is None:
         old, new = unfinished
         raise FileExistsError(f"{old} holds the earlier version of {path}, moved aside by a save that has not "
                               f"finished ({new} holds its new version, written by a process this one cannot tell is "
@@ -204,11 +203,13 @@ def _carry_over(directory: Path, tmp: Path, written: set[str]) -> None:
 
 
 def check_replaceable(path: str | os.PathLike) -> None:
-    """Raise if :func:`atomic_directory` could not replace ``path``: the current directory is inside it. Commands
-    call it before their work, not only when they save."""
+    """Raise if :func:`atomic_directory` could not replace ``path``: the current directory is inside it, or a save of
+    it that this process cannot finish is in the way (:func:`unfinished_save`). Commands call it before their work,
+    not only when they save."""
     path = Path(path)
     if Path.cwd().resolve().is_relative_to(path.resolve()):
         raise ValueError(f"refusing to replace {path}: the current directory is inside it (run from elsewhere)")
+    _refuse_unfinished_save(path)
 
 
 @contextmanager
@@ -228,7 +229,6 @@ def atomic_directory(path: str | os.PathLike, carry_over: bool = True):
     earlier = interrupted_save(path)
     if earlier is not None:  # put it back first: it is the last complete version, with the user's own files
         os.replace(earlier, path)
-    _refuse_unfinished_save(path)
     _remove_leftovers(path)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=_temporary_prefix(path)))
     try:
