@@ -3,12 +3,14 @@ base model a checkpoint was quantized from."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -33,10 +35,29 @@ def weights_digest(model: nn.Module, skip: str | None = None, exclude: Collectio
     return h.hexdigest()[:16]
 
 
+def _plain_value(value):
+    """``value`` as JSON encodes it faithfully: arrays and tensors (a scheduler's ``trained_betas``) by digest, as
+    their printed form rounds and elides values."""
+    if isinstance(value, (torch.Tensor, np.ndarray)):
+        return f"tensor {tensor_digest(torch.as_tensor(value))}"
+    if isinstance(value, Mapping):
+        return {str(k): _plain_value(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain_value(v) for v in value]
+    return value
+
+
 def plain_config(config) -> dict:
     """A diffusers config without its bookkeeping entries (``_name_or_path``, ``_diffusers_version``,
-    ``_use_default_values``, whose order follows string hashing), which differ between equal models."""
-    return {k: v for k, v in dict(config or {}).items() if not k.startswith("_")}
+    ``_use_default_values``, whose order follows string hashing), which differ between equal models; a plain
+    module's dataclass or namespace config by its fields."""
+    if config is None:
+        return {}
+    if dataclasses.is_dataclass(config) and not isinstance(config, type):
+        config = dataclasses.asdict(config)
+    elif not isinstance(config, Mapping):
+        config = vars(config) if hasattr(config, "__dict__") else {"repr": repr(config)}
+    return {k: _plain_value(v) for k, v in config.items() if not str(k).startswith("_")}
 
 
 def model_key(model: nn.Module, settings: dict, weights: str | None = None) -> str:

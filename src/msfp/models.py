@@ -19,6 +19,7 @@ import json
 import os
 import re
 import warnings
+from collections.abc import Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -170,6 +171,13 @@ def _takes_timestep_by_name(forward) -> bool:
         return timestep_by_name(inspect.signature(forward))
     except (TypeError, ValueError):  # no signature to read (a TorchScript method): by position
         return False
+
+
+def model_config(model) -> Mapping:
+    """A diffusers-style config of ``model`` (``sample_size``, ``in_channels``, ...), or {} for a model whose
+    ``config`` is no mapping (a plain module's dataclass or namespace follows no such convention)."""
+    config = getattr(model, "config", None)
+    return config if isinstance(config, Mapping) else {}
 
 
 def denoise(model, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:

@@ -25,7 +25,7 @@ from torch import nn
 
 from msfp.cuda_graphs import GraphedDenoiser
 from msfp.fileio import atomic_path
-from msfp.models import denoise
+from msfp.models import denoise, model_config
 from msfp.sampling import model_device, sample, save_grid
 
 # Schedulers whose ``step`` takes the per-sample generators that make sampling noise batch-size invariant.
@@ -61,7 +61,7 @@ def class_info(model) -> tuple[int | None, int | None]:
 
     DiT-style models reserve label ``num_classes`` for "no class" (classifier-free guidance); UNet2DModel has none.
     """
-    config = getattr(model, "config", None) or {}
+    config = model_config(model)
     if config.get("norm_type") == "ada_norm_zero" and config.get("num_embeds_ada_norm"):
         return config["num_embeds_ada_norm"], config["num_embeds_ada_norm"]
     return config.get("num_class_embeds"), None
@@ -217,7 +217,7 @@ def generate(model, scheduler, out, num_samples: int, num_inference_steps: int, 
         setup = dict(batch_size=batch_size, device=str(model_device(model)), cuda_graphs=cuda_graphs)
         if getattr(model, "msfp_config", None) is not None:
             setup["backend"] = getattr(model, "msfp_backend", {}).get("kind", "fake")
-        channels = (getattr(model, "config", None) or {}).get("in_channels")
+        channels = model_config(model).get("in_channels")
         if channels not in (None, 1, 3):
             raise ValueError(f"{type(model).__name__} makes {channels}-channel outputs (latents?); sample files hold "
                              "images with 1 or 3 channels, and decoding latents is not supported")

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from msfp.cuda_graphs import GraphedDenoiser
 from msfp.fileio import atomic_path
-from msfp.models import denoise
+from msfp.models import denoise, model_config
 
 
 # Schedulers whose step uses a learned variance. DPM-Solver and SA-Solver only cut the noise off the model's output, as
@@ -55,8 +55,8 @@ def _without_learned_variance(scheduler) -> dict:
 def _sample_shape(model, sample_shape):
     if sample_shape is not None:
         return tuple(sample_shape)
-    config = getattr(model, "config", None)
-    if config is None or "sample_size" not in config or "in_channels" not in config:
+    config = model_config(model)
+    if "sample_size" not in config or "in_channels" not in config:
         raise ValueError("pass sample_shape=(C, H, W): the model has no diffusers config with sample_size/in_channels")
     size = config["sample_size"]
     return (config["in_channels"], *((size, size) if isinstance(size, int) else size))

@@ -1,0 +1,51 @@
+import dataclasses
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+from diffusers import DDIMScheduler
+
+import msfp
+from msfp.calibration import trajectory_key
+from msfp.identity import model_key
+from tiny_models import tiny_plain
+
+
+def key(model, betas):
+    return trajectory_key(model, DDIMScheduler(num_train_timesteps=len(betas), trained_betas=betas), 2, 2, 0,
+                          batch_size=2)
+
+
+def test_trained_betas_count_by_value_not_by_their_printed_form():
+    # diffusers keeps trained_betas as the numpy array it was given; keys hashed its str(), which rounds to 8
+    # decimals and elides the middle of arrays over 1000 values, so another schedule hit the cache.
+    model = tiny_plain()
+    betas = np.linspace(1e-4, 0.02, 1000)
+    assert key(model, betas) != key(model, betas + 1e-10)
+    long = np.linspace(1e-4, 0.02, 2000)
+    scaled = long.copy()
+    scaled[500:1500] *= 1.5
+    assert key(model, long) != key(model, scaled)
+    assert key(model, betas) == key(model, betas.copy())
+
+
+@dataclasses.dataclass
+class Settings:
+    resolution: int = 8
+
+
+def test_a_plain_model_whose_config_is_a_dataclass_or_namespace_has_a_key_and_calibrates():
+    # model_key did dict(model.config), and calibrate's class_info config.get(...): both failed on such a config.
+    model = tiny_plain()
+    keys = set()
+    for config in (Settings(8), Settings(16), SimpleNamespace(resolution=8), SimpleNamespace(resolution=16)):
+        model.config = config
+        keys.add(model_key(model, {}))
+    assert len(keys) == 2  # by their fields: resolution 8 or 16
+    q = msfp.quantize(tiny_plain(), "w4a4-msfp")
+    q.config = Settings()
+    model.config = Settings()
+    msfp.calibrate(q, model, DDIMScheduler(num_train_timesteps=1000), num_samples=2, num_steps=2,
+                   sample_shape=(1, 8, 8), disable=True)
+    with torch.no_grad():
+        assert torch.isfinite(q(torch.randn(2, 1, 8, 8), torch.tensor([1, 500]))).all()
