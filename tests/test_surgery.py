@@ -96,6 +96,20 @@ def test_config_as_a_dict_of_fields():
         msfp.quantize(tiny_unet(), None)
 
 
+def test_the_model_keeps_its_own_copy_of_the_config():
+    # The model held the caller's object (and from_dict the caller's lists): a sweep editing its config after
+    # quantizing changed how the first model calibrated and what its checkpoint recorded.
+    config = QuantConfig.preset("w4a4-msfp")
+    q = msfp.quantize(tiny_unet(), config)
+    config.act_timestep_groups = 4
+    config.aal_act_formats.clear()
+    assert q.msfp_config == QuantConfig.preset("w4a4-msfp")
+    fields = {"aal_act_formats": ["ufp4_e2m2"]}
+    q = msfp.quantize(tiny_unet(), fields)
+    fields["aal_act_formats"].append("ufp4_e1m3")
+    assert q.msfp_config.aal_act_formats == ["ufp4_e2m2"]
+
+
 def test_clear_errors():
     with pytest.raises(ValueError, match="nothing to quantize: it contains no nn.Conv2d or nn.Linear"):
         msfp.quantize(nn.Sequential(nn.SiLU()), "w4a4-msfp")

@@ -141,7 +141,7 @@ class QuantConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"unknown QuantConfig field(s) {unknown}; known fields: {sorted(known)}")
-        return cls(**data)
+        return cls(**copy.deepcopy(data))  # the caller's lists stay the caller's
 
     @classmethod
     def from_json(cls, text: str) -> QuantConfig:

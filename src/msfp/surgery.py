@@ -11,6 +11,7 @@ Works on any ``nn.Module`` called as ``model(x, t, **cond)`` or ``model(x, times
 
 from __future__ import annotations
 
+import copy
 import inspect
 import re
 import warnings
@@ -180,7 +181,9 @@ def quantize(model: nn.Module, config: QuantConfig | str | dict) -> nn.Module:
         config = QuantConfig.preset(config)
     elif isinstance(config, dict):
         config = QuantConfig.from_dict(config)
-    elif not isinstance(config, QuantConfig):
+    elif isinstance(config, QuantConfig):
+        config = copy.deepcopy(config)  # the model's own: editing the caller's (a sweep) must not change this model
+    else:
         raise TypeError(f"quantize: config must be a QuantConfig, a preset name or a dict of QuantConfig fields, got "
                         f"{type(config).__name__}")
     config.validate()
