@@ -190,6 +190,23 @@ def test_calibration_leaves_disabled_quantizers_disabled():
     assert all(layer.weight_quantizer.enabled for layer in quant_layers(q).values())
 
 
+def test_the_weight_search_takes_the_configured_zero_points():
+    # Only the activation search read search_zero_points: unsigned weight formats always searched 16.
+    from msfp.quantizers import WeightQuantizer
+
+    fp = tiny_unet()
+    zero_points = []
+    for n in (1, 64):
+        q = msfp.quantize(copy.deepcopy(fp), QuantConfig(weight_formats=["ufp4_e2m2"], search_zero_points=n))
+        msfp.calibrate(q, fp, scheduler(), num_samples=2, num_steps=2, disable=True)
+        layer = quant_layers(q)["down_blocks.0.resnets.0.conv1"]
+        alone = WeightQuantizer(layer.weight_quantizer.fmt, layer.weight.shape[0])
+        alone.initialize(layer.weight.detach(), ["ufp4_e2m2"], num_clip=q.msfp_config.search_clip_points, num_zero=n)
+        assert torch.equal(layer.weight_quantizer.zero_point, alone.zero_point)
+        zero_points.append(layer.weight_quantizer.zero_point)
+    assert not torch.equal(*zero_points)
+
+
 def test_per_timestep_activation_groups():
     from msfp.calibration import recorded_inputs, record_layer_inputs
     from msfp.quantizers import ActivationQuantizer

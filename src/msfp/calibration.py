@@ -287,10 +287,11 @@ def _search_layer(layer, rec: dict, config) -> None:
     aal, reason = _is_aal(layer, rec, config)
     weight_candidates = config.eight_bit_weight_formats if eight else config.weight_formats
     w = layer.effective_weight().detach()
+    search = dict(num_clip=config.search_clip_points, num_zero=config.search_zero_points)
     if config.weight_granularity == "channel":
-        wres = layer.weight_quantizer.initialize(w, weight_candidates, num_clip=config.search_clip_points)
+        wres = layer.weight_quantizer.initialize(w, weight_candidates, **search)
     else:
-        wres = layer.weight_quantizer.initialize_per_tensor(w, weight_candidates, num_clip=config.search_clip_points)
+        wres = layer.weight_quantizer.initialize_per_tensor(w, weight_candidates, **search)
     ares = _search_activations(layer, rec, config, aal)
     layer.info.update(
         name=layer.name, kind=layer.kind, precision=layer.precision, aal=aal, aal_reason=reason,
