@@ -7,7 +7,7 @@ from diffusers import DDIMScheduler
 
 import msfp
 from msfp.calibration import trajectory_key
-from msfp.identity import model_key
+from msfp.identity import model_key, weights_digest
 from tiny_models import tiny_plain
 
 
@@ -49,3 +49,12 @@ def test_a_plain_model_whose_config_is_a_dataclass_or_namespace_has_a_key_and_ca
                    sample_shape=(1, 8, 8), disable=True)
     with torch.no_grad():
         assert torch.isfinite(q(torch.randn(2, 1, 8, 8), torch.tensor([1, 500]))).all()
+
+
+def test_a_compiled_or_data_parallel_model_has_the_digest_of_the_model_it_wraps():
+    # Their state_dict names gain "_orig_mod." or "module.": finetune(q, torch.compile(fp)) refused the very model
+    # q was calibrated from as "other weights".
+    model = tiny_plain()
+    for wrapped in (torch.compile(model), torch.nn.DataParallel(model)):
+        assert weights_digest(wrapped) == weights_digest(model)
+        assert model_key(wrapped, {}) == model_key(model, {})

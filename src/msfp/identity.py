@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from msfp.models import unwrapped
+
 
 def _tensor_bytes(t: torch.Tensor) -> bytes:
     return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()  # 0-dim tensors too
@@ -26,9 +28,10 @@ def tensor_digest(t: torch.Tensor) -> str:
 
 def weights_digest(model: nn.Module, skip: str | None = None, exclude: Collection[str] = ()) -> str:
     """A digest of every tensor of ``model``'s state (names, dtypes, shapes, bytes) but those whose name contains
-    ``skip`` or is in ``exclude``: equal digests, equal weights."""
+    ``skip`` or is in ``exclude``: equal digests, equal weights. A compiled or DataParallel model's are those of the
+    model it wraps."""
     h = hashlib.sha256()
-    for name, tensor in model.state_dict().items():
+    for name, tensor in unwrapped(model).state_dict().items():  # compiling or DataParallel prefix every name
         if isinstance(tensor, torch.Tensor) and (skip is None or skip not in name) and name not in exclude:
             h.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}".encode())
             h.update(_tensor_bytes(tensor))
@@ -63,7 +66,9 @@ def plain_config(config) -> dict:
 def model_key(model: nn.Module, settings: dict, weights: str | None = None) -> str:
     """A digest of ``settings``, ``model``'s class and config and its weights (``weights``: their digest, if the
     caller has it): equal keys, equal models and settings. The config counts (resolution or timestep-embedding
-    options change the trajectories, not the weights); its bookkeeping entries do not (:func:`plain_config`)."""
+    options change the trajectories, not the weights); its bookkeeping entries do not (:func:`plain_config`). A
+    compiled or DataParallel model is the model it wraps."""
+    model = unwrapped(model)
     identity = dict(settings, model_class=f"{type(model).__module__}.{type(model).__qualname__}",
                     model_config=plain_config(getattr(model, "config", None)), weights=weights or weights_digest(model))
     return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -173,6 +173,17 @@ def _takes_timestep_by_name(forward) -> bool:
         return False
 
 
+def unwrapped(model):
+    """The model inside torch.compile's, DataParallel's or DDP's wrappers (``model`` itself if none)."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif isinstance(model, (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)):
+            model = model.module
+        else:
+            return model
+
+
 def model_config(model) -> Mapping:
     """A diffusers-style config of ``model`` (``sample_size``, ``in_channels``, ...), or {} for a model whose
     ``config`` is no mapping (a plain module's dataclass or namespace follows no such convention)."""
@@ -184,14 +195,8 @@ def denoise(model, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
     """``model``'s prediction for ``x`` at timesteps ``t`` as a tensor (a diffusers output's ``.sample``): the one
     way msfp calls a denoiser, ``model(x, timestep=t, **cond)`` where forward has a ``timestep`` parameter, else
     ``model(x, t, **cond)``."""
-    inner = model
-    while True:  # wrappers whose forward takes (*args, **kwargs): torch.compile's, DataParallel, DDP
-        if hasattr(inner, "_orig_mod"):
-            inner = inner._orig_mod
-        elif isinstance(inner, (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)):
-            inner = inner.module
-        else:
-            break
+    # Wrappers' forwards take (*args, **kwargs): the wrapped model's says how it takes the timestep.
+    inner = unwrapped(model)
     by_name = _takes_timestep_by_name(getattr(inner, "forward", inner))  # a plain function is a denoiser too
     out = model(x, timestep=t, **cond) if by_name else model(x, t, **cond)
     out = getattr(out, "sample", out)
