@@ -43,7 +43,7 @@ def test_fp_codes_are_the_bit_fields():
 def test_codes_reproduce_fake_quant_exactly(name, x, scale, zero_point, dtype, param_dtype):
     fmt = get_format(name)
     x = torch.from_numpy(x).to(dtype)  # half precision: both compute in float32 (codes used to differ)
-    # float64 scales (a model cast .double().float() keeps them) are used in x's compute dtype, as fake_quant does
+    # float64 scales (those of a model cast .double()) are used in x's compute dtype, as fake_quant does
     s = torch.tensor(scale, dtype=param_dtype)
     z = torch.tensor(zero_point, dtype=param_dtype) if fmt.needs_zero_point else None
     codes = quantize_to_codes(x, fmt, s, z)

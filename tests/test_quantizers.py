@@ -125,6 +125,17 @@ def test_half_precision_quantizers_compute_like_fake_quant(dtype):
     assert torch.equal(out_w, fake_quant(w, wq.fmt, wq.scale.detach().float().clamp_min(MIN_SCALE).view(-1, 1, 1, 1)))
 
 
+def test_quantizer_dtypes_follow_casts_down_to_float32_and_no_further():
+    wq = WeightQuantizer("fp4_e2m1", 6)
+    wq.initialize(torch.randn(6, 4))
+    scale = wq.scale.detach().clone()
+    assert wq.double().scale.dtype == torch.float64
+    # .double().float() used to leave them float64 for good: the checkpoint and the weights digest changed.
+    assert wq.float().scale.dtype == torch.float32 and torch.equal(wq.scale, scale)
+    assert wq.double().to(torch.bfloat16).scale.dtype == torch.float32 and torch.equal(wq.scale, scale)
+    assert wq.half().scale.dtype == torch.float32 and torch.equal(wq.scale, scale)
+
+
 def test_search_bad_inputs():
     with pytest.raises(ValueError, match="empty"):
         search_quant_params(torch.empty(0), SIGNED_4BIT)

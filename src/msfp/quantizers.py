@@ -163,11 +163,10 @@ class _Quantizer(nn.Module):
     def _apply(self, fn, recurse=True):
         # The scale and zero point define the grid and are used in float32 (or wider) whatever the model's dtype:
         # model.to(torch.bfloat16) rounding them would move the grid (a 2^-9 scale change shifts the top 8-bit code
-        # by half a step). A dtype cast only moves them; float64 still widens them.
+        # by half a step). A cast below float32 only moves them (float64 ones back to float32); float64 widens them.
         def keep_grid(t):
             out = fn(t)
-            narrower = out.is_floating_point() and torch.finfo(out.dtype).bits < torch.finfo(t.dtype).bits
-            return t.to(out.device) if narrower else out
+            return t.to(out.device, torch.float32) if out.is_floating_point() and out.element_size() < 4 else out
 
         return super()._apply(keep_grid, recurse)
 
