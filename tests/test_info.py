@@ -31,6 +31,18 @@ def test_fractions_at_4_bits_follow_the_formats_not_the_layer_group(metas):
     assert "weights at 4 bits: 0.0 %" in describe(metas["w6a6-msfp"])
 
 
+def test_a_config_is_called_a_preset_only_when_it_is_one(metas):
+    # A config kept a preset's name after an edit, or named one in a JSON file without its fields: msfp info called
+    # it that preset.
+    assert "\npreset w4a4-msfp: " in describe(metas["w4a4-msfp"])
+    edited = copy.deepcopy(metas["w4a4-msfp"])
+    edited["quantization_config"].update(act_timestep_groups=4, aal_act_formats=[])
+    assert ("\nconfig 'w4a4-msfp' (preset w4a4-msfp with aal_act_formats, act_timestep_groups changed): "
+            in describe(edited))
+    edited["quantization_config"]["name"] = "custom"
+    assert "\nconfig 'custom': " in describe(edited)
+
+
 def test_bits_column_shows_each_layers_formats(metas):
     bits = {p: {r["name"]: r["bits"] for r in layer_rows(metas[p])} for p in metas}
     assert bits["w4a4-msfp"]["conv_in"] == "w8a8" and bits["w4a4-msfp"]["down_blocks.0.resnets.0.conv1"] == "w4a4"

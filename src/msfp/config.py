@@ -172,3 +172,13 @@ PRESETS: dict[str, dict] = {
     "w8a8-fp": dict(weight_formats=list(SIGNED_FP8), act_formats=list(SIGNED_FP8), aal_act_formats=[],
                     eight_bit_weight_formats=list(SIGNED_FP8), eight_bit_act_formats=list(SIGNED_FP8)),
 }
+
+
+def changed_from_preset(fields: dict) -> list[str] | None:
+    """The fields of a config (as saved: a dict) that differ from the preset it is named after, or None when its name
+    is no preset. A config can keep a preset's name after an edit, or name one in a JSON file without its fields."""
+    name = fields.get("name")
+    if name not in PRESETS:
+        return None
+    preset = dataclasses.asdict(QuantConfig.preset(name))
+    return sorted(k for k, v in preset.items() if k in fields and fields[k] != v)

@@ -7,6 +7,7 @@ quantized at 4 bits (``quantize_attention``); otherwise it is in the total only.
 
 from __future__ import annotations
 
+from msfp.config import changed_from_preset
 from msfp.formats import get_format
 
 
@@ -85,7 +86,10 @@ def describe(meta: dict) -> str:
         text += [format_table(attention, ["name", "kind", "bits", "act", "aal", "act_mse"]), ""]
     matmuls = (f"quantized ({len(attention)} matmul inputs, {frac['attention_matmuls_4bit']} matmuls at 4 bits)"
                if config.get("quantize_attention") else "full precision")  # older checkpoints lack the key
-    text += [f"preset {config['name']}: {frac['layers']} quantized layers, {frac['layers_4bit']} with 4-bit weights "
+    changed = changed_from_preset(config)
+    label = (f"preset {config['name']}" if changed == [] else f"config {config['name']!r}" if changed is None
+             else f"config {config['name']!r} (preset {config['name']} with {', '.join(changed)} changed)")
+    text += [f"{label}: {frac['layers']} quantized layers, {frac['layers_4bit']} with 4-bit weights "
              "and activations, "
              f"{aals} AALs; full precision: {', '.join(config['modules_to_not_convert']) or 'none'}; attention "
              f"matmuls: {matmuls}",
