@@ -107,7 +107,8 @@ _RATE = click.FloatRange(min=0)
               "in msfp compare: not from the noise of the images msfp sample --seed draws (seed + i)")
 @click.option("--batch", type=_COUNT, default=64, help="calibration points per denoiser call")
 @click.option("--cache-dir", default=None, type=click.Path(file_okay=False),
-              help="reuse calibration trajectories and layer inputs across runs")
+              help="reuse calibration trajectories and layer inputs across runs (of the same model, settings, "
+              "batch, device type, torch and msfp)")
 @click.option("--device", type=_DEVICE, default=_default_device())
 def quantize(model_spec, preset, config_path, out, calib_samples, calib_steps, seed, batch, cache_dir, device):
     """Quantize and calibrate a model; write a directory that msfp.load_quantized reads."""
