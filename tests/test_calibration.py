@@ -92,6 +92,13 @@ def test_empty_calibration_set_and_missing_conditioning():
         collect_trajectories(tiny_pixart(), scheduler(), num_samples=2, num_steps=2, disable=True)
     with pytest.raises(ValueError, match="needs a model returned by msfp.quantize"):
         msfp.calibrate(fp, fp, scheduler())
+    # quantize() works in place: calibrating q from itself was accepted, and recorded q's weights as the base, so
+    # finetune and eval --model later refused the real full-precision model as "other weights".
+    q = msfp.quantize(fp, "w4a4-msfp")
+    with pytest.raises(ValueError, match=r"fp_model is quantized \(it is qmodel itself\): quantize a copy"):
+        msfp.calibrate(q, q, scheduler())
+    with pytest.raises(ValueError, match=r"fp_model is quantized: quantize a copy"):
+        msfp.calibrate(q, msfp.quantize(tiny_unet(), "w4a4-msfp"), scheduler())
 
 
 def test_a_model_on_the_fp8_backend_is_not_recalibrated():

@@ -383,6 +383,10 @@ def calibrate(qmodel: nn.Module, fp_model: nn.Module, scheduler, num_samples: in
     config = getattr(qmodel, "msfp_config", None)
     if config is None:
         raise ValueError("calibrate() needs a model returned by msfp.quantize(model, config)")
+    if getattr(fp_model, "msfp_config", None) is not None:  # quantize() works in place: the caller's model is q too
+        raise ValueError("calibrate() samples the full-precision model's trajectories, but fp_model is quantized"
+                         f"{' (it is qmodel itself)' if fp_model is qmodel else ''}: quantize a copy "
+                         "(msfp.quantize(copy.deepcopy(model), ...)) and pass the original as fp_model")
     require_fake_quant(qmodel, "calibrate()", "calibrate before msfp.fp8.convert_to_fp8")
     layers = quant_layers(qmodel)
     half = next((n for n, layer in layers.items() if layer.weight.dtype != torch.float32), None)
