@@ -409,7 +409,17 @@ def test_cli_quantize_then_finetune_with_time_budget_and_resume(tmp_path):
     assert meta["scheduler_config"]["num_train_timesteps"] == 1000  # kept for sampling
     assert meta["finetune"]["seed"] == 10_000  # teacher trajectories away from msfp sample's seeds, as in msfp compare
     r = run(*args)
-    assert r.exit_code == 1 and "already fine-tuned" in r.output
+    assert r.exit_code == 1 and "already fine-tuned (4 iterations, lora 'talora')" in r.output, r.output
+    # Quantizing into it used to replace the fine-tuned model with a post-training one without a word.
+    r = run("quantize", "--model", tmp_path / "model", "--out", q)
+    assert r.exit_code == 2 and "holds a fine-tuned model, which quantizing would replace" in r.output, r.output
+    # A second fine-tune after lora 'none' was accepted, and the record then told of the second run only.
+    none = tmp_path / "q-none"
+    assert run("quantize", "--model", tmp_path / "model", "--out", none, "--calib-samples", 4, "--calib-steps", 4
+               ).exit_code == 0
+    assert run(*args[:1], none, *args[2:], "--lora", "none", "--loss", "mse").exit_code == 0
+    r = run(*args[:1], none, *args[2:])
+    assert r.exit_code == 1 and "already fine-tuned (4 iterations, lora 'none')" in r.output, r.output
     r = run("finetune", tmp_path / "model", "--model", tmp_path / "model")
     assert r.exit_code == 1 and "not a msfp output directory" in r.output
     r = run("finetune", q, "--model", "default")

@@ -113,7 +113,7 @@ _RATE = click.FloatRange(min=0)
 def quantize(model_spec, preset, config_path, out, calib_samples, calib_steps, seed, batch, cache_dir, device):
     """Quantize and calibrate a model; write a directory that msfp.load_quantized reads."""
     from msfp.calibration import calibrate
-    from msfp.checkpoint import check_output_directory, read_quant_meta, save_quantized
+    from msfp.checkpoint import CONFIG_NAME, check_output_directory, read_quant_meta, save_quantized
     from msfp.compare import CALIB_SEED_OFFSET
     from msfp.config import QuantConfig
     from msfp.info import describe
@@ -125,6 +125,9 @@ def quantize(model_spec, preset, config_path, out, calib_samples, calib_steps, s
     with _user_errors():
         config = _read_config(config_path) if config_path else QuantConfig.preset(preset)
         check_output_directory(out)  # before the work, which may take long
+        if (Path(out) / CONFIG_NAME).is_file() and read_quant_meta(out).get("finetune"):
+            raise click.UsageError(f"{out} holds a fine-tuned model, which quantizing would replace with a "
+                                   "post-training one: choose another --out, or delete it first")
         cache = Path(cache_dir).resolve() if cache_dir is not None else None
         if cache is not None and Path(out).resolve() in (cache, *cache.parents):
             raise click.UsageError(f"--cache-dir {cache_dir} is inside --out {out}, which the checkpoint replaces "
@@ -418,9 +421,11 @@ def finetune_cmd(directory, model_spec, iters, batch, lora, num_loras, rank, los
                                 dfa_weighting=dfa_weighting, lora_lr=lora_lr, act_lr=act_lr, router_lr=router_lr,
                                 train_weight_scales=train_weight_scales, traj_samples=traj_samples,
                                 traj_steps=traj_steps, seed=seed + CALIB_SEED_OFFSET)
-        if meta.get("talora"):
-            raise ValueError(f"{path} is already fine-tuned (its LoRAs are merged into packed weights); fine-tune "
-                             "the output of msfp quantize instead")
+        record = meta.get("finetune") or {}
+        if meta.get("talora") or record:  # after lora 'none' too: the record would say only the second run
+            how = (f" ({record['iters_done']} iterations, lora {record['lora']!r})"
+                   if {"iters_done", "lora"} <= record.keys() else "")
+            raise ValueError(f"{path} is already fine-tuned{how}; fine-tune the output of msfp quantize instead")
         fp_model, scheduler = load_model(model_spec)
         require_base_weights(meta, fp_model, path, f"--model {model_spec!r}")
         fp_model.to(device)
