@@ -30,8 +30,9 @@ def test_sample_writes_npz_and_grid(tmp_path, tiny_model_dir):
     s = load_samples(tmp_path / "s.npz")
     assert s["images"].shape == (3, 8, 8, 1) and s["seeds"].tolist() == [5, 6, 7]
     assert s["meta"]["model"] == str(tiny_model_dir) and s["meta"]["scheduler"] == "DPMSolverMultistepScheduler"
-    # what a quantized model's images would also depend on; a full-precision model has no backend
-    assert {k: s["meta"][k] for k in ("batch_size", "device", "cuda_graphs")} == dict(batch_size=64, device="cpu",
+    # What a quantized model's images would also depend on; a full-precision model has no backend. 3 images at
+    # --batch 64 are drawn 3 per call: 64 was recorded, as for 64 images, which are drawn otherwise.
+    assert {k: s["meta"][k] for k in ("batch_size", "device", "cuda_graphs")} == dict(batch_size=3, device="cpu",
                                                                                      cuda_graphs=False)
     assert "backend" not in s["meta"]
     assert (tmp_path / "s.png").is_file()

@@ -213,8 +213,11 @@ def generate(model, scheduler, out, num_samples: int, num_inference_steps: int, 
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
         if device is not None:
             model = model.to(device)
-        # What a quantized model's images depend on besides the seeds (README, "Same seeds, same images?").
-        setup = dict(batch_size=batch_size, device=str(model_device(model)), cuda_graphs=cuda_graphs)
+        start, stop = rank * num_samples // world, (rank + 1) * num_samples // world
+        # What a quantized model's images depend on besides the seeds (README, "Same seeds, same images?"): the
+        # images per call drawn, not asked for (8 images at --batch 64 are drawn 8 per call).
+        setup = dict(batch_size=min(batch_size, stop - start), device=str(model_device(model)),
+                     cuda_graphs=cuda_graphs)
         if getattr(model, "msfp_config", None) is not None:
             setup["backend"] = getattr(model, "msfp_backend", {}).get("kind", "fake")
         channels = model_config(model).get("in_channels")
@@ -229,7 +232,6 @@ def generate(model, scheduler, out, num_samples: int, num_inference_steps: int, 
                 raise ValueError(f"guidance {guidance} needs a class-conditional model with a null class (DiT); "
                                  f"{type(model).__name__} has none")
             model = Guided(model, guidance, null_label)
-        start, stop = rank * num_samples // world, (rank + 1) * num_samples // world
         seeds = np.arange(seed + start, seed + stop)
         labels = sample_labels(num_classes, seeds) if num_classes else None
         began = time.time()
