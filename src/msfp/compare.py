@@ -305,8 +305,13 @@ def _progress(work: Path, fingerprint: dict, resume: bool) -> dict:
     if unrecorded:
         raise ValueError(f"{work} holds a run of an earlier msfp, which did not record its {', '.join(unrecorded)}: "
                          f"resuming it could mix results; delete {work} to start over")
-    differ = [k for k in fingerprint if progress["fingerprint"].get(k) != fingerprint[k]]
+    recorded = progress["fingerprint"]
+    differ = [k for k in fingerprint if recorded.get(k) != fingerprint[k]]
     if differ:
+        if "settings" in differ:  # which ones: the user then knows what to pass to resume
+            was, now = recorded["settings"], fingerprint["settings"]
+            fields = "; ".join(f"{f} {was.get(f)!r} there, {v!r} here" for f, v in now.items() if was.get(f) != v)
+            differ[differ.index("settings")] = f"settings ({fields})"
         raise ValueError(f"{work} holds a run with another {', '.join(differ)}: resuming it would mix results; "
                          f"delete {work} to start over")
     return progress
