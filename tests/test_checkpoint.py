@@ -1,5 +1,6 @@
 import copy
 import json
+import shutil
 import re
 
 import numpy as np
@@ -93,8 +94,25 @@ def test_saving_the_same_model_again_writes_the_same_bytes(tmp_path, saved):
 def test_quant_meta_is_the_saved_metadata_without_writing(saved):
     q, out = saved
     meta = checkpoint.read_quant_meta(out)
+    assert meta.pop("meta_sha256") == checkpoint._meta_sha256(meta)
     assert meta.pop("weights_sha256") == checkpoint._sha256(out / "model.safetensors")
     assert checkpoint.quant_meta(q) == meta
+
+
+def test_an_edited_layer_format_is_refused_not_decoded(tmp_path, saved):
+    # Only model.safetensors was checksummed: a layer's weight_format edited in msfp_quant.json decoded its codes on
+    # the other grid, and the model loaded and sampled other weights without a word.
+    out = tmp_path / "edited"
+    shutil.copytree(saved[1], out)
+    meta = json.loads((out / "msfp_quant.json").read_text())
+    layer = meta["layers"]["down_blocks.0.resnets.0.conv1"]
+    layer["weight_format"] = "fp4_e2m1" if layer["weight_format"] == "fp4_e1m2" else "fp4_e1m2"
+    (out / "msfp_quant.json").write_text(json.dumps(meta, indent=1))
+    with pytest.raises(ValueError, match=r"msfp_quant.json: checksum mismatch: the file was edited after msfp saved it"):
+        msfp.load_quantized(out)
+    r = CliRunner().invoke(main, ["sample", "--model", str(out), "-n", "1", "--steps", "1", "--out",
+                                  str(tmp_path / "s.npz")])
+    assert r.exit_code == 1 and "checksum mismatch" in r.output, r.output
 
 
 @pytest.mark.parametrize("preset", ["w4a4-int", "w6a6-msfp", "w8a8-fp"])
@@ -234,6 +252,7 @@ def test_plain_module_on_a_gpu_loads_there(tmp_path):
 
 def _edit_meta(out, edit):
     meta = json.loads((out / "msfp_quant.json").read_text())
+    meta.pop("meta_sha256")  # as before msfp recorded it: the edits here test the checks behind the checksum
     edit(meta)
     (out / "msfp_quant.json").write_text(json.dumps(meta))
 
@@ -655,8 +674,8 @@ def test_finetuned_talora_round_trip_is_exact(tmp_path, lora):
     # as the layer names they resolved to.
     resaved = checkpoint.read_quant_meta(again)
     assert meta["finetune"] is not None
-    assert {k: v for k, v in resaved.items() if k != "quantization_config"} == \
-        {k: v for k, v in meta.items() if k != "quantization_config"}
+    differs = ("quantization_config", "meta_sha256")  # the metadata's checksum covers the quantization config
+    assert {k: v for k, v in resaved.items() if k not in differs} == {k: v for k, v in meta.items() if k not in differs}
     info = CliRunner().invoke(main, ["info", str(out)])
     assert info.exit_code == 0 and "LoRA" in info.output, info.output
 

@@ -238,7 +238,7 @@ def _talora_meta(model: nn.Module) -> dict | None:
 
 
 def quant_meta(model: nn.Module) -> dict:
-    """What ``msfp_quant.json`` holds for a calibrated model (less the weights' checksum), without writing anything:
+    """What ``msfp_quant.json`` holds for a calibrated model (less the checksums), without writing anything:
     formats, layer policy, per-layer calibration report, FLOPs. Works for models a packed checkpoint cannot hold yet
     (quantizers switched off, several TALoRA LoRAs)."""
     layers = quant_layers(model)
@@ -303,6 +303,7 @@ def save_quantized(model: nn.Module, directory: str | os.PathLike) -> Path:
         # made the bytes (and weights_sha256) of identical checkpoints differ. The version is in CONFIG_NAME.
         save_file(state, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
         meta["weights_sha256"] = _sha256(tmp / WEIGHTS_NAME)
+        meta["meta_sha256"] = _meta_sha256(meta)
         (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=1) + "\n")
     return out
 
@@ -382,7 +383,18 @@ def _build_base(meta: dict, model: nn.Module | None, where: Path) -> nn.Module:
         return cls.from_config(base["config"])
 
 
+def _meta_sha256(meta: dict) -> str:
+    """A checksum of the metadata but itself: the per-layer formats decode the packed codes, so an edited format
+    would load other weights without any other check noticing."""
+    body = {k: v for k, v in meta.items() if k != "meta_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
 def _read_weights(path: Path, meta: dict) -> dict[str, torch.Tensor]:
+    if "meta_sha256" in meta and _meta_sha256(meta) != meta["meta_sha256"]:  # checkpoints before 2026-12 have none
+        raise ValueError(f"{path / CONFIG_NAME}: checksum mismatch: the file was edited after msfp saved it (its "
+                         "per-layer formats decode the packed weights, so the model would load other weights); save "
+                         "the model again with msfp instead of editing the file")
     file = path / WEIGHTS_NAME
     if not file.is_file():
         raise ValueError(f"{file} is missing")
