@@ -145,7 +145,7 @@ def test_layers_a_quantized_layer_cannot_replace_are_refused():
 
     model = tiny_plain()
     model.head = model.mid  # one layer, two names
-    with pytest.raises(ValueError, match="mid is also registered as head: replacing it under one name"):
+    with pytest.raises(ValueError, match="mid: it is also registered as head: replacing it under one name"):
         msfp.quantize(model, "w4a4-msfp")
     half = msfp.quantize(tiny_plain().to(torch.bfloat16), "w4a4-msfp")  # the FP8 benchmarks start from bf16
     with pytest.raises(ValueError, match="inp: weights are torch.bfloat16; the fake-quant reference calibrates float32"):
@@ -176,6 +176,22 @@ def test_layers_a_quantized_layer_cannot_replace_are_refused():
     with pytest.raises(ValueError, match=r"1 quantized layer\(s\) never ran during calibration \(e.g. "
                                          r"'unused'\).*full_precision_layers"):
         msfp.calibrate(q, fp, scheduler(), num_samples=2, num_steps=2, sample_shape=(1, 8, 8), disable=True)
+
+
+def test_every_layer_a_quantized_layer_cannot_replace_is_named_at_once():
+    # They came one per run: three runs to learn which layers to keep full precision.
+    class Scaled(nn.Linear):
+        def forward(self, x):
+            return 0.1 * super().forward(x)
+
+    model = tiny_plain()
+    model.t_proj = Scaled(1, 8)
+    nn.utils.parametrizations.weight_norm(model.mid)
+    model.inp = nn.LazyConv2d(8, 3, padding=1)
+    with pytest.raises(ValueError, match=r"^inp: LazyConv2d has no weight .*; mid: its weight is computed .*; t_proj: "
+                                         r"Scaled has its own forward.*; keep them full precision with "
+                                         r"QuantConfig.full_precision_layers=\['mid', 't_proj'\]$"):
+        msfp.quantize(model, "w4a4-msfp")
 
 
 @pytest.mark.parametrize("parametrize", [nn.utils.parametrizations.weight_norm,

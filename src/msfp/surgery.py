@@ -140,32 +140,44 @@ def _timestep_hook(module, args, kwargs):
     check_quantized_attention(module, module.msfp_quantized_attention)
 
 
+def _why_not_replaceable(name: str, module: nn.Module, aliases: list[str], parent) -> tuple[str, bool] | None:
+    """Why a QuantLayer cannot stand in for ``module``, and whether keeping it full precision is the fix."""
+    if type(module).forward not in (nn.Conv2d.forward, nn.Linear.forward):
+        return f"{type(module).__name__} has its own forward(), which a quantized layer would drop", True
+    if isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params():
+        return (f"{type(module).__name__} has no weight until its first forward; run the model once before quantizing "
+                "it"), False
+    if not isinstance(module.weight, nn.Parameter):
+        return ("its weight is computed on every call (weight_norm, spectral_norm or another parametrization), which a "
+                "quantized layer would freeze; remove the parametrization first "
+                "(torch.nn.utils.parametrize.remove_parametrizations)"), True
+    if isinstance(parent, nn.MultiheadAttention):
+        return ("nn.MultiheadAttention reads this layer's weight directly and never calls it, so it cannot be "
+                "quantized"), True
+    if aliases:
+        return (f"it is also registered as {', '.join(aliases)}: replacing it under one name would leave the others "
+                "full precision"), True
+    return None
+
+
 def _check_replaceable(model: nn.Module, layers: list[tuple[str, nn.Module]]) -> None:
-    """Layers a QuantLayer cannot stand in for, with what to do instead; checked before any layer is replaced."""
+    """Layers a QuantLayer cannot stand in for, all of them with what to do instead; checked before any layer is
+    replaced."""
     names, parents = {}, {}
     for name, module in model.named_modules(remove_duplicate=False):
         names.setdefault(id(module), []).append(name)
         for child in module.children():
             parents.setdefault(id(child), module)
+    refused = {}
     for name, module in layers:
-        fix = f"; keep it full precision with QuantConfig.full_precision_layers=[{name!r}]"
-        if type(module).forward not in (nn.Conv2d.forward, nn.Linear.forward):
-            raise ValueError(f"{name}: {type(module).__name__} has its own forward(), which a quantized layer would "
-                             f"drop{fix}")
-        if isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params():
-            raise ValueError(f"{name}: {type(module).__name__} has no weight until its first forward; run the model "
-                             "once before quantizing it")
-        if not isinstance(module.weight, nn.Parameter):
-            raise ValueError(f"{name}: its weight is computed on every call (weight_norm, spectral_norm or another "
-                             "parametrization), which a quantized layer would freeze; remove the parametrization "
-                             f"first (torch.nn.utils.parametrize.remove_parametrizations){fix}")
-        if isinstance(parents.get(id(module)), nn.MultiheadAttention):
-            raise ValueError(f"{name}: nn.MultiheadAttention reads this layer's weight directly and never calls it, so "
-                             f"it cannot be quantized{fix}")
-        aliases = [n for n in names[id(module)] if n != name]
-        if aliases:
-            raise ValueError(f"{name} is also registered as {', '.join(aliases)}: replacing it under one name would "
-                             f"leave the others full precision{fix}")
+        why = _why_not_replaceable(name, module, [n for n in names[id(module)] if n != name], parents.get(id(module)))
+        if why is not None:
+            refused[name] = why
+    if refused:
+        keep = [name for name, (_, keepable) in refused.items() if keepable]
+        fix = (f"; keep {'it' if len(keep) == 1 else 'them'} full precision with "
+               f"QuantConfig.full_precision_layers={keep!r}") if keep else ""
+        raise ValueError("; ".join(f"{name}: {why}" for name, (why, _) in refused.items()) + fix)
 
 
 def _no_fast_path(module, args):
