@@ -35,6 +35,10 @@ def test_a_config_is_called_a_preset_only_when_it_is_one(metas):
     # A config kept a preset's name after an edit, or named one in a JSON file without its fields: msfp info called
     # it that preset.
     assert "\npreset w4a4-msfp: " in describe(metas["w4a4-msfp"])
+    # Reloaded, its layer selectors ("@first", ...) are the layer names they resolved to: still the preset.
+    resolved = copy.deepcopy(metas["w4a4-msfp"])
+    resolved["quantization_config"]["eight_bit_layers"] = ["conv_in", "conv_out"]
+    assert "\npreset w4a4-msfp: " in describe(resolved)
     edited = copy.deepcopy(metas["w4a4-msfp"])
     edited["quantization_config"].update(act_timestep_groups=4, aal_act_formats=[])
     assert ("\nconfig 'w4a4-msfp' (preset w4a4-msfp with aal_act_formats, act_timestep_groups changed): "

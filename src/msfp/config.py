@@ -176,9 +176,11 @@ PRESETS: dict[str, dict] = {
 
 def changed_from_preset(fields: dict) -> list[str] | None:
     """The fields of a config (as saved: a dict) that differ from the preset it is named after, or None when its name
-    is no preset. A config can keep a preset's name after an edit, or name one in a JSON file without its fields."""
+    is no preset. A config can keep a preset's name after an edit, or name one in a JSON file without its fields.
+    The layer selectors are left out: a reloaded model holds the layer names they resolved to."""
     name = fields.get("name")
     if name not in PRESETS:
         return None
     preset = dataclasses.asdict(QuantConfig.preset(name))
-    return sorted(k for k, v in preset.items() if k in fields and fields[k] != v)
+    selectors = ("eight_bit_layers", "full_precision_layers")
+    return sorted(k for k, v in preset.items() if k in fields and k not in selectors and fields[k] != v)
