@@ -293,7 +293,10 @@ from msfp.fileio import atomic_path
 with atomic_path(sys.argv[1]) as tmp:
     tmp.write_text("first")
     Path(sys.argv[2]).touch()
-    time.sleep(3)
+    for _ in range(1200):  # until told to finish: a fixed sleep raced the other writer's start-up on a busy machine
+        if Path(sys.argv[3]).exists():
+            break
+        time.sleep(0.05)
 """
 
 
@@ -306,8 +309,8 @@ def test_a_writer_in_another_pid_namespace_does_not_clear_a_live_writers_tempora
     import sys
     import time
 
-    target, ready = tmp_path / "cache.bin", tmp_path / "ready"
-    writer = subprocess.Popen([sys.executable, "-c", LONG_WRITER, str(target), str(ready)])
+    target, ready, finish = tmp_path / "cache.bin", tmp_path / "ready", tmp_path / "finish"
+    writer = subprocess.Popen([sys.executable, "-c", LONG_WRITER, str(target), str(ready), str(finish)])
     for _ in range(600):
         if ready.exists() or writer.poll() is not None:
             break
@@ -316,4 +319,5 @@ def test_a_writer_in_another_pid_namespace_does_not_clear_a_live_writers_tempora
                             "import sys; from msfp.fileio import write_json; write_json(sys.argv[1], 'second')",
                             str(target)], capture_output=True, text=True)
     assert other.returncode == 0, other.stderr
+    finish.touch()  # the live writer finishes after the other one, with its temporary file intact
     assert writer.wait(timeout=60) == 0 and target.read_text() == "first"
