@@ -144,7 +144,7 @@ def test_interrupted_run_resumes_bit_exactly(calibrated, tmp_path, monkeypatch):
     torch.save(state, tmp_path / "b" / ft.STATE_NAME)
     result = finetune(interrupted, fp, scheduler(), config, work_dir=tmp_path / "b", resume=True, disable=True)
     assert result.losses == full.losses and same_state(interrupted, reference)
-    with pytest.raises(ValueError, match="written with another FinetuneConfig"):
+    with pytest.raises(ValueError, match=r"written with another FinetuneConfig \(rank 2 there, 1 here\); resume"):
         finetune(copy.deepcopy(q), fp, scheduler(), FinetuneConfig(**{**CONFIG, "rank": 1}),
                  work_dir=tmp_path / "b", resume=True, disable=True)
 

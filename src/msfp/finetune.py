@@ -275,8 +275,10 @@ def finetune(qmodel: nn.Module, fp_model: nn.Module, scheduler, config: Finetune
             raise ValueError(f"{state_path}: cannot read the checkpoint ({type(e).__name__}: {e}); delete "
                              f"{state_path.parent} to start over") from e
         if state["config"] != config.to_dict():
-            raise ValueError(f"{state_path} was written with another FinetuneConfig; resume with the same settings "
-                             f"(saved: {state['config']})")
+            changed = "; ".join(f"{k} {v!r} there, {config.to_dict().get(k)!r} here" for k, v in state["config"].items()
+                                if config.to_dict().get(k) != v)
+            raise ValueError(f"{state_path} was written with another FinetuneConfig ({changed}); resume with the same "
+                             "settings")
         for what in ("teacher", "student"):
             if state.get("identity", {}).get(what) != identity[what]:
                 raise ValueError(f"{state_path} was written for another {what} model (or calibration); resume with "
