@@ -274,9 +274,10 @@ def finetune(qmodel: nn.Module, fp_model: nn.Module, scheduler, config: Finetune
         except Exception as e:
             raise ValueError(f"{state_path}: cannot read the checkpoint ({type(e).__name__}: {e}); delete "
                              f"{state_path.parent} to start over") from e
-        if state["config"] != config.to_dict():
-            changed = "; ".join(f"{k} {v!r} there, {config.to_dict().get(k)!r} here" for k, v in state["config"].items()
-                                if config.to_dict().get(k) != v)
+        wanted = config.to_dict()
+        if state["config"] != wanted:
+            changed = "; ".join(f"{k} {v!r} there, {wanted.get(k)!r} here" for k, v in state["config"].items()
+                                if wanted.get(k) != v)
             raise ValueError(f"{state_path} was written with another FinetuneConfig ({changed}); resume with the same "
                              "settings")
         for what in ("teacher", "student"):

@@ -140,7 +140,7 @@ def _timestep_hook(module, args, kwargs):
     check_quantized_attention(module, module.msfp_quantized_attention)
 
 
-def _why_not_replaceable(name: str, module: nn.Module, aliases: list[str], parent) -> tuple[str, bool] | None:
+def _why_not_replaceable(module: nn.Module, aliases: list[str], parent) -> tuple[str, bool] | None:
     """Why a QuantLayer cannot stand in for ``module``, and whether keeping it full precision is the fix."""
     if type(module).forward not in (nn.Conv2d.forward, nn.Linear.forward):
         return f"{type(module).__name__} has its own forward(), which a quantized layer would drop", True
@@ -170,7 +170,7 @@ def _check_replaceable(model: nn.Module, layers: list[tuple[str, nn.Module]]) ->
             parents.setdefault(id(child), module)
     refused = {}
     for name, module in layers:
-        why = _why_not_replaceable(name, module, [n for n in names[id(module)] if n != name], parents.get(id(module)))
+        why = _why_not_replaceable(module, [n for n in names[id(module)] if n != name], parents.get(id(module)))
         if why is not None:
             refused[name] = why
     if refused:
