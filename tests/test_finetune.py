@@ -10,10 +10,12 @@ import msfp
 from msfp import finetune as ft
 from msfp.evaluation import per_timestep_eps_mse
 from msfp.calibration import collect_trajectories
+from msfp.checkpoint import read_quant_meta
 from msfp.finetune import FinetuneConfig, finetune
 from msfp.fp8 import convert_to_fp8
 from msfp.losses import ddim_denoising_factors, dfa_weights
 from msfp.identity import weights_digest
+from msfp.info import describe
 from msfp.surgery import quant_layers
 from msfp.talora import add_talora, lora_assignment
 from tiny_models import scheduler, tiny_pixart, tiny_unet
@@ -253,6 +255,25 @@ def test_a_loaded_single_lora_checkpoint_keeps_its_merged_weights_under_lora_non
     assert not torch.equal(merged["conv_in"], fp.conv_in.weight)
     finetune(loaded, fp, scheduler(), FinetuneConfig(**{**CONFIG, "iters": 1, "lora": "none"}), disable=True)
     assert all(torch.equal(layer.weight, merged[n]) for n, layer in quant_layers(loaded).items())
+    # The record keeps both runs: it used to tell of the lora 'none' run only, on a model with a merged LoRA.
+    msfp.save_quantized(loaded, tmp_path / "again")
+    record = read_quant_meta(tmp_path / "again")["finetune"]
+    assert (record["lora"], record["iters_done"]) == ("none", 1)
+    assert [(run["lora"], run["iters_done"]) for run in record["earlier"]] == [("single", 3)]
+    assert "fine-tuned: 3 iterations, lora=single, loss=dfa (abs), then 1 iterations, lora=none" in describe(
+        read_quant_meta(tmp_path / "again"))
+
+
+def test_a_run_stopped_by_its_time_budget_and_resumed_is_recorded_once(calibrated, tmp_path):
+    fp, q = calibrated
+    config = FinetuneConfig(**{**CONFIG, "iters": 2})
+    student = copy.deepcopy(q)
+    assert finetune(student, fp, scheduler(), config, work_dir=tmp_path, max_minutes=0, disable=True).stopped_early
+    assert student.msfp_finetune["iters_done"] < 2
+    finetune(student, fp, scheduler(), config, work_dir=tmp_path, resume=True, disable=True)
+    assert student.msfp_finetune == dict(config.to_dict(), iters_done=2)
+    finetune(student, fp, scheduler(), config, disable=True)  # a second run on top: now there are two
+    assert student.msfp_finetune["earlier"] == [dict(config.to_dict(), iters_done=2)]
 
 
 def test_given_teacher_points_are_checked_and_identify_the_work_dir(calibrated, tmp_path):

@@ -194,6 +194,19 @@ def _restore_full_precision_weights(qmodel: nn.Module, fp_model: nn.Module) -> N
             layer.weight.copy_(source)
 
 
+def _record(earlier: dict | None, config: FinetuneConfig, iters_done: int, resume: bool) -> dict:
+    """The model's fine-tuning record: this run, after the runs the model had before (a loaded checkpoint, say)."""
+    record = dict(config.to_dict(), iters_done=iters_done)
+    if not earlier:
+        return record
+    before = earlier.get("earlier", [])  # absent in a model fine-tuned once
+    run = {k: v for k, v in earlier.items() if k != "earlier"}
+    # A run stopped by its time budget and resumed is this run, not an earlier one.
+    if not (resume and run == dict(record, iters_done=run.get("iters_done")) and run["iters_done"] < config.iters):
+        before = [*before, run]
+    return dict(record, earlier=before) if before else record
+
+
 @torch.enable_grad()  # training, also when called under a caller's torch.no_grad()
 def finetune(qmodel: nn.Module, fp_model: nn.Module, scheduler, config: FinetuneConfig | None = None,
              work_dir: str | os.PathLike | None = None, resume: bool = False, max_minutes: float | None = None,
@@ -359,5 +372,5 @@ def finetune(qmodel: nn.Module, fp_model: nn.Module, scheduler, config: Finetune
         set_fused_rounding(qmodel, False)
         for p in qmodel.parameters():
             p.requires_grad_(False)
-    qmodel.msfp_finetune = dict(config.to_dict(), iters_done=it)
+    qmodel.msfp_finetune = _record(getattr(qmodel, "msfp_finetune", None), config, it, resume)
     return FinetuneResult(it, losses, time.time() - start, stopped_early)

@@ -106,6 +106,8 @@ def describe(meta: dict) -> str:
                     f"weight quantization; router: {runs}")
     finetune = meta.get("finetune")
     if finetune:
-        text.append(f"fine-tuned: {finetune['iters_done']} iterations, lora={finetune['lora']}, "
-                    f"loss={finetune['loss']}" + (f" ({finetune['dfa_weighting']})" if finetune["loss"] == "dfa" else ""))
+        runs = [*finetune.get("earlier", []), finetune]  # absent in checkpoints fine-tuned once
+        text.append("fine-tuned: " + ", then ".join(
+            f"{run['iters_done']} iterations, lora={run['lora']}, loss={run['loss']}"
+            + (f" ({run['dfa_weighting']})" if run["loss"] == "dfa" else "") for run in runs))
     return "\n".join(text)
