@@ -141,6 +141,8 @@ def test_search_bad_inputs():
         search_quant_params(torch.empty(0), SIGNED_4BIT)
     with pytest.raises(ValueError, match="non-finite"):
         search_quant_params(torch.tensor([1.0, float("nan")]), SIGNED_4BIT)
+    with pytest.raises(ValueError, match="1 float64 values beyond float32's range"):  # said "non-finite"
+        search_quant_params(torch.tensor([1.0, 1e300], dtype=torch.float64), SIGNED_4BIT)
     with pytest.raises(ValueError, match="at least one candidate"):
         search_quant_params(torch.randn(10), [])
     with pytest.raises(TypeError, match="floating-point"):

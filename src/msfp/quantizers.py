@@ -122,9 +122,12 @@ def search_quant_params(
         raise TypeError(f"search_quant_params expects a floating-point tensor, got {getattr(x, 'dtype', type(x))}")
     if x.numel() == 0:
         raise ValueError("search_quant_params got an empty tensor (no calibration data)")
-    x = x.detach().float()
     if not torch.isfinite(x).all():
         raise ValueError(f"search_quant_params got {int((~torch.isfinite(x)).sum())} non-finite values (NaN/inf)")
+    x = x.detach().float()
+    if not torch.isfinite(x).all():  # the search works in float32, as the quantizers do
+        raise ValueError(f"search_quant_params got {int((~torch.isfinite(x)).sum())} float64 values beyond float32's "
+                         "range (±3.4e38)")
     if channel_axis is None:
         rows = x.reshape(1, -1)
         if rows.shape[1] > max_samples:
