@@ -21,6 +21,11 @@ def test_architecture_shapes():
     assert feats.shape == (7, 16) and logits.shape == (7, 10)
     torch.testing.assert_close(feats, net.features(x), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(logits, net.logits(x), atol=1e-5, rtol=1e-5)
+    # A net left in training mode: its batch norm used each batch's statistics and updated its running ones.
+    net.train()
+    running = {k: v.clone() for k, v in net.state_dict().items()}
+    assert torch.equal(compute_features(net, x, batch_size=3)[0], feats) and net.training
+    assert all(torch.equal(v, running[k]) for k, v in net.state_dict().items())
 
 
 @needs_assets

@@ -86,11 +86,17 @@ def load_reference_stats(split: str = "test", path: str | os.PathLike | None = N
 
 @torch.no_grad()
 def compute_features(net: FeatureNet, images: torch.Tensor, batch_size: int = 500):
-    """``(features, logits)`` for float images in [-1, 1], computed in batches."""
+    """``(features, logits)`` for float images in [-1, 1], computed in batches, in eval mode whatever mode ``net`` is
+    in: in training mode batch norm would use (and update) each batch's statistics, and dropout drop units."""
     feats, logits = [], []
     device = next(net.parameters()).device
-    for batch in images.split(batch_size):
-        f = net.features(batch.to(device, torch.float32))
-        feats.append(f.cpu())
-        logits.append(net.classifier(f).cpu())
+    was_training = net.training
+    net.eval()
+    try:
+        for batch in images.split(batch_size):
+            f = net.features(batch.to(device, torch.float32))
+            feats.append(f.cpu())
+            logits.append(net.classifier(f).cpu())
+    finally:
+        net.train(was_training)
     return torch.cat(feats), torch.cat(logits)
