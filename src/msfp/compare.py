@@ -139,8 +139,10 @@ def register_method(name: str, build: Callable[[Context], Built], description: s
     """Make ``name`` usable in ``msfp compare --methods``; ``build(context) -> Built``."""
     if name in METHODS:
         raise ValueError(f"method {name!r} is already registered")
-    if "," in name or not name.strip():
-        raise ValueError(f"method names must be non-empty and contain no comma, got {name!r}")
+    # The name is a file name too (OUT/samples/NAME.npz): "../../x" would write beside OUT, "a/b" into a subfolder.
+    if "," in name or not name.strip() or "/" in name or "\\" in name or name.startswith("."):
+        raise ValueError(f"method names must be non-empty, contain no comma, '/' or '\\' and not start with '.' "
+                         f"(they name the files OUT/samples/NAME.npz), got {name!r}")
     METHODS[name] = Method(name, description, build, unavailable or (lambda: None))
     return METHODS[name]
 
