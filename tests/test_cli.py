@@ -69,6 +69,12 @@ def test_sample_defaults_to_the_gpu_where_there_is_one(tmp_path, monkeypatch):
     assert devices == ["cuda", "cpu", None]
 
 
+@pytest.mark.parametrize("command", ["quantize", "finetune", "sample", "eval", "compare"])
+def test_help_says_every_command_defaults_to_the_gpu(command):
+    # quantize and finetune showed no default, read as "cpu" on a machine without a GPU.
+    assert "default: cuda if available" in " ".join(run(command, "--help").output.split())
+
+
 def test_a_device_this_machine_lacks_is_one_clear_error(tmp_path, monkeypatch):
     r = run("sample", "--device", "tpu", "--out", tmp_path / "s.npz")
     assert r.exit_code == 2 and "'tpu' is not a torch device" in r.output

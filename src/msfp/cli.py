@@ -109,9 +109,10 @@ _RATE = click.FloatRange(min=0)
 @click.option("--cache-dir", default=None, type=click.Path(file_okay=False),
               help="reuse calibration trajectories and layer inputs across runs (of the same model, settings, "
               "batch, device type, torch and msfp)")
-@click.option("--device", type=_DEVICE, default=_default_device())
+@click.option("--device", type=_DEVICE, default=None, help="default: cuda if available, else cpu")
 def quantize(model_spec, preset, config_path, out, calib_samples, calib_steps, seed, batch, cache_dir, device):
     """Quantize and calibrate a model; write a directory that msfp.load_quantized reads."""
+    device = device or _default_device()
     from msfp.calibration import calibrate
     from msfp.checkpoint import CONFIG_NAME, check_output_directory, read_quant_meta, save_quantized
     from msfp.compare import CALIB_SEED_OFFSET
@@ -394,7 +395,7 @@ def compare(model_spec, methods, out, num_samples, steps, calib_samples, calib_s
 @click.option("--resume", is_flag=True, help="continue an interrupted run from its last checkpoint")
 @click.option("--max-minutes", type=click.FloatRange(min=0), default=None,
               help="stop after this long; continue later with --resume")
-@click.option("--device", type=_DEVICE, default=_default_device())
+@click.option("--device", type=_DEVICE, default=None, help="default: cuda if available, else cpu")
 def finetune_cmd(directory, model_spec, iters, batch, lora, num_loras, rank, loss, dfa_weighting, lora_lr, act_lr,
                  router_lr, train_weight_scales, traj_samples, traj_steps, seed, resume, max_minutes, device):
     """Fine-tune a quantized model directory (TALoRA + DFA) and write it back to DIRECTORY.
@@ -409,6 +410,7 @@ def finetune_cmd(directory, model_spec, iters, batch, lora, num_loras, rank, los
     from msfp.info import describe
     from msfp.models import load_model
 
+    device = device or _default_device()
     path = Path(directory).resolve()  # "." has no name to put the work directory beside
     work_dir = path.parent / f".{path.name}.finetune"
     with _user_errors():
