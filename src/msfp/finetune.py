@@ -334,14 +334,14 @@ def finetune(qmodel: nn.Module, fp_model: nn.Module, scheduler, config: Finetune
     fused = default_fused_rounding(device) if fused_rounding is None else fused_rounding
     set_fused_rounding(qmodel, fused)
     channels = points.eps.shape[1]
-    start, stopped_early = time.time(), False
+    start, stopped_early = time.monotonic(), False
     bar = tqdm(total=config.iters, initial=it, desc="finetune", disable=disable)
     if fused:  # so that a silent first step is not mistaken for a hang (over 90 s on an H200)
         bar.set_postfix_str("compiling the fused rounding kernels (minutes with a cold Inductor cache)")
     qmodel.eval()  # no dropout; the quantized model has no batch statistics to update
     try:
         while it < config.iters:
-            if max_minutes is not None and time.time() - start > 60 * max_minutes:
+            if max_minutes is not None and time.monotonic() - start >= 60 * max_minutes:
                 stopped_early = True
                 break
             idx = torch.randint(0, len(points), (config.batch_size,), generator=gen)
@@ -373,4 +373,4 @@ def finetune(qmodel: nn.Module, fp_model: nn.Module, scheduler, config: Finetune
         for p in qmodel.parameters():
             p.requires_grad_(False)
     qmodel.msfp_finetune = _record(getattr(qmodel, "msfp_finetune", None), config, it, resume)
-    return FinetuneResult(it, losses, time.time() - start, stopped_early)
+    return FinetuneResult(it, losses, time.monotonic() - start, stopped_early)
