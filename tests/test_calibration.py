@@ -37,15 +37,17 @@ def test_every_family_quantizes_calibrates_and_runs(family):
         assert layer.info["weight_format"] and torch.isfinite(layer.act_quantizer.scale).all(), name
         assert (layer.act_quantizer.scale > 0).all() and (layer.weight_quantizer.scale > 0).all(), name
     shape = kwargs.get("sample_shape") or (fp.config.in_channels, fp.config.sample_size, fp.config.sample_size)
-    x, t = torch.randn(2, *shape), torch.tensor([10, 900])
+    x, t = torch.randn(2, *shape, generator=torch.Generator().manual_seed(0)), torch.tensor([10, 900])
     cond = {k: v[:2] for k, v in kwargs.get("cond", {}).items()}
     if family in ("class-unet", "dit"):
         cond["class_labels"] = torch.tensor([0, 2])
     with torch.no_grad():
         out_q, out_fp = (msfp.models.denoise(m, x, t, **cond) for m in (q, fp))
     assert torch.isfinite(out_q).all() and not torch.equal(out_q, out_fp)
-    # Quantization noise, not a broken model: the error is a fraction of the output's size.
-    assert (out_q - out_fp).pow(2).mean() < out_fp.pow(2).mean()
+    # Quantization noise, not a broken model: the error is a small part of the output's power. Measured: 0.001-0.12
+    # of it across the families; with the search keeping the worst clip of each row instead, 0.33-1.03.
+    relative_error = ((out_q - out_fp).pow(2).mean() / out_fp.pow(2).mean()).item()
+    assert relative_error < 0.25, relative_error
 
 
 def test_search_picks_unsigned_on_silu_data_and_signed_on_symmetric_data():

@@ -236,6 +236,9 @@ def test_flop_count_includes_attention_matmuls():
     import copy
     from types import SimpleNamespace
 
+    from diffusers.models.attention_processor import Attention
+    from torch.utils.flop_counter import FlopCounterMode
+
     import msfp
     from msfp.calibration import collect_trajectories
     from msfp.compare import _flops_by_layer
@@ -244,6 +247,17 @@ def test_flop_count_includes_attention_matmuls():
     fp = tiny_unet()
     points = collect_trajectories(fp, scheduler(), num_samples=1, num_steps=1, disable=True)
     _, total = _flops_by_layer(fp, SimpleNamespace(heldout=points))
+    # By hand: torch's counter (it misses the CPU's fused attention) plus QKᵀ and P·V, 2·B·L²·inner FLOPs each.
+    queries = []
+    hooks = [module.to_q.register_forward_hook(lambda mod, args, out: queries.append(out.shape))
+             for module in fp.modules() if isinstance(module, Attention)]
+    x, t, _ = next(points.batches(1))
+    with FlopCounterMode(display=False) as torch_counter:
+        fp(x, t)
+    for hook in hooks:
+        hook.remove()
+    assert len(queries) == 4
+    assert total == torch_counter.get_total_flops() + sum(4 * b * length**2 * inner for b, length, inner in queries)
     q = msfp.quantize(copy.deepcopy(fp), "w4a4-msfp")
     msfp.calibrate(q, fp, scheduler(), num_samples=1, num_steps=1, disable=True)
     # Calibration counts with explicit attention; the per-layer count of the torchao rows must agree with it.

@@ -219,7 +219,8 @@ def test_sampling_with_cuda_graphs_needs_a_cuda_model():
 @pytest.mark.parametrize("fp8", [False, True])
 def test_sampling_from_cuda_graphs_equals_eager_sampling_on_gpu(fp8):
     # On a GPU with FP8 tensor cores the fp8 model runs the Triton kernels (on others, the emulated path): the
-    # graphs replay exactly the kernels of the eager calls, so the images agree to the last bits.
+    # graphs replay the kernels of the eager calls, so the images should agree to the last bits. The check allows
+    # 1e-5 (about 80 ulps at 1): it has not run on a GPU yet, and cuBLAS may pick other algorithms under capture.
     q = routed_model(fp8, use_kernels=None).cuda()
     common = dict(num_samples=6, num_inference_steps=8, batch_size=4, disable=True)  # two batch sizes: 4 and 2
     with torch.no_grad():

@@ -153,11 +153,17 @@ def test_search_bad_inputs():
     assert wq.initialize_per_tensor(torch.randn(4, 8), max_samples=16).scale.shape == ()
 
 
-def test_search_is_bounded_and_deterministic():
+def test_search_is_bounded_and_deterministic(monkeypatch):
+    import msfp.quantizers as quantizers
+
+    searched, real = [], quantizers._sorted_prefix_sums
+    monkeypatch.setattr(quantizers, "_sorted_prefix_sums", lambda rows: searched.append(rows.shape) or real(rows))
     x = torch.randn(200000)
     a = search_quant_params(x, UNSIGNED_4BIT, max_samples=4096, seed=3)
     b = search_quant_params(x, UNSIGNED_4BIT, max_samples=4096, seed=3)
+    assert searched == [(1, 4096)] * 2  # of the 200000 values
     assert a.fmt == b.fmt and torch.equal(a.scale, b.scale) and torch.equal(a.zero_point, b.zero_point)
+    assert search_quant_params(x, UNSIGNED_4BIT, max_samples=4096, seed=4).mse != a.mse  # another draw
 
 
 def test_weight_quantizer_initialize_and_forward():
