@@ -266,17 +266,33 @@ def test_a_loaded_single_lora_checkpoint_keeps_its_merged_weights_under_lora_non
         read_quant_meta(tmp_path / "again"))
 
 
-def test_a_run_stopped_by_its_time_budget_and_resumed_is_recorded_once(calibrated, tmp_path):
+def test_a_run_stopped_by_its_time_budget_and_resumed_is_recorded_once(calibrated, tmp_path, monkeypatch):
     fp, q = calibrated
     config = FinetuneConfig(**{**CONFIG, "iters": 2})
     student = copy.deepcopy(q)
     assert finetune(student, fp, scheduler(), config, work_dir=tmp_path, max_minutes=0, disable=True).stopped_early
-    assert student.msfp_finetune["iters_done"] < 2
+    assert student.msfp_finetune == dict(config.to_dict(), iters_done=0)
     finetune(student, fp, scheduler(), config, work_dir=tmp_path, resume=True, disable=True)
     assert student.msfp_finetune == dict(config.to_dict(), iters_done=2)
-    finetune(student, fp, scheduler(), config, disable=True)  # a second run on top: now there are two
-    assert student.msfp_finetune["earlier"] == [dict(config.to_dict(), iters_done=2)]
+    finetune(student, fp, scheduler(), config, work_dir=tmp_path, resume=True, disable=True)  # finished: no new run
+    assert student.msfp_finetune == dict(config.to_dict(), iters_done=2)
+    # A run interrupted before it recorded anything, then resumed: the run before it stays in the record.
+    calls, real_mse = {"n": 0}, ft.weighted_mse
 
+    def interrupt_at_the_second_step(*args):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real_mse(*args)
+
+    monkeypatch.setattr(ft, "weighted_mse", interrupt_at_the_second_step)
+    checkpointed = FinetuneConfig(**{**CONFIG, "iters": 2, "checkpoint_every": 1})
+    with pytest.raises(KeyboardInterrupt):
+        finetune(student, fp, scheduler(), checkpointed, work_dir=tmp_path / "b", disable=True)
+    monkeypatch.setattr(ft, "weighted_mse", real_mse)
+    finetune(student, fp, scheduler(), checkpointed, work_dir=tmp_path / "b", resume=True, disable=True)
+    assert student.msfp_finetune == dict(checkpointed.to_dict(), iters_done=2,
+                                         earlier=[dict(config.to_dict(), iters_done=2)])
 
 def test_given_teacher_points_are_checked_and_identify_the_work_dir(calibrated, tmp_path):
     fp, q = calibrated

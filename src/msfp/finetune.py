@@ -31,6 +31,7 @@ from msfp.calibration import Trajectories, collect_trajectories, trajectory_key
 from msfp.fileio import atomic_path
 from msfp.fp8 import require_fake_quant
 from msfp.identity import model_key, weights_digest
+from msfp.info import finetune_runs
 from msfp.kernels import fused_rounding_exact
 from msfp.losses import WEIGHTINGS, denoising_factors, dfa_weights, weighted_mse
 from msfp.models import denoise
@@ -194,19 +195,6 @@ def _restore_full_precision_weights(qmodel: nn.Module, fp_model: nn.Module) -> N
             layer.weight.copy_(source)
 
 
-def _record(earlier: dict | None, config: FinetuneConfig, iters_done: int, resume: bool) -> dict:
-    """The model's fine-tuning record: this run, after the runs the model had before (a loaded checkpoint, say)."""
-    record = dict(config.to_dict(), iters_done=iters_done)
-    if not earlier:
-        return record
-    before = earlier.get("earlier", [])  # absent in a model fine-tuned once
-    run = {k: v for k, v in earlier.items() if k != "earlier"}
-    # A run stopped by its time budget and resumed is this run, not an earlier one.
-    if not (resume and run == dict(record, iters_done=run.get("iters_done")) and run["iters_done"] < config.iters):
-        before = [*before, run]
-    return dict(record, earlier=before) if before else record
-
-
 @torch.enable_grad()  # training, also when called under a caller's torch.no_grad()
 def finetune(qmodel: nn.Module, fp_model: nn.Module, scheduler, config: FinetuneConfig | None = None,
              work_dir: str | os.PathLike | None = None, resume: bool = False, max_minutes: float | None = None,
@@ -242,6 +230,9 @@ def finetune(qmodel: nn.Module, fp_model: nn.Module, scheduler, config: Finetune
     state_path = Path(work_dir) / STATE_NAME if work_dir is not None else None
     if resume and (state_path is None or not state_path.is_file()):
         raise FileNotFoundError(f"nothing to resume: {state_path or 'no work_dir given'} does not exist")
+    # The runs the model had before this one (a loaded checkpoint, say), for its record; a resumed run takes them from
+    # its state file, where the model may already tell of this run (stopped by its time budget) or of none.
+    earlier_runs = finetune_runs(getattr(qmodel, "msfp_finetune", None))
     router = getattr(qmodel, "msfp_router", None)
     # A loaded fine-tuned checkpoint: a router, but its LoRAs are merged into the (packed) weights.
     merged = None if router is None else next((n for n, layer in quant_layers(qmodel).items() if layer.lora is None),
@@ -308,6 +299,7 @@ def finetune(qmodel: nn.Module, fp_model: nn.Module, scheduler, config: Finetune
         lr_schedule.load_state_dict(state["lr_schedule"])
         gen.set_state(state["generator"])
         it, losses = state["iter"], state["losses"]
+        earlier_runs = state.get("earlier_runs", earlier_runs)  # absent in state files written before it was kept
 
     def check_finite():
         bad = [n for n, p in qmodel.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
@@ -327,7 +319,7 @@ def finetune(qmodel: nn.Module, fp_model: nn.Module, scheduler, config: Finetune
         with atomic_path(state_path) as tmp:
             torch.save(dict(config=config.to_dict(), identity=identity, trainable=_trainable_state(qmodel), iter=it,
                             losses=losses, optimizer=optimizer.state_dict(), lr_schedule=lr_schedule.state_dict(),
-                            generator=gen.get_state()), tmp)
+                            generator=gen.get_state(), earlier_runs=earlier_runs), tmp)
 
     first = next(qmodel.parameters())
     device, dtype = first.device, first.dtype  # the inputs in the model's dtype, as sample() gives them
@@ -372,5 +364,6 @@ def finetune(qmodel: nn.Module, fp_model: nn.Module, scheduler, config: Finetune
         set_fused_rounding(qmodel, False)
         for p in qmodel.parameters():
             p.requires_grad_(False)
-    qmodel.msfp_finetune = _record(getattr(qmodel, "msfp_finetune", None), config, it, resume)
+    record = dict(config.to_dict(), iters_done=it)
+    qmodel.msfp_finetune = dict(record, earlier=earlier_runs) if earlier_runs else record
     return FinetuneResult(it, losses, time.monotonic() - start, stopped_early)

@@ -106,8 +106,14 @@ def describe(meta: dict) -> str:
                     f"weight quantization; router: {runs}")
     finetune = meta.get("finetune")
     if finetune:
-        runs = [*finetune.get("earlier", []), finetune]  # absent in checkpoints fine-tuned once
         text.append("fine-tuned: " + ", then ".join(
             f"{run['iters_done']} iterations, lora={run['lora']}, loss={run['loss']}"
-            + (f" ({run['dfa_weighting']})" if run["loss"] == "dfa" else "") for run in runs))
+            + (f" ({run['dfa_weighting']})" if run["loss"] == "dfa" else "") for run in finetune_runs(finetune)))
     return "\n".join(text)
+
+
+def finetune_runs(record: dict | None) -> list[dict]:
+    """Every fine-tuning run a model's record (``meta["finetune"]``) tells of, oldest first."""
+    if not record:
+        return []
+    return [*record.get("earlier", []), {k: v for k, v in record.items() if k != "earlier"}]
