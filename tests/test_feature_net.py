@@ -23,8 +23,10 @@ def test_architecture_shapes():
     torch.testing.assert_close(logits, net.logits(x), atol=1e-5, rtol=1e-5)
     # A net left in training mode: its batch norm used each batch's statistics and updated its running ones.
     net.train()
+    net.classifier.eval()
     running = {k: v.clone() for k, v in net.state_dict().items()}
-    assert torch.equal(compute_features(net, x, batch_size=3)[0], feats) and net.training
+    assert torch.equal(compute_features(net, x, batch_size=3)[0], feats)
+    assert net.training and net.conv[1].training and not net.classifier[1].training  # each module's mode restored
     assert all(torch.equal(v, running[k]) for k, v in net.state_dict().items())
 
 

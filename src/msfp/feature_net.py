@@ -90,7 +90,7 @@ def compute_features(net: FeatureNet, images: torch.Tensor, batch_size: int = 50
     in: in training mode batch norm would use (and update) each batch's statistics, and dropout drop units."""
     feats, logits = [], []
     device = next(net.parameters()).device
-    was_training = net.training
+    modes = {module: module.training for module in net.modules()}  # each submodule's, as the caller set them
     net.eval()
     try:
         for batch in images.split(batch_size):
@@ -98,5 +98,6 @@ def compute_features(net: FeatureNet, images: torch.Tensor, batch_size: int = 50
             feats.append(f.cpu())
             logits.append(net.classifier(f).cpu())
     finally:
-        net.train(was_training)
+        for module, training in modes.items():
+            module.training = training
     return torch.cat(feats), torch.cat(logits)
