@@ -158,9 +158,11 @@ def test_registered_method_and_unavailable_method(tmp_path, tiny_model_dir):
     try:
         with pytest.raises(ValueError, match="already registered"):
             register_method("test-ft", finetuned, "twice")
-        for bad in ("../../outside", "a/b", "a\\b", ".hidden", "a,b", " "):  # "../../outside" wrote beside OUT
+        for bad in ("../../outside", "a/b", "a\\b", "D:x", ".hidden", "a,b", " "):  # "../../outside" wrote beside OUT
             with pytest.raises(ValueError, match=r"method names must be .* got"):
                 register_method(bad, finetuned, "a name that is no file name")
+        with pytest.raises(ValueError, match="'FP' differs from 'fp' only in case"):
+            register_method("FP", finetuned, "would write over fp's samples on macOS and Windows")
         settings = CompareSettings(model=str(tiny_model_dir), num_samples=4, steps=2, calib_samples=2, calib_steps=2,
                                    heldout_samples=1, batch_size=4)
         result = run_compare(settings, parse_methods("test-timed,test-ft,test-nan,test-missing"), tmp_path / "r",

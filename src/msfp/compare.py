@@ -139,10 +139,15 @@ def register_method(name: str, build: Callable[[Context], Built], description: s
     """Make ``name`` usable in ``msfp compare --methods``; ``build(context) -> Built``."""
     if name in METHODS:
         raise ValueError(f"method {name!r} is already registered")
-    # The name is a file name too (OUT/samples/NAME.npz): "../../x" would write beside OUT, "a/b" into a subfolder.
-    if "," in name or not name.strip() or "/" in name or "\\" in name or name.startswith("."):
-        raise ValueError(f"method names must be non-empty, contain no comma, '/' or '\\' and not start with '.' "
-                         f"(they name the files OUT/samples/NAME.npz), got {name!r}")
+    # The name is a file name too (OUT/samples/NAME.npz): "../../x" would write beside OUT, "a/b" into a subfolder,
+    # "D:x" on Windows onto another drive, and "FP" over fp's samples where file names ignore case.
+    if "," in name or not name.strip() or any(c in name for c in "/\\:") or name.startswith("."):
+        raise ValueError(f"method names must be non-empty, contain no comma, '/', '\\' or ':' and not start with "
+                         f"'.' (they name the files OUT/samples/NAME.npz), got {name!r}")
+    same_file = next((m for m in METHODS if m.casefold() == name.casefold()), None)
+    if same_file is not None:
+        raise ValueError(f"method {name!r} differs from {same_file!r} only in case: where file names ignore case, "
+                         "their samples would be one file")
     METHODS[name] = Method(name, description, build, unavailable or (lambda: None))
     return METHODS[name]
 
