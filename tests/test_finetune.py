@@ -1,3 +1,4 @@
+import contextlib
 import copy
 import math
 
@@ -111,26 +112,31 @@ def test_finetune_lowers_the_distillation_error_on_all_teacher_points(calibrated
     assert sum(after.values()) < 0.9 * sum(before.values())  # the whole objective, not a noisy mini-batch
 
 
+@contextlib.contextmanager
+def interrupted_at_step(step: int):
+    """A Ctrl-C in the loss of the given training step (counted from 1)."""
+    calls, real_mse = [], ft.weighted_mse
+
+    def loss(*args):
+        calls.append(None)
+        if len(calls) == step:
+            raise KeyboardInterrupt
+        return real_mse(*args)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ft, "weighted_mse", loss)
+        yield
+
+
 def test_interrupted_run_resumes_bit_exactly(calibrated, tmp_path, monkeypatch):
     fp, q = calibrated
     config = FinetuneConfig(**CONFIG)
     reference = copy.deepcopy(q)
     full = finetune(reference, fp, scheduler(), config, work_dir=tmp_path / "a", disable=True)
 
-    calls = {"n": 0}
-    real_mse = ft.weighted_mse
-
-    def crash_at_iteration_13(*args):
-        calls["n"] += 1
-        if calls["n"] == 13:
-            raise KeyboardInterrupt
-        return real_mse(*args)
-
-    monkeypatch.setattr(ft, "weighted_mse", crash_at_iteration_13)
     interrupted = copy.deepcopy(q)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_at_step(13), pytest.raises(KeyboardInterrupt):
         finetune(interrupted, fp, scheduler(), config, work_dir=tmp_path / "b", disable=True)
-    monkeypatch.setattr(ft, "weighted_mse", real_mse)
     assert not any(p.requires_grad for p in interrupted.parameters())  # an inference model again
     state = torch.load(tmp_path / "b" / ft.STATE_NAME, weights_only=False)
     assert state["iter"] == 8
@@ -266,7 +272,7 @@ def test_a_loaded_single_lora_checkpoint_keeps_its_merged_weights_under_lora_non
         read_quant_meta(tmp_path / "again"))
 
 
-def test_a_run_stopped_by_its_time_budget_and_resumed_is_recorded_once(calibrated, tmp_path, monkeypatch):
+def test_a_run_stopped_by_its_time_budget_and_resumed_is_recorded_once(calibrated, tmp_path):
     fp, q = calibrated
     config = FinetuneConfig(**{**CONFIG, "iters": 2})
     student = copy.deepcopy(q)
@@ -277,19 +283,9 @@ def test_a_run_stopped_by_its_time_budget_and_resumed_is_recorded_once(calibrate
     finetune(student, fp, scheduler(), config, work_dir=tmp_path, resume=True, disable=True)  # finished: no new run
     assert student.msfp_finetune == dict(config.to_dict(), iters_done=2)
     # A run interrupted before it recorded anything, then resumed: the run before it stays in the record.
-    calls, real_mse = {"n": 0}, ft.weighted_mse
-
-    def interrupt_at_the_second_step(*args):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return real_mse(*args)
-
-    monkeypatch.setattr(ft, "weighted_mse", interrupt_at_the_second_step)
     checkpointed = FinetuneConfig(**{**CONFIG, "iters": 2, "checkpoint_every": 1})
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_at_step(2), pytest.raises(KeyboardInterrupt):
         finetune(student, fp, scheduler(), checkpointed, work_dir=tmp_path / "b", disable=True)
-    monkeypatch.setattr(ft, "weighted_mse", real_mse)
     finetune(student, fp, scheduler(), checkpointed, work_dir=tmp_path / "b", resume=True, disable=True)
     assert student.msfp_finetune == dict(checkpointed.to_dict(), iters_done=2,
                                          earlier=[dict(config.to_dict(), iters_done=2)])
