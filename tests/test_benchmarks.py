@@ -272,6 +272,22 @@ def test_checkpoint_size_measures_a_packed_checkpoint_that_reloads_exactly(capsy
     assert 0.2 < result["ratio_packed_to_fp16"] < 0.3 and result["talora"]["ratio_to_fp16"] > 1
 
 
+def test_batch_invariance_counts_pixels_that_move_with_the_batch_size(capsys):
+    result = load_script("batch_invariance").main(["--num", "2", "--steps", "1", "--calib-samples", "1",
+                                                   "--calib-steps", "1"])
+    assert result["command"].startswith("python benchmarks/batch_invariance.py --num 2")
+    assert list(result["models"]) == ["fp", "w4a4-msfp"] and result["batch_sizes"] == [1, 2]
+    for model, samplers in result["models"].items():
+        assert list(samplers) == ["ddim", "ddim-eta0.7", "dpm", "euler", "euler-a"]
+        for row in samplers.values():
+            assert row["pixels"] == 2 * 32 * 32 and 0 <= row["differing_pixels"] <= row["pixels"]
+            assert row["control_differing_pixels"] == 0, (model, row)  # the same batch twice: the same images
+            assert (row["max_levels"] == 0) == (row["differing_pixels"] == 0)
+    with pytest.raises(SystemExit):
+        load_script("batch_invariance").main(["--num", "1"])
+    assert "--num must be >= 2" in capsys.readouterr().err
+
+
 def test_cpu_inference_compares_every_variant_on_the_same_samples(capsys):
     result = load_script("cpu_inference").main(["--images", "1", "--steps", "1", "--repeats", "1",
                                                 "--calib-samples", "1", "--calib-steps", "1"])
