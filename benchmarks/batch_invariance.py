@@ -15,15 +15,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 
 import numpy as np
 
 import msfp
 from msfp.checkpoint import freeze_weights
 from msfp.compare import CALIB_SEED_OFFSET
-from msfp.environment import HelpFormatter, command_line, machine_info
-from msfp.fileio import write_json
+from msfp.environment import HelpFormatter, command_line, machine_info, print_result
 from msfp.samples import get_scheduler, to_uint8
 from msfp.sampling import sample
 
@@ -79,9 +77,7 @@ def main(argv=None) -> dict:
     result = dict(benchmark="batch_invariance", model=args.model, num_images=args.num, steps=args.steps,
                   seed=args.seed, batch_sizes=[1, args.num], models=models, machine=machine_info(),
                   command=command_line(__file__, argv))
-    print(json.dumps(result, indent=2))
-    if args.out:
-        write_json(args.out, result)
+    print_result(result, args.out)
     return result
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import struct
 import tempfile
 from pathlib import Path
@@ -23,8 +22,7 @@ from safetensors.torch import load_file, save_file
 
 import msfp
 from msfp.checkpoint import CODES_SUFFIX, CONFIG_NAME, WEIGHTS_NAME
-from msfp.environment import HelpFormatter, command_line, machine_info
-from msfp.fileio import write_json
+from msfp.environment import HelpFormatter, command_line, machine_info, print_result
 from msfp.surgery import quant_layers
 from msfp.talora import add_talora
 
@@ -108,9 +106,7 @@ def main(argv=None) -> dict:
         target_ratio_to_fp16=0.27, loaded_outputs_bit_identical=exact, talora=talora,
         machine=machine_info(), command=command_line(__file__, argv),
     )
-    print(json.dumps(result, indent=2))
-    if args.out:
-        write_json(args.out, result)
+    print_result(result, args.out)
     return result
 
 

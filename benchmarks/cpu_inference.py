@@ -43,8 +43,7 @@ from safetensors.torch import load_file
 
 import msfp
 from msfp.checkpoint import freeze_weights, read_quant_meta, unfreeze_weights
-from msfp.environment import HelpFormatter, command_line, machine_info
-from msfp.fileio import write_json
+from msfp.environment import HelpFormatter, command_line, machine_info, print_result
 from msfp.formats import get_format
 from msfp.sampling import sample
 from msfp.surgery import quant_layers
@@ -182,9 +181,7 @@ def main(argv=None) -> dict:
     result = dict(benchmark="cpu_inference", model=args.model, preset=args.preset, images=args.images,
                   steps=args.steps, repeats=args.repeats, variants=variants, machine=machine_info(),
                   command=command_line(__file__, argv))
-    print(json.dumps(result, indent=2))
-    if args.out:
-        write_json(args.out, result)
+    print_result(result, args.out)
     return result
 
 

@@ -11,14 +11,12 @@ compiled, i.e. the host work per call that a small model's training step pays on
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 
 import torch
 
-from msfp.environment import HelpFormatter, command_line, machine_info
-from msfp.fileio import write_json
+from msfp.environment import HelpFormatter, command_line, machine_info, print_result
 from msfp.formats import _fake_quant, fake_quant, get_format
 from msfp.kernels import compiled_fake_quant
 
@@ -124,9 +122,7 @@ def main(argv=None) -> dict:
     if not args.no_compile:
         for device in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
             report["host_us_per_call"][device] = host_overhead(torch.device(device))
-    print(json.dumps(report, indent=2))
-    if args.out:
-        write_json(args.out, report)
+    print_result(report, args.out)
     return report
 
 

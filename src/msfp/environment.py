@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
+import json
 import os
 import platform
 import shlex
@@ -12,6 +13,8 @@ import sys
 from pathlib import Path
 
 import torch
+
+from msfp.fileio import write_json
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -58,3 +61,10 @@ def command_line(script: str, argv: list[str] | None = None) -> str:
     for a shell. ``script`` is its ``__file__``; ``argv`` its arguments when its ``main(argv)`` was called directly."""
     path = Path(script)
     return shlex.join(["python", f"{path.parent.name}/{path.name}", *(sys.argv[1:] if argv is None else argv)])
+
+
+def print_result(result: dict, out: str | os.PathLike | None = None) -> None:
+    """Print a benchmark's JSON result, and also write it atomically to ``out`` when given."""
+    print(json.dumps(result, indent=2))
+    if out:
+        write_json(out, result)
