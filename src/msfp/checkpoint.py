@@ -60,7 +60,7 @@ from msfp.config import QuantConfig
 from msfp.fileio import atomic_directory, check_replaceable, interrupted_save, unfinished_save
 from msfp.formats import compute_dtype, get_format
 from msfp.fp8 import convert_to_fp8, require_fake_quant
-from msfp.identity import weights_digest
+from msfp.identity import differences, weights_digest
 from msfp.packing import decode, pack, quantize_to_codes, unpack
 from msfp.quantizers import MIN_SCALE
 from msfp.surgery import UnsupportedLayersWarning, quant_layers, quantizable_layers, quantize
@@ -99,10 +99,10 @@ def require_base_model(meta: dict, model: nn.Module, where, what: str) -> None:
                          f"({given['class_name']})")
     if saved["config"] is not None:
         a, b = _architecture(saved["config"]), _architecture(given["config"])
-        differ = sorted(k for k in a.keys() & b.keys() if a[k] != b[k])  # keys one diffusers version lacks: defaults
+        differ = differences(a, b, sorted(a.keys() & b.keys()))  # keys one diffusers version lacks: defaults
         if differ:
             raise ValueError(f"{where} was quantized from another {saved['class_name']} than {what}: "
-                             + ", ".join(f"{k} {a[k]!r} there, {b[k]!r} here" for k in differ[:4])
+                             + ", ".join(differ[:4])
                              + (f" (and {len(differ) - 4} more)" if len(differ) > 4 else ""))
 
 

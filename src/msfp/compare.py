@@ -41,7 +41,7 @@ from msfp.environment import machine_info
 from msfp.evaluation import INCEPTION_METRICS, eps_mse_weighted, evaluate, load_reference, per_timestep_eps_mse
 from msfp.fileio import atomic_directory, check_replaceable, link_entry, write_json
 from msfp.finetune import FinetuneConfig, finetune
-from msfp.identity import code_digest, model_key, plain_config
+from msfp.identity import code_digest, differences, model_key, plain_config
 from msfp.info import format_table, layer_rows, low_bit_fractions
 from msfp.models import denoise, load_model
 from msfp.samples import NonFiniteSamplesError, generate, grid_path
@@ -317,7 +317,7 @@ def _progress(work: Path, fingerprint: dict, resume: bool) -> dict:
     if differ:
         if "settings" in differ:  # which ones: the user then knows what to pass to resume
             was, now = recorded["settings"], fingerprint["settings"]
-            fields = "; ".join(f"{f} {was.get(f)!r} there, {v!r} here" for f, v in now.items() if was.get(f) != v)
+            fields = "; ".join(differences(was, now, now))
             differ[differ.index("settings")] = f"settings ({fields})"
         raise ValueError(f"{work} holds a run with another {', '.join(differ)}: resuming it would mix results; "
                          f"delete {work} to start over")

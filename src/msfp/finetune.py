@@ -30,7 +30,7 @@ from msfp.attention import attention_quantizers
 from msfp.calibration import Trajectories, collect_trajectories, trajectory_key
 from msfp.fileio import atomic_path
 from msfp.fp8 import require_fake_quant
-from msfp.identity import model_key, weights_digest
+from msfp.identity import differences, model_key, weights_digest
 from msfp.info import finetune_runs
 from msfp.kernels import fused_rounding_exact
 from msfp.losses import WEIGHTINGS, denoising_factors, dfa_weights, weighted_mse
@@ -280,8 +280,7 @@ def finetune(qmodel: nn.Module, fp_model: nn.Module, scheduler, config: Finetune
                              f"{state_path.parent} to start over") from e
         wanted = config.to_dict()
         if state["config"] != wanted:
-            changed = "; ".join(f"{k} {v!r} there, {wanted.get(k)!r} here" for k, v in state["config"].items()
-                                if wanted.get(k) != v)
+            changed = "; ".join(differences(state["config"], wanted, state["config"]))
             raise ValueError(f"{state_path} was written with another FinetuneConfig ({changed}); resume with the same "
                              "settings")
         for what in ("teacher", "student"):

@@ -7,7 +7,7 @@ import dataclasses
 import functools
 import hashlib
 import json
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +36,12 @@ def weights_digest(model: nn.Module, skip: str | None = None, exclude: Collectio
             h.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}".encode())
             h.update(_tensor_bytes(tensor))
     return h.hexdigest()[:16]
+
+
+def differences(there: Mapping, here: Mapping, keys: Iterable) -> list[str]:
+    """``"key X there, Y here"`` for each of ``keys`` whose values differ (a missing key reads as None): what a refused
+    resume or load names."""
+    return [f"{k} {there.get(k)!r} there, {here.get(k)!r} here" for k in keys if there.get(k) != here.get(k)]
 
 
 def _plain_value(value):
