@@ -147,9 +147,12 @@ def interrupted_save(path: str | os.PathLike) -> Path | None:
     (A crash after the swap leaves ``.old`` too; if ``path`` was deleted since, that ``.old`` is no save to resume.)
     Else None."""
     unfinished = unfinished_save(path)
-    if unfinished is None:
-        return None
-    return unfinished[0] if any(entry.is_dir() for entry in _dead_writers_leftovers(Path(path))) else None
+    return unfinished[0] if unfinished is not None and _writer_gone(Path(path)) else None
+
+
+def _writer_gone(path: Path) -> bool:
+    """Whether a new version of ``path`` lies in a temporary directory of a writer this process can tell is gone."""
+    return any(entry.is_dir() for entry in _dead_writers_leftovers(path))
 
 
 def unfinished_save(path: str | os.PathLike) -> tuple[Path, Path] | None:
@@ -169,7 +172,7 @@ def _refuse_unfinished_save(path: Path) -> None:
     """Raise on an :func:`unfinished_save` that :func:`interrupted_save` cannot put back: saving anyway would make
     ``path`` without the earlier version's other files, and the save after it would delete ``.old``."""
     unfinished = unfinished_save(path)
-    if unfinished is not None and interrupted_save(path) is None:
+    if unfinished is not None and not _writer_gone(path):
         old, new = unfinished
         raise FileExistsError(f"{old} holds the earlier version of {path}, moved aside by a save that has not "
                               f"finished ({new} holds its new version, written by a process this one cannot tell is "
