@@ -22,6 +22,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import re
 import shutil
 import sys
 import time
@@ -134,16 +135,23 @@ class Method:
 METHODS: dict[str, Method] = {}
 
 
+_METHOD_NAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9._+-]*[A-Za-z0-9_+-])?")
+_WINDOWS_DEVICES = {"con", "prn", "aux", "nul", *(f"{port}{n}" for port in ("com", "lpt") for n in range(10))}
+
+
 def register_method(name: str, build: Callable[[Context], Built], description: str,
                     unavailable: Callable[[], str | None] | None = None) -> Method:
     """Make ``name`` usable in ``msfp compare --methods``; ``build(context) -> Built``."""
     if name in METHODS:
         raise ValueError(f"method {name!r} is already registered")
-    # The name is a file name too (OUT/samples/NAME.npz): "../../x" would write beside OUT, "a/b" into a subfolder,
-    # "D:x" on Windows onto another drive, and "FP" over fp's samples where file names ignore case.
-    if "," in name or not name.strip() or any(c in name for c in "/\\:") or name.startswith("."):
-        raise ValueError(f"method names must be non-empty, contain no comma, '/', '\\' or ':' and not start with "
-                         f"'.' (they name the files OUT/samples/NAME.npz), got {name!r}")
+    # The name is a file name too (OUT/samples/NAME.npz), so only characters that are safe in file names on every
+    # system: "../../x" would write beside OUT, "a/b" into a subfolder, "D:x" on Windows onto another drive, and
+    # "con" or "NUL.x" on Windows opens a device instead of a file, and Windows drops a trailing '.'.
+    if not _METHOD_NAME.fullmatch(name) or name.split(".")[0].casefold() in _WINDOWS_DEVICES:
+        raise ValueError(f"method names must start with a letter or digit, hold only letters, digits, '.', '_', "
+                         f"'+' and '-', not end with '.', and not be a Windows device name such as 'con' or 'nul' (they name the "
+                         f"files OUT/samples/NAME.npz), got {name!r}")
+    # "FP" would write over fp's samples where file names ignore case.
     same_file = next((m for m in METHODS if m.casefold() == name.casefold()), None)
     if same_file is not None:
         raise ValueError(f"method {name!r} differs from {same_file!r} only in case: where file names ignore case, "
