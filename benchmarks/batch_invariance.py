@@ -20,9 +20,8 @@ import numpy as np
 
 import msfp
 from msfp.checkpoint import freeze_weights
-from msfp.compare import CALIB_SEED_OFFSET
 from msfp.environment import HelpFormatter, command_line, machine_info, print_result
-from msfp.samples import get_scheduler, to_uint8
+from msfp.samples import CALIB_SEED_OFFSET, get_scheduler, to_uint8
 from msfp.sampling import sample
 
 # (name, msfp scheduler key, eta)

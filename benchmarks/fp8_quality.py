@@ -32,8 +32,7 @@ import torch
 
 from msfp import triton_kernels
 from msfp.checkpoint import freeze_weights
-from msfp.compare import (CALIB_SEED_OFFSET, FINETUNED, METHODS, REFERENCE_METHOD, CompareSettings, Context,
-                          parse_methods)
+from msfp.compare import FINETUNED, METHODS, REFERENCE_METHOD, CompareSettings, Context, parse_methods
 from msfp.config import PRESETS
 from msfp.environment import HelpFormatter, command_line, machine_info
 from msfp.evaluation import evaluate, load_reference, psnr
@@ -41,7 +40,7 @@ from msfp.fileio import write_json
 from msfp.fp8 import convert_to_fp8, fp8_kernels_available
 from msfp.metrics import bootstrap_interval
 from msfp.models import load_model
-from msfp.samples import generate
+from msfp.samples import CALIB_SEED_OFFSET, generate
 from msfp.sampling import sample
 
 MSFP_METHODS = (*PRESETS, *FINETUNED)

@@ -14,7 +14,7 @@ import torch
 
 from msfp import __version__
 from msfp.checkpoint import BACKENDS
-from msfp.samples import SCHEDULERS
+from msfp.samples import CALIB_SEED_OFFSET, HELDOUT_SEED_OFFSET, SCHEDULERS
 
 
 @click.group(context_settings=dict(help_option_names=["-h", "--help"], show_default=True))
@@ -89,7 +89,8 @@ class _DeviceType(click.ParamType):
 _DEVICE = _DeviceType()
 # Counts and rates are checked by click, so that an error names the flag (the configs name their fields).
 _COUNT = click.IntRange(min=1)
-# Seeds plus their offsets (10000, 20000) and image indices stay within int64, which sample files store them in.
+# Seeds plus their offsets (CALIB_SEED_OFFSET, HELDOUT_SEED_OFFSET) and image indices stay within int64, which
+# sample files store them in.
 _SEED = click.IntRange(min=0, max=2**62)
 _RATE = click.FloatRange(min=0)
 
@@ -103,8 +104,9 @@ _RATE = click.FloatRange(min=0)
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="output directory")
 @click.option("--calib-samples", type=_COUNT, default=64, help="trajectories (images) sampled for calibration")
 @click.option("--calib-steps", type=_COUNT, default=25, help="DDIM steps per calibration trajectory")
-@click.option("--seed", type=_SEED, default=0, help="calibration trajectory i starts from noise seed + 10000 + i, as "
-              "in msfp compare: not from the noise of the images msfp sample --seed draws (seed + i)")
+@click.option("--seed", type=_SEED, default=0,
+              help=f"calibration trajectory i starts from noise seed + {CALIB_SEED_OFFSET} + i, as in msfp compare: "
+              "not from the noise of the images msfp sample --seed draws (seed + i)")
 @click.option("--batch", type=_COUNT, default=64, help="calibration points per denoiser call")
 @click.option("--cache-dir", default=None, type=click.Path(file_okay=False),
               help="reuse calibration trajectories and layer inputs across runs (of the same model, settings, "
@@ -115,7 +117,6 @@ def quantize(model_spec, preset, config_path, out, calib_samples, calib_steps, s
     device = device or _default_device()
     from msfp.calibration import calibrate
     from msfp.checkpoint import CONFIG_NAME, check_output_directory, read_quant_meta, save_quantized
-    from msfp.compare import CALIB_SEED_OFFSET
     from msfp.config import QuantConfig
     from msfp.info import describe
     from msfp.models import load_model
@@ -253,7 +254,6 @@ def eval_(samples_path, ref, ref_images, data_dir, inception_weights, paired_pat
     """Quality metrics of a sample file (FD, KID, classifier score, precision/recall; FID/sFID/IS; PSNR; ε MSE)."""
     from msfp.calibration import collect_trajectories
     from msfp.checkpoint import CONFIG_NAME, read_quant_meta, require_base_weights
-    from msfp.compare import HELDOUT_SEED_OFFSET
     from msfp.evaluation import (eps_mse_weighted, evaluate, format_table, load_reference,
                                  per_timestep_eps_mse)
     from msfp.fileio import write_json
@@ -311,12 +311,13 @@ def _list_methods(ctx: click.Context, _param, value: bool) -> None:
               help="print every method name with what it runs, and exit")
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="report directory: index.html, results.json, samples/, cache/")
-@click.option("--num", "-n", "num_samples", type=click.IntRange(1, 10_000), default=160,
-              help="images per method (FD at this N is biased: compare rows with the fp row); at most 10000, as "
-              "calibration trajectory i has seed + 10000 + i")
+@click.option("--num", "-n", "num_samples", type=click.IntRange(1, CALIB_SEED_OFFSET), default=160,
+              help=f"images per method (FD at this N is biased: compare rows with the fp row); at most "
+              f"{CALIB_SEED_OFFSET}, as calibration trajectory i has seed + {CALIB_SEED_OFFSET} + i")
 @click.option("--steps", type=_COUNT, default=20, help="DDIM sampling steps")
-@click.option("--calib-samples", type=click.IntRange(1, 10_000), default=64,
-              help="calibration trajectories (images); at most 10000, as held-out trajectory i has seed + 20000 + i")
+@click.option("--calib-samples", type=click.IntRange(1, HELDOUT_SEED_OFFSET - CALIB_SEED_OFFSET), default=64,
+              help=f"calibration trajectories (images); at most {HELDOUT_SEED_OFFSET - CALIB_SEED_OFFSET}, as "
+              f"held-out trajectory i has seed + {HELDOUT_SEED_OFFSET} + i")
 @click.option("--calib-steps", type=_COUNT, default=25, help="DDIM steps per calibration (and held-out) trajectory")
 @click.option("--heldout-samples", type=_COUNT, default=16, help="held-out trajectories for the per-timestep noise MSE")
 @click.option("--finetune-iters", type=_COUNT, default=160,
@@ -389,8 +390,9 @@ def compare(model_spec, methods, out, num_samples, steps, calib_samples, calib_s
 @click.option("--traj-samples", type=_COUNT, default=64, help="teacher trajectories (images)")
 @click.option("--traj-steps", type=_COUNT, default=25,
               help="DDIM steps per teacher trajectory (the sampler DFA aligns to)")
-@click.option("--seed", type=_SEED, default=0, help="teacher trajectory i starts from noise seed + 10000 + i, as in "
-              "msfp compare (not from the noise of msfp sample --seed's images); seed + 10000 also seeds the LoRAs and "
+@click.option("--seed", type=_SEED, default=0,
+              help=f"teacher trajectory i starts from noise seed + {CALIB_SEED_OFFSET} + i, as in msfp compare (not "
+              f"from the noise of msfp sample --seed's images); seed + {CALIB_SEED_OFFSET} also seeds the LoRAs and "
               "batches")
 @click.option("--resume", is_flag=True, help="continue an interrupted run from its last checkpoint")
 @click.option("--max-minutes", type=click.FloatRange(min=0), default=None,
@@ -404,7 +406,6 @@ def finetune_cmd(directory, model_spec, iters, batch, lora, num_loras, rank, los
     the run completes.
     """
     from msfp.checkpoint import load_quantized, read_quant_meta, require_base_weights, save_quantized
-    from msfp.compare import CALIB_SEED_OFFSET
     from msfp.fileio import check_replaceable
     from msfp.finetune import STATE_NAME, FinetuneConfig, finetune
     from msfp.info import describe

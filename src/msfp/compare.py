@@ -10,7 +10,8 @@ full-precision one (:func:`register_method` adds more, e.g. fine-tuned variants)
    ``OUT/samples/NAME.npz`` and a PNG grid, and evaluates them as ``msfp eval`` does, paired with the
    full-precision samples.
 
-Seeds: samples ``seed + i``; calibration trajectories ``seed + 10000 + i``; held-out points ``seed + 20000 + i``, so
+Seeds (``msfp.samples.CALIB_SEED_OFFSET``, ``HELDOUT_SEED_OFFSET``): samples ``seed + i``; calibration trajectories
+``seed + 10000 + i``; held-out points ``seed + 20000 + i``, so
 no method is evaluated on the trajectories it was calibrated on (hence at most 10000 images and calibration
 trajectories).
 """
@@ -45,12 +46,10 @@ from msfp.finetune import FinetuneConfig, finetune
 from msfp.identity import code_digest, differences, model_key, plain_config
 from msfp.info import format_table, layer_rows, low_bit_fractions
 from msfp.models import denoise, load_model
-from msfp.samples import NonFiniteSamplesError, generate, grid_path
+from msfp.samples import CALIB_SEED_OFFSET, HELDOUT_SEED_OFFSET, NonFiniteSamplesError, generate, grid_path
 from msfp.surgery import quant_layers, quantize
 from msfp.torchao_baselines import RECIPES, quantize_torchao, unavailable_reason
 
-CALIB_SEED_OFFSET = 10_000
-HELDOUT_SEED_OFFSET = 20_000
 REFERENCE_METHOD = "fp"
 PROGRESS_NAME = "progress.json"
 DEFAULT_METHODS = ("fp", "w4a4-int", "w4a4-fp", "w4a4-msfp", "w4a4-msfp+talora", "w6a6-msfp", "torchao-mxfp4",
@@ -148,9 +147,9 @@ def register_method(name: str, build: Callable[[Context], Built], description: s
     # system: "../../x" would write beside OUT, "a/b" into a subfolder, "D:x" on Windows onto another drive, and
     # "con" or "NUL.x" on Windows opens a device instead of a file, and Windows drops a trailing '.'.
     if not _METHOD_NAME.fullmatch(name) or name.split(".")[0].casefold() in _WINDOWS_DEVICES:
-        raise ValueError(f"method names must start with a letter or digit, hold only letters, digits, '.', '_', "
-                         f"'+' and '-', not end with '.', and not be a Windows device name such as 'con' or 'nul' (they name the "
-                         f"files OUT/samples/NAME.npz), got {name!r}")
+        raise ValueError(f"method names must start with a letter or digit, hold only letters, digits, '.', '_', '+' "
+                         f"and '-', not end with '.', and not be a Windows device name such as 'con' or 'nul' (they "
+                         f"name the files OUT/samples/NAME.npz), got {name!r}")
     # "FP" would write over fp's samples where file names ignore case.
     same_file = next((m for m in METHODS if m.casefold() == name.casefold()), None)
     if same_file is not None:

@@ -37,6 +37,11 @@ SCHEDULERS = {
     "euler-a": "EulerAncestralDiscreteScheduler",
 }
 GRID_COUNT = 64
+# Seed ranges of msfp compare, quantize and finetune: image i is drawn from seed + i, calibration (and teacher)
+# trajectory i from seed + CALIB_SEED_OFFSET + i, held-out trajectory i from seed + HELDOUT_SEED_OFFSET + i, so no
+# method is evaluated on the noise it was calibrated on.
+CALIB_SEED_OFFSET = 10_000
+HELDOUT_SEED_OFFSET = 20_000
 
 
 def get_scheduler(name: str, base):
