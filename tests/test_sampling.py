@@ -4,6 +4,7 @@ from diffusers import (DDIMScheduler, DDPMScheduler, EulerAncestralDiscreteSched
                        LMSDiscreteScheduler, PNDMScheduler, UNet2DModel)
 from PIL import Image
 
+from msfp.samples import get_scheduler
 from msfp.sampling import sample, save_grid
 
 
@@ -158,3 +159,19 @@ def test_denoisers_whose_signature_cannot_be_read_or_whose_timestep_is_positiona
     traced = torch.jit.trace(PositionalOnly(), (x, t))  # a TorchScript method has no Python signature
     for model in (PositionalOnly(), traced):  # both used to fail: timestep= by name, or no signature
         assert torch.equal(denoise(model, x, t), x * t.view(-1, 1, 1, 1))
+
+
+@pytest.mark.parametrize("name, eta", [("ddim", 0.0), ("ddim", 0.5), ("ddpm", 0.0), ("dpm", 0.0), ("euler", 0.0),
+                                       ("euler-a", 0.0)])
+def test_sample_is_the_diffusers_sampling_loop(tiny_unet, name, eta):
+    # The loop diffusers' pipelines run, written out: per-sample generators, the initial sigma, scaled model inputs.
+    scheduler = get_scheduler(name, DDPMScheduler())
+    reference = type(scheduler).from_config(scheduler.config)
+    reference.set_timesteps(5)
+    generators = [torch.Generator().manual_seed(7 + i) for i in range(3)]
+    x = torch.stack([torch.randn(1, 8, 8, generator=g) for g in generators]) * reference.init_noise_sigma
+    for t in reference.timesteps:
+        eps = tiny_unet(reference.scale_model_input(x, t), t).sample
+        x = reference.step(eps, t, x, generator=generators, **(dict(eta=eta) if name == "ddim" else {})).prev_sample
+    ours = sample(tiny_unet, scheduler, 3, num_inference_steps=5, seed=7, batch_size=3, eta=eta, disable=True)
+    torch.testing.assert_close(ours, x, atol=1e-6, rtol=1e-6)
