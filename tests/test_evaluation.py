@@ -1,8 +1,10 @@
 import numpy as np
 import pytest
+import torch
 from diffusers import DDIMScheduler, EulerDiscreteScheduler
 
-from msfp.evaluation import eps_mse_weighted, load_image_dir, load_reference
+from msfp.calibration import Trajectories
+from msfp.evaluation import eps_mse_weighted, load_image_dir, load_reference, per_timestep_eps_mse, psnr
 from msfp.samples import save_samples
 from msfp.losses import denoising_factors
 
@@ -40,6 +42,31 @@ def test_eps_mse_weighted_takes_fractional_and_json_keys():
     assert eps_mse_weighted({t: 0.25 for t in timesteps}, euler) == pytest.approx(0.25)
     assert eps_mse_weighted({str(t): 0.25 for t in range(900, -1, -100)}, ddim()) == \
         pytest.approx(0.25)  # keys as results.json gives them back
+
+
+def test_per_timestep_eps_mse_by_hand():
+    # Points at t = 10 (two) and t = 900 (one); the model halves its input, so its error is (x / 2 - eps)².
+    x = torch.tensor([[2.0, 2.0], [0.0, 4.0], [6.0, 0.0]]).view(3, 2, 1, 1)
+    eps = torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, 0.0]]).view(3, 2, 1, 1)
+    points = Trajectories(x, torch.tensor([10, 900, 10]), eps, {})
+    model = torch.nn.Module()
+    model.forward = lambda sample, timestep: sample / 2
+    by_t = per_timestep_eps_mse(model, points, device="cpu", batch_size=2)
+    # t = 10: errors (0 + 1) / 2 and (9 + 0) / 2, mean 2.5; t = 900: (1 + 1) / 2. Largest timestep first.
+    assert list(by_t.items()) == [(900, 1.0), (10, 2.5)]
+    with pytest.raises(ValueError, match="no ε MSE values to weight"):  # was a ZeroDivisionError
+        eps_mse_weighted({}, ddim())
+
+
+def test_psnr_pairs_equally_shaped_sets():
+    a = np.zeros((2, 4, 4, 1), np.uint8)
+    b = a.copy()
+    b[1, 0, 0, 0] = 255  # one pixel of 32 off by 255: MSE 255² / 32
+    assert psnr(a, b) == pytest.approx((10 * np.log10(32), 255 ** 2 / 32))
+    # 2 images against 1 broadcast silently, and empty sets gave (inf, nan).
+    for x, y in ((a[:1], a), (a[:0], a[:0])):
+        with pytest.raises(ValueError, match="PSNR pairs the images of two equally shaped, non-empty sets"):
+            psnr(x, y)
 
 
 def test_eps_mse_weighted_rejects_other_timesteps():

@@ -13,6 +13,8 @@ def test_feature_stats_matches_numpy():
     np.testing.assert_allclose(sigma, np.cov(f, rowvar=False), atol=1e-6)
     with pytest.raises(ValueError, match=r"shape \(N, D\)"):
         feature_stats(np.zeros(5))
+    with pytest.raises(ValueError, match=r"D >= 1, got \(5, 0\)"):  # FD failed on an empty reduction
+        feature_stats(np.zeros((5, 0)))
 
 
 def test_fd_of_a_set_with_itself_is_zero():
@@ -69,8 +71,21 @@ def test_fd_scales_with_the_square_of_the_features_when_covariances_are_singular
 
 
 def test_fd_refuses_asymmetric_covariances():
-    with pytest.raises(ValueError, match="covariances must be symmetric"):
+    with pytest.raises(ValueError, match="first covariance is not symmetric"):
         frechet_distance(np.zeros(2), np.array([[1.0, 0.5], [0.0, 1.0]]), np.zeros(2), np.eye(2))
+
+
+def test_fd_refuses_what_is_no_covariance_but_takes_rank_deficient_ones():
+    # -I gave FD 0 against I: the square root read its negative eigenvalues as 0.
+    with pytest.raises(ValueError, match=r"second covariance is not positive semi-definite \(smallest eigenvalue -1"):
+        frechet_distance(np.zeros(3), np.eye(3), np.zeros(3), -np.eye(3))
+    with pytest.raises(ValueError, match="first covariance is not positive semi-definite"):
+        frechet_distance(np.zeros(2), np.diag([1.0, -0.5]), np.zeros(2), np.eye(2))
+    # Fewer samples than features: singular covariances, whose round-off leaves eigenvalues just below 0.
+    f = np.random.default_rng(4).normal(size=(20, 64))
+    mu, sigma = feature_stats(f)
+    assert abs(frechet_distance(mu, sigma, mu, sigma)) < 1e-6 * np.trace(sigma)
+    assert abs(frechet_distance(mu, sigma.astype(np.float32), mu, sigma)) < 1e-4 * np.trace(sigma)
 
 
 def test_fd_shape_mismatch():
@@ -146,6 +161,9 @@ def test_fd_bootstrap_resamples_equal_size_sets_identically():
 
 def test_bootstrap_interval():
     assert bootstrap_interval(np.arange(101.0), 0.9) == pytest.approx((5.0, 95.0))
+    # Between order statistics, the percentiles interpolate linearly: of 5 values, the 5th percentile lies at rank
+    # 0.05 * 4 = 0.2 (between 0 and 1), the 95th at 3.8 (between 5 and 9).
+    assert bootstrap_interval([9.0, 0.0, 5.0, 1.0, 2.0], 0.9) == pytest.approx((0.2, 5 + 0.8 * 4))
     with pytest.raises(ValueError, match="finite replicates"):
         bootstrap_interval([1.0, np.nan, 2.0])
 
@@ -160,6 +178,11 @@ def test_fd_bootstrap_replicates_are_frechet_distances():
     assert replicate == pytest.approx(frechet_distance(*feature_stats(f[idx]), mu_ref, sigma_ref), rel=1e-9)
     with pytest.raises(ValueError, match="D = 6"):
         fd_bootstrap(f[:, :5], mu_ref, sigma_ref)
+    # The reference is checked as frechet_distance checks it (a NaN mean gave all-NaN replicates).
+    with pytest.raises(ValueError, match=r"1 non-finite values \(NaN or inf\) in the reference mean"):
+        fd_bootstrap(f, np.where(np.arange(6) == 2, np.nan, mu_ref), sigma_ref)
+    with pytest.raises(ValueError, match="reference covariance is not symmetric"):
+        fd_bootstrap(f, mu_ref, sigma_ref + np.triu(np.ones((6, 6)), 1))
 
 
 def test_non_finite_features_are_refused_by_every_metric():
@@ -171,7 +194,7 @@ def test_non_finite_features_are_refused_by_every_metric():
     for call in (lambda: feature_stats(bad), lambda: kid(good, bad, subsets=2, subset_size=10),
                  lambda: precision_recall(good, bad), lambda: frechet_distance(mu, sigma, mu, sigma * np.inf),
                  lambda: classifier_score(np.where(bad > 0, np.inf, bad))):
-        with pytest.raises(ValueError, match="contain [0-9]+ non-finite values"):
+        with pytest.raises(ValueError, match=r"[0-9]+ non-finite values \(NaN or \+?inf\) in"):
             call()
 
 

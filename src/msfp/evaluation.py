@@ -157,7 +157,11 @@ def _check_pairs(samples: dict, paired: dict, samples_path, paired_path) -> None
 
 def psnr(images, others) -> tuple[float, float]:
     """``(psnr_db, mse)`` of two uint8 image sets over all pixels, on the 0-255 scale (PSNR inf when identical)."""
-    mse = float(np.mean((np.asarray(images, np.float64) - np.asarray(others, np.float64)) ** 2))
+    images, others = np.asarray(images, np.float64), np.asarray(others, np.float64)
+    if images.shape != others.shape or images.size == 0:  # broadcasting would compare every image with one
+        raise ValueError(f"PSNR pairs the images of two equally shaped, non-empty sets, got {images.shape} and "
+                         f"{others.shape}")
+    mse = float(np.mean((images - others) ** 2))
     return (10 * math.log10(255.0 ** 2 / mse) if mse > 0 else math.inf), mse
 
 
@@ -186,6 +190,8 @@ def eps_mse_weighted(eps_mse: dict[float, float], scheduler) -> float:
 
     The plain mean over t is dominated by the last step (t = 0), where the ε error is largest but γ_0 is tiny, so it
     hardly moves the sample; this weighting counts errors the way sampling feels them (SPEC §2.4)."""
+    if not eps_mse:
+        raise ValueError("no ε MSE values to weight: per_timestep_eps_mse found no trajectory points")
     timesteps, gammas = denoising_factors(scheduler, len(eps_mse))
     # Keys as numbers: JSON gives strings, Euler-type schedulers fractional timesteps.
     by_t = {float(t): e for t, e in eps_mse.items()}

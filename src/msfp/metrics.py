@@ -24,21 +24,43 @@ def _finite(x, what: str = "features") -> np.ndarray:
     NaN and precision/recall drop the point silently."""
     x = _as_f64(x)
     if not np.isfinite(x).all():
-        raise ValueError(f"{what} contain {int((~np.isfinite(x)).sum())} non-finite values (NaN or inf)")
+        raise ValueError(f"{int((~np.isfinite(x)).sum())} non-finite values (NaN or inf) in {what}")
     return x
 
 
 def feature_stats(features):
     """``(mu, sigma)``: mean (D,) and unbiased covariance (D, D) of features (N, D)."""
     f = _finite(features)
-    if f.ndim != 2 or len(f) < 2:
-        raise ValueError(f"features must have shape (N, D) with N >= 2, got {f.shape}")
-    return f.mean(axis=0), np.cov(f, rowvar=False)
+    if f.ndim != 2 or len(f) < 2 or f.shape[1] < 1:
+        raise ValueError(f"features must have shape (N, D) with N >= 2 and D >= 1, got {f.shape}")
+    return f.mean(axis=0), np.atleast_2d(np.cov(f, rowvar=False))
 
 
-def _psd_root(sigma: torch.Tensor) -> torch.Tensor:
+def _gaussian(mu, sigma, which: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(mu, sigma)`` checked (finite, shapes (D,) and (D, D), symmetric) and symmetrised exactly."""
+    mu = np.atleast_1d(_finite(mu, f"the {which} mean"))
+    sigma = np.atleast_2d(_finite(sigma, f"the {which} covariance"))
+    if mu.ndim != 1 or sigma.shape != mu.shape * 2:
+        raise ValueError(f"{which}: a mean (D,) and a covariance (D, D) are needed, got {mu.shape} and {sigma.shape}")
+    # Symmetric up to float32 round-off (statistics saved by other tools).
+    if not np.allclose(sigma, sigma.T, rtol=1e-5, atol=1e-7 * np.abs(sigma).max()):
+        raise ValueError(f"{which} covariance is not symmetric")
+    return mu, (sigma + sigma.T) / 2
+
+
+def _require_psd(eigenvalues: torch.Tensor, which: str) -> None:
+    # Round-off of a rank-deficient covariance (fewer samples than features, or saved in float32) leaves eigenvalues
+    # a little below 0; a clearly negative one is no covariance, and FD would quietly come out wrong.
+    largest = float(eigenvalues.max())
+    if float(eigenvalues.min()) < -1e-4 * max(largest, 0.0):
+        raise ValueError(f"{which} covariance is not positive semi-definite (smallest eigenvalue "
+                         f"{float(eigenvalues.min()):.3g}, largest {largest:.3g})")
+
+
+def _psd_root(sigma: torch.Tensor, which: str) -> torch.Tensor:
     """The symmetric square root of a covariance (round-off's negative eigenvalues read as 0)."""
     lam, vec = torch.linalg.eigh(sigma)
+    _require_psd(lam, which)
     return (vec * lam.clamp(min=0).sqrt()) @ vec.mT
 
 
@@ -52,16 +74,12 @@ def _trace_root_product(root_ref: torch.Tensor, sigma: torch.Tensor) -> torch.Te
 def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     """Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2):
     ``||mu1 - mu2||² + tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^½)``."""
-    mu1, mu2 = np.atleast_1d(_finite(mu1, "means")), np.atleast_1d(_finite(mu2, "means"))
-    sigma1, sigma2 = np.atleast_2d(_finite(sigma1, "covariances")), np.atleast_2d(_finite(sigma2, "covariances"))
-    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
+    (mu1, sigma1), (mu2, sigma2) = _gaussian(mu1, sigma1, "first"), _gaussian(mu2, sigma2, "second")
+    if mu1.shape != mu2.shape:
         raise ValueError(f"shape mismatch: mu {mu1.shape} vs {mu2.shape}, sigma {sigma1.shape} vs {sigma2.shape}")
-    for sigma in (sigma1, sigma2):  # symmetric up to float32 round-off (statistics saved by other tools)
-        if not np.allclose(sigma, sigma.T, rtol=1e-5, atol=1e-7 * np.abs(sigma).max()):
-            raise ValueError("covariances must be symmetric")
-    sigma1, sigma2 = (sigma1 + sigma1.T) / 2, (sigma2 + sigma2.T) / 2
+    _require_psd(torch.linalg.eigvalsh(torch.from_numpy(sigma2)), "second")
     diff = mu1 - mu2
-    trace_root = _trace_root_product(_psd_root(torch.from_numpy(sigma1)), torch.from_numpy(sigma2))
+    trace_root = _trace_root_product(_psd_root(torch.from_numpy(sigma1), "first"), torch.from_numpy(sigma2))
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * float(trace_root))
 
 
@@ -74,13 +92,13 @@ def fd_bootstrap(features, mu_ref, sigma_ref, resamples: int = 200, seed: int = 
     paired differences, rather than the replicates' level.
     """
     f = torch.from_numpy(_finite(features))
-    mu_ref, sigma_ref = np.atleast_1d(_as_f64(mu_ref)), np.atleast_2d(_as_f64(sigma_ref))
-    if f.ndim != 2 or len(f) < 2 or mu_ref.shape != f.shape[1:] or sigma_ref.shape != mu_ref.shape * 2:
+    mu_ref, sigma_ref = _gaussian(mu_ref, sigma_ref, "reference")
+    if f.ndim != 2 or len(f) < 2 or mu_ref.shape != f.shape[1:]:
         raise ValueError(f"features must have shape (N, D) with N >= 2 and D = {len(mu_ref)}, got {tuple(f.shape)}")
     # Batched in torch because hundreds of small LAPACK calls through numpy crawl when its BLAS threads contend with
     # torch's.
     mu_ref, sigma_ref = torch.from_numpy(mu_ref), torch.from_numpy(sigma_ref)
-    root_ref = _psd_root(sigma_ref)
+    root_ref = _psd_root(sigma_ref, "reference")
     n, d = f.shape
     indices = torch.from_numpy(np.random.default_rng(seed).integers(0, n, (resamples, n)))
     replicates = []
@@ -140,7 +158,7 @@ def classifier_score(logits, splits: int = 10):
     """
     z = _as_f64(logits)
     if np.isnan(z).any() or np.isposinf(z).any():  # -inf is a probability of 0; these have none
-        raise ValueError(f"logits contain {int((np.isnan(z) | np.isposinf(z)).sum())} non-finite values (NaN or +inf)")
+        raise ValueError(f"{int((np.isnan(z) | np.isposinf(z)).sum())} non-finite values (NaN or +inf) in logits")
     if splits < 1 or z.ndim != 2 or len(z) < splits:
         raise ValueError(f"logits must have shape (N, C) with N >= splits >= 1, got {z.shape} and splits={splits}")
     impossible = np.isneginf(z).all(axis=1)
