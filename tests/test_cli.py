@@ -1,5 +1,6 @@
 import json
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -178,6 +179,15 @@ def test_eval_paired(tmp_path):
             "--json", tmp_path / "r.json")
     assert re.search(r"PSNR vs paired samples \(dB\) +inf\n", r.output)
     assert json.loads((tmp_path / "r.json").read_text())["metrics"]["psnr"] is None  # strict JSON has no inf
+    # --json never replaces an input, nor a file that holds no JSON: it wrote its results over SAMPLES.
+    (tmp_path / "notes.txt").write_text("my notes")
+    for target, what in ((tmp_path / "q.npz", "SAMPLES"), (tmp_path / "fp.npz", "--paired"),
+                         (tmp_path / "notes.txt", "holds no JSON")):
+        before = target.read_bytes()
+        r = run("eval", tmp_path / "q.npz", "--ref", tmp_path / "fp.npz", "--paired", tmp_path / "fp.npz",
+                "--json", target)
+        assert r.exit_code == 2 and what in r.output, r.output
+        assert target.read_bytes() == before
 
 
 def test_eval_bad_input(tmp_path):
@@ -278,6 +288,25 @@ def test_clear_errors_for_files_of_the_wrong_kind(tmp_path, tiny_model_dir):
     assert r.exit_code == 1 and "is a quantized msfp checkpoint; this needs the full-precision model" in r.output
     r = run("eval", q / "msfp_quant.json")  # used to talk about pickled data
     assert r.exit_code == 1 and "msfp_quant.json: not a .npz sample file (not a zip archive)" in r.output
+    assert run("info", q).exit_code == 0
+    # info checks the files as loading does: it printed a damaged checkpoint's table as if it were fine.
+    bad = tmp_path / "bad"
+    shutil.copytree(q, bad)
+    (bad / "model.safetensors").write_bytes((q / "model.safetensors").read_bytes()[:1000])
+    r = run("info", bad)
+    assert r.exit_code == 1 and "model.safetensors: checksum mismatch with msfp_quant.json" in r.output
+    (bad / "model.safetensors").unlink()
+    r = run("info", bad)
+    assert r.exit_code == 1 and "model.safetensors is missing" in r.output
+    edited = json.loads((q / "msfp_quant.json").read_text())
+    layer = next(iter(edited["layers"].values()))
+    layer["weight_format"] = "int4" if layer["weight_format"] != "int4" else "fp4_e2m1"
+    (bad / "msfp_quant.json").write_text(json.dumps(edited))
+    r = run("info", bad)
+    assert r.exit_code == 1 and "msfp_quant.json: checksum mismatch: the file was edited after msfp" in r.output
+    (bad / "msfp_quant.json").write_text("[1, 2]")  # said "checkpoint format version None"
+    r = run("info", bad)
+    assert r.exit_code == 1 and "msfp_quant.json: holds a JSON list, not the object msfp writes" in r.output
     meta = json.loads((q / "msfp_quant.json").read_text())
     del meta["layers"]
     (q / "msfp_quant.json").write_text(json.dumps(meta))

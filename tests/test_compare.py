@@ -82,6 +82,8 @@ def test_bad_method_lists_valid_ones(tmp_path):
     with pytest.raises(ValueError, match="listed twice: w4a4-fp"):
         parse_methods("w4a4-fp,w4a4-fp")
     assert parse_methods("w4a4-int") == ["fp", "w4a4-int"]  # the reference is always drawn
+    r = run("compare", "--methods", "", "--out", tmp_path / "x")  # ran the reference alone
+    assert r.exit_code == 1 and "no method names in ''" in r.output and not (tmp_path / "x").exists()
 
 
 def test_a_directory_that_is_not_a_report_is_never_replaced(tmp_path, monkeypatch):
@@ -299,7 +301,7 @@ def test_resume_refuses_a_changed_noise_schedule(tmp_path, tiny_model_dir):
         config = json.loads((model / "scheduler_config.json").read_text())
         (model / "scheduler_config.json").write_text(json.dumps(dict(config, beta_end=0.03)))
         r = run(*args, "--resume")  # the weights are the same, but fp's samples came from the other schedule
-        assert r.exit_code == 1 and ".r.compare holds a run with another scheduler: resuming it" in r.output
+        assert r.exit_code == 1 and ".r.compare holds a run that differs in scheduler: resuming it" in r.output
         progress = tmp_path / ".r.compare" / "progress.json"
         recorded = json.loads(progress.read_text())
         del recorded["fingerprint"]["scheduler"]  # as a run started before the schedule was recorded
@@ -323,7 +325,7 @@ def test_resume_refuses_a_run_with_another_code_model_reference_or_machine(tmp_p
         # e.g. a `git pull` between the two sessions: msfp.__version__ stays the same.
         monkeypatch.setattr(msfp.compare, function, lambda *a, **k: "something else")
         r = run(*args, "--resume")
-        assert r.exit_code == 1 and f".r.compare holds a run with another {part}: resuming it would mix" in r.output
+        assert r.exit_code == 1 and f".r.compare holds a run that differs in {part}: resuming it would mix" in r.output
     finally:
         METHODS.pop("test-broken")
 
@@ -391,7 +393,7 @@ def test_an_interrupted_run_keeps_the_earlier_report_and_resumes(tmp_path, tiny_
         assert (tmp_path / ".r.compare" / "samples" / "fp.npz").is_file()
         r = run("compare", "--methods", "fp,test-broken", "--out", report, "--model", tiny_model_dir, *TINY[:-2],
                 "--batch", 4, "--resume")
-        assert r.exit_code == 1 and (".r.compare holds a run with another settings (batch_size 8 there, 4 here): "
+        assert r.exit_code == 1 and (".r.compare holds a run that differs in settings (batch_size 8 there, 4 here): "
                                      "resuming it would mix") in r.output, r.output
         shutil.rmtree(tmp_path / ".r.compare")
         r = run(*args, "--resume")

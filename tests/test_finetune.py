@@ -447,11 +447,19 @@ def test_cli_quantize_then_finetune_with_time_budget_and_resume(tmp_path):
     assert r.exit_code == 1 and "already fine-tuned (4 iterations, lora 'talora')" in r.output, r.output
     # Quantizing into it used to replace the fine-tuned model with a post-training one without a word.
     r = run("quantize", "--model", tmp_path / "model", "--out", q)
-    assert r.exit_code == 2 and "holds a fine-tuned model, which quantizing would replace" in r.output, r.output
-    # A second fine-tune after lora 'none' was accepted, and the record then told of the second run only.
+    assert r.exit_code == 1 and "holds a fine-tuned model, which a post-training one saved there would replace" \
+        in r.output, r.output
     none = tmp_path / "q-none"
     assert run("quantize", "--model", tmp_path / "model", "--out", none, "--calib-samples", 4, "--calib-steps", 4
                ).exit_code == 0
+    # msfp.save_quantized did too, and the README's Python example after its CLI example wrote over the fine-tuned
+    # directory.
+    ptq = msfp.load_quantized(none)
+    with pytest.raises(FileExistsError, match="holds a fine-tuned model"):
+        msfp.save_quantized(ptq, q)
+    assert msfp.checkpoint.read_quant_meta(q)["finetune"]["iters_done"] == 4
+    msfp.save_quantized(msfp.load_quantized(q), q)  # a fine-tuned model may replace it
+    # A second fine-tune after lora 'none' was accepted, and the record then told of the second run only.
     assert run(*args[:1], none, *args[2:], "--lora", "none", "--loss", "mse").exit_code == 0
     r = run(*args[:1], none, *args[2:])
     assert r.exit_code == 1 and "already fine-tuned (4 iterations, lora 'none')" in r.output, r.output

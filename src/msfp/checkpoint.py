@@ -275,9 +275,22 @@ def check_output_directory(directory: str | os.PathLike) -> Path:
     return out
 
 
+def refuse_replacing_finetuned(directory: str | os.PathLike) -> None:
+    """Raise if ``directory`` holds a fine-tuned checkpoint, which a post-training model saved there would replace
+    (the fine-tuning may have taken hours). Commands call it before quantizing."""
+    path = Path(directory)
+    try:
+        finetuned = (path / CONFIG_NAME).is_file() and read_quant_meta(path).get("finetune")
+    except ValueError:  # a damaged checkpoint: nothing worth keeping is lost
+        return
+    if finetuned:
+        raise FileExistsError(f"{path} holds a fine-tuned model, which a post-training one saved there would "
+                              "replace: choose another directory, or delete it first")
+
+
 def save_quantized(model: nn.Module, directory: str | os.PathLike) -> Path:
     """Write the calibrated (or fine-tuned) quantized model to ``directory`` as a packed checkpoint; returns the
-    directory's path."""
+    directory's path. A fine-tuned checkpoint there is replaced only by a fine-tuned model."""
     # Saved, FP8 layers would be missing from the checkpoint, which could replace a good one at `directory`.
     require_fake_quant(model, "save_quantized", "a packed checkpoint stores the fake-quant model (msfp.load_quantized("
                        "directory), backend 'fake'), which load_quantized(…, backend='fp8') converts when loading")
@@ -298,6 +311,8 @@ def save_quantized(model: nn.Module, directory: str | os.PathLike) -> Path:
     for name, layer in layers.items():
         state[name + CODES_SUFFIX] = _packed_weights(layer)
     out = check_output_directory(directory)
+    if not meta.get("finetune"):
+        refuse_replacing_finetuned(out)
     with atomic_directory(out) as tmp:
         # One metadata entry: safetensors writes them in hash order, which differs between runs, so a second entry
         # made the bytes (and weights_sha256) of identical checkpoints differ. The version is in CONFIG_NAME.
@@ -328,7 +343,10 @@ def read_quant_meta(directory: str | os.PathLike) -> dict:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"{meta_path}: unreadable ({e})") from e
-    version = meta.get("format_version") if isinstance(meta, dict) else None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{meta_path}: holds a JSON {type(meta).__name__}, not the object msfp writes; the file was "
+                         "edited or not written by msfp")
+    version = meta.get("format_version")
     if version != FORMAT_VERSION:
         hint = " (unpacked float32 weights, written by msfp before packed checkpoints; re-run msfp quantize)" \
             if version == 1 else ""
@@ -390,7 +408,11 @@ def _meta_sha256(meta: dict) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
-def _read_weights(path: Path, meta: dict) -> dict[str, torch.Tensor]:
+def verify_files(directory: str | os.PathLike, meta: dict) -> Path:
+    """Raise unless the checkpoint ``directory``'s files are the ones msfp wrote: ``meta`` (its
+    :func:`read_quant_meta`) unedited, and the weights file present and matching its checksum. Returns the weights
+    file's path."""
+    path = Path(directory)
     if "meta_sha256" in meta and _meta_sha256(meta) != meta["meta_sha256"]:  # checkpoints before 2026-12 have none
         raise ValueError(f"{path / CONFIG_NAME}: checksum mismatch: the file was edited after msfp saved it (its "
                          "per-layer formats decode the packed weights, so the model would load other weights); save "
@@ -401,6 +423,11 @@ def _read_weights(path: Path, meta: dict) -> dict[str, torch.Tensor]:
     if _sha256(file) != meta.get("weights_sha256"):
         raise ValueError(f"{file}: checksum mismatch with {CONFIG_NAME}; the file is truncated, corrupted or from "
                          "another save")
+    return file
+
+
+def _read_weights(path: Path, meta: dict) -> dict[str, torch.Tensor]:
+    file = verify_files(path, meta)
     try:
         return load_file(file)
     except (OSError, SafetensorError) as e:

@@ -116,7 +116,7 @@ def quantize(model_spec, preset, config_path, out, calib_samples, calib_steps, s
     """Quantize and calibrate a model; write a directory that msfp.load_quantized reads."""
     device = device or _default_device()
     from msfp.calibration import calibrate
-    from msfp.checkpoint import CONFIG_NAME, check_output_directory, read_quant_meta, save_quantized
+    from msfp.checkpoint import check_output_directory, read_quant_meta, refuse_replacing_finetuned, save_quantized
     from msfp.config import QuantConfig
     from msfp.info import describe
     from msfp.models import load_model
@@ -127,9 +127,7 @@ def quantize(model_spec, preset, config_path, out, calib_samples, calib_steps, s
     with _user_errors():
         config = _read_config(config_path) if config_path else QuantConfig.preset(preset)
         check_output_directory(out)  # before the work, which may take long
-        if (Path(out) / CONFIG_NAME).is_file() and read_quant_meta(out).get("finetune"):
-            raise click.UsageError(f"{out} holds a fine-tuned model, which quantizing would replace with a "
-                                   "post-training one: choose another --out, or delete it first")
+        refuse_replacing_finetuned(out)
         cache = Path(cache_dir).resolve() if cache_dir is not None else None
         if cache is not None and Path(out).resolve() in (cache, *cache.parents):
             raise click.UsageError(f"--cache-dir {cache_dir} is inside --out {out}, which the checkpoint replaces "
@@ -154,12 +152,14 @@ def quantize(model_spec, preset, config_path, out, calib_samples, calib_steps, s
 @click.argument("directory", type=click.Path(file_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="print the saved metadata as JSON")
 def info(directory, as_json):
-    """Per-layer formats, AALs and quantization MSE of a quantized model directory."""
-    from msfp.checkpoint import read_quant_meta
+    """Per-layer formats, AALs and quantization MSE of a quantized model directory (whose files are checked as
+    loading checks them)."""
+    from msfp.checkpoint import read_quant_meta, verify_files
     from msfp.info import describe
 
     with _user_errors():
         meta = read_quant_meta(directory)
+        verify_files(directory, meta)  # a checkpoint that would not load must not look fine
         text = json.dumps(meta, indent=2) if as_json else describe(meta)
     click.echo(text)
 
@@ -229,6 +229,22 @@ def sample(model_spec, num_samples, steps, scheduler_name, eta, guidance, seed, 
         click.echo(f"wrote {out} ({num_samples} images, seeds {seed}..{seed + num_samples - 1}) and {grid_path(out)}")
 
 
+def _check_json_output(json_path: str, inputs: dict) -> None:
+    """Refuse a ``--json`` that would replace an input of the command or a file that holds no JSON (a typo's
+    victim); an earlier results file is replaced, as an output is."""
+    target = Path(json_path).resolve()
+    for option, path in inputs.items():
+        if path is not None and Path(path).resolve() == target:
+            raise click.UsageError(f"--json {json_path} is the {option} file too: writing the results would replace "
+                                   "it; choose another path")
+    if target.is_file():
+        try:
+            json.loads(target.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise click.UsageError(f"--json {json_path} exists and holds no JSON (results of an earlier run would): "
+                                   "refusing to replace it; choose another path") from None
+
+
 @main.command("eval")
 @click.argument("samples_path", metavar="SAMPLES", type=click.Path(dir_okay=False))
 @click.option("--ref", type=click.Path(dir_okay=False), default=None,
@@ -261,6 +277,8 @@ def eval_(samples_path, ref, ref_images, data_dir, inception_weights, paired_pat
 
     with _user_errors():
         if json_path is not None:  # an unwritable --json fails before the metrics, not after them
+            _check_json_output(json_path, {"SAMPLES": samples_path, "--paired": paired_path, "--ref": ref,
+                                           "--inception-weights": inception_weights})
             Path(json_path).parent.mkdir(parents=True, exist_ok=True)
         if model_spec is not None:  # checked before the image metrics, which take a while
             model, scheduler = _load_any_model(model_spec)

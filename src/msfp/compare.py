@@ -271,6 +271,9 @@ for _name, (_kwargs, _description) in FINETUNED.items():
 def parse_methods(text: str | None) -> list[str]:
     """Method names from ``"a,b,c"`` (None: :data:`DEFAULT_METHODS`), the reference ``fp`` first; clear errors."""
     names = list(DEFAULT_METHODS) if text is None else [n.strip() for n in text.split(",") if n.strip()]
+    if not names:  # "" ran the reference alone
+        raise ValueError(f"no method names in {text!r}: list them separated by commas, or leave the list out for the "
+                         "defaults")
     unknown = [n for n in names if n not in METHODS]
     if unknown:
         raise ValueError(f"unknown method(s) {', '.join(map(repr, unknown))}; valid methods: {', '.join(METHODS)}")
@@ -326,7 +329,7 @@ def _progress(work: Path, fingerprint: dict, resume: bool) -> dict:
             was, now = recorded["settings"], fingerprint["settings"]
             fields = "; ".join(differences(was, now, now))
             differ[differ.index("settings")] = f"settings ({fields})"
-        raise ValueError(f"{work} holds a run with another {', '.join(differ)}: resuming it would mix results; "
+        raise ValueError(f"{work} holds a run that differs in {', '.join(differ)}: resuming it would mix results; "
                          f"delete {work} to start over")
     return progress
 
