@@ -58,6 +58,13 @@ def test_search_picks_unsigned_on_silu_data_and_signed_on_symmetric_data():
     assert layers["out"].info["aal"] and layers["out"].info["aal_reason"].startswith("statistical")  # F.silu
     assert layers["out"].info["act_format"].startswith("ufp4")
     assert not layers["inp"].info["aal"] and layers["inp"].info["act_format"].startswith("fp4")  # Gaussian x_t
+    # Either detector can be turned off (no test did, and ignoring the flags passed).
+    _, q, _ = calibrated(tiny_plain, QuantConfig(eight_bit_layers=[], aal_structural=False), sample_shape=(1, 8, 8))
+    assert quant_layers(q)["mid"].info["aal_reason"].startswith("statistical")  # SiLU's output is one-sided anyway
+    _, q, _ = calibrated(tiny_plain, QuantConfig(eight_bit_layers=[], aal_statistical=False), sample_shape=(1, 8, 8))
+    layers = quant_layers(q)
+    assert layers["mid"].info["aal_reason"].startswith("traced")
+    assert not layers["out"].info["aal"] and layers["out"].info["act_format"].startswith("fp4")
 
 
 def test_without_mixup_sign_every_format_is_signed():
@@ -75,9 +82,23 @@ def test_nan_activations_name_layer_and_timestep():
     fp = tiny_plain()
     q = msfp.quantize(copy.deepcopy(fp), "w4a4-msfp")
     with torch.no_grad():
-        q.mid.weight[0, 0, 0, 0] = float("nan")  # the quantized copy breaks after calibration trajectories
+        q.mid.bias[0] = float("nan")  # the quantized copy breaks after calibration trajectories
     with pytest.raises(FloatingPointError, match=r"layer 'out' received NaN/inf inputs at timestep\(s\) \[\d+"):
         msfp.calibrate(q, fp, scheduler(), num_samples=2, num_steps=2, disable=True, sample_shape=(1, 8, 8))
+
+
+def test_non_finite_weights_name_the_layer_before_any_work():
+    # The last layer's weight failed its search, after the trajectories, as "search_quant_params got 1 non-finite
+    # values".
+    fp = tiny_plain()
+    q = msfp.quantize(copy.deepcopy(fp), "w4a4-msfp")
+    with torch.no_grad():
+        q.out.weight[0, 0, 0, 0] = float("inf")
+    calls = []
+    fp.register_forward_hook(lambda *_: calls.append(1))
+    with pytest.raises(ValueError, match=r"^out: its weight holds 1 non-finite values \(NaN or inf\)"):
+        msfp.calibrate(q, fp, scheduler(), num_samples=2, num_steps=2, disable=True, sample_shape=(1, 8, 8))
+    assert not calls
 
 
 def test_empty_calibration_set_and_missing_conditioning():

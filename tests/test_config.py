@@ -37,6 +37,19 @@ def test_bad_configs_name_the_problem():
         QuantConfig(weight_granularity="group")
     with pytest.raises(ValueError, match="act_timestep_groups"):
         QuantConfig(act_timestep_groups=0)
+    # Every validation has a case (dropping one passed before).
+    with pytest.raises(ValueError, match="QuantConfig.aal_act_formats: .*ufp4_e9m9"):
+        QuantConfig(aal_act_formats=["ufp4_e9m9"])
+    with pytest.raises(ValueError, match="QuantConfig.eight_bit_weight_formats: .*fp8_e9m9"):
+        QuantConfig(eight_bit_weight_formats=["fp8_e9m9"])
+    with pytest.raises(ValueError, match="eight_bit_act_formats must list at least one"):
+        QuantConfig(eight_bit_act_formats=[])
+    for threshold in (-0.1, 1.0):
+        with pytest.raises(ValueError, match=r"aal_threshold must be in \[0, 1\), got"):
+            QuantConfig(aal_threshold=threshold)
+    for field in ("search_clip_points", "search_zero_points", "act_samples_per_layer"):
+        with pytest.raises(ValueError, match=f"QuantConfig.{field} must be >= 1"):
+            QuantConfig(**{field: 0})
 
 
 def test_json_values_of_the_wrong_type_are_refused():

@@ -31,6 +31,24 @@ def exhaustive(rows, candidates, num_clip, num_zero, dtype=torch.float32):
     return best
 
 
+def test_candidate_grids_are_those_of_the_spec():
+    # exhaustive() takes its candidates from _candidate_params too, so a wrong grid (one abs-max for all channels,
+    # zero points above 0) passed every search test. SPEC §2.1: clipping values on a grid up to each channel's
+    # abs-max; zero points on a grid over [min(x), 0], the grid's range then reaching from z to the channel's max.
+    rows = torch.tensor([[-0.5, 0.1, 2.0], [-30.0, 1.0, 10.0]])
+    ratios = torch.tensor([0.25, 0.5, 0.75, 1.0])
+    signed = get_format("fp4_e2m1")
+    scale, zero = _candidate_params(rows, signed, num_clip=4, num_zero=3)
+    assert zero is None
+    torch.testing.assert_close(scale, torch.tensor([[2.0], [30.0]]) * ratios / signed.max_value)
+    unsigned = get_format("ufp4_e2m2")
+    scale, zero = _candidate_params(rows, unsigned, num_clip=4, num_zero=3)
+    for c, (lo, hi) in enumerate(((-0.5, 2.0), (-30.0, 10.0))):
+        zeros = torch.tensor([0.0, lo / 2, lo])
+        torch.testing.assert_close(zero[c].view(3, 4), zeros[:, None].expand(3, 4))
+        torch.testing.assert_close(scale[c].view(3, 4), (hi - zeros)[:, None] * ratios / unsigned.max_value)
+
+
 @pytest.mark.parametrize("candidates", [SIGNED_4BIT, UNSIGNED_4BIT, ["int4"], ["uint4"], ["fp6_e3m2"]])
 def test_search_matches_exhaustive_per_tensor(candidates):
     torch.manual_seed(0)

@@ -7,7 +7,7 @@ from torch import nn
 
 import msfp
 from msfp import QuantConfig
-from msfp.layers import QuantLayer
+from msfp.layers import QuantContext, QuantLayer
 from msfp.surgery import quant_layers, structural_aals
 from tiny_models import scheduler, tiny_cond_unet, tiny_dit, tiny_pixart, tiny_plain, tiny_unet
 
@@ -36,6 +36,11 @@ def test_roles_keep_edges_at_8_bits_and_policy_regexes():
     assert bits["conv_in"] == bits["conv_out"] == "8bit"
     assert bits["time_embedding.linear_1"] == bits["time_embedding.linear_2"] == "8bit"
     assert bits["down_blocks.0.resnets.0.time_emb_proj"] == "4bit"
+    # DiT's edges and timestep MLP (inside each block's norm) too: only its transformer layers go to 4 bits.
+    dit = {n: layer.precision for n, layer in quant_layers(msfp.quantize(tiny_dit(), "w4a4-msfp")).items()}
+    assert {n for n, b in dit.items() if b == "8bit"} == {
+        "pos_embed.proj", "proj_out_2", "transformer_blocks.0.norm1.emb.timestep_embedder.linear_1",
+        "transformer_blocks.0.norm1.emb.timestep_embedder.linear_2"}
     config = QuantConfig(eight_bit_layers=["@first"], full_precision_layers=[r"up_blocks\.0\.attentions\..*"])
     q = msfp.quantize(tiny_unet(), config)
     assert q.up_blocks[0].attentions[0].to_q.__class__ is nn.Linear
@@ -327,3 +332,18 @@ def test_deep_copies_of_a_quantized_model_are_independent():
     twin = copy.deepcopy(q)
     twin(torch.randn(3, 1, 8, 8), torch.tensor([1, 2, 3]))
     assert twin.msfp_context.timesteps.tolist() == [1, 2, 3] and q.msfp_context.timesteps is None
+
+
+@pytest.mark.parametrize("module", [nn.Linear(6, 4), nn.Conv2d(3, 4, 3, padding=1)])
+def test_a_quant_layer_runs_its_op_on_quantized_input_and_weight(module):
+    # Nothing else checked that the input is quantized: a forward skipping the activation quantizer passed.
+    torch.manual_seed(0)
+    layer = QuantLayer(module, "layer", "fp4_e2m1", "ufp4_e2m2", QuantContext())
+    x = torch.randn(2, 5, 6) if isinstance(module, nn.Linear) else torch.randn(2, 3, 5, 5)
+    layer.weight_quantizer.initialize(module.weight.detach())
+    layer.act_quantizer.initialize(x)
+    xq, wq = layer.act_quantizer(x), layer.weight_quantizer(module.weight)
+    assert not torch.equal(xq, x) and not torch.equal(wq, module.weight)
+    op = (torch.nn.functional.linear if isinstance(module, nn.Linear)
+          else lambda a, w, b: torch.nn.functional.conv2d(a, w, b, padding=1))
+    torch.testing.assert_close(layer(x), op(xq, wq, module.bias), atol=0, rtol=0)

@@ -394,6 +394,11 @@ def calibrate(qmodel: nn.Module, fp_model: nn.Module, scheduler, num_samples: in
         raise ValueError(f"{half}: weights are {layers[half].weight.dtype}; the fake-quant reference calibrates "
                          "float32 models: quantize the model in float32 (model.float()); the FP8 backend converts "
                          "to bfloat16 afterwards")
+    for name, layer in layers.items():  # the weight search would fail late, naming neither layer nor weights
+        bad = int((~torch.isfinite(layer.weight)).sum())
+        if bad:
+            raise ValueError(f"{name}: its weight holds {bad} non-finite values (NaN or inf); calibrate a model whose "
+                             "weights are finite")
     attention = attention_quantizers(qmodel)
     qmodel.msfp_context.num_train_timesteps = scheduler.config.num_train_timesteps
     qmodel.msfp_scheduler_config = dict(scheduler.config)  # saved with the model: `--model DIR` samples with it
