@@ -467,3 +467,29 @@ def test_cli_quantize_then_finetune_with_time_budget_and_resume(tmp_path):
     assert r.exit_code == 1 and "not a msfp output directory" in r.output
     r = run("finetune", q, "--model", "default")
     assert r.exit_code == 1 and "already fine-tuned" in r.output
+
+
+def test_every_trained_group_moves_and_the_loss_weights_follow_the_setting(calibrated):
+    # A router left out of the optimizer, an activation learning rate of 0, train_weight_scales or the DFA weighting
+    # ignored: each passed every other test.
+    fp, q = calibrated
+    before = quant_layers(q)
+    points = ft._teacher(fp, scheduler(), FinetuneConfig(**CONFIG), None, None, None, None, None, True)
+    losses, students, routers = {}, {}, {}
+    for loss, weighting in (("dfa", "abs"), ("dfa", "square"), ("mse", "abs")):
+        config = FinetuneConfig(**{**CONFIG, "iters": 2, "loss": loss, "dfa_weighting": weighting,
+                                   "train_weight_scales": loss == "mse"})
+        student = copy.deepcopy(q)
+        add_talora(student, config.num_loras, config.rank, config.seed)  # as finetune() would, to see it move
+        routers[loss] = copy.deepcopy(student.msfp_router.state_dict())
+        losses[loss, weighting] = finetune(student, fp, scheduler(), config, teacher=points, disable=True).losses[0]
+        students[loss] = student
+    # The same first batch and student, its errors weighted by |γ|, γ² and 1.
+    assert len(set(losses.values())) == 3, losses
+    for name, layer in quant_layers(students["mse"]).items():
+        assert not torch.equal(layer.act_quantizer.scale, before[name].act_quantizer.scale), name
+        assert not torch.equal(layer.weight_quantizer.scale, before[name].weight_quantizer.scale), name
+    for name, layer in quant_layers(students["dfa"]).items():  # without train_weight_scales: as calibrated
+        assert torch.equal(layer.weight_quantizer.scale, before[name].weight_quantizer.scale), name
+    trained = students["mse"].msfp_router.state_dict()
+    assert any(not torch.equal(trained[k], routers["mse"][k]) for k in trained)

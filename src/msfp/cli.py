@@ -343,7 +343,7 @@ def _list_methods(ctx: click.Context, _param, value: bool) -> None:
               "iterations")
 @click.option("--finetune-batch", type=_COUNT, default=8, help="fine-tuned methods: batch size")
 @click.option("--num-loras", type=_COUNT, default=4, help="TALoRA: LoRAs per layer")
-@click.option("--rank", type=_COUNT, default=4, help="LoRA rank")
+@click.option("--rank", type=_COUNT, default=4, help="LoRA rank (the paper: 32 for large models)")
 @click.option("--seed", type=_SEED, default=0, help="image i of every method is drawn with seed + i")
 @click.option("--batch", type=_COUNT, default=128, help="images per denoiser call")
 @click.option("--ref", type=click.Path(dir_okay=False), default=None,
@@ -396,7 +396,8 @@ def compare(model_spec, methods, out, num_samples, steps, calib_samples, calib_s
               help="TALoRA (--num-loras LoRAs, one chosen per timestep by a router), one LoRA, or none "
                    "(quantizer parameters only)")
 @click.option("--num-loras", type=_COUNT, default=4, help="TALoRA: LoRAs per layer")
-@click.option("--rank", type=_COUNT, default=4, help="LoRA rank (capped by each layer's shape)")
+@click.option("--rank", type=_COUNT, default=4,
+              help="LoRA rank, capped by each layer's shape (the paper: 32 for large models)")
 @click.option("--loss", type=click.Choice(["dfa", "mse"]), default="dfa",
               help="distillation loss: MSE weighted by the denoising factor (DFA), or plain MSE")
 @click.option("--dfa-weighting", type=click.Choice(["abs", "square"]), default="abs", help="|γ_t| or γ_t²")
@@ -404,7 +405,8 @@ def compare(model_spec, methods, out, num_samples, steps, calib_samples, calib_s
               help="LoRA learning rate (scaled per layer by its weight step size)")
 @click.option("--act-lr", type=_RATE, default=1e-4, help="activation scales and zero points")
 @click.option("--router-lr", type=_RATE, default=1e-3, help="TALoRA router")
-@click.option("--train-weight-scales", is_flag=True, help="also train the per-channel weight scales")
+@click.option("--train-weight-scales", is_flag=True,
+              help="also train the per-channel weight scales (at --act-lr)")
 @click.option("--traj-samples", type=_COUNT, default=64, help="teacher trajectories (images)")
 @click.option("--traj-steps", type=_COUNT, default=25,
               help="DDIM steps per teacher trajectory (the sampler DFA aligns to)")
