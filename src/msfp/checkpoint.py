@@ -265,27 +265,24 @@ def quant_meta(model: nn.Module) -> dict:
     return json.loads(json.dumps(meta, default=_json_default))  # plain JSON values, as read_quant_meta returns
 
 
-def check_output_directory(directory: str | os.PathLike) -> Path:
-    """``directory`` as a path, unless :func:`save_quantized` may not write there: it holds something other than a
-    msfp checkpoint, or the current directory is inside it. Commands call it before quantizing."""
+def check_output_directory(directory: str | os.PathLike, finetuned: bool = False) -> Path:
+    """``directory`` as a path, unless :func:`save_quantized` may not write a model (``finetuned`` or post-training)
+    there: it holds something other than a msfp checkpoint, a fine-tuned checkpoint that a post-training model would
+    replace (the fine-tuning may have taken hours), or the current directory is inside it. Commands call it before
+    quantizing."""
     out = Path(directory)
     if out.exists() and not (out / CONFIG_NAME).is_file() and not (out.is_dir() and not any(out.iterdir())):
         raise FileExistsError(f"{out} exists and is not a msfp output directory; refusing to replace it")
     check_replaceable(out)
+    if not finetuned and (out / CONFIG_NAME).is_file():
+        try:
+            holds_finetuned = bool(read_quant_meta(out).get("finetune"))
+        except ValueError:  # a damaged checkpoint: nothing worth keeping is lost
+            holds_finetuned = False
+        if holds_finetuned:
+            raise FileExistsError(f"{out} holds a fine-tuned model, which a post-training one saved there would "
+                                  "replace: choose another directory, or delete it first")
     return out
-
-
-def refuse_replacing_finetuned(directory: str | os.PathLike) -> None:
-    """Raise if ``directory`` holds a fine-tuned checkpoint, which a post-training model saved there would replace
-    (the fine-tuning may have taken hours). Commands call it before quantizing."""
-    path = Path(directory)
-    try:
-        finetuned = (path / CONFIG_NAME).is_file() and read_quant_meta(path).get("finetune")
-    except ValueError:  # a damaged checkpoint: nothing worth keeping is lost
-        return
-    if finetuned:
-        raise FileExistsError(f"{path} holds a fine-tuned model, which a post-training one saved there would "
-                              "replace: choose another directory, or delete it first")
 
 
 def save_quantized(model: nn.Module, directory: str | os.PathLike) -> Path:
@@ -310,9 +307,7 @@ def save_quantized(model: nn.Module, directory: str | os.PathLike) -> Path:
             storages.add(storage)
     for name, layer in layers.items():
         state[name + CODES_SUFFIX] = _packed_weights(layer)
-    out = check_output_directory(directory)
-    if not meta.get("finetune"):
-        refuse_replacing_finetuned(out)
+    out = check_output_directory(directory, finetuned=bool(meta.get("finetune")))
     with atomic_directory(out) as tmp:
         # One metadata entry: safetensors writes them in hash order, which differs between runs, so a second entry
         # made the bytes (and weights_sha256) of identical checkpoints differ. The version is in CONFIG_NAME.

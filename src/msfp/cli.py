@@ -116,7 +116,7 @@ def quantize(model_spec, preset, config_path, out, calib_samples, calib_steps, s
     """Quantize and calibrate a model; write a directory that msfp.load_quantized reads."""
     device = device or _default_device()
     from msfp.calibration import calibrate
-    from msfp.checkpoint import check_output_directory, read_quant_meta, refuse_replacing_finetuned, save_quantized
+    from msfp.checkpoint import check_output_directory, read_quant_meta, save_quantized
     from msfp.config import QuantConfig
     from msfp.info import describe
     from msfp.models import load_model
@@ -127,7 +127,6 @@ def quantize(model_spec, preset, config_path, out, calib_samples, calib_steps, s
     with _user_errors():
         config = _read_config(config_path) if config_path else QuantConfig.preset(preset)
         check_output_directory(out)  # before the work, which may take long
-        refuse_replacing_finetuned(out)
         cache = Path(cache_dir).resolve() if cache_dir is not None else None
         if cache is not None and Path(out).resolve() in (cache, *cache.parents):
             raise click.UsageError(f"--cache-dir {cache_dir} is inside --out {out}, which the checkpoint replaces "
