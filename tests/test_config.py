@@ -68,6 +68,15 @@ def test_json_values_of_the_wrong_type_are_refused():
         QuantConfig.from_json("{'single': 'quotes'}")
 
 
+def test_format_names_are_stored_canonical_and_listed_once():
+    # A checkpoint's config and the report name formats as stored; " FP4_E2M1 " must be the same format as "fp4_e2m1".
+    config = QuantConfig(act_formats=[" FP4_E2M1 ", "fp04_e1m2"], aal_act_formats=["UFP4_E3M1"])
+    assert config.act_formats == ["fp4_e2m1", "fp4_e1m2"] and config.aal_act_formats == ["ufp4_e3m1"]
+    assert config == QuantConfig.from_json(config.to_json())
+    with pytest.raises(ValueError, match="QuantConfig.weight_formats lists fp4_e2m1 more than once"):
+        QuantConfig(weight_formats=["fp4_e2m1", "FP4_E2M1", "fp4_e1m2"])
+
+
 def test_editing_a_preset_config_leaves_the_preset_alone():
     config = QuantConfig.preset("w4a4-int")
     config.weight_formats.append("fp4_e2m1")

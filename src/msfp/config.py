@@ -103,11 +103,17 @@ class QuantConfig:
                 raise ValueError(f"QuantConfig.{f} must list at least one format")
         for f in ("weight_formats", "act_formats", "aal_act_formats", "eight_bit_weight_formats",
                   "eight_bit_act_formats"):
+            # Canonical names, so that " FP4_E2M1 " and "fp4_e2m1" are one format in checkpoints and comparisons.
+            canonical = []
             for name in getattr(self, f):
                 try:
-                    get_format(name)
+                    canonical.append(get_format(name).name)
                 except ValueError as e:
                     raise ValueError(f"QuantConfig.{f}: {e}") from None
+            if len(set(canonical)) < len(canonical):
+                duplicates = sorted({n for n in canonical if canonical.count(n) > 1})
+                raise ValueError(f"QuantConfig.{f} lists {', '.join(duplicates)} more than once")
+            setattr(self, f, canonical)
         if self.weight_granularity not in ("channel", "tensor"):
             raise ValueError(f"QuantConfig.weight_granularity must be 'channel' or 'tensor', "
                              f"got {self.weight_granularity!r}")
