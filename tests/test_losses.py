@@ -38,6 +38,22 @@ def test_numeric_agrees_with_closed_form_for_ddim(eta, clip_sample):
     assert torch.allclose(numeric, closed, rtol=1e-5, atol=1e-8)
 
 
+def test_without_set_alpha_to_one_the_last_step_reads_no_noise_prediction():
+    # SD-1.5's DDIM config: the step after t=0 goes to ᾱ_0 (final_alpha_cumprod), not to 1, so x_0 = x_t whatever ε̂
+    # is: γ is exactly 0 there and DFA gives those points no weight (with steps_offset=1, SD's, it is -0.005).
+    sched = ddim(set_alpha_to_one=False)
+    timesteps, closed = ddim_denoising_factors(sched, 10)
+    _, numeric = numeric_denoising_factors(sched, 10)
+    assert timesteps[-1] == 0 and closed[-1] == 0 and numeric[-1] == 0
+    assert torch.allclose(numeric, closed, rtol=1e-5, atol=1e-8)
+    assert dfa_weights(closed)[-1] == 0 and dfa_weights(closed).mean().item() == pytest.approx(1.0)
+    a_0 = sched.alphas_cumprod[0].double()  # γ at t=100, whose step lands on t=0
+    a_100 = sched.alphas_cumprod[100].double()
+    assert closed[-2].item() == pytest.approx(((1 - a_0).sqrt() - (a_0 * (1 - a_100) / a_100).sqrt()).item(), rel=1e-12)
+    _, offset = ddim_denoising_factors(ddim(set_alpha_to_one=False, steps_offset=1), 10)
+    assert -0.01 < offset[-1].item() < 0
+
+
 @pytest.mark.parametrize("cls", [DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler])
 def test_numeric_factors_for_other_schedulers(cls):
     sched = cls(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear")

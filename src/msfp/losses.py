@@ -10,6 +10,9 @@ numerically (the update is affine in the model output, so a central difference i
 their latent scaled by √(σ²+1) = 1/√ᾱ, and reading γ in that latent would weight the same ODE step differently
 from DDIM (26× more at the first of 10 steps). In the input space every parametrisation of one sampler gets the
 same weights, and DDIM's are the closed form above.
+
+With ``set_alpha_to_one=False`` (Stable Diffusion's DDIM config) the step from t = 0 goes to ᾱ_0 itself, so it leaves
+the sample unchanged whatever the model predicts: γ is 0 there and DFA gives those training points no weight.
 """
 
 from __future__ import annotations
