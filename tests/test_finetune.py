@@ -188,6 +188,20 @@ def test_non_finite_gradients_stop_before_the_step(calibrated, tmp_path):
     assert torch.isfinite(lora).all() and not (tmp_path / ft.STATE_NAME).exists()
 
 
+def test_a_scale_trained_below_zero_stops_the_run(calibrated, tmp_path):
+    # A scale that crosses 0 is clamped to MIN_SCALE in the forward: the layer's values become ~0 for good, silently.
+    fp, q = calibrated
+    q = copy.deepcopy(q)
+    scale = quant_layers(q)["conv_in"].act_quantizer.scale
+    scale.register_hook(lambda grad: torch.ones_like(grad))  # Adam then moves it down by about act_lr per step
+    config = FinetuneConfig(**{**CONFIG, "act_lr": 2 * scale.abs().max().item(), "iters": 4, "checkpoint_every": 2})
+    with pytest.raises(FloatingPointError, match=r"drove \d+ quantization scale\(s\) to 0 or below by iteration 2 "
+                                                 r"\(e.g. conv_in.act_quantizer.scale\).*no checkpoint was written.*"
+                                                 r"lower act_lr"):
+        finetune(q, fp, scheduler(), config, work_dir=tmp_path, disable=True)
+    assert not (tmp_path / ft.STATE_NAME).exists()
+
+
 def test_a_work_dir_is_only_reused_for_the_same_teacher_and_student(calibrated, tmp_path):
     fp, q = calibrated
     config = FinetuneConfig(**{**CONFIG, "iters": 8, "checkpoint_every": 4})

@@ -300,11 +300,19 @@ def finetune(qmodel: nn.Module, fp_model: nn.Module, scheduler, config: Finetune
         it, losses = state["iter"], state["losses"]
         earlier_runs = state.get("earlier_runs", earlier_runs)  # absent in state files written before it was kept
 
-    def check_finite():
+    def check_trained():  # a broken state is never checkpointed or returned: the run stops here instead
         bad = [n for n, p in qmodel.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
-        if bad:  # never checkpointed or returned: the run stops here instead
+        if bad:
             raise FloatingPointError(f"fine-tuning made {len(bad)} parameter(s) non-finite by iteration {it} (e.g. "
                                      f"{bad[0]}); {kept()}; lower the learning rates")
+        # The forward clamps a scale to MIN_SCALE: a trained scale that crossed 0 quantizes everything to ~0 and gets
+        # no gradient back.
+        collapsed = [n for n, m in qmodel.named_modules() if isinstance(m, (WeightQuantizer, ActivationQuantizer))
+                     and m.scale.requires_grad and (m.scale <= 0).any()]
+        if collapsed:
+            raise FloatingPointError(f"fine-tuning drove {len(collapsed)} quantization scale(s) to 0 or below by "
+                                     f"iteration {it} (e.g. {collapsed[0]}.scale), which zeroes their layer's "
+                                     f"values; {kept()}; lower act_lr")
 
     def kept() -> str:
         if state_path is not None and state_path.is_file():
@@ -312,7 +320,7 @@ def finetune(qmodel: nn.Module, fp_model: nn.Module, scheduler, config: Finetune
         return "no checkpoint was written"
 
     def save_state():
-        check_finite()
+        check_trained()
         if state_path is None:
             return
         with atomic_path(state_path) as tmp:
