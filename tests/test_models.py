@@ -209,3 +209,28 @@ def test_denoise_passes_the_timestep_by_name_through_data_parallel():
     with torch.no_grad():
         # DataParallel's forward(*inputs, **kwargs) hides the name: t went in as encoder_hidden_states (TypeError).
         assert torch.equal(denoise(torch.nn.DataParallel(model), x, t, **cond), denoise(model, x, t, **cond))
+
+
+def test_a_denoiser_that_takes_no_timestep_gets_a_clear_error():
+    import copy
+
+    import msfp
+
+    class NoTimestep(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(1, 1, 3, padding=1)
+
+        def forward(self, x):
+            return self.conv(x)
+
+    model = NoTimestep()
+    q = msfp.quantize(copy.deepcopy(model), "w4a4-msfp")
+    # Calibration failed on Python's "forward() takes 2 positional arguments but 3 were given".
+    with pytest.raises(TypeError, match=r"NoTimestep.forward\(x\) takes no timestep: msfp calls a denoiser as "
+                                        r"model\(x, t, \*\*cond\).*forward\(x, t\) ignores t"):
+        msfp.calibrate(q, model, DDIMScheduler(), num_samples=2, num_steps=2, sample_shape=(1, 4, 4), disable=True)
+    with pytest.raises(TypeError, match=r"^<lambda>\(x\) takes no timestep"):  # a plain function is a denoiser too
+        msfp.models.denoise(lambda x: x, torch.zeros(1, 1, 4, 4), torch.zeros(1))
+    for takes_t in (lambda *args: args[0], lambda x, *, timestep: x):  # in *args; by name, as msfp passes it then
+        assert msfp.models.denoise(takes_t, torch.ones(1, 1, 2, 2), torch.zeros(1)).sum() == 4

@@ -167,10 +167,22 @@ def timestep_by_name(signature: inspect.Signature) -> bool:
 
 
 def _takes_timestep_by_name(forward) -> bool:
+    """Whether msfp passes the timestep to ``forward`` by name (else by position); TypeError if it takes none."""
     try:
-        return timestep_by_name(inspect.signature(forward))
+        signature = inspect.signature(forward)
     except (TypeError, ValueError):  # no signature to read (a TorchScript method): by position
         return False
+    if timestep_by_name(signature):
+        return True
+    try:  # else Python's bare "forward() takes 2 positional arguments but 3 were given", from deep in calibration
+        signature.bind_partial(None, None)
+    except TypeError:
+        owner = getattr(forward, "__self__", None)
+        name = f"{type(owner).__name__}.forward" if owner is not None else getattr(forward, "__name__", "the denoiser")
+        raise TypeError(f"{name}{signature} takes no timestep: msfp calls a denoiser as model(x, t, **cond) (or "
+                        "model(x, timestep=t)); wrap a model that is not time-conditioned in a module whose "
+                        "forward(x, t) ignores t") from None
+    return False
 
 
 def unwrapped(model):
