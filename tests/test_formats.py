@@ -200,9 +200,12 @@ def test_inf_saturates_and_nan_propagates():
 
 
 def test_straight_through_gradient_for_x():
-    x = torch.tensor([-10.0, -1.3, 0.2, 2.9, 10.0], requires_grad=True)
-    fake_quant(x, "fp4_e2m1", torch.tensor(0.5)).sum().backward()
-    assert x.grad.tolist() == [0.0, 1.0, 1.0, 1.0, 0.0]  # clip range is ±3
+    x = torch.tensor([-10.0, -3.0, -1.3, 0.2, 2.9, 3.0, 10.0], requires_grad=True)
+    s = torch.tensor(0.5, requires_grad=True)
+    fake_quant(x, "fp4_e2m1", s).sum().backward()
+    # The clip range is ±3, its ends inside as torch.clamp's gradient has them; there R(v) = v: no scale gradient.
+    assert x.grad.tolist() == [0.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.0]
+    assert s.grad.item() == pytest.approx(-6.0 + (-3.0 + 2.6) + (0.5 - 0.4) + (6.0 - 5.8) + 6.0, abs=1e-5)
 
 
 @settings(max_examples=100, deadline=None)
