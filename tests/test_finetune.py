@@ -112,6 +112,34 @@ def test_finetune_lowers_the_distillation_error_on_all_teacher_points(calibrated
     assert sum(after.values()) < 0.9 * sum(before.values())  # the whole objective, not a noisy mini-batch
 
 
+def test_learning_rates_are_scale_aware_and_decay_to_zero_and_batches_come_from_all_points(calibrated, tmp_path,
+                                                                                           monkeypatch):
+    # Each of these was caught only by the 0.9 threshold above, if at all.
+    fp, q = calibrated
+    q = copy.deepcopy(q)
+    config = FinetuneConfig(**{**CONFIG, "iters": 12, "checkpoint_every": 6})
+    steps = {n: layer.weight_quantizer.scale.abs().mean().item() for n, layer in quant_layers(q).items()}
+    median = sorted(steps.values())[len(steps) // 2]
+    seen = []
+    real_denoise = ft.denoise
+    monkeypatch.setattr(ft, "denoise", lambda model, x, t, **cond: seen.append((x, t)) or real_denoise(model, x, t,
+                                                                                                      **cond))
+    finetune(q, fp, scheduler(), config, work_dir=tmp_path, disable=True)
+    groups = torch.load(tmp_path / ft.STATE_NAME, weights_only=False)["optimizer"]["param_groups"]
+    initial = {g["name"]: g["initial_lr"] for g in groups}
+    assert initial["act_quantizers"] == config.act_lr and initial["router"] == config.router_lr
+    for name, step in steps.items():  # a layer with a finer weight grid takes proportionally smaller LoRA steps
+        assert initial[f"lora:{name}"] == pytest.approx(config.lora_lr * step / median, rel=1e-6)
+    assert len(set(steps.values())) > 1 and all(g["lr"] == 0 for g in groups)  # linear decay, 0 after the last step
+    points = ft._teacher(fp, scheduler(), config, tmp_path, None, None, None, None, True)
+    students = [(x, t) for x, t in seen if len(x) == config.batch_size]
+    assert len(students) == config.iters
+    drawn = torch.cat([x for x, _ in students]).flatten(1)
+    rows = {(points.x.flatten(1) == row).all(1).nonzero().item() for row in drawn}
+    # 48 uniform draws of 16 points: all but a few of them, and every timestep of the trajectories
+    assert len(rows) >= 12 and {t for _, ts in students for t in ts.tolist()} == set(points.t.tolist())
+
+
 @contextlib.contextmanager
 def interrupted_at_step(step: int):
     """A Ctrl-C in the loss of the given training step (counted from 1)."""
