@@ -115,6 +115,72 @@ def test_an_edited_layer_format_is_refused_not_decoded(tmp_path, saved):
     assert r.exit_code == 1 and "checksum mismatch" in r.output, r.output
 
 
+def test_a_removed_metadata_checksum_is_refused_except_in_version_2_files(tmp_path, saved):
+    # Deleting meta_sha256 (to "fix" a checksum error) turned the check off: an edited format decoded other weights.
+    out = tmp_path / "edited"
+    shutil.copytree(saved[1], out)
+    meta = json.loads((out / "msfp_quant.json").read_text())
+    assert meta["format_version"] == checkpoint.FORMAT_VERSION == 3
+    del meta["meta_sha256"]
+    (out / "msfp_quant.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"msfp_quant.json: its checksum \(meta_sha256\) was removed: the file was "
+                                         "edited"):
+        msfp.load_quantized(out)
+    r = CliRunner().invoke(main, ["info", str(out)])
+    assert r.exit_code == 1 and "meta_sha256) was removed" in r.output, r.output
+    # Version 2 checkpoints, written before the checksum was recorded, still load.
+    (out / "msfp_quant.json").write_text(json.dumps({**meta, "format_version": 2}))
+    assert torch.equal(unet_outputs(msfp.load_quantized(out)), unet_outputs(saved[0]))
+
+
+class OwnLoRA(PlainDenoiser):
+    """A model with its own low-rank branch called ``lora`` (not msfp's): its layers are the base model's."""
+
+    def __init__(self):
+        super().__init__()
+        low_rank = torch.nn.Sequential(torch.nn.Conv2d(8, 2, 1), torch.nn.Conv2d(2, 8, 1))
+        self.branch = torch.nn.ModuleDict({"lora": low_rank})
+
+    def forward(self, x, t):
+        h = self.inp(x) + self.t_proj(t.float().view(-1, 1) / 1000)[:, :, None, None]
+        h = self.mid(self.act(h)) + self.branch["lora"](h)
+        return self.out(torch.nn.functional.silu(h))
+
+
+def test_a_models_own_module_named_lora_is_saved(tmp_path):
+    # Every key with ".lora." in it was dropped as a merged msfp LoRA factor: the save succeeded (replacing any
+    # earlier checkpoint there) and the load failed on the missing biases and scales.
+    def build():
+        torch.manual_seed(0)
+        return OwnLoRA().eval()
+
+    q = calibrated(build, sample_shape=(1, 8, 8))
+    assert {"branch.lora.0", "branch.lora.1"} <= set(quant_layers(q))
+    msfp.save_quantized(q, tmp_path / "q")
+    stored = load_file(tmp_path / "q" / "model.safetensors").keys()
+    assert {"branch.lora.0.bias", "branch.lora.1.weight_quantizer.scale"} <= stored
+    loaded = msfp.load_quantized(tmp_path / "q", model=build())
+    assert torch.equal(outputs(loaded, (1, 8, 8)), outputs(q, (1, 8, 8)))
+    # Its parameters are the base model's, which msfp info counts for the 4-bit share.
+    assert checkpoint.read_quant_meta(tmp_path / "q")["base_parameters"] == sum(p.numel() for p in build().parameters())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_half_precision_dit_reloads_bit_for_bit(tmp_path, dtype):
+    # DiT's positional embedding is a non-persistent buffer: model.to(dtype) cast it, the state dict leaves it out,
+    # and the model rebuilt from its config had it in float32 (outputs differed by up to 0.05).
+    q = calibrated(tiny_dit).to(dtype)
+    msfp.save_quantized(q, tmp_path / "q")
+    loaded = msfp.load_quantized(tmp_path / "q")
+    assert loaded.pos_embed.pos_embed.dtype == dtype
+    torch.manual_seed(1)
+    x, t, labels = torch.randn(3, 4, 8, 8, dtype=dtype), torch.tensor([5, 400, 999]), torch.tensor([0, 1, 2])
+    with torch.no_grad():
+        assert torch.equal(loaded(x, t, class_labels=labels).sample, q(x, t, class_labels=labels).sample)
+    # and onto a caller's float32 instance as well
+    assert msfp.load_quantized(tmp_path / "q", model=tiny_dit()).pos_embed.pos_embed.dtype == dtype
+
+
 @pytest.mark.parametrize("preset", ["w4a4-int", "w6a6-msfp", "w8a8-fp"])
 def test_other_bit_widths_and_zero_points_round_trip(tmp_path, preset):
     q = calibrated(preset=preset)
@@ -252,8 +318,8 @@ def test_plain_module_on_a_gpu_loads_there(tmp_path):
 
 def _edit_meta(out, edit):
     meta = json.loads((out / "msfp_quant.json").read_text())
-    meta.pop("meta_sha256")  # as before msfp recorded it: the edits here test the checks behind the checksum
     edit(meta)
+    meta["meta_sha256"] = checkpoint._meta_sha256(meta)  # re-signed: the edits here test the checks behind it
     (out / "msfp_quant.json").write_text(json.dumps(meta))
 
 
@@ -272,7 +338,7 @@ def test_bad_directories_fail_clearly(tmp_path, saved):
     with pytest.raises(ValueError, match="msfp_quant.json: unreadable"):
         msfp.load_quantized(out)
 
-    for version, message in [(99, "format version 99; this msfp .* reads version 2"),
+    for version, message in [(99, "format version 99; this msfp .* reads versions 2, 3"),
                              (1, "format version 1 \\(unpacked float32 weights.*re-run msfp quantize\\)")]:
         out = msfp.save_quantized(q, tmp_path / "q")
         _edit_meta(out, lambda meta: meta.update(format_version=version))

@@ -1,6 +1,8 @@
 import contextlib
 import copy
+import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -500,6 +502,13 @@ def test_cli_quantize_then_finetune_with_time_budget_and_resume(tmp_path):
     with pytest.raises(FileExistsError, match="holds a fine-tuned model"):
         msfp.save_quantized(ptq, q)
     assert msfp.checkpoint.read_quant_meta(q)["finetune"]["iters_done"] == 4
+    # ... also when this msfp cannot read the checkpoint (another format version): the file says it is fine-tuned.
+    newer = tmp_path / "q-newer"
+    shutil.copytree(q, newer)
+    meta = json.loads((newer / "msfp_quant.json").read_text())
+    (newer / "msfp_quant.json").write_text(json.dumps({**meta, "format_version": 99}))
+    with pytest.raises(FileExistsError, match="holds a fine-tuned model"):
+        msfp.save_quantized(ptq, newer)
     msfp.save_quantized(msfp.load_quantized(q), q)  # a fine-tuned model may replace it
     # A second fine-tune after lora 'none' was accepted, and the record then told of the second run only.
     assert run(*args[:1], none, *args[2:], "--lora", "none", "--loss", "mse").exit_code == 0

@@ -62,11 +62,13 @@ from msfp.formats import compute_dtype, get_format
 from msfp.fp8 import convert_to_fp8, require_fake_quant
 from msfp.identity import differences, weights_digest
 from msfp.packing import decode, pack, quantize_to_codes, unpack
-from msfp.quantizers import MIN_SCALE
+from msfp.quantizers import MIN_SCALE, ActivationQuantizer, WeightQuantizer
 from msfp.surgery import UnsupportedLayersWarning, quant_layers, quantizable_layers, quantize
-from msfp.talora import assignment_runs, attach_router
+from msfp.talora import LoRABank, TimestepRouter, assignment_runs, attach_router
 
-FORMAT_VERSION = 2
+# 3: the metadata's checksum is required (version 2 files written before it was recorded load without it).
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (2, 3)
 CONFIG_NAME = "msfp_quant.json"
 WEIGHTS_NAME = "model.safetensors"
 CODES_SUFFIX = ".weight_codes"
@@ -178,6 +180,8 @@ def _unused_keys(layers: dict, attention: dict) -> set[str]:
     keys = set()
     for name, layer in layers.items():
         keys.add(f"{name}.weight")
+        if layer.lora is not None:  # by module, not by name: a model's own submodule called "lora" is stored
+            keys.update(f"{name}.lora.{k}" for k in layer.lora.state_dict())
         for q in ("weight_quantizer", "act_quantizer"):
             if not getattr(layer, q).fmt.needs_zero_point:
                 keys.add(f"{name}.{q}.zero_point")
@@ -186,13 +190,24 @@ def _unused_keys(layers: dict, attention: dict) -> set[str]:
     return keys
 
 
-def _is_lora_key(key: str) -> bool:
-    """LoRA factors: merged into the packed weight sets, never stored."""
-    return ".lora." in key
+def _msfp_keys(model: nn.Module) -> set[str]:
+    """State-dict keys of the modules msfp adds (quantizers, LoRA banks, the TALoRA router), found by module type:
+    a model's own submodule named "lora" or "x_quantizer" is part of the base model."""
+    keys = set()
+    for prefix, module in model.named_modules():
+        if isinstance(module, (WeightQuantizer, ActivationQuantizer, LoRABank, TimestepRouter)):
+            keys.update(f"{prefix}.{k}" for k in module.state_dict())
+    return keys
 
 
-def _is_router_key(key: str) -> bool:
-    return key.startswith("msfp_router.")
+def _unsaved_buffer_dtypes(model: nn.Module) -> dict[str, str]:
+    """Dtypes of the base model's floating buffers that the state dict leaves out (non-persistent ones, e.g. DiT's
+    positional embedding): a model rebuilt from its config has them in float32, and model.to(bfloat16) had cast
+    them. A quantized layer's own (its TALoRA weight sets) are rebuilt from the codes."""
+    saved = model.state_dict().keys()
+    own = {f"{n}.weight_sets" for n in quant_layers(model)}
+    return {k: str(v.dtype).removeprefix("torch.") for k, v in model.named_buffers()
+            if k not in saved and k not in own and v.is_floating_point()}
 
 
 def _sha256(path: Path) -> str:
@@ -249,8 +264,7 @@ def quant_meta(model: nn.Module) -> dict:
         format_version=FORMAT_VERSION, msfp_version=__version__, quantization_config=quantization_config(model),
         base_model=_base_info(model), base_weights=getattr(model, "msfp_base_weights", None),
         flops=getattr(model, "msfp_flops", None),
-        base_parameters=sum(v.numel() for k, v in fp_state.items()
-                            if "_quantizer." not in k and not _is_lora_key(k) and not _is_router_key(k)),
+        base_parameters=sum(v.numel() for k, v in fp_state.items() if k not in _msfp_keys(model)),
         talora=_talora_meta(model), finetune=getattr(model, "msfp_finetune", None),
         scheduler_config=getattr(model, "msfp_scheduler_config", None),
         num_train_timesteps=model.msfp_context.num_train_timesteps,
@@ -260,6 +274,7 @@ def quant_meta(model: nn.Module) -> dict:
         # The quantized weights are stored as codes: the dtype they are decoded to, where not float32.
         weight_dtypes={n: str(layer.weight.dtype).removeprefix("torch.") for n, layer in layers.items()
                        if layer.weight.dtype != torch.float32},
+        buffer_dtypes=_unsaved_buffer_dtypes(model),
         attention={n: dict(q.info, act_format=q.act_quantizer.fmt.name) for n, q in attention.items()},
     )
     return json.loads(json.dumps(meta, default=_json_default))  # plain JSON values, as read_quant_meta returns
@@ -277,8 +292,12 @@ def check_output_directory(directory: str | os.PathLike, finetuned: bool = False
     if not finetuned and (out / CONFIG_NAME).is_file():
         try:
             holds_finetuned = bool(read_quant_meta(out).get("finetune"))
-        except ValueError:  # a damaged checkpoint: nothing worth keeping is lost
-            holds_finetuned = False
+        except ValueError:  # unreadable here (another msfp version, an edit): what the file says of itself counts
+            try:
+                meta = json.loads((out / CONFIG_NAME).read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError):  # damaged: nothing worth keeping is lost
+                meta = None
+            holds_finetuned = isinstance(meta, dict) and bool(meta.get("finetune"))
         if holds_finetuned:
             raise FileExistsError(f"{out} holds a fine-tuned model, which a post-training one saved there would "
                                   "replace: choose another directory, or delete it first")
@@ -298,7 +317,7 @@ def save_quantized(model: nn.Module, directory: str | os.PathLike) -> Path:
     unused = _unused_keys(layers, attention)
     state, storages = {}, set()
     for k, v in model.state_dict().items():
-        if isinstance(v, torch.Tensor) and k not in unused and not _is_lora_key(k):
+        if isinstance(v, torch.Tensor) and k not in unused:
             v = v.detach().cpu().contiguous()
             # safetensors refuses tensors that share memory (a module registered under two names): store copies;
             # loading fills both names of the one module again.
@@ -342,11 +361,11 @@ def read_quant_meta(directory: str | os.PathLike) -> dict:
         raise ValueError(f"{meta_path}: holds a JSON {type(meta).__name__}, not the object msfp writes; the file was "
                          "edited or not written by msfp")
     version = meta.get("format_version")
-    if version != FORMAT_VERSION:
+    if version not in READABLE_VERSIONS:
         hint = " (unpacked float32 weights, written by msfp before packed checkpoints; re-run msfp quantize)" \
             if version == 1 else ""
         raise ValueError(f"{meta_path}: checkpoint format version {version!r}{hint}; this msfp ({__version__}) reads "
-                         f"version {FORMAT_VERSION}")
+                         f"versions {', '.join(map(str, READABLE_VERSIONS))}")
     _check_meta(meta, meta_path)
     return meta
 
@@ -408,7 +427,10 @@ def verify_files(directory: str | os.PathLike, meta: dict) -> Path:
     :func:`read_quant_meta`) unedited, and the weights file present and matching its checksum. Returns the weights
     file's path."""
     path = Path(directory)
-    if "meta_sha256" in meta and _meta_sha256(meta) != meta["meta_sha256"]:  # checkpoints before 2026-12 have none
+    if meta["format_version"] >= 3 and "meta_sha256" not in meta:
+        raise ValueError(f"{path / CONFIG_NAME}: its checksum (meta_sha256) was removed: the file was edited after "
+                         "msfp saved it; save the model again with msfp instead of editing the file")
+    if "meta_sha256" in meta and _meta_sha256(meta) != meta["meta_sha256"]:  # version 2 may have none
         raise ValueError(f"{path / CONFIG_NAME}: checksum mismatch: the file was edited after msfp saved it (its "
                          "per-layer formats decode the packed weights, so the model would load other weights); save "
                          "the model again with msfp instead of editing the file")
@@ -488,14 +510,15 @@ def _check_fits(base: nn.Module, meta: dict, state: dict, path: Path) -> None:
     _raise_mismatch(path, meta, problems)
 
 
-def _restore_dtypes(model: nn.Module, state: dict, weight_dtypes: dict[str, str | None]) -> None:
+def _restore_dtypes(model: nn.Module, state: dict, recorded_dtypes: dict[str, str | None]) -> None:
     """Give the model's floating tensors the dtypes they were saved in (a model built from its config is float32):
-    the stored ones' own, and the quantized weights' recorded ``weight_dtypes``."""
+    the stored ones' own, and the recorded ones of the tensors stored otherwise (quantized weights) or not at all
+    (non-persistent buffers)."""
     wanted = {k: v.dtype for k, v in state.items()}
-    for key, name in weight_dtypes.items():
+    for key, name in recorded_dtypes.items():
         dtype = getattr(torch, str(name), None)
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-            raise ValueError(f"{key}: unknown dtype {name!r} in the weight_dtypes of {CONFIG_NAME}")
+            raise ValueError(f"{key}: unknown dtype {name!r} in {CONFIG_NAME}")
         wanted[key] = dtype
     tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
     for key, dtype in wanted.items():
@@ -577,7 +600,8 @@ def load_quantized(directory: str | os.PathLike, model: nn.Module | None = None,
     _raise_mismatch(path, meta, problems)
     codes = {k[: -len(CODES_SUFFIX)]: state.pop(k) for k in list(state) if k.endswith(CODES_SUFFIX)}
     if "weight_dtypes" in meta:  # checkpoints written before it was recorded load in float32, as they always did
-        _restore_dtypes(qmodel, state, {f"{n}.weight": meta["weight_dtypes"].get(n, "float32") for n in layers})
+        _restore_dtypes(qmodel, state, {f"{n}.weight": meta["weight_dtypes"].get(n, "float32") for n in layers}
+                        | meta.get("buffer_dtypes", {}))
     qmodel.load_state_dict(state, strict=False)
     tied = _tied_layers(qmodel, layers)
     with torch.no_grad():
