@@ -167,10 +167,20 @@ def test_cache_reuses_trajectories_and_layer_inputs(tmp_path, monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(q1.state_dict().values(), q2.state_dict().values())
                if isinstance(a, torch.Tensor))
     # Another msfp computes its caches its own way: they were reused across versions.
-    monkeypatch.setattr(msfp.calibration, "code_digest", lambda: "another msfp")
+    monkeypatch.setattr(msfp.identity, "code_digest", lambda: "another msfp")
     r3 = msfp.calibrate(msfp.quantize(copy.deepcopy(fp), "w4a4-msfp"), fp, scheduler(), num_samples=4, num_steps=3,
                         disable=True, cache_dir=tmp_path)
     assert not r3.cached and len(list(tmp_path.glob("*.safetensors"))) == 4
+    # Another thread count sums in another order (the default model's trajectories differed by 7e-5), and so would
+    # another CPU or GPU: a cache written there was reused, and a report's numbers depended on what ran before it.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1 if threads > 1 else 2)
+    try:
+        r4 = msfp.calibrate(msfp.quantize(copy.deepcopy(fp), "w4a4-msfp"), fp, scheduler(), num_samples=4,
+                            num_steps=3, disable=True, cache_dir=tmp_path)
+    finally:
+        torch.set_num_threads(threads)
+    assert not r4.cached and len(list(tmp_path.glob("*.safetensors"))) == 6
 
 
 def test_the_cache_is_not_reused_for_a_model_that_differs_only_in_its_config(tmp_path):

@@ -37,7 +37,8 @@ from tqdm.auto import tqdm
 from msfp.attention import attention_quantizers, counting_flops
 from msfp.fileio import atomic_path
 from msfp.fp8 import require_fake_quant
-from msfp.identity import code_digest, model_key, plain_config, tensor_digest, weights_digest
+from msfp.environment import machine_info
+from msfp.identity import model_key, plain_config, tensor_digest, weights_digest
 from msfp.layers import QuantLayer
 from msfp.models import denoise, evaluating
 from msfp.samples import class_info
@@ -406,11 +407,12 @@ def calibrate(qmodel: nn.Module, fp_model: nn.Module, scheduler, num_samples: in
     recorded = list(recorded_inputs(qmodel))
     traj_path = rec_path = None
     if cache_dir is not None:  # a hit must equal computing afresh
-        # Trajectories: the same request (batch size included), on the same device type, torch and msfp code.
+        # Trajectories: the same request (batch size included) on the same machine (CPU or GPU model, and thread
+        # count: float sums differ with it), versions and msfp code.
         request = trajectory_key(fp_model, scheduler, num_samples, num_steps, seed, cond, class_labels, sample_shape,
                                  batch_size=batch_size, weights=qmodel.msfp_base_weights)
-        where = [model_device(fp_model).type, torch.__version__, code_digest()]
-        key = hashlib.sha256("\n".join([request, *where]).encode()).hexdigest()[:16]
+        where = json.dumps(machine_info(model_device(fp_model)), sort_keys=True)
+        key = hashlib.sha256("\n".join([request, where]).encode()).hexdigest()[:16]
         traj_path = Path(cache_dir) / f"trajectories-{key}.safetensors"
         # Layer inputs: those trajectories at that batch size (the subsample is drawn batch by batch), this ordered
         # list (it seeds each subsample) and the quantized model's own full-precision weights (LoRAs included; they

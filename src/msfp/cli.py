@@ -110,7 +110,7 @@ _RATE = click.FloatRange(min=0)
 @click.option("--batch", type=_COUNT, default=64, help="calibration points per denoiser call")
 @click.option("--cache-dir", default=None, type=click.Path(file_okay=False),
               help="reuse calibration trajectories and layer inputs across runs (of the same model, settings, "
-              "batch, device type, torch and msfp)")
+              "batch, machine (CPU or GPU model, thread count), versions and msfp code)")
 @click.option("--device", type=_DEVICE, default=None, help="default: cuda if available, else cpu")
 def quantize(model_spec, preset, config_path, out, calib_samples, calib_steps, seed, batch, cache_dir, device):
     """Quantize and calibrate a model; write a directory that msfp.load_quantized reads."""
