@@ -4,6 +4,7 @@ import re
 import shutil
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from msfp.cli import main
@@ -150,9 +151,29 @@ def test_registered_method_and_unavailable_method(tmp_path, tiny_model_dir):
         model.conv_out.bias.data[0] = float("nan")
         return Built(model)
 
+    def fine_tuning_diverges(ctx):
+        raise FloatingPointError("fine-tuning loss became nan at iteration 3")
+
+    def eps_diverges_off_the_sampling_trajectory(ctx):
+        # Finite images, but NaN noise predictions at the held-out timesteps the 2-step sampler never visits.
+        model, sampler = copy.deepcopy(ctx.fp_model), copy.deepcopy(ctx.scheduler)
+        sampler.set_timesteps(ctx.settings.steps)
+        off = {}
+
+        def timestep(module, args, kwargs):
+            t = torch.as_tensor(kwargs["timestep"] if "timestep" in kwargs else args[1]).reshape(-1)
+            off["rows"] = ~torch.isin(t, sampler.timesteps)
+
+        model.register_forward_pre_hook(timestep, with_kwargs=True)
+        model.conv_out.register_forward_hook(
+            lambda module, args, out: out.masked_fill(off["rows"].expand(len(out))[:, None, None, None], float("nan")))
+        return Built(model)
+
     register_method("test-ft", finetuned, "a registered variant")
     register_method("test-missing", finetuned, "never runs", unavailable=lambda: "needs a library that is absent")
     register_method("test-nan", diverged, "draws NaN images")
+    register_method("test-ft-nan", fine_tuning_diverges, "fine-tuning diverges")
+    register_method("test-eps-nan", eps_diverges_off_the_sampling_trajectory, "NaN noise predictions off trajectory")
     # Its calibration has none of the keys of the report's note on the shared cache: the report used to fail on
     # them after every method had run, and on every --resume.
     register_method("test-timed", lambda ctx: Built(copy.deepcopy(ctx.fp_model), calibration=dict(seconds=0.5)),
@@ -167,23 +188,31 @@ def test_registered_method_and_unavailable_method(tmp_path, tiny_model_dir):
                 register_method(bad, finetuned, "a name that is no file name")
         with pytest.raises(ValueError, match="'FP' differs from 'fp' only in case"):
             register_method("FP", finetuned, "would write over fp's samples on macOS and Windows")
-        settings = CompareSettings(model=str(tiny_model_dir), num_samples=4, steps=2, calib_samples=2, calib_steps=2,
+        settings = CompareSettings(model=str(tiny_model_dir), num_samples=4, steps=2, calib_samples=2, calib_steps=3,
                                    heldout_samples=1, batch_size=4)
-        result = run_compare(settings, parse_methods("test-timed,test-ft,test-nan,test-missing"), tmp_path / "r",
-                             disable=True)
+        result = run_compare(settings, parse_methods("test-timed,test-ft,test-nan,test-missing,test-ft-nan,"
+                                                     "test-eps-nan"), tmp_path / "r", disable=True)
     finally:
-        for name in ("test-ft", "test-missing", "test-nan", "test-timed"):
+        for name in ("test-ft", "test-missing", "test-nan", "test-timed", "test-ft-nan", "test-eps-nan"):
             METHODS.pop(name)
-    assert list(result["methods"]) == ["fp", "test-timed", "test-ft"]
+    assert list(result["methods"]) == ["fp", "test-timed", "test-ft", "test-eps-nan"]
     assert result["methods"]["test-ft"]["notes"] == ["fine-tuned for 0 steps"]
     assert result["skipped_methods"]["test-missing"] == "needs a library that is absent"
     # A method whose images diverge is reported without a result; the other methods keep theirs.
     assert re.fullmatch(r"no result: 4 of 4 images have NaN or inf pixels \(seed 0 among them\).*not written\)",
                         result["skipped_methods"]["test-nan"])
     assert not (tmp_path / "r" / "samples" / "test-nan.npz").exists()
+    # Fine-tuning that diverges likewise (it ended the whole run, and --resume met it again).
+    assert result["skipped_methods"]["test-ft-nan"] == "no result: fine-tuning loss became nan at iteration 3"
+    # A non-finite noise prediction error has no mean: JSON held null for it, which reads as "not applicable".
+    eps_nan = json.loads((tmp_path / "r" / "results.json").read_text())["methods"]["test-eps-nan"]
+    assert eps_nan["eps_mse_mean"] is eps_nan["eps_mse_weighted"] is None
+    assert eps_nan["metrics"]["paired_mse"] == 0  # its images are fp's own
+    assert re.fullmatch(r"the noise prediction error is not finite at t = 666, 333: the model diverged there .*",
+                        eps_nan["skipped_metrics"]["eps_mse_mean, eps_mse_weighted"])
     html = (tmp_path / "r" / "index.html").read_text()
     assert "needs a library that is absent" in html and "4 of 4 images have NaN" in html
-    assert "Calibration: 4 trajectory points" in html  # test-ft's
+    assert "Calibration: 6 trajectory points" in html  # test-ft's
 
 
 def test_a_resumed_run_publishes_only_the_samples_of_the_methods_it_lists(tmp_path, tiny_model_dir, monkeypatch):

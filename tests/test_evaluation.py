@@ -4,7 +4,7 @@ import torch
 from diffusers import DDIMScheduler, EulerDiscreteScheduler
 
 from msfp.calibration import Trajectories
-from msfp.evaluation import eps_mse_weighted, load_image_dir, load_reference, per_timestep_eps_mse, psnr
+from msfp.evaluation import eps_mse_means, eps_mse_weighted, load_image_dir, load_reference, per_timestep_eps_mse, psnr
 from msfp.samples import save_samples
 from msfp.losses import denoising_factors
 
@@ -33,6 +33,14 @@ def test_last_ddim_step_hardly_counts():
     errors = {t: (0.4 if t == 0 else 0.002) for t in timesteps}
     plain = sum(errors.values()) / len(errors)
     assert eps_mse_weighted(errors, sched) < 0.2 * plain
+
+
+def test_eps_mse_means_name_the_timesteps_where_the_error_is_not_finite():
+    errors = {t: 0.25 for t in range(900, -1, -100)}
+    assert eps_mse_means(errors, ddim()) == (pytest.approx(0.25), pytest.approx(0.25), None)
+    errors.update({300: float("nan"), 0: float("inf")})  # a NaN mean went to JSON as null: "not applicable"
+    mean, weighted, why_not = eps_mse_means(errors, ddim())
+    assert mean is weighted is None and why_not.startswith("the noise prediction error is not finite at t = 300, 0:")
 
 
 def test_eps_mse_weighted_takes_fractional_and_json_keys():

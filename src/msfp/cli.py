@@ -269,8 +269,7 @@ def eval_(samples_path, ref, ref_images, data_dir, inception_weights, paired_pat
     """Quality metrics of a sample file (FD, KID, classifier score, precision/recall; FID/sFID/IS; PSNR; ε MSE)."""
     from msfp.calibration import collect_trajectories
     from msfp.checkpoint import CONFIG_NAME, read_quant_meta, require_base_weights
-    from msfp.evaluation import (eps_mse_weighted, evaluate, format_table, load_reference,
-                                 per_timestep_eps_mse)
+    from msfp.evaluation import eps_mse_means, evaluate, format_table, load_reference, per_timestep_eps_mse
     from msfp.fileio import write_json
     from msfp.models import load_model
 
@@ -294,8 +293,11 @@ def eval_(samples_path, ref, ref_images, data_dir, inception_weights, paired_pat
             points = collect_trajectories(teacher, scheduler, heldout_samples, heldout_steps, seed=HELDOUT_SEED_OFFSET,
                                           disable=True)
             eps = per_timestep_eps_mse(model, points)
-            result["metrics"]["eps_mse"] = sum(eps.values()) / len(eps)
-            result["metrics"]["eps_mse_weighted"] = eps_mse_weighted(eps, scheduler)
+            mean, weighted, why_not = eps_mse_means(eps, scheduler)
+            if why_not is None:
+                result["metrics"].update(eps_mse=mean, eps_mse_weighted=weighted)
+            else:
+                result["skipped"]["eps_mse, eps_mse_weighted"] = why_not
             result["eps_mse_per_timestep"] = eps
         if not result["metrics"]:  # an empty table and exit status 0 read as success
             reasons = "; ".join(f"{names}: {why}" for names, why in result["skipped"].items())

@@ -40,7 +40,7 @@ from msfp.calibration import Trajectories, calibrate, collect_trajectories
 from msfp.checkpoint import freeze_weights, quant_meta
 from msfp.config import PRESETS, QuantConfig
 from msfp.environment import machine_info
-from msfp.evaluation import INCEPTION_METRICS, eps_mse_weighted, evaluate, load_reference, per_timestep_eps_mse
+from msfp.evaluation import INCEPTION_METRICS, eps_mse_means, evaluate, load_reference, per_timestep_eps_mse
 from msfp.fileio import atomic_directory, check_replaceable, link_entry, write_json
 from msfp.finetune import FinetuneConfig, finetune
 from msfp.identity import code_digest, differences, model_key, plain_config
@@ -354,10 +354,12 @@ def _run_method(ctx: Context, method: Method, work: Path, reference, device: tor
     evaluation["skipped"][INCEPTION_METRICS] = ("msfp compare computes none; `msfp eval OUT/samples/METHOD.npz "
                                                 "--inception-weights FILE`, with compare's --ref/--ref-images, "
                                                 "adds them")
+    mean, weighted, why_not = (None, None, None) if eps is None else eps_mse_means(eps, ctx.scheduler)
+    if why_not is not None:
+        evaluation["skipped"]["eps_mse_mean, eps_mse_weighted"] = why_not
     return dict(
         description=method.description, metrics=evaluation["metrics"], skipped_metrics=evaluation["skipped"],
-        eps_mse_mean=None if eps is None else sum(eps.values()) / len(eps),
-        eps_mse_weighted=None if eps is None else eps_mse_weighted(eps, ctx.scheduler), eps_mse_per_timestep=eps,
+        eps_mse_mean=mean, eps_mse_weighted=weighted, eps_mse_per_timestep=eps,
         fd_bootstrap=evaluation["fd_bootstrap"],
         calibration=built.calibration, sample_seconds=samples["meta"]["sample_time_s"], low_bit=built.low_bit,
         layers=built.layers, aals=built.aals, notes=built.notes,
@@ -417,7 +419,7 @@ def run_compare(settings: CompareSettings, methods: list[str], out, command: str
                 _log(f"[{k}/{len(methods)}] {name}: {method.description}")
                 try:
                     results[name] = progress["methods"][name] = _run_method(ctx, method, work, reference, device)
-                except NonFiniteSamplesError as e:
+                except (NonFiniteSamplesError, FloatingPointError) as e:  # samples, or fine-tuning
                     if name == REFERENCE_METHOD:
                         raise
                     # A diverged method is a finding, not a reason to lose the other methods' results.

@@ -203,6 +203,16 @@ def eps_mse_weighted(eps_mse: dict[float, float], scheduler) -> float:
     return float(sum(w * by_t[t] for w, t in zip(weights.tolist(), expected)) / len(eps_mse))
 
 
+def eps_mse_means(eps_mse: dict[float, float], scheduler) -> tuple[float | None, float | None, str | None]:
+    """``(plain mean, γ²-weighted mean, None)`` of a per-timestep ε MSE, or ``(None, None, why)`` when some timestep's
+    is not finite: a diverged model has no mean, and JSON would hold null, which reads as "not applicable"."""
+    diverged = [t for t, e in eps_mse.items() if not math.isfinite(e)]
+    if diverged:
+        return None, None, (f"the noise prediction error is not finite at t = {', '.join(map(str, diverged))}: the "
+                            "model diverged there (eps_mse_per_timestep has the finite ones)")
+    return sum(eps_mse.values()) / len(eps_mse), eps_mse_weighted(eps_mse, scheduler), None
+
+
 def _feature_net_metrics(images, reference: Reference, metrics: dict, skipped: dict, device):
     """Fills ``metrics``/``skipped``; returns FD's bootstrap replicates (None when FD cannot be computed)."""
     if images.shape[1:] != (32, 32, 1):
