@@ -1,8 +1,10 @@
 import copy
 import json
+import os
 import re
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -124,6 +126,22 @@ def test_bad_settings_fail_before_any_work(tmp_path):
     r = run("compare", "--num", 10_001, "--out", tmp_path / "x")
     assert r.exit_code == 2 and "'--num' / '-n': 10001 is not in the range 1<=x<=10000" in r.output
     assert not (tmp_path / "x").exists()
+
+
+def test_a_reference_that_does_not_fit_the_samples_fails_before_any_sampling(tmp_path):
+    # Fashion-MNIST's own 28x28 images, or Inception statistics: refused only after the held-out trajectories and the
+    # full-precision samples (minutes or hours at real settings).
+    from msfp.evaluation import Reference
+
+    ref_28 = Reference("ref28", images=np.zeros((8, 28, 28, 1), np.uint8))
+    inception = Reference("inception.npz", stats=(np.zeros(2048), np.eye(2048)))
+    for reference, message in ((ref_28, r"reference images \(ref28\) are \(28, 28, 1\) but samples are \(32, 32, 1\)"),
+                               (inception, r"statistics \(inception.npz\) are 2048-dimensional, the feature network's "
+                                           r"features 128-dimensional")):
+        with pytest.raises(ValueError, match=message):
+            run_compare(CompareSettings(num_samples=4, steps=2), ["fp"], tmp_path / "r", reference=reference,
+                        disable=True)
+        assert not (tmp_path / ".r.compare").exists() and not (tmp_path / "r").exists()
 
 
 def test_list_methods_prints_the_registry():
@@ -430,6 +448,47 @@ def test_an_interrupted_run_keeps_the_earlier_report_and_resumes(tmp_path, tiny_
     finally:
         METHODS.pop("test-flaky")
         METHODS.pop("test-broken")
+
+
+def test_a_damaged_interrupted_run_is_named_or_its_methods_run_again(tmp_path, tiny_model_dir):
+    register_method("test-broken", lambda ctx: 1 / 0, "always fails")
+    try:
+        r = run("compare", "--methods", "w4a4-int,test-broken", "--out", tmp_path / "r", "--model", tiny_model_dir,
+                *TINY)
+        assert isinstance(r.exception, ZeroDivisionError)
+    finally:
+        METHODS.pop("test-broken")
+    args = ["compare", "--methods", "w4a4-int", "--out", tmp_path / "r", "--model", tiny_model_dir, *TINY, "--resume"]
+    work = tmp_path / ".r.compare"
+    kept = (work / "progress.json").read_text()
+    # A JSON error naming no file, and a KeyError traceback.
+    for damage, why in ((kept[: len(kept) // 2], "line "), ('{"methods": {}}', "not the record msfp compare writes")):
+        (work / "progress.json").write_text(damage)
+        r = run(*args)
+        assert r.exit_code == 1 and "progress.json is damaged (" in r.output and why in r.output, r.output
+        assert f"delete {work} to start over" in r.output.replace("\n", "")
+    # Sample files lost or cut short: they failed at the very end ("No such file") or with no advice.
+    (work / "progress.json").write_text(kept)
+    (work / "samples" / "fp.npz").write_bytes(b"truncated")
+    (work / "samples" / "w4a4-int.npz").unlink()
+    r = run(*args)
+    assert r.exit_code == 0, r.output
+    for k, name in ((1, "fp"), (2, "w4a4-int")):
+        assert f"[{k}/2] {name}: its files from the interrupted run are missing or damaged: run again" in r.output
+    _, fresh = compare(tmp_path, "fresh", tiny_model_dir, "w4a4-int")
+    assert without_timings(json.loads((tmp_path / "r" / "results.json").read_text())) == without_timings(fresh)
+
+
+def test_a_second_compare_on_the_same_output_is_refused(tmp_path, tiny_model_dir):
+    # Two runs on one --out deleted each other's work directory and published one's samples with the other's
+    # metrics, exiting 0.
+    from msfp.fileio import exclusive_run
+
+    with exclusive_run(tmp_path / "r", "msfp compare"):
+        r = run("compare", "--methods", "fp", "--out", tmp_path / "r", "--model", tiny_model_dir, *TINY)
+    assert r.exit_code == 1 and f"another msfp compare is writing {tmp_path / 'r'} (pid {os.getpid()} on " in r.output
+    assert not (tmp_path / ".r.compare").exists()
+    compare(tmp_path, "r", tiny_model_dir, "fp")  # free again
 
 
 def test_identical_images_show_psnr_inf_after_a_json_round_trip():

@@ -40,13 +40,16 @@ from msfp.calibration import Trajectories, calibrate, collect_trajectories
 from msfp.checkpoint import freeze_weights, quant_meta
 from msfp.config import PRESETS, QuantConfig
 from msfp.environment import machine_info
-from msfp.evaluation import INCEPTION_METRICS, eps_mse_means, evaluate, load_reference, per_timestep_eps_mse
-from msfp.fileio import atomic_directory, check_replaceable, link_entry, write_json
+from msfp.evaluation import (INCEPTION_METRICS, check_reference, eps_mse_means, evaluate, load_reference,
+                             per_timestep_eps_mse)
+from msfp.fileio import atomic_directory, check_replaceable, exclusive_run, link_entry, write_json
 from msfp.finetune import FinetuneConfig, finetune
 from msfp.identity import code_digest, differences, model_key, plain_config
 from msfp.info import format_table, layer_rows, low_bit_fractions
 from msfp.models import denoise, load_model
-from msfp.samples import CALIB_SEED_OFFSET, HELDOUT_SEED_OFFSET, NonFiniteSamplesError, generate, grid_path
+from msfp.samples import (CALIB_SEED_OFFSET, HELDOUT_SEED_OFFSET, NonFiniteSamplesError, generate, grid_path,
+                          load_samples)
+from msfp.sampling import sample_shape_of
 from msfp.surgery import quant_layers, quantize
 from msfp.torchao_baselines import RECIPES, quantize_torchao, unavailable_reason
 
@@ -316,7 +319,13 @@ def _progress(work: Path, fingerprint: dict, resume: bool) -> dict:
         return dict(fingerprint=fingerprint, methods={}, skipped={})
     if not path.is_file():
         raise FileNotFoundError(f"nothing to resume: {path} does not exist")
-    progress = json.loads(path.read_text())
+    try:
+        progress = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is damaged ({e}); delete {work} to start over") from e
+    if not (isinstance(progress, dict) and all(isinstance(progress.get(k), dict)
+                                               for k in ("fingerprint", "methods", "skipped"))):
+        raise ValueError(f"{path} is damaged (not the record msfp compare writes); delete {work} to start over")
     fingerprint = json.loads(json.dumps(fingerprint, default=str))  # as JSON reads it back
     unrecorded = [k for k in fingerprint if k not in progress["fingerprint"]]
     if unrecorded:
@@ -332,6 +341,15 @@ def _progress(work: Path, fingerprint: dict, resume: bool) -> dict:
         raise ValueError(f"{work} holds a run that differs in {', '.join(differ)}: resuming it would mix results; "
                          f"delete {work} to start over")
     return progress
+
+
+def _kept_files(work: Path, result: dict) -> bool:
+    """Whether a finished method's sample file and grid are still in ``work``, readable."""
+    try:
+        load_samples(work / result["samples"])
+    except (OSError, ValueError):
+        return False
+    return (work / result["grid"]).is_file()
 
 
 def _run_method(ctx: Context, method: Method, work: Path, reference, device: torch.device) -> dict:
@@ -375,11 +393,18 @@ def run_compare(settings: CompareSettings, methods: list[str], out, command: str
     The run works beside ``out`` (``.OUT.compare/``), recording each finished method, and replaces ``out``'s results
     only when every method is done (``out/cache/`` and other files there are kept). ``resume`` continues an
     interrupted run: the methods it finished are reused if the settings, model, reference and machine are the same.
+    Another compare writing the same ``out`` at the same time is refused.
     """
+    out = Path(out).resolve()  # "." has no name to put the work directory beside
+    with exclusive_run(out, "msfp compare"):
+        return _run_compare(settings, methods, out, command, reference, disable, resume)
+
+
+def _run_compare(settings: CompareSettings, methods: list[str], out: Path, command: str | None, reference,
+                 disable: bool, resume: bool) -> dict:
     from msfp.report import write_report
 
     began = time.time()
-    out = Path(out).resolve()  # "." has no name to put the work directory beside
     # OUT is replaced as a whole at the end: never a directory that holds something else (its cache may be there).
     if out.exists() and not _is_compare_report(out) and any(p.name != "cache" for p in out.iterdir()):
         raise FileExistsError(f"{out} exists and is not a msfp compare report (it has no results.json written by msfp "
@@ -391,6 +416,8 @@ def run_compare(settings: CompareSettings, methods: list[str], out, command: str
     fp_model, scheduler = load_model(s.model)
     fp_model.to(device)
     reference = reference if reference is not None else load_reference()
+    channels, *size = sample_shape_of(fp_model)
+    check_reference(reference, (*size, channels))  # before the sampling, which may take hours
     fingerprint = dict(settings=dataclasses.asdict(s), model=model_key(fp_model, {}),
                        scheduler=plain_config(scheduler.config),
                        reference=_reference_digest(reference), machine=machine_info(device), code=code_digest())
@@ -405,6 +432,10 @@ def run_compare(settings: CompareSettings, methods: list[str], out, command: str
     try:
         for k, name in enumerate(methods, 1):
             method = METHODS[name]
+            if name in progress["methods"] and not _kept_files(work, progress["methods"][name]):
+                _log(f"[{k}/{len(methods)}] {name}: its files from the interrupted run are missing or damaged: run "
+                     "again")
+                del progress["methods"][name]
             reason = method.unavailable()
             if reason is not None:
                 _log(f"[{k}/{len(methods)}] {name}: skipped ({reason})")
@@ -448,6 +479,8 @@ def run_compare(settings: CompareSettings, methods: list[str], out, command: str
         for rel in ("results.json", "index.html", *(r[key] for r in results.values() for key in ("samples", "grid"))):
             (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
             link_entry(work / rel, tmp / rel)
+    # The record first: a kill during the removal leaves no run to resume, only files the next run clears.
+    (work / PROGRESS_NAME).unlink()
     shutil.rmtree(work)
     return result
 

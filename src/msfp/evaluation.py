@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 
 from msfp.data import load_fashion_mnist, to_model_range
-from msfp.feature_net import compute_features, load_feature_net, load_reference_stats
+from msfp.feature_net import compute_features, feature_dim, load_feature_net, load_reference_stats
 from msfp.losses import denoising_factors, dfa_weights
 from msfp.metrics import classifier_score, fd_bootstrap, feature_stats, frechet_distance, kid, precision_recall
 from msfp.models import denoise
@@ -35,6 +35,7 @@ INCEPTION_METRICS = "fid, sfid, inception_score, inception_precision, inception_
 MIN_DISTRIBUTION_SAMPLES = 4  # precision/recall compare each point with its 3rd nearest neighbour; FD needs 2
 # FD's "± std" is the spread over this many bootstrap resamples of the samples (result["fd_bootstrap"] keeps them).
 FD_BOOTSTRAP_RESAMPLES = 200
+FEATURE_NET_IMAGE = (32, 32, 1)  # (H, W, C) the shipped feature network takes: Fashion-MNIST padded to 32x32
 # (key, label) in table order; keys are those of result["metrics"].
 METRICS = (
     ("fd", "FD (feature net)"), ("kid", "KID (feature net)"), ("classifier_score", "classifier score"),
@@ -213,13 +214,28 @@ def eps_mse_means(eps_mse: dict[float, float], scheduler) -> tuple[float | None,
     return sum(eps_mse.values()) / len(eps_mse), eps_mse_weighted(eps_mse, scheduler), None
 
 
+def check_reference(reference: Reference, image_shape: tuple) -> None:
+    """Raise if ``reference`` cannot be compared with images of ``image_shape`` (H, W, C): :func:`evaluate` would, and
+    msfp compare checks before sampling for minutes or hours."""
+    if tuple(image_shape) != FEATURE_NET_IMAGE:  # no feature-net metrics: the reference is not used
+        return
+    if reference.images is not None and reference.images.shape[1:] != tuple(image_shape):
+        raise ValueError(f"reference images ({reference.name}) are {reference.images.shape[1:]} but samples are "
+                         f"{tuple(image_shape)}")
+    if reference.stats is not None and len(reference.stats[0]) != feature_dim():
+        raise ValueError(f"the reference statistics ({reference.name}) are {len(reference.stats[0])}-dimensional, the "
+                         f"feature network's features {feature_dim()}-dimensional: statistics of another network "
+                         "(e.g. Inception's 2048) do not apply")
+
+
 def _feature_net_metrics(images, reference: Reference, metrics: dict, skipped: dict, device):
     """Fills ``metrics``/``skipped``; returns FD's bootstrap replicates (None when FD cannot be computed)."""
-    if images.shape[1:] != (32, 32, 1):
+    if images.shape[1:] != FEATURE_NET_IMAGE:
         skipped["fd, kid, classifier_score, precision, recall"] = (
             f"the shipped feature network takes 32x32x1 Fashion-MNIST images; the samples are "
             f"{'x'.join(map(str, images.shape[1:]))}")
         return None
+    check_reference(reference, images.shape[1:])
     net = load_feature_net(device=device)
     feats, logits = compute_features(net, from_uint8(images))
     metrics["classifier_score"], metrics["classifier_score_std"] = classifier_score(logits, _splits(len(logits)))
@@ -230,8 +246,6 @@ def _feature_net_metrics(images, reference: Reference, metrics: dict, skipped: d
     ref_feats = None
     if reference.images is None:
         skipped["kid, precision, recall"] = f"they need reference images: {reference.no_images_reason}"
-    elif reference.images.shape[1:] != images.shape[1:]:
-        raise ValueError(f"reference images are {reference.images.shape[1:]} but samples are {images.shape[1:]}")
     else:
         if reference.features is None:
             reference.features, _ = compute_features(net, from_uint8(reference.images))
@@ -239,10 +253,6 @@ def _feature_net_metrics(images, reference: Reference, metrics: dict, skipped: d
         metrics["kid"], metrics["kid_std"] = kid(feats, ref_feats)
         metrics["precision"], metrics["recall"] = precision_recall(ref_feats, feats)
     ref_stats = reference.stats or feature_stats(ref_feats)
-    if len(ref_stats[0]) != feats.shape[1]:
-        raise ValueError(f"the reference statistics ({reference.name}) are {len(ref_stats[0])}-dimensional, the "
-                         f"feature network's features {feats.shape[1]}-dimensional: statistics of another network "
-                         "(e.g. Inception's 2048) do not apply")
     metrics["fd"] = frechet_distance(*feature_stats(feats), *ref_stats)
     replicates = fd_bootstrap(feats, *ref_stats, resamples=FD_BOOTSTRAP_RESAMPLES)
     metrics["fd_std"] = float(replicates.std())

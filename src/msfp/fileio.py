@@ -279,3 +279,35 @@ def write_json(path: str | os.PathLike, obj) -> None:
     """Write ``obj`` as indented strict JSON (non-finite floats become null), atomically."""
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(_finite_or_none(obj), indent=2, allow_nan=False) + "\n")
+
+
+@contextmanager
+def exclusive_run(path: str | os.PathLike, command: str):
+    """Hold ``path``'s lock (the file ``.NAME.lock`` beside it) for the block; raise at once if another process holds
+    it. Two runs writing one output would mix their files (one deleting the other's work). An advisory lock, which
+    the OS releases when its process dies; without ``fcntl`` (Windows) runs are not guarded. The lock file stays:
+    removing it would let a third process lock a new file while the second still holds the old one."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    path = Path(path)
+    lock = path.parent / f".{path.name}.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a+", encoding="utf-8") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise FileExistsError(f"another {command} is writing {path} ({holder}); wait for it to finish or choose "
+                                  "another output") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}")
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

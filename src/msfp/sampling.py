@@ -52,7 +52,8 @@ def _without_learned_variance(scheduler) -> dict:
     return config
 
 
-def _sample_shape(model, sample_shape):
+def sample_shape_of(model, sample_shape=None) -> tuple:
+    """(C, H, W) of the model's samples: ``sample_shape`` if given, else from its diffusers config."""
     if sample_shape is not None:
         return tuple(sample_shape)
     config = model_config(model)
@@ -91,7 +92,7 @@ def sample(model, scheduler, num_samples: int, num_inference_steps: int = 100, s
     params = next(iter(model.parameters()), None) if isinstance(model, torch.nn.Module) else None
     device = model_device(model, device)
     dtype = params.dtype if params is not None else torch.float32
-    shape = _sample_shape(model, sample_shape)
+    shape = sample_shape_of(model, sample_shape)
     denoiser = GraphedDenoiser(model) if cuda_graphs else model
     step_kwargs = {}
     accepts = inspect.signature(scheduler.step).parameters
