@@ -179,6 +179,13 @@ def test_eval_paired(tmp_path):
             "--json", tmp_path / "r.json")
     assert re.search(r"PSNR vs paired samples \(dB\) +inf\n", r.output)
     assert json.loads((tmp_path / "r.json").read_text())["metrics"]["psnr"] is None  # strict JSON has no inf
+    # Pairs drawn with other sampling settings gave a PSNR without a word.
+    save_samples(tmp_path / "fp10.npz", noisy, np.arange(10), meta=dict(scheduler="DDIMScheduler", steps=10))
+    save_samples(tmp_path / "q20.npz", images, np.arange(10), meta=dict(scheduler="DDIMScheduler", steps=20))
+    with pytest.warns(UserWarning, match=r"q20.npz and .*fp10.npz were drawn with different sampling settings "
+                                         r"\(steps 20 vs 10\): the paired metrics measure that difference too"):
+        r = run("eval", tmp_path / "q20.npz", "--ref", tmp_path / "fp10.npz", "--paired", tmp_path / "fp10.npz")
+    assert r.exit_code == 0, r.output
     # --json never replaces an input, nor a file that holds no JSON: it wrote its results over SAMPLES.
     (tmp_path / "notes.txt").write_text("my notes")
     for target, what in ((tmp_path / "q.npz", "SAMPLES"), (tmp_path / "fp.npz", "--paired"),
@@ -341,3 +348,22 @@ def test_bad_counts_and_rates_name_their_flag(tmp_path):
                           (["quantize", "--out", tmp_path / "q", "--seed", -1], "'--seed'")):
         r = run(*command)
         assert r.exit_code == 2 and f"Invalid value for {flag}" in r.output, (command, r.output)
+
+
+def test_quantize_and_finetune_refuse_a_directory_another_run_is_writing(tmp_path, tiny_model_dir):
+    import os
+
+    from msfp.fileio import exclusive_run
+
+    out = tmp_path / "q"
+    quantize = ["quantize", "--model", tiny_model_dir, "--out", out, "--calib-samples", 2, "--calib-steps", 2]
+    with exclusive_run(out, "msfp finetune"):
+        r = run(*quantize)
+    assert r.exit_code == 1 and f"{out} is being written by another run (msfp finetune, pid {os.getpid()} on " \
+        in r.output, r.output
+    assert not out.exists()
+    assert run(*quantize).exit_code == 0
+    with exclusive_run(out, "msfp quantize"):  # a second fine-tuning run would share its work directory
+        r = run("finetune", out, "--model", tiny_model_dir, "--iters", 1)
+    assert r.exit_code == 1 and "is being written by another run (msfp quantize, pid " in r.output, r.output
+    assert not (tmp_path / ".q.lock").exists() and not (tmp_path / ".q.finetune").exists()

@@ -486,9 +486,12 @@ def test_a_second_compare_on_the_same_output_is_refused(tmp_path, tiny_model_dir
 
     with exclusive_run(tmp_path / "r", "msfp compare"):
         r = run("compare", "--methods", "fp", "--out", tmp_path / "r", "--model", tiny_model_dir, *TINY)
-    assert r.exit_code == 1 and f"another msfp compare is writing {tmp_path / 'r'} (pid {os.getpid()} on " in r.output
-    assert not (tmp_path / ".r.compare").exists()
-    compare(tmp_path, "r", tiny_model_dir, "fp")  # free again
+    assert r.exit_code == 1 and (f"{tmp_path / 'r'} is being written by another run (msfp compare, pid "
+                                 f"{os.getpid()} on ") in r.output, r.output
+    assert not (tmp_path / ".r.compare").exists() and not (tmp_path / ".r.lock").exists()
+    (tmp_path / ".r.lock").write_text("msfp compare, pid 1 on a host that crashed")  # a killed run's: no lock held
+    compare(tmp_path, "r", tiny_model_dir, "fp")
+    assert not (tmp_path / ".r.lock").exists()
 
 
 def test_identical_images_show_psnr_inf_after_a_json_round_trip():

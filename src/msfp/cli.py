@@ -118,13 +118,14 @@ def quantize(model_spec, preset, config_path, out, calib_samples, calib_steps, s
     from msfp.calibration import calibrate
     from msfp.checkpoint import check_output_directory, read_quant_meta, save_quantized
     from msfp.config import QuantConfig
+    from msfp.fileio import exclusive_run
     from msfp.info import describe
     from msfp.models import load_model
     from msfp.surgery import quantize as quantize_model
 
     if config_path and click.get_current_context().get_parameter_source("preset").name != "DEFAULT":
         raise click.UsageError("give --preset or --config, not both")
-    with _user_errors():
+    with _user_errors(), exclusive_run(Path(out).resolve(), "msfp quantize"):
         config = _read_config(config_path) if config_path else QuantConfig.preset(preset)
         check_output_directory(out)  # before the work, which may take long
         cache = Path(cache_dir).resolve() if cache_dir is not None else None
@@ -427,7 +428,7 @@ def finetune_cmd(directory, model_spec, iters, batch, lora, num_loras, rank, los
     the run completes.
     """
     from msfp.checkpoint import load_quantized, read_quant_meta, require_base_weights, save_quantized
-    from msfp.fileio import check_replaceable
+    from msfp.fileio import check_replaceable, exclusive_run
     from msfp.finetune import STATE_NAME, FinetuneConfig, finetune
     from msfp.info import describe
     from msfp.models import load_model
@@ -436,7 +437,8 @@ def finetune_cmd(directory, model_spec, iters, batch, lora, num_loras, rank, los
     path = Path(directory).resolve()  # "." has no name to put the work directory beside
     work_dir = path.parent / f".{path.name}.finetune"
     with _user_errors():
-        meta = read_quant_meta(path)
+        meta = read_quant_meta(path)  # first: a mistyped DIRECTORY gets no lock file created beside it
+    with _user_errors(), exclusive_run(path, "msfp finetune"):  # a second run would share the work directory
         check_replaceable(path)  # before the work, which may take long
         if not resume and (work_dir / STATE_NAME).is_file():
             raise click.UsageError(f"{work_dir} holds an interrupted fine-tuning run of {path}: continue it with "

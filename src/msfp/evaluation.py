@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,7 @@ INCEPTION_METRICS = "fid, sfid, inception_score, inception_precision, inception_
 MIN_DISTRIBUTION_SAMPLES = 4  # precision/recall compare each point with its 3rd nearest neighbour; FD needs 2
 # FD's "± std" is the spread over this many bootstrap resamples of the samples (result["fd_bootstrap"] keeps them).
 FD_BOOTSTRAP_RESAMPLES = 200
+SAMPLING_SETTINGS = ("scheduler", "steps", "eta", "guidance")  # of a sample file's meta (msfp.samples.generate)
 FEATURE_NET_IMAGE = (32, 32, 1)  # (H, W, C) the shipped feature network takes: Fashion-MNIST padded to 32x32
 # (key, label) in table order; keys are those of result["metrics"].
 METRICS = (
@@ -154,6 +156,12 @@ def _check_pairs(samples: dict, paired: dict, samples_path, paired_path) -> None
             show = lambda v: "none" if v is None else v[i]  # noqa: E731
             raise ValueError(f"{samples_path} and {paired_path} were not drawn with the same {key}: image {i} has "
                              f"{key[:-1]} {show(x)} vs {show(y)}; sample both with the same --seed and --num")
+    # Allowed (how far are 10 steps from 50?), but then the paired metrics are not the model's error alone.
+    differ = [f"{key} {samples['meta'][key]!r} vs {paired['meta'][key]!r}" for key in SAMPLING_SETTINGS
+              if key in samples["meta"] and key in paired["meta"] and samples["meta"][key] != paired["meta"][key]]
+    if differ:
+        warnings.warn(f"{samples_path} and {paired_path} were drawn with different sampling settings "
+                      f"({', '.join(differ)}): the paired metrics measure that difference too", stacklevel=3)
 
 
 def psnr(images, others) -> tuple[float, float]:

@@ -283,10 +283,9 @@ def write_json(path: str | os.PathLike, obj) -> None:
 
 @contextmanager
 def exclusive_run(path: str | os.PathLike, command: str):
-    """Hold ``path``'s lock (the file ``.NAME.lock`` beside it) for the block; raise at once if another process holds
-    it. Two runs writing one output would mix their files (one deleting the other's work). An advisory lock, which
-    the OS releases when its process dies; without ``fcntl`` (Windows) runs are not guarded. The lock file stays:
-    removing it would let a third process lock a new file while the second still holds the old one."""
+    """Hold ``path``'s lock (the file ``.NAME.lock`` beside it) for the block; raise at once if another run holds it.
+    Two runs writing one output would mix their files (one deleting the other's work). An advisory lock, which the OS
+    releases when its process dies; without ``fcntl`` (Windows) runs are not guarded."""
     try:
         import fcntl
     except ImportError:
@@ -295,19 +294,30 @@ def exclusive_run(path: str | os.PathLike, command: str):
     path = Path(path)
     lock = path.parent / f".{path.name}.lock"
     lock.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock, "a+", encoding="utf-8") as f:
+    while True:
+        f = open(lock, "a+", encoding="utf-8")
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             f.seek(0)
             holder = f.read().strip() or "another process"
-            raise FileExistsError(f"another {command} is writing {path} ({holder}); wait for it to finish or choose "
-                                  "another output") from None
+            f.close()
+            raise FileExistsError(f"{path} is being written by another run ({holder}); wait for it to finish or "
+                                  "choose another output") from None
+        try:
+            current = os.stat(lock).st_ino == os.fstat(f.fileno()).st_ino
+        except FileNotFoundError:
+            current = False
+        if current:
+            break
+        f.close()  # its holder removed it between our open and our lock: lock the file that is there now
+    try:
         f.seek(0)
         f.truncate()
-        f.write(f"pid {os.getpid()} on {socket.gethostname()}")
+        f.write(f"{command}, pid {os.getpid()} on {socket.gethostname()}")
         f.flush()
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+        yield
+    finally:
+        lock.unlink(missing_ok=True)  # before unlocking: whoever locks the removed file next sees it is gone
+        fcntl.flock(f, fcntl.LOCK_UN)
+        f.close()
