@@ -266,6 +266,35 @@ def test_plain_module_needs_an_instance(tmp_path):
     with pytest.raises(ValueError, match=r"quantized from a tiny_models.PlainDenoiser, not from the model passed "
                                          r"\(OtherDenoiser\) \(.*OtherDenoiser\)"):
         msfp.load_quantized(tmp_path / "q", model=OtherDenoiser())
+    # Same class and shapes, another convolution: it loaded and computed something else.
+    dilated = tiny_plain()
+    dilated.mid.dilation, dilated.mid.padding = (2, 2), (2, 2)
+    with pytest.raises(ValueError, match=r"does not match .*PlainDenoiser: mid: dilation \[1, 1\] there, \[2, 2\] "
+                                         r"here, padding \[1, 1\] there, \[2, 2\] here"):
+        msfp.load_quantized(tmp_path / "q", model=dilated)
+
+
+class WrappedUNet(torch.nn.Module):
+    """A plain module around a diffusers UNet (its config is the UNet's, not the wrapper's)."""
+
+    def __init__(self, **config):
+        super().__init__()
+        torch.manual_seed(0)
+        self.unet = type(tiny_unet()).from_config(tiny_unet().config, **config).eval()
+
+    def forward(self, x, t):
+        return self.unet(x, t).sample
+
+
+def test_a_wrapped_diffusers_model_must_have_the_saved_config(tmp_path):
+    # A wrapper is a plain module: only its class name was checked, and one around a UNet with another act_fn loaded.
+    q = calibrated(WrappedUNet, sample_shape=(1, 8, 8))
+    msfp.save_quantized(q, tmp_path / "q")
+    with pytest.raises(ValueError, match=r"quantized from another .*WrappedUNet than the model passed \(WrappedUNet\): "
+                                         r"unet: act_fn 'silu' there, 'mish' here"):
+        msfp.load_quantized(tmp_path / "q", model=WrappedUNet(act_fn="mish"))
+    loaded = msfp.load_quantized(tmp_path / "q", model=WrappedUNet())
+    assert torch.equal(outputs(loaded, (1, 8, 8)), outputs(q, (1, 8, 8)))
 
 
 def test_a_model_passed_to_load_must_be_the_saved_architecture(saved):

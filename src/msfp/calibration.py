@@ -41,6 +41,7 @@ from msfp.environment import machine_info
 from msfp.identity import model_key, plain_config, tensor_digest, weights_digest
 from msfp.layers import QuantLayer
 from msfp.models import denoise, evaluating
+from msfp.quantizers import quantizer_keys
 from msfp.samples import class_info
 from msfp.sampling import model_device, sample
 from msfp.surgery import quant_layers, quantizers_disabled
@@ -417,8 +418,8 @@ def calibrate(qmodel: nn.Module, fp_model: nn.Module, scheduler, num_samples: in
         # Layer inputs: those trajectories at that batch size (the subsample is drawn batch by batch), this ordered
         # list (it seeds each subsample) and the quantized model's own full-precision weights (LoRAs included; they
         # may differ from fp_model's).
-        recorded_key = hashlib.sha256("\n".join([*recorded, weights_digest(qmodel, "_quantizer.")]).encode()
-                                      ).hexdigest()[:12]
+        own_weights = weights_digest(qmodel, exclude=quantizer_keys(qmodel))
+        recorded_key = hashlib.sha256("\n".join([*recorded, own_weights]).encode()).hexdigest()[:12]
         rec_path = Path(cache_dir) / f"layer-inputs-{key}-{config.act_samples_per_layer}-{recorded_key}.safetensors"
 
     start = time.time()

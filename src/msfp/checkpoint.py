@@ -61,8 +61,9 @@ from msfp.fileio import atomic_directory, check_replaceable, interrupted_save, u
 from msfp.formats import compute_dtype, get_format
 from msfp.fp8 import convert_to_fp8, require_fake_quant
 from msfp.identity import differences, weights_digest
+from msfp.layers import QuantLayer
 from msfp.packing import decode, pack, quantize_to_codes, unpack
-from msfp.quantizers import MIN_SCALE, ActivationQuantizer, WeightQuantizer
+from msfp.quantizers import MIN_SCALE, quantizer_keys
 from msfp.surgery import UnsupportedLayersWarning, quant_layers, quantizable_layers, quantize
 from msfp.talora import LoRABank, TimestepRouter, assignment_runs, attach_router
 
@@ -78,7 +79,26 @@ def _base_info(model: nn.Module) -> dict:
     config = getattr(model, "config", None)
     if isinstance(model, diffusers.ModelMixin) and config is not None:
         return dict(library="diffusers", class_name=type(model).__name__, config=dict(config))
-    return dict(library="torch", class_name=f"{type(model).__module__}.{type(model).__qualname__}", config=None)
+    # A plain module has no config; the diffusers models inside one (a wrapper's UNet) do.
+    inner = {name: dict(class_name=type(m).__name__, config=dict(m.config)) for name, m in model.named_modules()
+             if name and isinstance(m, diffusers.ModelMixin) and getattr(m, "config", None) is not None}
+    return dict(library="torch", class_name=f"{type(model).__module__}.{type(model).__qualname__}", config=None,
+                inner=inner)
+
+
+def _conv_geometry(module: nn.Module) -> dict | None:
+    """A convolution's stride, padding, dilation, groups and padding mode as JSON values (None for other layers):
+    the weight shapes do not show them, and a model built with others would load and compute something else."""
+    if isinstance(module, QuantLayer):
+        if module.kind != "conv2d":
+            return None
+        args, mode = module.conv_args, module.padding_mode
+    elif isinstance(module, nn.Conv2d):
+        args = dict(stride=module.stride, padding=module.padding, dilation=module.dilation, groups=module.groups)
+        mode = module.padding_mode
+    else:
+        return None
+    return json.loads(json.dumps(dict(args, padding_mode=mode), default=_json_default))
 
 
 def _architecture(config) -> dict:
@@ -99,11 +119,20 @@ def require_base_model(meta: dict, model: nn.Module, where, what: str) -> None:
     if not same_class:
         raise ValueError(f"{where} was quantized from a {saved['class_name']}, not from {what} "
                          f"({given['class_name']})")
-    if saved["config"] is not None:
-        a, b = _architecture(saved["config"]), _architecture(given["config"])
+    configs = [("", saved["config"], given["config"])] if saved["config"] is not None else []
+    inner, given_inner = saved.get("inner", {}), given.get("inner", {})  # checkpoints before it have no "inner"
+    for name in sorted(inner.keys() | given_inner.keys()):
+        a, b = inner.get(name), given_inner.get(name)
+        if a is None or b is None or a["class_name"] != b["class_name"]:
+            kind = lambda info: "no diffusers model" if info is None else f"a {info['class_name']}"  # noqa: E731
+            raise ValueError(f"{where} was quantized from a {saved['class_name']} whose {name} is {kind(a)}; in "
+                             f"{what} it is {kind(b)}")
+        configs.append((f"{name}: ", a["config"], b["config"]))
+    for prefix, there, here in configs:
+        a, b = _architecture(there), _architecture(here)
         differ = differences(a, b, sorted(a.keys() & b.keys()))  # keys one diffusers version lacks: defaults
         if differ:
-            raise ValueError(f"{where} was quantized from another {saved['class_name']} than {what}: "
+            raise ValueError(f"{where} was quantized from another {saved['class_name']} than {what}: {prefix}"
                              + ", ".join(differ[:4])
                              + (f" (and {len(differ) - 4} more)" if len(differ) > 4 else ""))
 
@@ -193,9 +222,9 @@ def _unused_keys(layers: dict, attention: dict) -> set[str]:
 def _msfp_keys(model: nn.Module) -> set[str]:
     """State-dict keys of the modules msfp adds (quantizers, LoRA banks, the TALoRA router), found by module type:
     a model's own submodule named "lora" or "x_quantizer" is part of the base model."""
-    keys = set()
+    keys = quantizer_keys(model)
     for prefix, module in model.named_modules():
-        if isinstance(module, (WeightQuantizer, ActivationQuantizer, LoRABank, TimestepRouter)):
+        if isinstance(module, (LoRABank, TimestepRouter)):
             keys.update(f"{prefix}.{k}" for k in module.state_dict())
     return keys
 
@@ -276,6 +305,7 @@ def quant_meta(model: nn.Module) -> dict:
                        if layer.weight.dtype != torch.float32},
         buffer_dtypes=_unsaved_buffer_dtypes(model),
         attention={n: dict(q.info, act_format=q.act_quantizer.fmt.name) for n, q in attention.items()},
+        geometry={n: g for n, layer in layers.items() if (g := _conv_geometry(layer)) is not None},
     )
     return json.loads(json.dumps(meta, default=_json_default))  # plain JSON values, as read_quant_meta returns
 
@@ -501,6 +531,10 @@ def _check_fits(base: nn.Module, meta: dict, state: dict, path: Path) -> None:
     fp_state = base.state_dict()
     problems = [f"{k}: shape {tuple(v.shape)}, model expects {tuple(fp_state[k].shape)}"
                 for k, v in state.items() if k in fp_state and tuple(v.shape) != tuple(fp_state[k].shape)]
+    for name, there in meta.get("geometry", {}).items():  # checkpoints before it have none
+        here = _conv_geometry(modules[name]) if name in modules else None
+        if here is not None and here != there:
+            problems.append(f"{name}: " + ", ".join(differences(there, here, sorted(there))))
     for name, info in meta["layers"].items():
         codes = state.get(name + CODES_SUFFIX)
         nbytes = (modules[name].weight.numel() * get_format(info["weight_format"]).bits + 7) // 8

@@ -35,7 +35,7 @@ from msfp.info import finetune_runs
 from msfp.kernels import fused_rounding_exact
 from msfp.losses import WEIGHTINGS, denoising_factors, dfa_weights, weighted_mse
 from msfp.models import denoise
-from msfp.quantizers import ActivationQuantizer, WeightQuantizer
+from msfp.quantizers import named_quantizers
 from msfp.surgery import quant_layers, set_fused_rounding
 from msfp.talora import add_talora
 
@@ -131,8 +131,8 @@ def _student_key(qmodel: nn.Module, trained: dict) -> str:
     """What a resumed run must share with the one that wrote the checkpoint: the quantization (config and every
     quantizer's format), the names and shapes of the trained tensors, and the values of everything else. The trained
     values are left out: they come from the checkpoint, and a model interrupted in this process has changed them."""
-    quantizers = {n: m for n, m in qmodel.named_modules() if isinstance(m, (WeightQuantizer, ActivationQuantizer))}
-    settings = dict(config=qmodel.msfp_config.to_dict(), formats={n: q.fmt.name for n, q in quantizers.items()},
+    settings = dict(config=qmodel.msfp_config.to_dict(),
+                    formats={n: q.fmt.name for n, q in named_quantizers(qmodel).items()},
                     trained={n: list(t.shape) for n, t in trained.items()})
     return model_key(qmodel, settings, weights_digest(qmodel, exclude=set(trained)))
 
@@ -307,8 +307,7 @@ def finetune(qmodel: nn.Module, fp_model: nn.Module, scheduler, config: Finetune
                                      f"{bad[0]}); {kept()}; lower the learning rates")
         # The forward clamps a scale to MIN_SCALE: a trained scale that crossed 0 quantizes everything to ~0 and gets
         # no gradient back.
-        collapsed = [n for n, m in qmodel.named_modules() if isinstance(m, (WeightQuantizer, ActivationQuantizer))
-                     and m.scale.requires_grad and (m.scale <= 0).any()]
+        collapsed = [n for n, q in named_quantizers(qmodel).items() if q.scale.requires_grad and (q.scale <= 0).any()]
         if collapsed:
             raise FloatingPointError(f"fine-tuning drove {len(collapsed)} quantization scale(s) to 0 or below by "
                                      f"iteration {it} (e.g. {collapsed[0]}.scale), which zeroes their layer's "

@@ -26,13 +26,12 @@ def tensor_digest(t: torch.Tensor) -> str:
     return hashlib.sha256(f"{t.dtype} {tuple(t.shape)}".encode() + _tensor_bytes(t)).hexdigest()[:16]
 
 
-def weights_digest(model: nn.Module, skip: str | None = None, exclude: Collection[str] = ()) -> str:
-    """A digest of every tensor of ``model``'s state (names, dtypes, shapes, bytes) but those whose name contains
-    ``skip`` or is in ``exclude``: equal digests, equal weights. A compiled or DataParallel model's are those of the
-    model it wraps."""
+def weights_digest(model: nn.Module, exclude: Collection[str] = ()) -> str:
+    """A digest of every tensor of ``model``'s state (names, dtypes, shapes, bytes) but those named in ``exclude``:
+    equal digests, equal weights. A compiled or DataParallel model's are those of the model it wraps."""
     h = hashlib.sha256()
     for name, tensor in unwrapped(model).state_dict().items():  # compiling or DataParallel prefix every name
-        if isinstance(tensor, torch.Tensor) and (skip is None or skip not in name) and name not in exclude:
+        if isinstance(tensor, torch.Tensor) and name not in exclude:
             h.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}".encode())
             h.update(_tensor_bytes(tensor))
     return h.hexdigest()[:16]

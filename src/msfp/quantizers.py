@@ -269,3 +269,14 @@ class ActivationQuantizer(_Quantizer):
             result = search_quant_params(x, [self.fmt], **search_kwargs)
             self._store(result, group)
         return result
+
+
+def named_quantizers(model: nn.Module) -> dict[str, _Quantizer]:
+    """Every weight and activation quantizer in ``model`` (its layers' and attention inputs'), by module name."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, _Quantizer)}
+
+
+def quantizer_keys(model: nn.Module) -> set[str]:
+    """The state-dict keys of ``model``'s quantizers (found by type: a module of the model's own named
+    "x_quantizer" is not one)."""
+    return {f"{n}.{k}" for n, q in named_quantizers(model).items() for k in q.state_dict()}

@@ -25,7 +25,7 @@ from msfp.config import ROLES, QuantConfig
 from msfp.fp8 import require_fake_quant
 from msfp.layers import QuantContext, QuantLayer
 from msfp.models import timestep_by_name
-from msfp.quantizers import ActivationQuantizer, WeightQuantizer
+from msfp.quantizers import named_quantizers
 
 # Known diffusers blocks whose child layers read the output of a SiLU/GELU (structural AAL detection).
 _AAL_CHILDREN = {
@@ -274,7 +274,7 @@ def _quantizers(model: nn.Module):
     quant_layers(model)  # a clear error for a model that was not quantized
     # Its FP8 layers have no quantizers to switch: "full precision" would leave them quantized.
     require_fake_quant(model, "switching quantizers", "use the fake-quant model (msfp.load_quantized(directory))")
-    return [m for m in model.modules() if isinstance(m, (WeightQuantizer, ActivationQuantizer))]
+    return list(named_quantizers(model).values())
 
 
 def set_quantizers_enabled(model: nn.Module, enabled: bool) -> None:
