@@ -295,6 +295,10 @@ def test_a_wrapped_diffusers_model_must_have_the_saved_config(tmp_path):
         msfp.load_quantized(tmp_path / "q", model=WrappedUNet(act_fn="mish"))
     loaded = msfp.load_quantized(tmp_path / "q", model=WrappedUNet())
     assert torch.equal(outputs(loaded, (1, 8, 8)), outputs(q, (1, 8, 8)))
+    # Checkpoints written before the inner configs were recorded still load (they were refused: "no diffusers model").
+    _edit_meta(tmp_path / "q", lambda meta: meta["base_model"].pop("inner"))
+    assert torch.equal(outputs(msfp.load_quantized(tmp_path / "q", model=WrappedUNet()), (1, 8, 8)),
+                       outputs(q, (1, 8, 8)))
 
 
 def test_a_model_passed_to_load_must_be_the_saved_architecture(saved):

@@ -24,9 +24,12 @@ A directory holds
 - ``msfp_quant.json``: ``format_version``, ``quantization_config`` shaped like diffusers' (``quant_method: "msfp"``,
   the :class:`~msfp.config.QuantConfig` fields, ``modules_to_not_convert``, ``unsupported_layers`` (weight layers
   msfp has no quantized form of), versions, weight storage), the base
-  model's class and config, every quantized layer's ``info`` (formats, AAL flag and reason, MSEs, FLOPs), every
-  attention quantizer's ``info`` under ``attention`` and the SHA-256 of ``model.safetensors``; written last, so a
-  directory without it is not a finished msfp output.
+  model's class and config (for a plain module: its class and the configs of the diffusers models inside it),
+  every quantized layer's ``info`` (formats, AAL flag and reason, MSEs, FLOPs) and convolution ``geometry``, every
+  attention quantizer's ``info`` under ``attention``, the dtypes of tensors not stored as they are
+  (``weight_dtypes``, ``buffer_dtypes``), the SHA-256 of ``model.safetensors`` and of the metadata itself
+  (``meta_sha256``, required from format version 3); written last, so a directory without it is not a finished
+  msfp output.
 
 Loading rebuilds the architecture from its config (re-installing the quantized attention processors) and gives
 every quantized layer the dequantized weight
@@ -120,8 +123,9 @@ def require_base_model(meta: dict, model: nn.Module, where, what: str) -> None:
         raise ValueError(f"{where} was quantized from a {saved['class_name']}, not from {what} "
                          f"({given['class_name']})")
     configs = [("", saved["config"], given["config"])] if saved["config"] is not None else []
-    inner, given_inner = saved.get("inner", {}), given.get("inner", {})  # checkpoints before it have no "inner"
-    for name in sorted(inner.keys() | given_inner.keys()):
+    # Checkpoints written before the inner models were recorded have no "inner": nothing to compare with.
+    inner, given_inner = saved.get("inner"), given.get("inner", {})
+    for name in sorted(inner.keys() | given_inner.keys()) if inner is not None else ():
         a, b = inner.get(name), given_inner.get(name)
         if a is None or b is None or a["class_name"] != b["class_name"]:
             kind = lambda info: "no diffusers model" if info is None else f"a {info['class_name']}"  # noqa: E731
@@ -289,11 +293,12 @@ def quant_meta(model: nn.Module) -> dict:
     attention = attention_quantizers(model)
     _check_calibrated(layers, attention)
     fp_state = {k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+    msfp_keys = _msfp_keys(model)
     meta = dict(
         format_version=FORMAT_VERSION, msfp_version=__version__, quantization_config=quantization_config(model),
         base_model=_base_info(model), base_weights=getattr(model, "msfp_base_weights", None),
         flops=getattr(model, "msfp_flops", None),
-        base_parameters=sum(v.numel() for k, v in fp_state.items() if k not in _msfp_keys(model)),
+        base_parameters=sum(v.numel() for k, v in fp_state.items() if k not in msfp_keys),
         talora=_talora_meta(model), finetune=getattr(model, "msfp_finetune", None),
         scheduler_config=getattr(model, "msfp_scheduler_config", None),
         num_train_timesteps=model.msfp_context.num_train_timesteps,

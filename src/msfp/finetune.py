@@ -35,7 +35,7 @@ from msfp.info import finetune_runs
 from msfp.kernels import fused_rounding_exact
 from msfp.losses import WEIGHTINGS, denoising_factors, dfa_weights, weighted_mse
 from msfp.models import denoise
-from msfp.quantizers import named_quantizers
+from msfp.quantizers import MIN_SCALE, named_quantizers
 from msfp.surgery import quant_layers, set_fused_rounding
 from msfp.talora import add_talora
 
@@ -267,6 +267,7 @@ def finetune(qmodel: nn.Module, fp_model: nn.Module, scheduler, config: Finetune
     trained = _trainable_state(qmodel)
     identity = None if work_dir is None else dict(teacher=teacher_key, student=_student_key(qmodel, trained))
     params = [p for g in groups for p in g["params"]]
+    trained_scales = [q.scale for q in named_quantizers(qmodel).values() if q.scale.requires_grad]
     optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
     lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: max(0.0, 1 - i / config.iters))
     gen = torch.Generator().manual_seed(config.seed)
@@ -300,18 +301,11 @@ def finetune(qmodel: nn.Module, fp_model: nn.Module, scheduler, config: Finetune
         it, losses = state["iter"], state["losses"]
         earlier_runs = state.get("earlier_runs", earlier_runs)  # absent in state files written before it was kept
 
-    def check_trained():  # a broken state is never checkpointed or returned: the run stops here instead
+    def check_finite():
         bad = [n for n, p in qmodel.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
-        if bad:
+        if bad:  # never checkpointed or returned: the run stops here instead
             raise FloatingPointError(f"fine-tuning made {len(bad)} parameter(s) non-finite by iteration {it} (e.g. "
                                      f"{bad[0]}); {kept()}; lower the learning rates")
-        # The forward clamps a scale to MIN_SCALE: a trained scale that crossed 0 quantizes everything to ~0 and gets
-        # no gradient back.
-        collapsed = [n for n, q in named_quantizers(qmodel).items() if q.scale.requires_grad and (q.scale <= 0).any()]
-        if collapsed:
-            raise FloatingPointError(f"fine-tuning drove {len(collapsed)} quantization scale(s) to 0 or below by "
-                                     f"iteration {it} (e.g. {collapsed[0]}.scale), which zeroes their layer's "
-                                     f"values; {kept()}; lower act_lr")
 
     def kept() -> str:
         if state_path is not None and state_path.is_file():
@@ -319,7 +313,7 @@ def finetune(qmodel: nn.Module, fp_model: nn.Module, scheduler, config: Finetune
         return "no checkpoint was written"
 
     def save_state():
-        check_trained()
+        check_finite()
         if state_path is None:
             return
         with atomic_path(state_path) as tmp:
@@ -357,6 +351,9 @@ def finetune(qmodel: nn.Module, fp_model: nn.Module, scheduler, config: Finetune
                 raise FloatingPointError(f"fine-tuning gradients became non-finite at iteration {it} (timesteps "
                                          f"{sorted(set(t.tolist()))}); {kept()}; lower the learning rates")
             optimizer.step()
+            with torch.no_grad():  # the forward uses max(scale, MIN_SCALE); below it no gradient moves a scale back
+                for scale in trained_scales:
+                    scale.clamp_(min=MIN_SCALE)
             lr_schedule.step()
             it += 1
             losses.append(loss.item())
