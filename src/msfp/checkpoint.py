@@ -48,6 +48,7 @@ import json
 import os
 import re
 import warnings
+from collections.abc import Collection
 from pathlib import Path
 
 import diffusers
@@ -233,11 +234,10 @@ def _msfp_keys(model: nn.Module) -> set[str]:
     return keys
 
 
-def _unsaved_buffer_dtypes(model: nn.Module) -> dict[str, str]:
-    """Dtypes of the base model's floating buffers that the state dict leaves out (non-persistent ones, e.g. DiT's
-    positional embedding): a model rebuilt from its config has them in float32, and model.to(bfloat16) had cast
-    them. A quantized layer's own (its TALoRA weight sets) are rebuilt from the codes."""
-    saved = model.state_dict().keys()
+def _unsaved_buffer_dtypes(model: nn.Module, saved: Collection[str]) -> dict[str, str]:
+    """Dtypes of the base model's floating buffers that its state dict (keys ``saved``) leaves out (non-persistent
+    ones, e.g. DiT's positional embedding): a model rebuilt from its config has them in float32, and
+    model.to(bfloat16) had cast them. A quantized layer's own (its TALoRA weight sets) are rebuilt from the codes."""
     own = {f"{n}.weight_sets" for n in quant_layers(model)}
     return {k: str(v.dtype).removeprefix("torch.") for k, v in model.named_buffers()
             if k not in saved and k not in own and v.is_floating_point()}
@@ -308,7 +308,7 @@ def quant_meta(model: nn.Module) -> dict:
         # The quantized weights are stored as codes: the dtype they are decoded to, where not float32.
         weight_dtypes={n: str(layer.weight.dtype).removeprefix("torch.") for n, layer in layers.items()
                        if layer.weight.dtype != torch.float32},
-        buffer_dtypes=_unsaved_buffer_dtypes(model),
+        buffer_dtypes=_unsaved_buffer_dtypes(model, fp_state.keys()),
         attention={n: dict(q.info, act_format=q.act_quantizer.fmt.name) for n, q in attention.items()},
         geometry={n: g for n, layer in layers.items() if (g := _conv_geometry(layer)) is not None},
     )
@@ -325,15 +325,12 @@ def check_output_directory(directory: str | os.PathLike, finetuned: bool = False
         raise FileExistsError(f"{out} exists and is not a msfp output directory; refusing to replace it")
     check_replaceable(out)
     if not finetuned and (out / CONFIG_NAME).is_file():
+        # The file as it is, not through read_quant_meta: a checkpoint of another msfp version says so as well.
         try:
-            holds_finetuned = bool(read_quant_meta(out).get("finetune"))
-        except ValueError:  # unreadable here (another msfp version, an edit): what the file says of itself counts
-            try:
-                meta = json.loads((out / CONFIG_NAME).read_text(encoding="utf-8"))
-            except (OSError, UnicodeDecodeError, json.JSONDecodeError):  # damaged: nothing worth keeping is lost
-                meta = None
-            holds_finetuned = isinstance(meta, dict) and bool(meta.get("finetune"))
-        if holds_finetuned:
+            meta = json.loads((out / CONFIG_NAME).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):  # damaged: nothing worth keeping is lost
+            meta = None
+        if isinstance(meta, dict) and meta.get("finetune"):
             raise FileExistsError(f"{out} holds a fine-tuned model, which a post-training one saved there would "
                                   "replace: choose another directory, or delete it first")
     return out

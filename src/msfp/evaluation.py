@@ -230,9 +230,9 @@ def check_reference(reference: Reference, image_shape: tuple) -> None:
     if reference.images is not None and reference.images.shape[1:] != tuple(image_shape):
         raise ValueError(f"reference images ({reference.name}) are {reference.images.shape[1:]} but samples are "
                          f"{tuple(image_shape)}")
-    if reference.stats is not None and len(reference.stats[0]) != feature_dim():
+    if reference.stats is not None and len(reference.stats[0]) != (dim := feature_dim()):
         raise ValueError(f"the reference statistics ({reference.name}) are {len(reference.stats[0])}-dimensional, the "
-                         f"feature network's features {feature_dim()}-dimensional: statistics of another network "
+                         f"feature network's features {dim}-dimensional: statistics of another network "
                          "(e.g. Inception's 2048) do not apply")
 
 

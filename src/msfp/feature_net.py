@@ -53,9 +53,9 @@ class FeatureNet(nn.Module):
         return self.logits(images)
 
 
-def feature_dim(path: str | os.PathLike | None = None) -> int:
-    """The dimension of the feature network's features (default: the shipped one's), read from its config."""
-    return json.loads(((Path(path) if path is not None else FEATURE_NET_DIR) / CONFIG_NAME).read_text())["feature_dim"]
+def feature_dim() -> int:
+    """The dimension of the shipped feature network's features, read from its config (no weights loaded)."""
+    return json.loads((FEATURE_NET_DIR / CONFIG_NAME).read_text())["feature_dim"]
 
 
 def load_feature_net(path: str | os.PathLike | None = None, device: str | torch.device = "cpu") -> FeatureNet:
