@@ -311,3 +311,28 @@ def test_calibration_cache_is_keyed_by_what_is_recorded(tmp_path):
     for q in models[:2]:
         assert all(torch.equal(a, b) for a, b in zip(q.state_dict().values(), models[2].state_dict().values())
                    if isinstance(a, torch.Tensor))
+
+
+def test_fusing_the_projections_of_a_quantized_model_is_an_error():
+    # diffusers' fuse_qkv_projections() builds full-precision to_qkv/to_kv copies of the quantized to_q/to_k/to_v and
+    # switches to a processor that runs them: the projections silently ran full precision.
+    q = msfp.quantize(tiny_cond_unet(), "w4a4-msfp")
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([10, 500])
+    cond = {"encoder_hidden_states": torch.randn(2, 3, 8)}
+    expected = q(x, t, **cond).sample
+    q.fuse_qkv_projections()
+    with pytest.raises(RuntimeError, match=r"attention '.*attn1' has quantized q/k/v projections but runs "
+                                           r"FusedAttnProcessor2_0.*unfuse_qkv_projections"):
+        q(x, t, **cond)
+    q.unfuse_qkv_projections()
+    assert torch.equal(q(x, t, **cond).sample, expected)
+    # Fused before quantizing, the fused projections are ordinary layers, quantized like the others (the unused
+    # separate ones stay full precision: calibration would say they never ran).
+    fp = tiny_cond_unet()
+    fp.fuse_qkv_projections()
+    config = QuantConfig.preset("w4a4-msfp")
+    config.full_precision_layers = [r".*\.attn\d\.to_[qkv]"]
+    fused = msfp.quantize(copy.deepcopy(fp), config)
+    msfp.calibrate(fused, fp, scheduler(), num_samples=2, num_steps=2, cond=cond, disable=True)
+    assert type(fused.mid_block.attentions[0].transformer_blocks[0].attn1.to_qkv).__name__ == "QuantLayer"
+    assert fused(x, t, **cond).sample.isfinite().all()

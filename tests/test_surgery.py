@@ -67,6 +67,14 @@ def test_roles_find_the_output_layer_of_a_pixart_transformer():
     headed.inner, headed.conv_out = tiny_pixart(), nn.Conv2d(8, 8, 1)
     bits = {n: layer.precision for n, layer in quant_layers(msfp.quantize(headed, "w4a4-msfp")).items()}
     assert bits["conv_out"] == "8bit" and bits["inner.proj_out"] == "4bit"
+    # A plain denoiser with a diffusers block in its middle: its own head is the output layer, not the block's proj_out.
+    from diffusers import Transformer2DModel
+    middle = nn.Module()
+    middle.stem = nn.Conv2d(4, 8, 3, padding=1)
+    middle.mid = Transformer2DModel(num_attention_heads=2, attention_head_dim=4, in_channels=8, norm_num_groups=4)
+    middle.head = nn.Conv2d(8, 4, 3, padding=1)
+    bits = {n: layer.precision for n, layer in quant_layers(msfp.quantize(middle, "w4a4-msfp")).items()}
+    assert bits["head"] == "8bit" and bits["mid.proj_out"] == "4bit"
 
 
 def test_structural_aals_mark_post_silu_layers_of_resnet_blocks():
@@ -309,6 +317,20 @@ def test_the_timestep_of_a_transformer_that_takes_it_third_reaches_the_layers():
         q(x, text, torch.tensor([40, 50]))
         msfp.models.denoise(q, x, torch.tensor([60, 70]), encoder_hidden_states=text)
     assert [s.tolist() for s in seen] == [[20, 30], [40, 50], [60, 70]]
+
+    class Wrapper(nn.Module):  # forward(*args, **kwargs): the pipeline's timestep= arrives in **kwargs
+        def __init__(self):
+            super().__init__()
+            self.inner = tiny_pixart()
+
+        def forward(self, *args, **kwargs):
+            return self.inner(*args, **kwargs)
+
+    q = msfp.quantize(Wrapper(), "w4a4-msfp")
+    quant_layers(q)["inner.transformer_blocks.0.ff.net.2"].observer = lambda lyr, x: seen.append(lyr.context.timesteps)
+    with torch.no_grad():
+        q(x, encoder_hidden_states=text, timestep=torch.tensor([80, 90]))
+    assert seen[-1].tolist() == [80, 90]
 
 
 def test_a_keyword_only_timestep_reaches_the_layers():

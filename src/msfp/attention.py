@@ -31,6 +31,7 @@ from diffusers.models.attention_processor import (Attention, AttnAddedKVProcesso
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
+from msfp.layers import QuantLayer
 from msfp.quantizers import ActivationQuantizer
 
 TENSORS = ("q", "k", "probs", "v")
@@ -203,6 +204,27 @@ def check_quantized_attention(model: nn.Module, names) -> None:
                 f"attention {name!r} has quantized matmul inputs but runs {type(processor).__name__}, which skips "
                 "them (was set_attn_processor called on the quantized model?); restore it with "
                 f"model.get_submodule({name!r}).set_processor(msfp.attention.QuantAttnProcessor())")
+
+
+def projecting_attention(model: nn.Module) -> list[str]:
+    """Names of the attention modules with a quantized q/k/v projection."""
+    return [n for n, attn in attention_modules(model).items()
+            if any(isinstance(getattr(attn, p, None), QuantLayer) for p in ("to_q", "to_k", "to_v"))]
+
+
+def check_unfused_projections(model: nn.Module, names) -> None:
+    """Raise if an attention module among ``names`` (those with quantized q/k/v projections) runs a fused-projection
+    processor: ``fuse_qkv_projections()`` after quantizing builds new full-precision ``to_qkv``/``to_kv`` layers, and
+    the fused processor would run those instead of the quantized ones, silently."""
+    for name in names:
+        attn = model.get_submodule(name)
+        processor = attn.processor
+        fused = [getattr(attn, p, None) for p in ("to_qkv", "to_kv")]
+        if type(processor).__name__.startswith("Fused") and any(isinstance(m, nn.Linear) for m in fused):
+            raise RuntimeError(
+                f"attention {name!r} has quantized q/k/v projections but runs {type(processor).__name__}, which uses "
+                "full-precision fused copies of them (was fuse_qkv_projections called on the quantized model?); call "
+                "unfuse_qkv_projections(), or fuse the projections before quantizing")
 
 
 def attention_quantizers(model: nn.Module) -> dict[str, AttnInputQuantizer]:

@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from torch import nn
 
 from msfp.attention import (attention_inputs, check_attention_replaceable, check_quantized_attention,
-                            install_attention_quantizers)
+                            check_unfused_projections, install_attention_quantizers, projecting_attention)
 from msfp.config import ROLES, QuantConfig
 from msfp.fp8 import require_fake_quant
 from msfp.layers import QuantContext, QuantLayer
@@ -50,12 +50,14 @@ _OUTPUT_LAYERS = ("conv_out", "proj_out_2", "proj_out")
 
 def _output_layer(model: nn.Module, names: list[str]) -> list[str]:
     """``[name]`` of the output layer: the model's own ``conv_out``/``proj_out_2``/``proj_out``, else that of the
-    outermost diffusers model it holds (so a wrapper module that adapts the call signature changes nothing), else the
-    last registered layer."""
+    outermost diffusers model it holds when every layer is that model's (so a wrapper module that adapts the call
+    signature changes nothing), else the last registered layer. A plain model with layers of its own around a
+    diffusers block (a Transformer2DModel as its middle) has its own output layer, not the block's ``proj_out``."""
     from diffusers import ModelMixin
 
     inner = next((n for n, m in model.named_modules() if isinstance(m, ModelMixin)), "")
-    candidates = [*_OUTPUT_LAYERS, *(f"{inner}.{n}" for n in _OUTPUT_LAYERS if inner)]
+    wraps = inner and all(n.startswith(f"{inner}.") for n in names)
+    candidates = [*_OUTPUT_LAYERS, *(f"{inner}.{n}" for n in _OUTPUT_LAYERS if wraps)]
     return next(([n] for n in candidates if n in names), names[-1:])
 
 
@@ -128,16 +130,19 @@ def _timestep_hook(module, args, kwargs):
     # Looks the context up on the module at call time, so a deep copy of the model uses its own context.
     # The input is forward()'s first parameter and the timestep its `timestep` parameter (every diffusers denoiser;
     # Transformer2DModel takes encoder_hidden_states second) or else its second one, passed by position or by name
-    # (forward(*args, **kwargs) names none: then by position).
+    # (forward(*args, **kwargs) names none: then by position, unless the call names a `timestep`, as pipelines do).
     signature = inspect.signature(module.forward)
     named = [p.name for p in signature.parameters.values() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     bound = signature.bind_partial(*args, **kwargs).arguments
     x, t = (bound.get(named[i]) if i < len(named) else (args[i] if i < len(args) else None) for i in (0, 1))
     if timestep_by_name(signature):
         t = bound.get("timestep")
+    elif "timestep" in kwargs:  # gathered by a **kwargs parameter
+        t = kwargs["timestep"]
     if x is not None:
         module.msfp_context.set_timesteps(t, x.shape[0], x.device)
     check_quantized_attention(module, module.msfp_quantized_attention)
+    check_unfused_projections(module, module.msfp_projecting_attention)
 
 
 def _why_not_replaceable(module: nn.Module, aliases: list[str], parent) -> tuple[str, bool] | None:
@@ -248,6 +253,7 @@ def quantize(model: nn.Module, config: QuantConfig | str | dict) -> nn.Module:
                        "8bit" if n in eight else "4bit") for n in attention if n not in full}
         install_attention_quantizers(model, formats, context, config.act_timestep_groups)
     model.msfp_quantized_attention = sorted({name.rpartition(".")[0] for name in formats}) if attention else []
+    model.msfp_projecting_attention = projecting_attention(model)
     model.msfp_config = config
     model.msfp_context = context
     model.msfp_full_precision_layers = sorted(full)
