@@ -22,7 +22,7 @@ from msfp.info import describe
 from msfp.quantizers import MIN_SCALE, named_quantizers
 from msfp.surgery import quant_layers
 from msfp.talora import add_talora, lora_assignment
-from tiny_models import scheduler, tiny_pixart, tiny_unet
+from tiny_models import scheduler, tiny_cond_unet, tiny_pixart, tiny_unet
 
 CONFIG = dict(iters=24, batch_size=4, traj_samples=4, traj_steps=4, checkpoint_every=8, rank=2)
 
@@ -185,9 +185,11 @@ def test_interrupted_run_resumes_bit_exactly(calibrated, tmp_path, monkeypatch):
     torch.save(state, tmp_path / "b" / ft.STATE_NAME)
     result = finetune(interrupted, fp, scheduler(), config, work_dir=tmp_path / "b", resume=True, disable=True)
     assert result.losses == full.losses and same_state(interrupted, reference)
+    refused = copy.deepcopy(q)
     with pytest.raises(ValueError, match=r"written with another FinetuneConfig \(rank 2 there, 1 here\); resume"):
-        finetune(copy.deepcopy(q), fp, scheduler(), FinetuneConfig(**{**CONFIG, "rank": 1}),
+        finetune(refused, fp, scheduler(), FinetuneConfig(**{**CONFIG, "rank": 1}),
                  work_dir=tmp_path / "b", resume=True, disable=True)
+    assert getattr(refused, "msfp_router", None) is None  # refused before LoRAs were added: a corrected call works
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(calibrated, tmp_path, monkeypatch):
@@ -366,9 +368,29 @@ def test_finetune_trains_under_no_grad_and_refuses_inference_mode(calibrated):
 def test_a_bfloat16_student_fine_tunes(calibrated):
     fp, q = calibrated
     student = copy.deepcopy(q).to(torch.bfloat16)  # the inputs used to stay float32: a dtype error in conv_in
-    result = finetune(student, fp, scheduler(), FinetuneConfig(**{**CONFIG, "iters": 2}), disable=True)
+    config = FinetuneConfig(**{**CONFIG, "iters": 6, "lora_lr": 1e-4})
+    add_talora(student, config.num_loras, config.rank, config.seed)
+    before = {n: layer.lora.A.detach().clone() for n, layer in quant_layers(student).items()}
+    result = finetune(student, fp, scheduler(), config, disable=True)
     assert all(math.isfinite(loss) for loss in result.losses)
     assert quant_layers(student)["conv_in"].weight.dtype == torch.bfloat16
+    # LoRA factors and router stay float32 (also through model.to): in bfloat16 nine in ten of A's entries never
+    # moved at this learning rate, their steps rounded away.
+    student.to(torch.bfloat16)
+    assert {p.dtype for n, p in student.named_parameters() if ".lora." in n or "msfp_router" in n} == {torch.float32}
+    moved = sum(int((layer.lora.A != before[n]).sum()) for n, layer in quant_layers(student).items())
+    assert moved > 0.9 * sum(a.numel() for a in before.values())
+    assert student(torch.randn(2, 1, 8, 8, dtype=torch.bfloat16), torch.tensor([3, 900])).sample.dtype == torch.bfloat16
+
+
+def test_a_bfloat16_student_of_a_conditioned_float32_teacher_fine_tunes():
+    fp, text = tiny_cond_unet(), {"encoder_hidden_states": torch.randn(4, 3, 8)}
+    q = msfp.quantize(copy.deepcopy(fp), "w4a4-msfp")
+    msfp.calibrate(q, fp, scheduler(), num_samples=4, num_steps=4, cond=text, disable=True)
+    # The teacher's float32 text embeddings went into the bfloat16 student as they were: a dtype error.
+    result = finetune(q.to(torch.bfloat16), fp, scheduler(), FinetuneConfig(**{**CONFIG, "iters": 2}), cond=text,
+                      disable=True)
+    assert result.iters_done == 2 and all(math.isfinite(loss) for loss in result.losses)
 
 
 def test_dfa_weights_follow_the_ddim_denoising_factor(calibrated):
@@ -377,9 +399,10 @@ def test_dfa_weights_follow_the_ddim_denoising_factor(calibrated):
     points = ft._teacher(tiny_unet(), sched, FinetuneConfig(**CONFIG), None, None, None, None, None, True)
     timesteps, gammas = ddim_denoising_factors(sched, CONFIG["traj_steps"])
     expected = dict(zip(timesteps.tolist(), dfa_weights(gammas, "abs").tolist()))
-    weights = ft._point_weights(points, sched, FinetuneConfig(**CONFIG))
+    weights = ft._point_weights(points, ft._loss_weights(sched, FinetuneConfig(**CONFIG)), sched, FinetuneConfig(**CONFIG))
     assert weights.tolist() == [expected[t] for t in points.t.tolist()]
-    assert ft._point_weights(points, sched, FinetuneConfig(**{**CONFIG, "loss": "mse"})).eq(1).all()
+    assert ft._loss_weights(sched, FinetuneConfig(**{**CONFIG, "loss": "mse"})) is None
+    assert ft._point_weights(points, None, sched, FinetuneConfig(**{**CONFIG, "loss": "mse"})).eq(1).all()
 
 
 def test_a_text_conditioned_transformer_fine_tunes_and_samples():
@@ -436,13 +459,28 @@ def test_bad_settings_fail_clearly(calibrated):
     add_talora(single, 1, 2, 0)
     with pytest.raises(ValueError, match="already has LoRAs \\(1 of rank 2\\).*not 4 of rank 2"):
         finetune(single, fp, scheduler(), FinetuneConfig(**CONFIG), disable=True)
+    refused = copy.deepcopy(q)
     with pytest.raises(ValueError, match="PNDMScheduler visits timesteps more than once.*loss='mse'"):
-        finetune(copy.deepcopy(q), fp, PNDMScheduler(), FinetuneConfig(**CONFIG), disable=True)
+        finetune(refused, fp, PNDMScheduler(), FinetuneConfig(**CONFIG), disable=True)
+    # Refused before the model changed: the LoRAs it used to add refused the corrected call ("already has LoRAs").
+    assert getattr(refused, "msfp_router", None) is None
+    assert finetune(refused, fp, scheduler(), FinetuneConfig(**{**CONFIG, "iters": 1, "num_loras": 2}),
+                    disable=True).iters_done == 1
     merged = copy.deepcopy(single)  # as load_quantized returns a fine-tuned checkpoint: router, no LoRA factors
     for layer in quant_layers(merged).values():
         layer.lora = None
     with pytest.raises(ValueError, match="LoRAs are merged into packed weights.*lora='none'"):  # was AttributeError
         finetune(merged, fp, scheduler(), FinetuneConfig(**{**CONFIG, "num_loras": 1}), disable=True)
+    routed = copy.deepcopy(q)  # as load_quantized returns a routed checkpoint: K quantized weight sets per layer
+    add_talora(routed, 2, 2, 0)
+    for layer in quant_layers(routed).values():
+        layer.weight_sets, layer.lora = torch.stack([layer.quantized_weight(k).detach() for k in (0, 1)]), None
+    with pytest.raises(ValueError, match="train_weight_scales: a loaded routed TALoRA checkpoint"):  # never trained
+        finetune(routed, fp, scheduler(), FinetuneConfig(**{**CONFIG, "lora": "none", "train_weight_scales": True}),
+                 disable=True)
+    # A routed model called without its timestep ran LoRA 0 for every sample, silently.
+    with pytest.raises(RuntimeError, match="picks one of its 2 LoRAs by the timestep"):
+        routed(torch.randn(1, 1, 8, 8))
     with pytest.raises(ValueError, match="needs a calibrated model"):
         finetune(msfp.quantize(tiny_unet(), "w4a4-msfp"), fp, scheduler(), FinetuneConfig(**CONFIG), disable=True)
     with pytest.raises(FileNotFoundError, match="nothing to resume"):

@@ -6,8 +6,9 @@ The full-precision teacher samples its own DDIM trajectories once (cached in ``w
 points (weight scales optionally). The loss is the MSE between student and teacher noise predictions, weighted per
 timestep by the sampler's denoising factor (DFA) or not (plain MSE).
 
-Runs are deterministic for a seed, write an atomic checkpoint every ``checkpoint_every`` iterations, and
-``resume=True`` continues bit-exactly where the last checkpoint stopped. A non-finite loss stops the run with a clear
+Runs are deterministic for a seed on the CPU, write an atomic checkpoint every ``checkpoint_every`` iterations, and
+``resume=True`` continues bit-exactly where the last checkpoint stopped. (On CUDA, whose convolution kernels are not
+deterministic by default, two runs may differ: one ulp can move a value across a 4-bit rounding boundary.) A non-finite loss stops the run with a clear
 error and leaves the last good checkpoint in place.
 """
 
@@ -109,6 +110,8 @@ def _trainable_groups(qmodel, config: FinetuneConfig) -> list[dict]:
                            name="weight_scales"))
     if config.lora != "none":
         # Scale-aware LoRA steps (EfficientDM): a layer with a finer weight grid takes proportionally smaller steps.
+        # The step measure is the quantizer's scale (the grid's unit), not the spacing of its levels, which differs
+        # between formats of one range (E3M0's scale is a quarter of E1M2's): rates are comparable within a format.
         steps = {n: layer.weight_quantizer.scale.detach().abs().mean().item() for n, layer in layers.items()}
         median = sorted(steps.values())[len(steps) // 2] or 1.0
         for name, layer in layers.items():
@@ -154,15 +157,22 @@ def _teacher(fp_model, scheduler, config, work_dir, key, cond, class_labels, sam
     return points
 
 
-def _point_weights(points: Trajectories, scheduler, config: FinetuneConfig) -> torch.Tensor:
+def _loss_weights(scheduler, config: FinetuneConfig) -> dict[float, float] | None:
+    """The DFA loss weight of each timestep a ``traj_steps``-step trajectory visits; None for plain MSE."""
     if config.loss == "mse":
-        return torch.ones(len(points))
+        return None
     timesteps, gammas = denoising_factors(scheduler, config.traj_steps)
     if len(set(timesteps.tolist())) < len(timesteps):  # e.g. PNDM, Heun: a training point's t has no single γ_t
         raise ValueError(f"{type(scheduler).__name__} visits timesteps more than once, so DFA has no single "
                          "denoising factor per timestep; use loss='mse'")
-    weights = dfa_weights(gammas, config.dfa_weighting)
-    by_t = dict(zip(timesteps.tolist(), weights.tolist()))
+    return dict(zip(timesteps.tolist(), dfa_weights(gammas, config.dfa_weighting).tolist()))
+
+
+def _point_weights(points: Trajectories, by_t: dict[float, float] | None, scheduler, config: FinetuneConfig
+                   ) -> torch.Tensor:
+    """Each training point's loss weight from :func:`_loss_weights`' ``by_t``."""
+    if by_t is None:
+        return torch.ones(len(points))
     missing = sorted(set(points.t.tolist()) - set(by_t))
     if missing:
         raise ValueError(f"teacher trajectories visit timesteps {missing[:5]} that a {config.traj_steps}-step "
@@ -193,6 +203,22 @@ def _restore_full_precision_weights(qmodel: nn.Module, fp_model: nn.Module) -> N
                 raise ValueError(f"{name}: fp_model has no weight of shape {tuple(layer.weight.shape)} there; pass the "
                                  "full-precision model the quantized model was made from")
             layer.weight.copy_(source)
+
+
+def _read_state(state_path: Path, config: FinetuneConfig) -> dict:
+    """The state file a resumed run continues from, checked to be written with ``config``."""
+    try:
+        # On the CPU first: a state a GPU run wrote resumes anywhere (each tensor then goes to its parameter).
+        state = torch.load(state_path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise ValueError(f"{state_path}: cannot read the checkpoint ({type(e).__name__}: {e}); delete "
+                         f"{state_path.parent} to start over") from e
+    wanted = config.to_dict()
+    if state["config"] != wanted:
+        changed = "; ".join(differences(state["config"], wanted, state["config"]))
+        raise ValueError(f"{state_path} was written with another FinetuneConfig ({changed}); resume with the same "
+                         "settings")
+    return state
 
 
 @torch.enable_grad()  # training, also when called under a caller's torch.no_grad()
@@ -230,6 +256,13 @@ def finetune(qmodel: nn.Module, fp_model: nn.Module, scheduler, config: Finetune
     state_path = Path(work_dir) / STATE_NAME if work_dir is not None else None
     if resume and (state_path is None or not state_path.is_file()):
         raise FileNotFoundError(f"nothing to resume: {state_path or 'no work_dir given'} does not exist")
+    # What can be checked before the model is changed (LoRAs added, weights restored) is checked here, so that a
+    # refused call leaves it as it was and a corrected call can follow.
+    by_t = _loss_weights(scheduler, config)
+    if config.train_weight_scales and any(layer.weight_sets is not None for layer in quant_layers(qmodel).values()):
+        raise ValueError("train_weight_scales: a loaded routed TALoRA checkpoint holds its weight sets already "
+                         "quantized, so its weight scales would not be trained; fine-tune without them")
+    state = _read_state(state_path, config) if resume else None
     # The runs the model had before this one (a loaded checkpoint, say), for its record; a resumed run takes them from
     # its state file, where the model may already tell of this run (stopped by its time budget) or of none.
     earlier_runs = finetune_runs(getattr(qmodel, "msfp_finetune", None))
@@ -262,7 +295,7 @@ def finetune(qmodel: nn.Module, fp_model: nn.Module, scheduler, config: Finetune
                                      class_labels, sample_shape, batch_size=TEACHER_BATCH, weights=fp_weights)
     points = teacher if teacher is not None else _teacher(fp_model, scheduler, config, work_dir, teacher_key, cond,
                                                           class_labels, sample_shape, disable)
-    weights = _point_weights(points, scheduler, config)
+    weights = _point_weights(points, by_t, scheduler, config)
     groups = _trainable_groups(qmodel, config)
     trained = _trainable_state(qmodel)
     identity = None if work_dir is None else dict(teacher=teacher_key, student=_student_key(qmodel, trained))
@@ -272,18 +305,7 @@ def finetune(qmodel: nn.Module, fp_model: nn.Module, scheduler, config: Finetune
     lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: max(0.0, 1 - i / config.iters))
     gen = torch.Generator().manual_seed(config.seed)
     it, losses = 0, []
-    if resume:
-        try:
-            # On the CPU first: a state a GPU run wrote resumes anywhere (each tensor then goes to its parameter).
-            state = torch.load(state_path, map_location="cpu", weights_only=False)
-        except Exception as e:
-            raise ValueError(f"{state_path}: cannot read the checkpoint ({type(e).__name__}: {e}); delete "
-                             f"{state_path.parent} to start over") from e
-        wanted = config.to_dict()
-        if state["config"] != wanted:
-            changed = "; ".join(differences(state["config"], wanted, state["config"]))
-            raise ValueError(f"{state_path} was written with another FinetuneConfig ({changed}); resume with the same "
-                             "settings")
+    if state is not None:
         for what in ("teacher", "student"):
             if state.get("identity", {}).get(what) != identity[what]:
                 raise ValueError(f"{state_path} was written for another {what} model (or calibration); resume with "
@@ -338,7 +360,9 @@ def finetune(qmodel: nn.Module, fp_model: nn.Module, scheduler, config: Finetune
                 break
             idx = torch.randint(0, len(points), (config.batch_size,), generator=gen)
             x, t, eps = points.x[idx].to(device, dtype), points.t[idx].to(device), points.eps[idx].to(device)
-            batch_cond = {k: v[idx].to(device) for k, v in points.cond.items()}
+            # Conditioning in the student's dtype too (the teacher's may differ: a bfloat16 student of a float32 one).
+            batch_cond = {k: v[idx].to(device, dtype) if v.is_floating_point() else v[idx].to(device)
+                          for k, v in points.cond.items()}
             out = denoise(qmodel, x, t, **batch_cond)[:, :channels]
             loss = weighted_mse(out.float(), eps, weights[idx])
             if not torch.isfinite(loss):

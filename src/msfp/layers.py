@@ -193,7 +193,12 @@ class QuantLayer(nn.Module):
         self._weight_cache: dict[int, tuple] | None = None  # k -> (params, key, Q_w(W_k)) once frozen
 
     def effective_weight(self, k: int = 0) -> torch.Tensor:
+        """``W + B_k A_k``; float32 (the LoRA's dtype) when the layer is in half precision and has a LoRA."""
         return self.weight if self.lora is None else self.weight + self.lora.delta(k)
+
+    def _quantize_weight(self, w: torch.Tensor, stacked: bool = False) -> torch.Tensor:
+        """``Q_w(w)`` in the layer's dtype (``w`` with a float32 LoRA merged in is float32)."""
+        return self.weight_quantizer(w, stacked=stacked).to(self.weight.dtype)
 
     @property
     def num_weight_sets(self) -> int:
@@ -208,7 +213,7 @@ class QuantLayer(nn.Module):
             cached = self._cached_weight(k)
             if cached is not None:
                 return cached
-        return self.weight_quantizer(self.effective_weight(k))
+        return self._quantize_weight(self.effective_weight(k))
 
     def quantized_weights(self, ks: list[int]) -> dict[int, torch.Tensor]:
         """``Q_w(W_k)`` for each ``k`` in ``ks``. While training, one quantizer call on the stacked weight sets: the
@@ -216,7 +221,7 @@ class QuantLayer(nn.Module):
         by those)."""
         if len(ks) == 1 or self.weight_sets is not None or self._weight_cache is not None:
             return {k: self.quantized_weight(k) for k in ks}
-        stacked = self.weight_quantizer(self.weight + self.lora.deltas(ks), stacked=True)
+        stacked = self._quantize_weight(self.weight + self.lora.deltas(ks), stacked=True)
         return dict(zip(ks, stacked.unbind(0)))
 
     def freeze_weights(self) -> None:
@@ -260,7 +265,7 @@ class QuantLayer(nn.Module):
             return entry[2]
         with (torch.no_grad(), torch.inference_mode(False),  # a normal tensor, usable outside inference mode too
               torch.autocast(self.weight.device.type, enabled=False)):
-            w = q(self.effective_weight(k)).detach()
+            w = self._quantize_weight(self.effective_weight(k)).detach()
             if torch.equal(w, self.weight):
                 w = self.weight.detach()
         self._weight_cache[k] = (params, key, w)

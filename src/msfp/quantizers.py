@@ -151,8 +151,24 @@ def search_quant_params(
     return best
 
 
-class _Quantizer(nn.Module):
-    """Shared state: the format (kept in ``extra_state`` so that ``load_state_dict`` restores it), scale, zero point."""
+class KeepsFloat32(nn.Module):
+    """A module whose floating-point tensors stay float32 (or wider) whatever the model is cast to: a cast below
+    float32 only moves them (float64 ones back to float32); a cast to float64 widens them."""
+
+    def _apply(self, fn, recurse=True):
+        def keep_float32(t):
+            out = fn(t)
+            return t.to(out.device, torch.float32) if out.is_floating_point() and out.element_size() < 4 else out
+
+        return super()._apply(keep_float32, recurse)
+
+
+class _Quantizer(KeepsFloat32):
+    """Shared state: the format (kept in ``extra_state`` so that ``load_state_dict`` restores it), scale, zero point.
+
+    The scale and zero point define the grid and are used in float32 (or wider) whatever the model's dtype:
+    model.to(torch.bfloat16) rounding them would move the grid (a 2^-9 scale change shifts the top 8-bit code by half
+    a step)."""
 
     def __init__(self, fmt, size: int):
         super().__init__()
@@ -162,16 +178,6 @@ class _Quantizer(nn.Module):
         self.enabled = True
         #: run the rounding as one fused ``torch.compile`` kernel (same values; see msfp.kernels)
         self.fused = False
-
-    def _apply(self, fn, recurse=True):
-        # The scale and zero point define the grid and are used in float32 (or wider) whatever the model's dtype:
-        # model.to(torch.bfloat16) rounding them would move the grid (a 2^-9 scale change shifts the top 8-bit code
-        # by half a step). A cast below float32 only moves them (float64 ones back to float32); float64 widens them.
-        def keep_grid(t):
-            out = fn(t)
-            return t.to(out.device, torch.float32) if out.is_floating_point() and out.element_size() < 4 else out
-
-        return super()._apply(keep_grid, recurse)
 
     def get_extra_state(self):
         return {"fmt": self.fmt.name, "enabled": self.enabled}

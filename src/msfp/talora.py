@@ -17,13 +17,16 @@ from torch import nn
 from torch.nn.utils import skip_init
 
 from msfp.layers import route_counts
+from msfp.quantizers import KeepsFloat32
 
 
-class TimestepRouter(nn.Module):
+class TimestepRouter(KeepsFloat32):
     """Timestep → one of ``num_loras`` LoRAs, per sample.
 
     ``forward(t)`` returns a (B, K) one-hot matrix whose gradient is the softmax's (straight-through), so a loss on
     the routed output trains the MLP. Call :meth:`init_contiguous` to start from K contiguous timestep intervals.
+    It stays float32 in a half-precision model: its choice then does not depend on the model's dtype, and its small
+    optimizer steps are not rounded away.
     """
 
     def __init__(self, num_loras: int = 4, num_train_timesteps: int = 1000, embed_dim: int = 64,
@@ -88,11 +91,13 @@ class TimestepRouter(nn.Module):
         return (self.assignment(t) == labels).float().mean().item()
 
 
-class LoRABank(nn.Module):
+class LoRABank(KeepsFloat32):
     """K low-rank updates ``B_k A_k`` for one weight of shape (out, in, *kernel).
 
     ``A`` starts Kaiming-uniform and ``B`` at zero, so every update is exactly zero before fine-tuning and the
-    quantized model is unchanged by adding the bank.
+    quantized model is unchanged by adding the bank. The factors stay float32 in a half-precision model (the layer
+    forms and rounds ``W + B_k A_k`` in float32): in bfloat16 most optimizer steps were below half an ulp of ``A``
+    and were rounded away.
     """
 
     def __init__(self, weight_shape: torch.Size | tuple, num_loras: int = 4, rank: int = 8, seed: int | None = None):
@@ -127,7 +132,10 @@ def _route_hook(module, args, kwargs):
     # Runs after msfp.quantize's timestep hook; looks everything up on the module so deep copies stay independent.
     context, router = module.msfp_context, module.msfp_router
     t = context.timesteps
-    context.set_route(None if t is None or router.num_loras == 1 else router(t))
+    if t is None and router.num_loras > 1:  # LoRA 0 for every timestep would be a different model, silently
+        raise RuntimeError(f"this TALoRA model picks one of its {router.num_loras} LoRAs by the timestep: call it as "
+                           "model(x, t, ...)")
+    context.set_route(None if router.num_loras == 1 else router(t))
 
 
 def add_talora(qmodel: nn.Module, num_loras: int = 4, rank: int = 4, seed: int = 0) -> TimestepRouter:
@@ -148,7 +156,7 @@ def add_talora(qmodel: nn.Module, num_loras: int = 4, rank: int = 4, seed: int =
         shape = layer.weight.shape
         layer_rank = min(rank, shape[0], math.prod(shape[1:]))
         # Beside its weight: a model split across devices stays split.
-        layer.lora = LoRABank(shape, num_loras, layer_rank, seed=seed + i).to(layer.weight.device, layer.weight.dtype)
+        layer.lora = LoRABank(shape, num_loras, layer_rank, seed=seed + i).to(layer.weight.device)
     return router
 
 
