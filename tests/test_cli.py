@@ -138,7 +138,7 @@ def test_eval_against_reference_images(tmp_path):
     assert m["classifier_score"] > 2 and m["precision"] > 0.5 and 0 < m["recall"] <= 1
     assert len(result["fd_bootstrap"]) == 200 and m["fd_std"] == pytest.approx(np.std(result["fd_bootstrap"]), rel=1e-3)
     assert set(result["skipped"]) == {"fid, sfid, inception_score, inception_precision, inception_recall",
-                                      "psnr, paired_mse"}
+                                      "psnr, paired_mse", "eps_mse, eps_mse_weighted"}
     noise = np.random.default_rng(0).integers(0, 256, (40, 32, 32, 1), dtype=np.uint8)
     save_samples(tmp_path / "noise.npz", noise, np.arange(40))
     r = run("eval", tmp_path / "noise.npz", "--ref", tmp_path / "ref.npz", "--json", tmp_path / "noise.json")
@@ -161,6 +161,7 @@ def test_eval_default_reference_without_the_dataset(tmp_path, monkeypatch):
     assert result["reference"] == "Fashion-MNIST test split (10,000 images)"
     assert {"fd", "classifier_score"} <= set(result["metrics"]) and "kid" not in result["metrics"]
     assert "the Fashion-MNIST test images are not available" in result["skipped"]["kid, precision, recall"]
+    assert result["skipped"]["eps_mse, eps_mse_weighted"] == "no --model given"  # every metric: computed or skipped
 
 
 def test_eval_paired(tmp_path):
@@ -186,13 +187,19 @@ def test_eval_paired(tmp_path):
                                          r"\(steps 20 vs 10\): the paired metrics measure that difference too"):
         r = run("eval", tmp_path / "q20.npz", "--ref", tmp_path / "fp10.npz", "--paired", tmp_path / "fp10.npz")
     assert r.exit_code == 0, r.output
-    # --json never replaces an input, nor a file that holds no JSON: it wrote its results over SAMPLES.
+    # --json never replaces an input, a file in an input directory, nor a file that is not eval results: it wrote its
+    # results over SAMPLES, and over a --model checkpoint's msfp_quant.json (any JSON was taken for results).
     (tmp_path / "notes.txt").write_text("my notes")
+    (tmp_path / "config.json").write_text('{"sample_size": 32}')
+    (tmp_path / "q").mkdir()
+    (tmp_path / "q" / "msfp_quant.json").write_text('{"format_version": 3}')
     for target, what in ((tmp_path / "q.npz", "SAMPLES"), (tmp_path / "fp.npz", "--paired"),
-                         (tmp_path / "notes.txt", "holds no JSON")):
+                         (tmp_path / "notes.txt", "is not the results of an earlier msfp eval"),
+                         (tmp_path / "config.json", "is not the results of an earlier msfp eval"),
+                         (tmp_path / "q" / "msfp_quant.json", "inside the --model directory")):
         before = target.read_bytes()
         r = run("eval", tmp_path / "q.npz", "--ref", tmp_path / "fp.npz", "--paired", tmp_path / "fp.npz",
-                "--json", target)
+                "--model", tmp_path / "q", "--json", target)
         assert r.exit_code == 2 and what in r.output, r.output
         assert target.read_bytes() == before
 
@@ -217,6 +224,11 @@ def test_eval_bad_input(tmp_path):
     assert "give --ref or --ref-images, not both" in error(tmp_path / "s.npz", "--ref", tmp_path / "s.npz",
                                                           "--ref-images", tmp_path)
     assert "holds no images" in error(tmp_path / "s.npz", "--ref-images", tmp_path)
+    # Options that only shape a metric not asked for were ignored without a word.
+    assert "--fp-model, --heldout-steps set(s) how --model is measured; without --model" in error(
+        tmp_path / "s.npz", "--fp-model", "default", "--heldout-steps", 5)
+    assert "--data-dir locates the default reference; it has no use with --ref" in error(
+        tmp_path / "s.npz", "--ref", tmp_path / "s.npz", "--data-dir", tmp_path)
     out = error(tmp_path / "s.npz", "--paired", tmp_path / "seeds.npz")
     assert "not drawn with the same seeds: image 0 has seed 0 vs 1" in out
     assert "(10, 32, 32, 1) but" in error(tmp_path / "s.npz", "--paired", tmp_path / "few.npz")

@@ -229,20 +229,27 @@ def sample(model_spec, num_samples, steps, scheduler_name, eta, guidance, seed, 
         click.echo(f"wrote {out} ({num_samples} images, seeds {seed}..{seed + num_samples - 1}) and {grid_path(out)}")
 
 
-def _check_json_output(json_path: str, inputs: dict) -> None:
-    """Refuse a ``--json`` that would replace an input of the command or a file that holds no JSON (a typo's
-    victim); an earlier results file is replaced, as an output is."""
+def _check_json_output(json_path: str, inputs: dict, input_dirs: dict) -> None:
+    """Refuse a ``--json`` that would replace an input file of the command, a file inside a model directory (a
+    checkpoint's ``msfp_quant.json``), or a file that is not the results of an earlier ``msfp eval`` (a typo's
+    victim); those are replaced, as an output is."""
     target = Path(json_path).resolve()
     for option, path in inputs.items():
         if path is not None and Path(path).resolve() == target:
             raise click.UsageError(f"--json {json_path} is the {option} file too: writing the results would replace "
                                    "it; choose another path")
+    for option, path in input_dirs.items():
+        if path is not None and Path(path).is_dir() and Path(path).resolve() in target.parents:
+            raise click.UsageError(f"--json {json_path} is inside the {option} directory {path}: writing the results "
+                                   "there could replace one of its files; choose another path")
     if target.is_file():
         try:
-            json.loads(target.read_text(encoding="utf-8"))
+            earlier = json.loads(target.read_text(encoding="utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError):
-            raise click.UsageError(f"--json {json_path} exists and holds no JSON (results of an earlier run would): "
-                                   "refusing to replace it; choose another path") from None
+            earlier = None
+        if not (isinstance(earlier, dict) and {"samples", "metrics"} <= earlier.keys()):
+            raise click.UsageError(f"--json {json_path} exists and is not the results of an earlier msfp eval: "
+                                   "refusing to replace it; choose another path")
 
 
 @main.command("eval")
@@ -274,10 +281,18 @@ def eval_(samples_path, ref, ref_images, data_dir, inception_weights, paired_pat
     from msfp.fileio import write_json
     from msfp.models import load_model
 
+    source = click.get_current_context().get_parameter_source
+    given = [f"--{o.replace('_', '-')}" for o in ("fp_model", "heldout_samples", "heldout_steps")
+             if source(o).name != "DEFAULT"]
+    if given and model_spec is None:
+        raise click.UsageError(f"{', '.join(given)} set(s) how --model is measured; without --model nothing uses it")
+    if data_dir is not None and (ref is not None or ref_images is not None):
+        raise click.UsageError("--data-dir locates the default reference; it has no use with --ref or --ref-images")
     with _user_errors():
         if json_path is not None:  # an unwritable --json fails before the metrics, not after them
             _check_json_output(json_path, {"SAMPLES": samples_path, "--paired": paired_path, "--ref": ref,
-                                           "--inception-weights": inception_weights})
+                                           "--inception-weights": inception_weights},
+                               {"--model": model_spec, "--fp-model": fp_model})
             Path(json_path).parent.mkdir(parents=True, exist_ok=True)
         if model_spec is not None:  # checked before the image metrics, which take a while
             model, scheduler = _load_any_model(model_spec)
@@ -300,6 +315,8 @@ def eval_(samples_path, ref, ref_images, data_dir, inception_weights, paired_pat
             else:
                 result["skipped"]["eps_mse, eps_mse_weighted"] = why_not
             result["eps_mse_per_timestep"] = eps
+        else:
+            result["skipped"]["eps_mse, eps_mse_weighted"] = "no --model given"
         if not result["metrics"]:  # an empty table and exit status 0 read as success
             reasons = "; ".join(f"{names}: {why}" for names, why in result["skipped"].items())
             raise ValueError(f"no metric could be computed for {samples_path} ({reasons})")
