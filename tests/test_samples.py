@@ -7,8 +7,8 @@ import pytest
 import torch
 from diffusers import DiTTransformer2DModel
 
-from msfp.samples import (SCHEDULERS, Guided, NonFiniteSamplesError, _require_finite, from_uint8, generate,
-                          get_scheduler, grid_path, load_samples, sample_labels, save_samples, to_uint8)
+from msfp.samples import (SCHEDULERS, Guided, NonFiniteSamplesError, _rank_device, _require_finite, from_uint8,
+                          generate, get_scheduler, grid_path, load_samples, sample_labels, save_samples, to_uint8)
 from tiny_models import scheduler, tiny_class_unet, tiny_dit, tiny_unet
 
 
@@ -43,13 +43,17 @@ def test_save_load_and_bad_files(tmp_path):
     np.savez(tmp_path / "seeds.npz", arr_0=images, seeds=np.arange(3))
     with pytest.raises(ValueError, match=r"seeds has shape \(3,\), expected \(4,\)"):
         load_samples(tmp_path / "seeds.npz")
+    np.savez(tmp_path / "meta.npz", arr_0=images, seeds=np.arange(4), meta=np.array('"beta"'))
+    with pytest.raises(ValueError, match="meta is JSON str, expected an object"):  # was a TypeError in eval --paired
+        load_samples(tmp_path / "meta.npz")
 
     # Writing checks as much as reading: a cast to uint8 would turn floats in [-1, 1] into 0s and 1s.
     with pytest.raises(ValueError, match=r"expected arr_0 = uint8 images.*got float32 \(4, 8, 8, 3\)"):
         save_samples(tmp_path / "f.npz", images.astype(np.float32) / 127.5 - 1, [5, 6, 7, 8])
     with pytest.raises(ValueError, match=r"labels has shape \(3,\), expected \(4,\)"):
         save_samples(tmp_path / "l.npz", images, [5, 6, 7, 8], labels=[0, 1, 2])
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["float.npz", "other.npz", "s.npz", "seeds.npz", "text.npz"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["float.npz", "meta.npz", "other.npz", "s.npz", "seeds.npz",
+                                                          "text.npz"]
 
 
 @pytest.mark.parametrize("name", list(SCHEDULERS))
@@ -62,6 +66,27 @@ def test_every_scheduler_is_batch_size_invariant(tmp_path, name):
     assert a["seeds"].tolist() == [4, 5, 6] and a["labels"] is None
     assert a["meta"]["scheduler"] == type(sched).__name__ and a["meta"]["steps"] == 2
     assert grid_path(tmp_path / "a.npz").is_file()
+
+
+def test_generate_keeps_images_as_uint8_batch_by_batch(tmp_path, monkeypatch):
+    # Every image used to be held in float32 and copied several times over: about 12x the uint8 file at the peak.
+    import msfp.samples
+
+    model, sched = tiny_unet(), scheduler()
+    sizes = []
+    floats = msfp.samples.sample(model, sched, 5, 2, seed=1, batch_size=2, disable=True,
+                                 postprocess=lambda x: sizes.append(len(x)) or x)
+    assert sizes == [2, 2, 1]
+    returned = []
+
+    def recording_sample(*args, **kwargs):
+        returned.append(msfp.sampling.sample(*args, **kwargs))
+        return returned[-1]
+
+    monkeypatch.setattr(msfp.samples, "sample", recording_sample)
+    result = generate(model, sched, tmp_path / "g.npz", 5, 2, seed=1, batch_size=2, disable=True)
+    assert returned[0].dtype == torch.uint8
+    np.testing.assert_array_equal(result["images"], to_uint8(floats))
 
 
 def test_unknown_scheduler():
@@ -123,6 +148,17 @@ def test_torchrun_shards_equal_a_single_process(tmp_path, tiny_model_dir):
     assert sharded["meta"]["model"] == str(tiny_model_dir)
 
 
+def test_each_rank_samples_on_its_own_gpu(monkeypatch):
+    # --device cuda under torchrun put every rank on the current device, GPU 0.
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert _rank_device("cuda", 3, 4) == torch.device("cuda", 3)
+    assert _rank_device("cuda:1", 3, 4) == torch.device("cuda", 1)  # an explicit index is the user's choice
+    assert _rank_device("cpu", 3, 4) == torch.device("cpu")
+    assert _rank_device("cuda", 0, 1) == "cuda"  # one process: as given
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert _rank_device(None, 3, 4) == torch.device("cuda", 3)
+
+
 def test_diverged_images_are_refused_not_written_black(tmp_path):
     model = tiny_unet()
     calls = []
@@ -140,11 +176,29 @@ def test_diverged_images_are_refused_not_written_black(tmp_path):
     assert 0 < len(high) < 8  # this seed range has both kinds
 
     out = tmp_path / "s.npz"
-    out.write_bytes(b"an earlier result")
+    save_samples(out, np.zeros((1, 8, 8, 1), np.uint8), [0])  # an earlier result
+    before = out.read_bytes()
     with pytest.raises(NonFiniteSamplesError, match=rf"^{len(high)} of 8 images have NaN or inf pixels \(seed "
                                                     rf"{high[0]} among them\).*DDIMScheduler, 2 steps.*not written"):
         generate(net, scheduler(), out, 8, 2, batch_size=8, disable=True)
-    assert out.read_bytes() == b"an earlier result" and sorted(p.name for p in tmp_path.iterdir()) == ["s.npz"]
+    assert out.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["s.npz"]
+
+
+def test_generate_replaces_only_an_earlier_sample_file(tmp_path):
+    # Any .npz was replaced, e.g. reference statistics given as --out by mistake.
+    stats = tmp_path / "ref.npz"
+    np.savez(stats, mu=np.zeros(4), sigma=np.eye(4))
+    unseeded = tmp_path / "unseeded.npz"
+    np.savez(unseeded, arr_0=np.zeros((2, 8, 8, 1), np.uint8))
+    for path, message in ((stats, r"ref.npz: expected arr_0 = uint8 images.*got keys \['mu', 'sigma'\]; it exists"),
+                          (unseeded, "unseeded.npz exists and holds images without seeds")):
+        before = path.read_bytes()
+        with pytest.raises(ValueError, match=message + ".*not a sample file to replace"):
+            generate(tiny_unet(), scheduler(), path, 2, 1, disable=True)
+        assert path.read_bytes() == before
+    earlier = tmp_path / "s.npz"
+    generate(tiny_unet(), scheduler(), earlier, 2, 1, seed=0, disable=True)
+    assert generate(tiny_unet(), scheduler(), earlier, 3, 1, seed=5, disable=True)["seeds"].tolist() == [5, 6, 7]
 
 
 def _require_finite_on_rank(rank, init_file, results):
@@ -155,7 +209,8 @@ def _require_finite_on_rank(rank, init_file, results):
     if rank == 1:
         images[1, 0, 2, 3] = float("inf")
     try:
-        _require_finite(images, first_seed=10 + 2 * rank, num_samples=4, world=2, context="test")
+        _require_finite((~images.isfinite()).flatten(1).any(1), first_seed=10 + 2 * rank, num_samples=4, world=2,
+                        context="test")
         results[rank] = "passed"
     except NonFiniteSamplesError as e:
         results[rank] = str(e)

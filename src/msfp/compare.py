@@ -352,6 +352,10 @@ def _kept_files(work: Path, result: dict) -> bool:
     return (work / result["grid"]).is_file()
 
 
+def _samples_path(work: Path, method: str) -> Path:
+    return work / "samples" / f"{method}.npz"
+
+
 def _run_method(ctx: Context, method: Method, work: Path, reference, device: torch.device) -> dict:
     """Build, sample and evaluate one method; its samples go to ``work/samples/``."""
     s, name = ctx.settings, method.name
@@ -360,10 +364,10 @@ def _run_method(ctx: Context, method: Method, work: Path, reference, device: tor
         # Evaluation only runs the model: quantize its weights once instead of on every call (same outputs).
         freeze_weights(built.model)
     eps = None if name == REFERENCE_METHOD else per_timestep_eps_mse(built.model, ctx.heldout, device, s.batch_size)
-    path = work / "samples" / f"{name}.npz"
+    path = _samples_path(work, name)
     samples = generate(built.model, ctx.scheduler, path, s.num_samples, s.steps, seed=s.seed, batch_size=s.batch_size,
                        meta=dict(model=s.model, method=name), disable=ctx.disable, device=device)
-    fp_samples = work / "samples" / f"{REFERENCE_METHOD}.npz"
+    fp_samples = _samples_path(work, REFERENCE_METHOD)
     evaluation = evaluate(path, reference, paired_path=None if name == REFERENCE_METHOD else fp_samples,
                           device=device)
     # Not "no --paired samples given" / "no --inception-weights given": compare has neither option.
@@ -435,6 +439,9 @@ def _run_compare(settings: CompareSettings, methods: list[str], out: Path, comma
             if name in progress["methods"] and not _kept_files(work, progress["methods"][name]):
                 _log(f"[{k}/{len(methods)}] {name}: its files from the interrupted run are missing or damaged: run "
                      "again")
+                path = _samples_path(work, name)  # generate() replaces a sample file, never a damaged one
+                for damaged in (path, grid_path(path)):
+                    damaged.unlink(missing_ok=True)
                 del progress["methods"][name]
             reason = method.unavailable()
             if reason is not None:

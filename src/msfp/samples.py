@@ -150,6 +150,8 @@ def load_samples(path) -> dict:
         meta = json.loads(str(data["meta"])) if "meta" in data else {}
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: meta is not JSON ({e})") from e
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: meta is JSON {type(meta).__name__}, expected an object of sampling settings")
     return dict(images=data["arr_0"], seeds=data.get("seeds"), labels=data.get("labels"), meta=meta)
 
 
@@ -172,6 +174,18 @@ def _dist():
     return dist.get_rank(), dist.get_world_size(), created
 
 
+def _rank_device(device, rank: int, world: int):
+    """The device a rank samples on: under torchrun each rank takes its own GPU (LOCAL_RANK), also for a plain
+    ``cuda`` (the current device, GPU 0 for every rank)."""
+    if world == 1:
+        return device
+    local = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
+    if device is None:
+        return local if torch.cuda.is_available() else None
+    device = torch.device(device)
+    return local if device.type == "cuda" and device.index is None else device
+
+
 def _shard_path(out: Path, rank: int, world: int) -> Path:
     return out.with_name(f"{out.name}.shard{rank}-of-{world}.npz")
 
@@ -180,10 +194,9 @@ class NonFiniteSamplesError(ValueError):
     """Sampling produced NaN or inf pixels: the model or the sampler diverged."""
 
 
-def _require_finite(images: torch.Tensor, first_seed: int, num_samples: int, world: int, context: str) -> None:
-    """Raise :class:`NonFiniteSamplesError` on every rank if any rank drew a non-finite image (uint8 conversion
-    would silently turn NaN into black pixels)."""
-    bad = (~torch.isfinite(images)).flatten(1).any(1)
+def _require_finite(bad: torch.Tensor, first_seed: int, num_samples: int, world: int, context: str) -> None:
+    """Raise :class:`NonFiniteSamplesError` on every rank if any rank drew a non-finite image (``bad``: per image of
+    this rank, whether it has a NaN or inf pixel; uint8 conversion would silently turn NaN into black pixels)."""
     total = int(bad.sum())
     if world > 1:  # all ranks must raise together: one rank raising alone would leave the others at a barrier
         import torch.distributed as dist
@@ -209,13 +222,21 @@ def generate(model, scheduler, out, num_samples: int, num_inference_steps: int, 
     out = Path(out)
     if out.suffix != ".npz":  # "x.png" would be overwritten by its own grid
         raise ValueError(f"{out}: a sample file's name must end in .npz (its PNG grid is written beside it)")
+    if out.exists():  # an earlier sample file is replaced, as an output is; anything else (reference statistics) not
+        try:
+            earlier = load_samples(out)
+        except (ValueError, OSError) as e:
+            raise ValueError(f"{e}; it exists, and is not a sample file to replace: choose another output or "
+                             "remove it") from None
+        if earlier["seeds"] is None:
+            raise ValueError(f"{out} exists and holds images without seeds, which msfp sample does not write; it is "
+                             "not a sample file to replace: choose another output or remove it")
     out.parent.mkdir(parents=True, exist_ok=True)  # an unwritable --out fails before sampling, not after
     rank, world, created = _dist()
     try:
         if num_samples < world:
             raise ValueError(f"--num {num_samples} is smaller than the number of processes ({world})")
-        if device is None and world > 1 and torch.cuda.is_available():
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
+        device = _rank_device(device, rank, world)
         if device is not None:
             model = model.to(device)
         start, stop = rank * num_samples // world, (rank + 1) * num_samples // world
@@ -240,12 +261,18 @@ def generate(model, scheduler, out, num_samples: int, num_inference_steps: int, 
         seeds = np.arange(seed + start, seed + stop)
         labels = sample_labels(num_classes, seeds) if num_classes else None
         began = time.time()
+        nonfinite = []
+
+        def to_pixels(batch: torch.Tensor) -> torch.Tensor:  # per batch: the run never holds all images in float32
+            nonfinite.append((~torch.isfinite(batch)).flatten(1).any(1))
+            return torch.from_numpy(to_uint8(batch))
+
         # Image i uses the generator seeded with seed + i, on whichever rank draws it.
-        drawn = sample(model, scheduler, stop - start, num_inference_steps, seed=seed + start, batch_size=batch_size,
-                       eta=eta, class_labels=labels, disable=disable or rank != 0, device=device)
-        _require_finite(drawn, seed + start, num_samples, world,
+        images = sample(model, scheduler, stop - start, num_inference_steps, seed=seed + start, batch_size=batch_size,
+                        eta=eta, class_labels=labels, disable=disable or rank != 0, device=device,
+                        postprocess=to_pixels).numpy()
+        _require_finite(torch.cat(nonfinite), seed + start, num_samples, world,
                         f"{type(scheduler).__name__}, {num_inference_steps} steps, eta {eta}; {out} was not written")
-        images = to_uint8(drawn)
         meta = dict(meta or {}, num_samples=num_samples, steps=num_inference_steps, seed=seed, eta=eta,
                     guidance=guidance, scheduler=type(scheduler).__name__, world_size=world, **setup,
                     sample_time_s=round(time.time() - began, 2))

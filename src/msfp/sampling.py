@@ -74,8 +74,12 @@ def model_device(model, device=None) -> torch.device:
 @torch.no_grad()
 def sample(model, scheduler, num_samples: int, num_inference_steps: int = 100, seed: int = 0, batch_size: int = 64,
            eta: float = 0.0, class_labels=None, callback=None, disable: bool = False, device=None,
-           sample_shape=None, cond: dict | None = None, cuda_graphs: bool = False) -> torch.Tensor:
+           sample_shape=None, cond: dict | None = None, cuda_graphs: bool = False, postprocess=None) -> torch.Tensor:
     """Draw ``num_samples`` images; returns float32 (N, C, H, W) on the CPU, in the model's data range.
+
+    ``postprocess``, when given, is applied to each batch's images (float32 on the CPU) as the batch completes, and its
+    results (tensors) are concatenated instead: e.g. a conversion to uint8, so that a large run never holds every
+    image in float32.
 
     ``model(x, t, **kwargs)`` (``timestep=t`` by name where forward has that parameter: :func:`msfp.models.denoise`)
     may return a diffusers output (``.sample``) or a tensor; ``kwargs`` holds
@@ -146,7 +150,7 @@ def sample(model, scheduler, num_samples: int, num_inference_steps: int = 100, s
             generator = {"generator": gens} if takes_generator else {}
             x = sched.step(prediction if learned_variance else eps, t, x, **generator, **step_kwargs).prev_sample
             bar.update(1)
-        out.append(x.float().cpu())
+        out.append(x.float().cpu() if postprocess is None else postprocess(x.float().cpu()))
     bar.close()
     return torch.cat(out)
 
