@@ -352,6 +352,33 @@ def test_per_timestep_scales_refuse_a_layer_whose_rows_are_not_the_batch():
         msfp.calibrate(q, fp, scheduler(), num_samples=2, num_steps=2, disable=True, sample_shape=(4,))
     q = msfp.quantize(copy.deepcopy(fp), QuantConfig(eight_bit_layers=[]))  # one scale for all timesteps: fine
     msfp.calibrate(q, fp, scheduler(), num_samples=2, num_steps=2, disable=True, sample_shape=(4,))
+    # Its recorded sample is as bounded as a batched layer's: drawn per row, it was 4x larger here (1024x for a
+    # per-pixel MLP on 32x32 inputs), all held in memory and written to the cache.
+    from msfp.calibration import record_layer_inputs
+
+    points = collect_trajectories(fp, scheduler(), num_samples=4, num_steps=2, sample_shape=(4,), disable=True)
+    rec = record_layer_inputs(msfp.quantize(copy.deepcopy(fp), QuantConfig(eight_bit_layers=[])), points, 64,
+                              batch_size=8, disable=True)
+    assert {name: len(r["values"]) for name, r in rec.items()} == {"inp": 64, "tok": 64, "out": 64}
+    assert rec["tok"]["macs"] == 4 * 2 * 2  # per model sample: 4 rows of a 2x2 linear
+
+
+def test_a_layer_called_with_one_unbatched_input_calibrates():
+    class SharedTimeMlp(nn.Module):  # its time MLP runs once on a 1-D embedding of the batch's one timestep
+        def __init__(self):
+            super().__init__()
+            self.time, self.body = nn.Linear(1, 4), nn.Linear(4, 4)
+
+        def forward(self, x, t):
+            emb = self.time(t.float().reshape(-1)[:1] / 1000)  # shape (4,)
+            return self.body(x) + emb
+
+    fp = SharedTimeMlp().eval()
+    q = msfp.quantize(copy.deepcopy(fp), QuantConfig(eight_bit_layers=[]))
+    msfp.calibrate(q, fp, scheduler(), num_samples=2, num_steps=2, disable=True, sample_shape=(4,))  # IndexError
+    layers = quant_layers(q)
+    assert layers["time"].info["macs"] == 1  # one 1x4 product per call, shared by the call's 4 samples
+    assert layers["body"].info["macs"] == 16
 
 
 def test_trajectory_keys_do_not_depend_on_string_hashing():

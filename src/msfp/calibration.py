@@ -147,45 +147,59 @@ def collect_trajectories(fp_model: nn.Module, scheduler, num_samples: int = 64, 
     return Trajectories(torch.cat(xs), t, torch.cat(epss), {k: torch.cat([c[k] for c in conds]) for k in conds[0]})
 
 
+# Attribute naming the activation module that produced a tensor, for tracing a layer's input to it. A tag on the
+# output itself, not a list of outputs: the list kept every activation of a forward alive (8 GiB for SD-1.5 at
+# batch 64).
+_ACTIVATION_TAG = "_msfp_activation"
+
+
+def _tag_activation(out, name: str) -> None:
+    if isinstance(out, torch.Tensor):
+        setattr(out, _ACTIVATION_TAG, name)
+
+
 class _LayerRecorder:
     """Bounded sample of one layer's (or attention matmul input's) elements across all calibration points, plus range
     and tracing. Attention quantizers pass the MACs of their matmul; layers compute theirs from the input shape."""
 
-    def __init__(self, per_point: int, seed: int, context, activation_outputs: dict):
+    def __init__(self, per_point: int, seed: int, context):
         self.per_point = per_point
         self.gen = torch.Generator().manual_seed(seed)
         self.context = context
-        self.activation_outputs = activation_outputs
         self.values, self.timesteps = [], []
         self.min, self.max = math.inf, -math.inf
         self.traced_from = None
         self.mac_sum = 0  # over every call: a layer called twice per forward does its work twice
 
     def __call__(self, layer, x, macs=None):
-        flat = x.detach().float().flatten(1)
+        flat = x.detach().float()
+        flat = flat.reshape(1, -1) if flat.dim() < 2 else flat.flatten(1)  # nn.Linear takes one unbatched vector
         t = self.context.timesteps
-        if t is not None and len(t) != flat.shape[0]:
+        samples = flat.shape[0] if t is None else len(t)
+        draws = self.per_point
+        if flat.shape[0] != samples:  # not one row per sample: tokens folded into the batch, or an unbatched input
             if layer.act_quantizer.num_groups > 1:
                 raise ValueError(f"calibration: {layer.name!r} gets inputs of {flat.shape[0]} rows for a batch of "
                                  f"{len(t)} samples (tokens folded into the batch?), so its per-timestep activation "
                                  "scales cannot tell the samples' timesteps apart; use act_timestep_groups=1 or keep "
                                  "it full precision")
             t = None  # one scale for all timesteps: which row had which timestep does not matter
+            # As many draws as from one row per sample: per row, (B·H·W, C) inputs gave H·W times the bound.
+            flat, draws = flat.reshape(1, -1), self.per_point * samples
         finite = torch.isfinite(flat).all(1)
         if not finite.all():
             where = "" if t is None else f" at timestep(s) {sorted(set(t[~finite].tolist()))}"
             what = "layer" if isinstance(layer, QuantLayer) else f"attention {layer.kind} input"
             raise FloatingPointError(f"calibration: {what} {layer.name!r} received NaN/inf inputs{where}")
-        self.mac_sum += (layer.macs_per_sample(x.shape) if macs is None else macs) * x.shape[0]
+        self.mac_sum += layer.macs(x.shape) if macs is None else macs * x.shape[0]
         self.min = min(self.min, flat.min().item())
         self.max = max(self.max, flat.max().item())
-        idx = torch.randint(0, flat.shape[1], (flat.shape[0], self.per_point), generator=self.gen)
-        self.values.append(flat.cpu().gather(1, idx).flatten())
+        idx = torch.randint(0, flat.shape[1], (flat.shape[0], draws), generator=self.gen)
+        self.values.append(flat.gather(1, idx.to(flat.device)).flatten().cpu())  # the draws cross, not the input
         self.timesteps.append((t.cpu() if t is not None else torch.zeros(flat.shape[0], dtype=torch.long))
-                              .repeat_interleave(self.per_point))
-        for name, outputs in self.activation_outputs.items():
-            if self.traced_from is None and any(x is out for out in outputs):
-                self.traced_from = name
+                              .repeat_interleave(draws))
+        if self.traced_from is None:
+            self.traced_from = getattr(x, _ACTIVATION_TAG, None)
 
     def result(self, model_samples: int) -> dict:
         """``model_samples``: how many samples the model ran on, to turn the MACs into MACs per model sample."""
@@ -222,24 +236,16 @@ def record_layer_inputs(qmodel: nn.Module, points: Trajectories, samples_per_lay
         raise ValueError("empty calibration set: no trajectory points to record")
     layers = recorded_inputs(qmodel)
     per_point = max(1, math.ceil(samples_per_layer / len(points)))
-    activation_outputs: dict[str, list] = {}
-    hooks = []
-    for name, module in qmodel.named_modules():
-        if type(module).__name__ in _ONE_SIDED_ACTIVATIONS:
-            activation_outputs[name] = []
-            hooks.append(module.register_forward_hook(
-                lambda m, a, out, name=name: activation_outputs[name].append(out)))
+    hooks = [module.register_forward_hook(lambda m, a, out, name=name: _tag_activation(out, name))
+             for name, module in qmodel.named_modules() if type(module).__name__ in _ONE_SIDED_ACTIVATIONS]
     recorders = {}
     for i, (name, layer) in enumerate(layers.items()):
-        recorders[name] = layer.observer = _LayerRecorder(per_point, seed + i, qmodel.msfp_context,
-                                                           activation_outputs)
+        recorders[name] = layer.observer = _LayerRecorder(per_point, seed + i, qmodel.msfp_context)
     device = next(qmodel.parameters()).device
     try:
         with quantizers_disabled(qmodel), evaluating(qmodel):
             for x, t, cond in tqdm(points.batches(batch_size), total=math.ceil(len(points) / batch_size),
                                    desc="calibrate: layer inputs", disable=disable):
-                for outputs in activation_outputs.values():
-                    outputs.clear()  # outputs live for one call only: identity tests stay valid, memory bounded
                 denoise(qmodel, x.to(device), t.to(device), **{k: v.to(device) for k, v in cond.items()})
     finally:
         for layer in layers.values():

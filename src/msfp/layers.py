@@ -298,11 +298,12 @@ class QuantLayer(nn.Module):
             out = out + _OtherLoras.apply(self.context.route, x.detach(), self, out.shape).to(out.dtype)
         return out
 
-    def macs_per_sample(self, input_shape) -> int:
-        """Multiply-accumulates of one sample's forward, from the shape of an input batch."""
+    def macs(self, input_shape) -> int:
+        """Multiply-accumulates of a call on an input of this shape (batched, or one unbatched input)."""
         cout, cin_per_group = self.weight.shape[:2]
         if self.kind == "linear":
-            return int(torch.Size(input_shape[1:-1]).numel()) * cout * cin_per_group
+            return int(torch.Size(input_shape[:-1]).numel()) * cout * cin_per_group
+        batch = input_shape[0] if len(input_shape) == 4 else 1  # Conv2d takes an unbatched (C, H, W) input too
         h, w = input_shape[-2:]
         kh, kw = self.weight.shape[-2:]
         (sh, sw), (dh, dw) = self.conv_args["stride"], self.conv_args["dilation"]
@@ -313,7 +314,7 @@ class QuantLayer(nn.Module):
         else:
             oh = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
             ow = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
-        return oh * ow * cout * cin_per_group * kh * kw
+        return batch * oh * ow * cout * cin_per_group * kh * kw
 
     def extra_repr(self) -> str:
         aal = ", AAL" if self.info.get("aal") else ""
