@@ -239,9 +239,10 @@ def test_a_work_dir_is_only_reused_for_the_same_teacher_and_student(calibrated, 
     fp, q = calibrated
     config = FinetuneConfig(**{**CONFIG, "iters": 8, "checkpoint_every": 4})
     finetune(copy.deepcopy(q), fp, scheduler(), config, work_dir=tmp_path, disable=True)
-    # The same teacher sampled with another schedule: its trajectories go to a file of their own, and the checkpoint
+    # The same teacher sampled at other timesteps: its trajectories go to a file of their own, and the checkpoint
     # written with the first ones is not resumed with them.
-    other_schedule = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_end=0.015, clip_sample=True)
+    other_schedule = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", timestep_spacing="trailing",
+                                   clip_sample=True)
     with pytest.raises(ValueError, match="written for another teacher model"):
         finetune(copy.deepcopy(q), fp, other_schedule, config, work_dir=tmp_path, resume=True, disable=True)
     finetune(copy.deepcopy(q), fp, other_schedule, config, work_dir=tmp_path, disable=True)
@@ -462,6 +463,12 @@ def test_bad_settings_fail_clearly(calibrated):
     refused = copy.deepcopy(q)
     with pytest.raises(ValueError, match="PNDMScheduler visits timesteps more than once.*loss='mse'"):
         finetune(refused, fp, PNDMScheduler(), FinetuneConfig(**CONFIG), disable=True)
+    # A teacher on another noise schedule than calibration's trained on other trajectories, silently.
+    other = DDIMScheduler.from_config(scheduler().config, beta_schedule="scaled_linear", prediction_type="v_prediction")
+    with pytest.raises(ValueError, match="another noise schedule than the model was calibrated with \(beta_schedule "
+                                         "'linear' there, 'scaled_linear' here; prediction_type 'epsilon' there, "
+                                         "'v_prediction' here\)"):
+        finetune(refused, fp, other, FinetuneConfig(**CONFIG), disable=True)
     # Refused before the model changed: the LoRAs it used to add refused the corrected call ("already has LoRAs").
     assert getattr(refused, "msfp_router", None) is None
     assert finetune(refused, fp, scheduler(), FinetuneConfig(**{**CONFIG, "iters": 1, "num_loras": 2}),

@@ -1,5 +1,6 @@
 import json
 import logging
+import warnings
 
 import huggingface_hub
 import pytest
@@ -58,6 +59,17 @@ def test_pipeline_dir(tmp_path):
     assert same_weights(model2, unet)
 
 
+def test_a_pipelines_denoiser_folder_gets_the_pipelines_schedule(tmp_path):
+    # pipe/unet has no scheduler_config.json of its own: it got DDIMScheduler()'s linear betas, calibrated and saved
+    # with them, where pipe/scheduler says scaled_linear.
+    DDPMPipeline(unet=tiny_unet(), scheduler=DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085,
+                                                           beta_end=0.012)).save_pretrained(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _, scheduler = load_model(tmp_path / "unet")
+    assert scheduler.config.beta_schedule == "scaled_linear" and scheduler.config.beta_end == 0.012
+
+
 def test_bare_model_dir(tmp_path):
     unet = tiny_unet()
     unet.save_pretrained(tmp_path)
@@ -92,6 +104,31 @@ def test_bad_specs(tmp_path):
         load_model(tmp_path / "vae")
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ValueError, match="cannot read JSON config"):
+        load_model(tmp_path)
+    from diffusers import UNet1DModel
+
+    # A denoiser msfp cannot sample: it passed, then failed inside sampling with a tensor-dimension traceback.
+    UNet1DModel(block_out_channels=(8, 8, 8), down_block_types=("DownBlock1D",) * 3,
+                up_block_types=("UpBlock1D",) * 3, mid_block_type="UNetMidBlock1D").save_pretrained(tmp_path / "1d")
+    with pytest.raises(ValueError, match="1d/config.json: msfp supports the diffusers image denoisers UNet2DModel, "
+                                         ".*, not UNet1DModel"):
+        load_model(tmp_path / "1d")
+
+
+def test_weights_that_do_not_fit_the_config_are_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    unet = tiny_unet()
+    unet.save_pretrained(tmp_path)
+    DDPMScheduler().save_pretrained(tmp_path)
+    weights = tmp_path / "diffusion_pytorch_model.safetensors"
+    state = load_file(weights)
+    del state["conv_out.weight"], state["conv_out.bias"]
+    save_file({**state, "extra.weight": torch.zeros(1)}, weights)
+    # Without accelerate the missing weights were uninitialised memory, and msfp quantize saved a checkpoint of them.
+    with pytest.raises(ValueError, match=f"{tmp_path}: its weights do not fit the UNet2DModel its config describes "
+                                         r"\(missing: conv_out.(weight|bias), conv_out.(weight|bias); not in the "
+                                         r"model: extra.weight\)"):
         load_model(tmp_path)
 
 

@@ -31,7 +31,7 @@ from msfp.attention import attention_quantizers
 from msfp.calibration import Trajectories, collect_trajectories, trajectory_key
 from msfp.fileio import atomic_path
 from msfp.fp8 import require_fake_quant
-from msfp.identity import differences, model_key, weights_digest
+from msfp.identity import differences, model_key, plain_config, weights_digest
 from msfp.info import finetune_runs
 from msfp.kernels import fused_rounding_exact
 from msfp.losses import WEIGHTINGS, denoising_factors, dfa_weights, weighted_mse
@@ -205,6 +205,24 @@ def _restore_full_precision_weights(qmodel: nn.Module, fp_model: nn.Module) -> N
             layer.weight.copy_(source)
 
 
+# What defines the noise schedule and the meaning of the model's output, whichever DDPM-family scheduler steps it.
+_SCHEDULE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type",
+                  "rescale_betas_zero_snr")
+
+
+def _check_noise_schedule(qmodel: nn.Module, scheduler) -> None:
+    """Refuse a teacher scheduler on another noise schedule than the model was calibrated with (and samples with,
+    from its checkpoint): its trajectories and DFA weights would be of another process."""
+    recorded = getattr(qmodel, "msfp_scheduler_config", None)
+    if recorded is None:
+        return
+    there, here = plain_config(recorded), plain_config(scheduler.config)
+    changed = differences(there, here, [k for k in _SCHEDULE_KEYS if k in there and k in here])
+    if changed:
+        raise ValueError(f"the scheduler has another noise schedule than the model was calibrated with "
+                         f"({'; '.join(changed)}): fine-tune with the schedule it was calibrated and samples with")
+
+
 def _read_state(state_path: Path, config: FinetuneConfig) -> dict:
     """The state file a resumed run continues from, checked to be written with ``config``."""
     try:
@@ -258,6 +276,7 @@ def finetune(qmodel: nn.Module, fp_model: nn.Module, scheduler, config: Finetune
         raise FileNotFoundError(f"nothing to resume: {state_path or 'no work_dir given'} does not exist")
     # What can be checked before the model is changed (LoRAs added, weights restored) is checked here, so that a
     # refused call leaves it as it was and a corrected call can follow.
+    _check_noise_schedule(qmodel, scheduler)
     by_t = _loss_weights(scheduler, config)
     if config.train_weight_scales and any(layer.weight_sets is not None for layer in quant_layers(qmodel).values()):
         raise ValueError("train_weight_scales: a loaded routed TALoRA checkpoint holds its weight sets already "

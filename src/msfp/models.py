@@ -32,6 +32,10 @@ DEFAULT_MODEL_DIR = Path(__file__).parent / "assets" / "fashion_ddpm"
 DENOISER_COMPONENTS = ("unet", "transformer")
 # How diffusers' denoisers name their timestep parameter (VAEs, adapters and vocoders have none).
 _TIMESTEP_PARAMETERS = {"timestep", "timesteps", "t", "timestep_ratio"}
+# The diffusers denoisers msfp samples, calibrates and tests: image models called as model(x, t, ...) on (B, C, H, W).
+# Others (1-D, video, cascade stages) pass the class checks but fail deep inside sampling.
+SUPPORTED_CLASSES = ("UNet2DModel", "UNet2DConditionModel", "DiTTransformer2DModel", "Transformer2DModel",
+                     "PixArtTransformer2DModel")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _HUB_CONFIGS = ["model_index.json", "config.json", "scheduler_config.json", "scheduler/*",
                 *(f"{c}/config.json" for c in DENOISER_COMPONENTS)]
@@ -53,20 +57,34 @@ def _model_class(name: str, where: Path) -> type[ModelMixin]:
     if not _TIMESTEP_PARAMETERS & set(inspect.signature(cls.forward).parameters):
         raise ValueError(f"{where}: {name} is not a denoiser: its forward takes no timestep; msfp quantizes models "
                          "called as model(x, timestep, ...), such as 'UNet2DModel' or 'DiTTransformer2DModel'")
+    if name not in SUPPORTED_CLASSES:
+        raise ValueError(f"{where}: msfp supports the diffusers image denoisers {', '.join(SUPPORTED_CLASSES)}, not "
+                         f"{name}; from Python, a plain nn.Module called as model(x, t) can be quantized too")
     return cls
 
 
 def _from_pretrained(cls: type[ModelMixin], path: Path, **kwargs) -> ModelMixin:
     # diffusers defaults to low_cpu_mem_usage=True and, without accelerate, warns on every load that it falls back;
     # asking for what is available keeps accelerate's faster loading where it is installed and the output clean.
+    where = path / kwargs.get("subfolder", "")
     try:
-        return cls.from_pretrained(path, low_cpu_mem_usage=is_accelerate_available(), **kwargs)
+        model, info = cls.from_pretrained(path, low_cpu_mem_usage=is_accelerate_available(), output_loading_info=True,
+                                          **kwargs)
     # Weights that do not fit the config, missing files, or config values the class cannot build from (an unknown
     # block type is a ValueError, a count given as a string a TypeError): each named by its folder.
     except (RuntimeError, EnvironmentError, ValueError, TypeError) as e:
-        where = path / kwargs.get("subfolder", "")
         why = " ".join(str(e).split())[:400]
         raise ValueError(f"{where}: cannot load the {cls.__name__} from its config and weights ({why})") from e
+    # Without accelerate, diffusers only logs weights the file lacks and leaves them as uninitialised memory.
+    problems = {what: info.get(key) for what, key in (("missing", "missing_keys"), ("of another shape",
+                                                                                    "mismatched_keys"),
+                                                      ("not in the model", "unexpected_keys"))}
+    problems = {what: [k[0] if isinstance(k, tuple) else k for k in keys] for what, keys in problems.items() if keys}
+    if problems:
+        listed = "; ".join(f"{what}: {', '.join(keys[:3])}" + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+                           for what, keys in problems.items())
+        raise ValueError(f"{where}: its weights do not fit the {cls.__name__} its config describes ({listed})")
+    return model
 
 
 def _read_json(path: Path) -> dict:
@@ -119,11 +137,22 @@ def _load_pipeline_dir(path: Path):
     return denoiser, _ddim(path / "scheduler", "scheduler_config.json")
 
 
+def _pipeline_component(path: Path) -> bool:
+    """Whether ``path`` is the denoiser folder of a pipeline (``pipe/unet`` given instead of ``pipe``)."""
+    index = path.parent / "model_index.json"
+    try:
+        return path.name in DENOISER_COMPONENTS and path.name in _read_json(index)
+    except ValueError:  # no (readable) model_index.json: a bare model directory
+        return False
+
+
 def _load_model_dir(path: Path):
     config = _read_json(path / "config.json")
     denoiser = _from_pretrained(_model_class(config.get("_class_name"), path / "config.json"), path)
     if (path / "scheduler_config.json").is_file():
         return denoiser, _ddim(path, "scheduler_config.json")
+    if _pipeline_component(path) and (path.parent / "scheduler" / "scheduler_config.json").is_file():
+        return denoiser, _ddim(path.parent / "scheduler", "scheduler_config.json")  # the pipeline's own schedule
     warnings.warn(f"{path} has no scheduler_config.json; using DDIMScheduler() defaults (1000 linear-beta steps)")
     return denoiser, DDIMScheduler()
 
