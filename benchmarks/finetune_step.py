@@ -117,6 +117,8 @@ def main(argv=None) -> None:
         proc.start()
         results[name] = result_of(proc, queue, name)
         proc.join()
+    if args.threads:  # the variants ran with it; machine_info reads the thread count from this process
+        torch.set_num_threads(args.threads)
     base = results["quantizers_off"]["steps_per_second"]
     results["throughput_ratio"] = {name: results[name]["steps_per_second"] / base for name in variants
                                    if name != "quantizers_off"}

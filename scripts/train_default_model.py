@@ -8,9 +8,10 @@ The defaults are the shipped model's settings (its ``train_log.json``: 5657 step
 which needs the Fashion-MNIST IDX files (``--data``). Uses a CUDA GPU when present, otherwise the CPU (hours); the
 same settings give the same weights only on the same kind of device, as CUDA and CPU generators draw different
 numbers. Seeded and resumable: a checkpoint is written atomically every ``--ckpt-every`` steps to ``--work-dir`` and
-picked up automatically on the next start with the same settings (``--no-resume`` to start over). The output is a
+picked up automatically on the next start with the same settings (``--no-resume`` to start over); a run stopped by
+``--max-minutes`` keeps its checkpoint and exports nothing, and the same command continues it. The output is a
 diffusers ``DDPMPipeline.save_pretrained`` directory holding the EMA weights, plus ``train_log.json``; it replaces
-``--out`` as a whole, atomically.
+``--out`` as a whole, atomically, so ``--out`` must be a new directory or such a pipeline directory.
 """
 
 from __future__ import annotations
@@ -85,13 +86,22 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the initialisation and of the batches and noise")
     p.add_argument("--ckpt-every", type=int, default=200, help="write a checkpoint every this many steps")
     p.add_argument("--max-minutes", type=float, default=None,
-                   help="stop (and export) after this many minutes of wall time")
+                   help="stop after this many minutes of this run, keeping the checkpoint and exporting nothing; the "
+                   "same command continues")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (unset: torch's choice)")
     p.add_argument("--no-resume", action="store_true", help="start over, ignoring a checkpoint in --work-dir")
     args = p.parse_args(argv)
     for name in ("steps", "batch", "warmup", "ckpt_every"):
         if getattr(args, name) < (0 if name == "warmup" else 1):
             p.error(f"--{name.replace('_', '-')} must be {'>= 0' if name == 'warmup' else '>= 1'}")
+
+    out, work = Path(args.out), Path(args.work_dir)
+    # --out is replaced as a whole: a folder that is not a pipeline (src/msfp/assets, say) would be deleted with it.
+    if out.is_file() or (out.is_dir() and any(out.iterdir()) and not (out / "model_index.json").is_file()):
+        p.error(f"--out {out} exists and is not a pipeline directory this script wrote; it would be replaced as a "
+                "whole: choose a new directory")
+    if out.resolve() in (work.resolve(), *work.resolve().parents):
+        p.error(f"--work-dir {work} is inside --out {out}, which the export replaces")
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -108,7 +118,6 @@ def main(argv=None) -> None:
     opt = torch.optim.AdamW(unet.parameters(), lr=args.lr, weight_decay=0.0)
     gen = torch.Generator(device=device).manual_seed(args.seed)
 
-    work = Path(args.work_dir)
     ckpt_path = work / "checkpoint.pt"
     step, elapsed, losses = 0, 0.0, []
     if ckpt_path.exists() and not args.no_resume:
@@ -140,12 +149,14 @@ def main(argv=None) -> None:
                                recipe=training_recipe(args)), ckpt_path)
 
     n = len(data)
-    start = time.time() - elapsed
+    began = time.time()
+    start = began - elapsed  # the recorded wall time counts every run; the budget this one only
+    stopped_early = False
     bar = tqdm(total=args.steps, initial=step, desc="train", dynamic_ncols=True)
     unet.train()
     while step < args.steps:
-        if args.max_minutes is not None and time.time() - start > 60 * args.max_minutes:
-            print(f"time budget of {args.max_minutes} min reached at step {step}", file=sys.stderr)
+        if args.max_minutes is not None and time.time() - began > 60 * args.max_minutes:
+            stopped_early = True
             break
         idx = torch.randint(0, n, (args.batch,), generator=gen, device=device)
         x0 = data[idx]
@@ -174,6 +185,10 @@ def main(argv=None) -> None:
             save_checkpoint()
     bar.close()
     save_checkpoint()
+    if stopped_early:  # a half-trained model, its learning-rate schedule unfinished, is not exported
+        print(f"time budget of {args.max_minutes} min reached at step {step}/{args.steps}; {ckpt_path} is kept and "
+              f"{out} unchanged: run the same command again to continue", file=sys.stderr)
+        return
 
     ema.copy_to(unet.parameters())
     unet.eval()
@@ -184,7 +199,7 @@ def main(argv=None) -> None:
         command=command_line(__file__, argv),
     )
     # The whole directory is this run's: a model card or evaluation of other weights must not be carried over.
-    with atomic_directory(args.out, carry_over=False) as tmp:
+    with atomic_directory(out, carry_over=False) as tmp:
         DDPMPipeline(unet=unet.cpu(), scheduler=scheduler).save_pretrained(tmp)
         (tmp / "train_log.json").write_text(json.dumps(log, indent=2) + "\n")
     print(json.dumps(log, indent=2))

@@ -32,8 +32,9 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--data", default=None,
                    help="directory with the Fashion-MNIST IDX files (unset: /usr/share/datasets/fashion-mnist)")
-    p.add_argument("--out", default="src/msfp/assets/feature_net",
-                   help="output directory: weights, config, reference statistics, train_log.json")
+    p.add_argument("--out", default="runs/feature_net",
+                   help="output directory: weights, config, reference statistics, train_log.json (the shipped one: "
+                   "src/msfp/assets/feature_net, named explicitly so that a trial run never replaces it)")
     p.add_argument("--epochs", type=int, default=3, help="passes over the training split")
     p.add_argument("--batch", type=int, default=128, help="images per training step")
     p.add_argument("--lr", type=float, default=2e-3, help="peak AdamW learning rate (one-cycle schedule)")

@@ -45,6 +45,13 @@ def train_default_model(tmp_path, data_dir):
 def test_train_default_model_writes_a_loadable_pipeline_and_replaces_the_folder(tmp_path, train_default_model,
                                                                                capsys):
     (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "notes.txt").write_text("not a model")
+    # A folder that is not a pipeline is not replaced (--out src/msfp/assets deleted the feature network).
+    with pytest.raises(SystemExit):
+        train_default_model("--steps", "3")
+    assert "is not a pipeline directory" in capsys.readouterr().err and (tmp_path / "model" / "notes.txt").is_file()
+    (tmp_path / "model" / "notes.txt").unlink()
+    (tmp_path / "model" / "model_index.json").write_text("{}")
     (tmp_path / "model" / "MODEL_CARD.md").write_text("another model's card")
     train_default_model("--steps", "3", "--ckpt-every", "2")
     log = json.loads(capsys.readouterr().out)
@@ -71,6 +78,38 @@ def test_train_default_model_resumes_only_the_same_recipe(tmp_path, train_defaul
     assert "other settings (--lr 0.001 → 0.0005)" in capsys.readouterr().err
     train_default_model("--steps", "2", "--lr", "5e-4", "--no-resume")
     assert "resumed" not in capsys.readouterr().err
+
+
+def test_train_default_model_continues_an_interrupted_run_exactly(tmp_path, train_default_model, capsys, monkeypatch):
+    train_default_model("--steps", "4", "--ckpt-every", "2", "--no-resume")
+    uninterrupted = load_model(str(tmp_path / "model"))[0].state_dict()
+    # A time budget stops the run without exporting a half-trained model (it used to, and the same command then
+    # stopped at once again: the budget counted every earlier run).
+    train_default_model("--steps", "4", "--ckpt-every", "2", "--no-resume", "--max-minutes", "0")
+    assert "time budget of 0.0 min reached at step 0/4" in capsys.readouterr().err
+    assert all(torch.equal(uninterrupted[k], v) for k, v in load_model(str(tmp_path / "model"))[0].state_dict().items())
+    # Interrupted after step 2's checkpoint (a crash in step 3), then the same command: the same weights.
+    from diffusers.training_utils import EMAModel
+
+    real_step, steps = EMAModel.step, []
+
+    def crash_in_step_3(self, parameters):
+        steps.append(1)
+        if len(steps) == 3:
+            raise KeyboardInterrupt
+        return real_step(self, parameters)
+
+    with monkeypatch.context() as m:
+        m.setattr(EMAModel, "step", crash_in_step_3)
+        with pytest.raises(KeyboardInterrupt):
+            train_default_model("--steps", "4", "--ckpt-every", "2", "--no-resume")
+    train_default_model("--steps", "4", "--ckpt-every", "2")
+    assert "resumed from" in capsys.readouterr().err
+    resumed = load_model(str(tmp_path / "model"))[0].state_dict()
+    assert all(torch.equal(uninterrupted[k], resumed[k]) for k in uninterrupted)
+    with pytest.raises(SystemExit):
+        train_default_model("--steps", "4", "--work-dir", str(tmp_path / "model" / "work"))
+    assert "is inside --out" in capsys.readouterr().err
 
 
 def test_train_feature_net_writes_net_and_statistics_together(tmp_path, data_dir, capsys):
