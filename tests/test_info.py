@@ -95,3 +95,26 @@ def test_layers_msfp_cannot_quantize_are_named_and_count_in_the_totals_only():
     # Every other layer is 4-bit; the transposed conv's MACs (8·8·9 per pixel, as mid's) are in the total only.
     quantized_macs = (1 * 8 * 9 + 8 * 8 * 9 + 8 * 1 * 9) * 64 + 8
     assert low_bit_fractions(meta)["flops_4bit"] == pytest.approx(quantized_macs / (quantized_macs + 8 * 8 * 9 * 64))
+
+
+def test_the_4bit_weight_share_counts_parameters_once_and_no_buffers():
+    class Normed(torch.nn.Module):  # BatchNorm's running statistics are state, not weights; the head is tied
+        def __init__(self):
+            super().__init__()
+            self.inp, self.norm = torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.BatchNorm2d(8)
+            self.mid, self.out = torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.Linear(8, 8)
+            self.t_embed = torch.nn.Embedding(10, 8)
+            self.t_embed.weight = self.out.weight
+
+        def forward(self, x, t):
+            h = self.mid(self.norm(self.inp(x)) + self.t_embed(t.long() % 10)[:, :, None, None])
+            return self.out(h.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)[:, :1]
+
+    torch.manual_seed(0)
+    fp = Normed().eval()
+    q = msfp.quantize(copy.deepcopy(fp), "w4a4-msfp")
+    msfp.calibrate(q, fp, scheduler(), num_samples=2, num_steps=2, disable=True, sample_shape=(1, 4, 4))
+    meta = quant_meta(q)
+    assert meta["base_parameters"] == sum(p.numel() for p in fp.parameters())  # was + 17 buffers + 64 tied
+    four = sum(i["weights"] for i in meta["layers"].values() if i["weight_format"].startswith("fp4"))
+    assert low_bit_fractions(meta)["weights_4bit"] == four / sum(p.numel() for p in fp.parameters())

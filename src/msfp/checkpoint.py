@@ -298,7 +298,8 @@ def quant_meta(model: nn.Module) -> dict:
         format_version=FORMAT_VERSION, msfp_version=__version__, quantization_config=quantization_config(model),
         base_model=_base_info(model), base_weights=getattr(model, "msfp_base_weights", None),
         flops=getattr(model, "msfp_flops", None),
-        base_parameters=sum(v.numel() for k, v in fp_state.items() if k not in msfp_keys),
+        # Parameters, once each: not buffers (BatchNorm's running statistics), not a tied weight's second name.
+        base_parameters=sum(p.numel() for k, p in model.named_parameters() if k not in msfp_keys),
         talora=_talora_meta(model), finetune=getattr(model, "msfp_finetune", None),
         scheduler_config=getattr(model, "msfp_scheduler_config", None),
         num_train_timesteps=model.msfp_context.num_train_timesteps,
