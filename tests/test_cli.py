@@ -379,3 +379,19 @@ def test_quantize_and_finetune_refuse_a_directory_another_run_is_writing(tmp_pat
         r = run("finetune", out, "--model", tiny_model_dir, "--iters", 1)
     assert r.exit_code == 1 and "is being written by another run (msfp quantize, pid " in r.output, r.output
     assert not (tmp_path / ".q.lock").exists() and not (tmp_path / ".q.finetune").exists()
+
+
+def test_a_model_that_needs_conditioning_is_refused_before_any_work(tmp_path):
+    # It failed after loading, copying and quantizing, asking the command-line user to "pass cond={...}".
+    from diffusers import DDPMScheduler
+    from tiny_models import tiny_cond_unet
+
+    tiny_cond_unet().save_pretrained(tmp_path / "cond")
+    DDPMScheduler().save_pretrained(tmp_path / "cond")
+    for args in (("quantize", "--model", tmp_path / "cond", "--out", tmp_path / "q"),
+                 ("sample", "--model", tmp_path / "cond", "--out", tmp_path / "s.npz"),
+                 ("compare", "--model", tmp_path / "cond", "--out", tmp_path / "report")):
+        r = run(*args)
+        assert r.exit_code == 1 and "UNet2DConditionModel needs conditioning (encoder_hidden_states), which the msfp " \
+            "command line cannot give" in r.output, r.output
+        assert not (tmp_path / "q").exists() and not (tmp_path / "report").exists()

@@ -96,12 +96,26 @@ class Trajectories:
 _REQUIRED_CONDITIONING = {"PixArtTransformer2DModel": ("encoder_hidden_states",)}
 
 
-def _check_conditioning(model, cond: dict) -> None:
+def required_conditioning(model) -> list[str]:
+    """The inputs besides ``(x, t)`` that ``model`` cannot run without (a text-conditioned model's
+    ``encoder_hidden_states``)."""
     params = inspect.signature(model.forward).parameters
     required = [n for n, p in list(params.items())[2:]
                 if p.default is inspect.Parameter.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
-    required += [n for n in _REQUIRED_CONDITIONING.get(type(model).__name__, ()) if n not in required]
-    missing = [n for n in required if n not in cond]
+    return required + [n for n in _REQUIRED_CONDITIONING.get(type(model).__name__, ()) if n not in required]
+
+
+def require_unconditional(model, spec: str) -> None:
+    """Refuse, before any work, a model the command line cannot run: it gives no conditioning inputs."""
+    needed = required_conditioning(model)
+    if needed:
+        raise ValueError(f"{spec}: {type(model).__name__} needs conditioning ({', '.join(needed)}), which the msfp "
+                         "command line cannot give; use the Python API, whose calibrate, finetune and sample take "
+                         "cond={name: tensor}")
+
+
+def _check_conditioning(model, cond: dict) -> None:
+    missing = [n for n in required_conditioning(model) if n not in cond]
     if missing:
         raise ValueError(f"{type(model).__name__} needs conditioning {missing}: pass cond={{name: tensor with one "
                          "row per calibration sample}")

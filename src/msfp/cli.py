@@ -120,7 +120,6 @@ def quantize(model_spec, preset, config_path, out, calib_samples, calib_steps, s
     from msfp.config import QuantConfig
     from msfp.fileio import exclusive_run
     from msfp.info import describe
-    from msfp.models import load_model
     from msfp.surgery import quantize as quantize_model
 
     if config_path and click.get_current_context().get_parameter_source("preset").name != "DEFAULT":
@@ -132,7 +131,7 @@ def quantize(model_spec, preset, config_path, out, calib_samples, calib_steps, s
         if cache is not None and Path(out).resolve() in (cache, *cache.parents):
             raise click.UsageError(f"--cache-dir {cache_dir} is inside --out {out}, which the checkpoint replaces "
                                    "as a whole: put the cache elsewhere")
-        fp_model, scheduler = load_model(model_spec)
+        fp_model, scheduler = _load_fp_model(model_spec)
         fp_model.to(device)
         qmodel = quantize_model(copy.deepcopy(fp_model), config)
         first = seed + CALIB_SEED_OFFSET
@@ -169,18 +168,30 @@ def _load_any_model(spec: str, backend: str = "fake"):
     quantized directory written by msfp (sampled with the scheduler it was calibrated with, on ``backend``)."""
     from diffusers import DDIMScheduler
 
+    from msfp.calibration import require_unconditional
     from msfp.checkpoint import CONFIG_NAME, load_quantized, read_quant_meta
     from msfp.fileio import unfinished_save
-    from msfp.models import load_model
 
     if (Path(spec) / CONFIG_NAME).is_file() or unfinished_save(spec) is not None:
         scheduler_config = read_quant_meta(spec).get("scheduler_config")  # the latter: says where its save went
         if scheduler_config is None:
             raise ValueError(f"{spec} records no scheduler (saved by an older msfp); re-run msfp quantize")
-        return load_quantized(spec, backend=backend), DDIMScheduler.from_config(scheduler_config)
+        model = load_quantized(spec, backend=backend)
+        require_unconditional(model, spec)  # the checkpoint's base model needs what the model did
+        return model, DDIMScheduler.from_config(scheduler_config)
     if backend != "fake":
         raise ValueError(f"--backend {backend} needs a quantized directory (msfp quantize); {spec} is not one")
-    return load_model(spec)
+    return _load_fp_model(spec)
+
+
+def _load_fp_model(spec: str):
+    """:func:`msfp.load_model`, refusing a model that needs conditioning the command line cannot give."""
+    from msfp.calibration import require_unconditional
+    from msfp.models import load_model
+
+    model, scheduler = load_model(spec)
+    require_unconditional(model, spec)
+    return model, scheduler
 
 
 @main.command()
@@ -279,7 +290,6 @@ def eval_(samples_path, ref, ref_images, data_dir, inception_weights, paired_pat
     from msfp.checkpoint import CONFIG_NAME, read_quant_meta, require_base_weights
     from msfp.evaluation import eps_mse_means, evaluate, format_table, load_reference, per_timestep_eps_mse
     from msfp.fileio import write_json
-    from msfp.models import load_model
 
     source = click.get_current_context().get_parameter_source
     given = [f"--{o.replace('_', '-')}" for o in ("fp_model", "heldout_samples", "heldout_steps")
@@ -296,7 +306,7 @@ def eval_(samples_path, ref, ref_images, data_dir, inception_weights, paired_pat
             Path(json_path).parent.mkdir(parents=True, exist_ok=True)
         if model_spec is not None:  # checked before the image metrics, which take a while
             model, scheduler = _load_any_model(model_spec)
-            teacher, _ = load_model(fp_model)
+            teacher, _ = _load_fp_model(fp_model)
             if (Path(model_spec) / CONFIG_NAME).is_file():  # its error would be measured against another model
                 require_base_weights(read_quant_meta(model_spec), teacher, model_spec, f"--fp-model {fp_model!r}")
         reference = load_reference(ref, ref_images, data_dir)
@@ -448,7 +458,6 @@ def finetune_cmd(directory, model_spec, iters, batch, lora, num_loras, rank, los
     from msfp.fileio import check_replaceable, exclusive_run
     from msfp.finetune import STATE_NAME, FinetuneConfig, finetune
     from msfp.info import describe
-    from msfp.models import load_model
 
     device = device or _default_device()
     path = Path(directory).resolve()  # "." has no name to put the work directory beside
@@ -469,7 +478,7 @@ def finetune_cmd(directory, model_spec, iters, batch, lora, num_loras, rank, los
             how = (f" ({record['iters_done']} iterations, lora {record['lora']!r})"
                    if {"iters_done", "lora"} <= record.keys() else "")
             raise ValueError(f"{path} is already fine-tuned{how}; fine-tune the output of msfp quantize instead")
-        fp_model, scheduler = load_model(model_spec)
+        fp_model, scheduler = _load_fp_model(model_spec)
         require_base_weights(meta, fp_model, path, f"--model {model_spec!r}")
         fp_model.to(device)
         qmodel = load_quantized(path, freeze=False).to(device)  # finetune() puts the full-precision weights back

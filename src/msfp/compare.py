@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from msfp.attention import counting_flops
-from msfp.calibration import Trajectories, calibrate, collect_trajectories
+from msfp.calibration import Trajectories, calibrate, collect_trajectories, require_unconditional
 from msfp.checkpoint import freeze_weights, quant_meta
 from msfp.config import PRESETS, QuantConfig
 from msfp.environment import machine_info
@@ -418,6 +418,7 @@ def _run_compare(settings: CompareSettings, methods: list[str], out: Path, comma
     s = settings
     device = torch.device(s.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     fp_model, scheduler = load_model(s.model)
+    require_unconditional(fp_model, s.model)  # compare draws unconditional samples
     fp_model.to(device)
     reference = reference if reference is not None else load_reference()
     channels, *size = sample_shape_of(fp_model)
