@@ -336,7 +336,7 @@ def test_nan_noise_from_the_full_precision_model_is_reported_where_it_happens():
         msfp.calibrate(q, fp, scheduler(), num_samples=2, num_steps=3, disable=True, sample_shape=(1, 8, 8))
 
 
-def test_per_timestep_scales_refuse_a_layer_whose_rows_are_not_the_batch():
+def test_per_timestep_scales_refuse_a_layer_whose_rows_are_not_the_batch(tmp_path):
     class Folded(nn.Module):  # tokens folded into the batch dimension
         def __init__(self):
             super().__init__()
@@ -351,7 +351,13 @@ def test_per_timestep_scales_refuse_a_layer_whose_rows_are_not_the_batch():
     with pytest.raises(ValueError, match="'tok' gets inputs of 16 rows for a batch of 4 samples"):
         msfp.calibrate(q, fp, scheduler(), num_samples=2, num_steps=2, disable=True, sample_shape=(4,))
     q = msfp.quantize(copy.deepcopy(fp), QuantConfig(eight_bit_layers=[]))  # one scale for all timesteps: fine
-    msfp.calibrate(q, fp, scheduler(), num_samples=2, num_steps=2, disable=True, sample_shape=(4,))
+    msfp.calibrate(q, fp, scheduler(), num_samples=2, num_steps=2, disable=True, sample_shape=(4,),
+                   cache_dir=tmp_path)
+    # The same layer inputs from the cache: the check used to be skipped, and inference failed on group shapes.
+    q = msfp.quantize(copy.deepcopy(fp), QuantConfig(eight_bit_layers=[], act_timestep_groups=2))
+    with pytest.raises(ValueError, match="'tok' gets inputs whose rows are not the batch's samples"):
+        msfp.calibrate(q, fp, scheduler(), num_samples=2, num_steps=2, disable=True, sample_shape=(4,),
+                       cache_dir=tmp_path)
     # Its recorded sample is as bounded as a batched layer's: drawn per row, it was 4x larger here (1024x for a
     # per-pixel MLP on 32x32 inputs), all held in memory and written to the cache.
     from msfp.calibration import record_layer_inputs

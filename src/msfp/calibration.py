@@ -172,6 +172,12 @@ def _tag_activation(out, name: str) -> None:
         setattr(out, _ACTIVATION_TAG, name)
 
 
+def _rows_not_samples(name: str, what: str) -> ValueError:
+    return ValueError(f"calibration: {name!r} gets {what} (tokens folded into the batch?), so its per-timestep "
+                      "activation scales cannot tell the samples' timesteps apart; use act_timestep_groups=1 or keep "
+                      "it full precision")
+
+
 class _LayerRecorder:
     """Bounded sample of one layer's (or attention matmul input's) elements across all calibration points, plus range
     and tracing. Attention quantizers pass the MACs of their matmul; layers compute theirs from the input shape."""
@@ -184,6 +190,7 @@ class _LayerRecorder:
         self.min, self.max = math.inf, -math.inf
         self.traced_from = None
         self.mac_sum = 0  # over every call: a layer called twice per forward does its work twice
+        self.per_sample = True  # every input had one row per sample, so the recorded timesteps are the rows'
 
     def __call__(self, layer, x, macs=None):
         flat = x.detach().float()
@@ -192,11 +199,9 @@ class _LayerRecorder:
         samples = flat.shape[0] if t is None else len(t)
         draws = self.per_point
         if flat.shape[0] != samples:  # not one row per sample: tokens folded into the batch, or an unbatched input
-            if layer.act_quantizer.num_groups > 1:
-                raise ValueError(f"calibration: {layer.name!r} gets inputs of {flat.shape[0]} rows for a batch of "
-                                 f"{len(t)} samples (tokens folded into the batch?), so its per-timestep activation "
-                                 "scales cannot tell the samples' timesteps apart; use act_timestep_groups=1 or keep "
-                                 "it full precision")
+            self.per_sample = False
+            if layer.act_quantizer.num_groups > 1:  # at once, not after recording every layer
+                raise _rows_not_samples(layer.name, f"inputs of {flat.shape[0]} rows for a batch of {len(t)} samples")
             t = None  # one scale for all timesteps: which row had which timestep does not matter
             # As many draws as from one row per sample: per row, (B·H·W, C) inputs gave H·W times the bound.
             flat, draws = flat.reshape(1, -1), self.per_point * samples
@@ -218,7 +223,7 @@ class _LayerRecorder:
     def result(self, model_samples: int) -> dict:
         """``model_samples``: how many samples the model ran on, to turn the MACs into MACs per model sample."""
         return dict(values=torch.cat(self.values), timesteps=torch.cat(self.timesteps), min=self.min, max=self.max,
-                    traced_from=self.traced_from, macs=round(self.mac_sum / model_samples))
+                    traced_from=self.traced_from, macs=round(self.mac_sum / model_samples), per_sample=self.per_sample)
 
 
 def recorded_inputs(qmodel: nn.Module) -> dict:
@@ -296,6 +301,8 @@ def _search_activations(layer, rec: dict, config, aal: bool):
     search = dict(num_clip=config.search_clip_points, num_zero=config.search_zero_points, max_samples=values.numel())
     result = layer.act_quantizer.initialize(values, candidates, **search)
     groups = layer.act_quantizer.num_groups
+    if groups > 1 and not rec["per_sample"]:  # recorded (or cached) without per-row timesteps
+        raise _rows_not_samples(layer.name, "inputs whose rows are not the batch's samples")
     if groups > 1:
         group_of = layer.context.groups_of(rec["timesteps"], groups)
         for g in range(groups):
@@ -353,7 +360,8 @@ def _records_to_tensors(records: dict) -> dict:
     for name, r in records.items():
         out[f"{name}/values"] = r["values"]
         out[f"{name}/timesteps"] = r["timesteps"]
-        out[f"{name}/stats"] = torch.tensor([r["min"], r["max"], float(r["macs"])], dtype=torch.float64)
+        out[f"{name}/stats"] = torch.tensor([r["min"], r["max"], float(r["macs"]), float(r["per_sample"])],
+                                            dtype=torch.float64)
         traced = (r["traced_from"] or "").encode()
         out[f"{name}/traced_from"] = torch.tensor(list(traced), dtype=torch.uint8)
     return out
@@ -365,10 +373,10 @@ def _records_from_tensors(tensors: dict, expected: list[str]) -> dict:
         raise ValueError(f"it records {len(names)} tensors, not the {len(expected)} this model quantizes")
     records = {}
     for name in names:
-        lo, hi, macs = tensors[f"{name}/stats"].tolist()
+        lo, hi, macs, per_sample = tensors[f"{name}/stats"].tolist()
         traced = bytes(tensors[f"{name}/traced_from"].tolist()).decode() or None
         records[name] = dict(values=tensors[f"{name}/values"], timesteps=tensors[f"{name}/timesteps"], min=lo,
-                             max=hi, macs=int(macs), traced_from=traced)
+                             max=hi, macs=int(macs), traced_from=traced, per_sample=bool(per_sample))
     return records
 
 
