@@ -194,6 +194,22 @@ def test_the_cache_is_not_reused_for_a_model_that_differs_only_in_its_config(tmp
     assert [r.cached for r in reports] == [False, False] and len(list(tmp_path.glob("*.safetensors"))) == 4
 
 
+def test_the_cache_is_not_reused_under_another_float32_matmul_precision(tmp_path):
+    # A global setting that changes float results (TF32 on a GPU): a hit would be another computation's result.
+    fp = tiny_plain()
+    before = torch.get_float32_matmul_precision()
+    reports = []
+    try:
+        for precision in ("highest", "medium", "medium"):
+            torch.set_float32_matmul_precision(precision)
+            reports.append(msfp.calibrate(msfp.quantize(copy.deepcopy(fp), "w4a4-msfp"), fp, scheduler(),
+                                          num_samples=2, num_steps=2, disable=True, cache_dir=tmp_path,
+                                          sample_shape=(1, 8, 8)))
+    finally:
+        torch.set_float32_matmul_precision(before)
+    assert [r.cached for r in reports] == [False, False, True]
+
+
 def test_a_corrupt_cache_is_recomputed_and_not_reported_as_cached(tmp_path, capsys):
     fp = tiny_unet()
     msfp.calibrate(msfp.quantize(copy.deepcopy(fp), "w4a4-msfp"), fp, scheduler(), num_samples=4, num_steps=3,

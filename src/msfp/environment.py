@@ -47,9 +47,15 @@ def machine_info(device: str | torch.device | None = None) -> dict:
     from msfp.identity import code_digest
 
     device = torch.device(device) if device is not None else None
-    gpu = torch.cuda.get_device_name(device) if device is not None and device.type == "cuda" else None
+    on_gpu = device is not None and device.type == "cuda"
+    gpu = torch.cuda.get_device_name(device) if on_gpu else None
+    # Global settings that change float results (TF32 matmuls and convolutions on a GPU), so a cache keyed on this
+    # dict is not reused across them.
+    precision = dict(float32_matmul=torch.get_float32_matmul_precision(),
+                     **(dict(cuda_matmul_tf32=torch.backends.cuda.matmul.allow_tf32,
+                             cudnn_tf32=torch.backends.cudnn.allow_tf32) if on_gpu else {}))
     return dict(cpu=cpu_name(), cores=os.cpu_count(), torch_threads=torch.get_num_threads(),
-                device=str(device) if device is not None else "cpu", gpu=gpu,
+                device=str(device) if device is not None else "cpu", gpu=gpu, precision=precision,
                 versions=dict(msfp=__version__, msfp_code=code_digest(), torch=torch.__version__,
                               cuda=torch.version.cuda, triton=_installed_version("triton"),
                               diffusers=diffusers.__version__, torchao=_installed_version("torchao"),  # its rows
