@@ -93,6 +93,10 @@ def test_packing_errors():
         values_to_codes(torch.tensor([0.7]), "fp4_e2m1")
     with pytest.raises(ValueError, match="NaN"):
         quantize_to_codes(torch.tensor([float("nan")]), "fp4_e2m1", 1.0)
+    # An IndexError for 16; negative codes wrapped around to values silently (-1 -> -6).
+    for codes in ([16], [-1, 3]):
+        with pytest.raises(ValueError, match=f"codes {min(codes)}..{max(codes)} are not 4-bit fp4_e2m1 codes"):
+            decode(torch.tensor(codes), "fp4_e2m1")
     # The parameters fake_quant refuses: a confusing "not representable", all-zero codes, or z = 0 before.
     for scale, zero, match in ((0.0, None, "scale must be positive and finite"),
                                (float("inf"), None, "scale must be positive and finite"),

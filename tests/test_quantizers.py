@@ -215,8 +215,23 @@ def test_weight_quantizer_on_stacked_weight_sets_equals_one_call_per_set(fmt, sh
         w.grad = None
         wq(w).pow(2).sum().backward()
         assert torch.equal(w.grad, grads.pop(0))
-    with pytest.raises(ValueError, match="has 3 output channels, quantizer was built for 8"):
+    with pytest.raises(ValueError, match=r"weight of shape \(8, 3, 5\) has not the 8 output channels"):
         wq(torch.randn(8, 3, 5), stacked=True)
+    for init in (wq.initialize, wq.initialize_per_tensor):  # were torch's "expanded size" RuntimeError
+        with pytest.raises(ValueError, match=r"weight of shape \(5, 3\) has not the 8 output channels"):
+            init(torch.randn(5, 3))
+
+
+def test_float8_inputs_are_quantized_in_float32():
+    # isfinite and clamp have no float8 kernels: every entry point failed with NotImplementedError.
+    x = torch.randn(256)
+    x8 = x.to(torch.float8_e4m3fn)
+    result = search_quant_params(x8, ["fp4_e2m1"])
+    assert torch.equal(result.scale, search_quant_params(x8.float(), ["fp4_e2m1"]).scale)
+    aq = ActivationQuantizer("fp4_e2m1")
+    aq.initialize(x8, ["fp4_e2m1"])
+    out = aq(x8)
+    assert out.dtype == torch.float8_e4m3fn and torch.equal(out.float(), aq(x8.float()).to(x8.dtype).float())
 
 
 def test_quantizer_state_dict_restores_format():

@@ -167,9 +167,9 @@ def round_to_grid(v: torch.Tensor, fmt: Format) -> torch.Tensor:
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype fake quantization computes in: float32 for half precision (every grid is exact there and MIN_SCALE
-    is not 0), else ``dtype`` itself."""
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    """The dtype fake quantization computes in: float32 for floats narrower than it (half precision, float8: every
+    grid is exact there and MIN_SCALE is not 0), else ``dtype`` itself."""
+    return torch.float32 if dtype.is_floating_point and dtype.itemsize < 4 else dtype
 
 
 def _grid_units(x, fmt: Format, scale, zero_point=None):

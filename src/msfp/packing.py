@@ -64,7 +64,10 @@ def quantize_to_codes(x: torch.Tensor, fmt: str | Format, scale, zero_point=None
 
 def decode(codes: torch.Tensor, fmt: str | Format) -> torch.Tensor:
     """Grid values (unit scale, float32) of codes."""
-    return _decode_table(get_format(fmt)).to(codes.device)[codes.long()]
+    fmt = get_format(fmt)
+    if codes.numel() and not 0 <= int(codes.min()) <= int(codes.max()) < 1 << fmt.bits:  # negative ones would wrap
+        raise ValueError(f"codes {int(codes.min())}..{int(codes.max())} are not {fmt.bits}-bit {fmt.name} codes")
+    return _decode_table(fmt).to(codes.device)[codes.long()]
 
 
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:

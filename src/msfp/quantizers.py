@@ -122,9 +122,10 @@ def search_quant_params(
         raise TypeError(f"search_quant_params expects a floating-point tensor, got {getattr(x, 'dtype', type(x))}")
     if x.numel() == 0:
         raise ValueError("search_quant_params got an empty tensor (no calibration data)")
+    x = x.detach() if x.dtype.itemsize > 1 else x.detach().float()  # isfinite has no float8 kernel
     if not torch.isfinite(x).all():
         raise ValueError(f"search_quant_params got {int((~torch.isfinite(x)).sum())} non-finite values (NaN/inf)")
-    x = x.detach().float()
+    x = x.float()
     if not torch.isfinite(x).all():  # the search works in float32, as the quantizers do
         raise ValueError(f"search_quant_params got {int((~torch.isfinite(x)).sum())} float64 values beyond float32's "
                          "range (±3.4e38)")
@@ -218,14 +219,18 @@ class WeightQuantizer(_Quantizer):
         if not self.enabled:
             return w
         channel_dim = 1 if stacked else 0
-        if w.shape[channel_dim] != self.scale.numel():
-            raise ValueError(f"weight has {w.shape[channel_dim]} output channels, quantizer was built for "
-                             f"{self.scale.numel()}")
+        self._check_channels(w, channel_dim)
         view = [1] * w.dim()
         view[channel_dim] = -1
         return self._apply_params(w, self.scale.view(view), self.zero_point.view(view))
 
+    def _check_channels(self, w: torch.Tensor, channel_dim: int = 0) -> None:
+        if w.dim() <= channel_dim or w.shape[channel_dim] != self.scale.numel():
+            raise ValueError(f"weight of shape {tuple(w.shape)} has not the {self.scale.numel()} output channels the "
+                             "quantizer was built for")
+
     def initialize(self, w: torch.Tensor, candidates=None, **search_kwargs) -> SearchResult:
+        self._check_channels(w)
         result = search_quant_params(w, candidates or [self.fmt], channel_axis=0, **search_kwargs)
         self._store(result)
         return result
@@ -233,6 +238,7 @@ class WeightQuantizer(_Quantizer):
     def initialize_per_tensor(self, w: torch.Tensor, candidates=None, **search_kwargs) -> SearchResult:
         """One scale for the whole tensor (stored in every channel's slot), searched on all its elements unless
         ``max_samples`` says otherwise."""
+        self._check_channels(w)
         search_kwargs.setdefault("max_samples", w.numel())
         result = search_quant_params(w, candidates or [self.fmt], **search_kwargs)
         self._store(result)
