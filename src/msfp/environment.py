@@ -38,6 +38,21 @@ def _installed_version(package: str) -> str | None:
         return None
 
 
+def float32_precision() -> dict:
+    """The global settings that change float32 results (TF32 or bfloat16 matmuls and convolutions, on a GPU or through
+    oneDNN on a CPU), so that a cache keyed on :func:`machine_info` is not reused across them. Read through torch's
+    per-backend ``fp32_precision`` where it has them (they reflect the legacy setters too; the legacy getter raises
+    once the new API was used), else through the legacy flags."""
+    backends = torch.backends
+    per_backend = {"cuda_matmul": backends.cuda.matmul, "cudnn_conv": getattr(backends.cudnn, "conv", None),
+                   "mkldnn_matmul": getattr(backends.mkldnn, "matmul", None),
+                   "mkldnn_conv": getattr(backends.mkldnn, "conv", None)}
+    if all(hasattr(b, "fp32_precision") for b in per_backend.values()):
+        return {name: b.fp32_precision for name, b in per_backend.items()}
+    return dict(float32_matmul=torch.get_float32_matmul_precision(), cuda_matmul_tf32=backends.cuda.matmul.allow_tf32,
+                cudnn_tf32=backends.cudnn.allow_tf32)
+
+
 def machine_info(device: str | torch.device | None = None) -> dict:
     """The CPU, GPU and versions, and a digest of msfp's own files (``msfp.__version__`` stays the same between
     commits): what a recorded figure depends on besides its command."""
@@ -47,15 +62,9 @@ def machine_info(device: str | torch.device | None = None) -> dict:
     from msfp.identity import code_digest
 
     device = torch.device(device) if device is not None else None
-    on_gpu = device is not None and device.type == "cuda"
-    gpu = torch.cuda.get_device_name(device) if on_gpu else None
-    # Global settings that change float results (TF32 matmuls and convolutions on a GPU), so a cache keyed on this
-    # dict is not reused across them.
-    precision = dict(float32_matmul=torch.get_float32_matmul_precision(),
-                     **(dict(cuda_matmul_tf32=torch.backends.cuda.matmul.allow_tf32,
-                             cudnn_tf32=torch.backends.cudnn.allow_tf32) if on_gpu else {}))
+    gpu = torch.cuda.get_device_name(device) if device is not None and device.type == "cuda" else None
     return dict(cpu=cpu_name(), cores=os.cpu_count(), torch_threads=torch.get_num_threads(),
-                device=str(device) if device is not None else "cpu", gpu=gpu, precision=precision,
+                device=str(device) if device is not None else "cpu", gpu=gpu, precision=float32_precision(),
                 versions=dict(msfp=__version__, msfp_code=code_digest(), torch=torch.__version__,
                               cuda=torch.version.cuda, triton=_installed_version("triton"),
                               diffusers=diffusers.__version__, torchao=_installed_version("torchao"),  # its rows
