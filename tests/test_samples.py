@@ -190,12 +190,18 @@ def test_generate_replaces_only_an_earlier_sample_file(tmp_path):
     np.savez(stats, mu=np.zeros(4), sigma=np.eye(4))
     unseeded = tmp_path / "unseeded.npz"
     np.savez(unseeded, arr_0=np.zeros((2, 8, 8, 1), np.uint8))
-    for path, message in ((stats, r"ref.npz: expected arr_0 = uint8 images.*got keys \['mu', 'sigma'\]; it exists"),
-                          (unseeded, "unseeded.npz exists and holds images without seeds")):
+    text = tmp_path / "notes.npz"
+    text.write_text("not an archive")
+    for path, held in ((stats, r"\['mu', 'sigma'\]"), (unseeded, r"\['arr_0'\]"),
+                       (text, r"nothing readable as .npz \(\w+\)")):
         before = path.read_bytes()
-        with pytest.raises(ValueError, match=message + ".*not a sample file to replace"):
+        with pytest.raises(ValueError, match=f"{path.name} exists and holds {held}, not the images and seeds msfp "
+                                             "sample writes; it is not a sample file to replace"):
             generate(tiny_unet(), scheduler(), path, 2, 1, disable=True)
         assert path.read_bytes() == before
+    (tmp_path / "dir.npz").mkdir()
+    with pytest.raises(ValueError, match="dir.npz is a directory; name the sample file"):  # said "not found; exists"
+        generate(tiny_unet(), scheduler(), tmp_path / "dir.npz", 2, 1, disable=True)
     earlier = tmp_path / "s.npz"
     generate(tiny_unet(), scheduler(), earlier, 2, 1, seed=0, disable=True)
     assert generate(tiny_unet(), scheduler(), earlier, 3, 1, seed=5, disable=True)["seeds"].tolist() == [5, 6, 7]

@@ -206,21 +206,21 @@ def check_quantized_attention(model: nn.Module, names) -> None:
                 f"model.get_submodule({name!r}).set_processor(msfp.attention.QuantAttnProcessor())")
 
 
-def projecting_attention(model: nn.Module) -> list[str]:
-    """Names of the attention modules with a quantized q/k/v projection."""
-    return [n for n, attn in attention_modules(model).items()
-            if any(isinstance(getattr(attn, p, None), QuantLayer) for p in ("to_q", "to_k", "to_v"))]
+def projecting_attention(model: nn.Module) -> dict[str, Attention]:
+    """The attention modules with a quantized q/k/v projection, by name."""
+    return {n: attn for n, attn in attention_modules(model).items()
+            if any(isinstance(getattr(attn, p, None), QuantLayer) for p in ("to_q", "to_k", "to_v"))}
 
 
-def check_unfused_projections(model: nn.Module, names) -> None:
-    """Raise if an attention module among ``names`` (those with quantized q/k/v projections) runs a fused-projection
-    processor: ``fuse_qkv_projections()`` after quantizing builds new full-precision ``to_qkv``/``to_kv`` layers, and
-    the fused processor would run those instead of the quantized ones, silently."""
-    for name in names:
-        attn = model.get_submodule(name)
+def check_unfused_projections(attentions: dict[str, Attention]) -> None:
+    """Raise if one of ``attentions`` (those with quantized q/k/v projections) runs a fused-projection processor:
+    ``fuse_qkv_projections()`` after quantizing builds new full-precision ``to_qkv``/``to_kv`` layers, and the fused
+    processor would run those instead of the quantized ones, silently. The modules themselves, not names: a lookup by
+    name cost more than the check, on every call."""
+    for name, attn in attentions.items():
         processor = attn.processor
-        fused = [getattr(attn, p, None) for p in ("to_qkv", "to_kv")]
-        if type(processor).__name__.startswith("Fused") and any(isinstance(m, nn.Linear) for m in fused):
+        if type(processor).__name__.startswith("Fused") and any(
+                isinstance(getattr(attn, p, None), nn.Linear) for p in ("to_qkv", "to_kv")):
             raise RuntimeError(
                 f"attention {name!r} has quantized q/k/v projections but runs {type(processor).__name__}, which uses "
                 "full-precision fused copies of them (was fuse_qkv_projections called on the quantized model?); call "

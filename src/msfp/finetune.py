@@ -220,7 +220,8 @@ def _check_noise_schedule(qmodel: nn.Module, scheduler) -> None:
     changed = differences(there, here, [k for k in _SCHEDULE_KEYS if k in there and k in here])
     if changed:
         raise ValueError(f"the scheduler has another noise schedule than the model was calibrated with "
-                         f"({'; '.join(changed)}): fine-tune with the schedule it was calibrated and samples with")
+                         f"({'; '.join(changed)}): fine-tune with the schedule it was calibrated and samples with "
+                         "(or quantize again from this model)")
 
 
 def _read_state(state_path: Path, config: FinetuneConfig) -> dict:

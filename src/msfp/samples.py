@@ -222,15 +222,17 @@ def generate(model, scheduler, out, num_samples: int, num_inference_steps: int, 
     out = Path(out)
     if out.suffix != ".npz":  # "x.png" would be overwritten by its own grid
         raise ValueError(f"{out}: a sample file's name must end in .npz (its PNG grid is written beside it)")
+    if out.is_dir():
+        raise ValueError(f"{out} is a directory; name the sample file (.npz) to write")
     if out.exists():  # an earlier sample file is replaced, as an output is; anything else (reference statistics) not
-        try:
-            earlier = load_samples(out)
-        except (ValueError, OSError) as e:
-            raise ValueError(f"{e}; it exists, and is not a sample file to replace: choose another output or "
-                             "remove it") from None
-        if earlier["seeds"] is None:
-            raise ValueError(f"{out} exists and holds images without seeds, which msfp sample does not write; it is "
-                             "not a sample file to replace: choose another output or remove it")
+        try:  # its names only: reading every image of a large earlier file would cost its size in memory, per rank
+            with np.load(out, allow_pickle=False) as f:
+                held = sorted(f.files) if hasattr(f, "files") else "one array (.npy)"
+        except Exception as e:
+            held = f"nothing readable as .npz ({type(e).__name__})"
+        if not (isinstance(held, list) and {"arr_0", "seeds"} <= set(held)):
+            raise ValueError(f"{out} exists and holds {held}, not the images and seeds msfp sample writes; it is not "
+                             "a sample file to replace: choose another output or remove it")
     out.parent.mkdir(parents=True, exist_ok=True)  # an unwritable --out fails before sampling, not after
     rank, world, created = _dist()
     try:
