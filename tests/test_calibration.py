@@ -1,4 +1,5 @@
 import copy
+import warnings
 
 import pytest
 import torch
@@ -423,3 +424,29 @@ def test_trajectory_keys_do_not_depend_on_string_hashing():
                            env={**os.environ, "PYTHONHASHSEED": str(seed), "PYTHONPATH": tests}).stdout
             for seed in (1, 2, 3)}
     assert len(keys) == 1, keys
+
+
+def test_calibration_warns_when_the_output_comes_from_a_4bit_layer():
+    # A wrapper's own head after a whole UNet: @last cannot tell it from an adapter by registration, and keeps the
+    # UNet's conv_out at 8 bits; the traced output says which layer made it.
+    from msfp.calibration import OutputLayerWarning
+
+    class Headed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.unet, self.head = tiny_unet(), nn.Conv2d(1, 1, 1)
+
+        def forward(self, x, t):
+            return self.head(self.unet(x, t).sample)
+
+    torch.manual_seed(0)
+    fp = Headed().eval()
+    q = msfp.quantize(copy.deepcopy(fp), "w4a4-msfp")
+    with pytest.warns(OutputLayerWarning, match=r"output comes from 'head', which is at 4 bits, while @last kept "
+                                                r"'unet.conv_out' at 8 bits.*eight_bit_layers \+= \['head'\]"):
+        msfp.calibrate(q, fp, scheduler(), num_samples=2, num_steps=2, disable=True, sample_shape=(1, 8, 8))
+    with warnings.catch_warnings():  # the model's own output layer: no warning
+        warnings.simplefilter("error", OutputLayerWarning)
+        fp = tiny_unet()
+        msfp.calibrate(msfp.quantize(copy.deepcopy(fp), "w4a4-msfp"), fp, scheduler(), num_samples=2, num_steps=2,
+                       disable=True)

@@ -75,6 +75,12 @@ def test_roles_find_the_output_layer_of_a_pixart_transformer():
     middle.head = nn.Conv2d(8, 4, 3, padding=1)
     bits = {n: layer.precision for n, layer in quant_layers(msfp.quantize(middle, "w4a4-msfp")).items()}
     assert bits["head"] == "8bit" and bits["mid.proj_out"] == "4bit"
+    # A wrapper around a whole denoiser with a conditioning projection of its own (registered last): the denoiser's
+    # output layer, not the projection.
+    adapted = nn.Module()
+    adapted.unet, adapted.cond_proj = tiny_unet(), nn.Linear(1, 1)
+    bits = {n: layer.precision for n, layer in quant_layers(msfp.quantize(adapted, "w4a4-msfp")).items()}
+    assert bits["unet.conv_out"] == "8bit" and bits["cond_proj"] == "4bit"
 
 
 def test_structural_aals_mark_post_silu_layers_of_resnet_blocks():

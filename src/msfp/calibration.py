@@ -167,9 +167,17 @@ def collect_trajectories(fp_model: nn.Module, scheduler, num_samples: int = 64, 
 _ACTIVATION_TAG = "_msfp_activation"
 
 
-def _tag_activation(out, name: str) -> None:
+# Attribute naming the quantized layer that produced a tensor, to find the layer whose output is the model's.
+_LAYER_TAG = "_msfp_layer"
+
+
+class OutputLayerWarning(UserWarning):
+    """The traced output layer is not the one the ``@last`` role kept at 8 bits."""
+
+
+def _tag(out, attribute: str, name: str) -> None:
     if isinstance(out, torch.Tensor):
-        setattr(out, _ACTIVATION_TAG, name)
+        setattr(out, attribute, name)
 
 
 def _rows_not_samples(name: str, what: str) -> ValueError:
@@ -255,8 +263,11 @@ def record_layer_inputs(qmodel: nn.Module, points: Trajectories, samples_per_lay
         raise ValueError("empty calibration set: no trajectory points to record")
     layers = recorded_inputs(qmodel)
     per_point = max(1, math.ceil(samples_per_layer / len(points)))
-    hooks = [module.register_forward_hook(lambda m, a, out, name=name: _tag_activation(out, name))
+    hooks = [module.register_forward_hook(lambda m, a, out, name=name: _tag(out, _ACTIVATION_TAG, name))
              for name, module in qmodel.named_modules() if type(module).__name__ in _ONE_SIDED_ACTIVATIONS]
+    hooks += [layer.register_forward_hook(lambda m, a, out, name=name: _tag(out, _LAYER_TAG, name))
+              for name, layer in quant_layers(qmodel).items()]
+    output_layers = set()
     recorders = {}
     for i, (name, layer) in enumerate(layers.items()):
         recorders[name] = layer.observer = _LayerRecorder(per_point, seed + i, qmodel.msfp_context)
@@ -265,7 +276,8 @@ def record_layer_inputs(qmodel: nn.Module, points: Trajectories, samples_per_lay
         with quantizers_disabled(qmodel), evaluating(qmodel):
             for x, t, cond in tqdm(points.batches(batch_size), total=math.ceil(len(points) / batch_size),
                                    desc="calibrate: layer inputs", disable=disable):
-                denoise(qmodel, x.to(device), t.to(device), **{k: v.to(device) for k, v in cond.items()})
+                out = denoise(qmodel, x.to(device), t.to(device), **{k: v.to(device) for k, v in cond.items()})
+                output_layers.add(getattr(out, _LAYER_TAG, None))
     finally:
         for layer in layers.values():
             layer.observer = None
@@ -276,7 +288,21 @@ def record_layer_inputs(qmodel: nn.Module, points: Trajectories, samples_per_lay
         raise ValueError(f"{len(silent)} quantized layer(s) never ran during calibration (e.g. {silent[0]!r}): their "
                          "parent module bypasses them or they are unused; keep them full precision with "
                          "QuantConfig.full_precision_layers")
+    _check_output_layer(qmodel, output_layers)
     return {name: rec.result(len(points)) for name, rec in recorders.items()}
+
+
+def _check_output_layer(qmodel: nn.Module, traced: set) -> None:
+    """Warn when the model's output came from a 4-bit layer while the ``@last`` role kept another at 8 bits (a plain
+    wrapper's head after a whole diffusers denoiser): registration order could not tell them apart."""
+    chosen = getattr(qmodel, "msfp_output_layer", None)
+    if "@last" not in qmodel.msfp_config.eight_bit_layers or len(traced) != 1 or None in traced:
+        return  # not asked for, or the output is not one layer's own tensor (reshaped, added to, ...)
+    (name,) = traced
+    if name != chosen and quant_layers(qmodel)[name].precision == "4bit":
+        warnings.warn(f"the model's output comes from {name!r}, which is at 4 bits, while @last kept {chosen!r} at 8 "
+                      f"bits; keep the output layer at 8 bits by naming it: QuantConfig.eight_bit_layers += "
+                      f"[{name!r}]", OutputLayerWarning, stacklevel=3)
 
 
 def _is_aal(layer, rec: dict, config) -> tuple[bool, str]:

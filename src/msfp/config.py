@@ -5,8 +5,9 @@ Layer selectors (``eight_bit_layers``, ``full_precision_layers``) are regular ex
 
 - ``@first``: the first ``Conv2d``/``Linear`` registered in the model (diffusers: ``conv_in`` / ``pos_embed.proj``),
 - ``@last``: the output layer: the model's own ``conv_out``, ``proj_out_2`` or ``proj_out`` (diffusers UNets, DiT,
-  Transformer2DModel, PixArt; or those of the diffusers model a wrapper module holds, when all its layers are that
-  model's) if it has one, else the last one registered,
+  Transformer2DModel, PixArt; or those of the diffusers model a wrapper module holds, when that is a whole denoiser
+  or holds all its layers) if it has one, else the last one registered; calibration warns when the output it traces
+  comes from another layer, at 4 bits,
 - ``@time_embedding``: layers of the timestep/class embedding MLPs (not the per-block ``time_emb_proj``; PixArt's
   shared ``adaln_single`` is one).
 

@@ -48,15 +48,23 @@ _TIME_EMBEDDING = re.compile(r"(^|.*\.)(time_embedding|class_embedding|add_embed
 _OUTPUT_LAYERS = ("conv_out", "proj_out_2", "proj_out")
 
 
+# diffusers classes that are whole denoisers; Transformer2DModel is one with patched inputs (DiT, PixArt) and a block
+# inside UNets with continuous ones.
+_WHOLE_DENOISERS = ("UNet2DModel", "UNet2DConditionModel", "DiTTransformer2DModel", "PixArtTransformer2DModel")
+
+
 def _output_layer(model: nn.Module, names: list[str]) -> list[str]:
     """``[name]`` of the output layer: the model's own ``conv_out``/``proj_out_2``/``proj_out``, else that of the
-    outermost diffusers model it holds when every layer is that model's (so a wrapper module that adapts the call
-    signature changes nothing), else the last registered layer. A plain model with layers of its own around a
-    diffusers block (a Transformer2DModel as its middle) has its own output layer, not the block's ``proj_out``."""
+    outermost diffusers model it holds when that is a whole denoiser or holds every layer (so a wrapper module that
+    adapts the call, with a conditioning projection of its own or none, changes nothing), else the last registered
+    layer: a plain model with layers of its own around a diffusers block (a continuous-input Transformer2DModel as
+    its middle) has its own output layer, not the block's ``proj_out``. Registration order cannot tell a wrapper's
+    adapter from its head; calibration warns when the output it traces comes from another layer."""
     from diffusers import ModelMixin
 
-    inner = next((n for n, m in model.named_modules() if isinstance(m, ModelMixin)), "")
-    wraps = inner and all(n.startswith(f"{inner}.") for n in names)
+    inner, module = next(((n, m) for n, m in model.named_modules() if isinstance(m, ModelMixin)), ("", None))
+    whole = type(module).__name__ in _WHOLE_DENOISERS or getattr(getattr(module, "config", None), "patch_size", None)
+    wraps = inner and (whole or all(n.startswith(f"{inner}.") for n in names))
     candidates = [*_OUTPUT_LAYERS, *(f"{inner}.{n}" for n in _OUTPUT_LAYERS if wraps)]
     return next(([n] for n in candidates if n in names), names[-1:])
 
@@ -142,7 +150,7 @@ def _timestep_hook(module, args, kwargs):
     if x is not None:
         module.msfp_context.set_timesteps(t, x.shape[0], x.device)
     check_quantized_attention(module, module.msfp_quantized_attention)
-    check_unfused_projections(module, module.msfp_projecting_attention)
+    check_unfused_projections(module.msfp_projecting_attention)
 
 
 def _why_not_replaceable(module: nn.Module, aliases: list[str], parent) -> tuple[str, bool] | None:
@@ -254,6 +262,7 @@ def quantize(model: nn.Module, config: QuantConfig | str | dict) -> nn.Module:
         install_attention_quantizers(model, formats, context, config.act_timestep_groups)
     model.msfp_quantized_attention = sorted({name.rpartition(".")[0] for name in formats}) if attention else []
     model.msfp_projecting_attention = projecting_attention(model)
+    model.msfp_output_layer = next(iter(roles["@last"]), None)  # calibration checks it against the traced output
     model.msfp_config = config
     model.msfp_context = context
     model.msfp_full_precision_layers = sorted(full)
