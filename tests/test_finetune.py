@@ -465,9 +465,9 @@ def test_bad_settings_fail_clearly(calibrated):
         finetune(refused, fp, PNDMScheduler(), FinetuneConfig(**CONFIG), disable=True)
     # A teacher on another noise schedule than calibration's trained on other trajectories, silently.
     other = DDIMScheduler.from_config(scheduler().config, beta_schedule="scaled_linear", prediction_type="v_prediction")
-    with pytest.raises(ValueError, match="another noise schedule than the model was calibrated with \(beta_schedule "
-                                         "'linear' there, 'scaled_linear' here; prediction_type 'epsilon' there, "
-                                         "'v_prediction' here\)"):
+    with pytest.raises(ValueError, match=r"another noise schedule than the model was calibrated with \(beta_schedule "
+                                         r"'linear' there, 'scaled_linear' here; prediction_type 'epsilon' there, "
+                                         r"'v_prediction' here\)"):
         finetune(refused, fp, other, FinetuneConfig(**CONFIG), disable=True)
     # Refused before the model changed: the LoRAs it used to add refused the corrected call ("already has LoRAs").
     assert getattr(refused, "msfp_router", None) is None
