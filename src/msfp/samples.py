@@ -226,8 +226,8 @@ def generate(model, scheduler, out, num_samples: int, num_inference_steps: int, 
         raise ValueError(f"{out} is a directory; name the sample file (.npz) to write")
     if out.exists():  # an earlier sample file is replaced, as an output is; anything else (reference statistics) not
         try:  # its names only: reading every image of a large earlier file would cost its size in memory, per rank
-            with np.load(out, allow_pickle=False) as f:
-                held = sorted(f.files) if hasattr(f, "files") else "one array (.npy)"
+            with np.load(out, allow_pickle=False) as f:  # a .npy's array is no context manager: "not readable"
+                held = sorted(f.files)
         except Exception as e:
             held = f"nothing readable as .npz ({type(e).__name__})"
         if not (isinstance(held, list) and {"arr_0", "seeds"} <= set(held)):
