@@ -287,6 +287,17 @@ def test_timestep_reaches_layers_from_inside_a_pipeline():
     assert isinstance(layer, QuantLayer)
 
 
+class Forwarding(nn.Module):
+    """A wrapper whose forward(*args, **kwargs) names no parameter of the model it calls."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, *args, **kwargs):
+        return self.inner(*args, **kwargs)
+
+
 def test_timesteps_reach_the_layers_when_passed_by_name():
     q = msfp.quantize(tiny_plain(), "w4a4-msfp")
     seen = []
@@ -297,15 +308,7 @@ def test_timesteps_reach_the_layers_when_passed_by_name():
     q(x, t=torch.tensor([400, 400]))
     assert seen == [[5, 5], [990, 990], [400, 400]]
 
-    class Wrapper(nn.Module):  # forward(*args, **kwargs) names no parameter: position it is
-        def __init__(self):
-            super().__init__()
-            self.inner = tiny_plain()
-
-        def forward(self, *args, **kwargs):
-            return self.inner(*args, **kwargs)
-
-    q = msfp.quantize(Wrapper(), "w4a4-msfp")
+    q = msfp.quantize(Forwarding(tiny_plain()), "w4a4-msfp")  # its forward names no parameter: position it is
     quant_layers(q)["inner.mid"].observer = lambda lyr, x: seen.append(lyr.context.timesteps.tolist())
     q(x, torch.tensor([7, 7]))
     assert seen[-1] == [7, 7]
@@ -324,15 +327,7 @@ def test_the_timestep_of_a_transformer_that_takes_it_third_reaches_the_layers():
         msfp.models.denoise(q, x, torch.tensor([60, 70]), encoder_hidden_states=text)
     assert [s.tolist() for s in seen] == [[20, 30], [40, 50], [60, 70]]
 
-    class Wrapper(nn.Module):  # forward(*args, **kwargs): the pipeline's timestep= arrives in **kwargs
-        def __init__(self):
-            super().__init__()
-            self.inner = tiny_pixart()
-
-        def forward(self, *args, **kwargs):
-            return self.inner(*args, **kwargs)
-
-    q = msfp.quantize(Wrapper(), "w4a4-msfp")
+    q = msfp.quantize(Forwarding(tiny_pixart()), "w4a4-msfp")  # the pipeline's timestep= arrives in **kwargs
     quant_layers(q)["inner.transformer_blocks.0.ff.net.2"].observer = lambda lyr, x: seen.append(lyr.context.timesteps)
     with torch.no_grad():
         q(x, encoder_hidden_states=text, timestep=torch.tensor([80, 90]))

@@ -8,8 +8,8 @@ timestep by the sampler's denoising factor (DFA) or not (plain MSE).
 
 Runs are deterministic for a seed on the CPU, write an atomic checkpoint every ``checkpoint_every`` iterations, and
 ``resume=True`` continues bit-exactly where the last checkpoint stopped. (On CUDA, whose convolution kernels are not
-deterministic by default, two runs may differ: one ulp can move a value across a 4-bit rounding boundary.) A non-finite loss stops the run with a clear
-error and leaves the last good checkpoint in place.
+deterministic by default, two runs may differ: one ulp can move a value across a 4-bit rounding boundary.) A
+non-finite loss stops the run with a clear error and leaves the last good checkpoint in place.
 """
 
 from __future__ import annotations

@@ -76,14 +76,15 @@ def _from_pretrained(cls: type[ModelMixin], path: Path, **kwargs) -> ModelMixin:
         why = " ".join(str(e).split())[:400]
         raise ValueError(f"{where}: cannot load the {cls.__name__} from its config and weights ({why})") from e
     # Without accelerate, diffusers only logs weights the file lacks and leaves them as uninitialised memory.
-    problems = {what: info.get(key) for what, key in (("missing", "missing_keys"), ("of another shape",
-                                                                                    "mismatched_keys"),
-                                                      ("not in the model", "unexpected_keys"))}
-    problems = {what: [k[0] if isinstance(k, tuple) else k for k in keys] for what, keys in problems.items() if keys}
-    if problems:
-        listed = "; ".join(f"{what}: {', '.join(keys[:3])}" + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
-                           for what, keys in problems.items())
-        raise ValueError(f"{where}: its weights do not fit the {cls.__name__} its config describes ({listed})")
+    listed = []
+    for what, key in (("missing", "missing_keys"), ("of another shape", "mismatched_keys"),
+                      ("not in the model", "unexpected_keys")):
+        names = [k[0] if isinstance(k, tuple) else k for k in info.get(key) or ()]  # mismatched: (name, shapes...)
+        if names:
+            listed.append(f"{what}: {', '.join(names[:3])}" + (f" and {len(names) - 3} more" if len(names) > 3 else ""))
+    if listed:
+        raise ValueError(f"{where}: its weights do not fit the {cls.__name__} its config describes "
+                         f"({'; '.join(listed)})")
     return model
 
 

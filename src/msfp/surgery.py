@@ -24,7 +24,7 @@ from msfp.attention import (attention_inputs, check_attention_replaceable, check
 from msfp.config import ROLES, QuantConfig
 from msfp.fp8 import require_fake_quant
 from msfp.layers import QuantContext, QuantLayer
-from msfp.models import timestep_by_name
+from msfp.models import SUPPORTED_CLASSES, timestep_by_name
 from msfp.quantizers import named_quantizers
 
 # Known diffusers blocks whose child layers read the output of a SiLU/GELU (structural AAL detection).
@@ -48,11 +48,6 @@ _TIME_EMBEDDING = re.compile(r"(^|.*\.)(time_embedding|class_embedding|add_embed
 _OUTPUT_LAYERS = ("conv_out", "proj_out_2", "proj_out")
 
 
-# diffusers classes that are whole denoisers; Transformer2DModel is one with patched inputs (DiT, PixArt) and a block
-# inside UNets with continuous ones.
-_WHOLE_DENOISERS = ("UNet2DModel", "UNet2DConditionModel", "DiTTransformer2DModel", "PixArtTransformer2DModel")
-
-
 def _output_layer(model: nn.Module, names: list[str]) -> list[str]:
     """``[name]`` of the output layer: the model's own ``conv_out``/``proj_out_2``/``proj_out``, else that of the
     outermost diffusers model it holds when that is a whole denoiser or holds every layer (so a wrapper module that
@@ -63,7 +58,10 @@ def _output_layer(model: nn.Module, names: list[str]) -> list[str]:
     from diffusers import ModelMixin
 
     inner, module = next(((n, m) for n, m in model.named_modules() if isinstance(m, ModelMixin)), ("", None))
-    whole = type(module).__name__ in _WHOLE_DENOISERS or getattr(getattr(module, "config", None), "patch_size", None)
+    # A supported denoiser class; Transformer2DModel is one with patched inputs (DiT, PixArt) and a block inside
+    # UNets with continuous ones.
+    kind = type(module).__name__
+    whole = kind in SUPPORTED_CLASSES and (kind != "Transformer2DModel" or module.config.patch_size is not None)
     wraps = inner and (whole or all(n.startswith(f"{inner}.") for n in names))
     candidates = [*_OUTPUT_LAYERS, *(f"{inner}.{n}" for n in _OUTPUT_LAYERS if wraps)]
     return next(([n] for n in candidates if n in names), names[-1:])
