@@ -255,6 +255,15 @@ def test_a_work_dir_is_only_reused_for_the_same_teacher_and_student(calibrated, 
         quant_layers(other_student)["conv_in"].weight_quantizer.scale.mul_(2)  # another calibration
     with pytest.raises(ValueError, match="written for another student model"):
         finetune(other_student, fp, other_schedule, config, work_dir=tmp_path, resume=True, disable=True)
+    # Refused after its LoRAs were added (the check needs their names): they are taken off again, so that the
+    # corrected call may choose other ones; they used to stay and refuse it ("already has LoRAs").
+    assert getattr(other_student, "msfp_router", None) is None
+    assert not other_student._forward_pre_hooks_with_kwargs.keys() - q._forward_pre_hooks_with_kwargs.keys()
+    assert all(layer.lora is None for layer in quant_layers(other_student).values())
+    assert not any(p.requires_grad for p in other_student.parameters())
+    single = FinetuneConfig(**{**CONFIG, "iters": 1, "num_loras": 1, "rank": 1})
+    assert finetune(other_student, fp, other_schedule, single, work_dir=tmp_path / "again",
+                    disable=True).iters_done == 1
     other_format = copy.deepcopy(q)  # the same weights and scale shapes, another activation grid
     quant_layers(other_format)["conv_in"].act_quantizer.fmt = msfp.formats.get_format("fp4_e1m2")
     with pytest.raises(ValueError, match="written for another student model"):

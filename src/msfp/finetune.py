@@ -38,7 +38,7 @@ from msfp.losses import WEIGHTINGS, denoising_factors, dfa_weights, weighted_mse
 from msfp.models import denoise
 from msfp.quantizers import MIN_SCALE, named_quantizers
 from msfp.surgery import quant_layers, set_fused_rounding
-from msfp.talora import add_talora
+from msfp.talora import add_talora, remove_talora
 
 STATE_NAME = "finetune_state.pt"
 TEACHER_NAME = "teacher_trajectories-{key}.safetensors"
@@ -290,7 +290,8 @@ def finetune(qmodel: nn.Module, fp_model: nn.Module, scheduler, config: Finetune
     # A loaded fine-tuned checkpoint: a router, but its LoRAs are merged into the (packed) weights.
     merged = None if router is None else next((n for n, layer in quant_layers(qmodel).items() if layer.lora is None),
                                               None)
-    if config.lora != "none" and router is None:
+    added = config.lora != "none" and router is None
+    if added:
         add_talora(qmodel, config.num_loras if config.lora == "talora" else 1, config.rank, config.seed)
     elif router is not None and config.lora != "none":
         has = dict(qmodel.msfp_talora)
@@ -301,47 +302,55 @@ def finetune(qmodel: nn.Module, fp_model: nn.Module, scheduler, config: Finetune
         if merged is not None:
             raise ValueError(f"{merged}: its LoRAs are merged into packed weights (a loaded fine-tuned checkpoint), so "
                              "there are none to train; use lora='none', or fine-tune the model msfp.quantize returned")
-    if merged is None:  # (merged LoRAs live in the weights themselves)
-        _restore_full_precision_weights(qmodel, fp_model)
-    qmodel.msfp_context.num_train_timesteps = scheduler.config.num_train_timesteps
+    try:
+        if merged is None:  # (merged LoRAs live in the weights themselves)
+            _restore_full_precision_weights(qmodel, fp_model)
+        qmodel.msfp_context.num_train_timesteps = scheduler.config.num_train_timesteps
 
-    # What a work dir's files belong to: this teacher's trajectories, and this student's state that training does
-    # not change (so a model interrupted in this process resumes too).
-    if teacher is not None:
-        teacher.check("finetune(teacher=...)")
-        teacher_key = f"given-{teacher.digest()}"
-    else:
-        teacher_key = trajectory_key(fp_model, scheduler, config.traj_samples, config.traj_steps, config.seed, cond,
-                                     class_labels, sample_shape, batch_size=TEACHER_BATCH, weights=fp_weights)
-    points = teacher if teacher is not None else _teacher(fp_model, scheduler, config, work_dir, teacher_key, cond,
-                                                          class_labels, sample_shape, disable)
-    weights = _point_weights(points, by_t, scheduler, config)
-    groups = _trainable_groups(qmodel, config)
-    trained = _trainable_state(qmodel)
-    identity = None if work_dir is None else dict(teacher=teacher_key, student=_student_key(qmodel, trained))
-    params = [p for g in groups for p in g["params"]]
-    trained_scales = [q.scale for q in named_quantizers(qmodel).values() if q.scale.requires_grad]
-    optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
-    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: max(0.0, 1 - i / config.iters))
-    gen = torch.Generator().manual_seed(config.seed)
-    it, losses = 0, []
-    if state is not None:
-        for what in ("teacher", "student"):
-            if state.get("identity", {}).get(what) != identity[what]:
-                raise ValueError(f"{state_path} was written for another {what} model (or calibration); resume with "
-                                 f"the model and teacher it started from, or delete {state_path.parent}")
-        missing = set(_trainable_state(qmodel)) ^ set(state["trainable"])
-        if missing:
-            raise ValueError(f"{state_path} does not match this model's trainable parameters: {sorted(missing)[:3]}")
-        with torch.no_grad():
-            for name, p in qmodel.named_parameters():
-                if name in state["trainable"]:
-                    p.copy_(state["trainable"][name])
-        optimizer.load_state_dict(state["optimizer"])
-        lr_schedule.load_state_dict(state["lr_schedule"])
-        gen.set_state(state["generator"])
-        it, losses = state["iter"], state["losses"]
-        earlier_runs = state.get("earlier_runs", earlier_runs)  # absent in state files written before it was kept
+        # What a work dir's files belong to: this teacher's trajectories, and this student's state that training does
+        # not change (so a model interrupted in this process resumes too).
+        if teacher is not None:
+            teacher.check("finetune(teacher=...)")
+            teacher_key = f"given-{teacher.digest()}"
+        else:
+            teacher_key = trajectory_key(fp_model, scheduler, config.traj_samples, config.traj_steps, config.seed, cond,
+                                         class_labels, sample_shape, batch_size=TEACHER_BATCH, weights=fp_weights)
+        points = teacher if teacher is not None else _teacher(fp_model, scheduler, config, work_dir, teacher_key, cond,
+                                                              class_labels, sample_shape, disable)
+        weights = _point_weights(points, by_t, scheduler, config)
+        groups = _trainable_groups(qmodel, config)
+        trained = _trainable_state(qmodel)
+        identity = None if work_dir is None else dict(teacher=teacher_key, student=_student_key(qmodel, trained))
+        params = [p for g in groups for p in g["params"]]
+        trained_scales = [q.scale for q in named_quantizers(qmodel).values() if q.scale.requires_grad]
+        optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
+        lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: max(0.0, 1 - i / config.iters))
+        gen = torch.Generator().manual_seed(config.seed)
+        it, losses = 0, []
+        if state is not None:
+            for what in ("teacher", "student"):
+                if state.get("identity", {}).get(what) != identity[what]:
+                    raise ValueError(f"{state_path} was written for another {what} model (or calibration); resume with "
+                                     f"the model and teacher it started from, or delete {state_path.parent}")
+            missing = set(_trainable_state(qmodel)) ^ set(state["trainable"])
+            if missing:
+                raise ValueError(f"{state_path} does not match this model's trainable parameters: "
+                                 f"{sorted(missing)[:3]}")
+            with torch.no_grad():
+                for name, p in qmodel.named_parameters():
+                    if name in state["trainable"]:
+                        p.copy_(state["trainable"][name])
+            optimizer.load_state_dict(state["optimizer"])
+            lr_schedule.load_state_dict(state["lr_schedule"])
+            gen.set_state(state["generator"])
+            it, losses = state["iter"], state["losses"]
+            earlier_runs = state.get("earlier_runs", earlier_runs)  # absent in state files written before it was kept
+    except BaseException:  # a refused or interrupted start leaves no LoRAs behind: a corrected call can follow
+        if added:
+            remove_talora(qmodel)
+        for p in qmodel.parameters():
+            p.requires_grad_(False)
+        raise
 
     def check_finite():
         bad = [n for n, p in qmodel.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]

@@ -160,6 +160,19 @@ def add_talora(qmodel: nn.Module, num_loras: int = 4, rank: int = 4, seed: int =
     return router
 
 
+def remove_talora(qmodel: nn.Module) -> None:
+    """Undo :func:`add_talora`: drop every layer's LoRAs, the router and its routing hook."""
+    from msfp.surgery import quant_layers
+
+    for key, hook in list(qmodel._forward_pre_hooks.items()):
+        if hook is _route_hook:
+            del qmodel._forward_pre_hooks[key]
+            qmodel._forward_pre_hooks_with_kwargs.pop(key, None)
+    for layer in quant_layers(qmodel).values():
+        layer.lora = None
+    del qmodel.msfp_router, qmodel.msfp_talora
+
+
 def is_routed(qmodel: nn.Module) -> bool:
     """Whether ``qmodel`` sends each sample to one of several TALoRA LoRAs by its timestep."""
     router = getattr(qmodel, "msfp_router", None)
