@@ -52,6 +52,22 @@ def test_compiled_fake_quant_raises_the_recompile_limit_only_for_new_inputs(monk
     assert call(torch.randn(7, 3).t()) == 3  # new strides
     x.requires_grad_(True)
     assert call(x) == 4  # autograd graph
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert call(torch.randn(3, 7)) == 5  # was taken for the first call (CUDA's autocast mode only)
+    with torch.inference_mode():
+        assert call(torch.randn(3, 7)) == 6
+
+
+def test_compiled_fake_quant_recompiles_past_the_default_limit_when_dynamo_was_reset():
+    # Calls dynamo has forgotten (torch._dynamo.reset()) compile again, unpatched: the ninth graph of the code object
+    # met dynamo's default limit, which fullgraph=True makes an error, not the eager fallback it once was.
+    scale = torch.tensor(0.3)
+    inputs = [torch.randn(n) for n in range(3, 13)]
+    for x in inputs:
+        compiled_fake_quant(x, "fp4_e2m1", scale, dynamic=False)
+    torch._dynamo.reset()
+    for x in inputs:
+        assert torch.equal(compiled_fake_quant(x, "fp4_e2m1", scale, dynamic=False), fake_quant(x, "fp4_e2m1", scale))
 
 
 def test_fused_rounding_is_the_cuda_default_only_where_it_is_exact(monkeypatch):

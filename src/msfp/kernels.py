@@ -63,7 +63,10 @@ def compiled_fake_quant(x: torch.Tensor, fmt: str | Format, scale: torch.Tensor,
     compiled = _compiled(fmt, dynamic)
     signature = _signature(fmt, dynamic, x, scale, zero_point)
     if signature in _compiled_signatures:
-        return compiled(x, scale=scale, zero_point=zero_point)
+        try:
+            return compiled(x, scale=scale, zero_point=zero_point)
+        except torch._dynamo.exc.FailOnRecompileLimitHit:
+            pass  # global state the signature misses made it compile past dynamo's default limit: raise it
     with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT, fail_on_recompile_limit_hit=True):
         out = compiled(x, scale=scale, zero_point=zero_point)
     _compiled_signatures.add(signature)
@@ -73,11 +76,12 @@ def compiled_fake_quant(x: torch.Tensor, fmt: str | Format, scale: torch.Tensor,
 # The raised limit is needed only while dynamo compiles, but patching dynamo's config costs as much host time as the
 # compiled call itself (~50 µs on a 2-core CPU), which a small model's GPU training step, bound by host work, pays
 # twice per layer. So calls whose inputs match an earlier call (shapes, strides, dtypes, devices, requires_grad, grad
-# and autocast mode: what dynamo's guards check) run unpatched. Should some other global state still make one
-# recompile, it only meets dynamo's default limit: past it, that call runs eagerly, with the same values.
+# inference and autocast modes: what dynamo's guards check) run unpatched. Should some other global state still
+# make one recompile (``torch._dynamo.reset()``, say), past dynamo's default limit the call is made again, patched.
 _compiled_signatures: set = set()
 
 
 def _signature(fmt: Format, dynamic, *tensors) -> tuple:
-    return (fmt, dynamic, torch.is_grad_enabled(), torch.is_autocast_enabled(),
+    autocast = tuple(torch.is_autocast_enabled(device) for device in ("cpu", "cuda"))
+    return (fmt, dynamic, torch.is_grad_enabled(), torch.is_inference_mode_enabled(), autocast,
             *(None if t is None else (t.shape, t.stride(), t.dtype, t.device, t.requires_grad) for t in tensors))
