@@ -179,6 +179,24 @@ def test_fp8_layers_take_empty_inputs_channels_last_and_float64_as_fake_quant_do
     with torch.no_grad():
         ref, got = conv64(tie), Fp8Layer(conv64, use_kernels=False)(tie)
     torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
+    # A float64 layer's scale that float32 cannot hold (0.3): rounded to float32, the grid moved and an input just past
+    # the tie 1.25 (between codes 1 and 1.5) got code 1, a whole step off.
+    linear64 = QuantLayer(torch.nn.Linear(1, 1, bias=False), "m", "fp4_e2m1", "fp4_e2m1", QuantContext()).double()
+    with torch.no_grad():
+        linear64.weight.fill_(1.0)
+        linear64.weight_quantizer.scale.fill_(1 / 6)
+        linear64.act_quantizer.scale.fill_(0.3)
+        x = torch.tensor([[0.3 * (1.25 + 1e-8)]], dtype=torch.float64)
+        assert linear64(x).item() == pytest.approx(0.45, rel=1e-7)
+        assert Fp8Layer(linear64, use_kernels=False)(x).item() == pytest.approx(0.45, rel=1e-7)
+        # The kernels read at most float32, which could cross the tie: float64 is emulated, or an error if insisted on.
+        assert Fp8Layer(linear64)(x).item() == pytest.approx(0.45, rel=1e-7)
+        with pytest.raises(ValueError, match="m: the FP8 kernels read float32, bfloat16 or float16 inputs, not float64"):
+            Fp8Layer(linear64, use_kernels=True)(x)
+    with pytest.raises(ValueError, match="m: use_kernels must be True, False or None, got 'false'"):
+        Fp8Layer(linear64, use_kernels="false")  # was taken for True
+    with pytest.raises(ValueError, match="use_kernels must be True, False or None, got 'false'"):
+        convert_to_fp8(calibrated(tiny_unet), use_kernels="false")
 
 
 def test_convert_sets_every_layers_accumulation():

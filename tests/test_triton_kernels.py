@@ -652,11 +652,13 @@ def test_scaled_mm_is_only_used_where_it_applies(monkeypatch):
     from msfp.fp8 import Fp8Layer
 
     layer, x = scaled_mm_layer(1)
-    monkeypatch.setattr(torch, "_scaled_mm", lambda *a, **k: pytest.fail("float32 inputs must use the Triton GEMM"))
+    monkeypatch.setattr(torch, "_scaled_mm", lambda *a, **k: pytest.fail("this input must use the Triton GEMM"))
     monkeypatch.setattr(tk, "linear_fp8", functools.partial(tk.linear_fp8, **GEMM_BLOCKS))
     with torch.no_grad():
         fp8 = Fp8Layer(layer, use_kernels=True, linear_gemm="scaled_mm")
         assert fp8(x.float()).dtype == torch.float32  # bfloat16 output only: the Triton kernel serves float32
+        # No tokens, no rows: the per-tensor zero point's first row (zero[:1]) did not exist.
+        assert fp8(x[:, :0]).shape == (4, 0, 48)
     assert "torch._scaled_mm" in repr(fp8)
     with pytest.raises(ValueError, match=r"0: unknown linear_gemm 'cublas'"):
         Fp8Layer(layer, linear_gemm="cublas")

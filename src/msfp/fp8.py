@@ -58,7 +58,8 @@ def act_codes(x: torch.Tensor, fmt: Format, scale: torch.Tensor, zero_point: tor
               shift: int) -> torch.Tensor:
     """E4M3 codes ``R(clamp((x - z) / s)) · 2^shift`` of ``x`` (the reference that the Triton kernel matches),
     computed in the dtype fake quantization uses for ``x``: a float64 input rounded in fp32 could cross a tie."""
-    v = _grid_units(x.to(compute_dtype(x.dtype)), fmt, scale, zero_point)
+    compute = compute_dtype(x.dtype)
+    v = _grid_units(x.to(compute), fmt, scale.to(compute), None if zero_point is None else zero_point.to(compute))
     if not fmt.signed:
         # torch.clamp(-0.0, 0.0, …) keeps -0.0 on CPU but gives +0.0 on CUDA; + 0.0 makes an unsigned grid's zero
         # code +0.0 on every device (and changes no other value).
@@ -127,6 +128,8 @@ class Fp8Layer(nn.Module):
             raise ValueError(f"{layer.name}: split_k must be a positive int or 'auto', got {split_k!r}")
         if not isinstance(precise_acc, bool):
             raise ValueError(f"{layer.name}: precise_acc must be True or False, got {precise_acc!r}")
+        if not (use_kernels is None or isinstance(use_kernels, bool)):  # "false" would count as True
+            raise ValueError(f"{layer.name}: use_kernels must be True, False or None, got {use_kernels!r}")
         aq, wq = layer.act_quantizer, layer.weight_quantizer
         if not wq.enabled or not aq.enabled:
             raise Fp8Unsupported(f"{layer.name}: quantizers are disabled (a full-precision layer)")
@@ -170,8 +173,10 @@ class Fp8Layer(nn.Module):
             # the GEMM epilogue one product, activation scale × code_scale, per output.
             self.register_buffer("code_scale", w_scale * 2.0 ** -(weight_shift + self.act_shift))
             self.register_buffer("bias", None if layer.bias is None else layer.bias.detach().float().clone())
-            self.register_buffer("act_scale", aq.scale.detach().float().clamp_min(MIN_SCALE).clone())
-            zero = aq.zero_point.detach().float().clone() if aq.fmt.needs_zero_point else None
+            # In the quantizer's dtype (float64 in a float64 model): a scale rounded to float32 moves the grid, and an
+            # input next to a rounding tie would get the neighbouring code.
+            self.register_buffer("act_scale", aq.scale.detach().clamp_min(MIN_SCALE).clone())
+            zero = aq.zero_point.detach().clone() if aq.fmt.needs_zero_point else None
             self.register_buffer("act_zero_point", zero)
             # The zero-point correction needs only the dequantized weight's sums over input channels, per tap.
             self.register_buffer("weight_tap_sums", torch.stack(tap_sums) if zero is not None else None)
@@ -181,8 +186,13 @@ class Fp8Layer(nn.Module):
     def num_weight_sets(self) -> int:
         return self.weight_codes.shape[0]
 
-    def _kernels_for(self, device: torch.device) -> bool:
-        return fp8_kernels_available(device)[0] if self.use_kernels is None else self.use_kernels
+    def _kernels_for(self, x: torch.Tensor) -> bool:
+        if x.dtype == torch.float64:  # rounded to float32 for the kernels, an input next to a tie could cross it
+            if self.use_kernels:
+                raise ValueError(f"{self.name}: the FP8 kernels read float32, bfloat16 or float16 inputs, not "
+                                 "float64; convert with use_kernels=None to emulate them exactly for float64")
+            return False
+        return fp8_kernels_available(x.device)[0] if self.use_kernels is None else self.use_kernels
 
     def _zero_point_correction(self, k: int, spatial: tuple[int, ...], kernels: bool) -> torch.Tensor:
         """``1_valid ⊛ Q_w(W_k)``: (O,) for linears; for convolutions of an input of size ``spatial`` (O, OH, OW),
@@ -202,9 +212,10 @@ class Fp8Layer(nn.Module):
                                               .to(sums.dtype))
         return cached[1]
 
-    def _scaled_mm_applies(self, w_codes: torch.Tensor, out_dtype: torch.dtype) -> bool:
-        # torch._scaled_mm's row-wise scaling writes bfloat16 only and needs 16-aligned K and N.
-        return (self.linear_gemm == "scaled_mm" and out_dtype == torch.bfloat16
+    def _scaled_mm_applies(self, codes: torch.Tensor, w_codes: torch.Tensor, out_dtype: torch.dtype) -> bool:
+        # torch._scaled_mm's row-wise scaling writes bfloat16 only and needs 16-aligned K and N; no rows (an empty
+        # token sequence) go to the Triton GEMM, which takes them.
+        return (self.linear_gemm == "scaled_mm" and out_dtype == torch.bfloat16 and codes.shape[0] > 0
                 and w_codes.shape[0] % 16 == 0 and w_codes.shape[1] % 16 == 0)
 
     def _gemm(self, codes: torch.Tensor, k: int, a_scale: torch.Tensor, zero: torch.Tensor | None,
@@ -216,7 +227,7 @@ class Fp8Layer(nn.Module):
         if kernels:
             from msfp import triton_kernels
 
-            if self.kind == "linear" and self._scaled_mm_applies(w_codes, out_dtype):
+            if self.kind == "linear" and self._scaled_mm_applies(codes, w_codes, out_dtype):
                 return _scaled_mm_linear(codes, w_codes, a_scale, self.code_scale, self.bias, zero, corr,
                                          fast_accum=not self.precise_acc)
             if self.kind == "linear":
@@ -315,14 +326,15 @@ class Fp8Layer(nn.Module):
         else:
             rows, x2, view = 1, x, (-1, 1, 1, 1)
         a_scale, zero = self._act_params(x.shape[0], rows)
-        kernels, pad = self._kernels_for(x.device), (0, 0)
+        compute = compute_dtype(x.dtype)  # as fake quantization takes the scales (no copy where they have it)
+        a_scale, zero = a_scale.to(compute), None if zero is None else zero.to(compute)
+        kernels, pad = self._kernels_for(x), (0, 0)
         if kernels:
             from msfp import triton_kernels
 
             # NHWC codes for convolutions (the kernel's layout); permuted back to a logical NCHW view here.
             routed = self.num_weight_sets > 1 and self.context.route is not None
             pad = self._border(x.shape[1], routed) if self.kind == "conv2d" else (0, 0)
-            x2 = x2.float() if x2.dtype == torch.float64 else x2  # the kernels read fp32/bf16/fp16
             try:
                 codes = triton_kernels.act_codes(x2, self.act_fmt, a_scale, zero, self.act_shift, pad=pad)
             except triton_kernels.KernelsUnavailable as e:  # e.g. converted on a GPU, then moved to the CPU
@@ -438,6 +450,8 @@ def convert_to_fp8(model: nn.Module, use_kernels: bool | None = None, linear_gem
     require_fake_quant(model, "convert_to_fp8", f"they were converted with {options}; convert "
                        "msfp.load_quantized(directory) (backend 'fake') with other options instead")
     layers = quant_layers(model)
+    if not (use_kernels is None or isinstance(use_kernels, bool)):
+        raise ValueError(f"use_kernels must be True, False or None, got {use_kernels!r}")
     if use_kernels:
         for device in {layer.weight.device for layer in layers.values()}:
             available, why = fp8_kernels_available(device)
