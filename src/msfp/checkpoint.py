@@ -66,6 +66,7 @@ from msfp.formats import compute_dtype, get_format
 from msfp.fp8 import convert_to_fp8, require_fake_quant
 from msfp.identity import differences, weights_digest
 from msfp.layers import QuantLayer
+from msfp.models import unwrapped
 from msfp.packing import decode, pack, quantize_to_codes, unpack
 from msfp.quantizers import MIN_SCALE, quantizer_keys
 from msfp.surgery import UnsupportedLayersWarning, quant_layers, quantizable_layers, quantize
@@ -289,6 +290,7 @@ def quant_meta(model: nn.Module) -> dict:
     """What ``msfp_quant.json`` holds for a calibrated model (less the checksums), without writing anything:
     formats, layer policy, per-layer calibration report, FLOPs. Works for models a packed checkpoint cannot hold yet
     (quantizers switched off, several TALoRA LoRAs)."""
+    model = unwrapped(model)  # torch.compile's wrapper would prefix every name and record its own class
     layers = quant_layers(model)
     attention = attention_quantizers(model)
     _check_calibrated(layers, attention)
@@ -312,6 +314,8 @@ def quant_meta(model: nn.Module) -> dict:
         buffer_dtypes=_unsaved_buffer_dtypes(model, fp_state.keys()),
         attention={n: dict(q.info, act_format=q.act_quantizer.fmt.name) for n, q in attention.items()},
         geometry={n: g for n, layer in layers.items() if (g := _conv_geometry(layer)) is not None},
+        # Stored as packed codes, the weights' shapes are not in the weights file (a 3×3 kernel's codes fit a 1×9).
+        weight_shapes={n: list(layer.weight.shape) for n, layer in layers.items()},
     )
     return json.loads(json.dumps(meta, default=_json_default))  # plain JSON values, as read_quant_meta returns
 
@@ -343,6 +347,7 @@ def save_quantized(model: nn.Module, directory: str | os.PathLike) -> Path:
     # Saved, FP8 layers would be missing from the checkpoint, which could replace a good one at `directory`.
     require_fake_quant(model, "save_quantized", "a packed checkpoint stores the fake-quant model (msfp.load_quantized("
                        "directory), backend 'fake'), which load_quantized(…, backend='fp8') converts when loading")
+    model = unwrapped(model)
     meta = quant_meta(model)
     layers = quant_layers(model)
     attention = attention_quantizers(model)
@@ -433,7 +438,7 @@ def _check_meta(meta: dict, meta_path: Path) -> None:
 def _build_base(meta: dict, model: nn.Module | None, where: Path) -> nn.Module:
     base = meta["base_model"]
     if model is not None:
-        require_base_model(meta, model, where, f"the model passed ({type(model).__name__})")
+        require_base_model(meta, model, where, "the model passed")
         return model
     if base["library"] != "diffusers":
         raise ValueError(f"{where}: the base model is a plain PyTorch module ({base['class_name']}); pass an "
@@ -527,13 +532,25 @@ def _check_same_layers(built: set[str], saved: set[str], path: Path) -> None:
 
 def _check_fits(base: nn.Module, meta: dict, state: dict, path: Path) -> None:
     """The checks of the checkpoint against the full-precision ``base`` that can run before quantizing it: the same
-    quantized layers, their packed codes' sizes, and the shapes of the tensors stored as they are."""
+    quantized layers, their weights' shapes and packed codes' sizes, the same full-precision tensors, and the shapes
+    of the tensors stored as they are."""
     full = set(meta["quantization_config"]["modules_to_not_convert"])
     modules = dict(quantizable_layers(base))
     _check_same_layers({n for n in modules if n not in full}, set(meta["layers"]), path)
-    fp_state = base.state_dict()
-    problems = [f"{k}: shape {tuple(v.shape)}, model expects {tuple(fp_state[k].shape)}"
-                for k, v in state.items() if k in fp_state and tuple(v.shape) != tuple(fp_state[k].shape)]
+    fp_state = {k: v for k, v in base.state_dict().items() if isinstance(v, torch.Tensor)}
+    # The tensors msfp adds (quantizers, router) and the packed codes are checked after quantizing; the others are the
+    # base model's, less the quantized weights (stored as codes).
+    added = tuple([f"{n}.{q}." for n in meta["layers"] for q in ("weight_quantizer", "act_quantizer")]
+                  + [f"{n}." for n in meta.get("attention", {})] + ["msfp_router."])
+    stored = {k for k in state if not k.endswith(CODES_SUFFIX) and not k.startswith(added)}
+    wanted = fp_state.keys() - {f"{n}.weight" for n in meta["layers"]}
+    problems = [f"missing {k}" for k in sorted(wanted - stored)] + [f"unexpected {k}" for k in sorted(stored - wanted)]
+    problems += [f"{k}: shape {tuple(v.shape)}, model expects {tuple(fp_state[k].shape)}"
+                 for k, v in state.items() if k in fp_state and tuple(v.shape) != tuple(fp_state[k].shape)]
+    for name, there in meta.get("weight_shapes", {}).items():  # checkpoints before it have none
+        here = list(modules[name].weight.shape) if name in modules else there
+        if here != there:
+            problems.append(f"{name}.weight: shape {tuple(there)} when quantized, model has {tuple(here)}")
     for name, there in meta.get("geometry", {}).items():  # checkpoints before it have none
         here = _conv_geometry(modules[name]) if name in modules else None
         if here is not None and here != there:
