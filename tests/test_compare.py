@@ -10,7 +10,8 @@ import torch
 from click.testing import CliRunner
 
 from msfp.cli import main
-from msfp.compare import METHODS, Built, CompareSettings, parse_methods, register_method, run_compare
+from msfp.compare import (METHODS, Built, CompareSettings, build_ptq, parse_methods, register_method,
+                          run_compare)
 
 TINY = ["--num", 10, "--steps", 2, "--calib-samples", 3, "--calib-steps", 2, "--heldout-samples", 2, "--batch", 8]
 
@@ -87,6 +88,13 @@ def test_bad_method_lists_valid_ones(tmp_path):
     assert parse_methods("w4a4-int") == ["fp", "w4a4-int"]  # the reference is always drawn
     r = run("compare", "--methods", "", "--out", tmp_path / "x")  # ran the reference alone
     assert r.exit_code == 1 and "no method names in ''" in r.output and not (tmp_path / "x").exists()
+    # The Python API checked nothing: a KeyError after the reference's sampling, leaving a run to resume.
+    with pytest.raises(ValueError, match="unknown method\\(s\\) 'nonexistent'; valid methods: fp, "):
+        run_compare(CompareSettings(), ["fp", "nonexistent"], tmp_path / "x")
+    with pytest.raises(ValueError, match="expected a non-empty list of method names, got 'fp,w4a4-int' "
+                                         "\\(parse_methods\\('a,b'\\) makes one\\)"):
+        run_compare(CompareSettings(), "fp,w4a4-int", tmp_path / "x")
+    assert not (tmp_path / "x").exists() and not (tmp_path / ".x.compare").exists()
 
 
 def test_a_directory_that_is_not_a_report_is_never_replaced(tmp_path, monkeypatch):
@@ -157,8 +165,6 @@ def test_list_methods_prints_the_registry():
 
 
 def test_registered_method_and_unavailable_method(tmp_path, tiny_model_dir):
-    from msfp.compare import build_ptq
-
     def finetuned(ctx):
         built = build_ptq(ctx, "w4a4-msfp")
         built.notes.append("fine-tuned for 0 steps")
@@ -397,8 +403,6 @@ def test_the_code_digest_covers_every_file_of_the_package(tmp_path, monkeypatch)
 
 
 def test_an_interrupted_run_keeps_the_earlier_report_and_resumes(tmp_path, tiny_model_dir):
-    from msfp.compare import build_ptq
-
     compare(tmp_path, "r", tiny_model_dir, "fp,w4a4-int")  # an earlier, complete run
     report = tmp_path / "r"
     earlier = {p: p.read_bytes() for p in report.rglob("*") if p.is_file() and "cache" not in p.parts}
@@ -447,6 +451,26 @@ def test_an_interrupted_run_keeps_the_earlier_report_and_resumes(tmp_path, tiny_
         assert r.exit_code == 1 and "nothing to resume: " in r.output and "progress.json does not exist" in r.output
     finally:
         METHODS.pop("test-flaky")
+        METHODS.pop("test-broken")
+
+
+def test_a_registered_method_changed_since_the_interrupted_run_runs_again(tmp_path, tiny_model_dir):
+    # Its code is not in the run's fingerprint: the old method's result was published under the name, silently.
+    register_method("test-changing", lambda ctx: Built(copy.deepcopy(ctx.fp_model)), "a copy of fp")
+    register_method("test-broken", lambda ctx: 1 / 0, "always fails")
+    try:
+        args = ["compare", "--model", tiny_model_dir, "--out", tmp_path / "r", *TINY]
+        assert isinstance(run(*args, "--methods", "test-changing,test-broken").exception, ZeroDivisionError)
+        METHODS.pop("test-changing")
+        register_method("test-changing", lambda ctx: build_ptq(ctx, "w4a4-int"), "w4a4-int under another name")
+        r = run(*args, "--methods", "test-changing", "--resume")
+        assert r.exit_code == 0, r.output
+        assert ("test-changing: the interrupted run ran it as 'a copy of fp', it is registered as 'w4a4-int under "
+                "another name' now: run again") in r.output
+        result = json.loads((tmp_path / "r" / "results.json").read_text())["methods"]["test-changing"]
+        assert result["description"] == "w4a4-int under another name" and result["metrics"]["psnr"] < 100
+    finally:
+        METHODS.pop("test-changing")
         METHODS.pop("test-broken")
 
 

@@ -143,7 +143,10 @@ _WINDOWS_DEVICES = {"con", "prn", "aux", "nul", *(f"{port}{n}" for port in ("com
 
 def register_method(name: str, build: Callable[[Context], Built], description: str,
                     unavailable: Callable[[], str | None] | None = None) -> Method:
-    """Make ``name`` usable in ``msfp compare --methods``; ``build(context) -> Built``."""
+    """Make ``name`` usable in ``msfp compare --methods``; ``build(context) -> Built``.
+
+    A resumed compare reuses the result an interrupted run had for ``name`` only if ``description`` is the same:
+    describe what the method does (its settings), so that a changed method is run again."""
     if name in METHODS:
         raise ValueError(f"method {name!r} is already registered")
     # The name is a file name too (OUT/samples/NAME.npz), so only characters that are safe in file names on every
@@ -277,6 +280,14 @@ def parse_methods(text: str | None) -> list[str]:
     if not names:  # "" ran the reference alone
         raise ValueError(f"no method names in {text!r}: list them separated by commas, or leave the list out for the "
                          "defaults")
+    return check_methods(names)
+
+
+def check_methods(names) -> list[str]:
+    """``names``, registered methods each listed once, with the reference ``fp`` first; clear errors."""
+    if isinstance(names, str) or not names:
+        raise ValueError(f"expected a non-empty list of method names, got {names!r} (parse_methods('a,b') makes one)")
+    names = list(names)
     unknown = [n for n in names if n not in METHODS]
     if unknown:
         raise ValueError(f"unknown method(s) {', '.join(map(repr, unknown))}; valid methods: {', '.join(METHODS)}")
@@ -316,7 +327,7 @@ def _progress(work: Path, fingerprint: dict, resume: bool) -> dict:
             raise FileExistsError(f"{work} holds an interrupted run: continue it with --resume, or delete {work} to "
                                   "start over")
         shutil.rmtree(work, ignore_errors=True)  # a run interrupted before its first method finished
-        return dict(fingerprint=fingerprint, methods={}, skipped={})
+        return dict(fingerprint=fingerprint, methods={}, skipped={}, descriptions={})
     if not path.is_file():
         raise FileNotFoundError(f"nothing to resume: {path} does not exist")
     try:
@@ -340,6 +351,8 @@ def _progress(work: Path, fingerprint: dict, resume: bool) -> dict:
             differ[differ.index("settings")] = f"settings ({fields})"
         raise ValueError(f"{work} holds a run that differs in {', '.join(differ)}: resuming it would mix results; "
                          f"delete {work} to start over")
+    if not isinstance(progress.setdefault("descriptions", {}), dict):
+        raise ValueError(f"{path} is damaged (not the record msfp compare writes); delete {work} to start over")
     return progress
 
 
@@ -399,6 +412,7 @@ def run_compare(settings: CompareSettings, methods: list[str], out, command: str
     interrupted run: the methods it finished are reused if the settings, model, reference and machine are the same.
     Another compare writing the same ``out`` at the same time is refused.
     """
+    methods = check_methods(methods)  # before any work: an unknown name used to stop the run after the reference
     out = Path(out).resolve()  # "." has no name to put the work directory beside
     with exclusive_run(out, "msfp compare"):
         return _run_compare(settings, methods, out, command, reference, disable, resume)
@@ -437,13 +451,21 @@ def _run_compare(settings: CompareSettings, methods: list[str], out: Path, comma
     try:
         for k, name in enumerate(methods, 1):
             method = METHODS[name]
+            stale = None
             if name in progress["methods"] and not _kept_files(work, progress["methods"][name]):
-                _log(f"[{k}/{len(methods)}] {name}: its files from the interrupted run are missing or damaged: run "
-                     "again")
+                stale = "its files from the interrupted run are missing or damaged"
+            elif ((name in progress["methods"] or name in progress["skipped"])
+                  and progress["descriptions"].get(name) != method.description):
+                # msfp's own methods are in the code digest; a registered one is known by its description only.
+                stale = (f"the interrupted run ran it as {progress['descriptions'].get(name)!r}, it is registered as "
+                         f"{method.description!r} now")
+            if stale is not None:
+                _log(f"[{k}/{len(methods)}] {name}: {stale}: run again")
                 path = _samples_path(work, name)  # generate() replaces a sample file, never a damaged one
                 for damaged in (path, grid_path(path)):
                     damaged.unlink(missing_ok=True)
-                del progress["methods"][name]
+                progress["methods"].pop(name, None)
+                progress["skipped"].pop(name, None)
             reason = method.unavailable()
             if reason is not None:
                 _log(f"[{k}/{len(methods)}] {name}: skipped ({reason})")
@@ -464,6 +486,7 @@ def _run_compare(settings: CompareSettings, methods: list[str], out: Path, comma
                     # A diverged method is a finding, not a reason to lose the other methods' results.
                     _log(f"[{k}/{len(methods)}] {name}: no result: {e}")
                     skipped[name] = progress["skipped"][name] = f"no result: {e}"
+                progress["descriptions"][name] = method.description
                 progress["seconds"] = round(earlier + time.time() - began, 1)
                 write_json(work / PROGRESS_NAME, progress)
     except BaseException:
