@@ -36,9 +36,9 @@ def paired_fd_differences(result: dict, level: float = 0.9) -> list[dict]:
     out = []
     for (prev, a), (name, b) in zip(rows, rows[1:]):
         diffs = np.asarray(b["fd_bootstrap"]) - np.asarray(a["fd_bootstrap"])
-        lo, hi = bootstrap_interval(diffs, level)
-        out.append(dict(method=name, versus=prev, fd_difference=b["metrics"]["fd"] - a["metrics"]["fd"],
-                        interval=[lo, hi], level=level))
+        difference = b["metrics"]["fd"] - a["metrics"]["fd"]
+        lo, hi = bootstrap_interval(diffs, difference, level)
+        out.append(dict(method=name, versus=prev, fd_difference=difference, interval=[lo, hi], level=level))
     return out
 
 

@@ -53,8 +53,9 @@ def difference(run: dict, reference: dict) -> dict:
     diff = np.abs(images.astype(np.int16) - ref_images.astype(np.int16))
     db, mse = psnr(images, ref_images)
     fd_diffs = np.asarray(run["evaluation"]["fd_bootstrap"]) - np.asarray(reference["evaluation"]["fd_bootstrap"])
-    return dict(fd_difference=run["evaluation"]["metrics"]["fd"] - reference["evaluation"]["metrics"]["fd"],
-                fd_difference_interval=list(bootstrap_interval(fd_diffs, 0.9)), psnr=db, mse=mse,
+    fd_difference = run["evaluation"]["metrics"]["fd"] - reference["evaluation"]["metrics"]["fd"]
+    return dict(fd_difference=fd_difference, fd_difference_interval=list(bootstrap_interval(fd_diffs, fd_difference)),
+                psnr=db, mse=mse,
                 max_abs_diff=int(diff.max()), mean_abs_diff=float(diff.mean()),
                 identical_images=float((diff.reshape(len(diff), -1).max(axis=1) == 0).mean()),
                 identical_pixels=float((diff == 0).mean()))

