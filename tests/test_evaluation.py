@@ -89,8 +89,13 @@ def test_reference_images_of_other_modes_keep_their_values(tmp_path):
     Image.fromarray(ramp.astype(np.uint16) * 257).save(tmp_path / "a_16bit.png")  # convert("L") clipped it to 0/255
     Image.fromarray(ramp).convert("LA").save(tmp_path / "b_alpha.png")  # read as RGB: 3 channels
     Image.fromarray(ramp).save(tmp_path / "c_8bit.png")
+    Image.fromarray(ramp).convert("P").save(tmp_path / "d_gray_palette.png")  # read as RGB: 3 channels
     images = load_image_dir(tmp_path)
-    assert images.shape == (3, 16, 16, 1) and all((im[..., 0] == ramp).all() for im in images)
+    assert images.shape == (4, 16, 16, 1) and all((im[..., 0] == ramp).all() for im in images)
+    (tmp_path / "rgb").mkdir()
+    color = np.stack([ramp, ramp[::-1], ramp.T], axis=-1)
+    Image.fromarray(color).convert("P", palette=Image.Palette.ADAPTIVE).save(tmp_path / "rgb" / "a.png")
+    assert load_image_dir(tmp_path / "rgb").shape == (1, 16, 16, 3)  # a palette of colours stays RGB
 
 
 def test_reference_image_directories_skip_hidden_files_and_name_a_damaged_one(tmp_path):

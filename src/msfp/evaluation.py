@@ -93,7 +93,7 @@ def load_image_dir(path: str | os.PathLike) -> np.ndarray:
                 if im.mode.startswith("I"):
                     a = np.round(np.asarray(im, dtype=np.float64) / 257).astype(np.uint8)
                 else:
-                    a = np.asarray(im.convert("L" if im.mode in ("1", "L", "LA") else "RGB"))
+                    a = np.asarray(im.convert("L" if _grayscale(im) else "RGB"))
         except (OSError, SyntaxError) as e:  # Pillow raises both for damaged files
             raise ValueError(f"{f}: not a readable image ({e})") from e
         a = a[..., None] if a.ndim == 2 else a
@@ -102,6 +102,14 @@ def load_image_dir(path: str | os.PathLike) -> np.ndarray:
                              "images must have the same size and channel count")
         images.append(a)
     return np.stack(images)
+
+
+def _grayscale(im) -> bool:
+    """Whether a Pillow image holds gray levels only: a gray mode, or a palette of grays (GIFs, indexed PNGs)."""
+    if im.mode in ("P", "PA"):
+        palette = im.getpalette() or []
+        return all(palette[i] == palette[i + 1] == palette[i + 2] for i in range(0, len(palette) - 2, 3))
+    return im.mode in ("1", "L", "LA")
 
 
 def load_reference(ref: str | os.PathLike | None = None, ref_images: str | os.PathLike | None = None,
