@@ -498,6 +498,14 @@ def test_a_quantized_layer_of_another_kernel_shape_is_refused(tmp_path):
         msfp.load_quantized(out, model=other)
 
 
+def test_the_metadata_file_has_each_list_of_numbers_on_one_line(saved):
+    # json.dumps(indent=1) put every number of every weight shape, stride and router run on a line of its own.
+    text = (saved[1] / checkpoint.CONFIG_NAME).read_text()
+    conv = quant_layers(saved[0])["down_blocks.0.resnets.0.conv1"]
+    assert f'"down_blocks.0.resnets.0.conv1": {list(conv.weight.shape)}' in text
+    assert json.loads(text) == checkpoint.read_quant_meta(saved[1])
+
+
 def test_a_compiled_model_is_saved_as_the_model_it_compiles(tmp_path, saved):
     # Saved as it was, every name had torch.compile's "_orig_mod." prefix and the base model was an OptimizedModule:
     # the checkpoint it replaced a good one with could not be loaded.

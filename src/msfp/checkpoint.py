@@ -371,7 +371,7 @@ def save_quantized(model: nn.Module, directory: str | os.PathLike) -> Path:
         save_file(state, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
         meta["weights_sha256"] = _sha256(tmp / WEIGHTS_NAME)
         meta["meta_sha256"] = _meta_sha256(meta)
-        (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=1) + "\n")
+        (tmp / CONFIG_NAME).write_text(_readable_json(meta))
     return out
 
 
@@ -451,6 +451,16 @@ def _build_base(meta: dict, model: nn.Module | None, where: Path) -> nn.Module:
     # initialisation as diffusers' from_pretrained does: faster, and its temporaries never inflate resident memory.
     with no_init_weights():
         return cls.from_config(base["config"])
+
+
+# A list of numbers as json.dumps(indent=1) lays it out, one number a line (a string holds no raw newline).
+_NUMBER_LIST = re.compile(r"\[\n\s*(-?[\d.eE+-]+(?:,\n\s*-?[\d.eE+-]+)*)\n\s*\]")
+
+
+def _readable_json(meta: dict) -> str:
+    """``meta`` indented, with each list of numbers (weight shapes, strides, router runs) on one line."""
+    return _NUMBER_LIST.sub(lambda m: "[" + ", ".join(re.split(r",\n\s*", m.group(1))) + "]",
+                            json.dumps(meta, indent=1)) + "\n"
 
 
 def _meta_sha256(meta: dict) -> str:
