@@ -14,6 +14,7 @@ import subprocess
 import sys
 import zlib
 
+import numpy as np
 import pytest
 import torch
 
@@ -211,6 +212,11 @@ def test_act_codes_rejects_bad_arguments():
         tk.act_codes(x, "fp4_e2m1", one, None, out=torch.empty(4, 2, dtype=FP8, device=DEV))
     with pytest.raises(ValueError, match="4-D NCHW or 2-D"):
         tk.act_codes(x[0], "fp4_e2m1", one, None)
+    with pytest.raises(ValueError, match=r"block_r and block_c must be powers of two \(tl.arange\), got \(48, "):
+        tk.act_codes(x, "fp4_e2m1", one, None, block_r=48)  # failed inside the kernel
+    tk.act_codes(x, "fp4_e2m1", one, None, shift=1)
+    with pytest.raises(ValueError, match="shift must be an int"):  # accepted once the int's plan was made (1.0 == 1)
+        tk.act_codes(x, "fp4_e2m1", one, None, shift=1.0)
 
 
 def random_codes(shape, gen, spread=4.0):
@@ -407,8 +413,10 @@ def test_tma_rejects_what_it_cannot_load():
         tk.conv2d_fp8(x.permute(0, 3, 1, 2).contiguous().permute(0, 2, 3, 1), w, one, sixteen, tma=True)
     with pytest.raises(ValueError, match=r"w_codes .* TMA reads it as \(O, KH\*KW, C\)"):
         tk.conv2d_fp8(x, w.permute(0, 2, 1, 3).contiguous().permute(0, 2, 1, 3), one, sixteen, tma=True)
-    with pytest.raises(ValueError, match=r"with tma, block_m, block_n, block_k must be powers of two, got \(48"):
-        tk.conv2d_fp8(x, w, one, sixteen, tma=True, block_m=48, block_n=16, block_k=32)
+    for tma in (True, False):  # without TMA it failed inside the kernel ("arange's range must be a power of 2")
+        with pytest.raises(ValueError, match=r"block_m, block_n, block_k must be given together and each be a power "
+                                             r"of two ≥ 16 \(tl.arange\), got \(48"):
+            tk.conv2d_fp8(x, w, one, sixteen, tma=tma, block_m=48, block_n=16, block_k=32)
     with pytest.raises(ValueError, match=r"zero_bordered: x_codes \(1, 4, 4, 32\) with strides \(512, 128, 32, 1\) "
                                          r"is not the interior of a contiguous \(1, 6, 6, 32\) buffer"):
         tk.conv2d_fp8(x, w, one, sixteen, padding=1, tma=True, zero_bordered=True)
@@ -487,8 +495,15 @@ def test_gemm_launchers_reject_bad_arguments():
         tk.conv2d_fp8(x, w, one, six, zp=one)
     with pytest.raises(ValueError, match=r"zp_weight_sums must be a floating-point tensor of shape \(6, 3, 3\)"):
         tk.conv2d_fp8(x, w, one, six, zp=one, zp_weight_sums=torch.zeros(2, 2, 6, device=DEV))
-    with pytest.raises(ValueError, match="must be given together and each be ≥ 16"):
+    with pytest.raises(ValueError, match="must be given together and each be a power of two ≥ 16"):
         tk.conv2d_fp8(x, w, one, six, block_m=16)
+    tk.conv2d_fp8(x, w, one, six, split_k=2, **GEMM_BLOCKS)
+    with pytest.raises(ValueError, match="split_k must be a positive int, got 2.0"):  # was a TypeError inside torch
+        tk.conv2d_fp8(x, w, one, six, split_k=2.0, **GEMM_BLOCKS)
+    # A numpy integer is an int (it was "not iterable"); a bool is not.
+    assert tk.conv2d_fp8(x, w, one, six, padding=np.int64(1), **GEMM_BLOCKS).shape == (1, 4, 4, 6)
+    with pytest.raises(ValueError, match="stride must be an int or a pair of ints, got True"):
+        tk.conv2d_fp8(x, w, one, six, stride=True)
     with pytest.raises(ValueError, match="maxnreg and warp_specialize need fixed blocks"):
         tk.conv2d_fp8(x, w, one, six, maxnreg=128)
     with pytest.raises(ValueError, match=r"w_codes must have shape \(N, 8\)"):
@@ -646,6 +661,20 @@ def test_linear_gemm_through_scaled_mm_equals_the_emulated_path(timestep_groups,
     zero_term = fp8.act_zero_point.abs().max() * fp8._zero_point_correction(0, (), kernels=True).abs().max()
     atol = 2**-8 * (3 * want.abs().max() + fp8.bias.abs().max() + zero_term).item()
     torch.testing.assert_close(got.float(), want.float(), rtol=0, atol=atol)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_kernels_launch_on_the_gpu_that_holds_their_tensors():
+    # Triton launches on the current device: a layer on cuda:1 ran on cuda:0 with cuda:1's pointers.
+    from msfp.fp8 import Fp8Layer
+
+    layer, x = scaled_mm_layer(1)
+    layer, x = layer.to("cuda:1"), x.float().to("cuda:1")
+    with torch.no_grad(), torch.cuda.device(0):
+        want = Fp8Layer(layer, use_kernels=False)(x)
+        got = Fp8Layer(layer, use_kernels=True)(x)
+    assert got.device == torch.device("cuda:1")
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
 
 
 def test_scaled_mm_is_only_used_where_it_applies(monkeypatch):

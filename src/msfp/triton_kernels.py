@@ -30,8 +30,10 @@ from __future__ import annotations
 import contextvars
 import dataclasses
 import functools
+import contextlib
 import inspect
 import multiprocessing
+import numbers
 import os
 import pickle
 import re
@@ -102,10 +104,10 @@ def _check_vector(t: torch.Tensor | None, name: str, length: int, device, *, dty
 
 
 def _pair(v, name: str) -> tuple[int, int]:
-    pair = (v, v) if isinstance(v, int) else tuple(v)
-    if len(pair) != 2 or not all(isinstance(i, int) for i in pair):
+    pair = (v, v) if isinstance(v, numbers.Integral) else tuple(v) if isinstance(v, (tuple, list)) else ()
+    if len(pair) != 2 or not all(isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in pair):
         raise ValueError(f"{name} must be an int or a pair of ints, got {v!r}")
-    return pair
+    return int(pair[0]), int(pair[1])  # a numpy integer too
 
 
 @functools.lru_cache(maxsize=None)
@@ -144,10 +146,13 @@ class _Launch:
         if tensors[0].is_cuda:
             self.check_gpu_blocks()
         _require_triton(*tensors)
-        if self.kernel is not None:
-            self._launch()
-        if self.finish is not None:
-            self.finish()
+        # Triton launches on the current device, not the tensors': a layer of a model split across GPUs would run on
+        # another GPU than its data.
+        with torch.cuda.device(tensors[0].device) if tensors[0].is_cuda else contextlib.nullcontext():
+            if self.kernel is not None:
+                self._launch()
+            if self.finish is not None:
+                self.finish()
         return self.result
 
     def _launch(self) -> None:
@@ -318,7 +323,9 @@ def act_codes(x: torch.Tensor, fmt: str | Format, scale: torch.Tensor, zero_poin
 
 def _prepare_act_codes(x, fmt, scale, zero_point, shift, out, pad, block_r, block_c) -> _Launch:
     pad = _pair(pad, "pad")
-    key = (_layout(x), fmt, _layout(scale), _layout(zero_point), shift, _layout(out), pad, block_r, block_c)
+    # The types too: 1.0 == 1 would find the plan checked for the int.
+    key = (_layout(x), fmt, _layout(scale), _layout(zero_point), shift, type(shift), _layout(out), pad, block_r,
+           block_c)
     plan = _act_plans.get(key)
     if plan is None:
         # Checked once per kind of launch, as convolutions are (_prepare_conv2d_fp8).
@@ -397,6 +404,8 @@ def _act_codes_plan(x, fmt, scale, zero_point, shift, out, pad, block_r, block_c
     if B * H * W * C == 0:
         return _ActCodesPlan(out_shape, padded_shape, None, (), (), types.MappingProxyType({}))
     block_r, block_c = block_r or _ACT_BLOCKS[0], block_c or _ACT_BLOCKS[1]
+    if not all(isinstance(b, int) and b > 0 and not b & (b - 1) for b in (block_r, block_c)):
+        raise ValueError(f"block_r and block_c must be powers of two (tl.arange), got {(block_r, block_c)}")
     rows = B * H * W
     # Contiguous planes (NCHW, not channels_last): row blocks within one sample (see the kernel).
     planes = sxc != 1 and sxw == 1 and sxh == W and H * W > 1
@@ -735,9 +744,9 @@ def conv2d_fp8(x_codes: torch.Tensor, w_codes: torch.Tensor, a_scale: torch.Tens
     ``zero_bordered=True`` (``x_codes`` is the interior of a buffer whose ``padding``-wide border is zeros, as
     ``act_codes(…, pad=padding)`` returns) it is read as flat rows that wgmma takes from shared memory, computing
     (and discarding) the outputs anchored in the border; so is any input without padding. Block sizes default to an
-    autotuned set; pass all three of ``block_m``, ``block_n``, ``block_k`` to fix them (each ≥ 16 for ``tl.dot``,
-    powers of two with TMA, ``block_k`` ≥ 32 on GPUs, whose FP8 MMA instructions are 32 deep), and with them
-    ``num_warps``, ``num_stages`` and ``maxnreg`` (a cap on registers per thread, PTX's ``.maxnreg``), and
+    autotuned set; pass all three of ``block_m``, ``block_n``, ``block_k`` to fix them (each a power of two, as
+    ``tl.arange`` needs, ≥ 16 for ``tl.dot``, ``block_k`` ≥ 32 on GPUs, whose FP8 MMA instructions are 32 deep), and
+    with them ``num_warps``, ``num_stages`` and ``maxnreg`` (a cap on registers per thread, PTX's ``.maxnreg``), and
     ``warp_specialize=True`` (experimental: compiled for sm_90, not yet timed on a GPU): the K loop split between a
     producer warp group issuing the TMA copies and consumer warp groups running wgmma, 12 warps in all from
     ``num_warps=4``; it needs Triton 3.6, TMA loads of flat rows, ``num_warps=4`` and, for kernels larger than 1×1,
@@ -761,7 +770,7 @@ def _prepare_conv2d_fp8(x_codes, w_codes, a_scale, w_scale, bias=None, zp=None, 
     pairs = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
     options = (out_dtype, groups, precise_acc, tma, zero_bordered, split_k, block_m, block_n, block_k, num_warps,
                num_stages, maxnreg, warp_specialize)
-    key = (*map(_layout, tensors), *pairs, *options)
+    key = (*map(_layout, tensors), *pairs, *options, type(split_k))  # 2.0 == 2 would find the int's checked plan
     plan = _conv_plans.get(key)
     if plan is None:
         # Checked once per kind of launch: what the checks read is all in the key (errors are never stored).
@@ -872,14 +881,13 @@ def _conv_plan(x_codes, w_codes, a_scale, w_scale, bias, zp, zp_weight_sums, str
             raise ValueError(f"zp_weight_sums is on {sums.device}, expected {dev}")
     explicit = (block_m, block_n, block_k)
     if any(v is not None for v in explicit):
-        if None in explicit or min(explicit) < 16:
-            raise ValueError(f"block_m, block_n, block_k must be given together and each be ≥ 16, got {explicit}")
+        if None in explicit or min(explicit) < 16 or any(v & (v - 1) for v in explicit):
+            raise ValueError(f"block_m, block_n, block_k must be given together and each be a power of two ≥ 16 "
+                             f"(tl.arange), got {explicit}")
     elif maxnreg is not None or warp_specialize:
         raise ValueError("maxnreg and warp_specialize need fixed blocks (block_m, block_n, block_k); the autotuner's "
                          "candidates set none")
     if tma:
-        if any(v is not None and v & (v - 1) for v in explicit):
-            raise ValueError(f"with tma, block_m, block_n, block_k must be powers of two, got {explicit}")
         reason = tma_unsupported(x_codes, w_codes, (sh, sw))
         if reason is not None:
             raise ValueError(f"conv2d_fp8(tma=True): {reason}")
