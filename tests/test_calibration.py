@@ -426,7 +426,7 @@ def test_trajectory_keys_do_not_depend_on_string_hashing():
     assert len(keys) == 1, keys
 
 
-def test_calibration_warns_when_the_output_comes_from_a_4bit_layer():
+def test_calibration_warns_when_the_output_comes_from_a_4bit_layer(tmp_path):
     # A wrapper's own head after a whole UNet: @last cannot tell it from an adapter by registration, and keeps the
     # UNet's conv_out at 8 bits; the traced output says which layer made it.
     from msfp.calibration import OutputLayerWarning
@@ -442,9 +442,12 @@ def test_calibration_warns_when_the_output_comes_from_a_4bit_layer():
     torch.manual_seed(0)
     fp = Headed().eval()
     q = msfp.quantize(copy.deepcopy(fp), "w4a4-msfp")
-    with pytest.warns(OutputLayerWarning, match=r"output comes from 'head', which is at 4 bits, while @last kept "
-                                                r"'unet.conv_out' at 8 bits.*eight_bit_layers \+= \['head'\]"):
-        msfp.calibrate(q, fp, scheduler(), num_samples=2, num_steps=2, disable=True, sample_shape=(1, 8, 8))
+    for run in ("recorded", "from the cache"):  # a calibration from the cache did not check it
+        with pytest.warns(OutputLayerWarning, match=r"output comes from 'head', which is at 4 bits, while @last kept "
+                                                    r"'unet.conv_out' at 8 bits.*eight_bit_layers \+= \['head'\]"):
+            report = msfp.calibrate(copy.deepcopy(q), fp, scheduler(), num_samples=2, num_steps=2, disable=True,
+                                    sample_shape=(1, 8, 8), cache_dir=tmp_path)
+        assert report.cached == (run == "from the cache")
     with warnings.catch_warnings():  # the model's own output layer: no warning
         warnings.simplefilter("error", OutputLayerWarning)
         fp = tiny_unet()

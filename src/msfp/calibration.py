@@ -288,17 +288,19 @@ def record_layer_inputs(qmodel: nn.Module, points: Trajectories, samples_per_lay
         raise ValueError(f"{len(silent)} quantized layer(s) never ran during calibration (e.g. {silent[0]!r}): their "
                          "parent module bypasses them or they are unused; keep them full precision with "
                          "QuantConfig.full_precision_layers")
-    _check_output_layer(qmodel, output_layers)
-    return {name: rec.result(len(points)) for name, rec in recorders.items()}
+    # Recorded with the inputs, so that a calibration from the cache checks it too; none where the output is not one
+    # layer's own tensor (reshaped, added to, ...).
+    return {name: dict(rec.result(len(points)), made_output=output_layers == {name})
+            for name, rec in recorders.items()}
 
 
-def _check_output_layer(qmodel: nn.Module, traced: set) -> None:
+def _check_output_layer(qmodel: nn.Module, records: dict[str, dict]) -> None:
     """Warn when the model's output came from a 4-bit layer while the ``@last`` role kept another at 8 bits (a plain
     wrapper's head after a whole diffusers denoiser): registration order could not tell them apart."""
     chosen = getattr(qmodel, "msfp_output_layer", None)
-    if "@last" not in qmodel.msfp_config.eight_bit_layers or len(traced) != 1 or None in traced:
-        return  # not asked for, or the output is not one layer's own tensor (reshaped, added to, ...)
-    (name,) = traced
+    name = next((n for n, rec in records.items() if rec["made_output"]), None)
+    if "@last" not in qmodel.msfp_config.eight_bit_layers or name is None:
+        return
     if name != chosen and quant_layers(qmodel)[name].precision == "4bit":
         warnings.warn(f"the model's output comes from {name!r}, which is at 4 bits, while @last kept {chosen!r} at 8 "
                       f"bits; keep the output layer at 8 bits by naming it: QuantConfig.eight_bit_layers += "
@@ -386,8 +388,8 @@ def _records_to_tensors(records: dict) -> dict:
     for name, r in records.items():
         out[f"{name}/values"] = r["values"]
         out[f"{name}/timesteps"] = r["timesteps"]
-        out[f"{name}/stats"] = torch.tensor([r["min"], r["max"], float(r["macs"]), float(r["per_sample"])],
-                                            dtype=torch.float64)
+        out[f"{name}/stats"] = torch.tensor([r["min"], r["max"], float(r["macs"]), float(r["per_sample"]),
+                                             float(r["made_output"])], dtype=torch.float64)
         traced = (r["traced_from"] or "").encode()
         out[f"{name}/traced_from"] = torch.tensor(list(traced), dtype=torch.uint8)
     return out
@@ -399,10 +401,11 @@ def _records_from_tensors(tensors: dict, expected: list[str]) -> dict:
         raise ValueError(f"it records {len(names)} tensors, not the {len(expected)} this model quantizes")
     records = {}
     for name in names:
-        lo, hi, macs, per_sample = tensors[f"{name}/stats"].tolist()
+        lo, hi, macs, per_sample, made_output = tensors[f"{name}/stats"].tolist()
         traced = bytes(tensors[f"{name}/traced_from"].tolist()).decode() or None
         records[name] = dict(values=tensors[f"{name}/values"], timesteps=tensors[f"{name}/timesteps"], min=lo,
-                             max=hi, macs=int(macs), traced_from=traced, per_sample=bool(per_sample))
+                             max=hi, macs=int(macs), traced_from=traced, per_sample=bool(per_sample),
+                             made_output=bool(made_output))
     return records
 
 
@@ -488,6 +491,7 @@ def calibrate(qmodel: nn.Module, fp_model: nn.Module, scheduler, num_samples: in
     records, records_cached = _cached(rec_path, record, _records_to_tensors,
                                       lambda tensors: _records_from_tensors(tensors, recorded))
     record_time = time.time() - start
+    _check_output_layer(qmodel, records)
     start = time.time()
     for name, layer in tqdm(layers.items(), desc="calibrate: search", disable=disable):
         _search_layer(layer, records[name], config)
