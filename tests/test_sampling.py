@@ -30,6 +30,31 @@ def test_batch_size_invariance(tiny_unet, scheduler, eta):
     assert not torch.allclose(a[0], a[1])
 
 
+def test_dpm_solver_sde_noise_is_each_samples_own(tiny_unet):
+    # Its step takes no generator: the Brownian noise came from one tree per batch, seeded from the global RNG, so
+    # neither the seed nor the batch split reproduced an image.
+    pytest.importorskip("torchsde")
+    from diffusers import DPMSolverSDEScheduler
+
+    scheduler = DPMSolverSDEScheduler()
+    a = sample(tiny_unet, scheduler, 4, num_inference_steps=4, seed=0, batch_size=4, disable=True)
+    b = sample(tiny_unet, scheduler, 4, num_inference_steps=4, seed=0, batch_size=2, disable=True)
+    torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    c = sample(tiny_unet, scheduler, 3, num_inference_steps=4, seed=1, batch_size=3, disable=True)
+    torch.testing.assert_close(a[1:], c, atol=1e-4, rtol=1e-4)
+
+
+def test_floating_conditioning_is_given_in_the_models_dtype():
+    # A bfloat16 text UNet given float32 embeddings failed inside attention; diffusers' pipelines cast them.
+    from tiny_models import tiny_cond_unet
+
+    model = tiny_cond_unet().to(torch.bfloat16)
+    embeddings = torch.randn(3, 5, model.config.cross_attention_dim)  # float32
+    out = sample(model, DDIMScheduler(), 3, num_inference_steps=2, cond=dict(encoder_hidden_states=embeddings),
+                 disable=True)
+    assert out.shape == (3, 4, 8, 8) and torch.isfinite(out).all()
+
+
 def test_stochastic_steps_use_the_generators(tiny_unet):
     s = DDPMScheduler()
     a = sample(tiny_unet, s, 3, num_inference_steps=5, seed=0, disable=True)

@@ -121,8 +121,12 @@ def sample(model, scheduler, num_samples: int, num_inference_steps: int = 100, s
 
     config = _without_learned_variance(scheduler)
 
-    def fresh_scheduler():
-        sched = type(scheduler).from_config(config)
+    def fresh_scheduler(start=0, stop=1):
+        # DPMSolverSDEScheduler's step takes no generator: its Brownian noise comes from noise_sampler_seed, one tree
+        # for the batch (or one seeded from the global RNG); one seed per sample makes it the sample's own.
+        per_sample = {"noise_sampler_seed": [seed + i for i in range(start, stop)]} \
+            if "noise_sampler_seed" in config else {}
+        sched = type(scheduler).from_config(config, **per_sample)
         sched.set_timesteps(num_inference_steps, device=device)
         return sched
 
@@ -133,9 +137,10 @@ def sample(model, scheduler, num_samples: int, num_inference_steps: int = 100, s
         stop = min(start + batch_size, num_samples)
         # Per-sample CPU generators: identical noise on every device and for every batch split.
         gens = [torch.Generator().manual_seed(seed + i) for i in range(start, stop)]
-        sched = fresh_scheduler()
+        sched = fresh_scheduler(start, stop)
         x = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device) * sched.init_noise_sigma
-        batch_cond = {k: v[start:stop].to(device) for k, v in cond.items()}
+        # Floating conditioning in the model's dtype too, as diffusers' pipelines give it (text embeddings).
+        batch_cond = {k: v[start:stop].to(device, dtype if v.is_floating_point() else v.dtype) for k, v in cond.items()}
         for i, t in enumerate(sched.timesteps):
             x_in = sched.scale_model_input(x, t)
             t_batch = t.to(device).expand(stop - start)
