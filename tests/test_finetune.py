@@ -529,7 +529,8 @@ def test_cli_quantize_then_finetune_with_time_budget_and_resume(tmp_path):
     for command in (["finetune", q, "--model", tmp_path / "retrained"],
                     ["eval", tmp_path / "none.npz", "--model", q, "--fp-model", tmp_path / "retrained"]):
         r = run(*command)
-        assert r.exit_code != 0 and "was quantized from other weights than those of --" in r.output, r.output
+        assert r.exit_code != 0, r.output
+        assert "was calibrated from other full-precision weights than those of --" in r.output, r.output
     assert (q / "model.safetensors").read_bytes() == before
     r = run(*args, "--max-minutes", 0)
     assert r.exit_code == 0 and "stopped at iteration 0/4" in r.output, r.output

@@ -144,15 +144,15 @@ def require_base_model(meta: dict, model: nn.Module, where, what: str) -> None:
 
 
 def require_base_weights(meta: dict, model: nn.Module, where, what: str) -> None:
-    """Raise unless ``model`` (described as ``what``) has the weights the checkpoint ``where`` was quantized from
-    (when it recorded them): fine-tuning restores the full-precision weights from it, and ε errors are measured
-    against it."""
+    """Raise unless ``model`` (described as ``what``) has the weights the checkpoint ``where`` was calibrated from
+    (when it recorded them; :func:`msfp.calibrate` records its ``fp_model``'s): fine-tuning restores the
+    full-precision weights from it, and ε errors are measured against it."""
     require_base_model(meta, model, where, what)
     recorded = meta.get("base_weights")
     given = None if recorded is None else weights_digest(model)
     if given != recorded:
-        raise ValueError(f"{where} was quantized from other weights than those of {what} (weights digest {recorded} "
-                         f"there, {given} here); pass the full-precision model it was quantized from")
+        raise ValueError(f"{where} was calibrated from other full-precision weights than those of {what} (weights "
+                         f"digest {recorded} there, {given} here); pass the model it was calibrated from")
 
 
 def _json_default(obj):
