@@ -37,7 +37,7 @@ def paired_fd_differences(result: dict, level: float = 0.9) -> list[dict]:
     for (prev, a), (name, b) in zip(rows, rows[1:]):
         diffs = np.asarray(b["fd_bootstrap"]) - np.asarray(a["fd_bootstrap"])
         difference = b["metrics"]["fd"] - a["metrics"]["fd"]
-        lo, hi = bootstrap_interval(diffs, difference, level)
+        lo, hi = bootstrap_interval(diffs, estimate=difference, level=level)
         out.append(dict(method=name, versus=prev, fd_difference=difference, interval=[lo, hi], level=level))
     return out
 

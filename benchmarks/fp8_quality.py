@@ -54,7 +54,7 @@ def difference(run: dict, reference: dict) -> dict:
     db, mse = psnr(images, ref_images)
     fd_diffs = np.asarray(run["evaluation"]["fd_bootstrap"]) - np.asarray(reference["evaluation"]["fd_bootstrap"])
     fd_difference = run["evaluation"]["metrics"]["fd"] - reference["evaluation"]["metrics"]["fd"]
-    return dict(fd_difference=fd_difference, fd_difference_interval=list(bootstrap_interval(fd_diffs, fd_difference)),
+    return dict(fd_difference=fd_difference, fd_difference_interval=list(bootstrap_interval(fd_diffs, estimate=fd_difference)),
                 psnr=db, mse=mse,
                 max_abs_diff=int(diff.max()), mean_abs_diff=float(diff.mean()),
                 identical_images=float((diff.reshape(len(diff), -1).max(axis=1) == 0).mean()),

@@ -235,6 +235,30 @@ def test_a_trained_scale_never_goes_below_the_one_the_forward_uses(calibrated, t
     assert all((quantizer.scale >= MIN_SCALE).all() for quantizer in named_quantizers(q).values())
 
 
+def test_an_interrupted_lora_setup_leaves_no_router_behind(calibrated, monkeypatch):
+    # Ctrl-C while the LoRA banks were built left the router, and the next call was refused ("merged into packed
+    # weights": a router without LoRAs reads as a loaded fine-tuned checkpoint).
+    import msfp.talora
+
+    fp, q = calibrated
+    q = copy.deepcopy(q)
+    made = []
+
+    def interrupted(*args, **kwargs):
+        if len(made) == 3:
+            raise KeyboardInterrupt
+        made.append(1)
+        return real(*args, **kwargs)
+
+    real = msfp.talora.LoRABank
+    monkeypatch.setattr(msfp.talora, "LoRABank", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(q, fp, scheduler(), FinetuneConfig(**{**CONFIG, "iters": 1}), disable=True)
+    monkeypatch.setattr(msfp.talora, "LoRABank", real)
+    assert getattr(q, "msfp_router", None) is None and all(layer.lora is None for layer in quant_layers(q).values())
+    assert finetune(q, fp, scheduler(), FinetuneConfig(**{**CONFIG, "iters": 1}), disable=True).iters_done == 1
+
+
 def test_a_work_dir_is_only_reused_for_the_same_teacher_and_student(calibrated, tmp_path):
     fp, q = calibrated
     config = FinetuneConfig(**{**CONFIG, "iters": 8, "checkpoint_every": 4})

@@ -161,14 +161,16 @@ def test_fd_bootstrap_resamples_equal_size_sets_identically():
 
 def test_bootstrap_interval_reflects_the_replicates_through_the_estimate():
     # Replicates 5..95 around an estimate of 40: the interval is 2·40 − (95, 5).
-    assert bootstrap_interval(np.arange(101.0), 40.0, 0.9) == pytest.approx((-15.0, 75.0))
+    assert bootstrap_interval(np.arange(101.0), estimate=40.0) == pytest.approx((-15.0, 75.0))
     # Between order statistics, the percentiles interpolate linearly: of 5 values, the 5th percentile lies at rank
     # 0.05 * 4 = 0.2 (between 0 and 1), the 95th at 3.8 (between 5 and 9).
-    assert bootstrap_interval([9.0, 0.0, 5.0, 1.0, 2.0], 2.0, 0.9) == pytest.approx((4 - (5 + 0.8 * 4), 4 - 0.2))
+    assert bootstrap_interval([9.0, 0.0, 5.0, 1.0, 2.0], estimate=2.0, level=0.9) == pytest.approx((4 - (5 + 0.8 * 4), 4 - 0.2))
     with pytest.raises(ValueError, match="finite replicates"):
-        bootstrap_interval([1.0, np.nan, 2.0], 1.0)
+        bootstrap_interval([1.0, np.nan, 2.0], estimate=1.0)
     with pytest.raises(ValueError, match="the estimate must be finite, got nan"):
-        bootstrap_interval([1.0, 2.0], float("nan"))
+        bootstrap_interval([1.0, 2.0], estimate=float("nan"))
+    with pytest.raises(TypeError):  # the old call bootstrap_interval(r, 0.9) would read 0.9 as the estimate
+        bootstrap_interval([1.0, 2.0], 0.9)
 
 
 def test_paired_fd_difference_intervals_cover_the_population_difference():
@@ -189,7 +191,7 @@ def test_paired_fd_difference_intervals_cover_the_population_difference():
                     - frechet_distance(*feature_stats(fb), ref_mu, ref_sigma))
         replicates = fd_bootstrap(fa, ref_mu, ref_sigma, resamples=200) - fd_bootstrap(fb, ref_mu, ref_sigma,
                                                                                          resamples=200)
-        lo, hi = bootstrap_interval(replicates, estimate, 0.9)
+        lo, hi = bootstrap_interval(replicates, estimate=estimate, level=0.9)
         covered += lo <= true <= hi
     assert covered / trials >= 0.8
 

@@ -291,9 +291,7 @@ def finetune(qmodel: nn.Module, fp_model: nn.Module, scheduler, config: Finetune
     merged = None if router is None else next((n for n, layer in quant_layers(qmodel).items() if layer.lora is None),
                                               None)
     added = config.lora != "none" and router is None
-    if added:
-        add_talora(qmodel, config.num_loras if config.lora == "talora" else 1, config.rank, config.seed)
-    elif router is not None and config.lora != "none":
+    if router is not None and config.lora != "none":
         has = dict(qmodel.msfp_talora)
         wanted = dict(num_loras=config.num_loras if config.lora == "talora" else 1, rank=config.rank)
         if any(has[k] != v for k, v in wanted.items()):  # they would be trained, and the new settings recorded
@@ -303,6 +301,8 @@ def finetune(qmodel: nn.Module, fp_model: nn.Module, scheduler, config: Finetune
             raise ValueError(f"{merged}: its LoRAs are merged into packed weights (a loaded fine-tuned checkpoint), so "
                              "there are none to train; use lora='none', or fine-tune the model msfp.quantize returned")
     try:
+        if added:
+            add_talora(qmodel, config.num_loras if config.lora == "talora" else 1, config.rank, config.seed)
         if merged is None:  # (merged LoRAs live in the weights themselves)
             _restore_full_precision_weights(qmodel, fp_model)
         qmodel.msfp_context.num_train_timesteps = scheduler.config.num_train_timesteps
@@ -346,7 +346,7 @@ def finetune(qmodel: nn.Module, fp_model: nn.Module, scheduler, config: Finetune
             it, losses = state["iter"], state["losses"]
             earlier_runs = state.get("earlier_runs", earlier_runs)  # absent in state files written before it was kept
     except BaseException:  # a refused or interrupted start leaves no LoRAs behind: a corrected call can follow
-        if added:
+        if added and getattr(qmodel, "msfp_router", None) is not None:  # (add_talora itself may have failed)
             remove_talora(qmodel)
         for p in qmodel.parameters():
             p.requires_grad_(False)

@@ -326,8 +326,9 @@ class Fp8Layer(nn.Module):
         else:
             rows, x2, view = 1, x, (-1, 1, 1, 1)
         a_scale, zero = self._act_params(x.shape[0], rows)
-        compute = compute_dtype(x.dtype)  # as fake quantization takes the scales (no copy where they have it)
-        a_scale, zero = a_scale.to(compute), None if zero is None else zero.to(compute)
+        compute = compute_dtype(x.dtype)  # as fake quantization takes the scales
+        if a_scale.dtype != compute:  # (the compare: a no-op .to() costs host time every call)
+            a_scale, zero = a_scale.to(compute), None if zero is None else zero.to(compute)
         kernels, pad = self._kernels_for(x), (0, 0)
         if kernels:
             from msfp import triton_kernels

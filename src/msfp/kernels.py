@@ -76,12 +76,11 @@ def compiled_fake_quant(x: torch.Tensor, fmt: str | Format, scale: torch.Tensor,
 # The raised limit is needed only while dynamo compiles, but patching dynamo's config costs as much host time as the
 # compiled call itself (~50 µs on a 2-core CPU), which a small model's GPU training step, bound by host work, pays
 # twice per layer. So calls whose inputs match an earlier call (shapes, strides, dtypes, devices, requires_grad, grad
-# inference and autocast modes: what dynamo's guards check) run unpatched. Should some other global state still
-# make one recompile (``torch._dynamo.reset()``, say), past dynamo's default limit the call is made again, patched.
+# and CUDA autocast mode) run unpatched. Should other global state make one recompile (CPU autocast, inference
+# mode, ``torch._dynamo.reset()``), past dynamo's default limit the call is made again, patched.
 _compiled_signatures: set = set()
 
 
 def _signature(fmt: Format, dynamic, *tensors) -> tuple:
-    autocast = tuple(torch.is_autocast_enabled(device) for device in ("cpu", "cuda"))
-    return (fmt, dynamic, torch.is_grad_enabled(), torch.is_inference_mode_enabled(), autocast,
+    return (fmt, dynamic, torch.is_grad_enabled(), torch.is_autocast_enabled(),
             *(None if t is None else (t.shape, t.stride(), t.dtype, t.device, t.requires_grad) for t in tensors))

@@ -113,7 +113,7 @@ def fd_bootstrap(features, mu_ref, sigma_ref, resamples: int = 200, seed: int = 
     return torch.cat(replicates).numpy()
 
 
-def bootstrap_interval(replicates, estimate: float, level: float = 0.9) -> tuple[float, float]:
+def bootstrap_interval(replicates, *, estimate: float, level: float = 0.9) -> tuple[float, float]:
     """Basic (reflected) bootstrap ``level`` interval of the quantity estimated as ``estimate`` from the whole sample:
     ``2·estimate`` minus the replicates' upper and lower quantiles.
 

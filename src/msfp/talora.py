@@ -170,7 +170,9 @@ def remove_talora(qmodel: nn.Module) -> None:
             qmodel._forward_pre_hooks_with_kwargs.pop(key, None)
     for layer in quant_layers(qmodel).values():
         layer.lora = None
-    del qmodel.msfp_router, qmodel.msfp_talora
+    for name in ("msfp_router", "msfp_talora"):  # both, or what an interrupted add_talora set
+        if hasattr(qmodel, name):
+            delattr(qmodel, name)
 
 
 def is_routed(qmodel: nn.Module) -> bool:

@@ -104,10 +104,17 @@ def _check_vector(t: torch.Tensor | None, name: str, length: int, device, *, dty
 
 
 def _pair(v, name: str) -> tuple[int, int]:
+    if type(v) is tuple and len(v) == 2 and type(v[0]) is int and type(v[1]) is int:  # every layer's call: fast
+        return v
     pair = (v, v) if isinstance(v, numbers.Integral) else tuple(v) if isinstance(v, (tuple, list)) else ()
     if len(pair) != 2 or not all(isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in pair):
         raise ValueError(f"{name} must be an int or a pair of ints, got {v!r}")
     return int(pair[0]), int(pair[1])  # a numpy integer too
+
+
+@functools.lru_cache(maxsize=None)
+def _several_gpus() -> bool:
+    return torch.cuda.device_count() > 1
 
 
 @functools.lru_cache(maxsize=None)
@@ -147,8 +154,9 @@ class _Launch:
             self.check_gpu_blocks()
         _require_triton(*tensors)
         # Triton launches on the current device, not the tensors': a layer of a model split across GPUs would run on
-        # another GPU than its data.
-        with torch.cuda.device(tensors[0].device) if tensors[0].is_cuda else contextlib.nullcontext():
+        # another GPU than its data. (Only there: switching costs host time every launch.)
+        several = tensors[0].is_cuda and _several_gpus()
+        with torch.cuda.device(tensors[0].device) if several else contextlib.nullcontext():
             if self.kernel is not None:
                 self._launch()
             if self.finish is not None:
