@@ -401,11 +401,11 @@ def _records_from_tensors(tensors: dict, expected: list[str]) -> dict:
         raise ValueError(f"it records {len(names)} tensors, not the {len(expected)} this model quantizes")
     records = {}
     for name in names:
-        lo, hi, macs, per_sample, *made_output = tensors[f"{name}/stats"].tolist()  # (caches before it: 4 values)
+        lo, hi, macs, per_sample, made_output = tensors[f"{name}/stats"].tolist()
         traced = bytes(tensors[f"{name}/traced_from"].tolist()).decode() or None
         records[name] = dict(values=tensors[f"{name}/values"], timesteps=tensors[f"{name}/timesteps"], min=lo,
                              max=hi, macs=int(macs), traced_from=traced, per_sample=bool(per_sample),
-                             made_output=bool(made_output and made_output[0]))
+                             made_output=bool(made_output))
     return records
 
 
