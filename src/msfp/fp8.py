@@ -107,6 +107,11 @@ class Fp8Unsupported(ValueError):
     """A quantized layer that the FP8 path cannot run exactly (it stays on the fake-quant path)."""
 
 
+def _check_use_kernels(use_kernels, where: str = "") -> None:
+    if not (use_kernels is None or isinstance(use_kernels, bool)):  # "false" would count as True
+        raise ValueError(f"{where}use_kernels must be True, False or None, got {use_kernels!r}")
+
+
 class Fp8Layer(nn.Module):
     """A :class:`~msfp.layers.QuantLayer` executed on E4M3 codes (see the module docstring).
 
@@ -128,8 +133,7 @@ class Fp8Layer(nn.Module):
             raise ValueError(f"{layer.name}: split_k must be a positive int or 'auto', got {split_k!r}")
         if not isinstance(precise_acc, bool):
             raise ValueError(f"{layer.name}: precise_acc must be True or False, got {precise_acc!r}")
-        if not (use_kernels is None or isinstance(use_kernels, bool)):  # "false" would count as True
-            raise ValueError(f"{layer.name}: use_kernels must be True, False or None, got {use_kernels!r}")
+        _check_use_kernels(use_kernels, f"{layer.name}: ")
         aq, wq = layer.act_quantizer, layer.weight_quantizer
         if not wq.enabled or not aq.enabled:
             raise Fp8Unsupported(f"{layer.name}: quantizers are disabled (a full-precision layer)")
@@ -451,8 +455,7 @@ def convert_to_fp8(model: nn.Module, use_kernels: bool | None = None, linear_gem
     require_fake_quant(model, "convert_to_fp8", f"they were converted with {options}; convert "
                        "msfp.load_quantized(directory) (backend 'fake') with other options instead")
     layers = quant_layers(model)
-    if not (use_kernels is None or isinstance(use_kernels, bool)):
-        raise ValueError(f"use_kernels must be True, False or None, got {use_kernels!r}")
+    _check_use_kernels(use_kernels)
     if use_kernels:
         for device in {layer.weight.device for layer in layers.values()}:
             available, why = fp8_kernels_available(device)

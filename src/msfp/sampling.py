@@ -140,7 +140,8 @@ def sample(model, scheduler, num_samples: int, num_inference_steps: int = 100, s
         sched = fresh_scheduler(start, stop)
         x = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device) * sched.init_noise_sigma
         # Floating conditioning in the model's dtype too, as diffusers' pipelines give it (text embeddings).
-        batch_cond = {k: v[start:stop].to(device, dtype if v.is_floating_point() else v.dtype) for k, v in cond.items()}
+        batch_cond = {k: v[start:stop].to(device, dtype if v.is_floating_point() else v.dtype)
+                      for k, v in cond.items()}
         for i, t in enumerate(sched.timesteps):
             x_in = sched.scale_model_input(x, t)
             t_batch = t.to(device).expand(stop - start)

@@ -27,10 +27,10 @@ on a GPU with FP8 support (sm_89+), or CPU tensors under ``TRITON_INTERPRET=1`` 
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import dataclasses
 import functools
-import contextlib
 import inspect
 import multiprocessing
 import numbers
