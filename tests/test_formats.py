@@ -292,3 +292,17 @@ def test_bad_inputs():
         fake_quant(torch.randn(4), "fp4_e2m1", torch.ones(3))
     with pytest.raises(ValueError, match="zero_point must be finite"):
         fake_quant(torch.randn(4), "uint4", 1.0, float("nan"))
+
+
+def test_format_and_scale_errors_say_what_works():
+    with pytest.raises(ValueError, match="'fp3_e0m2' has no exponent bits; use int3 instead"):
+        get_format("fp3_e0m2")
+    with pytest.raises(ValueError, match=r"'fp1_e0m0' has no exponent bits$"):  # "use int1": no such format
+        get_format("fp1_e0m0")
+    x = torch.ones(3)
+    for scale in (torch.tensor(1e-50, dtype=torch.float64), 1e300):  # "got min 0.0": the value after the cast
+        with pytest.raises(ValueError, match=r"scale must lie in the range of torch.float32, which the rounding "
+                                             r"computes in; got min 1e[-+]\d+"):
+            fake_quant(x, "fp4_e2m1", scale)
+    with pytest.raises(ValueError, match="scale must be positive and finite; got min -1.0"):
+        fake_quant(x, "fp4_e2m1", -1.0)

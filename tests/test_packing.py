@@ -103,3 +103,14 @@ def test_packing_errors():
                                (1.0, None, "ufp4_e2m2 needs a zero_point")):
         with pytest.raises(ValueError, match=match):
             quantize_to_codes(torch.tensor([0.5]), "ufp4_e2m2" if "zero_point" in match else "fp4_e2m1", scale, zero)
+
+
+def test_unpack_and_decode_refuse_what_is_no_code():
+    # Floats were truncated (1.7 read as code 1), a negative count returned nothing.
+    with pytest.raises(ValueError, match="codes must be integers, got torch.float32"):
+        decode(torch.tensor([1.7, 2.2]), "fp4_e2m1")
+    with pytest.raises(ValueError, match="packed codes must be uint8 bytes, got torch.float32"):
+        unpack(torch.tensor([241.9]), 4, 2)
+    for count in (-1, -2, 2.0):
+        with pytest.raises(ValueError, match=r"count must be an integer ≥ 0"):
+            unpack(torch.zeros(0, dtype=torch.uint8), 4, count)

@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -264,3 +266,63 @@ def test_activation_groups_and_gradients():
         aq(x, torch.tensor([0, 1]))
     with pytest.raises(ValueError, match="out of range"):
         aq.initialize(early, group=3)
+
+
+def test_quantizers_store_what_the_search_found():
+    # The comparisons used each quantizer's own zero point against itself: dropping it on store passed them.
+    torch.manual_seed(0)
+    silu = torch.nn.functional.silu(torch.randn(4096) * 3)
+    act = ActivationQuantizer("fp4_e2m1")
+    result = act.initialize(silu, UNSIGNED_4BIT)
+    assert result.zero_point is not None and result.zero_point.item() < 0
+    assert act.fmt == result.fmt and act.scale[0] == result.scale and act.zero_point[0] == result.zero_point
+    w = torch.randn(6, 5) - 0.5
+    weights = WeightQuantizer("fp4_e2m1", 6)
+    result = weights.initialize(w, ["ufp4_e2m2"])
+    assert torch.equal(weights.scale, result.scale) and torch.equal(weights.zero_point, result.zero_point)
+
+
+def test_per_channel_search_along_another_axis_is_the_search_of_the_transpose():
+    torch.manual_seed(0)
+    x = torch.randn(7, 3) * torch.tensor([0.1, 1.0, 10.0])
+    along_columns = search_quant_params(x, SIGNED_4BIT, channel_axis=1)
+    rows = search_quant_params(x.t(), SIGNED_4BIT, channel_axis=0)
+    assert along_columns.fmt == rows.fmt and torch.equal(along_columns.scale, rows.scale)
+
+
+def test_a_per_tensor_weight_search_sees_every_element():
+    # Past max_samples (2^15) elements the search drew a random subsample, which can miss the one outlier.
+    w = torch.randn(64, 4096) * 0.01  # 8 times max_samples
+    w[17, 311] = 5.0
+    result = WeightQuantizer("fp4_e2m1", 64).initialize_per_tensor(w)
+    assert result.scale == search_quant_params(w, ["fp4_e2m1"], max_samples=w.numel()).scale
+    assert result.scale != search_quant_params(w, ["fp4_e2m1"]).scale  # the subsample's differs
+
+
+def test_a_zero_scale_gives_finite_values_not_nan():
+    q = WeightQuantizer("fp4_e2m1", 2)
+    with torch.no_grad():
+        q.scale.zero_()  # a zero-range channel's scale before the MIN_SCALE floor: 0/0
+    assert torch.isfinite(q(torch.zeros(2, 3))).all()
+
+
+def test_searches_refuse_empty_candidates_and_ignored_ones():
+    act = ActivationQuantizer("fp4_e2m1", num_groups=2)
+    with pytest.raises(ValueError, match="needs at least one candidate"):  # used the current format, silently
+        act.initialize(torch.randn(100), [])
+    with pytest.raises(ValueError, match="needs at least one candidate"):
+        WeightQuantizer("fp4_e2m1", 2).initialize(torch.randn(2, 3), [])
+    with pytest.raises(ValueError, match=r"group 1 keeps the format all groups share \(fp4_e2m1\)"):
+        act.initialize(torch.randn(100), ["ufp4_e2m2"], group=1)
+
+
+@pytest.mark.parametrize("magnitude", [1e20, 1e30])
+def test_the_search_works_for_any_finite_float32_data(magnitude):
+    # The errors went through float32: past ~1e19 every candidate's was inf, argmin took the first (the smallest
+    # clip, 1/num_clip of the range), and the format search kept its first candidate.
+    torch.manual_seed(0)
+    x = torch.randn(4096) * magnitude
+    result = search_quant_params(x, ["fp4_e2m1", "fp4_e1m2"])
+    small = search_quant_params(x / magnitude, ["fp4_e2m1", "fp4_e1m2"])
+    assert result.fmt == small.fmt and math.isfinite(result.mse)
+    assert result.scale / magnitude == pytest.approx(small.scale.item(), rel=1e-5)

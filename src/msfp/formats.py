@@ -107,7 +107,9 @@ def _parse(name: str) -> Format:
             sign = "" if unsigned else "1 sign + "
             raise ValueError(f"format {name!r}: {n} bits ≠ {sign}{e} exponent + {mb} mantissa bits")
         if e < 1:
-            raise ValueError(f"format {name!r} has no exponent bits; use {'uint' if unsigned else 'int'}{n} instead")
+            integer = f"{'uint' if unsigned else 'int'}{n}"
+            hint = f"; use {integer} instead" if n >= (1 if unsigned else 2) else ""
+            raise ValueError(f"format {name!r} has no exponent bits{hint}")
         kind, ebits, mbits = "fp", e, mb
     elif m := _INT_NAME.match(key):
         unsigned, n = m.group(1) == "u", int(m.group(2))
@@ -209,8 +211,12 @@ def checked_params(x: torch.Tensor, fmt: Format, scale, zero_point=None):
     def as_param(v):  # a Python number straight in that dtype: a float64 input's 0.1 must not become float32's
         return v.to(x.device, compute) if torch.is_tensor(v) else torch.tensor(v, dtype=compute, device=x.device)
 
-    scale = as_param(scale)
+    given, scale = scale, as_param(scale)
     if not torch.isfinite(scale).all() or (scale <= 0).any():
+        given = torch.as_tensor(given, dtype=torch.float64).detach()
+        if torch.isfinite(given).all() and (given > 0).all():  # 1e-50 as float32 is 0
+            raise ValueError(f"scale must lie in the range of {compute}, which the rounding computes in; got min "
+                             f"{given.min().item()!r}, max {given.max().item()!r}")
         raise ValueError(f"scale must be positive and finite; got min {scale.detach().min().item()!r}, max "
                          f"{scale.detach().max().item()!r}")
     if fmt.needs_zero_point:

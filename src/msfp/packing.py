@@ -62,9 +62,15 @@ def quantize_to_codes(x: torch.Tensor, fmt: str | Format, scale, zero_point=None
     return values_to_codes(round_to_grid(_grid_units(x, fmt, scale, zero_point), fmt), fmt)
 
 
+def _check_integers(codes: torch.Tensor, what: str) -> None:
+    if codes.is_floating_point() or codes.is_complex() or codes.dtype == torch.bool:  # 1.7 would be taken as 1
+        raise ValueError(f"{what} must be integers, got {codes.dtype}")
+
+
 def decode(codes: torch.Tensor, fmt: str | Format) -> torch.Tensor:
     """Grid values (unit scale, float32) of codes."""
     fmt = get_format(fmt)
+    _check_integers(codes, "codes")
     if codes.numel() and not 0 <= int(codes.min()) <= int(codes.max()) < 1 << fmt.bits:  # negative ones would wrap
         raise ValueError(f"codes {int(codes.min())}..{int(codes.max())} are not {fmt.bits}-bit {fmt.name} codes")
     return _decode_table(fmt).to(codes.device)[codes.long()]
@@ -74,8 +80,7 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack ``bits``-bit codes densely into bytes (LSB first); a 4-bit code pair shares one byte."""
     if not 1 <= bits <= 8:
         raise ValueError(f"bits must be in 1..8, got {bits}")
-    if codes.is_floating_point() or codes.is_complex() or codes.dtype == torch.bool:
-        raise ValueError(f"codes must be integers, got {codes.dtype}")
+    _check_integers(codes, "codes")
     if codes.numel() and not 0 <= int(codes.min()) <= int(codes.max()) < 1 << bits:  # checked before the uint8 cast
         raise ValueError(f"codes {int(codes.min())}..{int(codes.max())} do not fit in {bits} bits")
     flat = codes.detach().cpu().reshape(-1).numpy().astype(np.uint8)
@@ -87,6 +92,10 @@ def unpack(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     """Inverse of :func:`pack`: the first ``count`` codes (uint8)."""
     if not 1 <= bits <= 8:
         raise ValueError(f"bits must be in 1..8, got {bits}")
+    if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+        raise ValueError(f"count must be an integer ≥ 0, got {count!r}")
+    if packed.dtype != torch.uint8:  # another dtype's values would be truncated to bytes
+        raise ValueError(f"packed codes must be uint8 bytes, got {packed.dtype}")
     needed = (count * bits + 7) // 8
     if packed.numel() != needed:
         raise ValueError(f"{count} codes of {bits} bits need {needed} bytes, got {packed.numel()}")

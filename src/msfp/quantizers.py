@@ -92,7 +92,7 @@ def _best_per_row(sums, fmt: Format, scale: torch.Tensor, zero: torch.Tensor | N
         n = (hi - lo).view(levels.shape).double()
         centred = levels - center[:, :, None]
         errors.append((run(s2) - 2 * centred * run(s1) + n * centred.pow(2)).sum(-1).clamp_min(0) / k)
-    err = torch.cat(errors, dim=1).float()
+    err = torch.cat(errors, dim=1)  # float64: in float32 the errors of data beyond ~1e19 are all inf, and argmin 0
     best = err.argmin(dim=1, keepdim=True)
     pick = lambda t: None if t is None else t.gather(1, best).squeeze(1)  # noqa: E731
     return pick(err), pick(scale), pick(zero)
@@ -231,7 +231,8 @@ class WeightQuantizer(_Quantizer):
 
     def initialize(self, w: torch.Tensor, candidates=None, **search_kwargs) -> SearchResult:
         self._check_channels(w)
-        result = search_quant_params(w, candidates or [self.fmt], channel_axis=0, **search_kwargs)
+        result = search_quant_params(w, [self.fmt] if candidates is None else candidates, channel_axis=0,
+                                     **search_kwargs)
         self._store(result)
         return result
 
@@ -240,7 +241,7 @@ class WeightQuantizer(_Quantizer):
         ``max_samples`` says otherwise."""
         self._check_channels(w)
         search_kwargs.setdefault("max_samples", w.numel())
-        result = search_quant_params(w, candidates or [self.fmt], **search_kwargs)
+        result = search_quant_params(w, [self.fmt] if candidates is None else candidates, **search_kwargs)
         self._store(result)
         return result
 
@@ -273,11 +274,14 @@ class ActivationQuantizer(_Quantizer):
         """Search on a sample ``x``. ``group=None`` chooses the format and sets every group; an integer ``group``
         keeps the current format and sets that group's scale and zero point only."""
         if group is None:
-            result = search_quant_params(x, candidates or [self.fmt], **search_kwargs)
+            result = search_quant_params(x, [self.fmt] if candidates is None else candidates, **search_kwargs)
             self._store(result)
         else:
             if not 0 <= group < self.num_groups:
                 raise ValueError(f"group {group} out of range for {self.num_groups} groups")
+            if candidates is not None:  # they would be ignored
+                raise ValueError(f"group {group} keeps the format all groups share ({self.fmt.name}); candidate "
+                                 "formats are searched with group=None")
             result = search_quant_params(x, [self.fmt], **search_kwargs)
             self._store(result, group)
         return result
