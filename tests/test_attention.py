@@ -169,15 +169,21 @@ def test_flops_of_fused_attention_kernels_count_on_cpu():
     assert counted.get_total_flops() == 2 * (2 * 2 * 4 * 16 * 5 * 8)
 
 
-def test_boolean_masks_mean_what_they_mean_to_sdpa():
+@pytest.mark.parametrize("per_key", [False, True])
+def test_boolean_and_per_key_masks_mean_what_they_mean_to_sdpa(per_key):
     torch.manual_seed(0)
     attn = Attention(query_dim=8, cross_attention_dim=6, heads=2, dim_head=4).eval()
     x, text = torch.randn(2, 5, 8), torch.randn(2, 3, 6)
     keep = torch.tensor([[[True, True, False]], [[True, False, False]]])
+    masks = [keep, torch.zeros(keep.shape).masked_fill(~keep, -1e4)]
+    # Boolean masks failed in baddbmm ("input bool"); (B, keys) ones broadcast wrongly (an error, or with B·heads
+    # queries a silently wrong result).
     with torch.no_grad():
-        expected = AttnProcessor2_0()(attn, x, encoder_hidden_states=text, attention_mask=keep)
-        got = QuantAttnProcessor()(attn, x, encoder_hidden_states=text, attention_mask=keep)  # baddbmm: "input bool"
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+        for mask in masks:
+            mask = mask[:, 0] if per_key else mask
+            expected = AttnProcessor2_0()(attn, x, encoder_hidden_states=text, attention_mask=mask)
+            got = QuantAttnProcessor()(attn, x, encoder_hidden_states=text, attention_mask=mask)
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
 
 
 def test_calibration_picks_unsigned_formats_for_probabilities():

@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 
@@ -93,6 +94,12 @@ def test_cli_config_file_errors_name_the_file(tmp_path):
     path.write_text('{"quantize_attention": "false"}')
     r = CliRunner().invoke(main, ["quantize", "--config", str(path), "--out", str(tmp_path / "q")])
     assert r.exit_code == 1 and f"Error: {path}: QuantConfig.quantize_attention must be true or false" in r.output
+    # Selectors were checked against the model, after the file was read: their errors named no file.
+    for selectors, error in (('["conv_in["]', "invalid regex 'conv_in\\['"), ('["@middle"]', "unknown role '@middle'")):
+        path.write_text(f'{{"eight_bit_layers": {selectors}}}')
+        r = CliRunner().invoke(main, ["quantize", "--config", str(path), "--out", str(tmp_path / "q")])
+        assert r.exit_code == 1 and re.search(f"Error: {re.escape(str(path))}: QuantConfig.eight_bit_layers: {error}",
+                                              r.output), r.output
     r = CliRunner().invoke(main, ["quantize", "--config", str(path), "--preset", "w4a4-int", "--out", str(tmp_path)])
     assert r.exit_code == 2 and "give --preset or --config, not both" in r.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.json"]

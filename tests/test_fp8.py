@@ -95,7 +95,8 @@ def test_each_fp8_layer_equals_its_fake_quant_layer_up_to_fp32_summation(case):
             ref, got = layer(x_in), fp8(x_in)
             # Each product of two codes is exact in fp32; only the order of the fp32 sums differs, so the error is
             # bounded by (terms summed)·2^-23 times the sum of |terms| (plus the bias and zero-point terms).
-            qa = layer.act_quantizer(x_in, q.msfp_context.groups(layer.act_quantizer.num_groups)).abs()
+            groups = q.msfp_context.groups(layer.act_quantizer.num_groups, len(x_in), name)
+            qa = layer.act_quantizer(x_in, groups).abs()
             qw = layer.quantized_weight().abs()
             bound = F.linear(qa, qw) if layer.kind == "linear" else F.conv2d(qa, qw, None, **layer.conv_args)
             terms = qw[0].numel() + 2
@@ -113,7 +114,7 @@ def test_fp8_layers_take_what_nn_layers_take_and_keep_their_dtypes_through_a_cas
             layer, fp8 = quant_layers(q)[name], Fp8Layer(quant_layers(q)[name], use_kernels=False)
             if groups > 1:
                 q.msfp_context.set_timesteps(t[:1], 1, x.device)
-                with pytest.raises(ValueError, match=f"{name}: 1 timesteps for a batch of 3"):
+                with pytest.raises(ValueError, match=f"{name}: an input of 3 rows for a batch of 1 samples"):
                     fp8(inputs[name])  # the opaque shape error of a broadcast, before
                 continue
             one = inputs[name][0]  # unbatched: (C, H, W) or (tokens, C); a conv's came back 4-D, a token failed

@@ -149,6 +149,21 @@ def test_clear_errors():
         msfp.quantize(tiny_plain(), QuantConfig(full_precision_layers=[".*"], eight_bit_layers=[]))
 
 
+class WithAttention(nn.Module):
+    """nn.MultiheadAttention reads its out_proj.weight without calling it, and its in_proj is a bare weight."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Conv2d(1, 8, 1)
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.out = nn.Conv2d(8, 1, 1)
+
+    def forward(self, x, t):
+        h = self.inp(x).flatten(2).transpose(1, 2)
+        h = self.attn(h, h, h, need_weights=False)[0].transpose(1, 2).reshape(x.shape[0], 8, *x.shape[2:])
+        return self.out(h)
+
+
 def test_layers_a_quantized_layer_cannot_replace_are_refused():
     """Each of these used to be replaced and reported as quantized while running in full precision or failing
     later with an error naming no layer."""
@@ -170,18 +185,6 @@ def test_layers_a_quantized_layer_cannot_replace_are_refused():
     with pytest.raises(ValueError, match="inp: weights are torch.bfloat16; the fake-quant reference calibrates float32"):
         msfp.calibrate(half, tiny_plain(), scheduler(), num_samples=2, num_steps=2, sample_shape=(1, 8, 8),
                        disable=True)
-
-    class WithAttention(nn.Module):  # nn.MultiheadAttention reads out_proj.weight without calling it
-        def __init__(self):
-            super().__init__()
-            self.inp = nn.Conv2d(1, 8, 1)
-            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
-            self.out = nn.Conv2d(8, 1, 1)
-
-        def forward(self, x, t):
-            h = self.inp(x).flatten(2).transpose(1, 2)
-            h = self.attn(h, h, h, need_weights=False)[0].transpose(1, 2).reshape(x.shape[0], 8, *x.shape[2:])
-            return self.out(h)
 
     with pytest.raises(ValueError, match=r"attn.out_proj: nn.MultiheadAttention reads this layer's weight directly "
                                          r"and never calls it.*full_precision_layers=\['attn.out_proj'\]"):
@@ -207,8 +210,8 @@ def test_every_layer_a_quantized_layer_cannot_replace_is_named_at_once():
     model.t_proj = Scaled(1, 8)
     nn.utils.parametrizations.weight_norm(model.mid)
     model.inp = nn.LazyConv2d(8, 3, padding=1)
-    with pytest.raises(ValueError, match=r"^inp: LazyConv2d has no weight .*; mid: its weight is computed .*; t_proj: "
-                                         r"Scaled has its own forward.*; keep them full precision with "
+    with pytest.raises(ValueError, match=r"^inp: LazyConv2d has no weight .*; mid: its weight or bias is computed .*; "
+                                         r"t_proj: Scaled has its own forward.*; keep them full precision with "
                                          r"QuantConfig.full_precision_layers=\['mid', 't_proj'\]$"):
         msfp.quantize(model, "w4a4-msfp")
 
@@ -220,7 +223,7 @@ def test_layers_with_a_computed_weight_are_refused_before_any_layer_is_replaced(
     # backward failed ("Trying to backward through the graph a second time").
     model = tiny_plain()
     parametrize(model.mid)
-    with pytest.raises(ValueError, match=r"mid: its weight is computed on every call .*remove_parametrizations"):
+    with pytest.raises(ValueError, match=r"mid: its weight or bias is computed on every call .*remove_parametrizations"):
         msfp.quantize(model, "w4a4-msfp")
     assert not any(isinstance(m, QuantLayer) for m in model.modules())  # all or nothing
     assert msfp.quantize(model, QuantConfig(full_precision_layers=["mid"]))
@@ -370,3 +373,133 @@ def test_a_quant_layer_runs_its_op_on_quantized_input_and_weight(module):
     op = (torch.nn.functional.linear if isinstance(module, nn.Linear)
           else lambda a, w, b: torch.nn.functional.conv2d(a, w, b, padding=1))
     torch.testing.assert_close(layer(x), op(xq, wq, module.bias), atol=0, rtol=0)
+
+
+def test_layers_with_hooks_or_a_wrapped_forward_are_refused():
+    # The quantized layer replaced them without their hooks: a debugging hook went silent, and diffusers' layerwise
+    # casting (an upcast wrapped around forward) was dropped, so the layers computed in float8.
+    model = tiny_plain()
+    calls = []
+    model.mid.register_forward_hook(lambda m, a, out: calls.append(1))
+    with pytest.raises(ValueError, match=r"mid: it has 1 forward/backward hook\(s\), which a quantized layer would "
+                                         "not run"):
+        msfp.quantize(model, "w4a4-msfp")
+    assert not any(isinstance(m, QuantLayer) for m in model.modules())
+    unet = tiny_unet()
+    unet.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32)
+    with pytest.raises(ValueError, match=r"^conv_in, time_embedding.linear_1, .* and \d+ more: its forward is "
+                                         "wrapped on the instance .*quantize the model before enabling them$"):
+        msfp.quantize(unet, "w4a4-msfp")
+
+
+def test_a_parametrized_bias_is_refused():
+    class Positive(nn.Module):
+        def forward(self, b):
+            return b.abs()
+
+    model = tiny_plain()
+    nn.utils.parametrize.register_parametrization(model.mid, "bias", Positive())
+    with pytest.raises(ValueError, match="mid: its weight or bias is computed on every call"):
+        msfp.quantize(model, "w4a4-msfp")
+
+
+def test_a_layer_under_a_shared_parent_is_replaced_under_every_name():
+    # One slot (the shared block's attribute) holds it: replacing it there covers both names. It was refused.
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(8, 8)
+
+    model = tiny_plain()
+    model.block = Block()
+    model.blocks = nn.ModuleList([model.block])
+    q = msfp.quantize(model, "w4a4-msfp")
+    assert isinstance(q.block.lin, QuantLayer) and q.blocks[0].lin is q.block.lin
+
+
+def test_quantized_layers_keep_the_training_mode_of_the_layers_they_replace():
+    q = msfp.quantize(tiny_unet().eval(), "w4a4-msfp")
+    assert not any(m.training for m in q.modules())
+    q = msfp.quantize(tiny_unet().train(), "w4a4-msfp")
+    assert all(m.training for m in q.modules())
+
+
+class GuidedDiffusionOrder(nn.Module):
+    """guided-diffusion/LDM's UNetModel registers its timestep MLP before the input conv."""
+
+    def __init__(self):
+        super().__init__()
+        self.time_embed = nn.Sequential(nn.Linear(1, 8), nn.SiLU(), nn.Linear(8, 8))
+        self.input_blocks = nn.ModuleList([nn.Sequential(nn.Conv2d(1, 8, 3, padding=1))])
+        self.mid = nn.Conv2d(8, 8, 3, padding=1)
+        self.time_mlp = nn.Sequential(nn.Linear(1, 8))  # lucidrains' name
+        self.t_embedder = nn.Sequential(nn.Linear(1, 8))  # facebookresearch DiT's name
+        self.out = nn.Conv2d(8, 1, 3, padding=1)
+
+    def forward(self, x, t):
+        t = t.float().view(-1, 1) / 1000
+        emb = self.time_embed(t) + self.time_mlp(t) + self.t_embedder(t)
+        return self.out(self.mid(self.input_blocks[0](x) + emb[:, :, None, None]))
+
+
+def test_first_is_the_input_conv_when_the_timestep_mlp_is_registered_before_it():
+    q = msfp.quantize(GuidedDiffusionOrder(), "w4a4-msfp")
+    assert {n: m.precision for n, m in quant_layers(q).items()} == {
+        "time_embed.0": "8bit", "time_embed.2": "8bit", "input_blocks.0.0": "8bit", "mid": "4bit",
+        "time_mlp.0": "8bit", "t_embedder.0": "8bit", "out": "8bit"}
+
+
+def test_what_is_no_denoiser_gets_a_clear_error():
+    from diffusers import AutoencoderKL, UNet1DModel
+
+    with pytest.raises(TypeError, match="expected the denoiser, an nn.Module, got DDIMPipeline: pass its denoiser "
+                                        r"\(pipe.unet or pipe.transformer\)"):
+        msfp.quantize(DDIMPipeline(unet=tiny_unet(), scheduler=scheduler()), "w4a4-msfp")
+    with pytest.raises(TypeError, match="got str"):
+        msfp.quantize("default", "w4a4-msfp")
+    vae = AutoencoderKL(block_out_channels=(8,), norm_num_groups=8, latent_channels=2)
+    with pytest.raises(ValueError, match="quantize: AutoencoderKL is not a denoiser: its forward takes no timestep"):
+        msfp.quantize(vae, "w4a4-msfp")  # accepted, then calibrate read the timestep as sample_posterior
+    with pytest.raises(ValueError, match="supports the diffusers image denoisers .*, not UNet1DModel"):
+        msfp.quantize(UNet1DModel(block_out_channels=(8, 8, 8), extra_in_channels=16), "w4a4-msfp")
+
+    class MyUNet(type(tiny_unet())):  # a subclass of a supported class is one
+        pass
+
+    assert msfp.quantize(MyUNet(**tiny_unet().config), "w4a4-msfp")
+
+
+def test_a_call_whose_batch_size_is_unknown_does_not_reuse_the_last_timesteps():
+    class Named(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = tiny_plain()
+
+        def forward(self, sample, timestep):
+            return self.inner(sample, timestep)
+
+    # forward(*args, **kwargs) called by keyword: no x found, so the timesteps of the call before drove the
+    # per-timestep scales (and TALoRA's routing).
+    q = msfp.quantize(Forwarding(Named()), QuantConfig(act_timestep_groups=4))
+    seen = []
+    quant_layers(q)["inner.inner.mid"].observer = lambda lyr, x: seen.append(lyr.context.timesteps.tolist())
+    x = torch.randn(2, 1, 8, 8)
+    q(x, torch.tensor([900, 950]))
+    q(sample=x, timestep=torch.tensor([10, 20]))
+    assert seen == [[900, 950], [10, 20]]
+    with pytest.raises(ValueError, match="^inner.inner.t_proj: an input of 1 rows for a batch of 2 samples: its "
+                                         "per-timestep activation scales need one row per sample"):
+        q(sample=x, timestep=torch.tensor(30))  # t_proj reads the one timestep: the bare shape error of a quantizer
+    q = msfp.quantize(Forwarding(tiny_plain()), QuantConfig(act_timestep_groups=4))
+    q(x, torch.tensor([900, 950]))
+    with pytest.raises(RuntimeError, match="per-timestep activation scales need the timestep"):
+        q(x=x, t=torch.tensor([10, 20]))  # no parameter named: neither is found
+
+
+def test_multihead_attention_is_reported_full_precision_and_its_flops_counted():
+    fp = WithAttention().eval()
+    with pytest.warns(msfp.surgery.UnsupportedLayersWarning, match=r"attn \(MultiheadAttention\)"):
+        q = msfp.quantize(copy.deepcopy(fp), QuantConfig(eight_bit_layers=[], full_precision_layers=["attn.out_proj"]))
+    msfp.calibrate(q, fp, scheduler(), num_samples=2, num_steps=2, sample_shape=(1, 8, 8), disable=True)
+    # 64 tokens: inp and out 2·64·8 each; in_proj 2·64·8·24, QKᵀ and PV 2·2·64·64·4 each, out_proj 2·64·8·8
+    assert q.msfp_flops["total"] == 2 * 64 * 8 * 2 + 2 * 64 * 8 * 24 + 2 * 2 * 2 * 64 * 64 * 4 + 2 * 64 * 8 * 8

@@ -129,7 +129,7 @@ def test_the_router_gets_the_straight_through_gradient_of_the_mixture_of_all_lor
     from tiny_models import tiny_unet
 
     def mixture(self, x):  # every LoRA's output, weighted by the route: the textbook estimator, K times the work
-        x = self.act_quantizer(x, self.context.groups(self.act_quantizer.num_groups))
+        x = self.act_quantizer(x, self.context.groups(self.act_quantizer.num_groups, x.shape[0], self.name))
         route = self.context.route
         outs = torch.stack([self._op(x, self.quantized_weight(k)) for k in range(self.num_weight_sets)], 1)
         return (route.view(*route.shape, *[1] * (outs.dim() - 2)) * outs).sum(1)

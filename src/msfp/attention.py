@@ -69,7 +69,8 @@ class AttnInputQuantizer(nn.Module):
         per_sample = x.unflatten(0, (-1, heads))
         if self.observer is not None:
             self.observer(self, per_sample, macs=macs)
-        out = self.act_quantizer(per_sample, self.context.groups(self.act_quantizer.num_groups))
+        out = self.act_quantizer(per_sample, self.context.groups(self.act_quantizer.num_groups, per_sample.shape[0],
+                                                                 self.name))
         return out.flatten(0, 1)
 
     def extra_repr(self) -> str:
@@ -94,6 +95,8 @@ class QuantAttnProcessor:
         if image_shape is not None:  # (B, C, H, W) -> (B, H·W, C) tokens
             hidden_states = hidden_states.flatten(2).transpose(1, 2)
         source = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        if attention_mask is not None and attention_mask.ndim == 2:  # (B, keys): AttnProcessor2_0's per-key mask
+            attention_mask = attention_mask.unsqueeze(1)
         if attention_mask is not None and attention_mask.dtype == torch.bool:  # SDPA's meaning: True takes part
             attention_mask = torch.zeros(attention_mask.shape, dtype=hidden_states.dtype, device=attention_mask.device
                                          ).masked_fill(~attention_mask, torch.finfo(hidden_states.dtype).min)
@@ -257,5 +260,11 @@ def counting_flops(model: nn.Module):
     for the GPU kernels only."""
     cpu_sdpa = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu:
                 lambda query, key, value, *args, **kwargs: sdpa_flop_count(query, key, value)}
-    with FlopCounterMode(display=False, custom_mapping=cpu_sdpa) as counter, explicit_attention(model):
-        yield counter
+    fast_path = torch.backends.mha.get_fastpath_enabled()
+    # nn.MultiheadAttention's inference fast path is one fused op that FlopCounterMode does not count.
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with FlopCounterMode(display=False, custom_mapping=cpu_sdpa) as counter, explicit_attention(model):
+            yield counter
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fast_path)

@@ -3,7 +3,8 @@
 Layer selectors (``eight_bit_layers``, ``full_precision_layers``) are regular expressions matched with
 ``re.fullmatch`` against module names (``down_blocks.0.resnets.1.conv1``), or one of the roles
 
-- ``@first``: the first ``Conv2d``/``Linear`` registered in the model (diffusers: ``conv_in`` / ``pos_embed.proj``),
+- ``@first``: the first ``Conv2d``/``Linear`` registered in the model outside the ``@time_embedding`` layers
+  (diffusers: ``conv_in`` / ``pos_embed.proj``; guided-diffusion: ``input_blocks.0.0``),
 - ``@last``: the output layer: the model's own ``conv_out``, ``proj_out_2`` or ``proj_out`` (diffusers UNets, DiT,
   Transformer2DModel, PixArt; or those of the diffusers model a wrapper module holds, when that is a whole denoiser
   or holds all its layers) if it has one, else the last one registered; calibration warns when the output it traces
@@ -21,6 +22,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import re
 from dataclasses import dataclass, field
 
 from msfp.formats import get_format
@@ -125,6 +127,14 @@ class QuantConfig:
         for f in ("search_clip_points", "search_zero_points", "act_samples_per_layer"):
             if getattr(self, f) < 1:
                 raise ValueError(f"QuantConfig.{f} must be >= 1")
+        for f in ("eight_bit_layers", "full_precision_layers"):  # here, so a config file's error names the file
+            for selector in getattr(self, f):
+                if selector.startswith("@") and selector not in ROLES:
+                    raise ValueError(f"QuantConfig.{f}: unknown role {selector!r}; roles are {list(ROLES)}")
+                try:
+                    re.compile(selector)
+                except re.error as e:
+                    raise ValueError(f"QuantConfig.{f}: invalid regex {selector!r} ({e})") from None
 
     @property
     def weight_bits(self) -> int:

@@ -307,12 +307,9 @@ class Fp8Layer(nn.Module):
     def _act_params(self, batch: int, rows: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The activation scale and zero point of each of the ``batch * rows`` GEMM rows (``rows`` per sample)."""
         zero = self.act_zero_point
-        groups = self.context.groups(self.act_scale.numel())
+        groups = self.context.groups(self.act_scale.numel(), batch, self.name)
         if groups is None:  # one scale for all: stride-0 views, no copy and no kernel launch
             return self.act_scale.expand(batch * rows), None if zero is None else zero.expand(batch * rows)
-        if groups.shape[0] != batch:
-            raise ValueError(f"{self.name}: {groups.shape[0]} timesteps for a batch of {batch} (per-timestep "
-                             "activation scales need one timestep per sample)")
         a_scale, zero = self.act_scale[groups], None if zero is None else zero[groups]
         if rows != 1:  # 0 too: an empty token sequence has no rows
             a_scale, zero = a_scale.repeat_interleave(rows), None if zero is None else zero.repeat_interleave(rows)

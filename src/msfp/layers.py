@@ -99,12 +99,17 @@ class QuantContext:
             raise ValueError(f"got {t.numel()} timesteps for a batch of {batch_size}")
         self.timesteps = t
 
-    def groups(self, num_groups: int) -> torch.Tensor | None:
-        """Group index of each sample of the current call (None with a single group)."""
+    def groups(self, num_groups: int, rows: int, where: str) -> torch.Tensor | None:
+        """Group index of each sample of the current call (None with a single group), for an input of ``rows`` rows
+        (one per sample) of the layer ``where``."""
         if num_groups == 1:
             return None
         if self.timesteps is None:
             raise RuntimeError("per-timestep activation scales need the timestep: call the model as model(x, t, ...)")
+        if rows != len(self.timesteps):
+            raise ValueError(f"{where}: an input of {rows} rows for a batch of {len(self.timesteps)} samples: its "
+                             "per-timestep activation scales need one row per sample (calibrate and call the model "
+                             "the same way, e.g. one timestep per sample)")
         return self.groups_of(self.timesteps, num_groups)
 
     def groups_of(self, timesteps: torch.Tensor, num_groups: int) -> torch.Tensor:
@@ -282,7 +287,7 @@ class QuantLayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.observer is not None:
             self.observer(self, x)
-        x = self.act_quantizer(x, self.context.groups(self.act_quantizer.num_groups))
+        x = self.act_quantizer(x, self.context.groups(self.act_quantizer.num_groups, x.shape[0], self.name))
         if self.num_weight_sets == 1 or self.context.route is None:
             return self._op(x, self.quantized_weight())
         # Per-sample LoRA choice: run each chosen weight on its samples only. In value the output is the chosen

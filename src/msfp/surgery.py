@@ -17,14 +17,17 @@ import re
 import warnings
 from contextlib import contextmanager
 
+import torch
+from diffusers import ModelMixin
 from torch import nn
+from torch.nn.utils import parametrize
 
 from msfp.attention import (attention_inputs, check_attention_replaceable, check_quantized_attention,
                             check_unfused_projections, install_attention_quantizers, projecting_attention)
 from msfp.config import ROLES, QuantConfig
 from msfp.fp8 import require_fake_quant
 from msfp.layers import QuantContext, QuantLayer
-from msfp.models import SUPPORTED_CLASSES, timestep_by_name
+from msfp.models import SUPPORTED_CLASSES, check_denoiser_class, timestep_by_name
 from msfp.quantizers import named_quantizers
 
 # Known diffusers blocks whose child layers read the output of a SiLU/GELU (structural AAL detection).
@@ -41,8 +44,11 @@ _AAL_CHILDREN = {
 }
 # Blocks among those whose activation is optional (act_fn=None): then the child reads the raw embedding.
 _OPTIONAL_ACT = {"TimestepEmbedding": "linear_2", "AdaGroupNorm": "linear"}
+# diffusers, guided-diffusion/LDM (time_embed, label_emb), lucidrains (time_mlp), facebookresearch DiT (t_embedder)
+# and NVlabs EDM (map_layer0/1, map_label, map_augment) names.
 _TIME_EMBEDDING = re.compile(r"(^|.*\.)(time_embedding|class_embedding|add_embedding|timestep_embedder|"
-                             r"time_embed|label_emb|emb\.class_embedder|adaln_single)(\..*|$)")
+                             r"time_embed|label_emb|emb\.class_embedder|adaln_single|time_mlp|t_embedder|"
+                             r"map_layer\d+|map_label|map_augment)(\..*|$)")
 # diffusers' output layers: PixArtTransformer2DModel registers its conditioning embeddings after proj_out, so the last
 # registered layer is not always the output.
 _OUTPUT_LAYERS = ("conv_out", "proj_out_2", "proj_out")
@@ -77,10 +83,12 @@ class UnsupportedLayersWarning(UserWarning):
 
 
 def unsupported_layers(model: nn.Module) -> dict[str, str]:
-    """Weight layers msfp has no quantized form of (Conv1d, Conv3d, transposed convs, Bilinear): ``{name: type}``.
-    They stay full precision, and their FLOPs count in the totals only."""
+    """Weight layers msfp has no quantized form of (Conv1d, Conv3d, transposed convs, Bilinear, and
+    nn.MultiheadAttention's input projection, a bare weight): ``{name: type}``. They stay full precision, and their
+    FLOPs count in the totals only."""
     return {n: type(m).__name__ for n, m in model.named_modules()
-            if isinstance(m, (nn.modules.conv._ConvNd, nn.Bilinear)) and not isinstance(m, nn.Conv2d)}
+            if isinstance(m, (nn.modules.conv._ConvNd, nn.Bilinear, nn.MultiheadAttention))
+            and not isinstance(m, nn.Conv2d)}
 
 
 def structural_aals(model: nn.Module) -> dict[str, str]:
@@ -113,17 +121,11 @@ def structural_aals(model: nn.Module) -> dict[str, str]:
 
 def _select(selectors, names, roles, field) -> set[str]:
     chosen = set()
-    for sel in selectors:
+    for sel in selectors:  # roles and regexes checked by QuantConfig.validate
         if sel in ROLES:
             matched = roles[sel]
-        elif sel.startswith("@"):
-            raise ValueError(f"QuantConfig.{field}: unknown role {sel!r}; roles are {list(ROLES)}")
         else:
-            try:
-                pattern = re.compile(sel)
-            except re.error as e:
-                raise ValueError(f"QuantConfig.{field}: invalid regex {sel!r} ({e})") from None
-            matched = [n for n in names if pattern.fullmatch(n)]
+            matched = [n for n in names if re.fullmatch(sel, n)]
         if not matched and not sel.startswith("@"):
             examples = ", ".join(names[:4])
             raise ValueError(f"QuantConfig.{field}: {sel!r} matches no Conv2d/Linear layer or attention input of the "
@@ -145,10 +147,22 @@ def _timestep_hook(module, args, kwargs):
         t = bound.get("timestep")
     elif "timestep" in kwargs:  # gathered by a **kwargs parameter
         t = kwargs["timestep"]
-    if x is not None:
+    if x is None:  # forward(*args, **kwargs) called by keyword only: the batch size from any batched tensor
+        x = next((v for v in (*args, *kwargs.values()) if torch.is_tensor(v) and v is not t and v.dim() > 0),
+                 t if torch.is_tensor(t) and t.numel() > 1 else None)
+    if x is None:  # no batch size: no timesteps (an error where they are needed), never the last call's
+        module.msfp_context.set_timesteps(None, 0, None)
+    else:
         module.msfp_context.set_timesteps(t, x.shape[0], x.device)
     check_quantized_attention(module, module.msfp_quantized_attention)
     check_unfused_projections(module.msfp_projecting_attention)
+
+
+def _some(names: list[str], shown: int = 4) -> str:
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
+
+
+_MODULE_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 
 
 def _why_not_replaceable(module: nn.Module, aliases: list[str], parent) -> tuple[str, bool] | None:
@@ -158,10 +172,19 @@ def _why_not_replaceable(module: nn.Module, aliases: list[str], parent) -> tuple
     if isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params():
         return (f"{type(module).__name__} has no weight until its first forward; run the model once before quantizing "
                 "it"), False
-    if not isinstance(module.weight, nn.Parameter):
-        return ("its weight is computed on every call (weight_norm, spectral_norm or another parametrization), which a "
-                "quantized layer would freeze; remove the parametrization first "
+    if (parametrize.is_parametrized(module) or not isinstance(module.weight, nn.Parameter)
+            or not isinstance(module.bias, (nn.Parameter, type(None)))):
+        return ("its weight or bias is computed on every call (weight_norm, spectral_norm or another "
+                "parametrization), which a quantized layer would freeze; remove the parametrization first "
                 "(torch.nn.utils.parametrize.remove_parametrizations)"), True
+    if "forward" in vars(module):  # diffusers' and accelerate's hooks wrap the instance's forward
+        return ("its forward is wrapped on the instance (diffusers hooks such as enable_layerwise_casting or group "
+                "offloading, accelerate's offloading), which a quantized layer would drop: quantize the model before "
+                "enabling them"), False
+    hooks = sum(len(getattr(module, kind, {})) for kind in _MODULE_HOOKS)
+    if hooks:
+        return (f"it has {hooks} forward/backward hook(s), which a quantized layer would not run: remove them before "
+                "quantizing and register them on the quantized layer afterwards"), False
     if isinstance(parent, nn.MultiheadAttention):
         return ("nn.MultiheadAttention reads this layer's weight directly and never calls it, so it cannot be "
                 "quantized"), True
@@ -174,21 +197,29 @@ def _why_not_replaceable(module: nn.Module, aliases: list[str], parent) -> tuple
 def _check_replaceable(model: nn.Module, layers: list[tuple[str, nn.Module]]) -> None:
     """Layers a QuantLayer cannot stand in for, all of them with what to do instead; checked before any layer is
     replaced."""
-    names, parents = {}, {}
+    names, parents, slots = {}, {}, {}
     for name, module in model.named_modules(remove_duplicate=False):
         names.setdefault(id(module), []).append(name)
-        for child in module.children():
+        for attribute, child in module._modules.items():  # named_children() lists a module held twice once
+            if child is None:
+                continue
             parents.setdefault(id(child), module)
+            slots.setdefault(id(child), set()).add((id(module), attribute))
     refused = {}
     for name, module in layers:
-        why = _why_not_replaceable(module, [n for n in names[id(module)] if n != name], parents.get(id(module)))
+        # A layer reached by several names through one shared parent has one slot: replacing it there covers them all.
+        aliases = [n for n in names[id(module)] if n != name] if len(slots[id(module)]) > 1 else []
+        why = _why_not_replaceable(module, aliases, parents.get(id(module)))
         if why is not None:
             refused[name] = why
     if refused:
         keep = [name for name, (_, keepable) in refused.items() if keepable]
         fix = (f"; keep {'it' if len(keep) == 1 else 'them'} full precision with "
                f"QuantConfig.full_precision_layers={keep!r}") if keep else ""
-        raise ValueError("; ".join(f"{name}: {why}" for name, (why, _) in refused.items()) + fix)
+        by_reason: dict[str, list[str]] = {}
+        for name, (why, _) in refused.items():
+            by_reason.setdefault(why, []).append(name)
+        raise ValueError("; ".join(f"{_some(n)}: {why}" for why, n in by_reason.items()) + fix)
 
 
 def _no_fast_path(module, args):
@@ -210,6 +241,11 @@ def quantize(model: nn.Module, config: QuantConfig | str | dict) -> nn.Module:
         raise TypeError(f"quantize: config must be a QuantConfig, a preset name or a dict of QuantConfig fields, got "
                         f"{type(config).__name__}")
     config.validate()
+    if not isinstance(model, nn.Module):
+        hint = ": pass its denoiser (pipe.unet or pipe.transformer)" if hasattr(model, "components") else ""
+        raise TypeError(f"quantize: expected the denoiser, an nn.Module, got {type(model).__name__}{hint}")
+    if isinstance(model, ModelMixin):
+        check_denoiser_class(type(model), "quantize")
     if getattr(model, "msfp_config", None) is not None:
         raise ValueError(f"{type(model).__name__} is already quantized (preset {model.msfp_config.name!r})")
     if hasattr(model, "_orig_mod"):  # its layer names gain "_orig_mod." and its forward hides the timestep's name
@@ -223,8 +259,10 @@ def quantize(model: nn.Module, config: QuantConfig | str | dict) -> nn.Module:
         raise ValueError(f"{type(model).__name__} is already quantized (e.g. {already!r})")
     names = [n for n, _ in layers]
     attention = attention_inputs(model) if config.quantize_attention else []
-    roles = {"@first": names[:1], "@last": _output_layer(model, names),
-             "@time_embedding": [n for n in names if _TIME_EMBEDDING.fullmatch(n)]}
+    time_embedding = [n for n in names if _TIME_EMBEDDING.fullmatch(n)]
+    # guided-diffusion/LDM UNets register their timestep MLP before the input conv
+    roles = {"@first": [n for n in names if n not in time_embedding][:1], "@last": _output_layer(model, names),
+             "@time_embedding": time_embedding}
     full = _select(config.full_precision_layers, names + attention, roles, "full_precision_layers")
     eight = _select(config.eight_bit_layers, names + attention, roles, "eight_bit_layers") - full
     if not set(names) - full:
@@ -242,6 +280,7 @@ def quantize(model: nn.Module, config: QuantConfig | str | dict) -> nn.Module:
         wfmt = (config.eight_bit_weight_formats if name in eight else config.weight_formats)[0]
         afmt = (config.eight_bit_act_formats if name in eight else config.act_formats)[0]
         layer = QuantLayer(module, name, wfmt, afmt, context, config.act_timestep_groups, precision)
+        layer.train(module.training)
         if name in aals:
             layer.info.update(aal=True, aal_reason="structural: " + aals[name])
         parent_name, _, child = name.rpartition(".")
@@ -267,9 +306,8 @@ def quantize(model: nn.Module, config: QuantConfig | str | dict) -> nn.Module:
     model.msfp_unsupported_layers = unsupported_layers(model)
     if model.msfp_unsupported_layers:
         listed = [f"{n} ({kind})" for n, kind in model.msfp_unsupported_layers.items()]
-        warnings.warn(f"{len(listed)} layer(s) msfp cannot quantize stay full precision: {', '.join(listed[:5])}"
-                      + (", …" if len(listed) > 5 else "") + "; only nn.Conv2d and nn.Linear are quantized",
-                      UnsupportedLayersWarning, stacklevel=2)
+        warnings.warn(f"{len(listed)} layer(s) msfp cannot quantize stay full precision: {_some(listed)}; only "
+                      "nn.Conv2d and nn.Linear are quantized", UnsupportedLayersWarning, stacklevel=2)
     model.register_forward_pre_hook(_timestep_hook, with_kwargs=True)
     return model
 
