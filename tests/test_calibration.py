@@ -125,6 +125,19 @@ def test_empty_calibration_set_and_missing_conditioning():
         msfp.calibrate(q, msfp.quantize(tiny_unet(), "w4a4-msfp"), scheduler())
 
 
+def test_a_refused_calibration_keeps_what_the_model_records_of_the_last_one():
+    # The refused call had already recorded the other model as the teacher: fine-tuning then refused the real one
+    # and distilled from the other, copying its weights into the student.
+    fp, q, _ = calibrated(tiny_unet)
+    recorded = (q.msfp_base_weights, q.msfp_scheduler_config, q.msfp_context.num_train_timesteps)
+    other, other_scheduler = tiny_unet(), scheduler()
+    other.conv_in.weight.data += 1
+    other_scheduler.register_to_config(num_train_timesteps=500)
+    with pytest.raises(ValueError, match="empty calibration set"):
+        msfp.calibrate(q, other, other_scheduler, num_samples=0, disable=True)
+    assert (q.msfp_base_weights, q.msfp_scheduler_config, q.msfp_context.num_train_timesteps) == recorded
+
+
 def test_a_model_on_the_fp8_backend_is_not_recalibrated():
     # Its FP8 layers hold codes and fixed scales: only the few layers left fake-quant would be calibrated.
     fp = tiny_unet()
@@ -409,9 +422,7 @@ def test_trajectory_keys_do_not_depend_on_string_hashing():
     # A scheduler config missing keys (older Hub configs) lists them in _use_default_values in set order, which
     # follows PYTHONHASHSEED: fine-tuning's teacher key changed between processes, so `msfp finetune --resume` in a
     # new process was refused as "another teacher" and the trajectories were sampled again.
-    import os
-    import subprocess
-    import sys
+    from hash_seeds import outputs_under_hash_seeds
 
     code = ("from diffusers import DDIMScheduler\n"
             "from msfp.calibration import trajectory_key\n"
@@ -419,10 +430,7 @@ def test_trajectory_keys_do_not_depend_on_string_hashing():
             "s = DDIMScheduler.from_config({'num_train_timesteps': 1000})\n"
             "assert len(s.config['_use_default_values']) > 5\n"
             "print(trajectory_key(tiny_plain(), s, 2, 2, 0, batch_size=2))\n")
-    tests = os.path.dirname(__file__)
-    keys = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=tests,
-                           env={**os.environ, "PYTHONHASHSEED": str(seed), "PYTHONPATH": tests}).stdout
-            for seed in (1, 2, 3)}
+    keys = outputs_under_hash_seeds(code)
     assert len(keys) == 1, keys
 
 

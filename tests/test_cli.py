@@ -344,6 +344,13 @@ def test_unwritable_outputs_fail_before_the_work(tmp_path, tiny_model_dir):
         # They used to sample, run the reference method or compute every metric first.
         assert r.exit_code == 1 and "a-file" in r.output and "sample:" not in r.output, (args, r.output)
         assert "[1/" not in r.output and "fd" not in r.output, (args, r.output)
+    if Path("/sys/kernel").is_dir():  # Linux's sysfs: no new files there, even for root
+        # An existing folder passed mkdir(exist_ok=True): the work ran, then the write failed naming a temp file.
+        for args in (["sample", "--model", tiny_model_dir, "--num", 1, "--steps", 1, "--out", "/sys/s.npz"],
+                     ["eval", tmp_path / "s.npz", "--json", "/sys/r.json"]):
+            r = run(*args)
+            assert r.exit_code == 1 and "cannot write /sys/" in r.output and "sample:" not in r.output, r.output
+            assert "fd" not in r.output and ".tmp-" not in r.output, (args, r.output)
 
 
 def test_bad_counts_and_rates_name_their_flag(tmp_path):

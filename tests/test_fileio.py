@@ -40,12 +40,13 @@ def existing(tmp_path):
 
 
 def test_new_files_replace_old_ones_and_other_entries_are_kept(tmp_path, existing):
+    os.chmod(existing, 0o750)  # not what a new directory gets under any usual umask
     with atomic_directory(existing) as tmp:
         assert tmp.parent == tmp_path and list(tmp.iterdir()) == []
         write(tmp, weights="new weights", config="new config")
     assert tree(existing) == {"weights": "new weights", "config": "new config", "notes": "my notes",
                      "evals/run1.json": "{}", "notes-link": "link -> notes"}
-    assert os.stat(existing).st_mode & 0o777 == 0o755  # the mode it had
+    assert os.stat(existing).st_mode & 0o777 == 0o750  # the mode it had
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no temporary or old directory left behind
 
 

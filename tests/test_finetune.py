@@ -3,6 +3,7 @@ import copy
 import json
 import math
 import shutil
+import warnings
 
 import pytest
 import torch
@@ -33,6 +34,17 @@ def calibrated():
     q = msfp.quantize(copy.deepcopy(fp), "w4a4-msfp")
     msfp.calibrate(q, fp, scheduler(), num_samples=4, num_steps=4, disable=True)
     return fp, q
+
+
+class Exploit:
+    ran = False
+
+    def __reduce__(self):
+        return (Exploit._run, ())
+
+    @staticmethod
+    def _run():
+        Exploit.ran = True
 
 
 def same_state(a, b):
@@ -292,6 +304,11 @@ def test_a_work_dir_is_only_reused_for_the_same_teacher_and_student(calibrated, 
     quant_layers(other_format)["conv_in"].act_quantizer.fmt = msfp.formats.get_format("fp4_e1m2")
     with pytest.raises(ValueError, match="written for another student model"):
         finetune(other_format, fp, other_schedule, config, work_dir=tmp_path, resume=True, disable=True)
+    state = torch.load(tmp_path / ft.STATE_NAME, weights_only=False)
+    torch.save(dict(state, hook=Exploit()), tmp_path / ft.STATE_NAME)  # a file that would run code when loaded
+    with pytest.raises(ValueError, match=rf"{ft.STATE_NAME}: cannot read the checkpoint .*delete"):
+        finetune(copy.deepcopy(q), fp, other_schedule, config, work_dir=tmp_path, resume=True, disable=True)
+    assert not Exploit.ran
     (tmp_path / ft.STATE_NAME).write_bytes(b"truncated")
     with pytest.raises(ValueError, match=rf"{ft.STATE_NAME}: cannot read the checkpoint .*delete"):
         finetune(copy.deepcopy(q), fp, other_schedule, config, work_dir=tmp_path, resume=True, disable=True)
@@ -582,6 +599,24 @@ def test_cli_quantize_then_finetune_with_time_budget_and_resume(tmp_path):
     with pytest.raises(FileExistsError, match="holds a fine-tuned model"):
         msfp.save_quantized(ptq, q)
     assert msfp.checkpoint.read_quant_meta(q)["finetune"]["iters_done"] == 4
+    # ... also named through a missing folder and "..": the checks found nothing there, and the save, making the
+    # folder, then replaced it.
+    with pytest.raises(FileExistsError, match="holds a fine-tuned model"):
+        msfp.save_quantized(ptq, q.parent / "missing" / ".." / q.name)
+    r = run("quantize", "--model", tmp_path / "model", "--out", q.parent / "missing2" / ".." / q.name)
+    assert r.exit_code == 1 and "holds a fine-tuned model" in r.output, r.output
+    # ... also after a save of it was killed between its renames: the next save put the fine-tuned version back,
+    # then replaced it.
+    from test_fileio import dead_writers_directory
+
+    aside = q.with_name(f".{q.name}.old")
+    q.rename(aside)
+    leftover = dead_writers_directory(q)
+    with pytest.raises(FileExistsError, match=r"left by an interrupted save\) holds a fine-tuned model"):
+        msfp.save_quantized(ptq, q)
+    shutil.rmtree(leftover)
+    aside.rename(q)
+    assert msfp.checkpoint.read_quant_meta(q)["finetune"]["iters_done"] == 4
     # ... also when this msfp cannot read the checkpoint (another format version): the file says it is fine-tuned.
     newer = tmp_path / "q-newer"
     shutil.copytree(q, newer)
@@ -624,3 +659,27 @@ def test_every_trained_group_moves_and_the_loss_weights_follow_the_setting(calib
         assert torch.equal(layer.weight_quantizer.scale, before[name].weight_quantizer.scale), name
     trained = students["mse"].msfp_router.state_dict()
     assert any(not torch.equal(trained[k], routers["mse"][k]) for k in trained)
+
+
+def test_a_warning_when_the_teachers_timesteps_leave_loras_untrained(calibrated):
+    # Continuous timesteps (0.25·log σ, from about -1.5 to 1.3) all fell in the router's first interval of
+    # [0, 1000): TALoRA trained one LoRA, without a word.
+    fp = tiny_unet()
+    euler = EulerDiscreteScheduler.from_config(scheduler().config, timestep_type="continuous",
+                                               prediction_type="v_prediction")
+    q = msfp.quantize(copy.deepcopy(fp), "w4a4-msfp")
+    msfp.calibrate(q, fp, euler, num_samples=4, num_steps=4, disable=True)
+    with pytest.warns(UserWarning, match=r"TALoRA: the teacher's timesteps \(-[\d.]+ to [\d.]+\) fall in 1 of the "
+                                         r"router's 4 initial intervals of \[0, 1000\)"):
+        finetune(q, fp, euler, FinetuneConfig(**dict(CONFIG, iters=1)), disable=True)
+    fp, q = calibrated
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # four DDIM steps: one in each interval
+        finetune(copy.deepcopy(q), fp, scheduler(), FinetuneConfig(**dict(CONFIG, iters=1)), disable=True)
+
+
+def test_a_time_budget_that_is_no_number_is_refused(calibrated):
+    fp, q = calibrated
+    for budget in (float("nan"), -1, "5"):  # NaN compared false with the time spent: no limit, without a word
+        with pytest.raises(ValueError, match=r"max_minutes must be a number ≥ 0 \(None: no limit\)"):
+            finetune(copy.deepcopy(q), fp, scheduler(), FinetuneConfig(**CONFIG), max_minutes=budget, disable=True)

@@ -58,3 +58,38 @@ def test_a_compiled_or_data_parallel_model_has_the_digest_of_the_model_it_wraps(
     for wrapped in (torch.compile(model), torch.nn.DataParallel(model)):
         assert weights_digest(wrapped) == weights_digest(model)
         assert model_key(wrapped, {}) == model_key(model, {})
+
+
+def test_weights_digests_tell_dtype_shape_and_every_value_apart():
+    model = tiny_plain()
+    digest = weights_digest(model)
+    assert weights_digest(tiny_plain()) == digest
+    one_value = tiny_plain()
+    one_value.mid.bias.data[3] += 1e-6
+    as_bytes = tiny_plain()  # the same bytes read as another dtype
+    as_bytes.mid.bias = torch.nn.Parameter(as_bytes.mid.bias.detach().view(torch.int32), requires_grad=False)
+    reshaped = tiny_plain()
+    reshaped.mid.weight = torch.nn.Parameter(reshaped.mid.weight.detach().reshape(8, 8, 9, 1))
+    assert len({digest, *map(weights_digest, (one_value, as_bytes, reshaped))}) == 4
+
+
+def test_tensor_digests_of_conjugate_and_negative_views_are_those_of_their_values():
+    # .view(torch.uint8) refused them ("not supported for conjugate view tensors")
+    from msfp.identity import tensor_digest
+
+    z = torch.tensor([1 + 2j, 3 - 1j])
+    assert tensor_digest(z.conj()) == tensor_digest(z.conj().resolve_conj())
+    assert tensor_digest(z.conj().imag) == tensor_digest(torch.tensor([-2.0, 1.0]))
+
+
+def test_model_keys_of_sets_and_numpy_scalars_are_stable():
+    from hash_seeds import outputs_under_hash_seeds
+
+    model = tiny_plain()
+    assert model_key(model, dict(steps=np.int64(5), eta=np.float32(0.5))) == model_key(model, dict(steps=5, eta=0.5))
+    # A set's order follows string hashing, which differs between processes.
+    code = ("from msfp.identity import model_key\n"
+            "from tiny_models import tiny_plain\n"
+            "print(model_key(tiny_plain(), dict(layers={'conv_in', 'mid', 'out', 'time_embedding'})))\n")
+    keys = outputs_under_hash_seeds(code)
+    assert len(keys) == 1, keys

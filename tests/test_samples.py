@@ -195,9 +195,10 @@ def test_generate_replaces_only_an_earlier_sample_file(tmp_path):
     for path, held in ((stats, r"\['mu', 'sigma'\]"), (unseeded, r"\['arr_0'\]"),
                        (text, r"nothing readable as .npz \(\w+\)")):
         before = path.read_bytes()
-        with pytest.raises(ValueError, match=f"{path.name} exists and holds {held}, not the images and seeds msfp "
-                                             "sample writes; it is not a sample file to replace"):
-            generate(tiny_unet(), scheduler(), path, 2, 1, disable=True)
+        for named in (path, tmp_path / "missing" / ".." / path.name):  # the second passed: no such file, yet
+            with pytest.raises(ValueError, match=f"{path.name} exists and holds {held}, not the images and seeds "
+                                                 "msfp sample writes; it is not a sample file to replace"):
+                generate(tiny_unet(), scheduler(), named, 2, 1, disable=True)
         assert path.read_bytes() == before
     (tmp_path / "dir.npz").mkdir()
     with pytest.raises(ValueError, match="dir.npz is a directory; name the sample file"):  # said "not found; exists"

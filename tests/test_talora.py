@@ -191,3 +191,33 @@ def test_each_lora_bank_is_made_beside_its_weight():
     for name, layer in quant_layers(q).items():
         assert {p.device.type for p in layer.lora.parameters()} == {layer.weight.device.type}, name
     assert quant_layers(q)["conv_out"].lora.A.device.type == "meta"
+
+
+def test_a_refused_or_interrupted_add_talora_leaves_no_loras(monkeypatch):
+    # The router and its hook came first: a failure while building the banks left them, and the next call was
+    # refused ("already has TALoRA LoRAs").
+    import msfp
+    import msfp.talora
+    from msfp.surgery import quant_layers
+    from msfp.talora import add_talora
+    from tiny_models import tiny_unet
+
+    q = msfp.quantize(tiny_unet(), "w4a4-msfp")
+    with pytest.raises(ValueError, match=r"add_talora: rank must be an integer ≥ 1 \(each layer's is capped"):
+        add_talora(q, num_loras=4, rank=0)
+    built = []
+
+    def interrupted(*args, **kwargs):
+        if len(built) == 3:
+            raise KeyboardInterrupt
+        built.append(1)
+        return LoRABank(*args, **kwargs)
+
+    monkeypatch.setattr(msfp.talora, "LoRABank", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        add_talora(q, num_loras=4, rank=2)
+    assert not hasattr(q, "msfp_router") and all(layer.lora is None for layer in quant_layers(q).values())
+    assert len(q._forward_pre_hooks) == 1  # msfp.quantize's timestep hook, not the routing one
+    monkeypatch.undo()
+    add_talora(q, num_loras=4, rank=2)
+    q(torch.randn(2, 1, 8, 8), torch.tensor([10, 900]))

@@ -459,24 +459,23 @@ def calibrate(qmodel: nn.Module, fp_model: nn.Module, scheduler, num_samples: in
             raise ValueError(f"{name}: its weight holds {bad} non-finite values (NaN or inf); calibrate a model whose "
                              "weights are finite")
     attention = attention_quantizers(qmodel)
-    qmodel.msfp_context.num_train_timesteps = scheduler.config.num_train_timesteps
-    qmodel.msfp_scheduler_config = dict(scheduler.config)  # saved with the model: `--model DIR` samples with it
-    qmodel.msfp_base_weights = weights_digest(fp_model)  # saved too: fine-tuning must distil from these weights
+    base_weights = weights_digest(fp_model)
     recorded = list(recorded_inputs(qmodel))
     traj_path = rec_path = None
     if cache_dir is not None:  # a hit must equal computing afresh
         # Trajectories: the same request (batch size included) on the same machine (CPU or GPU model, and thread
         # count: float sums differ with it), versions and msfp code.
         request = trajectory_key(fp_model, scheduler, num_samples, num_steps, seed, cond, class_labels, sample_shape,
-                                 batch_size=batch_size, weights=qmodel.msfp_base_weights)
+                                 batch_size=batch_size, weights=base_weights)
         where = json.dumps(machine_info(model_device(fp_model)), sort_keys=True)
         key = hashlib.sha256("\n".join([request, where]).encode()).hexdigest()[:16]
         traj_path = Path(cache_dir) / f"trajectories-{key}.safetensors"
         # Layer inputs: those trajectories at that batch size (the subsample is drawn batch by batch), this ordered
-        # list (it seeds each subsample) and the quantized model's own full-precision weights (LoRAs included; they
-        # may differ from fp_model's).
+        # list (it seeds each subsample), the quantized model's own full-precision weights (LoRAs included; they
+        # may differ from fp_model's) and the machine that runs it (fp_model may run elsewhere).
         own_weights = weights_digest(qmodel, exclude=quantizer_keys(qmodel))
-        recorded_key = hashlib.sha256("\n".join([*recorded, own_weights]).encode()).hexdigest()[:12]
+        runs_on = json.dumps(machine_info(model_device(qmodel)), sort_keys=True)
+        recorded_key = hashlib.sha256("\n".join([*recorded, own_weights, runs_on]).encode()).hexdigest()[:12]
         rec_path = Path(cache_dir) / f"layer-inputs-{key}-{config.act_samples_per_layer}-{recorded_key}.safetensors"
 
     start = time.time()
@@ -484,7 +483,6 @@ def calibrate(qmodel: nn.Module, fp_model: nn.Module, scheduler, num_samples: in
                                            batch_size, cond, class_labels, sample_shape=sample_shape, disable=disable)
     points, points_cached = _cached(traj_path, collect, Trajectories.to_tensors, Trajectories.from_tensors)
     traj_time = time.time() - start
-    _warn_about_empty_groups(qmodel.msfp_context, points.t, config.act_timestep_groups)
     start = time.time()
     record = lambda: record_layer_inputs(qmodel, points, config.act_samples_per_layer,  # noqa: E731
                                          batch_size, seed, disable)
@@ -492,6 +490,12 @@ def calibrate(qmodel: nn.Module, fp_model: nn.Module, scheduler, num_samples: in
                                       lambda tensors: _records_from_tensors(tensors, recorded))
     record_time = time.time() - start
     _check_output_layer(qmodel, records)
+    # What the model records of its calibration is set once nothing but the search is left: a refused call must not
+    # leave another teacher's digest behind, which fine-tuning trusts.
+    qmodel.msfp_context.num_train_timesteps = scheduler.config.num_train_timesteps  # the timestep groups' range
+    _warn_about_empty_groups(qmodel.msfp_context, points.t, config.act_timestep_groups)
+    qmodel.msfp_scheduler_config = dict(scheduler.config)  # saved with the model: `--model DIR` samples with it
+    qmodel.msfp_base_weights = base_weights  # saved too: fine-tuning must distil from these weights
     start = time.time()
     for name, layer in tqdm(layers.items(), desc="calibrate: search", disable=disable):
         _search_layer(layer, records[name], config)

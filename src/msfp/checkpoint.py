@@ -61,7 +61,7 @@ from torch import nn
 from msfp import __version__
 from msfp.attention import attention_quantizers
 from msfp.config import QuantConfig
-from msfp.fileio import atomic_directory, check_replaceable, interrupted_save, unfinished_save
+from msfp.fileio import atomic_directory, check_replaceable, check_writable, interrupted_save, unfinished_save
 from msfp.formats import compute_dtype, get_format
 from msfp.fp8 import convert_to_fp8, require_fake_quant
 from msfp.identity import differences, weights_digest
@@ -325,19 +325,24 @@ def check_output_directory(directory: str | os.PathLike, finetuned: bool = False
     there: it holds something other than a msfp checkpoint, a fine-tuned checkpoint that a post-training model would
     replace (the fine-tuning may have taken hours), or the current directory is inside it. Commands call it before
     quantizing."""
-    out = Path(directory)
-    if out.exists() and not (out / CONFIG_NAME).is_file() and not (out.is_dir() and not any(out.iterdir())):
-        raise FileExistsError(f"{out} exists and is not a msfp output directory; refusing to replace it")
+    # Resolved: "missing/../ckpt" does not exist until the save makes "missing", and then it is ckpt.
+    out = Path(directory).resolve()
     check_replaceable(out)
-    if not finetuned and (out / CONFIG_NAME).is_file():
+    # After a save killed between its renames, its last complete version (which the save puts back) is replaced.
+    held = interrupted_save(out) or out
+    where = "" if held == out else f" (its last complete version, {held}, left by an interrupted save)"
+    if held.exists() and not (held / CONFIG_NAME).is_file() and not (held.is_dir() and not any(held.iterdir())):
+        raise FileExistsError(f"{out}{where} exists and is not a msfp output directory; refusing to replace it")
+    if not finetuned and (held / CONFIG_NAME).is_file():
         # The file as it is, not through read_quant_meta: a checkpoint of another msfp version says so as well.
         try:
-            meta = json.loads((out / CONFIG_NAME).read_text(encoding="utf-8"))
+            meta = json.loads((held / CONFIG_NAME).read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError):  # damaged: nothing worth keeping is lost
             meta = None
         if isinstance(meta, dict) and meta.get("finetune"):
-            raise FileExistsError(f"{out} holds a fine-tuned model, which a post-training one saved there would "
-                                  "replace: choose another directory, or delete it first")
+            raise FileExistsError(f"{out}{where} holds a fine-tuned model, which a post-training one saved there "
+                                  "would replace: choose another directory, or delete it first")
+    check_writable(out)
     return out
 
 

@@ -40,7 +40,7 @@ def _read_config(path: str):
     from msfp.config import QuantConfig
 
     try:
-        return QuantConfig.from_json(Path(path).read_text())
+        return QuantConfig.from_json(Path(path).read_text(encoding="utf-8"))
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from e
 
@@ -289,7 +289,7 @@ def eval_(samples_path, ref, ref_images, data_dir, inception_weights, paired_pat
     from msfp.calibration import collect_trajectories
     from msfp.checkpoint import CONFIG_NAME, read_quant_meta, require_base_weights
     from msfp.evaluation import eps_mse_means, evaluate, format_table, load_reference, per_timestep_eps_mse
-    from msfp.fileio import write_json
+    from msfp.fileio import check_writable, write_json
 
     source = click.get_current_context().get_parameter_source
     given = [f"--{o.replace('_', '-')}" for o in ("fp_model", "heldout_samples", "heldout_steps")
@@ -303,7 +303,7 @@ def eval_(samples_path, ref, ref_images, data_dir, inception_weights, paired_pat
             _check_json_output(json_path, {"SAMPLES": samples_path, "--paired": paired_path, "--ref": ref,
                                            "--inception-weights": inception_weights},
                                {"--model": model_spec, "--fp-model": fp_model})
-            Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+            check_writable(json_path)
         if model_spec is not None:  # checked before the image metrics, which take a while
             model, scheduler = _load_any_model(model_spec)
             teacher, _ = _load_fp_model(fp_model)

@@ -98,6 +98,20 @@ def _remove_leftovers(path: Path) -> None:
             entry.unlink(missing_ok=True)
 
 
+def check_writable(path: str | os.PathLike) -> None:
+    """Make the folder of ``path`` (a file or directory to write later) and check a file can be created there, so an
+    unwritable output fails before the work, under the name the user gave: an existing read-only folder passes
+    ``mkdir(exist_ok=True)``."""
+    parent = Path(path).parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=parent, prefix=".msfp-write-check-")
+    except OSError as e:
+        raise PermissionError(f"cannot write {path} ({e.strerror or e})") from None
+    os.close(fd)
+    os.unlink(probe)
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike):
     """Yield a temporary path beside ``path``; on success it replaces ``path``, on error it is removed. A symlink at

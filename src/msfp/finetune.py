@@ -38,7 +38,7 @@ from msfp.losses import WEIGHTINGS, denoising_factors, dfa_weights, weighted_mse
 from msfp.models import denoise
 from msfp.quantizers import MIN_SCALE, named_quantizers
 from msfp.surgery import quant_layers, set_fused_rounding
-from msfp.talora import add_talora, remove_talora
+from msfp.talora import add_talora, lora_counts, remove_talora
 
 STATE_NAME = "finetune_state.pt"
 TEACHER_NAME = "teacher_trajectories-{key}.safetensors"
@@ -94,6 +94,19 @@ class FinetuneResult:
     losses: list[float]
     seconds: float
     stopped_early: bool
+
+
+def _warn_about_idle_loras(qmodel, timesteps: torch.Tensor) -> None:
+    """TALoRA's router starts by splitting [0, num_train_timesteps) into K intervals: a LoRA whose interval holds no
+    teacher timestep is not trained at first (few trajectory steps; or a scheduler passing other timesteps, such as
+    EDM's or Euler's continuous ones, where every step went to LoRA 0 without a word)."""
+    counts = lora_counts(qmodel, timesteps.unique())
+    if counts is not None and 0 in counts:
+        n = qmodel.msfp_context.num_train_timesteps
+        warnings.warn(f"TALoRA: the teacher's timesteps ({timesteps.min().item():g} to {timesteps.max().item():g}) "
+                      f"fall in {len(counts) - counts.count(0)} of the router's {len(counts)} initial intervals of "
+                      f"[0, {n}): the other LoRAs start untrained; use more trajectory steps, fewer LoRAs, or a "
+                      f"scheduler whose timesteps span [0, {n})", stacklevel=3)
 
 
 def _trainable_groups(qmodel, config: FinetuneConfig) -> list[dict]:
@@ -228,10 +241,13 @@ def _read_state(state_path: Path, config: FinetuneConfig) -> dict:
     """The state file a resumed run continues from, checked to be written with ``config``."""
     try:
         # On the CPU first: a state a GPU run wrote resumes anywhere (each tensor then goes to its parameter).
-        state = torch.load(state_path, map_location="cpu", weights_only=False)
+        state = torch.load(state_path, map_location="cpu", weights_only=True)  # no code runs from a file
     except Exception as e:
-        raise ValueError(f"{state_path}: cannot read the checkpoint ({type(e).__name__}: {e}); delete "
-                         f"{state_path.parent} to start over") from e
+        # torch's refusal of a global is a page of advice on loading the file anyway, which is not ours to give.
+        why = ("it holds objects other than tensors and plain data, which msfp never writes (loading them could run "
+               "code)") if "Weights only load failed" in str(e) else f"{type(e).__name__}: {e}"
+        raise ValueError(f"{state_path}: cannot read the checkpoint ({why}); delete {state_path.parent} to start "
+                         "over") from e
     wanted = config.to_dict()
     if state["config"] != wanted:
         changed = "; ".join(differences(state["config"], wanted, state["config"]))
@@ -261,6 +277,8 @@ def finetune(qmodel: nn.Module, fp_model: nn.Module, scheduler, config: Finetune
                          "quantized from as fp_model, not the quantized model itself")
     if torch.is_inference_mode_enabled():
         raise RuntimeError("finetune() trains, which torch.inference_mode() forbids: call it outside that block")
+    if max_minutes is not None and not (isinstance(max_minutes, (int, float)) and max_minutes >= 0):
+        raise ValueError(f"max_minutes must be a number ≥ 0 (None: no limit), got {max_minutes!r}")  # NaN: no limit
     # Frozen E4M3 codes: only the few layers left fake-quant would be trained.
     require_fake_quant(qmodel, "finetune()", "the FP8 backend is for inference; fine-tune the fake-quant model "
                        "(msfp.load_quantized(directory), backend 'fake') and convert it afterwards")
@@ -317,6 +335,8 @@ def finetune(qmodel: nn.Module, fp_model: nn.Module, scheduler, config: Finetune
                                          class_labels, sample_shape, batch_size=TEACHER_BATCH, weights=fp_weights)
         points = teacher if teacher is not None else _teacher(fp_model, scheduler, config, work_dir, teacher_key, cond,
                                                               class_labels, sample_shape, disable)
+        if added:
+            _warn_about_idle_loras(qmodel, points.t)
         weights = _point_weights(points, by_t, scheduler, config)
         groups = _trainable_groups(qmodel, config)
         trained = _trainable_state(qmodel)

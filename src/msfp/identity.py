@@ -18,7 +18,9 @@ from msfp.models import unwrapped
 
 
 def _tensor_bytes(t: torch.Tensor) -> bytes:
-    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()  # 0-dim tensors too
+    # A conjugate or negative view's bytes are not its values (and .view refuses it).
+    t = t.detach().resolve_conj().resolve_neg()
+    return t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()  # 0-dim tensors too
 
 
 def tensor_digest(t: torch.Tensor) -> str:
@@ -52,6 +54,10 @@ def _plain_value(value):
         return {str(k): _plain_value(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_plain_value(v) for v in value]
+    if isinstance(value, (set, frozenset)):  # in string-hash order otherwise, which differs between processes
+        return sorted((_plain_value(v) for v in value), key=repr)
+    if isinstance(value, np.generic):  # np.int64(5) is 5
+        return value.item()
     return value
 
 
@@ -74,7 +80,7 @@ def model_key(model: nn.Module, settings: dict, weights: str | None = None) -> s
     options change the trajectories, not the weights); its bookkeeping entries do not (:func:`plain_config`). A
     compiled or DataParallel model is the model it wraps."""
     model = unwrapped(model)
-    identity = dict(settings, model_class=f"{type(model).__module__}.{type(model).__qualname__}",
+    identity = dict(_plain_value(settings), model_class=f"{type(model).__module__}.{type(model).__qualname__}",
                     model_config=plain_config(getattr(model, "config", None)), weights=weights or weights_digest(model))
     return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
 

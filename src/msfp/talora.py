@@ -148,15 +148,22 @@ def add_talora(qmodel: nn.Module, num_loras: int = 4, rank: int = 4, seed: int =
     if getattr(qmodel, "msfp_router", None) is not None:
         raise ValueError("the model already has TALoRA LoRAs")
     require_fake_quant(qmodel, "add_talora", "fine-tune the fake-quant model, then convert it")
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"add_talora: rank must be an integer ≥ 1 (each layer's is capped by its weight's shape), "
+                         f"got {rank!r}")
     layers = quant_layers(qmodel)
-    router = attach_router(qmodel, num_loras, rank)
-    if num_loras > 1:
-        router.init_contiguous(seed=seed)
-    for i, layer in enumerate(layers.values()):
-        shape = layer.weight.shape
-        layer_rank = min(rank, shape[0], math.prod(shape[1:]))
-        # Beside its weight: a model split across devices stays split.
-        layer.lora = LoRABank(shape, num_loras, layer_rank, seed=seed + i).to(layer.weight.device)
+    try:  # all or nothing: a half-built model refuses the next call ("already has TALoRA LoRAs")
+        router = attach_router(qmodel, num_loras, rank)
+        if num_loras > 1:
+            router.init_contiguous(seed=seed)
+        for i, layer in enumerate(layers.values()):
+            shape = layer.weight.shape
+            layer_rank = min(rank, shape[0], math.prod(shape[1:]))
+            # Beside its weight: a model split across devices stays split.
+            layer.lora = LoRABank(shape, num_loras, layer_rank, seed=seed + i).to(layer.weight.device)
+    except BaseException:
+        remove_talora(qmodel)
+        raise
     return router
 
 
