@@ -316,7 +316,7 @@ def test_searches_refuse_empty_candidates_and_ignored_ones():
         act.initialize(torch.randn(100), ["ufp4_e2m2"], group=1)
 
 
-@pytest.mark.parametrize("magnitude", [1e20, 1e30])
+@pytest.mark.parametrize("magnitude", [1e30, 1e35])
 def test_the_search_works_for_any_finite_float32_data(magnitude):
     # The errors went through float32: past ~1e19 every candidate's was inf, argmin took the first (the smallest
     # clip, 1/num_clip of the range), and the format search kept its first candidate.

@@ -203,6 +203,11 @@ def test_generate_replaces_only_an_earlier_sample_file(tmp_path):
     (tmp_path / "dir.npz").mkdir()
     with pytest.raises(ValueError, match="dir.npz is a directory; name the sample file"):  # said "not found; exists"
         generate(tiny_unet(), scheduler(), tmp_path / "dir.npz", 2, 1, disable=True)
+    (tmp_path / "store").mkdir()
+    link = tmp_path / "linked.npz"
+    link.symlink_to(tmp_path / "store" / "run1.npz")
+    generate(tiny_unet(), scheduler(), link, 2, 1, disable=True)  # the link is the name: its grid beside it
+    assert link.is_symlink() and (tmp_path / "store" / "run1.npz").is_file() and grid_path(link).is_file()
     earlier = tmp_path / "s.npz"
     generate(tiny_unet(), scheduler(), earlier, 2, 1, seed=0, disable=True)
     assert generate(tiny_unet(), scheduler(), earlier, 3, 1, seed=5, disable=True)["seeds"].tolist() == [5, 6, 7]

@@ -61,7 +61,8 @@ from torch import nn
 from msfp import __version__
 from msfp.attention import attention_quantizers
 from msfp.config import QuantConfig
-from msfp.fileio import atomic_directory, check_replaceable, check_writable, interrupted_save, unfinished_save
+from msfp.fileio import (atomic_directory, check_replaceable, check_writable, interrupted_save, resolved_parent,
+                         unfinished_save)
 from msfp.formats import compute_dtype, get_format
 from msfp.fp8 import convert_to_fp8, require_fake_quant
 from msfp.identity import differences, weights_digest
@@ -321,12 +322,11 @@ def quant_meta(model: nn.Module) -> dict:
 
 
 def check_output_directory(directory: str | os.PathLike, finetuned: bool = False) -> Path:
-    """``directory`` as a path, unless :func:`save_quantized` may not write a model (``finetuned`` or post-training)
-    there: it holds something other than a msfp checkpoint, a fine-tuned checkpoint that a post-training model would
-    replace (the fine-tuning may have taken hours), or the current directory is inside it. Commands call it before
-    quantizing."""
-    # Resolved: "missing/../ckpt" does not exist until the save makes "missing", and then it is ckpt.
-    out = Path(directory).resolve()
+    """``directory`` as an absolute path (its folder resolved), unless :func:`save_quantized` may not write a model
+    (``finetuned`` or post-training) there: it holds something other than a msfp checkpoint, a fine-tuned checkpoint
+    that a post-training model would replace (the fine-tuning may have taken hours), or the current directory is
+    inside it. Commands call it before quantizing."""
+    out = resolved_parent(directory)  # "missing/../ckpt" does not exist until the save makes "missing"
     check_replaceable(out)
     # After a save killed between its renames, its last complete version (which the save puts back) is replaced.
     held = interrupted_save(out) or out
@@ -348,7 +348,7 @@ def check_output_directory(directory: str | os.PathLike, finetuned: bool = False
 
 def save_quantized(model: nn.Module, directory: str | os.PathLike) -> Path:
     """Write the calibrated (or fine-tuned) quantized model to ``directory`` as a packed checkpoint; returns the
-    directory's path. A fine-tuned checkpoint there is replaced only by a fine-tuned model."""
+    directory's absolute path. A fine-tuned checkpoint there is replaced only by a fine-tuned model."""
     # Saved, FP8 layers would be missing from the checkpoint, which could replace a good one at `directory`.
     require_fake_quant(model, "save_quantized", "a packed checkpoint stores the fake-quant model (msfp.load_quantized("
                        "directory), backend 'fake'), which load_quantized(…, backend='fp8') converts when loading")

@@ -98,6 +98,13 @@ def _remove_leftovers(path: Path) -> None:
             entry.unlink(missing_ok=True)
 
 
+def resolved_parent(path: str | os.PathLike) -> Path:
+    """``path`` with its folder resolved (symlinks, ".."), its own name kept: "missing/../x" (which does not exist
+    until something makes "missing") is x, and a link at ``path`` stays the link."""
+    path = Path(path)
+    return path.resolve() if path.name in ("", ".", "..") else path.parent.resolve() / path.name
+
+
 def check_writable(path: str | os.PathLike) -> None:
     """Make the folder of ``path`` (a file or directory to write later) and check a file can be created there, so an
     unwritable output fails before the work, under the name the user gave: an existing read-only folder passes
@@ -107,7 +114,7 @@ def check_writable(path: str | os.PathLike) -> None:
         parent.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(dir=parent, prefix=".msfp-write-check-")
     except OSError as e:
-        raise PermissionError(f"cannot write {path} ({e.strerror or e})") from None
+        raise type(e)(f"cannot write {path} ({e.strerror or e})") from None
     os.close(fd)
     os.unlink(probe)
 

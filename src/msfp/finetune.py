@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import os
 import time
 import warnings
@@ -277,7 +278,8 @@ def finetune(qmodel: nn.Module, fp_model: nn.Module, scheduler, config: Finetune
                          "quantized from as fp_model, not the quantized model itself")
     if torch.is_inference_mode_enabled():
         raise RuntimeError("finetune() trains, which torch.inference_mode() forbids: call it outside that block")
-    if max_minutes is not None and not (isinstance(max_minutes, (int, float)) and max_minutes >= 0):
+    if max_minutes is not None and (isinstance(max_minutes, bool) or not isinstance(max_minutes, numbers.Real)
+                                    or not max_minutes >= 0):
         raise ValueError(f"max_minutes must be a number ≥ 0 (None: no limit), got {max_minutes!r}")  # NaN: no limit
     # Frozen E4M3 codes: only the few layers left fake-quant would be trained.
     require_fake_quant(qmodel, "finetune()", "the FP8 backend is for inference; fine-tune the fake-quant model "

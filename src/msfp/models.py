@@ -55,18 +55,17 @@ def _model_class(name: str, where: Path) -> type[ModelMixin]:
         raise ValueError(f"{where}: unknown model class {name!r}; expected a diffusers model class such as "
                          "'UNet2DModel' or 'DiTTransformer2DModel'")
     check_denoiser_class(cls, where)
+    if name not in SUPPORTED_CLASSES:
+        raise ValueError(f"{where}: msfp supports the diffusers image denoisers {', '.join(SUPPORTED_CLASSES)}, not "
+                         f"{name}; from Python, a plain nn.Module called as model(x, t) can be quantized too")
     return cls
 
 
 def check_denoiser_class(cls: type[ModelMixin], where) -> None:
-    """An error for a diffusers model class msfp does not sample and calibrate (a VAE, a 1-D or video model)."""
-    name = cls.__name__
+    """An error for a diffusers model class whose forward takes no timestep (a VAE, an adapter): no denoiser."""
     if not _TIMESTEP_PARAMETERS & set(inspect.signature(cls.forward).parameters):
-        raise ValueError(f"{where}: {name} is not a denoiser: its forward takes no timestep; msfp quantizes models "
-                         "called as model(x, timestep, ...), such as 'UNet2DModel' or 'DiTTransformer2DModel'")
-    if not any(c.__name__ in SUPPORTED_CLASSES for c in cls.__mro__):  # a subclass of one is one
-        raise ValueError(f"{where}: msfp supports the diffusers image denoisers {', '.join(SUPPORTED_CLASSES)}, not "
-                         f"{name}; from Python, a plain nn.Module called as model(x, t) can be quantized too")
+        raise ValueError(f"{where}: {cls.__name__} is not a denoiser: its forward takes no timestep; msfp quantizes "
+                         "models called as model(x, timestep, ...), such as 'UNet2DModel' or 'DiTTransformer2DModel'")
 
 
 def _from_pretrained(cls: type[ModelMixin], path: Path, **kwargs) -> ModelMixin:

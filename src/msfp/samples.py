@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from msfp.cuda_graphs import GraphedDenoiser
-from msfp.fileio import atomic_path, check_writable
+from msfp.fileio import atomic_path, check_writable, resolved_parent
 from msfp.models import denoise, model_config
 from msfp.sampling import model_device, sample, save_grid
 
@@ -219,7 +219,7 @@ def generate(model, scheduler, out, num_samples: int, num_inference_steps: int, 
     Under torchrun with ``WORLD_SIZE`` > 1 each rank draws its slice and rank 0 merges; returns the
     :func:`load_samples` dict of the merged file on rank 0, ``None`` on other ranks.
     """
-    out = Path(out).resolve()  # "missing/../x.npz" does not exist (and passes the checks) until mkdir makes "missing"
+    out = resolved_parent(out)  # "missing/../x.npz" does not exist (and passed the checks) until mkdir made "missing"
     if out.suffix != ".npz":  # "x.png" would be overwritten by its own grid
         raise ValueError(f"{out}: a sample file's name must end in .npz (its PNG grid is written beside it)")
     if out.is_dir():

@@ -147,9 +147,10 @@ def _timestep_hook(module, args, kwargs):
         t = bound.get("timestep")
     elif "timestep" in kwargs:  # gathered by a **kwargs parameter
         t = kwargs["timestep"]
-    if x is None:  # forward(*args, **kwargs) called by keyword only: the batch size from any batched tensor
-        x = next((v for v in (*args, *kwargs.values()) if torch.is_tensor(v) and v is not t and v.dim() > 0),
-                 t if torch.is_tensor(t) and t.numel() > 1 else None)
+    if x is None and torch.is_tensor(t) and t.numel() > 1:  # forward(*args, **kwargs) called by keyword only
+        x = t  # one timestep per sample
+    elif x is None:  # else the batch size of the first batched tensor (a broadcast condition may come first)
+        x = next((v for v in (*args, *kwargs.values()) if torch.is_tensor(v) and v is not t and v.dim() > 0), None)
     if x is None:  # no batch size: no timesteps (an error where they are needed), never the last call's
         module.msfp_context.set_timesteps(None, 0, None)
     else:

@@ -10,6 +10,7 @@ fine-tuned model stays a pure low-bit model.
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 from diffusers.models.embeddings import get_timestep_embedding
@@ -148,7 +149,7 @@ def add_talora(qmodel: nn.Module, num_loras: int = 4, rank: int = 4, seed: int =
     if getattr(qmodel, "msfp_router", None) is not None:
         raise ValueError("the model already has TALoRA LoRAs")
     require_fake_quant(qmodel, "add_talora", "fine-tune the fake-quant model, then convert it")
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+    if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank < 1:
         raise ValueError(f"add_talora: rank must be an integer ≥ 1 (each layer's is capped by its weight's shape), "
                          f"got {rank!r}")
     layers = quant_layers(qmodel)
