@@ -29,8 +29,9 @@ its error. Prints JSON: per shape the BF16 and autotuned times, every timing, th
 method and the fastest of all with its speed-up over BF16. Before each step, its kernels are compiled in parallel
 processes (:func:`msfp.triton_kernels.precompile`, ``--compile-workers``) into Triton's cache, which the launches
 then read: compiled one by one at launch, they would take much of a short GPU session. ``--smoke`` runs two tiny
-configurations on one small shape (under Triton's interpreter on CPU, where it precompiles for sm_90 only to check
-that path: it checks the script, timings are meaningless).
+configurations on one small shape (on CPU under Triton's interpreter, ``TRITON_INTERPRET=1``, where it precompiles for
+sm_90 only to check that path: it checks the script, timings are meaningless). It exits non-zero, after the JSON,
+when no configuration of a shape ran.
 """
 
 from __future__ import annotations
@@ -241,6 +242,11 @@ def main(argv=None) -> None:
     report["sweep_seconds"] = round(time.perf_counter() - started, 1)
     report["cuda_graph_error"] = timer.graph_error
     print(json.dumps(report, indent=2))
+    empty = [row for row in report["shapes"] if row["fastest"] is None]
+    if empty:  # after the record of every error: a sweep that timed nothing is no result
+        first = next((c["error"] for c in empty[0]["configs"] if "error" in c), "none")
+        raise SystemExit(f"conv_tiles: no configuration ran on {len(empty)} of {len(report['shapes'])} shape(s); "
+                         f"first error: {first}")
 
 
 if __name__ == "__main__":

@@ -6,8 +6,9 @@ Each variant runs in its own process (so CPU peak RSS is its own) on the same ca
 TALoRA (K=4): ``quantized_eager`` fake-quantizes weights (after merging the LoRA) and activations with the eager
 rounding; ``quantized_fused`` does the same through the fused compiled kernels (``--fused``; the default on CUDA);
 ``quantizers_off`` does the identical step, LoRA merge included, without rounding. Prints JSON with steps/s, the
-ratios to ``quantizers_off`` (SPEC goal ≥ 0.6 on GPU with the fused path), peak memory (CUDA max allocated, or process
-max RSS on CPU), machine and command.
+ratios to ``quantizers_off`` (SPEC goal ≥ 0.6 on GPU with the fused path), peak memory (CUDA max allocated; on CPU
+the process's peak RSS during the timed steps, which Linux lets it reset after the warm-up, with the RSS before them),
+machine and command.
 """
 
 from __future__ import annotations
@@ -69,16 +70,40 @@ def run_variant(args, quantized: bool, fused: bool, queue) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
+    # On CPU the process's peak RSS would be calibration's (teacher, trajectories): Linux resets it to the current
+    # RSS here, so the peak is that of the steps on top of what stays resident.
+    rss_reset = device.type != "cuda" and _reset_peak_rss()
+    rss_before = _rss_kib("VmRSS") * 1024 if rss_reset else None
     start = time.perf_counter()
     for _ in range(args.iters):
         step()
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = (time.perf_counter() - start) / args.iters
-    peak = (torch.cuda.max_memory_allocated() if device.type == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    if device.type == "cuda":
+        peak, kind = torch.cuda.max_memory_allocated(), "cuda_max_allocated"
+    elif rss_reset:
+        peak, kind = _rss_kib("VmHWM") * 1024, "process_peak_rss_during_the_timed_steps"
+    else:
+        peak, kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process_max_rss_calibration_included"
     queue.put(dict(step_seconds=seconds, steps_per_second=1 / seconds, peak_memory_bytes=peak,
-                   peak_memory_kind="cuda_max_allocated" if device.type == "cuda" else "process_max_rss"))
+                   peak_memory_kind=kind, rss_before_steps_bytes=rss_before))
+
+
+def _reset_peak_rss() -> bool:
+    """Reset this process's peak RSS (VmHWM) to its current RSS; False where the system cannot (not Linux)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return True
+
+
+def _rss_kib(field: str) -> int:
+    """``VmRSS`` or ``VmHWM`` of this process from /proc/self/status, in KiB."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(f"{field}:"))
 
 
 def result_of(proc, queue, name: str) -> dict:

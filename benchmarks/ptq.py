@@ -4,7 +4,8 @@
         [--calib-samples 64 --calib-steps 25 --eval-samples 256 --eval-steps 25 --heldout-samples 16]
 
 For every preset: calibration time, the noise-prediction MSE against the full-precision model on *held-out*
-trajectory points (the full-precision model's own DDIM trajectories from other seeds) at every timestep, and the
+trajectory points (the full-precision model's own DDIM trajectories from other seeds) at every timestep, its plain
+and γ²-weighted means (the plain one is dominated by t = 0, where the sampler barely uses ε), and the
 quality of samples drawn with the same seeds by every method: FD and classifier score in the shipped feature
 network's space (vs the Fashion-MNIST test statistics) and the paired error against the full-precision samples.
 Prints one JSON document (also written atomically to --out).
@@ -23,7 +24,7 @@ import torch
 import msfp
 from msfp.calibration import collect_trajectories
 from msfp.environment import HelpFormatter, command_line, machine_info
-from msfp.evaluation import per_timestep_eps_mse
+from msfp.evaluation import eps_mse_weighted, per_timestep_eps_mse
 from msfp.feature_net import compute_features, load_feature_net, load_reference_stats
 from msfp.fileio import write_json
 from msfp.metrics import classifier_score, feature_stats, frechet_distance
@@ -87,7 +88,8 @@ def main(argv=None) -> None:
         results[preset] = dict(
             calibration_seconds=calib_seconds, calibration_points=report.num_points,
             sample_seconds=time.time() - start,
-            eps_mse_mean=sum(mse.values()) / len(mse), eps_mse_per_timestep=mse,
+            eps_mse_mean=sum(mse.values()) / len(mse), eps_mse_weighted=eps_mse_weighted(mse, scheduler),
+            eps_mse_per_timestep=mse,
             paired_mse_vs_fp=(images - fp_images).pow(2).mean().item(),
             aals=sum(bool(layer.info["aal"]) for layer in layers),
             unsigned_act_layers=sum(layer.info["act_format"].startswith("u") for layer in layers),

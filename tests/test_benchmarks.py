@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 
 from msfp.compare import CompareSettings, run_compare
+from msfp.evaluation import eps_mse_weighted
+from msfp.models import load_model
 
 BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
 
@@ -114,7 +116,12 @@ def test_gpu_w4a4_smoke_runs_every_layer_and_denoiser_on_the_fp8_path(capsys):
     layers = report["layers"]
     assert [(row["kind"], row["shapes_of"]) for row in layers] == ([("conv3x3", "sd15")] * 5 + [("linear", "sd15")] * 5
                                                                    + [("linear", "dit-xl/2")] * 2)
-    for row in layers:
+    for row in layers:  # FLOPs by hand: 2 per multiply-accumulate of a 3×3 conv (padding 1) or a linear
+        if row["kind"] == "conv3x3":
+            out = (row["hw"] + 2 - 3) // row["stride"] + 1
+            assert row["flops"] == 2 * row["batch"] * out * out * row["c_in"] * row["c_out"] * 9
+        else:
+            assert row["flops"] == 2 * row["batch"] * row["tokens"] * row["k"] * row["n"]
         for side in ("bf16", "fp8_gemm_only", "fp8_layer"):
             assert row[side]["ms"] > 0 and row[side]["tflops"] == pytest.approx(row["flops"] / row[side]["ms"] / 1e9)
         assert row["speedup_layer"]["eager"] == pytest.approx(row["bf16"]["ms"] / row["fp8_layer"]["ms"])
@@ -184,7 +191,7 @@ def test_fp8_host_overhead_times_triton_dispatch_through_a_stand_in_gpu(tmp_path
     # Triton's real JIT (not its interpreter) compiles for sm_90 and dispatches; the stand-in driver counts launches.
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path)
-    done = subprocess.run([sys.executable, str(BENCHMARKS / "fp8_host_overhead.py"), "--calls", "3", "--rounds", "1",
+    done = subprocess.run([sys.executable, str(BENCHMARKS / "fp8_host_overhead.py"), "--calls", "3", "--rounds", "2",
                            "--compile-workers", "2"], env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     printed = json.loads(done.stdout)
@@ -194,6 +201,7 @@ def test_fp8_host_overhead_times_triton_dispatch_through_a_stand_in_gpu(tmp_path
     for r in results.values():
         assert r["launches_per_forward"] == 2  # activation codes, then the GEMM
         assert r["with_triton_dispatch_us_per_forward"] > 0 and r["host_us_per_forward"] > 0
+        assert len(r["rounds"]) == len(r["with_triton_dispatch_rounds"]) == 2
 
 
 def test_gemm_registers_compiles_every_option_and_the_register_cap(capsys):
@@ -268,8 +276,9 @@ def test_checkpoint_size_measures_a_packed_checkpoint_that_reloads_exactly(capsy
     result = load_script("checkpoint_size").main(["--calib-samples", "1", "--calib-steps", "1"])
     assert result["command"] == "python benchmarks/checkpoint_size.py --calib-samples 1 --calib-steps 1"
     assert result["machine"]["versions"]["msfp_code"] and result["loaded_outputs_bit_identical"] is True
-    # 4-bit codes plus scales: about a quarter of the fp16 file, whatever the calibration (the README's 0.269×).
-    assert 0.2 < result["ratio_packed_to_fp16"] < 0.3 and result["talora"]["ratio_to_fp16"] > 1
+    # 4-bit codes plus scales: about a quarter of the fp16 file, whatever the calibration (the README's 0.269×), within
+    # SPEC §5's 0.27.
+    assert 0.2 < result["ratio_packed_to_fp16"] <= 0.27 and result["talora"]["ratio_to_fp16"] > 1
 
 
 def test_batch_invariance_counts_pixels_that_move_with_the_batch_size(capsys):
@@ -313,6 +322,7 @@ def test_ptq_scores_each_preset_against_full_precision_on_held_out_points(tmp_pa
         assert row["calibration_points"] == 2 * 2
         assert list(row["eps_mse_per_timestep"]) == ["500", "0"]  # the 2-step trajectory, sampling order
         assert row["eps_mse_mean"] == pytest.approx(sum(row["eps_mse_per_timestep"].values()) / 2)
+        assert row["eps_mse_weighted"] == eps_mse_weighted(row["eps_mse_per_timestep"], load_model("default")[1])
         assert row["paired_mse_vs_fp"] > 0 and row["fd"] > 0
     # Two more bits per value bring the noise predictions and the samples closer to full precision.
     assert results["w6a6-msfp"]["eps_mse_mean"] < results["w4a4-msfp"]["eps_mse_mean"]
@@ -330,8 +340,10 @@ def test_fake_quant_times_each_path_against_a_copy(tmp_path, capsys):
     assert set(cases) == {"activation_16x320x32x32_ufp4_e2m2", "weight_1280x1280x3x3_fp4_e2m1"}
     for row in cases.values():
         assert row.keys() == {"copy", "eager"} and row["copy"]["x_copy_time"] == 1
+        assert all(r["first_call_s"] > 0 for r in row.values())  # was total minus the timed calls: negative
+        # from unrounded times: the rounded medians' ratio differs by their rounding (0.5 µs of a ~50 µs copy)
         assert row["eager"]["x_copy_time"] == pytest.approx(row["eager"]["median_ms"] / row["copy"]["median_ms"],
-                                                             abs=0.01)
+                                                             rel=0.03, abs=0.01)
 
 
 def test_finetune_step_times_the_step_with_and_without_quantizers():
@@ -343,6 +355,10 @@ def test_finetune_step_times_the_step_with_and_without_quantizers():
     results = printed["results"]
     assert printed["command"] == "python benchmarks/finetune_step.py --batch 2 --iters 1 --device cpu"
     for variant in ("quantizers_off", "quantized_eager"):  # each in its own process, so RSS is its own
-        assert results[variant]["step_seconds"] > 0 and results[variant]["peak_memory_bytes"] > 0
+        r = results[variant]
+        assert r["step_seconds"] > 0 and r["peak_memory_bytes"] > 0
+        if Path("/proc/self/clear_refs").exists():  # the peak of the steps, not calibration's before them
+            assert r["peak_memory_kind"] == "process_peak_rss_during_the_timed_steps"
+            assert r["peak_memory_bytes"] >= r["rss_before_steps_bytes"] > 0
     assert results["throughput_ratio"] == {"quantized_eager": pytest.approx(
         results["quantized_eager"]["steps_per_second"] / results["quantizers_off"]["steps_per_second"])}

@@ -932,6 +932,26 @@ def test_compile_ahead_rejects_bad_requests():
         tk.compile_ahead(tk.linear_fp8, fp8_zeros(4, 32), fp8_zeros(16, 32), torch.ones(4), torch.ones(16), bogus=1)
 
 
+def test_conv_tiles_benchmark_fails_when_no_configuration_ran(capsys, monkeypatch):
+    # Every configuration failing (no interpreter on CPU, a broken launcher on a GPU) printed an empty sweep and
+    # exited 0, which the GPU suite logged as passed.
+    from test_benchmarks import BENCHMARKS, load_script
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    real = tk.conv2d_fp8
+
+    def refusing_tiles(*args, **kwargs):
+        if "block_m" in kwargs:
+            raise RuntimeError("OutOfResources: shared memory")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tk, "conv2d_fp8", refusing_tiles)
+    with pytest.raises(SystemExit, match=r"no configuration ran on 1 of 1 shape\(s\); first error: RuntimeError: "
+                                         "OutOfResources"):
+        load_script("conv_tiles").main(["--smoke", "--compile-workers", "-1", "--no-warp-specialize"])
+    assert json.loads(capsys.readouterr().out)["shapes"][0]["fastest"] is None
+
+
 def test_conv_tiles_benchmark_smoke(capsys, monkeypatch):
     # The GPU tile sweep's whole flow on tiny shapes (interpreted on CPU), so a GPU session does not find it broken.
     from test_benchmarks import BENCHMARKS, load_script
