@@ -121,6 +121,7 @@ def test_kid_unbiased_mmd_matches_direct_formula():
     assert mean == pytest.approx(expected, rel=1e-10) and std is None  # a spread of 0 would claim certainty
     assert kid(x, np.concatenate([y, y]), subsets=3, subset_size=20)[1] is None  # x is whole in every draw
     assert kid(x, y, subsets=3, subset_size=10)[1] > 0
+    assert kid(x, y, subsets=1, subset_size=10)[1] is None  # one draw has no spread: 0 claimed certainty
 
 
 def test_classifier_score_uniform_and_one_hot():
@@ -250,3 +251,13 @@ def test_precision_recall_by_hand():
 def test_metric_arguments_that_cannot_give_a_number_are_refused(call, message):
     with pytest.raises(ValueError, match=message):
         call(np.random.default_rng(0).normal(size=(10, 4)))
+
+
+def test_metrics_take_bfloat16_tensors():
+    # numpy has no bfloat16: every metric failed on "Got unsupported ScalarType BFloat16"
+    torch.manual_seed(0)
+    x, y = torch.randn(60, 4), torch.randn(60, 4) + 0.5
+    assert frechet_distance(*feature_stats(x.bfloat16()), *feature_stats(y.bfloat16())) == pytest.approx(
+        frechet_distance(*feature_stats(x.bfloat16().float()), *feature_stats(y.bfloat16().float())))
+    assert kid(x.bfloat16(), y.bfloat16(), subsets=2, subset_size=20)[0] == pytest.approx(
+        kid(x.bfloat16().float(), y.bfloat16().float(), subsets=2, subset_size=20)[0])

@@ -166,6 +166,11 @@ def test_bad_pipeline_dirs(tmp_path):
     DDPMScheduler(trained_betas=[]).save_pretrained(tmp_path / "scheduler")  # an IndexError, later
     with pytest.raises(ValueError, match="DDPMScheduler has no DDPM noise schedule"):
         load_model(tmp_path)
+    # 50 betas for the default 1000 steps: an IndexError at t = 800, in the first sampling step
+    DDPMScheduler(trained_betas=[0.01] * 50).save_pretrained(tmp_path / "scheduler")
+    with pytest.raises(ValueError, match="trained_betas holds 50 values for num_train_timesteps 1000; they must be "
+                                         "equal"):
+        load_model(tmp_path)
     (tmp_path / "model_index.json").write_text(json.dumps({"unet": "UNet2DModel"}))
     with pytest.raises(ValueError, match=r"unet should be \[library, class name\], got 'UNet2DModel'"):
         load_model(tmp_path)

@@ -15,7 +15,7 @@ from scipy import special
 
 def _as_f64(x) -> np.ndarray:
     if hasattr(x, "detach"):
-        x = x.detach().cpu().numpy()
+        x = x.detach().cpu().double().numpy()  # numpy has no bfloat16
     return np.asarray(x, dtype=np.float64)
 
 
@@ -135,7 +135,7 @@ def kid(feats1, feats2, subsets: int = 100, subset_size: int = 1000, seed: int =
 
     Returns ``(mean, std)`` over the ``subsets`` draws; ``subset_size`` is capped at the smaller set's size. Where
     that leaves a set whole in every draw, the draws' spread says nothing about that set's sampling variation (with
-    both sets whole it is 0), so ``std`` is None.
+    both sets whole it is 0), so ``std`` is None; so it is for a single draw, which has no spread.
     """
     f1, f2 = _finite(feats1), _finite(feats2)
     if f1.ndim != 2 or f2.ndim != 2 or f1.shape[1] != f2.shape[1]:
@@ -154,7 +154,7 @@ def kid(feats1, feats2, subsets: int = 100, subset_size: int = 1000, seed: int =
         kxx, kyy, kxy = ((a @ b.T / d + 1) ** 3 for a, b in ((x, x), (y, y), (x, y)))
         # Unbiased: drop the diagonal of the within-set kernels.
         mmds[i] = ((kxx.sum() - np.trace(kxx)) + (kyy.sum() - np.trace(kyy))) / (m * (m - 1)) - 2 * kxy.mean()
-    return float(mmds.mean()), None if m in (len(f1), len(f2)) else float(mmds.std())
+    return float(mmds.mean()), None if m in (len(f1), len(f2)) or subsets == 1 else float(mmds.std())
 
 
 def classifier_score(logits, splits: int = 10):

@@ -117,6 +117,10 @@ def _ddim(config_dir: Path, config_name: str) -> DDIMScheduler:
         raise ValueError(f"{config_dir / config_name}: {kind} has no DDPM noise schedule (betas) that DDIM can sample "
                          "with; msfp calibrates, fine-tunes and samples with DDIM on the model's betas, so it supports "
                          "DDPM-family schedulers only")
+    steps = config.get("num_train_timesteps", 1000)
+    if trained is not None and hasattr(trained, "__len__") and len(trained) != steps:  # else an IndexError mid-sampling
+        raise ValueError(f"{config_dir / config_name}: trained_betas holds {len(trained)} values for "
+                         f"num_train_timesteps {steps}; they must be equal")
     try:
         return DDIMScheduler.from_config(config)
     except (NotImplementedError, ValueError, TypeError) as e:  # e.g. an unknown beta_schedule
