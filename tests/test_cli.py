@@ -402,3 +402,25 @@ def test_a_model_that_needs_conditioning_is_refused_before_any_work(tmp_path):
         assert r.exit_code == 1 and "UNet2DConditionModel needs conditioning (encoder_hidden_states), which the msfp " \
             "command line cannot give" in r.output, r.output
         assert not (tmp_path / "q").exists() and not (tmp_path / "report").exists()
+
+
+def test_an_interrupted_finetune_says_how_to_continue(tmp_path, tiny_model_dir, monkeypatch):
+    # It printed click's "Aborted!" only (msfp compare says where its results are kept and how to resume).
+    import msfp.finetune
+
+    q = tmp_path / "q"
+    r = run("quantize", "--model", tiny_model_dir, "--out", q, "--calib-samples", 2, "--calib-steps", 2)
+    assert r.exit_code == 0, r.output
+    before = (q / "model.safetensors").read_bytes()
+    for checkpointed in (False, True):
+        def interrupted(qmodel, fp_model, scheduler, config, work_dir, **kwargs):
+            if checkpointed:
+                work_dir.mkdir(exist_ok=True)
+                (work_dir / msfp.finetune.STATE_NAME).write_bytes(b"a checkpoint")
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(msfp.finetune, "finetune", interrupted)
+        r = run("finetune", q, "--model", tiny_model_dir)
+        assert r.exit_code == 1 and f"interrupted: {q} is unchanged; " in r.output, r.output
+        assert ("--resume to continue" in r.output) == checkpointed, r.output
+    assert (q / "model.safetensors").read_bytes() == before

@@ -9,7 +9,7 @@ from diffusers import DiTTransformer2DModel
 
 from msfp.samples import (SCHEDULERS, Guided, NonFiniteSamplesError, _rank_device, _require_finite, from_uint8,
                           generate, get_scheduler, grid_path, load_samples, sample_labels, save_samples, to_uint8)
-from tiny_models import scheduler, tiny_class_unet, tiny_dit, tiny_unet
+from tiny_models import scheduler, tiny_class_unet, tiny_dit, tiny_plain, tiny_unet
 
 
 def test_uint8_round_trip():
@@ -238,3 +238,11 @@ def test_every_rank_refuses_when_one_rank_diverged(tmp_path):
         results = dict(results)
     assert results[0].startswith("1 of 4 images have NaN or inf pixels: the model")
     assert results[1].startswith("1 of 4 images have NaN or inf pixels (seed 13 among them)")
+
+
+def test_generate_samples_a_plain_model_given_its_sample_shape(tmp_path):
+    # Its error said "pass sample_shape=(C, H, W)", which generate did not take.
+    with pytest.raises(ValueError, match=r"pass sample_shape=\(C, H, W\)"):
+        generate(tiny_plain(), scheduler(), tmp_path / "p.npz", 2, 2, disable=True)
+    assert generate(tiny_plain(), scheduler(), tmp_path / "p.npz", 2, 2, sample_shape=(1, 8, 8),
+                    disable=True)["images"].shape == (2, 8, 8, 1)

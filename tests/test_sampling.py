@@ -200,3 +200,15 @@ def test_sample_is_the_diffusers_sampling_loop(tiny_unet, name, eta):
         x = reference.step(eps, t, x, generator=generators, **(dict(eta=eta) if name == "ddim" else {})).prev_sample
     ours = sample(tiny_unet, scheduler, 3, num_inference_steps=5, seed=7, batch_size=3, eta=eta, disable=True)
     torch.testing.assert_close(ours, x, atol=1e-6, rtol=1e-6)
+
+
+def test_diverged_images_are_returned_with_a_warning():
+    # They came back NaN without a word; msfp.samples.generate refuses to write them, the sampler says so.
+    class NaNLate(torch.nn.Module):
+        def forward(self, x, t):
+            return torch.where(t.view(-1, 1, 1, 1) < 300, float("nan"), x)
+
+    scheduler = DDIMScheduler(num_train_timesteps=1000)
+    with pytest.warns(UserWarning, match="3 of 3 images have NaN or inf values: the model or the sampler diverged"):
+        images = sample(NaNLate(), scheduler, 3, 5, sample_shape=(1, 8, 8), batch_size=2, disable=True)
+    assert images.isnan().all()

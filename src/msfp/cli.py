@@ -482,8 +482,14 @@ def finetune_cmd(directory, model_spec, iters, batch, lora, num_loras, rank, los
         require_base_weights(meta, fp_model, path, f"--model {model_spec!r}")
         fp_model.to(device)
         qmodel = load_quantized(path, freeze=False).to(device)  # finetune() puts the full-precision weights back
-        result = finetune(qmodel, fp_model, scheduler, config, work_dir=work_dir, resume=resume,
-                          max_minutes=max_minutes)
+        try:
+            result = finetune(qmodel, fp_model, scheduler, config, work_dir=work_dir, resume=resume,
+                              max_minutes=max_minutes)
+        except KeyboardInterrupt:  # on a line of its own: the progress bar leaves the cursor mid-line
+            kept = "run the same command with --resume to continue from its last checkpoint" if (
+                work_dir / STATE_NAME).is_file() else "it had written no checkpoint yet"
+            click.echo(f"\ninterrupted: {path} is unchanged; {kept}", err=True)
+            raise
         if result.stopped_early:
             click.echo(f"stopped at iteration {result.iters_done}/{iters} (time budget); {path} is unchanged; "
                        "run the same command with --resume to continue")

@@ -212,9 +212,10 @@ def _require_finite(bad: torch.Tensor, first_seed: int, num_samples: int, world:
 
 def generate(model, scheduler, out, num_samples: int, num_inference_steps: int, seed: int = 0, batch_size: int = 64,
              eta: float = 0.0, guidance: float = 1.0, meta: dict | None = None, disable: bool = False,
-             device=None, cuda_graphs: bool = False) -> dict | None:
+             device=None, cuda_graphs: bool = False, sample_shape=None) -> dict | None:
     """Sample ``num_samples`` images into the sample file ``out`` and a PNG grid of the first 64 beside it;
-    ``cuda_graphs`` replays the denoiser's calls from CUDA graphs (:class:`msfp.cuda_graphs.GraphedDenoiser`).
+    ``cuda_graphs`` replays the denoiser's calls from CUDA graphs (:class:`msfp.cuda_graphs.GraphedDenoiser`);
+    ``sample_shape`` (C, H, W) is read from a diffusers model's config unless given (a plain model has none).
 
     Under torchrun with ``WORLD_SIZE`` > 1 each rank draws its slice and rank 0 merges; returns the
     :func:`load_samples` dict of the merged file on rank 0, ``None`` on other ranks.
@@ -248,7 +249,7 @@ def generate(model, scheduler, out, num_samples: int, num_inference_steps: int, 
                      cuda_graphs=cuda_graphs)
         if getattr(model, "msfp_config", None) is not None:
             setup["backend"] = getattr(model, "msfp_backend", {}).get("kind", "fake")
-        channels = model_config(model).get("in_channels")
+        channels = sample_shape[0] if sample_shape is not None else model_config(model).get("in_channels")
         if channels not in (None, 1, 3):
             raise ValueError(f"{type(model).__name__} makes {channels}-channel outputs (latents?); sample files hold "
                              "images with 1 or 3 channels, and decoding latents is not supported")
@@ -272,7 +273,7 @@ def generate(model, scheduler, out, num_samples: int, num_inference_steps: int, 
         # Image i uses the generator seeded with seed + i, on whichever rank draws it.
         images = sample(model, scheduler, stop - start, num_inference_steps, seed=seed + start, batch_size=batch_size,
                         eta=eta, class_labels=labels, disable=disable or rank != 0, device=device,
-                        postprocess=to_pixels).numpy()
+                        sample_shape=sample_shape, postprocess=to_pixels).numpy()
         _require_finite(torch.cat(nonfinite), seed + start, num_samples, world,
                         f"{type(scheduler).__name__}, {num_inference_steps} steps, eta {eta}; {out} was not written")
         meta = dict(meta or {}, num_samples=num_samples, steps=num_inference_steps, seed=seed, eta=eta,

@@ -16,6 +16,7 @@ from __future__ import annotations
 import inspect
 import math
 import os
+import warnings
 
 import numpy as np
 import torch
@@ -130,7 +131,7 @@ def sample(model, scheduler, num_samples: int, num_inference_steps: int = 100, s
         sched.set_timesteps(num_inference_steps, device=device)
         return sched
 
-    out = []
+    out, diverged = [], 0
     calls = len(fresh_scheduler().timesteps)  # Heun, PNDM… call the model more often than once per step
     bar = tqdm(total=math.ceil(num_samples / batch_size) * calls, desc="sample", disable=disable)
     for start in range(0, num_samples, batch_size):
@@ -156,8 +157,13 @@ def sample(model, scheduler, num_samples: int, num_inference_steps: int = 100, s
             generator = {"generator": gens} if takes_generator else {}
             x = sched.step(prediction if learned_variance else eps, t, x, **generator, **step_kwargs).prev_sample
             bar.update(1)
-        out.append(x.float().cpu() if postprocess is None else postprocess(x.float().cpu()))
+        x = x.float().cpu()
+        diverged += int((~torch.isfinite(x)).flatten(1).any(1).sum())
+        out.append(x if postprocess is None else postprocess(x))
     bar.close()
+    if diverged:  # returned all the same: the caller decides (msfp.samples.generate refuses to write them)
+        warnings.warn(f"{diverged} of {num_samples} images have NaN or inf values: the model or the sampler diverged",
+                      stacklevel=2)
     return torch.cat(out)
 
 
