@@ -220,5 +220,6 @@ def test_a_refused_or_interrupted_add_talora_leaves_no_loras(monkeypatch):
     assert not hasattr(q, "msfp_router") and all(layer.lora is None for layer in quant_layers(q).values())
     assert len(q._forward_pre_hooks) == 1  # msfp.quantize's timestep hook, not the routing one
     monkeypatch.undo()
-    add_talora(q, num_loras=4, rank=np.int64(2))  # any integer
+    add_talora(q, num_loras=4, rank=np.int64(2))  # any integer, recorded as a plain int (JSON in checkpoints)
+    assert type(q.msfp_talora["rank"]) is int
     q(torch.randn(2, 1, 8, 8), torch.tensor([10, 900]))

@@ -152,6 +152,7 @@ def add_talora(qmodel: nn.Module, num_loras: int = 4, rank: int = 4, seed: int =
     if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank < 1:
         raise ValueError(f"add_talora: rank must be an integer ≥ 1 (each layer's is capped by its weight's shape), "
                          f"got {rank!r}")
+    rank = int(rank)  # recorded in the checkpoint's JSON: a numpy integer would not serialise
     layers = quant_layers(qmodel)
     try:  # all or nothing: a half-built model refuses the next call ("already has TALoRA LoRAs")
         router = attach_router(qmodel, num_loras, rank)
