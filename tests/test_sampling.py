@@ -5,7 +5,7 @@ from diffusers import (DDIMScheduler, DDPMScheduler, EulerAncestralDiscreteSched
 from PIL import Image
 
 from msfp.samples import get_scheduler
-from msfp.sampling import sample, save_grid
+from msfp.sampling import NonFiniteSamplesWarning, sample, save_grid
 
 
 @pytest.fixture(scope="module")
@@ -209,6 +209,6 @@ def test_diverged_images_are_returned_with_a_warning():
             return torch.where(t.view(-1, 1, 1, 1) < 300, float("nan"), x)
 
     scheduler = DDIMScheduler(num_train_timesteps=1000)
-    with pytest.warns(UserWarning, match="3 of 3 images have NaN or inf values: the model or the sampler diverged"):
+    with pytest.warns(NonFiniteSamplesWarning, match="3 of 3 images have NaN or inf values: the model or the sampler diverged"):
         images = sample(NaNLate(), scheduler, 3, 5, sample_shape=(1, 8, 8), batch_size=2, disable=True)
     assert images.isnan().all()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from torch import nn
 from msfp.cuda_graphs import GraphedDenoiser
 from msfp.fileio import atomic_path, check_writable, resolved_parent
 from msfp.models import denoise, model_config
-from msfp.sampling import model_device, sample, save_grid
+from msfp.sampling import NonFiniteSamplesWarning, model_device, sample, save_grid
 
 # Schedulers whose ``step`` takes the per-sample generators that make sampling noise batch-size invariant.
 SCHEDULERS = {
@@ -271,9 +272,11 @@ def generate(model, scheduler, out, num_samples: int, num_inference_steps: int, 
             return torch.from_numpy(to_uint8(batch))
 
         # Image i uses the generator seeded with seed + i, on whichever rank draws it.
-        images = sample(model, scheduler, stop - start, num_inference_steps, seed=seed + start, batch_size=batch_size,
-                        eta=eta, class_labels=labels, disable=disable or rank != 0, device=device,
-                        sample_shape=sample_shape, postprocess=to_pixels).numpy()
+        with warnings.catch_warnings():  # _require_finite below refuses them, naming a seed
+            warnings.simplefilter("ignore", NonFiniteSamplesWarning)
+            images = sample(model, scheduler, stop - start, num_inference_steps, seed=seed + start,
+                            batch_size=batch_size, eta=eta, class_labels=labels, disable=disable or rank != 0,
+                            device=device, sample_shape=sample_shape, postprocess=to_pixels).numpy()
         _require_finite(torch.cat(nonfinite), seed + start, num_samples, world,
                         f"{type(scheduler).__name__}, {num_inference_steps} steps, eta {eta}; {out} was not written")
         meta = dict(meta or {}, num_samples=num_samples, steps=num_inference_steps, seed=seed, eta=eta,

@@ -53,6 +53,10 @@ def _without_learned_variance(scheduler) -> dict:
     return config
 
 
+class NonFiniteSamplesWarning(UserWarning):
+    """:func:`sample` returned images with NaN or inf values: the model or the sampler diverged."""
+
+
 def sample_shape_of(model, sample_shape=None) -> tuple:
     """(C, H, W) of the model's samples: ``sample_shape`` if given, else from its diffusers config."""
     if sample_shape is not None:
@@ -163,7 +167,7 @@ def sample(model, scheduler, num_samples: int, num_inference_steps: int = 100, s
     bar.close()
     if diverged:  # returned all the same: the caller decides (msfp.samples.generate refuses to write them)
         warnings.warn(f"{diverged} of {num_samples} images have NaN or inf values: the model or the sampler diverged",
-                      stacklevel=2)
+                      NonFiniteSamplesWarning, stacklevel=2)
     return torch.cat(out)
 
 
