@@ -86,6 +86,7 @@ def test_bad_method_lists_valid_ones(tmp_path):
     with pytest.raises(ValueError, match="listed twice: w4a4-fp"):
         parse_methods("w4a4-fp,w4a4-fp")
     assert parse_methods("w4a4-int") == ["fp", "w4a4-int"]  # the reference is always drawn
+    assert parse_methods("W4A4-MSFP+TALoRA") == ["fp", "w4a4-msfp+talora"]  # case ignored, as for --preset
     r = run("compare", "--methods", "", "--out", tmp_path / "x")  # ran the reference alone
     assert r.exit_code == 1 and "no method names in ''" in r.output and not (tmp_path / "x").exists()
     # The Python API checked nothing: a KeyError after the reference's sampling, leaving a run to resume.

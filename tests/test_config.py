@@ -23,6 +23,10 @@ def test_preset_bits_and_mixup_sign():
     assert fp.aal_act_formats == [] and fp.act_formats == msfp.act_formats
     assert int4.weight_formats == ["int4"] and int4.act_formats == ["uint4"]
     assert QuantConfig.preset("w6a6-msfp").act_bits == 6 and QuantConfig.preset("w4a8-msfp").act_bits == 8
+    # Format names ignore case; preset names did not ("W4A4-MSFP" was unknown).
+    assert QuantConfig.preset(" W4A4-Int ") == int4
+    with pytest.raises(TypeError, match="preset name must be a string, got int"):
+        QuantConfig.preset(4)
 
 
 def test_bad_configs_name_the_problem():

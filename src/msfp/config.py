@@ -170,9 +170,12 @@ class QuantConfig:
 
     @classmethod
     def preset(cls, name: str) -> QuantConfig:
-        if name not in PRESETS:
+        if not isinstance(name, str):
+            raise TypeError(f"preset name must be a string, got {type(name).__name__}")
+        key = name.strip().lower()  # as format names: "W4A4-MSFP" is the same preset
+        if key not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
-        return cls(name=name, **copy.deepcopy(PRESETS[name]))  # editing the config must not edit the preset
+        return cls(name=key, **copy.deepcopy(PRESETS[key]))  # editing the config must not edit the preset
 
 
 PRESETS: dict[str, dict] = {
