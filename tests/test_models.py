@@ -81,7 +81,25 @@ def test_bare_model_dir(tmp_path):
     assert isinstance(scheduler, DDIMScheduler) and scheduler.config.num_train_timesteps == 50
 
 
+def test_a_folder_with_only_variant_weights_loads_them(tmp_path):
+    # save_pretrained(variant="fp16") writes diffusion_pytorch_model.fp16.safetensors alone; loading said "no file
+    # named diffusion_pytorch_model.bin".
+    unet = tiny_unet()
+    unet.half().save_pretrained(tmp_path / "model", variant="fp16")
+    model, _ = load_model(tmp_path / "model")
+    assert next(model.parameters()).dtype == torch.float32 and same_weights(model.half(), unet)
+    DDPMPipeline(unet=unet, scheduler=DDPMScheduler()).save_pretrained(tmp_path / "pipe", variant="fp16")
+    assert same_weights(load_model(tmp_path / "pipe")[0].half(), unet)
+    unet.save_pretrained(tmp_path / "model", variant="bf16")
+    with pytest.raises(ValueError, match="model: holds the weights only as variants bf16, fp16 and msfp cannot tell"):
+        load_model(tmp_path / "model")
+
+
 def test_bad_specs(tmp_path):
+    with pytest.raises(TypeError, match="model spec must be 'default', a directory or a Hub id .*got int"):
+        load_model(123)
+    with pytest.raises(TypeError, match="got UNet2DModel; pass a loaded model to msfp.quantize itself"):
+        load_model(tiny_unet())
     with pytest.raises(FileNotFoundError, match="no/such/dir/here.*no such directory"):
         load_model("no/such/dir/here")
     with pytest.raises(FileNotFoundError, match=f"{tmp_path}.*neither a diffusers pipeline.*nor a model"):

@@ -49,6 +49,25 @@ def _hub_weights(suffix: str) -> list[str]:
     return [*names, *(f"{c}/{name}" for c in DENOISER_COMPONENTS for name in names)]
 
 
+_PLAIN_WEIGHTS = {f"diffusion_pytorch_model.{name}" for suffix in ("safetensors", "bin")
+                  for name in (suffix, f"{suffix}.index.json")}
+_VARIANT_WEIGHTS = re.compile(r"diffusion_pytorch_model\.(?:(\w+)\.(?:safetensors|bin)|(?:safetensors|bin)\.index\.(\w+)\.json)")
+
+
+def _weights_variant(folder: Path) -> str | None:
+    """The variant (``fp16`` for ``diffusion_pytorch_model.fp16.safetensors``) to read from a folder that holds only
+    variant weights, else None: diffusers reads only the plain files unless told the variant, and then said "no file
+    named diffusion_pytorch_model.bin"."""
+    names = {p.name for p in folder.glob("diffusion_pytorch_model*")}
+    if names & _PLAIN_WEIGHTS:
+        return None
+    variants = sorted({m.group(1) or m.group(2) for n in names if (m := _VARIANT_WEIGHTS.fullmatch(n))})
+    if len(variants) > 1:
+        raise ValueError(f"{folder}: holds the weights only as variants {', '.join(variants)} and msfp cannot tell "
+                         "which to read; keep one variant there, or save the model without variant=")
+    return variants[0] if variants else None
+
+
 def _model_class(name: str, where: Path) -> type[ModelMixin]:
     cls = getattr(diffusers, str(name), None)
     if not (isinstance(cls, type) and issubclass(cls, ModelMixin)):
@@ -72,9 +91,10 @@ def _from_pretrained(cls: type[ModelMixin], path: Path, **kwargs) -> ModelMixin:
     # diffusers defaults to low_cpu_mem_usage=True and, without accelerate, warns on every load that it falls back;
     # asking for what is available keeps accelerate's faster loading where it is installed and the output clean.
     where = path / kwargs.get("subfolder", "")
+    variant = _weights_variant(where)  # read into the model's float32, as plain half-precision weights are
     try:
         model, info = cls.from_pretrained(path, low_cpu_mem_usage=is_accelerate_available(), output_loading_info=True,
-                                          **kwargs)
+                                          variant=variant, **kwargs)
     # Weights that do not fit the config, missing files, or config values the class cannot build from (an unknown
     # block type is a ValueError, a count given as a string a TypeError): each named by its folder.
     except (RuntimeError, EnvironmentError, ValueError, TypeError) as e:
@@ -256,6 +276,10 @@ def denoise(model, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
 
 def load_model(spec: str | os.PathLike = "default"):
     """Return ``(denoiser, scheduler)``: a diffusers model in eval mode and a :class:`~diffusers.DDIMScheduler`."""
+    if not isinstance(spec, (str, os.PathLike)):
+        hint = "; pass a loaded model to msfp.quantize itself" if isinstance(spec, torch.nn.Module) else ""
+        raise TypeError(f"model spec must be 'default', a directory or a Hub id (a string or path), got "
+                        f"{type(spec).__name__}{hint}")
     if str(spec) == "default":
         if not DEFAULT_MODEL_DIR.is_dir():
             raise FileNotFoundError(f"the default model is missing from {DEFAULT_MODEL_DIR}; reinstall msfp or "
