@@ -353,6 +353,19 @@ def test_a_keyword_only_timestep_reaches_the_layers():
     assert seen == [[3, 4]]  # the hook read positional parameters only: None
 
 
+def test_save_pretrained_of_a_quantized_model_points_to_save_quantized(tmp_path):
+    # It failed deep in huggingface_hub with "'dict' object has no attribute 'device'", and a pipeline's save with it.
+    q = msfp.quantize(tiny_unet(), "w4a4-msfp")
+    with pytest.raises(TypeError, match="this UNet2DModel is quantized by msfp: save it with msfp.save_quantized"):
+        q.save_pretrained(tmp_path / "unet")
+    with pytest.raises(TypeError, match="msfp.save_quantized"):
+        DDIMPipeline(unet=q, scheduler=scheduler()).save_pretrained(tmp_path / "pipe")
+    with pytest.raises(TypeError, match="msfp.save_quantized"):
+        copy.deepcopy(q).save_pretrained(tmp_path / "copy")
+    tiny_unet().save_pretrained(tmp_path / "fp")  # the class's own method is untouched
+    assert (tmp_path / "fp" / "config.json").is_file() and not (tmp_path / "unet").exists()
+
+
 def test_deep_copies_of_a_quantized_model_are_independent():
     q = msfp.quantize(tiny_unet(), "w4a4-msfp")
     twin = copy.deepcopy(q)

@@ -12,6 +12,7 @@ Works on any ``nn.Module`` called as ``model(x, t, **cond)`` or ``model(x, times
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import re
 import warnings
@@ -310,7 +311,16 @@ def quantize(model: nn.Module, config: QuantConfig | str | dict) -> nn.Module:
         warnings.warn(f"{len(listed)} layer(s) msfp cannot quantize stay full precision: {_some(listed)}; only "
                       "nn.Conv2d and nn.Linear are quantized", UnsupportedLayersWarning, stacklevel=2)
     model.register_forward_pre_hook(_timestep_hook, with_kwargs=True)
+    if isinstance(model, ModelMixin):  # also what a pipeline's save_pretrained calls for its denoiser
+        model.save_pretrained = functools.partial(_refuse_save_pretrained, type(model).__name__)
     return model
+
+
+def _refuse_save_pretrained(class_name: str, *args, **kwargs):
+    # diffusers writes safetensors, which cannot hold the quantizers' formats: it failed with "'dict' object has no
+    # attribute 'device'" deep in huggingface_hub.
+    raise TypeError(f"this {class_name} is quantized by msfp: save it with msfp.save_quantized(model, directory) "
+                    "(and read it back with msfp.load_quantized); save_pretrained writes only full-precision models")
 
 
 def quant_layers(model: nn.Module) -> dict[str, QuantLayer]:
