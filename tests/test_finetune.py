@@ -5,6 +5,7 @@ import math
 import shutil
 import warnings
 
+import diffusers
 import pytest
 import torch
 from diffusers import DDIMScheduler, EulerDiscreteScheduler, PNDMScheduler
@@ -12,6 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import msfp
 from msfp import finetune as ft
+from msfp.environment import machine_info
 from msfp.evaluation import per_timestep_eps_mse
 from msfp.calibration import collect_trajectories
 from msfp.checkpoint import read_quant_meta
@@ -318,11 +320,26 @@ def test_a_work_dir_is_only_reused_for_the_same_teacher_and_student(calibrated, 
     on_meta = copy.deepcopy(fp).to("meta")
     assert msfp.calibration.trajectory_key(on_meta, scheduler(), config.traj_samples, config.traj_steps, config.seed,
                                            batch_size=ft.TEACHER_BATCH, weights=weights_digest(fp)) == key
-    first = tmp_path / ft.TEACHER_NAME.format(key=key)
+    first = tmp_path / ft.TEACHER_NAME.format(key=ft.teacher_file_key(key, machine_info()["versions"]))
     assert first in teachers
     first.write_bytes(b"truncated")  # an unreadable cache is sampled again, with a warning
     with pytest.warns(UserWarning, match="ignoring unreadable teacher trajectories"):
         finetune(copy.deepcopy(q), fp, scheduler(), config, work_dir=tmp_path, disable=True)
+
+
+def test_a_run_is_not_resumed_or_its_teacher_reused_by_other_versions(calibrated, tmp_path, monkeypatch):
+    # The state and teacher files named no versions: after an upgrade, a resume mixed two versions' training and
+    # reused the old version's teacher points.
+    fp, q = calibrated
+    config = FinetuneConfig(**{**CONFIG, "iters": 4, "checkpoint_every": 2})
+    finetune(copy.deepcopy(q), fp, scheduler(), config, work_dir=tmp_path, disable=True)
+    here = machine_info()
+    monkeypatch.setattr(ft, "machine_info", lambda: dict(here, versions=dict(here["versions"], diffusers="9.9")))
+    with pytest.raises(ValueError, match=rf"{ft.STATE_NAME} was written by other versions \(diffusers "
+                                         rf"'{diffusers.__version__}' there, '9.9' here\); finish the run with those"):
+        finetune(copy.deepcopy(q), fp, scheduler(), config, work_dir=tmp_path, resume=True, disable=True)
+    finetune(copy.deepcopy(q), fp, scheduler(), config, work_dir=tmp_path, disable=True)
+    assert len(list(tmp_path.glob("teacher_trajectories-*.safetensors"))) == 2
 
 
 def test_the_teacher_is_the_model_the_student_was_calibrated_from(calibrated):

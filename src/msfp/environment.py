@@ -63,9 +63,10 @@ def machine_info(device: str | torch.device | None = None) -> dict:
 
     device = torch.device(device) if device is not None else None
     gpu = torch.cuda.get_device_name(device) if device is not None and device.type == "cuda" else None
+    # str(): torch's version is a TorchVersion, which a weights_only torch.load of a state file refuses
     return dict(cpu=cpu_name(), cores=os.cpu_count(), torch_threads=torch.get_num_threads(),
                 device=str(device) if device is not None else "cpu", gpu=gpu, precision=float32_precision(),
-                versions=dict(msfp=__version__, msfp_code=code_digest(), torch=torch.__version__,
+                versions=dict(msfp=__version__, msfp_code=code_digest(), torch=str(torch.__version__),
                               cuda=torch.version.cuda, triton=_installed_version("triton"),
                               diffusers=diffusers.__version__, torchao=_installed_version("torchao"),  # its rows
                               python=platform.python_version()))

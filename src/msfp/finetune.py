@@ -15,6 +15,8 @@ non-finite loss stops the run with a clear error and leaves the last good checkp
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import math
 import numbers
 import os
@@ -30,6 +32,7 @@ from tqdm.auto import tqdm
 
 from msfp.attention import attention_quantizers
 from msfp.calibration import Trajectories, collect_trajectories, trajectory_key
+from msfp.environment import machine_info
 from msfp.fileio import atomic_path
 from msfp.fp8 import require_fake_quant
 from msfp.identity import differences, model_key, plain_config, weights_digest
@@ -152,6 +155,12 @@ def _student_key(qmodel: nn.Module, trained: dict) -> str:
                     formats={n: q.fmt.name for n, q in named_quantizers(qmodel).items()},
                     trained={n: list(t.shape) for n, t in trained.items()})
     return model_key(qmodel, settings, weights_digest(qmodel, exclude=set(trained)))
+
+
+def teacher_file_key(request: str, versions: dict) -> str:
+    """The key in a teacher file's name: the trajectories asked for (:func:`msfp.calibration.trajectory_key`) and the
+    versions that computed them (``machine_info()["versions"]``), so that an upgrade computes them again."""
+    return hashlib.sha256(json.dumps([request, versions], sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _teacher(fp_model, scheduler, config, work_dir, key, cond, class_labels, sample_shape, disable) -> Trajectories:
@@ -303,6 +312,13 @@ def finetune(qmodel: nn.Module, fp_model: nn.Module, scheduler, config: Finetune
         raise ValueError("train_weight_scales: a loaded routed TALoRA checkpoint holds its weight sets already "
                          "quantized, so its weight scales would not be trained; fine-tune without them")
     state = _read_state(state_path, config) if resume else None
+    versions = machine_info()["versions"]  # of what computes the teacher's points and trains
+    if state is not None:
+        was = state.get("identity", {}).get("versions") or {}
+        if was != versions:  # half a run trained by other code would be reported as one run of this code
+            changed = "; ".join(differences(was, versions, sorted(set(was) | set(versions))))
+            raise ValueError(f"{state_path} was written by other versions ({changed}); finish the run with those, or "
+                             f"delete {state_path.parent} to start afresh")
     # The runs the model had before this one (a loaded checkpoint, say), for its record; a resumed run takes them from
     # its state file, where the model may already tell of this run (stopped by its time budget) or of none.
     earlier_runs = finetune_runs(getattr(qmodel, "msfp_finetune", None))
@@ -333,8 +349,9 @@ def finetune(qmodel: nn.Module, fp_model: nn.Module, scheduler, config: Finetune
             teacher.check("finetune(teacher=...)")
             teacher_key = f"given-{teacher.digest()}"
         else:
-            teacher_key = trajectory_key(fp_model, scheduler, config.traj_samples, config.traj_steps, config.seed, cond,
-                                         class_labels, sample_shape, batch_size=TEACHER_BATCH, weights=fp_weights)
+            teacher_key = teacher_file_key(
+                trajectory_key(fp_model, scheduler, config.traj_samples, config.traj_steps, config.seed, cond,
+                               class_labels, sample_shape, batch_size=TEACHER_BATCH, weights=fp_weights), versions)
         points = teacher if teacher is not None else _teacher(fp_model, scheduler, config, work_dir, teacher_key, cond,
                                                               class_labels, sample_shape, disable)
         if added:
@@ -342,7 +359,8 @@ def finetune(qmodel: nn.Module, fp_model: nn.Module, scheduler, config: Finetune
         weights = _point_weights(points, by_t, scheduler, config)
         groups = _trainable_groups(qmodel, config)
         trained = _trainable_state(qmodel)
-        identity = None if work_dir is None else dict(teacher=teacher_key, student=_student_key(qmodel, trained))
+        identity = None if work_dir is None else dict(versions=versions, teacher=teacher_key,
+                                                      student=_student_key(qmodel, trained))
         params = [p for g in groups for p in g["params"]]
         trained_scales = [q.scale for q in named_quantizers(qmodel).values() if q.scale.requires_grad]
         optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
