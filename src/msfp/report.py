@@ -13,6 +13,7 @@ from msfp.compare import REFERENCE_METHOD, TABLE_COLUMNS, format_cell, skipped_m
 from msfp.fileio import atomic_path
 
 COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#7f7f7f")
+DASHES = ("none", "7 4", "2 3", "9 3 2 3")  # after every colour was used once: lines stay told apart up to 36
 CSS = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1300px; color: #222; padding: 0 1em; }
 h1 { font-size: 1.6em; } h2 { border-bottom: 1px solid #ccc; padding-bottom: .2em; margin-top: 1.8em; }
@@ -61,6 +62,7 @@ def error_plot_svg(series: dict[str, dict[int, float]], width: int = 760, height
     if not points:
         return f"<p>No noise-prediction error above zero to plot.</p>{note}"
     left, right, top, bottom = 70, 170, 20, 50
+    height = max(height, top + 20 * len(series) + 10)  # room for every legend entry
     pw, ph = width - left - right, height - top - bottom
     t_max = max(t for v in series.values() for t in v) or 1
     lo, hi = math.floor(math.log10(min(points))), math.ceil(math.log10(max(points)))
@@ -83,13 +85,14 @@ def error_plot_svg(series: dict[str, dict[int, float]], width: int = 760, height
                  'noise-prediction MSE vs fp</text>')
     for i, (name, values) in enumerate(series.items()):
         color = COLORS[i % len(COLORS)]
+        style = f'stroke="{color}" stroke-width="2" stroke-dasharray="{DASHES[i // len(COLORS) % len(DASHES)]}"'
         coords = " ".join(f"{x(t):.1f},{y(e):.1f}" for t, e in sorted(values.items()))
-        parts.append(f'<polyline points="{coords}" fill="none" stroke="{color}" stroke-width="2"/>')
+        parts.append(f'<polyline points="{coords}" fill="none" {style}/>')
         parts += [f'<circle cx="{x(t):.1f}" cy="{y(e):.1f}" r="2.5" fill="{color}"><title>{escape(name)}, t={t}: '
                   f'{e:.3g}</title></circle>' for t, e in values.items()]
         ly = top + 14 + 20 * i
-        parts.append(f'<line x1="{left + pw + 12}" x2="{left + pw + 36}" y1="{ly}" y2="{ly}" stroke="{color}" '
-                     f'stroke-width="2"/><text x="{left + pw + 42}" y="{ly + 4}">{escape(name)}</text>')
+        parts.append(f'<line x1="{left + pw + 12}" x2="{left + pw + 36}" y1="{ly}" y2="{ly}" {style}/>'
+                     f'<text x="{left + pw + 42}" y="{ly + 4}">{escape(name)}</text>')
     parts.append("</svg>")
     return "".join(parts) + note
 
@@ -99,20 +102,22 @@ def _layer_table(result: dict) -> str:
     if not methods:
         return "<p>No quantized method was evaluated.</p>"
     by_method = {n: {row["name"]: row for row in r["layers"]} for n, r in methods.items()}
-    # Layer order, kind, bits and AAL come from the first msfp method (torchao rows have no AAL notion).
-    first = next((n for n, r in methods.items() if any(row["aal"] != "n/a" for row in r["layers"])),
-                 next(iter(methods)))
-    names = list(by_method[first]) + [n for rows in by_method.values() for n in rows if n not in by_method[first]]
-    head = "".join(f"<th>{escape(n)}<br>weight / act</th>" for n in methods)
+    # Bits and AALs are each method's own (a w6a6 method beside a w4a4 one); a layer's kind is the same in all.
+    names = list(dict.fromkeys(name for rows in by_method.values() for name in rows))
+    head = "".join(f"<th>{escape(n)}<br>weight / act · bits</th>" for n in methods)
     body = []
     for name in names:
-        base = next(rows[name] for rows in [by_method[first], *by_method.values()] if name in rows)
-        cells = "".join(f"<td>{escape(rows[name]['weight'] + ' / ' + rows[name]['act']) if name in rows else '—'}"
-                        "</td>" for rows in by_method.values())
-        body.append(f'<tr><td class="name">{escape(name)}</td><td>{escape(base["kind"])}</td>'
-                    f'<td>{escape(base["bits"])}</td><td class="name">{escape(base["aal"])}</td>{cells}</tr>')
-    return (f'<div class="layers"><table><tr><th class="name">layer</th><th>kind</th><th>bits</th>'
-            f'<th class="name">AAL</th>{head}</tr>{"".join(body)}</table></div>')
+        kind = next(rows[name]["kind"] for rows in by_method.values() if name in rows)
+        cells = "".join(f"<td>{escape(_layer_cell(rows[name])) if name in rows else '—'}</td>"
+                        for rows in by_method.values())
+        body.append(f'<tr><td class="name">{escape(name)}</td><td>{escape(kind)}</td>{cells}</tr>')
+    return (f'<div class="layers"><table><tr><th class="name">layer</th><th>kind</th>{head}</tr>{"".join(body)}'
+            "</table></div>")
+
+
+def _layer_cell(row: dict) -> str:
+    aal = f" · AAL {row['aal'][len('yes '):]}" if row["aal"].startswith("yes") else ""
+    return f"{row['weight']} / {row['act']} · {row['bits']}{aal}"
 
 
 def _aal_lists(result: dict) -> str:
@@ -139,21 +144,29 @@ def _notes(result: dict) -> str:
     return f"<ul>{''.join(items)}</ul>" if items else ""
 
 
+def _cache_note(result: dict) -> str:
+    """Where the calibration's shared trajectories and layer inputs came from, for the metrics' note."""
+    # A method from register_method may record its calibration in other terms: the note needs these.
+    timed = [c for r in result["methods"].values()
+             if (c := r["calibration"]) and {"points", "trajectory_seconds", "record_seconds"} <= c.keys()]
+    if not timed:
+        return ""
+    if all(c.get("cached") for c in timed):  # an earlier run into this OUT collected them
+        return (f" Calibration: {timed[0]['points']} trajectory points; trajectories and layer inputs were read from "
+                "OUT/cache, collected by an earlier run, so calib. s leaves their collection out.")
+    c = timed[0]
+    return (f" Calibration: {c['points']} trajectory points; trajectories and layer inputs are collected once "
+            f"({c['trajectory_seconds'] + c['record_seconds']:.1f} s, paid by the first calibrated method) and read "
+            "from the cache by the others.")
+
+
 def render_html(result: dict, out: Path) -> str:
     s = result["settings"]
     grids = "".join(
         f'<figure><img alt="{escape(n)} samples" src="{_png_data_uri(out / r["grid"])}"><figcaption><b>'
         f'{escape(n)}</b> — FD {escape(format_cell("fd", r["metrics"].get("fd")))}</figcaption></figure>'
         for n, r in result["methods"].items())
-    # A method from register_method may record its calibration in other terms: the note needs these.
-    timed = [c for r in result["methods"].values()
-             if (c := r["calibration"]) and {"points", "trajectory_seconds", "record_seconds"} <= c.keys()]
-    cache_note = ""
-    if timed:
-        c = timed[0]
-        cache_note = (f" Calibration: {c['points']} trajectory points; trajectories and layer inputs are collected "
-                      f"once ({c['trajectory_seconds'] + c['record_seconds']:.1f} s, paid by the first calibrated "
-                      "method) and read from the cache by the others.")
+    cache_note = _cache_note(result)
     machine = result["machine"]
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>msfp compare: {escape(s['model'])}</title>
@@ -183,7 +196,8 @@ every method.</p>
 {error_plot_svg({n: {int(t): e for t, e in (r['eps_mse_per_timestep'] or {}).items()}
                  for n, r in result['methods'].items()})}
 <h2>Per-layer formats</h2>
-<p class="note">weight / activation format chosen per layer (u… = unsigned with a zero point: mixup-sign).</p>
+<p class="note">weight / activation format each method chose per layer (u… = unsigned with a zero point:
+mixup-sign), the layer's bits, and whether the method treats it as an AAL (and why).</p>
 {_layer_table(result)}
 <h2>AALs (anomalous-activation-distribution layers)</h2>
 {_aal_lists(result)}
