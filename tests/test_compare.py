@@ -4,14 +4,17 @@ import os
 import re
 import shutil
 
+import diffusers
 import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
 
+import msfp.compare
 from msfp.cli import main
-from msfp.compare import (METHODS, Built, CompareSettings, build_ptq, parse_methods, register_method,
-                          run_compare)
+from msfp.compare import (METHODS, Built, CompareSettings, build_finetuned, build_ptq, parse_methods,
+                          register_method, run_compare)
+from msfp.finetune import FinetuneDivergedError
 
 TINY = ["--num", 10, "--steps", 2, "--calib-samples", 3, "--calib-steps", 2, "--heldout-samples", 2, "--batch", 8]
 
@@ -165,7 +168,7 @@ def test_list_methods_prints_the_registry():
         assert ("[default]" in lines[name]) == (name in DEFAULT_METHODS)
 
 
-def test_registered_method_and_unavailable_method(tmp_path, tiny_model_dir):
+def test_registered_method_and_unavailable_method(tmp_path, tiny_model_dir, monkeypatch):
     def finetuned(ctx):
         built = build_ptq(ctx, "w4a4-msfp")
         built.notes.append("fine-tuned for 0 steps")
@@ -177,7 +180,11 @@ def test_registered_method_and_unavailable_method(tmp_path, tiny_model_dir):
         return Built(model)
 
     def fine_tuning_diverges(ctx):
-        raise FloatingPointError("fine-tuning loss became nan at iteration 3")
+        def diverging(*args, **kwargs):
+            raise FinetuneDivergedError("fine-tuning loss became nan at iteration 3", "no checkpoint was written")
+
+        monkeypatch.setattr(msfp.compare, "finetune", diverging)
+        return build_finetuned(ctx, "w4a4-int", "single", "mse")
 
     def eps_diverges_off_the_sampling_trajectory(ctx):
         # Finite images, but NaN noise predictions at the held-out timesteps the 2-step sampler never visits.
@@ -224,11 +231,16 @@ def test_registered_method_and_unavailable_method(tmp_path, tiny_model_dir):
     assert result["methods"]["test-ft"]["notes"] == ["fine-tuned for 0 steps"]
     assert result["skipped_methods"]["test-missing"] == "needs a library that is absent"
     # A method whose images diverge is reported without a result; the other methods keep theirs.
-    assert re.fullmatch(r"no result: 4 of 4 images have NaN or inf pixels \(seed 0 among them\).*not written\)",
+    # Its reason names OUT's sample file, not one in the work directory that is gone at the end.
+    assert re.fullmatch(rf"no result: 4 of 4 images have NaN or inf pixels \(seed 0 among them\).*; "
+                        rf"{re.escape(str(tmp_path / 'r' / 'samples' / 'test-nan.npz'))} was not written\)",
                         result["skipped_methods"]["test-nan"])
     assert not (tmp_path / "r" / "samples" / "test-nan.npz").exists()
     # Fine-tuning that diverges likewise (it ended the whole run, and --resume met it again).
-    assert result["skipped_methods"]["test-ft-nan"] == "no result: fine-tuning loss became nan at iteration 3"
+    # Advice compare's options can follow: it has no learning rates and writes no fine-tuning checkpoint.
+    assert result["skipped_methods"]["test-ft-nan"] == (
+        "no result: fine-tuning loss became nan at iteration 3; compare fine-tunes at msfp finetune's default "
+        "learning rates: try `msfp finetune` with a lower --lr or --act-lr, or fewer --finetune-iters")
     # A non-finite noise prediction error has no mean: JSON held null for it, which reads as "not applicable".
     eps_nan = json.loads((tmp_path / "r" / "results.json").read_text())["methods"]["test-eps-nan"]
     assert eps_nan["eps_mse_mean"] is eps_nan["eps_mse_weighted"] is None
@@ -355,7 +367,8 @@ def test_resume_refuses_a_changed_noise_schedule(tmp_path, tiny_model_dir):
         config = json.loads((model / "scheduler_config.json").read_text())
         (model / "scheduler_config.json").write_text(json.dumps(dict(config, beta_end=0.03)))
         r = run(*args, "--resume")  # the weights are the same, but fp's samples came from the other schedule
-        assert r.exit_code == 1 and ".r.compare holds a run that differs in scheduler: resuming it" in r.output
+        assert r.exit_code == 1 and (".r.compare holds a run that differs in scheduler (beta_end 0.02 there, 0.03 "
+                                     "here): resuming it") in r.output
         progress = tmp_path / ".r.compare" / "progress.json"
         recorded = json.loads(progress.read_text())
         del recorded["fingerprint"]["scheduler"]  # as a run started before the schedule was recorded
@@ -370,8 +383,6 @@ def test_resume_refuses_a_changed_noise_schedule(tmp_path, tiny_model_dir):
                                             ("_reference_digest", "reference"), ("machine_info", "machine")])
 def test_resume_refuses_a_run_with_another_code_model_reference_or_machine(tmp_path, tiny_model_dir, monkeypatch,
                                                                           function, part):
-    import msfp.compare
-
     args = ["compare", "--model", tiny_model_dir, "--methods", "fp,test-broken", "--out", tmp_path / "r", *TINY]
     register_method("test-broken", lambda ctx: 1 / 0, "always fails")
     try:
@@ -380,6 +391,24 @@ def test_resume_refuses_a_run_with_another_code_model_reference_or_machine(tmp_p
         monkeypatch.setattr(msfp.compare, function, lambda *a, **k: "something else")
         r = run(*args, "--resume")
         assert r.exit_code == 1 and f".r.compare holds a run that differs in {part}: resuming it would mix" in r.output
+    finally:
+        METHODS.pop("test-broken")
+
+
+def test_a_refused_resume_names_the_machine_fields_that_differ(tmp_path, tiny_model_dir, monkeypatch):
+    # It said "differs in machine" and advised deleting the run, where setting OMP_NUM_THREADS back would do.
+    args = ["compare", "--model", tiny_model_dir, "--methods", "fp,test-broken", "--out", tmp_path / "r", *TINY]
+    register_method("test-broken", lambda ctx: 1 / 0, "always fails")
+    try:
+        assert isinstance(run(*args).exception, ZeroDivisionError)
+        here = msfp.compare.machine_info
+        monkeypatch.setattr(msfp.compare, "machine_info", lambda device: dict(
+            here(device), torch_threads=99, versions=dict(here(device)["versions"], diffusers="9.9")))
+        r = run(*args, "--resume")
+        assert r.exit_code == 1 and (f"differs in machine (torch_threads {torch.get_num_threads()} there, 99 here; "
+                                     f"versions.diffusers '{diffusers.__version__}' there, '9.9' here): resuming "
+                                     "it would mix results; "
+                                     "resume it as it ran, or delete") in r.output, r.output
     finally:
         METHODS.pop("test-broken")
 
@@ -528,3 +557,10 @@ def test_identical_images_show_psnr_inf_after_a_json_round_trip():
     for result in ({"methods": {"same": method}}, _finite_or_none({"methods": {"same": method}})):
         # JSON (results.json, and the progress file a resumed row is read from) holds inf as null: "—" used to show.
         assert format_cell("psnr", table_rows(result)[0]["psnr"]) == "inf"
+
+
+def test_an_output_that_is_a_file_is_named(tmp_path):
+    (tmp_path / "afile").write_text("mine")
+    with pytest.raises(FileExistsError, match="afile is a file; the output of msfp compare is a directory"):
+        run_compare(CompareSettings(), ["fp"], tmp_path / "afile")
+    assert (tmp_path / "afile").read_text() == "mine"

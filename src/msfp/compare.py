@@ -43,7 +43,7 @@ from msfp.environment import machine_info
 from msfp.evaluation import (INCEPTION_METRICS, check_reference, eps_mse_means, evaluate, load_reference,
                              per_timestep_eps_mse)
 from msfp.fileio import atomic_directory, check_replaceable, exclusive_run, link_entry, write_json
-from msfp.finetune import FinetuneConfig, finetune
+from msfp.finetune import FinetuneConfig, FinetuneDivergedError, finetune
 from msfp.identity import code_digest, differences, model_key, plain_config
 from msfp.info import format_table, layer_rows, low_bit_fractions
 from msfp.models import denoise, load_model
@@ -240,7 +240,12 @@ def build_finetuned(ctx: Context, preset: str, lora: str, loss: str, dfa_weighti
     if ctx.teacher is None:
         ctx.teacher = collect_trajectories(ctx.fp_model, ctx.scheduler, s.calib_samples, s.calib_steps,
                                            seed=ft_config.seed, batch_size=s.batch_size, disable=ctx.disable)
-    result = finetune(built.model, ctx.fp_model, ctx.scheduler, ft_config, teacher=ctx.teacher, disable=ctx.disable)
+    try:
+        result = finetune(built.model, ctx.fp_model, ctx.scheduler, ft_config, teacher=ctx.teacher,
+                          disable=ctx.disable)
+    except FinetuneDivergedError as e:  # its advice (learning rates, checkpoints) is for msfp finetune's options
+        raise FloatingPointError(f"{e.what}; compare fine-tunes at msfp finetune's default learning rates: try "
+                                 "`msfp finetune` with a lower --lr or --act-lr, or fewer --finetune-iters") from e
     calibration = dict(built.calibration, finetune_seconds=result.seconds,
                        finetune_final_loss=sum(result.losses[-20:]) / len(result.losses[-20:]))
     note = (f"fine-tuned {result.iters_done} iterations × batch {s.finetune_batch}: lora={lora}"
@@ -345,15 +350,25 @@ def _progress(work: Path, fingerprint: dict, resume: bool) -> dict:
     recorded = progress["fingerprint"]
     differ = [k for k in fingerprint if recorded.get(k) != fingerprint[k]]
     if differ:
-        if "settings" in differ:  # which ones: the user then knows what to pass to resume
-            was, now = recorded["settings"], fingerprint["settings"]
-            fields = "; ".join(differences(was, now, now))
-            differ[differ.index("settings")] = f"settings ({fields})"
+        # Which fields: an option, a thread count (OMP_NUM_THREADS) or an installed package can be put back to resume,
+        # where "delete" would throw away hours of finished methods.
+        for i, k in enumerate(differ):
+            if isinstance(recorded[k], dict) and isinstance(fingerprint[k], dict):
+                was, now = _flat(recorded[k]), _flat(fingerprint[k])
+                differ[i] = f"{k} ({'; '.join(differences(was, now, sorted(was.keys() | now.keys())))})"
         raise ValueError(f"{work} holds a run that differs in {', '.join(differ)}: resuming it would mix results; "
-                         f"delete {work} to start over")
+                         f"resume it as it ran, or delete {work} to start over")
     if not isinstance(progress.setdefault("descriptions", {}), dict):
         raise ValueError(f"{path} is damaged (not the record msfp compare writes); delete {work} to start over")
     return progress
+
+
+def _flat(record: dict, prefix: str = "") -> dict:
+    """``{"versions": {"torch": v}}`` as ``{"versions.torch": v}``."""
+    flat = {}
+    for k, v in record.items():
+        flat.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return flat
 
 
 def _kept_files(work: Path, result: dict) -> bool:
@@ -424,6 +439,8 @@ def _run_compare(settings: CompareSettings, methods: list[str], out: Path, comma
 
     began = time.time()
     # OUT is replaced as a whole at the end: never a directory that holds something else (its cache may be there).
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} is a file; the output of msfp compare is a directory: choose another --out")
     if out.exists() and not _is_compare_report(out) and any(p.name != "cache" for p in out.iterdir()):
         raise FileExistsError(f"{out} exists and is not a msfp compare report (it has no results.json written by msfp "
                               "compare); refusing to replace it: choose another --out")
@@ -483,9 +500,11 @@ def _run_compare(settings: CompareSettings, methods: list[str], out: Path, comma
                 except (NonFiniteSamplesError, FloatingPointError) as e:  # samples, or fine-tuning
                     if name == REFERENCE_METHOD:
                         raise
-                    # A diverged method is a finding, not a reason to lose the other methods' results.
-                    _log(f"[{k}/{len(methods)}] {name}: no result: {e}")
-                    skipped[name] = progress["skipped"][name] = f"no result: {e}"
+                    # A diverged method is a finding, not a reason to lose the other methods' results. The reason is
+                    # published: it names OUT, not the work directory that is removed at the end.
+                    reason = f"no result: {e}".replace(str(work), str(out))
+                    _log(f"[{k}/{len(methods)}] {name}: {reason}")
+                    skipped[name] = progress["skipped"][name] = reason
                 progress["descriptions"][name] = method.description
                 progress["seconds"] = round(earlier + time.time() - began, 1)
                 write_json(work / PROGRESS_NAME, progress)

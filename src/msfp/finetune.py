@@ -49,6 +49,14 @@ TEACHER_NAME = "teacher_trajectories-{key}.safetensors"
 TEACHER_BATCH = 64  # trajectories sampled per teacher call: it orders the points, so their file is keyed on it
 
 
+class FinetuneDivergedError(FloatingPointError):
+    """The loss, gradients or trained parameters became non-finite; ``what`` says which, and when."""
+
+    def __init__(self, what: str, kept: str):
+        super().__init__(f"{what}; {kept}; lower the learning rates")
+        self.what = what
+
+
 @dataclass
 class FinetuneConfig:
     iters: int = 400
@@ -395,8 +403,8 @@ def finetune(qmodel: nn.Module, fp_model: nn.Module, scheduler, config: Finetune
     def check_finite():
         bad = [n for n, p in qmodel.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
         if bad:  # never checkpointed or returned: the run stops here instead
-            raise FloatingPointError(f"fine-tuning made {len(bad)} parameter(s) non-finite by iteration {it} (e.g. "
-                                     f"{bad[0]}); {kept()}; lower the learning rates")
+            raise FinetuneDivergedError(f"fine-tuning made {len(bad)} parameter(s) non-finite by iteration {it} "
+                                        f"(e.g. {bad[0]})", kept())
 
     def kept() -> str:
         if state_path is not None and state_path.is_file():
@@ -435,14 +443,14 @@ def finetune(qmodel: nn.Module, fp_model: nn.Module, scheduler, config: Finetune
             out = denoise(qmodel, x, t, **batch_cond)[:, :channels]
             loss = weighted_mse(out.float(), eps, weights[idx])
             if not torch.isfinite(loss):
-                raise FloatingPointError(f"fine-tuning loss became {loss.item()} at iteration {it} (timesteps "
-                                         f"{sorted(set(t.tolist()))}); {kept()}; lower the learning rates")
+                raise FinetuneDivergedError(f"fine-tuning loss became {loss.item()} at iteration {it} (timesteps "
+                                            f"{sorted(set(t.tolist()))})", kept())
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
             if not torch.isfinite(grad_norm):  # a step would make the parameters NaN
-                raise FloatingPointError(f"fine-tuning gradients became non-finite at iteration {it} (timesteps "
-                                         f"{sorted(set(t.tolist()))}); {kept()}; lower the learning rates")
+                raise FinetuneDivergedError(f"fine-tuning gradients became non-finite at iteration {it} (timesteps "
+                                            f"{sorted(set(t.tolist()))})", kept())
             optimizer.step()
             with torch.no_grad():  # the forward uses max(scale, MIN_SCALE); below it no gradient moves a scale back
                 for scale in trained_scales:
