@@ -250,3 +250,11 @@ def test_generate_samples_a_plain_model_given_its_sample_shape(tmp_path):
         generate(tiny_plain(), scheduler(), tmp_path / "p.npz", 2, 2, disable=True)
     assert generate(tiny_plain(), scheduler(), tmp_path / "p.npz", 2, 2, sample_shape=(1, 8, 8),
                     disable=True)["images"].shape == (2, 8, 8, 1)
+
+
+@pytest.mark.parametrize("num", [0, -3, 2.5, True])
+def test_generate_names_a_bad_sample_count(tmp_path, num):
+    # 0 and -3 were "--num 0 is smaller than the number of processes (1)": a flag the caller never used.
+    with pytest.raises(ValueError, match=rf"num_samples must be a whole number ≥ 1, got {num!r}"):
+        generate(tiny_unet(), scheduler(), tmp_path / "s.npz", num, 2)
+    assert not list(tmp_path.iterdir())

@@ -13,6 +13,7 @@ as it is on one machine). Every image has its own generator, so the merged file 
 from __future__ import annotations
 
 import json
+import numbers
 import os
 import time
 import warnings
@@ -221,6 +222,8 @@ def generate(model, scheduler, out, num_samples: int, num_inference_steps: int, 
     Under torchrun with ``WORLD_SIZE`` > 1 each rank draws its slice and rank 0 merges; returns the
     :func:`load_samples` dict of the merged file on rank 0, ``None`` on other ranks.
     """
+    if isinstance(num_samples, bool) or not isinstance(num_samples, numbers.Integral) or num_samples < 1:
+        raise ValueError(f"num_samples must be a whole number ≥ 1, got {num_samples!r}")
     out = resolved_parent(out)  # "missing/../x.npz" does not exist (and passed the checks) until mkdir made "missing"
     if out.suffix != ".npz":  # "x.png" would be overwritten by its own grid
         raise ValueError(f"{out}: a sample file's name must end in .npz (its PNG grid is written beside it)")
