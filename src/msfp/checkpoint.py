@@ -89,7 +89,29 @@ def _base_info(model: nn.Module) -> dict:
     inner = {name: dict(class_name=type(m).__name__, config=dict(m.config)) for name, m in model.named_modules()
              if name and isinstance(m, diffusers.ModelMixin) and getattr(m, "config", None) is not None}
     return dict(library="torch", class_name=f"{type(model).__module__}.{type(model).__qualname__}", config=None,
-                inner=inner)
+                inner=inner, modules=_module_settings(model, skip=inner))
+
+
+# Attributes msfp.quantize changes on the model's own modules (the saved model is the quantized one).
+_CHANGED_BY_QUANTIZE = {"training", "use_nested_tensor"}
+
+
+def _module_settings(model: nn.Module, skip) -> dict:
+    """Per submodule of a plain module, its class and plain settings (a GroupNorm's groups, an activation's kind, an
+    Upsample's mode): they change the output, not the weight shapes. Convs and linears are checked by shape and
+    geometry, msfp's own modules are not the base model's, and inner diffusers models (``skip``) by config."""
+    settings, skipped = {}, list(skip)
+    for name, module in model.named_modules():
+        if not name or any(name == p or name.startswith(p + ".") for p in skipped):
+            continue
+        if type(module).__module__.startswith("msfp.") or isinstance(module, (nn.Conv2d, nn.Linear)):
+            skipped.append(name)
+            continue
+        plain = {k: v for k, v in vars(module).items() if not k.startswith("_") and k not in _CHANGED_BY_QUANTIZE
+                 and (v is None or isinstance(v, (bool, int, float, str, tuple)))}
+        settings[name] = dict(class_name=type(module).__qualname__,
+                              settings=json.loads(json.dumps(plain, default=_json_default)))
+    return settings
 
 
 def _conv_geometry(module: nn.Module) -> dict | None:
@@ -135,6 +157,16 @@ def require_base_model(meta: dict, model: nn.Module, where, what: str) -> None:
             raise ValueError(f"{where} was quantized from a {saved['class_name']} whose {name} is {kind(a)}; in "
                              f"{what} it is {kind(b)}")
         configs.append((f"{name}: ", a["config"], b["config"]))
+    modules, given_modules = saved.get("modules"), given.get("modules", {})  # none in checkpoints before it was kept
+    for name in sorted(modules.keys() | given_modules.keys()) if modules is not None else ():
+        a, b = modules.get(name), given_modules.get(name)
+        differ = None if a is None or b is None or a["class_name"] != b["class_name"] else differences(
+            a["settings"], b["settings"], sorted(a["settings"].keys() & b["settings"].keys()))
+        if differ is None or differ:
+            kind = lambda info: "missing" if info is None else f"a {info['class_name']}"  # noqa: E731
+            why = ", ".join(differ) if differ else f"{kind(a)} there, {kind(b)} here"
+            raise ValueError(f"{where} was quantized from another {saved['class_name']} than {what}: its module "
+                             f"{name!r} differs ({why})")
     for prefix, there, here in configs:
         a, b = _architecture(there), _architecture(here)
         differ = differences(a, b, sorted(a.keys() & b.keys()))  # keys one diffusers version lacks: defaults
@@ -443,6 +475,9 @@ def _check_meta(meta: dict, meta_path: Path) -> None:
 def _build_base(meta: dict, model: nn.Module | None, where: Path) -> nn.Module:
     base = meta["base_model"]
     if model is not None:
+        if getattr(model, "msfp_config", None) is not None:  # its quantizers read as tensors the file "lacks"
+            raise ValueError(f"{where}: the model passed is already quantized by msfp; pass a fresh full-precision "
+                             f"instance of its architecture (load_quantized replaces its weights)")
         require_base_model(meta, model, where, "the model passed")
         return model
     if base["library"] != "diffusers":
