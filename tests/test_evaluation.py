@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMScheduler, EulerDiscreteScheduler
+from diffusers import DDIMScheduler, EulerDiscreteScheduler, HeunDiscreteScheduler
 
 from msfp.calibration import Trajectories
 from msfp.evaluation import eps_mse_means, eps_mse_weighted, load_image_dir, load_reference, per_timestep_eps_mse, psnr
@@ -80,6 +80,12 @@ def test_psnr_pairs_equally_shaped_sets():
 def test_eps_mse_weighted_rejects_other_timesteps():
     with pytest.raises(ValueError, match="not the 3-step trajectory of DDIMScheduler"):
         eps_mse_weighted({999: 0.1, 500: 0.1, 1: 0.1}, ddim())
+    # Heun evaluates each timestep twice: its own points were "not the 5-step trajectory" of it.
+    heun = HeunDiscreteScheduler(num_train_timesteps=1000)
+    timesteps, _ = denoising_factors(heun, 5)
+    with pytest.raises(ValueError, match="HeunDiscreteScheduler visits timesteps more than once, so a timestep has no "
+                                         "single denoising factor"):
+        eps_mse_weighted({t: 0.1 for t in timesteps.tolist()}, heun)
 
 
 def test_reference_images_of_other_modes_keep_their_values(tmp_path):

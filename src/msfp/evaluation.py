@@ -210,6 +210,9 @@ def eps_mse_weighted(eps_mse: dict[float, float], scheduler) -> float:
     if not eps_mse:
         raise ValueError("no ε MSE values to weight: per_timestep_eps_mse found no trajectory points")
     timesteps, gammas = denoising_factors(scheduler, len(eps_mse))
+    if len(set(timesteps.tolist())) < len(timesteps):  # Heun, PNDM: their error was said to be "not the trajectory"
+        raise ValueError(f"{type(scheduler).__name__} visits timesteps more than once, so a timestep has no single "
+                         "denoising factor to weight its ε MSE by; weight along a DDIM, Euler or DPM-Solver trajectory")
     # Keys as numbers: JSON gives strings, Euler-type schedulers fractional timesteps.
     by_t = {float(t): e for t, e in eps_mse.items()}
     expected = [float(t) for t in timesteps.tolist()]
