@@ -1,4 +1,5 @@
 import gzip
+import struct
 
 import numpy as np
 import pytest
@@ -39,6 +40,10 @@ def test_truncated_and_malformed_files(tmp_path):
     good = idx_bytes(np.zeros((3, 28, 28), dtype=np.uint8))
     write_split(tmp_path, images=good[:-10])
     with pytest.raises(ValueError, match=r"announces shape \(3, 28, 28\).*truncated"):
+        load_fashion_mnist("test", tmp_path)
+    # Dimensions whose product wraps around to 0 in int64: numpy then failed to reshape the empty remainder.
+    write_split(tmp_path, images=good[:4] + struct.pack(">3I", 2**31, 2**31, 4))
+    with pytest.raises(ValueError, match=r"\(2147483648, 2147483648, 4\) \(18446744073709551632 bytes\).*has 16 bytes"):
         load_fashion_mnist("test", tmp_path)
     write_split(tmp_path, images=b"\x00\x00\x0d\x03" + good[4:])  # float32 IDX type code
     with pytest.raises(ValueError, match="bad magic number"):

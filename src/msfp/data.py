@@ -7,6 +7,7 @@ the four IDX files, gzipped or not. Nothing is downloaded.
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import zlib
 from pathlib import Path
@@ -49,9 +50,10 @@ def _read_idx(path: Path, expected_ndim: int) -> np.ndarray:
         raise ValueError(f"{path}: IDX file has {ndim} dimensions, expected {expected_ndim}.")
     header = 4 + 4 * ndim
     shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
-    if len(raw) != header + int(np.prod(shape)):
+    size = header + math.prod(shape)  # exact: np.prod wraps around in int64 for a corrupt header's huge dimensions
+    if len(raw) != size:
         raise ValueError(
-            f"{path}: IDX header announces shape {shape} ({header + int(np.prod(shape))} bytes) but the file has "
+            f"{path}: IDX header announces shape {shape} ({size} bytes) but the file has "
             f"{len(raw)} bytes (truncated or corrupted)."
         )
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
