@@ -54,6 +54,17 @@ def test_truncated_and_malformed_files(tmp_path):
     write_split(tmp_path, labels=idx_bytes(np.zeros(2, dtype=np.uint8)))
     with pytest.raises(ValueError, match="3 images but 2 labels"):
         load_fashion_mnist("test", tmp_path)
+    # Content that is not Fashion-MNIST's: the training scripts used to train on 36x36 images padded from 32x32.
+    write_split(tmp_path, images=idx_bytes(np.zeros((3, 32, 32), dtype=np.uint8)))
+    with pytest.raises(ValueError, match="t10k-images-idx3-ubyte.gz: images are 32x32, expected 28x28"):
+        load_fashion_mnist("test", tmp_path)
+    write_split(tmp_path, images=idx_bytes(np.zeros((0, 28, 28), dtype=np.uint8)),
+                labels=idx_bytes(np.zeros(0, dtype=np.uint8)))
+    with pytest.raises(ValueError, match="t10k-images-idx3-ubyte.gz: the file holds no images"):
+        load_fashion_mnist("test", tmp_path)
+    write_split(tmp_path, labels=idx_bytes(np.array([0, 200, 9], dtype=np.uint8)))
+    with pytest.raises(ValueError, match="t10k-labels-idx1-ubyte.gz: label 200 found, expected 0 to 9"):
+        load_fashion_mnist("test", tmp_path)
     write_split(tmp_path)
     (tmp_path / "t10k-images-idx3-ubyte.gz").write_bytes(gzip.compress(good)[:-20])  # cut-off gzip stream
     with pytest.raises(ValueError, match="cannot read IDX file"):

@@ -66,11 +66,18 @@ def load_fashion_mnist(split: str = "train", data_dir: str | os.PathLike | None 
     data_dir = Path(data_dir) if data_dir is not None else DEFAULT_DATA_DIR
     if not data_dir.is_dir():
         raise FileNotFoundError(f"Fashion-MNIST directory {data_dir} does not exist. {_HOW_TO_GET}")
-    img_stem, lbl_stem = _FILES[split]
-    images = _read_idx(_find(data_dir, img_stem), 3)
-    labels = _read_idx(_find(data_dir, lbl_stem), 1)
+    img_path, lbl_path = (_find(data_dir, stem) for stem in _FILES[split])
+    images, labels = _read_idx(img_path, 3), _read_idx(lbl_path, 1)
+    # The models and the feature network expect 28x28 padded to 32x32: other sizes would train silently on them.
+    if images.shape[1:] != (28, 28):
+        raise ValueError(f"{img_path}: images are {images.shape[1]}x{images.shape[2]}, expected 28x28 (Fashion-MNIST).")
+    if len(images) == 0:
+        raise ValueError(f"{img_path}: the file holds no images.")
     if len(images) != len(labels):
         raise ValueError(f"{data_dir}: {len(images)} images but {len(labels)} labels in the {split} split.")
+    if labels.max() >= len(CLASS_NAMES):
+        raise ValueError(f"{lbl_path}: label {labels.max()} found, expected 0 to {len(CLASS_NAMES) - 1} "
+                         "(the Fashion-MNIST classes).")
     return torch.from_numpy(images.copy()), torch.from_numpy(labels.copy()).long()
 
 
