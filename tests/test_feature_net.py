@@ -60,3 +60,15 @@ def test_missing_files_give_clear_errors(tmp_path):
         load_feature_net(tmp_path)
     with pytest.raises(FileNotFoundError, match="reference_stats.safetensors not found"):
         load_reference_stats(path=tmp_path)
+
+
+def test_compute_features_refuses_inputs_it_would_silently_misread():
+    net = FeatureNet(feature_dim=16)
+    with pytest.raises(TypeError, match="float images in \\[-1, 1\\], got torch.uint8: .*msfp.data.to_model_range"):
+        compute_features(net, torch.zeros(2, 1, 32, 32, dtype=torch.uint8))
+    for shape in ((2, 1, 36, 36), (2, 1, 28, 28), (2, 32, 32), (2, 3, 32, 32)):
+        with pytest.raises(ValueError, match=rf"shape \(N, 1, 32, 32\), got \({shape[0]}, {shape[1]}"):
+            compute_features(net, torch.zeros(shape))
+    with pytest.raises(ValueError, match="no images"):  # NaN features otherwise
+        compute_features(net, torch.zeros(0, 1, 32, 32))
+    assert compute_features(net, torch.zeros(2, 1, 32, 32, dtype=torch.float16))[0].shape == (2, 16)

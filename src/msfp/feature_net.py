@@ -93,6 +93,16 @@ def load_reference_stats(split: str = "test", path: str | os.PathLike | None = N
 def compute_features(net: FeatureNet, images: torch.Tensor, batch_size: int = 500):
     """``(features, logits)`` for float images in [-1, 1], computed in batches, in eval mode whatever mode ``net`` is
     in: in training mode batch norm would use (and update) each batch's statistics, and dropout drop units."""
+    # Checked because a wrong input still gives features: uint8 ones ~90x too large, other sizes a different pooling.
+    if not images.is_floating_point():
+        raise TypeError(f"compute_features takes float images in [-1, 1], got {images.dtype}: convert uint8 images "
+                        "with msfp.data.to_model_range (N, 28, 28) or msfp.samples.from_uint8 (N, H, W, C)")
+    shape = (net.config["in_channels"], net.config["image_size"], net.config["image_size"])
+    if images.dim() != 4 or images.shape[1:] != shape:
+        raise ValueError(f"compute_features takes images of shape (N, {', '.join(map(str, shape))}), got "
+                         f"{tuple(images.shape)}")
+    if len(images) == 0:
+        raise ValueError("compute_features got no images (N = 0)")
     feats, logits = [], []
     device = next(net.parameters()).device
     modes = {module: module.training for module in net.modules()}  # each submodule's, as the caller set them
