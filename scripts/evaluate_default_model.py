@@ -21,7 +21,7 @@ import time
 import torch
 
 from msfp.data import CLASS_NAMES, load_fashion_mnist, to_model_range
-from msfp.environment import HelpFormatter, command_line, machine_info
+from msfp.environment import HelpFormatter, check_minimums, command_line, machine_info
 from msfp.feature_net import compute_features, load_feature_net, load_reference_stats
 from msfp.fileio import write_json
 from msfp.metrics import classifier_score, feature_stats, frechet_distance, kid
@@ -63,7 +63,9 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (unset: torch's choice)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where to sample")
     args = p.parse_args(argv)
-    if not 1 <= args.splits <= args.num_samples:  # checked before the sampling it would otherwise waste
+    # Checked before the sampling they would otherwise waste: FD's covariance and KID need 2 images at least.
+    check_minimums(p, args, num_samples=2, kid_subsets=1, kid_subset_size=2, grid_count=1, grid_steps=1)
+    if not 1 <= args.splits <= args.num_samples:
         p.error(f"--splits must be between 1 and --num-samples ({args.num_samples}), got {args.splits}")
     if args.threads:
         torch.set_num_threads(args.threads)

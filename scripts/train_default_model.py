@@ -29,7 +29,7 @@ from diffusers.training_utils import EMAModel
 from tqdm import tqdm
 
 from msfp.data import DEFAULT_DATA_DIR, load_fashion_mnist, to_model_range
-from msfp.environment import HelpFormatter, command_line, machine_info
+from msfp.environment import HelpFormatter, check_minimums, command_line, machine_info
 from msfp.fileio import atomic_directory, atomic_path
 
 UNET_CONFIG = dict(
@@ -91,9 +91,7 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=None, help="CPU threads (unset: torch's choice)")
     p.add_argument("--no-resume", action="store_true", help="start over, ignoring a checkpoint in --work-dir")
     args = p.parse_args(argv)
-    for name in ("steps", "batch", "warmup", "ckpt_every"):
-        if getattr(args, name) < (0 if name == "warmup" else 1):
-            p.error(f"--{name.replace('_', '-')} must be {'>= 0' if name == 'warmup' else '>= 1'}")
+    check_minimums(p, args, steps=1, batch=1, warmup=0, ckpt_every=1)
 
     out, work = Path(args.out), Path(args.work_dir)
     # --out is replaced as a whole: a folder that is not a pipeline (src/msfp/assets, say) would be deleted with it.

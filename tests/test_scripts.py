@@ -112,6 +112,14 @@ def test_train_default_model_continues_an_interrupted_run_exactly(tmp_path, trai
     assert "is inside --out" in capsys.readouterr().err
 
 
+def test_train_default_model_checks_options_first(capsys):
+    for args, message in ((["--batch", "0"], "--batch must be >= 1, got 0"),
+                          (["--warmup", "-1"], "--warmup must be >= 0, got -1")):
+        with pytest.raises(SystemExit):
+            load_script("train_default_model").main(args)
+        assert message in capsys.readouterr().err
+
+
 def test_train_feature_net_writes_net_and_statistics_together(tmp_path, data_dir, capsys):
     out = tmp_path / "feature_net"
     out.mkdir()
@@ -145,7 +153,16 @@ def test_evaluate_default_model_scores_samples_and_the_real_data_floor(tmp_path,
     assert Image.open(grid).size == (8 * 34 + 2, 34 + 2)  # one row of 4 of the 8 columns, 2-pixel padding
 
 
-def test_evaluate_default_model_checks_splits_before_sampling(capsys):
+@pytest.mark.parametrize("args, message", [
+    (["--num-samples", "4", "--splits", "5"], "--splits must be between 1 and --num-samples (4), got 5"),
+    (["--num-samples", "1", "--splits", "1"], "--num-samples must be >= 2, got 1"),  # FD's covariance
+    (["--kid-subsets", "0"], "--kid-subsets must be >= 1, got 0"),
+    (["--kid-subset-size", "1"], "--kid-subset-size must be >= 2, got 1"),
+    (["--grid-count", "0"], "--grid-count must be >= 1, got 0"),
+    (["--grid-steps", "-1"], "--grid-steps must be >= 1, got -1"),
+])
+def test_evaluate_default_model_checks_options_before_sampling(capsys, args, message):
+    # No data or model is needed: each of these failed only once the samples were drawn, hours in.
     with pytest.raises(SystemExit):
-        load_script("evaluate_default_model").main(["--num-samples", "4", "--splits", "5"])
-    assert "--splits must be between 1 and --num-samples (4), got 5" in capsys.readouterr().err
+        load_script("evaluate_default_model").main(args)
+    assert message in capsys.readouterr().err

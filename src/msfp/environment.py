@@ -1,5 +1,5 @@
-"""The machine and versions a measurement ran on, for every benchmark and report; and the help layout that the
-benchmark and asset-training scripts share."""
+"""The machine and versions a measurement ran on, for every benchmark and report; and the help layout and option
+checks that the benchmark and asset-training scripts share."""
 
 from __future__ import annotations
 
@@ -19,6 +19,15 @@ from msfp.fileio import write_json
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     """``--help`` of a benchmark or script: its docstring as written, and every option's default."""
+
+
+def check_minimums(parser: argparse.ArgumentParser, args: argparse.Namespace, **minimums: int) -> None:
+    """``parser.error`` naming the first option below its minimum (an unset one passes): scripts check their options
+    before the work that a bad one would waste, not where it fails."""
+    for name, low in minimums.items():
+        value = getattr(args, name)
+        if value is not None and value < low:
+            parser.error(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
 
 
 def cpu_name() -> str:
