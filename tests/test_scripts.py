@@ -137,6 +137,13 @@ def test_train_feature_net_writes_net_and_statistics_together(tmp_path, data_dir
     assert summary["fd_train10k_vs_test"] == pytest.approx(0, abs=1e-6)
 
 
+@pytest.mark.parametrize("option", ["--epochs", "--batch", "--feature-dim", "--threads"])
+def test_train_feature_net_checks_options_first(capsys, option):
+    with pytest.raises(SystemExit):
+        load_script("train_feature_net").main([option, "0"])
+    assert f"{option} must be >= 1, got 0" in capsys.readouterr().err
+
+
 def test_evaluate_default_model_scores_samples_and_the_real_data_floor(tmp_path, data_dir, capsys):
     out, grid = tmp_path / "eval" / "eval.json", tmp_path / "eval" / "grid.png"
     load_script("evaluate_default_model").main([
