@@ -225,6 +225,17 @@ def test_the_cache_is_not_reused_under_another_float32_matmul_precision(tmp_path
     assert [r.cached for r in reports] == [False, False, True]
 
 
+def test_the_cache_is_not_reused_on_a_cpu_with_another_instruction_set(tmp_path, monkeypatch):
+    # The same CPU model name can hide another ISA (a VM's flags), and AVX2 and AVX512 kernels round differently.
+    fp = tiny_plain()
+    reports = []
+    for isa in ("AVX2", "AVX512", "AVX512"):
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda isa=isa: isa)
+        reports.append(msfp.calibrate(msfp.quantize(copy.deepcopy(fp), "w4a4-msfp"), fp, scheduler(), num_samples=2,
+                                      num_steps=2, disable=True, cache_dir=tmp_path, sample_shape=(1, 8, 8)))
+    assert [r.cached for r in reports] == [False, False, True]
+
+
 def test_a_corrupt_cache_is_recomputed_and_not_reported_as_cached(tmp_path, capsys):
     fp = tiny_unet()
     msfp.calibrate(msfp.quantize(copy.deepcopy(fp), "w4a4-msfp"), fp, scheduler(), num_samples=4, num_steps=3,

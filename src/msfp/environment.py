@@ -72,8 +72,11 @@ def machine_info(device: str | torch.device | None = None) -> dict:
 
     device = torch.device(device) if device is not None else None
     gpu = torch.cuda.get_device_name(device) if device is not None and device.type == "cuda" else None
+    # cpu_capability: the instruction set whose kernels torch and oneDNN run (AVX2, AVX512...); it changes float
+    # results from the first step, so the same torch on another CPU does not reproduce them bit for bit.
     # str(): torch's version is a TorchVersion, which a weights_only torch.load of a state file refuses
-    return dict(cpu=cpu_name(), cores=os.cpu_count(), torch_threads=torch.get_num_threads(),
+    return dict(cpu=cpu_name(), cpu_capability=torch.backends.cpu.get_cpu_capability(), cores=os.cpu_count(),
+                torch_threads=torch.get_num_threads(),
                 device=str(device) if device is not None else "cpu", gpu=gpu, precision=float32_precision(),
                 versions=dict(msfp=__version__, msfp_code=code_digest(), torch=str(torch.__version__),
                               cuda=torch.version.cuda, triton=_installed_version("triton"),
