@@ -6,8 +6,9 @@ The defaults are the shipped model's settings (its ``train_log.json``: 5657 step
     python scripts/train_default_model.py --out src/msfp/assets/fashion_ddpm
 
 which needs the Fashion-MNIST IDX files (``--data``). Uses a CUDA GPU when present, otherwise the CPU (hours); the
-same settings give the same weights only on the same kind of device, as CUDA and CPU generators draw different
-numbers. Seeded and resumable: a checkpoint is written atomically every ``--ckpt-every`` steps to ``--work-dir`` and
+same settings give the same weights bit for bit only with the same torch version on the same kind of device (CUDA
+and CPU generators draw different numbers, and kernels can round differently on another GPU model or CPU instruction
+set). Seeded and resumable: a checkpoint is written atomically every ``--ckpt-every`` steps to ``--work-dir`` and
 picked up automatically on the next start with the same settings (``--no-resume`` to start over); a run stopped by
 ``--max-minutes`` keeps its checkpoint and exports nothing, and the same command continues it. The output is a
 diffusers ``DDPMPipeline.save_pretrained`` directory holding the EMA weights, plus ``train_log.json``; it replaces
