@@ -9,10 +9,11 @@ which needs the Fashion-MNIST IDX files (``--data``). Uses a CUDA GPU when prese
 same settings give the same weights bit for bit only with the same torch version on the same kind of device (CUDA
 and CPU generators draw different numbers, and kernels can round differently on another GPU model or CPU instruction
 set). Seeded and resumable: a checkpoint is written atomically every ``--ckpt-every`` steps to ``--work-dir`` and
-picked up automatically on the next start with the same settings (``--no-resume`` to start over); a run stopped by
-``--max-minutes`` keeps its checkpoint and exports nothing, and the same command continues it. The output is a
-diffusers ``DDPMPipeline.save_pretrained`` directory holding the EMA weights, plus ``train_log.json``; it replaces
-``--out`` as a whole, atomically, so ``--out`` must be a new directory or such a pipeline directory.
+picked up automatically on the next start with the same settings on the same kind of device (``--no-resume`` to start
+over); a run stopped by ``--max-minutes`` keeps its checkpoint and exports nothing, and the same command continues
+it. The output is a diffusers ``DDPMPipeline.save_pretrained`` directory holding the EMA weights, plus
+``train_log.json``; it replaces ``--out`` as a whole, atomically, so ``--out`` must be a new directory or such a
+pipeline directory.
 """
 
 from __future__ import annotations
@@ -121,6 +122,11 @@ def main(argv=None) -> None:
     step, elapsed, losses = 0, 0.0, []
     if ckpt_path.exists() and not args.no_resume:
         ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+        # A CUDA generator's state is no CPU generator's (set_state failed with a size mismatch), and the other
+        # device's numbers would not continue the run anyway. Checkpoints from before this field pass.
+        if ckpt.get("device", device.type) != device.type:
+            p.error(f"{ckpt_path} was written on {ckpt['device']}, this run is on {device.type}: its random state "
+                    f"does not carry over; resume on {ckpt['device']}, or --no-resume to start over")
         recipe = training_recipe(args)
         changed = {k: (v, recipe[k]) for k, v in ckpt.get("recipe", {}).items() if recipe.get(k) != v}
         if "recipe" not in ckpt or changed:
@@ -145,7 +151,7 @@ def main(argv=None) -> None:
         flush_losses()
         atomic_torch_save(dict(unet=unet.state_dict(), opt=opt.state_dict(), ema=ema.state_dict(),
                                gen=gen.get_state(), step=step, elapsed=elapsed, losses=losses,
-                               recipe=training_recipe(args)), ckpt_path)
+                               recipe=training_recipe(args), device=device.type), ckpt_path)
 
     n = len(data)
     began = time.time()

@@ -80,6 +80,24 @@ def test_train_default_model_resumes_only_the_same_recipe(tmp_path, train_defaul
     assert "resumed" not in capsys.readouterr().err
 
 
+def test_train_default_model_resumes_only_on_the_device_that_wrote_the_checkpoint(tmp_path, train_default_model,
+                                                                                capsys):
+    train_default_model("--steps", "2", "--max-minutes", "0")  # stopped at step 0: a checkpoint, no export
+    ckpt_path = tmp_path / "work" / "checkpoint.pt"
+    ckpt = torch.load(ckpt_path, weights_only=False)
+    assert ckpt["device"] == "cpu"
+    # As a CUDA run writes it: its generator state is 16 bytes, which the CPU generator's set_state refused opaquely.
+    torch.save(dict(ckpt, device="cuda", gen=torch.zeros(16, dtype=torch.uint8)), ckpt_path)
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        train_default_model("--steps", "2")
+    assert f"{ckpt_path} was written on cuda, this run is on cpu: " in capsys.readouterr().err
+    # A checkpoint from before the device was recorded still resumes.
+    torch.save({k: v for k, v in ckpt.items() if k != "device"}, ckpt_path)
+    train_default_model("--steps", "2")
+    assert "resumed from" in capsys.readouterr().err
+
+
 def test_train_default_model_continues_an_interrupted_run_exactly(tmp_path, train_default_model, capsys, monkeypatch):
     train_default_model("--steps", "4", "--ckpt-every", "2", "--no-resume")
     uninterrupted = load_model(str(tmp_path / "model"))[0].state_dict()
