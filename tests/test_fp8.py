@@ -141,6 +141,25 @@ def _conv_layer(seed, **kwargs):
     return layer
 
 
+
+def _linear_layer():
+    from msfp.layers import QuantContext, QuantLayer
+
+    layer = QuantLayer(torch.nn.Linear(8, 6), "l", "fp4_e2m1", "fp4_e2m1", QuantContext())
+    with torch.no_grad():
+        layer.act_quantizer.scale.fill_(0.5)
+    return layer
+
+
+@pytest.mark.parametrize("use_kernels", [False, True])
+def test_fp8_layers_refuse_integer_inputs(use_kernels):
+    # The emulation computed in int64: scales truncated to 0 and an output of INT64_MIN.
+    for layer, x in ((_conv_layer(0), torch.randint(-3, 4, (1, 4, 3, 3))),
+                     (_linear_layer(), torch.randint(-3, 4, (2, 8)))):
+        with pytest.raises(TypeError, match=f"{layer.name}: expected a floating-point input, got torch.int64"):
+            Fp8Layer(layer, use_kernels=use_kernels)(x)
+
+
 def test_loading_other_weights_into_an_fp8_layer_refreshes_its_zero_point_correction():
     a, b = _conv_layer(0), _conv_layer(1)
     fa, fb = Fp8Layer(a, use_kernels=False), Fp8Layer(b, use_kernels=False)

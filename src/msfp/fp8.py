@@ -315,10 +315,16 @@ class Fp8Layer(nn.Module):
             a_scale, zero = a_scale.repeat_interleave(rows), None if zero is None else zero.repeat_interleave(rows)
         return a_scale, zero
 
+    def _check_input(self, x: torch.Tensor) -> None:
+        # An integer input made the emulation compute in int64: scales truncated to 0, a meaningless output.
+        if not x.is_floating_point():
+            raise TypeError(f"{self.name}: expected a floating-point input, got {x.dtype}")
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and x.requires_grad:  # rounding to codes has no gradient: it would be zero
             raise RuntimeError(f"{self.name}: the FP8 backend is for inference and passes no gradient; use the "
                                "fake-quant model (load_quantized(..., backend='fake')) where gradients are needed")
+        self._check_input(x)
         if x.dim() == (1 if self.kind == "linear" else 3):  # unbatched, as nn.Linear/nn.Conv2d accept it
             return self.forward(x.unsqueeze(0)).squeeze(0)
         if self.kind == "linear":  # (B, ..., C): one scale per row of the flattened GEMM
