@@ -1,4 +1,5 @@
 import copy
+import re
 
 import pytest
 import torch
@@ -158,6 +159,21 @@ def test_fp8_layers_refuse_integer_inputs(use_kernels):
                      (_linear_layer(), torch.randint(-3, 4, (2, 8)))):
         with pytest.raises(TypeError, match=f"{layer.name}: expected a floating-point input, got torch.int64"):
             Fp8Layer(layer, use_kernels=use_kernels)(x)
+
+
+
+@pytest.mark.parametrize("use_kernels", [False, True])
+def test_fp8_layers_name_the_input_shape_they_expect(use_kernels):
+    # Each failed deep inside: a broadcast in the emulation, the kernel's w_codes check (which blamed grouping).
+    conv, linear = Fp8Layer(_conv_layer(0), use_kernels=use_kernels), Fp8Layer(_linear_layer(), use_kernels=use_kernels)
+    for x in (torch.randn(2, 5, 6, 6), torch.randn(2, 4, 1, 1, 1), torch.randn(4, 6)):
+        with pytest.raises(ValueError, match=rf"c: expected a \(N, 4, H, W\) or \(4, H, W\) input, got shape "
+                                             rf"{re.escape(str(tuple(x.shape)))}"):
+            conv(x)
+    for x in (torch.randn(2, 3, 9), torch.tensor(1.0)):
+        with pytest.raises(ValueError, match=rf"l: expected an input of 8 features in its last dimension, got shape "
+                                             rf"{re.escape(str(tuple(x.shape)))}"):
+            linear(x)
 
 
 def test_loading_other_weights_into_an_fp8_layer_refreshes_its_zero_point_correction():

@@ -316,9 +316,18 @@ class Fp8Layer(nn.Module):
         return a_scale, zero
 
     def _check_input(self, x: torch.Tensor) -> None:
-        # An integer input made the emulation compute in int64: scales truncated to 0, a meaningless output.
+        # Here, not deep in the kernels or the emulation: their messages name neither the layer nor the input, and an
+        # integer input made the emulation compute in int64 (scales truncated to 0, a meaningless output).
         if not x.is_floating_point():
             raise TypeError(f"{self.name}: expected a floating-point input, got {x.dtype}")
+        channels = self.weight_codes.shape[-1]  # (K, O, C) or (K, O, KH, KW, C)
+        if self.kind == "linear":
+            if x.dim() == 0 or x.shape[-1] != channels:
+                raise ValueError(f"{self.name}: expected an input of {channels} features in its last dimension, got "
+                                 f"shape {tuple(x.shape)}")
+        elif x.dim() not in (3, 4) or x.shape[-3] != channels:
+            raise ValueError(f"{self.name}: expected a (N, {channels}, H, W) or ({channels}, H, W) input, got shape "
+                             f"{tuple(x.shape)}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and x.requires_grad:  # rounding to codes has no gradient: it would be zero
