@@ -485,8 +485,11 @@ def test_gemm_launchers_reject_bad_arguments():
     one, six = torch.ones(1, device=DEV), torch.ones(6, device=DEV)
     with pytest.raises(ValueError, match="groups=1 only"):
         tk.conv2d_fp8(x, w, one, six, groups=2)
-    with pytest.raises(ValueError, match=r"w_codes must have shape \(O, KH, KW, 8\)"):
-        tk.conv2d_fp8(x, w[..., :4], one, six)
+    with pytest.raises(ValueError, match=r"w_codes must have shape \(O, KH, KW, 8\) .* got \(6, 3, 3, 4\) \(grouped "
+                                         r"convolutions are unsupported\)"):
+        tk.conv2d_fp8(x, w[..., :4], one, six)  # what groups=2 would give
+    with pytest.raises(ValueError, match=r"w_codes must have shape \(O, KH, KW, 8\) .* got \(6, 3, 3, 5\)$"):
+        tk.conv2d_fp8(x, w[..., :5], one, six)  # no grouping gives 8 channels from 5
     with pytest.raises(ValueError, match="x_codes must be a 4-D float8_e4m3fn"):
         tk.conv2d_fp8(x.float(), w, one, six)
     with pytest.raises(ValueError, match=r"w_scale must have shape \(6,\)"):

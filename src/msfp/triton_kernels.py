@@ -857,8 +857,10 @@ def _conv_plan(x_codes, w_codes, a_scale, w_scale, bias, zp, zp_weight_sums, str
     B, H, W, C = x_codes.shape
     O, KH, KW, Cw = w_codes.shape
     if Cw != C:
+        # Only a multiple of the weight's channels is what a grouped convolution's weight would have.
+        grouped = " (grouped convolutions are unsupported)" if Cw and C % Cw == 0 else ""
         raise ValueError(f"w_codes must have shape (O, KH, KW, {C}) to match x_codes (B, H, W, C) = "
-                         f"{tuple(x_codes.shape)}, got {tuple(w_codes.shape)} (grouped convolutions are unsupported)")
+                         f"{tuple(x_codes.shape)}, got {tuple(w_codes.shape)}{grouped}")
     if w_codes.device != x_codes.device:
         raise ValueError(f"w_codes is on {w_codes.device}, expected {x_codes.device}")
     (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
