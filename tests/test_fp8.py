@@ -389,6 +389,44 @@ def test_kernels_requested_where_they_cannot_run_fail_clearly(monkeypatch):
     assert "with the Triton FP8 kernels, interpreted" in backend_summary(q, "cpu")
 
 
+
+@pytest.fixture
+def rocm(monkeypatch):
+    """What a ROCm torch reports for an AMD Instinct MI300X: device type "cuda", compute capability 9.4."""
+    from msfp.fp8 import _kernels_available
+
+    monkeypatch.setattr(torch.version, "hip", "6.2.41133")
+    monkeypatch.setattr(torch.version, "cuda", None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 4))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "AMD Instinct MI300X")
+    _kernels_available.cache_clear()
+    yield
+    _kernels_available.cache_clear()
+
+
+class _RocmTensor(torch.Tensor):
+    is_cuda = True  # as a ROCm torch says of an AMD GPU's tensors (this one stays on the CPU)
+
+
+def test_rocm_gpus_get_the_emulated_path_not_the_nvidia_kernels(rocm):
+    from msfp import triton_kernels
+
+    # 9.4 passed the ≥ 8.9 check: the kernels (NVIDIA's E4M3 type, TMA, wgmma tiles) were chosen for AMD GPUs.
+    reason = "ROCm/HIP device: the FP8 kernels target NVIDIA sm_89+"
+    assert fp8_kernels_available("cuda:0") == (False, reason)
+    q = calibrated(tiny_unet)
+    convert_to_fp8(q)
+    assert f"emulated ({reason})" in backend_summary(q, "cuda")
+    q.msfp_backend["kernels"] = True
+    assert f"not runnable here: converted with use_kernels=True, but {reason}" in backend_summary(q, "cuda")
+    # Where the kernels are insisted on (use_kernels=True), their launches and TMA refuse the device too.
+    x = torch.zeros(1, 4, 4, 32, dtype=E4M3).as_subclass(_RocmTensor)
+    assert triton_kernels.tma_unsupported(x, torch.zeros(16, 3, 3, 32, dtype=E4M3)) == reason
+    with pytest.raises(triton_kernels.KernelsUnavailable, match=re.escape(reason)):
+        triton_kernels._require_triton(x)
+
+
 def test_triton_older_than_the_tested_versions_gets_the_emulated_path():
     from msfp.fp8 import _triton_too_old
 

@@ -72,6 +72,10 @@ def act_codes(x: torch.Tensor, fmt: Format, scale: torch.Tensor, zero_point: tor
 def _kernels_available(device: torch.device) -> tuple[bool, str]:
     if device.type != "cuda":
         return False, f"{device.type} device (FP8 tensor cores need a CUDA GPU)"
+    if torch.version.hip:  # a ROCm torch calls AMD GPUs "cuda", with capabilities such as 9.4 that pass the check below
+        from msfp.triton_kernels import HIP_UNSUPPORTED
+
+        return False, HIP_UNSUPPORTED
     if not torch.cuda.is_available():
         return False, "no CUDA GPU is visible"
     if device.index is None:

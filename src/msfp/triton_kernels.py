@@ -74,6 +74,10 @@ class KernelsUnavailable(RuntimeError):
     """The kernels cannot run here: no Triton, or tensors on a device Triton does not launch on."""
 
 
+# A ROCm torch calls AMD GPUs "cuda"; the kernels use NVIDIA's E4M3 type (tl.float8e4nv), TMA and wgmma-sized tiles.
+HIP_UNSUPPORTED = "ROCm/HIP device: the FP8 kernels target NVIDIA sm_89+"
+
+
 def interpreted() -> bool:
     """Whether Triton interprets kernels on CPU tensors (``TRITON_INTERPRET=1``: how the tests run without a GPU)."""
     return os.environ.get("TRITON_INTERPRET") == "1"
@@ -83,7 +87,10 @@ def _require_triton(*tensors: torch.Tensor) -> None:
     if not HAS_TRITON:
         raise KernelsUnavailable("msfp.triton_kernels needs the `triton` package, which is not installed")
     for t in tensors:
-        if not t.is_cuda and not interpreted():  # read only then: it costs µs per launch
+        if t.is_cuda:
+            if torch.version.hip:
+                raise KernelsUnavailable(HIP_UNSUPPORTED)
+        elif not interpreted():  # read only then: it costs µs per launch
             raise KernelsUnavailable(f"Triton kernels need CUDA tensors (got a tensor on {t.device}); "
                                "CPU tensors only work under TRITON_INTERPRET=1")
 
@@ -698,6 +705,8 @@ def tma_unsupported(x_codes: torch.Tensor, w_codes: torch.Tensor, stride=1) -> s
                     f"16-byte aligned start and the other strides multiples of 16 bytes (channels a multiple of 16)")
     if not w_codes.is_contiguous():
         return f"w_codes {tuple(w_codes.shape)} with strides {w_codes.stride()}: TMA reads it as (O, KH*KW, C)"
+    if x_codes.is_cuda and torch.version.hip:  # an MI300's capability reads 9.4
+        return HIP_UNSUPPORTED
     if x_codes.is_cuda and torch.cuda.get_device_capability(x_codes.device) < (9, 0):
         return f"{torch.cuda.get_device_name(x_codes.device)} has no TMA (compute capability 9.0+ has)"
     return None
