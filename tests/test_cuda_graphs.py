@@ -177,11 +177,48 @@ def test_generate_with_guidance_graphs_the_model_inside_it(stand_in_capture, tmp
     assert stand_in_capture.captures == [None]  # both batches of 2 (4 rows with guidance): one graph
 
 
-def test_a_failed_capture_says_which_call(stand_in_capture, monkeypatch):
-    def capture(call, warmup, pool):
-        raise RuntimeError("operation not permitted when stream is capturing")
+class _StubStream:
+    def wait_stream(self, other):
+        pass
 
-    monkeypatch.setattr(cuda_graphs, "capture", capture)
+
+class _StubGraph:
+    def replay(self):
+        pass
+
+
+@pytest.fixture
+def stub_cuda(monkeypatch):
+    """The real :func:`cuda_graphs.capture` on the CPU: torch.cuda's streams and graphs do nothing (a "capture" is one
+    more eager call)."""
+    monkeypatch.setattr(torch.cuda, "Stream", _StubStream)
+    monkeypatch.setattr(torch.cuda, "current_stream", _StubStream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", _StubGraph)
+    monkeypatch.setattr(torch.cuda, "graph", lambda graph, pool=None: contextlib.nullcontext())
+    monkeypatch.setattr(cuda_graphs, "_new_pool", lambda: "pool")
+    monkeypatch.setattr(cuda_graphs, "_check_on_cuda", lambda model: None)
+
+
+def test_a_model_error_in_the_warm_up_is_not_blamed_on_the_capture(stub_cuda):
+    # It was relabelled "capturing … in a CUDA graph failed (sample without CUDA graphs …)", where eager sampling
+    # fails the same way.
+    q, x, t = tiny_unet(), torch.randn(2, 3, 8, 8), torch.tensor([1, 2])  # 3 channels for a 1-channel model
+    graphed = GraphedDenoiser(q)
+    with torch.no_grad(), pytest.raises(RuntimeError) as eager:
+        q(x, t)
+    with torch.no_grad(), pytest.raises(type(eager.value)) as got:
+        graphed(x, t)
+    assert str(got.value) == str(eager.value) and graphed.graphs == {}
+
+
+def test_a_failed_capture_says_which_call(stub_cuda, monkeypatch):
+    @contextlib.contextmanager
+    def graph(graph, pool=None):
+        yield
+        raise RuntimeError("operation not permitted when stream is capturing")  # as the capture's end reports it
+
+    monkeypatch.setattr(torch.cuda, "graph", graph)
     graphed = GraphedDenoiser(tiny_unet())
     with pytest.raises(RuntimeError, match=r"capturing UNet2DModel called with \{'sample': \(2, 1, 8, 8\), 'timestep': "
                                            r"\(2,\)\} in a CUDA graph failed \(sample without CUDA graphs.*not permitted"):

@@ -85,7 +85,7 @@ class GraphedDenoiser(nn.Module):
         try:
             with _known_route_counts(self.model, counts):
                 replay, output = capture(call, self.warmup, self._pool)
-        except RuntimeError as e:
+        except CaptureFailed as e:  # only the capture's: a warm-up's error is the model's own, as eager calls get it
             shapes = {name: tuple(v.shape) for name, v in static.items() if isinstance(v, torch.Tensor)}
             raise RuntimeError(f"GraphedDenoiser: capturing {type(self.model).__name__} called with {shapes} in a "
                                f"CUDA graph failed (sample without CUDA graphs to run it eagerly): {e}") from e
@@ -149,6 +149,10 @@ def _check_on_cuda(model: nn.Module) -> None:
         raise ValueError(f"CUDA graphs need the model on a CUDA device; it is on {device}")
 
 
+class CaptureFailed(RuntimeError):
+    """A call that ran eagerly (the warm-up) failed inside the CUDA graph capture."""
+
+
 def _new_pool():
     return torch.cuda.graph_pool_handle()
 
@@ -157,7 +161,8 @@ def capture(call, warmup: int = 2, pool=None) -> tuple:
     """``(replay, output)``: ``call()`` captured in a CUDA graph after ``warmup`` eager calls on a side stream (where
     compiling, autotuning and the layers' caches happen, and where PyTorch wants them: the caching allocator keeps
     their memory apart from the graph's); ``replay()`` reruns its kernels, writing ``output`` again. ``pool``: a
-    memory pool shared with other graphs (``torch.cuda.graph_pool_handle()``), or None for the graph's own."""
+    memory pool shared with other graphs (``torch.cuda.graph_pool_handle()``), or None for the graph's own. An error
+    of the warm-up calls comes through as raised, one of the capture as :class:`CaptureFailed`."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -165,6 +170,9 @@ def capture(call, warmup: int = 2, pool=None) -> tuple:
             call()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=pool):
-        output = call()
+    try:
+        with torch.cuda.graph(graph, pool=pool):
+            output = call()
+    except RuntimeError as e:
+        raise CaptureFailed(str(e)) from e
     return graph.replay, output
