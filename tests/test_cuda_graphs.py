@@ -226,6 +226,15 @@ def test_a_failed_capture_says_which_call(stub_cuda, monkeypatch):
     assert graphed.graphs == {}
 
 
+
+def test_a_tensor_input_off_the_models_device_is_named(stand_in_capture):
+    # A CPU timestep for a GPU model failed inside the capture, with the generic capture message; "meta" stands in.
+    graphed = GraphedDenoiser(tiny_unet())
+    with torch.no_grad(), pytest.raises(ValueError, match="argument 'timestep' is on meta, but the model is on cpu; a "
+                                                          "graph reads its tensor inputs on the model's device"):
+        graphed(torch.randn(2, 1, 8, 8), torch.tensor([1, 2], device="meta"))
+    assert graphed.graphs == {}
+
 def test_a_call_under_inference_mode_gets_its_own_graph(stand_in_capture):
     # Inference tensors captured first used to make the next no_grad call of that shape fail on their in-place
     # update.

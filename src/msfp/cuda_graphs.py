@@ -71,6 +71,12 @@ class GraphedDenoiser(nn.Module):
         return graph(inputs)
 
     def _record(self, inputs: dict, counts: list[int] | None) -> _Graph:
+        # Checked here: inside a capture, a tensor on another device fails with an error that names no argument.
+        device = _model_device(self.model)
+        for name, value in inputs.items():
+            if isinstance(value, torch.Tensor) and value.device != device:
+                raise ValueError(f"GraphedDenoiser: argument {name!r} is on {value.device}, but the model is on "
+                                 f"{device}; a graph reads its tensor inputs on the model's device")
         static = {name: value.clone() if isinstance(value, torch.Tensor) else value for name, value in inputs.items()}
 
         def call():
@@ -142,9 +148,13 @@ def _known_route_counts(model: nn.Module, counts: list[int] | None):
         context.known_route_counts = None
 
 
-def _check_on_cuda(model: nn.Module) -> None:
+def _model_device(model: nn.Module) -> torch.device:
     # An FP8-converted plain denoiser may hold buffers only (codes, scales).
-    device = next(itertools.chain(model.parameters(), model.buffers()), torch.empty(0)).device
+    return next(itertools.chain(model.parameters(), model.buffers()), torch.empty(0)).device
+
+
+def _check_on_cuda(model: nn.Module) -> None:
+    device = _model_device(model)
     if device.type != "cuda":
         raise ValueError(f"CUDA graphs need the model on a CUDA device; it is on {device}")
 
