@@ -120,12 +120,14 @@ def test_routed_training_step_splits_the_batch_once_per_call(calibrated):
 def test_finetune_lowers_the_distillation_error_on_all_teacher_points(calibrated, tmp_path):
     fp, q = calibrated
     q = copy.deepcopy(q)
-    config = FinetuneConfig(**{**CONFIG, "iters": 40, "lora_lr": 1e-2})
+    # 40 iterations ended at 0.80 of the error on 2 threads but 0.93 on 1 (the rounding of a thread count's sums
+    # steers so short a run); 80 end at 0.69 and 0.74.
+    config = FinetuneConfig(**{**CONFIG, "iters": 80, "lora_lr": 1e-2})
     points = ft._teacher(fp, scheduler(), config, None, None, None, None, None, True)
     before = per_timestep_eps_mse(q, points)
     result = finetune(q, fp, scheduler(), config, work_dir=tmp_path, teacher=points, disable=True)
     after = per_timestep_eps_mse(q, points)
-    assert result.iters_done == 40 and all(map(torch.isfinite, torch.tensor(result.losses)))
+    assert result.iters_done == 80 and all(map(torch.isfinite, torch.tensor(result.losses)))
     assert sum(after.values()) < 0.9 * sum(before.values())  # the whole objective, not a noisy mini-batch
 
 
