@@ -90,6 +90,13 @@ def test_bad_method_lists_valid_ones(tmp_path):
         parse_methods("w4a4-fp,w4a4-fp")
     assert parse_methods("w4a4-int") == ["fp", "w4a4-int"]  # the reference is always drawn
     assert parse_methods("W4A4-MSFP+TALoRA") == ["fp", "w4a4-msfp+talora"]  # case ignored, as for --preset
+    register_method("My-W4A4", lambda ctx: build_ptq(ctx, "w4a4-int"), "a registered name with capitals")
+    try:  # (lower-cased, it was refused as unknown while listed among the valid methods)
+        assert parse_methods(" my-w4a4") == parse_methods("My-W4A4") == ["fp", "My-W4A4"]
+        with pytest.raises(ValueError, match="listed twice: My-W4A4"):
+            parse_methods("My-W4A4,MY-w4a4")
+    finally:
+        METHODS.pop("My-W4A4")
     r = run("compare", "--methods", "", "--out", tmp_path / "x")  # ran the reference alone
     assert r.exit_code == 1 and "no method names in ''" in r.output and not (tmp_path / "x").exists()
     # The Python API checked nothing: a KeyError after the reference's sampling, leaving a run to resume.

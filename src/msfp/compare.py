@@ -292,7 +292,9 @@ def check_methods(names) -> list[str]:
     """``names``, registered methods each listed once, with the reference ``fp`` first; clear errors."""
     if isinstance(names, str) or not names:
         raise ValueError(f"expected a non-empty list of method names, got {names!r} (parse_methods('a,b') makes one)")
-    names = [n.strip().lower() if isinstance(n, str) else n for n in names]  # as presets and format names
+    # Case ignored, as for presets and format names; register_method keeps names unique regardless of case.
+    spelled = {m.casefold(): m for m in METHODS}
+    names = [spelled.get(n.strip().casefold(), n) if isinstance(n, str) else n for n in names]
     unknown = [n for n in names if n not in METHODS]
     if unknown:
         raise ValueError(f"unknown method(s) {', '.join(map(repr, unknown))}; valid methods: {', '.join(METHODS)}")
