@@ -296,6 +296,20 @@ def test_a_plain_modules_weightless_settings_must_be_the_saved_ones(tmp_path):
                        outputs(q, (1, 8, 8)))
 
 
+
+class WithFunctions(PlainDenoiser):
+    def __init__(self):
+        super().__init__()
+        self.act.choices = (torch.nn.functional.silu, "silu")  # a function's text names its address
+
+
+def test_a_setting_holding_a_function_does_not_refuse_the_same_model_in_another_process(tmp_path):
+    q = calibrated(WithFunctions, sample_shape=(1, 8, 8))
+    msfp.save_quantized(q, tmp_path / "q")
+    assert "choices" not in checkpoint.read_quant_meta(tmp_path / "q")["base_model"]["modules"]["act"]["settings"]
+    msfp.load_quantized(tmp_path / "q", model=WithFunctions())
+
+
 class WrappedUNet(torch.nn.Module):
     """A plain module around a diffusers UNet (its config is the UNet's, not the wrapper's)."""
 

@@ -107,11 +107,17 @@ def _module_settings(model: nn.Module, skip) -> dict:
         if type(module).__module__.startswith("msfp.") or isinstance(module, (nn.Conv2d, nn.Linear)):
             skipped.append(name)
             continue
-        plain = {k: v for k, v in vars(module).items() if not k.startswith("_") and k not in _CHANGED_BY_QUANTIZE
-                 and (v is None or isinstance(v, (bool, int, float, str, tuple)))}
-        settings[name] = dict(class_name=type(module).__qualname__,
-                              settings=json.loads(json.dumps(plain, default=_json_default)))
+        plain = {k: v for k, v in vars(module).items()
+                 if not k.startswith("_") and k not in _CHANGED_BY_QUANTIZE and _is_plain(v)}
+        settings[name] = dict(class_name=type(module).__qualname__, settings=json.loads(json.dumps(plain)))
     return settings
+
+
+def _is_plain(value) -> bool:
+    """A setting JSON holds as it is: not a function, whose text names its address in this process."""
+    if isinstance(value, tuple):
+        return all(map(_is_plain, value))
+    return value is None or isinstance(value, (bool, int, float, str))
 
 
 def _conv_geometry(module: nn.Module) -> dict | None:
