@@ -409,7 +409,7 @@ class _RocmTensor(torch.Tensor):
     is_cuda = True  # as a ROCm torch says of an AMD GPU's tensors (this one stays on the CPU)
 
 
-def test_rocm_gpus_get_the_emulated_path_not_the_nvidia_kernels(rocm):
+def test_rocm_gpus_get_the_emulated_path_not_the_nvidia_kernels(rocm, monkeypatch):
     from msfp import triton_kernels
 
     # 9.4 passed the ≥ 8.9 check: the kernels (NVIDIA's E4M3 type, TMA, wgmma tiles) were chosen for AMD GPUs.
@@ -423,6 +423,9 @@ def test_rocm_gpus_get_the_emulated_path_not_the_nvidia_kernels(rocm):
     # Where the kernels are insisted on (use_kernels=True), their launches and TMA refuse the device too.
     x = torch.zeros(1, 4, 4, 32, dtype=E4M3).as_subclass(_RocmTensor)
     assert triton_kernels.tma_unsupported(x, torch.zeros(16, 3, 3, 32, dtype=E4M3)) == reason
+    with pytest.raises(triton_kernels.KernelsUnavailable, match=re.escape(reason)):
+        triton_kernels._require_triton(x)
+    monkeypatch.setattr(triton_kernels, "HAS_TRITON", False)  # (the reason, not "install triton", where it is absent)
     with pytest.raises(triton_kernels.KernelsUnavailable, match=re.escape(reason)):
         triton_kernels._require_triton(x)
 

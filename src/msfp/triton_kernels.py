@@ -84,15 +84,14 @@ def interpreted() -> bool:
 
 
 def _require_triton(*tensors: torch.Tensor) -> None:
+    if torch.version.hip and any(t.is_cuda for t in tensors):  # first: installing Triton would not help
+        raise KernelsUnavailable(HIP_UNSUPPORTED)
     if not HAS_TRITON:
         raise KernelsUnavailable("msfp.triton_kernels needs the `triton` package, which is not installed")
     for t in tensors:
-        if t.is_cuda:
-            if torch.version.hip:
-                raise KernelsUnavailable(HIP_UNSUPPORTED)
-        elif not interpreted():  # read only then: it costs µs per launch
+        if not t.is_cuda and not interpreted():  # read only then: it costs µs per launch
             raise KernelsUnavailable(f"Triton kernels need CUDA tensors (got a tensor on {t.device}); "
-                               "CPU tensors only work under TRITON_INTERPRET=1")
+                                     "CPU tensors only work under TRITON_INTERPRET=1")
 
 
 def _check_vector(t: torch.Tensor | None, name: str, length: int, device, *, dtype=None, optional=False):
