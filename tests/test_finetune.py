@@ -2,6 +2,7 @@ import contextlib
 import copy
 import json
 import math
+import pickle
 import shutil
 import warnings
 
@@ -232,9 +233,12 @@ def test_non_finite_gradients_stop_before_the_step(calibrated, tmp_path):
     lora = next(p for n, p in q.named_parameters() if ".lora." in n)
     lora.register_hook(lambda grad: grad * float("inf"))  # a finite loss whose gradient overflows
     with pytest.raises(FloatingPointError, match="gradients became non-finite at iteration 0 .*no checkpoint was "
-                                                 "written"):
+                                                 "written") as raised:
         finetune(q, fp, scheduler(), FinetuneConfig(**CONFIG), work_dir=tmp_path, disable=True)
     assert torch.isfinite(lora).all() and not (tmp_path / ft.STATE_NAME).exists()
+    # It crosses processes (a worker pool) and is copied as any exception: it was rebuilt from its message alone.
+    again = pickle.loads(pickle.dumps(raised.value))
+    assert (str(again), again.what) == (str(raised.value), raised.value.what) and copy.copy(again).kept == again.kept
 
 
 def test_a_trained_scale_never_goes_below_the_one_the_forward_uses(calibrated, tmp_path):

@@ -54,7 +54,10 @@ class FinetuneDivergedError(FloatingPointError):
 
     def __init__(self, what: str, kept: str):
         super().__init__(f"{what}; {kept}; lower the learning rates")
-        self.what = what
+        self.what, self.kept = what, kept
+
+    def __reduce__(self):  # rebuilt from its two parts (pickled to another process, copied), not from the message
+        return type(self), (self.what, self.kept)
 
 
 @dataclass
