@@ -5,7 +5,8 @@ Retrain the shipped files with:
     python scripts/train_feature_net.py --out src/msfp/assets/feature_net
 
 which gives them back bit for bit only with the same torch version and CPU instruction set (``cpu_capability`` in
-``train_log.json``); elsewhere the accuracy and FD floor differ slightly (see the model card).
+a new run's ``train_log.json``; the shipped log predates it); elsewhere the accuracy and FD floor differ slightly (see
+the model card).
 
 Writes ``model.safetensors``, ``config.json``, ``reference_stats.safetensors`` (mean and covariance of the
 penultimate features over the 10,000 test images and over 10,000 seeded-random training images) and
