@@ -1,7 +1,7 @@
 import pytest
 import torch
-from diffusers import (DDIMScheduler, DDPMScheduler, EulerAncestralDiscreteScheduler, HeunDiscreteScheduler,
-                       LMSDiscreteScheduler, PNDMScheduler, UNet2DModel)
+from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
+                       HeunDiscreteScheduler, LMSDiscreteScheduler, PNDMScheduler, UNet2DModel)
 from PIL import Image
 
 from msfp.samples import get_scheduler
@@ -95,13 +95,28 @@ def test_plain_module_with_conditioning_and_learned_variance():
     with pytest.raises(ValueError, match="takes no eta"):
         sample(net, EulerAncestralDiscreteScheduler(), 1, eta=0.5, sample_shape=(2, 4, 4), disable=True)
     ran = len(calls)
-    for bad, match in ((dict(num_samples=0), "num_samples must be >= 1, got 0"),
-                       (dict(num_inference_steps=0), "num_inference_steps must be >= 1, got 0"),
-                       (dict(batch_size=-2), "batch_size must be >= 1, got -2"),
+    for bad, match in ((dict(num_samples=0), "num_samples must be a whole number >= 1, got 0"),
+                       (dict(num_inference_steps=0), "num_inference_steps must be a whole number >= 1, got 0"),
+                       (dict(batch_size=-2), "batch_size must be a whole number >= 1, got -2"),
+                       # these were Python's "'float' object cannot be interpreted as an integer" and the like
+                       (dict(num_samples=2.5), "num_samples must be a whole number >= 1, got 2.5"),
+                       (dict(num_inference_steps=2.0), "num_inference_steps must be a whole number >= 1, got 2.0"),
+                       (dict(seed=1.5), "seed must be a whole number, got 1.5"),
+                       (dict(num_samples=2, class_labels=[0.7, 1.9]), "class_labels must be integers, got "
+                                                                       "torch.float32"),  # were read as 0 and 1
                        (dict(eta=1.5), r"eta must be in \[0, 1\].*got 1.5"), (dict(eta=-0.1), "got -0.1")):
         with pytest.raises(ValueError, match=match):
             sample(net, DDIMScheduler(), **dict(dict(num_samples=1, sample_shape=(2, 4, 4), disable=True), **bad))
     assert len(calls) == ran  # every bad argument was refused before the model ran
+
+    # At 1000 of 1000 training steps DPM-Solver's rounded timesteps repeat one, which made NaN images ("the model
+    # diverged"); Heun repeats them by design and still runs.
+    with pytest.raises(ValueError, match="DPMSolverMultistepScheduler repeats timesteps at 1000 steps .*use fewer"):
+        sample(net, DPMSolverMultistepScheduler(), 1, num_inference_steps=1000, sample_shape=(2, 4, 4), disable=True)
+    assert len(calls) == ran
+    heun = sample(lambda x, t: 0.1 * x, HeunDiscreteScheduler(), 1, num_inference_steps=4, sample_shape=(1, 4, 4),
+                  disable=True)
+    assert torch.isfinite(heun).all()
 
     # Deterministic multistep schedulers take no generator in step().
     for sched in (PNDMScheduler(), LMSDiscreteScheduler()):
@@ -160,8 +175,6 @@ def test_only_a_ddpm_reads_the_variance_channels():
 def test_dpm_solver_built_from_a_learned_variance_config_samples_the_noise_channels(channels):
     # DPM-Solver takes channels 0-2 as the noise under a learned variance (RGB's): with the variance channels it
     # failed for 1 channel and cut a latent channel for 4. It gets the noise channels, as without a learned variance.
-    from diffusers import DPMSolverMultistepScheduler
-
     def with_variance(x, t):
         return torch.cat([0.1 * x, torch.ones_like(x)], 1)
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import numbers
 import os
 import warnings
 
@@ -96,8 +97,10 @@ def sample(model, scheduler, num_samples: int, num_inference_steps: int = 100, s
     """
     for name, value in (("num_samples", num_samples), ("num_inference_steps", num_inference_steps),
                         ("batch_size", batch_size)):
-        if value < 1:
-            raise ValueError(f"{name} must be >= 1, got {value}")
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise ValueError(f"seed must be a whole number, got {seed!r}")
     params = next(iter(model.parameters()), None) if isinstance(model, torch.nn.Module) else None
     device = model_device(model, device)
     dtype = params.dtype if params is not None else torch.float32
@@ -114,7 +117,10 @@ def sample(model, scheduler, num_samples: int, num_inference_steps: int = 100, s
         raise ValueError(f"{type(scheduler).__name__}.step takes no eta; use eta=0.0 with this scheduler")
     learned_variance = reads_learned_variance(scheduler)
     if class_labels is not None:
-        class_labels = torch.as_tensor(class_labels).long()
+        class_labels = torch.as_tensor(class_labels)
+        if class_labels.is_floating_point() or class_labels.is_complex() or class_labels.dtype == torch.bool:
+            raise ValueError(f"class_labels must be integers, got {class_labels.dtype} (0.7 was read as class 0)")
+        class_labels = class_labels.long()
         if class_labels.shape != (num_samples,):
             raise ValueError(f"class_labels must have shape ({num_samples},), got {tuple(class_labels.shape)}")
     cond = dict(cond or {})
@@ -126,17 +132,25 @@ def sample(model, scheduler, num_samples: int, num_inference_steps: int = 100, s
 
     config = _without_learned_variance(scheduler)
 
-    def fresh_scheduler(start=0, stop=1):
+    def fresh_scheduler(start=0, stop=1, steps=num_inference_steps):
         # DPMSolverSDEScheduler's step takes no generator: its Brownian noise comes from noise_sampler_seed, one tree
         # for the batch (or one seeded from the global RNG); one seed per sample makes it the sample's own.
         per_sample = {"noise_sampler_seed": [seed + i for i in range(start, stop)]} \
             if "noise_sampler_seed" in config else {}
         sched = type(scheduler).from_config(config, **per_sample)
-        sched.set_timesteps(num_inference_steps, device=device)
+        sched.set_timesteps(steps, device=device)
         return sched
 
+    timesteps = fresh_scheduler().timesteps
+    # Rounded onto the training steps, too many steps repeat a timestep, where DPM-Solver and UniPC make NaN images
+    # (said to be the model diverging); Heun and PNDM repeat them by design, at any step count.
+    if len(set(timesteps.tolist())) < len(timesteps) and num_inference_steps > 10:
+        by_design = fresh_scheduler(steps=10).timesteps  # (PNDM cannot set 2)
+        if len(set(by_design.tolist())) == len(by_design):
+            raise ValueError(f"{type(scheduler).__name__} repeats timesteps at {num_inference_steps} steps (rounded "
+                             f"onto its {config.get('num_train_timesteps')} training steps); use fewer steps")
     out, diverged = [], 0
-    calls = len(fresh_scheduler().timesteps)  # Heun, PNDM… call the model more often than once per step
+    calls = len(timesteps)  # Heun, PNDM… call the model more often than once per step
     bar = tqdm(total=math.ceil(num_samples / batch_size) * calls, desc="sample", disable=disable)
     for start in range(0, num_samples, batch_size):
         stop = min(start + batch_size, num_samples)
