@@ -132,6 +132,11 @@ def test_guidance(tmp_path):
         generate(tiny_dit(), scheduler(), tmp_path / "latent.npz", 2, 2, disable=True)
     with pytest.raises(ValueError, match="guidance 2.0 needs a class-conditional model with a null class"):
         generate(tiny_unet(), scheduler(), tmp_path / "u.npz", 2, 2, guidance=2.0, disable=True)
+    # inf wrote clipped, meaningless images with "guidance": Infinity in their metadata; NaN read as a diverged model.
+    for bad in (float("inf"), float("nan"), -3.0):
+        with pytest.raises(ValueError, match=rf"guidance must be a finite number ≥ 0 \(1: no guidance\), got {bad}"):
+            generate(dit, scheduler(), tmp_path / "bad.npz", 2, 2, guidance=bad, disable=True)
+    assert not (tmp_path / "bad.npz").exists()
 
 
 def test_torchrun_shards_equal_a_single_process(tmp_path, tiny_model_dir):

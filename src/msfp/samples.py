@@ -13,6 +13,7 @@ as it is on one machine). Every image has its own generator, so the merged file 
 from __future__ import annotations
 
 import json
+import math
 import numbers
 import os
 import time
@@ -224,6 +225,9 @@ def generate(model, scheduler, out, num_samples: int, num_inference_steps: int, 
     """
     if isinstance(num_samples, bool) or not isinstance(num_samples, numbers.Integral) or num_samples < 1:
         raise ValueError(f"num_samples must be a whole number ≥ 1, got {num_samples!r}")
+    if not (isinstance(guidance, numbers.Real) and math.isfinite(guidance) and guidance >= 0):
+        # inf wrote clipped, meaningless images (and Infinity into the JSON metadata); NaN read as a diverged model
+        raise ValueError(f"guidance must be a finite number ≥ 0 (1: no guidance), got {guidance!r}")
     out = resolved_parent(out)  # "missing/../x.npz" does not exist (and passed the checks) until mkdir made "missing"
     if out.suffix != ".npz":  # "x.png" would be overwritten by its own grid
         raise ValueError(f"{out}: a sample file's name must end in .npz (its PNG grid is written beside it)")
