@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
@@ -42,6 +44,17 @@ def test_dpm_solver_sde_noise_is_each_samples_own(tiny_unet):
     torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
     c = sample(tiny_unet, scheduler, 3, num_inference_steps=4, seed=1, batch_size=3, disable=True)
     torch.testing.assert_close(a[1:], c, atol=1e-4, rtol=1e-4)
+    # Any seed works, as for the other schedulers: its Brownian tree refused a negative one.
+    d = sample(tiny_unet, scheduler, 2, num_inference_steps=4, seed=-1, batch_size=2, disable=True)
+    torch.testing.assert_close(d[1:], a[:1], atol=1e-4, rtol=1e-4)  # image 1 of seed -1 is seed 0's image
+
+
+def test_a_model_on_the_meta_device_gets_a_clear_error(tiny_unet):
+    # "Tensor.item() cannot be called on meta tensors" from inside the first step.
+    with pytest.raises(ValueError, match="cannot sample on the meta device, which holds no values"):
+        sample(copy.deepcopy(tiny_unet).to("meta"), DDIMScheduler(), 1, num_inference_steps=2, disable=True)
+    with pytest.raises(ValueError, match="cannot sample on the meta device"):
+        sample(tiny_unet, DDIMScheduler(), 1, num_inference_steps=2, device="meta", disable=True)
 
 
 def test_floating_conditioning_is_given_in_the_models_dtype():

@@ -103,6 +103,10 @@ def sample(model, scheduler, num_samples: int, num_inference_steps: int = 100, s
         raise ValueError(f"seed must be a whole number, got {seed!r}")
     params = next(iter(model.parameters()), None) if isinstance(model, torch.nn.Module) else None
     device = model_device(model, device)
+    # (A model whose weights sit elsewhere may be moved by hooks, as accelerate's offloading does: not refused.)
+    if device.type == "meta":  # else "Tensor.item() cannot be called on meta tensors" deep in the first step
+        raise ValueError("cannot sample on the meta device, which holds no values: load the model's weights (or pass "
+                         "device=) first")
     dtype = params.dtype if params is not None else torch.float32
     shape = sample_shape_of(model, sample_shape)
     denoiser = GraphedDenoiser(model) if cuda_graphs else model
@@ -135,7 +139,8 @@ def sample(model, scheduler, num_samples: int, num_inference_steps: int = 100, s
     def fresh_scheduler(start=0, stop=1, steps=num_inference_steps):
         # DPMSolverSDEScheduler's step takes no generator: its Brownian noise comes from noise_sampler_seed, one tree
         # for the batch (or one seeded from the global RNG); one seed per sample makes it the sample's own.
-        per_sample = {"noise_sampler_seed": [seed + i for i in range(start, stop)]} \
+        # (its Brownian tree takes no negative seed; torch's generators wrap them modulo 2**64 anyway)
+        per_sample = {"noise_sampler_seed": [(seed + i) % 2**63 for i in range(start, stop)]} \
             if "noise_sampler_seed" in config else {}
         sched = type(scheduler).from_config(config, **per_sample)
         sched.set_timesteps(steps, device=device)
