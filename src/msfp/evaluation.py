@@ -25,7 +25,7 @@ from PIL import Image
 
 from msfp.data import load_fashion_mnist, to_model_range
 from msfp.feature_net import compute_features, feature_dim, load_feature_net, load_reference_stats
-from msfp.losses import denoising_factors, dfa_weights
+from msfp.losses import dfa_weights, factor_per_timestep
 from msfp.metrics import classifier_score, fd_bootstrap, feature_stats, frechet_distance, kid, precision_recall
 from msfp.models import denoise
 from msfp.samples import from_uint8, load_samples, read_npz, to_uint8
@@ -209,10 +209,9 @@ def eps_mse_weighted(eps_mse: dict[float, float], scheduler) -> float:
     hardly moves the sample; this weighting counts errors the way sampling feels them (SPEC §2.4)."""
     if not eps_mse:
         raise ValueError("no ε MSE values to weight: per_timestep_eps_mse found no trajectory points")
-    timesteps, gammas = denoising_factors(scheduler, len(eps_mse))
-    if len(set(timesteps.tolist())) < len(timesteps):  # Heun, PNDM: their error was said to be "not the trajectory"
-        raise ValueError(f"{type(scheduler).__name__} visits timesteps more than once, so a timestep has no single "
-                         "denoising factor to weight its ε MSE by; weight along a DDIM, Euler or DPM-Solver trajectory")
+    # (Heun's and PNDM's own points were said to be "not the trajectory")
+    timesteps, gammas = factor_per_timestep(scheduler, len(eps_mse), "its ε MSE by; weight along a DDIM, Euler or "
+                                            "DPM-Solver trajectory")
     # Keys as numbers: JSON gives strings, Euler-type schedulers fractional timesteps.
     by_t = {float(t): e for t, e in eps_mse.items()}
     expected = [float(t) for t in timesteps.tolist()]

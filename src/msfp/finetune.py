@@ -38,7 +38,7 @@ from msfp.fp8 import require_fake_quant
 from msfp.identity import differences, model_key, plain_config, weights_digest
 from msfp.info import finetune_runs
 from msfp.kernels import fused_rounding_exact
-from msfp.losses import WEIGHTINGS, denoising_factors, dfa_weights, weighted_mse
+from msfp.losses import WEIGHTINGS, dfa_weights, factor_per_timestep, weighted_mse
 from msfp.models import denoise
 from msfp.quantizers import MIN_SCALE, named_quantizers
 from msfp.surgery import quant_layers, set_fused_rounding
@@ -195,10 +195,7 @@ def _loss_weights(scheduler, config: FinetuneConfig) -> dict[float, float] | Non
     """The DFA loss weight of each timestep a ``traj_steps``-step trajectory visits; None for plain MSE."""
     if config.loss == "mse":
         return None
-    timesteps, gammas = denoising_factors(scheduler, config.traj_steps)
-    if len(set(timesteps.tolist())) < len(timesteps):  # e.g. PNDM, Heun: a training point's t has no single γ_t
-        raise ValueError(f"{type(scheduler).__name__} visits timesteps more than once, so DFA has no single "
-                         "denoising factor per timestep; use loss='mse'")
+    timesteps, gammas = factor_per_timestep(scheduler, config.traj_steps, "the DFA loss by; use loss='mse'")
     return dict(zip(timesteps.tolist(), dfa_weights(gammas, config.dfa_weighting).tolist()))
 
 

@@ -92,6 +92,16 @@ def _model_input(scheduler, sample: torch.Tensor, timestep) -> torch.Tensor:
     return sample if scale is None else scale(sample, timestep)
 
 
+def factor_per_timestep(scheduler, num_inference_steps: int, weighted: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`denoising_factors`, refused for schedulers that visit a timestep more than once (Heun, PNDM): a point
+    at such a timestep has no single γ_t for ``weighted`` (what is weighted by it, and the way out) to use."""
+    timesteps, gammas = denoising_factors(scheduler, num_inference_steps)
+    if len(set(timesteps.tolist())) < len(timesteps):
+        raise ValueError(f"{type(scheduler).__name__} visits timesteps more than once, so a timestep has no single "
+                         f"denoising factor to weight {weighted}")
+    return timesteps, gammas
+
+
 def denoising_factors(scheduler, num_inference_steps: int, eta: float = 0.0):
     """(timesteps, γ_t) for the scheduler's sampling trajectory: closed form for DDIM, numeric otherwise."""
     if type(scheduler) is DDIMScheduler and scheduler.config.prediction_type == "epsilon":

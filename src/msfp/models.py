@@ -51,7 +51,8 @@ def _hub_weights(suffix: str) -> list[str]:
 
 _PLAIN_WEIGHTS = {f"diffusion_pytorch_model.{name}" for suffix in ("safetensors", "bin")
                   for name in (suffix, f"{suffix}.index.json")}
-_VARIANT_WEIGHTS = re.compile(r"diffusion_pytorch_model\.(?:(\w+)\.(?:safetensors|bin)|(?:safetensors|bin)\.index\.(\w+)\.json)")
+_VARIANT_WEIGHTS = re.compile(r"diffusion_pytorch_model\.(?:(\w+)\.(?:safetensors|bin)"  # whole, or sharded's index
+                              r"|(?:safetensors|bin)\.index\.(\w+)\.json)")
 
 
 def _weights_variant(folder: Path) -> str | None:
