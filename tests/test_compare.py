@@ -133,8 +133,13 @@ def test_bad_settings_fail_before_any_work(tmp_path):
     r = run("compare", "--methods", "w4a4-msfp+talora", "--finetune-batch", "0", "--out", tmp_path / "x")
     assert r.exit_code == 2 and "Invalid value for '--finetune-batch': 0 is not in the range x>=1" in r.output
     assert not (tmp_path / "x").exists()
-    with pytest.raises(ValueError, match="CompareSettings.num_samples must be >= 1, got -1"):
+    with pytest.raises(ValueError, match="CompareSettings.num_samples must be a whole number ≥ 1, got -1"):
         CompareSettings(num_samples=-1)
+    # Settings from Python or JSON: 2.5 images passed, and "10" was a TypeError from the comparison.
+    for field, value in (("num_samples", 2.5), ("steps", "10"), ("finetune_batch", True), ("seed", 1.5)):
+        with pytest.raises(ValueError, match=rf"CompareSettings.{field} must be a whole number.*got {value!r}"):
+            CompareSettings(**{field: value})
+    assert type(CompareSettings(num_samples=np.int64(3)).num_samples) is int  # recorded in progress.json
     assert CompareSettings(seed=-5).seed == -5  # any seed is fine
     # Image 10000 would start from calibration trajectory 0's noise.
     assert CompareSettings(num_samples=10_000, calib_samples=10_000).num_samples == 10_000

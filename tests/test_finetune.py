@@ -7,6 +7,7 @@ import shutil
 import warnings
 
 import diffusers
+import numpy as np
 import pytest
 import torch
 from diffusers import DDIMScheduler, EulerDiscreteScheduler, PNDMScheduler
@@ -526,9 +527,16 @@ def test_bad_settings_fail_clearly(calibrated):
         FinetuneConfig(lora="many")
     with pytest.raises(ValueError, match="dfa_weighting must be 'abs' or 'square'"):
         FinetuneConfig(dfa_weighting="cube")
-    for bad in (dict(act_lr=float("nan")), dict(lora_lr=-1.0), dict(grad_clip=0.0)):
+    # (a string from a JSON file was a TypeError from math.isfinite)
+    for bad in (dict(act_lr=float("nan")), dict(lora_lr=-1.0), dict(grad_clip=0.0), dict(router_lr="1e-3")):
         with pytest.raises(ValueError, match=f"FinetuneConfig.{next(iter(bad))} must be a finite number"):
             FinetuneConfig(**bad)
+    # 2.5 iterations failed in range() after the teacher trajectories were sampled; "8" with a TypeError here.
+    for field, value in (("iters", 2.5), ("batch_size", "8"), ("rank", 0), ("checkpoint_every", True),
+                         ("seed", 0.5)):
+        with pytest.raises(ValueError, match=rf"FinetuneConfig.{field} must be a whole number.*got {value!r}"):
+            FinetuneConfig(**{field: value})
+    assert type(FinetuneConfig(iters=np.int64(3)).iters) is int  # recorded in the resume state's JSON
     single = copy.deepcopy(q)
     add_talora(single, 1, 2, 0)
     with pytest.raises(ValueError, match="already has LoRAs \\(1 of rank 2\\).*not 4 of rank 2"):

@@ -111,6 +111,7 @@ def test_unpack_and_decode_refuse_what_is_no_code():
         decode(torch.tensor([1.7, 2.2]), "fp4_e2m1")
     with pytest.raises(ValueError, match="packed codes must be uint8 bytes, got torch.float32"):
         unpack(torch.tensor([241.9]), 4, 2)
-    for count in (-1, -2, 2.0):
-        with pytest.raises(ValueError, match=r"count must be an integer ≥ 0"):
+    for count in (-1, -2, 2.0, True):
+        with pytest.raises(ValueError, match=rf"count must be a whole number ≥ 0, got {count!r}"):
             unpack(torch.zeros(0, dtype=torch.uint8), 4, count)
+    assert unpack(torch.tensor([0x21], dtype=torch.uint8), 4, np.int64(2)).tolist() == [1, 2]  # a numpy count

@@ -108,12 +108,12 @@ def test_plain_module_with_conditioning_and_learned_variance():
     with pytest.raises(ValueError, match="takes no eta"):
         sample(net, EulerAncestralDiscreteScheduler(), 1, eta=0.5, sample_shape=(2, 4, 4), disable=True)
     ran = len(calls)
-    for bad, match in ((dict(num_samples=0), "num_samples must be a whole number >= 1, got 0"),
-                       (dict(num_inference_steps=0), "num_inference_steps must be a whole number >= 1, got 0"),
-                       (dict(batch_size=-2), "batch_size must be a whole number >= 1, got -2"),
+    for bad, match in ((dict(num_samples=0), "num_samples must be a whole number ≥ 1, got 0"),
+                       (dict(num_inference_steps=0), "num_inference_steps must be a whole number ≥ 1, got 0"),
+                       (dict(batch_size=-2), "batch_size must be a whole number ≥ 1, got -2"),
                        # these were Python's "'float' object cannot be interpreted as an integer" and the like
-                       (dict(num_samples=2.5), "num_samples must be a whole number >= 1, got 2.5"),
-                       (dict(num_inference_steps=2.0), "num_inference_steps must be a whole number >= 1, got 2.0"),
+                       (dict(num_samples=2.5), "num_samples must be a whole number ≥ 1, got 2.5"),
+                       (dict(num_inference_steps=2.0), "num_inference_steps must be a whole number ≥ 1, got 2.0"),
                        (dict(seed=1.5), "seed must be a whole number, got 1.5"),
                        (dict(num_samples=2, class_labels=[0.7, 1.9]), "class_labels must be integers, got "
                                                                        "torch.float32"),  # were read as 0 and 1

@@ -204,8 +204,10 @@ def test_a_refused_or_interrupted_add_talora_leaves_no_loras(monkeypatch):
     from tiny_models import tiny_unet
 
     q = msfp.quantize(tiny_unet(), "w4a4-msfp")
-    with pytest.raises(ValueError, match=r"add_talora: rank must be an integer ≥ 1 \(each layer's is capped"):
+    with pytest.raises(ValueError, match=r"add_talora: rank must be a whole number ≥ 1, got 0"):
         add_talora(q, num_loras=4, rank=0)
+    with pytest.raises(ValueError, match=r"add_talora: num_loras must be a whole number ≥ 1, got 2.0"):
+        add_talora(q, num_loras=2.0, rank=4)  # was a TypeError from nn.Linear, after the checks
     built = []
 
     def interrupted(*args, **kwargs):

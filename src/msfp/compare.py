@@ -38,6 +38,7 @@ from torch import nn
 from msfp.attention import counting_flops
 from msfp.calibration import Trajectories, calibrate, collect_trajectories, require_unconditional
 from msfp.checkpoint import freeze_weights, quant_meta
+from msfp.checks import whole_number
 from msfp.config import PRESETS, QuantConfig
 from msfp.environment import machine_info
 from msfp.evaluation import (INCEPTION_METRICS, check_reference, eps_mse_means, evaluate, load_reference,
@@ -80,8 +81,8 @@ class CompareSettings:
         # Checked before any work: a bad fine-tuning batch would otherwise fail only after the PTQ methods ran.
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if f.type == "int" and f.name != "seed" and value < 1:
-                raise ValueError(f"CompareSettings.{f.name} must be >= 1, got {value}")
+            if f.type == "int":
+                setattr(self, f.name, whole_number(f"CompareSettings.{f.name}", value, None if f.name == "seed" else 1))
         # Image i has seed + i, calibration trajectory i seed + CALIB_SEED_OFFSET + i, held-out trajectory i
         # seed + HELDOUT_SEED_OFFSET + i: more would evaluate on (or calibrate with) another range's noise.
         limits = dict(num_samples=(CALIB_SEED_OFFSET, " (for larger sample sets, use msfp sample and msfp eval)"),

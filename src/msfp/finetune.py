@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from msfp.attention import attention_quantizers
 from msfp.calibration import Trajectories, collect_trajectories, trajectory_key
+from msfp.checks import whole_number
 from msfp.environment import machine_info
 from msfp.fileio import atomic_path
 from msfp.fp8 import require_fake_quant
@@ -91,11 +92,12 @@ class FinetuneConfig:
         if self.dfa_weighting not in WEIGHTINGS or self.dfa_weighting == "none":
             raise ValueError(f"FinetuneConfig.dfa_weighting must be 'abs' or 'square', got {self.dfa_weighting!r}")
         for name in ("iters", "batch_size", "num_loras", "rank", "traj_samples", "traj_steps", "checkpoint_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"FinetuneConfig.{name} must be >= 1, got {getattr(self, name)}")
+            setattr(self, name, whole_number(f"FinetuneConfig.{name}", getattr(self, name), 1))
+        self.seed = whole_number("FinetuneConfig.seed", self.seed)
         for name in ("lora_lr", "act_lr", "router_lr", "grad_clip"):
             value = getattr(self, name)
-            if not (math.isfinite(value) and value >= 0) or (name == "grad_clip" and value == 0):
+            number = isinstance(value, numbers.Real) and not isinstance(value, bool)
+            if not (number and math.isfinite(value) and value >= 0) or (name == "grad_clip" and value == 0):
                 raise ValueError(f"FinetuneConfig.{name} must be a finite number "
                                  f"{'> 0' if name == 'grad_clip' else '>= 0'}, got {value}")
 

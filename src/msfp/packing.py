@@ -15,6 +15,7 @@ import functools
 import numpy as np
 import torch
 
+from msfp.checks import whole_number
 from msfp.formats import Format, _grid_units, checked_params, compute_dtype, get_format, round_to_grid
 
 
@@ -92,8 +93,7 @@ def unpack(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     """Inverse of :func:`pack`: the first ``count`` codes (uint8)."""
     if not 1 <= bits <= 8:
         raise ValueError(f"bits must be in 1..8, got {bits}")
-    if isinstance(count, bool) or not isinstance(count, int) or count < 0:
-        raise ValueError(f"count must be an integer ≥ 0, got {count!r}")
+    count = whole_number("count", count, 0)
     if packed.dtype != torch.uint8:  # another dtype's values would be truncated to bytes
         raise ValueError(f"packed codes must be uint8 bytes, got {packed.dtype}")
     needed = (count * bits + 7) // 8

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from msfp.checks import whole_number
 from msfp.cuda_graphs import GraphedDenoiser
 from msfp.fileio import atomic_path, check_writable, resolved_parent
 from msfp.models import denoise, model_config
@@ -223,8 +224,7 @@ def generate(model, scheduler, out, num_samples: int, num_inference_steps: int, 
     Under torchrun with ``WORLD_SIZE`` > 1 each rank draws its slice and rank 0 merges; returns the
     :func:`load_samples` dict of the merged file on rank 0, ``None`` on other ranks.
     """
-    if isinstance(num_samples, bool) or not isinstance(num_samples, numbers.Integral) or num_samples < 1:
-        raise ValueError(f"num_samples must be a whole number ≥ 1, got {num_samples!r}")
+    num_samples = whole_number("num_samples", num_samples, 1)
     if not (isinstance(guidance, numbers.Real) and math.isfinite(guidance) and guidance >= 0):
         # inf wrote clipped, meaningless images (and Infinity into the JSON metadata); NaN read as a diverged model
         raise ValueError(f"guidance must be a finite number ≥ 0 (1: no guidance), got {guidance!r}")

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import inspect
 import math
-import numbers
 import os
 import warnings
 
@@ -24,6 +23,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from msfp.checks import whole_number
 from msfp.cuda_graphs import GraphedDenoiser
 from msfp.fileio import atomic_path
 from msfp.models import denoise, model_config
@@ -95,12 +95,10 @@ def sample(model, scheduler, num_samples: int, num_inference_steps: int = 100, s
     ``cuda_graphs`` replays the model's calls from CUDA graphs (:class:`msfp.cuda_graphs.GraphedDenoiser`; a model on
     a CUDA device only): the same kernels without the host's per-launch work.
     """
-    for name, value in (("num_samples", num_samples), ("num_inference_steps", num_inference_steps),
-                        ("batch_size", batch_size)):
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-            raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-        raise ValueError(f"seed must be a whole number, got {seed!r}")
+    num_samples = whole_number("num_samples", num_samples, 1)
+    num_inference_steps = whole_number("num_inference_steps", num_inference_steps, 1)
+    batch_size = whole_number("batch_size", batch_size, 1)
+    seed = whole_number("seed", seed)
     params = next(iter(model.parameters()), None) if isinstance(model, torch.nn.Module) else None
     device = model_device(model, device)
     # (A model whose weights sit elsewhere may be moved by hooks, as accelerate's offloading does: not refused.)

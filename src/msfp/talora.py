@@ -10,13 +10,13 @@ fine-tuned model stays a pure low-bit model.
 from __future__ import annotations
 
 import math
-import numbers
 
 import torch
 from diffusers.models.embeddings import get_timestep_embedding
 from torch import nn
 from torch.nn.utils import skip_init
 
+from msfp.checks import whole_number
 from msfp.layers import route_counts
 from msfp.quantizers import KeepsFloat32
 
@@ -33,9 +33,7 @@ class TimestepRouter(KeepsFloat32):
     def __init__(self, num_loras: int = 4, num_train_timesteps: int = 1000, embed_dim: int = 64,
                  hidden_dim: int = 128):
         super().__init__()
-        if num_loras < 1:
-            raise ValueError(f"num_loras must be ≥ 1, got {num_loras}")
-        self.num_loras = num_loras
+        self.num_loras = whole_number("num_loras", num_loras, 1)
         self.num_train_timesteps = num_train_timesteps
         self.embed_dim = embed_dim
         # skip_init, then a seeded init: building a router (also when a checkpoint is loaded) leaves the caller's
@@ -149,10 +147,9 @@ def add_talora(qmodel: nn.Module, num_loras: int = 4, rank: int = 4, seed: int =
     if getattr(qmodel, "msfp_router", None) is not None:
         raise ValueError("the model already has TALoRA LoRAs")
     require_fake_quant(qmodel, "add_talora", "fine-tune the fake-quant model, then convert it")
-    if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank < 1:
-        raise ValueError(f"add_talora: rank must be an integer ≥ 1 (each layer's is capped by its weight's shape), "
-                         f"got {rank!r}")
-    rank = int(rank)  # recorded in the checkpoint's JSON: a numpy integer would not serialise
+    # an int: it is recorded in the checkpoint's JSON, where a numpy integer would not serialise
+    rank = whole_number("add_talora: rank", rank, 1)
+    num_loras = whole_number("add_talora: num_loras", num_loras, 1)
     layers = quant_layers(qmodel)
     try:  # all or nothing: a half-built model refuses the next call ("already has TALoRA LoRAs")
         router = attach_router(qmodel, num_loras, rank)
