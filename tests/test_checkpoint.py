@@ -329,6 +329,11 @@ def test_a_wrapped_diffusers_model_must_have_the_saved_config(tmp_path):
     with pytest.raises(ValueError, match=r"quantized from another .*WrappedUNet than the model passed: "
                                          r"unet: act_fn 'silu' there, 'mish' here"):
         msfp.load_quantized(tmp_path / "q", model=WrappedUNet(act_fn="mish"))
+    hollow = WrappedUNet()
+    hollow.unet = torch.nn.Identity()
+    with pytest.raises(ValueError, match=r"quantized from a .*WrappedUNet whose unet is a UNet2DModel; in the model "
+                                         r"passed it is no diffusers model"):
+        msfp.load_quantized(tmp_path / "q", model=hollow)
     loaded = msfp.load_quantized(tmp_path / "q", model=WrappedUNet())
     assert torch.equal(outputs(loaded, (1, 8, 8)), outputs(q, (1, 8, 8)))
     # Checkpoints written before the inner configs were recorded still load (they were refused: "no diffusers model").

@@ -141,6 +141,10 @@ def _architecture(config) -> dict:
     return {k: v for k, v in plain.items() if not k.startswith("_")}
 
 
+def _described(info: dict | None, absent: str) -> str:
+    return absent if info is None else f"a {info['class_name']}"
+
+
 def require_base_model(meta: dict, model: nn.Module, where, what: str) -> None:
     """Raise unless ``model`` (described as ``what``) is the architecture the checkpoint ``where`` with metadata
     ``meta`` was quantized from: same class and, for diffusers models, the same config. Tensor shapes alone miss
@@ -159,9 +163,9 @@ def require_base_model(meta: dict, model: nn.Module, where, what: str) -> None:
     for name in sorted(inner.keys() | given_inner.keys()) if inner is not None else ():
         a, b = inner.get(name), given_inner.get(name)
         if a is None or b is None or a["class_name"] != b["class_name"]:
-            kind = lambda info: "no diffusers model" if info is None else f"a {info['class_name']}"  # noqa: E731
-            raise ValueError(f"{where} was quantized from a {saved['class_name']} whose {name} is {kind(a)}; in "
-                             f"{what} it is {kind(b)}")
+            raise ValueError(f"{where} was quantized from a {saved['class_name']} whose {name} is "
+                             f"{_described(a, 'no diffusers model')}; in {what} it is "
+                             f"{_described(b, 'no diffusers model')}")
         configs.append((f"{name}: ", a["config"], b["config"]))
     modules, given_modules = saved.get("modules"), given.get("modules", {})  # none in checkpoints before it was kept
     for name in sorted(modules.keys() | given_modules.keys()) if modules is not None else ():
@@ -169,8 +173,7 @@ def require_base_model(meta: dict, model: nn.Module, where, what: str) -> None:
         differ = None if a is None or b is None or a["class_name"] != b["class_name"] else differences(
             a["settings"], b["settings"], sorted(a["settings"].keys() & b["settings"].keys()))
         if differ is None or differ:
-            kind = lambda info: "missing" if info is None else f"a {info['class_name']}"  # noqa: E731
-            why = ", ".join(differ) if differ else f"{kind(a)} there, {kind(b)} here"
+            why = ", ".join(differ) if differ else f"{_described(a, 'missing')} there, {_described(b, 'missing')} here"
             raise ValueError(f"{where} was quantized from another {saved['class_name']} than {what}: its module "
                              f"{name!r} differs ({why})")
     for prefix, there, here in configs:

@@ -339,7 +339,10 @@ class Fp8Layer(nn.Module):
                                "fake-quant model (load_quantized(..., backend='fake')) where gradients are needed")
         self._check_input(x)
         if x.dim() == (1 if self.kind == "linear" else 3):  # unbatched, as nn.Linear/nn.Conv2d accept it
-            return self.forward(x.unsqueeze(0)).squeeze(0)
+            return self._batched_forward(x.unsqueeze(0)).squeeze(0)
+        return self._batched_forward(x)
+
+    def _batched_forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "linear":  # (B, ..., C): one scale per row of the flattened GEMM
             rows = x.shape[1:-1].numel()
             x2, view = x.reshape(-1, x.shape[-1]), (-1, 1)
