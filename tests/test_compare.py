@@ -10,6 +10,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+import msfp.calibration
 import msfp.compare
 from msfp.cli import main
 from msfp.compare import (METHODS, Built, CompareSettings, build_finetuned, build_ptq, parse_methods,
@@ -300,11 +301,24 @@ def test_torchao_rows_are_skipped_with_a_reason_when_it_cannot_run(tmp_path, tin
     assert list(result["methods"]) == ["fp"] and "torchao-mxfp4" in result["skipped_methods"]
 
 
-def test_finetuned_methods_run_and_are_reproducible(tmp_path, tiny_model_dir):
+def test_finetuned_methods_run_and_are_reproducible(tmp_path, tiny_model_dir, monkeypatch):
     methods = "fp,w4a4-msfp+talora,int4-efficientdm,w4a4-msfp+talora-tscales"
     extra = ["--finetune-iters", 3, "--finetune-batch", 4, "--rank", 2]
-    r = run("compare", "--model", tiny_model_dir, "--methods", methods, "--out", tmp_path / "a", *TINY, *extra)
+    seeds = []
+
+    def counted(collect):
+        def collect_and_count(*args, **kwargs):
+            seeds.append(kwargs["seed"] if "seed" in kwargs else args[4])
+            return collect(*args, **kwargs)
+        return collect_and_count
+
+    with monkeypatch.context() as m:
+        for module in (msfp.compare, msfp.calibration):
+            m.setattr(module, "collect_trajectories", counted(module.collect_trajectories))
+        r = run("compare", "--model", tiny_model_dir, "--methods", methods, "--out", tmp_path / "a", *TINY, *extra)
     assert r.exit_code == 0, r.output
+    # The teacher is the calibration's trajectories, read from the shared cache (it sampled them a second time).
+    assert sorted(seeds) == [msfp.compare.CALIB_SEED_OFFSET, msfp.compare.HELDOUT_SEED_OFFSET]
     result = json.loads((tmp_path / "a" / "results.json").read_text())
     talora = result["methods"]["w4a4-msfp+talora"]
     assert talora["calibration"]["finetune_seconds"] > 0 and "lora=talora (K=4)" in talora["notes"][0]

@@ -383,6 +383,33 @@ def _cached(path: Path | None, compute, to_tensors, from_tensors):
     return value, False
 
 
+def _trajectory_file_key(fp_model, scheduler, num_samples, num_steps, seed, batch_size, cond, class_labels,
+                         sample_shape, weights) -> str:
+    # The same request (batch size included) on the same machine (CPU or GPU model, and thread count: float sums
+    # differ with it), versions and msfp code.
+    request = trajectory_key(fp_model, scheduler, num_samples, num_steps, seed, cond, class_labels, sample_shape,
+                             batch_size=batch_size, weights=weights)
+    where = json.dumps(machine_info(model_device(fp_model)), sort_keys=True)
+    return hashlib.sha256("\n".join([request, where]).encode()).hexdigest()[:16]
+
+
+def cached_trajectories(fp_model: nn.Module, scheduler, num_samples: int, num_steps: int, seed: int = 0,
+                        batch_size: int = 64, cond: dict | None = None, class_labels=None, sample_shape=None, *,
+                        cache_dir: str | os.PathLike | None = None, disable: bool = False,
+                        weights: str | None = None) -> tuple[Trajectories, bool]:
+    """:func:`collect_trajectories` through :func:`calibrate`'s cache in ``cache_dir`` (none: computed), and whether
+    they came from it: the same call finds the trajectories a calibration computed. ``weights``: ``fp_model``'s
+    :func:`msfp.identity.weights_digest`, if the caller has it."""
+    path = None
+    if cache_dir is not None:
+        key = _trajectory_file_key(fp_model, scheduler, num_samples, num_steps, seed, batch_size, cond, class_labels,
+                                   sample_shape, weights)
+        path = Path(cache_dir) / f"trajectories-{key}.safetensors"
+    collect = lambda: collect_trajectories(fp_model, scheduler, num_samples, num_steps, seed,  # noqa: E731
+                                           batch_size, cond, class_labels, sample_shape=sample_shape, disable=disable)
+    return _cached(path, collect, Trajectories.to_tensors, Trajectories.from_tensors)
+
+
 def _records_to_tensors(records: dict) -> dict:
     out = {}
     for name, r in records.items():
@@ -461,15 +488,10 @@ def calibrate(qmodel: nn.Module, fp_model: nn.Module, scheduler, num_samples: in
     attention = attention_quantizers(qmodel)
     base_weights = weights_digest(fp_model)
     recorded = list(recorded_inputs(qmodel))
-    traj_path = rec_path = None
+    request = (fp_model, scheduler, num_samples, num_steps, seed, batch_size, cond, class_labels, sample_shape)
+    rec_path = None
     if cache_dir is not None:  # a hit must equal computing afresh
-        # Trajectories: the same request (batch size included) on the same machine (CPU or GPU model, and thread
-        # count: float sums differ with it), versions and msfp code.
-        request = trajectory_key(fp_model, scheduler, num_samples, num_steps, seed, cond, class_labels, sample_shape,
-                                 batch_size=batch_size, weights=base_weights)
-        where = json.dumps(machine_info(model_device(fp_model)), sort_keys=True)
-        key = hashlib.sha256("\n".join([request, where]).encode()).hexdigest()[:16]
-        traj_path = Path(cache_dir) / f"trajectories-{key}.safetensors"
+        key = _trajectory_file_key(*request, weights=base_weights)
         # Layer inputs: those trajectories at that batch size (the subsample is drawn batch by batch), this ordered
         # list (it seeds each subsample), the quantized model's own full-precision weights (LoRAs included; they
         # may differ from fp_model's) and the machine that runs it (fp_model may run elsewhere).
@@ -479,9 +501,7 @@ def calibrate(qmodel: nn.Module, fp_model: nn.Module, scheduler, num_samples: in
         rec_path = Path(cache_dir) / f"layer-inputs-{key}-{config.act_samples_per_layer}-{recorded_key}.safetensors"
 
     start = time.time()
-    collect = lambda: collect_trajectories(fp_model, scheduler, num_samples, num_steps, seed,  # noqa: E731
-                                           batch_size, cond, class_labels, sample_shape=sample_shape, disable=disable)
-    points, points_cached = _cached(traj_path, collect, Trajectories.to_tensors, Trajectories.from_tensors)
+    points, points_cached = cached_trajectories(*request, cache_dir=cache_dir, disable=disable, weights=base_weights)
     traj_time = time.time() - start
     start = time.time()
     record = lambda: record_layer_inputs(qmodel, points, config.act_samples_per_layer,  # noqa: E731

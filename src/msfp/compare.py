@@ -36,7 +36,8 @@ import torch
 from torch import nn
 
 from msfp.attention import counting_flops
-from msfp.calibration import Trajectories, calibrate, collect_trajectories, require_unconditional
+from msfp.calibration import (Trajectories, cached_trajectories, calibrate, collect_trajectories,
+                              require_unconditional)
 from msfp.checkpoint import freeze_weights, quant_meta
 from msfp.checks import whole_number
 from msfp.config import PRESETS, QuantConfig
@@ -106,7 +107,7 @@ class Context:
     cache_dir: Path
     heldout: Trajectories
     disable: bool = False
-    #: the full-precision trajectories fine-tuned methods distil from (computed by the first of them)
+    #: the full-precision trajectories fine-tuned methods distil from: the calibration's (read by the first)
     teacher: Trajectories | None = None
 
 
@@ -238,9 +239,10 @@ def build_finetuned(ctx: Context, preset: str, lora: str, loss: str, dfa_weighti
                                num_loras=s.num_loras, rank=s.rank, loss=loss, dfa_weighting=dfa_weighting,
                                traj_samples=s.calib_samples, traj_steps=s.calib_steps,
                                seed=s.seed + CALIB_SEED_OFFSET)
-    if ctx.teacher is None:
-        ctx.teacher = collect_trajectories(ctx.fp_model, ctx.scheduler, s.calib_samples, s.calib_steps,
-                                           seed=ft_config.seed, batch_size=s.batch_size, disable=ctx.disable)
+    if ctx.teacher is None:  # the calibration's own trajectories (the same call): read from the shared cache
+        ctx.teacher, _ = cached_trajectories(ctx.fp_model, ctx.scheduler, s.calib_samples, s.calib_steps,
+                                             seed=ft_config.seed, batch_size=s.batch_size, cache_dir=ctx.cache_dir,
+                                             disable=ctx.disable)
     try:
         result = finetune(built.model, ctx.fp_model, ctx.scheduler, ft_config, teacher=ctx.teacher,
                           disable=ctx.disable)
