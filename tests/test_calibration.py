@@ -236,6 +236,21 @@ def test_the_cache_is_not_reused_on_a_cpu_with_another_instruction_set(tmp_path,
     assert [r.cached for r in reports] == [False, False, True]
 
 
+def test_the_cache_is_not_reused_for_a_plain_model_with_another_activation(tmp_path):
+    # Same class, same weights: the key held nothing else, so the Tanh model calibrated from the SiLU model's data.
+    silu = tiny_plain()
+    tanh = tiny_plain()
+    tanh.act = nn.Tanh()
+    infos = []
+    for fp, cache_dir in ((silu, tmp_path), (tanh, tmp_path), (tanh, None)):
+        q = msfp.quantize(copy.deepcopy(fp), msfp.QuantConfig(eight_bit_layers=[]))
+        report = msfp.calibrate(q, fp, scheduler(), num_samples=2, num_steps=2, sample_shape=(1, 8, 8), disable=True,
+                                cache_dir=cache_dir)
+        infos.append((report.cached, quant_layers(q)["mid"].info["act_min"]))
+    assert [cached for cached, _ in infos] == [False, False, False]
+    assert infos[1][1] == infos[2][1] != infos[0][1]
+
+
 def test_a_corrupt_cache_is_recomputed_and_not_reported_as_cached(tmp_path, capsys):
     fp = tiny_unet()
     msfp.calibrate(msfp.quantize(copy.deepcopy(fp), "w4a4-msfp"), fp, scheduler(), num_samples=4, num_steps=3,

@@ -3,7 +3,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
-from diffusers import DDIMScheduler
+from diffusers import DDIMScheduler, UNet2DModel
 
 import msfp
 from msfp.calibration import trajectory_key
@@ -93,3 +93,31 @@ def test_model_keys_of_sets_and_numpy_scalars_are_stable():
             "print(model_key(tiny_plain(), dict(layers={'conv_in', 'mid', 'out', 'time_embedding'})))\n")
     keys = outputs_under_hash_seeds(code)
     assert len(keys) == 1, keys
+
+
+class Wrapper(torch.nn.Module):
+    def __init__(self, **unet_config):
+        super().__init__()
+        torch.manual_seed(0)
+        self.unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8,),
+                                layers_per_block=1, down_block_types=("DownBlock2D",), up_block_types=("UpBlock2D",),
+                                norm_num_groups=4, **unet_config)
+
+    def forward(self, x, t):
+        return self.unet(x, t).sample
+
+
+def test_a_plain_model_key_covers_what_changes_its_output_besides_the_weights():
+    # A plain module has no config: its key was class + weights, so these shared calibration and teacher caches.
+    base = model_key(tiny_plain(), {})
+    other_act, other_padding, own_setting = tiny_plain(), tiny_plain(), tiny_plain()
+    other_act.act = torch.nn.Tanh()
+    other_padding.mid.padding = (2, 2)
+    own_setting.sigma_data = 0.5
+    assert len({base, *(model_key(m, {}) for m in (other_act, other_padding, own_setting))}) == 4
+    assert model_key(Wrapper(act_fn="mish"), {}) != model_key(Wrapper(), {})  # the inner UNet's config
+    # What does not change the output does not count: train mode, msfp's own attributes.
+    same = tiny_plain().train()
+    same.msfp_base_weights = "digest"
+    assert model_key(same, {}) == base == model_key(tiny_plain(), {})
+    assert model_key(Wrapper(), {}) == model_key(Wrapper(), {})

@@ -65,7 +65,7 @@ from msfp.fileio import (atomic_directory, check_replaceable, check_writable, in
                          unfinished_save)
 from msfp.formats import compute_dtype, get_format
 from msfp.fp8 import convert_to_fp8, require_fake_quant
-from msfp.identity import differences, weights_digest
+from msfp.identity import base_info, differences, weights_digest
 from msfp.layers import QuantLayer
 from msfp.models import unwrapped
 from msfp.packing import decode, pack, quantize_to_codes, unpack
@@ -79,45 +79,6 @@ READABLE_VERSIONS = (2, 3)
 CONFIG_NAME = "msfp_quant.json"
 WEIGHTS_NAME = "model.safetensors"
 CODES_SUFFIX = ".weight_codes"
-
-
-def _base_info(model: nn.Module) -> dict:
-    config = getattr(model, "config", None)
-    if isinstance(model, diffusers.ModelMixin) and config is not None:
-        return dict(library="diffusers", class_name=type(model).__name__, config=dict(config))
-    # A plain module has no config; the diffusers models inside one (a wrapper's UNet) do.
-    inner = {name: dict(class_name=type(m).__name__, config=dict(m.config)) for name, m in model.named_modules()
-             if name and isinstance(m, diffusers.ModelMixin) and getattr(m, "config", None) is not None}
-    return dict(library="torch", class_name=f"{type(model).__module__}.{type(model).__qualname__}", config=None,
-                inner=inner, modules=_module_settings(model, skip=inner))
-
-
-# Attributes msfp.quantize changes on the model's own modules (the saved model is the quantized one).
-_CHANGED_BY_QUANTIZE = {"training", "use_nested_tensor"}
-
-
-def _module_settings(model: nn.Module, skip) -> dict:
-    """Per submodule of a plain module, its class and plain settings (a GroupNorm's groups, an activation's kind, an
-    Upsample's mode): they change the output, not the weight shapes. Convs and linears are checked by shape and
-    geometry, msfp's own modules are not the base model's, and inner diffusers models (``skip``) by config."""
-    settings, skipped = {}, list(skip)
-    for name, module in model.named_modules():
-        if not name or any(name == p or name.startswith(p + ".") for p in skipped):
-            continue
-        if type(module).__module__.startswith("msfp.") or isinstance(module, (nn.Conv2d, nn.Linear)):
-            skipped.append(name)
-            continue
-        plain = {k: v for k, v in vars(module).items()
-                 if not k.startswith("_") and k not in _CHANGED_BY_QUANTIZE and _is_plain(v)}
-        settings[name] = dict(class_name=type(module).__qualname__, settings=json.loads(json.dumps(plain)))
-    return settings
-
-
-def _is_plain(value) -> bool:
-    """A setting JSON holds as it is: not a function, whose text names its address in this process."""
-    if isinstance(value, tuple):
-        return all(map(_is_plain, value))
-    return value is None or isinstance(value, (bool, int, float, str))
 
 
 def _conv_geometry(module: nn.Module) -> dict | None:
@@ -149,7 +110,7 @@ def require_base_model(meta: dict, model: nn.Module, where, what: str) -> None:
     """Raise unless ``model`` (described as ``what``) is the architecture the checkpoint ``where`` with metadata
     ``meta`` was quantized from: same class and, for diffusers models, the same config. Tensor shapes alone miss
     differences such as ``act_fn`` or ``attention_head_dim``."""
-    saved, given = meta["base_model"], _base_info(model)
+    saved, given = meta["base_model"], base_info(model)
     if saved["library"] == "diffusers" or given["library"] == "diffusers":
         same_class = saved["class_name"] == given["class_name"]
     else:  # the same class may be imported from another module (a script's __main__ or a package)
@@ -340,7 +301,7 @@ def quant_meta(model: nn.Module) -> dict:
     msfp_keys = _msfp_keys(model)
     meta = dict(
         format_version=FORMAT_VERSION, msfp_version=__version__, quantization_config=quantization_config(model),
-        base_model=_base_info(model), base_weights=getattr(model, "msfp_base_weights", None),
+        base_model=base_info(model), base_weights=getattr(model, "msfp_base_weights", None),
         flops=getattr(model, "msfp_flops", None),
         # Parameters, once each: not buffers (BatchNorm's running statistics), not a tied weight's second name.
         base_parameters=sum(p.numel() for k, p in model.named_parameters() if k not in msfp_keys),

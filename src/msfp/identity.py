@@ -10,6 +10,7 @@ import json
 from collections.abc import Collection, Iterable, Mapping
 from pathlib import Path
 
+import diffusers
 import numpy as np
 import torch
 from torch import nn
@@ -74,14 +75,71 @@ def plain_config(config) -> dict:
     return {k: _plain_value(v) for k, v in config.items() if not str(k).startswith("_")}
 
 
+def base_info(model: nn.Module) -> dict:
+    """What a checkpoint records of the model it was quantized from: a diffusers model's class and config; a plain
+    module's class, the diffusers models inside it (a wrapper's UNet) and its submodules' plain settings."""
+    config = getattr(model, "config", None)
+    if isinstance(model, diffusers.ModelMixin) and config is not None:
+        return dict(library="diffusers", class_name=type(model).__name__, config=dict(config))
+    inner = _inner_diffusers_models(model)
+    return dict(library="torch", class_name=f"{type(model).__module__}.{type(model).__qualname__}", config=None,
+                inner={name: dict(class_name=type(m).__name__, config=dict(m.config)) for name, m in inner.items()},
+                modules=module_settings(model, skip=inner))
+
+
+def _inner_diffusers_models(model: nn.Module) -> dict[str, nn.Module]:
+    return {name: m for name, m in model.named_modules()
+            if name and isinstance(m, diffusers.ModelMixin) and getattr(m, "config", None) is not None}
+
+
+# Attributes msfp.quantize changes on the model's own modules (the saved model is the quantized one).
+_CHANGED_BY_QUANTIZE = {"training", "use_nested_tensor"}
+
+
+def module_settings(model: nn.Module, skip: Iterable[str], layers: bool = False) -> dict:
+    """Per submodule of a plain module, its class and plain settings (a GroupNorm's groups, an activation's kind, an
+    Upsample's mode): they change the output, not the weight shapes. msfp's own modules are not the base model's,
+    inner diffusers models (``skip``) are described by their configs, and convs and linears only with ``layers``
+    (a checkpoint checks them by shape and geometry)."""
+    settings, skipped = {}, list(skip)
+    for name, module in model.named_modules():
+        if not name or any(name == p or name.startswith(p + ".") for p in skipped):
+            continue
+        if type(module).__module__.startswith("msfp.") or (not layers and isinstance(module, (nn.Conv2d, nn.Linear))):
+            skipped.append(name)
+            continue
+        settings[name] = dict(class_name=type(module).__qualname__, settings=_plain_settings(module))
+    return settings
+
+
+def _plain_settings(module: nn.Module) -> dict:
+    """A module's own plain attributes as JSON values; msfp's (``msfp_config``, ...) are not the model's."""
+    return json.loads(json.dumps({k: v for k, v in vars(module).items() if not k.startswith(("_", "msfp_"))
+                                  and k not in _CHANGED_BY_QUANTIZE and _is_plain(v)}))
+
+
+def _is_plain(value) -> bool:
+    """A setting JSON holds as it is: not a function, whose text names its address in this process."""
+    if isinstance(value, tuple):
+        return all(map(_is_plain, value))
+    return value is None or isinstance(value, (bool, int, float, str))
+
+
 def model_key(model: nn.Module, settings: dict, weights: str | None = None) -> str:
     """A digest of ``settings``, ``model``'s class and config and its weights (``weights``: their digest, if the
     caller has it): equal keys, equal models and settings. The config counts (resolution or timestep-embedding
     options change the trajectories, not the weights); its bookkeeping entries do not (:func:`plain_config`). A
-    compiled or DataParallel model is the model it wraps."""
+    plain module has no config that describes it: the configs of the diffusers models inside it and its submodules'
+    plain settings (activation kinds, paddings) count instead. A compiled or DataParallel model is the model it
+    wraps."""
     model = unwrapped(model)
     identity = dict(_plain_value(settings), model_class=f"{type(model).__module__}.{type(model).__qualname__}",
                     model_config=plain_config(getattr(model, "config", None)), weights=weights or weights_digest(model))
+    if not isinstance(model, diffusers.ModelMixin):
+        inner = _inner_diffusers_models(model)
+        identity["structure"] = dict(inner={name: plain_config(m.config) for name, m in inner.items()},
+                                     modules=module_settings(model, skip=inner, layers=True),
+                                     own=_plain_settings(model))
     return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
