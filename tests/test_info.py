@@ -5,7 +5,7 @@ import torch
 
 import msfp
 from msfp.checkpoint import quant_meta
-from msfp.info import describe, layer_rows, low_bit_fractions
+from msfp.info import describe, layer_rows, low_bit_fractions, resolved_selectors
 from tiny_models import scheduler, tiny_unet
 
 
@@ -35,16 +35,41 @@ def test_a_config_is_called_a_preset_only_when_it_is_one(metas):
     # A config kept a preset's name after an edit, or named one in a JSON file without its fields: msfp info called
     # it that preset.
     assert "\npreset w4a4-msfp: " in describe(metas["w4a4-msfp"])
-    # Reloaded, its layer selectors ("@first", ...) are the layer names they resolved to: still the preset.
+    # Re-saved after loading by older versions, its layer selectors ("@first", ...) are the layer names they
+    # resolved to: still the preset.
     resolved = copy.deepcopy(metas["w4a4-msfp"])
-    resolved["quantization_config"]["eight_bit_layers"] = ["conv_in", "conv_out"]
+    names = resolved_selectors(resolved)["eight_bit_layers"]
+    assert "conv_in" in names and "time_embedding\\.linear_1" in names
+    resolved["quantization_config"]["eight_bit_layers"] = names
     assert "\npreset w4a4-msfp: " in describe(resolved)
+    # Other selectors are a change: with none, its edge layers are at 4 bits (it was called the preset).
+    for selectors in ([], ["conv_in"]):
+        edited = copy.deepcopy(metas["w4a4-msfp"])
+        edited["quantization_config"]["eight_bit_layers"] = selectors
+        assert "(preset w4a4-msfp with eight_bit_layers changed): " in describe(edited)
     edited = copy.deepcopy(metas["w4a4-msfp"])
     edited["quantization_config"].update(act_timestep_groups=4, aal_act_formats=[])
     assert ("\nconfig 'w4a4-msfp' (preset w4a4-msfp with aal_act_formats, act_timestep_groups changed): "
             in describe(edited))
     edited["quantization_config"]["name"] = "custom"
     assert "\nconfig 'custom': " in describe(edited)
+
+
+def test_a_loaded_and_saved_again_model_keeps_the_selectors_it_was_quantized_with(tmp_path):
+    # A loaded model selects its layers by their saved names; saved again (msfp finetune on a checkpoint) the file
+    # held those names instead of the selectors, so an edited selector list could not be told from the preset's.
+    fp = tiny_unet()
+    config = msfp.QuantConfig.preset("w4a4-msfp")
+    config.eight_bit_layers = ["@first", "conv_out"]
+    q = msfp.quantize(copy.deepcopy(fp), config)
+    msfp.calibrate(q, fp, scheduler(), num_samples=2, num_steps=2, disable=True)
+    msfp.save_quantized(q, tmp_path / "a")
+    msfp.save_quantized(msfp.load_quantized(tmp_path / "a"), tmp_path / "b")
+    for name in ("a", "b"):
+        meta = msfp.checkpoint.read_quant_meta(tmp_path / name)
+        assert meta["quantization_config"]["eight_bit_layers"] == ["@first", "conv_out"]
+        assert "(preset w4a4-msfp with eight_bit_layers changed): " in describe(meta)
+    assert msfp.load_quantized(tmp_path / "b").msfp_config.eight_bit_layers == ["conv_in", "conv_out"]
 
 
 def test_bits_column_shows_each_layers_formats(metas):

@@ -60,12 +60,13 @@ from torch import nn
 
 from msfp import __version__
 from msfp.attention import attention_quantizers
-from msfp.config import QuantConfig
+from msfp.config import SELECTOR_FIELDS, QuantConfig
 from msfp.fileio import (atomic_directory, check_replaceable, check_writable, interrupted_save, resolved_parent,
                          unfinished_save)
 from msfp.formats import compute_dtype, get_format
 from msfp.fp8 import convert_to_fp8, require_fake_quant
 from msfp.identity import base_info, differences, weights_digest
+from msfp.info import resolved_selectors
 from msfp.layers import QuantLayer
 from msfp.models import unwrapped
 from msfp.packing import decode, pack, quantize_to_codes, unpack
@@ -257,7 +258,9 @@ def _sha256(path: Path) -> str:
 
 def quantization_config(model: nn.Module) -> dict:
     """The ``quantization_config`` block of ``msfp_quant.json`` (the keys diffusers uses, plus msfp's own)."""
-    return dict(quant_method="msfp", format_version=FORMAT_VERSION, **model.msfp_config.to_dict(),
+    # A loaded model's config selects its layers by their saved names: the selectors it was quantized with are kept.
+    config = dict(model.msfp_config.to_dict(), **getattr(model, "msfp_layer_selectors", {}))
+    return dict(quant_method="msfp", format_version=FORMAT_VERSION, **config,
                 modules_to_not_convert=list(model.msfp_full_precision_layers),
                 unsupported_layers=dict(getattr(model, "msfp_unsupported_layers", {})),
                 weight_storage=dict(codes="sign-magnitude format bit fields, dense LSB-first bit packing",
@@ -638,16 +641,16 @@ def load_quantized(directory: str | os.PathLike, model: nn.Module | None = None,
     _check_fits(base, meta, state, path)  # before quantize changes the model: a caller's model stays as it was
     config = QuantConfig.from_dict({k: v for k, v in qc.items() if k in QuantConfig.__dataclass_fields__})
     # The saved layer names, not the original selectors: the same layers whatever the roles resolve to.
+    for field, names in resolved_selectors(meta).items():
+        setattr(config, field, names)
     saved_attention = meta.get("attention", {})  # absent in checkpoints written before quantized attention
-    config.eight_bit_layers = [re.escape(n) for n, i in {**meta["layers"], **saved_attention}.items()
-                               if i["precision"] == "8bit"]
-    config.full_precision_layers = [re.escape(n) for n in qc["modules_to_not_convert"]]
     try:
         with warnings.catch_warnings():  # the layers it cannot quantize were named when it was quantized (msfp info)
             warnings.simplefilter("ignore", UnsupportedLayersWarning)
             qmodel = quantize(base, config)
     except ValueError as e:
         raise ValueError(f"{path}: the checkpoint does not fit this architecture ({e})") from e
+    qmodel.msfp_layer_selectors = {f: qc[f] for f in SELECTOR_FIELDS if f in qc}
     layers, attention = quant_layers(qmodel), attention_quantizers(qmodel)
     built, saved = {*layers, *attention}, {*meta["layers"], *saved_attention}
     _check_same_layers(built, saved, path)

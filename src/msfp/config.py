@@ -194,13 +194,20 @@ PRESETS: dict[str, dict] = {
 }
 
 
-def changed_from_preset(fields: dict) -> list[str] | None:
+#: the fields that select layers by name or role (a loaded model's config holds the names they resolved to)
+SELECTOR_FIELDS = ("eight_bit_layers", "full_precision_layers")
+
+
+def changed_from_preset(fields: dict, resolved: dict[str, list[str]] | None = None) -> list[str] | None:
     """The fields of a config (as saved: a dict) that differ from the preset it is named after, or None when its name
     is no preset. A config can keep a preset's name after an edit, or name one in a JSON file without its fields.
-    The layer selectors are left out: a reloaded model holds the layer names they resolved to."""
+    ``resolved``: per selector field, the (escaped) layer names it selected; a field that holds just those (a
+    checkpoint re-saved after loading, before the selectors were kept) cannot be compared and is left out."""
     name = fields.get("name")
     if name not in PRESETS:
         return None
     preset = dataclasses.asdict(QuantConfig.preset(name))
-    selectors = ("eight_bit_layers", "full_precision_layers")
-    return sorted(k for k, v in preset.items() if k in fields and k not in selectors and fields[k] != v)
+    # (Empty is no resolved form: a preset's selectors always select layers, or quantize refuses them.)
+    as_names = {k for k, names in (resolved or {}).items()
+                if names and k in fields and sorted(fields[k]) == sorted(names)}
+    return sorted(k for k, v in preset.items() if k in fields and k not in as_names and fields[k] != v)

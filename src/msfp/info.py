@@ -7,6 +7,8 @@ quantized at 4 bits (``quantize_attention``); otherwise it is in the total only.
 
 from __future__ import annotations
 
+import re
+
 from msfp.config import changed_from_preset
 from msfp.formats import get_format
 
@@ -22,6 +24,13 @@ def _is_4bit(info: dict) -> bool:
 
 def _aal_cell(info: dict) -> str:
     return f"yes ({info['aal_reason'].split(':', 1)[0]})" if info.get("aal") else "no"
+
+
+def resolved_selectors(meta: dict) -> dict[str, list[str]]:
+    """The layer selectors a checkpoint's saved layers amount to: each layer's escaped name, per selector field."""
+    saved = {**meta["layers"], **meta.get("attention", {})}  # no attention in checkpoints written before it
+    return dict(eight_bit_layers=[re.escape(n) for n, i in saved.items() if i["precision"] == "8bit"],
+                full_precision_layers=[re.escape(n) for n in meta["quantization_config"]["modules_to_not_convert"]])
 
 
 def layer_rows(meta: dict) -> list[dict]:
@@ -86,7 +95,7 @@ def describe(meta: dict) -> str:
         text += [format_table(attention, ["name", "kind", "bits", "act", "aal", "act_mse"]), ""]
     matmuls = (f"quantized ({len(attention)} matmul inputs, {frac['attention_matmuls_4bit']} matmuls at 4 bits)"
                if config.get("quantize_attention") else "full precision")  # older checkpoints lack the key
-    changed = changed_from_preset(config)
+    changed = changed_from_preset(config, resolved_selectors(meta))
     label = (f"preset {config['name']}" if changed == [] else f"config {config['name']!r}" if changed is None
              else f"config {config['name']!r} (preset {config['name']} with {', '.join(changed)} changed)")
     text += [f"{label}: {frac['layers']} quantized layers, {frac['layers_4bit']} with 4-bit weights "
