@@ -72,6 +72,15 @@ def test_a_loaded_and_saved_again_model_keeps_the_selectors_it_was_quantized_wit
     assert msfp.load_quantized(tmp_path / "b").msfp_config.eight_bit_layers == ["conv_in", "conv_out"]
 
 
+def test_the_errors_of_a_fine_tuned_model_are_named_as_calibrations(metas):
+    # Fine-tuning changes weights and activation scales, not the recorded errors: they read as the model's own.
+    note = "weight_mse and act_mse are calibration's, before fine-tuning"
+    assert note not in describe(metas["w4a4-msfp"])
+    tuned = copy.deepcopy(metas["w4a4-msfp"])
+    tuned["finetune"] = dict(iters_done=2, lora="single", loss="mse")
+    assert note in describe(tuned) and "fine-tuned: 2 iterations, lora=single, loss=mse" in describe(tuned)
+
+
 def test_bits_column_shows_each_layers_formats(metas):
     bits = {p: {r["name"]: r["bits"] for r in layer_rows(metas[p])} for p in metas}
     assert bits["w4a4-msfp"]["conv_in"] == "w8a8" and bits["w4a4-msfp"]["down_blocks.0.resnets.0.conv1"] == "w4a4"

@@ -93,6 +93,8 @@ def describe(meta: dict) -> str:
     attention = attention_rows(meta)
     if attention:
         text += [format_table(attention, ["name", "kind", "bits", "act", "aal", "act_mse"]), ""]
+    if meta.get("finetune"):  # the search measured them; fine-tuning moved the weights (LoRAs) and scales since
+        text += ["weight_mse and act_mse are calibration's, before fine-tuning", ""]
     matmuls = (f"quantized ({len(attention)} matmul inputs, {frac['attention_matmuls_4bit']} matmuls at 4 bits)"
                if config.get("quantize_attention") else "full precision")  # older checkpoints lack the key
     changed = changed_from_preset(config, resolved_selectors(meta))
