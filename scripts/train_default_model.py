@@ -31,7 +31,7 @@ from diffusers.training_utils import EMAModel
 from tqdm import tqdm
 
 from msfp.data import DEFAULT_DATA_DIR, load_fashion_mnist, to_model_range
-from msfp.environment import HelpFormatter, check_minimums, command_line, machine_info
+from msfp.environment import HelpFormatter, check_minimums, check_positive, command_line, machine_info
 from msfp.fileio import atomic_directory, atomic_path
 
 UNET_CONFIG = dict(
@@ -94,6 +94,9 @@ def main(argv=None) -> None:
     p.add_argument("--no-resume", action="store_true", help="start over, ignoring a checkpoint in --work-dir")
     args = p.parse_args(argv)
     check_minimums(p, args, steps=1, batch=1, warmup=0, ckpt_every=1)
+    check_positive(p, args, "lr", "max_minutes")
+    if not 0 <= args.ema_decay < 1:  # 1 exports the initial weights, > 1 diverges
+        p.error(f"--ema-decay must be in [0, 1), got {args.ema_decay}")
 
     out, work = Path(args.out), Path(args.work_dir)
     # --out is replaced as a whole: a folder that is not a pipeline (src/msfp/assets, say) would be deleted with it.

@@ -26,7 +26,7 @@ import torch
 from safetensors.torch import save_file
 
 from msfp.data import load_fashion_mnist, to_model_range
-from msfp.environment import HelpFormatter, check_minimums, command_line, machine_info
+from msfp.environment import HelpFormatter, check_minimums, check_positive, command_line, machine_info
 from msfp.fileio import atomic_directory
 from msfp.feature_net import CONFIG_NAME, STATS_NAME, WEIGHTS_NAME, FeatureNet, compute_features
 from msfp.metrics import feature_stats, frechet_distance
@@ -48,6 +48,7 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     args = p.parse_args(argv)
     check_minimums(p, args, epochs=1, batch=1, feature_dim=1, threads=1)  # --feature-dim 0 failed after training
+    check_positive(p, args, "lr")
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)

@@ -132,7 +132,12 @@ def test_train_default_model_continues_an_interrupted_run_exactly(tmp_path, trai
 
 def test_train_default_model_checks_options_first(capsys):
     for args, message in ((["--batch", "0"], "--batch must be >= 1, got 0"),
-                          (["--warmup", "-1"], "--warmup must be >= 0, got -1")):
+                          (["--warmup", "-1"], "--warmup must be >= 0, got -1"),
+                          # these trained nothing (or NaN weights) for the whole run
+                          (["--lr", "0"], "--lr must be a finite number > 0, got 0.0"),
+                          (["--lr", "nan"], "--lr must be a finite number > 0, got nan"),
+                          (["--max-minutes", "-1"], "--max-minutes must be a finite number > 0, got -1.0"),
+                          (["--ema-decay", "1"], "--ema-decay must be in [0, 1), got 1.0")):
         with pytest.raises(SystemExit):
             load_script("train_default_model").main(args)
         assert message in capsys.readouterr().err
@@ -160,6 +165,12 @@ def test_train_feature_net_checks_options_first(capsys, option):
     with pytest.raises(SystemExit):
         load_script("train_feature_net").main([option, "0"])
     assert f"{option} must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_train_feature_net_checks_its_learning_rate_first(capsys):
+    with pytest.raises(SystemExit):
+        load_script("train_feature_net").main(["--lr", "-0.1"])
+    assert "--lr must be a finite number > 0, got -0.1" in capsys.readouterr().err
 
 
 def test_evaluate_default_model_scores_samples_and_the_real_data_floor(tmp_path, data_dir, capsys):
