@@ -125,6 +125,25 @@ def test_empty_calibration_set_and_missing_conditioning():
         msfp.calibrate(q, msfp.quantize(tiny_unet(), "w4a4-msfp"), scheduler())
 
 
+def test_a_half_precision_teacher_with_conditioning_calibrates_a_float32_model():
+    # sample() gives the teacher its conditioning in bfloat16 and the points keep it: the float32 quantized model was
+    # fed it ("expected m1 and m2 to have the same dtype").
+    from types import SimpleNamespace
+
+    from msfp.compare import _flops_by_layer
+    from msfp.evaluation import per_timestep_eps_mse
+
+    fp = tiny_cond_unet().to(torch.bfloat16)
+    q = msfp.quantize(copy.deepcopy(fp).float(), "w4a4-msfp")
+    cond = {"encoder_hidden_states": torch.randn(2, 3, 8)}
+    msfp.calibrate(q, fp, scheduler(), num_samples=2, num_steps=2, cond=cond, disable=True)
+    assert all(layer.info["weight_format"] for layer in quant_layers(q).values()) and q.msfp_flops["total"] > 0
+    points = collect_trajectories(fp, scheduler(), num_samples=2, num_steps=2, cond=cond, disable=True)
+    assert points.cond["encoder_hidden_states"].dtype == torch.bfloat16  # the trajectories stay as the teacher ran
+    assert len(per_timestep_eps_mse(q, points)) == 2
+    assert _flops_by_layer(copy.deepcopy(fp).float(), SimpleNamespace(heldout=points))[1] > 0
+
+
 def test_a_refused_calibration_keeps_what_the_model_records_of_the_last_one():
     # The refused call had already recorded the other model as the teacher: fine-tuning then refused the real one
     # and distilled from the other, copying its weights into the student.

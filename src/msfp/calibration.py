@@ -43,7 +43,7 @@ from msfp.layers import QuantLayer
 from msfp.models import denoise, evaluating
 from msfp.quantizers import quantizer_keys
 from msfp.samples import class_info
-from msfp.sampling import model_device, sample
+from msfp.sampling import model_cond, model_device, sample
 from msfp.surgery import quant_layers, quantizers_disabled
 
 # Activation modules whose outputs are one-sided: a layer reading one directly is an AAL.
@@ -271,12 +271,13 @@ def record_layer_inputs(qmodel: nn.Module, points: Trajectories, samples_per_lay
     recorders = {}
     for i, (name, layer) in enumerate(layers.items()):
         recorders[name] = layer.observer = _LayerRecorder(per_point, seed + i, qmodel.msfp_context)
-    device = next(qmodel.parameters()).device
+    first = next(qmodel.parameters())
     try:
         with quantizers_disabled(qmodel), evaluating(qmodel):
             for x, t, cond in tqdm(points.batches(batch_size), total=math.ceil(len(points) / batch_size),
                                    desc="calibrate: layer inputs", disable=disable):
-                out = denoise(qmodel, x.to(device), t.to(device), **{k: v.to(device) for k, v in cond.items()})
+                cond = model_cond(cond, first.device, first.dtype)  # a half-precision teacher's is in its dtype
+                out = denoise(qmodel, x.to(first.device), t.to(first.device), **cond)
                 output_layers.add(getattr(out, _LAYER_TAG, None))
     finally:
         for layer in layers.values():
@@ -529,8 +530,8 @@ def calibrate(qmodel: nn.Module, fp_model: nn.Module, scheduler, num_samples: in
 @torch.no_grad()
 def _model_flops(qmodel: nn.Module, points: Trajectories) -> dict:
     """FLOPs of one sample's forward: every op FlopCounterMode counts (convs, matmuls, attention matmuls)."""
-    device = next(qmodel.parameters()).device
+    first = next(qmodel.parameters())
     x, t, cond = next(points.batches(1))
     with quantizers_disabled(qmodel), counting_flops(qmodel) as counter:
-        denoise(qmodel, x.to(device), t.to(device), **{k: v.to(device) for k, v in cond.items()})
+        denoise(qmodel, x.to(first.device), t.to(first.device), **model_cond(cond, first.device, first.dtype))
     return dict(total=int(counter.get_total_flops()))

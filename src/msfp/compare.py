@@ -51,7 +51,7 @@ from msfp.info import format_table, layer_rows, low_bit_fractions
 from msfp.models import denoise, load_model
 from msfp.samples import (CALIB_SEED_OFFSET, HELDOUT_SEED_OFFSET, NonFiniteSamplesError, generate, grid_path,
                           load_samples)
-from msfp.sampling import sample_shape_of
+from msfp.sampling import model_cond, sample_shape_of
 from msfp.surgery import quant_layers, quantize
 from msfp.torchao_baselines import RECIPES, quantize_torchao, unavailable_reason
 
@@ -199,9 +199,9 @@ def four_bit_layers(fp_model: nn.Module) -> list[str]:
 def _flops_by_layer(model: nn.Module, ctx: Context) -> tuple[dict[str, int], int]:
     """FLOPs of one sample's forward per module name, and in total (convs, matmuls, attention)."""
     x, t, cond = next(ctx.heldout.batches(1))
-    device = next(model.parameters()).device
+    first = next(model.parameters())
     with counting_flops(model) as counter:
-        denoise(model, x.to(device), t.to(device), **{k: v.to(device) for k, v in cond.items()})
+        denoise(model, x.to(first.device), t.to(first.device), **model_cond(cond, first.device, first.dtype))
     prefix = type(model).__name__ + "."
     per = {k[len(prefix):]: sum(v.values()) for k, v in counter.get_flop_counts().items() if k.startswith(prefix)}
     return per, int(counter.get_total_flops())

@@ -29,6 +29,7 @@ from msfp.losses import dfa_weights, factor_per_timestep
 from msfp.metrics import classifier_score, fd_bootstrap, feature_stats, frechet_distance, kid, precision_recall
 from msfp.models import denoise
 from msfp.samples import from_uint8, load_samples, read_npz, to_uint8
+from msfp.sampling import model_cond, model_device, model_dtype
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 SPLITS = 10  # classifier score / IS splits, as in the reference IS code
@@ -186,12 +187,12 @@ def psnr(images, others) -> tuple[float, float]:
 def per_timestep_eps_mse(model, points, device=None, batch_size: int = 256) -> dict[float, float]:
     """Mean squared error between ``model``'s noise predictions and the full-precision ones (``points.eps``, from
     :func:`msfp.calibration.collect_trajectories`), per timestep, in sampling order (largest timestep first)."""
-    device = torch.device(device) if device is not None else next(model.parameters()).device
+    device, dtype = model_device(model, device), model_dtype(model)
     sums, counts = defaultdict(float), defaultdict(int)
     for start in range(0, len(points), batch_size):
         sl = slice(start, start + batch_size)
         x, t, eps = points.x[sl].to(device), points.t[sl].to(device), points.eps[sl]
-        cond = {k: v[sl].to(device) for k, v in points.cond.items()}
+        cond = model_cond({k: v[sl] for k, v in points.cond.items()}, device, dtype)
         # Learned-variance models (DiT) also output the variance: compare the noise channels only.
         out = denoise(model, x, t, **cond).float().cpu()[:, : eps.shape[1]]
         err = (out - eps).pow(2).flatten(1).mean(1)

@@ -69,12 +69,28 @@ def sample_shape_of(model, sample_shape=None) -> tuple:
     return (config["in_channels"], *((size, size) if isinstance(size, int) else size))
 
 
+def _first_parameter(model) -> torch.nn.Parameter | None:
+    return next(iter(model.parameters()), None) if isinstance(model, torch.nn.Module) else None
+
+
 def model_device(model, device=None) -> torch.device:
     """``device`` if given, else the device of the model's parameters (the CPU for a callable without any)."""
     if device is not None:
         return torch.device(device)
-    params = next(iter(model.parameters()), None) if isinstance(model, torch.nn.Module) else None
+    params = _first_parameter(model)
     return params.device if params is not None else torch.device("cpu")
+
+
+def model_dtype(model) -> torch.dtype:
+    """The dtype of the model's parameters (float32 for a callable without any)."""
+    params = _first_parameter(model)
+    return params.dtype if params is not None else torch.float32
+
+
+def model_cond(cond: dict, device, dtype) -> dict:
+    """``cond`` for a model on ``device`` whose parameters are ``dtype``: floating tensors in that dtype, as diffusers'
+    pipelines give text embeddings (trajectory points keep their teacher's, which may differ)."""
+    return {k: v.to(device, dtype if v.is_floating_point() else v.dtype) for k, v in cond.items()}
 
 
 @torch.no_grad()
@@ -99,13 +115,12 @@ def sample(model, scheduler, num_samples: int, num_inference_steps: int = 100, s
     num_inference_steps = whole_number("num_inference_steps", num_inference_steps, 1)
     batch_size = whole_number("batch_size", batch_size, 1)
     seed = whole_number("seed", seed)
-    params = next(iter(model.parameters()), None) if isinstance(model, torch.nn.Module) else None
     device = model_device(model, device)
     # (A model whose weights sit elsewhere may be moved by hooks, as accelerate's offloading does: not refused.)
     if device.type == "meta":  # else "Tensor.item() cannot be called on meta tensors" deep in the first step
         raise ValueError("cannot sample on the meta device, which holds no values: load the model's weights (or pass "
                          "device=) first")
-    dtype = params.dtype if params is not None else torch.float32
+    dtype = model_dtype(model)
     shape = sample_shape_of(model, sample_shape)
     denoiser = GraphedDenoiser(model) if cuda_graphs else model
     step_kwargs = {}
@@ -161,9 +176,7 @@ def sample(model, scheduler, num_samples: int, num_inference_steps: int = 100, s
         gens = [torch.Generator().manual_seed(seed + i) for i in range(start, stop)]
         sched = fresh_scheduler(start, stop)
         x = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device) * sched.init_noise_sigma
-        # Floating conditioning in the model's dtype too, as diffusers' pipelines give it (text embeddings).
-        batch_cond = {k: v[start:stop].to(device, dtype if v.is_floating_point() else v.dtype)
-                      for k, v in cond.items()}
+        batch_cond = model_cond({k: v[start:stop] for k, v in cond.items()}, device, dtype)
         for i, t in enumerate(sched.timesteps):
             x_in = sched.scale_model_input(x, t)
             t_batch = t.to(device).expand(stop - start)
