@@ -422,18 +422,27 @@ def test_per_timestep_scales_refuse_a_layer_whose_rows_are_not_the_batch(tmp_pat
             h = self.inp(x) + t.float().view(-1, 1) / 1000
             return self.out(self.tok(h.reshape(-1, 2)).reshape(x.shape[0], 8))
 
+    def state(q):
+        tensors = {k: v.clone() for k, v in q.state_dict().items() if isinstance(v, torch.Tensor)}
+        return tensors, copy.deepcopy({n: m.info for n, m in quant_layers(q).items()}), \
+            q.msfp_context.num_train_timesteps, getattr(q, "msfp_base_weights", None)
+
+    def assert_refused_untouched(match, **cache):
+        q = msfp.quantize(copy.deepcopy(fp), QuantConfig(eight_bit_layers=[], act_timestep_groups=2))
+        before = state(q)
+        with pytest.raises(ValueError, match=match):
+            msfp.calibrate(q, fp, scheduler(), num_samples=2, num_steps=2, disable=True, sample_shape=(4,), **cache)
+        after = state(q)
+        assert all(torch.equal(before[0][k], after[0][k]) for k in before[0]) and before[1:] == after[1:]
+
     fp = Folded().eval()
-    q = msfp.quantize(copy.deepcopy(fp), QuantConfig(eight_bit_layers=[], act_timestep_groups=2))
-    with pytest.raises(ValueError, match="'tok' gets inputs of 16 rows for a batch of 4 samples"):
-        msfp.calibrate(q, fp, scheduler(), num_samples=2, num_steps=2, disable=True, sample_shape=(4,))
+    assert_refused_untouched("'tok' gets inputs of 16 rows for a batch of 4 samples")
     q = msfp.quantize(copy.deepcopy(fp), QuantConfig(eight_bit_layers=[]))  # one scale for all timesteps: fine
     msfp.calibrate(q, fp, scheduler(), num_samples=2, num_steps=2, disable=True, sample_shape=(4,),
                    cache_dir=tmp_path)
-    # The same layer inputs from the cache: the check used to be skipped, and inference failed on group shapes.
-    q = msfp.quantize(copy.deepcopy(fp), QuantConfig(eight_bit_layers=[], act_timestep_groups=2))
-    with pytest.raises(ValueError, match="'tok' gets inputs whose rows are not the batch's samples"):
-        msfp.calibrate(q, fp, scheduler(), num_samples=2, num_steps=2, disable=True, sample_shape=(4,),
-                       cache_dir=tmp_path)
+    # The same layer inputs from the cache: the check used to be skipped, and inference failed on group shapes. Then
+    # it came in the search, after the model had recorded this teacher and its layers before 'tok' had been searched.
+    assert_refused_untouched("'tok' gets inputs whose rows are not the batch's samples", cache_dir=tmp_path)
     # Its recorded sample is as bounded as a batched layer's: drawn per row, it was 4x larger here (1024x for a
     # per-pixel MLP on 32x32 inputs), all held in memory and written to the cache.
     from msfp.calibration import record_layer_inputs

@@ -330,8 +330,6 @@ def _search_activations(layer, rec: dict, config, aal: bool):
     search = dict(num_clip=config.search_clip_points, num_zero=config.search_zero_points, max_samples=values.numel())
     result = layer.act_quantizer.initialize(values, candidates, **search)
     groups = layer.act_quantizer.num_groups
-    if groups > 1 and not rec["per_sample"]:  # recorded (or cached) without per-row timesteps
-        raise _rows_not_samples(layer.name, "inputs whose rows are not the batch's samples")
     if groups > 1:
         group_of = layer.context.groups_of(rec["timesteps"], groups)
         for g in range(groups):
@@ -511,6 +509,9 @@ def calibrate(qmodel: nn.Module, fp_model: nn.Module, scheduler, num_samples: in
                                       lambda tensors: _records_from_tensors(tensors, recorded))
     record_time = time.time() - start
     _check_output_layer(qmodel, records)
+    for name, module in recorded_inputs(qmodel).items():  # cached records were not checked as they were recorded
+        if module.act_quantizer.num_groups > 1 and not records[name]["per_sample"]:
+            raise _rows_not_samples(name, "inputs whose rows are not the batch's samples")
     # What the model records of its calibration is set once nothing but the search is left: a refused call must not
     # leave another teacher's digest behind, which fine-tuning trusts.
     qmodel.msfp_context.num_train_timesteps = scheduler.config.num_train_timesteps  # the timestep groups' range
