@@ -1,4 +1,5 @@
 import copy
+import re
 import warnings
 
 import pytest
@@ -100,6 +101,20 @@ def test_non_finite_weights_name_the_layer_before_any_work():
     with pytest.raises(ValueError, match=r"^out: its weight holds 1 non-finite values \(NaN or inf\)"):
         msfp.calibrate(q, fp, scheduler(), num_samples=2, num_steps=2, disable=True, sample_shape=(1, 8, 8))
     assert not calls
+
+
+def test_a_cache_dir_that_is_a_file_is_refused_before_any_work(tmp_path):
+    # It failed after the trajectories, with a bare FileExistsError naming a file inside it.
+    fp = tiny_plain()
+    q = msfp.quantize(copy.deepcopy(fp), "w4a4-msfp")
+    (tmp_path / "cache").write_text("")
+    calls = []
+    fp.register_forward_hook(lambda *_: calls.append(1))
+    for cache_dir in (tmp_path / "cache", tmp_path / "cache" / "sub"):
+        with pytest.raises(OSError, match=f"^cache_dir '{re.escape(str(cache_dir))}': .*; pass a folder msfp can write to$"):
+            msfp.calibrate(q, fp, scheduler(), num_samples=2, num_steps=2, disable=True, sample_shape=(1, 8, 8),
+                           cache_dir=cache_dir)
+    assert not calls and getattr(q, "msfp_base_weights", None) is None
 
 
 def test_empty_calibration_set_and_missing_conditioning():

@@ -35,7 +35,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from msfp.attention import attention_quantizers, counting_flops
-from msfp.fileio import atomic_path
+from msfp.fileio import atomic_path, check_writable
 from msfp.fp8 import require_fake_quant
 from msfp.environment import machine_info
 from msfp.identity import model_key, plain_config, tensor_digest, weights_digest
@@ -382,6 +382,18 @@ def _cached(path: Path | None, compute, to_tensors, from_tensors):
     return value, False
 
 
+def _check_cache_file(cache_dir, path: Path) -> None:
+    """Refuse, before the work, a cache file that could not be written (``cache_dir`` a file, an unwritable folder);
+    an existing one is only read."""
+    try:
+        if Path(cache_dir).exists() and not Path(cache_dir).is_dir():
+            raise NotADirectoryError("it is a file, not a folder")
+        if not path.is_file():
+            check_writable(path)
+    except OSError as e:
+        raise type(e)(f"cache_dir {os.fspath(cache_dir)!r}: {e}; pass a folder msfp can write to") from None
+
+
 def _trajectory_file_key(fp_model, scheduler, num_samples, num_steps, seed, batch_size, cond, class_labels,
                          sample_shape, weights) -> str:
     # The same request (batch size included) on the same machine (CPU or GPU model, and thread count: float sums
@@ -404,6 +416,7 @@ def cached_trajectories(fp_model: nn.Module, scheduler, num_samples: int, num_st
         key = _trajectory_file_key(fp_model, scheduler, num_samples, num_steps, seed, batch_size, cond, class_labels,
                                    sample_shape, weights)
         path = Path(cache_dir) / f"trajectories-{key}.safetensors"
+        _check_cache_file(cache_dir, path)
     collect = lambda: collect_trajectories(fp_model, scheduler, num_samples, num_steps, seed,  # noqa: E731
                                            batch_size, cond, class_labels, sample_shape=sample_shape, disable=disable)
     return _cached(path, collect, Trajectories.to_tensors, Trajectories.from_tensors)
@@ -498,6 +511,7 @@ def calibrate(qmodel: nn.Module, fp_model: nn.Module, scheduler, num_samples: in
         runs_on = json.dumps(machine_info(model_device(qmodel)), sort_keys=True)
         recorded_key = hashlib.sha256("\n".join([*recorded, own_weights, runs_on]).encode()).hexdigest()[:12]
         rec_path = Path(cache_dir) / f"layer-inputs-{key}-{config.act_samples_per_layer}-{recorded_key}.safetensors"
+        _check_cache_file(cache_dir, rec_path)
 
     start = time.time()
     points, points_cached = cached_trajectories(*request, cache_dir=cache_dir, disable=disable, weights=base_weights)
