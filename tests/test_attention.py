@@ -186,6 +186,23 @@ def test_boolean_and_per_key_masks_mean_what_they_mean_to_sdpa(per_key):
             torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
 
 
+def test_half_precision_upcast_attention_takes_a_mask():
+    # The half-precision mask went into baddbmm with the float32 scores of upcast_attention: "Input dtypes must be
+    # the same" (diffusers' AttnProcessor fails the same way; the default AttnProcessor2_0 runs).
+    torch.manual_seed(0)
+    attn = Attention(query_dim=16, heads=2, dim_head=8, cross_attention_dim=6, upcast_attention=True).eval()
+    attn.to(torch.bfloat16)
+    x, text = torch.randn(2, 5, 16, dtype=torch.bfloat16), torch.randn(2, 3, 6, dtype=torch.bfloat16)
+    mask = torch.tensor([[[0.0, 0, -1e4]], [[0.0, -1e4, -1e4]]], dtype=torch.bfloat16)
+    with torch.no_grad():
+        expected = AttnProcessor2_0()(attn, x, encoder_hidden_states=text, attention_mask=mask)
+        attn.set_processor(QuantAttnProcessor())
+        got = attn(x, encoder_hidden_states=text, attention_mask=mask)
+    assert got.dtype == torch.bfloat16
+    # Up to bfloat16 rounding (the scores are float32 here, bfloat16 in SDPA); the outputs average 0.36 in size.
+    torch.testing.assert_close(got, expected, rtol=1.6e-2, atol=2e-3)
+
+
 def test_calibration_picks_unsigned_formats_for_probabilities():
     fp, q = calibrated(tiny_unet)
     quantizers = attention_quantizers(q)

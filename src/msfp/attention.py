@@ -101,6 +101,8 @@ class QuantAttnProcessor:
             attention_mask = torch.zeros(attention_mask.shape, dtype=hidden_states.dtype, device=attention_mask.device
                                          ).masked_fill(~attention_mask, torch.finfo(hidden_states.dtype).min)
         attention_mask = attn.prepare_attention_mask(attention_mask, source.shape[1], source.shape[0])
+        if attention_mask is not None and attn.upcast_attention:  # added to float32 scores (baddbmm takes one dtype)
+            attention_mask = attention_mask.float()
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
         if encoder_hidden_states is None:
