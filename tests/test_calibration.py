@@ -117,6 +117,14 @@ def test_a_cache_dir_that_is_a_file_is_refused_before_any_work(tmp_path):
     assert not calls and getattr(q, "msfp_base_weights", None) is None
 
 
+def test_out_of_range_class_labels_are_refused_before_any_work():
+    fp = tiny_class_unet()
+    q = msfp.quantize(copy.deepcopy(fp), "w4a4-msfp")
+    with pytest.raises(ValueError, match=r"class label 3 is out of range: UNet2DModel has 3 classes, labels 0\.\.2$"):
+        msfp.calibrate(q, fp, scheduler(), num_samples=2, num_steps=2, class_labels=[1, 3], disable=True)
+    assert getattr(q, "msfp_base_weights", None) is None
+
+
 def test_empty_calibration_set_and_missing_conditioning():
     fp = tiny_unet()
     q = msfp.quantize(copy.deepcopy(fp), "w4a4-msfp")

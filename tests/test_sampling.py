@@ -88,6 +88,25 @@ def test_callback_and_scheduler_state_do_not_leak(tiny_unet):
     assert scheduler.num_inference_steps is None  # the caller's scheduler was copied, never set
 
 
+def test_class_labels_outside_the_model_classes_are_refused_before_it_runs():
+    # They failed in the class embedding with a bare "index out of range in self".
+    from tiny_models import tiny_class_unet, tiny_dit
+
+    unet, dit = tiny_class_unet(), tiny_dit()  # 3 classes; 5 and a null label 5
+    calls = []
+    for model in (unet, dit):
+        model.register_forward_hook(lambda *_: calls.append(1))
+    for model, labels, match in ((unet, [1, 3], r"class label 3 is out of range: UNet2DModel has 3 classes, labels "
+                                                r"0\.\.2$"),
+                                 (unet, [-1, 0], "class label -1 is out of range"),
+                                 (dit, [5, 6], r"class label 6 is out of range: DiTTransformer2DModel has 5 classes, "
+                                               r"labels 0\.\.4, or 5 \(its null label\)$")):
+        with pytest.raises(ValueError, match=match):
+            sample(model, DDIMScheduler(), 2, num_inference_steps=1, class_labels=labels, disable=True)
+    assert not calls
+    sample(dit, DDIMScheduler(), 2, num_inference_steps=1, class_labels=[4, 5], disable=True)  # the null label runs
+
+
 def test_plain_module_with_conditioning_and_learned_variance():
     calls = []
 

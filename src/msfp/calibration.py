@@ -40,9 +40,8 @@ from msfp.fp8 import require_fake_quant
 from msfp.environment import machine_info
 from msfp.identity import model_key, plain_config, tensor_digest, weights_digest
 from msfp.layers import QuantLayer
-from msfp.models import denoise, evaluating
+from msfp.models import class_info, denoise, evaluating
 from msfp.quantizers import quantizer_keys
-from msfp.samples import class_info
 from msfp.sampling import model_cond, model_device, sample
 from msfp.surgery import quant_layers, quantizers_disabled
 

@@ -263,6 +263,17 @@ def model_config(model) -> Mapping:
     return config if isinstance(config, Mapping) else {}
 
 
+def class_info(model) -> tuple[int | None, int | None]:
+    """``(num_classes, null_label)`` of a class-conditional diffusers model, ``(None, None)`` if unconditional.
+
+    DiT-style models reserve label ``num_classes`` for "no class" (classifier-free guidance); UNet2DModel has none.
+    """
+    config = model_config(model)
+    if config.get("norm_type") == "ada_norm_zero" and config.get("num_embeds_ada_norm"):
+        return config["num_embeds_ada_norm"], config["num_embeds_ada_norm"]
+    return config.get("num_class_embeds"), None
+
+
 def denoise(model, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
     """``model``'s prediction for ``x`` at timesteps ``t`` as a tensor (a diffusers output's ``.sample``): the one
     way msfp calls a denoiser, ``model(x, timestep=t, **cond)`` where forward has a ``timestep`` parameter, else

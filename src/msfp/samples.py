@@ -29,7 +29,7 @@ from torch import nn
 from msfp.checks import whole_number
 from msfp.cuda_graphs import GraphedDenoiser
 from msfp.fileio import atomic_path, check_writable, resolved_parent
-from msfp.models import denoise, model_config
+from msfp.models import class_info, denoise, model_config
 from msfp.sampling import NonFiniteSamplesWarning, model_device, sample, save_grid
 
 # Schedulers whose ``step`` takes the per-sample generators that make sampling noise batch-size invariant.
@@ -63,17 +63,6 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 def from_uint8(images) -> torch.Tensor:
     """uint8 (N, H, W, C) → float (N, C, H, W) in [-1, 1]."""
     return torch.as_tensor(np.asarray(images)).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
-
-
-def class_info(model) -> tuple[int | None, int | None]:
-    """``(num_classes, null_label)`` of a class-conditional diffusers model, ``(None, None)`` if unconditional.
-
-    DiT-style models reserve label ``num_classes`` for "no class" (classifier-free guidance); UNet2DModel has none.
-    """
-    config = model_config(model)
-    if config.get("norm_type") == "ada_norm_zero" and config.get("num_embeds_ada_norm"):
-        return config["num_embeds_ada_norm"], config["num_embeds_ada_norm"]
-    return config.get("num_class_embeds"), None
 
 
 def sample_labels(num_classes: int, seeds) -> torch.Tensor:

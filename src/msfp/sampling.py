@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from msfp.checks import whole_number
 from msfp.cuda_graphs import GraphedDenoiser
 from msfp.fileio import atomic_path
-from msfp.models import denoise, model_config
+from msfp.models import class_info, denoise, model_config
 
 
 # Schedulers whose step uses a learned variance. DPM-Solver and SA-Solver only cut the noise off the model's output, as
@@ -93,6 +93,19 @@ def model_cond(cond: dict, device, dtype) -> dict:
     return {k: v.to(device, dtype if v.is_floating_point() else v.dtype) for k, v in cond.items()}
 
 
+def _check_class_labels(model, labels: torch.Tensor) -> None:
+    """Refuse labels outside the model's classes (a DiT-style null label allowed) before any work: the class
+    embedding failed on them with a bare "index out of range in self"."""
+    num_classes, null_label = class_info(model)
+    if num_classes is None:
+        return
+    bad = labels[((labels < 0) | (labels >= num_classes)) & (labels != null_label)]
+    if bad.numel():
+        null = f", or {null_label} (its null label)" if null_label is not None else ""
+        raise ValueError(f"class label {int(bad[0])} is out of range: {type(model).__name__} has {num_classes} "
+                         f"classes, labels 0..{num_classes - 1}{null}")
+
+
 @torch.no_grad()
 def sample(model, scheduler, num_samples: int, num_inference_steps: int = 100, seed: int = 0, batch_size: int = 64,
            eta: float = 0.0, class_labels=None, callback=None, disable: bool = False, device=None,
@@ -146,6 +159,8 @@ def sample(model, scheduler, num_samples: int, num_inference_steps: int = 100, s
             raise ValueError(f"cond[{key!r}] must be a tensor with first dimension {num_samples} (one per sample)")
     if class_labels is not None:
         cond["class_labels"] = class_labels
+    if "class_labels" in cond:
+        _check_class_labels(model, cond["class_labels"])
 
     config = _without_learned_variance(scheduler)
 
