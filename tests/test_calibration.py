@@ -111,7 +111,8 @@ def test_a_cache_dir_that_is_a_file_is_refused_before_any_work(tmp_path):
     calls = []
     fp.register_forward_hook(lambda *_: calls.append(1))
     for cache_dir in (tmp_path / "cache", tmp_path / "cache" / "sub"):
-        with pytest.raises(OSError, match=f"^cache_dir '{re.escape(str(cache_dir))}': .*; pass a folder msfp can write to$"):
+        message = f"^cache_dir '{re.escape(str(cache_dir))}': .*; pass a folder msfp can write to$"
+        with pytest.raises(OSError, match=message):
             msfp.calibrate(q, fp, scheduler(), num_samples=2, num_steps=2, disable=True, sample_shape=(1, 8, 8),
                            cache_dir=cache_dir)
     assert not calls and getattr(q, "msfp_base_weights", None) is None
@@ -122,6 +123,8 @@ def test_out_of_range_class_labels_are_refused_before_any_work():
     q = msfp.quantize(copy.deepcopy(fp), "w4a4-msfp")
     with pytest.raises(ValueError, match=r"class label 3 is out of range: UNet2DModel has 3 classes, labels 0\.\.2$"):
         msfp.calibrate(q, fp, scheduler(), num_samples=2, num_steps=2, class_labels=[1, 3], disable=True)
+    with pytest.raises(ValueError, match=r"class_labels must be integers, got torch.float32"):  # were truncated
+        msfp.calibrate(q, fp, scheduler(), num_samples=2, num_steps=2, class_labels=[0.7, 1.9], disable=True)
     assert getattr(q, "msfp_base_weights", None) is None
 
 

@@ -42,7 +42,7 @@ from msfp.identity import model_key, plain_config, tensor_digest, weights_digest
 from msfp.layers import QuantLayer
 from msfp.models import class_info, denoise, evaluating
 from msfp.quantizers import quantizer_keys
-from msfp.sampling import model_cond, model_device, sample
+from msfp.sampling import integer_labels, model_cond, model_device, sample
 from msfp.surgery import quant_layers, quantizers_disabled
 
 # Activation modules whose outputs are one-sided: a layer reading one directly is an AAL.
@@ -134,7 +134,7 @@ def collect_trajectories(fp_model: nn.Module, scheduler, num_samples: int = 64, 
         gen = torch.Generator().manual_seed(seed)
         class_labels = torch.randint(0, num_classes, (num_samples,), generator=gen)
     if class_labels is not None:
-        cond["class_labels"] = torch.as_tensor(class_labels).long()
+        cond["class_labels"] = integer_labels(class_labels, num_samples)
     _check_conditioning(fp_model, cond)
     xs, ts, epss, conds = [], [], [], []
 

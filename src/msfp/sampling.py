@@ -93,6 +93,16 @@ def model_cond(cond: dict, device, dtype) -> dict:
     return {k: v.to(device, dtype if v.is_floating_point() else v.dtype) for k, v in cond.items()}
 
 
+def integer_labels(class_labels, num_samples: int) -> torch.Tensor:
+    """``class_labels`` as one int64 label per sample; floats are refused (0.7 was read as class 0)."""
+    labels = torch.as_tensor(class_labels)
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise ValueError(f"class_labels must be integers, got {labels.dtype} (0.7 was read as class 0)")
+    if labels.shape != (num_samples,):
+        raise ValueError(f"class_labels must have shape ({num_samples},), got {tuple(labels.shape)}")
+    return labels.long()
+
+
 def _check_class_labels(model, labels: torch.Tensor) -> None:
     """Refuse labels outside the model's classes (a DiT-style null label allowed) before any work: the class
     embedding failed on them with a bare "index out of range in self"."""
@@ -147,12 +157,7 @@ def sample(model, scheduler, num_samples: int, num_inference_steps: int = 100, s
         raise ValueError(f"{type(scheduler).__name__}.step takes no eta; use eta=0.0 with this scheduler")
     learned_variance = reads_learned_variance(scheduler)
     if class_labels is not None:
-        class_labels = torch.as_tensor(class_labels)
-        if class_labels.is_floating_point() or class_labels.is_complex() or class_labels.dtype == torch.bool:
-            raise ValueError(f"class_labels must be integers, got {class_labels.dtype} (0.7 was read as class 0)")
-        class_labels = class_labels.long()
-        if class_labels.shape != (num_samples,):
-            raise ValueError(f"class_labels must have shape ({num_samples},), got {tuple(class_labels.shape)}")
+        class_labels = integer_labels(class_labels, num_samples)
     cond = dict(cond or {})
     for key, value in cond.items():
         if not isinstance(value, torch.Tensor) or value.shape[:1] != (num_samples,):
