@@ -49,6 +49,13 @@ def test_dpm_solver_sde_noise_is_each_samples_own(tiny_unet):
     torch.testing.assert_close(d[1:], a[:1], atol=1e-4, rtol=1e-4)  # image 1 of seed -1 is seed 0's image
 
 
+def test_seeds_beyond_64_bits_wrap_as_torch_reads_them(tiny_unet):
+    # torch takes seeds in [-2**63, 2**64) and reads them modulo 2**64; larger ones overflowed in manual_seed.
+    base = sample(tiny_unet, DDIMScheduler(), 2, num_inference_steps=2, seed=-1, disable=True)
+    for seed in (2**64 - 1, 2**65 - 1, -(2**64) - 1):
+        assert torch.equal(sample(tiny_unet, DDIMScheduler(), 2, num_inference_steps=2, seed=seed, disable=True), base)
+
+
 def test_a_model_on_the_meta_device_gets_a_clear_error(tiny_unet):
     # "Tensor.item() cannot be called on meta tensors" from inside the first step.
     with pytest.raises(ValueError, match="cannot sample on the meta device, which holds no values"):

@@ -193,7 +193,8 @@ def sample(model, scheduler, num_samples: int, num_inference_steps: int = 100, s
     for start in range(0, num_samples, batch_size):
         stop = min(start + batch_size, num_samples)
         # Per-sample CPU generators: identical noise on every device and for every batch split.
-        gens = [torch.Generator().manual_seed(seed + i) for i in range(start, stop)]
+        # Modulo 2**64, as torch reads the seeds it takes (-1 is 2**64 - 1): larger ones overflowed in manual_seed.
+        gens = [torch.Generator().manual_seed((seed + i) % 2**64) for i in range(start, stop)]
         sched = fresh_scheduler(start, stop)
         x = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device) * sched.init_noise_sigma
         batch_cond = model_cond({k: v[start:stop] for k, v in cond.items()}, device, dtype)
