@@ -424,3 +424,15 @@ def test_an_interrupted_finetune_says_how_to_continue(tmp_path, tiny_model_dir, 
         assert r.exit_code == 1 and f"interrupted: {q} is unchanged; " in r.output, r.output
         assert ("--resume to continue" in r.output) == checkpointed, r.output
     assert (q / "model.safetensors").read_bytes() == before
+
+
+def test_calibration_and_teacher_seeds_never_reach_evals_heldout_trajectories(tmp_path):
+    # --seed 10000 calibrated (or distilled) on exactly the trajectories msfp eval --model measures as held out.
+    missing = tmp_path / "no-model"
+    for args, count in ((["quantize", "--model", missing, "--out", tmp_path / "a" / "q"], "--calib-samples"),
+                        (["finetune", tmp_path / "a" / "q"], "--traj-samples")):
+        r = run(*args, "--seed", 9999, count, 2)
+        assert r.exit_code == 2 and f"--seed 9999 with {count} 2 draws trajectories from seeds 19999..20000, " \
+            "reaching into msfp eval's held-out trajectories (seeds 20000 onward)" in r.output, r.output
+        r = run(*args, "--seed", 9999, count, 1)  # the last that stays below: refused later, for the missing input
+        assert r.exit_code == 1 and "held-out" not in r.output, r.output

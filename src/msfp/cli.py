@@ -95,6 +95,17 @@ _SEED = click.IntRange(min=0, max=2**62)
 _RATE = click.FloatRange(min=0)
 
 
+def _check_trajectory_seeds(seed: int, count: int, count_option: str) -> None:
+    """Refuse calibration/teacher trajectories (seeds ``seed + CALIB_SEED_OFFSET + i``, ``i < count``) that reach
+    ``msfp eval --model``'s held-out ones (``HELDOUT_SEED_OFFSET + i``): that error would be measured on them."""
+    limit = HELDOUT_SEED_OFFSET - CALIB_SEED_OFFSET
+    if seed + count > limit:
+        first = seed + CALIB_SEED_OFFSET
+        raise click.UsageError(f"--seed {seed} with {count_option} {count} draws trajectories from seeds {first}.."
+                               f"{first + count - 1}, reaching into msfp eval's held-out trajectories (seeds "
+                               f"{HELDOUT_SEED_OFFSET} onward): --seed + {count_option} must be at most {limit}")
+
+
 @main.command()
 @click.option("--model", "model_spec", default="default", help="'default', a save_pretrained directory or a Hub id")
 @click.option("--preset", default="w4a4-msfp", help="QuantConfig preset (w4a4-msfp, w4a4-fp, w4a4-int, w4a8-msfp, "
@@ -106,7 +117,8 @@ _RATE = click.FloatRange(min=0)
 @click.option("--calib-steps", type=_COUNT, default=25, help="DDIM steps per calibration trajectory")
 @click.option("--seed", type=_SEED, default=0,
               help=f"calibration trajectory i starts from noise seed + {CALIB_SEED_OFFSET} + i, as in msfp compare: "
-              "not from the noise of the images msfp sample --seed draws (seed + i)")
+              "not from the noise of the images msfp sample --seed draws (seed + i); seed + --calib-samples is at "
+              f"most {HELDOUT_SEED_OFFSET - CALIB_SEED_OFFSET}, below msfp eval's held-out trajectories")
 @click.option("--batch", type=_COUNT, default=64, help="calibration points per denoiser call")
 @click.option("--cache-dir", default=None, type=click.Path(file_okay=False),
               help="reuse calibration trajectories and layer inputs across runs (of the same model, settings, "
@@ -124,6 +136,7 @@ def quantize(model_spec, preset, config_path, out, calib_samples, calib_steps, s
 
     if config_path and click.get_current_context().get_parameter_source("preset").name != "DEFAULT":
         raise click.UsageError("give --preset or --config, not both")
+    _check_trajectory_seeds(seed, calib_samples, "--calib-samples")
     with _user_errors(), exclusive_run(Path(out).resolve(), "msfp quantize"):
         config = _read_config(config_path) if config_path else QuantConfig.preset(preset)
         check_output_directory(out)  # before the work, which may take long
@@ -442,7 +455,8 @@ def compare(model_spec, methods, out, num_samples, steps, calib_samples, calib_s
 @click.option("--seed", type=_SEED, default=0,
               help=f"teacher trajectory i starts from noise seed + {CALIB_SEED_OFFSET} + i, as in msfp compare (not "
               f"from the noise of msfp sample --seed's images); seed + {CALIB_SEED_OFFSET} also seeds the LoRAs and "
-              "batches")
+              f"batches; seed + --traj-samples is at most {HELDOUT_SEED_OFFSET - CALIB_SEED_OFFSET}, below msfp eval's "
+              "held-out trajectories")
 @click.option("--resume", is_flag=True, help="continue an interrupted run from its last checkpoint")
 @click.option("--max-minutes", type=click.FloatRange(min=0), default=None,
               help="stop after this long; continue later with --resume")
@@ -459,6 +473,7 @@ def finetune_cmd(directory, model_spec, iters, batch, lora, num_loras, rank, los
     from msfp.finetune import STATE_NAME, FinetuneConfig, finetune
     from msfp.info import describe
 
+    _check_trajectory_seeds(seed, traj_samples, "--traj-samples")
     device = device or _default_device()
     path = Path(directory).resolve()  # "." has no name to put the work directory beside
     work_dir = path.parent / f".{path.name}.finetune"
