@@ -436,3 +436,21 @@ def test_calibration_and_teacher_seeds_never_reach_evals_heldout_trajectories(tm
             "reaching into msfp eval's held-out trajectories (seeds 20000 onward)" in r.output, r.output
         r = run(*args, "--seed", 9999, count, 1)  # the last that stays below: refused later, for the missing input
         assert r.exit_code == 1 and "held-out" not in r.output, r.output
+
+
+def test_finetune_refuses_options_its_run_has_no_use_for(tmp_path):
+    # They were ignored without a word (e.g. --rank 32 with --lora none trained no LoRA at all).
+    missing = tmp_path / "q"
+    for args, message in ((["--loss", "mse", "--dfa-weighting", "square"],
+                           "--dfa-weighting set(s) how the DFA loss is weighted; --loss mse is not weighted"),
+                          (["--lora", "none", "--num-loras", 2, "--rank", 8, "--lr", 0.1, "--router-lr", 0.1],
+                           "--num-loras, --rank, --lr, --router-lr set(s) the LoRAs; --lora none trains none"),
+                          (["--lora", "single", "--num-loras", 2, "--router-lr", 0.1],
+                           "--num-loras, --router-lr set(s) TALoRA's LoRAs per layer and router; --lora single")):
+        r = run("finetune", missing, *args)
+        assert r.exit_code == 2 and message in r.output, (args, r.output)
+    # What those runs do use passes (and the missing directory is named next).
+    for args in (["--loss", "mse", "--lora", "none", "--act-lr", 0.1], ["--lora", "single", "--rank", 8, "--lr", 0.1],
+                 ["--dfa-weighting", "square", "--num-loras", 2, "--router-lr", 0.1]):
+        r = run("finetune", missing, *args)
+        assert r.exit_code == 1 and str(missing) in r.output, (args, r.output)

@@ -95,6 +95,20 @@ _SEED = click.IntRange(min=0, max=2**62)
 _RATE = click.FloatRange(min=0)
 
 
+def _given(*names: str) -> list[str]:
+    """The flags of those parameters ``names`` that the command line set (not left at their defaults)."""
+    ctx = click.get_current_context()
+    return [p.opts[0] for p in ctx.command.params
+            if p.name in names and ctx.get_parameter_source(p.name).name != "DEFAULT"]
+
+
+def _refuse_unused(names: tuple[str, ...], why: str) -> None:
+    """Refuse options that were set but do nothing in this run (``why``): ignoring them would hide a mistake."""
+    given = _given(*names)
+    if given:
+        raise click.UsageError(f"{', '.join(given)} {why}")
+
+
 def _check_trajectory_seeds(seed: int, count: int, count_option: str) -> None:
     """Refuse calibration/teacher trajectories (seeds ``seed + CALIB_SEED_OFFSET + i``, ``i < count``) that reach
     ``msfp eval --model``'s held-out ones (``HELDOUT_SEED_OFFSET + i``): that error would be measured on them."""
@@ -304,11 +318,9 @@ def eval_(samples_path, ref, ref_images, data_dir, inception_weights, paired_pat
     from msfp.evaluation import eps_mse_means, evaluate, format_table, load_reference, per_timestep_eps_mse
     from msfp.fileio import check_writable, write_json
 
-    source = click.get_current_context().get_parameter_source
-    given = [f"--{o.replace('_', '-')}" for o in ("fp_model", "heldout_samples", "heldout_steps")
-             if source(o).name != "DEFAULT"]
-    if given and model_spec is None:
-        raise click.UsageError(f"{', '.join(given)} set(s) how --model is measured; without --model nothing uses it")
+    if model_spec is None:
+        _refuse_unused(("fp_model", "heldout_samples", "heldout_steps"),
+                       "set(s) how --model is measured; without --model nothing uses it")
     if data_dir is not None and (ref is not None or ref_images is not None):
         raise click.UsageError("--data-dir locates the default reference; it has no use with --ref or --ref-images")
     with _user_errors():
@@ -473,6 +485,13 @@ def finetune_cmd(directory, model_spec, iters, batch, lora, num_loras, rank, los
     from msfp.finetune import STATE_NAME, FinetuneConfig, finetune
     from msfp.info import describe
 
+    if loss == "mse":
+        _refuse_unused(("dfa_weighting",), "set(s) how the DFA loss is weighted; --loss mse is not weighted")
+    if lora == "none":
+        _refuse_unused(("num_loras", "rank", "lora_lr", "router_lr"), "set(s) the LoRAs; --lora none trains none")
+    elif lora == "single":
+        _refuse_unused(("num_loras", "router_lr"), "set(s) TALoRA's LoRAs per layer and router; --lora single trains "
+                       "one LoRA per layer, without a router")
     _check_trajectory_seeds(seed, traj_samples, "--traj-samples")
     device = device or _default_device()
     path = Path(directory).resolve()  # "." has no name to put the work directory beside
