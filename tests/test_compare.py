@@ -151,6 +151,12 @@ def test_bad_settings_fail_before_any_work(tmp_path):
     r = run("compare", "--num", 10_001, "--out", tmp_path / "x")
     assert r.exit_code == 2 and "'--num' / '-n': 10001 is not in the range 1<=x<=10000" in r.output
     assert not (tmp_path / "x").exists()
+    # --data-dir locates the default reference only; it was ignored without a word (msfp eval refuses it).
+    np.savez(tmp_path / "ref.npz", mu=np.zeros(128), sigma=np.eye(128))
+    for ref in (["--ref", tmp_path / "ref.npz"], ["--ref-images", tmp_path]):
+        r = run("compare", "--model", tmp_path / "no-model", *ref, "--data-dir", tmp_path, "--out", tmp_path / "x")
+        assert r.exit_code == 2 and "--data-dir locates the default reference; it has no use with --ref" in r.output
+        assert not (tmp_path / "x").exists()
 
 
 def test_a_reference_that_does_not_fit_the_samples_fails_before_any_sampling(tmp_path):

@@ -109,6 +109,11 @@ def _refuse_unused(names: tuple[str, ...], why: str) -> None:
         raise click.UsageError(f"{', '.join(given)} {why}")
 
 
+def _check_data_dir(data_dir, ref, ref_images) -> None:
+    if data_dir is not None and (ref is not None or ref_images is not None):
+        raise click.UsageError("--data-dir locates the default reference; it has no use with --ref or --ref-images")
+
+
 def _check_trajectory_seeds(seed: int, count: int, count_option: str) -> None:
     """Refuse calibration/teacher trajectories (seeds ``seed + CALIB_SEED_OFFSET + i``, ``i < count``) that reach
     ``msfp eval --model``'s held-out ones (``HELDOUT_SEED_OFFSET + i``): that error would be measured on them."""
@@ -321,8 +326,7 @@ def eval_(samples_path, ref, ref_images, data_dir, inception_weights, paired_pat
     if model_spec is None:
         _refuse_unused(("fp_model", "heldout_samples", "heldout_steps"),
                        "set(s) how --model is measured; without --model nothing uses it")
-    if data_dir is not None and (ref is not None or ref_images is not None):
-        raise click.UsageError("--data-dir locates the default reference; it has no use with --ref or --ref-images")
+    _check_data_dir(data_dir, ref, ref_images)
     with _user_errors():
         if json_path is not None:  # an unwritable --json fails before the metrics, not after them
             _check_json_output(json_path, {"SAMPLES": samples_path, "--paired": paired_path, "--ref": ref,
@@ -421,6 +425,7 @@ def compare(model_spec, methods, out, num_samples, steps, calib_samples, calib_s
     from msfp.compare import CompareSettings, metrics_table, parse_methods, run_compare, skipped_metrics
     from msfp.evaluation import load_reference
 
+    _check_data_dir(data_dir, ref, ref_images)
     with _user_errors():
         names = parse_methods(methods)
         reference = load_reference(ref, ref_images, data_dir)
