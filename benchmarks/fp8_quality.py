@@ -91,7 +91,8 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=defaults.seed, help="image i is drawn with seed + i")
     p.add_argument("--batch", type=int, default=defaults.batch_size, help="images per denoiser call")
     p.add_argument("--control-batch", type=int, default=1,
-                   help="images per call of the fake-quant control run (must differ from --batch)")
+                   help="images per call of the fake-quant control run (must differ from --batch; both are capped at "
+                   "--num)")
     p.add_argument("--device", default=None, help="torch device (unset: cuda if available, else cpu)")
     p.add_argument("--out", default="runs/fp8_quality",
                    help="output directory: results.json, samples/ and the calibration cache/")
@@ -100,9 +101,6 @@ def main(argv=None) -> None:
         methods = parse_methods(args.methods)[1:]  # the full-precision samples are drawn anyway, for PSNR vs fp
     except ValueError as e:
         p.error(f"--methods: {e}")
-    if args.control_batch == args.batch:
-        p.error(f"--control-batch must differ from --batch ({args.batch}): the control measures what the batch size "
-                "changes")
     if not methods or any(name not in MSFP_METHODS for name in methods):
         p.error(f"--methods: msfp methods only (the FP8 backend converts msfp's quantized layers); got "
                 f"{args.methods!r}, valid: {', '.join(MSFP_METHODS)}")
@@ -110,6 +108,11 @@ def main(argv=None) -> None:
                         calib_steps=args.calib_steps, finetune_iters=args.finetune_iters,
                         finetune_batch=args.finetune_batch, num_loras=args.num_loras, rank=args.rank, seed=args.seed,
                         batch_size=args.batch, device=args.device)
+    # The images per call actually drawn: a run of --num images never draws more than that per call.
+    batch, control_batch = min(s.batch_size, s.num_samples), min(args.control_batch, s.num_samples)
+    if control_batch == batch:
+        p.error(f"--control-batch {args.control_batch} and --batch {s.batch_size} both draw {batch} images per call "
+                f"at --num {s.num_samples}: the control measures what the batch size changes")
     device = torch.device(s.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     out = Path(args.out)
     fp_model, scheduler = load_model(s.model)
@@ -125,7 +128,7 @@ def main(argv=None) -> None:
         evaluation = None if name == REFERENCE_METHOD else evaluate(path, reference, paired_path=fp_path,
                                                                      device=device)
         return dict(path=path, images=samples["images"], evaluation=evaluation,
-                    sample_seconds=samples["meta"]["sample_time_s"])
+                    sample_seconds=samples["meta"]["sample_time_s"], batch_size=samples["meta"]["batch_size"])
 
     fp_path = draw(fp_model, REFERENCE_METHOD, REFERENCE_METHOD)["path"]
     results = {}
@@ -134,8 +137,8 @@ def main(argv=None) -> None:
         model = METHODS[name].build(ctx).model
         freeze_weights(model)
         fake = draw(model, name, name)
-        control = draw(model, f"{name}@batch{args.control_batch}", f"{name}, {args.control_batch} images per call",
-                       batch_size=args.control_batch)
+        control = draw(model, f"{name}@batch{control_batch}", f"{name}, {control_batch} images per call",
+                       batch_size=control_batch)
         fp8_model = copy.deepcopy(model)
         kept = convert_to_fp8(fp8_model)
         precompiled = None
@@ -144,7 +147,8 @@ def main(argv=None) -> None:
         fp8 = draw(fp8_model, f"{name}@fp8", f"{name} on the fp8 backend")
         runs = dict(fake_quant=fake, fake_quant_control_batch=control, fp8=fp8)
         results[name] = {label: dict(metrics=r["evaluation"]["metrics"], sample_seconds=r["sample_seconds"],
-                                     samples=str(r["path"].relative_to(out))) for label, r in runs.items()}
+                                     batch_size=r["batch_size"], samples=str(r["path"].relative_to(out)))
+                         for label, r in runs.items()}
         results[name]["fp8"].update(fake_quant_layers=kept, precompiled=precompiled)
         results[name]["fp8_vs_fake_quant"] = difference(fp8, fake)
         results[name]["control_batch_vs_fake_quant"] = difference(control, fake)

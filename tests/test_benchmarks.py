@@ -69,6 +69,8 @@ def test_fp8_quality_compares_both_backends_and_the_batch_control_with_compare_r
         assert lo <= hi and 0 <= diff["identical_pixels"] <= 1 and 0 <= diff["max_abs_diff"] <= 255
         # Flipped roundings change some pixels, but the sets stay far closer to each other than to full precision.
         assert diff["psnr"] > row["fake_quant"]["metrics"]["psnr"]
+    # The images per call each run actually drew (--control-batch 1 is the default).
+    assert [row[label]["batch_size"] for label in ("fake_quant", "fake_quant_control_batch", "fp8")] == [4, 1, 4]
     # The fake-quant run is compare's row: same build, seeds and sampling settings give the same images.
     run_compare(CompareSettings(num_samples=6, steps=2, calib_samples=3, calib_steps=2, heldout_samples=2,
                                 batch_size=4), ["fp", "w4a4-msfp"], tmp_path / "compare", disable=True)
@@ -101,7 +103,11 @@ def test_fp8_quality_precompiles_every_batch_split_of_the_sampling_run():
 @pytest.mark.parametrize("args, message", [
     (["--methods", "torchao-mxfp4"], "msfp methods only"),
     (["--methods", "w4a4-msfp,nonsense"], "unknown method(s) 'nonsense'"),
-    (["--batch", "8", "--control-batch", "8"], "--control-batch must differ from --batch (8)"),
+    (["--batch", "8", "--control-batch", "8"], "--control-batch 8 and --batch 8 both draw 8 images per call"),
+    # Each run draws at most --num images per call: this compared batch 4 with batch 4, and reported the identical
+    # images as what the batch size changes.
+    (["--model", "no-such-model", "--num", "4", "--batch", "128", "--control-batch", "8"],
+     "--control-batch 8 and --batch 128 both draw 4 images per call at --num 4"),
 ])
 def test_fp8_quality_refuses_what_it_cannot_measure(args, message, capsys):
     with pytest.raises(SystemExit):
