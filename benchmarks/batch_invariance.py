@@ -20,7 +20,7 @@ import numpy as np
 
 import msfp
 from msfp.checkpoint import freeze_weights
-from msfp.environment import HelpFormatter, command_line, machine_info, print_result
+from msfp.environment import HelpFormatter, command_line, machine_info, preset_names, print_result
 from msfp.samples import CALIB_SEED_OFFSET, get_scheduler, to_uint8
 from msfp.sampling import sample
 
@@ -63,11 +63,12 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     if args.num < 2:
         parser.error(f"--num must be >= 2 to compare batch 1 with a larger batch, got {args.num}")
+    presets = preset_names(parser, args.presets)
 
     fp_model, scheduler = msfp.load_model(args.model)
     fp_model.eval()
     models = {"fp": measure(fp_model, scheduler, args.num, args.steps, args.seed)}
-    for preset in filter(None, args.presets.split(",")):
+    for preset in presets:
         qmodel = msfp.quantize(copy.deepcopy(fp_model), preset)
         msfp.calibrate(qmodel, fp_model, scheduler, num_samples=args.calib_samples, num_steps=args.calib_steps,
                        seed=args.seed + CALIB_SEED_OFFSET, disable=True)

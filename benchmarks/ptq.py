@@ -23,7 +23,7 @@ import torch
 
 import msfp
 from msfp.calibration import collect_trajectories
-from msfp.environment import HelpFormatter, command_line, machine_info
+from msfp.environment import HelpFormatter, command_line, machine_info, preset_names
 from msfp.evaluation import eps_mse_weighted, per_timestep_eps_mse
 from msfp.feature_net import compute_features, load_feature_net, load_reference_stats
 from msfp.fileio import write_json
@@ -58,6 +58,7 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (unset: torch's choice)")
     p.add_argument("--out", default="runs/ptq.json", help="JSON result file")
     args = p.parse_args(argv)
+    presets = preset_names(p, args.presets)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -75,7 +76,7 @@ def main(argv=None) -> None:
     fp_images = draw(fp)
     results = {"fp": dict(sample_seconds=time.time() - start, **sample_quality(fp_images, reference, net))}
 
-    for preset in args.presets.split(","):
+    for preset in presets:
         qmodel = msfp.quantize(copy.deepcopy(fp), preset)
         start = time.time()
         report = msfp.calibrate(qmodel, fp, scheduler, num_samples=args.calib_samples, num_steps=args.calib_steps,

@@ -303,6 +303,17 @@ def test_batch_invariance_counts_pixels_that_move_with_the_batch_size(capsys):
     assert "--num must be >= 2" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("script", ["ptq", "batch_invariance"])
+def test_preset_lists_are_checked_before_any_work(script, tmp_path, capsys):
+    # A typo'd preset failed after the model was loaded and the presets before it were calibrated, writing nothing.
+    # (The missing model is never reached: the presets are checked first.)
+    with pytest.raises(SystemExit):
+        load_script(script).main(["--model", str(tmp_path / "no-model"), "--presets", "w4a4-msfp,W6A6-MSFP,w4a4-msf",
+                                  "--out", str(tmp_path / "r.json")])
+    assert "--presets: unknown preset(s) 'w4a4-msf'; choose from w4a4-msfp, " in capsys.readouterr().err
+    assert not (tmp_path / "r.json").exists()
+
+
 def test_cpu_inference_compares_every_variant_on_the_same_samples(capsys):
     result = load_script("cpu_inference").main(["--images", "1", "--steps", "1", "--repeats", "1",
                                                 "--calib-samples", "1", "--calib-steps", "1"])

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from msfp.config import PRESETS
 from msfp.fileio import write_json
 
 
@@ -38,6 +39,16 @@ def check_positive(parser: argparse.ArgumentParser, args: argparse.Namespace, *n
         value = getattr(args, name)
         if value is not None and not (math.isfinite(value) and value > 0):
             parser.error(f"--{name.replace('_', '-')} must be a finite number > 0, got {value}")
+
+
+def preset_names(parser: argparse.ArgumentParser, text: str, option: str = "--presets") -> list[str]:
+    """The quantization presets listed in ``text`` (comma-separated; empty entries dropped), every one checked up
+    front: an unknown name must not surface after the presets before it were calibrated."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n.lower() not in PRESETS]  # QuantConfig.preset ignores case too
+    if unknown:
+        parser.error(f"{option}: unknown preset(s) {', '.join(map(repr, unknown))}; choose from {', '.join(PRESETS)}")
+    return names
 
 
 def cpu_name() -> str:
