@@ -1,4 +1,5 @@
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -370,8 +371,6 @@ def test_bad_counts_and_rates_name_their_flag(tmp_path):
 
 
 def test_quantize_and_finetune_refuse_a_directory_another_run_is_writing(tmp_path, tiny_model_dir):
-    import os
-
     from msfp.fileio import exclusive_run
 
     out = tmp_path / "q"
@@ -454,3 +453,14 @@ def test_finetune_refuses_options_its_run_has_no_use_for(tmp_path):
                  ["--dfa-weighting", "square", "--num-loras", 2, "--router-lr", 0.1]):
         r = run("finetune", missing, *args)
         assert r.exit_code == 1 and str(missing) in r.output, (args, r.output)
+
+
+def test_refused_runs_leave_no_empty_folders_behind(tmp_path, tiny_model_dir, monkeypatch):
+    # The lock beside --out made its parent folders before the preset or model was checked; they stayed, empty.
+    monkeypatch.chdir(tmp_path)
+    for args in (["quantize", "--model", tiny_model_dir, "--preset", "bogus", "--out", "typo/deep/q"],
+                 ["quantize", "--model", "no-such-model", "--out", "typo2/q"],
+                 ["compare", "--model", "no-such-model", "--out", "typo3/deep/r"]):
+        r = run(*args)
+        assert r.exit_code == 1, (args, r.output)
+    assert os.listdir(tmp_path) == []

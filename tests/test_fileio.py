@@ -322,3 +322,23 @@ def test_a_writer_in_another_pid_namespace_does_not_clear_a_live_writers_tempora
     assert other.returncode == 0, other.stderr
     finish.touch()  # the live writer finishes after the other one, with its temporary file intact
     assert writer.wait(timeout=60) == 0 and target.read_text() == "first"
+
+
+@pytest.mark.skipif(os.name != "posix", reason="exclusive_run locks with fcntl")
+def test_folders_made_for_a_lock_are_removed_when_the_run_leaves_them_empty(tmp_path):
+    # A refused run (a mistyped preset or model) left its output's new parent folders behind, empty.
+    (tmp_path / "kept").mkdir()
+    with pytest.raises(ValueError):
+        with fileio.exclusive_run(tmp_path / "kept" / "a" / "b" / "out", "test"):
+            raise ValueError("refused")
+    assert os.listdir(tmp_path) == ["kept"] and os.listdir(tmp_path / "kept") == []  # it existed before: kept
+    # Folders the run wrote into stay, whatever the outcome; so do the folders around them.
+    for fail in (False, True):
+        try:
+            with fileio.exclusive_run(tmp_path / "x" / "y" / "out", "test"):
+                (tmp_path / "x" / "note").write_text("")
+                if fail:
+                    raise ValueError("refused")
+        except ValueError:
+            pass
+        assert sorted(os.listdir(tmp_path / "x")) == ["note"]

@@ -302,11 +302,33 @@ def write_json(path: str | os.PathLike, obj) -> None:
         tmp.write_text(json.dumps(_finite_or_none(obj), indent=2, allow_nan=False) + "\n")
 
 
+def _missing_folders(folder: Path) -> list[Path]:
+    """``folder`` and those of its ancestors that do not exist yet, innermost first."""
+    missing = []
+    while not (folder.exists() or folder.is_symlink()) and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    return missing
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove ``folders`` (innermost first) while they are empty: a run refused before writing anything leaves no
+    trace of a mistyped output path."""
+    for folder in folders:
+        try:
+            folder.rmdir()  # only ever an empty one
+        except FileNotFoundError:
+            continue
+        except OSError:
+            return  # it holds something: so do the folders around it
+
+
 @contextmanager
 def exclusive_run(path: str | os.PathLike, command: str):
     """Hold ``path``'s lock (the file ``.NAME.lock`` beside it) for the block; raise at once if another run holds it.
     Two runs writing one output would mix their files (one deleting the other's work). An advisory lock, which the OS
-    releases when its process dies; without ``fcntl`` (Windows) runs are not guarded."""
+    releases when its process dies; without ``fcntl`` (Windows) runs are not guarded. Folders made for the lock are
+    removed afterwards if the run left them empty."""
     try:
         import fcntl
     except ImportError:
@@ -314,6 +336,7 @@ def exclusive_run(path: str | os.PathLike, command: str):
         return
     path = Path(path)
     lock = path.parent / f".{path.name}.lock"
+    made = _missing_folders(lock.parent)
     lock.parent.mkdir(parents=True, exist_ok=True)
     while True:
         f = open(lock, "a+", encoding="utf-8")
@@ -342,3 +365,4 @@ def exclusive_run(path: str | os.PathLike, command: str):
         lock.unlink(missing_ok=True)  # before unlocking: whoever locks the removed file next sees it is gone
         fcntl.flock(f, fcntl.LOCK_UN)
         f.close()
+        _remove_empty(made)
