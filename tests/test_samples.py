@@ -222,6 +222,30 @@ def test_generate_replaces_only_an_earlier_sample_file(tmp_path):
     assert generate(tiny_unet(), scheduler(), earlier, 3, 1, seed=5, disable=True)["seeds"].tolist() == [5, 6, 7]
 
 
+def test_generate_checks_the_grid_path_before_sampling(tmp_path):
+    # A directory at the grid's path: the samples were drawn and the earlier sample file replaced, then the grid
+    # failed. A file that is no PNG (notes.png beside notes.npz) was replaced without a word.
+    earlier = tmp_path / "g.npz"
+    generate(tiny_unet(), scheduler(), earlier, 2, 1, disable=True)
+    grid_path(earlier).unlink()
+    grid_path(earlier).mkdir()
+    before = earlier.read_bytes()
+    with pytest.raises(ValueError, match="g.png is a directory; the PNG grid of g.npz is written there"):
+        generate(tiny_unet(), scheduler(), earlier, 3, 1, seed=5, disable=True)
+    assert earlier.read_bytes() == before
+    notes = tmp_path / "h.png"
+    notes.write_text("my notes")
+    with pytest.raises(ValueError, match="h.png exists and is not a PNG image; the PNG grid of h.npz would replace"):
+        generate(tiny_unet(), scheduler(), tmp_path / "h.npz", 2, 1, disable=True)
+    assert notes.read_text() == "my notes" and not (tmp_path / "h.npz").exists()
+    # An earlier grid (a PNG) is replaced, as the sample file is.
+    again = tmp_path / "s.npz"
+    generate(tiny_unet(), scheduler(), again, 2, 1, disable=True)
+    first = grid_path(again).read_bytes()
+    generate(tiny_unet(), scheduler(), again, 3, 1, seed=5, disable=True)
+    assert grid_path(again).read_bytes() != first
+
+
 def _require_finite_on_rank(rank, init_file, results):
     import torch.distributed as dist
 

@@ -153,6 +153,23 @@ def grid_path(path) -> Path:
     return Path(path).with_suffix(".png")
 
 
+def _check_grid_path(out: Path) -> None:
+    """Refuse, before sampling, a grid path that is a directory or a file other than a PNG image (an earlier grid is
+    replaced, as the sample file is): the sample file would be written and the grid then fail, or replace that."""
+    grid = grid_path(out)
+    if grid.is_dir():
+        raise ValueError(f"{grid} is a directory; the PNG grid of {out.name} is written there: choose another output")
+    if grid.exists():
+        try:
+            with open(grid, "rb") as f:
+                png = f.read(8) == b"\x89PNG\r\n\x1a\n"
+        except OSError:
+            png = False
+        if not png:
+            raise ValueError(f"{grid} exists and is not a PNG image; the PNG grid of {out.name} would replace it: "
+                             "choose another output or remove it")
+
+
 def _dist():
     """``(rank, world_size, created_group)``; joins the process group started by torchrun/accelerate."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -231,6 +248,7 @@ def generate(model, scheduler, out, num_samples: int, num_inference_steps: int, 
         if not (isinstance(held, list) and {"arr_0", "seeds"} <= set(held)):
             raise ValueError(f"{out} exists and holds {held}, not the images and seeds msfp sample writes; it is not "
                              "a sample file to replace: choose another output or remove it")
+    _check_grid_path(out)
     check_writable(out)  # an unwritable --out fails before sampling, not after
     rank, world, created = _dist()
     try:
