@@ -117,6 +117,22 @@ def test_fused_rounding_gives_the_eager_model_outputs_and_gradients(device):
         assert torch.equal(q(x, t), eager_out)
 
 
+def test_a_compiled_model_with_fused_rounding_rounds_each_layer_on_its_own_grid():
+    # Compiling the model traced through the per-format kernels and reused one format's graph for another: the
+    # 8-bit output layer's activations were rounded on the FP4 grid (max |diff| 0.02, without a word).
+    torch.manual_seed(0)
+    q = msfp.quantize(tiny_plain(), "w4a4-msfp")  # inp/out at 8 bits (fp8_e4m3), mid/t_proj at 4 bits
+    for layer in quant_layers(q).values():
+        layer.act_quantizer.scale.data = torch.tensor([0.1])
+        layer.weight_quantizer.initialize(layer.weight.detach())
+    assert {quant_layers(q)[n].act_quantizer.fmt.name for n in ("out", "mid")} == {"fp8_e4m3", "fp4_e2m1"}
+    set_fused_rounding(q, True)
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([3, 999])
+    with torch.no_grad():  # (the eager run first: it compiles and caches the per-format kernels dynamo then met)
+        eager = q(x, t)
+        assert torch.equal(torch.compile(q)(x, t), eager)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("fmt", ["fp4_e2m1", "ufp4_e2m2", "ufp4_e1m3", "fp8_e4m3", "int4", "uint8"])
 def test_compiled_fake_quant_equals_eager_on_cuda(fmt):

@@ -193,7 +193,10 @@ class _Quantizer(KeepsFloat32):
         compute = compute_dtype(x.dtype)
         scale = scale.to(compute).clamp_min(MIN_SCALE)
         zero = zero.to(compute) if self.fmt.needs_zero_point else None
-        out = (compiled_fake_quant if self.fused else _fake_quant)(x.to(compute), self.fmt, scale, zero)
+        # Inside a compiled model, dynamo traced through the cached per-format kernels and reused one format's graph
+        # for another (an 8-bit layer rounded on the FP4 grid): there the model's own compile fuses the rounding.
+        fused = self.fused and not torch.compiler.is_compiling()
+        out = (compiled_fake_quant if fused else _fake_quant)(x.to(compute), self.fmt, scale, zero)
         return out.to(x.dtype)
 
     @torch.no_grad()
