@@ -93,8 +93,8 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=None, help="CPU threads (unset: torch's choice)")
     p.add_argument("--no-resume", action="store_true", help="start over, ignoring a checkpoint in --work-dir")
     args = p.parse_args(argv)
-    check_minimums(p, args, steps=1, batch=1, warmup=0, ckpt_every=1)
-    check_positive(p, args, "lr", "max_minutes")
+    check_minimums(p, args, steps=1, batch=1, warmup=0, ckpt_every=1, max_minutes=0)
+    check_positive(p, args, "lr")
     if not 0 <= args.ema_decay < 1:  # 1 exports the initial weights, > 1 diverges
         p.error(f"--ema-decay must be in [0, 1), got {args.ema_decay}")
 
