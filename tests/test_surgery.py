@@ -1,4 +1,5 @@
 import copy
+import warnings
 
 import pytest
 import torch
@@ -164,6 +165,26 @@ class WithAttention(nn.Module):
         return self.out(h)
 
 
+def test_quantize_is_whole_when_its_warning_is_an_error_and_under_inference_mode():
+    # The unsupported-layers warning came before the timestep hook: raised as an error (-W error), it left a model
+    # that called itself quantized and failed on "per-timestep activation scales need the timestep".
+    model = tiny_plain()
+    model.extra = nn.Conv1d(8, 8, 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(msfp.surgery.UnsupportedLayersWarning):
+            msfp.quantize(model, QuantConfig(act_timestep_groups=2))
+    assert len(model._forward_pre_hooks) == 1
+    with torch.no_grad():
+        model(torch.randn(2, 1, 8, 8), torch.tensor([1, 900]))
+    # Quantized under inference_mode, its quantizers' parameters were inference tensors: calibrate then failed with
+    # "Inplace update to inference tensor outside InferenceMode".
+    fp, q = tiny_plain(), tiny_plain()
+    with torch.inference_mode():
+        msfp.quantize(q, "w4a4-msfp")
+    msfp.calibrate(q, fp, scheduler(), num_samples=2, num_steps=2, sample_shape=(1, 8, 8), disable=True)
+
+
 def test_layers_a_quantized_layer_cannot_replace_are_refused():
     """Each of these used to be replaced and reported as quantized while running in full precision or failing
     later with an error naming no layer."""
@@ -176,6 +197,15 @@ def test_layers_a_quantized_layer_cannot_replace_are_refused():
     with pytest.raises(ValueError, match="t_proj: Scaled has its own forward.*full_precision_layers"):
         msfp.quantize(model, "w4a4-msfp")
     assert msfp.quantize(model, QuantConfig(full_precision_layers=["t_proj"]))  # kept full precision: fine
+
+    class CausalConv(nn.Conv2d):  # its own convolution would be dropped (the output was 4×4, not 6×6)
+        def _conv_forward(self, x, weight, bias):
+            return nn.functional.conv2d(nn.functional.pad(x, (2, 0, 2, 0)), weight, bias, self.stride, 0)
+
+    model = tiny_plain()
+    model.mid = CausalConv(8, 8, 3)
+    with pytest.raises(ValueError, match=r"mid: CausalConv has its own _conv_forward\(\).*full_precision_layers"):
+        msfp.quantize(model, "w4a4-msfp")
 
     model = tiny_plain()
     model.head = model.mid  # one layer, two names

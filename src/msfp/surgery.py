@@ -171,6 +171,9 @@ def _why_not_replaceable(module: nn.Module, aliases: list[str], parent) -> tuple
     """Why a QuantLayer cannot stand in for ``module``, and whether keeping it full precision is the fix."""
     if type(module).forward not in (nn.Conv2d.forward, nn.Linear.forward):
         return f"{type(module).__name__} has its own forward(), which a quantized layer would drop", True
+    if isinstance(module, nn.Conv2d) and type(module)._conv_forward is not nn.Conv2d._conv_forward:
+        return (f"{type(module).__name__} has its own _conv_forward() (its convolution), which a quantized layer "
+                "would drop"), True
     if isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params():
         return (f"{type(module).__name__} has no weight until its first forward; run the model once before quantizing "
                 "it"), False
@@ -229,6 +232,7 @@ def _no_fast_path(module, args):
     which reads linear1/linear2's weights directly and would run them in full precision."""
 
 
+@torch.inference_mode(False)  # else the quantizers' parameters are inference tensors that calibration cannot set
 def quantize(model: nn.Module, config: QuantConfig | str | dict) -> nn.Module:
     """Replace the model's ``Conv2d``/``Linear`` layers by :class:`~msfp.layers.QuantLayer` in place (and, with
     ``config.quantize_attention``, quantize the attention matmul inputs); return it. ``config``: a
@@ -306,13 +310,13 @@ def quantize(model: nn.Module, config: QuantConfig | str | dict) -> nn.Module:
     model.msfp_context = context
     model.msfp_full_precision_layers = sorted(full)
     model.msfp_unsupported_layers = unsupported_layers(model)
-    if model.msfp_unsupported_layers:
-        listed = [f"{n} ({kind})" for n, kind in model.msfp_unsupported_layers.items()]
-        warnings.warn(f"{len(listed)} layer(s) msfp cannot quantize stay full precision: {_some(listed)}; only "
-                      "nn.Conv2d and nn.Linear are quantized", UnsupportedLayersWarning, stacklevel=2)
     model.register_forward_pre_hook(_timestep_hook, with_kwargs=True)
     if isinstance(model, ModelMixin):  # also what a pipeline's save_pretrained calls for its denoiser
         model.save_pretrained = functools.partial(_refuse_save_pretrained, type(model).__name__)
+    if model.msfp_unsupported_layers:  # last: raised as an error (-W error), it leaves a whole quantized model
+        listed = [f"{n} ({kind})" for n, kind in model.msfp_unsupported_layers.items()]
+        warnings.warn(f"{len(listed)} layer(s) msfp cannot quantize stay full precision: {_some(listed)}; only "
+                      "nn.Conv2d and nn.Linear are quantized", UnsupportedLayersWarning, stacklevel=3)  # (the decorator)
     return model
 
 
