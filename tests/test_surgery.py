@@ -9,6 +9,7 @@ from torch import nn
 import msfp
 from msfp import QuantConfig
 from msfp.layers import QuantContext, QuantLayer
+import msfp.talora
 from msfp.surgery import quant_layers, structural_aals
 from tiny_models import scheduler, tiny_cond_unet, tiny_dit, tiny_pixart, tiny_plain, tiny_unet
 
@@ -552,3 +553,35 @@ def test_multihead_attention_is_reported_full_precision_and_its_flops_counted():
     msfp.calibrate(q, fp, scheduler(), num_samples=2, num_steps=2, sample_shape=(1, 8, 8), disable=True)
     # 64 tokens: inp and out 2·64·8 each; in_proj 2·64·8·24, QKᵀ and PV 2·2·64·64·4 each, out_proj 2·64·8·8
     assert q.msfp_flops["total"] == 2 * 64 * 8 * 2 + 2 * 64 * 8 * 24 + 2 * 2 * 2 * 64 * 64 * 4 + 2 * 64 * 8 * 8
+
+
+class SequenceFirst(nn.Module):
+    """A transformer layer in torch's default layout: (sequence, batch, features)."""
+
+    def __init__(self, batch_first=False):
+        super().__init__()
+        self.batch_first = batch_first
+        self.inp = nn.Linear(4, 8)
+        self.enc = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=batch_first)
+        self.out = nn.Linear(8, 4)
+
+    def forward(self, x, t):  # x: (batch, tokens, 4)
+        h = self.inp(x)
+        return self.out(self.enc(h) if self.batch_first else self.enc(h.transpose(0, 1)).transpose(0, 1))
+
+
+def test_per_timestep_scales_and_loras_are_refused_where_rows_are_tokens():
+    # Rows were taken for samples: with as many tokens as samples, token i got sample i's timestep scale (and LoRA).
+    keep = [r"enc\.self_attn\.out_proj"]  # MultiheadAttention reads it directly: stays full precision
+    with pytest.raises(ValueError, match=r"enc\.linear1, enc\.linear2: inside enc \(TransformerEncoderLayer, "
+                                         r"batch_first=False\) its inputs are \(sequence, batch, features\), so "
+                                         r"per-timestep activation scales would be chosen per token"):
+        msfp.quantize(SequenceFirst(), QuantConfig(act_timestep_groups=2, full_precision_layers=keep))
+    q = msfp.quantize(SequenceFirst(), QuantConfig(full_precision_layers=keep))
+    with pytest.raises(ValueError, match=r"per-timestep LoRAs would be chosen per token"):
+        msfp.talora.add_talora(q, num_loras=4)
+    assert getattr(q, "msfp_router", None) is None
+    msfp.talora.add_talora(q, num_loras=1)  # one LoRA for every timestep: rows do not matter
+    for model in (SequenceFirst(batch_first=True), SequenceFirst()):  # batch first, or the layers kept out
+        full = keep + ([] if model.batch_first else [r"enc\..*"])
+        msfp.quantize(model, QuantConfig(act_timestep_groups=2, full_precision_layers=full))

@@ -227,6 +227,22 @@ def _check_replaceable(model: nn.Module, layers: list[tuple[str, nn.Module]]) ->
         raise ValueError("; ".join(f"{_some(n)}: {why}" for why, n in by_reason.items()) + fix)
 
 
+def refuse_sequence_first(model: nn.Module, names, what: str) -> None:
+    """Refuse per-timestep ``what`` for layers ``names`` inside a transformer layer built with ``batch_first=False``:
+    their inputs are (sequence, batch, features), so row i is token i, not sample i (silently, when the two counts
+    are equal)."""
+    names = set(names)
+    for container, module in model.named_modules():
+        if isinstance(module, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)) and \
+                not module.self_attn.batch_first:
+            inside = [f"{container}.{n}" for n, _ in module.named_modules() if f"{container}.{n}" in names]
+            if inside:
+                raise ValueError(f"{_some(inside)}: inside {container} ({type(module).__name__}, batch_first=False) "
+                                 f"its inputs are (sequence, batch, features), so per-timestep {what} would be "
+                                 "chosen per token, not per sample: build it with batch_first=True or keep those "
+                                 "layers full precision (QuantConfig.full_precision_layers)")
+
+
 def _no_fast_path(module, args):
     """A forward pre-hook that does nothing: its presence turns nn.TransformerEncoderLayer's inference fast path off,
     which reads linear1/linear2's weights directly and would run them in full precision."""
@@ -275,6 +291,8 @@ def quantize(model: nn.Module, config: QuantConfig | str | dict) -> nn.Module:
         raise ValueError(f"QuantConfig.full_precision_layers keeps all {len(names)} Conv2d/Linear layers full "
                          "precision: nothing to quantize")
     _check_replaceable(model, [(n, m) for n, m in layers if n not in full])
+    if config.act_timestep_groups > 1:
+        refuse_sequence_first(model, [n for n in names if n not in full], "activation scales")
     check_attention_replaceable(model, [n for n in attention if n not in full])
     aals = structural_aals(model) if config.aal_structural else {}
 

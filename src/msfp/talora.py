@@ -142,7 +142,7 @@ def add_talora(qmodel: nn.Module, num_loras: int = 4, rank: int = 4, seed: int =
     the model one shared router, initialised to K contiguous timestep intervals. ``num_loras=1`` is plain
     (single-LoRA, QALoRA-style) fine-tuning. Returns the router (also ``qmodel.msfp_router``)."""
     from msfp.fp8 import require_fake_quant
-    from msfp.surgery import quant_layers
+    from msfp.surgery import quant_layers, refuse_sequence_first
 
     if getattr(qmodel, "msfp_router", None) is not None:
         raise ValueError("the model already has TALoRA LoRAs")
@@ -151,6 +151,8 @@ def add_talora(qmodel: nn.Module, num_loras: int = 4, rank: int = 4, seed: int =
     rank = whole_number("add_talora: rank", rank, 1)
     num_loras = whole_number("add_talora: num_loras", num_loras, 1)
     layers = quant_layers(qmodel)
+    if num_loras > 1:
+        refuse_sequence_first(qmodel, layers, "LoRAs")
     try:  # all or nothing: a half-built model refuses the next call ("already has TALoRA LoRAs")
         router = attach_router(qmodel, num_loras, rank)
         if num_loras > 1:
