@@ -585,3 +585,18 @@ def test_per_timestep_scales_and_loras_are_refused_where_rows_are_tokens():
     for model in (SequenceFirst(batch_first=True), SequenceFirst()):  # batch first, or the layers kept out
         full = keep + ([] if model.batch_first else [r"enc\..*"])
         msfp.quantize(model, QuantConfig(act_timestep_groups=2, full_precision_layers=full))
+
+
+def test_data_parallel_replicas_of_a_timestep_dependent_model_are_refused():
+    # DataParallel runs its replicas in threads, and they share the model's timestep context: 15 of 50 two-thread
+    # runs gave wrong outputs in a reviewer's simulation. Replicas of a model without per-timestep state still run.
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([1, 900])
+    grouped = msfp.quantize(tiny_plain(), QuantConfig(act_timestep_groups=2))
+    talora = msfp.quantize(tiny_plain(), "w4a4-msfp")
+    msfp.talora.add_talora(talora, num_loras=2)
+    for model in (grouped, talora):
+        with pytest.raises(RuntimeError, match="a DataParallel replica of a model with per-timestep activation "
+                                               "scales or TALoRA LoRAs"):
+            model._replicate_for_data_parallel()(x, t)
+    with torch.no_grad():
+        msfp.quantize(tiny_plain(), "w4a4-msfp")._replicate_for_data_parallel()(x, t)

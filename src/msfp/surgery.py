@@ -140,6 +140,13 @@ def _timestep_hook(module, args, kwargs):
     # The input is forward()'s first parameter and the timestep its `timestep` parameter (every diffusers denoiser;
     # Transformer2DModel takes encoder_hidden_states second) or else its second one, passed by position or by name
     # (forward(*args, **kwargs) names none: then by position, unless the call names a `timestep`, as pipelines do).
+    router = getattr(module, "msfp_router", None)
+    if getattr(module, "_is_replica", False) and (module.msfp_config.act_timestep_groups > 1
+                                                 or (router is not None and router.num_loras > 1)):
+        # DataParallel's replicas run in threads on one shared context: each call overwrote another's timesteps
+        raise RuntimeError("a DataParallel replica of a model with per-timestep activation scales or TALoRA LoRAs: "
+                           "its replicas share one timestep context and mix their calls' timesteps; use "
+                           "DistributedDataParallel (torchrun, one process per GPU) or one GPU")
     signature = inspect.signature(module.forward)
     named = [p.name for p in signature.parameters.values() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     bound = signature.bind_partial(*args, **kwargs).arguments
