@@ -7,8 +7,9 @@ For every preset: calibration time, the noise-prediction MSE against the full-pr
 trajectory points (the full-precision model's own DDIM trajectories from other seeds) at every timestep, its plain
 and γ²-weighted means (the plain one is dominated by t = 0, where the sampler barely uses ε), and the
 quality of samples drawn with the same seeds by every method: FD and classifier score in the shipped feature
-network's space (vs the Fashion-MNIST test statistics) and the paired error against the full-precision samples.
-Prints one JSON document (also written atomically to --out).
+network's space (vs the Fashion-MNIST test statistics) and the paired error against the full-precision samples
+(``paired_mse_vs_fp``: in the model's [-1, 1] image range, where ``msfp eval``'s ``paired_mse`` is on 0–255, i.e.
+127.5² times larger). Prints one JSON document (also written atomically to --out).
 """
 
 from __future__ import annotations
