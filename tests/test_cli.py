@@ -430,11 +430,15 @@ def test_calibration_and_teacher_seeds_never_reach_evals_heldout_trajectories(tm
     missing = tmp_path / "no-model"
     for args, count in ((["quantize", "--model", missing, "--out", tmp_path / "a" / "q"], "--calib-samples"),
                         (["finetune", tmp_path / "a" / "q"], "--traj-samples")):
-        r = run(*args, "--seed", 9999, count, 2)
-        assert r.exit_code == 2 and f"--seed 9999 with {count} 2 draws trajectories from seeds 19999..20000, " \
-            "reaching into msfp eval's held-out trajectories (seeds 20000 onward)" in r.output, r.output
-        r = run(*args, "--seed", 9999, count, 1)  # the last that stays below: refused later, for the missing input
-        assert r.exit_code == 1 and "held-out" not in r.output, r.output
+        for seed, n in ((9999, 2), (19999, 1)):
+            r = run(*args, "--seed", seed, count, n)
+            first = seed + 10000
+            assert r.exit_code == 2 and f"--seed {seed} with {count} {n} draws trajectories from seeds {first}.." \
+                f"{first + n - 1}, which overlap msfp eval's held-out trajectories (seeds 20000..29999)" in r.output
+        # Below or beyond them: refused later, for the missing input (30000 worked before the check; it must still).
+        for seed, n in ((9999, 1), (20000, 64), (30000, 64)):
+            r = run(*args, "--seed", seed, count, n)
+            assert r.exit_code == 1 and "held-out" not in r.output, r.output
 
 
 def test_finetune_refuses_options_its_run_has_no_use_for(tmp_path):

@@ -89,6 +89,8 @@ class _DeviceType(click.ParamType):
 _DEVICE = _DeviceType()
 # Counts and rates are checked by click, so that an error names the flag (the configs name their fields).
 _COUNT = click.IntRange(min=1)
+#: seeds apart of image i, calibration trajectory i and held-out trajectory i: each set holds at most this many
+_SPAN = HELDOUT_SEED_OFFSET - CALIB_SEED_OFFSET
 # Seeds plus their offsets (CALIB_SEED_OFFSET, HELDOUT_SEED_OFFSET) and image indices stay within int64, which
 # sample files store them in.
 _SEED = click.IntRange(min=0, max=2**62)
@@ -115,14 +117,15 @@ def _check_data_dir(data_dir, ref, ref_images) -> None:
 
 
 def _check_trajectory_seeds(seed: int, count: int, count_option: str) -> None:
-    """Refuse calibration/teacher trajectories (seeds ``seed + CALIB_SEED_OFFSET + i``, ``i < count``) that reach
-    ``msfp eval --model``'s held-out ones (``HELDOUT_SEED_OFFSET + i``): that error would be measured on them."""
-    limit = HELDOUT_SEED_OFFSET - CALIB_SEED_OFFSET
-    if seed + count > limit:
-        first = seed + CALIB_SEED_OFFSET
+    """Refuse calibration/teacher trajectories (seeds ``seed + CALIB_SEED_OFFSET + i``, ``i < count``) that overlap
+    ``msfp eval --model``'s held-out ones (``HELDOUT_SEED_OFFSET + i``, ``i < _SPAN``): its error would be measured on
+    them."""
+    first, last = seed + CALIB_SEED_OFFSET, seed + CALIB_SEED_OFFSET + count - 1
+    if first < HELDOUT_SEED_OFFSET + _SPAN and last >= HELDOUT_SEED_OFFSET:
         raise click.UsageError(f"--seed {seed} with {count_option} {count} draws trajectories from seeds {first}.."
-                               f"{first + count - 1}, reaching into msfp eval's held-out trajectories (seeds "
-                               f"{HELDOUT_SEED_OFFSET} onward): --seed + {count_option} must be at most {limit}")
+                               f"{last}, which overlap msfp eval's held-out trajectories (seeds {HELDOUT_SEED_OFFSET}.."
+                               f"{HELDOUT_SEED_OFFSET + _SPAN - 1}): --seed + {count_option} must be at most {_SPAN}, "
+                               f"or --seed at least {HELDOUT_SEED_OFFSET + _SPAN - CALIB_SEED_OFFSET}")
 
 
 @main.command()
@@ -136,8 +139,8 @@ def _check_trajectory_seeds(seed: int, count: int, count_option: str) -> None:
 @click.option("--calib-steps", type=_COUNT, default=25, help="DDIM steps per calibration trajectory")
 @click.option("--seed", type=_SEED, default=0,
               help=f"calibration trajectory i starts from noise seed + {CALIB_SEED_OFFSET} + i, as in msfp compare: "
-              "not from the noise of the images msfp sample --seed draws (seed + i); seed + --calib-samples is at "
-              f"most {HELDOUT_SEED_OFFSET - CALIB_SEED_OFFSET}, below msfp eval's held-out trajectories")
+              "not from the noise of the images msfp sample --seed draws (seed + i); they must not overlap msfp "
+              f"eval's held-out trajectories (seeds {HELDOUT_SEED_OFFSET}..{HELDOUT_SEED_OFFSET + _SPAN - 1})")
 @click.option("--batch", type=_COUNT, default=64, help="calibration points per denoiser call")
 @click.option("--cache-dir", default=None, type=click.Path(file_okay=False),
               help="reuse calibration trajectories and layer inputs across runs (of the same model, settings, "
@@ -311,7 +314,8 @@ def _check_json_output(json_path: str, inputs: dict, input_dirs: dict) -> None:
               help="the model that drew SAMPLES (e.g. a quantized directory): adds its per-timestep noise-prediction "
               "MSE against --fp-model on held-out trajectories")
 @click.option("--fp-model", default="default", help="the full-precision model --model is compared with")
-@click.option("--heldout-samples", type=_COUNT, default=16, help="held-out trajectories (DDIM, --heldout-steps steps)")
+@click.option("--heldout-samples", type=click.IntRange(1, _SPAN), default=16,
+              help=f"held-out trajectories (DDIM, --heldout-steps steps; seeds {HELDOUT_SEED_OFFSET} + i)")
 @click.option("--heldout-steps", type=_COUNT, default=25, help="DDIM steps per held-out trajectory")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="also write the results here")
 @click.option("--device", type=_DEVICE, default=None, help="default: cuda if available, else cpu")
@@ -391,8 +395,8 @@ def _list_methods(ctx: click.Context, _param, value: bool) -> None:
               help=f"images per method (FD at this N is biased: compare rows with the fp row); at most "
               f"{CALIB_SEED_OFFSET}, as calibration trajectory i has seed + {CALIB_SEED_OFFSET} + i")
 @click.option("--steps", type=_COUNT, default=20, help="DDIM sampling steps")
-@click.option("--calib-samples", type=click.IntRange(1, HELDOUT_SEED_OFFSET - CALIB_SEED_OFFSET), default=64,
-              help=f"calibration trajectories (images); at most {HELDOUT_SEED_OFFSET - CALIB_SEED_OFFSET}, as "
+@click.option("--calib-samples", type=click.IntRange(1, _SPAN), default=64,
+              help=f"calibration trajectories (images); at most {_SPAN}, as "
               f"held-out trajectory i has seed + {HELDOUT_SEED_OFFSET} + i")
 @click.option("--calib-steps", type=_COUNT, default=25, help="DDIM steps per calibration (and held-out) trajectory")
 @click.option("--heldout-samples", type=_COUNT, default=16, help="held-out trajectories for the per-timestep noise MSE")
@@ -472,8 +476,8 @@ def compare(model_spec, methods, out, num_samples, steps, calib_samples, calib_s
 @click.option("--seed", type=_SEED, default=0,
               help=f"teacher trajectory i starts from noise seed + {CALIB_SEED_OFFSET} + i, as in msfp compare (not "
               f"from the noise of msfp sample --seed's images); seed + {CALIB_SEED_OFFSET} also seeds the LoRAs and "
-              f"batches; seed + --traj-samples is at most {HELDOUT_SEED_OFFSET - CALIB_SEED_OFFSET}, below msfp eval's "
-              "held-out trajectories")
+              f"batches; they must not overlap msfp eval's held-out trajectories (seeds {HELDOUT_SEED_OFFSET}.."
+              f"{HELDOUT_SEED_OFFSET + _SPAN - 1})")
 @click.option("--resume", is_flag=True, help="continue an interrupted run from its last checkpoint")
 @click.option("--max-minutes", type=click.FloatRange(min=0), default=None,
               help="stop after this long; continue later with --resume")
