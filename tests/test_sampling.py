@@ -112,6 +112,10 @@ def test_class_labels_outside_the_model_classes_are_refused_before_it_runs():
             sample(model, DDIMScheduler(), 2, num_inference_steps=1, class_labels=labels, disable=True)
     assert not calls
     sample(dit, DDIMScheduler(), 2, num_inference_steps=1, class_labels=[4, 5], disable=True)  # the null label runs
+    # A class embedding that is no table takes any value (it was refused by the first version of the check).
+    torch.manual_seed(0)
+    embedded = type(unet).from_config(unet.config, class_embed_type="timestep", num_class_embeds=3)
+    sample(embedded, DDIMScheduler(), 2, num_inference_steps=1, class_labels=[1, 500], disable=True)
 
 
 def test_plain_module_with_conditioning_and_learned_variance():

@@ -107,8 +107,8 @@ def _check_class_labels(model, labels: torch.Tensor) -> None:
     """Refuse labels outside the model's classes (a DiT-style null label allowed) before any work: the class
     embedding failed on them with a bare "index out of range in self"."""
     num_classes, null_label = class_info(model)
-    if num_classes is None:
-        return
+    if num_classes is None or model_config(model).get("class_embed_type") is not None:
+        return  # (a "timestep"/"identity"/"projection" class embedding takes any value, not a table's rows)
     bad = labels[((labels < 0) | (labels >= num_classes)) & (labels != null_label)]
     if bad.numel():
         null = f", or {null_label} (its null label)" if null_label is not None else ""
