@@ -6,6 +6,7 @@ import torch
 import msfp
 from msfp.checkpoint import quant_meta
 from msfp.info import describe, layer_rows, low_bit_fractions, resolved_selectors
+from test_checkpoint import _edit_meta
 from tiny_models import scheduler, tiny_unet
 
 
@@ -38,6 +39,7 @@ def test_a_config_is_called_a_preset_only_when_it_is_one(metas):
     # Re-saved after loading by older versions, its layer selectors ("@first", ...) are the layer names they
     # resolved to: still the preset.
     resolved = copy.deepcopy(metas["w4a4-msfp"])
+    del resolved["quantization_config"]["selectors_as_given"]  # not recorded then
     names = resolved_selectors(resolved)["eight_bit_layers"]
     assert "conv_in" in names and "time_embedding\\.linear_1" in names
     resolved["quantization_config"]["eight_bit_layers"] = names
@@ -60,16 +62,28 @@ def test_a_loaded_and_saved_again_model_keeps_the_selectors_it_was_quantized_wit
     # held those names instead of the selectors, so an edited selector list could not be told from the preset's.
     fp = tiny_unet()
     config = msfp.QuantConfig.preset("w4a4-msfp")
-    config.eight_bit_layers = ["@first", "conv_out"]
-    q = msfp.quantize(copy.deepcopy(fp), config)
+    for selectors in (["@first", "conv_out"], ["conv_in", "conv_out"]):  # plain names are their escaped form too
+        config.eight_bit_layers = selectors
+        q = msfp.quantize(copy.deepcopy(fp), config)
+        msfp.calibrate(q, fp, scheduler(), num_samples=2, num_steps=2, disable=True)
+        msfp.save_quantized(q, tmp_path / "a")
+        msfp.save_quantized(msfp.load_quantized(tmp_path / "a"), tmp_path / "b")
+        for name in ("a", "b"):
+            meta = msfp.checkpoint.read_quant_meta(tmp_path / name)
+            assert meta["quantization_config"]["eight_bit_layers"] == selectors
+            assert "(preset w4a4-msfp with eight_bit_layers changed): " in describe(meta)
+        assert msfp.load_quantized(tmp_path / "b").msfp_config.eight_bit_layers == ["conv_in", "conv_out"]
+    # A checkpoint of older versions re-saved after loading holds the resolved names, unmarked: saved again, it stays
+    # unmarked, and its names are not taken for an edit of the preset's roles.
+    q = msfp.quantize(copy.deepcopy(fp), "w4a4-msfp")
     msfp.calibrate(q, fp, scheduler(), num_samples=2, num_steps=2, disable=True)
-    msfp.save_quantized(q, tmp_path / "a")
-    msfp.save_quantized(msfp.load_quantized(tmp_path / "a"), tmp_path / "b")
-    for name in ("a", "b"):
-        meta = msfp.checkpoint.read_quant_meta(tmp_path / name)
-        assert meta["quantization_config"]["eight_bit_layers"] == ["@first", "conv_out"]
-        assert "(preset w4a4-msfp with eight_bit_layers changed): " in describe(meta)
-    assert msfp.load_quantized(tmp_path / "b").msfp_config.eight_bit_layers == ["conv_in", "conv_out"]
+    msfp.save_quantized(q, tmp_path / "old")
+    names = resolved_selectors(msfp.checkpoint.read_quant_meta(tmp_path / "old"))["eight_bit_layers"]
+    _edit_meta(tmp_path / "old", lambda meta: meta["quantization_config"].update(eight_bit_layers=names)
+               or meta["quantization_config"].pop("selectors_as_given"))
+    msfp.save_quantized(msfp.load_quantized(tmp_path / "old"), tmp_path / "again")
+    meta = msfp.checkpoint.read_quant_meta(tmp_path / "again")
+    assert meta["quantization_config"]["selectors_as_given"] is False and "\npreset w4a4-msfp: " in describe(meta)
 
 
 def test_the_errors_of_a_fine_tuned_model_are_named_as_calibrations(metas):

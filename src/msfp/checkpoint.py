@@ -258,8 +258,9 @@ def _sha256(path: Path) -> str:
 
 def quantization_config(model: nn.Module) -> dict:
     """The ``quantization_config`` block of ``msfp_quant.json`` (the keys diffusers uses, plus msfp's own)."""
-    # A loaded model's config selects its layers by their saved names: the selectors it was quantized with are kept.
-    config = dict(model.msfp_config.to_dict(), **getattr(model, "msfp_layer_selectors", {}))
+    # A loaded model's config selects its layers by their saved names: the selectors it was quantized with are kept,
+    # and marked as such (older versions saved the names, which msfp info cannot compare with a preset's roles).
+    config = {**model.msfp_config.to_dict(), "selectors_as_given": True, **getattr(model, "msfp_layer_selectors", {})}
     return dict(quant_method="msfp", format_version=FORMAT_VERSION, **config,
                 modules_to_not_convert=list(model.msfp_full_precision_layers),
                 unsupported_layers=dict(getattr(model, "msfp_unsupported_layers", {})),
@@ -650,7 +651,8 @@ def load_quantized(directory: str | os.PathLike, model: nn.Module | None = None,
             qmodel = quantize(base, config)
     except ValueError as e:
         raise ValueError(f"{path}: the checkpoint does not fit this architecture ({e})") from e
-    qmodel.msfp_layer_selectors = {f: qc[f] for f in SELECTOR_FIELDS if f in qc}
+    qmodel.msfp_layer_selectors = dict({f: qc[f] for f in SELECTOR_FIELDS if f in qc},
+                                       selectors_as_given=qc.get("selectors_as_given", False))
     layers, attention = quant_layers(qmodel), attention_quantizers(qmodel)
     built, saved = {*layers, *attention}, {*meta["layers"], *saved_attention}
     _check_same_layers(built, saved, path)

@@ -201,12 +201,14 @@ SELECTOR_FIELDS = ("eight_bit_layers", "full_precision_layers")
 def changed_from_preset(fields: dict, resolved: dict[str, list[str]] | None = None) -> list[str] | None:
     """The fields of a config (as saved: a dict) that differ from the preset it is named after, or None when its name
     is no preset. A config can keep a preset's name after an edit, or name one in a JSON file without its fields.
-    ``resolved``: per selector field, the (escaped) layer names it selected; a field that holds just those (a
-    checkpoint re-saved after loading, before the selectors were kept) cannot be compared and is left out."""
+    ``resolved``: per selector field, the (escaped) layer names it selected; in a checkpoint whose selectors are not
+    marked ``selectors_as_given``, a field that holds just those (re-saved after loading, before the selectors were
+    kept) cannot be compared and is left out."""
     name = fields.get("name")
     if name not in PRESETS:
         return None
     preset = dataclasses.asdict(QuantConfig.preset(name))
+    resolved = None if fields.get("selectors_as_given") else resolved
     # (Empty is no resolved form: a preset's selectors always select layers, or quantize refuses them.)
     as_names = {k for k, names in (resolved or {}).items()
                 if names and k in fields and sorted(fields[k]) == sorted(names)}
