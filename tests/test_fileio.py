@@ -1,5 +1,6 @@
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -342,3 +343,21 @@ def test_folders_made_for_a_lock_are_removed_when_the_run_leaves_them_empty(tmp_
         except ValueError:
             pass
         assert sorted(os.listdir(tmp_path / "x")) == ["note"]
+
+
+@pytest.mark.skipif(os.name != "posix", reason="exclusive_run locks with fcntl")
+def test_a_lock_folder_removed_by_another_run_is_made_again(tmp_path, monkeypatch):
+    # Another run removes the empty folder it made just after this one's mkdir: the open failed with a bare
+    # FileNotFoundError. Simulated by removing the folder before the first open.
+    opened = []
+
+    def open_after_removal(path, *args, **kwargs):
+        if not opened:
+            Path(path).parent.rmdir()
+        opened.append(path)
+        return open(path, *args, **kwargs)
+
+    monkeypatch.setattr(fileio, "open", open_after_removal, raising=False)
+    with fileio.exclusive_run(tmp_path / "new" / "out", "test"):
+        assert (tmp_path / "new" / ".out.lock").is_file()
+    assert len(opened) == 2 and not (tmp_path / "new").exists()

@@ -337,9 +337,14 @@ def exclusive_run(path: str | os.PathLike, command: str):
     path = Path(path)
     lock = path.parent / f".{path.name}.lock"
     made = _missing_folders(lock.parent)
-    lock.parent.mkdir(parents=True, exist_ok=True)
     while True:
-        f = open(lock, "a+", encoding="utf-8")
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            f = open(lock, "a+", encoding="utf-8")
+        except FileNotFoundError:
+            if lock.parent.is_dir():
+                raise
+            continue  # a run that had made the folder removed it, empty, between our mkdir and our open
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
