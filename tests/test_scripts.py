@@ -137,6 +137,7 @@ def test_train_default_model_checks_options_first(capsys):
                           (["--lr", "0"], "--lr must be a finite number > 0, got 0.0"),
                           (["--lr", "nan"], "--lr must be a finite number > 0, got nan"),
                           (["--max-minutes", "-1"], "--max-minutes must be >= 0, got -1.0"),
+                          (["--max-minutes", "nan"], "--max-minutes must be >= 0, got nan"),  # was: no budget
                           (["--ema-decay", "1"], "--ema-decay must be in [0, 1), got 1.0")):
         with pytest.raises(SystemExit):
             load_script("train_default_model").main(args)

@@ -28,7 +28,7 @@ def check_minimums(parser: argparse.ArgumentParser, args: argparse.Namespace, **
     before the work that a bad one would waste, not where it fails."""
     for name, low in minimums.items():
         value = getattr(args, name)
-        if value is not None and value < low:
+        if value is not None and not value >= low:  # (NaN too)
             parser.error(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
 
 
