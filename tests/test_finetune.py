@@ -221,10 +221,16 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(calibrated, tmp_path,
         return loss * float("nan") if calls["n"] > 10 else loss
 
     monkeypatch.setattr(ft, "weighted_mse", nan_after_10)
+    student = copy.deepcopy(q)
     with pytest.raises(FloatingPointError, match=r"loss became nan at iteration 10 .*last good checkpoint"):
-        finetune(copy.deepcopy(q), fp, scheduler(), FinetuneConfig(**CONFIG), work_dir=tmp_path, disable=True)
+        finetune(student, fp, scheduler(), FinetuneConfig(**CONFIG), work_dir=tmp_path, disable=True)
     state = torch.load(tmp_path / ft.STATE_NAME, weights_only=False)
     assert state["iter"] == 8 and all(torch.isfinite(v).all() for v in state["trainable"].values())
+    # The model is as it was: the advised retry (lower rates) started from the diverged run's LoRAs and scales.
+    assert getattr(student, "msfp_router", None) is None and not any(p.requires_grad for p in student.parameters())
+    before = {k: v for k, v in q.state_dict().items() if isinstance(v, torch.Tensor)}
+    after = {k: v for k, v in student.state_dict().items() if isinstance(v, torch.Tensor)}
+    assert after.keys() == before.keys() and all(torch.equal(v, before[k]) for k, v in after.items())
 
 
 def test_non_finite_gradients_stop_before_the_step(calibrated, tmp_path):
@@ -523,6 +529,12 @@ def test_efficientdm_style_baseline_runs():
 
 def test_bad_settings_fail_clearly(calibrated):
     fp, q = calibrated
+    # A 4-step teacher's timesteps are among an 8-step trajectory's: it trained with the 8-step DFA weights.
+    teacher = collect_trajectories(fp, scheduler(), 2, 4, disable=True)
+    with pytest.raises(ValueError, match=r"teacher trajectories never visit timesteps .* of a 8-step DDIMScheduler "
+                                         r"trajectory: set traj_steps to the teacher's step count"):
+        finetune(copy.deepcopy(q), fp, scheduler(), FinetuneConfig(**{**CONFIG, "traj_steps": 8}), teacher=teacher,
+                 disable=True)
     with pytest.raises(ValueError, match="lora must be 'talora', 'single' or 'none'"):
         FinetuneConfig(lora="many")
     with pytest.raises(ValueError, match="dfa_weighting must be 'abs' or 'square'"):

@@ -207,10 +207,14 @@ def _point_weights(points: Trajectories, by_t: dict[float, float] | None, schedu
     """Each training point's loss weight from :func:`_loss_weights`' ``by_t``."""
     if by_t is None:
         return torch.ones(len(points))
-    missing = sorted(set(points.t.tolist()) - set(by_t))
+    visited = set(points.t.tolist())
+    missing, unvisited = sorted(visited - set(by_t)), sorted(set(by_t) - visited)
     if missing:
         raise ValueError(f"teacher trajectories visit timesteps {missing[:5]} that a {config.traj_steps}-step "
                          f"{type(scheduler).__name__} trajectory does not")
+    if unvisited:  # a shorter teacher's timesteps are among them, but their weights are another step count's
+        raise ValueError(f"teacher trajectories never visit timesteps {unvisited[:5]} of a {config.traj_steps}-step "
+                         f"{type(scheduler).__name__} trajectory: set traj_steps to the teacher's step count")
     return torch.tensor([by_t[t] for t in points.t.tolist()])
 
 
@@ -347,6 +351,16 @@ def finetune(qmodel: nn.Module, fp_model: nn.Module, scheduler, config: Finetune
         if merged is not None:
             raise ValueError(f"{merged}: its LoRAs are merged into packed weights (a loaded fine-tuned checkpoint), so "
                              "there are none to train; use lora='none', or fine-tune the model msfp.quantize returned")
+    trained = {}  # the trainable values before this call, put back when it fails
+
+    def roll_back():  # a failed or interrupted call leaves the model as it was: a corrected call starts afresh
+        with torch.no_grad():
+            for name, p in qmodel.named_parameters():
+                if name in trained:
+                    p.copy_(trained[name])
+        if added and getattr(qmodel, "msfp_router", None) is not None:  # (add_talora itself may have failed)
+            remove_talora(qmodel)
+
     try:
         if added:
             add_talora(qmodel, config.num_loras if config.lora == "talora" else 1, config.rank, config.seed)
@@ -396,9 +410,8 @@ def finetune(qmodel: nn.Module, fp_model: nn.Module, scheduler, config: Finetune
             gen.set_state(state["generator"])
             it, losses = state["iter"], state["losses"]
             earlier_runs = state.get("earlier_runs", earlier_runs)  # absent in state files written before it was kept
-    except BaseException:  # a refused or interrupted start leaves no LoRAs behind: a corrected call can follow
-        if added and getattr(qmodel, "msfp_router", None) is not None:  # (add_talora itself may have failed)
-            remove_talora(qmodel)
+    except BaseException:
+        roll_back()
         for p in qmodel.parameters():
             p.requires_grad_(False)
         raise
@@ -465,7 +478,10 @@ def finetune(qmodel: nn.Module, fp_model: nn.Module, scheduler, config: Finetune
             if it % config.checkpoint_every == 0:
                 save_state()
         save_state()
-    finally:  # stopped by an error or an interrupt too: an inference model again, which resume=True continues
+    except BaseException:  # diverged ("lower the learning rates": the retry must not start from the diverged values)
+        roll_back()  # or interrupted: resume=True continues from the last checkpoint
+        raise
+    finally:  # an inference model again
         bar.close()
         set_fused_rounding(qmodel, False)
         for p in qmodel.parameters():
