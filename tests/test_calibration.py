@@ -168,6 +168,9 @@ def test_a_half_precision_teacher_with_conditioning_calibrates_a_float32_model()
     assert points.cond["encoder_hidden_states"].dtype == torch.bfloat16  # the trajectories stay as the teacher ran
     assert len(per_timestep_eps_mse(q, points)) == 2
     assert _flops_by_layer(copy.deepcopy(fp).float(), SimpleNamespace(heldout=points))[1] > 0
+    # A bfloat16 model measured on the (float32) points: "Input type (float) and bias type (BFloat16)".
+    assert len(per_timestep_eps_mse(fp, points)) == 2
+    assert _flops_by_layer(fp, SimpleNamespace(heldout=points))[1] > 0
 
 
 def test_a_refused_calibration_keeps_what_the_model_records_of_the_last_one():

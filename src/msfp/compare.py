@@ -201,7 +201,8 @@ def _flops_by_layer(model: nn.Module, ctx: Context) -> tuple[dict[str, int], int
     x, t, cond = next(ctx.heldout.batches(1))
     first = next(model.parameters())
     with counting_flops(model) as counter:
-        denoise(model, x.to(first.device), t.to(first.device), **model_cond(cond, first.device, first.dtype))
+        denoise(model, x.to(first.device, first.dtype), t.to(first.device),
+                **model_cond(cond, first.device, first.dtype))
     prefix = type(model).__name__ + "."
     per = {k[len(prefix):]: sum(v.values()) for k, v in counter.get_flop_counts().items() if k.startswith(prefix)}
     return per, int(counter.get_total_flops())

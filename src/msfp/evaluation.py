@@ -191,7 +191,7 @@ def per_timestep_eps_mse(model, points, device=None, batch_size: int = 256) -> d
     sums, counts = defaultdict(float), defaultdict(int)
     for start in range(0, len(points), batch_size):
         sl = slice(start, start + batch_size)
-        x, t, eps = points.x[sl].to(device), points.t[sl].to(device), points.eps[sl]
+        x, t, eps = points.x[sl].to(device, dtype), points.t[sl].to(device), points.eps[sl]  # (points: float32)
         cond = model_cond({k: v[sl] for k, v in points.cond.items()}, device, dtype)
         # Learned-variance models (DiT) also output the variance: compare the noise channels only.
         out = denoise(model, x, t, **cond).float().cpu()[:, : eps.shape[1]]
