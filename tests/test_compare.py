@@ -151,6 +151,14 @@ def test_bad_settings_fail_before_any_work(tmp_path):
     r = run("compare", "--num", 10_001, "--out", tmp_path / "x")
     assert r.exit_code == 2 and "'--num' / '-n': 10001 is not in the range 1<=x<=10000" in r.output
     assert not (tmp_path / "x").exists()
+    # Fine-tuning settings without a fine-tuned method were recorded and ignored (and then blocked a --resume).
+    r = run("compare", "--model", tmp_path / "no-model", "--methods", "w4a4-msfp,w6a6-msfp", "--rank", 8,
+            "--finetune-iters", 10, "--out", tmp_path / "x")
+    assert r.exit_code == 2 and "--finetune-iters, --rank set(s) how methods are fine-tuned; none of --methods is " \
+        "fine-tuned" in r.output, r.output
+    r = run("compare", "--model", tmp_path / "no-model", "--methods", "w4a4-msfp+lora-mse", "--rank", 8,
+            "--out", tmp_path / "x")
+    assert r.exit_code == 1 and "no-model" in r.output, r.output  # a fine-tuned method uses it: the model is next
     # --data-dir locates the default reference only; it was ignored without a word (msfp eval refuses it).
     np.savez(tmp_path / "ref.npz", mu=np.zeros(128), sigma=np.eye(128))
     for ref in (["--ref", tmp_path / "ref.npz"], ["--ref-images", tmp_path]):

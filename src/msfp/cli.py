@@ -426,12 +426,16 @@ def compare(model_spec, methods, out, num_samples, steps, calib_samples, calib_s
     import shlex
     import sys
 
-    from msfp.compare import CompareSettings, metrics_table, parse_methods, run_compare, skipped_metrics
+    from msfp.compare import (UNTUNED_METHODS, CompareSettings, metrics_table, parse_methods, run_compare,
+                              skipped_metrics)
     from msfp.evaluation import load_reference
 
     _check_data_dir(data_dir, ref, ref_images)
     with _user_errors():
         names = parse_methods(methods)
+        if set(names) <= UNTUNED_METHODS:
+            _refuse_unused(("finetune_iters", "finetune_batch", "num_loras", "rank"),
+                           "set(s) how methods are fine-tuned; none of --methods is fine-tuned")
         reference = load_reference(ref, ref_images, data_dir)
         settings = CompareSettings(model=model_spec, num_samples=num_samples, steps=steps, calib_samples=calib_samples,
                                    calib_steps=calib_steps, heldout_samples=heldout_samples,

@@ -281,6 +281,8 @@ for _recipe in RECIPES:
                     f"torchao {RECIPES[_recipe]} W4A4, emulated", unavailable_reason)
 for _name, (_kwargs, _description) in FINETUNED.items():
     register_method(_name, lambda ctx, kw=_kwargs: build_finetuned(ctx, **kw), _description)
+#: the built-in methods that fine-tune nothing (a registered method may read the fine-tuning settings)
+UNTUNED_METHODS = frozenset(METHODS) - frozenset(FINETUNED)
 
 
 def parse_methods(text: str | None) -> list[str]:
