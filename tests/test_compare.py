@@ -156,6 +156,10 @@ def test_bad_settings_fail_before_any_work(tmp_path):
             "--finetune-iters", 10, "--out", tmp_path / "x")
     assert r.exit_code == 2 and "--finetune-iters, --rank set(s) how methods are fine-tuned; none of --methods is " \
         "fine-tuned" in r.output, r.output
+    # A resume repeats the interrupted run's settings, whose method list may have held a fine-tuned method.
+    r = run("compare", "--model", tmp_path / "no-model", "--methods", "w4a4-msfp", "--rank", 8, "--resume",
+            "--out", tmp_path / "x")
+    assert r.exit_code == 1 and "fine-tuned" not in r.output, r.output
     r = run("compare", "--model", tmp_path / "no-model", "--methods", "w4a4-msfp+lora-mse", "--rank", 8,
             "--out", tmp_path / "x")
     assert r.exit_code == 1 and "no-model" in r.output, r.output  # a fine-tuned method uses it: the model is next

@@ -433,7 +433,7 @@ def compare(model_spec, methods, out, num_samples, steps, calib_samples, calib_s
     _check_data_dir(data_dir, ref, ref_images)
     with _user_errors():
         names = parse_methods(methods)
-        if set(names) <= UNTUNED_METHODS:
+        if set(names) <= UNTUNED_METHODS and not resume:  # a resume repeats the interrupted run's settings
             _refuse_unused(("finetune_iters", "finetune_batch", "num_loras", "rank"),
                            "set(s) how methods are fine-tuned; none of --methods is fine-tuned")
         reference = load_reference(ref, ref_images, data_dir)
