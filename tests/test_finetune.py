@@ -233,6 +233,19 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(calibrated, tmp_path,
     assert after.keys() == before.keys() and all(torch.equal(v, before[k]) for k, v in after.items())
 
 
+def test_a_failing_roll_back_does_not_hide_why_the_run_stopped(calibrated, monkeypatch):
+    fp, q = calibrated
+
+    def unusable_device(model):
+        raise RuntimeError("CUDA error: device-side assert triggered")
+
+    monkeypatch.setattr(ft, "weighted_mse", lambda *args: torch.tensor(float("nan")))
+    monkeypatch.setattr(ft, "remove_talora", unusable_device)
+    with pytest.warns(UserWarning, match=r"could not put the model back as it was \(RuntimeError: CUDA error"):
+        with pytest.raises(ft.FinetuneDivergedError, match="loss became nan at iteration 0"):
+            finetune(copy.deepcopy(q), fp, scheduler(), FinetuneConfig(**CONFIG), disable=True)
+
+
 def test_non_finite_gradients_stop_before_the_step(calibrated, tmp_path):
     fp, q = calibrated
     q = copy.deepcopy(q)

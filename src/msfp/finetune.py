@@ -354,12 +354,16 @@ def finetune(qmodel: nn.Module, fp_model: nn.Module, scheduler, config: Finetune
     trained = {}  # the trainable values before this call, put back when it fails
 
     def roll_back():  # a failed or interrupted call leaves the model as it was: a corrected call starts afresh
-        with torch.no_grad():
-            for name, p in qmodel.named_parameters():
-                if name in trained:
-                    p.copy_(trained[name])
-        if added and getattr(qmodel, "msfp_router", None) is not None:  # (add_talora itself may have failed)
-            remove_talora(qmodel)
+        try:
+            with torch.no_grad():
+                for name, p in qmodel.named_parameters():
+                    if name in trained:
+                        p.copy_(trained[name])
+            if added and getattr(qmodel, "msfp_router", None) is not None:  # (add_talora itself may have failed)
+                remove_talora(qmodel)
+        except Exception as e:  # (a failed GPU, say) never in place of the error that stopped the run
+            warnings.warn(f"finetune could not put the model back as it was ({type(e).__name__}: {e}): it is left "
+                          "changed", stacklevel=3)
 
     try:
         if added:
