@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from msfp.config import PRESETS
+from msfp.config import PRESETS, QuantConfig
 from msfp.fileio import write_json
 
 
@@ -45,7 +45,12 @@ def preset_names(parser: argparse.ArgumentParser, text: str, option: str = "--pr
     """The quantization presets listed in ``text`` (comma-separated; empty entries dropped), every one checked up
     front: an unknown name must not surface after the presets before it were calibrated."""
     names = [n.strip() for n in text.split(",") if n.strip()]
-    unknown = [n for n in names if n.lower() not in PRESETS]  # QuantConfig.preset ignores case too
+    unknown = []
+    for name in names:  # by QuantConfig.preset's own lookup (case ignored)
+        try:
+            QuantConfig.preset(name)
+        except ValueError:
+            unknown.append(name)
     if unknown:
         parser.error(f"{option}: unknown preset(s) {', '.join(map(repr, unknown))}; choose from {', '.join(PRESETS)}")
     return names

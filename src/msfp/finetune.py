@@ -401,7 +401,7 @@ def finetune(qmodel: nn.Module, fp_model: nn.Module, scheduler, config: Finetune
                 if state.get("identity", {}).get(what) != identity[what]:
                     raise ValueError(f"{state_path} was written for another {what} model (or calibration); resume with "
                                      f"the model and teacher it started from, or delete {state_path.parent}")
-            missing = set(_trainable_state(qmodel)) ^ set(state["trainable"])
+            missing = set(trained) ^ set(state["trainable"])
             if missing:
                 raise ValueError(f"{state_path} does not match this model's trainable parameters: "
                                  f"{sorted(missing)[:3]}")
