@@ -173,6 +173,16 @@ def test_search_bad_inputs():
     assert wq.initialize_per_tensor(torch.randn(4, 8), max_samples=16).scale.shape == ()
 
 
+@pytest.mark.parametrize("name", ["ufp4_e2m2", "uint4"])
+def test_search_never_picks_a_grid_beyond_float32(name):
+    # max - min of data near ±3e38 overflows float32: those candidates' scale is inf and their MSE NaN, which argmin
+    # picked (scale inf, MSE nan) instead of the finite candidates.
+    x = torch.tensor([-3e38, 3e38, 1.0, -2.0, 5e37])
+    result = search_quant_params(x, name)
+    assert math.isfinite(result.mse) and torch.isfinite(result.scale) and torch.isfinite(result.zero_point)
+    assert torch.isfinite(fake_quant(x, result.fmt, result.scale, result.zero_point)).all()
+
+
 def test_search_is_bounded_and_deterministic(monkeypatch):
     import msfp.quantizers as quantizers
 

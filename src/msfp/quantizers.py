@@ -93,6 +93,9 @@ def _best_per_row(sums, fmt: Format, scale: torch.Tensor, zero: torch.Tensor | N
         centred = levels - center[:, :, None]
         errors.append((run(s2) - 2 * centred * run(s1) + n * centred.pow(2)).sum(-1).clamp_min(0) / k)
     err = torch.cat(errors, dim=1)  # float64: in float32 the errors of data beyond ~1e19 are all inf, and argmin 0
+    # A span beyond float32 (max - min of data near ±3e38) gives an inf scale and a NaN error, which argmin would
+    # pick; such a grid cannot quantize anything. The zero-point-0 candidates always have a finite scale.
+    err = err.masked_fill(err.isnan() | ~torch.isfinite(scale), float("inf"))
     best = err.argmin(dim=1, keepdim=True)
     pick = lambda t: None if t is None else t.gather(1, best).squeeze(1)  # noqa: E731
     return pick(err), pick(scale), pick(zero)
