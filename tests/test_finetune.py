@@ -431,6 +431,29 @@ def test_a_run_stopped_by_its_time_budget_and_resumed_is_recorded_once(calibrate
     assert student.msfp_finetune == dict(checkpointed.to_dict(), iters_done=2,
                                          earlier=[dict(config.to_dict(), iters_done=2)])
 
+def test_the_time_budget_counts_the_teacher_sampling(calibrated, tmp_path, monkeypatch):
+    # The budget ("stop after this long") used to start after the teacher's trajectories were sampled, so a long
+    # teacher run was never counted. A fake clock: sampling the teacher takes two minutes.
+    import msfp.finetune as ft
+
+    fp, q = calibrated
+    clock, real_collect = [0.0], ft.collect_trajectories
+    monkeypatch.setattr(ft.time, "monotonic", lambda: clock[0])
+
+    def slow_collect(*args, **kwargs):
+        clock[0] += 120.0
+        return real_collect(*args, **kwargs)
+
+    monkeypatch.setattr(ft, "collect_trajectories", slow_collect)
+    config = FinetuneConfig(**{**CONFIG, "iters": 2})
+    student = copy.deepcopy(q)
+    result = finetune(student, fp, scheduler(), config, work_dir=tmp_path, max_minutes=1.5, disable=True)
+    assert result.stopped_early and result.iters_done == 0
+    result = finetune(student, fp, scheduler(), config, work_dir=tmp_path, max_minutes=1.5, resume=True, disable=True)
+    assert not result.stopped_early and result.iters_done == 2  # the cached teacher is not sampled again
+    assert clock[0] == 120.0
+
+
 def test_given_teacher_points_are_checked_and_identify_the_work_dir(calibrated, tmp_path):
     fp, q = calibrated
     config = FinetuneConfig(**{**CONFIG, "iters": 4, "checkpoint_every": 2})

@@ -484,7 +484,7 @@ def compare(model_spec, methods, out, num_samples, steps, calib_samples, calib_s
               f"{HELDOUT_SEED_OFFSET + _SPAN - 1})")
 @click.option("--resume", is_flag=True, help="continue an interrupted run from its last checkpoint")
 @click.option("--max-minutes", type=click.FloatRange(min=0), default=None,
-              help="stop after this long; continue later with --resume")
+              help="stop after this long (the teacher's sampling included); continue later with --resume")
 @click.option("--device", type=_DEVICE, default=None, help="default: cuda if available, else cpu")
 def finetune_cmd(directory, model_spec, iters, batch, lora, num_loras, rank, loss, dfa_weighting, lora_lr, act_lr,
                  router_lr, train_weight_scales, traj_samples, traj_steps, seed, resume, max_minutes, device):

@@ -292,8 +292,10 @@ def finetune(qmodel: nn.Module, fp_model: nn.Module, scheduler, config: Finetune
     scheduler, e.g. shared by several runs); by default they are sampled here (and cached in ``work_dir``).
     ``fused_rounding`` runs the quantizers' rounding as fused compiled kernels (same values, see
     :func:`msfp.surgery.set_fused_rounding`); by default on CUDA only, where it pays for its compilation, and only
-    where it is exact (:func:`default_fused_rounding`).
+    where it is exact (:func:`default_fused_rounding`). ``max_minutes`` counts from the call, the teacher's sampling
+    included: a run stopped by it is checkpointed (with the teacher cached) and continues with ``resume=True``.
     """
+    began = time.monotonic()
     config = config or FinetuneConfig()
     if getattr(qmodel, "msfp_config", None) is None:
         raise ValueError("finetune() needs a model returned by msfp.quantize and msfp.calibrate")
@@ -452,7 +454,7 @@ def finetune(qmodel: nn.Module, fp_model: nn.Module, scheduler, config: Finetune
     qmodel.eval()  # no dropout; the quantized model has no batch statistics to update
     try:
         while it < config.iters:
-            if max_minutes is not None and time.monotonic() - start >= 60 * max_minutes:
+            if max_minutes is not None and time.monotonic() - began >= 60 * max_minutes:
                 stopped_early = True
                 break
             idx = torch.randint(0, len(points), (config.batch_size,), generator=gen)
