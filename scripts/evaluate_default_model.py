@@ -1,5 +1,6 @@
 """Measure the quality of msfp's default model (or any 1-channel 32x32 Fashion-MNIST model) in the feature space of
-the shipped feature network: Fréchet distance (FD) and KID against the Fashion-MNIST test split, the classifier score
+the shipped feature network: Fréchet distance (FD) and KID against the Fashion-MNIST test split (with --data, its test
+images, FD included, as msfp eval --data-dir does; unset, FD from the shipped statistics), the classifier score
 (Inception-score analogue), and the same numbers for N real training images (the floor a perfect generator reaches
 with the same N). Also writes a PNG grid of the first samples.
 
@@ -22,10 +23,12 @@ import torch
 
 from msfp.data import CLASS_NAMES, load_fashion_mnist, to_model_range
 from msfp.environment import HelpFormatter, check_minimums, command_line, machine_info
-from msfp.feature_net import compute_features, load_feature_net, load_reference_stats
+from msfp.evaluation import load_reference
+from msfp.feature_net import compute_features, load_feature_net
 from msfp.fileio import write_json
 from msfp.metrics import classifier_score, feature_stats, frechet_distance, kid
 from msfp.models import load_model
+from msfp.samples import from_uint8
 from msfp.sampling import sample, save_grid
 
 
@@ -73,9 +76,11 @@ def main(argv=None) -> None:
     model, scheduler = load_model(args.model)
     model.to(args.device)
     net = load_feature_net()
-    ref_stats = load_reference_stats("test")
-    test_u8, _ = load_fashion_mnist("test", args.data)
-    ref_feats, _ = compute_features(net, to_model_range(test_u8))  # KID needs features, not just moments
+    reference = load_reference(data_dir=args.data)  # msfp eval's: --data's test images, FD from them too
+    if reference.images is None:  # KID needs features, not just moments
+        raise FileNotFoundError(reference.no_images_reason)
+    ref_feats, _ = compute_features(net, from_uint8(reference.images))
+    ref_stats = reference.stats or feature_stats(ref_feats)
 
     start = time.time()
     images = sample(model, scheduler, args.num_samples, num_inference_steps=args.steps, seed=args.seed,
@@ -97,7 +102,7 @@ def main(argv=None) -> None:
     result = dict(
         model=args.model, num_samples=args.num_samples, sampler=type(scheduler).__name__, steps=args.steps,
         eta=args.eta, seed=args.seed, grid=dict(path=args.grid, count=args.grid_count, steps=grid_steps),
-        reference="Fashion-MNIST test split (10,000 images)",
+        reference=reference.name,
         samples=quality(feats, logits, ref_stats, ref_feats, args),
         real_train_floor=quality(real_feats, real_logits, ref_stats, ref_feats, args),
         sample_time_s=round(sample_time, 1), sample_time_per_step_and_image_ms=round(

@@ -165,6 +165,19 @@ def test_eval_default_reference_without_the_dataset(tmp_path, monkeypatch):
     assert result["skipped"]["eps_mse, eps_mse_weighted"] == "no --model given"  # every metric: computed or skipped
 
 
+def test_eval_data_dir_names_the_reference_it_used(tmp_path):
+    from idx_files import write_fashion_mnist
+
+    save_samples(tmp_path / "s.npz", fashion_like(20), np.arange(20))
+    (tmp_path / "data").mkdir()
+    write_fashion_mnist(tmp_path / "data")  # 256 images: it was named "Fashion-MNIST test split (10,000 images)"
+    r = run("eval", tmp_path / "s.npz", "--data-dir", tmp_path / "data", "--json", tmp_path / "r.json")
+    assert r.exit_code == 0, r.output
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["reference"] == f"{tmp_path / 'data'} test split (256 images)"
+    assert f"reference: {tmp_path / 'data'} test split (256 images)" in r.output
+
+
 def test_eval_paired(tmp_path):
     images = fashion_like(10)
     save_samples(tmp_path / "q.npz", images, np.arange(10))

@@ -142,3 +142,22 @@ def test_classifier_score_splits_hold_ten_images_or_more():
     np.fill_diagonal(ten_classes, 0.0)  # ten images, ten confident classes
     assert classifier_score(ten_classes, 10)[0] == 1.0  # one image per split: 1 whatever the images
     assert classifier_score(ten_classes, _splits(10)) == (pytest.approx(10.0), None)  # one split: no spread
+
+
+def test_a_data_dir_reference_is_its_own_images_fd_included(tmp_path):
+    from idx_files import SAMPLE, idx_bytes
+
+    from msfp.evaluation import Reference, evaluate
+
+    # Another data set under Fashion-MNIST's file names (as MNIST has): FD used the shipped statistics of the
+    # 10,000 Fashion-MNIST test images while KID used these 256, all under the name of the former.
+    with np.load(SAMPLE) as f:
+        images, labels = f["images"], f["labels"]
+    (tmp_path / "t10k-images-idx3-ubyte").write_bytes(idx_bytes(255 - images))
+    (tmp_path / "t10k-labels-idx1-ubyte").write_bytes(idx_bytes(labels))
+    reference = load_reference(data_dir=tmp_path)
+    assert reference.name == f"{tmp_path} test split (256 images)" and reference.stats is None
+    save_samples(tmp_path / "s.npz", np.pad(images[:20], ((0, 0), (2, 2), (2, 2)))[..., None], np.arange(20))
+    result = evaluate(tmp_path / "s.npz", reference, device="cpu")
+    images_only = evaluate(tmp_path / "s.npz", Reference("images", images=reference.images), device="cpu")
+    assert result["reference"] == reference.name and result["metrics"]["fd"] == images_only["metrics"]["fd"]

@@ -182,6 +182,8 @@ def test_evaluate_default_model_scores_samples_and_the_real_data_floor(tmp_path,
     result = json.loads(capsys.readouterr().out)
     assert json.loads(out.read_text()) == result
     assert result["machine"]["versions"]["msfp_code"] and result["command"].startswith("python scripts/")
+    # FD against --data's 256 test images, as KID: it was against the shipped statistics of 10,000, named so.
+    assert result["reference"] == f"{data_dir} test split (256 images)"
     for side in ("samples", "real_train_floor"):
         assert sum(result[side]["predicted_classes"].values()) == 8
         assert result[side]["fd"] > 0 and result[side]["classifier_score"] >= 1

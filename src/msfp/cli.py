@@ -111,6 +111,10 @@ def _refuse_unused(names: tuple[str, ...], why: str) -> None:
         raise click.UsageError(f"{', '.join(given)} {why}")
 
 
+_DATA_DIR_HELP = ("Fashion-MNIST IDX files: the default reference is their test split (t10k), every metric, FD "
+                  "included, from its images (default: Debian's dataset-fashion-mnist, FD from the shipped statistics)")
+
+
 def _check_data_dir(data_dir, ref, ref_images) -> None:
     if data_dir is not None and (ref is not None or ref_images is not None):
         raise click.UsageError("--data-dir locates the default reference; it has no use with --ref or --ref-images")
@@ -304,8 +308,7 @@ def _check_json_output(json_path: str, inputs: dict, input_dirs: dict) -> None:
               help=".npz with reference images (arr_0) or feature-net statistics (mu, sigma); default: the "
               "Fashion-MNIST test split")
 @click.option("--ref-images", type=click.Path(file_okay=False), default=None, help="directory of reference images")
-@click.option("--data-dir", type=click.Path(exists=True, file_okay=False), default=None,
-              help="Fashion-MNIST IDX files for the default reference (default: Debian's dataset-fashion-mnist)")
+@click.option("--data-dir", type=click.Path(exists=True, file_okay=False), default=None, help=_DATA_DIR_HELP)
 @click.option("--inception-weights", type=click.Path(dir_okay=False), default=None,
               help="torch-fidelity's weights-inception-2015-12-05-6726825d.pth: adds FID, sFID, IS, precision/recall")
 @click.option("--paired", "paired_path", type=click.Path(exists=True, dir_okay=False), default=None,
@@ -411,8 +414,7 @@ def _list_methods(ctx: click.Context, _param, value: bool) -> None:
 @click.option("--ref", type=click.Path(dir_okay=False), default=None,
               help="reference .npz (images or feature-net statistics), as for msfp eval; default: Fashion-MNIST test")
 @click.option("--ref-images", type=click.Path(file_okay=False), default=None, help="directory of reference images")
-@click.option("--data-dir", type=click.Path(exists=True, file_okay=False), default=None,
-              help="Fashion-MNIST IDX files for the default reference (default: Debian's dataset-fashion-mnist)")
+@click.option("--data-dir", type=click.Path(exists=True, file_okay=False), default=None, help=_DATA_DIR_HELP)
 @click.option("--device", type=_DEVICE, default=None, help="default: cuda if available, else cpu")
 @click.option("--resume", is_flag=True, help="continue an interrupted run (same command): reuse the methods it "
               "finished, kept in .OUT.compare/ beside OUT")
