@@ -77,6 +77,29 @@ def test_psnr_pairs_equally_shaped_sets():
             psnr(x, y)
 
 
+def test_psnr_sums_in_chunks_of_integers(monkeypatch):
+    import tracemalloc
+
+    import msfp.evaluation
+
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 256, (16, 64, 64, 3), dtype=np.uint8)
+    b = a ^ rng.integers(0, 4, a.shape, dtype=np.uint8)
+    b[0] = 255 - a[0]  # large errors too
+    mse = float(np.mean((a.astype(np.float64) - b) ** 2))
+    monkeypatch.setattr(msfp.evaluation, "PSNR_CHUNK_PIXELS", 4096, raising=False)
+    tracemalloc.start()
+    try:
+        result = psnr(a, b)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert result == (10 * np.log10(255 ** 2 / mse), mse)  # exactly: the sum of squares is a whole number
+    assert peak < a.nbytes / 2  # float64 copies of both sets, their difference and its square took ~24x a.nbytes
+    with pytest.raises(ValueError, match="PSNR takes uint8 images"):  # a cast to integers would truncate them
+        psnr(a / 255, b / 255)
+
+
 def test_eps_mse_weighted_rejects_other_timesteps():
     with pytest.raises(ValueError, match="not the 3-step trajectory of DDIMScheduler"):
         eps_mse_weighted({999: 0.1, 500: 0.1, 1: 0.1}, ddim())
