@@ -184,3 +184,27 @@ def test_a_data_dir_reference_is_its_own_images_fd_included(tmp_path):
     result = evaluate(tmp_path / "s.npz", reference, device="cpu")
     images_only = evaluate(tmp_path / "s.npz", Reference("images", images=reference.images), device="cpu")
     assert result["reference"] == reference.name and result["metrics"]["fd"] == images_only["metrics"]["fd"]
+
+
+def test_inception_metrics_refuse_a_reference_of_another_size_as_the_feature_nets_do(tmp_path, monkeypatch):
+    import msfp.inception
+    from msfp.evaluation import Reference, evaluate
+
+    class RandomFeatures(torch.nn.Module):  # Inception's outputs, without torch-fidelity or its weights
+        def __init__(self, weights_path):
+            super().__init__()
+
+        def forward(self, images):
+            return {k: torch.rand(len(images), 8) for k in ("pool", "spatial", "logits")}
+
+    monkeypatch.setattr(msfp.inception, "InceptionFeatures", RandomFeatures)
+    rng = np.random.default_rng(0)
+    save_samples(tmp_path / "rgb.npz", rng.integers(0, 256, (12, 64, 64, 3), dtype=np.uint8), np.arange(12))
+    gray_28 = Reference("gray28", images=rng.integers(0, 256, (12, 28, 28, 1), dtype=np.uint8))
+    # FID, sFID and precision/recall were computed against it (Inception resizes any image to 299x299).
+    with pytest.raises(ValueError, match=r"images \(gray28\) are \(28, 28, 1\) but samples are \(64, 64, 3\)"):
+        evaluate(tmp_path / "rgb.npz", gray_28, inception_weights="weights.pth", device="cpu")
+    assert "fid" in evaluate(tmp_path / "rgb.npz", Reference("rgb64", images=rng.integers(
+        0, 256, (12, 64, 64, 3), dtype=np.uint8)), inception_weights="weights.pth", device="cpu")["metrics"]
+    # Without Inception nothing uses it: the feature network takes 32x32x1 images only.
+    assert "fd" not in evaluate(tmp_path / "rgb.npz", gray_28, device="cpu")["metrics"]

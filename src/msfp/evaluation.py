@@ -249,15 +249,19 @@ def eps_mse_means(eps_mse: dict[float, float], scheduler) -> tuple[float | None,
     return sum(eps_mse.values()) / len(eps_mse), eps_mse_weighted(eps_mse, scheduler), None
 
 
-def check_reference(reference: Reference, image_shape: tuple) -> None:
-    """Raise if ``reference`` cannot be compared with images of ``image_shape`` (H, W, C): :func:`evaluate` would, and
-    msfp compare checks before sampling for minutes or hours."""
-    if tuple(image_shape) != FEATURE_NET_IMAGE:  # no feature-net metrics: the reference is not used
+def check_reference(reference: Reference, image_shape: tuple, inception: bool = False) -> None:
+    """Raise if ``reference`` cannot be compared with images of ``image_shape`` (H, W, C) by the metrics that use it,
+    the feature network's (32x32x1 images only) and, with ``inception``, Inception's: :func:`evaluate` checks before
+    any metric, msfp compare before sampling for minutes or hours."""
+    image_shape = tuple(image_shape)
+    feature_net = image_shape == FEATURE_NET_IMAGE
+    if not (feature_net or inception):  # the reference is not used
         return
-    if reference.images is not None and reference.images.shape[1:] != tuple(image_shape):
+    # Inception resizes any image to 299x299, so it would compare other sizes too, measuring the resizing as well.
+    if reference.images is not None and reference.images.shape[1:] != image_shape:
         raise ValueError(f"reference images ({reference.name}) are {reference.images.shape[1:]} but samples are "
-                         f"{tuple(image_shape)}")
-    if reference.stats is not None and len(reference.stats[0]) != (dim := feature_dim()):
+                         f"{image_shape}")
+    if feature_net and reference.stats is not None and len(reference.stats[0]) != (dim := feature_dim()):
         raise ValueError(f"the reference statistics ({reference.name}) are {len(reference.stats[0])}-dimensional, the "
                          f"feature network's features {dim}-dimensional: statistics of another network "
                          "(e.g. Inception's 2048) do not apply")
@@ -270,7 +274,6 @@ def _feature_net_metrics(images, reference: Reference, metrics: dict, skipped: d
             f"the shipped feature network takes 32x32x1 Fashion-MNIST images; the samples are "
             f"{'x'.join(map(str, images.shape[1:]))}")
         return None
-    check_reference(reference, images.shape[1:])
     net = load_feature_net(device=device)
     feats, logits = compute_features(net, from_uint8(images))
     metrics["classifier_score"], metrics["classifier_score_std"] = classifier_score(logits, _splits(len(logits)))
@@ -325,12 +328,13 @@ def evaluate(samples_path, reference: Reference | None = None, inception_weights
     # Check the inputs before the slow metrics: fail fast.
     if paired is not None:
         _check_pairs(samples, paired, samples_path, paired_path)
+    images = samples["images"]
+    reference = reference if reference is not None else load_reference()
+    check_reference(reference, images.shape[1:], inception=inception_weights is not None)
     if inception_weights is not None:
         from msfp.inception import InceptionFeatures
 
         inception = InceptionFeatures(inception_weights).to(device)
-    reference = reference if reference is not None else load_reference()
-    images = samples["images"]
     metrics, skipped = {}, {}
     fd_replicates = _feature_net_metrics(images, reference, metrics, skipped, device)
     if inception_weights is None:
