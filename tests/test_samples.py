@@ -155,6 +155,20 @@ def test_torchrun_shards_equal_a_single_process(tmp_path, tiny_model_dir):
     assert sharded["meta"]["model"] == str(tiny_model_dir)
 
 
+def test_a_merged_sample_file_records_each_ranks_settings_where_they_differ():
+    from msfp.samples import _merge_meta
+
+    # 9 images on 2 GPUs at --batch 64: rank 0 drew 4 per call on cuda:0, rank 1 5 on cuda:1. The merged file
+    # recorded rank 0's (4, cuda:0) for all 9.
+    metas = [dict(model="m", world_size=2, batch_size=4, device="cuda:0", cuda_graphs=False, sample_time_s=3.0),
+             dict(model="m", world_size=2, batch_size=5, device="cuda:1", cuda_graphs=False, sample_time_s=4.5)]
+    setup = dict(batch_size=4, device="cuda:0", cuda_graphs=False)  # rank 0's
+    assert _merge_meta(metas, setup) == dict(model="m", world_size=2, batch_size=[4, 5], device=["cuda:0", "cuda:1"],
+                                             cuda_graphs=False, sample_time_s=4.5)
+    metas[1].update(batch_size=4, device="cuda:0")  # the same settings on every rank: one value, as unsharded
+    assert _merge_meta(metas, setup) == dict(metas[0], sample_time_s=4.5)
+
+
 def test_each_rank_samples_on_its_own_gpu(monkeypatch):
     # --device cuda under torchrun put every rank on the current device, GPU 0.
     monkeypatch.setenv("LOCAL_RANK", "3")

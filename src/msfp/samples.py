@@ -200,6 +200,18 @@ def _shard_path(out: Path, rank: int, world: int) -> Path:
     return out.with_name(f"{out.name}.shard{rank}-of-{world}.npz")
 
 
+def _merge_meta(metas: list[dict], per_rank) -> dict:
+    """The meta of the file merged from the ranks' shards (``metas`` in rank order): the slowest rank's sampling time,
+    and each ``per_rank`` setting as one value where every rank drew with the same, else as the list of each rank's
+    (rank r drew the r-th slice of the seeds): with uneven slices the images per call differ, with GPUs the device."""
+    merged = dict(metas[0], sample_time_s=max(m["sample_time_s"] for m in metas))
+    for key in per_rank:
+        values = [m[key] for m in metas]
+        if any(v != values[0] for v in values):
+            merged[key] = values
+    return merged
+
+
 class NonFiniteSamplesError(ValueError):
     """Sampling produced NaN or inf pixels: the model or the sampler diverged."""
 
@@ -308,7 +320,7 @@ def generate(model, scheduler, out, num_samples: int, num_inference_steps: int, 
             parts = [load_samples(s) for s in shards]
             images, seeds = (np.concatenate([p[k] for p in parts]) for k in ("images", "seeds"))
             labels = None if labels is None else np.concatenate([p["labels"] for p in parts])
-            meta["sample_time_s"] = max(p["meta"]["sample_time_s"] for p in parts)
+            meta = _merge_meta([p["meta"] for p in parts], setup)
         save_samples(out, images, seeds, labels, meta)
         save_grid(from_uint8(images[:GRID_COUNT]), grid_path(out))
         if world > 1:
