@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from msfp.data import CLASS_NAMES, load_fashion_mnist, to_model_range
+from msfp.data import CLASS_NAMES, DEFAULT_DATA_DIR, load_fashion_mnist, to_model_range
 from msfp.environment import HelpFormatter, check_minimums, command_line, machine_info
 from msfp.evaluation import load_reference
 from msfp.feature_net import compute_features, load_feature_net
@@ -46,7 +46,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--model", default="default", help="msfp.load_model spec")
     p.add_argument("--num-samples", type=int, default=1000,
-                   help="images to sample (and real training images for the floor)")
+                   help="images to sample (and real training images for the floor: at most the training split's)")
     p.add_argument("--steps", type=int, default=100, help="DDIM steps")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic)")
     p.add_argument("--batch", type=int, default=250, help="images per denoiser call")
@@ -70,6 +70,10 @@ def main(argv=None) -> None:
     check_minimums(p, args, num_samples=2, kid_subsets=1, kid_subset_size=2, grid_count=1, grid_steps=1)
     if not 1 <= args.splits <= args.num_samples:
         p.error(f"--splits must be between 1 and --num-samples ({args.num_samples}), got {args.splits}")
+    train_u8, _ = load_fashion_mnist("train", args.data)
+    if args.num_samples > len(train_u8):  # the floor would be measured on fewer real images than the samples
+        p.error(f"--num-samples {args.num_samples} is more than the {len(train_u8):,} training images in "
+                f"{args.data or DEFAULT_DATA_DIR}, which give the real-data floor at the same N")
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -95,7 +99,6 @@ def main(argv=None) -> None:
     images = ((images.clamp(-1, 1) + 1) * 127.5).round() / 127.5 - 1
     feats, logits = compute_features(net, images)
 
-    train_u8, _ = load_fashion_mnist("train", args.data)
     idx = torch.randperm(len(train_u8), generator=torch.Generator().manual_seed(args.seed))[: args.num_samples]
     real_feats, real_logits = compute_features(net, to_model_range(train_u8[idx]))
 

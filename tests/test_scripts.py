@@ -192,6 +192,17 @@ def test_evaluate_default_model_scores_samples_and_the_real_data_floor(tmp_path,
     assert Image.open(grid).size == (8 * 34 + 2, 34 + 2)  # one row of 4 of the 8 columns, 2-pixel padding
 
 
+def test_evaluate_default_model_refuses_more_samples_than_real_training_images(tmp_path, data_dir, capsys):
+    script = load_script("evaluate_default_model")
+    script.load_model = lambda spec: pytest.fail("the model was loaded: the check came after the work")
+    # The floor was measured on all 256 real images while the result said num_samples 300.
+    with pytest.raises(SystemExit):
+        script.main(["--data", str(data_dir), "--num-samples", "300", "--out", str(tmp_path / "e.json")])
+    assert (f"--num-samples 300 is more than the 256 training images in {data_dir}, which give the real-data floor at "
+            "the same N") in capsys.readouterr().err
+    assert not (tmp_path / "e.json").exists()
+
+
 @pytest.mark.parametrize("args, message", [
     (["--num-samples", "4", "--splits", "5"], "--splits must be between 1 and --num-samples (4), got 5"),
     (["--num-samples", "1", "--splits", "1"], "--num-samples must be >= 2, got 1"),  # FD's covariance
