@@ -186,18 +186,22 @@ def test_a_data_dir_reference_is_its_own_images_fd_included(tmp_path):
     assert result["reference"] == reference.name and result["metrics"]["fd"] == images_only["metrics"]["fd"]
 
 
+class RandomInception(torch.nn.Module):
+    """Inception's outputs for uint8 (N, 1 or 3, H, W) images, without torch-fidelity or its weights."""
+
+    def __init__(self, weights_path):
+        super().__init__()
+
+    def forward(self, images):
+        assert images.dtype == torch.uint8 and images.shape[1] in (1, 3)
+        return {k: torch.rand(len(images), 8) for k in ("pool", "spatial", "logits")}
+
+
 def test_inception_metrics_refuse_a_reference_of_another_size_as_the_feature_nets_do(tmp_path, monkeypatch):
     import msfp.inception
     from msfp.evaluation import Reference, evaluate
 
-    class RandomFeatures(torch.nn.Module):  # Inception's outputs, without torch-fidelity or its weights
-        def __init__(self, weights_path):
-            super().__init__()
-
-        def forward(self, images):
-            return {k: torch.rand(len(images), 8) for k in ("pool", "spatial", "logits")}
-
-    monkeypatch.setattr(msfp.inception, "InceptionFeatures", RandomFeatures)
+    monkeypatch.setattr(msfp.inception, "InceptionFeatures", RandomInception)
     rng = np.random.default_rng(0)
     save_samples(tmp_path / "rgb.npz", rng.integers(0, 256, (12, 64, 64, 3), dtype=np.uint8), np.arange(12))
     gray_28 = Reference("gray28", images=rng.integers(0, 256, (12, 28, 28, 1), dtype=np.uint8))
@@ -208,3 +212,30 @@ def test_inception_metrics_refuse_a_reference_of_another_size_as_the_feature_net
         0, 256, (12, 64, 64, 3), dtype=np.uint8)), inception_weights="weights.pth", device="cpu")["metrics"]
     # Without Inception nothing uses it: the feature network takes 32x32x1 images only.
     assert "fd" not in evaluate(tmp_path / "rgb.npz", gray_28, device="cpu")["metrics"]
+
+
+def test_gray_images_stored_as_rgb_are_one_channel_and_still_fit_rgb_samples(tmp_path, monkeypatch):
+    from PIL import Image
+
+    import msfp.inception
+    from msfp.evaluation import Reference, check_reference, evaluate
+
+    rng = np.random.default_rng(0)
+    gray = rng.integers(0, 256, (4, 32, 32), dtype=np.uint8)
+    (tmp_path / "gray").mkdir()
+    for i, im in enumerate(gray):  # as torchvision.utils.save_image writes 1-channel tensors
+        Image.fromarray(np.stack([im] * 3, -1)).save(tmp_path / "gray" / f"{i}.png")
+    loaded = load_image_dir(tmp_path / "gray")  # was (4, 32, 32, 3): refused against 1-channel samples
+    assert loaded.shape == (4, 32, 32, 1) and (loaded[..., 0] == gray).all()
+    check_reference(Reference("gray", images=loaded), (32, 32, 1))
+    # One colour image among them: the set stays RGB.
+    Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(tmp_path / "gray" / "9.png")
+    assert load_image_dir(tmp_path / "gray").shape == (5, 32, 32, 3)
+    # A gray set against RGB samples (Inception only) is compared, as it was when it loaded with three channels; a
+    # colour set against gray samples is refused.
+    monkeypatch.setattr(msfp.inception, "InceptionFeatures", RandomInception)
+    save_samples(tmp_path / "rgb.npz", rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8), np.arange(8))
+    result = evaluate(tmp_path / "rgb.npz", Reference("gray", images=loaded), inception_weights="w.pth", device="cpu")
+    assert "fid" in result["metrics"]
+    with pytest.raises(ValueError, match=r"reference images \(rgb\) are \(32, 32, 3\) but samples are \(32, 32, 1\)"):
+        check_reference(Reference("rgb", images=np.zeros((4, 32, 32, 3), np.uint8)), (32, 32, 1), inception=True)

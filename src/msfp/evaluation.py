@@ -78,7 +78,8 @@ def _splits(n: int) -> int:
 
 
 def load_image_dir(path: str | os.PathLike) -> np.ndarray:
-    """All images of a directory (sorted by name), as uint8 (N, H, W, C); grayscale files give C = 1."""
+    """All images of a directory (sorted by name), as uint8 (N, H, W, C); gray images give C = 1: grayscale files, and
+    RGB files whose three channels are equal, when every file's are (torchvision's save_image writes gray so)."""
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"reference image directory {path} not found")
@@ -87,7 +88,7 @@ def load_image_dir(path: str | os.PathLike) -> np.ndarray:
                    if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file() and not f.name.startswith("."))
     if not files:
         raise ValueError(f"{path} holds no images ({', '.join(IMAGE_SUFFIXES)})")
-    images = []
+    images, gray = [], True
     for f in files:
         try:
             with Image.open(f) as im:
@@ -103,7 +104,8 @@ def load_image_dir(path: str | os.PathLike) -> np.ndarray:
             raise ValueError(f"{f}: shape {a.shape} differs from {files[0].name}'s {images[0].shape}; all reference "
                              "images must have the same size and channel count")
         images.append(a)
-    return np.stack(images)
+        gray = gray and bool((a == a[..., :1]).all())
+    return np.stack([a[..., :1] for a in images] if gray else images)
 
 
 def _grayscale(im) -> bool:
@@ -258,7 +260,9 @@ def check_reference(reference: Reference, image_shape: tuple, inception: bool = 
     if not (feature_net or inception):  # the reference is not used
         return
     # Inception resizes any image to 299x299, so it would compare other sizes too, measuring the resizing as well.
-    if reference.images is not None and reference.images.shape[1:] != image_shape:
+    # Gray (1-channel) reference images for RGB samples are not: only Inception compares those, and it reads gray as
+    # three equal channels, so they compare as the same set stored in RGB would (load_image_dir makes that one).
+    if reference.images is not None and reference.images.shape[1:] not in (image_shape, (*image_shape[:2], 1)):
         raise ValueError(f"reference images ({reference.name}) are {reference.images.shape[1:]} but samples are "
                          f"{image_shape}")
     if feature_net and reference.stats is not None and len(reference.stats[0]) != (dim := feature_dim()):
