@@ -543,6 +543,22 @@ def test_a_quantized_layer_of_another_kernel_shape_is_refused(tmp_path):
         msfp.load_quantized(out, model=other)
 
 
+def test_a_full_precision_conv_of_another_geometry_is_refused(tmp_path):
+    # Only quantized convs' geometry was recorded: a full-precision one with another dilation loaded and computed
+    # something else.
+    config = msfp.QuantConfig.preset("w4a4-msfp")
+    config.full_precision_layers = ["mid"]
+    out = msfp.save_quantized(calibrated(tiny_plain, preset=config, sample_shape=(1, 8, 8)), tmp_path / "q")
+    dilated = tiny_plain()
+    dilated.mid.dilation, dilated.mid.padding = (2, 2), (2, 2)
+    with pytest.raises(ValueError, match=r"does not match .*PlainDenoiser: mid: dilation \[1, 1\] there, \[2, 2\] "
+                                         r"here, padding \[1, 1\] there, \[2, 2\] here"):
+        msfp.load_quantized(out, model=dilated)
+    # Checkpoints written before full-precision convs were recorded load as they did.
+    _edit_meta(out, lambda meta: meta["geometry"].pop("mid"))
+    msfp.load_quantized(out, model=dilated)
+
+
 def test_the_metadata_file_has_each_list_of_numbers_on_one_line(saved):
     # json.dumps(indent=1) put every number of every weight shape, stride and router run on a line of its own.
     text = (saved[1] / checkpoint.CONFIG_NAME).read_text()

@@ -25,11 +25,11 @@ A directory holds
   the :class:`~msfp.config.QuantConfig` fields, ``modules_to_not_convert``, ``unsupported_layers`` (weight layers
   msfp has no quantized form of), versions, weight storage), the base
   model's class and config (for a plain module: its class and the configs of the diffusers models inside it),
-  every quantized layer's ``info`` (formats, AAL flag and reason, MSEs, FLOPs) and convolution ``geometry``, every
-  attention quantizer's ``info`` under ``attention``, the dtypes of tensors not stored as they are
-  (``weight_dtypes``, ``buffer_dtypes``), the SHA-256 of ``model.safetensors`` and of the metadata itself
-  (``meta_sha256``, required from format version 3); written last, so a directory without it is not a finished
-  msfp output.
+  every quantized layer's ``info`` (formats, AAL flag and reason, MSEs, FLOPs), every convolution's ``geometry``
+  (full-precision ones too; older checkpoints have the quantized ones' only), every attention quantizer's ``info``
+  under ``attention``, the dtypes of tensors not stored as they are (``weight_dtypes``, ``buffer_dtypes``), the
+  SHA-256 of ``model.safetensors`` and of the metadata itself (``meta_sha256``, required from format version 3);
+  written last, so a directory without it is not a finished msfp output.
 
 Loading rebuilds the architecture from its config (re-installing the quantized attention processors) and gives
 every quantized layer the dequantized weight
@@ -320,7 +320,8 @@ def quant_meta(model: nn.Module) -> dict:
                        if layer.weight.dtype != torch.float32},
         buffer_dtypes=_unsaved_buffer_dtypes(model, fp_state.keys()),
         attention={n: dict(q.info, act_format=q.act_quantizer.fmt.name) for n, q in attention.items()},
-        geometry={n: g for n, layer in layers.items() if (g := _conv_geometry(layer)) is not None},
+        # Full-precision convs too: their stored weights show their shapes, not their stride or padding.
+        geometry={n: g for n, layer in quantizable_layers(model) if (g := _conv_geometry(layer)) is not None},
         # Stored as packed codes, the weights' shapes are not in the weights file (a 3×3 kernel's codes fit a 1×9).
         weight_shapes={n: list(layer.weight.shape) for n, layer in layers.items()},
     )
