@@ -297,6 +297,33 @@ def test_a_plain_modules_weightless_settings_must_be_the_saved_ones(tmp_path):
 
 
 
+class Scaled(PlainDenoiser):
+    """A setting of the model's own (not of a submodule's) and a list-valued one of a submodule's."""
+
+    def __init__(self, t_scale=1000.0, shifts=(0, 0)):
+        super().__init__()
+        self.t_scale = t_scale
+        self.act.shifts = list(shifts)
+
+    def forward(self, x, t):
+        return super().forward(torch.roll(x, self.act.shifts, dims=(2, 3)), t * 1000.0 / self.t_scale)
+
+
+def test_a_plain_models_own_and_list_valued_settings_must_be_the_saved_ones(tmp_path):
+    # Neither was recorded: another t_scale or shift loaded and computed something else.
+    q = calibrated(Scaled, sample_shape=(1, 8, 8))
+    out = msfp.save_quantized(q, tmp_path / "q")
+    with pytest.raises(ValueError, match=r"quantized from another .*Scaled than the model passed: its own settings "
+                                         r"differ \(t_scale 1000.0 there, 1.0 here\)"):
+        msfp.load_quantized(out, model=Scaled(t_scale=1.0))
+    with pytest.raises(ValueError, match=r"its module 'act' differs \(shifts \[0, 0\] there, \[1, 1\] here\)"):
+        msfp.load_quantized(out, model=Scaled(shifts=(1, 1)))
+    assert torch.equal(outputs(msfp.load_quantized(out, model=Scaled()), (1, 8, 8)), outputs(q, (1, 8, 8)))
+    # Checkpoints written before the model's own settings were recorded load as they did.
+    _edit_meta(out, lambda meta: meta["base_model"].pop("own"))
+    msfp.load_quantized(out, model=Scaled(t_scale=1.0))
+
+
 class WithFunctions(PlainDenoiser):
     def __init__(self):
         super().__init__()

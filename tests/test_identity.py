@@ -115,6 +115,12 @@ def test_a_plain_model_key_covers_what_changes_its_output_besides_the_weights():
     other_padding.mid.padding = (2, 2)
     own_setting.sigma_data = 0.5
     assert len({base, *(model_key(m, {}) for m in (other_act, other_padding, own_setting))}) == 4
+    # Lists and dicts of plain values are settings too (they were skipped, as functions are).
+    lists, dicts = tiny_plain(), tiny_plain()
+    lists.act.shifts, dicts.act.shifts = [1, 1], dict(x=1, y=1)
+    keys = {model_key(m, {}) for m in (lists, dicts)}
+    lists.act.shifts, dicts.act.shifts = [0, 0], dict(x=0, y=0)
+    assert len(keys | {model_key(m, {}) for m in (lists, dicts)}) == 4
     assert model_key(Wrapper(act_fn="mish"), {}) != model_key(Wrapper(), {})  # the inner UNet's config
     # What does not change the output does not count: train mode, msfp's own attributes.
     same = tiny_plain().train()

@@ -138,6 +138,11 @@ def require_base_model(meta: dict, model: nn.Module, where, what: str) -> None:
             why = ", ".join(differ) if differ else f"{_described(a, 'missing')} there, {_described(b, 'missing')} here"
             raise ValueError(f"{where} was quantized from another {saved['class_name']} than {what}: its module "
                              f"{name!r} differs ({why})")
+    own, given_own = saved.get("own"), given.get("own", {})  # none in checkpoints before it was kept
+    differ = differences(own, given_own, sorted(own.keys() & given_own.keys())) if own is not None else []
+    if differ:
+        raise ValueError(f"{where} was quantized from another {saved['class_name']} than {what}: its own settings "
+                         f"differ ({', '.join(differ)})")
     for prefix, there, here in configs:
         a, b = _architecture(there), _architecture(here)
         differ = differences(a, b, sorted(a.keys() & b.keys()))  # keys one diffusers version lacks: defaults

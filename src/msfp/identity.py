@@ -77,14 +77,15 @@ def plain_config(config) -> dict:
 
 def base_info(model: nn.Module) -> dict:
     """What a checkpoint records of the model it was quantized from: a diffusers model's class and config; a plain
-    module's class, the diffusers models inside it (a wrapper's UNet) and its submodules' plain settings."""
+    module's class, the diffusers models inside it (a wrapper's UNet), its submodules' plain settings and its own
+    (``own``: a ``self.t_scale`` of its ``__init__``)."""
     config = getattr(model, "config", None)
     if isinstance(model, diffusers.ModelMixin) and config is not None:
         return dict(library="diffusers", class_name=type(model).__name__, config=dict(config))
     inner = _inner_diffusers_models(model)
     return dict(library="torch", class_name=f"{type(model).__module__}.{type(model).__qualname__}", config=None,
                 inner={name: dict(class_name=type(m).__name__, config=dict(m.config)) for name, m in inner.items()},
-                modules=module_settings(model, skip=inner))
+                modules=module_settings(model, skip=inner), own=_plain_settings(model))
 
 
 def _inner_diffusers_models(model: nn.Module) -> dict[str, nn.Module]:
@@ -119,9 +120,12 @@ def _plain_settings(module: nn.Module) -> dict:
 
 
 def _is_plain(value) -> bool:
-    """A setting JSON holds as it is: not a function, whose text names its address in this process."""
-    if isinstance(value, tuple):
+    """A setting JSON holds as it is, lists and string-keyed dicts of them too: not a function, whose text names its
+    address in this process."""
+    if isinstance(value, (tuple, list)):
         return all(map(_is_plain, value))
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _is_plain(v) for k, v in value.items())
     return value is None or isinstance(value, (bool, int, float, str))
 
 
