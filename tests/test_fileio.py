@@ -91,6 +91,23 @@ def test_a_failed_swap_puts_the_earlier_version_back(tmp_path, existing, monkeyp
     assert tree(existing) == before and sorted(p.name for p in tmp_path.iterdir()) == ["model"]
 
 
+def test_an_interrupt_right_after_the_first_rename_puts_the_earlier_version_back(tmp_path, existing, monkeypatch):
+    # The Ctrl-C landed outside the block that undid a failed second rename: the new version was deleted, and only
+    # ".model.old" was left, which no later save or hint pointed to.
+    before = tree(existing)
+    real_replace = os.replace
+
+    def replace(src, dst):
+        real_replace(src, dst)
+        if Path(dst).name == ".model.old":
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(fileio.os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_directory(existing) as tmp:
+            write(tmp, weights="new weights")
+    assert tree(existing) == before and sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
 def test_a_symlinked_directory_stays_a_link(tmp_path, existing):
     link = tmp_path / "link"
     os.symlink(existing, link)

@@ -272,11 +272,12 @@ def atomic_directory(path: str | os.PathLike, carry_over: bool = True):
             shutil.rmtree(old)  # left by a crash after the swap below, before its removal
         else:
             old.unlink(missing_ok=True)
-        os.replace(path, old)
-        try:
+        try:  # both renames: a Ctrl-C right after the first one returns must not leave only ".old"
+            os.replace(path, old)
             os.replace(tmp, path)
         except BaseException:
-            os.replace(old, path)  # put the earlier version back
+            if not path.exists() and old.is_dir():  # between the renames: put the earlier version back
+                os.replace(old, path)
             raise
         _fsync(path.parent)
     except BaseException:
