@@ -387,6 +387,17 @@ def test_a_model_passed_to_load_must_be_the_saved_architecture(saved):
             msfp.load_quantized(out, model=quantized)
 
 
+def test_diffusers_list_of_defaulted_keys_is_neither_recorded_nor_obeyed(tmp_path):
+    # _use_default_values was recorded in string-hash order (the metadata's bytes differed between processes), and
+    # from_config replaced the values it lists by the installed diffusers' defaults: a recorded act_fn was ignored.
+    q = calibrated(lambda: type(tiny_unet()).from_config(tiny_unet().config, act_fn="mish"))
+    out = msfp.save_quantized(q, tmp_path / "q")
+    assert "_use_default_values" not in checkpoint.read_quant_meta(out)["base_model"]["config"]
+    _edit_meta(out, lambda meta: meta["base_model"]["config"].update(_use_default_values=["act_fn"]))  # an older one
+    loaded = msfp.load_quantized(out)
+    assert loaded.config.act_fn == "mish" and torch.equal(unet_outputs(loaded), unet_outputs(q))
+
+
 class TiedNorm(PlainDenoiser):
     """One GroupNorm registered under two names: tied tensors in the state dict."""
 

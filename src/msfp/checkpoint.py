@@ -65,7 +65,7 @@ from msfp.fileio import (atomic_directory, check_replaceable, check_writable, in
                          unfinished_save)
 from msfp.formats import compute_dtype, get_format
 from msfp.fp8 import convert_to_fp8, require_fake_quant
-from msfp.identity import base_info, differences, weights_digest
+from msfp.identity import base_info, differences, recorded_config, weights_digest
 from msfp.info import resolved_selectors
 from msfp.layers import QuantLayer
 from msfp.models import unwrapped
@@ -470,7 +470,7 @@ def _build_base(meta: dict, model: nn.Module | None, where: Path) -> nn.Module:
     # Every parameter is overwritten from the checkpoint (a missing one is an error), so skip the random
     # initialisation as diffusers' from_pretrained does: faster, and its temporaries never inflate resident memory.
     with no_init_weights():
-        return cls.from_config(base["config"])
+        return cls.from_config(recorded_config(base["config"]))  # older checkpoints recorded _use_default_values
 
 
 # A list of numbers as json.dumps(indent=1) lays it out, one number a line (a string holds no raw newline).

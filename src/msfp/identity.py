@@ -75,16 +75,23 @@ def plain_config(config) -> dict:
     return {k: _plain_value(v) for k, v in config.items() if not str(k).startswith("_")}
 
 
+def recorded_config(config: Mapping) -> dict:
+    """A diffusers config as a checkpoint records it: without ``_use_default_values``, which lists keys in string-hash
+    order and makes ``from_config`` replace their recorded values by the installed diffusers' defaults."""
+    return {k: v for k, v in config.items() if k != "_use_default_values"}
+
+
 def base_info(model: nn.Module) -> dict:
     """What a checkpoint records of the model it was quantized from: a diffusers model's class and config; a plain
     module's class, the diffusers models inside it (a wrapper's UNet), its submodules' plain settings and its own
     (``own``: a ``self.t_scale`` of its ``__init__``)."""
     config = getattr(model, "config", None)
     if isinstance(model, diffusers.ModelMixin) and config is not None:
-        return dict(library="diffusers", class_name=type(model).__name__, config=dict(config))
+        return dict(library="diffusers", class_name=type(model).__name__, config=recorded_config(config))
     inner = _inner_diffusers_models(model)
     return dict(library="torch", class_name=f"{type(model).__module__}.{type(model).__qualname__}", config=None,
-                inner={name: dict(class_name=type(m).__name__, config=dict(m.config)) for name, m in inner.items()},
+                inner={name: dict(class_name=type(m).__name__, config=recorded_config(m.config))
+                       for name, m in inner.items()},
                 modules=module_settings(model, skip=inner), own=_plain_settings(model))
 
 
