@@ -52,6 +52,12 @@ def test_every_family_quantizes_calibrates_and_runs(family):
     assert relative_error < 0.25, relative_error
 
 
+def test_the_recorded_schedule_leaves_out_diffusers_list_of_defaulted_keys():
+    # Saved with the model, it made msfp_quant.json differ between processes (a list in string-hash order), and
+    # from_config replaces the values it lists by the installed diffusers' defaults.
+    _, q, _ = calibrated(tiny_plain, sample_shape=(1, 8, 8))
+    assert "_use_default_values" not in q.msfp_scheduler_config and q.msfp_scheduler_config["beta_end"] == 0.02
+
 def test_search_picks_unsigned_on_silu_data_and_signed_on_symmetric_data():
     _, q, _ = calibrated(tiny_plain, QuantConfig(eight_bit_layers=[]), sample_shape=(1, 8, 8))
     layers = quant_layers(q)

@@ -313,6 +313,22 @@ def test_commands_refuse_to_replace_the_current_directory_before_any_work(tmp_pa
     assert sorted(p.name for p in q.iterdir()) == ["model.safetensors", "msfp_quant.json"]
 
 
+def test_a_quantized_directory_samples_with_its_recorded_schedule(tmp_path, tiny_model_dir):
+    # Checkpoints recorded diffusers' _use_default_values, and DDIMScheduler.from_config replaces the values it lists
+    # by the installed diffusers' defaults: a schedule recorded under another default was not the one sampled with.
+    from msfp.checkpoint import _meta_sha256
+    from msfp.cli import _load_any_model
+
+    q = tmp_path / "q"
+    r = run("quantize", "--model", tiny_model_dir, "--out", q, "--calib-samples", 2, "--calib-steps", 2)
+    assert r.exit_code == 0, r.output
+    meta = json.loads((q / "msfp_quant.json").read_text())
+    assert "_use_default_values" not in meta["scheduler_config"]
+    meta["scheduler_config"].update(beta_end=0.03, _use_default_values=["beta_end"])  # as an older msfp wrote it
+    meta["meta_sha256"] = _meta_sha256(meta)
+    (q / "msfp_quant.json").write_text(json.dumps(meta))
+    assert _load_any_model(str(q))[1].config.beta_end == 0.03
+
 def test_clear_errors_for_files_of_the_wrong_kind(tmp_path, tiny_model_dir):
     q = tmp_path / "q"
     r = run("quantize", "--model", tiny_model_dir, "--out", q, "--calib-samples", 2, "--calib-steps", 2)

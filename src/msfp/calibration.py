@@ -38,7 +38,7 @@ from msfp.attention import attention_quantizers, counting_flops
 from msfp.fileio import atomic_path, check_writable
 from msfp.fp8 import require_fake_quant
 from msfp.environment import machine_info
-from msfp.identity import model_key, plain_config, tensor_digest, weights_digest
+from msfp.identity import model_key, plain_config, recorded_config, tensor_digest, weights_digest
 from msfp.layers import QuantLayer
 from msfp.models import class_info, denoise, evaluating
 from msfp.quantizers import quantizer_keys
@@ -529,7 +529,7 @@ def calibrate(qmodel: nn.Module, fp_model: nn.Module, scheduler, num_samples: in
     # leave another teacher's digest behind, which fine-tuning trusts.
     qmodel.msfp_context.num_train_timesteps = scheduler.config.num_train_timesteps  # the timestep groups' range
     _warn_about_empty_groups(qmodel.msfp_context, points.t, config.act_timestep_groups)
-    qmodel.msfp_scheduler_config = dict(scheduler.config)  # saved with the model: `--model DIR` samples with it
+    qmodel.msfp_scheduler_config = recorded_config(scheduler.config)  # saved: `--model DIR` samples with it
     qmodel.msfp_base_weights = base_weights  # saved too: fine-tuning must distil from these weights
     start = time.time()
     for name, layer in tqdm(layers.items(), desc="calibrate: search", disable=disable):
