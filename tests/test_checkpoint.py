@@ -644,6 +644,8 @@ def test_a_quantized_layer_tied_to_an_embedding_reloads_untied(tmp_path):
     loaded = msfp.load_quantized(msfp.save_quantized(q, tmp_path / "q"), model=build())
     assert torch.equal(loaded.emb.weight, q.emb.weight)  # it used to get the head's quantized weight
     assert torch.equal(unet_outputs(loaded), unet_outputs(q))
+    # Saved again, its base model counted the untied weight twice (more parameters, a smaller 4-bit share).
+    assert checkpoint.quant_meta(loaded) == checkpoint.quant_meta(q)
 
 
 def test_truncated_corrupted_or_tampered_weights_fail_clearly(tmp_path, saved):

@@ -312,8 +312,10 @@ def quant_meta(model: nn.Module) -> dict:
         format_version=FORMAT_VERSION, msfp_version=__version__, quantization_config=quantization_config(model),
         base_model=base_info(model), base_weights=getattr(model, "msfp_base_weights", None),
         flops=getattr(model, "msfp_flops", None),
-        # Parameters, once each: not buffers (BatchNorm's running statistics), not a tied weight's second name.
-        base_parameters=sum(p.numel() for k, p in model.named_parameters() if k not in msfp_keys),
+        # Parameters, once each: not buffers (BatchNorm's running statistics), not a tied weight's second name. A
+        # loaded model keeps its checkpoint's count: loading unties a quantized layer's weight from an embedding.
+        base_parameters=getattr(model, "msfp_base_parameters", None)
+        or sum(p.numel() for k, p in model.named_parameters() if k not in msfp_keys),
         talora=_talora_meta(model), finetune=getattr(model, "msfp_finetune", None),
         scheduler_config=getattr(model, "msfp_scheduler_config", None),
         num_train_timesteps=model.msfp_context.num_train_timesteps,
@@ -704,6 +706,7 @@ def load_quantized(directory: str | os.PathLike, model: nn.Module | None = None,
             if len(sets) > 1:  # routed TALoRA: the router picks one of the K pre-merged sets per sample
                 layer.weight_sets = torch.stack(sets)
     qmodel.msfp_flops = meta.get("flops")
+    qmodel.msfp_base_parameters = meta["base_parameters"]  # tied weights counted once: untied above, they count twice
     qmodel.msfp_base_weights = meta.get("base_weights")  # checkpoints written before msfp recorded it: None
     qmodel.msfp_scheduler_config = meta.get("scheduler_config")
     qmodel.msfp_finetune = meta.get("finetune")  # so that saving the loaded model again keeps the record
