@@ -398,6 +398,19 @@ def test_diffusers_list_of_defaulted_keys_is_neither_recorded_nor_obeyed(tmp_pat
     assert loaded.config.act_fn == "mish" and torch.equal(unet_outputs(loaded), unet_outputs(q))
 
 
+def test_a_pipeline_in_place_of_its_denoiser_gets_a_clear_error(tmp_path, saved):
+    # Each failed with "'DDIMPipeline' object has no attribute 'named_modules'".
+    q, out = saved
+    hint = r"expected the denoiser, an nn.Module, got DDIMPipeline: pass its denoiser \(pipe.unet or pipe.transformer"
+    with pytest.raises(TypeError, match="save_quantized: " + hint):
+        msfp.save_quantized(DDIMPipeline(unet=q, scheduler=scheduler()), tmp_path / "q")
+    with pytest.raises(TypeError, match="quant_meta: " + hint):
+        checkpoint.quant_meta(DDIMPipeline(unet=q, scheduler=scheduler()))
+    with pytest.raises(TypeError, match="load_quantized: " + hint):
+        msfp.load_quantized(out, model=DDIMPipeline(unet=tiny_unet(), scheduler=scheduler()))
+    assert not (tmp_path / "q").exists()
+
+
 class TiedNorm(PlainDenoiser):
     """One GroupNorm registered under two names: tied tensors in the state dict."""
 

@@ -68,7 +68,7 @@ from msfp.fp8 import convert_to_fp8, require_fake_quant
 from msfp.identity import base_info, differences, recorded_config, weights_digest
 from msfp.info import resolved_selectors
 from msfp.layers import QuantLayer
-from msfp.models import unwrapped
+from msfp.models import require_module, unwrapped
 from msfp.packing import decode, pack, quantize_to_codes, unpack
 from msfp.quantizers import MIN_SCALE, quantizer_keys
 from msfp.surgery import UnsupportedLayersWarning, quant_layers, quantizable_layers, quantize
@@ -302,6 +302,7 @@ def quant_meta(model: nn.Module) -> dict:
     """What ``msfp_quant.json`` holds for a calibrated model (less the checksums), without writing anything:
     formats, layer policy, per-layer calibration report, FLOPs. Works for models a packed checkpoint cannot hold yet
     (quantizers switched off, several TALoRA LoRAs)."""
+    require_module(model, "quant_meta")
     model = unwrapped(model)  # torch.compile's wrapper would prefix every name and record its own class
     layers = quant_layers(model)
     attention = attention_quantizers(model)
@@ -363,6 +364,7 @@ def check_output_directory(directory: str | os.PathLike, finetuned: bool = False
 def save_quantized(model: nn.Module, directory: str | os.PathLike) -> Path:
     """Write the calibrated (or fine-tuned) quantized model to ``directory`` as a packed checkpoint; returns the
     directory's absolute path. A fine-tuned checkpoint there is replaced only by a fine-tuned model."""
+    require_module(model, "save_quantized")
     # Saved, FP8 layers would be missing from the checkpoint, which could replace a good one at `directory`.
     require_fake_quant(model, "save_quantized", "a packed checkpoint stores the fake-quant model (msfp.load_quantized("
                        "directory), backend 'fake'), which load_quantized(…, backend='fp8') converts when loading")
@@ -642,6 +644,8 @@ def load_quantized(directory: str | os.PathLike, model: nn.Module | None = None,
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+    if model is not None:
+        require_module(model, "load_quantized")
     path = Path(directory)
     meta = read_quant_meta(path)
     qc = meta["quantization_config"]

@@ -81,6 +81,13 @@ def _model_class(name: str, where: Path) -> type[ModelMixin]:
     return cls
 
 
+def require_module(model, caller: str) -> None:
+    """A clear error for a ``model`` that is no nn.Module; a diffusers pipeline is told which of its parts to pass."""
+    if not isinstance(model, torch.nn.Module):
+        hint = ": pass its denoiser (pipe.unet or pipe.transformer)" if hasattr(model, "components") else ""
+        raise TypeError(f"{caller}: expected the denoiser, an nn.Module, got {type(model).__name__}{hint}")
+
+
 def check_denoiser_class(cls: type[ModelMixin], where) -> None:
     """An error for a diffusers model class whose forward takes no timestep (a VAE, an adapter): no denoiser."""
     if not _TIMESTEP_PARAMETERS & set(inspect.signature(cls.forward).parameters):

@@ -28,7 +28,7 @@ from msfp.attention import (attention_inputs, check_attention_replaceable, check
 from msfp.config import ROLES, QuantConfig
 from msfp.fp8 import require_fake_quant
 from msfp.layers import QuantContext, QuantLayer
-from msfp.models import SUPPORTED_CLASSES, check_denoiser_class, timestep_by_name
+from msfp.models import SUPPORTED_CLASSES, check_denoiser_class, require_module, timestep_by_name
 from msfp.quantizers import named_quantizers
 
 # Known diffusers blocks whose child layers read the output of a SiLU/GELU (structural AAL detection).
@@ -270,9 +270,7 @@ def quantize(model: nn.Module, config: QuantConfig | str | dict) -> nn.Module:
         raise TypeError(f"quantize: config must be a QuantConfig, a preset name or a dict of QuantConfig fields, got "
                         f"{type(config).__name__}")
     config.validate()
-    if not isinstance(model, nn.Module):
-        hint = ": pass its denoiser (pipe.unet or pipe.transformer)" if hasattr(model, "components") else ""
-        raise TypeError(f"quantize: expected the denoiser, an nn.Module, got {type(model).__name__}{hint}")
+    require_module(model, "quantize")
     if isinstance(model, ModelMixin):
         check_denoiser_class(type(model), "quantize")
     if getattr(model, "msfp_config", None) is not None:
