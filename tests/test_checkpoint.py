@@ -787,6 +787,31 @@ def test_frozen_weights_are_exact_and_never_stale(saved):
     assert torch.equal(unet_outputs(q), expected())
 
 
+def test_frozen_weights_of_inference_tensors_are_never_stale(saved):
+    # A model copied inside inference_mode holds inference tensors: freeze_weights failed reading their version
+    # counter, which they do not have, though inference mode writes them in place.
+    with torch.inference_mode():
+        q = copy.deepcopy(saved[0])
+        msfp.checkpoint.freeze_weights(q)
+        reference = unet_outputs(q)
+        quant_layers(q)["down_blocks.0.resnets.0.conv1"].weight.mul_(1.5)
+        changed = unet_outputs(q)
+        msfp.checkpoint.unfreeze_weights(q)
+        assert torch.equal(unet_outputs(q), changed) and not torch.equal(changed, reference)
+
+
+@pytest.mark.parametrize("backend", ["fake", "fp8"])
+def test_a_model_loaded_under_inference_mode_is_the_model_loaded_outside(saved, backend):
+    # Loading inside inference_mode failed in freeze_weights: "Inference tensors do not track version counter".
+    reference = unet_outputs(msfp.load_quantized(saved[1], backend=backend))
+    with torch.inference_mode():
+        loaded = msfp.load_quantized(saved[1], backend=backend)
+        assert torch.equal(unet_outputs(loaded), reference)
+    # Of normal tensors: its frozen weights stay cached, and it runs outside inference mode as well.
+    assert not any(t.is_inference() for t in [*loaded.parameters(), *loaded.buffers()])
+    assert torch.equal(unet_outputs(loaded), reference)
+
+
 def test_a_first_frozen_call_under_autocast_leaves_a_full_precision_weight(saved):
     from msfp.talora import add_talora
 

@@ -186,6 +186,28 @@ def test_loading_other_weights_into_an_fp8_layer_refreshes_its_zero_point_correc
         assert torch.equal(fa(x), fb(x))  # it used to keep a's correction: off by up to 0.8
 
 
+def test_converting_under_inference_mode_gives_the_same_model_and_never_a_stale_correction():
+    # Converted inside inference_mode, the first call failed: "Inference tensors do not track version counter".
+    q = calibrated(tiny_unet)
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([5, 999])
+    outside = copy.deepcopy(q)
+    convert_to_fp8(outside, use_kernels=False)
+    with torch.no_grad():
+        reference = outside(x, t).sample
+    with torch.inference_mode():
+        inside = copy.deepcopy(q)  # inference tensors throughout
+        convert_to_fp8(inside, use_kernels=False)
+        assert torch.equal(inside(x, t).sample, reference)
+    # Inference tensors count no in-place versions, yet inference mode writes them in place (load_state_dict).
+    a, b = _conv_layer(0), _conv_layer(1)
+    x = torch.randn(2, 4, 5, 5)
+    with torch.inference_mode():
+        fa, fb = Fp8Layer(a, use_kernels=False), Fp8Layer(b, use_kernels=False)
+        fa(x)
+        fa.load_state_dict(fb.state_dict())
+        assert torch.equal(fa(x), fb(x))
+
+
 def test_fp8_layers_take_empty_inputs_channels_last_and_float64_as_fake_quant_does():
     from msfp.layers import QuantContext, QuantLayer
 

@@ -628,6 +628,9 @@ def _tied_layers(model: nn.Module, layers: dict) -> set[str]:
 BACKENDS = ("fake", "fp8")
 
 
+# Normal tensors even when called inside torch.inference_mode: inference tensors count no in-place versions, so
+# frozen weights would be re-quantized on every call, and they could not be fine-tuned later.
+@torch.inference_mode(False)
 def load_quantized(directory: str | os.PathLike, model: nn.Module | None = None, freeze: bool = True,
                    backend: str = "fake") -> nn.Module:
     """Rebuild a quantized model saved by :func:`save_quantized`, in eval mode.

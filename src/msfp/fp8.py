@@ -33,7 +33,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from msfp.formats import Format, _grid_units, compute_dtype, round_to_grid
-from msfp.layers import QuantLayer, run_route_groups
+from msfp.layers import QuantLayer, run_route_groups, version_key
 from msfp.quantizers import MIN_SCALE
 
 E4M3 = torch.float8_e4m3fn
@@ -210,7 +210,7 @@ class Fp8Layer(nn.Module):
             return sums
         key = (k, spatial, sums.device)
         # The buffer's address and version: after load_state_dict or a swapped buffer, another layer's sums.
-        source = (sums.data_ptr(), sums._version)
+        source = (sums.data_ptr(), version_key(sums))
         cached = self._corr_cache.get(key)
         if cached is None or cached[0] != source:
             # float64: cuDNN runs float32 convolutions in TF32 by default, which would round the sums to 11 bits.

@@ -123,6 +123,13 @@ def route_counts(choice: torch.Tensor, num_loras: int) -> list[int]:
     return torch.bincount(choice, minlength=num_loras).tolist()
 
 
+def version_key(t: torch.Tensor):
+    """``t``'s in-place version, for caches of values computed from it. Inference tensors (made inside
+    ``torch.inference_mode``) count none, yet may be written in place there: for them a new object on every call, so
+    a cache keyed on it is recomputed rather than possibly stale."""
+    return object() if t.is_inference() else t._version
+
+
 def take_rows(t: torch.Tensor | None, index: torch.Tensor | None) -> torch.Tensor | None:
     """``t.index_select(0, index)``; a tensor expanded along dim 0 (a per-tensor value) stays an expanded view."""
     if t is None or index is None:
@@ -236,9 +243,11 @@ class QuantLayer(nn.Module):
         storage) and the format, and recomputed when any changed (assignment, ``copy_``, ``load_state_dict``, an
         optimizer step, ``.to``); it is bypassed whenever autograd would need the weight's gradient (fine-tuning).
         Writes through ``.data`` (diffusers' ``EMAModel.copy_to``) bypass the version counter it reads: call
-        ``freeze_weights()`` again after them. Where ``Q_w(W)`` is ``W`` itself (a loaded packed checkpoint) the cache
-        is the weight tensor, so it costs no memory. The quantized weight is computed without autocast, so a first
-        call under autocast does not leave a rounded weight for later full-precision calls.
+        ``freeze_weights()`` again after them. Inference tensors (a model built inside ``torch.inference_mode``) have
+        no version counter: a layer whose parameters are such tensors re-quantizes its weight on every call. Where
+        ``Q_w(W)`` is ``W`` itself (a loaded packed checkpoint) the cache is the weight tensor, so it costs no memory.
+        The quantized weight is computed without autocast, so a first call under autocast does not leave a rounded
+        weight for later full-precision calls.
         """
         self._weight_cache = {}
         with torch.no_grad():
@@ -262,7 +271,7 @@ class QuantLayer(nn.Module):
         if torch.is_grad_enabled() and any(p.requires_grad for p in params):
             return None
         q = self.weight_quantizer
-        key = (q.fmt, q.enabled, tuple((p._version, p.data_ptr(), p.dtype, p.device) for p in params))
+        key = (q.fmt, q.enabled, tuple((version_key(p), p.data_ptr(), p.dtype, p.device) for p in params))
         entry = self._weight_cache.get(k)
         # Holding the parameters in the entry keeps their ids from being reused, so `is` identifies them.
         if (entry is not None and entry[1] == key and len(entry[0]) == len(params)
