@@ -387,6 +387,23 @@ def test_routed_talora_model_runs_each_sample_with_its_weight_set():
     assert (got[2:3] - single).abs().mean() < 1e-3 * single.abs().mean()
 
 
+def test_a_routed_fp8_layer_takes_an_empty_token_sequence():
+    # Each sample routed to its own weight set, no tokens: the rows were split by sample counts, not row counts
+    # ("split_with_sizes expects split_sizes to sum exactly to 2"), where the fake-quant layer gave (2, 0, 6).
+    from msfp.layers import QuantContext, QuantLayer
+    from msfp.talora import LoRABank
+
+    context = QuantContext()
+    layer = QuantLayer(torch.nn.Linear(8, 6), "to_q", "fp4_e2m1", "fp4_e2m1", context)
+    layer.lora = LoRABank(layer.weight.shape, num_loras=2, rank=2, seed=0)
+    fp8 = Fp8Layer(layer, use_kernels=False)
+    context.set_route(torch.eye(2))  # sample 0 takes weight set 0, sample 1 weight set 1
+    empty = torch.randn(2, 0, 8)
+    with torch.no_grad():
+        got, ref = fp8(empty), layer(empty)
+    assert got.shape == ref.shape == (2, 0, 6) and got.dtype == ref.dtype
+
+
 def test_kernels_requested_where_they_cannot_run_fail_clearly(monkeypatch):
     q = calibrated(tiny_unet)
     available, why = fp8_kernels_available("cpu")

@@ -372,7 +372,8 @@ class Fp8Layer(nn.Module):
         spatial = tuple(x.shape[-2:]) if self.kind == "conv2d" else ()
         # The kernels write half-precision models' outputs directly; the emulation computes in fp32.
         out_dtype = x.dtype if x.dtype in (torch.float32, torch.bfloat16, torch.float16) else torch.float32
-        if self.num_weight_sets == 1 or self.context.route is None:
+        # No rows (an empty token sequence) to route: any weight set gives the empty output.
+        if self.num_weight_sets == 1 or self.context.route is None or rows == 0:
             y = self._gemm(codes, 0, a_scale, zero, spatial, out_dtype, kernels, bordered=pad != (0, 0))
         else:
             y = run_route_groups(*self.context.route_groups(self.name, x.shape[0], rows),
