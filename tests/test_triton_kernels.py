@@ -597,6 +597,30 @@ def test_fp8_layers_on_the_kernels_equal_the_emulated_path(family, tma, split_k,
 
 
 @pytest.mark.parametrize("tma", ["boxes", "rows"])
+def test_a_1x1_convolution_built_directly_loads_through_tma(tma, monkeypatch):
+    # contiguous() left the (K, O, 1, 1, C) weight codes' size-1 dims at stride 1, which TMA refuses: a layer built
+    # directly (as check_fp8_layers_on_the_kernels does; convert_to_fp8's .to() re-viewed them) fell back to pointer
+    # loads, with a reason that blamed its channel count.
+    from msfp.fp8 import Fp8Layer
+    from msfp.layers import QuantContext, QuantLayer
+
+    launches = record_gemm_launches(monkeypatch, **GEMM_BLOCKS)
+    torch.manual_seed(0)
+    layer = QuantLayer(torch.nn.Conv2d(16, 32, 1), "conv_shortcut", "fp4_e2m1", "ufp4_e2m2", QuantContext()).to(DEV)
+    with torch.no_grad():
+        layer.weight_quantizer.scale.copy_(layer.weight.abs().amax((1, 2, 3)) / 6)
+        layer.act_quantizer.scale.fill_(0.3)
+        layer.act_quantizer.zero_point.fill_(-0.5)
+    kernels = Fp8Layer(layer, use_kernels=True, tma=tma)
+    assert tk.tma_unsupported(torch.zeros(2, 4, 4, 16, dtype=FP8, device=DEV), kernels.weight_codes[0]) is None
+    x = torch.randn(2, 16, 4, 4, device=DEV)
+    with torch.no_grad():
+        want, got = Fp8Layer(layer, use_kernels=False)(x), kernels(x)
+    assert [launch["tma"] for launch in launches] == [True]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+
+
+@pytest.mark.parametrize("tma", ["boxes", "rows"])
 def test_default_model_fp8_layers_at_gpu_tiles_equal_the_emulated_path(tma, monkeypatch):
     # The shipped model's shapes (32–192 channels, 32×32 down to 8×8, attention linears) at the first autotuning
     # candidate's tiles, as on a GPU: ragged channel blocks, stride-2 convolutions falling back to pointer loads, and

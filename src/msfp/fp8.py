@@ -175,8 +175,10 @@ class Fp8Layer(nn.Module):
                 tap_sums.append(qw.sum(1))  # (O,) for linears, (O, KH, KW) for convolutions
             codes = torch.stack(codes)
             if layer.kind == "conv2d":
-                codes = codes.permute(0, 1, 3, 4, 2)  # (K, O, KH, KW, C): channels innermost, as NHWC inputs
-            self.register_buffer("weight_codes", codes.contiguous())
+                # (K, O, KH, KW, C): channels innermost, as NHWC inputs. Copied with every stride set: contiguous()
+                # would leave a 1×1 kernel's size-1 dims at stride 1, which TMA refuses (16-byte multiples only).
+                codes = codes.permute(0, 1, 3, 4, 2).clone(memory_format=torch.contiguous_format)
+            self.register_buffer("weight_codes", codes)
             # Both codes are their grid values times 2^shift; undoing both shifts here (exact: powers of two) leaves
             # the GEMM epilogue one product, activation scale × code_scale, per output.
             self.register_buffer("code_scale", w_scale * 2.0 ** -(weight_shift + self.act_shift))
