@@ -176,6 +176,18 @@ def test_fp8_layers_name_the_input_shape_they_expect(use_kernels):
             linear(x)
 
 
+def test_nan_inputs_give_nan_outputs_where_the_fake_quant_layer_does():
+    # The emulated path keeps the NaN code 0x7F a NaN, as FP8 tensor cores do (Triton's interpreter reads it as 480:
+    # see msfp.triton_kernels).
+    x, tokens = torch.randn(2, 4, 5, 5), torch.randn(3, 8)
+    x[0, 1, 2, 3] = tokens[1, 4] = float("nan")
+    for layer, inputs in ((_conv_layer(0), x), (_linear_layer(), tokens)):
+        with torch.no_grad():
+            ref, got = layer(inputs), Fp8Layer(layer, use_kernels=False)(inputs)
+        assert ref.isnan().any() and not ref.isnan().all()
+        assert torch.equal(got.isnan(), ref.isnan()), layer.name
+
+
 def test_loading_other_weights_into_an_fp8_layer_refreshes_its_zero_point_correction():
     a, b = _conv_layer(0), _conv_layer(1)
     fa, fb = Fp8Layer(a, use_kernels=False), Fp8Layer(b, use_kernels=False)

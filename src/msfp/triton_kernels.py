@@ -23,6 +23,9 @@ exact and whose only rounding is the fp32 accumulation.
 
 The module imports without Triton (``HAS_TRITON`` is then False and the launchers raise). Kernels need CUDA tensors
 on a GPU with FP8 support (sm_89+), or CPU tensors under ``TRITON_INTERPRET=1`` (how the tests run without a GPU).
+The interpreter's ``tl.dot`` decodes E4M3 codes with a float conversion that has no NaN, reading ``act_codes``'s NaN
+code 0x7F as 480: interpreted, a NaN input gives finite outputs where the fake-quant layer and the emulated
+:class:`msfp.fp8.Fp8Layer` give NaN. E4M3 tensor cores read 0x7F as NaN (not yet checked on a GPU here).
 """
 
 from __future__ import annotations
