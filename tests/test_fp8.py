@@ -130,11 +130,12 @@ def test_fp8_layers_take_what_nn_layers_take_and_keep_their_dtypes_through_a_cas
                 assert torch.equal(fp8(inputs[name]), before)
 
 
-def _conv_layer(seed, **kwargs):
+def _conv_layer(seed, padding=1, **kwargs):
     from msfp.layers import QuantContext, QuantLayer
 
     torch.manual_seed(seed)
-    layer = QuantLayer(torch.nn.Conv2d(4, 6, 3, padding=1), "c", "fp4_e2m1", "ufp4_e2m2", QuantContext(), **kwargs)
+    layer = QuantLayer(torch.nn.Conv2d(4, 6, 3, padding=padding), "c", "fp4_e2m1", "ufp4_e2m2", QuantContext(),
+                       **kwargs)
     with torch.no_grad():
         layer.weight_quantizer.scale.copy_(layer.weight.abs().amax((1, 2, 3)) / 6)
         layer.act_quantizer.scale.fill_(0.3)
@@ -174,6 +175,12 @@ def test_fp8_layers_name_the_input_shape_they_expect(use_kernels):
         with pytest.raises(ValueError, match=rf"l: expected an input of 8 features in its last dimension, got shape "
                                              rf"{re.escape(str(tuple(x.shape)))}"):
             linear(x)
+    # Smaller than the kernel: torch's error (or the kernels' "output would be empty") named no layer.
+    small = Fp8Layer(_conv_layer(0, padding=0), use_kernels=use_kernels)
+    for x in (torch.randn(1, 4, 2, 5), torch.randn(4, 2, 5)):
+        with pytest.raises(ValueError, match=r"c: expected an input of at least 3×3 pixels for its 3×3 kernel "
+                                             r"\(padding \(0, 0\), dilation \(1, 1\)\), got 2×5"):
+            small(x)
 
 
 def test_nan_inputs_give_nan_outputs_where_the_fake_quant_layer_does():

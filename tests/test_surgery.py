@@ -419,6 +419,18 @@ def test_a_quant_layer_runs_its_op_on_quantized_input_and_weight(module):
     torch.testing.assert_close(layer(x), op(xq, wq, module.bias), atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("conv,least", [(dict(), "3×3"), (dict(padding=(1, 0), dilation=2), "3×5"),
+                                        (dict(padding="valid"), "3×3")])
+def test_a_quant_layer_names_itself_and_the_size_it_needs_for_too_small_an_input(conv, least):
+    # torch's "Kernel size can't be greater than actual input size" named neither the layer nor the size it needs.
+    layer = QuantLayer(nn.Conv2d(4, 6, 3, **conv), "down.conv", "fp4_e2m1", "ufp4_e2m2", QuantContext())
+    for x in (torch.randn(2, 4, 2, 2), torch.randn(4, 2, 2)):
+        with pytest.raises(ValueError, match=rf"down.conv: expected an input of at least {least} pixels for its 3×3 "
+                                             r"kernel \(padding .*, dilation .*\), got 2×2"):
+            layer(x)
+    assert layer(torch.randn(2, 4, *map(int, least.split("×")))).shape[-2:] == (1, 1)
+
+
 def test_layers_with_hooks_or_a_wrapped_forward_are_refused():
     # The quantized layer replaced them without their hooks: a debugging hook went silent, and diffusers' layerwise
     # casting (an upcast wrapped around forward) was dropped, so the layers computed in float8.

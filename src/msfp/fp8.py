@@ -33,7 +33,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from msfp.formats import Format, _grid_units, compute_dtype, round_to_grid
-from msfp.layers import QuantLayer, run_route_groups, version_key
+from msfp.layers import QuantLayer, conv_input_too_small, run_route_groups, version_key
 from msfp.quantizers import MIN_SCALE
 
 E4M3 = torch.float8_e4m3fn
@@ -340,9 +340,16 @@ class Fp8Layer(nn.Module):
             raise RuntimeError(f"{self.name}: the FP8 backend is for inference and passes no gradient; use the "
                                "fake-quant model (load_quantized(..., backend='fake')) where gradients are needed")
         self._check_input(x)
-        if x.dim() == (1 if self.kind == "linear" else 3):  # unbatched, as nn.Linear/nn.Conv2d accept it
-            return self._batched_forward(x.unsqueeze(0)).squeeze(0)
-        return self._batched_forward(x)
+        unbatched = x.dim() == (1 if self.kind == "linear" else 3)  # as nn.Linear/nn.Conv2d accept it
+        try:
+            y = self._batched_forward(x.unsqueeze(0) if unbatched else x)
+        except (RuntimeError, ValueError) as e:  # torch's error names no layer, nor do the kernels'
+            kernel = self.weight_codes.shape[2:4]
+            too_small = self.kind == "conv2d" and conv_input_too_small(self.name, x.shape, kernel, self.conv_args)
+            if too_small:
+                raise ValueError(too_small) from e
+            raise
+        return y.squeeze(0) if unbatched else y
 
     def _batched_forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "linear":  # (B, ..., C): one scale per row of the flattened GEMM

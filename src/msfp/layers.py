@@ -130,6 +130,30 @@ def version_key(t: torch.Tensor):
     return object() if t.is_inference() else t._version
 
 
+def conv_output_size(size, kernel, conv_args: dict) -> tuple[int, int]:
+    """``(OH, OW)`` of a convolution with ``conv_args`` (nn.Conv2d's stride, padding, dilation) and a ``kernel``
+    ``(KH, KW)`` on an input of spatial ``size`` ``(H, W)``; below 1 where the input is too small for any output."""
+    (h, w), (kh, kw) = size, kernel
+    (sh, sw), (dh, dw), pad = conv_args["stride"], conv_args["dilation"], conv_args["padding"]
+    if pad == "same":
+        return h, w
+    ph, pw = (0, 0) if isinstance(pad, str) else pad  # "valid"
+    return (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+
+
+def conv_input_too_small(name: str, shape, kernel, conv_args: dict) -> str | None:
+    """Why an input of ``shape`` (…, H, W) is too small for layer ``name``'s convolution, or None. For after a
+    convolution failed (torch's error names neither the layer nor the size it needs): the calls that work pay
+    nothing for it."""
+    if min(conv_output_size(shape[-2:], kernel, conv_args)) >= 1:
+        return None
+    pad, dilation = conv_args["padding"], tuple(conv_args["dilation"])
+    pads = (0, 0) if isinstance(pad, str) else pad
+    least = (1, 1) if pad == "same" else [max(1, d * (k - 1) + 1 - 2 * p) for k, d, p in zip(kernel, dilation, pads)]
+    return (f"{name}: expected an input of at least {least[0]}×{least[1]} pixels for its {kernel[0]}×{kernel[1]} "
+            f"kernel (padding {pad!r}, dilation {dilation}), got {shape[-2]}×{shape[-1]}")
+
+
 def take_rows(t: torch.Tensor | None, index: torch.Tensor | None) -> torch.Tensor | None:
     """``t.index_select(0, index)``; a tensor expanded along dim 0 (a per-tensor value) stays an expanded view."""
     if t is None or index is None:
@@ -288,10 +312,16 @@ class QuantLayer(nn.Module):
     def _op(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         if self.kind == "linear":
             return F.linear(x, w, self.bias)
-        if self.padding_mode != "zeros":
-            x = F.pad(x, self._reversed_padding, mode=self.padding_mode)
-            return F.conv2d(x, w, self.bias, **{**self.conv_args, "padding": 0})
-        return F.conv2d(x, w, self.bias, **self.conv_args)
+        try:
+            if self.padding_mode != "zeros":
+                padded = F.pad(x, self._reversed_padding, mode=self.padding_mode)
+                return F.conv2d(padded, w, self.bias, **{**self.conv_args, "padding": 0})
+            return F.conv2d(x, w, self.bias, **self.conv_args)
+        except RuntimeError as e:
+            too_small = conv_input_too_small(self.name, x.shape, w.shape[-2:], self.conv_args)
+            if too_small:
+                raise ValueError(too_small) from e
+            raise
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.observer is not None:
@@ -318,16 +348,8 @@ class QuantLayer(nn.Module):
         if self.kind == "linear":
             return int(torch.Size(input_shape[:-1]).numel()) * cout * cin_per_group
         batch = input_shape[0] if len(input_shape) == 4 else 1  # Conv2d takes an unbatched (C, H, W) input too
-        h, w = input_shape[-2:]
         kh, kw = self.weight.shape[-2:]
-        (sh, sw), (dh, dw) = self.conv_args["stride"], self.conv_args["dilation"]
-        pad = self.conv_args["padding"]
-        ph, pw = (0, 0) if isinstance(pad, str) else pad
-        if pad == "same":
-            oh, ow = h, w
-        else:
-            oh = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-            ow = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+        oh, ow = conv_output_size(input_shape[-2:], (kh, kw), self.conv_args)
         return batch * oh * ow * cout * cin_per_group * kh * kw
 
     def extra_repr(self) -> str:
