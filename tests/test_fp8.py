@@ -283,6 +283,22 @@ def test_convert_sets_every_layers_accumulation():
     assert layers and not any(m.precise_acc for m in layers) and q.msfp_backend["precise_acc"] is False
 
 
+def test_a_layer_kept_for_a_disabled_quantizer_is_told_which():
+    # A W4A16 layer (weights still 4-bit, activations full precision) was reported as "a full-precision layer".
+    q = calibrated(tiny_unet)
+    layers = quant_layers(q)
+    w4a16, a4w16, full = (f"mid_block.attentions.0.{n}" for n in ("to_q", "to_k", "to_v"))
+    layers[w4a16].act_quantizer.enabled = layers[a4w16].weight_quantizer.enabled = False
+    layers[full].act_quantizer.enabled = layers[full].weight_quantizer.enabled = False
+    kept = convert_to_fp8(q, use_kernels=False)
+    weights, acts = layers[w4a16].weight_quantizer.fmt.name, layers[a4w16].act_quantizer.fmt.name
+    assert kept[w4a16] == (f"its activation quantizer is disabled (weights {weights}, activations full precision); "
+                           "the FP8 path needs both quantized")
+    assert kept[a4w16] == (f"its weight quantizer is disabled (activations {acts}, weights full precision); the FP8 "
+                           "path needs both quantized")
+    assert kept[full] == "quantizers are disabled (a full-precision layer)"
+
+
 def test_backend_summary_says_what_runs_where():
     q = calibrated(tiny_unet)
     kept = convert_to_fp8(q)

@@ -139,8 +139,12 @@ class Fp8Layer(nn.Module):
             raise ValueError(f"{layer.name}: precise_acc must be True or False, got {precise_acc!r}")
         _check_use_kernels(use_kernels, f"{layer.name}: ")
         aq, wq = layer.act_quantizer, layer.weight_quantizer
-        if not wq.enabled or not aq.enabled:
+        if not wq.enabled and not aq.enabled:
             raise Fp8Unsupported(f"{layer.name}: quantizers are disabled (a full-precision layer)")
+        for what, off, on, other in (("activation", aq, wq, "weights"), ("weight", wq, aq, "activations")):
+            if not off.enabled:  # W4A16 (or its mirror): the FP8 GEMM needs both operands as codes
+                raise Fp8Unsupported(f"{layer.name}: its {what} quantizer is disabled ({other} {on.fmt.name}, "
+                                     f"{what}s full precision); the FP8 path needs both quantized")
         if not wq.fmt.signed:
             raise Fp8Unsupported(f"{layer.name}: weight format {wq.fmt.name} has a zero point; the FP8 path needs a "
                                  f"signed weight format")
