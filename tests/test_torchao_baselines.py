@@ -38,3 +38,24 @@ def test_torchao_recipes_take_zero_tensors_and_float16(recipe):
     y = half(x.half())
     assert y.dtype == torch.float16
     assert torch.allclose(y.float(), TorchaoFakeQuant(half.module.float(), recipe)(x.half().float()), atol=1e-2)
+
+
+@pytest.mark.parametrize("recipe", ["mxfp4", "nvfp4"])
+def test_torchao_activation_scales_do_not_depend_on_the_batch(recipe):
+    torch.manual_seed(0)
+    # NVFP4's per-tensor scale was taken over the whole batch: a sample's output changed with a larger sample beside it.
+    linear, conv = TorchaoFakeQuant(torch.nn.Linear(32, 8), recipe), TorchaoFakeQuant(torch.nn.Conv2d(32, 4, 3), recipe)
+    for layer, x in ((linear, torch.randn(1, 5, 32)), (conv, torch.randn(1, 32, 6, 6))):
+        # (within float rounding of a batched matmul: a different scale moved outputs by ~0.1)
+        assert torch.allclose(layer(torch.cat([x, 50 * torch.randn_like(x)]))[:1], layer(x), rtol=0, atol=1e-5)
+    assert torch.allclose(linear(x := torch.randn(32)), linear(x[None])[0], rtol=0, atol=1e-5)  # unbatched: 1 sample
+
+
+def test_a_torchao_without_per_expert_nvfp4_scales_is_refused(monkeypatch):
+    from torchao.prototype.mx_formats.nvfp4_tensor import NVFP4Tensor
+
+    def two_d_only(data_hp, **kwargs):  # what a torchao before per-expert outer scales does with 3-D data
+        assert len(data_hp.shape) == 2, "unsupported"
+
+    monkeypatch.setattr(NVFP4Tensor, "to_nvfp4", staticmethod(two_d_only))
+    assert "takes no per-expert scales" in unavailable_reason()

@@ -224,6 +224,9 @@ def build_torchao(ctx: Context, recipe: str) -> Built:
     notes = [f"{RECIPES[recipe]}, torchao's emulated path (dequantize, then a full-precision conv/matmul); dynamic "
              "activation scales, no calibration. First/last conv and timestep MLP stay full precision (msfp keeps "
              "them at 8 bits)."]
+    if recipe == "nvfp4":
+        notes.append("msfp takes NVFP4's per-tensor activation scale per sample, so that an image does not depend on "
+                     "the others in its batch; torchao's dynamic recipe takes it over the whole batch.")
     notes += [f"{n} stays full precision: {why}" for n, why in skipped.items()]
     return Built(model, layers=layers, aals=[], low_bit=low_bit, notes=notes)
 

@@ -6,7 +6,9 @@ convolutions. torchao's *emulated* GEMM dequantizes both operands and multiplies
 does the same for every selected ``Conv2d``/``Linear``: weights and inputs go through torchao's own quantizers
 (``MXTensor.to_mx`` / ``NVFP4Tensor.to_nvfp4``) and back, with the recipe's block size and scale rule, blocks running
 along the input channels (the reduction dimension, as in an NHWC implicit GEMM). Activation scales are dynamic (per
-call), as in torchao's recipes, so there is no calibration.
+call), as in torchao's recipes, so there is no calibration. One departure: NVFP4's per-tensor scale of an activation is
+taken per sample, where torchao's dynamic recipe takes it over the whole batch, so that an image does not depend on the
+other images in its batch.
 """
 
 from __future__ import annotations
@@ -28,47 +30,60 @@ def unavailable_reason() -> str | None:
     if importlib.util.find_spec("torchao") is None:
         return "torchao is not installed (pip install torchao)"
     try:
+        import torchao
         from torchao.prototype.mx_formats.mx_tensor import MXTensor  # noqa: F401
-        from torchao.prototype.mx_formats.nvfp4_tensor import NVFP4Tensor  # noqa: F401
+        from torchao.prototype.mx_formats.nvfp4_tensor import NVFP4Tensor
     except Exception as e:  # a torchao built for another torch fails in many ways; all mean "cannot run"
         return f"torchao is installed but its MX/NVFP4 formats do not import ({type(e).__name__}: {e})"
     if not hasattr(torch, "float4_e2m1fn_x2"):
         return f"torch {torch.__version__} has no float4_e2m1fn_x2 dtype, which torchao's FP4 formats need"
+    try:  # per-sample NVFP4 activation scales go through per-expert (3-D) scales, new in torchao (pytorch/ao#4315)
+        NVFP4Tensor.to_nvfp4(torch.ones(2, 1, 16), per_tensor_scale=torch.ones(2, 1, 1)).dequantize(torch.float32)
+    except Exception as e:
+        return (f"torchao {torchao.__version__}'s NVFP4Tensor takes no per-expert scales, which the per-sample NVFP4 "
+                f"activation scales need (pip install -U torchao) ({type(e).__name__}: {e})")
     return None
 
 
 def _fake_quantizer(recipe: str):
-    """``fq(x)``: x quantized and dequantized by torchao along its last dimension; and the block size."""
+    """``fq(x)``: x, a (groups, rows, channels) tensor, quantized and dequantized by torchao along its last dimension,
+    each group with its own per-tensor scale where the recipe has one; and the block size."""
     if recipe == "mxfp4":
         from torchao.prototype.mx_formats.inference_workflow import MXDynamicActivationMXWeightConfig
         from torchao.prototype.mx_formats.mx_tensor import MXTensor
 
         config = MXDynamicActivationMXWeightConfig(activation_dtype=torch.float4_e2m1fn_x2,
                                                    weight_dtype=torch.float4_e2m1fn_x2)
-        return (lambda x: MXTensor.to_mx(x, config.weight_dtype, block_size=config.block_size,
-                                         scaling_mode=config.scaling_mode).dequantize(x.dtype)), config.block_size
+
+        def mxfp4(x):  # block scales only, so the groups can go through together
+            return MXTensor.to_mx(x.flatten(0, 1), config.weight_dtype, block_size=config.block_size,
+                                  scaling_mode=config.scaling_mode).dequantize(x.dtype).view(x.shape)
+
+        return mxfp4, config.block_size
     if recipe == "nvfp4":
         from torchao.prototype.mx_formats.nvfp4_tensor import NVFP4Tensor, per_tensor_amax_to_scale
 
         def nvfp4(x):
-            # The recipe's default: per-tensor scale from the tensor's own amax (use_dynamic_per_tensor_scale=True).
-            amax = x.abs().max()
-            if amax == 0:  # a scale of 0 gives 0/0: an all-zero tensor (a zero-initialised conv) is exactly 0 in FP4
-                return torch.zeros_like(x)
+            # The recipe's default: per-tensor scale from the tensor's own amax (use_dynamic_per_tensor_scale=True),
+            # here per group, through NVFP4Tensor's per-expert (3-D) outer scales.
+            amax = x.abs().amax((1, 2), keepdim=True)
+            # A scale of 0 gives 0/0; with any other, an all-zero group (a zero-initialised conv) is exactly 0 in FP4.
+            amax = torch.where(amax == 0, 1.0, amax)
             return NVFP4Tensor.to_nvfp4(x, per_tensor_scale=per_tensor_amax_to_scale(amax)).dequantize(x.dtype)
 
         return nvfp4, 16
     raise ValueError(f"unknown torchao recipe {recipe!r}; choose from {', '.join(RECIPES)}")
 
 
-def _along_channels(fq, x: torch.Tensor, channel_dim: int) -> torch.Tensor:
-    """``fq`` with blocks along ``channel_dim``; torchao's quantizers take 2-D (rows, blocked dim) float32 or bfloat16
-    tensors (other dtypes, e.g. float16, go through float32)."""
+def _along_channels(fq, x: torch.Tensor, channel_dim: int, per_sample: bool = False) -> torch.Tensor:
+    """``fq`` with blocks along ``channel_dim``, on the whole tensor (a weight) or, ``per_sample``, on each sample along
+    dim 0 on its own (an activation); torchao's quantizers take float32 or bfloat16 (other dtypes, e.g. float16, go
+    through float32)."""
+    if x.dtype not in (torch.float32, torch.bfloat16):
+        return _along_channels(fq, x.float(), channel_dim, per_sample).to(x.dtype)
     moved = x.movedim(channel_dim, -1)
-    rows = moved.reshape(-1, moved.shape[-1]).contiguous()
-    if rows.dtype not in (torch.float32, torch.bfloat16):
-        return _along_channels(fq, x.float(), channel_dim).to(x.dtype)
-    return fq(rows).view(moved.shape).movedim(-1, channel_dim)
+    groups = moved.shape[0] if per_sample and x.dim() > 1 else 1  # an unbatched (1-D) input is one sample
+    return fq(moved.reshape(groups, -1, moved.shape[-1]).contiguous()).view(moved.shape).movedim(-1, channel_dim)
 
 
 class TorchaoFakeQuant(nn.Module):
@@ -90,8 +105,9 @@ class TorchaoFakeQuant(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         m = self.module
         if isinstance(m, nn.Linear):
-            return F.linear(_along_channels(self.fq, x, -1), self.qweight, m.bias)
-        return F.conv2d(_along_channels(self.fq, x, 1), self.qweight, m.bias, m.stride, m.padding, m.dilation)
+            return F.linear(_along_channels(self.fq, x, -1, per_sample=True), self.qweight, m.bias)
+        return F.conv2d(_along_channels(self.fq, x, 1, per_sample=True), self.qweight, m.bias, m.stride, m.padding,
+                        m.dilation)
 
 
 def quantize_torchao(model: nn.Module, recipe: str, layer_names) -> tuple[nn.Module, dict[str, str]]:
