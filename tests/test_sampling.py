@@ -160,6 +160,12 @@ def test_plain_module_with_conditioning_and_learned_variance():
     heun = sample(lambda x, t: 0.1 * x, HeunDiscreteScheduler(), 1, num_inference_steps=4, sample_shape=(1, 4, 4),
                   disable=True)
     assert torch.isfinite(heun).all()
+    # Karras sigmas round two of 50 steps onto timestep 1, but DPM-Solver steps between its sigmas, which stay
+    # distinct: it was refused all the same.
+    karras = DPMSolverMultistepScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                         use_karras_sigmas=True)
+    out = sample(lambda x, t: 0.1 * x, karras, 1, num_inference_steps=50, sample_shape=(1, 4, 4), disable=True)
+    assert torch.isfinite(out).all()
 
     # Deterministic multistep schedulers take no generator in step().
     for sched in (PNDMScheduler(), LMSDiscreteScheduler()):

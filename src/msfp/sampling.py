@@ -179,12 +179,20 @@ def sample(model, scheduler, num_samples: int, num_inference_steps: int = 100, s
         sched.set_timesteps(steps, device=device)
         return sched
 
-    timesteps = fresh_scheduler().timesteps
-    # Rounded onto the training steps, too many steps repeat a timestep, where DPM-Solver and UniPC make NaN images
-    # (said to be the model diverging); Heun and PNDM repeat them by design, at any step count.
-    if len(set(timesteps.tolist())) < len(timesteps) and num_inference_steps > 10:
-        by_design = fresh_scheduler(steps=10).timesteps  # (PNDM cannot set 2)
-        if len(set(by_design.tolist())) == len(by_design):
+    def stepped_on(sched):
+        # What a step moves between: the sigmas where the scheduler has them (Karras or exponential sigmas stay
+        # distinct, and the steps finite, where their rounded timesteps repeat), else the timesteps.
+        sigmas = getattr(sched, "sigmas", None)
+        return (sched.timesteps if sigmas is None else sigmas).tolist()
+
+    first = fresh_scheduler()
+    timesteps, levels = first.timesteps, stepped_on(first)
+    # Rounded onto the training steps, too many steps repeat a timestep, and with it the sigma DPM-Solver and UniPC
+    # step to: a zero-length step and NaN images (said to be the model diverging); Heun and PNDM repeat them by
+    # design, at any step count.
+    if len(set(levels)) < len(levels) and num_inference_steps > 10:
+        by_design = stepped_on(fresh_scheduler(steps=10))  # (PNDM cannot set 2)
+        if len(set(by_design)) == len(by_design):
             raise ValueError(f"{type(scheduler).__name__} repeats timesteps at {num_inference_steps} steps (rounded "
                              f"onto its {config.get('num_train_timesteps')} training steps); use fewer steps")
     out, diverged = [], 0
