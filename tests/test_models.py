@@ -179,11 +179,27 @@ def test_bad_pipeline_dirs(tmp_path):
 
     # Betas, but reshaped by snr_shift_scale: DDIM would sample another schedule.
     CogVideoXDDIMScheduler().save_pretrained(tmp_path / "scheduler")
-    with pytest.raises(ValueError, match="CogVideoXDDIMScheduler has no DDPM noise schedule"):
+    with pytest.raises(ValueError, match="CogVideoXDDIMScheduler reshapes its betas or steps in ways DDIM would not"):
         load_model(tmp_path)
     DDPMScheduler(trained_betas=[]).save_pretrained(tmp_path / "scheduler")  # an IndexError, later
-    with pytest.raises(ValueError, match="DDPMScheduler has no DDPM noise schedule"):
+    with pytest.raises(ValueError, match="trained_betas is empty, so there is no noise schedule"):
         load_model(tmp_path)
+    # A hand-written config leaves settings out, which diffusers fills in with the class's defaults: read as "no
+    # betas" (DDPM's) or as DDIM's defaults instead of the class's (LCM's scaled_linear).
+    config = tmp_path / "scheduler" / "scheduler_config.json"
+    for kind, expected in (("DDPMScheduler", DDPMScheduler()), ("LCMScheduler", LCMScheduler())):
+        config.write_text(json.dumps({"_class_name": kind, "num_train_timesteps": 1000}))
+        loaded = load_model(tmp_path)[1].config
+        assert [loaded[k] for k in ("beta_schedule", "beta_start", "beta_end")] == \
+            [expected.config[k] for k in ("beta_schedule", "beta_start", "beta_end")]
+    config.write_text(json.dumps({"num_train_timesteps": 1000}))
+    with pytest.raises(ValueError, match="names no scheduler class .* so its noise schedule is unknown"):
+        load_model(tmp_path)
+    from diffusers import DDIMParallelScheduler, DDPMParallelScheduler, SASolverScheduler
+
+    for family in (SASolverScheduler, DDPMParallelScheduler, DDIMParallelScheduler):  # were "has no ... betas"
+        family(beta_end=0.013).save_pretrained(tmp_path / "scheduler")
+        assert load_model(tmp_path)[1].config.beta_end == 0.013
     # 50 betas for the default 1000 steps: an IndexError at t = 800, in the first sampling step
     DDPMScheduler(trained_betas=[0.01] * 50).save_pretrained(tmp_path / "scheduler")
     with pytest.raises(ValueError, match="trained_betas holds 50 values for num_train_timesteps 1000; they must be "

@@ -40,7 +40,7 @@ from msfp.identity import differences, model_key, plain_config, weights_digest
 from msfp.info import finetune_runs
 from msfp.kernels import fused_rounding_exact
 from msfp.losses import WEIGHTINGS, dfa_weights, factor_per_timestep, weighted_mse
-from msfp.models import denoise
+from msfp.models import SCHEDULE_KEYS, denoise
 from msfp.quantizers import MIN_SCALE, named_quantizers
 from msfp.sampling import model_cond
 from msfp.surgery import quant_layers, set_fused_rounding
@@ -243,11 +243,6 @@ def _restore_full_precision_weights(qmodel: nn.Module, fp_model: nn.Module) -> N
             layer.weight.copy_(source)
 
 
-# What defines the noise schedule and the meaning of the model's output, whichever DDPM-family scheduler steps it.
-_SCHEDULE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type",
-                  "rescale_betas_zero_snr")
-
-
 def _check_noise_schedule(qmodel: nn.Module, scheduler) -> None:
     """Refuse a teacher scheduler on another noise schedule than the model was calibrated with (and samples with,
     from its checkpoint): its trajectories and DFA weights would be of another process."""
@@ -255,7 +250,7 @@ def _check_noise_schedule(qmodel: nn.Module, scheduler) -> None:
     if recorded is None:
         return
     there, here = plain_config(recorded), plain_config(scheduler.config)
-    changed = differences(there, here, [k for k in _SCHEDULE_KEYS if k in there and k in here])
+    changed = differences(there, here, [k for k in SCHEDULE_KEYS if k in there and k in here])
     if changed:
         raise ValueError(f"the scheduler has another noise schedule than the model was calibrated with "
                          f"({'; '.join(changed)}): fine-tune with the schedule it was calibrated and samples with "

@@ -131,28 +131,48 @@ def _read_json(path: Path) -> dict:
     return data
 
 
+# What defines the noise schedule and the meaning of the model's output, whichever DDPM-family scheduler steps it.
+SCHEDULE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type",
+                 "rescale_betas_zero_snr")
+# DDIM's compatibles, and LCM, TCD, SA-Solver and the parallel DDPM/DDIM, share DDPM's schedule; EDM (among DDIM's
+# compatibles) and flow matching have no betas, and others with betas reshape them (CogVideoX's snr_shift_scale),
+# which DDIM would drop.
+DDPM_FAMILY = (*(n for n in DDIMScheduler._compatibles if n != "EDMEulerScheduler"), "LCMScheduler", "TCDScheduler",
+               "SASolverScheduler", "DDPMParallelScheduler", "DDIMParallelScheduler")
+
+
 def _ddim(config_dir: Path, config_name: str) -> DDIMScheduler:
     """DDIM on the model's noise schedule: only a DDPM-family schedule (betas) has one, so flow matching or EDM
     configs are refused instead of becoming a default linear-beta DDIM."""
-    config = _read_json(config_dir / config_name)
-    kind = config.get("_class_name", "a scheduler")
-    # DDIM's compatibles, and LCM and TCD, share DDPM's schedule; EDM and flow matching have no betas, and others
-    # with betas reshape them (CogVideoX's snr_shift_scale), which DDIM would drop.
-    family = (*DDIMScheduler._compatibles, "LCMScheduler", "TCDScheduler", "a scheduler")
+    where = config_dir / config_name
+    config = _read_json(where)
+    kind = config.get("_class_name")
+    scheduler_class = getattr(diffusers, kind, None) if isinstance(kind, str) else None
+    takes_betas = scheduler_class is not None and "beta_schedule" in inspect.signature(scheduler_class).parameters
+    supported = ("msfp calibrates, fine-tunes and samples with DDIM on the model's betas, so it supports DDPM-family "
+                 f"schedulers only ({', '.join(DDPM_FAMILY)})")
+    if kind is not None and not (takes_betas and kind in DDPM_FAMILY):
+        why = (f"is no scheduler of diffusers {diffusers.__version__}" if scheduler_class is None
+               else "has no DDPM noise schedule (betas)" if not takes_betas
+               else "reshapes its betas or steps in ways DDIM would not")
+        raise ValueError(f"{where}: {kind} {why}; {supported}")
+    if takes_betas:  # a setting the file leaves out is the class's default (as diffusers reads it), not DDIM's
+        defaults = inspect.signature(scheduler_class).parameters
+        config = {**{k: defaults[k].default for k in SCHEDULE_KEYS if k in defaults}, **config}
+    elif "beta_schedule" not in config and config.get("trained_betas") is None:
+        raise ValueError(f"{where} names no scheduler class (_class_name) and no beta_schedule or trained_betas, so "
+                         f"its noise schedule is unknown; {supported}")
     trained = config.get("trained_betas")
-    has_betas = bool(trained) if trained is not None else "beta_schedule" in config  # [] is no schedule either
-    if kind not in family or not has_betas:
-        raise ValueError(f"{config_dir / config_name}: {kind} has no DDPM noise schedule (betas) that DDIM can sample "
-                         "with; msfp calibrates, fine-tunes and samples with DDIM on the model's betas, so it supports "
-                         "DDPM-family schedulers only")
+    if trained is not None and not len(trained):  # an IndexError, later
+        raise ValueError(f"{where}: trained_betas is empty, so there is no noise schedule to sample with")
     steps = config.get("num_train_timesteps", 1000)
     if trained is not None and hasattr(trained, "__len__") and len(trained) != steps:  # else an IndexError mid-sampling
-        raise ValueError(f"{config_dir / config_name}: trained_betas holds {len(trained)} values for "
+        raise ValueError(f"{where}: trained_betas holds {len(trained)} values for "
                          f"num_train_timesteps {steps}; they must be equal")
     try:
         return DDIMScheduler.from_config(config)
     except (NotImplementedError, ValueError, TypeError) as e:  # e.g. an unknown beta_schedule
-        raise ValueError(f"{config_dir / config_name}: cannot build its noise schedule ({e})") from e
+        raise ValueError(f"{where}: cannot build its noise schedule ({e})") from e
 
 
 def _load_pipeline_dir(path: Path):
