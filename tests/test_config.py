@@ -1,6 +1,7 @@
 import json
 import re
 
+import numpy as np
 import pytest
 
 from msfp import QuantConfig
@@ -67,6 +68,10 @@ def test_json_values_of_the_wrong_type_are_refused():
         with pytest.raises(ValueError, match=f"QuantConfig.{field} must be {expected}, got {value!r}"):
             QuantConfig.from_json(json.dumps({field: value}))
     assert QuantConfig(aal_threshold=0, weight_formats=("fp4_e2m1",)).weight_formats == ["fp4_e2m1"]
+    # numpy's numbers were refused ("must be an integer, got np.int64(4)"), though msfp's other arguments take them
+    config = QuantConfig(act_timestep_groups=np.int64(4), aal_threshold=np.float32(0.25), search_clip_points=np.int32(8))
+    assert json.loads(config.to_json())["act_timestep_groups"] == 4 and type(config.aal_threshold) is float
+    assert QuantConfig.from_json(config.to_json()) == config
     with pytest.raises(ValueError, match="a QuantConfig is an object of fields, got list"):
         QuantConfig.from_json("[]")
     with pytest.raises(ValueError, match="not valid JSON: Expecting"):

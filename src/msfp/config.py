@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import numbers
 import re
 from dataclasses import dataclass, field
 
@@ -51,7 +52,8 @@ def _has_type(value, annotation: str) -> bool:
         return isinstance(value, list) and all(isinstance(v, str) for v in value)
     if isinstance(value, bool):
         return annotation == "bool"
-    return isinstance(value, {"int": int, "float": (int, float), "str": str}.get(annotation, ()))
+    # numpy's numbers too, as msfp.checks.whole_number takes them
+    return isinstance(value, {"int": numbers.Integral, "float": numbers.Real, "str": str}.get(annotation, ()))
 
 
 @dataclass
@@ -101,6 +103,11 @@ class QuantConfig:
                 setattr(self, f.name, value)
             if not _has_type(value, f.type):
                 raise ValueError(f"QuantConfig.{f.name} must be {_TYPE_NAMES[f.type]}, got {value!r}")
+            # numpy's numbers as Python's, which to_json can write
+            if f.type == "int":
+                setattr(self, f.name, int(value))
+            elif f.type == "float" and not isinstance(value, (int, float)):
+                setattr(self, f.name, float(value))
         for f in ("weight_formats", "act_formats", "eight_bit_weight_formats", "eight_bit_act_formats"):
             if not getattr(self, f):
                 raise ValueError(f"QuantConfig.{f} must list at least one format")
