@@ -64,6 +64,20 @@ def test_a_model_on_the_meta_device_gets_a_clear_error(tiny_unet):
         sample(tiny_unet, DDIMScheduler(), 1, num_inference_steps=2, device="meta", disable=True)
 
 
+def test_a_config_without_a_sample_size_asks_for_the_sample_shape():
+    from tiny_models import tiny_cond_unet
+
+    model = tiny_cond_unet()
+    model.register_to_config(sample_size=None)  # UNet2DConditionModel's default
+    cond = dict(encoder_hidden_states=torch.randn(1, 3, 8))
+    # It was Python's "Value after * must be an iterable, not NoneType".
+    with pytest.raises(ValueError, match=r"pass sample_shape=\(C, H, W\): UNet2DConditionModel's config gives no "
+                                         r"sample shape \(sample_size=None, in_channels=4\)"):
+        sample(model, DDIMScheduler(), 1, num_inference_steps=2, cond=cond, disable=True)
+    assert sample(model, DDIMScheduler(), 1, num_inference_steps=2, cond=cond, sample_shape=(4, 8, 8),
+                  disable=True).shape == (1, 4, 8, 8)
+
+
 def test_floating_conditioning_is_given_in_the_models_dtype():
     # A bfloat16 text UNet given float32 embeddings failed inside attention; diffusers' pipelines cast them.
     from tiny_models import tiny_cond_unet

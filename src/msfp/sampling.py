@@ -66,6 +66,9 @@ def sample_shape_of(model, sample_shape=None) -> tuple:
     if "sample_size" not in config or "in_channels" not in config:
         raise ValueError("pass sample_shape=(C, H, W): the model has no diffusers config with sample_size/in_channels")
     size = config["sample_size"]
+    if size is None or config["in_channels"] is None:  # UNet2DConditionModel's default sample_size is None
+        raise ValueError(f"pass sample_shape=(C, H, W): {type(model).__name__}'s config gives no sample shape "
+                         f"(sample_size={size!r}, in_channels={config['in_channels']!r})")
     return (config["in_channels"], *((size, size) if isinstance(size, int) else size))
 
 
