@@ -15,6 +15,21 @@ def test_router_initialises_to_contiguous_intervals(num_loras):
     assert torch.all(assignment[1:] >= assignment[:-1])  # contiguous and ordered
 
 
+@pytest.mark.parametrize("num_loras", [1, 4])
+def test_lora_assignment_takes_a_scalar_timestep(num_loras):
+    from types import SimpleNamespace
+
+    from msfp.talora import lora_assignment
+
+    router = TimestepRouter(num_loras)
+    router.init_contiguous(seed=0)
+    model = SimpleNamespace(msfp_router=router)
+    # A single-LoRA model's took len() of it: "len() of a 0-d tensor", while K > 1 gave a one-element list.
+    for t in (999, torch.tensor(999), np.int64(999)):
+        assert lora_assignment(model, t) == [num_loras - 1]
+    assert lora_assignment(model, [0, 999]) == [0, num_loras - 1]
+
+
 def test_router_init_is_deterministic():
     a, b = TimestepRouter(4), TimestepRouter(4)
     a.init_contiguous(seed=3)

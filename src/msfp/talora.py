@@ -225,4 +225,5 @@ def assignment_runs(qmodel: nn.Module) -> list[list[int]]:
 def lora_assignment(qmodel: nn.Module, timesteps) -> list[int]:
     """Which LoRA the router picks for each timestep (all 0 for single-LoRA models)."""
     router = qmodel.msfp_router
-    return router.assignment(torch.as_tensor(timesteps)).tolist() if router.num_loras > 1 else [0] * len(timesteps)
+    t = torch.as_tensor(timesteps).reshape(-1)  # a scalar timestep is one, as the router reads it
+    return router.assignment(t).tolist() if router.num_loras > 1 else [0] * len(t)
