@@ -4,6 +4,7 @@ import warnings
 
 import pytest
 import torch
+from diffusers import DDIMScheduler
 from torch import nn
 
 import msfp
@@ -382,6 +383,17 @@ def test_per_timestep_activation_groups():
     q3 = msfp.quantize(copy.deepcopy(fp), QuantConfig(act_timestep_groups=3))
     with pytest.warns(UserWarning, match="no calibration step falls in group\\(s\\) 2 \\(t 666.667–1000\\); they keep"):
         msfp.calibrate(q3, fp, scheduler(), num_samples=4, num_steps=3, disable=True)
+
+
+def test_more_timestep_groups_than_training_timesteps_are_refused_before_sampling(monkeypatch):
+    fp = tiny_unet()
+    q = msfp.quantize(copy.deepcopy(fp), QuantConfig(act_timestep_groups=11))
+    monkeypatch.setattr("msfp.calibration.collect_trajectories", lambda *a, **k: pytest.fail("sampled"))
+    # Groups past one per timestep never hold a step; 10**7 of them only cost memory and search time.
+    with pytest.raises(ValueError, match="act_timestep_groups is 11, more than the scheduler's 10 training "
+                                         "timesteps .*use at most 10"):
+        msfp.calibrate(q, fp, DDIMScheduler.from_config(scheduler().config, num_train_timesteps=10), num_samples=1,
+                       num_steps=2, disable=True)
 
 
 def test_models_in_training_mode_calibrate_without_dropout_and_keep_their_mode():

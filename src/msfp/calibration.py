@@ -485,6 +485,10 @@ def calibrate(qmodel: nn.Module, fp_model: nn.Module, scheduler, num_samples: in
                          f"{' (it is qmodel itself)' if fp_model is qmodel else ''}: quantize a copy "
                          "(msfp.quantize(copy.deepcopy(model), ...)) and pass the original as fp_model")
     require_fake_quant(qmodel, "calibrate()", "calibrate before msfp.fp8.convert_to_fp8")
+    steps = scheduler.config.num_train_timesteps
+    if config.act_timestep_groups > steps:  # before the trajectories: the extra groups could never hold a step
+        raise ValueError(f"QuantConfig.act_timestep_groups is {config.act_timestep_groups}, more than the scheduler's "
+                         f"{steps} training timesteps (one group per timestep at most): use at most {steps}")
     layers = quant_layers(qmodel)
     half = next((n for n, layer in layers.items() if layer.weight.dtype != torch.float32), None)
     if half is not None:  # the quantizers' scales are float32: the fake-quant forward would fail on a raw dtype error
