@@ -314,6 +314,16 @@ def test_preset_lists_are_checked_before_any_work(script, tmp_path, capsys):
     assert not (tmp_path / "r.json").exists()
 
 
+def test_preset_lists_name_each_preset_once():
+    import argparse
+
+    from msfp.environment import preset_names
+
+    # "W4A4-MSFP, w4a4-msfp" ran the same preset twice, under two names.
+    names = preset_names(argparse.ArgumentParser(), " W4A4-MSFP, w4a4-msfp,,w6a6-msfp ,W4A4-msfp")
+    assert names == ["w4a4-msfp", "w6a6-msfp"]
+
+
 def test_cpu_inference_compares_every_variant_on_the_same_samples(capsys):
     result = load_script("cpu_inference").main(["--images", "1", "--steps", "1", "--repeats", "1",
                                                 "--calib-samples", "1", "--calib-steps", "1"])

@@ -42,15 +42,18 @@ def check_positive(parser: argparse.ArgumentParser, args: argparse.Namespace, *n
 
 
 def preset_names(parser: argparse.ArgumentParser, text: str, option: str = "--presets") -> list[str]:
-    """The quantization presets listed in ``text`` (comma-separated; empty entries dropped), every one checked up
-    front: an unknown name must not surface after the presets before it were calibrated."""
-    names = [n.strip() for n in text.split(",") if n.strip()]
-    unknown = []
-    for name in names:  # by QuantConfig.preset's own lookup (case ignored)
+    """The quantization presets listed in ``text`` (comma-separated; empty entries dropped) by their canonical names,
+    each once, in order ("W4A4-MSFP, w4a4-msfp" is one preset, run once); every one checked up front: an unknown name
+    must not surface after the presets before it were calibrated."""
+    names, unknown = [], []
+    for name in (n.strip() for n in text.split(",") if n.strip()):
         try:
-            QuantConfig.preset(name)
+            canonical = QuantConfig.preset(name).name  # by QuantConfig.preset's own lookup (case ignored)
         except ValueError:
             unknown.append(name)
+            continue
+        if canonical not in names:
+            names.append(canonical)
     if unknown:
         parser.error(f"{option}: unknown preset(s) {', '.join(map(repr, unknown))}; choose from {', '.join(PRESETS)}")
     return names
