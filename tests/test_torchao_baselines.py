@@ -59,3 +59,12 @@ def test_a_torchao_without_per_expert_nvfp4_scales_is_refused(monkeypatch):
 
     monkeypatch.setattr(NVFP4Tensor, "to_nvfp4", staticmethod(two_d_only))
     assert "takes no per-expert scales" in unavailable_reason()
+
+
+@pytest.mark.parametrize("recipe", ["mxfp4", "nvfp4"])
+def test_an_unbatched_conv_input_is_one_sample_blocked_along_its_channels(recipe):
+    # nn.Conv2d takes (C, H, W): its channels are dim 0, and the blocks ran along H instead.
+    torch.manual_seed(0)
+    layer = TorchaoFakeQuant(torch.nn.Conv2d(32, 4, 3, padding=1), recipe)
+    x = torch.randn(32, 5, 6)
+    assert torch.equal(layer(x), layer(x[None])[0])

@@ -82,7 +82,7 @@ def _along_channels(fq, x: torch.Tensor, channel_dim: int, per_sample: bool = Fa
     if x.dtype not in (torch.float32, torch.bfloat16):
         return _along_channels(fq, x.float(), channel_dim, per_sample).to(x.dtype)
     moved = x.movedim(channel_dim, -1)
-    groups = moved.shape[0] if per_sample and x.dim() > 1 else 1  # an unbatched (1-D) input is one sample
+    groups = moved.shape[0] if per_sample else 1
     return fq(moved.reshape(groups, -1, moved.shape[-1]).contiguous()).view(moved.shape).movedim(-1, channel_dim)
 
 
@@ -105,9 +105,11 @@ class TorchaoFakeQuant(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         m = self.module
         if isinstance(m, nn.Linear):
-            return F.linear(_along_channels(self.fq, x, -1, per_sample=True), self.qweight, m.bias)
-        return F.conv2d(_along_channels(self.fq, x, 1, per_sample=True), self.qweight, m.bias, m.stride, m.padding,
-                        m.dilation)
+            # An unbatched input (nn.Linear's 1-D, nn.Conv2d's (C, H, W)) is one sample.
+            return F.linear(_along_channels(self.fq, x, -1, per_sample=x.dim() > 1), self.qweight, m.bias)
+        batched = x.dim() == 4
+        return F.conv2d(_along_channels(self.fq, x, 1 if batched else 0, per_sample=batched), self.qweight, m.bias,
+                        m.stride, m.padding, m.dilation)
 
 
 def quantize_torchao(model: nn.Module, recipe: str, layer_names) -> tuple[nn.Module, dict[str, str]]:
