@@ -7,7 +7,8 @@ from diffusers import DDIMScheduler, UNet2DModel
 
 import msfp
 from msfp.calibration import trajectory_key
-from msfp.identity import model_key, weights_digest
+from msfp.identity import differences, model_key, weights_digest
+from hash_seeds import outputs_under_hash_seeds
 from tiny_models import tiny_plain
 
 
@@ -83,8 +84,6 @@ def test_tensor_digests_of_conjugate_and_negative_views_are_those_of_their_value
 
 
 def test_model_keys_of_sets_and_numpy_scalars_are_stable():
-    from hash_seeds import outputs_under_hash_seeds
-
     model = tiny_plain()
     assert model_key(model, dict(steps=np.int64(5), eta=np.float32(0.5))) == model_key(model, dict(steps=5, eta=0.5))
     # A set's order follows string hashing, which differs between processes.
@@ -93,6 +92,34 @@ def test_model_keys_of_sets_and_numpy_scalars_are_stable():
             "print(model_key(tiny_plain(), dict(layers={'conv_in', 'mid', 'out', 'time_embedding'})))\n")
     keys = outputs_under_hash_seeds(code)
     assert len(keys) == 1, keys
+
+
+def test_a_wrapper_exposing_its_unets_config_has_one_key_in_every_process():
+    # A root attribute holding a diffusers config (self.config = self.unet.config, as pipelines expect of a denoiser)
+    # was recorded with its _use_default_values, a list in string-hash order: every process had another key, so
+    # calibration caches never hit and a checkpoint of it loaded in no other process.
+    code = ("import torch\n"
+            "from diffusers import UNet2DModel\n"
+            "from msfp.identity import base_info, model_key\n"
+            "class ConfigWrapper(torch.nn.Module):\n"
+            "    def __init__(self):\n"
+            "        super().__init__()\n"
+            "        torch.manual_seed(0)\n"
+            "        self.unet = UNet2DModel.from_config(dict(sample_size=8, in_channels=1, out_channels=1, "
+            "block_out_channels=(8,), layers_per_block=1, down_block_types=('DownBlock2D',), "
+            "up_block_types=('UpBlock2D',), norm_num_groups=4))\n"
+            "        self.config = self.unet.config\n"
+            "model = ConfigWrapper()\n"
+            "print(model_key(model, {}), sorted(base_info(model)['own']['config'])[:3])\n")
+    keys = outputs_under_hash_seeds(code)
+    assert len(keys) == 1, keys
+    assert "_use_default_values" not in keys.pop()
+
+
+def test_a_setting_of_nan_equals_itself():
+    nan = float("nan")
+    assert differences(dict(eps=nan, shifts=[nan, 1.0]), dict(eps=nan, shifts=[nan, 1.0]), ["eps", "shifts"]) == []
+    assert differences(dict(eps=nan), dict(eps=1.0), ["eps"]) == ["eps nan there, 1.0 here"]
 
 
 class Wrapper(torch.nn.Module):

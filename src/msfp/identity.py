@@ -43,7 +43,17 @@ def weights_digest(model: nn.Module, exclude: Collection[str] = ()) -> str:
 def differences(there: Mapping, here: Mapping, keys: Iterable) -> list[str]:
     """``"key X there, Y here"`` for each of ``keys`` whose values differ (a missing key reads as None): what a refused
     resume or load names."""
-    return [f"{k} {there.get(k)!r} there, {here.get(k)!r} here" for k in keys if there.get(k) != here.get(k)]
+    return [f"{k} {there.get(k)!r} there, {here.get(k)!r} here" for k in keys if not _same(there.get(k), here.get(k))]
+
+
+def _same(a, b) -> bool:
+    """Equal, a NaN (at any depth) equal to a NaN too: a setting of NaN never equals itself."""
+    if a == b:
+        return True
+    try:
+        return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)  # NaN is written as NaN
+    except TypeError:  # not JSON: compared by == alone
+        return False
 
 
 def _plain_value(value):
@@ -122,17 +132,27 @@ def module_settings(model: nn.Module, skip: Iterable[str], layers: bool = False)
 
 def _plain_settings(module: nn.Module) -> dict:
     """A module's own plain attributes as JSON values; msfp's (``msfp_config``, ...) are not the model's."""
-    return json.loads(json.dumps({k: v for k, v in vars(module).items() if not k.startswith(("_", "msfp_"))
+    return json.loads(json.dumps({k: _setting(v) for k, v in vars(module).items() if not k.startswith(("_", "msfp_"))
                                   and k not in _CHANGED_BY_QUANTIZE and _is_plain(v)}))
 
 
+def _setting(value):
+    """A plain value as recorded: dicts without their ``_``-prefixed bookkeeping keys (a diffusers config's
+    ``_use_default_values`` is in string-hash order, its ``_name_or_path`` a path), as :func:`plain_config` drops."""
+    if isinstance(value, dict):
+        return {k: _setting(v) for k, v in value.items() if not k.startswith("_")}
+    if isinstance(value, (tuple, list)):
+        return [_setting(v) for v in value]
+    return value
+
+
 def _is_plain(value) -> bool:
-    """A setting JSON holds as it is, lists and string-keyed dicts of them too: not a function, whose text names its
-    address in this process."""
+    """A setting JSON holds as it is, lists and string-keyed dicts of them too (their ``_``-prefixed keys aside, see
+    :func:`_setting`): not a function, whose text names its address in this process."""
     if isinstance(value, (tuple, list)):
         return all(map(_is_plain, value))
     if isinstance(value, dict):
-        return all(isinstance(k, str) and _is_plain(v) for k, v in value.items())
+        return all(isinstance(k, str) and (k.startswith("_") or _is_plain(v)) for k, v in value.items())
     return value is None or isinstance(value, (bool, int, float, str))
 
 
