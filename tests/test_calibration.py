@@ -53,11 +53,16 @@ def test_every_family_quantizes_calibrates_and_runs(family):
     assert relative_error < 0.25, relative_error
 
 
-def test_the_recorded_schedule_leaves_out_diffusers_list_of_defaulted_keys():
-    # Saved with the model, it made msfp_quant.json differ between processes (a list in string-hash order), and
-    # from_config replaces the values it lists by the installed diffusers' defaults.
-    _, q, _ = calibrated(tiny_plain, sample_shape=(1, 8, 8))
-    assert "_use_default_values" not in q.msfp_scheduler_config and q.msfp_scheduler_config["beta_end"] == 0.02
+def test_the_recorded_schedule_lists_diffusers_defaulted_keys_in_sorted_order():
+    # Saved with the model in string-hash order, it made msfp_quant.json differ between processes.
+    scheduler_ = DDIMScheduler.from_config(dict(num_train_timesteps=1000))
+    listed = list(scheduler_.config["_use_default_values"])
+    assert listed != sorted(listed)  # (or the test would pass whatever the order)
+    fp = tiny_plain()
+    q = msfp.quantize(copy.deepcopy(fp), "w4a4-msfp")
+    msfp.calibrate(q, fp, scheduler_, num_samples=2, num_steps=2, sample_shape=(1, 8, 8), disable=True)
+    assert q.msfp_scheduler_config["_use_default_values"] == sorted(listed)
+
 
 def test_search_picks_unsigned_on_silu_data_and_signed_on_symmetric_data():
     _, q, _ = calibrated(tiny_plain, QuantConfig(eight_bit_layers=[]), sample_shape=(1, 8, 8))

@@ -11,6 +11,7 @@ from click.testing import CliRunner
 
 from msfp.cli import main
 from msfp.samples import load_samples, save_samples
+from tiny_models import tiny_unet
 
 
 def run(*args):
@@ -313,21 +314,30 @@ def test_commands_refuse_to_replace_the_current_directory_before_any_work(tmp_pa
     assert sorted(p.name for p in q.iterdir()) == ["model.safetensors", "msfp_quant.json"]
 
 
-def test_a_quantized_directory_samples_with_its_recorded_schedule(tmp_path, tiny_model_dir):
-    # Checkpoints recorded diffusers' _use_default_values, and DDIMScheduler.from_config replaces the values it lists
-    # by the installed diffusers' defaults: a schedule recorded under another default was not the one sampled with.
-    from msfp.checkpoint import _meta_sha256
+def test_a_quantized_directory_samples_with_the_full_precision_models_schedule(tmp_path):
+    # A scheduler config without timestep_spacing (older repos, google/ddpm-cifar10-32 say): DDIM fills in "leading"
+    # and lists the key as defaulted, so Euler and DPM-Solver built from it take their own default ("linspace").
+    # Recorded without that list, the quantized directory's Euler and DPM-Solver stepped at DDIM's "leading" timesteps
+    # while the full-precision model's did not: paired metrics compared two samplers.
     from msfp.cli import _load_any_model
+    from msfp.samples import get_scheduler
 
-    q = tmp_path / "q"
-    r = run("quantize", "--model", tiny_model_dir, "--out", q, "--calib-samples", 2, "--calib-steps", 2)
+    tiny_unet().save_pretrained(tmp_path / "fp")
+    (tmp_path / "fp" / "scheduler_config.json").write_text(json.dumps(dict(
+        _class_name="DDPMScheduler", beta_schedule="linear", beta_start=0.0001, beta_end=0.02,
+        num_train_timesteps=1000, clip_sample=True, variance_type="fixed_small")))
+    r = run("quantize", "--model", tmp_path / "fp", "--out", tmp_path / "q", "--calib-samples", 2, "--calib-steps", 2)
     assert r.exit_code == 0, r.output
-    meta = json.loads((q / "msfp_quant.json").read_text())
-    assert "_use_default_values" not in meta["scheduler_config"]
-    meta["scheduler_config"].update(beta_end=0.03, _use_default_values=["beta_end"])  # as an older msfp wrote it
-    meta["meta_sha256"] = _meta_sha256(meta)
-    (q / "msfp_quant.json").write_text(json.dumps(meta))
-    assert _load_any_model(str(q))[1].config.beta_end == 0.03
+    listed = json.loads((tmp_path / "q" / "msfp_quant.json").read_text())["scheduler_config"]["_use_default_values"]
+    assert "timestep_spacing" in listed and listed == sorted(listed)  # sorted: the same file in every process
+    fp_scheduler, q_scheduler = (_load_any_model(str(tmp_path / d))[1] for d in ("fp", "q"))
+    for name in ("euler", "dpm"):
+        fp_steps, q_steps = get_scheduler(name, fp_scheduler), get_scheduler(name, q_scheduler)
+        fp_steps.set_timesteps(10)
+        q_steps.set_timesteps(10)
+        assert fp_steps.config.timestep_spacing == "linspace"
+        assert torch.equal(q_steps.timesteps, fp_steps.timesteps), name
+
 
 def test_clear_errors_for_files_of_the_wrong_kind(tmp_path, tiny_model_dir):
     q = tmp_path / "q"
