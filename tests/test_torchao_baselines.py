@@ -58,7 +58,11 @@ def test_a_torchao_without_per_expert_nvfp4_scales_is_refused(monkeypatch):
         assert len(data_hp.shape) == 2, "unsupported"
 
     monkeypatch.setattr(NVFP4Tensor, "to_nvfp4", staticmethod(two_d_only))
-    assert "takes no per-expert scales" in unavailable_reason()
+    assert "takes no per-expert scales" in unavailable_reason("nvfp4")
+    assert unavailable_reason("mxfp4") is None  # needs no such scales: its row stays
+    from msfp.compare import METHODS
+
+    assert METHODS["torchao-mxfp4"].unavailable() is None and METHODS["torchao-nvfp4"].unavailable() is not None
 
 
 @pytest.mark.parametrize("recipe", ["mxfp4", "nvfp4"])

@@ -281,7 +281,7 @@ for _preset in PRESETS:
     register_method(_preset, lambda ctx, p=_preset: build_ptq(ctx, p), f"msfp PTQ, preset {_preset}")
 for _recipe in RECIPES:
     register_method(f"torchao-{_recipe}", lambda ctx, r=_recipe: build_torchao(ctx, r),
-                    f"torchao {RECIPES[_recipe]} W4A4, emulated", unavailable_reason)
+                    f"torchao {RECIPES[_recipe]} W4A4, emulated", lambda r=_recipe: unavailable_reason(r))
 for _name, (_kwargs, _description) in FINETUNED.items():
     register_method(_name, lambda ctx, kw=_kwargs: build_finetuned(ctx, **kw), _description)
 #: the built-in methods that fine-tune nothing (a registered method may read the fine-tuning settings)

@@ -25,8 +25,8 @@ RECIPES = {
 }
 
 
-def unavailable_reason() -> str | None:
-    """Why the torchao rows cannot run here, or None when they can."""
+def unavailable_reason(recipe: str = "nvfp4") -> str | None:
+    """Why torchao's ``recipe`` row cannot run here, or None when it can."""
     if importlib.util.find_spec("torchao") is None:
         return "torchao is not installed (pip install torchao)"
     try:
@@ -37,6 +37,8 @@ def unavailable_reason() -> str | None:
         return f"torchao is installed but its MX/NVFP4 formats do not import ({type(e).__name__}: {e})"
     if not hasattr(torch, "float4_e2m1fn_x2"):
         return f"torch {torch.__version__} has no float4_e2m1fn_x2 dtype, which torchao's FP4 formats need"
+    if recipe != "nvfp4":
+        return None
     try:  # per-sample NVFP4 activation scales go through per-expert (3-D) scales, new in torchao (pytorch/ao#4315)
         NVFP4Tensor.to_nvfp4(torch.ones(2, 1, 16), per_tensor_scale=torch.ones(2, 1, 1)).dequantize(torch.float32)
     except Exception as e:
@@ -117,7 +119,7 @@ def quantize_torchao(model: nn.Module, recipe: str, layer_names) -> tuple[nn.Mod
 
     Returns the model and ``{name: reason}`` for the named layers the recipe cannot take (they stay full precision).
     """
-    reason = unavailable_reason()
+    reason = unavailable_reason(recipe)
     if reason is not None:
         raise ImportError(reason)
     skipped = {}
