@@ -810,6 +810,11 @@ def test_a_model_loaded_under_inference_mode_is_the_model_loaded_outside(saved, 
     # Of normal tensors: its frozen weights stay cached, and it runs outside inference mode as well.
     assert not any(t.is_inference() for t in [*loaded.parameters(), *loaded.buffers()])
     assert torch.equal(unet_outputs(loaded), reference)
+    # A given model built inside inference mode is loaded in it: its inference tensors can be written nowhere else
+    # (outside, load_state_dict failed with "Inplace update to inference tensor outside InferenceMode").
+    with torch.inference_mode():
+        built = tiny_unet()
+        assert torch.equal(unet_outputs(msfp.load_quantized(saved[1], model=built, backend=backend)), reference)
 
 
 def test_a_first_frozen_call_under_autocast_leaves_a_full_precision_weight(saved):

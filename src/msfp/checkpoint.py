@@ -628,9 +628,6 @@ def _tied_layers(model: nn.Module, layers: dict) -> set[str]:
 BACKENDS = ("fake", "fp8")
 
 
-# Normal tensors even when called inside torch.inference_mode: inference tensors count no in-place versions, so
-# frozen weights would be re-quantized on every call, and they could not be fine-tuned later.
-@torch.inference_mode(False)
 def load_quantized(directory: str | os.PathLike, model: nn.Module | None = None, freeze: bool = True,
                    backend: str = "fake") -> nn.Module:
     """Rebuild a quantized model saved by :func:`save_quantized`, in eval mode.
@@ -649,6 +646,15 @@ def load_quantized(directory: str | os.PathLike, model: nn.Module | None = None,
         raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
     if model is not None:
         require_module(model, "load_quantized")
+    # Normal tensors even when called inside torch.inference_mode: inference tensors count no in-place versions, so
+    # frozen weights would be re-quantized on every call, and they could not be fine-tuned later. Only a given model
+    # built inside inference mode is loaded in it: its inference tensors cannot be written outside.
+    built_in_inference = model is not None and any(t.is_inference() for t in [*model.parameters(), *model.buffers()])
+    with torch.inference_mode(built_in_inference):
+        return _load_quantized(directory, model, freeze, backend)
+
+
+def _load_quantized(directory, model: nn.Module | None, freeze: bool, backend: str) -> nn.Module:
     path = Path(directory)
     meta = read_quant_meta(path)
     qc = meta["quantization_config"]
