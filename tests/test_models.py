@@ -150,6 +150,31 @@ def test_weights_that_do_not_fit_the_config_are_refused(tmp_path):
         load_model(tmp_path)
 
 
+def test_a_scheduler_whose_backend_is_missing_loads_from_a_complete_config(tmp_path, monkeypatch):
+    # Without torchsde diffusers exports a stand-in DPMSolverSDEScheduler that takes any argument: its signature has no
+    # beta_schedule, so the config was refused as having no betas (it has them).
+    import diffusers
+    from diffusers.utils import DummyObject
+
+    class DPMSolverSDEScheduler(metaclass=DummyObject):
+        _backends = ["torch", "torchsde"]
+
+    monkeypatch.setattr(diffusers, "DPMSolverSDEScheduler", DPMSolverSDEScheduler)
+    (tmp_path / "model_index.json").write_text(json.dumps({"unet": ["diffusers", "UNet2DModel"],
+                                                           "scheduler": ["diffusers", "DPMSolverSDEScheduler"]}))
+    tiny_unet().save_pretrained(tmp_path / "unet")
+    config = tmp_path / "scheduler" / "scheduler_config.json"
+    config.parent.mkdir()
+    schedule = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    config.write_text(json.dumps({"_class_name": "DPMSolverSDEScheduler", "num_train_timesteps": 1000, **schedule}))
+    loaded = load_model(tmp_path)[1].config
+    assert {k: loaded[k] for k in schedule} == schedule
+    # Its defaults (not DDIM's) cannot be read without the backend: a setting left out is an error, not DDIM's.
+    config.write_text(json.dumps({"_class_name": "DPMSolverSDEScheduler", "num_train_timesteps": 1000}))
+    with pytest.raises(ValueError, match="DPMSolverSDEScheduler needs torch, torchsde installed for the defaults"):
+        load_model(tmp_path)
+
+
 def test_bad_pipeline_dirs(tmp_path):
     (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "DDPMPipeline",
                                                            "vae": ["diffusers", "AutoencoderKL"]}))

@@ -26,7 +26,7 @@ from pathlib import Path
 import diffusers
 import torch
 from diffusers import DDIMScheduler, ModelMixin
-from diffusers.utils import is_accelerate_available
+from diffusers.utils import DummyObject, is_accelerate_available
 
 DEFAULT_MODEL_DIR = Path(__file__).parent / "assets" / "fashion_ddpm"
 DENOISER_COMPONENTS = ("unet", "transformer")
@@ -148,7 +148,11 @@ def _ddim(config_dir: Path, config_name: str) -> DDIMScheduler:
     config = _read_json(where)
     kind = config.get("_class_name")
     scheduler_class = getattr(diffusers, kind, None) if isinstance(kind, str) else None
-    takes_betas = scheduler_class is not None and "beta_schedule" in inspect.signature(scheduler_class).parameters
+    # diffusers' stand-in for a class whose optional backend is missing (DPMSolverSDE without torchsde) takes any
+    # argument: its signature tells nothing, the family list does.
+    placeholder = isinstance(scheduler_class, DummyObject)
+    takes_betas = scheduler_class is not None and (kind in DDPM_FAMILY if placeholder else
+                                                   "beta_schedule" in inspect.signature(scheduler_class).parameters)
     supported = ("msfp calibrates, fine-tunes and samples with DDIM on the model's betas, so it supports DDPM-family "
                  f"schedulers only ({', '.join(DDPM_FAMILY)})")
     if kind is not None and not (takes_betas and kind in DDPM_FAMILY):
@@ -156,7 +160,10 @@ def _ddim(config_dir: Path, config_name: str) -> DDIMScheduler:
                else "has no DDPM noise schedule (betas)" if not takes_betas
                else "reshapes its betas or steps in ways DDIM would not")
         raise ValueError(f"{where}: {kind} {why}; {supported}")
-    if takes_betas:  # a setting the file leaves out is the class's default (as diffusers reads it), not DDIM's
+    if placeholder and not {"beta_start", "beta_end", "beta_schedule"} <= config.keys():
+        raise ValueError(f"{where}: {kind} needs {', '.join(scheduler_class._backends)} installed for the defaults of "
+                         "the schedule settings the file leaves out (beta_start, beta_end, beta_schedule)")
+    if takes_betas and not placeholder:  # a setting the file leaves out is the class's default (as diffusers reads it)
         defaults = inspect.signature(scheduler_class).parameters
         config = {**{k: defaults[k].default for k in SCHEDULE_KEYS if k in defaults}, **config}
     elif "beta_schedule" not in config and config.get("trained_betas") is None:
