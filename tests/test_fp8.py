@@ -217,6 +217,9 @@ def test_converting_under_inference_mode_gives_the_same_model_and_never_a_stale_
         inside = copy.deepcopy(q)  # inference tensors throughout
         convert_to_fp8(inside, use_kernels=False)
         assert torch.equal(inside(x, t).sample, reference)
+    # Its FP8 layers' buffers are normal tensors: their border corrections stay cached.
+    layers = [m for m in inside.modules() if isinstance(m, Fp8Layer)]
+    assert layers and not any(b.is_inference() for layer in layers for b in layer.buffers())
     # Inference tensors count no in-place versions, yet inference mode writes them in place (load_state_dict).
     a, b = _conv_layer(0), _conv_layer(1)
     x = torch.randn(2, 4, 5, 5)

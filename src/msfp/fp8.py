@@ -463,6 +463,9 @@ def backend_summary(model: nn.Module, device: torch.device | str) -> str:
     return f"{line}; {len(kept)} stay fake-quant ({stay})" if kept else line
 
 
+# Normal buffers even when called inside torch.inference_mode: inference tensors count no in-place versions, so the
+# zero-point border correction would be recomputed on every call.
+@torch.inference_mode(False)
 def convert_to_fp8(model: nn.Module, use_kernels: bool | None = None, linear_gemm: str = "triton",
                    tma: str | None = None, split_k: int | str = 1, precise_acc: bool = True) -> dict[str, str]:
     """Replace every quantized layer that the FP8 path runs exactly by an :class:`Fp8Layer`, in place.
