@@ -1,3 +1,4 @@
+import copy
 import json
 import os
 import re
@@ -9,6 +10,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+import msfp
 from msfp.cli import main
 from msfp.samples import load_samples, save_samples
 from tiny_models import tiny_unet
@@ -337,6 +339,31 @@ def test_a_quantized_directory_samples_with_the_full_precision_models_schedule(t
         q_steps.set_timesteps(10)
         assert fp_steps.config.timestep_spacing == "linspace"
         assert torch.equal(q_steps.timesteps, fp_steps.timesteps), name
+
+
+def test_a_quantized_directory_samples_on_the_noise_schedule_it_was_calibrated_on(tmp_path):
+    # Calibrated through the API with an LCM scheduler whose file leaves its schedule to LCM's defaults (scaled_linear,
+    # 0.00085 to 0.012): diffusers lists those keys as defaulted, and DDIM rebuilt from the record took DDIM's instead.
+    from diffusers import LCMScheduler
+
+    from msfp.checkpoint import _meta_sha256
+    from msfp.cli import _load_any_model
+
+    tiny_unet().save_pretrained(tmp_path / "fp")
+    (tmp_path / "fp" / "scheduler_config.json").write_text(json.dumps(dict(_class_name="LCMScheduler",
+                                                                          num_train_timesteps=1000)))
+    fp, _ = _load_any_model(str(tmp_path / "fp"))
+    teacher = LCMScheduler.from_pretrained(tmp_path / "fp")
+    q = msfp.quantize(copy.deepcopy(fp), "w4a4-msfp")
+    msfp.calibrate(q, fp, teacher, num_samples=2, num_steps=2, disable=True)
+    out = msfp.save_quantized(q, tmp_path / "q")
+    assert torch.equal(_load_any_model(str(out))[1].alphas_cumprod, teacher.alphas_cumprod)
+    # Checkpoints written before listed the schedule's keys as defaulted too: they sample on it as well.
+    meta = json.loads((out / "msfp_quant.json").read_text())
+    meta["scheduler_config"]["_use_default_values"] += ["beta_start", "beta_end", "beta_schedule"]
+    meta["meta_sha256"] = _meta_sha256(meta)
+    (out / "msfp_quant.json").write_text(json.dumps(meta))
+    assert torch.equal(_load_any_model(str(out))[1].alphas_cumprod, teacher.alphas_cumprod)
 
 
 def test_clear_errors_for_files_of_the_wrong_kind(tmp_path, tiny_model_dir):

@@ -40,7 +40,7 @@ from msfp.fp8 import require_fake_quant
 from msfp.environment import machine_info
 from msfp.identity import model_key, plain_config, tensor_digest, weights_digest
 from msfp.layers import QuantLayer
-from msfp.models import class_info, denoise, evaluating
+from msfp.models import class_info, denoise, evaluating, recorded_schedule
 from msfp.quantizers import quantizer_keys
 from msfp.sampling import integer_labels, model_cond, model_device, sample
 from msfp.surgery import quant_layers, quantizers_disabled
@@ -533,12 +533,7 @@ def calibrate(qmodel: nn.Module, fp_model: nn.Module, scheduler, num_samples: in
     # leave another teacher's digest behind, which fine-tuning trusts.
     qmodel.msfp_context.num_train_timesteps = scheduler.config.num_train_timesteps  # the timestep groups' range
     _warn_about_empty_groups(qmodel.msfp_context, points.t, config.act_timestep_groups)
-    # Saved: `--model DIR` samples with it. Its list of defaulted keys stays (sorted: in string-hash order the file
-    # differed between processes), so that another sampler built from it takes its own defaults for them, as it does
-    # from the full-precision model's scheduler (Euler's "linspace" spacing, not DDIM's "leading").
-    qmodel.msfp_scheduler_config = dict(scheduler.config)
-    if "_use_default_values" in scheduler.config:
-        qmodel.msfp_scheduler_config["_use_default_values"] = sorted(scheduler.config["_use_default_values"])
+    qmodel.msfp_scheduler_config = recorded_schedule(scheduler.config)  # saved: `--model DIR` samples with it
     qmodel.msfp_base_weights = base_weights  # saved too: fine-tuning must distil from these weights
     start = time.time()
     for name, layer in tqdm(layers.items(), desc="calibrate: search", disable=disable):

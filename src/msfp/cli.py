@@ -210,6 +210,7 @@ def _load_any_model(spec: str, backend: str = "fake"):
     from msfp.calibration import require_unconditional
     from msfp.checkpoint import CONFIG_NAME, load_quantized, read_quant_meta
     from msfp.fileio import unfinished_save
+    from msfp.models import recorded_schedule
 
     if (Path(spec) / CONFIG_NAME).is_file() or unfinished_save(spec) is not None:
         scheduler_config = read_quant_meta(spec).get("scheduler_config")  # the latter: says where its save went
@@ -217,7 +218,8 @@ def _load_any_model(spec: str, backend: str = "fake"):
             raise ValueError(f"{spec} records no scheduler (saved by an older msfp); re-run msfp quantize")
         model = load_quantized(spec, backend=backend)
         require_unconditional(model, spec)  # the checkpoint's base model needs what the model did
-        return model, DDIMScheduler.from_config(scheduler_config)
+        # (Checkpoints before recorded_schedule listed the schedule's own keys: DDIM's defaults would replace them.)
+        return model, DDIMScheduler.from_config(recorded_schedule(scheduler_config))
     if backend != "fake":
         raise ValueError(f"--backend {backend} needs a quantized directory (msfp quantize); {spec} is not one")
     return _load_fp_model(spec)

@@ -134,6 +134,20 @@ def _read_json(path: Path) -> dict:
 # What defines the noise schedule and the meaning of the model's output, whichever DDPM-family scheduler steps it.
 SCHEDULE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type",
                  "rescale_betas_zero_snr")
+
+
+def recorded_schedule(config) -> dict:
+    """A scheduler config as a checkpoint keeps it, to rebuild a sampler from: diffusers' list of the keys it filled
+    with defaults stays, so that another sampler built from it takes its own defaults for them (Euler's "linspace"
+    spacing, not DDIM's "leading"), sorted (in string-hash order the file differed between processes), and without
+    :data:`SCHEDULE_KEYS`: ``from_config`` replaces a listed key's value by the new class's default, and an LCM
+    schedule's defaults (scaled_linear, 0.00085 to 0.012) are not DDIM's."""
+    listed = config.get("_use_default_values")
+    if listed is None:
+        return dict(config)
+    return {**config, "_use_default_values": sorted(k for k in listed if k not in SCHEDULE_KEYS)}
+
+
 # DDIM's compatibles, and LCM, TCD, SA-Solver and the parallel DDPM/DDIM, share DDPM's schedule; EDM (among DDIM's
 # compatibles) and flow matching have no betas, and others with betas reshape them (CogVideoX's snr_shift_scale),
 # which DDIM would drop.
