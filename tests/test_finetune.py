@@ -448,10 +448,19 @@ def test_the_time_budget_counts_the_teacher_sampling(calibrated, tmp_path, monke
     config = FinetuneConfig(**{**CONFIG, "iters": 2})
     student = copy.deepcopy(q)
     result = finetune(student, fp, scheduler(), config, work_dir=tmp_path, max_minutes=1.5, disable=True)
-    assert result.stopped_early and result.iters_done == 0
+    assert result.stopped_early and result.iters_done == 1  # one iteration: a positive budget always makes progress
     result = finetune(student, fp, scheduler(), config, work_dir=tmp_path, max_minutes=1.5, resume=True, disable=True)
     assert not result.stopped_early and result.iters_done == 2  # the cached teacher is not sampled again
     assert clock[0] == 120.0
+    # A set-up that alone outlasts the budget (a slow disk, say) still trains an iteration on every resumed call.
+    slower = FinetuneConfig(**{**CONFIG, "iters": 3})
+    student = copy.deepcopy(q)
+    finetune(student, fp, scheduler(), slower, work_dir=tmp_path / "b", max_minutes=0, disable=True)  # 0: set-up only
+    monkeypatch.setattr(ft, "_read_state", lambda *args, real=ft._read_state: clock.__setitem__(0, clock[0] + 600)
+                        or real(*args))
+    done = [finetune(student, fp, scheduler(), slower, work_dir=tmp_path / "b", max_minutes=1, resume=True,
+                     disable=True).iters_done for _ in range(3)]
+    assert done == [1, 2, 3]
 
 
 def test_given_teacher_points_are_checked_and_identify_the_work_dir(calibrated, tmp_path):

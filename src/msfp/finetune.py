@@ -288,7 +288,8 @@ def finetune(qmodel: nn.Module, fp_model: nn.Module, scheduler, config: Finetune
     ``fused_rounding`` runs the quantizers' rounding as fused compiled kernels (same values, see
     :func:`msfp.surgery.set_fused_rounding`); by default on CUDA only, where it pays for its compilation, and only
     where it is exact (:func:`default_fused_rounding`). ``max_minutes`` counts from the call, the teacher's sampling
-    included: a run stopped by it is checkpointed (with the teacher cached) and continues with ``resume=True``.
+    included, and a positive one trains at least one iteration; a run stopped by it is checkpointed (with the teacher
+    cached) and continues with ``resume=True``.
     """
     began = time.monotonic()
     config = config or FinetuneConfig()
@@ -442,14 +443,17 @@ def finetune(qmodel: nn.Module, fp_model: nn.Module, scheduler, config: Finetune
     fused = default_fused_rounding(device) if fused_rounding is None else fused_rounding
     set_fused_rounding(qmodel, fused)
     channels = points.eps.shape[1]
-    start, stopped_early = time.monotonic(), False
+    start, stopped_early, first = time.monotonic(), False, it
     bar = tqdm(total=config.iters, initial=it, desc="finetune", disable=disable)
     if fused:  # so that a silent first step is not mistaken for a hang (over 90 s on an H200)
         bar.set_postfix_str("compiling the fused rounding kernels (minutes with a cold Inductor cache)")
     qmodel.eval()  # no dropout; the quantized model has no batch statistics to update
     try:
         while it < config.iters:
-            if max_minutes is not None and time.monotonic() - began >= 60 * max_minutes:
+            # A positive budget trains at least one iteration a call: a resumed run whose set-up alone outlasted it
+            # would otherwise stop at its checkpoint every time.
+            if (max_minutes is not None and (it > first or max_minutes == 0)
+                    and time.monotonic() - began >= 60 * max_minutes):
                 stopped_early = True
                 break
             idx = torch.randint(0, len(points), (config.batch_size,), generator=gen)
