@@ -10,10 +10,12 @@ from torch import nn
 import msfp
 from msfp import QuantConfig
 from msfp.calibration import collect_trajectories
+from msfp.conditioning import select
 from msfp.fp8 import convert_to_fp8
 from msfp.models import SCHEDULE_KEYS
 from msfp.surgery import quant_layers
-from tiny_models import scheduler, tiny_class_unet, tiny_cond_unet, tiny_dit, tiny_pixart, tiny_plain, tiny_unet
+from tiny_models import (pixart_1024_cond, scheduler, sdxl_cond, tiny_class_unet, tiny_cond_unet, tiny_dit, tiny_pixart,
+                         tiny_pixart_1024, tiny_plain, tiny_sdxl_unet, tiny_unet)
 
 FAMILIES = {
     "unet": (tiny_unet, {}),
@@ -21,6 +23,9 @@ FAMILIES = {
     "cond-unet": (tiny_cond_unet, {"cond": {"encoder_hidden_states": torch.randn(4, 3, 8)}}),
     "dit": (tiny_dit, {}),
     "pixart": (tiny_pixart, {"cond": {"encoder_hidden_states": torch.randn(4, 3, 8)}}),
+    # Nested conditioning: added_cond_kwargs={...}, as their pipelines pass it.
+    "sdxl-unet": (tiny_sdxl_unet, {"cond": sdxl_cond(4)}),
+    "pixart-1024": (tiny_pixart_1024, {"cond": pixart_1024_cond(4)}),
     "plain": (tiny_plain, {"sample_shape": (1, 8, 8)}),
 }
 
@@ -42,7 +47,7 @@ def test_every_family_quantizes_calibrates_and_runs(family):
         assert (layer.act_quantizer.scale > 0).all() and (layer.weight_quantizer.scale > 0).all(), name
     shape = kwargs.get("sample_shape") or (fp.config.in_channels, fp.config.sample_size, fp.config.sample_size)
     x, t = torch.randn(2, *shape, generator=torch.Generator().manual_seed(0)), torch.tensor([10, 900])
-    cond = {k: v[:2] for k, v in kwargs.get("cond", {}).items()}
+    cond = select(kwargs.get("cond", {}), slice(0, 2))
     if family in ("class-unet", "dit"):
         cond["class_labels"] = torch.tensor([0, 2])
     with torch.no_grad():
@@ -150,7 +155,7 @@ def test_empty_calibration_set_and_missing_conditioning():
         msfp.calibrate(q, fp, scheduler(), num_samples=0, disable=True)
     cond_fp = tiny_cond_unet()
     with pytest.raises(ValueError, match=r"needs conditioning \['encoder_hidden_states'\]: pass cond=\{name: tensor "
-                                         r"with one row per calibration sample\}$"):
+                                         r"with one row per sample\}$"):
         collect_trajectories(cond_fp, scheduler(), num_samples=2, num_steps=2, disable=True)
     # PixArt declares its text optional (default None) but cannot run without it.
     with pytest.raises(ValueError, match=r"PixArtTransformer2DModel needs conditioning \['encoder_hidden_states'\]"):

@@ -19,7 +19,8 @@ from msfp.samples import load_samples
 from msfp.packing import decode, pack, quantize_to_codes, unpack
 from msfp.quantizers import MIN_SCALE, WeightQuantizer
 from msfp.surgery import quant_layers
-from tiny_models import PlainDenoiser, scheduler, tiny_dit, tiny_pixart, tiny_plain, tiny_unet
+from tiny_models import (PlainDenoiser, scheduler, sdxl_cond, tiny_dit, tiny_pixart, tiny_plain, tiny_sdxl_unet,
+                         tiny_unet)
 
 
 def calibrated(build=tiny_unet, preset="w4a4-msfp", **kwargs):
@@ -46,15 +47,16 @@ def saved(tmp_path_factory):
     return q, msfp.save_quantized(q, tmp_path_factory.mktemp("ckpt") / "q")
 
 
-@pytest.mark.parametrize("build", [tiny_unet, tiny_dit, tiny_pixart])
+@pytest.mark.parametrize("build", [tiny_unet, tiny_dit, tiny_pixart, tiny_sdxl_unet])
 def test_round_trip_is_exact_without_full_precision_weights(tmp_path, build):
     text = torch.randn(4, 3, 8)
-    q = calibrated(build, cond={"encoder_hidden_states": text}) if build is tiny_pixart else calibrated(build)
+    given = {tiny_pixart: {"encoder_hidden_states": text}, tiny_sdxl_unet: sdxl_cond(4)}.get(build)
+    q = calibrated(build, cond=given) if given else calibrated(build)
     msfp.save_quantized(q, tmp_path / "q")
     loaded = msfp.load_quantized(tmp_path / "q")
     shape = (q.config.in_channels, q.config.sample_size, q.config.sample_size)
     cond = {tiny_unet: {}, tiny_dit: {"class_labels": torch.tensor([0, 1, 2])},
-            tiny_pixart: {"encoder_hidden_states": text[:3]}}[build]
+            tiny_pixart: {"encoder_hidden_states": text[:3]}, tiny_sdxl_unet: sdxl_cond(3, seed=1)}[build]
     assert torch.equal(outputs(loaded, shape, **cond), outputs(q, shape, **cond))
     msfp.checkpoint.unfreeze_weights(loaded)  # the re-quantizing path gives the same outputs
     assert torch.equal(outputs(loaded, shape, **cond), outputs(q, shape, **cond))

@@ -169,7 +169,11 @@ def test_plain_module_with_conditioning_and_learned_variance():
     # At 1000 of 1000 training steps DPM-Solver's rounded timesteps repeat one, which made NaN images ("the model
     # diverged"); Heun repeats them by design and still runs.
     with pytest.raises(ValueError, match="DPMSolverMultistepScheduler repeats timesteps at 1000 steps .*use fewer"):
-        sample(net, DPMSolverMultistepScheduler(), 1, num_inference_steps=1000, sample_shape=(2, 4, 4), disable=True)
+        sample(net, DPMSolverMultistepScheduler(), 1, num_inference_steps=1000, sample_shape=(2, 4, 4),
+               class_labels=[1], disable=True)
+    # A required input left out is named before the model runs (it failed in the model's first call).
+    with pytest.raises(ValueError, match=r"Module needs conditioning \['class_labels'\]"):
+        sample(net, DDIMScheduler(), 1, sample_shape=(2, 4, 4), disable=True)
     assert len(calls) == ran
     heun = sample(lambda x, t: 0.1 * x, HeunDiscreteScheduler(), 1, num_inference_steps=4, sample_shape=(1, 4, 4),
                   disable=True)

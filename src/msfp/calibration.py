@@ -20,7 +20,6 @@ calibrating the same model with another preset skips them.
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import math
 import os
@@ -42,7 +41,8 @@ from msfp.identity import model_key, plain_config, tensor_digest, weights_digest
 from msfp.layers import QuantLayer
 from msfp.models import class_info, denoise, evaluating, recorded_schedule
 from msfp.quantizers import quantizer_keys
-from msfp.sampling import integer_labels, model_cond, model_device, sample
+from msfp.conditioning import check_conditioning, concat, flatten, map_tensors, model_cond, select, unflatten
+from msfp.sampling import integer_labels, model_device, sample
 from msfp.surgery import quant_layers, quantizers_disabled
 
 # Activation modules whose outputs are one-sided: a layer reading one directly is an AAL.
@@ -66,14 +66,14 @@ class Trajectories:
     def batches(self, batch_size: int):
         for start in range(0, len(self), batch_size):
             sl = slice(start, start + batch_size)
-            yield self.x[sl], self.t[sl], {k: v[sl] for k, v in self.cond.items()}
+            yield self.x[sl], self.t[sl], select(self.cond, sl)
 
     def to_tensors(self) -> dict:
-        return {"x": self.x, "t": self.t, "eps": self.eps, **{f"cond.{k}": v for k, v in self.cond.items()}}
+        return {"x": self.x, "t": self.t, "eps": self.eps, **{f"cond.{k}": v for k, v in flatten(self.cond).items()}}
 
     @classmethod
     def from_tensors(cls, tensors: dict) -> Trajectories:
-        cond = {k[5:]: v for k, v in tensors.items() if k.startswith("cond.")}
+        cond = unflatten({k[5:]: v for k, v in tensors.items() if k.startswith("cond.")})
         return cls(tensors["x"], tensors["t"], tensors["eps"], cond)
 
     def check(self, what: str) -> None:
@@ -91,35 +91,6 @@ class Trajectories:
         return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
-# Conditioning that diffusers denoisers declare optional (default None) but cannot run without.
-_REQUIRED_CONDITIONING = {"PixArtTransformer2DModel": ("encoder_hidden_states",)}
-
-
-def required_conditioning(model) -> list[str]:
-    """The inputs besides ``(x, t)`` that ``model`` cannot run without (a text-conditioned model's
-    ``encoder_hidden_states``)."""
-    params = inspect.signature(model.forward).parameters
-    required = [n for n, p in list(params.items())[2:]
-                if p.default is inspect.Parameter.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
-    return required + [n for n in _REQUIRED_CONDITIONING.get(type(model).__name__, ()) if n not in required]
-
-
-def require_unconditional(model, spec: str) -> None:
-    """Refuse, before any work, a model the command line cannot run: it gives no conditioning inputs."""
-    needed = required_conditioning(model)
-    if needed:
-        raise ValueError(f"{spec}: {type(model).__name__} needs conditioning ({', '.join(needed)}), which the msfp "
-                         "command line cannot give; use the Python API, whose calibrate, finetune and sample take "
-                         "cond={name: tensor}")
-
-
-def _check_conditioning(model, cond: dict) -> None:
-    missing = [n for n in required_conditioning(model) if n not in cond]
-    if missing:
-        raise ValueError(f"{type(model).__name__} needs conditioning {missing}: pass cond={{name: tensor with one "
-                         "row per calibration sample}")
-
-
 @torch.no_grad()
 def collect_trajectories(fp_model: nn.Module, scheduler, num_samples: int = 64, num_steps: int = 25, seed: int = 0,
                          batch_size: int = 64, cond: dict | None = None, class_labels=None, eta: float = 0.0,
@@ -135,7 +106,7 @@ def collect_trajectories(fp_model: nn.Module, scheduler, num_samples: int = 64, 
         class_labels = torch.randint(0, num_classes, (num_samples,), generator=gen)
     if class_labels is not None:
         cond["class_labels"] = integer_labels(class_labels, num_samples)
-    _check_conditioning(fp_model, cond)
+    check_conditioning(fp_model, cond)
     xs, ts, epss, conds = [], [], [], []
 
     def keep(step):
@@ -149,7 +120,7 @@ def collect_trajectories(fp_model: nn.Module, scheduler, num_samples: int = 64, 
         xs.append(step["x"].float().cpu())
         ts.append(step["t"].cpu())
         epss.append(step["eps"].float().cpu())
-        conds.append({k: v.cpu() for k, v in step["cond"].items()})
+        conds.append(map_tensors(torch.Tensor.cpu, step["cond"]))
 
     with evaluating(fp_model):
         sample(fp_model, scheduler, num_samples, num_inference_steps=num_steps, seed=seed, batch_size=batch_size,
@@ -157,7 +128,7 @@ def collect_trajectories(fp_model: nn.Module, scheduler, num_samples: int = 64, 
     t = torch.cat(ts)
     if not t.is_floating_point() or torch.equal(t, t.round()):
         t = t.long()  # kept as called otherwise: a truncated t gives inputs the sampler never feeds the model
-    return Trajectories(torch.cat(xs), t, torch.cat(epss), {k: torch.cat([c[k] for c in conds]) for k in conds[0]})
+    return Trajectories(torch.cat(xs), t, torch.cat(epss), concat(conds))
 
 
 # Attribute naming the activation module that produced a tensor, for tracing a layer's input to it. A tag on the
@@ -250,7 +221,7 @@ def trajectory_key(fp_model: nn.Module, scheduler, num_samples: int, num_steps: 
         num_samples=num_samples, num_steps=num_steps, seed=seed, batch_size=batch_size,
         scheduler=type(scheduler).__name__,
         scheduler_config=plain_config(scheduler.config), sample_shape=sample_shape,
-        cond={k: tensor_digest(v) for k, v in (cond or {}).items()},
+        cond={k: tensor_digest(v) for k, v in flatten(cond or {}).items()},
         class_labels=None if class_labels is None else tensor_digest(torch.as_tensor(class_labels))), weights)
 
 

@@ -207,7 +207,7 @@ def _load_any_model(spec: str, backend: str = "fake"):
     quantized directory written by msfp (sampled with the scheduler it was calibrated with, on ``backend``)."""
     from diffusers import DDIMScheduler
 
-    from msfp.calibration import require_unconditional
+    from msfp.conditioning import require_unconditional
     from msfp.checkpoint import CONFIG_NAME, load_quantized, read_quant_meta
     from msfp.fileio import unfinished_save
     from msfp.models import recorded_schedule
@@ -227,7 +227,7 @@ def _load_any_model(spec: str, backend: str = "fake"):
 
 def _load_fp_model(spec: str):
     """:func:`msfp.load_model`, refusing a model that needs conditioning the command line cannot give."""
-    from msfp.calibration import require_unconditional
+    from msfp.conditioning import require_unconditional
     from msfp.models import load_model
 
     model, scheduler = load_model(spec)

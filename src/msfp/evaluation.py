@@ -29,7 +29,8 @@ from msfp.losses import dfa_weights, factor_per_timestep
 from msfp.metrics import classifier_score, fd_bootstrap, feature_stats, frechet_distance, kid, precision_recall
 from msfp.models import denoise
 from msfp.samples import from_uint8, load_samples, read_npz, to_uint8
-from msfp.sampling import model_cond, model_device, model_dtype
+from msfp.conditioning import model_cond, select
+from msfp.sampling import model_device, model_dtype
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 SPLITS = 10  # classifier score / IS splits, as in the reference IS code
@@ -210,7 +211,7 @@ def per_timestep_eps_mse(model, points, device=None, batch_size: int = 256) -> d
     for start in range(0, len(points), batch_size):
         sl = slice(start, start + batch_size)
         x, t, eps = points.x[sl].to(device, dtype), points.t[sl].to(device), points.eps[sl]  # (points: float32)
-        cond = model_cond({k: v[sl] for k, v in points.cond.items()}, device, dtype)
+        cond = model_cond(select(points.cond, sl), device, dtype)
         # Learned-variance models (DiT) also output the variance: compare the noise channels only.
         out = denoise(model, x, t, **cond).float().cpu()[:, : eps.shape[1]]
         err = (out - eps).pow(2).flatten(1).mean(1)

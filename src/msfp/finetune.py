@@ -42,7 +42,7 @@ from msfp.kernels import fused_rounding_exact
 from msfp.losses import WEIGHTINGS, dfa_weights, factor_per_timestep, weighted_mse
 from msfp.models import SCHEDULE_KEYS, denoise
 from msfp.quantizers import MIN_SCALE, named_quantizers
-from msfp.sampling import model_cond
+from msfp.conditioning import model_cond, select
 from msfp.surgery import quant_layers, set_fused_rounding
 from msfp.talora import add_talora, lora_counts, remove_talora
 
@@ -459,7 +459,7 @@ def finetune(qmodel: nn.Module, fp_model: nn.Module, scheduler, config: Finetune
             idx = torch.randint(0, len(points), (config.batch_size,), generator=gen)
             x, t, eps = points.x[idx].to(device, dtype), points.t[idx].to(device), points.eps[idx].to(device)
             # Conditioning in the student's dtype too (the teacher's may differ: a bfloat16 student of a float32 one).
-            batch_cond = model_cond({k: v[idx] for k, v in points.cond.items()}, device, dtype)
+            batch_cond = model_cond(select(points.cond, idx), device, dtype)
             out = denoise(qmodel, x, t, **batch_cond)[:, :channels]
             loss = weighted_mse(out.float(), eps, weights[idx])
             if not torch.isfinite(loss):

@@ -24,6 +24,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from msfp.checks import whole_number
+from msfp.conditioning import check_conditioning, check_per_sample, model_cond, select
 from msfp.cuda_graphs import GraphedDenoiser
 from msfp.fileio import atomic_path
 from msfp.models import class_info, denoise, model_config
@@ -88,12 +89,6 @@ def model_dtype(model) -> torch.dtype:
     """The dtype of the model's parameters (float32 for a callable without any)."""
     params = _first_parameter(model)
     return params.dtype if params is not None else torch.float32
-
-
-def model_cond(cond: dict, device, dtype) -> dict:
-    """``cond`` for a model on ``device`` whose parameters are ``dtype``: floating tensors in that dtype, as diffusers'
-    pipelines give text embeddings (trajectory points keep their teacher's, which may differ)."""
-    return {k: v.to(device, dtype if v.is_floating_point() else v.dtype) for k, v in cond.items()}
 
 
 def integer_labels(class_labels, num_samples: int) -> torch.Tensor:
@@ -162,13 +157,12 @@ def sample(model, scheduler, num_samples: int, num_inference_steps: int = 100, s
     if class_labels is not None:
         class_labels = integer_labels(class_labels, num_samples)
     cond = dict(cond or {})
-    for key, value in cond.items():
-        if not isinstance(value, torch.Tensor) or value.shape[:1] != (num_samples,):
-            raise ValueError(f"cond[{key!r}] must be a tensor with first dimension {num_samples} (one per sample)")
+    check_per_sample(cond, num_samples)
     if class_labels is not None:
         cond["class_labels"] = class_labels
     if "class_labels" in cond:
         _check_class_labels(model, cond["class_labels"])
+    check_conditioning(model, cond)
 
     config = _without_learned_variance(scheduler)
 
@@ -208,7 +202,7 @@ def sample(model, scheduler, num_samples: int, num_inference_steps: int = 100, s
         gens = [torch.Generator().manual_seed((seed + i) % 2**64) for i in range(start, stop)]
         sched = fresh_scheduler(start, stop)
         x = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device) * sched.init_noise_sigma
-        batch_cond = model_cond({k: v[start:stop] for k, v in cond.items()}, device, dtype)
+        batch_cond = model_cond(select(cond, slice(start, stop)), device, dtype)
         for i, t in enumerate(sched.timesteps):
             x_in = sched.scale_model_input(x, t)
             t_batch = t.to(device).expand(stop - start)
