@@ -14,7 +14,7 @@ from msfp.fp8 import convert_to_fp8
 from msfp.samples import generate
 from msfp.sampling import sample
 from msfp.talora import add_talora
-from tiny_models import scheduler, tiny_unet
+from tiny_models import scheduler, sdxl_cond, tiny_sdxl_unet, tiny_unet
 
 aten = torch.ops.aten
 # Operators whose CUDA implementations read GPU data back to the host, which a CUDA graph capture cannot do.
@@ -234,6 +234,34 @@ def test_a_tensor_input_off_the_models_device_is_named(stand_in_capture):
                                                           "graph reads its tensor inputs on the model's device"):
         graphed(torch.randn(2, 1, 8, 8), torch.tensor([1, 2], device="meta"))
     assert graphed.graphs == {}
+
+def test_nested_conditioning_is_copied_into_the_graph_entry_by_entry(stand_in_capture):
+    # SDXL's added_cond_kwargs: a dict of tensors, refused before ("pass them as separate tensor arguments", which a
+    # diffusers UNet cannot take).
+    q = tiny_sdxl_unet()
+    graphed, x, t = GraphedDenoiser(q), torch.randn(2, 4, 8, 8), torch.tensor([10, 700])
+    with torch.no_grad():
+        for seed in (0, 1, 0):  # new values of every entry, copied in
+            cond = sdxl_cond(2, seed=seed)
+            assert torch.equal(graphed(x, t, **cond), q(x, t, **cond).sample)
+        assert len(graphed.graphs) == 1
+        # The entries select the graph, in their order too: a model may read them in order, and a graph replays the
+        # order it was captured with.
+        reordered = sdxl_cond(2, seed=2)
+        reordered["added_cond_kwargs"] = dict(reversed(reordered["added_cond_kwargs"].items()))
+        extra = sdxl_cond(2, seed=3)
+        extra["added_cond_kwargs"]["unread"] = torch.zeros(2, 1)  # (the UNet reads only the entries it needs)
+        for cond in (reordered, extra, sdxl_cond(2, seed=4)):
+            assert torch.equal(graphed(x, t, **cond), q(x, t, **cond).sample)
+        assert len(graphed.graphs) == 3
+        other = sdxl_cond(2)
+        other["added_cond_kwargs"]["time_ids"] = other["added_cond_kwargs"]["time_ids"].to("meta")
+        with pytest.raises(ValueError, match=r"argument added_cond_kwargs\['time_ids'\] is on meta, but the model is "
+                                             "on cpu"):
+            graphed(x, t, **other)
+        with pytest.raises(TypeError, match=r"argument added_cond_kwargs\['scale'\] is a list, which cannot select"):
+            graphed(x, t, encoder_hidden_states=torch.zeros(2, 3, 8), added_cond_kwargs={"scale": [1]})
+
 
 def test_a_call_under_inference_mode_gets_its_own_graph(stand_in_capture):
     # Inference tensors captured first used to make the next no_grad call of that shape fail on their in-place

@@ -20,6 +20,7 @@ import itertools
 import torch
 from torch import nn
 
+from msfp.conditioning import map_tensors
 from msfp.models import denoise
 from msfp.talora import is_routed, lora_counts
 
@@ -63,7 +64,7 @@ class GraphedDenoiser(nn.Module):
             per_sample = per_sample.expand(sample.shape[0])
         counts = lora_counts(self.model, per_sample)
         inputs = dict(kwargs, sample=sample, timestep=timestep)
-        key = (tuple((name, _signature(name, value)) for name, value in sorted(inputs.items())),
+        key = (tuple((name, _signature((name,), value)) for name, value in sorted(inputs.items())),
                torch.is_grad_enabled(), torch.is_inference_mode_enabled(), None if counts is None else tuple(counts))
         graph = self.graphs.get(key)
         if graph is None:
@@ -73,11 +74,11 @@ class GraphedDenoiser(nn.Module):
     def _record(self, inputs: dict, counts: list[int] | None) -> _Graph:
         # Checked here: inside a capture, a tensor on another device fails with an error that names no argument.
         device = _model_device(self.model)
-        for name, value in inputs.items():
-            if isinstance(value, torch.Tensor) and value.device != device:
-                raise ValueError(f"GraphedDenoiser: argument {name!r} is on {value.device}, but the model is on "
-                                 f"{device}; a graph reads its tensor inputs on the model's device")
-        static = {name: value.clone() if isinstance(value, torch.Tensor) else value for name, value in inputs.items()}
+        for path, value in _tensors(inputs):
+            if value.device != device:
+                raise ValueError(f"GraphedDenoiser: argument {_named(path)} is on {value.device}, but the model is "
+                                 f"on {device}; a graph reads its tensor inputs on the model's device")
+        static = map_tensors(torch.Tensor.clone, inputs)
 
         def call():
             return denoise(self.model, static["sample"], static["timestep"],
@@ -92,7 +93,7 @@ class GraphedDenoiser(nn.Module):
             with _known_route_counts(self.model, counts):
                 replay, output = capture(call, self.warmup, self._pool)
         except CaptureFailed as e:  # only the capture's: a warm-up's error is the model's own, as eager calls get it
-            shapes = {name: tuple(v.shape) for name, v in static.items() if isinstance(v, torch.Tensor)}
+            shapes = {".".join(map(str, path)): tuple(v.shape) for path, v in _tensors(static)}
             raise RuntimeError(f"GraphedDenoiser: capturing {type(self.model).__name__} called with {shapes} in a "
                                f"CUDA graph failed (sample without CUDA graphs to run it eagerly): {e}") from e
         return _Graph(static, replay, output)
@@ -101,28 +102,45 @@ class GraphedDenoiser(nn.Module):
 class _Graph:
     def __init__(self, static: dict, replay, output: torch.Tensor):
         self.static, self.replay, self.output = static, replay, output
+        self.static_tensors = dict(_tensors(static))
 
     def __call__(self, inputs: dict) -> torch.Tensor:
-        for name, value in inputs.items():
-            if isinstance(value, torch.Tensor):
-                self.static[name].copy_(value)
+        for path, value in _tensors(inputs):  # by path: a later call may order a dict's entries otherwise
+            self.static_tensors[path].copy_(value)
         self.replay()
         return self.output.clone()
 
 
-def _signature(name: str, value):
+def _signature(path: tuple, value):
     if isinstance(value, torch.Tensor):
         return value.shape, value.dtype, value.device
-    if isinstance(value, (tuple, list, dict)) and any(isinstance(v, torch.Tensor) for v in _leaves(value)):
+    if isinstance(value, dict):  # nested conditioning (SDXL's added_cond_kwargs): the same, entry by entry, in the
+        # given order (a graph replays the order it was captured with, and a model may read the entries in order)
+        return dict, tuple((key, _signature((*path, key), v)) for key, v in value.items())
+    if isinstance(value, (tuple, list)) and any(isinstance(v, torch.Tensor) for v in _leaves(value)):
         # Tensors hash by identity: a tuple of fresh tensors (ControlNet residuals) would capture a graph per call.
-        raise TypeError(f"GraphedDenoiser: argument {name!r} holds tensors inside a {type(value).__name__}; pass "
-                        "them as separate tensor arguments (a graph reads its inputs from fixed tensors)")
+        raise TypeError(f"GraphedDenoiser: argument {_named(path)} holds tensors inside a {type(value).__name__}; "
+                        "pass them as separate tensor arguments (a graph reads its inputs from fixed tensors)")
     try:
         hash(value)
     except TypeError:
-        raise TypeError(f"GraphedDenoiser: argument {name!r} is a {type(value).__name__}, which cannot select a graph "
-                        f"(tensors and hashable values only)") from None
+        raise TypeError(f"GraphedDenoiser: argument {_named(path)} is a {type(value).__name__}, which cannot select "
+                        "a graph (tensors, dicts of them and hashable values only)") from None
     return value
+
+
+def _tensors(inputs: dict, path: tuple = ()):
+    """``(path, tensor)`` for every tensor among the arguments ``inputs``, dicts in them included."""
+    for key, value in inputs.items():
+        if isinstance(value, torch.Tensor):
+            yield (*path, key), value
+        elif isinstance(value, dict):
+            yield from _tensors(value, (*path, key))
+
+
+def _named(path: tuple) -> str:
+    """An argument as a message names it: 'timestep', added_cond_kwargs['time_ids']."""
+    return repr(path[0]) if len(path) == 1 else path[0] + "".join(f"[{key!r}]" for key in path[1:])
 
 
 def _leaves(value):
