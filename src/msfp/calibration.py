@@ -34,6 +34,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from msfp.attention import attention_quantizers, counting_flops
+from msfp.conditioning import check_conditioning, concat, flatten, map_tensors, model_cond, select, unflatten
 from msfp.fileio import atomic_path, check_writable
 from msfp.fp8 import require_fake_quant
 from msfp.environment import machine_info
@@ -41,7 +42,6 @@ from msfp.identity import model_key, plain_config, tensor_digest, weights_digest
 from msfp.layers import QuantLayer
 from msfp.models import class_info, denoise, evaluating, recorded_schedule
 from msfp.quantizers import quantizer_keys
-from msfp.conditioning import check_conditioning, concat, flatten, map_tensors, model_cond, select, unflatten
 from msfp.sampling import integer_labels, model_device, sample
 from msfp.surgery import quant_layers, quantizers_disabled
 

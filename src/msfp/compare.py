@@ -39,6 +39,7 @@ from msfp.attention import counting_flops
 from msfp.calibration import Trajectories, cached_trajectories, calibrate, collect_trajectories
 from msfp.checkpoint import freeze_weights, quant_meta
 from msfp.checks import whole_number
+from msfp.conditioning import model_cond, require_unconditional
 from msfp.config import PRESETS, QuantConfig
 from msfp.environment import machine_info
 from msfp.evaluation import (INCEPTION_METRICS, check_reference, eps_mse_means, evaluate, load_reference,
@@ -50,7 +51,6 @@ from msfp.info import format_table, layer_rows, low_bit_fractions
 from msfp.models import denoise, load_model
 from msfp.samples import (CALIB_SEED_OFFSET, HELDOUT_SEED_OFFSET, NonFiniteSamplesError, generate, grid_path,
                           load_samples)
-from msfp.conditioning import model_cond, require_unconditional
 from msfp.sampling import sample_shape_of
 from msfp.surgery import quant_layers, quantize
 from msfp.torchao_baselines import RECIPES, quantize_torchao, unavailable_reason

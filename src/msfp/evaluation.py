@@ -23,13 +23,13 @@ import numpy as np
 import torch
 from PIL import Image
 
+from msfp.conditioning import model_cond, select
 from msfp.data import load_fashion_mnist, to_model_range
 from msfp.feature_net import compute_features, feature_dim, load_feature_net, load_reference_stats
 from msfp.losses import dfa_weights, factor_per_timestep
 from msfp.metrics import classifier_score, fd_bootstrap, feature_stats, frechet_distance, kid, precision_recall
 from msfp.models import denoise
 from msfp.samples import from_uint8, load_samples, read_npz, to_uint8
-from msfp.conditioning import model_cond, select
 from msfp.sampling import model_device, model_dtype
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")

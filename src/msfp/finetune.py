@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from msfp.attention import attention_quantizers
 from msfp.calibration import Trajectories, collect_trajectories, trajectory_key
 from msfp.checks import whole_number
+from msfp.conditioning import model_cond, select
 from msfp.environment import machine_info
 from msfp.fileio import atomic_path
 from msfp.fp8 import require_fake_quant
@@ -42,7 +43,6 @@ from msfp.kernels import fused_rounding_exact
 from msfp.losses import WEIGHTINGS, dfa_weights, factor_per_timestep, weighted_mse
 from msfp.models import SCHEDULE_KEYS, denoise
 from msfp.quantizers import MIN_SCALE, named_quantizers
-from msfp.conditioning import model_cond, select
 from msfp.surgery import quant_layers, set_fused_rounding
 from msfp.talora import add_talora, lora_counts, remove_talora
 
