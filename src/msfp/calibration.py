@@ -444,7 +444,8 @@ def calibrate(qmodel: nn.Module, fp_model: nn.Module, scheduler, num_samples: in
               disable: bool = False) -> CalibrationReport:
     """Initialise all quantizers of ``qmodel`` (from :func:`msfp.quantize`) by the MSFP search; see the module doc.
 
-    ``cond`` holds per-sample conditioning tensors (one row per calibration sample, e.g. ``encoder_hidden_states``);
+    ``cond`` holds per-sample conditioning tensors (one row per calibration sample, e.g. ``encoder_hidden_states``),
+    or dicts of them as the model takes them (SDXL's ``added_cond_kwargs``: :mod:`msfp.conditioning`);
     class-conditional models without ``class_labels`` get labels drawn uniformly with ``seed``. ``sample_shape``
     (C, H, W) is needed for models without a diffusers config.
     """

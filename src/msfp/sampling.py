@@ -127,7 +127,8 @@ def sample(model, scheduler, num_samples: int, num_inference_steps: int = 100, s
     ``model(x, t, **kwargs)`` (``timestep=t`` by name where forward has that parameter: :func:`msfp.models.denoise`)
     may return a diffusers output (``.sample``) or a tensor; ``kwargs`` holds
     ``class_labels`` (one label per sample) when given and the entries of ``cond`` (per-sample tensors with first
-    dimension ``num_samples``, e.g. ``encoder_hidden_states``), sliced per batch. ``eta`` is passed to schedulers
+    dimension ``num_samples``, e.g. ``encoder_hidden_states``, or dicts of them: :mod:`msfp.conditioning`), sliced
+    per batch. ``eta`` is passed to schedulers
     whose ``step`` accepts it (DDIM). ``sample_shape`` (C, H, W) is read from the model's config unless given.
     ``cuda_graphs`` replays the model's calls from CUDA graphs (:class:`msfp.cuda_graphs.GraphedDenoiser`; a model on
     a CUDA device only): the same kernels without the host's per-launch work.
