@@ -233,6 +233,18 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(calibrated, tmp_path,
     assert after.keys() == before.keys() and all(torch.equal(v, before[k]) for k, v in after.items())
 
 
+def test_a_diverged_run_does_not_offer_another_runs_checkpoint(calibrated, tmp_path, monkeypatch):
+    # A finished run's state, then a fresh run (no resume) in the same work dir that diverges before its first
+    # checkpoint: it named the other run's file "the last good checkpoint", which a resume of it refuses.
+    fp, q = calibrated
+    finetune(copy.deepcopy(q), fp, scheduler(), FinetuneConfig(**{**CONFIG, "iters": 8}), work_dir=tmp_path,
+             disable=True)
+    monkeypatch.setattr(ft, "weighted_mse", lambda *args: torch.tensor(float("nan")))
+    with pytest.raises(ft.FinetuneDivergedError, match="loss became nan at iteration 0 .*no checkpoint was written"):
+        finetune(copy.deepcopy(q), fp, scheduler(), FinetuneConfig(**CONFIG), work_dir=tmp_path, disable=True)
+    assert torch.load(tmp_path / ft.STATE_NAME, weights_only=False)["iter"] == 8  # the earlier run's, untouched
+
+
 def test_a_failing_roll_back_does_not_hide_why_the_run_stopped(calibrated, monkeypatch):
     fp, q = calibrated
 

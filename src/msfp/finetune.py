@@ -289,7 +289,8 @@ def finetune(qmodel: nn.Module, fp_model: nn.Module, scheduler, config: Finetune
     :func:`msfp.surgery.set_fused_rounding`); by default on CUDA only, where it pays for its compilation, and only
     where it is exact (:func:`default_fused_rounding`). ``max_minutes`` counts from the call, the teacher's sampling
     included, and a positive one trains at least one iteration; a run stopped by it is checkpointed (with the teacher
-    cached) and continues with ``resume=True``.
+    cached) and continues with ``resume=True``. A call without ``resume`` starts afresh: its first checkpoint replaces
+    an earlier run's in ``work_dir`` (``msfp finetune`` refuses to, without ``--resume``), whose teacher file it reuses.
     """
     began = time.monotonic()
     config = config or FinetuneConfig()
@@ -424,12 +425,17 @@ def finetune(qmodel: nn.Module, fp_model: nn.Module, scheduler, config: Finetune
             raise FinetuneDivergedError(f"fine-tuning made {len(bad)} parameter(s) non-finite by iteration {it} "
                                         f"(e.g. {bad[0]})", kept())
 
+    # Whether the state file is this run's: the one it resumed from, or one it wrote (another run's, left in the
+    # work dir by a call without resume, would be refused by a resume of this one).
+    checkpointed = state is not None
+
     def kept() -> str:
-        if state_path is not None and state_path.is_file():
+        if checkpointed and state_path.is_file():
             return f"the last good checkpoint {state_path} is kept"
         return "no checkpoint was written"
 
     def save_state():
+        nonlocal checkpointed
         check_finite()
         if state_path is None:
             return
@@ -437,6 +443,7 @@ def finetune(qmodel: nn.Module, fp_model: nn.Module, scheduler, config: Finetune
             torch.save(dict(config=config.to_dict(), identity=identity, trainable=_trainable_state(qmodel), iter=it,
                             losses=losses, optimizer=optimizer.state_dict(), lr_schedule=lr_schedule.state_dict(),
                             generator=gen.get_state(), earlier_runs=earlier_runs), tmp)
+        checkpointed = True
 
     first = next(qmodel.parameters())
     device, dtype = first.device, first.dtype  # the inputs in the model's dtype, as sample() gives them
