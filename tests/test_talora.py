@@ -47,6 +47,20 @@ def test_router_init_is_deterministic():
     assert all(torch.equal(p, q) for p, q in zip(single.parameters(), TimestepRouter(1).parameters()))
 
 
+def test_the_routers_choice_does_not_depend_on_the_callers_autocast():
+    # A pipeline run under torch.autocast computed the logits in bfloat16: a trained boundary next to a timestep
+    # sent it to another LoRA than without autocast.
+    router = TimestepRouter(4)
+    router.init_contiguous()
+    with torch.no_grad():
+        router.mlp[2].bias[1] -= 7.94  # a boundary moved by training to just beside t = 255
+    t = torch.arange(1000)
+    plain = router.assignment(t)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert router.logits(t).dtype == torch.float32
+        assert torch.equal(router.assignment(t), plain) and torch.equal(router(t).argmax(1), plain)
+
+
 def test_router_is_hard_per_sample_and_passes_gradients():
     router = TimestepRouter(4)
     router.init_contiguous()

@@ -26,8 +26,8 @@ class TimestepRouter(KeepsFloat32):
 
     ``forward(t)`` returns a (B, K) one-hot matrix whose gradient is the softmax's (straight-through), so a loss on
     the routed output trains the MLP. Call :meth:`init_contiguous` to start from K contiguous timestep intervals.
-    It stays float32 in a half-precision model: its choice then does not depend on the model's dtype, and its small
-    optimizer steps are not rounded away.
+    It stays float32 in a half-precision model and runs without autocast: its choice then does not depend on the
+    model's dtype or the caller's autocast, and its small optimizer steps are not rounded away.
     """
 
     def __init__(self, num_loras: int = 4, num_train_timesteps: int = 1000, embed_dim: int = 64,
@@ -53,9 +53,12 @@ class TimestepRouter(KeepsFloat32):
                 layer.bias.copy_(torch.rand(layer.bias.shape, generator=gen) * 2 * bound - bound)
 
     def logits(self, t: torch.Tensor) -> torch.Tensor:
-        t = torch.as_tensor(t, device=self.mlp[0].weight.device).reshape(-1)
+        weight = self.mlp[0].weight
+        t = torch.as_tensor(t, device=weight.device).reshape(-1)
         emb = get_timestep_embedding(t.float(), self.embed_dim, flip_sin_to_cos=True, downscale_freq_shift=0)
-        return self.mlp(emb.to(self.mlp[0].weight.dtype))
+        # Not under the caller's autocast either: bfloat16 logits sent timesteps near a boundary to another LoRA.
+        with torch.autocast(weight.device.type, enabled=False):
+            return self.mlp(emb.to(weight.dtype))
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         soft = self.logits(t).softmax(dim=-1)
