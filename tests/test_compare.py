@@ -2,7 +2,9 @@ import copy
 import json
 import os
 import re
+import shlex
 import shutil
+import sys
 
 import diffusers
 import numpy as np
@@ -18,6 +20,7 @@ from msfp.compare import (METHODS, Built, CompareSettings, build_finetuned, buil
 from msfp.finetune import FinetuneDivergedError
 
 TINY = ["--num", 10, "--steps", 2, "--calib-samples", 3, "--calib-steps", 2, "--heldout-samples", 2, "--batch", 8]
+TINY_UNCALIBRATED = ["--num", 10, "--steps", 2, "--calib-steps", 2, "--heldout-samples", 2, "--batch", 8]  # fp, torchao
 
 
 def run(*args):
@@ -25,7 +28,8 @@ def run(*args):
 
 
 def compare(tmp_path, name, model_dir, methods="fp,w4a4-int,w4a4-msfp"):
-    r = run("compare", "--model", model_dir, "--methods", methods, "--out", tmp_path / name, *TINY)
+    tiny = TINY_UNCALIBRATED if methods == "fp" else TINY
+    r = run("compare", "--model", model_dir, "--methods", methods, "--out", tmp_path / name, *tiny)
     assert r.exit_code == 0, r.output
     return r, json.loads((tmp_path / name / "results.json").read_text())
 
@@ -163,6 +167,18 @@ def test_bad_settings_fail_before_any_work(tmp_path):
     r = run("compare", "--model", tmp_path / "no-model", "--methods", "w4a4-msfp+lora-mse", "--rank", 8,
             "--out", tmp_path / "x")
     assert r.exit_code == 1 and "no-model" in r.output, r.output  # a fine-tuned method uses it: the model is next
+    # --num-loras with single-LoRA methods only, --calib-samples with methods that calibrate nothing: also ignored.
+    r = run("compare", "--model", tmp_path / "no-model", "--methods", "int4-efficientdm", "--num-loras", 9,
+            "--out", tmp_path / "x")
+    assert r.exit_code == 2 and "--num-loras sets TALoRA's LoRAs per layer; none of --methods uses TALoRA" in r.output
+    r = run("compare", "--model", tmp_path / "no-model", "--methods", "torchao-mxfp4", "--calib-samples", 500,
+            "--out", tmp_path / "x")
+    assert r.exit_code == 2 and "--calib-samples sets the calibration trajectories; none of --methods calibrates" \
+        in r.output, r.output
+    for methods, option in (("w4a4-msfp+talora", ["--num-loras", 2]), ("torchao-mxfp4,w4a4-fp", ["--calib-samples", 8]),
+                            ("torchao-mxfp4", ["--calib-steps", 8])):  # (the held-out trajectories' steps too)
+        r = run("compare", "--model", tmp_path / "no-model", "--methods", methods, *option, "--out", tmp_path / "x")
+        assert r.exit_code == 1 and "no-model" in r.output, r.output
     # --data-dir locates the default reference only; it was ignored without a word (msfp eval refuses it).
     np.savez(tmp_path / "ref.npz", mu=np.zeros(128), sigma=np.eye(128))
     for ref in (["--ref", tmp_path / "ref.npz"], ["--ref-images", tmp_path]):
@@ -312,7 +328,8 @@ def test_a_resumed_run_publishes_only_the_samples_of_the_methods_it_lists(tmp_pa
 
 def test_torchao_rows_are_skipped_with_a_reason_when_it_cannot_run(tmp_path, tiny_model_dir, monkeypatch):
     monkeypatch.setattr("msfp.torchao_baselines.importlib.util.find_spec", lambda name: None)
-    r = run("compare", "--model", tiny_model_dir, "--methods", "torchao-mxfp4", "--out", tmp_path / "t", *TINY)
+    r = run("compare", "--model", tiny_model_dir, "--methods", "torchao-mxfp4", "--out", tmp_path / "t",
+            *TINY_UNCALIBRATED)
     assert r.exit_code == 0, r.output
     assert "skipped torchao-mxfp4: torchao is not installed" in r.output
     result = json.loads((tmp_path / "t" / "results.json").read_text())
@@ -390,9 +407,10 @@ def test_a_failed_final_swap_keeps_every_sample_for_resume(tmp_path, tiny_model_
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(msfp.fileio, "_finish_tree", disk_full)
-    args = ["compare", "--model", tiny_model_dir, "--methods", "fp", "--out", tmp_path / "r", *TINY]
+    args = ["compare", "--model", tiny_model_dir, "--methods", "fp", "--out", tmp_path / "r", *TINY_UNCALIBRATED]
     r = run(*args)
     assert r.exit_code == 1 and "No space left on device" in r.output and not (tmp_path / "r").exists()
+    assert "every method finished, and is kept in " in r.output and "--resume to publish the report" in r.output
     # The samples used to be moved into the discarded temporary directory: --resume then found no fp.png.
     assert (tmp_path / ".r.compare" / "samples" / "fp.npz").is_file()
     r = run(*args, "--resume")
@@ -476,7 +494,7 @@ def test_the_code_digest_covers_every_file_of_the_package(tmp_path, monkeypatch)
     assert len(set(digests[:3])) == 3 and digests[3] == digests[2]  # compiled caches do not count
 
 
-def test_an_interrupted_run_keeps_the_earlier_report_and_resumes(tmp_path, tiny_model_dir):
+def test_an_interrupted_run_keeps_the_earlier_report_and_resumes(tmp_path, tiny_model_dir, monkeypatch):
     compare(tmp_path, "r", tiny_model_dir, "fp,w4a4-int")  # an earlier, complete run
     report = tmp_path / "r"
     earlier = {p: p.read_bytes() for p in report.rglob("*") if p.is_file() and "cache" not in p.parts}
@@ -498,10 +516,13 @@ def test_an_interrupted_run_keeps_the_earlier_report_and_resumes(tmp_path, tiny_
         progress = json.loads((tmp_path / ".r.compare" / "progress.json").read_text())
         assert list(progress["methods"]) == ["fp", "w4a4-msfp"] and progress["seconds"] > 0
 
+        monkeypatch.setattr(sys, "argv", ["msfp", *map(str, args), "--resume"])
         r = run(*args, "--resume")
         assert r.exit_code == 0, r.output
         # Both sessions' time: it used to be the last session's only.
         assert json.loads((report / "results.json").read_text())["wall_seconds"] >= progress["seconds"]
+        # The command that reproduces the run (with --resume, it fails: "nothing to resume").
+        assert json.loads((report / "results.json").read_text())["command"] == shlex.join(["msfp", *map(str, args)])
         assert "[2/3] w4a4-msfp: finished by the interrupted run, reused" in r.output and "[3/3] test-flaky: " in r.output
         assert not (tmp_path / ".r.compare").exists() and (report / "cache").is_dir()
         # Only this run's samples: w4a4-int's are gone with the earlier results.json that listed them.
@@ -583,7 +604,7 @@ def test_a_second_compare_on_the_same_output_is_refused(tmp_path, tiny_model_dir
     from msfp.fileio import exclusive_run
 
     with exclusive_run(tmp_path / "r", "msfp compare"):
-        r = run("compare", "--methods", "fp", "--out", tmp_path / "r", "--model", tiny_model_dir, *TINY)
+        r = run("compare", "--methods", "fp", "--out", tmp_path / "r", "--model", tiny_model_dir, *TINY_UNCALIBRATED)
     assert r.exit_code == 1 and (f"{tmp_path / 'r'} is being written by another run (msfp compare, pid "
                                  f"{os.getpid()} on ") in r.output, r.output
     assert not (tmp_path / ".r.compare").exists() and not (tmp_path / ".r.lock").exists()

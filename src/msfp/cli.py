@@ -430,22 +430,28 @@ def compare(model_spec, methods, out, num_samples, steps, calib_samples, calib_s
     import shlex
     import sys
 
-    from msfp.compare import (UNTUNED_METHODS, CompareSettings, metrics_table, parse_methods, run_compare,
-                              skipped_metrics)
+    from msfp.compare import (UNCALIBRATED_METHODS, UNROUTED_METHODS, UNTUNED_METHODS, CompareSettings,
+                              metrics_table, parse_methods, run_compare, skipped_metrics)
     from msfp.evaluation import load_reference
 
     _check_data_dir(data_dir, ref, ref_images)
     with _user_errors():
         names = parse_methods(methods)
-        if set(names) <= UNTUNED_METHODS and not resume:  # a resume repeats the interrupted run's settings
-            _refuse_unused(("finetune_iters", "finetune_batch", "num_loras", "rank"),
-                           "set(s) how methods are fine-tuned; none of --methods is fine-tuned")
+        if not resume:  # a resume repeats the interrupted run's settings
+            if set(names) <= UNTUNED_METHODS:
+                _refuse_unused(("finetune_iters", "finetune_batch", "num_loras", "rank"),
+                               "set(s) how methods are fine-tuned; none of --methods is fine-tuned")
+            if set(names) <= UNROUTED_METHODS:
+                _refuse_unused(("num_loras",), "sets TALoRA's LoRAs per layer; none of --methods uses TALoRA")
+            if set(names) <= UNCALIBRATED_METHODS:  # (--calib-steps also sets the held-out trajectories)
+                _refuse_unused(("calib_samples",), "sets the calibration trajectories; none of --methods calibrates")
         reference = load_reference(ref, ref_images, data_dir)
         settings = CompareSettings(model=model_spec, num_samples=num_samples, steps=steps, calib_samples=calib_samples,
                                    calib_steps=calib_steps, heldout_samples=heldout_samples,
                                    finetune_iters=finetune_iters, finetune_batch=finetune_batch, num_loras=num_loras,
                                    rank=rank, seed=seed, batch_size=batch, device=device)
-        command = shlex.join(["msfp", *sys.argv[1:]])
+        # What reproduces the run: a resumed run's command without --resume (which needs an interrupted run).
+        command = shlex.join(["msfp", *(arg for arg in sys.argv[1:] if arg != "--resume")])
         result = run_compare(settings, names, out, command=command, reference=reference, resume=resume)
     click.echo(metrics_table(result))
     for keys, who, why in skipped_metrics(result):

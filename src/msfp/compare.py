@@ -286,6 +286,9 @@ for _name, (_kwargs, _description) in FINETUNED.items():
     register_method(_name, lambda ctx, kw=_kwargs: build_finetuned(ctx, **kw), _description)
 #: the built-in methods that fine-tune nothing (a registered method may read the fine-tuning settings)
 UNTUNED_METHODS = frozenset(METHODS) - frozenset(FINETUNED)
+#: the built-in methods without TALoRA's LoRAs (num_loras), and those that calibrate nothing (calib_samples)
+UNROUTED_METHODS = UNTUNED_METHODS | {name for name, (kwargs, _) in FINETUNED.items() if kwargs["lora"] != "talora"}
+UNCALIBRATED_METHODS = frozenset({REFERENCE_METHOD, *(f"torchao-{recipe}" for recipe in RECIPES)})
 
 
 def parse_methods(text: str | None) -> list[str]:
@@ -532,14 +535,20 @@ def _run_compare(settings: CompareSettings, methods: list[str], out: Path, comma
         reference=reference.name, machine=fingerprint["machine"], methods=results, skipped_methods=skipped,
         wall_seconds=None)
     result["wall_seconds"] = round(earlier + time.time() - began, 1)  # the sessions of a resumed run together
-    write_json(work / "results.json", result)
-    write_report(result, work)
-    with atomic_directory(out) as tmp:
-        # Not moved: if the swap fails, --resume still finds every sample. Only the listed methods' samples: an
-        # interrupted run may have finished methods this command does not list.
-        for rel in ("results.json", "index.html", *(r[key] for r in results.values() for key in ("samples", "grid"))):
-            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-            link_entry(work / rel, tmp / rel)
+    try:
+        write_json(work / "results.json", result)
+        write_report(result, work)
+        with atomic_directory(out) as tmp:
+            # Not moved: if the swap fails, --resume still finds every sample. Only the listed methods' samples: an
+            # interrupted run may have finished methods this command does not list.
+            for rel in ("results.json", "index.html",
+                        *(r[key] for r in results.values() for key in ("samples", "grid"))):
+                (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+                link_entry(work / rel, tmp / rel)
+    except BaseException:
+        _log(f"\nevery method finished, and is kept in {work}: run the same command with --resume to publish the "
+             "report without running them again")
+        raise
     # The record first: a kill during the removal leaves no run to resume, only files the next run clears.
     (work / PROGRESS_NAME).unlink()
     shutil.rmtree(work)
