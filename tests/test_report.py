@@ -1,6 +1,6 @@
 import re
 
-from msfp.report import _cache_note, _layer_table, error_plot_svg
+from msfp.report import _aal_lists, _cache_note, _layer_table, error_plot_svg
 
 
 def test_error_plot_is_log_scaled_and_handles_no_data():
@@ -49,6 +49,14 @@ def test_the_layer_table_shows_each_methods_own_bits_and_aals_and_each_layer_onc
         ["conv", "conv2d", "fp6_e2m3 / ufp6_e2m4 · w6a6 · AAL (structural)", "fp4_e1m2 / fp4_e2m1 · w4a4",
          "int4 / uint4 · w4a4"],
         ["proj", "linear", "—", "fp4_e2m1 / fp4_e2m1 · w4a4", "int4 / uint4 · w4a4"]]  # listed once, not twice
+
+
+def test_aal_lists_tell_none_found_from_not_detected():
+    # An msfp preset that found no AALs was said "not to detect them"; a method that detects none lists nothing.
+    html = _aal_lists(dict(methods={"fp": dict(aals=None), "torchao-mxfp4": dict(aals=None), "w4a4-msfp": dict(aals=[]),
+                                    "w6a6-msfp": dict(aals=[dict(name="conv", reason="reads a SiLU")])}))
+    assert "<b>w4a4-msfp</b>: no AALs found." in html and "torchao" not in html and "detect" not in html
+    assert "<b>w6a6-msfp</b>: 1 AALs" in html and "<code>conv</code>: reads a SiLU" in html
 
 
 def test_the_cache_note_says_when_an_earlier_run_collected_the_calibration_data():

@@ -115,9 +115,9 @@ class Context:
 class Built:
     """A method's model and what is known about it: calibration time and breakdown (``seconds`` and
     ``finetune_seconds`` fill the table; ``points``, ``trajectory_seconds`` and ``record_seconds`` the report's note
-    on the shared cache), the per-layer table
-    (:func:`msfp.info.layer_rows` rows), the AALs (name and reason), the fractions of weights and FLOPs at 4 bits
-    (:func:`msfp.info.low_bit_fractions`) and free-form notes."""
+    on the shared cache), the per-layer table (:func:`msfp.info.layer_rows` rows), the AALs (name and reason; None
+    where the method detects none), the fractions of weights and FLOPs at 4 bits (:func:`msfp.info.low_bit_fractions`)
+    and free-form notes."""
 
     model: nn.Module
     calibration: dict | None = None
@@ -228,7 +228,7 @@ def build_torchao(ctx: Context, recipe: str) -> Built:
         notes.append("msfp takes NVFP4's per-tensor activation scale per sample, so that an image does not depend on "
                      "the others in its batch; torchao's dynamic recipe takes it over the whole batch.")
     notes += [f"{n} stays full precision: {why}" for n, why in skipped.items()]
-    return Built(model, layers=layers, aals=[], low_bit=low_bit, notes=notes)
+    return Built(model, layers=layers, low_bit=low_bit, notes=notes)  # (no AALs detected: aals None)
 
 
 def build_finetuned(ctx: Context, preset: str, lora: str, loss: str, dfa_weighting: str = "abs",

@@ -126,7 +126,7 @@ def _aal_lists(result: dict) -> str:
         if r["aals"] is None:
             continue
         if not r["aals"]:
-            out.append(f"<p><b>{escape(name)}</b>: no AALs (this method does not detect them).</p>")
+            out.append(f"<p><b>{escape(name)}</b>: no AALs found.</p>")
             continue
         items = "".join(f"<li><code>{escape(a['name'])}</code>: {escape(a['reason'])}</li>" for a in r["aals"])
         out.append(f"<details><summary><b>{escape(name)}</b>: {len(r['aals'])} AALs</summary><ul>{items}</ul>"
