@@ -52,10 +52,13 @@ def test_the_layer_table_shows_each_methods_own_bits_and_aals_and_each_layer_onc
 
 
 def test_aal_lists_tell_none_found_from_not_detected():
-    # An msfp preset that found no AALs was said "not to detect them"; a method that detects none lists nothing.
-    html = _aal_lists(dict(methods={"fp": dict(aals=None), "torchao-mxfp4": dict(aals=None), "w4a4-msfp": dict(aals=[]),
+    # An msfp preset that found no AALs was said "not to detect them", as torchao's rows are.
+    torchao_layers = layers(("conv", "conv2d", "w4a4", "mxfp4", "mxfp4", "no"))
+    html = _aal_lists(dict(methods={"fp": dict(aals=None, layers=[]),
+                                    "torchao-mxfp4": dict(aals=None, layers=torchao_layers), "w4a4-msfp": dict(aals=[]),
                                     "w6a6-msfp": dict(aals=[dict(name="conv", reason="reads a SiLU")])}))
-    assert "<b>w4a4-msfp</b>: no AALs found." in html and "torchao" not in html and "detect" not in html
+    assert "<b>torchao-mxfp4</b>: does not detect AALs." in html
+    assert "<b>w4a4-msfp</b>: no AALs found." in html and "<b>fp</b>" not in html
     assert "<b>w6a6-msfp</b>: 1 AALs" in html and "<code>conv</code>: reads a SiLU" in html
 
 

@@ -124,6 +124,8 @@ def _aal_lists(result: dict) -> str:
     out = []
     for name, r in result["methods"].items():
         if r["aals"] is None:
+            if r.get("layers"):  # a quantized row (torchao's) whose method detects no AALs
+                out.append(f"<p><b>{escape(name)}</b>: does not detect AALs.</p>")
             continue
         if not r["aals"]:
             out.append(f"<p><b>{escape(name)}</b>: no AALs found.</p>")
