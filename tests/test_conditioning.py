@@ -186,3 +186,21 @@ def test_a_model_with_nested_conditioning_fine_tunes_and_improves(tmp_path):
     after = per_timestep_eps_mse(q, points, batch_size=5)
     assert result.iters_done == 30 and all(map(math.isfinite, result.losses))
     assert sum(after.values()) < 0.9 * sum(before.values()), (before, after)
+
+
+def test_given_points_without_the_nested_conditioning_are_refused_by_name():
+    # Trajectories built elsewhere (finetune's teacher=, per_timestep_eps_mse's points) failed inside the model with
+    # diffusers' "argument of type 'NoneType' is not iterable", fine-tuning after its LoRAs were added.
+    fp, cond = tiny_sdxl_unet(), sdxl_cond(2)
+    q = msfp.quantize(copy.deepcopy(fp), "w4a4-msfp")
+    msfp.calibrate(q, fp, scheduler(), num_samples=2, num_steps=2, cond=cond, disable=True)
+    points = collect_trajectories(fp, scheduler(), num_samples=2, num_steps=2, cond=cond, disable=True)
+    text_only = Trajectories(points.x, points.t, points.eps,
+                             {"encoder_hidden_states": points.cond["encoder_hidden_states"]})
+    missing = r"needs conditioning \['added_cond_kwargs.text_embeds', 'added_cond_kwargs.time_ids'\]"
+    with pytest.raises(ValueError, match=missing):
+        per_timestep_eps_mse(q, text_only)
+    config = FinetuneConfig(iters=2, batch_size=2, traj_samples=2, traj_steps=2, rank=2)
+    with pytest.raises(ValueError, match=missing):
+        finetune(q, fp, scheduler(), config, teacher=text_only, disable=True)
+    assert getattr(q, "msfp_router", None) is None  # (its LoRAs taken off again)

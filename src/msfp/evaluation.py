@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from msfp.conditioning import model_cond, select
+from msfp.conditioning import check_conditioning, model_cond, select
 from msfp.data import load_fashion_mnist, to_model_range
 from msfp.feature_net import compute_features, feature_dim, load_feature_net, load_reference_stats
 from msfp.losses import dfa_weights, factor_per_timestep
@@ -206,6 +206,7 @@ def psnr(images, others) -> tuple[float, float]:
 def per_timestep_eps_mse(model, points, device=None, batch_size: int = 256) -> dict[float, float]:
     """Mean squared error between ``model``'s noise predictions and the full-precision ones (``points.eps``, from
     :func:`msfp.calibration.collect_trajectories`), per timestep, in sampling order (largest timestep first)."""
+    check_conditioning(model, points.cond)
     device, dtype = model_device(model, device), model_dtype(model)
     sums, counts = defaultdict(float), defaultdict(int)
     for start in range(0, len(points), batch_size):

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from msfp.attention import attention_quantizers
 from msfp.calibration import Trajectories, collect_trajectories, trajectory_key
 from msfp.checks import whole_number
-from msfp.conditioning import model_cond, select
+from msfp.conditioning import check_conditioning, model_cond, select
 from msfp.environment import machine_info
 from msfp.fileio import atomic_path
 from msfp.fp8 import require_fake_quant
@@ -375,6 +375,7 @@ def finetune(qmodel: nn.Module, fp_model: nn.Module, scheduler, config: Finetune
         # not change (so a model interrupted in this process resumes too).
         if teacher is not None:
             teacher.check("finetune(teacher=...)")
+            check_conditioning(qmodel, teacher.cond)
             teacher_key = f"given-{teacher.digest()}"
         else:
             teacher_key = teacher_file_key(
