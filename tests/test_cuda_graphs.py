@@ -235,6 +235,7 @@ def test_a_tensor_input_off_the_models_device_is_named(stand_in_capture):
         graphed(torch.randn(2, 1, 8, 8), torch.tensor([1, 2], device="meta"))
     assert graphed.graphs == {}
 
+
 def test_nested_conditioning_is_copied_into_the_graph_entry_by_entry(stand_in_capture):
     # SDXL's added_cond_kwargs: a dict of tensors, refused before ("pass them as separate tensor arguments", which a
     # diffusers UNet cannot take).

@@ -105,7 +105,7 @@ class _Graph:
         self.static_tensors = dict(_tensors(static))
 
     def __call__(self, inputs: dict) -> torch.Tensor:
-        for path, value in _tensors(inputs):  # by path: a later call may order a dict's entries otherwise
+        for path, value in _tensors(inputs):  # by path: a later call may pass its keyword arguments in another order
             self.static_tensors[path].copy_(value)
         self.replay()
         return self.output.clone()
