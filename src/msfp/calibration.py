@@ -34,7 +34,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from msfp.attention import attention_quantizers, counting_flops
-from msfp.conditioning import check_conditioning, concat, flatten, map_tensors, model_cond, select, unflatten
+from msfp.conditioning import concat, flatten, map_tensors, model_cond, select, unflatten
 from msfp.fileio import atomic_path, check_writable
 from msfp.fp8 import require_fake_quant
 from msfp.environment import machine_info
@@ -106,7 +106,6 @@ def collect_trajectories(fp_model: nn.Module, scheduler, num_samples: int = 64, 
         class_labels = torch.randint(0, num_classes, (num_samples,), generator=gen)
     if class_labels is not None:
         cond["class_labels"] = integer_labels(class_labels, num_samples)
-    check_conditioning(fp_model, cond)
     xs, ts, epss, conds = [], [], [], []
 
     def keep(step):

@@ -451,7 +451,7 @@ def finetune(qmodel: nn.Module, fp_model: nn.Module, scheduler, config: Finetune
     fused = default_fused_rounding(device) if fused_rounding is None else fused_rounding
     set_fused_rounding(qmodel, fused)
     channels = points.eps.shape[1]
-    start, stopped_early, first = time.monotonic(), False, it
+    start, stopped_early, first_iter = time.monotonic(), False, it
     bar = tqdm(total=config.iters, initial=it, desc="finetune", disable=disable)
     if fused:  # so that a silent first step is not mistaken for a hang (over 90 s on an H200)
         bar.set_postfix_str("compiling the fused rounding kernels (minutes with a cold Inductor cache)")
@@ -460,7 +460,7 @@ def finetune(qmodel: nn.Module, fp_model: nn.Module, scheduler, config: Finetune
         while it < config.iters:
             # A positive budget trains at least one iteration a call: a resumed run whose set-up alone outlasted it
             # would otherwise stop at its checkpoint every time.
-            if (max_minutes is not None and (it > first or max_minutes == 0)
+            if (max_minutes is not None and (it > first_iter or max_minutes == 0)
                     and time.monotonic() - began >= 60 * max_minutes):
                 stopped_early = True
                 break

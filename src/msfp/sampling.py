@@ -125,11 +125,10 @@ def sample(model, scheduler, num_samples: int, num_inference_steps: int = 100, s
     image in float32.
 
     ``model(x, t, **kwargs)`` (``timestep=t`` by name where forward has that parameter: :func:`msfp.models.denoise`)
-    may return a diffusers output (``.sample``) or a tensor; ``kwargs`` holds
-    ``class_labels`` (one label per sample) when given and the entries of ``cond`` (per-sample tensors with first
-    dimension ``num_samples``, e.g. ``encoder_hidden_states``, or dicts of them: :mod:`msfp.conditioning`), sliced
-    per batch. ``eta`` is passed to schedulers
-    whose ``step`` accepts it (DDIM). ``sample_shape`` (C, H, W) is read from the model's config unless given.
+    may return a diffusers output (``.sample``) or a tensor; ``kwargs`` holds ``class_labels`` (one label per sample)
+    when given and the entries of ``cond`` (per-sample tensors with first dimension ``num_samples``, e.g.
+    ``encoder_hidden_states``, or dicts of them: :mod:`msfp.conditioning`), sliced per batch; an input the model needs
+    and ``cond`` lacks is named before any work. ``eta`` is passed to schedulers whose ``step`` accepts it (DDIM). ``sample_shape`` (C, H, W) is read from the model's config unless given.
     ``cuda_graphs`` replays the model's calls from CUDA graphs (:class:`msfp.cuda_graphs.GraphedDenoiser`; a model on
     a CUDA device only): the same kernels without the host's per-launch work.
     """
